@@ -1,0 +1,70 @@
+"""Decides whether and how ``setup.py`` builds the CUDA extension (importable without torch CUDA)."""
+import glob
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _ram_aware_jobs() -> int:
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        by_ram = max(1, int(pages / (4 << 30)))  # nvcc on these files peaks near 4 GiB
+    except (ValueError, OSError, AttributeError):
+        by_ram = 1
+    return max(1, min(os.cpu_count() or 1, by_ram))
+
+
+def should_build() -> tuple[bool, str]:
+    flag = os.environ.get("DEBERTA_FAST_BUILD_CUDA", "auto").lower()
+    if flag in ("0", "false", "no", "off"):
+        return False, "DEBERTA_FAST_BUILD_CUDA=0"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception as e:  # noqa: BLE001
+        if flag in ("1", "true", "yes", "on"):
+            raise RuntimeError(f"DEBERTA_FAST_BUILD_CUDA=1 but torch cannot be imported: {e}")
+        return False, "torch not importable at build time"
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append("torch is a CPU build")
+    if CUDA_HOME is None:
+        reasons.append("nvcc / CUDA_HOME not found")
+    if reasons and flag in ("1", "true", "yes", "on"):
+        raise RuntimeError("DEBERTA_FAST_BUILD_CUDA=1 but " + ", ".join(reasons))
+    return (not reasons), ", ".join(reasons)
+
+
+def cuda_sources() -> list[str]:
+    return sorted(glob.glob(os.path.join(HERE, "*.cu")) + glob.glob(os.path.join(HERE, "*.cpp")))
+
+
+def nvcc_flags(archs: str | None = None) -> list[str]:
+    archs = archs or os.environ.get("DEBERTA_FAST_CUDA_ARCHS", "80;90a")
+    flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    for a in archs.replace(",", ";").split(";"):
+        a = a.strip()
+        if a:
+            flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    return flags
+
+
+def cuda_extensions():
+    ok, why = should_build()
+    if not ok:
+        print(f"deberta_fast: not building the CUDA extension ({why}); Triton/torch backends only.")
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ.setdefault("MAX_JOBS", str(_ram_aware_jobs()))
+    srcs = [os.path.relpath(s, os.path.dirname(HERE)) for s in cuda_sources()]
+    if not srcs:
+        return [], {}
+    ext = CUDAExtension(
+        name="deberta_fast._C",
+        sources=srcs,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags()},
+    )
+    return [ext], {"build_ext": BuildExtension}

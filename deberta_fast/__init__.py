@@ -1,0 +1,21 @@
+"""deberta_fast: fast, exact DeBERTa disentangled attention.
+
+    from deberta_fast import disentangled_attention, DisentangledAttention, patch, unpatch, patched
+"""
+from ._kernels_path import ensure_kernels_package
+
+ensure_kernels_package()
+
+from .dispatch import BackendUnavailableError, disentangled_attention, last_backend  # noqa: E402
+from .positions import relative_slot_table  # noqa: E402
+from .reference import disentangled_attention_reference  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "disentangled_attention",
+    "disentangled_attention_reference",
+    "last_backend",
+    "relative_slot_table",
+    "BackendUnavailableError",
+]

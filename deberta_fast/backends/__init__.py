@@ -1,0 +1,24 @@
+"""Backend registry.  Each backend declares what it serves; :mod:`deberta_fast.dispatch` picks one."""
+from __future__ import annotations
+
+from .base import AttentionCall, Backend
+from .torch_backend import TorchBackend
+
+BACKENDS: dict[str, Backend] = {"torch": TorchBackend()}
+
+
+def _register_optional() -> None:
+    # Kernel backends import triton / the CUDA extension lazily; registering them is always safe.
+    from .triton_backend import TritonBackend
+    from .cuda_backend import CudaBackend
+
+    BACKENDS["triton"] = TritonBackend()
+    BACKENDS["cuda"] = CudaBackend()
+
+
+_register_optional()
+
+#: order in which ``backend="auto"`` tries backends (fastest first, measured on H100/H200 per benchmarks/)
+AUTO_ORDER = ("triton", "cuda", "torch")
+
+__all__ = ["AttentionCall", "Backend", "BACKENDS", "AUTO_ORDER"]

@@ -1,0 +1,107 @@
+"""What a backend is: the normalised call it receives and the contract it declares."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..positions import relative_slot_table, slot_band, SlotBand
+
+
+@dataclass
+class AttentionCall:
+    """One validated call of :func:`deberta_fast.disentangled_attention`.
+
+    query ``[B,H,Lq,D]``; key, value ``[B,H,Lk,D]``; pos_key / pos_query
+    ``[H,2*span,D]`` or ``[B,H,2*span,D]`` or None.  Masks are normalised by
+    :func:`deberta_fast.reference.normalize_mask`: ``mask_kind`` is
+    ``"none" | "key" | "full"``, ``key_mask`` bool ``[B,Lk]``, ``full_mask`` bool
+    ``[B|1,1|H,Lq,Lk]``, ``uniform_rows`` bool ``[B,1|H,Lq]`` (rows HF makes
+    uniform over all keys) or None.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    pos_key: torch.Tensor | None
+    pos_query: torch.Tensor | None
+    position_buckets: int
+    max_relative_positions: int
+    span: int
+    scale: float
+    dropout_p: float
+    mask_kind: str
+    key_mask: torch.Tensor | None
+    full_mask: torch.Tensor | None
+    uniform_rows: torch.Tensor | None
+    attention_mask: torch.Tensor | None = None  # as the user gave it
+    _table: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def batch(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def q_len(self) -> int:
+        return self.query.shape[2]
+
+    @property
+    def k_len(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.query.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.query.device
+
+    @property
+    def has_rel(self) -> bool:
+        return self.pos_key is not None or self.pos_query is not None
+
+    @property
+    def needs_grad(self) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        ts = (self.query, self.key, self.value, self.pos_key, self.pos_query)
+        return any(t is not None and t.requires_grad for t in ts)
+
+    def slot_table(self) -> torch.Tensor:
+        """int32 ``[Lq+Lk-1]``, see :mod:`deberta_fast.positions`."""
+        if self._table is None:
+            self._table = relative_slot_table(self.q_len, self.k_len, self.position_buckets,
+                                              self.max_relative_positions, self.span, self.device)
+        return self._table
+
+    def band(self) -> SlotBand:
+        return slot_band(self.position_buckets, self.max_relative_positions, self.span)
+
+
+class Backend:
+    """A way to compute the attention.  Subclasses set ``name`` and implement
+    :meth:`unavailable` (why it cannot run at all here, or None),
+    :meth:`refusals` (why it cannot serve this call; empty list = it can) and
+    :meth:`forward` (differentiable, returns ``[B,H,Lq,D]``)."""
+
+    name: str = "?"
+    #: one line describing what it supports, shown by ``python -m deberta_fast``
+    summary: str = ""
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def refusals(self, call: AttentionCall) -> list[str]:
+        raise NotImplementedError
+
+    def forward(self, call: AttentionCall) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,143 @@
+"""Validation of user arguments, backend choice and the explanation of every refusal."""
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+
+from .backends import AUTO_ORDER, BACKENDS, AttentionCall
+from .reference import default_scale, normalize_mask
+
+_state = threading.local()
+_warned: set[str] = set()
+
+
+class BackendUnavailableError(NotImplementedError):
+    """A named backend cannot serve a call; the message lists why."""
+
+
+def last_backend() -> str | None:
+    """Name of the backend that served the last call of this thread (None before any)."""
+    return getattr(_state, "last", None)
+
+
+def _record(name: str) -> None:
+    _state.last = name
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def build_call(query, key, value, pos_key, pos_query, *, position_buckets, max_relative_positions,
+               attention_mask, scale, dropout_p) -> AttentionCall:
+    """Check shapes, dtypes and devices; raise ``ValueError``/``TypeError`` naming the fix."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {list(t.shape)}")
+    B, H, Lq, D = query.shape
+    Lk = key.shape[2]
+    if key.shape != value.shape:
+        raise ValueError(f"key and value must have the same shape [B, H, Lk, D], got {list(key.shape)} and {list(value.shape)}")
+    if key.shape[0] != B or key.shape[1] != H or key.shape[3] != D:
+        raise ValueError(f"key {list(key.shape)} does not match query {list(query.shape)}: B, H and D must agree")
+    if Lq < 1 or Lk < 1 or D < 1:
+        raise ValueError(f"empty attention: Lq={Lq}, Lk={Lk}, D={D}")
+    if query.dtype not in _FLOAT:
+        raise TypeError(f"query must be float16, bfloat16, float32 or float64, got {query.dtype}")
+    span = None
+    for name, p in (("pos_key", pos_key), ("pos_query", pos_query)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
+        ok = (p.dim() == 3 and p.shape[0] == H) or (p.dim() == 4 and p.shape[0] == B and p.shape[1] == H)
+        if not ok or p.shape[-1] != D:
+            raise ValueError(f"{name} must be [H, 2*span, D] = [{H}, 2*span, {D}] or [B, H, 2*span, D], "
+                             f"got {list(p.shape)}")
+        rows = p.shape[-2]
+        if rows < 2 or rows % 2:
+            raise ValueError(f"{name} must have an even number (2*span >= 2) of rows, got {rows}")
+        if span is not None and span != rows // 2:
+            raise ValueError(f"pos_key and pos_query must have the same number of rows, got {2 * span} and {rows}")
+        span = rows // 2
+    tensors = {"query": query, "key": key, "value": value, "pos_key": pos_key, "pos_query": pos_query}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but query has {query.dtype}; cast all inputs to one dtype "
+                            f"(use torch.autocast or .to(dtype))")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}; move all inputs to one device")
+    if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.device != query.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but query is on {query.device}")
+    if not (0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    n_terms = (pos_key is not None) + (pos_query is not None)
+    scale = default_scale(D, n_terms) if scale is None else float(scale)
+    kind, km, fm, uni = normalize_mask(attention_mask, B, H, Lq, Lk)
+    return AttentionCall(query, key, value, pos_key, pos_query, int(position_buckets), int(max_relative_positions),
+                         span or 0, scale, float(dropout_p), kind, km, fm, uni, attention_mask)
+
+
+def choose_backend(call: AttentionCall, backend: str):
+    """Return the backend object that serves ``call``; explain every refusal."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
+        b = BACKENDS[backend]
+        why = b.unavailable()
+        reasons = [why] if why else b.refusals(call)
+        if reasons:
+            raise BackendUnavailableError(
+                f"backend={backend!r} cannot serve this call: " + "; ".join(reasons)
+                + ". Use backend='auto' to fall back to a backend that can (backend='torch' serves every call).")
+        return b
+    refused = []
+    for name in AUTO_ORDER:
+        b = BACKENDS[name]
+        why = b.unavailable()
+        reasons = [why] if why else b.refusals(call)
+        if not reasons:
+            if refused and call.device.type == "cuda":
+                _warn_once("deberta_fast: no fused backend serves this call, using the slower "
+                           f"{name!r} backend (" + " | ".join(refused) + ")")
+            return b
+        refused.append(f"{name}: " + "; ".join(reasons))
+    raise BackendUnavailableError("no backend serves this call: " + " | ".join(refused))
+
+
+def disentangled_attention(query, key, value, pos_key=None, pos_query=None, *,
+                           position_buckets: int, max_relative_positions: int,
+                           attention_mask=None, scale=None, dropout_p: float = 0.0, backend: str = "auto"):
+    """DeBERTa disentangled attention (c2p + p2c + content), fused where a kernel serves it.
+
+    Args:
+        query: ``[B, H, Lq, D]``; key, value: ``[B, H, Lk, D]``.
+        pos_key: ``[H, 2*span, D]`` or ``[B, H, 2*span, D]``: the relative embeddings projected by
+            HF's ``pos_key_proj`` (c2p term), or None to drop c2p.
+        pos_query: same shape, projected by ``pos_query_proj`` (p2c term), or None to drop p2c.
+        position_buckets, max_relative_positions: HF config values (``position_buckets <= 0``: no buckets).
+        attention_mask: None, ``[B, Lk]`` (HF padding mask; with ``Lq == Lk`` padded query rows are
+            uniform over all keys, as in HF), ``[B, Lq, Lk]`` or ``[B|1, 1|H, Lq, Lk]``; nonzero = attend.
+        scale: multiplier of all three terms; default ``1/sqrt(D * (1 + #terms))``.
+        dropout_p: attention-probability dropout (apply only in training).
+        backend: ``"auto" | "torch" | "triton" | "cuda"``.
+
+    Returns ``[B, H, Lq, D]`` in the input dtype.  See :mod:`deberta_fast.reference` for the math.
+    """
+    call = build_call(query, key, value, pos_key, pos_query, position_buckets=position_buckets,
+                      max_relative_positions=max_relative_positions, attention_mask=attention_mask,
+                      scale=scale, dropout_p=dropout_p)
+    b = choose_backend(call, backend)
+    _record(b.name)
+    return b.forward(call)

@@ -1,0 +1,133 @@
+"""Relative positions of DeBERTa, as O(Lq + Lk) tables.
+
+HF builds an ``[Lq, Lk]`` matrix ``delta[i, j] = bucket(i - j)`` and gathers
+``clamp(delta + span, 0, 2*span - 1)`` for both relative terms (for p2c HF
+gathers ``-delta[j, i]``, which equals ``delta[i, j]`` because the bucket
+function is odd).  The slot of ``(i, j)`` therefore depends on ``i - j`` only,
+and every backend of deberta_fast reads it from a 1-D table::
+
+    slot = table[i - j + Lk - 1]        # table: int32 [Lq + Lk - 1], values in [0, 2*span)
+
+No ``[L, L]`` tensor is ever built here.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "log_bucket_position",
+    "relative_delta",
+    "attention_span",
+    "relative_slot_table",
+    "SlotBand",
+    "slot_band",
+]
+
+
+def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
+    """HF's ``make_log_bucket_position``, op for op (float32 log and ceil), so
+    tables match HF bit for bit on the same device.  Returns float32 of the
+    same shape as ``relative_pos`` (integer valued)."""
+    sign = torch.sign(relative_pos)
+    mid = bucket_size // 2
+    abs_pos = torch.where(
+        (relative_pos < mid) & (relative_pos > -mid),
+        torch.tensor(mid - 1).type_as(relative_pos),
+        torch.abs(relative_pos),
+    )
+    log_pos = (
+        torch.ceil(torch.log(abs_pos / mid) / torch.log(torch.tensor((max_position - 1) / mid)) * (mid - 1)) + mid
+    )
+    return torch.where(abs_pos <= mid, relative_pos.type_as(log_pos), log_pos * sign)
+
+
+def relative_delta(rel: torch.Tensor, position_buckets: int, max_relative_positions: int) -> torch.Tensor:
+    """``delta`` of an integer tensor of raw distances ``i - j`` (int64 out)."""
+    rel = rel.to(torch.long)
+    if position_buckets > 0 and max_relative_positions > 0:
+        rel = log_bucket_position(rel, position_buckets, max_relative_positions)
+    return rel.to(torch.long)
+
+
+def attention_span(position_buckets: int, max_relative_positions: int) -> int:
+    """``span`` of DeBERTa-v2/v3 (HF's ``pos_ebd_size``): the relative tables
+    have ``2 * span`` rows."""
+    return position_buckets if position_buckets > 0 else max_relative_positions
+
+
+def _validate(q_len: int, k_len: int, span: int) -> None:
+    if q_len < 1 or k_len < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got Lq={q_len}, Lk={k_len}")
+    if span < 1:
+        raise ValueError(f"span must be >= 1 (relative tables have 2*span rows), got {span}")
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_table_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
+    device = torch.device(device_str)
+    rel = torch.arange(-(k_len - 1), q_len, dtype=torch.long, device=device)
+    delta = relative_delta(rel, position_buckets, max_relative_positions)
+    return torch.clamp(delta + span, 0, 2 * span - 1).to(torch.int32).contiguous()
+
+
+def relative_slot_table(
+    q_len: int,
+    k_len: int,
+    position_buckets: int,
+    max_relative_positions: int,
+    span: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """int32 ``[Lq + Lk - 1]``: ``table[i - j + Lk - 1]`` is the row of
+    ``pos_key`` / ``pos_query`` that query ``i`` and key ``j`` use.
+
+    ``span`` defaults to :func:`attention_span`; DeBERTa v1 passes its own
+    (``min(max(Lq, Lk), max_relative_positions)``, no buckets).  Cached per
+    arguments and device; treat the result as read-only.
+    """
+    if span is None:
+        span = attention_span(position_buckets, max_relative_positions)
+    _validate(q_len, k_len, span)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _slot_table_cached(int(q_len), int(k_len), int(position_buckets), int(max_relative_positions),
+                              int(span), str(device))
+
+
+@dataclass(frozen=True)
+class SlotBand:
+    """Where the slot stops changing with ``d = i - j``.
+
+    For ``d >= hi`` the slot is ``2*span - 1`` and for ``d <= lo`` it is ``0``;
+    only ``lo < d < hi`` (the band) needs a gather.  Kernels use it to run
+    tiles outside the band with per-row / per-column constants.
+    """
+
+    lo: int
+    hi: int
+    span: int
+
+
+def slot_band(position_buckets: int, max_relative_positions: int, span: int | None = None) -> SlotBand:
+    """Saturation distances of the slot function (independent of L)."""
+    if span is None:
+        span = attention_span(position_buckets, max_relative_positions)
+    # delta is monotone non-decreasing in d and |delta(d)| >= min(|d|, ...) so the
+    # saturation points lie within a few multiples of max(span, max_rel).
+    limit = 4 * max(span, max_relative_positions, 2) + 8
+    d = torch.arange(-limit, limit + 1, dtype=torch.long)
+    slot = torch.clamp(relative_delta(d, position_buckets, max_relative_positions) + span, 0, 2 * span - 1)
+    delta = relative_delta(d, position_buckets, max_relative_positions)
+    if not bool((delta[1:] >= delta[:-1]).all()):
+        # degenerate configs (e.g. max_relative_positions < position_buckets)
+        # give a non-monotone bucket function: no saturation is assumed.
+        return SlotBand(lo=-(1 << 62), hi=1 << 62, span=span)
+    top = (slot == 2 * span - 1).nonzero()
+    bot = (slot == 0).nonzero()
+    hi = int(d[top[0, 0]]) if top.numel() else 1 << 62
+    lo = int(d[bot[-1, 0]]) if bot.numel() else -(1 << 62)
+    return SlotBand(lo=lo, hi=hi, span=span)

@@ -1,0 +1,1 @@
+"""Triton kernels of deberta_fast (shipped as ``deberta_fast._kernels``)."""

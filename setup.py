@@ -1,0 +1,41 @@
+"""deberta_fast: fused DeBERTa disentangled attention (Triton + CUDA C++).
+
+The CUDA extension ``deberta_fast._C`` is built only where a CUDA build of
+torch and nvcc are present.  Environment switches (as flash-attention's):
+
+    DEBERTA_FAST_BUILD_CUDA=1   force the build (fails loudly if it cannot)
+    DEBERTA_FAST_BUILD_CUDA=0   skip it (Triton and torch backends still work)
+    DEBERTA_FAST_CUDA_ARCHS     e.g. "80;90a" (default: 80;90a)
+    MAX_JOBS                    parallel nvcc jobs (default: RAM-aware)
+
+Triton kernels live in the top-level ``kernels/`` folder and ship as the
+private package ``deberta_fast._kernels`` (no top-level ``kernels`` package).
+"""
+import os
+import sys
+
+from setuptools import setup
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from csrc.build_config import cuda_extensions  # noqa: E402
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="deberta_fast",
+    version="0.1.0",
+    description="Fused DeBERTa disentangled attention kernels (Triton, CUDA C++) with an exact PyTorch reference",
+    packages=["deberta_fast", "deberta_fast.backends", "deberta_fast._kernels"],
+    package_dir={"deberta_fast._kernels": "kernels"},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    extras_require={
+        "hf": ["transformers>=4.40"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.40"],
+        "bench": ["pytest-benchmark", "matplotlib", "transformers>=4.40"],
+        "peers": ["disentangled-flash", "flashdeberta"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
