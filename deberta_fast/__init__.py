@@ -19,3 +19,9 @@ __all__ = [
     "relative_slot_table",
     "BackendUnavailableError",
 ]
+
+from .hf_attention import CANONICAL  # noqa: E402
+from .module import DisentangledAttention  # noqa: E402
+from .patching import is_patched, patch, patched, unpatch  # noqa: E402
+
+__all__ += ["DisentangledAttention", "patch", "unpatch", "patched", "is_patched", "CANONICAL"]

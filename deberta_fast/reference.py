@@ -99,7 +99,7 @@ def slot_index(q_len, k_len, position_buckets, max_relative_positions, span, dev
     if tuple(rel.shape) != (q_len, k_len):
         raise ValueError(f"relative_pos must be [Lq, Lk] = [{q_len}, {k_len}], got {list(relative_pos.shape)}")
     c2p = torch.clamp(rel + span, 0, 2 * span - 1)
-    p2c = torch.clamp(-rel.t() + span, 0, 2 * span - 1).t() if q_len == k_len else None
+    p2c = torch.clamp(-rel.t() + span, 0, 2 * span - 1) if q_len == k_len else None
     return c2p, p2c
 
 

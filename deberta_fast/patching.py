@@ -1,0 +1,132 @@
+"""Patch HF DeBERTa models in place so their attention runs through deberta_fast.
+
+Only HF modules are touched, and only through instance attributes:
+
+* each ``DisentangledSelfAttention`` (v1 or v2) gets a ``forward`` that calls
+  :mod:`deberta_fast.hf_attention` with the chosen backend;
+* each ``DebertaEncoder`` / ``DebertaV2Encoder`` gets ``get_attention_mask``
+  that keeps a 2-D padding mask 2-D (no ``[B, 1, L, L]`` mask) and ``get_rel_pos``
+  that returns :data:`~deberta_fast.hf_attention.CANONICAL` (no ``[L, L]`` matrix).
+
+Classes, parameters, their identities and ``state_dict`` keys stay as they are;
+:func:`unpatch` deletes the instance attributes and HF's behaviour returns.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+
+from torch import nn
+
+from .backends import BACKENDS
+from .hf_attention import CANONICAL, v1_forward, v2_forward
+
+_FLAG = "_deberta_fast_patched"
+_ATTN_PATCHED = ("forward",)
+_ENC_PATCHED = ("get_attention_mask", "get_rel_pos")
+
+# (module path suffix, class name) -> family
+_ATTENTION = {
+    ("deberta_v2.modeling_deberta_v2", "DisentangledSelfAttention"): "v2",
+    ("deberta.modeling_deberta", "DisentangledSelfAttention"): "v1",
+}
+_ENCODERS = {
+    ("deberta_v2.modeling_deberta_v2", "DebertaV2Encoder"),
+    ("deberta.modeling_deberta", "DebertaEncoder"),
+}
+
+
+def _family(module: nn.Module) -> str | None:
+    for cls in type(module).__mro__:
+        for (mod_suffix, name), fam in _ATTENTION.items():
+            if cls.__name__ == name and cls.__module__.endswith(mod_suffix):
+                return fam
+    return None
+
+
+def _is_encoder(module: nn.Module) -> bool:
+    return any(cls.__name__ == name and cls.__module__.endswith(suffix)
+               for cls in type(module).__mro__ for suffix, name in _ENCODERS)
+
+
+def _encoder_attention_mask(self, attention_mask):
+    """Patched ``get_attention_mask``: 2-D padding masks stay ``[B, L]`` (HF semantics kept by the kernels)."""
+    if attention_mask.dim() <= 2:
+        return attention_mask if attention_mask.dim() == 2 else attention_mask[None]
+    if attention_mask.dim() == 3:
+        return attention_mask.unsqueeze(1)
+    return attention_mask
+
+
+def _encoder_rel_pos(self, hidden_states, query_states=None, relative_pos=None):
+    """Patched ``get_rel_pos``: the canonical positions, as an O(L) table inside the kernels."""
+    if getattr(self, "relative_attention", False) and relative_pos is None:
+        return CANONICAL
+    return relative_pos
+
+
+def _check_supported(module: nn.Module, family: str) -> None:
+    if family == "v1" and (getattr(module, "talking_head", False) or getattr(module, "head_logits_proj", None)):
+        raise NotImplementedError(
+            f"{type(module).__module__}.{type(module).__name__} uses talking_head attention (heads mixed before "
+            "the softmax); no deberta_fast backend serves it. Run this model unpatched.")
+
+
+def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Route every DeBERTa attention inside ``model`` through deberta_fast; returns ``model``.
+
+    Works on DeBERTa v1 and v2/v3 models (any head: ``...Model``, ``...ForSequenceClassification``,
+    ``...ForMaskedLM`` ...) and on models that contain them.  Patching twice re-sets the backend.
+    Raises ``ValueError`` when ``model`` holds no DeBERTa attention and ``NotImplementedError``
+    for variants no backend serves (v1 ``talking_head``), before changing anything.
+    """
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    attentions, encoders = [], []
+    for m in model.modules():
+        fam = _family(m)
+        if fam is not None:
+            _check_supported(m, fam)
+            attentions.append((m, fam))
+        elif _is_encoder(m):
+            encoders.append(m)
+    if not attentions:
+        raise ValueError(
+            f"patch(): found no DeBERTa attention (transformers' deberta / deberta_v2 DisentangledSelfAttention) "
+            f"in {type(model).__name__}; deberta_fast patches DeBERTa v1, v2, v3 and mDeBERTa models")
+    for m, fam in attentions:
+        m.forward = types.MethodType(v2_forward if fam == "v2" else v1_forward, m)
+        m._deberta_fast_backend = backend
+        setattr(m, _FLAG, True)
+    for enc in encoders:
+        enc.get_attention_mask = types.MethodType(_encoder_attention_mask, enc)
+        enc.get_rel_pos = types.MethodType(_encoder_rel_pos, enc)
+        setattr(enc, _FLAG, True)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: HF's own methods run again.  Returns ``model``."""
+    for m in model.modules():
+        if not m.__dict__.get(_FLAG, False):
+            continue
+        for name in _ATTN_PATCHED + _ENC_PATCHED + ("_deberta_fast_backend", _FLAG):
+            m.__dict__.pop(name, None)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return any(m.__dict__.get(_FLAG, False) for m in model.modules())
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, backend: str = "auto"):
+    """``with patched(model):`` runs ``model`` through deberta_fast and unpatches on exit
+    (leaving a model that was already patched patched)."""
+    was = is_patched(model)
+    patch(model, backend)
+    try:
+        yield model
+    finally:
+        if not was:
+            unpatch(model)

@@ -1,0 +1,118 @@
+"""disentangled_attention: validation messages, mask semantics and dispatch (torch backend, CPU)."""
+import math
+
+import pytest
+import torch
+
+import deberta_fast
+from deberta_fast import BackendUnavailableError, disentangled_attention, last_backend
+from deberta_fast.backends import BACKENDS
+
+KW = dict(position_buckets=4, max_relative_positions=8)
+
+
+def _qkv(B=2, H=3, Lq=7, Lk=7, D=8, span=4, dtype=torch.float64):
+    q = torch.randn(B, H, Lq, D, dtype=dtype)
+    k = torch.randn(B, H, Lk, D, dtype=dtype)
+    v = torch.randn(B, H, Lk, D, dtype=dtype)
+    pk = torch.randn(H, 2 * span, D, dtype=dtype)
+    pq = torch.randn(H, 2 * span, D, dtype=dtype)
+    return q, k, v, pk, pq
+
+
+def _naive(q, k, v, pk, pq, mask_fn, scale):
+    """Element by element from the paper's formula with HF's bucket/clamp (independent of reference.py)."""
+    from deberta_fast.positions import relative_delta
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    span = pk.shape[-2] // 2
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Lq):
+                s = []
+                for j in range(Lk):
+                    d = relative_delta(torch.tensor([i - j]), 4, 8).item()
+                    slot = min(max(d + span, 0), 2 * span - 1)
+                    s.append(scale * (q[b, h, i] @ k[b, h, j] + q[b, h, i] @ pk[h, slot] + k[b, h, j] @ pq[h, slot]))
+                s = torch.stack(s)
+                keep = torch.tensor([mask_fn(b, i, j) for j in range(Lk)])
+                s = torch.where(keep, s, torch.tensor(-math.inf, dtype=s.dtype)) if keep.any() else torch.zeros_like(s)
+                out[b, h, i] = torch.softmax(s, 0) @ v[b, h]
+    return out
+
+
+@pytest.mark.parametrize("Lq,Lk", [(7, 7), (5, 11), (12, 3)])
+def test_matches_naive_formula_with_padding(Lq, Lk):
+    q, k, v, pk, pq = _qkv(Lq=Lq, Lk=Lk)
+    m = torch.ones(2, Lk, dtype=torch.bool)
+    m[1, Lk // 2:] = False
+    got = disentangled_attention(q, k, v, pk, pq, attention_mask=m, **KW)
+    scale = deberta_fast.reference.default_scale(8, 2)  # HF: float32 sqrt
+    if Lq == Lk:  # HF outer product: padded query rows are uniform
+        fn = lambda b, i, j: bool(m[b, i] and m[b, j])  # noqa: E731
+    else:
+        fn = lambda b, i, j: bool(m[b, j])  # noqa: E731
+    torch.testing.assert_close(got, _naive(q, k, v, pk, pq, fn, scale), rtol=1e-6, atol=1e-8)
+    assert last_backend() == "torch"
+
+
+def test_padded_rows_are_uniform_and_terms_optional():
+    q, k, v, pk, pq = _qkv()
+    m = torch.ones(2, 7)
+    m[0, 5:] = 0
+    out = disentangled_attention(q, k, v, pk, None, attention_mask=m, **KW)
+    torch.testing.assert_close(out[0, :, 5], v[0].mean(-2))
+    plain = disentangled_attention(q, k, v, **KW)
+    want = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1) @ v
+    torch.testing.assert_close(plain, want)
+
+
+def test_batched_pos_tables_and_scale():
+    q, k, v, pk, pq = _qkv()
+    a = disentangled_attention(q, k, v, pk, pq, scale=0.3, **KW)
+    b = disentangled_attention(q, k, v, pk[None].expand(2, -1, -1, -1), pq[None].expand(2, -1, -1, -1),
+                               scale=0.3, **KW)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda t: dict(query=t["query"][0]), "4-D"),
+    (lambda t: dict(value=t["value"][:, :, :3]), "same shape"),
+    (lambda t: dict(key=t["key"][:1], value=t["value"][:1]), "does not match"),
+    (lambda t: dict(pos_key=t["pos_key"][:, :5]), "even"),
+    (lambda t: dict(pos_key=t["pos_key"][:2]), r"\[H, 2\*span, D\]"),
+    (lambda t: dict(pos_query=t["pos_query"][:, :6]), "same number of rows"),
+    (lambda t: dict(key=t["key"].float(), value=t["value"].float()), "dtype"),
+    (lambda t: dict(query=t["query"].long()), "float16"),
+    (lambda t: dict(attention_mask=torch.ones(2, 6)), r"\[B, Lk\]"),
+    (lambda t: dict(attention_mask=torch.ones(2, 7, 6)), "does not fit"),
+    (lambda t: dict(attention_mask=torch.ones(7)), "1-D"),
+    (lambda t: dict(dropout_p=1.0), "dropout_p"),
+    (lambda t: dict(backend="flash"), "unknown backend"),
+])
+def test_clear_errors(bad, match):
+    q, k, v, pk, pq = _qkv()
+    args = dict(query=q, key=k, value=v, pos_key=pk, pos_query=pq, **KW)
+    args.update(bad(args))
+    with pytest.raises((ValueError, TypeError), match=match):
+        disentangled_attention(**args)
+
+
+def test_named_backend_refusal_explains_and_auto_serves():
+    q, k, v, pk, pq = _qkv(dtype=torch.float64)
+    for name in ("triton", "cuda"):
+        reasons = BACKENDS[name].unavailable() or "; ".join(BACKENDS[name].refusals(
+            deberta_fast.dispatch.build_call(q, k, v, pk, pq, attention_mask=None, scale=None, dropout_p=0.0, **KW)))
+        assert reasons  # fp64 on CPU is never a kernel's job
+        with pytest.raises(BackendUnavailableError, match=f"backend='{name}' cannot serve"):
+            disentangled_attention(q, k, v, pk, pq, backend=name, **KW)
+    disentangled_attention(q, k, v, pk, pq, backend="auto", **KW)
+    assert last_backend() == "torch"
+
+
+def test_gradients_flow_to_every_input():
+    q, k, v, pk, pq = (t.requires_grad_(True) for t in _qkv())
+    out = disentangled_attention(q, k, v, pk, pq, **KW)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, pk, pq))
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

@@ -1,0 +1,163 @@
+"""patch / unpatch / patched on real HF DeBERTa models (v1 and v2/v3), fp64, torch backend."""
+import pytest
+import torch
+
+import deberta_fast
+from deberta_fast import CANONICAL, is_patched, patch, patched, unpatch
+from hf_configs import v1_config, v2_config
+
+transformers = pytest.importorskip("transformers")
+DT = torch.float64
+
+V2_HEADS = ["DebertaV2Model", "DebertaV2ForSequenceClassification", "DebertaV2ForTokenClassification",
+            "DebertaV2ForQuestionAnswering", "DebertaV2ForMaskedLM", "DebertaV2ForMultipleChoice"]
+V1_HEADS = ["DebertaModel", "DebertaForSequenceClassification", "DebertaForMaskedLM"]
+
+
+def _batch(B=3, L=19, mc=False):
+    ids = torch.randint(1, 97, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 11:] = 0
+    mask[2, 4:] = 0
+    if mc:  # multiple choice: [B, choices, L]
+        return ids[:, None].expand(B, 2, L).contiguous(), mask[:, None].expand(B, 2, L).contiguous()
+    return ids, mask
+
+
+def _outputs(model, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    hs = out.hidden_states if out.hidden_states is not None else ()
+    first = out[0]
+    return [first, *hs]
+
+
+def _compare(model, ids, mask, backend="torch"):
+    want = _outputs(model, ids, mask)
+    patch(model, backend=backend)
+    assert is_patched(model)
+    got = _outputs(model, ids, mask)
+    unpatch(model)
+    assert not is_patched(model)
+    again = _outputs(model, ids, mask)
+    for g, w, a in zip(got, want, again):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+        assert torch.equal(a, w)  # unpatch restores HF exactly
+
+
+@pytest.mark.parametrize("head", V2_HEADS)
+def test_v2_heads_match_hf(head):
+    cfg = v2_config(conv=3)  # conv layer of v2 included
+    model = getattr(transformers, head)(cfg).to(DT).eval()
+    keys = list(model.state_dict())
+    ids = {id(p) for p in model.parameters()}
+    classes = [type(m) for m in model.modules()]
+    _compare(model, *_batch(mc=head.endswith("MultipleChoice")))
+    patch(model)
+    assert list(model.state_dict()) == keys and {id(p) for p in model.parameters()} == ids
+    assert [type(m) for m in model.modules()] == classes  # HF classes kept
+
+
+@pytest.mark.parametrize("types", [("c2p",), ("p2c",), ("p2c", "c2p")])
+@pytest.mark.parametrize("share", [True, False])
+def test_v2_variants_long_padded(types, share):
+    cfg = v2_config(types, share, 4, 8)
+    model = transformers.DebertaV2Model(cfg).to(DT).eval()
+    _compare(model, *_batch(L=37))
+
+
+@pytest.mark.parametrize("head", V1_HEADS)
+@pytest.mark.parametrize("types", [("c2p", "p2c"), ("c2p",), ("p2c",)])
+def test_v1_heads_match_hf(head, types):
+    cfg = v1_config(types, max_relative_positions=8)
+    model = getattr(transformers, head)(cfg).to(DT).eval()
+    _compare(model, *_batch(L=23))  # L > max_relative_positions: clamped span
+
+
+def test_v1_short_sequence_span():
+    cfg = v1_config(max_relative_positions=16)
+    model = transformers.DebertaModel(cfg).to(DT).eval()
+    _compare(model, *_batch(L=5))  # span = min(L, max_rel) = 5
+
+
+def test_gradients_and_training_dropout_match_hf():
+    cfg = v2_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    model = transformers.DebertaV2ForSequenceClassification(cfg).to(DT).train()
+    ids, mask = _batch()
+    labels = torch.tensor([0, 1, 0])
+
+    def step():
+        torch.manual_seed(3)
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    want = step()
+    with patched(model, backend="torch"):
+        got = step()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_output_attentions_through_patch():
+    cfg = v2_config()
+    model = transformers.DebertaV2Model(cfg).to(DT).eval()
+    ids, mask = _batch()
+    want = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    with patched(model, backend="torch"):
+        got = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_patched_encoder_builds_no_quadratic_tensors(monkeypatch):
+    """On the fused path the attention gets the 2-D mask and the CANONICAL marker, never [L, L]."""
+    cfg = v2_config()
+    model = transformers.DebertaV2Model(cfg).to(DT).eval()
+    seen = []
+    real = deberta_fast.hf_attention.disentangled_attention
+
+    def spy(q, k, v, pk, pq, **kw):
+        seen.append(kw["attention_mask"].shape)
+        return real(q, k, v, pk, pq, **kw)
+
+    hf_mod = __import__("transformers.models.deberta_v2.modeling_deberta_v2", fromlist=["x"])
+
+    def forbidden(*a, **k):
+        raise AssertionError("build_relative_position called on the patched path")
+
+    monkeypatch.setattr(deberta_fast.hf_attention, "disentangled_attention", spy)
+    ids, mask = _batch()
+    with patched(model, backend="torch"):
+        assert model.encoder.get_rel_pos(torch.zeros(1, 5, 32)) is CANONICAL
+        monkeypatch.setattr(hf_mod, "build_relative_position", forbidden)
+        model(input_ids=ids, attention_mask=mask)
+    assert seen and all(s == mask.shape for s in seen)
+
+
+def test_patch_errors_and_wrapper_models():
+    with pytest.raises(ValueError, match="no DeBERTa attention"):
+        patch(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="unknown backend"):
+        patch(transformers.DebertaV2Model(v2_config()), backend="flash")
+    cfg = v1_config(talking_head=True)
+    talking = transformers.DebertaModel(cfg)
+    with pytest.raises(NotImplementedError, match="talking_head"):
+        patch(talking)
+    assert not is_patched(talking)  # refused before touching anything
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = transformers.DebertaV2Model(v2_config()).to(DT).eval()
+            self.head = torch.nn.Linear(32, 2).to(DT)
+
+        def forward(self, ids, mask):
+            return self.head(self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+    w = Wrapper()
+    ids, mask = _batch()
+    want = w(ids, mask)
+    with patched(w, backend="torch"):
+        torch.testing.assert_close(w(ids, mask), want, rtol=1e-10, atol=1e-10)
