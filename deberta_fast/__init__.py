@@ -6,7 +6,8 @@ from ._kernels_path import ensure_kernels_package
 
 ensure_kernels_package()
 
-from .dispatch import BackendUnavailableError, disentangled_attention, last_backend  # noqa: E402
+from .dispatch import (  # noqa: E402
+    BackendUnavailableError, disentangled_attention, disentangled_attention_varlen, last_backend)
 from .positions import relative_slot_table  # noqa: E402
 from .reference import disentangled_attention_reference  # noqa: E402
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "disentangled_attention",
+    "disentangled_attention_varlen",
     "disentangled_attention_reference",
     "last_backend",
     "relative_slot_table",

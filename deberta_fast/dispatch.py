@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from .backends import AUTO_ORDER, BACKENDS, AttentionCall
+from .backends import AUTO_ORDER, BACKENDS, AttentionCall, VarlenCall
 from .reference import default_scale, normalize_mask
 
 _state = threading.local()
@@ -35,41 +35,31 @@ def _warn_once(msg: str) -> None:
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def build_call(query, key, value, pos_key, pos_query, *, position_buckets, max_relative_positions,
-               attention_mask, scale, dropout_p) -> AttentionCall:
-    """Check shapes, dtypes and devices; raise ``ValueError``/``TypeError`` naming the fix."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {list(t.shape)}")
-    B, H, Lq, D = query.shape
-    Lk = key.shape[2]
-    if key.shape != value.shape:
-        raise ValueError(f"key and value must have the same shape [B, H, Lk, D], got {list(key.shape)} and {list(value.shape)}")
-    if key.shape[0] != B or key.shape[1] != H or key.shape[3] != D:
-        raise ValueError(f"key {list(key.shape)} does not match query {list(query.shape)}: B, H and D must agree")
-    if Lq < 1 or Lk < 1 or D < 1:
-        raise ValueError(f"empty attention: Lq={Lq}, Lk={Lk}, D={D}")
-    if query.dtype not in _FLOAT:
-        raise TypeError(f"query must be float16, bfloat16, float32 or float64, got {query.dtype}")
+def _check_pos(pos_key, pos_query, H: int, D: int, B: int | None) -> int:
+    """Validate the relative tables; return ``span`` (0 when both are None)."""
     span = None
+    batched = f" or [B, H, 2*span, D]" if B is not None else ""
     for name, p in (("pos_key", pos_key), ("pos_query", pos_query)):
         if p is None:
             continue
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
-        ok = (p.dim() == 3 and p.shape[0] == H) or (p.dim() == 4 and p.shape[0] == B and p.shape[1] == H)
+        ok = (p.dim() == 3 and p.shape[0] == H) or (B is not None and p.dim() == 4 and p.shape[0] == B
+                                                    and p.shape[1] == H)
         if not ok or p.shape[-1] != D:
-            raise ValueError(f"{name} must be [H, 2*span, D] = [{H}, 2*span, {D}] or [B, H, 2*span, D], "
-                             f"got {list(p.shape)}")
+            raise ValueError(f"{name} must be [H, 2*span, D] = [{H}, 2*span, {D}]{batched}, got {list(p.shape)}")
         rows = p.shape[-2]
         if rows < 2 or rows % 2:
             raise ValueError(f"{name} must have an even number (2*span >= 2) of rows, got {rows}")
         if span is not None and span != rows // 2:
             raise ValueError(f"pos_key and pos_query must have the same number of rows, got {2 * span} and {rows}")
         span = rows // 2
-    tensors = {"query": query, "key": key, "value": value, "pos_key": pos_key, "pos_query": pos_query}
+    return span or 0
+
+
+def _check_same(query, **tensors) -> None:
+    if query.dtype not in _FLOAT:
+        raise TypeError(f"query must be float16, bfloat16, float32 or float64, got {query.dtype}")
     for name, t in tensors.items():
         if t is None:
             continue
@@ -78,25 +68,91 @@ def build_call(query, key, value, pos_key, pos_query, *, position_buckets, max_r
                             f"(use torch.autocast or .to(dtype))")
         if t.device != query.device:
             raise ValueError(f"{name} is on {t.device} but query is on {query.device}; move all inputs to one device")
-    if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.device != query.device:
-        raise ValueError(f"attention_mask is on {attention_mask.device} but query is on {query.device}")
+
+
+def _check_dropout(dropout_p) -> float:
     if not (0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def _check_rank(rank: int, shape: str, **tensors) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {shape}, got shape {list(t.shape)}")
+
+
+def build_call(query, key, value, pos_key, pos_query, *, position_buckets, max_relative_positions,
+               attention_mask, scale, dropout_p) -> AttentionCall:
+    """Check shapes, dtypes and devices; raise ``ValueError``/``TypeError`` naming the fix."""
+    _check_rank(4, "[B, H, L, D]", query=query, key=key, value=value)
+    B, H, Lq, D = query.shape
+    Lk = key.shape[2]
+    if key.shape != value.shape:
+        raise ValueError(f"key and value must have the same shape [B, H, Lk, D], got {list(key.shape)} and {list(value.shape)}")
+    if key.shape[0] != B or key.shape[1] != H or key.shape[3] != D:
+        raise ValueError(f"key {list(key.shape)} does not match query {list(query.shape)}: B, H and D must agree")
+    if Lq < 1 or Lk < 1 or D < 1:
+        raise ValueError(f"empty attention: Lq={Lq}, Lk={Lk}, D={D}")
+    span = _check_pos(pos_key, pos_query, H, D, B)
+    _check_same(query, key=key, value=value, pos_key=pos_key, pos_query=pos_query)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.device != query.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but query is on {query.device}")
+    dropout_p = _check_dropout(dropout_p)
     n_terms = (pos_key is not None) + (pos_query is not None)
     scale = default_scale(D, n_terms) if scale is None else float(scale)
     kind, km, fm, uni = normalize_mask(attention_mask, B, H, Lq, Lk)
     return AttentionCall(query, key, value, pos_key, pos_query, int(position_buckets), int(max_relative_positions),
-                         span or 0, scale, float(dropout_p), kind, km, fm, uni, attention_mask)
+                         span, scale, dropout_p, kind, km, fm, uni, attention_mask)
 
 
-def choose_backend(call: AttentionCall, backend: str):
-    """Return the backend object that serves ``call``; explain every refusal."""
+def build_varlen_call(query, key, value, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k, *, position_buckets, max_relative_positions, scale, dropout_p) -> VarlenCall:
+    """Validation of the packed form (shape checks only: no device sync)."""
+    _check_rank(3, "[total_tokens, H, D]", query=query, key=key, value=value)
+    _check_rank(1, "[N + 1]", cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    Tq, H, D = query.shape
+    if key.shape != value.shape or key.shape[1:] != query.shape[1:]:
+        raise ValueError(f"key {list(key.shape)} and value {list(value.shape)} must be [Tk, H, D] with H, D of "
+                         f"query {list(query.shape)}")
+    for name, c in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if c.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 (or int64), got {c.dtype}")
+        if c.device != query.device:
+            raise ValueError(f"{name} is on {c.device} but query is on {query.device}")
+        if c.numel() < 2:
+            raise ValueError(f"{name} must hold N + 1 >= 2 offsets, got {c.numel()}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    if int(max_seqlen_q) < 1 or int(max_seqlen_k) < 1:
+        raise ValueError(f"max_seqlen_q / max_seqlen_k must be >= 1, got {max_seqlen_q}, {max_seqlen_k}")
+    span = _check_pos(pos_key, pos_query, H, D, None)
+    _check_same(query, key=key, value=value, pos_key=pos_key, pos_query=pos_query)
+    dropout_p = _check_dropout(dropout_p)
+    n_terms = (pos_key is not None) + (pos_query is not None)
+    scale = default_scale(D, n_terms) if scale is None else float(scale)
+    return VarlenCall(query, key, value, pos_key, pos_query, cu_seqlens_q.to(torch.int32),
+                      cu_seqlens_k.to(torch.int32), int(max_seqlen_q), int(max_seqlen_k), int(position_buckets),
+                      int(max_relative_positions), span, scale, dropout_p)
+
+
+def _reasons(b, call) -> list[str]:
+    why = b.unavailable()
+    if why:
+        return [why]
+    return b.refusals_varlen(call) if isinstance(call, VarlenCall) else b.refusals(call)
+
+
+def choose_backend(call, backend: str):
+    """Return the backend object that serves ``call`` (an AttentionCall or VarlenCall); explain every refusal."""
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
         b = BACKENDS[backend]
-        why = b.unavailable()
-        reasons = [why] if why else b.refusals(call)
+        reasons = _reasons(b, call)
         if reasons:
             raise BackendUnavailableError(
                 f"backend={backend!r} cannot serve this call: " + "; ".join(reasons)
@@ -105,8 +161,7 @@ def choose_backend(call: AttentionCall, backend: str):
     refused = []
     for name in AUTO_ORDER:
         b = BACKENDS[name]
-        why = b.unavailable()
-        reasons = [why] if why else b.refusals(call)
+        reasons = _reasons(b, call)
         if not reasons:
             if refused and call.device.type == "cuda":
                 _warn_once("deberta_fast: no fused backend serves this call, using the slower "
@@ -141,3 +196,28 @@ def disentangled_attention(query, key, value, pos_key=None, pos_query=None, *,
     b = choose_backend(call, backend)
     _record(b.name)
     return b.forward(call)
+
+
+def disentangled_attention_varlen(query, key, value, pos_key=None, pos_query=None, cu_seqlens_q=None,
+                                  cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *,
+                                  position_buckets: int, max_relative_positions: int, scale=None,
+                                  dropout_p: float = 0.0, backend: str = "auto"):
+    """Disentangled attention over packed variable-length sequences (no work on padding).
+
+    Args:
+        query: ``[Tq, H, D]``; key, value: ``[Tk, H, D]``: ``N`` sequences back to back.
+        pos_key, pos_query: ``[H, 2*span, D]`` or None (as in :func:`disentangled_attention`).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[N + 1]`` offsets of the sequences (first 0, last ``T``).
+        max_seqlen_q, max_seqlen_k: longest query / key sequence (ints).
+    Positions restart at 0 in every sequence; each query attends to every key of its own
+    sequence.  Returns ``[Tq, H, D]``.  See :mod:`deberta_fast.packing` to build the inputs
+    from a padded batch.
+    """
+    if cu_seqlens_q is None or cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
+        raise TypeError("disentangled_attention_varlen needs cu_seqlens_q, cu_seqlens_k, max_seqlen_q and max_seqlen_k")
+    call = build_varlen_call(query, key, value, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, position_buckets=position_buckets,
+                             max_relative_positions=max_relative_positions, scale=scale, dropout_p=dropout_p)
+    b = choose_backend(call, backend)
+    _record(b.name)
+    return b.forward_varlen(call)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dispatch import disentangled_attention
+from .dispatch import disentangled_attention, disentangled_attention_varlen
 from .positions import relative_delta
 from .reference import default_scale, disentangled_attention_reference
 
@@ -68,6 +68,14 @@ def _attend(mod, q, k, v, pos_key, pos_query, *, buckets, max_rel, span, attenti
             output_attentions, relative_pos):
     """Run the core and return ``(context [B,H,Lq,D], probs or None)``."""
     dropout_p = _dropout_p(getattr(mod, "dropout", None), mod.training)
+    backend = getattr(mod, "_deberta_fast_backend", "auto")
+    if hasattr(attention_mask, "info"):  # PackedMask from the packed encoder: q, k, v are [1, H, T, D]
+        info = attention_mask.info
+        out = disentangled_attention_varlen(
+            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), pos_key, pos_query,
+            info.cu_seqlens, info.cu_seqlens, info.max_seqlen, info.max_seqlen, position_buckets=buckets,
+            max_relative_positions=max_rel, scale=scale, dropout_p=dropout_p, backend=backend)
+        return out.transpose(0, 1)[None], None
     custom = isinstance(relative_pos, torch.Tensor) and (pos_key is not None or pos_query is not None)
     if custom and _is_canonical(relative_pos, q.shape[-2], k.shape[-2], buckets, max_rel):
         custom = False
@@ -79,8 +87,7 @@ def _attend(mod, q, k, v, pos_key, pos_query, *, buckets, max_rel, span, attenti
         return out, (probs if output_attentions else None)
     out = disentangled_attention(
         q, k, v, pos_key, pos_query, position_buckets=buckets, max_relative_positions=max_rel,
-        attention_mask=attention_mask, scale=scale, dropout_p=dropout_p,
-        backend=getattr(mod, "_deberta_fast_backend", "auto"))
+        attention_mask=attention_mask, scale=scale, dropout_p=dropout_p, backend=backend)
     return out, None
 
 
@@ -156,7 +163,9 @@ def v1_forward(mod, hidden_states, attention_mask, output_attentions=False, quer
     # HF v1 adds relative terms only when it is given both rel_embeddings and relative_pos
     if mod.relative_attention and rel_embeddings is not None and relative_pos is not None:
         max_rel = mod.max_relative_positions
-        span = min(max(q.shape[-2], k.shape[-2]), max_rel)
+        # span follows the padded length (HF's), also when the encoder runs packed
+        length = attention_mask.info.seqlen if hasattr(attention_mask, "info") else max(q.shape[-2], k.shape[-2])
+        span = min(length, max_rel)
         rel = mod.pos_dropout(rel_embeddings)[max_rel - span: max_rel + span]
         if "c2p" in types:
             pos_key = _pos_tables(mod.pos_proj(rel), H)

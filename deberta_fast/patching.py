@@ -20,10 +20,11 @@ from torch import nn
 
 from .backends import BACKENDS
 from .hf_attention import CANONICAL, v1_forward, v2_forward
+from .packed_encoder import packed_encoder_forward
 
 _FLAG = "_deberta_fast_patched"
 _ATTN_PATCHED = ("forward",)
-_ENC_PATCHED = ("get_attention_mask", "get_rel_pos")
+_ENC_PATCHED = ("get_attention_mask", "get_rel_pos", "forward", "_deberta_fast_pack")
 
 # (module path suffix, class name) -> family
 _ATTENTION = {
@@ -72,11 +73,13 @@ def _check_supported(module: nn.Module, family: str) -> None:
             "the softmax); no deberta_fast backend serves it. Run this model unpatched.")
 
 
-def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
+def patch(model: nn.Module, backend: str = "auto", pack: bool = True) -> nn.Module:
     """Route every DeBERTa attention inside ``model`` through deberta_fast; returns ``model``.
 
     Works on DeBERTa v1 and v2/v3 models (any head: ``...Model``, ``...ForSequenceClassification``,
-    ``...ForMaskedLM`` ...) and on models that contain them.  Patching twice re-sets the backend.
+    ``...ForMaskedLM`` ...) and on models that contain them.  Patching twice re-sets the options.
+    ``pack=True`` runs right-padded batches packed (no work on padding in any layer; padded
+    positions of the outputs are 0, see :mod:`deberta_fast.packed_encoder`).
     Raises ``ValueError`` when ``model`` holds no DeBERTa attention and ``NotImplementedError``
     for variants no backend serves (v1 ``talking_head``), before changing anything.
     """
@@ -101,6 +104,11 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
     for enc in encoders:
         enc.get_attention_mask = types.MethodType(_encoder_attention_mask, enc)
         enc.get_rel_pos = types.MethodType(_encoder_rel_pos, enc)
+        enc._deberta_fast_pack = bool(pack)
+        if pack:
+            enc.forward = types.MethodType(packed_encoder_forward, enc)
+        else:
+            enc.__dict__.pop("forward", None)
         setattr(enc, _FLAG, True)
     return model
 
@@ -120,11 +128,11 @@ def is_patched(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def patched(model: nn.Module, backend: str = "auto"):
+def patched(model: nn.Module, backend: str = "auto", pack: bool = True):
     """``with patched(model):`` runs ``model`` through deberta_fast and unpatches on exit
     (leaving a model that was already patched patched)."""
     was = is_patched(model)
-    patch(model, backend)
+    patch(model, backend, pack)
     try:
         yield model
     finally:

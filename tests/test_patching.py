@@ -31,16 +31,31 @@ def _outputs(model, ids, mask):
     return [first, *hs]
 
 
+def _valid(x, mask):
+    """Zero the padded positions of per-token outputs (packing leaves 0 there; HF leaves garbage)."""
+    m = mask.reshape(-1, mask.shape[-1])
+    if x.dim() >= 2 and tuple(x.shape[:2]) == tuple(m.shape):
+        return x * m.view(*m.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+    return x
+
+
 def _compare(model, ids, mask, backend="torch"):
     want = _outputs(model, ids, mask)
-    patch(model, backend=backend)
-    assert is_patched(model)
-    got = _outputs(model, ids, mask)
-    unpatch(model)
-    assert not is_patched(model)
+    for pack in (False, True):
+        patch(model, backend=backend, pack=pack)
+        assert is_patched(model)
+        got = _outputs(model, ids, mask)
+        unpatch(model)
+        assert not is_patched(model)
+        for g, w in zip(got, want):
+            if pack:  # equal on real tokens, exactly 0 on padding
+                torch.testing.assert_close(_valid(g, mask), _valid(w, mask), rtol=1e-10, atol=1e-10)
+                if g.dim() == 3 and g.shape[:2] == mask.reshape(-1, mask.shape[-1]).shape:
+                    assert torch.equal(_valid(g, mask), g)
+            else:  # identical to HF everywhere
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
     again = _outputs(model, ids, mask)
-    for g, w, a in zip(got, want, again):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    for a, w in zip(again, want):
         assert torch.equal(a, w)  # unpatch restores HF exactly
 
 
@@ -79,8 +94,11 @@ def test_v1_short_sequence_span():
     _compare(model, *_batch(L=5))  # span = min(L, max_rel) = 5
 
 
-def test_gradients_and_training_dropout_match_hf():
-    cfg = v2_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+@pytest.mark.parametrize("pack", [False, True])
+def test_gradients_and_training_dropout_match_hf(pack):
+    """Unpacked: the same RNG stream as HF, so even dropout matches.  Packed: dropout off, same grads."""
+    p = 0.0 if pack else 0.1
+    cfg = v2_config(hidden_dropout_prob=p, attention_probs_dropout_prob=p, conv=3)
     model = transformers.DebertaV2ForSequenceClassification(cfg).to(DT).train()
     ids, mask = _batch()
     labels = torch.tensor([0, 1, 0])
@@ -93,7 +111,7 @@ def test_gradients_and_training_dropout_match_hf():
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     want = step()
-    with patched(model, backend="torch"):
+    with patched(model, backend="torch", pack=pack):
         got = step()
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
     for a, b in zip(got[1], want[1]):
@@ -111,29 +129,37 @@ def test_output_attentions_through_patch():
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-def test_patched_encoder_builds_no_quadratic_tensors(monkeypatch):
-    """On the fused path the attention gets the 2-D mask and the CANONICAL marker, never [L, L]."""
-    cfg = v2_config()
+@pytest.mark.parametrize("pack", [False, True])
+def test_patched_encoder_builds_no_quadratic_tensors(monkeypatch, pack):
+    """Fused path: the attention gets the 2-D mask (or packed tokens) and no [L, L] position matrix."""
+    cfg = v2_config(conv=3)
     model = transformers.DebertaV2Model(cfg).to(DT).eval()
     seen = []
-    real = deberta_fast.hf_attention.disentangled_attention
+    ha = deberta_fast.hf_attention
+    real, real_varlen = ha.disentangled_attention, ha.disentangled_attention_varlen
 
     def spy(q, k, v, pk, pq, **kw):
-        seen.append(kw["attention_mask"].shape)
+        seen.append(("padded", tuple(kw["attention_mask"].shape)))
         return real(q, k, v, pk, pq, **kw)
+
+    def spy_varlen(q, k, v, pk, pq, *a, **kw):
+        seen.append(("packed", q.shape[0]))
+        return real_varlen(q, k, v, pk, pq, *a, **kw)
 
     hf_mod = __import__("transformers.models.deberta_v2.modeling_deberta_v2", fromlist=["x"])
 
     def forbidden(*a, **k):
         raise AssertionError("build_relative_position called on the patched path")
 
-    monkeypatch.setattr(deberta_fast.hf_attention, "disentangled_attention", spy)
+    monkeypatch.setattr(ha, "disentangled_attention", spy)
+    monkeypatch.setattr(ha, "disentangled_attention_varlen", spy_varlen)
     ids, mask = _batch()
-    with patched(model, backend="torch"):
+    with patched(model, backend="torch", pack=pack):
         assert model.encoder.get_rel_pos(torch.zeros(1, 5, 32)) is CANONICAL
         monkeypatch.setattr(hf_mod, "build_relative_position", forbidden)
         model(input_ids=ids, attention_mask=mask)
-    assert seen and all(s == mask.shape for s in seen)
+    want = ("packed", int(mask.sum())) if pack else ("padded", tuple(mask.shape))
+    assert len(seen) == cfg.num_hidden_layers and all(s == want for s in seen)
 
 
 def test_patch_errors_and_wrapper_models():
@@ -159,5 +185,7 @@ def test_patch_errors_and_wrapper_models():
     w = Wrapper()
     ids, mask = _batch()
     want = w(ids, mask)
-    with patched(w, backend="torch"):
+    with patched(w, backend="torch"):  # packed: equal on real tokens
+        torch.testing.assert_close(_valid(w(ids, mask), mask), _valid(want, mask), rtol=1e-10, atol=1e-10)
+    with patched(w, backend="torch", pack=False):
         torch.testing.assert_close(w(ids, mask), want, rtol=1e-10, atol=1e-10)

@@ -1,7 +1,7 @@
 """Backend registry.  Each backend declares what it serves; :mod:`deberta_fast.dispatch` picks one."""
 from __future__ import annotations
 
-from .base import AttentionCall, Backend
+from .base import AttentionCall, Backend, VarlenCall
 from .torch_backend import TorchBackend
 
 BACKENDS: dict[str, Backend] = {"torch": TorchBackend()}
@@ -21,4 +21,4 @@ _register_optional()
 #: order in which ``backend="auto"`` tries backends (fastest first, measured on H100/H200 per benchmarks/)
 AUTO_ORDER = ("triton", "cuda", "torch")
 
-__all__ = ["AttentionCall", "Backend", "BACKENDS", "AUTO_ORDER"]
+__all__ = ["AttentionCall", "VarlenCall", "Backend", "BACKENDS", "AUTO_ORDER"]

@@ -87,6 +87,66 @@ class AttentionCall:
         return slot_band(self.position_buckets, self.max_relative_positions, self.span)
 
 
+@dataclass
+class VarlenCall:
+    """One validated call of :func:`deberta_fast.disentangled_attention_varlen`.
+
+    query ``[Tq,H,D]``; key, value ``[Tk,H,D]``: ``N`` sequences packed back to back,
+    sequence ``n`` at rows ``cu_seqlens_q[n]:cu_seqlens_q[n+1]`` (int32 ``[N+1]``); positions
+    restart at 0 in every sequence.  pos_key / pos_query ``[H,2*span,D]`` or None.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    pos_key: torch.Tensor | None
+    pos_query: torch.Tensor | None
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    position_buckets: int
+    max_relative_positions: int
+    span: int
+    scale: float
+    dropout_p: float
+
+    @property
+    def heads(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.query.shape[2]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens_q.numel() - 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.query.device
+
+    @property
+    def needs_grad(self) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        ts = (self.query, self.key, self.value, self.pos_key, self.pos_query)
+        return any(t is not None and t.requires_grad for t in ts)
+
+    def slot_table(self) -> torch.Tensor:
+        """int32 ``[max_seqlen_q + max_seqlen_k - 1]``: slot of ``i - j`` (index ``i - j + max_seqlen_k - 1``)."""
+        return relative_slot_table(self.max_seqlen_q, self.max_seqlen_k, self.position_buckets,
+                                   self.max_relative_positions, self.span, self.device)
+
+    def band(self) -> SlotBand:
+        return slot_band(self.position_buckets, self.max_relative_positions, self.span)
+
+
 class Backend:
     """A way to compute the attention.  Subclasses set ``name`` and implement
     :meth:`unavailable` (why it cannot run at all here, or None),
@@ -104,4 +164,12 @@ class Backend:
         raise NotImplementedError
 
     def forward(self, call: AttentionCall) -> torch.Tensor:
+        raise NotImplementedError
+
+    def refusals_varlen(self, call: VarlenCall) -> list[str]:
+        """Why this backend cannot serve a packed (varlen) call; empty list = it can."""
+        return [f"the {self.name} backend has no packed variable-length (varlen) path"]
+
+    def forward_varlen(self, call: VarlenCall) -> torch.Tensor:
+        """Differentiable; returns ``[Tq, H, D]``."""
         raise NotImplementedError

@@ -1,8 +1,9 @@
 """The ``"torch"`` backend: the reference, differentiable by autograd, any device and dtype."""
 from __future__ import annotations
 
+from ..packing import pack, pad_varlen
 from ..reference import disentangled_attention_reference
-from .base import AttentionCall, Backend
+from .base import AttentionCall, Backend, VarlenCall
 
 
 class TorchBackend(Backend):
@@ -17,3 +18,18 @@ class TorchBackend(Backend):
             call.query, call.key, call.value, call.pos_key, call.pos_query,
             position_buckets=call.position_buckets, max_relative_positions=call.max_relative_positions,
             attention_mask=call.attention_mask, scale=call.scale, dropout_p=call.dropout_p)
+
+    def refusals_varlen(self, call: VarlenCall) -> list[str]:
+        return []
+
+    def forward_varlen(self, call: VarlenCall):
+        """Pads to ``[N, H, max_len, D]``, runs the reference with a key mask, packs back."""
+        q, _, qinfo = pad_varlen(call.query, call.cu_seqlens_q, call.max_seqlen_q)
+        k, kmask, _ = pad_varlen(call.key, call.cu_seqlens_k, call.max_seqlen_k)
+        v, _, _ = pad_varlen(call.value, call.cu_seqlens_k, call.max_seqlen_k)
+        full = kmask[:, None, None, :].expand(-1, 1, call.max_seqlen_q, -1)
+        out = disentangled_attention_reference(
+            q, k, v, call.pos_key, call.pos_query, position_buckets=call.position_buckets,
+            max_relative_positions=call.max_relative_positions, attention_mask=full, scale=call.scale,
+            dropout_p=call.dropout_p)
+        return pack(out.transpose(1, 2), qinfo)
