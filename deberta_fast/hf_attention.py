@@ -15,12 +15,15 @@ slot table, never an ``[L, L]`` matrix).
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
 from .dispatch import disentangled_attention, disentangled_attention_varlen
 from .positions import relative_delta
-from .reference import default_scale, disentangled_attention_reference
+from .reference import default_scale, disentangled_attention_reference, normalize_mask
 
 
 class _Canonical:
@@ -51,6 +54,37 @@ def _dropout_p(drop: nn.Module | None, training: bool) -> float:
     if p is None:  # transformers < 4.4x StableDropout
         p = getattr(drop, "drop_prob", 0.0)
     return float(p)
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_conventions(cls) -> tuple[bool, bool]:
+    """``(returns_tuple, zeroes_masked_rows)`` of the HF class being patched.
+
+    transformers < 4.48 returns the context alone (no ``(context, None)``) and uses
+    ``XSoftmax``, which gives fully masked query rows zero probabilities (later versions:
+    uniform).  Read from the class's source, so any installed version is matched.
+    """
+    if not cls.__module__.startswith("transformers."):
+        return True, False
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True, False
+    return "(context_layer, None)" in src, "XSoftmax" in src
+
+
+def _finish(mod, ctx, probs, attention_mask, output_attentions):
+    """Merge heads and return in the convention of the patched HF version."""
+    returns_tuple, zero_rows = _hf_conventions(type(mod))
+    if zero_rows and isinstance(attention_mask, torch.Tensor):
+        B, H, Lq, _ = ctx.shape
+        *_, uniform = normalize_mask(attention_mask, B, H, Lq, attention_mask.shape[-1])
+        ctx = ctx.masked_fill(uniform[..., None], 0)
+        probs = None if probs is None else probs.masked_fill(uniform[..., None], 0)
+    out = _merge(ctx)
+    if output_attentions:
+        return out, probs
+    return (out, None) if returns_tuple else out
 
 
 def _is_canonical(relative_pos, q_len, k_len, buckets, max_rel) -> bool:
@@ -128,7 +162,7 @@ def v2_forward(mod, hidden_states, attention_mask, output_attentions=False, quer
     ctx, probs = _attend(mod, q, k, v, pos_key, pos_query, buckets=buckets, max_rel=max_rel, span=span,
                          attention_mask=attention_mask, scale=scale, output_attentions=output_attentions,
                          relative_pos=relative_pos)
-    return _merge(ctx), probs
+    return _finish(mod, ctx, probs, attention_mask, output_attentions)
 
 
 def _v1_qkv(mod, hidden_states, query_states):
@@ -176,4 +210,4 @@ def v1_forward(mod, hidden_states, attention_mask, output_attentions=False, quer
     ctx, probs = _attend(mod, q, k, v, pos_key, pos_query, buckets=-1, max_rel=max_rel, span=span,
                          attention_mask=attention_mask, scale=scale, output_attentions=output_attentions,
                          relative_pos=relative_pos)
-    return _merge(ctx), probs
+    return _finish(mod, ctx, probs, attention_mask, output_attentions)

@@ -10,9 +10,11 @@ hf = pytest.importorskip("transformers.models.deberta_v2.modeling_deberta_v2")
 @pytest.mark.parametrize("lq,lk", [(1, 1), (17, 17), (5, 23), (40, 9), (300, 300)])
 def test_slot_table_matches_hf(buckets, max_rel, lq, lk):
     span = attention_span(buckets, max_rel)
-    q = torch.empty(1, lq, 4)
-    k = torch.empty(1, lk, 4)
-    rel = hf.build_relative_position(q, k, bucket_size=buckets, max_position=max_rel)[0]  # [Lq, Lk]
+    try:  # transformers >= 4.48 takes tensors, older versions sizes
+        rel = hf.build_relative_position(torch.empty(1, lq, 4), torch.empty(1, lk, 4), bucket_size=buckets,
+                                         max_position=max_rel)[0]  # [Lq, Lk]
+    except (TypeError, AttributeError):
+        rel = hf.build_relative_position(lq, lk, bucket_size=buckets, max_position=max_rel)[0]
     hf_c2p = torch.clamp(rel + span, 0, 2 * span - 1)
     table = relative_slot_table(lq, lk, buckets, max_rel, device="cpu")
     assert table.dtype == torch.int32 and table.shape == (lq + lk - 1,)
