@@ -25,8 +25,10 @@ setup(
     name="deberta_fast",
     version="0.1.0",
     description="Fused DeBERTa disentangled attention kernels (Triton, CUDA C++) with an exact PyTorch reference",
-    packages=["deberta_fast", "deberta_fast.backends", "deberta_fast._kernels"],
-    package_dir={"deberta_fast._kernels": "kernels"},
+    packages=["deberta_fast", "deberta_fast.backends", "deberta_fast._kernels", "deberta_fast._csrc"],
+    # kernels/ and csrc/ ship inside deberta_fast (csrc sources for JIT builds of the extension)
+    package_dir={"deberta_fast._kernels": "kernels", "deberta_fast._csrc": "csrc"},
+    package_data={"deberta_fast._csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require={

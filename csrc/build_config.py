@@ -36,12 +36,27 @@ def should_build() -> tuple[bool, str]:
 
 
 def cuda_sources() -> list[str]:
+    """Translation units of deberta_fast._C: dfa_fwd.cu, dfa_bwd.cu (nvcc) and dfa_bindings.cpp (host)."""
     return sorted(glob.glob(os.path.join(HERE, "*.cu")) + glob.glob(os.path.join(HERE, "*.cpp")))
+
+
+def cxx_std() -> str:
+    """C++ standard for the extension: torch >= 2.10 headers need C++20 (override: DEBERTA_FAST_CXX_STD)."""
+    env = os.environ.get("DEBERTA_FAST_CXX_STD")
+    if env:
+        return env
+    try:
+        import torch
+
+        major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+        return "c++20" if (major, minor) >= (2, 10) else "c++17"
+    except Exception:  # noqa: BLE001
+        return "c++17"
 
 
 def nvcc_flags(archs: str | None = None) -> list[str]:
     archs = archs or os.environ.get("DEBERTA_FAST_CUDA_ARCHS", "80;90a")
-    flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    flags = ["-O3", f"-std={cxx_std()}", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
              "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     for a in archs.replace(",", ";").split(";"):
@@ -65,6 +80,6 @@ def cuda_extensions():
     ext = CUDAExtension(
         name="deberta_fast._C",
         sources=srcs,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags()},
+        extra_compile_args={"cxx": ["-O3", f"-std={cxx_std()}"], "nvcc": nvcc_flags()},
     )
     return [ext], {"build_ext": BuildExtension}

@@ -1,0 +1,244 @@
+// Host wrappers and Python bindings of deberta_fast._C (fused disentangled attention).
+// Python registers these as torch.library custom ops (deberta_fast/_cuda_ext.py), which
+// gives autograd, fake tensors and torch.compile support.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+#include <optional>
+
+#include "dfa_params.h"
+
+namespace {
+
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+int dtype_code(const Tensor& t) {
+  if (t.scalar_type() == at::kHalf) return 0;
+  if (t.scalar_type() == at::kBFloat16) return 1;
+  TORCH_CHECK(false, "deberta_fast cuda backend: inputs must be float16 or bfloat16 (tensor-core kernels), got ",
+              t.scalar_type(), ". float32 is not supported: cast with .half() / .bfloat16() (or torch.autocast), "
+              "or use backend='triton' / backend='torch'.");
+  return -1;
+}
+
+void check_qkv(const char* name, const Tensor& t, const Tensor& q, int64_t L) {
+  TORCH_CHECK(t.is_cuda(), "deberta_fast cuda backend: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == q.device(), "deberta_fast cuda backend: ", name, " is on ", t.device(),
+              " but query is on ", q.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "deberta_fast cuda backend: ", name, " has dtype ",
+              t.scalar_type(), " but query has ", q.scalar_type());
+  TORCH_CHECK(t.dim() == 4, "deberta_fast cuda backend: ", name, " must be 4-D [B, H, L, D], got ", t.sizes());
+  TORCH_CHECK(t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(3) == q.size(3) && t.size(2) == L,
+              "deberta_fast cuda backend: ", name, " has shape ", t.sizes(), ", expected [", q.size(0), ", ",
+              q.size(1), ", ", L, ", ", q.size(3), "]");
+  TORCH_CHECK(t.stride(3) == 1, "deberta_fast cuda backend: ", name,
+              " must have a contiguous last dimension (stride 1), got strides ", t.strides(), "; call .contiguous()");
+  TORCH_CHECK(t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+              "deberta_fast cuda backend: ", name, " rows must be 16-byte aligned (strides multiple of 8 elements, "
+              "aligned base pointer), got strides ", t.strides(), "; call .contiguous()");
+}
+
+void check_table(const char* name, const OptT& t, const Tensor& q, int64_t L, int64_t S2) {
+  if (!t.has_value()) return;
+  const Tensor& x = *t;
+  TORCH_CHECK(x.is_cuda() && x.device() == q.device(), "deberta_fast cuda backend: ", name, " must be on ",
+              q.device(), ", got ", x.device());
+  TORCH_CHECK(x.scalar_type() == q.scalar_type(), "deberta_fast cuda backend: ", name, " must have dtype ",
+              q.scalar_type(), ", got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == q.size(0) && x.size(1) == q.size(1) && x.size(2) == L && x.size(3) == S2,
+              "deberta_fast cuda backend: ", name, " must be [B, H, ", L, ", 2*span=", S2, "], got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "deberta_fast cuda backend: ", name, " must be contiguous; call .contiguous()");
+}
+
+struct Common {
+  dfa::Params p{};
+  int dtype = 0;
+  int D = 0;
+};
+
+Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& c2p, const OptT& p2c,
+                   const OptT& table, const OptT& key_mask, const OptT& uniform, const OptT& rng, double scale,
+                   double p_drop) {
+  Common c;
+  c.dtype = dtype_code(q);
+  TORCH_CHECK(q.dim() == 4, "deberta_fast cuda backend: query must be 4-D [B, H, Lq, D], got ", q.sizes());
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
+  TORCH_CHECK(k.dim() == 4, "deberta_fast cuda backend: key must be 4-D [B, H, Lk, D], got ", k.sizes());
+  const int64_t Lk = k.size(2);
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, "deberta_fast cuda backend: head_dim must be 32, 64 or 128, got ", D,
+              "; use backend='triton' or backend='torch'");
+  TORCH_CHECK(B >= 1 && H >= 1 && Lq >= 1 && Lk >= 1, "deberta_fast cuda backend: empty input");
+  TORCH_CHECK(B * H <= 65535, "deberta_fast cuda backend: B*H must be <= 65535, got ", B * H);
+  TORCH_CHECK(Lq + Lk < (int64_t(1) << 30), "deberta_fast cuda backend: sequence too long");
+  check_qkv("query", q, q, Lq);
+  check_qkv("key", k, q, Lk);
+  check_qkv("value", v, q, Lk);
+  int64_t S2 = 0;
+  if (c2p.has_value()) S2 = c2p->size(-1);
+  else if (p2c.has_value()) S2 = p2c->size(-1);
+  check_table("c2p table (query @ pos_key^T)", c2p, q, Lq, S2);
+  check_table("p2c table (key @ pos_query^T)", p2c, q, Lk, S2);
+  if (S2 > 0) {
+    TORCH_CHECK(table.has_value(), "deberta_fast cuda backend: relative terms need the slot table");
+    const Tensor& tb = *table;
+    TORCH_CHECK(tb.is_cuda() && tb.device() == q.device() && tb.scalar_type() == at::kInt && tb.dim() == 1 &&
+                    tb.size(0) == Lq + Lk - 1 && tb.is_contiguous(),
+                "deberta_fast cuda backend: slot table must be a contiguous int32 CUDA tensor of length Lq+Lk-1 = ",
+                Lq + Lk - 1, " on ", q.device(), " (deberta_fast.positions.relative_slot_table), got ",
+                tb.scalar_type(), " ", tb.sizes(), " on ", tb.device());
+  }
+  auto& p = c.p;
+  if (key_mask.has_value()) {
+    const Tensor& m = *key_mask;
+    TORCH_CHECK(m.is_cuda() && m.device() == q.device() && m.scalar_type() == at::kBool && m.dim() == 2 &&
+                    m.size(0) == B && m.size(1) == Lk && m.stride(1) == 1,
+                "deberta_fast cuda backend: key_mask must be a bool CUDA tensor [B, Lk] = [", B, ", ", Lk,
+                "] with a contiguous last dim, got ", m.scalar_type(), " ", m.sizes(), " on ", m.device());
+    p.key_mask = reinterpret_cast<const uint8_t*>(m.data_ptr());
+    p.km_sb = m.stride(0);
+  }
+  if (uniform.has_value()) {
+    const Tensor& u = *uniform;
+    TORCH_CHECK(u.is_cuda() && u.device() == q.device() && u.scalar_type() == at::kBool && u.dim() == 3 &&
+                    u.size(0) == B && (u.size(1) == 1 || u.size(1) == H) && u.size(2) == Lq && u.stride(2) == 1,
+                "deberta_fast cuda backend: uniform_rows must be a bool CUDA tensor [B, 1|H, Lq] with a contiguous "
+                "last dim, got ", u.scalar_type(), " ", u.sizes(), " on ", u.device());
+    p.uniform = reinterpret_cast<const uint8_t*>(u.data_ptr());
+    p.un_sb = u.stride(0);
+    p.un_sh = u.size(1) == 1 ? 0 : u.stride(1);
+  }
+  TORCH_CHECK(p_drop >= 0.0 && p_drop < 1.0, "deberta_fast cuda backend: dropout_p must be in [0, 1), got ", p_drop);
+  if (p_drop > 0.0) {
+    TORCH_CHECK(rng.has_value() && rng->is_cuda() && rng->device() == q.device() &&
+                    rng->scalar_type() == at::kLong && rng->numel() == 2 && rng->is_contiguous(),
+                "deberta_fast cuda backend: dropout needs rng = int64 CUDA tensor [2] (seed, offset) on ",
+                q.device());
+    p.rng = rng->data_ptr<int64_t>();
+    p.dropout = 1;
+    const double th = std::round(p_drop * 4294967296.0);
+    p.drop_thresh = th >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(th);
+    p.drop_scale = static_cast<float>(1.0 / (1.0 - p_drop));
+  }
+  p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sr = q.stride(2);
+  p.k = k.data_ptr(); p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sr = k.stride(2);
+  p.v = v.data_ptr(); p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_sr = v.stride(2);
+  p.c2p = c2p.has_value() ? c2p->data_ptr() : nullptr;
+  p.p2c = p2c.has_value() ? p2c->data_ptr() : nullptr;
+  p.table = S2 > 0 ? table->data_ptr<int32_t>() : nullptr;
+  p.S2 = static_cast<int>(S2);
+  p.B = static_cast<int>(B); p.H = static_cast<int>(H);
+  p.Lq = static_cast<int>(Lq); p.Lk = static_cast<int>(Lk);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  c.D = static_cast<int>(D);
+  return c;
+}
+
+std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& c2p, const OptT& p2c,
+                        const OptT& table, const OptT& key_mask, const OptT& uniform, const OptT& rng, double scale,
+                        double p_drop) {
+  Common c = make_common(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, p_drop);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
+  Tensor out = at::empty({B, H, Lq, D}, q.options());
+  Tensor lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
+  auto& p = c.p;
+  p.o = out.data_ptr(); p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sr = out.stride(2);
+  p.lse = lse.data_ptr<float>();
+  const char* err = dfa::launch_fwd(p, c.dtype, c.D, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, "deberta_fast cuda forward launch failed: ", err ? err : "");
+  return {out, lse};
+}
+
+std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                        const Tensor& lse, const OptT& c2p, const OptT& p2c, const OptT& table, const OptT& key_mask,
+                        const OptT& uniform, const OptT& rng, double scale, double p_drop, int64_t dmin, int64_t W,
+                        const OptT& perm, const OptT& offs) {
+  Common c = make_common(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, p_drop);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
+  check_qkv("grad_out", dout, q, Lq);
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
+              "deberta_fast cuda backward: saved output has shape ", out.sizes(), ", expected ", q.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H &&
+                  lse.size(2) == Lq && lse.is_contiguous() && lse.device() == q.device(),
+              "deberta_fast cuda backward: lse must be contiguous float32 [B, H, Lq] on ", q.device());
+  auto& p = c.p;
+  Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
+  Tensor dq = at::empty({B, H, Lq, D}, q.options());
+  Tensor dk = at::empty({B, H, Lk, D}, q.options());
+  Tensor dv = at::empty({B, H, Lk, D}, q.options());
+  p.dout = dout.data_ptr(); p.do_sb = dout.stride(0); p.do_sh = dout.stride(1); p.do_sr = dout.stride(2);
+  p.lse_c = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
+  const int64_t S2 = p.S2;
+  Tensor band_q, sat_q, band_k, sat_k;
+  const auto f32 = q.options().dtype(at::kFloat);
+  if (S2 > 0) {
+    TORCH_CHECK(W >= 0 && W <= Lq + Lk - 1 && dmin >= -(Lk - 1) && dmin + W <= Lq,
+                "deberta_fast cuda backward: band window [dmin, dmin+W) = [", dmin, ", ", dmin + W,
+                ") must lie in [-(Lk-1), Lq)");
+    TORCH_CHECK(perm.has_value() && offs.has_value(), "deberta_fast cuda backward: band perm/offs missing");
+    TORCH_CHECK(perm->is_cuda() && perm->scalar_type() == at::kInt && perm->numel() == std::max<int64_t>(W, 1) &&
+                    perm->is_contiguous() && offs->is_cuda() && offs->scalar_type() == at::kInt &&
+                    offs->numel() == S2 + 1 && offs->is_contiguous(),
+                "deberta_fast cuda backward: perm must be int32 [max(W,1)] and offs int32 [2*span+1] on CUDA");
+    const int64_t Wa = std::max<int64_t>(W, 1);
+    if (c2p.has_value()) {
+      band_q = at::zeros({B, H, Lq, Wa}, f32);
+      sat_q = at::zeros({B, H, Lq, 2}, f32);
+      p.band_q = band_q.data_ptr<float>();
+      p.sat_q = sat_q.data_ptr<float>();
+    }
+    if (p2c.has_value()) {
+      band_k = at::zeros({B, H, Lk, Wa}, f32);
+      sat_k = at::zeros({B, H, Lk, 2}, f32);
+      p.band_k = band_k.data_ptr<float>();
+      p.sat_k = sat_k.data_ptr<float>();
+    }
+    p.dmin = static_cast<int>(dmin);
+    p.W = static_cast<int>(W);
+  }
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  const char* err = dfa::launch_bwd(p, c.dtype, c.D, stream);
+  TORCH_CHECK(err == nullptr, "deberta_fast cuda backward launch failed: ", err ? err : "");
+  Tensor dc2p, dp2c;
+  if (S2 > 0) {
+    const int Wi = static_cast<int>(W), S2i = static_cast<int>(S2);
+    if (c2p.has_value()) {
+      dc2p = at::empty({B, H, Lq, S2}, q.options());
+      err = dfa::launch_band_to_slots(p.band_q, p.sat_q, perm->data_ptr<int32_t>(), offs->data_ptr<int32_t>(),
+                                      dc2p.data_ptr(), c.dtype, B * H * Lq, Wi, S2i, stream);
+      TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (c2p band) failed: ", err ? err : "");
+    }
+    if (p2c.has_value()) {
+      dp2c = at::empty({B, H, Lk, S2}, q.options());
+      err = dfa::launch_band_to_slots(p.band_k, p.sat_k, perm->data_ptr<int32_t>(), offs->data_ptr<int32_t>(),
+                                      dp2c.data_ptr(), c.dtype, B * H * Lk, Wi, S2i, stream);
+      TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (p2c band) failed: ", err ? err : "");
+    }
+  }
+  if (!dc2p.defined()) dc2p = at::empty({0}, q.options());
+  if (!dp2c.defined()) dp2c = at::empty({0}, q.options());
+  return {dq, dk, dv, dc2p, dp2c};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "deberta_fast._C: fused DeBERTa disentangled attention (CUDA, mma.sync, fp16/bf16)";
+  m.def("fwd", &fwd, "fused forward -> (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("c2p"),
+        py::arg("p2c"), py::arg("table"), py::arg("key_mask"), py::arg("uniform"), py::arg("rng"),
+        py::arg("scale"), py::arg("p_drop"));
+  m.def("bwd", &bwd, "fused backward -> (dq, dk, dv, dc2p, dp2c)", py::arg("dout"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("c2p"), py::arg("p2c"), py::arg("table"),
+        py::arg("key_mask"), py::arg("uniform"), py::arg("rng"), py::arg("scale"), py::arg("p_drop"),
+        py::arg("dmin"), py::arg("W"), py::arg("perm"), py::arg("offs"));
+  m.attr("HEAD_DIMS") = py::make_tuple(32, 64, 128);
+}

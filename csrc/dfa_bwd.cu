@@ -1,0 +1,328 @@
+// Fused backward of DeBERTa disentangled attention, deterministic (no atomics):
+//   * dq kernel   : one block per 64 queries, loops over key tiles -> dQ (content part)
+//                   and the c2p band of scale*dS (see below).
+//   * dkdv kernel : one block per 64 keys, loops over query tiles -> dK (content part),
+//                   dV and the p2c band of scale*dS.
+//   * band_to_slots: fixed-order segment sums turning a band into dC2P / dP2C.
+// Both score kernels recompute S and P from the saved LSE (FA2).  Delta = rowsum(dO*O)
+// comes from the host.
+//
+// Relative-table gradients.  With dS = dL/ds (s = scaled score):
+//   dC2P[i, s] = scale * sum_{j : slot(i-j) = s} dS[i, j],  dP2C[j, s] likewise over i.
+// slot depends on d = i - j only and is constant (0 / 2S-1) outside the band
+// (lo, hi) of positions.slot_band.  The dq kernel writes scale*dS[i, i-d] for d in
+// the window [dmin, dmin+W) to band_q[i, d-dmin] (one writer per element) and sums
+// d < dmin / d >= dmin+W into sat_q[i, 0/1] in a fixed order; band_to_slots then sums
+// each slot's d's in a fixed order (CSR `perm`/`offs` from the host).  Same for keys.
+#include "dfa_common.cuh"
+
+namespace dfa {
+
+template <typename T, int D>
+struct BwdCfg {
+  static constexpr int LDS = D + 8;
+  // dq kernel: 64 queries per block, BN keys per iteration
+  static constexpr int DQ_BM = 64, DQ_BN = 64;
+  static constexpr int DQ_SMEM = (2 * DQ_BM + 2 * DQ_BN) * LDS * (int)sizeof(T);
+  // dkdv kernel: 64 keys per block, BM queries per iteration (32 at D=128: register budget)
+  static constexpr int KV_BN = 64, KV_BM = (D >= 128 ? 32 : 64);
+  static constexpr int KV_SMEM = (2 * KV_BN + 2 * KV_BM) * LDS * (int)sizeof(T) + KV_BM * (2 * 4 + 4);
+};
+
+// ---------------------------------------------------------------------------
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(const Params p) {
+  using Cfg = BwdCfg<T, D>;
+  constexpr int BM = Cfg::DQ_BM, BN = Cfg::DQ_BN, LDS = Cfg::LDS, NT = BN / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* dOs = Qs + BM * LDS;
+  T* Ks = dOs + BM * LDS;
+  T* Vs = Ks + BN * LDS;
+
+  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int q0 = blockIdx.x * BM;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+
+  const T* qg = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const T* dog = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+  const T* c2p_bh = p.c2p ? reinterpret_cast<const T*>(p.c2p) + (int64_t)bh * p.Lq * p.S2 : nullptr;
+  const T* p2c_bh = p.p2c ? reinterpret_cast<const T*>(p.p2c) + (int64_t)bh * p.Lk * p.S2 : nullptr;
+  const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
+  const bool rel = p.band_q != nullptr;
+
+  int rows[2];
+  bool uni[2];
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int i = q0 + warp * 16 + g + 8 * hh;
+    rows[hh] = i;
+    const bool ok = i < p.Lq;
+    uni[hh] = p.uniform != nullptr && ok && p.uniform[b * p.un_sb + h * p.un_sh + i] != 0;
+    lse2[hh] = ok ? p.lse_c[(int64_t)bh * p.Lq + i] * kLog2e : 0.f;
+    dlt[hh] = ok ? p.delta[(int64_t)bh * p.Lq + i] : 0.f;
+  }
+  uint2 key = make_uint2(0u, 0u);
+  uint32_t offset = 0u;
+  if (p.dropout) {
+    const uint64_t seed = (uint64_t)p.rng[0];
+    key = make_uint2((uint32_t)seed, (uint32_t)(seed >> 32));
+    offset = (uint32_t)p.rng[1];
+  }
+
+  load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, p.Lq);
+  load_tile<T, BM, D, kThreads>(dOs, dog, p.do_sr, q0, p.Lq);
+
+  float dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  float sat[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [row][lo/hi]
+
+  for (int k0 = 0; k0 < p.Lk; k0 += BN) {
+    __syncthreads();
+    load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, p.Lk);
+    load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, p.Lk);
+    __syncthreads();
+
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+    mma_rows_rows<T, D, NT>(s, Qs + warp * 16 * LDS, Ks);
+    mma_rows_rows<T, D, NT>(dp, dOs + warp * 16 * LDS, Vs);
+
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint4 w = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hh = e >> 1, i = rows[hh], j = k0 + nt * 8 + 2 * t + (e & 1);
+        const bool valid = i < p.Lq && j < p.Lk;
+        const float sl = score_log2<T>(p, s[nt][e], i, j, c2p_bh, p2c_bh, km_b, uni[hh]);
+        const float pr = valid ? exp2f(sl - lse2[hh]) : 0.f;
+        float dpv = dp[nt][e];
+        if (p.dropout) {
+          if ((e & 1) == 0) w = dropout_words(key, offset, bh, i, j >> 2);
+          dpv = word_of(w, j & 3) >= p.drop_thresh ? dpv * p.drop_scale : 0.f;
+        }
+        const float ds = (uni[hh] || !valid) ? 0.f : pr * (dpv - dlt[hh]) * p.scale;
+        s[nt][e] = ds;
+        if (rel && valid) {
+          const int d = i - j - p.dmin;
+          if (d < 0) sat[hh][0] += ds;
+          else if (d >= p.W) sat[hh][1] += ds;
+          else p.band_q[((int64_t)bh * p.Lq + i) * p.W + d] = ds;
+        }
+      }
+    }
+    mma_acc_rows<T, D, NT>(dq, s, Ks);
+  }
+
+  T* dqg = reinterpret_cast<T*>(p.dq) + (int64_t)bh * p.Lq * D;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const float lo = quad_sum(sat[hh][0]), hi = quad_sum(sat[hh][1]);
+    const int i = rows[hh];
+    if (i >= p.Lq) continue;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(dqg + (int64_t)i * D + dt * 8 + 2 * t) =
+          Pack<T>::pack(dq[dt][2 * hh], dq[dt][2 * hh + 1]);
+    if (rel && t == 0) {
+      p.sat_q[((int64_t)bh * p.Lq + i) * 2 + 0] = lo;
+      p.sat_q[((int64_t)bh * p.Lq + i) * 2 + 1] = hi;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) {
+  using Cfg = BwdCfg<T, D>;
+  constexpr int BN = Cfg::KV_BN, BM = Cfg::KV_BM, LDS = Cfg::LDS, NT = BM / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Ks = reinterpret_cast<T*>(smem_raw);
+  T* Vs = Ks + BN * LDS;
+  T* Qs = Vs + BN * LDS;
+  T* dOs = Qs + BM * LDS;
+  float* lse2_s = reinterpret_cast<float*>(dOs + BM * LDS);
+  float* dlt_s = lse2_s + BM;
+  int* uni_s = reinterpret_cast<int*>(dlt_s + BM);
+
+  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int k0 = blockIdx.x * BN;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+
+  const T* qg = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const T* dog = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+  const T* c2p_bh = p.c2p ? reinterpret_cast<const T*>(p.c2p) + (int64_t)bh * p.Lq * p.S2 : nullptr;
+  const T* p2c_bh = p.p2c ? reinterpret_cast<const T*>(p.p2c) + (int64_t)bh * p.Lk * p.S2 : nullptr;
+  const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
+  const bool rel = p.band_k != nullptr;
+
+  int cols_j[2];  // rows of the transposed tile are keys
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) cols_j[hh] = k0 + warp * 16 + g + 8 * hh;
+  uint2 key = make_uint2(0u, 0u);
+  uint32_t offset = 0u;
+  if (p.dropout) {
+    const uint64_t seed = (uint64_t)p.rng[0];
+    key = make_uint2((uint32_t)seed, (uint32_t)(seed >> 32));
+    offset = (uint32_t)p.rng[1];
+  }
+
+  load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, p.Lk);
+  load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, p.Lk);
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+  float sat[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+
+  for (int q0 = 0; q0 < p.Lq; q0 += BM) {
+    __syncthreads();
+    load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, p.Lq);
+    load_tile<T, BM, D, kThreads>(dOs, dog, p.do_sr, q0, p.Lq);
+    for (int r = threadIdx.x; r < BM; r += kThreads) {
+      const int i = q0 + r;
+      const bool ok = i < p.Lq;
+      lse2_s[r] = ok ? p.lse_c[(int64_t)bh * p.Lq + i] * kLog2e : 0.f;
+      dlt_s[r] = ok ? p.delta[(int64_t)bh * p.Lq + i] : 0.f;
+      uni_s[r] = (p.uniform != nullptr && ok) ? (int)p.uniform[b * p.un_sb + h * p.un_sh + i] : 0;
+    }
+    __syncthreads();
+
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+    mma_rows_rows<T, D, NT>(s, Ks + warp * 16 * LDS, Qs);   // S^T  [keys x queries]
+    mma_rows_rows<T, D, NT>(dp, Vs + warp * 16 * LDS, dOs);  // dP^T (before dropout)
+
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hh = e >> 1, j = cols_j[hh], il = nt * 8 + 2 * t + (e & 1), i = q0 + il;
+        const bool valid = i < p.Lq && j < p.Lk;
+        const bool u = uni_s[il] != 0;
+        const float sl = score_log2<T>(p, s[nt][e], i, j, c2p_bh, p2c_bh, km_b, u);
+        const float pr = valid ? exp2f(sl - lse2_s[il]) : 0.f;
+        float pd = pr, dpv = dp[nt][e];
+        if (p.dropout) {
+          const bool keep = word_of(dropout_words(key, offset, bh, i, j >> 2), j & 3) >= p.drop_thresh;
+          pd = keep ? pr * p.drop_scale : 0.f;
+          dpv = keep ? dpv * p.drop_scale : 0.f;
+        }
+        const float ds = (u || !valid) ? 0.f : pr * (dpv - dlt_s[il]) * p.scale;
+        s[nt][e] = pd;
+        dp[nt][e] = ds;
+        if (rel && valid) {
+          const int d = i - j - p.dmin;
+          if (d < 0) sat[hh][0] += ds;
+          else if (d >= p.W) sat[hh][1] += ds;
+          else p.band_k[((int64_t)bh * p.Lk + j) * p.W + d] = ds;
+        }
+      }
+    mma_acc_rows<T, D, NT>(dv, s, dOs);
+    mma_acc_rows<T, D, NT>(dk, dp, Qs);
+  }
+
+  T* dkg = reinterpret_cast<T*>(p.dk) + (int64_t)bh * p.Lk * D;
+  T* dvg = reinterpret_cast<T*>(p.dv) + (int64_t)bh * p.Lk * D;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const float lo = quad_sum(sat[hh][0]), hi = quad_sum(sat[hh][1]);
+    const int j = cols_j[hh];
+    if (j >= p.Lk) continue;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(dkg + (int64_t)j * D + dt * 8 + 2 * t) =
+          Pack<T>::pack(dk[dt][2 * hh], dk[dt][2 * hh + 1]);
+      *reinterpret_cast<uint32_t*>(dvg + (int64_t)j * D + dt * 8 + 2 * t) =
+          Pack<T>::pack(dv[dt][2 * hh], dv[dt][2 * hh + 1]);
+    }
+    if (rel && t == 0) {
+      p.sat_k[((int64_t)bh * p.Lk + j) * 2 + 0] = lo;
+      p.sat_k[((int64_t)bh * p.Lk + j) * 2 + 1] = hi;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// out[r, s] = sum_{k in [offs[s], offs[s+1])} band[r, perm[k]] + (s == 0) sat[r,0] + (s == S2-1) sat[r,1]
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dfa_band_to_slots_kernel(const float* __restrict__ band,
+                                                                     const float* __restrict__ sat,
+                                                                     const int32_t* __restrict__ perm,
+                                                                     const int32_t* __restrict__ offs, T* out,
+                                                                     int W, int S2) {
+  const int64_t r = blockIdx.x;
+  const float* br = band + r * W;
+  for (int s = threadIdx.x; s < S2; s += blockDim.x) {
+    float acc = 0.f;
+    for (int k = offs[s]; k < offs[s + 1]; ++k) acc += br[perm[k]];
+    if (s == 0) acc += sat[r * 2 + 0];
+    if (s == S2 - 1) acc += sat[r * 2 + 1];
+    out[r * S2 + s] = Pack<T>::from_float(acc);
+  }
+}
+
+template <typename T, int D>
+static const char* run_bwd(const Params& p, cudaStream_t stream) {
+  using Cfg = BwdCfg<T, D>;
+  auto kdq = dfa_bwd_dq_kernel<T, D>;
+  auto kkv = dfa_bwd_dkdv_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kdq, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::DQ_SMEM);
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(kkv, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::KV_SMEM);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  kdq<<<dim3((p.Lq + Cfg::DQ_BM - 1) / Cfg::DQ_BM, p.B * p.H), kThreads, Cfg::DQ_SMEM, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  kkv<<<dim3((p.Lk + Cfg::KV_BN - 1) / Cfg::KV_BN, p.B * p.H), kThreads, Cfg::KV_SMEM, stream>>>(p);
+  err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream) {
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (dtype == 0) {
+    if (head_dim == 32) return run_bwd<__half, 32>(p, s);
+    if (head_dim == 64) return run_bwd<__half, 64>(p, s);
+    if (head_dim == 128) return run_bwd<__half, 128>(p, s);
+  } else if (dtype == 1) {
+    if (head_dim == 32) return run_bwd<__nv_bfloat16, 32>(p, s);
+    if (head_dim == 64) return run_bwd<__nv_bfloat16, 64>(p, s);
+    if (head_dim == 128) return run_bwd<__nv_bfloat16, 128>(p, s);
+  }
+  return "deberta_fast._C: unsupported dtype/head_dim combination (fp16/bf16, head_dim 32/64/128)";
+}
+
+const char* launch_band_to_slots(const float* band, const float* sat, const int32_t* perm, const int32_t* offs,
+                                 void* out, int dtype, int64_t rows, int W, int S2, void* stream) {
+  if (rows <= 0) return nullptr;
+  if (rows > 0x7fffffffLL) return "deberta_fast._C: too many rows for band_to_slots";
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (dtype == 0)
+    dfa_band_to_slots_kernel<__half><<<(unsigned)rows, kThreads, 0, s>>>(band, sat, perm, offs,
+                                                                         reinterpret_cast<__half*>(out), W, S2);
+  else if (dtype == 1)
+    dfa_band_to_slots_kernel<__nv_bfloat16><<<(unsigned)rows, kThreads, 0, s>>>(
+        band, sat, perm, offs, reinterpret_cast<__nv_bfloat16*>(out), W, S2);
+  else
+    return "deberta_fast._C: unsupported dtype for band_to_slots";
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace dfa

@@ -1,0 +1,203 @@
+// Shared device code of the fused DeBERTa disentangled-attention kernels.
+//
+// Layout conventions (all kernels):
+//   * 128 threads = 4 warps; a warp owns 16 "rows" of a score tile; the tile is
+//     [64 rows x BN cols].  In the forward and dQ kernels rows are queries i and
+//     cols are keys j; in the dK/dV kernel rows are keys j and cols are queries i.
+//   * Tensor-core MMA: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16} (sm_80+).
+//     Fragment layout (PTX ISA, g = lane/4, t = lane%4):
+//       A 16x16: reg0=(g, 2t..2t+1) reg1=(g+8, 2t..) reg2=(g, 2t+8..) reg3=(g+8, 2t+8..)
+//       B 16x8 : reg0=(k=2t..2t+1, n=g) reg1=(k=2t+8.., n=g)
+//       C 16x8 : c0,c1=(g, 2t..2t+1)    c2,c3=(g+8, 2t..2t+1)
+//     The lower-indexed element of a pair sits in the low 16 bits.
+//   * Shared-memory tiles are row-major [rows][D + 8] (16-byte padding per row:
+//     conflict-free for both the row-pair loads and the column-pair loads below).
+//   * Scores are kept in log2 units: s2 = scale*log2(e)*(q.k + c2p + p2c).
+//
+// Relative terms: the host precomputes C2P = Q pos_key^T [B,H,Lq,2S] and
+// P2C = K pos_query^T [B,H,Lk,2S] (torch GEMMs, O(L*span) memory); kernels gather
+// C2P[i, slot] and P2C[j, slot] with slot = table[i - j + Lk - 1].
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "dfa_params.h"
+
+namespace dfa {
+
+// (Params: see dfa_params.h)
+
+
+// ---------------------------------------------------------------------------
+// element-type helpers
+template <typename T> struct Pack;
+template <> struct Pack<__half> {
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+};
+template <> struct Pack<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2]);
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ uint32_t ld_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ uint32_t ld_u16(const void* p) { return *reinterpret_cast<const uint16_t*>(p); }
+
+// Load a [ROWS x D] tile of a [L x D] row-strided global matrix into smem [ROWS][D+8];
+// rows >= L are zero-filled.  16-byte vector loads (rows must be 16-byte aligned).
+template <typename T, int ROWS, int D, int NTHREADS>
+__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_stride, int row0, int L) {
+  constexpr int CPR = D / 8;  // 16-byte chunks per row
+  constexpr int LDS = D + 8;
+#pragma unroll
+  for (int c = threadIdx.x; c < ROWS * CPR; c += NTHREADS) {
+    const int r = c / CPR, cc = c % CPR;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (row0 + r < L) val = *reinterpret_cast<const uint4*>(g + (int64_t)(row0 + r) * row_stride + cc * 8);
+    *reinterpret_cast<uint4*>(smem + r * LDS + cc * 8) = val;
+  }
+}
+
+// acc[NT][4] += A (16 x D, rows of smem `a`, this warp's 16 rows) * B^T, where B is
+// NT*8 rows of smem `b` ([n][k] row-major: "col" operand of the MMA).
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_rows_rows(float (*acc)[4], const T* a, const T* b) {
+  constexpr int LDS = D + 8;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int kc = 0; kc < D / 16; ++kc) {
+    uint32_t af[4];
+    const T* ap = a + g * LDS + kc * 16 + 2 * t;
+    af[0] = ld_u32(ap);
+    af[1] = ld_u32(ap + 8 * LDS);
+    af[2] = ld_u32(ap + 8);
+    af[3] = ld_u32(ap + 8 * LDS + 8);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t bf[2];
+      const T* bp = b + (nt * 8 + g) * LDS + kc * 16 + 2 * t;
+      bf[0] = ld_u32(bp);
+      bf[1] = ld_u32(bp + 8);
+      mma16816<T>(acc[nt], af, bf);
+    }
+  }
+}
+
+// out[D/8][4] += P (16 x NT*8, from accumulator registers p[NT][4], already final
+// values) * B, where B is NT*8 rows x D cols in smem `b` ([k][n] row-major).
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_acc_rows(float (*out)[4], const float (*p)[4], const T* b) {
+  static_assert(NT % 2 == 0, "score tile width must be a multiple of 16");
+  constexpr int LDS = D + 8;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int kc = 0; kc < NT / 2; ++kc) {
+    uint32_t af[4];
+    af[0] = Pack<T>::pack(p[2 * kc][0], p[2 * kc][1]);
+    af[1] = Pack<T>::pack(p[2 * kc][2], p[2 * kc][3]);
+    af[2] = Pack<T>::pack(p[2 * kc + 1][0], p[2 * kc + 1][1]);
+    af[3] = Pack<T>::pack(p[2 * kc + 1][2], p[2 * kc + 1][3]);
+    const T* bp = b + (kc * 16 + 2 * t) * LDS + g;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      uint32_t bf[2];
+      const T* q0 = bp + dt * 8;
+      bf[0] = ld_u16(q0) | (ld_u16(q0 + LDS) << 16);
+      bf[1] = ld_u16(q0 + 8 * LDS) | (ld_u16(q0 + 9 * LDS) << 16);
+      mma16816<T>(out[dt], af, bf);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Philox4x32-10 (Salmon et al. 2011; constants and round as Random123 / curand).
+__device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, uint2 key) {
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    if (r) { key.x += 0x9E3779B9u; key.y += 0xBB67AE85u; }
+    const uint32_t lo0 = ctr.x * 0xD2511F53u, hi0 = __umulhi(ctr.x, 0xD2511F53u);
+    const uint32_t lo1 = ctr.z * 0xCD9E8D57u, hi1 = __umulhi(ctr.z, 0xCD9E8D57u);
+    ctr = make_uint4(hi1 ^ ctr.y ^ key.x, lo1, hi0 ^ ctr.w ^ key.y, lo0);
+  }
+  return ctr;
+}
+
+// Dropout random word of element (bh, i, j): counter {j/4, i, bh, offset}, key = seed;
+// output word j%4.  The element is kept iff the word >= drop_thresh (= p * 2^32).
+__device__ __forceinline__ uint4 dropout_words(uint2 key, uint32_t offset, int bh, int i, int jgroup) {
+  return philox4x32_10(make_uint4((uint32_t)jgroup, (uint32_t)i, (uint32_t)bh, offset), key);
+}
+__device__ __forceinline__ uint32_t word_of(uint4 w, int idx) {
+  return idx == 0 ? w.x : idx == 1 ? w.y : idx == 2 ? w.z : w.w;
+}
+
+// Score of (i, j) in log2 units, or -inf (masked / out of range).  `acc` is q_i.k_j.
+template <typename T>
+__device__ __forceinline__ float score_log2(const Params& p, float acc, int i, int j, const T* c2p_bh,
+                                            const T* p2c_bh, const uint8_t* km_b, bool uniform_row) {
+  if (i >= p.Lq || j >= p.Lk) return -INFINITY;
+  if (uniform_row) return 0.f;  // HF's padded query rows: uniform over all Lk keys
+  if (km_b != nullptr && km_b[j] == 0) return -INFINITY;
+  float s = acc;
+  if (p.table != nullptr) {
+    const int slot = __ldg(p.table + (i - j + p.Lk - 1));
+    if (c2p_bh != nullptr) s += Pack<T>::to_float(c2p_bh[(int64_t)i * p.S2 + slot]);
+    if (p2c_bh != nullptr) s += Pack<T>::to_float(p2c_bh[(int64_t)j * p.S2 + slot]);
+  }
+  return s * p.scale_log2;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+// Fixed reduction order: deterministic.
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kThreads = 128;
+
+}  // namespace dfa

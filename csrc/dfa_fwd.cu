@@ -1,0 +1,155 @@
+// Fused forward of DeBERTa disentangled attention: online softmax (FA2 style),
+// relative terms gathered from precomputed C2P / P2C tables, key-padding mask,
+// uniform rows, Philox dropout.  Writes O and the float32 LSE (natural log).
+#include "dfa_common.cuh"
+
+namespace dfa {
+
+template <typename T, int D>
+struct FwdCfg {
+  static constexpr int BM = 64;  // queries per block (16 per warp)
+  static constexpr int BN = 64;  // keys per iteration
+  static constexpr int LDS = D + 8;
+  static constexpr int SMEM = (BM + 2 * BN) * LDS * (int)sizeof(T);
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
+  using Cfg = FwdCfg<T, D>;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, LDS = Cfg::LDS, NT = BN / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* Ks = Qs + BM * LDS;
+  T* Vs = Ks + BN * LDS;
+
+  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int q0 = blockIdx.x * BM;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+
+  const T* qg = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const T* c2p_bh = p.c2p ? reinterpret_cast<const T*>(p.c2p) + (int64_t)bh * p.Lq * p.S2 : nullptr;
+  const T* p2c_bh = p.p2c ? reinterpret_cast<const T*>(p.p2c) + (int64_t)bh * p.Lk * p.S2 : nullptr;
+  const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
+
+  int rows[2];
+  bool uni[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    rows[hh] = q0 + warp * 16 + g + 8 * hh;
+    uni[hh] = p.uniform != nullptr && rows[hh] < p.Lq && p.uniform[b * p.un_sb + h * p.un_sh + rows[hh]] != 0;
+  }
+  uint2 key = make_uint2(0u, 0u);
+  uint32_t offset = 0u;
+  if (p.dropout) {
+    const uint64_t seed = (uint64_t)p.rng[0];
+    key = make_uint2((uint32_t)seed, (uint32_t)(seed >> 32));
+    offset = (uint32_t)p.rng[1];
+  }
+
+  load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, p.Lq);
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  for (int k0 = 0; k0 < p.Lk; k0 += BN) {
+    __syncthreads();  // previous K/V tile fully consumed
+    load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, p.Lk);
+    load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, p.Lk);
+    __syncthreads();
+
+    float s[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    mma_rows_rows<T, D, NT>(s, Qs + warp * 16 * LDS, Ks);
+
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
+        s[nt][e] = score_log2<T>(p, s[nt][e], rows[hh], j, c2p_bh, p2c_bh, km_b, uni[hh]);
+        mx[hh] = fmaxf(mx[hh], s[nt][e]);
+      }
+    float base[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const float mnew = fmaxf(m[hh], quad_max(mx[hh]));
+      base[hh] = (mnew == -INFINITY) ? 0.f : mnew;
+      const float alpha = exp2f(m[hh] - base[hh]);  // 0 when m was -inf
+      m[hh] = mnew;
+      l[hh] *= alpha;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[dt][2 * hh] *= alpha;
+        o[dt][2 * hh + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint4 w = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
+        const float pr = exp2f(s[nt][e] - base[hh]);
+        l[hh] += pr;
+        float pd = pr;
+        if (p.dropout) {
+          // (2t, 2t+1) lie in one group of 4 columns: one Philox call per row and pair
+          if ((e & 1) == 0) w = dropout_words(key, offset, bh, rows[hh], j >> 2);
+          pd = word_of(w, j & 3) >= p.drop_thresh ? pr * p.drop_scale : 0.f;
+        }
+        s[nt][e] = pd;
+      }
+    }
+    mma_acc_rows<T, D, NT>(o, s, Vs);
+  }
+
+  // epilogue
+  T* og = reinterpret_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const float lt = quad_sum(l[hh]);
+    const int i = rows[hh];
+    if (i >= p.Lq) continue;
+    const float inv = lt > 0.f ? 1.f / lt : 0.f;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const uint32_t v = Pack<T>::pack(o[dt][2 * hh] * inv, o[dt][2 * hh + 1] * inv);
+      *reinterpret_cast<uint32_t*>(og + (int64_t)i * p.o_sr + dt * 8 + 2 * t) = v;
+    }
+    if (t == 0) p.lse[(int64_t)bh * p.Lq + i] = lt > 0.f ? (m[hh] + log2f(lt)) * kLn2 : -INFINITY;
+  }
+}
+
+template <typename T, int D>
+static const char* run_fwd(const Params& p, cudaStream_t stream) {
+  using Cfg = FwdCfg<T, D>;
+  auto kern = dfa_fwd_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  dim3 grid((p.Lq + Cfg::BM - 1) / Cfg::BM, p.B * p.H);
+  kern<<<grid, kThreads, Cfg::SMEM, stream>>>(p);
+  err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream) {
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (dtype == 0) {
+    if (head_dim == 32) return run_fwd<__half, 32>(p, s);
+    if (head_dim == 64) return run_fwd<__half, 64>(p, s);
+    if (head_dim == 128) return run_fwd<__half, 128>(p, s);
+  } else if (dtype == 1) {
+    if (head_dim == 32) return run_fwd<__nv_bfloat16, 32>(p, s);
+    if (head_dim == 64) return run_fwd<__nv_bfloat16, 64>(p, s);
+    if (head_dim == 128) return run_fwd<__nv_bfloat16, 128>(p, s);
+  }
+  return "deberta_fast._C: unsupported dtype/head_dim combination (fp16/bf16, head_dim 32/64/128)";
+}
+
+}  // namespace dfa

@@ -1,0 +1,41 @@
+// Host-visible parameter block and launchers of the fused kernels (no CUDA device code:
+// included by the C++ bindings and by the .cu files).
+#pragma once
+
+#include <stdint.h>
+
+namespace dfa {
+
+struct Params {
+  // inputs, element type T (fp16 / bf16); last dim contiguous, 16-byte aligned rows
+  const void* q; const void* k; const void* v;
+  int64_t q_sb, q_sh, q_sr;
+  int64_t k_sb, k_sh, k_sr;
+  int64_t v_sb, v_sh, v_sr;
+  // output / its gradient
+  void* o; int64_t o_sb, o_sh, o_sr;
+  const void* dout; int64_t do_sb, do_sh, do_sr;
+  // gradients (contiguous [B,H,L,D])
+  void* dq; void* dk; void* dv;
+  // softmax statistics, contiguous [B,H,Lq] float32
+  float* lse; const float* lse_c; const float* delta;
+  // relative tables, contiguous [B,H,Lq|Lk,S2] (nullptr = term absent)
+  const void* c2p; const void* p2c; const int32_t* table; int S2;
+  // masks: key_mask uint8 [B,Lk] (1 = attend); uniform uint8 [B,1|H,Lq] (1 = uniform row)
+  const uint8_t* key_mask; int64_t km_sb;
+  const uint8_t* uniform; int64_t un_sb, un_sh;
+  // dropout: rng -> int64 [2] = {seed, offset} on the device; keep iff philox >= drop_thresh
+  const int64_t* rng; uint32_t drop_thresh; float drop_scale; int dropout;
+  // relative-gradient band buffers (backward only; nullptr when no relative term)
+  float* band_q; float* sat_q; float* band_k; float* sat_k; int dmin; int W;
+  int B, H, Lq, Lk;
+  float scale, scale_log2;
+};
+
+// Host launchers (defined in dfa_fwd.cu / dfa_bwd.cu).  dtype: 0 = fp16, 1 = bf16.
+// return nullptr on success, else a static error string
+const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream);
+const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream);
+const char* launch_band_to_slots(const float* band, const float* sat, const int32_t* perm, const int32_t* offs,
+                                 void* out, int dtype, int64_t rows, int W, int S2, void* stream);
+}  // namespace dfa

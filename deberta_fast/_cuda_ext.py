@@ -1,0 +1,227 @@
+"""Loader of the CUDA C++ extension ``deberta_fast._C`` and its torch.library custom ops.
+
+The extension is built by ``setup.py`` (``pip install --no-build-isolation .`` with a CUDA
+build of torch and nvcc) or, as a fallback, just in time with
+``torch.utils.cpp_extension.load`` + ninja: call :func:`build_jit` or set
+``DEBERTA_FAST_JIT=1`` (then the first use of ``backend="cuda"`` compiles it, ~2-5 min).
+
+Nothing here needs a GPU at import time: the custom ops are registered lazily by
+:func:`ops` and only call into the extension when they run.
+
+Custom ops (``torch.ops.deberta_fast.*``, with fake kernels for torch.compile and an
+autograd formula)::
+
+    cuda_attn_fwd(q, k, v, c2p?, p2c?, table?, key_mask?, uniform?, rng?, scale, dropout_p,
+                  band_lo, band_hi) -> (out, lse)
+    cuda_attn_bwd(dout, q, k, v, out, lse, c2p?, p2c?, table?, key_mask?, uniform?, rng?, scale,
+                  dropout_p, dmin, W, perm?, offs?) -> (dq, dk, dv, dc2p, dp2c)
+
+``c2p = q @ pos_key^T`` and ``p2c = k @ pos_query^T`` are computed by the caller with torch,
+so autograd carries ``dc2p`` / ``dp2c`` back to ``q``, ``k``, ``pos_key`` and ``pos_query``.
+"""
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["load", "build_jit", "unavailable_reason", "ops", "band_window", "csrc_dir", "HEAD_DIMS"]
+
+HEAD_DIMS = (32, 64, 128)
+
+_lock = threading.Lock()
+_ext = None
+_error: Optional[str] = None
+_tried = False
+
+BUILD_HINT = ("build it with a CUDA build of torch and nvcc: `pip install --no-build-isolation .` "
+              "(DEBERTA_FAST_BUILD_CUDA=1 forces the build, DEBERTA_FAST_CUDA_ARCHS='80;90a' picks GPUs), "
+              "or set DEBERTA_FAST_JIT=1 (or call deberta_fast._cuda_ext.build_jit()) to compile it on first "
+              "use with torch.utils.cpp_extension + ninja")
+
+
+def csrc_dir() -> Path:
+    """Folder of the C++/CUDA sources: ``csrc/`` of a source checkout, else the installed ``deberta_fast/_csrc``."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "csrc"
+    return checkout if (checkout / "dfa_fwd.cu").exists() else here / "_csrc"
+
+
+def _build_config():
+    import importlib.util
+
+    path = csrc_dir() / "build_config.py"
+    spec = importlib.util.spec_from_file_location("_deberta_fast_build_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _current_arch() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}{minor}" + ("a" if major == 9 and minor == 0 else "")
+
+
+def build_jit(verbose: bool = False, archs: Optional[str] = None):
+    """Compile ``csrc/`` with ``torch.utils.cpp_extension.load`` (ninja) and use the result.
+
+    ``archs``: e.g. ``"80;90a"``; default: the current device (``DEBERTA_FAST_CUDA_ARCHS`` wins)."""
+    global _ext, _error, _tried
+    from torch.utils import cpp_extension
+
+    src = csrc_dir()
+    if not (src / "dfa_fwd.cu").exists():
+        raise RuntimeError(f"deberta_fast: CUDA sources not found in {src} (a source checkout or an installed deberta_fast/_csrc)")
+    if torch.version.cuda is None:
+        raise RuntimeError("deberta_fast: JIT build needs a CUDA build of torch (torch.version.cuda is None)")
+    cfg = _build_config()
+    archs = archs or os.environ.get("DEBERTA_FAST_CUDA_ARCHS") or _current_arch()
+    std = cfg.cxx_std()
+    mod = cpp_extension.load(
+        name="deberta_fast_C",
+        sources=[str(s) for s in cfg.cuda_sources()],
+        extra_cflags=["-O3", f"-std={std}"],
+        extra_cuda_cflags=cfg.nvcc_flags(archs),
+        extra_include_paths=[str(src)],
+        verbose=verbose,
+    )
+    with _lock:
+        _ext, _error, _tried = mod, None, True
+    return mod
+
+
+def load():
+    """The extension module, or None (then :func:`unavailable_reason` says why)."""
+    global _ext, _error, _tried
+    if _tried:
+        return _ext
+    with _lock:
+        if _tried:
+            return _ext
+        try:
+            from . import _C  # type: ignore[attr-defined]
+
+            _ext = _C
+        except ImportError as e:
+            _error = f"the CUDA extension deberta_fast._C is not built ({e})"
+    if _ext is None and os.environ.get("DEBERTA_FAST_JIT", "0").lower() in ("1", "true", "yes", "on"):
+        try:
+            build_jit(verbose=os.environ.get("DEBERTA_FAST_JIT_VERBOSE", "0") == "1")
+        except Exception as e:  # noqa: BLE001
+            with _lock:
+                _error = f"the JIT build of the CUDA extension failed (DEBERTA_FAST_JIT=1): {e}"
+    _tried = True
+    return _ext
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the extension can run here, else one sentence saying why not and how to fix it."""
+    ext = load()
+    if ext is None:
+        return f"{_error}; {BUILD_HINT}"
+    if not torch.cuda.is_available():
+        return "the CUDA extension is built but no CUDA device is available"
+    return None
+
+
+def band_window(table: torch.Tensor, q_len: int, k_len: int, band_lo: int, band_hi: int, s2: int):
+    """``(dmin, W, perm, offs)`` for the relative-gradient band.
+
+    Distances ``d = i - j`` in ``[dmin, dmin + W)`` are stored explicitly by the backward
+    kernels; smaller ones have slot 0 and larger ones slot ``s2 - 1`` (``positions.slot_band``).
+    ``perm`` lists the window's offsets sorted by slot (stable) and ``offs[s]:offs[s+1]`` is
+    slot ``s``'s segment of it: a fixed-order, atomic-free segment sum."""
+    dmin = max(band_lo + 1, -(k_len - 1))
+    dmax = min(band_hi - 1, q_len - 1)
+    dmin = min(dmin, q_len)
+    w = max(0, dmax - dmin + 1)
+    dev = table.device
+    if w == 0:
+        perm = torch.zeros(1, dtype=torch.int32, device=dev)
+        offs = torch.zeros(s2 + 1, dtype=torch.int32, device=dev)
+        return dmin, 0, perm, offs
+    slots = table[dmin + k_len - 1: dmin + k_len - 1 + w].long()
+    order = torch.argsort(slots, stable=True)
+    bounds = torch.searchsorted(slots[order], torch.arange(s2 + 1, device=dev, dtype=torch.long))
+    return dmin, w, order.to(torch.int32), bounds.to(torch.int32)
+
+
+_ops_registered = False
+
+
+def ops():
+    """Register (once) and return ``torch.ops.deberta_fast`` with the CUDA attention ops."""
+    global _ops_registered
+    if _ops_registered:
+        return torch.ops.deberta_fast
+    with _lock:
+        if not _ops_registered:
+            _register_ops()
+            _ops_registered = True
+    return torch.ops.deberta_fast
+
+
+def _need_ext():
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"deberta_fast: {_error}; {BUILD_HINT}")
+    return ext
+
+
+def _register_ops():
+    T = torch.Tensor
+    OT = Optional[torch.Tensor]
+
+    @torch.library.custom_op("deberta_fast::cuda_attn_fwd", mutates_args=())
+    def cuda_attn_fwd(q: T, k: T, v: T, c2p: OT, p2c: OT, table: OT, key_mask: OT, uniform: OT, rng: OT,
+                      scale: float, dropout_p: float, band_lo: int, band_hi: int) -> tuple[T, T]:
+        out, lse = _need_ext().fwd(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p)
+        return out, lse
+
+    @cuda_attn_fwd.register_fake
+    def _(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p, band_lo, band_hi):
+        B, H, Lq, D = q.shape
+        return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq, dtype=torch.float32)
+
+    @torch.library.custom_op("deberta_fast::cuda_attn_bwd", mutates_args=())
+    def cuda_attn_bwd(dout: T, q: T, k: T, v: T, out: T, lse: T, c2p: OT, p2c: OT, table: OT, key_mask: OT,
+                      uniform: OT, rng: OT, scale: float, dropout_p: float, dmin: int, W: int, perm: OT,
+                      offs: OT) -> tuple[T, T, T, T, T]:
+        res = _need_ext().bwd(dout, q, k, v, out, lse, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p,
+                              dmin, W, perm, offs)
+        return tuple(res)
+
+    @cuda_attn_bwd.register_fake
+    def _(dout, q, k, v, out, lse, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p, dmin, W, perm, offs):
+        B, H, Lq, D = q.shape
+        Lk = k.shape[2]
+        dc2p = q.new_empty(B, H, Lq, c2p.shape[-1]) if c2p is not None else q.new_empty(0)
+        dp2c = q.new_empty(B, H, Lk, p2c.shape[-1]) if p2c is not None else q.new_empty(0)
+        return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lk, D), q.new_empty(B, H, Lk, D), dc2p, dp2c
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p, band_lo, band_hi = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, c2p, p2c, table, key_mask, uniform, rng, out, lse)
+        ctx.scale, ctx.dropout_p, ctx.band_lo, ctx.band_hi = scale, dropout_p, band_lo, band_hi
+
+    def backward(ctx, dout, dlse):
+        q, k, v, c2p, p2c, table, key_mask, uniform, rng, out, lse = ctx.saved_tensors
+        dmin, w, perm, offs = 0, 0, None, None
+        if c2p is not None or p2c is not None:
+            s2 = (c2p if c2p is not None else p2c).shape[-1]
+            dmin, w, perm, offs = band_window(table, q.shape[2], k.shape[2], ctx.band_lo, ctx.band_hi, s2)
+        dq, dk, dv, dc2p, dp2c = torch.ops.deberta_fast.cuda_attn_bwd(
+            aligned(dout), q, k, v, out, lse, c2p, p2c, table, key_mask, uniform, rng, ctx.scale, ctx.dropout_p,
+            dmin, w, perm, offs)
+        return (dq, dk, dv, dc2p if c2p is not None else None, dp2c if p2c is not None else None,
+                None, None, None, None, None, None, None, None)
+
+    cuda_attn_fwd.register_autograd(backward, setup_context=setup_context)
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if its rows are 16-byte aligned with a contiguous last dim (what the kernels load), else a copy."""
+    ok = t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.storage_offset() % 8 == 0
+    return t if ok else t.contiguous()

@@ -1,0 +1,384 @@
+"""The ``"cuda"`` backend: host-side logic on CPU, kernels against the fp64 reference on GPU."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import deberta_fast
+from deberta_fast import _cuda_ext, disentangled_attention, disentangled_attention_reference
+from deberta_fast.backends import BACKENDS
+from deberta_fast.dispatch import BackendUnavailableError, build_call
+from deberta_fast.positions import attention_span, relative_slot_table, slot_band
+
+HAS_CUDA = torch.cuda.is_available()
+BUILT = _cuda_ext.load() is not None
+
+
+def make_inputs(B=2, H=3, Lq=37, Lk=37, D=64, span=8, dtype=torch.float32, device="cpu", pk=True, pq=True,
+                shared_pos=True):
+    g = torch.Generator().manual_seed(1)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+
+    q, k, v = r(B, H, Lq, D), r(B, H, Lk, D), r(B, H, Lk, D)
+    ps = (H, 2 * span, D) if shared_pos else (B, H, 2 * span, D)
+    return q, k, v, (r(*ps) if pk else None), (r(*ps) if pq else None)
+
+
+def call_of(q, k, v, pk, pq, mask=None, buckets=4, max_rel=16, dropout_p=0.0):
+    return build_call(q, k, v, pk, pq, position_buckets=buckets, max_relative_positions=max_rel,
+                      attention_mask=mask, scale=None, dropout_p=dropout_p)
+
+
+# ----------------------------------------------------------------------------- CPU: refusals
+@pytest.mark.skipif(BUILT, reason="the extension is built here")
+def test_unavailable_without_build_explains_how_to_build():
+    why = BACKENDS["cuda"].unavailable()
+    assert why is not None
+    assert "deberta_fast._C is not built" in why
+    assert "pip install --no-build-isolation ." in why and "DEBERTA_FAST_JIT=1" in why
+
+
+@pytest.mark.skipif(BUILT, reason="the extension is built here")
+def test_dispatch_names_the_build_hint():
+    q, k, v, pk, pq = make_inputs(dtype=torch.float16)
+    with pytest.raises(BackendUnavailableError) as e:
+        disentangled_attention(q, k, v, pk, pq, position_buckets=4, max_relative_positions=16, backend="cuda")
+    msg = str(e.value)
+    assert "backend='cuda' cannot serve this call" in msg and "pip install --no-build-isolation" in msg
+    # auto still serves the call (falls back), and the cuda refusal does not break it
+    out = disentangled_attention(q.float(), k.float(), v.float(), pk.float(), pq.float(), position_buckets=4,
+                                 max_relative_positions=16, backend="auto")
+    assert out.shape == q.shape
+
+
+@pytest.mark.skipif(BUILT, reason="the extension is built here")
+def test_ops_raise_clearly_without_build():
+    q, k, v, _, _ = make_inputs(dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="not built"):
+        _cuda_ext.ops().cuda_attn_fwd(q, k, v, None, None, None, None, None, None, 0.1, 0.0, 0, 0)
+
+
+def test_refusals_list_every_reason():
+    be = BACKENDS["cuda"]
+    q, k, v, pk, pq = make_inputs(dtype=torch.float32, D=48)
+    mask = torch.ones(2, 37, 37, dtype=torch.bool)
+    why = " | ".join(be.refusals(call_of(q, k, v, pk, pq, mask=mask)))
+    assert "needs CUDA tensors" in why
+    assert "torch.float32 is not supported" in why and "bfloat16" in why
+    assert "head_dim 48 is not compiled" in why
+    assert "3-D/4-D attention masks are not supported" in why
+
+
+def test_refusals_cpu_half_only_device():
+    be = BACKENDS["cuda"]
+    q, k, v, pk, pq = make_inputs(dtype=torch.bfloat16, Lq=20, Lk=33)
+    km = torch.ones(2, 33, dtype=torch.bool)
+    km[0, 5:] = False
+    why = be.refusals(call_of(q, k, v, pk, pq, mask=km, dropout_p=0.1))
+    assert len(why) == 1 and "needs CUDA tensors" in why[0], why
+
+
+def test_summary_and_registration():
+    assert "cuda" in BACKENDS and BACKENDS["cuda"].name == "cuda"
+    assert "fp16/bf16" in BACKENDS["cuda"].summary
+
+
+def test_aligned_copies_only_when_needed():
+    x = torch.randn(2, 4, 10, 64, dtype=torch.float16)
+    assert _cuda_ext.aligned(x) is x
+    xt = torch.randn(2, 10, 4, 64, dtype=torch.float16).transpose(1, 2)  # HF layout: last dim contiguous
+    assert _cuda_ext.aligned(xt) is xt
+    odd = torch.randn(2, 4, 10, 65, dtype=torch.float16)[..., 1:]
+    y = _cuda_ext.aligned(odd)
+    assert y is not odd and y.is_contiguous() and torch.equal(y, odd)
+
+
+def test_fake_kernels_give_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = _cuda_ext.ops()
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 5, 64, dtype=torch.float16)
+        k = torch.empty(2, 3, 7, 64, dtype=torch.float16)
+        c2p = torch.empty(2, 3, 5, 16, dtype=torch.float16)
+        out, lse = ops.cuda_attn_fwd(q, k, k, c2p, None, None, None, None, None, 0.1, 0.0, -8, 8)
+        assert out.shape == (2, 3, 5, 64) and lse.shape == (2, 3, 5) and lse.dtype == torch.float32
+        dq, dk, dv, dc2p, dp2c = ops.cuda_attn_bwd(q, q, k, k, q, lse, c2p, None, None, None, None, None, 0.1,
+                                                   0.0, 0, 1, None, None)
+        assert dq.shape == q.shape and dk.shape == k.shape and dc2p.shape == c2p.shape and dp2c.numel() == 0
+
+
+# ----------------------------------------------------------------------------- CPU: band algebra
+def _band_emulation(ds, table, Lq, Lk, band, s2, by_key):
+    """What the backward kernels + band_to_slots compute, in torch: dC2P (or dP2C) from dS."""
+    dmin, w, perm, offs = _cuda_ext.band_window(table, Lq, Lk, band.lo, band.hi, s2)
+    assert -(Lk - 1) <= dmin and dmin + w <= Lq
+    i = torch.arange(Lq)[:, None]
+    j = torch.arange(Lk)[None, :]
+    d = (i - j - dmin).expand(Lq, Lk)
+    rows = Lk if by_key else Lq
+    bandbuf = torch.zeros(*ds.shape[:-2], rows, max(w, 1), dtype=ds.dtype)
+    sat = torch.zeros(*ds.shape[:-2], rows, 2, dtype=ds.dtype)
+    for ii in range(Lq):
+        for jj in range(Lk):
+            r = jj if by_key else ii
+            dd = int(d[ii, jj])
+            if dd < 0:
+                sat[..., r, 0] += ds[..., ii, jj]
+            elif dd >= w:
+                sat[..., r, 1] += ds[..., ii, jj]
+            else:
+                bandbuf[..., r, dd] += ds[..., ii, jj]
+    out = torch.zeros(*ds.shape[:-2], rows, s2, dtype=ds.dtype)
+    for s in range(s2):
+        for kk in range(int(offs[s]), int(offs[s + 1])):
+            out[..., s] += bandbuf[..., int(perm[kk])]
+    out[..., 0] += sat[..., 0]
+    out[..., s2 - 1] += sat[..., 1]
+    return out
+
+
+@pytest.mark.parametrize("Lq,Lk,buckets,max_rel,span", [
+    (9, 9, 4, 16, None), (7, 13, 4, 16, None), (13, 6, -1, 5, 5), (12, 12, 8, 6, None), (5, 21, 256, 512, None),
+    (4, 4, -1, 2, 2),
+])
+def test_band_window_reproduces_gather_gradient(Lq, Lk, buckets, max_rel, span):
+    span = span or attention_span(buckets, max_rel)
+    table = relative_slot_table(Lq, Lk, buckets, max_rel, span)
+    band = slot_band(buckets, max_rel, span)
+    s2 = 2 * span
+    ds = torch.randn(2, Lq, Lk, dtype=torch.float64)
+    idx = table.long()[torch.arange(Lq)[:, None] - torch.arange(Lk)[None, :] + Lk - 1]
+    # c2p: rows = queries; gradient of gather(C2P, -1, idx) is scatter_add of ds
+    want_q = torch.zeros(2, Lq, s2, dtype=torch.float64).scatter_add_(-1, idx.expand(2, Lq, Lk), ds)
+    got_q = _band_emulation(ds, table, Lq, Lk, band, s2, by_key=False)
+    torch.testing.assert_close(got_q, want_q)
+    want_k = torch.zeros(2, Lk, s2, dtype=torch.float64).scatter_add_(-1, idx.t().expand(2, Lk, Lq),
+                                                                      ds.transpose(-1, -2))
+    got_k = _band_emulation(ds, table, Lq, Lk, band, s2, by_key=True)
+    torch.testing.assert_close(got_k, want_k)
+
+
+# ----------------------------------------------------------------------------- Philox (shared by GPU tests)
+M0, M1, W0, W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+
+
+def philox4x32_10(c, key):
+    """numpy Philox4x32-10; c: 4 uint64 arrays of 32-bit values, key: 2 ints."""
+    m = np.uint64(0xFFFFFFFF)
+    c0, c1, c2, c3 = (np.asarray(x, dtype=np.uint64) for x in c)
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for r in range(10):
+        if r:
+            k0 = (k0 + np.uint64(W0)) & m
+            k1 = (k1 + np.uint64(W1)) & m
+        p0 = c0 * np.uint64(M0)
+        p1 = c2 * np.uint64(M1)
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & m, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & m
+    return c0, c1, c2, c3
+
+
+def test_philox_known_answers():
+    # Random123 kat_vectors, philox4x32 10 rounds
+    kat = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]
+    for ctr, key, want in kat:
+        got = tuple(int(x[0]) for x in philox4x32_10([np.array([c]) for c in ctr], key))
+        assert got == want, [hex(x) for x in got]
+
+
+def keep_mask(seed, offset, B, H, Lq, Lk, p):
+    """The kernels' dropout mask: word (j%4) of Philox({j/4, i, b*H+h, offset}, seed) >= round(p*2^32)."""
+    bh, i, j = np.meshgrid(np.arange(B * H), np.arange(Lq), np.arange(Lk), indexing="ij")
+    words = philox4x32_10([j >> 2, i, bh, np.full_like(j, offset & 0xFFFFFFFF)],
+                          (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
+    w = np.choose(j & 3, words)
+    thresh = min(int(round(p * 2 ** 32)), 2 ** 32 - 1)
+    return torch.from_numpy((w >= thresh).reshape(B, H, Lq, Lk))
+
+
+def test_keep_mask_statistics_cpu():
+    keep = keep_mask(1234567, 0, 2, 2, 64, 64, 0.3)
+    assert abs(keep.float().mean().item() - 0.7) < 0.02
+
+
+# ----------------------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+needs_ext = pytest.mark.skipif(not (HAS_CUDA and BUILT), reason="needs a CUDA device and the built extension")
+
+
+def _reference_with_keep(q, k, v, pk, pq, buckets, max_rel, mask, keep, p):
+    """fp64 reference with an explicit dropout keep mask."""
+    args = [t.double() if t is not None else None for t in (q, k, v, pk, pq)]
+    _, probs = disentangled_attention_reference(*args, position_buckets=buckets, max_relative_positions=max_rel,
+                                                attention_mask=mask, return_probs=True,
+                                                scale=deberta_fast.reference.default_scale(
+                                                    q.shape[-1], (pk is not None) + (pq is not None)))
+    if keep is not None:
+        probs = probs * keep.to(probs.device, probs.dtype) / (1.0 - p)
+    return probs @ args[2]
+
+
+def _run_variant(dtype, D, Lq, Lk, terms, buckets, max_rel, masked, shared_pos=True):
+    dev = "cuda"
+    span = attention_span(buckets, max_rel)
+    q, k, v, pk, pq = make_inputs(2, 3, Lq, Lk, D, span, dtype, dev, "c2p" in terms, "p2c" in terms, shared_pos)
+    mask = None
+    if masked:
+        mask = torch.ones(2, Lk, dtype=torch.bool, device=dev)
+        mask[0, Lk // 2:] = False
+        mask[1, :3] = False
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pq) if t is not None]
+    out = disentangled_attention(q, k, v, pk, pq, position_buckets=buckets, max_relative_positions=max_rel,
+                                 attention_mask=mask, backend="cuda")
+    assert deberta_fast.last_backend() == "cuda"
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, go)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(ref_leaves)
+    rq, rk, rv = next(it), next(it), next(it)
+    rpk = next(it) if pk is not None else None
+    rpq = next(it) if pq is not None else None
+    ref = disentangled_attention_reference(rq, rk, rv, rpk, rpq, position_buckets=buckets,
+                                           max_relative_positions=max_rel, attention_mask=mask)
+    rgrads = torch.autograd.grad(ref, ref_leaves, go.double())
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    for name, g, rg in zip(("q", "k", "v", "pos_key", "pos_query"), grads, rgrads):
+        scale = rg.abs().max().item() + 1e-6
+        err = (g.double() - rg).abs().max().item() / scale
+        assert err < 3 * tol, f"d{name}: relative max error {err:.3g}"
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("terms", ["", "c2p", "p2c", "c2p+p2c"])
+def test_gpu_variants(dtype, D, terms):
+    _run_variant(dtype, D, 77, 77, terms, 256, 512, masked=False)
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 65), (50, 131), (131, 50), (129, 129), (200, 64)])
+@pytest.mark.parametrize("buckets,max_rel", [(256, 512), (-1, 24), (8, 32)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gpu_lengths_masks_buckets(Lq, Lk, buckets, max_rel, masked):
+    _run_variant(torch.bfloat16, 64, Lq, Lk, "c2p+p2c", buckets, max_rel, masked, shared_pos=(Lq % 2 == 0))
+
+
+def _direct(q, k, v, pk, pq, buckets, max_rel, mask, p, seed, offset=0):
+    call = call_of(q, k, v, pk, pq, mask=mask, buckets=buckets, max_rel=max_rel, dropout_p=p)
+    c2p = torch.matmul(q, pk.transpose(-1, -2)).contiguous() if pk is not None else None
+    p2c = torch.matmul(k, pq.transpose(-1, -2)).contiguous() if pq is not None else None
+    lo, hi = (call.band().lo, call.band().hi) if call.has_rel else (0, 0)
+    rng = torch.tensor([seed, offset], dtype=torch.int64, device=q.device)
+    uni = call.uniform_rows.contiguous() if call.uniform_rows is not None else None
+    km = call.key_mask.contiguous() if call.key_mask is not None else None
+    return _cuda_ext.ops().cuda_attn_fwd(q, k, v, c2p, p2c, call.slot_table() if call.has_rel else None, km, uni,
+                                         rng, call.scale, p, lo, hi)
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("Lq,Lk", [(64, 64), (45, 93)])
+def test_gpu_dropout_exact_mask_forward_and_backward(Lq, Lk):
+    p, seed = 0.2, 0x1234_5678_9ABC
+    q, k, v, pk, pq = make_inputs(2, 3, Lq, Lk, 64, 8, torch.float16, "cuda")
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
+    out, lse = _direct(q, k, v, pk, pq, 4, 16, None, p, seed)
+    keep = keep_mask(seed, 0, 2, 3, Lq, Lk, p)
+    rl = [t.detach().double().requires_grad_() for t in leaves]
+    ref = _reference_with_keep(*rl, 4, 16, None, keep, p)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, go)
+    rgrads = torch.autograd.grad(ref, rl, go.double())
+    for g, rg in zip(grads, rgrads):
+        assert (g.double() - rg).abs().max().item() <= 6e-2 * (rg.abs().max().item() + 1e-6)
+
+
+@gpu
+@needs_ext
+def test_gpu_dropout_statistics():
+    p = 0.25
+    Lq = Lk = 256
+    q = torch.zeros(1, 2, Lq, 64, dtype=torch.float16, device="cuda")
+    k = torch.zeros(1, 2, Lk, 64, dtype=torch.float16, device="cuda")
+    v = torch.ones(1, 2, Lk, 64, dtype=torch.float16, device="cuda")
+    # uniform probabilities 1/Lk and v = 1: out = (#kept / Lk) / (1 - p), mean -> 1
+    out, _ = _direct(q, k, v, None, None, 4, 16, None, p, 987654321)
+    kept_frac = out[..., 0].float() * (1 - p)
+    assert abs(kept_frac.mean().item() - (1 - p)) < 0.01
+    assert kept_frac.std().item() == pytest.approx(math.sqrt(p * (1 - p) / Lk), rel=0.2)
+    out2, _ = _direct(q, k, v, None, None, 4, 16, None, p, 987654321)
+    assert torch.equal(out, out2)
+    out3, _ = _direct(q, k, v, None, None, 4, 16, None, p, 987654322)
+    assert not torch.equal(out, out3)
+
+
+@gpu
+@needs_ext
+def test_gpu_uniform_rows_and_lse():
+    B, H, L = 2, 2, 70
+    q, k, v, pk, pq = make_inputs(B, H, L, L, 64, 8, torch.bfloat16, "cuda")
+    mask = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    mask[0, 40:] = False
+    mask[1, :] = False  # a batch element with no key at all: every row uniform
+    out, lse = _direct(q, k, v, pk, pq, 4, 16, mask, 0.0, 0)
+    _, rlse = disentangled_attention_reference(q.double(), k.double(), v.double(), pk.double(), pq.double(),
+                                               position_buckets=4, max_relative_positions=16, attention_mask=mask,
+                                               return_lse=True)
+    torch.testing.assert_close(lse.double(), rlse, atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(out[1].float(), v[1].float().mean(-2, keepdim=True).expand(H, L, 64),
+                               atol=2e-2, rtol=2e-2)
+
+
+@gpu
+@needs_ext
+def test_gpu_backward_is_deterministic():
+    q, k, v, pk, pq = make_inputs(2, 4, 300, 300, 64, 256, torch.bfloat16, "cuda")
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
+    go = torch.randn(2, 4, 300, 64, dtype=torch.bfloat16, device="cuda")
+    runs = []
+    for _ in range(2):
+        out = disentangled_attention(q, k, v, pk, pq, position_buckets=256, max_relative_positions=512,
+                                     backend="cuda", dropout_p=0.0)
+        runs.append(torch.autograd.grad(out, leaves, go))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@gpu
+@needs_ext
+def test_gpu_kernel_errors_are_actionable():
+    q = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        _cuda_ext.load().fwd(q.float(), q.float(), q.float(), None, None, None, None, None, None, 0.1, 0.0)
+    with pytest.raises(RuntimeError, match="head_dim must be 32, 64 or 128"):
+        x = torch.randn(1, 2, 8, 48, device="cuda", dtype=torch.float16)
+        _cuda_ext.load().fwd(x, x, x, None, None, None, None, None, None, 0.1, 0.0)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        _cuda_ext.load().fwd(q.cpu(), q, q, None, None, None, None, None, None, 0.1, 0.0)
+
+
+@gpu
+@needs_ext
+def test_gpu_torch_compile():
+    q, k, v, pk, pq = make_inputs(1, 2, 64, 64, 64, 8, torch.float16, "cuda")
+
+    def f(q, k, v, pk, pq):
+        return disentangled_attention(q, k, v, pk, pq, position_buckets=4, max_relative_positions=16,
+                                      backend="cuda")
+
+    ref = f(q, k, v, pk, pq)
+    got = torch.compile(f, fullgraph=False)(q, k, v, pk, pq)
+    torch.testing.assert_close(got, ref)
