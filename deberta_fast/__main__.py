@@ -112,11 +112,13 @@ def main(argv=None) -> int:
             except ImportError:
                 pass
             base = None
+            skipped = []
             for name, fn in cands.items():
                 try:
                     out = fn()
                 except BackendUnavailableError as e:
-                    print(f"  {str(dtype)[6:]:9s} {L:6d} {name:10s} skipped: {str(e).split(': ', 1)[-1][:90]}")
+                    why = str(e).split("cannot serve this call: ", 1)[-1].split(". Use backend=", 1)[0]
+                    skipped.append(f"  {str(dtype)[6:]:9s} {L:6d} {name:10s} skipped: {why}")
                     continue
                 except torch.cuda.OutOfMemoryError:
                     print(f"  {str(dtype)[6:]:9s} {L:6d} {name:10s} out of memory")
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
                     ratio = f"{base / r['ms']:.2f}x" if base else "-"
                     print(f"  {str(dtype)[6:]:9s} {L:6d} {r['candidate']:10s} {r['max_abs_err']:12.2e} "
                           f"{r['ref_err']:10.2e} {'yes' if r['ok'] else 'NO':>4s} {r['ms']:9.3f} {ratio:>11s}")
+            print("\n".join(skipped))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)
