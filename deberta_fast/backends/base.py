@@ -8,8 +8,47 @@ import torch
 from ..positions import relative_slot_table, slot_band, SlotBand
 
 
+class _CallCommon:
+    """What every call shares: tensors' dtype and device, whether a backward follows, the band."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    pos_key: torch.Tensor | None
+    pos_query: torch.Tensor | None
+    position_buckets: int
+    max_relative_positions: int
+    span: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.query.shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.query.device
+
+    @property
+    def has_rel(self) -> bool:
+        return self.pos_key is not None or self.pos_query is not None
+
+    @property
+    def needs_grad(self) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        ts = (self.query, self.key, self.value, self.pos_key, self.pos_query)
+        return any(t is not None and t.requires_grad for t in ts)
+
+    def band(self) -> SlotBand:
+        return slot_band(self.position_buckets, self.max_relative_positions, self.span)
+
+
 @dataclass
-class AttentionCall:
+class AttentionCall(_CallCommon):
     """One validated call of :func:`deberta_fast.disentangled_attention`.
 
     query ``[B,H,Lq,D]``; key, value ``[B,H,Lk,D]``; pos_key / pos_query
@@ -53,28 +92,6 @@ class AttentionCall:
     def k_len(self) -> int:
         return self.key.shape[2]
 
-    @property
-    def head_dim(self) -> int:
-        return self.query.shape[3]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.query.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.query.device
-
-    @property
-    def has_rel(self) -> bool:
-        return self.pos_key is not None or self.pos_query is not None
-
-    @property
-    def needs_grad(self) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        ts = (self.query, self.key, self.value, self.pos_key, self.pos_query)
-        return any(t is not None and t.requires_grad for t in ts)
 
     def slot_table(self) -> torch.Tensor:
         """int32 ``[Lq+Lk-1]``, see :mod:`deberta_fast.positions`."""
@@ -83,12 +100,10 @@ class AttentionCall:
                                               self.max_relative_positions, self.span, self.device)
         return self._table
 
-    def band(self) -> SlotBand:
-        return slot_band(self.position_buckets, self.max_relative_positions, self.span)
 
 
 @dataclass
-class VarlenCall:
+class VarlenCall(_CallCommon):
     """One validated call of :func:`deberta_fast.disentangled_attention_varlen`.
 
     query ``[Tq,H,D]``; key, value ``[Tk,H,D]``: ``N`` sequences packed back to back,
@@ -116,35 +131,13 @@ class VarlenCall:
         return self.query.shape[1]
 
     @property
-    def head_dim(self) -> int:
-        return self.query.shape[2]
-
-    @property
     def num_seqs(self) -> int:
         return self.cu_seqlens_q.numel() - 1
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.query.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.query.device
-
-    @property
-    def needs_grad(self) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        ts = (self.query, self.key, self.value, self.pos_key, self.pos_query)
-        return any(t is not None and t.requires_grad for t in ts)
 
     def slot_table(self) -> torch.Tensor:
         """int32 ``[max_seqlen_q + max_seqlen_k - 1]``: slot of ``i - j`` (index ``i - j + max_seqlen_k - 1``)."""
         return relative_slot_table(self.max_seqlen_q, self.max_seqlen_k, self.position_buckets,
                                    self.max_relative_positions, self.span, self.device)
-
-    def band(self) -> SlotBand:
-        return slot_band(self.position_buckets, self.max_relative_positions, self.span)
 
 
 class Backend:
