@@ -31,6 +31,7 @@ for checking and for CPU use.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +42,9 @@ __all__ = ["default_scale", "normalize_mask", "slot_index", "disentangled_attent
 
 
 def default_scale(head_dim: int, num_rel_terms: int) -> float:
-    """``1 / sqrt(D * (1 + terms))`` with HF's float32 square root."""
-    root = torch.sqrt(torch.tensor(head_dim, dtype=torch.float) * (1 + num_rel_terms)).item()
+    """``1 / sqrt(D * (1 + terms))`` with HF's float32 square root (pure Python: no tensor, no sync,
+    nothing for torch.compile to break on; sqrt rounded from double to float32 is the float32 sqrt)."""
+    root = struct.unpack("f", struct.pack("f", math.sqrt(float(head_dim * (1 + num_rel_terms)))))[0]
     return 1.0 / root
 
 
