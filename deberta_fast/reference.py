@@ -31,7 +31,6 @@ for checking and for CPU use.
 from __future__ import annotations
 
 import math
-import struct
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +40,16 @@ from .positions import attention_span, relative_slot_table
 __all__ = ["default_scale", "normalize_mask", "slot_index", "disentangled_attention_reference"]
 
 
+_SCALES: dict[tuple[int, int], float] = {}
+
+
 def default_scale(head_dim: int, num_rel_terms: int) -> float:
-    """``1 / sqrt(D * (1 + terms))`` with HF's float32 square root (pure Python: no tensor, no sync,
-    nothing for torch.compile to break on; sqrt rounded from double to float32 is the float32 sqrt)."""
-    root = struct.unpack("f", struct.pack("f", math.sqrt(float(head_dim * (1 + num_rel_terms)))))[0]
-    return 1.0 / root
+    """``1 / sqrt(D * (1 + terms))`` with HF's float32 square root, computed as HF does (torch on CPU,
+    not always the correctly rounded sqrt), once per shape so later calls do no tensor work."""
+    key = (int(head_dim), int(num_rel_terms))
+    if key not in _SCALES:
+        _SCALES[key] = 1.0 / torch.sqrt(torch.tensor(key[0], dtype=torch.float) * (1 + key[1])).item()
+    return _SCALES[key]
 
 
 def normalize_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int):
