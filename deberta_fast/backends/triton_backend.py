@@ -1,15 +1,151 @@
-"""The ``"triton"`` backend (kernels in ``kernels/``)."""
+"""The ``"triton"`` backend: fused forward/backward Triton kernels (in ``kernels/``).
+
+Layers: kernels (``deberta_fast._kernels.triton_attention_{fwd,bwd}``) -> host launch
+functions (``triton_attention_launch``) -> custom ops ``deberta_fast::triton_fwd`` /
+``deberta_fast::triton_bwd`` (with fake impls, so ``torch.compile`` traces them) ->
+:class:`TritonAttentionFunction` -> :class:`TritonBackend`.  Triton is imported lazily.
+"""
 from __future__ import annotations
 
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
 from .base import AttentionCall, Backend
+
+MAX_HEAD_DIM = 256
+
+
+def _launch():
+    from deberta_fast._kernels import triton_attention_launch
+    return triton_attention_launch
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@torch.library.custom_op("deberta_fast::triton_fwd", mutates_args=())
+def triton_fwd(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
+               key_mask: Optional[Tensor], full_mask: Optional[Tensor], uniform_rows: Optional[Tensor],
+               position_buckets: int, max_relative_positions: int, span: int, scale: float,
+               dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """``(out [B,H,Lq,D], lse float32 [B,H,Lq])``."""
+    return _launch().attention_forward(
+        q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets=position_buckets,
+        max_relative_positions=max_relative_positions, span=span, scale=scale, dropout_p=dropout_p, seed=seed)
+
+
+@triton_fwd.register_fake
+def _(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+      max_relative_positions, span, scale, dropout_p, seed):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("deberta_fast::triton_bwd", mutates_args=())
+def triton_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
+               pos_query: Optional[Tensor], out: Tensor, lse: Tensor, key_mask: Optional[Tensor],
+               full_mask: Optional[Tensor], uniform_rows: Optional[Tensor], position_buckets: int,
+               max_relative_positions: int, span: int, scale: float, dropout_p: float,
+               seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dpos_key, dpos_query)``; an absent position gradient is an empty tensor."""
+    dq, dk, dv, dpk, dpq = _launch().attention_backward(
+        do, q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows,
+        position_buckets=position_buckets, max_relative_positions=max_relative_positions, span=span,
+        scale=scale, dropout_p=dropout_p, seed=seed)
+    return dq, dk, dv, q.new_empty(0) if dpk is None else dpk, q.new_empty(0) if dpq is None else dpq
+
+
+@triton_bwd.register_fake
+def _(do, q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows, position_buckets,
+      max_relative_positions, span, scale, dropout_p, seed):
+    def like(t):
+        return q.new_empty(0) if t is None else t.new_empty(t.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), like(pos_key), like(pos_query)
+
+
+def draw_seed() -> int:
+    """Dropout seed from torch's default (CPU) generator: ``torch.manual_seed`` reproduces it."""
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+class TritonAttentionFunction(torch.autograd.Function):
+    """Differentiable wrapper of the two custom ops (all five gradients)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows,
+                position_buckets, max_relative_positions, span, scale, dropout_p, seed):
+        out, lse = torch.ops.deberta_fast.triton_fwd(
+            q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+            max_relative_positions, span, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows)
+        ctx.args = (position_buckets, max_relative_positions, span, scale, dropout_p, seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows = ctx.saved_tensors
+        dq, dk, dv, dpk, dpq = torch.ops.deberta_fast.triton_bwd(
+            do, q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows, *ctx.args)
+        return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
+                None, None, None, None, None, None, None, None, None)
+
+
+def triton_attention(q, k, v, pos_key, pos_query, key_mask=None, full_mask=None, uniform_rows=None, *,
+                     position_buckets, max_relative_positions, span, scale, dropout_p=0.0, seed=None):
+    """Functional entry (no validation; use :func:`deberta_fast.disentangled_attention`).
+    ``seed`` defaults to :func:`draw_seed` when ``dropout_p > 0``."""
+    if seed is None:
+        seed = draw_seed() if dropout_p > 0.0 else 0
+    return TritonAttentionFunction.apply(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows,
+                                         position_buckets, max_relative_positions, span, float(scale),
+                                         float(dropout_p), seed)
 
 
 class TritonBackend(Backend):
     name = "triton"
-    summary = "fused Triton kernels (not implemented yet)"
+    summary = ("fused Triton kernels: fp16/bf16/fp32, head dim <= 256, all masks, in-kernel dropout; "
+               "O(L*span) memory, deterministic backward")
 
     def unavailable(self):
-        return "the Triton kernels are not implemented yet"
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # ImportError or a broken install
+            return f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
+        try:
+            _launch()
+        except Exception as e:
+            return f"the Triton kernels failed to import ({type(e).__name__}: {e})"
+        return None
 
     def refusals(self, call: AttentionCall) -> list[str]:
-        return [self.unavailable()]
+        why = []
+        if call.device.type != "cuda" and not _interpreting():
+            why.append(f"needs CUDA tensors (got {call.device.type}); set TRITON_INTERPRET=1 to run the "
+                       f"kernels on CPU under the (slow) Triton interpreter")
+        if call.device.type == "cuda":
+            cc = torch.cuda.get_device_capability(call.device)
+            if cc < (8, 0):
+                why.append(f"needs a GPU of compute capability >= 8.0 (sm_80), got sm_{cc[0]}{cc[1]}")
+        if call.dtype == torch.float64:
+            why.append("float64 is not supported by the Triton kernels; use backend='torch' for float64")
+        if call.head_dim > MAX_HEAD_DIM:
+            why.append(f"head dim D={call.head_dim} is larger than {MAX_HEAD_DIM}, the largest the kernels "
+                       f"hold in registers; use backend='torch'")
+        for name in ("query", "key", "value"):
+            t = getattr(call, name)
+            if t.stride(-1) != 1:
+                why.append(f"{name} has a non-contiguous last dimension (stride {t.stride(-1)}); call .contiguous()")
+        if call.batch * call.heads > 65535:
+            why.append(f"B*H = {call.batch * call.heads} exceeds the CUDA grid limit 65535")
+        return why
+
+    def forward(self, call: AttentionCall):
+        seed = draw_seed() if call.dropout_p > 0.0 else 0
+        return triton_attention(call.query, call.key, call.value, call.pos_key, call.pos_query,
+                                call.key_mask, call.full_mask, call.uniform_rows,
+                                position_buckets=call.position_buckets,
+                                max_relative_positions=call.max_relative_positions, span=max(call.span, 1),
+                                scale=call.scale, dropout_p=call.dropout_p, seed=seed)

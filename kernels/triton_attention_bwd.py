@@ -1,0 +1,175 @@
+"""Triton backward kernels of disentangled attention (flash-attention-2 structure, no atomics).
+
+Both kernels recompute ``P = exp(s - LSE)`` tile by tile (and the dropout keep-mask from the
+seed) and form ``dS = scale * P * (dP - DELTA)`` with ``DELTA = rowsum(dO * O)`` float32
+``[B,H,Lq]`` and ``dP = keep/(1-p) * dO V^T``.
+
+* :func:`disentangled_bwd_dkdv_kernel`, grid ``(cdiv(Lk, BLOCK_N), B*H)``: ``DK = dS^T Q``
+  (content part, float32 ``[B,H,Lk,D]``), ``DV = P_drop^T dO`` (float32), and, with p2c, the
+  per-slot column sums of ``dS`` as prefix sums ``PSTART``/``PEND`` float32 ``[B,H,Lk,NSLOT]``.
+* :func:`disentangled_bwd_dq_kernel`, grid ``(cdiv(Lq, BLOCK_M), B*H)``: ``DQ = dS K``
+  (content part, float32 ``[B,H,Lq,D]``) and, with c2p, the per-slot row sums of ``dS`` as
+  ``CSTART``/``CEND`` float32 ``[B,H,Lq,NSLOT]``.
+
+``END - START`` is ``dC2P`` / ``dP2C`` (see ``_segment_scan``); the host turns them into the
+position gradients with small GEMMs.  Every output location has one writer: deterministic.
+"""
+import triton
+import triton.language as tl
+
+from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _segment_scan
+
+
+@triton.jit
+def _probs_and_ds(q, k, v, do, lse2, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
+                  b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, seed,
+                  KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+                  HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr,
+                  DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Recompute one tile: returns ``(p_drop [M,N], ds [M,N])``, ``ds`` already times ``scale``
+    and zero outside the matrix and on uniform rows (their scores are constants)."""
+    s2, uni = _scores(q, k, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, b, h, Lq, Lk, NSLOT,
+                      band_lo, band_hi, qk_scale, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+                      HAS_C2P, HAS_P2C, MASK_KIND, UPCAST, PREC, BLOCK_M, BLOCK_N)
+    ok = (offs_m < Lq)[:, None] & (offs_n < Lk)[None, :]
+    p = tl.where(ok, tl.exp2(s2 - lse2[:, None]), 0.0)
+    dp = _mm(do, tl.trans(v), UPCAST, PREC)
+    if DROPOUT:
+        inv_keep = 1.0 / (1.0 - p_drop)
+        keep = _dropout_keep(seed, bh, offs_m, offs_n, p_drop)
+        pd = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    else:
+        pd = p
+    ds = p * (dp - delta[:, None]) * scale
+    ds = tl.where(uni[:, None], 0.0, ds)
+    return pd, ds
+
+
+@triton.jit
+def disentangled_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, C2P, P2C, TABLE, KMASK, FMASK, UNI, DK, DV, PSTART, PEND,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
+    s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+    H, Lq, Lk, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    n_ok = offs_n < Lk
+    kv_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b.to(tl.int64) * s_kb + h * s_kh + offs_n.to(tl.int64)[:, None] * s_kn + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * s_vb + h * s_vh + offs_n.to(tl.int64)[:, None] * s_vn + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    Q_bh = Q + b.to(tl.int64) * s_qb + h * s_qh
+    DO_bh = DO + b.to(tl.int64) * s_ob + h * s_oh
+    C2P_bh = C2P + bh.to(tl.int64) * Lq * NSLOT
+    P2C_bh = P2C + bh.to(tl.int64) * Lk * NSLOT
+    rows = (bh.to(tl.int64) * Lk + offs_n) * NSLOT
+    qk_scale = scale * LOG2E
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    run = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start_m in range(0, Lq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Lq
+        qo_ok = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q_bh + offs_m.to(tl.int64)[:, None] * s_qm + offs_d[None, :], mask=qo_ok, other=0.0)
+        do = tl.load(DO_bh + offs_m.to(tl.int64)[:, None] * s_om + offs_d[None, :], mask=qo_ok, other=0.0)
+        lse2 = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0) * LOG2E
+        delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+        pd, ds = _probs_and_ds(q, k, v, do, lse2, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
+                               b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, seed,
+                               KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        dv += _mm(tl.trans(pd.to(do.dtype)), do, UPCAST, PREC)
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, UPCAST, PREC)
+        if HAS_P2C:
+            # column sums per slot; interior tiles of a saturated region only advance the prefix
+            d_min = start_m - (start_n + BLOCK_N - 1)
+            d_max = start_m + BLOCK_M - 1 - start_n
+            interior = (start_m > 0) & (start_m + BLOCK_M < Lq) & ((d_min > band_hi) | (d_max < band_lo))
+            if interior:
+                run += tl.sum(ds, 0)
+            else:
+                ok = m_ok[:, None] & n_ok[None, :]
+                d = offs_m[:, None] - offs_n[None, :]
+                run = _segment_scan(ds, run, d, ok, (offs_m > 0)[:, None], (offs_m < Lq - 1)[:, None],
+                                    TABLE, PSTART, PEND, rows, Lk, 0)
+
+    out = b.to(tl.int64) * H * Lk * D + h * Lk * D + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(DK + out, dk, mask=kv_ok)
+    tl.store(DV + out, dv, mask=kv_ok)
+
+
+@triton.jit
+def disentangled_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, C2P, P2C, TABLE, KMASK, FMASK, UNI, DQ, CSTART, CEND,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
+    s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+    H, Lq, Lk, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < Lq
+    qo_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m.to(tl.int64)[:, None] * s_qm + offs_d[None, :],
+                mask=qo_ok, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * s_ob + h * s_oh + offs_m.to(tl.int64)[:, None] * s_om + offs_d[None, :],
+                 mask=qo_ok, other=0.0)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+    K_bh = K + b.to(tl.int64) * s_kb + h * s_kh
+    V_bh = V + b.to(tl.int64) * s_vb + h * s_vh
+    C2P_bh = C2P + bh.to(tl.int64) * Lq * NSLOT
+    P2C_bh = P2C + bh.to(tl.int64) * Lk * NSLOT
+    rows = (bh.to(tl.int64) * Lq + offs_m) * NSLOT
+    qk_scale = scale * LOG2E
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    run = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K_bh + offs_n.to(tl.int64)[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V_bh + offs_n.to(tl.int64)[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        _, ds = _probs_and_ds(q, k, v, do, lse2, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
+                              b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, seed,
+                              KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        dq += _mm(ds.to(k.dtype), k, UPCAST, PREC)
+        if HAS_C2P:
+            d_min = start_m - (start_n + BLOCK_N - 1)
+            d_max = start_m + BLOCK_M - 1 - start_n
+            interior = (start_n > 0) & (start_n + BLOCK_N < Lk) & ((d_min > band_hi) | (d_max < band_lo))
+            if interior:
+                run += tl.sum(ds, 1)
+            else:
+                ok = m_ok[:, None] & n_ok[None, :]
+                d = offs_m[:, None] - offs_n[None, :]
+                run = _segment_scan(ds, run, d, ok, (offs_n > 0)[None, :], (offs_n < Lk - 1)[None, :],
+                                    TABLE, CSTART, CEND, rows, Lk, 1)
+
+    out = b.to(tl.int64) * H * Lq * D + h * Lq * D + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(DQ + out, dq, mask=qo_ok)

@@ -1,0 +1,70 @@
+"""Triton forward kernel of disentangled attention (flash-style online softmax).
+
+Grid ``(cdiv(Lq, BLOCK_M), B*H)``.  Inputs ``Q [B,H,Lq,D]``, ``K``/``V [B,H,Lk,D]`` (last dim
+contiguous, other strides passed), ``C2P [B,H,Lq,NSLOT]`` / ``P2C [B,H,Lk,NSLOT]`` float32
+(see :mod:`.triton_attention_common`), ``TABLE`` int32 ``[Lq+Lk-1]``.  Writes ``OUT [B,H,Lq,D]``
+and ``LSE`` float32 ``[B,H,Lq]`` (natural log-sum-exp of the scaled masked scores, without
+dropout).  Dropout multiplies the normalised probabilities by ``keep / (1 - p_drop)``.
+"""
+import triton
+import triton.language as tl
+
+from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores
+
+
+@triton.jit
+def disentangled_fwd_kernel(
+    Q, K, V, C2P, P2C, TABLE, KMASK, FMASK, UNI, OUT, LSE,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
+    s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+    H, Lq, Lk, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < Lq
+    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m.to(tl.int64)[:, None] * s_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    K_bh = K + b.to(tl.int64) * s_kb + h * s_kh
+    V_bh = V + b.to(tl.int64) * s_vb + h * s_vh
+    C2P_bh = C2P + bh.to(tl.int64) * Lq * NSLOT
+    P2C_bh = P2C + bh.to(tl.int64) * Lk * NSLOT
+    qk_scale = scale * LOG2E
+    inv_keep = 1.0 / (1.0 - p_drop)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n < Lk)[:, None] & d_ok[None, :]
+        k = tl.load(K_bh + offs_n.to(tl.int64)[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        s2, uni = _scores(q, k, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, b, h, Lq, Lk, NSLOT,
+                          band_lo, band_hi, qk_scale, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+                          HAS_C2P, HAS_P2C, MASK_KIND, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.exp2(s2 - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, p_drop)
+            p = tl.where(keep, p * inv_keep, 0.0)
+        v = tl.load(V_bh + offs_n.to(tl.int64)[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.log2(l_safe)) / LOG2E)
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
+    tl.store(OUT + b.to(tl.int64) * s_ob + h * s_oh + offs_m.to(tl.int64)[:, None] * s_om + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

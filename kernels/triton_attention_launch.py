@@ -1,0 +1,181 @@
+"""Host launch functions of the Triton disentangled-attention kernels (no autograd here).
+
+:func:`attention_forward` -> ``(out [B,H,Lq,D], lse float32 [B,H,Lq])``;
+:func:`attention_backward` -> ``(dq, dk, dv, dpos_key | None, dpos_query | None)``.
+Masks arrive normalised (:func:`deberta_fast.reference.normalize_mask`): ``key_mask`` bool
+``[B,Lk]`` or ``full_mask`` bool ``[B|1,1|H,Lq,Lk]`` plus ``uniform_rows`` bool ``[B,1|H,Lq]``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from deberta_fast.positions import relative_slot_table, slot_band
+
+from .triton_attention_bwd import disentangled_bwd_dkdv_kernel, disentangled_bwd_dq_kernel
+from .triton_attention_fwd import disentangled_fwd_kernel
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels under its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int) -> LaunchConfig:
+    """Tile sizes keyed on the pass (``"fwd"``/``"bwd"``), padded head dim and bucketed lengths.
+    One fixed config under the interpreter (autotuning does not run there).  GPU values are
+    untuned starting points (see benchmarks/NOTES.md)."""
+    if interpreting():
+        return LaunchConfig(32, 32, 1, 1)
+    bd = max(16, triton.next_power_of_2(head_dim))
+    short = max(q_len, k_len) <= 64
+    if pass_ == "fwd":
+        if bd <= 64:
+            return LaunchConfig(64 if short else 128, 64, 4, 3)
+        if bd <= 128:
+            return LaunchConfig(64 if short else 128, 32, 8, 2)
+        return LaunchConfig(64, 32, 8, 1)
+    if bd <= 64:
+        return LaunchConfig(64, 64, 4, 2)
+    if bd <= 128:
+        return LaunchConfig(64, 32, 8, 1)
+    return LaunchConfig(32, 32, 8, 1)
+
+
+@dataclass
+class _Prepared:
+    """Everything the three kernels share: tables, mask pointers/strides, constexprs."""
+    c2p: torch.Tensor
+    p2c: torch.Tensor
+    table: torch.Tensor
+    mask_args: tuple
+    mask_strides: tuple
+    nslot: int
+    band: tuple
+    constexprs: dict
+
+
+def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+             max_relative_positions, span, dropout_p) -> _Prepared:
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    dummy = torch.empty(1, device=q.device, dtype=torch.float32)
+    has_c2p, has_p2c = pos_key is not None, pos_query is not None
+    # small O(L * span) tables; matmul honours torch's TF32 setting like the kernels do
+    c2p = torch.matmul(q.float(), pos_key.float().transpose(-1, -2)).contiguous() if has_c2p else dummy
+    p2c = torch.matmul(k.float(), pos_query.float().transpose(-1, -2)).contiguous() if has_p2c else dummy
+    if has_c2p or has_p2c:
+        table = relative_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, q.device)
+        band = slot_band(position_buckets, max_relative_positions, span)
+        lim = Lq + Lk + 1  # keep the band in int32; beyond +-lim nothing changes
+        band_lo, band_hi = max(band.lo, -lim), min(band.hi, lim)
+    else:
+        table, band_lo, band_hi = torch.zeros(1, dtype=torch.int32, device=q.device), -1, 1
+    kmask = fmask = uni = torch.zeros(1, dtype=torch.uint8, device=q.device)
+    s_kmb = s_fmb = s_fmh = s_fmm = s_unb = s_unh = 0
+    mask_kind = 0
+    if key_mask is not None:
+        mask_kind = 1
+        kmask = key_mask.contiguous().view(torch.uint8)
+        s_kmb = kmask.stride(0)
+    elif full_mask is not None:
+        mask_kind = 2
+        fmask = full_mask if full_mask.stride(-1) == 1 else full_mask.contiguous()
+        fmask = fmask.view(torch.uint8)
+        s_fmb = fmask.stride(0) if fmask.shape[0] > 1 else 0
+        s_fmh = fmask.stride(1) if fmask.shape[1] > 1 else 0
+        s_fmm = fmask.stride(2)
+    if mask_kind:
+        uni = uniform_rows.contiguous().view(torch.uint8)
+        s_unb = uni.stride(0) if uni.shape[0] > 1 else 0
+        s_unh = uni.stride(1) if uni.shape[1] > 1 else 0
+    prec = "tf32" if q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    constexprs = dict(HAS_C2P=has_c2p, HAS_P2C=has_p2c, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
+                      UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return _Prepared(c2p, p2c, table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
+                     2 * span if (has_c2p or has_p2c) else 1, (band_lo, band_hi), constexprs)
+
+
+def _qkvo_strides(q, k, v, o):
+    return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
+
+
+def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, *, position_buckets,
+                      max_relative_positions, span, scale, dropout_p, seed):
+    """Fused forward.  Returns ``(out [B,H,Lq,D] in q.dtype, lse float32 [B,H,Lq])``."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                  max_relative_positions, span, dropout_p)
+    out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    cfg = launch_config("fwd", Lq, Lk, D)
+    grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    disentangled_fwd_kernel[grid](
+        q, k, v, pr.c2p, pr.p2c, pr.table, *pr.mask_args, out, lse,
+        *_qkvo_strides(q, k, v, out), *pr.mask_strides,
+        H, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pr.constexprs)
+    return out, lse
+
+
+def _position_grads(start, end, pos, x):
+    """``dT = end - start`` (``[B,H,L,NSLOT]``) -> ``(dT @ pos, d pos)``; ``d pos`` summed over
+    batch when ``pos`` is ``[H, NSLOT, D]`` (deterministic torch reductions)."""
+    dt = end - start
+    dx = torch.matmul(dt, pos.float())
+    dpos = torch.matmul(dt.transpose(-1, -2), x.float())
+    if pos.dim() == 3:
+        dpos = dpos.sum(0)
+    return dx, dpos.to(pos.dtype)
+
+
+def attention_backward(do, q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows, *,
+                       position_buckets, max_relative_positions, span, scale, dropout_p, seed):
+    """Fused backward from the saved ``lse``.  Returns ``(dq, dk, dv, dpos_key, dpos_query)``
+    (position grads None when the term is absent), in the input dtypes."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                  max_relative_positions, span, dropout_p)
+    delta = (do.float() * out.float()).sum(-1).contiguous()
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dq = torch.empty((B, H, Lq, D), **f32)
+    dk = torch.empty((B, H, Lk, D), **f32)
+    dv = torch.empty((B, H, Lk, D), **f32)
+    dummy = torch.empty(1, **f32)
+    has_c2p, has_p2c = pos_key is not None, pos_query is not None
+    c_start, c_end = (torch.zeros((B, H, Lq, pr.nslot), **f32) for _ in range(2)) if has_c2p else (dummy, dummy)
+    p_start, p_end = (torch.zeros((B, H, Lk, pr.nslot), **f32) for _ in range(2)) if has_p2c else (dummy, dummy)
+    common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
+              H, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed))
+    cfg = launch_config("bwd", Lq, Lk, D)
+    launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  **pr.constexprs)
+    inputs = (q, k, v, do, lse, delta, pr.c2p, pr.p2c, pr.table, *pr.mask_args)
+    disentangled_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * H)](
+        *inputs, dk, dv, p_start, p_end, *common, **launch)
+    disentangled_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
+        *inputs, dq, c_start, c_end, *common, **launch)
+    dpos_key = dpos_query = None
+    if has_c2p:
+        dq_rel, dpos_key = _position_grads(c_start, c_end, pos_key, q)
+        dq += dq_rel
+    if has_p2c:
+        dk_rel, dpos_query = _position_grads(p_start, p_end, pos_query, k)
+        dk += dk_rel
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos_key, dpos_query

@@ -1,0 +1,179 @@
+"""Triton backward (dq, dk, dv, dpos_key, dpos_query) against float64 autograd of the reference;
+determinism; in-kernel dropout (keep rate, forward/backward consistency, reproducibility)."""
+import pytest
+import torch
+
+from deberta_fast import disentangled_attention, disentangled_attention_reference
+from deberta_fast.backends.triton_backend import triton_attention
+from deberta_fast.dispatch import build_call
+
+from triton_cases import (BUCKETED, UNBUCKETED, V3, assert_close_fp32, assert_close_lowp, cast, grads, make_inputs,
+                          max_err, reference_fn, triton_fn)
+
+pytest.importorskip("triton")
+
+NAMES = ("out", "dq", "dk", "dv", "dpos_key", "dpos_query")
+
+
+def _names(pk, pq):
+    return [n for n, present in zip(NAMES, (1, 1, 1, 1, pk is not None, pq is not None)) if present]
+
+
+def check_grads(B, H, Lq, Lk, D, dtype=torch.float32, **kw):
+    q, k, v, pk, pq, mask, akw = make_inputs(B, H, Lq, Lk, D, **kw)
+    ts = (q, k, v, pk, pq)
+    do = torch.randn(B, H, Lq, D)
+    got = grads(triton_fn(mask, akw), ts, dtype, do)
+    ref = grads(reference_fn(mask, akw), ts, torch.float64, do)
+    low = grads(reference_fn(mask, akw), ts, dtype, do) if dtype != torch.float32 else None
+    for i, name in enumerate(_names(pk, pq)):
+        assert got[i].dtype == dtype and got[i].shape == ref[i].shape, name
+        if dtype == torch.float32:
+            assert_close_fp32(got[i], ref[i], tol=2e-5, what=name)
+        else:
+            assert_close_lowp(got[i], ref[i], low[i], what=name)
+
+
+@pytest.mark.parametrize("mask", ["none", "key", "full"])
+@pytest.mark.parametrize("terms", ["both", "c2p", "p2c", "none"])
+def test_terms_and_masks(terms, mask):
+    check_grads(2, 2, 45, 70, 16, terms=terms, mask=mask)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (17, 17), (64, 17), (1, 40), (200, 200)])
+def test_lengths(Lq, Lk):
+    check_grads(1, 2, Lq, Lk, 16, mask="key")
+
+
+@pytest.mark.parametrize("buckets", [UNBUCKETED, V3], ids=["unbucketed", "v3"])
+def test_buckets(buckets):
+    check_grads(2, 2, 50, 50, 16, buckets=buckets, mask="key")
+
+
+@pytest.mark.parametrize("mask", ["full_b1", "full3d"])
+def test_batched_pos_and_broadcast_mask(mask):
+    check_grads(2, 2, 40, 33, 16, pos_batched=True, mask=mask)
+
+
+@pytest.mark.parametrize("D", [24, 32, 64])
+def test_head_dims(D):
+    check_grads(1, 2, 40, 40, D, mask="key")
+
+
+def test_long_sequence_saturated_v3():
+    """Position gradients over saturated tiles (|i-j| >= 512) at L=600, v3 buckets."""
+    check_grads(1, 1, 600, 600, 16, buckets=V3)
+
+
+@pytest.mark.parametrize("mask,terms", [("key", "both"), ("full", "c2p"), ("none", "p2c")])
+def test_fp16(mask, terms):
+    check_grads(2, 2, 48, 70, 16, dtype=torch.float16, mask=mask, terms=terms)
+
+
+def test_bf16():
+    check_grads(1, 2, 40, 40, 32, dtype=torch.bfloat16, mask="key")
+
+
+def test_backward_is_deterministic():
+    q, k, v, pk, pq, mask, kw = make_inputs(2, 2, 130, 100, 16, mask="key")
+    do = torch.randn(2, 2, 130, 16)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)  # same dropout seed: the runs must agree bit for bit
+        runs.append(grads(triton_fn(mask, kw, dropout_p=0.2), (q, k, v, pk, pq), torch.float32, do))
+    for a, b, name in zip(*runs, NAMES):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+# ---------------------------------------------------------------- dropout
+
+P_DROP = 0.3
+
+
+def recover_keep_mask(B, H, Lq, Lk, seed, buckets=BUCKETED):
+    """The kernel's keep-mask for ``seed``: with ``V`` = identity (``D = Lk``) the output is
+    ``probs * keep / (1 - p)``.  The mask depends on (seed, b*H+h, i, j) only, not on the data."""
+    q, k, _, pk, pq, _, kw = make_inputs(B, H, Lq, Lk, Lk, buckets=buckets)
+    v = torch.eye(Lk).expand(B, H, Lk, Lk).contiguous()
+    out = triton_attention(q, k, v, pk, pq, position_buckets=kw["position_buckets"],
+                           max_relative_positions=kw["max_relative_positions"], span=pk.shape[-2] // 2,
+                           scale=build_call(q, k, v, pk, pq, attention_mask=None, scale=None, dropout_p=0.0,
+                                            **kw).scale, dropout_p=P_DROP, seed=seed)
+    _, probs = disentangled_attention_reference(*cast((q, k, v, pk, pq), torch.float64), return_probs=True, **kw)
+    ratio = out.double() * (1 - P_DROP) / probs
+    keep = ratio > 0.5
+    # every entry is exactly dropped (0) or kept and rescaled by 1/(1-p) (1)
+    assert max_err(ratio, keep.double()) < 1e-4
+    return keep
+
+
+def test_dropout_keep_rate_and_independence():
+    keep = recover_keep_mask(2, 2, 48, 32, seed=1234)
+    n = keep.numel()
+    rate = keep.double().mean().item()
+    sd = ((1 - P_DROP) * P_DROP / n) ** 0.5
+    assert abs(rate - (1 - P_DROP)) < 5 * sd, f"keep rate {rate:.4f}, expected {1 - P_DROP} +- {5 * sd:.4f}"
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert not torch.equal(keep[..., :16, :], keep[..., 16:32, :])
+    assert not torch.equal(keep, recover_keep_mask(2, 2, 48, 32, seed=1235))
+
+
+def test_dropout_forward_backward_match_reference_with_same_mask():
+    B, H, Lq, Lk, D, seed = 2, 2, 48, 32, 16, 99
+    keep = recover_keep_mask(B, H, Lq, Lk, seed)
+    q, k, v, pk, pq, mask, kw = make_inputs(B, H, Lq, Lk, D, mask="key")
+    c = build_call(q, k, v, pk, pq, attention_mask=mask, scale=None, dropout_p=P_DROP, **kw)
+    do = torch.randn(B, H, Lq, D)
+
+    def kernel(q, k, v, pk, pq):
+        return triton_attention(q, k, v, pk, pq, c.key_mask, None, c.uniform_rows, position_buckets=4,
+                                max_relative_positions=8, span=c.span, scale=c.scale, dropout_p=P_DROP, seed=seed)
+
+    def reference(q, k, v, pk, pq):
+        _, probs = disentangled_attention_reference(q, k, v, pk, pq, attention_mask=mask, return_probs=True, **kw)
+        return torch.matmul(probs * keep / (1 - P_DROP), v)
+
+    got = grads(kernel, (q, k, v, pk, pq), torch.float32, do)
+    ref = grads(reference, (q, k, v, pk, pq), torch.float64, do)
+    for a, b, name in zip(got, ref, NAMES):
+        assert_close_fp32(a, b, tol=2e-5, what=name)
+
+
+def test_dropout_finite_difference():
+    """Directional derivative of the dropout path (fixed seed) vs the kernel gradients, fp32."""
+    q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 20, 24, 16, mask="key")
+    c = build_call(q, k, v, pk, pq, attention_mask=mask, scale=None, dropout_p=0.4, **kw)
+    ts = cast((q, k, v, pk, pq), torch.float32, grad=True)
+    w = torch.randn(1, 2, 20, 16)
+
+    def f(*xs):
+        out = triton_attention(*xs, c.key_mask, None, c.uniform_rows, position_buckets=4, max_relative_positions=8,
+                               span=c.span, scale=c.scale, dropout_p=0.4, seed=5)
+        return (out.double() * w).sum()
+
+    g = torch.autograd.grad(f(*ts), ts)
+    eps = 1e-2
+    for idx in range(5):
+        u = torch.randn_like(ts[idx])
+        plus = [t.detach() + eps * u if i == idx else t.detach() for i, t in enumerate(ts)]
+        minus = [t.detach() - eps * u if i == idx else t.detach() for i, t in enumerate(ts)]
+        fd = (f(*plus) - f(*minus)).item() / (2 * eps)
+        an = (g[idx].double() * u).sum().item()
+        assert abs(fd - an) <= 2e-3 * max(1.0, abs(an)), f"input {idx}: finite difference {fd} vs grad {an}"
+
+
+def test_dropout_reproducible_under_manual_seed():
+    q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 30, 30, 16, mask="key")
+    do = torch.randn(1, 2, 30, 16)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return grads(triton_fn(mask, kw, dropout_p=0.25), (q, k, v, pk, pq), torch.float32, do)
+
+    a, b, other = run(3), run(3), run(4)
+    for x, y, name in zip(a, b, NAMES):
+        assert torch.equal(x, y), f"{name} not reproducible under torch.manual_seed"
+    assert not torch.equal(a[0], other[0])
+    nodrop = disentangled_attention(*cast((q, k, v, pk, pq), torch.float32), attention_mask=mask,
+                                    backend="triton", **kw)
+    assert not torch.equal(a[0], nodrop)

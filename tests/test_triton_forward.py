@@ -1,0 +1,127 @@
+"""Triton forward (output and LSE) against the float64 reference; dispatch and refusals.
+Runs under the Triton interpreter on CPU (tests/conftest.py)."""
+import pytest
+import torch
+
+import deberta_fast
+from deberta_fast import disentangled_attention
+from deberta_fast.backends.triton_backend import TritonBackend
+from deberta_fast.dispatch import BackendUnavailableError, build_call
+
+from triton_cases import (BUCKETED, UNBUCKETED, V3, assert_close_fp32, assert_close_lowp, make_inputs,
+                          reference_forward_lse, triton_forward_lse)
+
+pytest.importorskip("triton")
+
+
+def check_fp32(B, H, Lq, Lk, D, **kw):
+    q, k, v, pk, pq, mask, akw = make_inputs(B, H, Lq, Lk, D, **kw)
+    out, lse = triton_forward_lse(q, k, v, pk, pq, mask, akw)
+    ref, ref_lse = reference_forward_lse(q, k, v, pk, pq, mask, akw, torch.float64)
+    assert out.dtype == torch.float32 and out.shape == (B, H, Lq, D) and lse.shape == (B, H, Lq)
+    assert_close_fp32(out, ref, what="out")
+    assert_close_fp32(lse, ref_lse, what="lse")
+
+
+@pytest.mark.parametrize("buckets", [BUCKETED, UNBUCKETED, V3], ids=["bucketed", "unbucketed", "v3"])
+@pytest.mark.parametrize("terms", ["both", "c2p", "p2c", "none"])
+def test_terms_and_buckets(terms, buckets):
+    check_fp32(2, 2, 70, 45, 16, terms=terms, buckets=buckets, mask="key")
+
+
+@pytest.mark.parametrize("mask", ["none", "key", "full"])
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (17, 17), (64, 64), (200, 200), (17, 64), (64, 17), (1, 33), (33, 1)])
+def test_lengths_and_masks(Lq, Lk, mask):
+    check_fp32(2, 2, Lq, Lk, 16, mask=mask)
+
+
+@pytest.mark.parametrize("mask", ["full_b1", "full_h1", "full3d"])
+def test_broadcast_full_masks(mask):
+    check_fp32(2, 3, 40, 50, 16, mask=mask)
+
+
+@pytest.mark.parametrize("terms", ["both", "c2p"])
+def test_batched_pos_tensors(terms):
+    check_fp32(2, 2, 50, 50, 16, terms=terms, pos_batched=True, mask="key")
+
+
+@pytest.mark.parametrize("D", [16, 24, 32, 64])
+def test_head_dims_fp32(D):
+    check_fp32(1, 2, 40, 40, D, mask="key")
+
+
+def test_long_sequence_saturated_v3():
+    """DeBERTa-v3 buckets at L=700: tiles beyond the band (|i-j| >= 512) use the constant path."""
+    check_fp32(1, 1, 700, 700, 16, buckets=V3, mask="key")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("mask,D,Lq,Lk", [("none", 16, 100, 80), ("key", 32, 64, 64), ("full", 24, 33, 70)])
+def test_low_precision(dtype, mask, D, Lq, Lk):
+    q, k, v, pk, pq, m, kw = make_inputs(2, 2, Lq, Lk, D, mask=mask)
+    ts = [t.to(dtype) if t is not None else None for t in (q, k, v, pk, pq)]
+    out, lse = triton_forward_lse(*ts, m, kw)
+    assert out.dtype == dtype
+    ref, ref_lse = reference_forward_lse(*ts, m, kw, torch.float64)
+    low, low_lse = reference_forward_lse(*ts, m, kw, dtype)
+    assert_close_lowp(out, ref, low, what="out")
+    assert_close_lowp(lse, ref_lse, low_lse, what="lse")
+
+
+def test_dispatch_reports_triton():
+    q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 20, 20, 16, mask="key")
+    out = disentangled_attention(q, k, v, pk, pq, attention_mask=mask, backend="triton", **kw)
+    assert deberta_fast.last_backend() == "triton"
+    ref = disentangled_attention(q, k, v, pk, pq, attention_mask=mask, backend="torch", **kw)
+    assert_close_fp32(out, ref, what="out")
+    disentangled_attention(q, k, v, pk, pq, attention_mask=mask, backend="auto", **kw)
+    assert deberta_fast.last_backend() == "triton"
+
+
+def _refusals(*ts, **kw):
+    q, k, v, pk, pq = ts
+    return TritonBackend().refusals(build_call(q, k, v, pk, pq, attention_mask=None, scale=None, dropout_p=0.0,
+                                               position_buckets=4, max_relative_positions=8))
+
+
+def test_refusals(monkeypatch):
+    q, k, v, pk, pq, _, _ = make_inputs(1, 2, 8, 8, 16)
+    assert _refusals(q, k, v, pk, pq) == []
+    (msg,) = _refusals(*(t.double() for t in (q, k, v, pk, pq)))
+    assert "float64" in msg and "backend='torch'" in msg
+    big = make_inputs(1, 1, 4, 4, 260)[:5]
+    (msg,) = _refusals(*big)
+    assert "D=260" in msg and "256" in msg
+    qt = torch.randn(1, 2, 16, 8).transpose(-1, -2)  # [1, 2, 8, 16] with last-dim stride 8
+    (msg,) = _refusals(qt, k, v, pk, pq)
+    assert "query" in msg and ".contiguous()" in msg
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    (msg,) = _refusals(q, k, v, pk, pq)
+    assert "needs CUDA tensors" in msg
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        disentangled_attention(q, k, v, pk, pq, position_buckets=4, max_relative_positions=8, backend="triton")
+    disentangled_attention(q, k, v, pk, pq, position_buckets=4, max_relative_positions=8, backend="auto")
+    assert deberta_fast.last_backend() == "torch"
+
+
+def test_custom_ops_opcheck():
+    """Schema, fake (meta) implementation and torch.compile-friendliness of both custom ops."""
+    q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 9, 7, 16, mask="key")
+    c = build_call(q, k, v, pk, pq, attention_mask=mask, scale=None, dropout_p=0.0, **kw)
+    args = (q, k, v, pk, pq, c.key_mask, None, c.uniform_rows, 4, 8, c.span, c.scale, 0.0, 0)
+    torch.library.opcheck(torch.ops.deberta_fast.triton_fwd, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse = torch.ops.deberta_fast.triton_fwd(*args)
+    bargs = (torch.randn_like(out), q, k, v, pk, pq, out, lse, c.key_mask, None, c.uniform_rows,
+             4, 8, c.span, c.scale, 0.0, 0)
+    torch.library.opcheck(torch.ops.deberta_fast.triton_bwd, bargs, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_strided_inputs_without_copies():
+    """HF layout: q/k/v are [B,L,H,D] tensors viewed as [B,H,L,D] (last dim contiguous)."""
+    q, k, v, pk, pq, mask, kw = make_inputs(2, 3, 30, 30, 16, mask="key")
+    qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qs.is_contiguous()
+    out, lse = triton_forward_lse(qs, ks, vs, pk, pq, mask, kw)
+    ref, ref_lse = reference_forward_lse(q, k, v, pk, pq, mask, kw, torch.float64)
+    assert_close_fp32(out, ref, what="out")
+    assert_close_fp32(lse, ref_lse, what="lse")
