@@ -1,0 +1,1 @@
+"""Benchmark suite of deberta_fast (``pytest benchmarks/``); see benchmarks/README.md."""
