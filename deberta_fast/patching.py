@@ -79,7 +79,8 @@ def patch(model: nn.Module, backend: str = "auto", pack: bool = True) -> nn.Modu
     Works on DeBERTa v1 and v2/v3 models (any head: ``...Model``, ``...ForSequenceClassification``,
     ``...ForMaskedLM`` ...) and on models that contain them.  Patching twice re-sets the options.
     ``pack=True`` runs right-padded batches packed (no work on padding in any layer; padded
-    positions of the outputs are 0, see :mod:`deberta_fast.packed_encoder`).
+    positions of the outputs are 0, see :mod:`deberta_fast.packed_encoder`) when the backend
+    has a packed path (``"auto"``, ``"torch"``, ``"triton"``); otherwise the padded layout runs.
     Raises ``ValueError`` when ``model`` holds no DeBERTa attention and ``NotImplementedError``
     for variants no backend serves (v1 ``talking_head``), before changing anything.
     """
@@ -104,8 +105,10 @@ def patch(model: nn.Module, backend: str = "auto", pack: bool = True) -> nn.Modu
     for enc in encoders:
         enc.get_attention_mask = types.MethodType(_encoder_attention_mask, enc)
         enc.get_rel_pos = types.MethodType(_encoder_rel_pos, enc)
-        enc._deberta_fast_pack = bool(pack)
-        if pack:
+        # pack only where the backend has a packed path ("auto" picks one that does)
+        can_pack = pack and (backend == "auto" or BACKENDS[backend].supports_varlen)
+        enc._deberta_fast_pack = bool(can_pack)
+        if can_pack:
             enc.forward = types.MethodType(packed_encoder_forward, enc)
         else:
             enc.__dict__.pop("forward", None)

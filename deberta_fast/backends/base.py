@@ -149,6 +149,8 @@ class Backend:
     name: str = "?"
     #: one line describing what it supports, shown by ``python -m deberta_fast``
     summary: str = ""
+    #: whether it has a packed (varlen) path; patched encoders pack only for backends that do
+    supports_varlen: bool = False
 
     def unavailable(self) -> str | None:
         return None

@@ -9,6 +9,7 @@ from .base import AttentionCall, Backend, VarlenCall
 class TorchBackend(Backend):
     name = "torch"
     summary = "pure PyTorch reference: any device, dtype, head dim, mask and dropout; O(L^2) memory"
+    supports_varlen = True
 
     def refusals(self, call: AttentionCall) -> list[str]:
         return []
