@@ -38,7 +38,7 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_pos(pos_key, pos_query, H: int, D: int, B: int | None) -> int:
     """Validate the relative tables; return ``span`` (0 when both are None)."""
     span = None
-    batched = f" or [B, H, 2*span, D]" if B is not None else ""
+    batched = " or [B, H, 2*span, D]" if B is not None else ""
     for name, p in (("pos_key", pos_key), ("pos_query", pos_query)):
         if p is None:
             continue

@@ -30,12 +30,11 @@ for checking and for CPU use.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from .positions import attention_span, relative_slot_table
+from .positions import relative_slot_table
 
 __all__ = ["default_scale", "normalize_mask", "slot_index", "disentangled_attention_reference"]
 
