@@ -101,8 +101,11 @@ def main(argv=None) -> int:
             B = max(1, tokens // L)
             q, k, v, pk, pq, mask = _case(B, H, L, D, span, dtype, dev)
             kw = dict(position_buckets=buckets, max_relative_positions=max_rel, attention_mask=mask)
-            ref = disentangled_attention_reference(*(t.double() for t in (q, k, v, pk, pq)), **kw)
-            ref_lp = disentangled_attention_reference(q, k, v, pk, pq, **kw)
+            # parity on the last batch row (it has padding) and 2 heads: the fp64 reference is O(L^2)
+            sub = dict(kw, attention_mask=mask[-1:])
+            part = (q[-1:, :2], k[-1:, :2], v[-1:, :2], pk[:2], pq[:2])
+            ref = disentangled_attention_reference(*(t.double() for t in part), **sub)
+            ref_lp = disentangled_attention_reference(*part, **sub)
             ref_err = (ref_lp.double() - ref).abs().max().item()
             cands = {name: (lambda name=name: disentangled_attention(q, k, v, pk, pq, backend=name, **kw))
                      for name in BACKENDS}
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
                     print(f"  {str(dtype)[6:]:9s} {L:6d} {name:10s} out of memory")
                     torch.cuda.empty_cache()
                     continue
-                err = (out.double() - ref).abs().max().item()
+                err = (out[-1:, :2].double() - ref).abs().max().item()
                 # fp32: ~1e-5 relative; low precision: within 4x the eager low-precision error
                 bound = 4 * ref_err + 1e-6 if dtype != torch.float32 else 1e-5 * ref.abs().max().item()
                 ok = bool(torch.isfinite(out).all()) and err <= max(bound, 1e-5 * ref.abs().max().item())

@@ -28,3 +28,16 @@ def test_rtd_pretraining_step_runs():
     out = _run("rtd_pretrain_step.py", "--steps", "2")
     rows = re.findall(r"mlm=(\S+) rtd=(\S+)", out)
     assert len(rows) == 2 and all(float(a) > 0 and float(b) > 0 for a, b in rows), out
+
+
+def test_main_report_runs(tmp_path):
+    """The README's main job: every served candidate agrees with the fp64 reference."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out_json = tmp_path / "report.json"
+    res = subprocess.run([sys.executable, "-m", "deberta_fast", "--quick", "--json", str(out_json)],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "all served candidates agree" in res.stdout
+    import json
+    rows = json.loads(out_json.read_text())["rows"]
+    assert {"torch", "hf_eager"} <= {r["candidate"] for r in rows} and all(r["ok"] for r in rows)
