@@ -55,6 +55,80 @@ void check_table(const char* name, const OptT& t, const Tensor& q, int64_t L, in
   TORCH_CHECK(x.is_contiguous(), "deberta_fast cuda backend: ", name, " must be contiguous; call .contiguous()");
 }
 
+// The slot table of the relative terms: int32 [Lq + Lk - 1] (varlen: max_seqlen_q + max_seqlen_k - 1).
+void check_slot_table(const OptT& table, const Tensor& q, int64_t Lq, int64_t Lk) {
+  TORCH_CHECK(table.has_value(), "deberta_fast cuda backend: relative terms need the slot table");
+  const Tensor& tb = *table;
+  TORCH_CHECK(tb.is_cuda() && tb.device() == q.device() && tb.scalar_type() == at::kInt && tb.dim() == 1 &&
+                  tb.size(0) == Lq + Lk - 1 && tb.is_contiguous(),
+              "deberta_fast cuda backend: slot table must be a contiguous int32 CUDA tensor of length Lq+Lk-1 = ",
+              Lq + Lk - 1, " on ", q.device(), " (deberta_fast.positions.relative_slot_table), got ",
+              tb.scalar_type(), " ", tb.sizes(), " on ", tb.device());
+}
+
+void set_dropout(dfa::Params& p, const OptT& rng, const Tensor& q, double p_drop) {
+  set_dropout(p, rng, q, p_drop);
+}
+
+// Relative-gradient band buffers of the backward (float32, zero-initialised: one writer per element)
+// and the band_to_slots reduction into dC2P / dP2C.  rows_q / rows_k: rows of the C2P / P2C tables
+// (B*H*Lq or H*Tq); Lq, Lk: extents of the distance range (varlen: the max lengths).
+struct Bands {
+  Tensor band_q, sat_q, band_k, sat_k;
+
+  void alloc(dfa::Params& p, const Tensor& q, bool has_c2p, bool has_p2c, int64_t rows_q, int64_t rows_k,
+             int64_t Lq, int64_t Lk, int64_t dmin, int64_t W, const OptT& perm, const OptT& offs) {
+    const int64_t S2 = p.S2;
+    if (S2 <= 0) return;
+    TORCH_CHECK(W >= 0 && W <= Lq + Lk - 1 && dmin >= -(Lk - 1) && dmin + W <= Lq,
+                "deberta_fast cuda backward: band window [dmin, dmin+W) = [", dmin, ", ", dmin + W,
+                ") must lie in [-(Lk-1), Lq) = [", -(Lk - 1), ", ", Lq, ") (deberta_fast._cuda_ext.band_window)");
+    TORCH_CHECK(perm.has_value() && offs.has_value(), "deberta_fast cuda backward: band perm/offs missing");
+    TORCH_CHECK(perm->is_cuda() && perm->scalar_type() == at::kInt && perm->numel() == std::max<int64_t>(W, 1) &&
+                    perm->is_contiguous() && offs->is_cuda() && offs->scalar_type() == at::kInt &&
+                    offs->numel() == S2 + 1 && offs->is_contiguous(),
+                "deberta_fast cuda backward: perm must be int32 [max(W,1)] and offs int32 [2*span+1] on CUDA");
+    const int64_t Wa = std::max<int64_t>(W, 1);
+    const auto f32 = q.options().dtype(at::kFloat);
+    if (has_c2p) {
+      band_q = at::zeros({rows_q, Wa}, f32);
+      sat_q = at::zeros({rows_q, 2}, f32);
+      p.band_q = band_q.data_ptr<float>();
+      p.sat_q = sat_q.data_ptr<float>();
+    }
+    if (has_p2c) {
+      band_k = at::zeros({rows_k, Wa}, f32);
+      sat_k = at::zeros({rows_k, 2}, f32);
+      p.band_k = band_k.data_ptr<float>();
+      p.sat_k = sat_k.data_ptr<float>();
+    }
+    p.dmin = static_cast<int>(dmin);
+    p.W = static_cast<int>(W);
+  }
+
+  // dC2P / dP2C with the shape of the tables (empty [0] where a term is absent)
+  std::pair<Tensor, Tensor> to_slots(const dfa::Params& p, const OptT& c2p, const OptT& p2c, const OptT& perm,
+                                     const OptT& offs, int dtype, const Tensor& q, void* stream) const {
+    Tensor dc2p = at::empty({0}, q.options()), dp2c = at::empty({0}, q.options());
+    if (p.S2 <= 0) return {dc2p, dp2c};
+    if (c2p.has_value()) {
+      dc2p = at::empty(c2p->sizes(), q.options());
+      const char* err = dfa::launch_band_to_slots(p.band_q, p.sat_q, perm->data_ptr<int32_t>(),
+                                                  offs->data_ptr<int32_t>(), dc2p.data_ptr(), dtype,
+                                                  band_q.size(0), p.W, p.S2, stream);
+      TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (c2p band) failed: ", err ? err : "");
+    }
+    if (p2c.has_value()) {
+      dp2c = at::empty(p2c->sizes(), q.options());
+      const char* err = dfa::launch_band_to_slots(p.band_k, p.sat_k, perm->data_ptr<int32_t>(),
+                                                  offs->data_ptr<int32_t>(), dp2c.data_ptr(), dtype,
+                                                  band_k.size(0), p.W, p.S2, stream);
+      TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (p2c band) failed: ", err ? err : "");
+    }
+    return {dc2p, dp2c};
+  }
+};
+
 struct Common {
   dfa::Params p{};
   int dtype = 0;
@@ -83,15 +157,7 @@ Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   else if (p2c.has_value()) S2 = p2c->size(-1);
   check_table("c2p table (query @ pos_key^T)", c2p, q, Lq, S2);
   check_table("p2c table (key @ pos_query^T)", p2c, q, Lk, S2);
-  if (S2 > 0) {
-    TORCH_CHECK(table.has_value(), "deberta_fast cuda backend: relative terms need the slot table");
-    const Tensor& tb = *table;
-    TORCH_CHECK(tb.is_cuda() && tb.device() == q.device() && tb.scalar_type() == at::kInt && tb.dim() == 1 &&
-                    tb.size(0) == Lq + Lk - 1 && tb.is_contiguous(),
-                "deberta_fast cuda backend: slot table must be a contiguous int32 CUDA tensor of length Lq+Lk-1 = ",
-                Lq + Lk - 1, " on ", q.device(), " (deberta_fast.positions.relative_slot_table), got ",
-                tb.scalar_type(), " ", tb.sizes(), " on ", tb.device());
-  }
+  if (S2 > 0) check_slot_table(table, q, Lq, Lk);
   auto& p = c.p;
   if (key_mask.has_value()) {
     const Tensor& m = *key_mask;
@@ -112,18 +178,7 @@ Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
     p.un_sb = u.stride(0);
     p.un_sh = u.size(1) == 1 ? 0 : u.stride(1);
   }
-  TORCH_CHECK(p_drop >= 0.0 && p_drop < 1.0, "deberta_fast cuda backend: dropout_p must be in [0, 1), got ", p_drop);
-  if (p_drop > 0.0) {
-    TORCH_CHECK(rng.has_value() && rng->is_cuda() && rng->device() == q.device() &&
-                    rng->scalar_type() == at::kLong && rng->numel() == 2 && rng->is_contiguous(),
-                "deberta_fast cuda backend: dropout needs rng = int64 CUDA tensor [2] (seed, offset) on ",
-                q.device());
-    p.rng = rng->data_ptr<int64_t>();
-    p.dropout = 1;
-    const double th = std::round(p_drop * 4294967296.0);
-    p.drop_thresh = th >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(th);
-    p.drop_scale = static_cast<float>(1.0 / (1.0 - p_drop));
-  }
+  set_dropout(p, rng, q, p_drop);
   p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sr = q.stride(2);
   p.k = k.data_ptr(); p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sr = k.stride(2);
   p.v = v.data_ptr(); p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_sr = v.stride(2);
@@ -177,55 +232,162 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
   p.lse_c = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
-  const int64_t S2 = p.S2;
-  Tensor band_q, sat_q, band_k, sat_k;
-  const auto f32 = q.options().dtype(at::kFloat);
-  if (S2 > 0) {
-    TORCH_CHECK(W >= 0 && W <= Lq + Lk - 1 && dmin >= -(Lk - 1) && dmin + W <= Lq,
-                "deberta_fast cuda backward: band window [dmin, dmin+W) = [", dmin, ", ", dmin + W,
-                ") must lie in [-(Lk-1), Lq)");
-    TORCH_CHECK(perm.has_value() && offs.has_value(), "deberta_fast cuda backward: band perm/offs missing");
-    TORCH_CHECK(perm->is_cuda() && perm->scalar_type() == at::kInt && perm->numel() == std::max<int64_t>(W, 1) &&
-                    perm->is_contiguous() && offs->is_cuda() && offs->scalar_type() == at::kInt &&
-                    offs->numel() == S2 + 1 && offs->is_contiguous(),
-                "deberta_fast cuda backward: perm must be int32 [max(W,1)] and offs int32 [2*span+1] on CUDA");
-    const int64_t Wa = std::max<int64_t>(W, 1);
-    if (c2p.has_value()) {
-      band_q = at::zeros({B, H, Lq, Wa}, f32);
-      sat_q = at::zeros({B, H, Lq, 2}, f32);
-      p.band_q = band_q.data_ptr<float>();
-      p.sat_q = sat_q.data_ptr<float>();
-    }
-    if (p2c.has_value()) {
-      band_k = at::zeros({B, H, Lk, Wa}, f32);
-      sat_k = at::zeros({B, H, Lk, 2}, f32);
-      p.band_k = band_k.data_ptr<float>();
-      p.sat_k = sat_k.data_ptr<float>();
-    }
-    p.dmin = static_cast<int>(dmin);
-    p.W = static_cast<int>(W);
-  }
+  p.dq_sb = dq.stride(0); p.dq_sh = dq.stride(1); p.dq_sr = dq.stride(2);
+  p.dk_sb = dk.stride(0); p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(2);
+  Bands bands;
+  bands.alloc(p, q, c2p.has_value(), p2c.has_value(), B * H * Lq, B * H * Lk, Lq, Lk, dmin, W, perm, offs);
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const char* err = dfa::launch_bwd(p, c.dtype, c.D, stream);
   TORCH_CHECK(err == nullptr, "deberta_fast cuda backward launch failed: ", err ? err : "");
-  Tensor dc2p, dp2c;
-  if (S2 > 0) {
-    const int Wi = static_cast<int>(W), S2i = static_cast<int>(S2);
-    if (c2p.has_value()) {
-      dc2p = at::empty({B, H, Lq, S2}, q.options());
-      err = dfa::launch_band_to_slots(p.band_q, p.sat_q, perm->data_ptr<int32_t>(), offs->data_ptr<int32_t>(),
-                                      dc2p.data_ptr(), c.dtype, B * H * Lq, Wi, S2i, stream);
-      TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (c2p band) failed: ", err ? err : "");
-    }
-    if (p2c.has_value()) {
-      dp2c = at::empty({B, H, Lk, S2}, q.options());
-      err = dfa::launch_band_to_slots(p.band_k, p.sat_k, perm->data_ptr<int32_t>(), offs->data_ptr<int32_t>(),
-                                      dp2c.data_ptr(), c.dtype, B * H * Lk, Wi, S2i, stream);
-      TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (p2c band) failed: ", err ? err : "");
-    }
+  auto [dc2p, dp2c] = bands.to_slots(p, c2p, p2c, perm, offs, c.dtype, q, stream);
+  return {dq, dk, dv, dc2p, dp2c};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packed variable-length (varlen) layout: q/o/dout [Tq, H, D], k/v [Tk, H, D], sequence n at token
+// rows cu_q[n]..cu_q[n+1] (cu_k for keys); C2P [H, Tq, 2S], P2C [H, Tk, 2S]; LSE float32 [H, Tq].
+// cu_seqlens are trusted on the device (no sync here): they must start at 0, be non-decreasing,
+// end at Tq / Tk, and no length may exceed max_seqlen (the kernels clamp lengths to max_seqlen
+// for memory safety only).  CudaBackend.forward_varlen validates them before calling.
+
+void check_tokens(const char* name, const Tensor& t, const Tensor& q, int64_t T) {
+  TORCH_CHECK(t.is_cuda(), "deberta_fast cuda varlen: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == q.device(), "deberta_fast cuda varlen: ", name, " is on ", t.device(),
+              " but query is on ", q.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "deberta_fast cuda varlen: ", name, " has dtype ",
+              t.scalar_type(), " but query has ", q.scalar_type());
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == T && t.size(1) == q.size(1) && t.size(2) == q.size(2),
+              "deberta_fast cuda varlen: ", name, " must be [total_tokens=", T, ", H=", q.size(1), ", D=", q.size(2),
+              "], got ", t.sizes());
+  TORCH_CHECK(t.stride(2) == 1, "deberta_fast cuda varlen: ", name,
+              " must have a contiguous last dimension (stride 1), got strides ", t.strides(), "; call .contiguous()");
+  TORCH_CHECK(t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+              "deberta_fast cuda varlen: ", name, " rows must be 16-byte aligned (strides multiple of 8 elements, "
+              "aligned base pointer), got strides ", t.strides(), "; call .contiguous()");
+}
+
+void check_cu(const char* name, const Tensor& cu, const Tensor& q, int64_t n1) {
+  TORCH_CHECK(cu.is_cuda() && cu.device() == q.device() && cu.scalar_type() == at::kInt && cu.dim() == 1 &&
+                  cu.numel() == n1 && cu.is_contiguous(),
+              "deberta_fast cuda varlen: ", name, " must be a contiguous int32 CUDA tensor [N+1] = [", n1, "] on ",
+              q.device(), " (cast with .to(torch.int32)), got ", cu.scalar_type(), " ", cu.sizes(), " on ",
+              cu.device());
+}
+
+void check_vtable(const char* name, const OptT& t, const Tensor& q, int64_t T, int64_t S2) {
+  if (!t.has_value()) return;
+  const Tensor& x = *t;
+  TORCH_CHECK(x.is_cuda() && x.device() == q.device() && x.scalar_type() == q.scalar_type(),
+              "deberta_fast cuda varlen: ", name, " must be a ", q.scalar_type(), " tensor on ", q.device(), ", got ",
+              x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == q.size(1) && x.size(1) == T && x.size(2) == S2 && x.is_contiguous(),
+              "deberta_fast cuda varlen: ", name, " must be contiguous [H, total_tokens, 2*span] = [", q.size(1), ", ",
+              T, ", ", S2, "] (torch.matmul(x.transpose(0, 1), pos.transpose(-1, -2))), got ", x.sizes());
+}
+
+Common make_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& c2p, const OptT& p2c,
+                   const OptT& table, const Tensor& cu_q, const Tensor& cu_k, int64_t max_q, int64_t max_k,
+                   const OptT& rng, double scale, double p_drop) {
+  Common c;
+  c.dtype = dtype_code(q);
+  TORCH_CHECK(q.dim() == 3, "deberta_fast cuda varlen: query must be 3-D [total_q, H, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, "deberta_fast cuda varlen: key must be 3-D [total_k, H, D], got ", k.sizes());
+  const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2), Tk = k.size(0);
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, "deberta_fast cuda varlen: head_dim must be 32, 64 or 128, got ", D,
+              "; use backend='triton' or backend='torch'");
+  TORCH_CHECK(H >= 1, "deberta_fast cuda varlen: no heads");
+  check_tokens("query", q, q, Tq);
+  check_tokens("key", k, q, Tk);
+  check_tokens("value", v, q, Tk);
+  const int64_t N = cu_q.numel() - 1;
+  TORCH_CHECK(N >= 1, "deberta_fast cuda varlen: cu_seqlens_q must hold N+1 >= 2 offsets, got ", cu_q.numel());
+  check_cu("cu_seqlens_q", cu_q, q, N + 1);
+  check_cu("cu_seqlens_k", cu_k, q, N + 1);
+  TORCH_CHECK(N * H <= 65535, "deberta_fast cuda varlen: N*H (sequences x heads) must be <= 65535, got ", N * H,
+              "; split the batch");
+  TORCH_CHECK(max_q >= 1 && max_k >= 1 && max_q + max_k < (int64_t(1) << 30),
+              "deberta_fast cuda varlen: max_seqlen_q, max_seqlen_k must be >= 1 with sum < 2^30, got ", max_q, ", ",
+              max_k);
+  TORCH_CHECK(Tq < (int64_t(1) << 31) && Tk < (int64_t(1) << 31),
+              "deberta_fast cuda varlen: total tokens must fit int32 cu_seqlens, got ", Tq, ", ", Tk);
+  int64_t S2 = 0;
+  if (c2p.has_value()) S2 = c2p->size(-1);
+  else if (p2c.has_value()) S2 = p2c->size(-1);
+  check_vtable("c2p table (query @ pos_key^T)", c2p, q, Tq, S2);
+  check_vtable("p2c table (key @ pos_query^T)", p2c, q, Tk, S2);
+  if (S2 > 0) check_slot_table(table, q, max_q, max_k);
+  auto& p = c.p;
+  set_dropout(p, rng, q, p_drop);
+  // *_sb = 0: the sequence's token offset cu_q[n] * stride(0) selects it (seq_view)
+  p.q = q.data_ptr(); p.q_sb = 0; p.q_sh = q.stride(1); p.q_sr = q.stride(0);
+  p.k = k.data_ptr(); p.k_sb = 0; p.k_sh = k.stride(1); p.k_sr = k.stride(0);
+  p.v = v.data_ptr(); p.v_sb = 0; p.v_sh = v.stride(1); p.v_sr = v.stride(0);
+  p.c2p = c2p.has_value() ? c2p->data_ptr() : nullptr;
+  p.p2c = p2c.has_value() ? p2c->data_ptr() : nullptr;
+  p.table = S2 > 0 ? table->data_ptr<int32_t>() : nullptr;
+  p.S2 = static_cast<int>(S2);
+  p.B = static_cast<int>(N); p.H = static_cast<int>(H);
+  p.Lq = static_cast<int>(max_q); p.Lk = static_cast<int>(max_k);
+  p.cu_q = cu_q.data_ptr<int32_t>(); p.cu_k = cu_k.data_ptr<int32_t>();
+  p.Tq = Tq; p.Tk = Tk;
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  c.D = static_cast<int>(D);
+  return c;
+}
+
+std::vector<Tensor> varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& c2p, const OptT& p2c,
+                               const OptT& table, const Tensor& cu_q, const Tensor& cu_k, int64_t max_q,
+                               int64_t max_k, const OptT& rng, double scale, double p_drop) {
+  Common c = make_varlen(q, k, v, c2p, p2c, table, cu_q, cu_k, max_q, max_k, rng, scale, p_drop);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2);
+  Tensor out = at::empty({Tq, H, D}, q.options());
+  Tensor lse = at::empty({H, Tq}, q.options().dtype(at::kFloat));
+  if (Tq == 0) return {out, lse};
+  auto& p = c.p;
+  p.o = out.data_ptr(); p.o_sb = 0; p.o_sh = out.stride(1); p.o_sr = out.stride(0);
+  p.lse = lse.data_ptr<float>();
+  const char* err = dfa::launch_fwd(p, c.dtype, c.D, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, "deberta_fast cuda varlen forward launch failed: ", err ? err : "");
+  return {out, lse};
+}
+
+std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& out, const Tensor& lse, const OptT& c2p, const OptT& p2c,
+                               const OptT& table, const Tensor& cu_q, const Tensor& cu_k, int64_t max_q,
+                               int64_t max_k, const OptT& rng, double scale, double p_drop, int64_t dmin, int64_t W,
+                               const OptT& perm, const OptT& offs) {
+  Common c = make_varlen(q, k, v, c2p, p2c, table, cu_q, cu_k, max_q, max_k, rng, scale, p_drop);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2), Tk = k.size(0);
+  check_tokens("grad_out", dout, q, Tq);
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
+              "deberta_fast cuda varlen backward: saved output has shape ", out.sizes(), ", expected ", q.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == H && lse.size(1) == Tq &&
+                  lse.is_contiguous() && lse.device() == q.device(),
+              "deberta_fast cuda varlen backward: lse must be contiguous float32 [H, total_q] on ", q.device(),
+              ", got ", lse.scalar_type(), " ", lse.sizes());
+  auto& p = c.p;
+  // Delta [H, Tq] = rowsum(dO * O), float32
+  Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).t().contiguous();
+  Tensor dq = at::empty({Tq, H, D}, q.options());
+  Tensor dk = at::empty({Tk, H, D}, q.options());
+  Tensor dv = at::empty({Tk, H, D}, q.options());
+  p.dout = dout.data_ptr(); p.do_sb = 0; p.do_sh = dout.stride(1); p.do_sr = dout.stride(0);
+  p.lse_c = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
+  p.dq_sb = 0; p.dq_sh = dq.stride(1); p.dq_sr = dq.stride(0);
+  p.dk_sb = 0; p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(0);
+  Bands bands;
+  bands.alloc(p, q, c2p.has_value(), p2c.has_value(), H * Tq, H * Tk, max_q, max_k, dmin, W, perm, offs);
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (Tq > 0 || Tk > 0) {
+    const char* err = dfa::launch_bwd(p, c.dtype, c.D, stream);
+    TORCH_CHECK(err == nullptr, "deberta_fast cuda varlen backward launch failed: ", err ? err : "");
   }
-  if (!dc2p.defined()) dc2p = at::empty({0}, q.options());
-  if (!dp2c.defined()) dp2c = at::empty({0}, q.options());
+  auto [dc2p, dp2c] = bands.to_slots(p, c2p, p2c, perm, offs, c.dtype, q, stream);
   return {dq, dk, dv, dc2p, dp2c};
 }
 
@@ -240,5 +402,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("c2p"), py::arg("p2c"), py::arg("table"),
         py::arg("key_mask"), py::arg("uniform"), py::arg("rng"), py::arg("scale"), py::arg("p_drop"),
         py::arg("dmin"), py::arg("W"), py::arg("perm"), py::arg("offs"));
+  m.def("varlen_fwd", &varlen_fwd, "packed varlen forward -> (out [Tq,H,D], lse [H,Tq])", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("c2p"), py::arg("p2c"), py::arg("table"), py::arg("cu_seqlens_q"),
+        py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("rng"),
+        py::arg("scale"), py::arg("p_drop"));
+  m.def("varlen_bwd", &varlen_bwd, "packed varlen backward -> (dq, dk, dv, dc2p, dp2c)", py::arg("dout"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("c2p"), py::arg("p2c"),
+        py::arg("table"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
+        py::arg("max_seqlen_k"), py::arg("rng"), py::arg("scale"), py::arg("p_drop"), py::arg("dmin"),
+        py::arg("W"), py::arg("perm"), py::arg("offs"));
   m.attr("HEAD_DIMS") = py::make_tuple(32, 64, 128);
 }

@@ -5,7 +5,9 @@
 //                   dV and the p2c band of scale*dS.
 //   * band_to_slots: fixed-order segment sums turning a band into dC2P / dP2C.
 // Both score kernels recompute S and P from the saved LSE (FA2).  Delta = rowsum(dO*O)
-// comes from the host.
+// comes from the host.  Like the forward, both score kernels serve the padded batch and the
+// packed varlen layout (seq_view(): per-sequence offsets at run time, early exit past a
+// sequence's end); band rows are then (h*T + token) so band_to_slots is layout-agnostic.
 //
 // Relative-table gradients.  With dS = dL/ds (s = scaled score):
 //   dC2P[i, s] = scale * sum_{j : slot(i-j) = s} dS[i, j],  dP2C[j, s] likewise over i.
@@ -42,14 +44,17 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(const Params p) {
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int q0 = blockIdx.x * BM;
+  const SeqView sv = seq_view(p, b, h);
+  if (q0 >= sv.Lq) return;  // varlen: past this sequence's end (block-uniform)
+  const int Lq = sv.Lq, Lk = sv.Lk;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
-  const T* qg = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const T* dog = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
-  const T* c2p_bh = p.c2p ? reinterpret_cast<const T*>(p.c2p) + (int64_t)bh * p.Lq * p.S2 : nullptr;
-  const T* p2c_bh = p.p2c ? reinterpret_cast<const T*>(p.p2c) + (int64_t)bh * p.Lk * p.S2 : nullptr;
+  const T* qg = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + sv.qrow * p.q_sr;
+  const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sv.krow * p.k_sr;
+  const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sv.krow * p.v_sr;
+  const T* dog = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + sv.qrow * p.do_sr;
+  const T* c2p_bh = p.c2p ? reinterpret_cast<const T*>(p.c2p) + sv.qoff * p.S2 : nullptr;
+  const T* p2c_bh = p.p2c ? reinterpret_cast<const T*>(p.p2c) + sv.koff * p.S2 : nullptr;
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
   const bool rel = p.band_q != nullptr;
 
@@ -60,10 +65,10 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(const Params p) {
   for (int hh = 0; hh < 2; ++hh) {
     const int i = q0 + warp * 16 + g + 8 * hh;
     rows[hh] = i;
-    const bool ok = i < p.Lq;
+    const bool ok = i < Lq;
     uni[hh] = p.uniform != nullptr && ok && p.uniform[b * p.un_sb + h * p.un_sh + i] != 0;
-    lse2[hh] = ok ? p.lse_c[(int64_t)bh * p.Lq + i] * kLog2e : 0.f;
-    dlt[hh] = ok ? p.delta[(int64_t)bh * p.Lq + i] : 0.f;
+    lse2[hh] = ok ? p.lse_c[sv.qoff + i] * kLog2e : 0.f;
+    dlt[hh] = ok ? p.delta[sv.qoff + i] : 0.f;
   }
   uint2 key = make_uint2(0u, 0u);
   uint32_t offset = 0u;
@@ -73,18 +78,18 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(const Params p) {
     offset = (uint32_t)p.rng[1];
   }
 
-  load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, p.Lq);
-  load_tile<T, BM, D, kThreads>(dOs, dog, p.do_sr, q0, p.Lq);
+  load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, Lq);
+  load_tile<T, BM, D, kThreads>(dOs, dog, p.do_sr, q0, Lq);
 
   float dq[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
   float sat[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [row][lo/hi]
 
-  for (int k0 = 0; k0 < p.Lk; k0 += BN) {
+  for (int k0 = 0; k0 < Lk; k0 += BN) {
     __syncthreads();
-    load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, p.Lk);
-    load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, p.Lk);
+    load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, Lk);
+    load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, Lk);
     __syncthreads();
 
     float s[NT][4], dp[NT][4];
@@ -101,8 +106,8 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(const Params p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int hh = e >> 1, i = rows[hh], j = k0 + nt * 8 + 2 * t + (e & 1);
-        const bool valid = i < p.Lq && j < p.Lk;
-        const float sl = score_log2<T>(p, s[nt][e], i, j, c2p_bh, p2c_bh, km_b, uni[hh]);
+        const bool valid = i < Lq && j < Lk;
+        const float sl = score_log2<T>(p, s[nt][e], i, j, Lq, Lk, c2p_bh, p2c_bh, km_b, uni[hh]);
         const float pr = valid ? exp2f(sl - lse2[hh]) : 0.f;
         float dpv = dp[nt][e];
         if (p.dropout) {
@@ -115,26 +120,26 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(const Params p) {
           const int d = i - j - p.dmin;
           if (d < 0) sat[hh][0] += ds;
           else if (d >= p.W) sat[hh][1] += ds;
-          else p.band_q[((int64_t)bh * p.Lq + i) * p.W + d] = ds;
+          else p.band_q[(sv.qoff + i) * p.W + d] = ds;
         }
       }
     }
     mma_acc_rows<T, D, NT>(dq, s, Ks);
   }
 
-  T* dqg = reinterpret_cast<T*>(p.dq) + (int64_t)bh * p.Lq * D;
+  T* dqg = reinterpret_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh + sv.qrow * p.dq_sr;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const float lo = quad_sum(sat[hh][0]), hi = quad_sum(sat[hh][1]);
     const int i = rows[hh];
-    if (i >= p.Lq) continue;
+    if (i >= Lq) continue;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dqg + (int64_t)i * D + dt * 8 + 2 * t) =
+      *reinterpret_cast<uint32_t*>(dqg + (int64_t)i * p.dq_sr + dt * 8 + 2 * t) =
           Pack<T>::pack(dq[dt][2 * hh], dq[dt][2 * hh + 1]);
     if (rel && t == 0) {
-      p.sat_q[((int64_t)bh * p.Lq + i) * 2 + 0] = lo;
-      p.sat_q[((int64_t)bh * p.Lq + i) * 2 + 1] = hi;
+      p.sat_q[(sv.qoff + i) * 2 + 0] = lo;
+      p.sat_q[(sv.qoff + i) * 2 + 1] = hi;
     }
   }
 }
@@ -155,14 +160,17 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) 
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int k0 = blockIdx.x * BN;
+  const SeqView sv = seq_view(p, b, h);
+  if (k0 >= sv.Lk) return;  // varlen: past this sequence's last key (block-uniform)
+  const int Lq = sv.Lq, Lk = sv.Lk;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
-  const T* qg = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const T* dog = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
-  const T* c2p_bh = p.c2p ? reinterpret_cast<const T*>(p.c2p) + (int64_t)bh * p.Lq * p.S2 : nullptr;
-  const T* p2c_bh = p.p2c ? reinterpret_cast<const T*>(p.p2c) + (int64_t)bh * p.Lk * p.S2 : nullptr;
+  const T* qg = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + sv.qrow * p.q_sr;
+  const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sv.krow * p.k_sr;
+  const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sv.krow * p.v_sr;
+  const T* dog = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + sv.qrow * p.do_sr;
+  const T* c2p_bh = p.c2p ? reinterpret_cast<const T*>(p.c2p) + sv.qoff * p.S2 : nullptr;
+  const T* p2c_bh = p.p2c ? reinterpret_cast<const T*>(p.p2c) + sv.koff * p.S2 : nullptr;
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
   const bool rel = p.band_k != nullptr;
 
@@ -177,8 +185,8 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) 
     offset = (uint32_t)p.rng[1];
   }
 
-  load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, p.Lk);
-  load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, p.Lk);
+  load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, Lk);
+  load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, Lk);
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -187,15 +195,15 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) 
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
   float sat[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 
-  for (int q0 = 0; q0 < p.Lq; q0 += BM) {
+  for (int q0 = 0; q0 < Lq; q0 += BM) {
     __syncthreads();
-    load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, p.Lq);
-    load_tile<T, BM, D, kThreads>(dOs, dog, p.do_sr, q0, p.Lq);
+    load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, Lq);
+    load_tile<T, BM, D, kThreads>(dOs, dog, p.do_sr, q0, Lq);
     for (int r = threadIdx.x; r < BM; r += kThreads) {
       const int i = q0 + r;
-      const bool ok = i < p.Lq;
-      lse2_s[r] = ok ? p.lse_c[(int64_t)bh * p.Lq + i] * kLog2e : 0.f;
-      dlt_s[r] = ok ? p.delta[(int64_t)bh * p.Lq + i] : 0.f;
+      const bool ok = i < Lq;
+      lse2_s[r] = ok ? p.lse_c[sv.qoff + i] * kLog2e : 0.f;
+      dlt_s[r] = ok ? p.delta[sv.qoff + i] : 0.f;
       uni_s[r] = (p.uniform != nullptr && ok) ? (int)p.uniform[b * p.un_sb + h * p.un_sh + i] : 0;
     }
     __syncthreads();
@@ -213,9 +221,9 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int hh = e >> 1, j = cols_j[hh], il = nt * 8 + 2 * t + (e & 1), i = q0 + il;
-        const bool valid = i < p.Lq && j < p.Lk;
+        const bool valid = i < Lq && j < Lk;
         const bool u = uni_s[il] != 0;
-        const float sl = score_log2<T>(p, s[nt][e], i, j, c2p_bh, p2c_bh, km_b, u);
+        const float sl = score_log2<T>(p, s[nt][e], i, j, Lq, Lk, c2p_bh, p2c_bh, km_b, u);
         const float pr = valid ? exp2f(sl - lse2_s[il]) : 0.f;
         float pd = pr, dpv = dp[nt][e];
         if (p.dropout) {
@@ -230,30 +238,31 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) 
           const int d = i - j - p.dmin;
           if (d < 0) sat[hh][0] += ds;
           else if (d >= p.W) sat[hh][1] += ds;
-          else p.band_k[((int64_t)bh * p.Lk + j) * p.W + d] = ds;
+          else p.band_k[(sv.koff + j) * p.W + d] = ds;
         }
       }
     mma_acc_rows<T, D, NT>(dv, s, dOs);
     mma_acc_rows<T, D, NT>(dk, dp, Qs);
   }
 
-  T* dkg = reinterpret_cast<T*>(p.dk) + (int64_t)bh * p.Lk * D;
-  T* dvg = reinterpret_cast<T*>(p.dv) + (int64_t)bh * p.Lk * D;
+  const int64_t kbase = b * p.dk_sb + h * p.dk_sh + sv.krow * p.dk_sr;
+  T* dkg = reinterpret_cast<T*>(p.dk) + kbase;
+  T* dvg = reinterpret_cast<T*>(p.dv) + kbase;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const float lo = quad_sum(sat[hh][0]), hi = quad_sum(sat[hh][1]);
     const int j = cols_j[hh];
-    if (j >= p.Lk) continue;
+    if (j >= Lk) continue;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(dkg + (int64_t)j * D + dt * 8 + 2 * t) =
+      *reinterpret_cast<uint32_t*>(dkg + (int64_t)j * p.dk_sr + dt * 8 + 2 * t) =
           Pack<T>::pack(dk[dt][2 * hh], dk[dt][2 * hh + 1]);
-      *reinterpret_cast<uint32_t*>(dvg + (int64_t)j * D + dt * 8 + 2 * t) =
+      *reinterpret_cast<uint32_t*>(dvg + (int64_t)j * p.dk_sr + dt * 8 + 2 * t) =
           Pack<T>::pack(dv[dt][2 * hh], dv[dt][2 * hh + 1]);
     }
     if (rel && t == 0) {
-      p.sat_k[((int64_t)bh * p.Lk + j) * 2 + 0] = lo;
-      p.sat_k[((int64_t)bh * p.Lk + j) * 2 + 1] = hi;
+      p.sat_k[(sv.koff + j) * 2 + 0] = lo;
+      p.sat_k[(sv.koff + j) * 2 + 1] = hi;
     }
   }
 }

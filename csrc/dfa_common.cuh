@@ -162,7 +162,8 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, uint2 key) {
 }
 
 // Dropout random word of element (bh, i, j): counter {j/4, i, bh, offset}, key = seed;
-// output word j%4.  The element is kept iff the word >= drop_thresh (= p * 2^32).
+// output word j%4.  bh = b*H + h (varlen: n*H + h with i, j within sequence n), so no two
+// elements of one call share a counter.  The element is kept iff the word >= drop_thresh (= p * 2^32).
 __device__ __forceinline__ uint4 dropout_words(uint2 key, uint32_t offset, int bh, int i, int jgroup) {
   return philox4x32_10(make_uint4((uint32_t)jgroup, (uint32_t)i, (uint32_t)bh, offset), key);
 }
@@ -170,11 +171,14 @@ __device__ __forceinline__ uint32_t word_of(uint4 w, int idx) {
   return idx == 0 ? w.x : idx == 1 ? w.y : idx == 2 ? w.z : w.w;
 }
 
-// Score of (i, j) in log2 units, or -inf (masked / out of range).  `acc` is q_i.k_j.
+// Score of (i, j) in log2 units, or -inf (masked / out of range).  `acc` is q_i.k_j; i, j are
+// positions within the sequence, Lq / Lk its lengths (varlen: per sequence, table offset p.Lk - 1
+// = max_seqlen_k - 1).
 template <typename T>
-__device__ __forceinline__ float score_log2(const Params& p, float acc, int i, int j, const T* c2p_bh,
-                                            const T* p2c_bh, const uint8_t* km_b, bool uniform_row) {
-  if (i >= p.Lq || j >= p.Lk) return -INFINITY;
+__device__ __forceinline__ float score_log2(const Params& p, float acc, int i, int j, int Lq, int Lk,
+                                            const T* c2p_bh, const T* p2c_bh, const uint8_t* km_b,
+                                            bool uniform_row) {
+  if (i >= Lq || j >= Lk) return -INFINITY;
   if (uniform_row) return 0.f;  // HF's padded query rows: uniform over all Lk keys
   if (km_b != nullptr && km_b[j] == 0) return -INFINITY;
   float s = acc;
@@ -184,6 +188,39 @@ __device__ __forceinline__ float score_log2(const Params& p, float acc, int i, i
     if (p2c_bh != nullptr) s += Pack<T>::to_float(p2c_bh[(int64_t)j * p.S2 + slot]);
   }
   return s * p.scale_log2;
+}
+
+// What one block sees of its (batch element | packed sequence) b and head h.
+//   Lq, Lk     : lengths of this sequence (padded: p.Lq, p.Lk)
+//   qrow, krow : first token row of the sequence in q/o/dout/dq and k/v/dk/dv (padded: 0; the
+//                *_sb strides select b there, they are 0 in varlen mode)
+//   qoff, koff : row of (b, h, position 0) in the float / table buffers (lse, delta, c2p, band_q,
+//                sat_q | p2c, band_k, sat_k): padded (b*H + h) * Lq, varlen h * Tq + cu_q[b].
+// Everything is int64: tokens x strides can exceed 2^31 elements.  Lengths are clamped to
+// [0, max_seqlen] so that bad cu_seqlens can never index the slot table out of range (the host
+// validates them; see CudaBackend.forward_varlen).
+struct SeqView {
+  int Lq, Lk;
+  int64_t qrow, krow, qoff, koff;
+};
+__device__ __forceinline__ SeqView seq_view(const Params& p, int b, int h) {
+  SeqView v;
+  if (p.cu_q != nullptr) {
+    const int qs = __ldg(p.cu_q + b), ks = __ldg(p.cu_k + b);
+    v.Lq = min(max(__ldg(p.cu_q + b + 1) - qs, 0), p.Lq);
+    v.Lk = min(max(__ldg(p.cu_k + b + 1) - ks, 0), p.Lk);
+    v.qrow = qs;
+    v.krow = ks;
+    v.qoff = (int64_t)h * p.Tq + qs;
+    v.koff = (int64_t)h * p.Tk + ks;
+  } else {
+    v.Lq = p.Lq;
+    v.Lk = p.Lk;
+    v.qrow = v.krow = 0;
+    v.qoff = ((int64_t)b * p.H + h) * p.Lq;
+    v.koff = ((int64_t)b * p.H + h) * p.Lk;
+  }
+  return v;
 }
 
 __device__ __forceinline__ float quad_max(float x) {

@@ -1,6 +1,9 @@
 // Fused forward of DeBERTa disentangled attention: online softmax (FA2 style),
 // relative terms gathered from precomputed C2P / P2C tables, key-padding mask,
 // uniform rows, Philox dropout.  Writes O and the float32 LSE (natural log).
+// One kernel serves the padded batch and the packed variable-length (varlen) layout: the
+// per-block sequence offsets come from seq_view() (cu_seqlens read at run time, no extra
+// template instantiations); blocks past the end of their sequence exit at once.
 #include "dfa_common.cuh"
 
 namespace dfa {
@@ -24,13 +27,16 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int q0 = blockIdx.x * BM;
+  const SeqView sv = seq_view(p, b, h);
+  if (q0 >= sv.Lq) return;  // varlen: this sequence is shorter than max_seqlen_q (block-uniform)
+  const int Lq = sv.Lq, Lk = sv.Lk;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
-  const T* qg = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const T* c2p_bh = p.c2p ? reinterpret_cast<const T*>(p.c2p) + (int64_t)bh * p.Lq * p.S2 : nullptr;
-  const T* p2c_bh = p.p2c ? reinterpret_cast<const T*>(p.p2c) + (int64_t)bh * p.Lk * p.S2 : nullptr;
+  const T* qg = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + sv.qrow * p.q_sr;
+  const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sv.krow * p.k_sr;
+  const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sv.krow * p.v_sr;
+  const T* c2p_bh = p.c2p ? reinterpret_cast<const T*>(p.c2p) + sv.qoff * p.S2 : nullptr;
+  const T* p2c_bh = p.p2c ? reinterpret_cast<const T*>(p.p2c) + sv.koff * p.S2 : nullptr;
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
 
   int rows[2];
@@ -38,7 +44,7 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     rows[hh] = q0 + warp * 16 + g + 8 * hh;
-    uni[hh] = p.uniform != nullptr && rows[hh] < p.Lq && p.uniform[b * p.un_sb + h * p.un_sh + rows[hh]] != 0;
+    uni[hh] = p.uniform != nullptr && rows[hh] < Lq && p.uniform[b * p.un_sb + h * p.un_sh + rows[hh]] != 0;
   }
   uint2 key = make_uint2(0u, 0u);
   uint32_t offset = 0u;
@@ -48,17 +54,17 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
     offset = (uint32_t)p.rng[1];
   }
 
-  load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, p.Lq);
+  load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, Lq);
 
   float o[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  for (int k0 = 0; k0 < p.Lk; k0 += BN) {
+  for (int k0 = 0; k0 < Lk; k0 += BN) {
     __syncthreads();  // previous K/V tile fully consumed
-    load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, p.Lk);
-    load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, p.Lk);
+    load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, Lk);
+    load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, Lk);
     __syncthreads();
 
     float s[NT][4];
@@ -72,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
-        s[nt][e] = score_log2<T>(p, s[nt][e], rows[hh], j, c2p_bh, p2c_bh, km_b, uni[hh]);
+        s[nt][e] = score_log2<T>(p, s[nt][e], rows[hh], j, Lq, Lk, c2p_bh, p2c_bh, km_b, uni[hh]);
         mx[hh] = fmaxf(mx[hh], s[nt][e]);
       }
     float base[2];
@@ -110,19 +116,19 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
   }
 
   // epilogue
-  T* og = reinterpret_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
+  T* og = reinterpret_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + sv.qrow * p.o_sr;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const float lt = quad_sum(l[hh]);
     const int i = rows[hh];
-    if (i >= p.Lq) continue;
+    if (i >= Lq) continue;
     const float inv = lt > 0.f ? 1.f / lt : 0.f;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const uint32_t v = Pack<T>::pack(o[dt][2 * hh] * inv, o[dt][2 * hh + 1] * inv);
       *reinterpret_cast<uint32_t*>(og + (int64_t)i * p.o_sr + dt * 8 + 2 * t) = v;
     }
-    if (t == 0) p.lse[(int64_t)bh * p.Lq + i] = lt > 0.f ? (m[hh] + log2f(lt)) * kLn2 : -INFINITY;
+    if (t == 0) p.lse[sv.qoff + i] = lt > 0.f ? (m[hh] + log2f(lt)) * kLn2 : -INFINITY;
   }
 }
 

@@ -15,11 +15,13 @@ struct Params {
   // output / its gradient
   void* o; int64_t o_sb, o_sh, o_sr;
   const void* dout; int64_t do_sb, do_sh, do_sr;
-  // gradients (contiguous [B,H,L,D])
+  // gradients; dv shares dk's strides (last dim contiguous)
   void* dq; void* dk; void* dv;
-  // softmax statistics, contiguous [B,H,Lq] float32
+  int64_t dq_sb, dq_sh, dq_sr;
+  int64_t dk_sb, dk_sh, dk_sr;
+  // softmax statistics, float32, contiguous [B,H,Lq] (padded) or [H,Tq] (varlen)
   float* lse; const float* lse_c; const float* delta;
-  // relative tables, contiguous [B,H,Lq|Lk,S2] (nullptr = term absent)
+  // relative tables, contiguous [B,H,Lq|Lk,S2] (padded) or [H,Tq|Tk,S2] (varlen); nullptr = term absent
   const void* c2p; const void* p2c; const int32_t* table; int S2;
   // masks: key_mask uint8 [B,Lk] (1 = attend); uniform uint8 [B,1|H,Lq] (1 = uniform row)
   const uint8_t* key_mask; int64_t km_sb;
@@ -30,6 +32,11 @@ struct Params {
   float* band_q; float* sat_q; float* band_k; float* sat_k; int dmin; int W;
   int B, H, Lq, Lk;
   float scale, scale_log2;
+  // Packed variable-length mode (cu_q != nullptr): B = N sequences, Lq/Lk = max_seqlen_q/k (grid
+  // extent and slot-table offset: slot = table[i - j + Lk - 1], i, j within the sequence);
+  // sequence n is token rows cu_q[n]..cu_q[n+1] of q/o/dout (cu_k: k/v) and the *_sb strides are 0.
+  // Float / table buffers are [H, Tq|Tk, ...]: row (h*Tq + cu_q[n] + i).
+  const int32_t* cu_q; const int32_t* cu_k; int64_t Tq, Tk;
 };
 
 // Host launchers (defined in dfa_fwd.cu / dfa_bwd.cu).  dtype: 0 = fp16, 1 = bf16.

@@ -16,8 +16,18 @@ autograd formula)::
     cuda_attn_bwd(dout, q, k, v, out, lse, c2p?, p2c?, table?, key_mask?, uniform?, rng?, scale,
                   dropout_p, dmin, W, perm?, offs?) -> (dq, dk, dv, dc2p, dp2c)
 
+    cuda_varlen_fwd(q, k, v, c2p?, p2c?, table?, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                    max_seqlen_k, rng?, scale, dropout_p, band_lo, band_hi) -> (out, lse)
+    cuda_varlen_bwd(dout, q, k, v, out, lse, c2p?, p2c?, table?, cu_seqlens_q, cu_seqlens_k,
+                    max_seqlen_q, max_seqlen_k, rng?, scale, dropout_p, dmin, W, perm?, offs?)
+                    -> (dq, dk, dv, dc2p, dp2c)
+
 ``c2p = q @ pos_key^T`` and ``p2c = k @ pos_query^T`` are computed by the caller with torch,
 so autograd carries ``dc2p`` / ``dp2c`` back to ``q``, ``k``, ``pos_key`` and ``pos_query``.
+Padded ops: q ``[B,H,Lq,D]``, tables ``[B,H,L,2S]``, lse ``[B,H,Lq]``.  Varlen ops (packed
+sequences, positions restart per sequence): q ``[Tq,H,D]``, k/v ``[Tk,H,D]``, int32
+``cu_seqlens`` ``[N+1]``, tables ``[H,T,2S]`` (:func:`varlen_tables`), lse float32 ``[H,Tq]``,
+slot table of length ``max_seqlen_q + max_seqlen_k - 1``.
 """
 import os
 import threading
@@ -26,7 +36,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["load", "build_jit", "unavailable_reason", "ops", "band_window", "csrc_dir", "HEAD_DIMS"]
+__all__ = ["load", "build_jit", "unavailable_reason", "ops", "band_window", "varlen_tables", "csrc_dir",
+           "HEAD_DIMS"]
 
 HEAD_DIMS = (32, 64, 128)
 
@@ -147,6 +158,20 @@ def band_window(table: torch.Tensor, q_len: int, k_len: int, band_lo: int, band_
     return dmin, w, order.to(torch.int32), bounds.to(torch.int32)
 
 
+def varlen_tables(query: torch.Tensor, key: torch.Tensor, pos_key: Optional[torch.Tensor],
+                  pos_query: Optional[torch.Tensor]):
+    """``(C2P [H,Tq,2S], P2C [H,Tk,2S])`` over packed tokens (None where the term is absent).
+
+    ``query [Tq,H,D] @ pos_key[H,2S,D]^T`` per head: one batched torch GEMM, differentiable, and
+    the layout the varlen kernels read (row ``h*Tq + token``)."""
+    c2p = p2c = None
+    if pos_key is not None:
+        c2p = torch.matmul(query.transpose(0, 1), pos_key.transpose(-1, -2)).contiguous()
+    if pos_query is not None:
+        p2c = torch.matmul(key.transpose(0, 1), pos_query.transpose(-1, -2)).contiguous()
+    return c2p, p2c
+
+
 _ops_registered = False
 
 
@@ -219,6 +244,59 @@ def _register_ops():
                 None, None, None, None, None, None, None, None)
 
     cuda_attn_fwd.register_autograd(backward, setup_context=setup_context)
+
+    # ------------------------------------------------------------------ packed varlen
+    @torch.library.custom_op("deberta_fast::cuda_varlen_fwd", mutates_args=())
+    def cuda_varlen_fwd(q: T, k: T, v: T, c2p: OT, p2c: OT, table: OT, cu_seqlens_q: T, cu_seqlens_k: T,
+                        max_seqlen_q: int, max_seqlen_k: int, rng: OT, scale: float, dropout_p: float,
+                        band_lo: int, band_hi: int) -> tuple[T, T]:
+        out, lse = _need_ext().varlen_fwd(q, k, v, c2p, p2c, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, rng, scale, dropout_p)
+        return out, lse
+
+    @cuda_varlen_fwd.register_fake
+    def _(q, k, v, c2p, p2c, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng, scale,
+          dropout_p, band_lo, band_hi):
+        Tq, H, D = q.shape
+        return q.new_empty(Tq, H, D), q.new_empty(H, Tq, dtype=torch.float32)
+
+    @torch.library.custom_op("deberta_fast::cuda_varlen_bwd", mutates_args=())
+    def cuda_varlen_bwd(dout: T, q: T, k: T, v: T, out: T, lse: T, c2p: OT, p2c: OT, table: OT,
+                        cu_seqlens_q: T, cu_seqlens_k: T, max_seqlen_q: int, max_seqlen_k: int, rng: OT,
+                        scale: float, dropout_p: float, dmin: int, W: int, perm: OT,
+                        offs: OT) -> tuple[T, T, T, T, T]:
+        res = _need_ext().varlen_bwd(dout, q, k, v, out, lse, c2p, p2c, table, cu_seqlens_q, cu_seqlens_k,
+                                     max_seqlen_q, max_seqlen_k, rng, scale, dropout_p, dmin, W, perm, offs)
+        return tuple(res)
+
+    @cuda_varlen_bwd.register_fake
+    def _(dout, q, k, v, out, lse, c2p, p2c, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng,
+          scale, dropout_p, dmin, W, perm, offs):
+        dc2p = q.new_empty(c2p.shape) if c2p is not None else q.new_empty(0)
+        dp2c = q.new_empty(p2c.shape) if p2c is not None else q.new_empty(0)
+        return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape), dc2p, dp2c
+
+    def varlen_setup_context(ctx, inputs, output):
+        (q, k, v, c2p, p2c, table, cu_q, cu_k, max_q, max_k, rng, scale, dropout_p, band_lo, band_hi) = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, c2p, p2c, table, cu_q, cu_k, rng, out, lse)
+        ctx.max_q, ctx.max_k = max_q, max_k
+        ctx.scale, ctx.dropout_p, ctx.band_lo, ctx.band_hi = scale, dropout_p, band_lo, band_hi
+
+    def varlen_backward(ctx, dout, dlse):
+        q, k, v, c2p, p2c, table, cu_q, cu_k, rng, out, lse = ctx.saved_tensors
+        dmin, w, perm, offs = 0, 0, None, None
+        if c2p is not None or p2c is not None:
+            s2 = (c2p if c2p is not None else p2c).shape[-1]
+            # distances i - j of every sequence lie in [-(max_k-1), max_q-1]: one window for all
+            dmin, w, perm, offs = band_window(table, ctx.max_q, ctx.max_k, ctx.band_lo, ctx.band_hi, s2)
+        dq, dk, dv, dc2p, dp2c = torch.ops.deberta_fast.cuda_varlen_bwd(
+            aligned(dout), q, k, v, out, lse, c2p, p2c, table, cu_q, cu_k, ctx.max_q, ctx.max_k, rng, ctx.scale,
+            ctx.dropout_p, dmin, w, perm, offs)
+        return (dq, dk, dv, dc2p if c2p is not None else None, dp2c if p2c is not None else None,
+                None, None, None, None, None, None, None, None, None, None)
+
+    cuda_varlen_fwd.register_autograd(varlen_backward, setup_context=varlen_setup_context)
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:

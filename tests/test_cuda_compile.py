@@ -140,6 +140,11 @@ def test_bindings_compile(builds):
         pytest.skip("no host C++ compiler or CUDA headers (cuda_runtime_api.h) found")
     r = builds[key]
     assert r["rc"] == 0, f"host compile of the bindings failed:\n{' '.join(r['cmd'])}\n{r['log'][-6000:]}"
+    nm = shutil.which("nm")
+    if nm:  # the padded and the packed varlen entry points are both compiled in
+        syms = subprocess.run([nm, "-C", str(r["obj"])], capture_output=True, text=True).stdout
+        for fn in ("fwd(", "bwd(", "varlen_fwd(", "varlen_bwd(", "make_varlen("):
+            assert fn in syms, f"{fn[:-1]} missing from the bindings object"
 
 
 def test_nvcc_flags():

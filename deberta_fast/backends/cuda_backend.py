@@ -8,26 +8,58 @@ computed here with torch GEMMs (autograd carries their gradients to Q, K and the
 position embeddings); the kernels gather them in-tile through the slot table.
 Refused (with the reason): CPU tensors, float32/float64, other head dims, 3-D/4-D masks,
 GPUs older than sm_80, and everything when the extension is not built.
+
+Packed variable-length calls (:func:`deberta_fast.disentangled_attention_varlen`) run the same
+kernels with per-sequence offsets read from ``cu_seqlens`` (``deberta_fast::cuda_varlen_fwd/bwd``);
+tables ``[H, T, 2*span]`` over packed tokens (:func:`deberta_fast._cuda_ext.varlen_tables`).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _cuda_ext
-from .base import AttentionCall, Backend
+from .base import AttentionCall, Backend, VarlenCall
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def check_varlen_offsets(call: VarlenCall) -> None:
+    """Raise ``ValueError`` unless ``cu_seqlens_q/k`` start at 0, never decrease, end at the token counts
+    and no sequence is longer than ``max_seqlen_q/k`` (what the kernels trust).
+
+    One small device-to-host copy; skipped while torch.compile traces or a CUDA graph captures."""
+    if torch.compiler.is_compiling():
+        return
+    if call.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    cq, ck = call.cu_seqlens_q, call.cu_seqlens_k
+    lq, lk = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
+    flags = torch.stack([
+        cq[0] != 0, ck[0] != 0, cq[-1] != call.query.shape[0], ck[-1] != call.key.shape[0],
+        (lq < 0).any(), (lk < 0).any(), (lq > call.max_seqlen_q).any(), (lk > call.max_seqlen_k).any(),
+    ]).tolist()
+    msgs = ["cu_seqlens_q[0] must be 0", "cu_seqlens_k[0] must be 0",
+            f"cu_seqlens_q[-1] must equal the number of query tokens {call.query.shape[0]}",
+            f"cu_seqlens_k[-1] must equal the number of key tokens {call.key.shape[0]}",
+            "cu_seqlens_q must be non-decreasing", "cu_seqlens_k must be non-decreasing",
+            f"a query sequence is longer than max_seqlen_q={call.max_seqlen_q}",
+            f"a key sequence is longer than max_seqlen_k={call.max_seqlen_k}"]
+    bad = [m for f, m in zip(flags, msgs) if f]
+    if bad:
+        raise ValueError("disentangled_attention_varlen (cuda backend): " + "; ".join(bad))
 
 
 class CudaBackend(Backend):
     name = "cuda"
     summary = ("CUDA C++ extension (mma.sync, fp16/bf16, sm_80+): head dim 32/64/128, any Lq/Lk, c2p/p2c, "
-               "key-padding masks, dropout; O(L*span) memory")
+               "key-padding masks, dropout, packed varlen; O(L*span) memory")
+    supports_varlen = True
 
     def unavailable(self):
         return _cuda_ext.unavailable_reason()
 
-    def refusals(self, call: AttentionCall) -> list[str]:
+    @staticmethod
+    def _common_refusals(call) -> list[str]:
         why = []
         if call.device.type != "cuda":
             why.append(f"inputs are on {call.device}, the cuda backend needs CUDA tensors")
@@ -38,6 +70,14 @@ class CudaBackend(Backend):
         if call.head_dim not in _cuda_ext.HEAD_DIMS:
             why.append(f"head_dim {call.head_dim} is not compiled (supported: "
                        f"{', '.join(map(str, _cuda_ext.HEAD_DIMS))})")
+        if call.device.type == "cuda" and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(call.device)
+            if major < 8:
+                why.append(f"needs an sm_80+ GPU (mma.sync fp16/bf16), {call.device} is sm_{major}{minor}")
+        return why
+
+    def refusals(self, call: AttentionCall) -> list[str]:
+        why = self._common_refusals(call)
         if call.mask_kind == "full":
             why.append("3-D/4-D attention masks are not supported (only [B, Lk] key-padding masks); "
                        "use backend='triton' or backend='torch'")
@@ -45,10 +85,17 @@ class CudaBackend(Backend):
             why.append(f"B*H = {call.batch * call.heads} exceeds the grid limit 65535")
         if call.q_len + call.k_len >= (1 << 30):
             why.append("sequence too long (Lq + Lk must be < 2^30)")
-        if call.device.type == "cuda" and torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(call.device)
-            if major < 8:
-                why.append(f"needs an sm_80+ GPU (mma.sync fp16/bf16), {call.device} is sm_{major}{minor}")
+        return why
+
+    def refusals_varlen(self, call: VarlenCall) -> list[str]:
+        why = self._common_refusals(call)
+        n_h = call.num_seqs * call.heads
+        if n_h > 65535:
+            why.append(f"N*H = {n_h} (sequences x heads) exceeds the grid limit 65535; split the batch")
+        if call.max_seqlen_q + call.max_seqlen_k >= (1 << 30):
+            why.append("sequence too long (max_seqlen_q + max_seqlen_k must be < 2^30)")
+        if max(call.query.shape[0], call.key.shape[0]) >= (1 << 31):
+            why.append("more than 2^31 - 1 packed tokens (int32 cu_seqlens)")
         return why
 
     def forward(self, call: AttentionCall) -> torch.Tensor:
@@ -77,4 +124,26 @@ class CudaBackend(Backend):
             rng = torch.randint(0, 1 << 62, (2,), device=call.device, dtype=torch.int64)
         out, _lse = ops.cuda_attn_fwd(q, k, v, c2p, p2c, table, key_mask, uniform, rng, float(call.scale),
                                       float(call.dropout_p), band_lo, band_hi)
+        return out
+
+    def forward_varlen(self, call: VarlenCall) -> torch.Tensor:
+        check_varlen_offsets(call)
+        ops = _cuda_ext.ops()
+        q = _cuda_ext.aligned(call.query)
+        k = _cuda_ext.aligned(call.key)
+        v = _cuda_ext.aligned(call.value)
+        c2p, p2c = _cuda_ext.varlen_tables(call.query, call.key, call.pos_key, call.pos_query)
+        table = None
+        band_lo = band_hi = 0
+        if call.has_rel:
+            table = call.slot_table()
+            band = call.band()
+            band_lo, band_hi = int(band.lo), int(band.hi)
+        rng = None
+        if call.dropout_p > 0.0:
+            rng = torch.randint(0, 1 << 62, (2,), device=call.device, dtype=torch.int64)
+        out, _lse = ops.cuda_varlen_fwd(q, k, v, c2p, p2c, table, call.cu_seqlens_q.contiguous(),
+                                        call.cu_seqlens_k.contiguous(), int(call.max_seqlen_q),
+                                        int(call.max_seqlen_k), rng, float(call.scale), float(call.dropout_p),
+                                        band_lo, band_hi)
         return out

@@ -1,0 +1,538 @@
+"""Packed variable-length (varlen) path of the ``"cuda"`` backend.
+
+CPU: refusals, offset validation, fake kernels, and torch emulations of exactly what the kernels
+index (tables ``[H, T, 2S]`` at row ``h*T + token``, slot ``table[i - j + max_k - 1]``, one band
+window for all sequences, Philox counters ``{j/4, i, n*H + h, offset}``) against the torch backend
+and the per-sequence gather gradient.  GPU (``@pytest.mark.gpu``): kernels against the fp64
+reference run per sequence."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import deberta_fast
+from deberta_fast import _cuda_ext, disentangled_attention_reference, disentangled_attention_varlen
+from deberta_fast.backends import BACKENDS
+from deberta_fast.backends.cuda_backend import check_varlen_offsets
+from deberta_fast.dispatch import BackendUnavailableError, build_varlen_call
+from deberta_fast.positions import attention_span, relative_slot_table, slot_band
+from deberta_fast.reference import default_scale
+
+from test_cuda_backend import philox4x32_10  # noqa: E402  (numpy Philox, checked against Random123 there)
+
+HAS_CUDA = torch.cuda.is_available()
+BUILT = _cuda_ext.load() is not None
+
+
+def cu_of(lens, device="cpu"):
+    return torch.tensor([0, *np.cumsum(lens).tolist()], dtype=torch.int32, device=device)
+
+
+def make_packed(lens_q, lens_k=None, H=3, D=64, span=8, dtype=torch.float32, device="cpu", pk=True, pq=True,
+                seed=1):
+    lens_k = lens_q if lens_k is None else lens_k
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+
+    q, k, v = r(sum(lens_q), H, D), r(sum(lens_k), H, D), r(sum(lens_k), H, D)
+    return (q, k, v, r(H, 2 * span, D) if pk else None, r(H, 2 * span, D) if pq else None,
+            cu_of(lens_q, device), cu_of(lens_k, device))
+
+
+def vcall(q, k, v, pk, pq, cq, ck, buckets=4, max_rel=16, dropout_p=0.0, max_q=None, max_k=None):
+    lq = (cq[1:] - cq[:-1]).tolist()
+    lk = (ck[1:] - ck[:-1]).tolist()
+    return build_varlen_call(q, k, v, pk, pq, cq, ck, max_q or max(max(lq), 1), max_k or max(max(lk), 1),
+                             position_buckets=buckets, max_relative_positions=max_rel, scale=None,
+                             dropout_p=dropout_p)
+
+
+# ----------------------------------------------------------------------------- CPU: contract, refusals
+def test_supports_varlen_and_summary():
+    be = BACKENDS["cuda"]
+    assert be.supports_varlen is True
+    assert "varlen" in be.summary
+
+
+def test_varlen_refusals_list_every_reason():
+    be = BACKENDS["cuda"]
+    q, k, v, pk, pq, cq, ck = make_packed([5, 9], D=48, dtype=torch.float32)
+    why = " | ".join(be.refusals_varlen(vcall(q, k, v, pk, pq, cq, ck)))
+    assert "needs CUDA tensors" in why
+    assert "torch.float32 is not supported" in why
+    assert "head_dim 48 is not compiled" in why
+
+
+def test_varlen_refusals_cpu_half_only_device():
+    q, k, v, pk, pq, cq, ck = make_packed([5, 1, 9], [3, 7, 2], dtype=torch.bfloat16)
+    why = BACKENDS["cuda"].refusals_varlen(vcall(q, k, v, pk, pq, cq, ck, dropout_p=0.1))
+    assert len(why) == 1 and "needs CUDA tensors" in why[0], why
+
+
+def test_varlen_refuses_grid_overflow():
+    n, H = 40000, 2  # N*H = 80000 > 65535
+    q = torch.zeros(n, H, 32, dtype=torch.float16)
+    cu = torch.arange(n + 1, dtype=torch.int32)
+    call = build_varlen_call(q, q, q, None, None, cu, cu, 1, 1, position_buckets=4, max_relative_positions=16,
+                             scale=None, dropout_p=0.0)
+    why = " | ".join(BACKENDS["cuda"].refusals_varlen(call))
+    assert "N*H = 80000" in why and "split the batch" in why
+
+
+def test_varlen_dispatch_refuses_on_cpu_and_auto_falls_back():
+    q, k, v, pk, pq, cq, ck = make_packed([4, 7], dtype=torch.float16)
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' cannot serve this call"):
+        disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, 7, 7, position_buckets=4, max_relative_positions=16,
+                                      backend="cuda")
+
+
+@pytest.mark.skipif(BUILT, reason="the extension is built here")
+def test_varlen_ops_raise_clearly_without_build():
+    q, k, v, pk, pq, cq, ck = make_packed([4, 7], dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="not built"):
+        _cuda_ext.ops().cuda_varlen_fwd(q, k, v, None, None, None, cq, ck, 7, 7, None, 0.1, 0.0, 0, 0)
+
+
+def test_varlen_fake_kernels_give_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = _cuda_ext.ops()
+    with FakeTensorMode():
+        q = torch.empty(11, 3, 64, dtype=torch.float16)
+        k = torch.empty(13, 3, 64, dtype=torch.float16)
+        c2p = torch.empty(3, 11, 16, dtype=torch.float16)
+        p2c = torch.empty(3, 13, 16, dtype=torch.float16)
+        cu = torch.empty(3, dtype=torch.int32)
+        out, lse = ops.cuda_varlen_fwd(q, k, k, c2p, p2c, None, cu, cu, 8, 9, None, 0.1, 0.0, -8, 8)
+        assert out.shape == (11, 3, 64) and lse.shape == (3, 11) and lse.dtype == torch.float32
+        dq, dk, dv, dc2p, dp2c = ops.cuda_varlen_bwd(q, q, k, k, q, lse, c2p, None, None, cu, cu, 8, 9, None, 0.1,
+                                                     0.0, 0, 1, None, None)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
+        assert dc2p.shape == c2p.shape and dp2c.numel() == 0
+
+
+def test_check_varlen_offsets():
+    q, k, v, pk, pq, cq, ck = make_packed([5, 1, 9], [3, 7, 2], dtype=torch.float16)
+    check_varlen_offsets(vcall(q, k, v, pk, pq, cq, ck))  # valid: no error
+    cases = [
+        (dict(max_q=8), "a query sequence is longer than max_seqlen_q=8"),
+        (dict(max_k=6), "a key sequence is longer than max_seqlen_k=6"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            check_varlen_offsets(vcall(q, k, v, pk, pq, cq, ck, **kw))
+    bad_end = torch.tensor([0, 5, 6, 14], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_q\\[-1\\] must equal the number of query tokens 15"):
+        check_varlen_offsets(vcall(q, k, v, pk, pq, bad_end, ck, max_q=9))
+    bad_start = torch.tensor([1, 4, 11, 12], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_k\\[0\\] must be 0"):
+        check_varlen_offsets(vcall(q, k, v, pk, pq, cq, bad_start, max_k=7))
+    dec = torch.tensor([0, 6, 5, 15], dtype=torch.int32)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        check_varlen_offsets(vcall(q, k, v, pk, pq, dec, ck, max_q=10))
+
+
+def test_varlen_tables_layout():
+    q, k, v, pk, pq, cq, ck = make_packed([5, 9], [4, 6], dtype=torch.float64)
+    c2p, p2c = _cuda_ext.varlen_tables(q, k, pk, pq)
+    assert c2p.shape == (3, 14, 16) and p2c.shape == (3, 10, 16)
+    assert c2p.is_contiguous() and p2c.is_contiguous()
+    torch.testing.assert_close(c2p[1, 7], pk[1] @ q[7, 1])
+    torch.testing.assert_close(p2c[2, 3], pq[2] @ k[3, 2])
+    c2p_only, none = _cuda_ext.varlen_tables(q, k, pk, None)
+    assert none is None and torch.equal(c2p_only, c2p)
+
+
+# ----------------------------------------------------------------------------- CPU: kernel index emulation
+def _seqs(cq, ck):
+    for n in range(cq.numel() - 1):
+        yield n, int(cq[n]), int(cq[n + 1] - cq[n]), int(ck[n]), int(ck[n + 1] - ck[n])
+
+
+def emulate_varlen_forward(call, keep=None):
+    """Forward exactly as the kernels index it: flat [H*T, 2S] tables at row h*T + token, slot from the
+    max-length table at i - j + max_k - 1, LSE [H, Tq]."""
+    q, k, v = call.query.double(), call.key.double(), call.value.double()
+    Tq, H, D = q.shape
+    Tk = k.shape[0]
+    pk = call.pos_key.double() if call.pos_key is not None else None
+    pq = call.pos_query.double() if call.pos_query is not None else None
+    c2p, p2c = _cuda_ext.varlen_tables(q, k, pk, pq)
+    table = call.slot_table().long() if call.has_rel else None
+    c2p_f = c2p.reshape(H * Tq, -1) if c2p is not None else None
+    p2c_f = p2c.reshape(H * Tk, -1) if p2c is not None else None
+    out = torch.zeros(Tq, H, D, dtype=torch.float64)
+    lse = torch.full((H, Tq), -math.inf, dtype=torch.float64)
+    for n, qs, lq, ks, lk in _seqs(call.cu_seqlens_q, call.cu_seqlens_k):
+        if lq == 0 or lk == 0:
+            continue
+        i = torch.arange(lq)[:, None]
+        j = torch.arange(lk)[None, :]
+        for h in range(H):
+            qoff, koff = h * Tq + qs, h * Tk + ks
+            s = q[qs:qs + lq, h] @ k[ks:ks + lk, h].T
+            if table is not None:
+                slot = table[i - j + call.max_seqlen_k - 1]
+                if c2p_f is not None:
+                    s = s + c2p_f[qoff + i, slot]
+                if p2c_f is not None:
+                    s = s + p2c_f[koff + j, slot]
+            s = s * call.scale
+            lse[h, qs:qs + lq] = torch.logsumexp(s, -1)
+            pr = torch.softmax(s, -1)
+            if keep is not None:
+                pr = pr * keep[n][h] / (1.0 - call.dropout_p)
+            out[qs:qs + lq, h] = pr @ v[ks:ks + lk, h]
+    return out, lse
+
+
+@pytest.mark.parametrize("lens_q,lens_k,buckets,max_rel", [
+    ([1, 17, 40, 6], None, 4, 16),       # lengths 1, odd, longer than the band (span 4)
+    ([5, 30, 1], [9, 2, 33], 256, 512),  # Lq != Lk per sequence, unbucketed band covers all
+    ([12, 3], [4, 25], -1, 6),           # no buckets, v1-style span
+])
+@pytest.mark.parametrize("terms", ["c2p", "p2c", "c2p+p2c"])
+def test_emulated_kernel_indexing_matches_torch_backend(lens_q, lens_k, buckets, max_rel, terms):
+    span = attention_span(buckets, max_rel)
+    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, H=2, D=8, span=span, dtype=torch.float64,
+                                          pk="c2p" in terms, pq="p2c" in terms)
+    call = vcall(q, k, v, pk, pq, cq, ck, buckets=buckets, max_rel=max_rel)
+    got, _ = emulate_varlen_forward(call)
+    want = BACKENDS["torch"].forward_varlen(call)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def band_emulation_varlen(ds_per_seq, cq, ck, H, table, max_q, max_k, band, s2, by_key):
+    """Backward kernels + band_to_slots over packed rows: band rows (h*T + token), ONE window for all
+    sequences from band_window(table, max_q, max_k, ...)."""
+    dmin, w, perm, offs = _cuda_ext.band_window(table, max_q, max_k, band.lo, band.hi, s2)
+    T = int((ck if by_key else cq)[-1])
+    rows = H * T
+    bandbuf = torch.zeros(rows, max(w, 1), dtype=torch.float64)
+    sat = torch.zeros(rows, 2, dtype=torch.float64)
+    for (n, qs, lq, ks, lk), ds in zip(_seqs(cq, ck), ds_per_seq):
+        i = torch.arange(lq)[:, None].expand(lq, lk)
+        j = torch.arange(lk)[None, :].expand(lq, lk)
+        d = i - j - dmin
+        assert d.numel() == 0 or (d.min() >= -(max_k - 1) - dmin and d.max() < max_q - dmin)
+        for h in range(H):
+            base = h * T + (ks if by_key else qs)
+            r = base + (j if by_key else i)
+            lo, hi, mid = d < 0, d >= w, (d >= 0) & (d < w)
+            sat[:, 0].index_put_((r[lo],), ds[h][lo], accumulate=True)
+            sat[:, 1].index_put_((r[hi],), ds[h][hi], accumulate=True)
+            # one writer per element in the kernels: assert no collisions
+            assert torch.unique(r[mid] * max(w, 1) + d[mid]).numel() == int(mid.sum())
+            bandbuf[r[mid], d[mid]] = ds[h][mid]
+    out = torch.zeros(rows, s2, dtype=torch.float64)
+    for s in range(s2):
+        idx = perm[int(offs[s]):int(offs[s + 1])].long()
+        out[:, s] = bandbuf[:, idx].sum(-1)
+    out[:, 0] += sat[:, 0]
+    out[:, s2 - 1] += sat[:, 1]
+    return out.view(H, T, s2)
+
+
+@pytest.mark.parametrize("lens_q,lens_k,buckets,max_rel", [
+    ([1, 9, 23], None, 4, 16), ([6, 2, 31], [13, 1, 7], 8, 6), ([3, 40], [40, 3], 256, 512), ([7], [2], -1, 3),
+])
+def test_varlen_band_window_reproduces_per_sequence_gather_gradient(lens_q, lens_k, buckets, max_rel):
+    lens_k = lens_k or lens_q
+    H = 2
+    span = attention_span(buckets, max_rel)
+    s2 = 2 * span
+    max_q, max_k = max(lens_q), max(lens_k)
+    table = relative_slot_table(max_q, max_k, buckets, max_rel, span)
+    band = slot_band(buckets, max_rel, span)
+    cq, ck = cu_of(lens_q), cu_of(lens_k)
+    g = torch.Generator().manual_seed(3)
+    ds = [torch.randn(H, lq, lk, generator=g, dtype=torch.float64) for lq, lk in zip(lens_q, lens_k)]
+    want_q = torch.zeros(H, sum(lens_q), s2, dtype=torch.float64)
+    want_k = torch.zeros(H, sum(lens_k), s2, dtype=torch.float64)
+    for (n, qs, lq, ks, lk), d in zip(_seqs(cq, ck), ds):
+        # per-sequence table (its own lengths): what the reference gathers
+        t_n = relative_slot_table(lq, lk, buckets, max_rel, span).long()
+        idx = t_n[torch.arange(lq)[:, None] - torch.arange(lk)[None, :] + lk - 1]
+        want_q[:, qs:qs + lq] = torch.zeros(H, lq, s2, dtype=torch.float64).scatter_add_(
+            -1, idx.expand(H, lq, lk), d)
+        want_k[:, ks:ks + lk] = torch.zeros(H, lk, s2, dtype=torch.float64).scatter_add_(
+            -1, idx.t().expand(H, lk, lq), d.transpose(-1, -2))
+    got_q = band_emulation_varlen(ds, cq, ck, H, table, max_q, max_k, band, s2, by_key=False)
+    got_k = band_emulation_varlen(ds, cq, ck, H, table, max_q, max_k, band, s2, by_key=True)
+    torch.testing.assert_close(got_q, want_q)
+    torch.testing.assert_close(got_k, want_k)
+
+
+def keep_mask_varlen(seed, offset, lens_q, lens_k, H, p):
+    """The kernels' varlen dropout mask per sequence: word (j%4) of Philox({j/4, i, n*H+h, offset}, seed)."""
+    thresh = min(int(round(p * 2 ** 32)), 2 ** 32 - 1)
+    masks = []
+    for n, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        bh, i, j = np.meshgrid(n * H + np.arange(H), np.arange(lq), np.arange(lk), indexing="ij")
+        words = philox4x32_10([j >> 2, i, bh, np.full_like(j, offset & 0xFFFFFFFF)],
+                              (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
+        masks.append(torch.from_numpy(np.choose(j & 3, words) >= thresh))
+    return masks
+
+
+def test_varlen_dropout_counters_distinct_and_statistics():
+    lens_q, lens_k, H = [7, 33, 1, 64], [9, 33, 5, 64], 3
+    # counters (j/4, i, n*H+h) never repeat across sequences / heads for one (seed, offset)
+    ctrs = set()
+    for n, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        for h in range(H):
+            for i in range(lq):
+                for jg in range((lk + 3) // 4):
+                    ctrs.add((jg, i, n * H + h))
+    assert len(ctrs) == sum(H * lq * ((lk + 3) // 4) for lq, lk in zip(lens_q, lens_k))
+    keep = keep_mask_varlen(0x1234_5678_9ABC, 0, lens_q, lens_k, H, 0.3)
+    frac = torch.cat([m.reshape(-1) for m in keep]).float().mean().item()
+    assert abs(frac - 0.7) < 0.02
+    # different sequences with equal lengths get different masks
+    assert not torch.equal(keep[1], keep_mask_varlen(0x1234_5678_9ABC, 0, [33], [33], H, 0.3)[0])
+
+
+def test_emulated_dropout_forward_matches_reference_with_keep():
+    lens_q, lens_k = [5, 12], [8, 3]
+    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, H=2, D=8, span=4, dtype=torch.float64)
+    call = vcall(q, k, v, pk, pq, cq, ck, buckets=4, max_rel=16, dropout_p=0.25)
+    keep = keep_mask_varlen(99, 5, lens_q, lens_k, 2, 0.25)
+    got, _ = emulate_varlen_forward(call, keep)
+    want = ref_varlen(q, k, v, pk, pq, cq, ck, 4, 16, keep=keep, p=0.25)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- fp64 per-sequence reference
+def ref_varlen(q, k, v, pk, pq, cq, ck, buckets, max_rel, keep=None, p=0.0):
+    """Per-sequence fp64 reference (differentiable in its inputs); zero rows for sequences with no key."""
+    D = q.shape[-1]
+    scale = default_scale(D, (pk is not None) + (pq is not None))
+    outs = []
+    for n, qs, lq, ks, lk in _seqs(cq.cpu(), ck.cpu()):
+        if lq == 0:
+            continue
+        if lk == 0:
+            outs.append(q.new_zeros(lq, q.shape[1], D, dtype=torch.float64))
+            continue
+        qn = q[qs:qs + lq].transpose(0, 1)[None].double()
+        kn = k[ks:ks + lk].transpose(0, 1)[None].double()
+        vn = v[ks:ks + lk].transpose(0, 1)[None].double()
+        _, probs = disentangled_attention_reference(
+            qn, kn, vn, pk.double() if pk is not None else None, pq.double() if pq is not None else None,
+            position_buckets=buckets, max_relative_positions=max_rel, return_probs=True, scale=scale)
+        if keep is not None:
+            probs = probs * keep[n].to(probs.device, probs.dtype)[None] / (1.0 - p)
+        outs.append((probs @ vn)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+# ----------------------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+needs_ext = pytest.mark.skipif(not (HAS_CUDA and BUILT), reason="needs a CUDA device and the built extension")
+
+
+def _run_varlen(dtype, D, lens_q, lens_k, terms, buckets, max_rel, H=3):
+    span = attention_span(buckets, max_rel)
+    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, H, D, span, dtype, "cuda", "c2p" in terms,
+                                          "p2c" in terms)
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pq) if t is not None]
+    out = disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, max(lens_q), max(lens_k),
+                                        position_buckets=buckets, max_relative_positions=max_rel, backend="cuda")
+    assert deberta_fast.last_backend() == "cuda" and out.shape == q.shape
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, go)
+    rl = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(rl)
+    rq, rk, rv = next(it), next(it), next(it)
+    rpk = next(it) if pk is not None else None
+    rpq = next(it) if pq is not None else None
+    ref = ref_varlen(rq, rk, rv, rpk, rpq, cq, ck, buckets, max_rel)
+    rgrads = torch.autograd.grad(ref, rl, go.double(), allow_unused=True)
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    for name, g, rg in zip(("q", "k", "v", "pos_key", "pos_query"), grads, rgrads):
+        rg = torch.zeros_like(g, dtype=torch.float64) if rg is None else rg
+        err = (g.double() - rg).abs().max().item() / (rg.abs().max().item() + 1e-6)
+        assert err < 3 * tol, f"d{name}: relative max error {err:.3g}"
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("terms", ["", "c2p", "p2c", "c2p+p2c"])
+def test_gpu_varlen_variants(dtype, D, terms):
+    _run_varlen(dtype, D, [1, 77, 130, 64], None, terms, 256, 512)
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("lens_q,lens_k", [
+    ([1], [1]), ([1, 65, 3], [65, 1, 3]), ([50, 131, 7], [131, 50, 200]), ([129, 0, 5], [129, 4, 0]),
+])
+@pytest.mark.parametrize("buckets,max_rel", [(256, 512), (-1, 24), (8, 32)])
+def test_gpu_varlen_lengths_buckets(lens_q, lens_k, buckets, max_rel):
+    # (8, 32) / (-1, 24): sequences longer than the band; 0-length sequences: no rows / no keys
+    _run_varlen(torch.bfloat16, 64, lens_q, lens_k, "c2p+p2c", buckets, max_rel)
+
+
+def _direct(q, k, v, pk, pq, cq, ck, max_q, max_k, buckets, max_rel, p, seed, offset=0):
+    call = build_varlen_call(q, k, v, pk, pq, cq, ck, max_q, max_k, position_buckets=buckets,
+                             max_relative_positions=max_rel, scale=None, dropout_p=p)
+    c2p, p2c = _cuda_ext.varlen_tables(q, k, pk, pq)
+    lo, hi = (call.band().lo, call.band().hi) if call.has_rel else (0, 0)
+    rng = torch.tensor([seed, offset], dtype=torch.int64, device=q.device)
+    return _cuda_ext.ops().cuda_varlen_fwd(q, k, v, c2p, p2c, call.slot_table() if call.has_rel else None, cq, ck,
+                                           max_q, max_k, rng, call.scale, p, lo, hi)
+
+
+@gpu
+@needs_ext
+def test_gpu_varlen_dropout_exact_mask_forward_and_backward():
+    p, seed = 0.2, 0x1234_5678_9ABC
+    lens_q, lens_k = [64, 1, 45], [64, 9, 93]
+    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, 3, 64, 8, torch.float16, "cuda")
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
+    out, lse = _direct(q, k, v, pk, pq, cq, ck, 64, 93, 4, 16, p, seed)
+    keep = keep_mask_varlen(seed, 0, lens_q, lens_k, 3, p)
+    rl = [t.detach().double().requires_grad_() for t in leaves]
+    ref = ref_varlen(*rl, cq, ck, 4, 16, keep=keep, p=p)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, go)
+    rgrads = torch.autograd.grad(ref, rl, go.double())
+    for g, rg in zip(grads, rgrads):
+        assert (g.double() - rg).abs().max().item() <= 6e-2 * (rg.abs().max().item() + 1e-6)
+
+
+@gpu
+@needs_ext
+def test_gpu_varlen_dropout_statistics_and_lse():
+    p, H, L = 0.25, 2, 256
+    lens = [L, L, L]
+    q = torch.zeros(3 * L, H, 64, dtype=torch.float16, device="cuda")
+    v = torch.ones(3 * L, H, 64, dtype=torch.float16, device="cuda")
+    cu = cu_of(lens, "cuda")
+    out, lse = _direct(q, q, v, None, None, cu, cu, L, L, 4, 16, p, 987654321)
+    # uniform probabilities and v = 1: out = (#kept / L) / (1 - p)
+    kept = out[..., 0].float() * (1 - p)
+    assert abs(kept.mean().item() - (1 - p)) < 0.01
+    assert kept.std().item() == pytest.approx(math.sqrt(p * (1 - p) / L), rel=0.2)
+    torch.testing.assert_close(lse, torch.full_like(lse, math.log(L)), atol=1e-4, rtol=0)
+    # equal sequences must not share masks (counters carry n*H + h)
+    assert not torch.equal(out[:L], out[L:2 * L])
+    out2, _ = _direct(q, q, v, None, None, cu, cu, L, L, 4, 16, p, 987654321)
+    assert torch.equal(out, out2)
+    out3, _ = _direct(q, q, v, None, None, cu, cu, L, L, 4, 16, p, 987654322)
+    assert not torch.equal(out, out3)
+
+
+@gpu
+@needs_ext
+def test_gpu_varlen_lse_matches_emulation():
+    lens_q, lens_k = [70, 3, 129], [20, 140, 129]
+    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, 2, 64, 8, torch.bfloat16, "cuda")
+    _, lse = _direct(q, k, v, pk, pq, cq, ck, 129, 140, 4, 16, 0.0, 0)
+    call = vcall(q.cpu(), k.cpu(), v.cpu(), pk.cpu(), pq.cpu(), cq.cpu(), ck.cpu(), buckets=4, max_rel=16)
+    _, want = emulate_varlen_forward(call)
+    torch.testing.assert_close(lse.double().cpu(), want, atol=3e-2, rtol=1e-2)
+
+
+@gpu
+@needs_ext
+def test_gpu_varlen_backward_is_deterministic():
+    lens = [300, 17, 257, 1]
+    q, k, v, pk, pq, cq, ck = make_packed(lens, None, 4, 64, 256, torch.bfloat16, "cuda")
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
+    go = torch.randn_like(q)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)  # same dropout seed both times: same mask, bitwise-equal gradients
+        out = disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, 300, 300, position_buckets=256,
+                                            max_relative_positions=512, backend="cuda", dropout_p=0.1)
+        runs.append(torch.autograd.grad(out, leaves, go))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@gpu
+@needs_ext
+def test_gpu_varlen_matches_padded_cuda_path():
+    """Same sequences through the padded kernels (key mask) and the varlen kernels."""
+    lens = [37, 64, 5]
+    q, k, v, pk, pq, cq, ck = make_packed(lens, None, 2, 64, 8, torch.float16, "cuda")
+    out_v = disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, 64, 64, position_buckets=4,
+                                          max_relative_positions=16, backend="cuda")
+    for n, qs, lq, ks, lk in _seqs(cq.cpu(), ck.cpu()):
+        qn = q[qs:qs + lq].transpose(0, 1)[None]
+        kn = k[ks:ks + lk].transpose(0, 1)[None]
+        vn = v[ks:ks + lk].transpose(0, 1)[None]
+        out_p = deberta_fast.disentangled_attention(qn, kn, vn, pk, pq, position_buckets=4,
+                                                    max_relative_positions=16, backend="cuda")
+        torch.testing.assert_close(out_v[qs:qs + lq], out_p[0].transpose(0, 1), atol=2e-3, rtol=2e-3)
+
+
+@gpu
+@needs_ext
+def test_gpu_varlen_errors_are_actionable():
+    q, k, v, pk, pq, cq, ck = make_packed([4, 7], None, 2, 64, 8, torch.float16, "cuda")
+    ext = _cuda_ext.load()
+    with pytest.raises(RuntimeError, match="int32"):
+        ext.varlen_fwd(q, k, v, None, None, None, cq.long(), ck, 7, 7, None, 0.1, 0.0)
+    with pytest.raises(RuntimeError, match=r"\[H, total_tokens, 2\*span\]"):
+        c2p = torch.zeros(11, 2, 16, device="cuda", dtype=q.dtype)  # [T, H, 2S] instead of [H, T, 2S]
+        ext.varlen_fwd(q, k, v, c2p, None, None, cq, ck, 7, 7, None, 0.1, 0.0)
+    with pytest.raises(RuntimeError, match="3-D"):
+        ext.varlen_fwd(q[None], k, v, None, None, None, cq, ck, 7, 7, None, 0.1, 0.0)
+    with pytest.raises(ValueError, match="longer than max_seqlen_q=5"):
+        disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, 5, 7, position_buckets=4, max_relative_positions=16,
+                                      backend="cuda")
+
+
+@gpu
+@needs_ext
+def test_gpu_varlen_torch_compile():
+    q, k, v, pk, pq, cq, ck = make_packed([30, 64, 1], None, 2, 64, 8, torch.float16, "cuda")
+
+    def f(q, k, v, pk, pq):
+        return disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, 64, 64, position_buckets=4,
+                                             max_relative_positions=16, backend="cuda")
+
+    ref = f(q, k, v, pk, pq)
+    got = torch.compile(f, fullgraph=False)(q, k, v, pk, pq)
+    torch.testing.assert_close(got, ref)
+
+
+@gpu
+@needs_ext
+def test_gpu_varlen_int64_offsets():
+    """Token offsets x row stride beyond 2^31 elements: the last sequences sit past 2^31."""
+    H, D, L = 16, 128, 512
+    N = (1 << 31) // (L * H * D) + 4  # 4 sequences start beyond element 2^31
+    need = 7 * N * L * H * D * 2 + (4 << 30)  # q, k, v, out, dq, dk, dv (fp16) + slack
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB free GPU memory")
+    T = N * L
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(T, H, D, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(T, H, D, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(T, H, D, device="cuda", dtype=torch.float16, generator=g)
+    cu = cu_of([L] * N, "cuda")
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = disentangled_attention_varlen(q, k, v, None, None, cu, cu, L, L, position_buckets=256,
+                                        max_relative_positions=512, backend="cuda")
+    go = torch.randn(T, H, D, device="cuda", dtype=torch.float16, generator=g)
+    dq, dk, dv = torch.autograd.grad(out, leaves, go)
+    assert (N - 1) * L * H * D > (1 << 31)
+    for n in (0, N - 1):
+        s = slice(n * L, (n + 1) * L)
+        rl = [t[s].detach().double().requires_grad_() for t in (q, k, v)]
+        cq1 = cu_of([L])
+        ref = ref_varlen(*rl, None, None, cq1, cq1, 256, 512)
+        torch.testing.assert_close(out[s].double(), ref, atol=2e-2, rtol=2e-2)
+        rg = torch.autograd.grad(ref, rl, go[s].double())
+        for g_, r_ in zip((dq[s], dk[s], dv[s]), rg):
+            assert (g_.double() - r_).abs().max().item() <= 6e-2 * (r_.abs().max().item() + 1e-6)
