@@ -13,11 +13,15 @@ seed) and form ``dS = scale * P * (dP - DELTA)`` with ``DELTA = rowsum(dO * O)``
 
 ``END - START`` is ``dC2P`` / ``dP2C`` (see ``_segment_scan``); the host turns them into the
 position gradients with small GEMMs.  Every output location has one writer: deterministic.
+
+``VARLEN``: packed sequences (layouts as in the forward kernel; grids over the longest
+sequence's blocks and ``N*H``): ``LSE``/``DELTA [H,Tq]``, ``DQ [H,Tq,D]``, ``DK``/``DV [H,Tk,D]``,
+``CSTART``/``CEND [H,Tq,NSLOT]``, ``PSTART``/``PEND [H,Tk,NSLOT]``, all float32.
 """
 import triton
 import triton.language as tl
 
-from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _segment_scan
+from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _segment_scan, _sequence
 
 
 @triton.jit
@@ -49,33 +53,36 @@ def _probs_and_ds(q, k, v, do, lse2, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_
 
 @triton.jit
 def disentangled_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, C2P, P2C, TABLE, KMASK, FMASK, UNI, DK, DV, PSTART, PEND,
+    Q, K, V, DO, LSE, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSTART, PEND,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
+    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    q0, Lq, k0, Lk, qrow0, krow0, TABLE = _sequence(CU_Q, CU_K, TABLE, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
     start_n = pid_n * BLOCK_N
+    if start_n >= Lk:  # packed: this sequence is shorter than the longest one
+        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     n_ok = offs_n < Lk
     kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b.to(tl.int64) * s_kb + h * s_kh + offs_n.to(tl.int64)[:, None] * s_kn + offs_d[None, :],
+    k = tl.load(K + b.to(tl.int64) * s_kb + h * s_kh + (k0 + offs_n).to(tl.int64)[:, None] * s_kn + offs_d[None, :],
                 mask=kv_ok, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * s_vb + h * s_vh + offs_n.to(tl.int64)[:, None] * s_vn + offs_d[None, :],
+    v = tl.load(V + b.to(tl.int64) * s_vb + h * s_vh + (k0 + offs_n).to(tl.int64)[:, None] * s_vn + offs_d[None, :],
                 mask=kv_ok, other=0.0)
-    Q_bh = Q + b.to(tl.int64) * s_qb + h * s_qh
-    DO_bh = DO + b.to(tl.int64) * s_ob + h * s_oh
-    C2P_bh = C2P + bh.to(tl.int64) * Lq * NSLOT
-    P2C_bh = P2C + bh.to(tl.int64) * Lk * NSLOT
-    rows = (bh.to(tl.int64) * Lk + offs_n) * NSLOT
+    Q_bh = Q + b.to(tl.int64) * s_qb + h * s_qh + q0.to(tl.int64) * s_qm
+    DO_bh = DO + b.to(tl.int64) * s_ob + h * s_oh + q0.to(tl.int64) * s_om
+    C2P_bh = C2P + qrow0 * NSLOT
+    P2C_bh = P2C + krow0 * NSLOT
+    rows = (krow0 + offs_n) * NSLOT
     qk_scale = scale * LOG2E
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -87,8 +94,8 @@ def disentangled_bwd_dkdv_kernel(
         qo_ok = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q_bh + offs_m.to(tl.int64)[:, None] * s_qm + offs_d[None, :], mask=qo_ok, other=0.0)
         do = tl.load(DO_bh + offs_m.to(tl.int64)[:, None] * s_om + offs_d[None, :], mask=qo_ok, other=0.0)
-        lse2 = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0) * LOG2E
-        delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+        lse2 = tl.load(LSE + qrow0 + offs_m, mask=m_ok, other=0.0) * LOG2E
+        delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
         pd, ds = _probs_and_ds(q, k, v, do, lse2, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
                                b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, seed,
                                KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
@@ -108,42 +115,45 @@ def disentangled_bwd_dkdv_kernel(
                 run = _segment_scan(ds, run, d, ok, (offs_m > 0)[:, None], (offs_m < Lq - 1)[:, None],
                                     TABLE, PSTART, PEND, rows, Lk, 0)
 
-    out = b.to(tl.int64) * H * Lk * D + h * Lk * D + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
+    out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, dk, mask=kv_ok)
     tl.store(DV + out, dv, mask=kv_ok)
 
 
 @triton.jit
 def disentangled_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, C2P, P2C, TABLE, KMASK, FMASK, UNI, DQ, CSTART, CEND,
+    Q, K, V, DO, LSE, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSTART, CEND,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
+    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    q0, Lq, k0, Lk, qrow0, krow0, TABLE = _sequence(CU_Q, CU_K, TABLE, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
     start_m = pid_m * BLOCK_M
+    if start_m >= Lq:  # packed: this sequence is shorter than the longest one
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < Lq
     qo_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m.to(tl.int64)[:, None] * s_qm + offs_d[None, :],
+    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + (q0 + offs_m).to(tl.int64)[:, None] * s_qm + offs_d[None, :],
                 mask=qo_ok, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * s_ob + h * s_oh + offs_m.to(tl.int64)[:, None] * s_om + offs_d[None, :],
+    do = tl.load(DO + b.to(tl.int64) * s_ob + h * s_oh + (q0 + offs_m).to(tl.int64)[:, None] * s_om + offs_d[None, :],
                  mask=qo_ok, other=0.0)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0) * LOG2E
-    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
-    K_bh = K + b.to(tl.int64) * s_kb + h * s_kh
-    V_bh = V + b.to(tl.int64) * s_vb + h * s_vh
-    C2P_bh = C2P + bh.to(tl.int64) * Lq * NSLOT
-    P2C_bh = P2C + bh.to(tl.int64) * Lk * NSLOT
-    rows = (bh.to(tl.int64) * Lq + offs_m) * NSLOT
+    lse2 = tl.load(LSE + qrow0 + offs_m, mask=m_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
+    K_bh = K + b.to(tl.int64) * s_kb + h * s_kh + k0.to(tl.int64) * s_kn
+    V_bh = V + b.to(tl.int64) * s_vb + h * s_vh + k0.to(tl.int64) * s_vn
+    C2P_bh = C2P + qrow0 * NSLOT
+    P2C_bh = P2C + krow0 * NSLOT
+    rows = (qrow0 + offs_m) * NSLOT
     qk_scale = scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -171,5 +181,5 @@ def disentangled_bwd_dq_kernel(
                 run = _segment_scan(ds, run, d, ok, (offs_n > 0)[None, :], (offs_n < Lk - 1)[None, :],
                                     TABLE, CSTART, CEND, rows, Lk, 1)
 
-    out = b.to(tl.int64) * H * Lq * D + h * Lq * D + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+    out = (qrow0 + offs_m)[:, None] * D + offs_d[None, :]
     tl.store(DQ + out, dq, mask=qo_ok)

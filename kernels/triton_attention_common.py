@@ -9,6 +9,9 @@ Conventions of every kernel (one program = one tile row of one ``(b, h)``):
   beyond ``band_hi`` (slot ``NSLOT-1``) or at or below ``band_lo`` (slot 0) read one column of
   the tables instead (per-row / per-column constants, no gather).
 * Scores are kept in the log2 domain: ``s2 = log2(e) * scale * (q.k + c2p + p2c)``.
+* ``VARLEN`` (constexpr): packed sequences (see :func:`_sequence`); one program = one tile row of
+  one ``(sequence n, head h)``, ``bh = n*H + h``; ``i``, ``j`` and ``d`` are positions *within* the
+  sequence, so every helper below is shared unchanged by the padded and the packed kernels.
 """
 import triton
 import triton.language as tl
@@ -24,6 +27,40 @@ def _mm(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _sequence(CU_Q, CU_K, TABLE, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN: tl.constexpr):
+    """Where the rows of program ``bh`` live: ``(q0, Lq, k0, Lk, qrow0, krow0, TABLE)``.
+
+    Padded (``VARLEN`` False): ``q0 = k0 = 0``, lengths as given, and the per-``(b, h)`` rows of
+    the row-major float32 buffers (tables, LSE, gradients) start at ``qrow0 = bh*Lq`` /
+    ``krow0 = bh*Lk``.  Packed: ``Lq``/``Lk`` are the totals ``Tq``/``Tk``; sequence ``n = bh // H``
+    occupies tokens ``q0 = CU_Q[n] .. CU_Q[n+1]`` (``k0`` likewise); the buffers are ``[H, T, ...]``
+    so ``qrow0 = h*Tq + q0`` (int64).  ``TABLE`` (built for ``MAXQ`` x ``MAXK``) is shifted by
+    ``MAXK - Lk`` so that ``TABLE[d + Lk - 1]`` keeps working with the per-sequence ``Lk``.
+    Lengths are clamped to ``MAXQ``/``MAXK`` (the caller's max_seqlen): a wrong max_seqlen
+    truncates a sequence instead of reading outside the table.
+    """
+    if VARLEN:
+        n = bh // H
+        h = bh % H
+        q0 = tl.load(CU_Q + n)
+        lq = tl.minimum(tl.load(CU_Q + n + 1) - q0, MAXQ)
+        k0 = tl.load(CU_K + n)
+        lk = tl.minimum(tl.load(CU_K + n + 1) - k0, MAXK)
+        qrow0 = h.to(tl.int64) * Lq + q0
+        krow0 = h.to(tl.int64) * Lk + k0
+        table = TABLE + (MAXK - lk)
+    else:
+        q0 = bh * 0
+        k0 = bh * 0
+        lq = q0 + Lq
+        lk = k0 + Lk
+        qrow0 = bh.to(tl.int64) * Lq
+        krow0 = bh.to(tl.int64) * Lk
+        table = TABLE
+    return q0, lq, k0, lk, qrow0, krow0, table
 
 
 @triton.jit

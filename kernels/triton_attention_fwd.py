@@ -5,38 +5,46 @@ contiguous, other strides passed), ``C2P [B,H,Lq,NSLOT]`` / ``P2C [B,H,Lk,NSLOT]
 (see :mod:`.triton_attention_common`), ``TABLE`` int32 ``[Lq+Lk-1]``.  Writes ``OUT [B,H,Lq,D]``
 and ``LSE`` float32 ``[B,H,Lq]`` (natural log-sum-exp of the scaled masked scores, without
 dropout).  Dropout multiplies the normalised probabilities by ``keep / (1 - p_drop)``.
+
+``VARLEN``: packed sequences; grid ``(cdiv(max_seqlen_q, BLOCK_M), N*H)``, ``Q [Tq,H,D]``,
+``K``/``V [Tk,H,D]`` (batch strides 0), ``C2P [H,Tq,NSLOT]``, ``P2C [H,Tk,NSLOT]``, ``TABLE``
+``[max_seqlen_q+max_seqlen_k-1]``, ``OUT [Tq,H,D]``, ``LSE [H,Tq]``; ``Lq``/``Lk`` are the totals,
+``CU_Q``/``CU_K`` int32 ``[N+1]``; programs past the end of their sequence return at once.
 """
 import triton
 import triton.language as tl
 
-from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores
+from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _sequence
 
 
 @triton.jit
 def disentangled_fwd_kernel(
-    Q, K, V, C2P, P2C, TABLE, KMASK, FMASK, UNI, OUT, LSE,
+    Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, LSE,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
+    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    q0, Lq, k0, Lk, qrow0, krow0, TABLE = _sequence(CU_Q, CU_K, TABLE, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
     start_m = pid_m * BLOCK_M
+    if start_m >= Lq:  # packed: this sequence is shorter than the longest one
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < Lq
-    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m.to(tl.int64)[:, None] * s_qm + offs_d[None, :],
+    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + (q0 + offs_m).to(tl.int64)[:, None] * s_qm + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    K_bh = K + b.to(tl.int64) * s_kb + h * s_kh
-    V_bh = V + b.to(tl.int64) * s_vb + h * s_vh
-    C2P_bh = C2P + bh.to(tl.int64) * Lq * NSLOT
-    P2C_bh = P2C + bh.to(tl.int64) * Lk * NSLOT
+    K_bh = K + b.to(tl.int64) * s_kb + h * s_kh + k0.to(tl.int64) * s_kn
+    V_bh = V + b.to(tl.int64) * s_vb + h * s_vh + k0.to(tl.int64) * s_vn
+    C2P_bh = C2P + qrow0 * NSLOT
+    P2C_bh = P2C + krow0 * NSLOT
     qk_scale = scale * LOG2E
     inv_keep = 1.0 / (1.0 - p_drop)
 
@@ -65,6 +73,6 @@ def disentangled_fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.log2(l_safe)) / LOG2E)
-    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
-    tl.store(OUT + b.to(tl.int64) * s_ob + h * s_oh + offs_m.to(tl.int64)[:, None] * s_om + offs_d[None, :],
+    tl.store(LSE + qrow0 + offs_m, lse, mask=m_ok)
+    tl.store(OUT + b.to(tl.int64) * s_ob + h * s_oh + (q0 + offs_m).to(tl.int64)[:, None] * s_om + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

@@ -4,6 +4,12 @@
 :func:`attention_backward` -> ``(dq, dk, dv, dpos_key | None, dpos_query | None)``.
 Masks arrive normalised (:func:`deberta_fast.reference.normalize_mask`): ``key_mask`` bool
 ``[B,Lk]`` or ``full_mask`` bool ``[B|1,1|H,Lq,Lk]`` plus ``uniform_rows`` bool ``[B,1|H,Lq]``.
+
+Packed sequences (same kernels with ``VARLEN=True``): :func:`attention_forward_varlen` ->
+``(out [Tq,H,D], lse float32 [H,Tq])``; :func:`attention_backward_varlen` -> the same five
+gradients.  ``cu_seqlens_q``/``cu_seqlens_k`` int32 ``[N+1]`` (contiguous), and every sequence
+must fit ``max_seqlen_q``/``max_seqlen_k`` (as in FlashAttention, not checked: no device sync; the
+kernels clamp longer sequences to them, so a wrong value truncates but never reads out of bounds).
 """
 from __future__ import annotations
 
@@ -67,9 +73,11 @@ class _Prepared:
 
 
 def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
-             max_relative_positions, span, dropout_p) -> _Prepared:
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
+             max_relative_positions, span, dropout_p, table_lens=None, varlen=False) -> _Prepared:
+    """``q``/``k``: ``[B,H,L,D]``, or ``[H,T,D]`` views of packed inputs (``varlen``, with
+    ``table_lens = (max_seqlen_q, max_seqlen_k)``); the tables come out ``[..., L|T, NSLOT]``."""
+    D = q.shape[-1]
+    Lq, Lk = table_lens if table_lens is not None else (q.shape[-2], k.shape[-2])
     dummy = torch.empty(1, device=q.device, dtype=torch.float32)
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
     # small O(L * span) tables; matmul honours torch's TF32 setting like the kernels do
@@ -102,7 +110,7 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
         s_unh = uni.stride(1) if uni.shape[1] > 1 else 0
     prec = "tf32" if q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     constexprs = dict(HAS_C2P=has_c2p, HAS_P2C=has_p2c, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
-                      UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, triton.next_power_of_2(D)))
+                      VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, triton.next_power_of_2(D)))
     return _Prepared(c2p, p2c, table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
                      2 * span if (has_c2p or has_p2c) else 1, (band_lo, band_hi), constexprs)
 
@@ -123,21 +131,22 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     cfg = launch_config("fwd", Lq, Lk, D)
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
     disentangled_fwd_kernel[grid](
-        q, k, v, pr.c2p, pr.p2c, pr.table, *pr.mask_args, out, lse,
+        q, k, v, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args, out, lse,
         *_qkvo_strides(q, k, v, out), *pr.mask_strides,
-        H, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed),
+        H, Lq, Lk, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pr.constexprs)
     return out, lse
 
 
 def _position_grads(start, end, pos, x):
-    """``dT = end - start`` (``[B,H,L,NSLOT]``) -> ``(dT @ pos, d pos)``; ``d pos`` summed over
-    batch when ``pos`` is ``[H, NSLOT, D]`` (deterministic torch reductions)."""
+    """``dT = end - start`` (``[B,H,L,NSLOT]``, or ``[H,T,NSLOT]`` packed) -> ``(dT @ pos, d pos)``;
+    ``d pos`` summed over batch when ``pos`` is ``[H, NSLOT, D]`` and ``dT`` has a batch dim
+    (deterministic torch reductions)."""
     dt = end - start
     dx = torch.matmul(dt, pos.float())
     dpos = torch.matmul(dt.transpose(-1, -2), x.float())
-    if pos.dim() == 3:
+    if dpos.dim() > pos.dim():
         dpos = dpos.sum(0)
     return dx, dpos.to(pos.dtype)
 
@@ -162,11 +171,11 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, lse, key_mask, full
     c_start, c_end = (torch.zeros((B, H, Lq, pr.nslot), **f32) for _ in range(2)) if has_c2p else (dummy, dummy)
     p_start, p_end = (torch.zeros((B, H, Lk, pr.nslot), **f32) for _ in range(2)) if has_p2c else (dummy, dummy)
     common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
-              H, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed))
+              H, Lq, Lk, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed))
     cfg = launch_config("bwd", Lq, Lk, D)
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pr.constexprs)
-    inputs = (q, k, v, do, lse, delta, pr.c2p, pr.p2c, pr.table, *pr.mask_args)
+    inputs = (q, k, v, do, lse, delta, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args)
     disentangled_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * H)](
         *inputs, dk, dv, p_start, p_end, *common, **launch)
     disentangled_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
@@ -179,3 +188,86 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, lse, key_mask, full
         dk_rel, dpos_query = _position_grads(p_start, p_end, pos_query, k)
         dk += dk_rel
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos_key, dpos_query
+
+
+# ---------------------------------------------------------------- packed (varlen) sequences
+
+def _varlen_strides(q, k, v, o):
+    """Token / head strides of ``[T,H,D]`` tensors in the kernels' ``(batch, head, row)`` order
+    (batch stride 0: a packed program finds its sequence through ``cu_seqlens``)."""
+    return tuple(x for t in (q, k, v, o) for x in (0, t.stride(1), t.stride(0)))
+
+
+def _varlen_prepare(q, k, pos_key, pos_query, max_seqlen_q, max_seqlen_k, position_buckets,
+                    max_relative_positions, span, dropout_p) -> _Prepared:
+    return _prepare(q.transpose(0, 1), k.transpose(0, 1), pos_key, pos_query, None, None, None, position_buckets,
+                    max_relative_positions, span, dropout_p, table_lens=(max_seqlen_q, max_seqlen_k), varlen=True)
+
+
+def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                             position_buckets, max_relative_positions, span, scale, dropout_p, seed):
+    """Fused forward over packed sequences.  ``q [Tq,H,D]``, ``k``/``v [Tk,H,D]`` (last dim
+    contiguous), ``pos_key``/``pos_query [H,2*span,D]`` or None.  Returns ``(out [Tq,H,D] in
+    q.dtype, lse float32 [H,Tq])``; rows of no sequence are 0 (lse ``+inf`` where a sequence has no keys)."""
+    Tq, H, D = q.shape
+    Tk = k.shape[0]
+    N = cu_seqlens_q.numel() - 1
+    pr = _varlen_prepare(q, k, pos_key, pos_query, max_seqlen_q, max_seqlen_k, position_buckets,
+                         max_relative_positions, span, dropout_p)
+    out = torch.zeros((Tq, H, D), device=q.device, dtype=q.dtype)
+    lse = torch.full((H, Tq), float("inf"), device=q.device, dtype=torch.float32)
+    cfg = launch_config("fwd", max_seqlen_q, max_seqlen_k, D)
+    grid = (triton.cdiv(max_seqlen_q, cfg.block_m), N * H)
+    disentangled_fwd_kernel[grid](
+        q, k, v, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args, out, lse,
+        *_varlen_strides(q, k, v, out), *pr.mask_strides,
+        H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pr.constexprs)
+    return out, lse
+
+
+def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, *, position_buckets, max_relative_positions, span, scale, dropout_p,
+                              seed):
+    """Fused backward over packed sequences from the saved ``lse [H,Tq]``.  Returns
+    ``(dq [Tq,H,D], dk, dv [Tk,H,D], dpos_key, dpos_query)`` (position grads ``[H,2*span,D]``
+    or None), in the input dtypes."""
+    Tq, H, D = q.shape
+    Tk = k.shape[0]
+    N = cu_seqlens_q.numel() - 1
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    pr = _varlen_prepare(q, k, pos_key, pos_query, max_seqlen_q, max_seqlen_k, position_buckets,
+                         max_relative_positions, span, dropout_p)
+    delta = (do.float() * out.float()).sum(-1).t().contiguous()  # [H, Tq]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    # [H, T, D]; zero-filled: tokens of no sequence get no gradient
+    dq = torch.zeros((H, Tq, D), **f32)
+    dk = torch.zeros((H, Tk, D), **f32)
+    dv = torch.zeros((H, Tk, D), **f32)
+    dummy = torch.empty(1, **f32)
+    has_c2p, has_p2c = pos_key is not None, pos_query is not None
+    c_start, c_end = (torch.zeros((H, Tq, pr.nslot), **f32) for _ in range(2)) if has_c2p else (dummy, dummy)
+    p_start, p_end = (torch.zeros((H, Tk, pr.nslot), **f32) for _ in range(2)) if has_p2c else (dummy, dummy)
+    common = (*_varlen_strides(q, k, v, do), *pr.mask_strides,
+              H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed))
+    cfg = launch_config("bwd", max_seqlen_q, max_seqlen_k, D)
+    launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  **pr.constexprs)
+    inputs = (q, k, v, do, lse, delta, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args)
+    disentangled_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, cfg.block_n), N * H)](
+        *inputs, dk, dv, p_start, p_end, *common, **launch)
+    disentangled_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, cfg.block_m), N * H)](
+        *inputs, dq, c_start, c_end, *common, **launch)
+    dpos_key = dpos_query = None
+    if has_c2p:
+        dq_rel, dpos_key = _position_grads(c_start, c_end, pos_key, q.transpose(0, 1))
+        dq += dq_rel
+    if has_p2c:
+        dk_rel, dpos_query = _position_grads(p_start, p_end, pos_query, k.transpose(0, 1))
+        dk += dk_rel
+
+    def packed(t, like):
+        return t.transpose(0, 1).to(like.dtype).contiguous()
+    return packed(dq, q), packed(dk, k), packed(dv, v), dpos_key, dpos_query

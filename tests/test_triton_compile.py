@@ -4,7 +4,9 @@ Runs in a subprocess without ``TRITON_INTERPRET`` so the kernels are real ``JITF
 compiles with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``.
 Coverage: (a) the full constexpr matrix (c2p x p2c x mask kind x dropout) of all three kernels
 on sm_80 (D=16, short-sequence tiles); (b) every head-dim bucket 16..256 with its long-sequence
-launch config on sm_90; (c) bf16 and float32 (IEEE and TF32) at D=32 on sm_80, bf16 also on sm_90.
+launch config on sm_90; (c) bf16 and float32 (IEEE and TF32) at D=32 on sm_80, bf16 also on sm_90;
+(d) the packed (``VARLEN``) variants: four c2p / p2c / dropout combinations on sm_80, and fp16 / bf16
+long-sequence configs at D=64 / 128 on sm_90, fp32 TF32 on sm_80.
 """
 import json
 import os
@@ -27,9 +29,9 @@ from deberta_fast._kernels.triton_attention_launch import launch_config, interpr
 
 KERNELS = {"fwd": fwd.disentangled_fwd_kernel, "dkdv": bwd.disentangled_bwd_dkdv_kernel,
            "dq": bwd.disentangled_bwd_dq_kernel}
-SCALARS = {"H": "i32", "Lq": "i32", "Lk": "i32", "D": "i32", "NSLOT": "i32", "band_lo": "i32",
-           "band_hi": "i32", "seed": "i32", "scale": "fp32", "p_drop": "fp32"}
-POINTERS = {"TABLE": "*i32", "KMASK": "*u8", "FMASK": "*u8", "UNI": "*u8"}
+SCALARS = {"H": "i32", "Lq": "i32", "Lk": "i32", "MAXQ": "i32", "MAXK": "i32", "D": "i32", "NSLOT": "i32",
+           "band_lo": "i32", "band_hi": "i32", "seed": "i32", "scale": "fp32", "p_drop": "fp32"}
+POINTERS = {"TABLE": "*i32", "CU_Q": "*i32", "CU_K": "*i32", "KMASK": "*u8", "FMASK": "*u8", "UNI": "*u8"}
 INPUT_DTYPE = ("Q", "K", "V", "OUT", "DO")
 
 
@@ -67,8 +69,8 @@ def compile_one(job):
         return [job, False, "%s: %s" % (type(e).__name__, str(e)[-2000:])]
 
 
-def flags(c2p, p2c, mask, drop):
-    return dict(HAS_C2P=c2p, HAS_P2C=p2c, MASK_KIND=mask, DROPOUT=drop)
+def flags(c2p, p2c, mask, drop, varlen=False):
+    return dict(HAS_C2P=c2p, HAS_P2C=p2c, MASK_KIND=mask, DROPOUT=drop, VARLEN=varlen)
 
 
 ALL_ON = flags(True, True, 2, True)
@@ -78,6 +80,13 @@ jobs += [(k, 90, "fp16", "ieee", D, 4096, ALL_ON) for k in KERNELS for D in (16,
 jobs += [(k, 80, dt, prec, 32, 64, ALL_ON) for k in KERNELS
          for dt, prec in (("bf16", "ieee"), ("fp32", "ieee"), ("fp32", "tf32"))]
 jobs += [(k, 90, "bf16", "ieee", 32, 4096, flags(True, True, 1, False)) for k in KERNELS]
+# packed sequences (no masks)
+jobs += [(k, 80, "fp16", "ieee", 16, 64, flags(c, p, 0, d, True))
+         for k in KERNELS for c, p, d in ((False, False, False), (True, False, True), (False, True, False),
+                                          (True, True, True))]
+VARLEN_ON = flags(True, True, 0, True, True)
+jobs += [(k, 90, dt, "ieee", D, 4096, VARLEN_ON) for k in KERNELS for dt, D in (("fp16", 64), ("bf16", 128))]
+jobs += [(k, 80, "fp32", "tf32", 32, 64, VARLEN_ON) for k in KERNELS]
 assert not interpreting() and hasattr(KERNELS["fwd"], "arg_names")
 with multiprocessing.Pool(max(1, min(8, os.cpu_count() or 1))) as pool:
     results = pool.map(compile_one, jobs, chunksize=1)
@@ -92,8 +101,8 @@ def test_all_variants_lower_to_ptx_for_sm80_and_sm90():
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.split("RESULTS", 1)[1])
-    assert len(results) == 72 + 15 + 9 + 3
+    assert len(results) == 72 + 15 + 9 + 3 + 12 + 6 + 3
     failed = [(job, why) for job, ok, why in results if not ok]
     assert not failed, f"{len(failed)} variants failed to compile, first: {failed[0]}"
     variants = {(job[0], json.dumps(job[6], sort_keys=True)) for job, _, _ in results}
-    assert len(variants) >= 3 * 24  # the whole constexpr matrix of the three kernels
+    assert len(variants) >= 3 * (24 + 4)  # the padded constexpr matrix and four packed variants per kernel

@@ -3,7 +3,9 @@
 Layers: kernels (``deberta_fast._kernels.triton_attention_{fwd,bwd}``) -> host launch
 functions (``triton_attention_launch``) -> custom ops ``deberta_fast::triton_fwd`` /
 ``deberta_fast::triton_bwd`` (with fake impls, so ``torch.compile`` traces them) ->
-:class:`TritonAttentionFunction` -> :class:`TritonBackend`.  Triton is imported lazily.
+:class:`TritonAttentionFunction` -> :class:`TritonBackend`.  Packed sequences use the same kernels
+(``VARLEN=True``) through ``deberta_fast::triton_varlen_fwd`` / ``triton_varlen_bwd`` and
+:class:`TritonVarlenFunction`.  Triton is imported lazily.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import AttentionCall, Backend
+from .base import AttentionCall, Backend, VarlenCall
 
 MAX_HEAD_DIM = 256
 
@@ -104,10 +106,108 @@ def triton_attention(q, k, v, pos_key, pos_query, key_mask=None, full_mask=None,
                                          float(dropout_p), seed)
 
 
+@torch.library.custom_op("deberta_fast::triton_varlen_fwd", mutates_args=())
+def triton_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
+                      cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                      position_buckets: int, max_relative_positions: int, span: int, scale: float,
+                      dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Packed sequences: ``(out [Tq,H,D], lse float32 [H,Tq])``."""
+    return _launch().attention_forward_varlen(
+        q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        position_buckets=position_buckets, max_relative_positions=max_relative_positions, span=span, scale=scale,
+        dropout_p=dropout_p, seed=seed)
+
+
+@triton_varlen_fwd.register_fake
+def _(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, position_buckets,
+      max_relative_positions, span, scale, dropout_p, seed):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("deberta_fast::triton_varlen_bwd", mutates_args=())
+def triton_varlen_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
+                      pos_query: Optional[Tensor], out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
+                      cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, position_buckets: int,
+                      max_relative_positions: int, span: int, scale: float, dropout_p: float,
+                      seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Packed sequences: ``(dq, dk, dv, dpos_key, dpos_query)``; an absent position gradient is empty."""
+    dq, dk, dv, dpk, dpq = _launch().attention_backward_varlen(
+        do, q, k, v, pos_key, pos_query, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        position_buckets=position_buckets, max_relative_positions=max_relative_positions, span=span,
+        scale=scale, dropout_p=dropout_p, seed=seed)
+    return dq, dk, dv, q.new_empty(0) if dpk is None else dpk, q.new_empty(0) if dpq is None else dpq
+
+
+@triton_varlen_bwd.register_fake
+def _(do, q, k, v, pos_key, pos_query, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      position_buckets, max_relative_positions, span, scale, dropout_p, seed):
+    def like(t):
+        return q.new_empty(0) if t is None else t.new_empty(t.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), like(pos_key), like(pos_query)
+
+
+class TritonVarlenFunction(torch.autograd.Function):
+    """Differentiable wrapper of the two packed custom ops (all five gradients)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                position_buckets, max_relative_positions, span, scale, dropout_p, seed):
+        out, lse = torch.ops.deberta_fast.triton_varlen_fwd(
+            q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            position_buckets, max_relative_positions, span, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, pos_key, pos_query, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.args = (max_seqlen_q, max_seqlen_k, position_buckets, max_relative_positions, span, scale, dropout_p,
+                    seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, pos_key, pos_query, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv, dpk, dpq = torch.ops.deberta_fast.triton_varlen_bwd(
+            do, q, k, v, pos_key, pos_query, out, lse, cu_q, cu_k, *ctx.args)
+        return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
+                None, None, None, None, None, None, None, None, None, None)
+
+
+def triton_attention_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                            position_buckets, max_relative_positions, span, scale, dropout_p=0.0, seed=None):
+    """Functional packed entry (no validation; use :func:`deberta_fast.disentangled_attention_varlen`).
+    ``cu_seqlens_*`` int32; ``seed`` defaults to :func:`draw_seed` when ``dropout_p > 0``."""
+    if seed is None:
+        seed = draw_seed() if dropout_p > 0.0 else 0
+    return TritonVarlenFunction.apply(q, k, v, pos_key, pos_query, cu_seqlens_q.to(torch.int32).contiguous(),
+                                      cu_seqlens_k.to(torch.int32).contiguous(), int(max_seqlen_q),
+                                      int(max_seqlen_k), position_buckets, max_relative_positions, span,
+                                      float(scale), float(dropout_p), seed)
+
+
+def _device_dtype_refusals(call) -> list[str]:
+    """Device, dtype, head-dim and layout rules shared by the padded and the packed path."""
+    why = []
+    if call.device.type != "cuda" and not _interpreting():
+        why.append(f"needs CUDA tensors (got {call.device.type}); set TRITON_INTERPRET=1 to run the "
+                   f"kernels on CPU under the (slow) Triton interpreter")
+    if call.device.type == "cuda":
+        cc = torch.cuda.get_device_capability(call.device)
+        if cc < (8, 0):
+            why.append(f"needs a GPU of compute capability >= 8.0 (sm_80), got sm_{cc[0]}{cc[1]}")
+    if call.dtype == torch.float64:
+        why.append("float64 is not supported by the Triton kernels; use backend='torch' for float64")
+    if call.head_dim > MAX_HEAD_DIM:
+        why.append(f"head dim D={call.head_dim} is larger than {MAX_HEAD_DIM}, the largest the kernels "
+                   f"hold in registers; use backend='torch'")
+    for name in ("query", "key", "value"):
+        t = getattr(call, name)
+        if t.stride(-1) != 1:
+            why.append(f"{name} has a non-contiguous last dimension (stride {t.stride(-1)}); call .contiguous()")
+    return why
+
+
 class TritonBackend(Backend):
     name = "triton"
     summary = ("fused Triton kernels: fp16/bf16/fp32, head dim <= 256, all masks, in-kernel dropout; "
-               "O(L*span) memory, deterministic backward")
+               "O(L*span) memory, deterministic backward; packed (varlen) sequences")
+    supports_varlen = True
 
     def unavailable(self):
         try:
@@ -121,23 +221,7 @@ class TritonBackend(Backend):
         return None
 
     def refusals(self, call: AttentionCall) -> list[str]:
-        why = []
-        if call.device.type != "cuda" and not _interpreting():
-            why.append(f"needs CUDA tensors (got {call.device.type}); set TRITON_INTERPRET=1 to run the "
-                       f"kernels on CPU under the (slow) Triton interpreter")
-        if call.device.type == "cuda":
-            cc = torch.cuda.get_device_capability(call.device)
-            if cc < (8, 0):
-                why.append(f"needs a GPU of compute capability >= 8.0 (sm_80), got sm_{cc[0]}{cc[1]}")
-        if call.dtype == torch.float64:
-            why.append("float64 is not supported by the Triton kernels; use backend='torch' for float64")
-        if call.head_dim > MAX_HEAD_DIM:
-            why.append(f"head dim D={call.head_dim} is larger than {MAX_HEAD_DIM}, the largest the kernels "
-                       f"hold in registers; use backend='torch'")
-        for name in ("query", "key", "value"):
-            t = getattr(call, name)
-            if t.stride(-1) != 1:
-                why.append(f"{name} has a non-contiguous last dimension (stride {t.stride(-1)}); call .contiguous()")
+        why = _device_dtype_refusals(call)
         if call.batch * call.heads > 65535:
             why.append(f"B*H = {call.batch * call.heads} exceeds the CUDA grid limit 65535")
         return why
@@ -149,3 +233,21 @@ class TritonBackend(Backend):
                                 position_buckets=call.position_buckets,
                                 max_relative_positions=call.max_relative_positions, span=max(call.span, 1),
                                 scale=call.scale, dropout_p=call.dropout_p, seed=seed)
+
+    def refusals_varlen(self, call: VarlenCall) -> list[str]:
+        why = _device_dtype_refusals(call)
+        if call.num_seqs * call.heads > 65535:
+            why.append(f"N*H = {call.num_seqs * call.heads} (sequences x heads) exceeds the CUDA grid limit 65535")
+        for name in ("query", "key"):
+            t = getattr(call, name)
+            if t.shape[0] >= 2**31:
+                why.append(f"{name} has {t.shape[0]} tokens; the packed kernels index tokens in int32 (< 2**31)")
+        return why
+
+    def forward_varlen(self, call: VarlenCall):
+        seed = draw_seed() if call.dropout_p > 0.0 else 0
+        return triton_attention_varlen(call.query, call.key, call.value, call.pos_key, call.pos_query,
+                                       call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k,
+                                       position_buckets=call.position_buckets,
+                                       max_relative_positions=call.max_relative_positions, span=max(call.span, 1),
+                                       scale=call.scale, dropout_p=call.dropout_p, seed=seed)
