@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .harness import gpu_only_reason
 from .profiles import Batch, V3_BUCKETS, V3_MAX_REL, V3_SPAN
 
 GRAD_NAMES = ("query", "key", "value", "pos_key", "pos_query")
@@ -125,8 +126,7 @@ def _df_skip(backend: str):
         except Exception as e:  # pragma: no cover - the package is the subject
             return f"deberta_fast not importable: {e!r}"
         if backend != "torch" and inp.device.type != "cuda":
-            return (f"deberta_fast backend={backend!r} runs GPU kernels; on CPU only the Triton interpreter "
-                    f"could run it, which is a correctness tool, not a timing target")
+            return gpu_only_reason(backend)
         # ask the dispatcher with a tiny call of the same dtype/device/mask kind
         q = inp.query[:1, :, :8]
         try:

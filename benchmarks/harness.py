@@ -40,6 +40,12 @@ class Flusher:
         sync(self.device)
 
 
+def gpu_only_reason(backend: str) -> str:
+    """Why a kernel backend is not timed on a CPU run."""
+    return (f"deberta_fast backend={backend!r} runs GPU kernels and this is a CPU run (the Triton interpreter "
+            f"is a correctness tool, not a timing target)")
+
+
 def sync(device: str):
     if device == "cuda":
         torch.cuda.synchronize()

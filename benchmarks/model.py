@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .harness import gpu_only_reason
 from .profiles import Batch, ModelShape
 
 
@@ -56,8 +57,7 @@ def _df_skip(backend):
         if not hasattr(deberta_fast, "patch"):
             return "deberta_fast.patch (HF model patching) is not available in this checkout yet"
         if backend != "torch" and device != "cuda":
-            return (f"deberta_fast backend={backend!r} runs GPU kernels; on CPU only the Triton interpreter "
-                    f"could run it, which is a correctness tool, not a timing target")
+            return gpu_only_reason(backend)
         return None
     return skip
 

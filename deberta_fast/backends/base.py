@@ -9,16 +9,9 @@ from ..positions import relative_slot_table, slot_band, SlotBand
 
 
 class _CallCommon:
-    """What every call shares: tensors' dtype and device, whether a backward follows, the band."""
-
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
-    pos_key: torch.Tensor | None
-    pos_query: torch.Tensor | None
-    position_buckets: int
-    max_relative_positions: int
-    span: int
+    """What every call shares: tensors' dtype and device, whether a backward follows, the band.
+    (Subclasses are dataclasses with fields query, key, value, pos_key, pos_query,
+    position_buckets, max_relative_positions and span.)"""
 
     @property
     def head_dim(self) -> int:
