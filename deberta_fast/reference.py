@@ -136,14 +136,21 @@ def disentangled_attention_reference(
         span = (pos_key if pos_key is not None else pos_query).shape[-2] // 2
         c2p_idx, p2c_idx = slot_index(Lq, Lk, position_buckets, max_relative_positions, span,
                                       query.device, relative_pos)
+        # only the rows of the tables some (i, j) uses take part (short sequences use few of 2*span)
+        rows = slice(0, 2 * span)
+        if relative_pos is None and not torch.compiler.is_compiling():  # (reading the range syncs)
+            table = relative_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, query.device)
+            lo, hi = (int(x) for x in torch.aminmax(table))
+            rows, c2p_idx = slice(lo, hi + 1), c2p_idx - lo
+            p2c_idx = c2p_idx
         if pos_key is not None:
-            c2p = torch.matmul(query, _expand_pos(pos_key, B, "pos_key").transpose(-1, -2))  # [B,H,Lq,2s]
-            c2p = torch.gather(c2p, -1, c2p_idx.expand(B, H, Lq, Lk))
+            c2p = torch.matmul(query, _expand_pos(pos_key, B, "pos_key")[..., rows, :].transpose(-1, -2))
+            c2p = torch.gather(c2p, -1, c2p_idx.expand(B, H, Lq, Lk))  # [B,H,Lq,rows] -> [B,H,Lq,Lk]
             scores = scores + c2p * scale
         if pos_query is not None:
             if p2c_idx is None:
                 raise ValueError("p2c with a caller-supplied relative_pos needs Lq == Lk (as in HF)")
-            p2c = torch.matmul(key, _expand_pos(pos_query, B, "pos_query").transpose(-1, -2))  # [B,H,Lk,2s]
+            p2c = torch.matmul(key, _expand_pos(pos_query, B, "pos_query")[..., rows, :].transpose(-1, -2))
             p2c = torch.gather(p2c, -1, p2c_idx.t().expand(B, H, Lk, Lq)).transpose(-1, -2)
             scores = scores + p2c * scale
     kind, key_mask, full_mask, uniform = normalize_mask(attention_mask, B, H, Lq, Lk)
