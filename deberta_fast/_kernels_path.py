@@ -12,11 +12,15 @@ _NAME = "deberta_fast._kernels"
 
 
 def ensure_kernels_package() -> None:
-    if _NAME in sys.modules or importlib.util.find_spec(_NAME) is not None:
-        return
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.join(root, "kernels")
     init = os.path.join(folder, "__init__.py")
-    if not os.path.exists(init):
+    # a source checkout (setup.py beside the package) always uses its own kernels/, even when
+    # another copy of deberta_fast is installed (e.g. editable from a different clone)
+    from_checkout = os.path.exists(init) and os.path.exists(os.path.join(root, "setup.py"))
+    if _NAME in sys.modules or (not from_checkout and importlib.util.find_spec(_NAME) is not None):
+        return
+    if not from_checkout:
         return
     spec = importlib.util.spec_from_file_location(_NAME, init, submodule_search_locations=[folder])
     module = importlib.util.module_from_spec(spec)
