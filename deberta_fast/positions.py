@@ -22,6 +22,7 @@ __all__ = [
     "relative_delta",
     "attention_span",
     "relative_slot_table",
+    "trimmed_slot_table",
     "SlotBand",
     "slot_band",
 ]
@@ -98,6 +99,26 @@ def relative_slot_table(
     if torch.compiler.is_compiling():  # traced into the graph; the cache is for eager calls
         return _slot_table_cached.__wrapped__(*args)
     return _slot_table_cached(*args)
+
+
+@functools.lru_cache(maxsize=64)
+def _trimmed_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
+    table = _slot_table_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str)
+    lo, hi = (int(x) for x in torch.aminmax(table))  # one device sync per new shape
+    return (table - lo).to(torch.int32).contiguous(), lo, hi
+
+
+def trimmed_slot_table(q_len, k_len, position_buckets, max_relative_positions, span, device="cpu"):
+    """``(table - lo, lo, hi)``: the slot table shifted to the rows ``lo..hi`` that some ``(i, j)``
+    uses.  A backend that projects only ``pos_key[lo:hi+1]`` (``hi - lo + 1`` rows instead of
+    ``2*span``: about ``Lq + Lk`` for short sequences) reads the shifted table.  Saturated slots stay
+    at the ends (``0`` only if ``lo == 0``, ``hi - lo`` only if ``hi == 2*span - 1``).  Cached."""
+    _validate(q_len, k_len, span)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _trimmed_cached(int(q_len), int(k_len), int(position_buckets), int(max_relative_positions), int(span),
+                           str(device))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .positions import relative_slot_table
+from .positions import relative_slot_table, trimmed_slot_table
 
 __all__ = ["default_scale", "normalize_mask", "slot_index", "disentangled_attention_reference"]
 
@@ -138,9 +138,8 @@ def disentangled_attention_reference(
                                       query.device, relative_pos)
         # only the rows of the tables some (i, j) uses take part (short sequences use few of 2*span)
         rows = slice(0, 2 * span)
-        if relative_pos is None and not torch.compiler.is_compiling():  # (reading the range syncs)
-            table = relative_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, query.device)
-            lo, hi = (int(x) for x in torch.aminmax(table))
+        if relative_pos is None and not torch.compiler.is_compiling():  # (the range is read once per shape)
+            _, lo, hi = trimmed_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, query.device)
             rows, c2p_idx = slice(lo, hi + 1), c2p_idx - lo
             p2c_idx = c2p_idx
         if pos_key is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from deberta_fast.positions import relative_slot_table, slot_band
+from deberta_fast.positions import slot_band, trimmed_slot_table
 
 from .triton_attention_bwd import disentangled_bwd_dkdv_kernel, disentangled_bwd_dq_kernel
 from .triton_attention_fwd import disentangled_fwd_kernel
@@ -70,6 +70,7 @@ class _Prepared:
     nslot: int
     band: tuple
     constexprs: dict
+    rows: slice  # rows of pos_key / pos_query the tables cover (see positions.trimmed_slot_table)
 
 
 def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
@@ -80,16 +81,19 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     Lq, Lk = table_lens if table_lens is not None else (q.shape[-2], k.shape[-2])
     dummy = torch.empty(1, device=q.device, dtype=torch.float32)
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
-    # small O(L * span) tables; matmul honours torch's TF32 setting like the kernels do
-    c2p = torch.matmul(q.float(), pos_key.float().transpose(-1, -2)).contiguous() if has_c2p else dummy
-    p2c = torch.matmul(k.float(), pos_query.float().transpose(-1, -2)).contiguous() if has_p2c else dummy
+    rows = slice(0, 2 * span)
     if has_c2p or has_p2c:
-        table = relative_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, q.device)
+        # only the rows some (i, j) uses: ~Lq+Lk of 2*span for short sequences
+        table, lo, hi = trimmed_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, q.device)
+        rows = slice(lo, hi + 1)
         band = slot_band(position_buckets, max_relative_positions, span)
         lim = Lq + Lk + 1  # keep the band in int32; beyond +-lim nothing changes
         band_lo, band_hi = max(band.lo, -lim), min(band.hi, lim)
     else:
         table, band_lo, band_hi = torch.zeros(1, dtype=torch.int32, device=q.device), -1, 1
+    # small O(L * rows) tables; matmul honours torch's TF32 setting like the kernels do
+    c2p = torch.matmul(q.float(), pos_key[..., rows, :].float().transpose(-1, -2)).contiguous() if has_c2p else dummy
+    p2c = torch.matmul(k.float(), pos_query[..., rows, :].float().transpose(-1, -2)).contiguous() if has_p2c else dummy
     kmask = fmask = uni = torch.zeros(1, dtype=torch.uint8, device=q.device)
     s_kmb = s_fmb = s_fmh = s_fmm = s_unb = s_unh = 0
     mask_kind = 0
@@ -112,7 +116,7 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     constexprs = dict(HAS_C2P=has_c2p, HAS_P2C=has_p2c, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
                       VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, triton.next_power_of_2(D)))
     return _Prepared(c2p, p2c, table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
-                     2 * span if (has_c2p or has_p2c) else 1, (band_lo, band_hi), constexprs)
+                     rows.stop - rows.start if (has_c2p or has_p2c) else 1, (band_lo, band_hi), constexprs, rows)
 
 
 def _qkvo_strides(q, k, v, o):
@@ -139,16 +143,18 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     return out, lse
 
 
-def _position_grads(start, end, pos, x):
-    """``dT = end - start`` (``[B,H,L,NSLOT]``, or ``[H,T,NSLOT]`` packed) -> ``(dT @ pos, d pos)``;
-    ``d pos`` summed over batch when ``pos`` is ``[H, NSLOT, D]`` and ``dT`` has a batch dim
-    (deterministic torch reductions)."""
+def _position_grads(start, end, pos, x, rows):
+    """``dT = end - start`` (``[B,H,L,NSLOT]``, or ``[H,T,NSLOT]`` packed, over ``pos[..., rows, :]``)
+    -> ``(dT @ pos[rows], d pos)``; ``d pos`` has ``pos``'s shape (zero outside ``rows``) and is
+    summed over batch when ``pos`` is ``[H, 2*span, D]`` and ``dT`` has a batch dim (deterministic)."""
     dt = end - start
-    dx = torch.matmul(dt, pos.float())
-    dpos = torch.matmul(dt.transpose(-1, -2), x.float())
-    if dpos.dim() > pos.dim():
-        dpos = dpos.sum(0)
-    return dx, dpos.to(pos.dtype)
+    dx = torch.matmul(dt, pos[..., rows, :].float())
+    dsub = torch.matmul(dt.transpose(-1, -2), x.float())
+    if dsub.dim() > pos.dim():
+        dsub = dsub.sum(0)
+    dpos = torch.zeros(pos.shape, device=pos.device, dtype=pos.dtype)
+    dpos[..., rows, :] = dsub.to(pos.dtype)
+    return dx, dpos
 
 
 def attention_backward(do, q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows, *,
@@ -182,10 +188,10 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, lse, key_mask, full
         *inputs, dq, c_start, c_end, *common, **launch)
     dpos_key = dpos_query = None
     if has_c2p:
-        dq_rel, dpos_key = _position_grads(c_start, c_end, pos_key, q)
+        dq_rel, dpos_key = _position_grads(c_start, c_end, pos_key, q, pr.rows)
         dq += dq_rel
     if has_p2c:
-        dk_rel, dpos_query = _position_grads(p_start, p_end, pos_query, k)
+        dk_rel, dpos_query = _position_grads(p_start, p_end, pos_query, k, pr.rows)
         dk += dk_rel
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos_key, dpos_query
 
@@ -262,10 +268,10 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, lse, cu_seql
         *inputs, dq, c_start, c_end, *common, **launch)
     dpos_key = dpos_query = None
     if has_c2p:
-        dq_rel, dpos_key = _position_grads(c_start, c_end, pos_key, q.transpose(0, 1))
+        dq_rel, dpos_key = _position_grads(c_start, c_end, pos_key, q.transpose(0, 1), pr.rows)
         dq += dq_rel
     if has_p2c:
-        dk_rel, dpos_query = _position_grads(p_start, p_end, pos_query, k.transpose(0, 1))
+        dk_rel, dpos_query = _position_grads(p_start, p_end, pos_query, k.transpose(0, 1), pr.rows)
         dk += dk_rel
 
     def packed(t, like):

@@ -65,6 +65,13 @@ def test_long_sequence_saturated_v3():
     check_grads(1, 1, 600, 600, 16, buckets=V3)
 
 
+@pytest.mark.parametrize("lq,lk", [(560, 7), (7, 560), (40, 33)])
+def test_trimmed_tables_one_side_saturated(lq, lk):
+    """v3 buckets, Lq >> Lk (and back): the tables cover only the used rows lo..hi (trimmed), with the
+    saturated slot at one end only; gradients of pos_key / pos_query land in the right rows."""
+    check_grads(1, 1, lq, lk, 16, buckets=V3)
+
+
 @pytest.mark.parametrize("mask,terms", [("key", "both"), ("full", "c2p"), ("none", "p2c")])
 def test_fp16(mask, terms):
     check_grads(2, 2, 48, 70, 16, dtype=torch.float16, mask=mask, terms=terms)
