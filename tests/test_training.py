@@ -1,5 +1,6 @@
 """Training features through patch(): torch.autocast and HF gradient checkpointing (CPU, torch backend)."""
 import copy
+import os
 
 import pytest
 import torch
@@ -8,6 +9,10 @@ from deberta_fast import patched
 from hf_configs import v2_config
 
 transformers = pytest.importorskip("transformers")
+
+# the fused Triton path runs here too: on a GPU, or under the interpreter on CPU (TRITON_INTERPRET=1)
+FUSED = ["triton"] if (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1") else []
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _batch(B=3, L=21):
@@ -20,21 +25,23 @@ def _batch(B=3, L=21):
 
 def _loss_and_grads(model, ids, mask, labels, autocast_dtype=None):
     model.zero_grad()
-    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+    dev = next(model.parameters()).device.type
+    with torch.autocast(dev, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     return loss.detach().double(), [p.grad.detach().double().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_autocast_bf16_within_eager_error(pack):
+@pytest.mark.parametrize("backend,pack", [("torch", False), ("torch", True)] + [(b, True) for b in FUSED])
+def test_autocast_bf16_within_eager_error(backend, pack):
     """Under autocast the patched model is as close to the fp64 truth as HF's own bf16 eager run (x4)."""
     cfg = v2_config(conv=3)
-    model = transformers.DebertaV2ForSequenceClassification(cfg).train()
-    ids, mask, labels = _batch()
+    dev = DEV if backend != "torch" else "cpu"
+    model = transformers.DebertaV2ForSequenceClassification(cfg).to(dev).train()
+    ids, mask, labels = (t.to(dev) for t in _batch())
     truth = _loss_and_grads(copy.deepcopy(model).double(), ids, mask, labels)
     eager = _loss_and_grads(model, ids, mask, labels, torch.bfloat16)
-    with patched(model, backend="torch", pack=pack):
+    with patched(model, backend=backend, pack=pack):
         fast = _loss_and_grads(model, ids, mask, labels, torch.bfloat16)
     assert torch.isfinite(fast[0])
     eager_err = (eager[0] - truth[0]).abs().item()
@@ -44,18 +51,25 @@ def test_autocast_bf16_within_eager_error(pack):
         assert (f - t).norm() <= 4 * (e - t).norm() + 1e-3 * t.norm() + 1e-6
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_gradient_checkpointing_matches(pack):
-    cfg = v2_config()
-    model = transformers.DebertaV2ForSequenceClassification(cfg).double().train()
-    ids, mask, labels = _batch()
-    want = _loss_and_grads(model, ids, mask, labels)
-    model.gradient_checkpointing_enable()
-    with patched(model, backend="torch", pack=pack):
+@pytest.mark.parametrize("backend,pack", [("torch", False), ("torch", True)] + [(b, p) for b in FUSED
+                                                                                   for p in (False, True)])
+def test_gradient_checkpointing_matches(backend, pack):
+    """HF gradient checkpointing recomputes the patched attention; loss and grads as without it."""
+    cfg = v2_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    dtype, dev = (torch.float64, "cpu") if backend == "torch" else (torch.float32, DEV)
+    model = transformers.DebertaV2ForSequenceClassification(cfg).to(dev, dtype).train()
+    ids, mask, labels = (t.to(dev) for t in _batch())
+    with patched(model, backend=backend, pack=pack):
+        torch.manual_seed(5)  # dropout (in the fused kernels too) must replay in the recomputation
+        want = _loss_and_grads(model, ids, mask, labels)
+        model.gradient_checkpointing_enable()
+        torch.manual_seed(5)
         got = _loss_and_grads(model, ids, mask, labels)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+        model.gradient_checkpointing_disable()
+    tol = dict(rtol=1e-8, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[0], want[0], **tol)
     for a, b in zip(got[1], want[1]):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_named_backend_without_varlen_runs_padded(monkeypatch):
