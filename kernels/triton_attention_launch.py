@@ -59,6 +59,22 @@ def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int) -> LaunchCo
     return LaunchConfig(32, 32, 8, 1)
 
 
+def _table_gemm(x, pos):
+    """float32 ``x @ pos^T``: ``x [B,H,L,D]`` or ``[H,T,D]``, ``pos [H,R,D]`` or ``[B,H,R,D]`` ->
+    ``[..., L, R]`` contiguous.  fp16/bf16 on CUDA: tensor-core GEMM with float32 output
+    (``bmm(out_dtype=)``: products of 16-bit values are exact in float32, so this equals the
+    float32 GEMM up to summation order); otherwise a float32 GEMM (TF32 only if torch allows it)."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        lead = x.shape[:-2]
+        xb = x.reshape(-1, *x.shape[-2:])
+        pb = pos.expand(*lead, *pos.shape[-2:]).reshape(-1, *pos.shape[-2:])
+        try:
+            return torch.bmm(xb, pb.transpose(1, 2), out_dtype=torch.float32).view(*lead, x.shape[-2], -1)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without bmm(out_dtype=)
+            pass
+    return torch.matmul(x.float(), pos.float().transpose(-1, -2)).contiguous()
+
+
 @dataclass
 class _Prepared:
     """Everything the three kernels share: tables, mask pointers/strides, constexprs."""
@@ -91,9 +107,8 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
         band_lo, band_hi = max(band.lo, -lim), min(band.hi, lim)
     else:
         table, band_lo, band_hi = torch.zeros(1, dtype=torch.int32, device=q.device), -1, 1
-    # small O(L * rows) tables; matmul honours torch's TF32 setting like the kernels do
-    c2p = torch.matmul(q.float(), pos_key[..., rows, :].float().transpose(-1, -2)).contiguous() if has_c2p else dummy
-    p2c = torch.matmul(k.float(), pos_query[..., rows, :].float().transpose(-1, -2)).contiguous() if has_p2c else dummy
+    c2p = _table_gemm(q, pos_key[..., rows, :]) if has_c2p else dummy
+    p2c = _table_gemm(k, pos_query[..., rows, :]) if has_p2c else dummy
     kmask = fmask = uni = torch.zeros(1, dtype=torch.uint8, device=q.device)
     s_kmb = s_fmb = s_fmh = s_fmm = s_unb = s_unh = 0
     mask_kind = 0

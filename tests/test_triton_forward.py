@@ -125,3 +125,20 @@ def test_strided_inputs_without_copies():
     ref, ref_lse = reference_forward_lse(q, k, v, pk, pq, mask, kw, torch.float64)
     assert_close_fp32(out, ref, what="out")
     assert_close_fp32(lse, ref_lse, what="lse")
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_table_gemm_float32_tables(dev, dtype):
+    """The C2P / P2C tables are float32 ``x @ pos^T`` in every layout (on CUDA fp16/bf16: tensor-core
+    GEMM with float32 output, equal to the float32 GEMM up to summation order)."""
+    from deberta_fast._kernels.triton_attention_launch import _table_gemm
+
+    for x, pos in ((torch.randn(2, 3, 37, 24), torch.randn(3, 41, 24)),          # [B,H,L,D] x [H,R,D]
+                   (torch.randn(2, 3, 37, 24), torch.randn(2, 3, 41, 24)),       # batched pos
+                   (torch.randn(37, 3, 24).transpose(0, 1), torch.randn(3, 41, 24))):  # packed [H,T,D] view
+        x, pos = x.to(dev, dtype), pos.to(dev, dtype)
+        got = _table_gemm(x, pos)
+        want = x.double() @ pos.double().transpose(-1, -2)
+        assert got.dtype == torch.float32 and got.shape == want.shape and got.is_contiguous()
+        assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
