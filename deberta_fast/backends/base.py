@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..positions import relative_slot_table, slot_band, SlotBand
+from ..positions import SlotBand, relative_slot_table, slot_band, trimmed_slot_table
 
 
 class _CallCommon:
@@ -38,6 +38,13 @@ class _CallCommon:
 
     def band(self) -> SlotBand:
         return slot_band(self.position_buckets, self.max_relative_positions, self.span)
+
+    def trimmed_table(self) -> tuple[torch.Tensor, slice]:
+        """``(table, rows)``: the slot table shifted to the rows of pos_key / pos_query that some
+        ``(i, j)`` uses, and those rows (:func:`deberta_fast.positions.trimmed_slot_table`)."""
+        table, lo, hi = trimmed_slot_table(*self.table_lens, self.position_buckets, self.max_relative_positions,
+                                           self.span, self.device)
+        return table, slice(lo, hi + 1)
 
 
 @dataclass
@@ -86,6 +93,10 @@ class AttentionCall(_CallCommon):
         return self.key.shape[2]
 
 
+    @property
+    def table_lens(self) -> tuple[int, int]:
+        return self.q_len, self.k_len
+
     def slot_table(self) -> torch.Tensor:
         """int32 ``[Lq+Lk-1]``, see :mod:`deberta_fast.positions`."""
         if self._table is None:
@@ -126,6 +137,10 @@ class VarlenCall(_CallCommon):
     @property
     def num_seqs(self) -> int:
         return self.cu_seqlens_q.numel() - 1
+
+    @property
+    def table_lens(self) -> tuple[int, int]:
+        return self.max_seqlen_q, self.max_seqlen_k
 
     def slot_table(self) -> torch.Tensor:
         """int32 ``[max_seqlen_q + max_seqlen_k - 1]``: slot of ``i - j`` (index ``i - j + max_seqlen_k - 1``)."""

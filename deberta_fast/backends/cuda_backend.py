@@ -49,6 +49,23 @@ def check_varlen_offsets(call: VarlenCall) -> None:
         raise ValueError("disentangled_attention_varlen (cuda backend): " + "; ".join(bad))
 
 
+def _positions(call):
+    """``(table, rows, band_lo, band_hi)``: the slot table over the used rows of the relative tables
+    (autograd of ``pos[..., rows, :]`` puts their gradients back in place), or ``(None, all, 0, 0)``."""
+    if not call.has_rel:
+        return None, slice(None), 0, 0
+    table, rows = call.trimmed_table()
+    band = call.band()
+    return table, rows, int(band.lo), int(band.hi)
+
+
+def _rng(call):
+    """Philox ``(seed, offset)`` on the device, drawn from torch's CUDA generator (manual_seed replays it)."""
+    if call.dropout_p <= 0.0:
+        return None
+    return torch.randint(0, 1 << 62, (2,), device=call.device, dtype=torch.int64)
+
+
 class CudaBackend(Backend):
     name = "cuda"
     summary = ("CUDA C++ extension (mma.sync, fp16/bf16, sm_80+): head dim 32/64/128, any Lq/Lk, c2p/p2c, "
@@ -103,26 +120,18 @@ class CudaBackend(Backend):
         q = _cuda_ext.aligned(call.query)
         k = _cuda_ext.aligned(call.key)
         v = _cuda_ext.aligned(call.value)
-        c2p = p2c = table = None
+        table, rows, band_lo, band_hi = _positions(call)
+        c2p = p2c = None
         if call.pos_key is not None:
-            c2p = torch.matmul(call.query, call.pos_key.transpose(-1, -2)).contiguous()
+            c2p = torch.matmul(call.query, call.pos_key[..., rows, :].transpose(-1, -2)).contiguous()
         if call.pos_query is not None:
-            p2c = torch.matmul(call.key, call.pos_query.transpose(-1, -2)).contiguous()
-        if call.has_rel:
-            table = call.slot_table()
-            band = call.band()
-            band_lo, band_hi = int(band.lo), int(band.hi)
-        else:
-            band_lo, band_hi = 0, 0
+            p2c = torch.matmul(call.key, call.pos_query[..., rows, :].transpose(-1, -2)).contiguous()
         key_mask = uniform = None
         if call.mask_kind == "key":
             key_mask = call.key_mask.contiguous()
         if call.uniform_rows is not None:
             uniform = call.uniform_rows.contiguous()
-        rng = None
-        if call.dropout_p > 0.0:
-            rng = torch.randint(0, 1 << 62, (2,), device=call.device, dtype=torch.int64)
-        out, _lse = ops.cuda_attn_fwd(q, k, v, c2p, p2c, table, key_mask, uniform, rng, float(call.scale),
+        out, _lse = ops.cuda_attn_fwd(q, k, v, c2p, p2c, table, key_mask, uniform, _rng(call), float(call.scale),
                                       float(call.dropout_p), band_lo, band_hi)
         return out
 
@@ -132,18 +141,12 @@ class CudaBackend(Backend):
         q = _cuda_ext.aligned(call.query)
         k = _cuda_ext.aligned(call.key)
         v = _cuda_ext.aligned(call.value)
-        c2p, p2c = _cuda_ext.varlen_tables(call.query, call.key, call.pos_key, call.pos_query)
-        table = None
-        band_lo = band_hi = 0
-        if call.has_rel:
-            table = call.slot_table()
-            band = call.band()
-            band_lo, band_hi = int(band.lo), int(band.hi)
-        rng = None
-        if call.dropout_p > 0.0:
-            rng = torch.randint(0, 1 << 62, (2,), device=call.device, dtype=torch.int64)
+        table, rows, band_lo, band_hi = _positions(call)
+        c2p, p2c = _cuda_ext.varlen_tables(call.query, call.key,
+                                           None if call.pos_key is None else call.pos_key[..., rows, :],
+                                           None if call.pos_query is None else call.pos_query[..., rows, :])
         out, _lse = ops.cuda_varlen_fwd(q, k, v, c2p, p2c, table, call.cu_seqlens_q.contiguous(),
                                         call.cu_seqlens_k.contiguous(), int(call.max_seqlen_q),
-                                        int(call.max_seqlen_k), rng, float(call.scale), float(call.dropout_p),
-                                        band_lo, band_hi)
+                                        int(call.max_seqlen_k), _rng(call), float(call.scale),
+                                        float(call.dropout_p), band_lo, band_hi)
         return out
