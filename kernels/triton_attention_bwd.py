@@ -21,7 +21,7 @@ sequence's blocks and ``N*H``): ``LSE``/``DELTA [H,Tq]``, ``DQ [H,Tq,D]``, ``DK`
 import triton
 import triton.language as tl
 
-from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _segment_scan, _sequence
+from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _segment_scan, _sequence, _tile
 
 
 @triton.jit
@@ -74,10 +74,8 @@ def disentangled_bwd_dkdv_kernel(
     d_ok = offs_d < D
     n_ok = offs_n < Lk
     kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b.to(tl.int64) * s_kb + h * s_kh + (k0 + offs_n).to(tl.int64)[:, None] * s_kn + offs_d[None, :],
-                mask=kv_ok, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * s_vb + h * s_vh + (k0 + offs_n).to(tl.int64)[:, None] * s_vn + offs_d[None, :],
-                mask=kv_ok, other=0.0)
+    k = _tile(K + b.to(tl.int64) * s_kb + h * s_kh, k0 + offs_n, s_kn, offs_d, kv_ok)
+    v = _tile(V + b.to(tl.int64) * s_vb + h * s_vh, k0 + offs_n, s_vn, offs_d, kv_ok)
     Q_bh = Q + b.to(tl.int64) * s_qb + h * s_qh + q0.to(tl.int64) * s_qm
     DO_bh = DO + b.to(tl.int64) * s_ob + h * s_oh + q0.to(tl.int64) * s_om
     C2P_bh = C2P + qrow0 * NSLOT
@@ -92,8 +90,8 @@ def disentangled_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
         qo_ok = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q_bh + offs_m.to(tl.int64)[:, None] * s_qm + offs_d[None, :], mask=qo_ok, other=0.0)
-        do = tl.load(DO_bh + offs_m.to(tl.int64)[:, None] * s_om + offs_d[None, :], mask=qo_ok, other=0.0)
+        q = _tile(Q_bh, offs_m, s_qm, offs_d, qo_ok)
+        do = _tile(DO_bh, offs_m, s_om, offs_d, qo_ok)
         lse2 = tl.load(LSE + qrow0 + offs_m, mask=m_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
         pd, ds = _probs_and_ds(q, k, v, do, lse2, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
@@ -143,10 +141,8 @@ def disentangled_bwd_dq_kernel(
     d_ok = offs_d < D
     m_ok = offs_m < Lq
     qo_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + (q0 + offs_m).to(tl.int64)[:, None] * s_qm + offs_d[None, :],
-                mask=qo_ok, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * s_ob + h * s_oh + (q0 + offs_m).to(tl.int64)[:, None] * s_om + offs_d[None, :],
-                 mask=qo_ok, other=0.0)
+    q = _tile(Q + b.to(tl.int64) * s_qb + h * s_qh, q0 + offs_m, s_qm, offs_d, qo_ok)
+    do = _tile(DO + b.to(tl.int64) * s_ob + h * s_oh, q0 + offs_m, s_om, offs_d, qo_ok)
     lse2 = tl.load(LSE + qrow0 + offs_m, mask=m_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
     K_bh = K + b.to(tl.int64) * s_kb + h * s_kh + k0.to(tl.int64) * s_kn
@@ -162,8 +158,8 @@ def disentangled_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K_bh + offs_n.to(tl.int64)[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V_bh + offs_n.to(tl.int64)[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = _tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
+        v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
         _, ds = _probs_and_ds(q, k, v, do, lse2, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
                               b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, seed,
                               KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,

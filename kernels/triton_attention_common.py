@@ -20,6 +20,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _tile(BASE, rows, s_row, offs_d, mask):
+    """Load ``BASE[rows, offs_d]`` (rows of stride ``s_row``, int64 offsets; 0 where masked)."""
+    return tl.load(BASE + rows.to(tl.int64)[:, None] * s_row + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _mm(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """``a @ b`` accumulated in float32.  ``UPCAST``: operands to float32 first (the CPU
     interpreter mis-computes low-precision dots); ``PREC``: "ieee" or "tf32" for float32."""

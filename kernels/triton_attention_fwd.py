@@ -14,7 +14,7 @@ dropout).  Dropout multiplies the normalised probabilities by ``keep / (1 - p_dr
 import triton
 import triton.language as tl
 
-from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _sequence
+from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _sequence, _tile
 
 
 @triton.jit
@@ -39,8 +39,8 @@ def disentangled_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < Lq
-    q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + (q0 + offs_m).to(tl.int64)[:, None] * s_qm + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _tile(Q + b.to(tl.int64) * s_qb + h * s_qh, q0 + offs_m, s_qm, offs_d,
+              m_ok[:, None] & d_ok[None, :])
     K_bh = K + b.to(tl.int64) * s_kb + h * s_kh + k0.to(tl.int64) * s_kn
     V_bh = V + b.to(tl.int64) * s_vb + h * s_vh + k0.to(tl.int64) * s_vn
     C2P_bh = C2P + qrow0 * NSLOT
@@ -54,7 +54,7 @@ def disentangled_fwd_kernel(
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n < Lk)[:, None] & d_ok[None, :]
-        k = tl.load(K_bh + offs_n.to(tl.int64)[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = _tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
         s2, uni = _scores(q, k, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, b, h, Lq, Lk, NSLOT,
                           band_lo, band_hi, qk_scale, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
                           HAS_C2P, HAS_P2C, MASK_KIND, UPCAST, PREC, BLOCK_M, BLOCK_N)
@@ -66,7 +66,7 @@ def disentangled_fwd_kernel(
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, p_drop)
             p = tl.where(keep, p * inv_keep, 0.0)
-        v = tl.load(V_bh + offs_n.to(tl.int64)[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
         m_i = m_new
 
