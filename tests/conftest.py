@@ -8,11 +8,30 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # decorate the kernels for the interpreter now: a test that sets TRITON_INTERPRET=0 for a while
+    # must not be the first to import them
+    try:
+        import deberta_fast._kernels.triton_attention_launch  # noqa: F401
+    except ImportError:  # triton not installed: the Triton tests skip or refuse with the reason
+        pass
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _kernel_tests_on_gpu(request):
+    """With a GPU, the Triton kernel tests make their tensors there (CPU runs use the interpreter)."""
+    on_gpu = torch.cuda.is_available() and request.module.__name__.rsplit(".", 1)[-1].startswith("test_triton")
+    if on_gpu:
+        torch.set_default_device("cuda")
+    yield
+    if on_gpu:
+        torch.set_default_device("cpu")
 
 
 def pytest_collection_modifyitems(config, items):

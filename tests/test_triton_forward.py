@@ -96,6 +96,7 @@ def test_refusals(monkeypatch):
     (msg,) = _refusals(qt, k, v, pk, pq)
     assert "query" in msg and ".contiguous()" in msg
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, pk, pq = (t.cpu() for t in (q, k, v, pk, pq))  # CPU tensors without the interpreter
     (msg,) = _refusals(q, k, v, pk, pq)
     assert "needs CUDA tensors" in msg
     with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):

@@ -258,6 +258,7 @@ def test_dispatch_auto_and_refusals(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="float64"):
         disentangled_attention_varlen(*cast((q, k, v, pk, pq), torch.float64), cq, ck, mq, mk, backend="triton", **kw)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, pk, pq, cq, ck = (t.cpu() for t in (q, k, v, pk, pq, cq, ck))  # CPU, no interpreter
     (msg,) = refusals(q, k, v, pk, pq)
     assert "needs CUDA tensors" in msg
     disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, mq, mk, **kw)
