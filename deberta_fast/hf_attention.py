@@ -125,11 +125,6 @@ def _attend(mod, q, k, v, pos_key, pos_query, *, buckets, max_rel, span, attenti
     return out, None
 
 
-def _pos_tables(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``[2*span, hidden] -> [H, 2*span, D]``."""
-    return _heads(x, num_heads)
-
-
 def v2_forward(mod, hidden_states, attention_mask, output_attentions=False, query_states=None,
                relative_pos=None, rel_embeddings=None):
     """HF ``DisentangledSelfAttention.forward`` of DeBERTa-v2/v3.  Returns ``(context [B,L,H*D], probs|None)``."""
@@ -154,9 +149,9 @@ def v2_forward(mod, hidden_states, attention_mask, output_attentions=False, quer
         else:
             key_proj, query_proj = getattr(mod, "pos_key_proj", None), getattr(mod, "pos_query_proj", None)
         if "c2p" in types:
-            pos_key = _pos_tables(key_proj(rel), H)
+            pos_key = _heads(key_proj(rel), H)
         if "p2c" in types:
-            pos_query = _pos_tables(query_proj(rel), H)
+            pos_query = _heads(query_proj(rel), H)
     if relative_pos is CANONICAL:
         relative_pos = None
     ctx, probs = _attend(mod, q, k, v, pos_key, pos_query, buckets=buckets, max_rel=max_rel, span=span,
@@ -202,9 +197,9 @@ def v1_forward(mod, hidden_states, attention_mask, output_attentions=False, quer
         span = min(length, max_rel)
         rel = mod.pos_dropout(rel_embeddings)[max_rel - span: max_rel + span]
         if "c2p" in types:
-            pos_key = _pos_tables(mod.pos_proj(rel), H)
+            pos_key = _heads(mod.pos_proj(rel), H)
         if "p2c" in types:
-            pos_query = _pos_tables(mod.pos_q_proj(rel), H)
+            pos_query = _heads(mod.pos_q_proj(rel), H)
     if relative_pos is CANONICAL:
         relative_pos = None
     ctx, probs = _attend(mod, q, k, v, pos_key, pos_query, buckets=-1, max_rel=max_rel, span=span,
