@@ -23,6 +23,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "dfa_params.h"
 
 namespace dfa {
@@ -236,5 +238,24 @@ __device__ __forceinline__ float quad_sum(float x) {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kThreads = 128;
+
+// Calls run(T{}, std::integral_constant<int, D>{}) for the compiled (dtype, head_dim) pairs:
+// dtype 0 = fp16, 1 = bf16; head_dim 32 / 64 / 128.  Returns run's error text, or one of its own.
+template <typename Run>
+inline const char* dispatch_dtype_dim(int dtype, int head_dim, Run&& run) {
+  using D32 = std::integral_constant<int, 32>;
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
+  if (dtype == 0) {
+    if (head_dim == 32) return run(__half{}, D32{});
+    if (head_dim == 64) return run(__half{}, D64{});
+    if (head_dim == 128) return run(__half{}, D128{});
+  } else if (dtype == 1) {
+    if (head_dim == 32) return run(__nv_bfloat16{}, D32{});
+    if (head_dim == 64) return run(__nv_bfloat16{}, D64{});
+    if (head_dim == 128) return run(__nv_bfloat16{}, D128{});
+  }
+  return "deberta_fast._C: unsupported dtype/head_dim combination (fp16/bf16, head_dim 32/64/128)";
+}
 
 }  // namespace dfa

@@ -146,16 +146,7 @@ static const char* run_fwd(const Params& p, cudaStream_t stream) {
 
 const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  if (dtype == 0) {
-    if (head_dim == 32) return run_fwd<__half, 32>(p, s);
-    if (head_dim == 64) return run_fwd<__half, 64>(p, s);
-    if (head_dim == 128) return run_fwd<__half, 128>(p, s);
-  } else if (dtype == 1) {
-    if (head_dim == 32) return run_fwd<__nv_bfloat16, 32>(p, s);
-    if (head_dim == 64) return run_fwd<__nv_bfloat16, 64>(p, s);
-    if (head_dim == 128) return run_fwd<__nv_bfloat16, 128>(p, s);
-  }
-  return "deberta_fast._C: unsupported dtype/head_dim combination (fp16/bf16, head_dim 32/64/128)";
+  return dispatch_dtype_dim(dtype, head_dim, [&](auto t, auto d) { return run_fwd<decltype(t), decltype(d)::value>(p, s); });
 }
 
 }  // namespace dfa
