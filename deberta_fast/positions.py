@@ -13,6 +13,7 @@ No ``[L, L]`` tensor is ever built here.
 from __future__ import annotations
 
 import functools
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ __all__ = [
     "trimmed_slot_table",
     "SlotBand",
     "slot_band",
+    "check_bucket_config",
+    "relative_run_table",
 ]
 
 
@@ -45,10 +48,31 @@ def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_positi
     return torch.where(abs_pos <= mid, relative_pos.type_as(log_pos), log_pos * sign)
 
 
+def check_bucket_config(position_buckets: int, max_relative_positions: int) -> None:
+    """Raise ``ValueError`` for bucket configs where HF's log-bucket function is undefined.
+
+    With ``mid = position_buckets // 2`` HF divides by ``log((max_relative_positions - 1) / mid)``
+    (float32) and by ``mid``: ``position_buckets == 1`` (``mid == 0``) and ``max_relative_positions - 1
+    == mid`` (a zero logarithm) turn every distance beyond ``mid`` into inf/NaN, which HF then casts to
+    an integer (platform-dependent garbage).  Every other config, monotone or not, is well defined."""
+    if position_buckets <= 0 or max_relative_positions <= 0:
+        return  # no bucketing: raw distances
+    mid = position_buckets // 2
+    if mid == 0:
+        raise ValueError(f"position_buckets={position_buckets}: HF's log-bucket function divides by "
+                         f"position_buckets // 2 = 0; use position_buckets >= 2 (or <= 0 for no buckets)")
+    if array("f", [(max_relative_positions - 1) / mid])[0] == 1.0:  # HF's float32 ratio: log is exactly 0
+        raise ValueError(f"position_buckets={position_buckets} with max_relative_positions={max_relative_positions}:"
+                         f" HF's log-bucket function divides by log((max_relative_positions - 1) / "
+                         f"(position_buckets // 2)) = 0 (every distance beyond {mid} becomes NaN/inf); choose "
+                         f"another max_relative_positions")
+
+
 def relative_delta(rel: torch.Tensor, position_buckets: int, max_relative_positions: int) -> torch.Tensor:
     """``delta`` of an integer tensor of raw distances ``i - j`` (int64 out)."""
     rel = rel.to(torch.long)
     if position_buckets > 0 and max_relative_positions > 0:
+        check_bucket_config(position_buckets, max_relative_positions)
         rel = log_bucket_position(rel, position_buckets, max_relative_positions)
     return rel.to(torch.long)
 
@@ -119,6 +143,35 @@ def trimmed_slot_table(q_len, k_len, position_buckets, max_relative_positions, s
         device = torch.device("cuda", torch.cuda.current_device())
     return _trimmed_cached(int(q_len), int(k_len), int(position_buckets), int(max_relative_positions), int(span),
                            str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _runs_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
+    table, lo, _ = _trimmed_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str)
+    change = (table[1:] != table[:-1]).to(torch.int32)
+    runs = torch.cat([change.new_zeros(1), torch.cumsum(change, 0, dtype=torch.int32)]).contiguous()
+    first = torch.cat([change.new_ones(1), change]).bool()
+    run_rows = table[first].long()  # trimmed row of each run, in order of increasing distance
+    unique = bool((run_rows[1:] > run_rows[:-1]).all())  # monotone configs: one run per row
+    return runs, run_rows, unique
+
+
+def relative_run_table(q_len, k_len, position_buckets, max_relative_positions, span, device="cpu"):
+    """``(runs, run_rows, unique)``: the distances ``d = i - j`` cut into maximal runs of equal slot.
+
+    ``runs`` int32 ``[Lq + Lk - 1]``: run id of ``d`` (index ``d + Lk - 1``), ``0 .. R-1`` increasing
+    with ``d``; ``run_rows`` long ``[R]``: the row of the trimmed tables
+    (:func:`trimmed_slot_table`) each run uses; ``unique``: no row is used by two runs.  Along a row
+    (or a column) of the score matrix ``d`` takes every value once, so each run is one contiguous
+    segment there even when the bucket function is not monotone in ``d`` (e.g. ``position_buckets=16,
+    max_relative_positions=4``), and per-run sums are what a scan-based backward can reduce without
+    atomics; ``run_rows`` then folds runs onto table rows.  Cached; treat as read-only."""
+    _validate(q_len, k_len, span)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _runs_cached(int(q_len), int(k_len), int(position_buckets), int(max_relative_positions), int(span),
+                        str(device))
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,24 @@
 """Triton backward kernels of disentangled attention (flash-attention-2 structure, no atomics).
 
-Both kernels recompute ``P = exp(s - LSE)`` tile by tile (and the dropout keep-mask from the
-seed) and form ``dS = scale * P * (dP - DELTA)`` with ``DELTA = rowsum(dO * O)`` float32
+Both kernels recompute ``P = exp2((s2 - ROWMAX) - LOGSUM)`` tile by tile from the forward's
+statistics (exact at any score magnitude; 0 on rows with no key) and the dropout keep-mask from the
+seed, and form ``dS = scale * P * (dP - DELTA)`` with ``DELTA = rowsum(dO * O)`` float32
 ``[B,H,Lq]`` and ``dP = keep/(1-p) * dO V^T``.
 
 * :func:`disentangled_bwd_dkdv_kernel`, grid ``(cdiv(Lk, BLOCK_N), B*H)``: ``DK = dS^T Q``
   (content part, float32 ``[B,H,Lk,D]``), ``DV = P_drop^T dO`` (float32), and, with p2c, the
-  per-slot column sums of ``dS`` as prefix sums ``PSTART``/``PEND`` float32 ``[B,H,Lk,NSLOT]``.
+  column sums of ``dS`` per run of equal slot, ``PSUM`` float32 ``[B,H,Lk,NRUN]``.
 * :func:`disentangled_bwd_dq_kernel`, grid ``(cdiv(Lq, BLOCK_M), B*H)``: ``DQ = dS K``
-  (content part, float32 ``[B,H,Lq,D]``) and, with c2p, the per-slot row sums of ``dS`` as
-  ``CSTART``/``CEND`` float32 ``[B,H,Lq,NSLOT]``.
+  (content part, float32 ``[B,H,Lq,D]``) and, with c2p, the row sums per run, ``CSUM`` float32
+  ``[B,H,Lq,NRUN]``.
 
-``END - START`` is ``dC2P`` / ``dP2C`` (see ``_segment_scan``); the host turns them into the
-position gradients with small GEMMs.  Every output location has one writer: deterministic.
+The runs (``RUNS``, see ``_segment_scan`` and :func:`deberta_fast.positions.relative_run_table`)
+fold onto table rows on the host, which turns them into the position gradients with small
+GEMMs.  Every output location has one writer: deterministic.
 
 ``VARLEN``: packed sequences (layouts as in the forward kernel; grids over the longest
-sequence's blocks and ``N*H``): ``LSE``/``DELTA [H,Tq]``, ``DQ [H,Tq,D]``, ``DK``/``DV [H,Tk,D]``,
-``CSTART``/``CEND [H,Tq,NSLOT]``, ``PSTART``/``PEND [H,Tk,NSLOT]``, all float32.
+sequence's blocks and ``N*H``): ``ROWMAX``/``LOGSUM``/``DELTA [H,Tq]``, ``DQ [H,Tq,D]``,
+``DK``/``DV [H,Tk,D]``, ``CSUM [H,Tq,NRUN]``, ``PSUM [H,Tk,NRUN]``, all float32.
 """
 import triton
 import triton.language as tl
@@ -25,7 +27,7 @@ from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _segmen
 
 
 @triton.jit
-def _probs_and_ds(q, k, v, do, lse2, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
+def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
                   b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, seed,
                   KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
                   HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -37,7 +39,7 @@ def _probs_and_ds(q, k, v, do, lse2, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_
                       band_lo, band_hi, qk_scale, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
                       HAS_C2P, HAS_P2C, MASK_KIND, UPCAST, PREC, BLOCK_M, BLOCK_N)
     ok = (offs_m < Lq)[:, None] & (offs_n < Lk)[None, :]
-    p = tl.where(ok, tl.exp2(s2 - lse2[:, None]), 0.0)
+    p = tl.where(ok, tl.exp2((s2 - rowmax[:, None]) - logsum[:, None]), 0.0)
     dp = _mm(do, tl.trans(v), UPCAST, PREC)
     if DROPOUT:
         inv_keep = 1.0 / (1.0 - p_drop)
@@ -53,10 +55,10 @@ def _probs_and_ds(q, k, v, do, lse2, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_
 
 @triton.jit
 def disentangled_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSTART, PEND,
+    Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, RUNS, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
+    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, p_drop, seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -65,7 +67,11 @@ def disentangled_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q0, Lq, k0, Lk, qrow0, krow0, TABLE = _sequence(CU_Q, CU_K, TABLE, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
+    q0, Lq, k0, Lk, qrow0, krow0, toff = _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
+    TABLE = TABLE + toff
+    RUNS = RUNS + toff
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
     start_n = pid_n * BLOCK_N
     if start_n >= Lk:  # packed: this sequence is shorter than the longest one
         return
@@ -74,13 +80,13 @@ def disentangled_bwd_dkdv_kernel(
     d_ok = offs_d < D
     n_ok = offs_n < Lk
     kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = _tile(K + b.to(tl.int64) * s_kb + h * s_kh, k0 + offs_n, s_kn, offs_d, kv_ok)
-    v = _tile(V + b.to(tl.int64) * s_vb + h * s_vh, k0 + offs_n, s_vn, offs_d, kv_ok)
-    Q_bh = Q + b.to(tl.int64) * s_qb + h * s_qh + q0.to(tl.int64) * s_qm
-    DO_bh = DO + b.to(tl.int64) * s_ob + h * s_oh + q0.to(tl.int64) * s_om
+    k = _tile(K + b64 * s_kb + h64 * s_kh, k0 + offs_n, s_kn, offs_d, kv_ok)
+    v = _tile(V + b64 * s_vb + h64 * s_vh, k0 + offs_n, s_vn, offs_d, kv_ok)
+    Q_bh = Q + b64 * s_qb + h64 * s_qh + q0.to(tl.int64) * s_qm
+    DO_bh = DO + b64 * s_ob + h64 * s_oh + q0.to(tl.int64) * s_om
     C2P_bh = C2P + qrow0 * NSLOT
     P2C_bh = P2C + krow0 * NSLOT
-    rows = (krow0 + offs_n) * NSLOT
+    rows = (krow0 + offs_n) * NRUN
     qk_scale = scale * LOG2E
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -92,9 +98,10 @@ def disentangled_bwd_dkdv_kernel(
         qo_ok = m_ok[:, None] & d_ok[None, :]
         q = _tile(Q_bh, offs_m, s_qm, offs_d, qo_ok)
         do = _tile(DO_bh, offs_m, s_om, offs_d, qo_ok)
-        lse2 = tl.load(LSE + qrow0 + offs_m, mask=m_ok, other=0.0) * LOG2E
+        rowmax = tl.load(ROWMAX + qrow0 + offs_m, mask=m_ok, other=0.0)
+        logsum = tl.load(LOGSUM + qrow0 + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
-        pd, ds = _probs_and_ds(q, k, v, do, lse2, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
+        pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
                                b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, seed,
                                KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
                                HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
@@ -111,7 +118,7 @@ def disentangled_bwd_dkdv_kernel(
                 ok = m_ok[:, None] & n_ok[None, :]
                 d = offs_m[:, None] - offs_n[None, :]
                 run = _segment_scan(ds, run, d, ok, (offs_m > 0)[:, None], (offs_m < Lq - 1)[:, None],
-                                    TABLE, PSTART, PEND, rows, Lk, 0)
+                                    RUNS, PSUM, rows, Lk, 0)
 
     out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, dk, mask=kv_ok)
@@ -120,10 +127,10 @@ def disentangled_bwd_dkdv_kernel(
 
 @triton.jit
 def disentangled_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSTART, CEND,
+    Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, RUNS, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
+    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, p_drop, seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -132,7 +139,11 @@ def disentangled_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q0, Lq, k0, Lk, qrow0, krow0, TABLE = _sequence(CU_Q, CU_K, TABLE, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
+    q0, Lq, k0, Lk, qrow0, krow0, toff = _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
+    TABLE = TABLE + toff
+    RUNS = RUNS + toff
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
     start_m = pid_m * BLOCK_M
     if start_m >= Lq:  # packed: this sequence is shorter than the longest one
         return
@@ -141,15 +152,16 @@ def disentangled_bwd_dq_kernel(
     d_ok = offs_d < D
     m_ok = offs_m < Lq
     qo_ok = m_ok[:, None] & d_ok[None, :]
-    q = _tile(Q + b.to(tl.int64) * s_qb + h * s_qh, q0 + offs_m, s_qm, offs_d, qo_ok)
-    do = _tile(DO + b.to(tl.int64) * s_ob + h * s_oh, q0 + offs_m, s_om, offs_d, qo_ok)
-    lse2 = tl.load(LSE + qrow0 + offs_m, mask=m_ok, other=0.0) * LOG2E
+    q = _tile(Q + b64 * s_qb + h64 * s_qh, q0 + offs_m, s_qm, offs_d, qo_ok)
+    do = _tile(DO + b64 * s_ob + h64 * s_oh, q0 + offs_m, s_om, offs_d, qo_ok)
+    rowmax = tl.load(ROWMAX + qrow0 + offs_m, mask=m_ok, other=0.0)
+    logsum = tl.load(LOGSUM + qrow0 + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
-    K_bh = K + b.to(tl.int64) * s_kb + h * s_kh + k0.to(tl.int64) * s_kn
-    V_bh = V + b.to(tl.int64) * s_vb + h * s_vh + k0.to(tl.int64) * s_vn
+    K_bh = K + b64 * s_kb + h64 * s_kh + k0.to(tl.int64) * s_kn
+    V_bh = V + b64 * s_vb + h64 * s_vh + k0.to(tl.int64) * s_vn
     C2P_bh = C2P + qrow0 * NSLOT
     P2C_bh = P2C + krow0 * NSLOT
-    rows = (qrow0 + offs_m) * NSLOT
+    rows = (qrow0 + offs_m) * NRUN
     qk_scale = scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -160,7 +172,7 @@ def disentangled_bwd_dq_kernel(
         kv_ok = n_ok[:, None] & d_ok[None, :]
         k = _tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
         v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
-        _, ds = _probs_and_ds(q, k, v, do, lse2, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
+        _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
                               b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, seed,
                               KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
@@ -175,7 +187,7 @@ def disentangled_bwd_dq_kernel(
                 ok = m_ok[:, None] & n_ok[None, :]
                 d = offs_m[:, None] - offs_n[None, :]
                 run = _segment_scan(ds, run, d, ok, (offs_n > 0)[None, :], (offs_n < Lk - 1)[None, :],
-                                    TABLE, CSTART, CEND, rows, Lk, 1)
+                                    RUNS, CSUM, rows, Lk, 1)
 
     out = (qrow0 + offs_m)[:, None] * D + offs_d[None, :]
     tl.store(DQ + out, dq, mask=qo_ok)

@@ -36,28 +36,31 @@ def _mm(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _sequence(CU_Q, CU_K, TABLE, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN: tl.constexpr):
-    """Where the rows of program ``bh`` live: ``(q0, Lq, k0, Lk, qrow0, krow0, TABLE)``.
+def _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN: tl.constexpr):
+    """Where the rows of program ``bh`` live: ``(q0, Lq, k0, Lk, qrow0, krow0, toff)``.
 
     Padded (``VARLEN`` False): ``q0 = k0 = 0``, lengths as given, and the per-``(b, h)`` rows of
-    the row-major float32 buffers (tables, LSE, gradients) start at ``qrow0 = bh*Lq`` /
-    ``krow0 = bh*Lk``.  Packed: ``Lq``/``Lk`` are the totals ``Tq``/``Tk``; sequence ``n = bh // H``
+    the row-major float32 buffers (tables, softmax statistics, gradients) start at ``qrow0 = bh*Lq``
+    / ``krow0 = bh*Lk``.  Packed: ``Lq``/``Lk`` are the totals ``Tq``/``Tk``; sequence ``n = bh // H``
     occupies tokens ``q0 = CU_Q[n] .. CU_Q[n+1]`` (``k0`` likewise); the buffers are ``[H, T, ...]``
-    so ``qrow0 = h*Tq + q0`` (int64).  ``TABLE`` (built for ``MAXQ`` x ``MAXK``) is shifted by
-    ``MAXK - Lk`` so that ``TABLE[d + Lk - 1]`` keeps working with the per-sequence ``Lk``.
-    Lengths are clamped to ``MAXQ``/``MAXK`` (the caller's max_seqlen): a wrong max_seqlen
-    truncates a sequence instead of reading outside the table.
+    so ``qrow0 = h*Tq + q0`` (int64).  The distance tables (built for ``MAXQ`` x ``MAXK``) are read at
+    ``TABLE + toff`` with ``toff = MAXK - Lk``, so that ``TABLE[toff + d + Lk - 1]`` keeps working
+    with the per-sequence ``Lk``.  Offsets are clamped into ``[0, T]`` and lengths to ``MAXQ``/``MAXK``:
+    invalid ``cu_seqlens`` (which the host rejects before launching) can give wrong rows but never
+    an access outside the tensors.
     """
     if VARLEN:
         n = bh // H
         h = bh % H
-        q0 = tl.load(CU_Q + n)
-        lq = tl.minimum(tl.load(CU_Q + n + 1) - q0, MAXQ)
-        k0 = tl.load(CU_K + n)
-        lk = tl.minimum(tl.load(CU_K + n + 1) - k0, MAXK)
+        q0 = tl.minimum(tl.maximum(tl.load(CU_Q + n), 0), Lq)
+        q1 = tl.minimum(tl.maximum(tl.load(CU_Q + n + 1), q0), Lq)
+        k0 = tl.minimum(tl.maximum(tl.load(CU_K + n), 0), Lk)
+        k1 = tl.minimum(tl.maximum(tl.load(CU_K + n + 1), k0), Lk)
+        lq = tl.minimum(q1 - q0, MAXQ)
+        lk = tl.minimum(k1 - k0, MAXK)
         qrow0 = h.to(tl.int64) * Lq + q0
         krow0 = h.to(tl.int64) * Lk + k0
-        table = TABLE + (MAXK - lk)
+        toff = MAXK - lk
     else:
         q0 = bh * 0
         k0 = bh * 0
@@ -65,8 +68,8 @@ def _sequence(CU_Q, CU_K, TABLE, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN: tl.constexpr
         lk = k0 + Lk
         qrow0 = bh.to(tl.int64) * Lq
         krow0 = bh.to(tl.int64) * Lk
-        table = TABLE
-    return q0, lq, k0, lk, qrow0, krow0, table
+        toff = q0
+    return q0, lq, k0, lk, qrow0, krow0, toff
 
 
 @triton.jit
@@ -112,16 +115,18 @@ def _mask_tile(s2, b, h, offs_m, offs_n, Lq, Lk, KMASK, FMASK, UNI,
     n_ok = offs_n < Lk
     keep = n_ok[None, :] & m_ok[:, None]
     uni = offs_m < 0
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
     if MASK_KIND == 1:
-        km = tl.load(KMASK + b * s_kmb + offs_n, mask=n_ok, other=0)
+        km = tl.load(KMASK + b64 * s_kmb + offs_n, mask=n_ok, other=0)
         keep = keep & (km != 0)[None, :]
     if MASK_KIND == 2:
-        fm = tl.load(FMASK + b * s_fmb + h * s_fmh + offs_m.to(tl.int64)[:, None] * s_fmm + offs_n[None, :],
+        fm = tl.load(FMASK + b64 * s_fmb + h64 * s_fmh + offs_m.to(tl.int64)[:, None] * s_fmm + offs_n[None, :],
                      mask=m_ok[:, None] & n_ok[None, :], other=0)
         keep = keep & (fm != 0)
     s2 = tl.where(keep, s2, float("-inf"))
     if MASK_KIND != 0:
-        uni = tl.load(UNI + b * s_unb + h * s_unh + offs_m, mask=m_ok, other=0) != 0
+        uni = tl.load(UNI + b64 * s_unb + h64 * s_unh + offs_m, mask=m_ok, other=0) != 0
         s2 = tl.where(uni[:, None] & n_ok[None, :], 0.0, s2)
     return s2, uni
 
@@ -153,25 +158,37 @@ def _dropout_keep(seed, bh, offs_m, offs_n, p_drop):
 
 
 @triton.jit
-def _segment_scan(ds, run, d, ok, has_prev, has_next, TABLE, START, END, rows, Lk, AXIS: tl.constexpr):
-    """Deterministic per-slot sums of ``ds`` along ``AXIS`` without atomics.
+def _seg_add(a, a_start, b, b_start):
+    """Combine of a segmented sum: a segment start in ``b`` drops what came before it."""
+    return tl.where(b_start != 0, b, a + b), a_start | b_start
 
-    Along a row (``AXIS=1``, j increasing) or a column (``AXIS=0``, i increasing) the slot of
-    ``d`` is monotone, so each slot covers one contiguous segment.  With ``incl`` the running
-    inclusive prefix sum (``run`` carries it across tiles), the first element of a segment
-    stores ``incl - ds`` to ``START[row, slot]`` and the last stores ``incl`` to
-    ``END[row, slot]``; each location is written once, and ``END - START`` is the segment sum.
-    ``ok``: in-range elements (``ds`` must be 0 elsewhere); ``has_prev`` / ``has_next``: the
-    element has a neighbour before / after it along ``AXIS``; ``rows``: int64 offsets
-    ``row * NSLOT`` of the other axis.  Returns the new ``run``.
+
+@triton.jit
+def _segment_scan(ds, run, d, ok, has_prev, has_next, RUNS, SUMS, rows, Lk, AXIS: tl.constexpr):
+    """Deterministic per-run sums of ``ds`` along ``AXIS`` without atomics.
+
+    ``RUNS[d + Lk - 1]`` numbers the maximal runs of distances ``d`` with one slot
+    (:func:`deberta_fast.positions.relative_run_table`).  Along a row (``AXIS=1``, j increasing) or
+    a column (``AXIS=0``, i increasing) ``d`` changes by one per step and takes each value once, so
+    each run covers one contiguous segment, whatever the shape of the bucket function.  A segmented
+    inclusive scan restarts at every segment start (``RUNS`` differs from the neighbour before);
+    ``run`` carries the open segment's sum across tiles.  The last element of a segment stores the
+    segment's sum to ``SUMS[row, run id]``: one writer per location, and every sum adds only its
+    own elements (no difference of large prefix sums).  ``ok``: in-range elements (``ds`` must be 0
+    elsewhere; an out-of-range element extends the open segment by 0); ``has_prev`` / ``has_next``:
+    the element has a neighbour before / after it along ``AXIS``; ``rows``: int64 offsets ``row * NRUN`` of the other axis.
+    Returns the new ``run`` (the open segment's sum at the end of the tile).
     """
     # the neighbour before the element along AXIS has d + STEP, the one after d - STEP
     STEP: tl.constexpr = 2 * AXIS - 1
-    slot = tl.load(TABLE + (d + Lk - 1), mask=ok, other=0)
-    prev = tl.load(TABLE + (d + STEP + Lk - 1), mask=ok & has_prev, other=-1)
-    nxt = tl.load(TABLE + (d - STEP + Lk - 1), mask=ok & has_next, other=-1)
-    incl = tl.cumsum(ds, axis=AXIS) + tl.expand_dims(run, AXIS)
-    ptr = tl.expand_dims(rows, AXIS) + slot
-    tl.store(START + ptr, incl - ds, mask=ok & (prev != slot))
-    tl.store(END + ptr, incl, mask=ok & (nxt != slot))
-    return run + tl.sum(ds, axis=AXIS)
+    rid = tl.load(RUNS + (d + Lk - 1), mask=ok, other=0)
+    prev = tl.load(RUNS + (d + STEP + Lk - 1), mask=ok & has_prev, other=-1)
+    nxt = tl.load(RUNS + (d - STEP + Lk - 1), mask=ok & has_next, other=-1)
+    starts = (ok & (prev != rid)).to(tl.int32)
+    seg, _ = tl.associative_scan((ds, starts), AXIS, _seg_add)
+    opened = tl.cumsum(starts, axis=AXIS) > 0
+    incl = tl.where(opened, seg, seg + tl.expand_dims(run, AXIS))
+    tl.store(SUMS + tl.expand_dims(rows, AXIS) + rid, incl, mask=ok & (nxt != rid))
+    LAST: tl.constexpr = ds.shape[AXIS] - 1
+    is_last = tl.expand_dims(tl.arange(0, ds.shape[AXIS]), 1 - AXIS) == LAST
+    return tl.sum(tl.where(is_last, incl, 0.0), axis=AXIS)

@@ -3,12 +3,16 @@
 Grid ``(cdiv(Lq, BLOCK_M), B*H)``.  Inputs ``Q [B,H,Lq,D]``, ``K``/``V [B,H,Lk,D]`` (last dim
 contiguous, other strides passed), ``C2P [B,H,Lq,NSLOT]`` / ``P2C [B,H,Lk,NSLOT]`` float32
 (see :mod:`.triton_attention_common`), ``TABLE`` int32 ``[Lq+Lk-1]``.  Writes ``OUT [B,H,Lq,D]``
-and ``LSE`` float32 ``[B,H,Lq]`` (natural log-sum-exp of the scaled masked scores, without
-dropout).  Dropout multiplies the normalised probabilities by ``keep / (1 - p_drop)``.
+and the softmax statistics of the scaled masked log2-domain scores ``s2`` (without dropout), float32
+``[B,H,Lq]`` each: ``ROWMAX = max_j s2`` and ``LOGSUM = log2 sum_j exp2(s2 - ROWMAX)`` (0 and +inf on
+a row with no key).  The backward recomputes ``p = exp2((s2 - ROWMAX) - LOGSUM)``: kept apart, the
+two lose nothing at large scores, where a single log-sum-exp would round away the small ``LOGSUM``
+(``lse = (ROWMAX + LOGSUM) * ln 2``).  Dropout multiplies the normalised probabilities by
+``keep / (1 - p_drop)``.
 
 ``VARLEN``: packed sequences; grid ``(cdiv(max_seqlen_q, BLOCK_M), N*H)``, ``Q [Tq,H,D]``,
 ``K``/``V [Tk,H,D]`` (batch strides 0), ``C2P [H,Tq,NSLOT]``, ``P2C [H,Tk,NSLOT]``, ``TABLE``
-``[max_seqlen_q+max_seqlen_k-1]``, ``OUT [Tq,H,D]``, ``LSE [H,Tq]``; ``Lq``/``Lk`` are the totals,
+``[max_seqlen_q+max_seqlen_k-1]``, ``OUT [Tq,H,D]``, ``ROWMAX``/``LOGSUM [H,Tq]``; ``Lq``/``Lk`` are the totals,
 ``CU_Q``/``CU_K`` int32 ``[N+1]``; programs past the end of their sequence return at once.
 """
 import triton
@@ -19,7 +23,7 @@ from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _sequen
 
 @triton.jit
 def disentangled_fwd_kernel(
-    Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, LSE,
+    Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, ROWMAX, LOGSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
@@ -31,7 +35,8 @@ def disentangled_fwd_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q0, Lq, k0, Lk, qrow0, krow0, TABLE = _sequence(CU_Q, CU_K, TABLE, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
+    q0, Lq, k0, Lk, qrow0, krow0, toff = _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
+    TABLE = TABLE + toff
     start_m = pid_m * BLOCK_M
     if start_m >= Lq:  # packed: this sequence is shorter than the longest one
         return
@@ -39,10 +44,11 @@ def disentangled_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < Lq
-    q = _tile(Q + b.to(tl.int64) * s_qb + h * s_qh, q0 + offs_m, s_qm, offs_d,
-              m_ok[:, None] & d_ok[None, :])
-    K_bh = K + b.to(tl.int64) * s_kb + h * s_kh + k0.to(tl.int64) * s_kn
-    V_bh = V + b.to(tl.int64) * s_vb + h * s_vh + k0.to(tl.int64) * s_vn
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q = _tile(Q + b64 * s_qb + h64 * s_qh, q0 + offs_m, s_qm, offs_d, m_ok[:, None] & d_ok[None, :])
+    K_bh = K + b64 * s_kb + h64 * s_kh + k0.to(tl.int64) * s_kn
+    V_bh = V + b64 * s_vb + h64 * s_vh + k0.to(tl.int64) * s_vn
     C2P_bh = C2P + qrow0 * NSLOT
     P2C_bh = P2C + krow0 * NSLOT
     qk_scale = scale * LOG2E
@@ -70,9 +76,9 @@ def disentangled_fwd_kernel(
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
         m_i = m_new
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.log2(l_safe)) / LOG2E)
-    tl.store(LSE + qrow0 + offs_m, lse, mask=m_ok)
-    tl.store(OUT + b.to(tl.int64) * s_ob + h * s_oh + (q0 + offs_m).to(tl.int64)[:, None] * s_om + offs_d[None, :],
+    empty = l_i == 0.0  # no key in range (a packed sequence without keys)
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(ROWMAX + qrow0 + offs_m, tl.where(empty, 0.0, m_i), mask=m_ok)
+    tl.store(LOGSUM + qrow0 + offs_m, tl.where(empty, float("inf"), tl.log2(tl.where(empty, 1.0, l_i))), mask=m_ok)
+    tl.store(OUT + b64 * s_ob + h64 * s_oh + (q0 + offs_m).to(tl.int64)[:, None] * s_om + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

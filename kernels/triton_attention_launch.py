@@ -1,15 +1,19 @@
 """Host launch functions of the Triton disentangled-attention kernels (no autograd here).
 
-:func:`attention_forward` -> ``(out [B,H,Lq,D], lse float32 [B,H,Lq])``;
+:func:`attention_forward` -> ``(out [B,H,Lq,D], stats float32 [2,B,H,Lq])``;
 :func:`attention_backward` -> ``(dq, dk, dv, dpos_key | None, dpos_query | None)``.
+``stats`` are the softmax statistics the backward needs (row max and log2 row sum of the log2-domain
+scores, see :mod:`.triton_attention_fwd`); :func:`lse_from_stats` gives the natural log-sum-exp.
 Masks arrive normalised (:func:`deberta_fast.reference.normalize_mask`): ``key_mask`` bool
 ``[B,Lk]`` or ``full_mask`` bool ``[B|1,1|H,Lq,Lk]`` plus ``uniform_rows`` bool ``[B,1|H,Lq]``.
 
 Packed sequences (same kernels with ``VARLEN=True``): :func:`attention_forward_varlen` ->
-``(out [Tq,H,D], lse float32 [H,Tq])``; :func:`attention_backward_varlen` -> the same five
-gradients.  ``cu_seqlens_q``/``cu_seqlens_k`` int32 ``[N+1]`` (contiguous), and every sequence
-must fit ``max_seqlen_q``/``max_seqlen_k`` (as in FlashAttention, not checked: no device sync; the
-kernels clamp longer sequences to them, so a wrong value truncates but never reads out of bounds).
+``(out [Tq,H,D], stats float32 [2,H,Tq])``; :func:`attention_backward_varlen` -> the same five
+gradients.  ``cu_seqlens_q``/``cu_seqlens_k`` int32 ``[N+1]`` (contiguous) must start at 0, never
+decrease, end at the token counts, and every sequence must fit ``max_seqlen_q``/``max_seqlen_k``:
+:func:`deberta_fast.dispatch.check_varlen_offsets` checks that before these run (no check here: no
+device sync).  The kernels clamp offsets into the tensors and lengths to the max_seqlen values, so
+invalid offsets that reach them give wrong rows but never an access out of bounds.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from deberta_fast.positions import slot_band, trimmed_slot_table
+from deberta_fast.positions import relative_run_table, slot_band, trimmed_slot_table
 
 from .triton_attention_bwd import disentangled_bwd_dkdv_kernel, disentangled_bwd_dq_kernel
 from .triton_attention_fwd import disentangled_fwd_kernel
@@ -75,6 +79,15 @@ def _table_gemm(x, pos):
     return torch.matmul(x.float(), pos.float().transpose(-1, -2)).contiguous()
 
 
+LOG2E = 1.4426950408889634
+
+
+def lse_from_stats(stats: torch.Tensor) -> torch.Tensor:
+    """Natural log-sum-exp of the scaled masked scores from the forward's ``stats [2, ...]``
+    (``+inf`` on rows with no key)."""
+    return (stats[0] + stats[1]) / LOG2E
+
+
 @dataclass
 class _Prepared:
     """Everything the three kernels share: tables, mask pointers/strides, constexprs."""
@@ -87,12 +100,20 @@ class _Prepared:
     band: tuple
     constexprs: dict
     rows: slice  # rows of pos_key / pos_query the tables cover (see positions.trimmed_slot_table)
+    runs: torch.Tensor  # int32 run id per distance (positions.relative_run_table); backward only
+    run_rows: torch.Tensor | None  # long [NRUN]: row (within ``rows``) of each run
+    runs_unique: bool  # no row is used by two runs (monotone bucket function)
+
+    @property
+    def nrun(self) -> int:
+        return 1 if self.run_rows is None else self.run_rows.numel()
 
 
 def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
-             max_relative_positions, span, dropout_p, table_lens=None, varlen=False) -> _Prepared:
+             max_relative_positions, span, dropout_p, table_lens=None, varlen=False, backward=False) -> _Prepared:
     """``q``/``k``: ``[B,H,L,D]``, or ``[H,T,D]`` views of packed inputs (``varlen``, with
-    ``table_lens = (max_seqlen_q, max_seqlen_k)``); the tables come out ``[..., L|T, NSLOT]``."""
+    ``table_lens = (max_seqlen_q, max_seqlen_k)``); the tables come out ``[..., L|T, NSLOT]``;
+    ``backward``: also the run table of the relative gradients."""
     D = q.shape[-1]
     Lq, Lk = table_lens if table_lens is not None else (q.shape[-2], k.shape[-2])
     dummy = torch.empty(1, device=q.device, dtype=torch.float32)
@@ -107,6 +128,9 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
         band_lo, band_hi = max(band.lo, -lim), min(band.hi, lim)
     else:
         table, band_lo, band_hi = torch.zeros(1, dtype=torch.int32, device=q.device), -1, 1
+    runs, run_rows, unique = table, None, True
+    if backward and (has_c2p or has_p2c):
+        runs, run_rows, unique = relative_run_table(Lq, Lk, position_buckets, max_relative_positions, span, q.device)
     c2p = _table_gemm(q, pos_key[..., rows, :]) if has_c2p else dummy
     p2c = _table_gemm(k, pos_query[..., rows, :]) if has_p2c else dummy
     kmask = fmask = uni = torch.zeros(1, dtype=torch.uint8, device=q.device)
@@ -131,7 +155,8 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     constexprs = dict(HAS_C2P=has_c2p, HAS_P2C=has_p2c, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
                       VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, triton.next_power_of_2(D)))
     return _Prepared(c2p, p2c, table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
-                     rows.stop - rows.start if (has_c2p or has_p2c) else 1, (band_lo, band_hi), constexprs, rows)
+                     rows.stop - rows.start if (has_c2p or has_p2c) else 1, (band_lo, band_hi), constexprs, rows,
+                     runs, run_rows, unique)
 
 
 def _qkvo_strides(q, k, v, o):
@@ -140,48 +165,57 @@ def _qkvo_strides(q, k, v, o):
 
 def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, *, position_buckets,
                       max_relative_positions, span, scale, dropout_p, seed):
-    """Fused forward.  Returns ``(out [B,H,Lq,D] in q.dtype, lse float32 [B,H,Lq])``."""
+    """Fused forward.  Returns ``(out [B,H,Lq,D] in q.dtype, stats float32 [2,B,H,Lq])``."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                   max_relative_positions, span, dropout_p)
     out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
     cfg = launch_config("fwd", Lq, Lk, D)
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
     disentangled_fwd_kernel[grid](
-        q, k, v, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args, out, lse,
+        q, k, v, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args, out, stats[0], stats[1],
         *_qkvo_strides(q, k, v, out), *pr.mask_strides,
         H, Lq, Lk, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pr.constexprs)
-    return out, lse
+    return out, stats
 
 
-def _position_grads(start, end, pos, x, rows):
-    """``dT = end - start`` (``[B,H,L,NSLOT]``, or ``[H,T,NSLOT]`` packed, over ``pos[..., rows, :]``)
-    -> ``(dT @ pos[rows], d pos)``; ``d pos`` has ``pos``'s shape (zero outside ``rows``) and is
-    summed over batch when ``pos`` is ``[H, 2*span, D]`` and ``dT`` has a batch dim (deterministic)."""
-    dt = end - start
-    dx = torch.matmul(dt, pos[..., rows, :].float())
-    dsub = torch.matmul(dt.transpose(-1, -2), x.float())
-    if dsub.dim() > pos.dim():
-        dsub = dsub.sum(0)
+def _position_grads(sums, pos, x, pr: _Prepared):
+    """Per-run sums of dS (``[B,H,L,NRUN]``, or ``[H,T,NRUN]`` packed) -> ``(dS_rel @ pos, d pos)``.
+
+    Run ``r`` reads row ``run_rows[r]`` of ``pos[..., rows, :]``; ``d pos`` has ``pos``'s shape (zero
+    outside ``rows``), summed over batch when ``pos`` is ``[H, 2*span, D]`` and ``sums`` has a batch
+    dim.  Runs sharing a row (non-monotone bucket functions) are folded with a 0/1 matrix product,
+    not an atomic scatter: deterministic."""
+    sub = pos[..., pr.rows, :].float()
+    dx = torch.matmul(sums, sub.index_select(-2, pr.run_rows))
+    druns = torch.matmul(sums.transpose(-1, -2), x.float())
+    if druns.dim() > pos.dim():
+        druns = druns.sum(0)
+    if pr.runs_unique:
+        dsub = druns.new_zeros(sub.shape)
+        dsub[..., pr.run_rows, :] = druns
+    else:
+        fold = torch.nn.functional.one_hot(pr.run_rows, sub.shape[-2]).to(druns.dtype)  # [NRUN, rows]
+        dsub = torch.matmul(fold.t(), druns)
     dpos = torch.zeros(pos.shape, device=pos.device, dtype=pos.dtype)
-    dpos[..., rows, :] = dsub.to(pos.dtype)
+    dpos[..., pr.rows, :] = dsub.to(pos.dtype)
     return dx, dpos
 
 
-def attention_backward(do, q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows, *,
+def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows, *,
                        position_buckets, max_relative_positions, span, scale, dropout_p, seed):
-    """Fused backward from the saved ``lse``.  Returns ``(dq, dk, dv, dpos_key, dpos_query)``
+    """Fused backward from the forward's ``stats``.  Returns ``(dq, dk, dv, dpos_key, dpos_query)``
     (position grads None when the term is absent), in the input dtypes."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if do.stride(-1) != 1:
         do = do.contiguous()
     pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
-                  max_relative_positions, span, dropout_p)
+                  max_relative_positions, span, dropout_p, backward=True)
     delta = (do.float() * out.float()).sum(-1).contiguous()
     f32 = dict(device=q.device, dtype=torch.float32)
     dq = torch.empty((B, H, Lq, D), **f32)
@@ -189,24 +223,25 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, lse, key_mask, full
     dv = torch.empty((B, H, Lk, D), **f32)
     dummy = torch.empty(1, **f32)
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
-    c_start, c_end = (torch.zeros((B, H, Lq, pr.nslot), **f32) for _ in range(2)) if has_c2p else (dummy, dummy)
-    p_start, p_end = (torch.zeros((B, H, Lk, pr.nslot), **f32) for _ in range(2)) if has_p2c else (dummy, dummy)
+    c_sum = torch.zeros((B, H, Lq, pr.nrun), **f32) if has_c2p else dummy
+    p_sum = torch.zeros((B, H, Lk, pr.nrun), **f32) if has_p2c else dummy
     common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
-              H, Lq, Lk, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed))
+              H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, float(dropout_p), int(seed))
     cfg = launch_config("bwd", Lq, Lk, D)
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pr.constexprs)
-    inputs = (q, k, v, do, lse, delta, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args)
+    inputs = (q, k, v, do, stats[0], stats[1], delta, pr.c2p, pr.p2c, pr.table, pr.runs, pr.table, pr.table,
+              *pr.mask_args)
     disentangled_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * H)](
-        *inputs, dk, dv, p_start, p_end, *common, **launch)
+        *inputs, dk, dv, p_sum, *common, **launch)
     disentangled_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
-        *inputs, dq, c_start, c_end, *common, **launch)
+        *inputs, dq, c_sum, *common, **launch)
     dpos_key = dpos_query = None
     if has_c2p:
-        dq_rel, dpos_key = _position_grads(c_start, c_end, pos_key, q, pr.rows)
+        dq_rel, dpos_key = _position_grads(c_sum, pos_key, q, pr)
         dq += dq_rel
     if has_p2c:
-        dk_rel, dpos_query = _position_grads(p_start, p_end, pos_query, k, pr.rows)
+        dk_rel, dpos_query = _position_grads(p_sum, pos_query, k, pr)
         dk += dk_rel
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos_key, dpos_query
 
@@ -220,38 +255,40 @@ def _varlen_strides(q, k, v, o):
 
 
 def _varlen_prepare(q, k, pos_key, pos_query, max_seqlen_q, max_seqlen_k, position_buckets,
-                    max_relative_positions, span, dropout_p) -> _Prepared:
+                    max_relative_positions, span, dropout_p, backward=False) -> _Prepared:
     return _prepare(q.transpose(0, 1), k.transpose(0, 1), pos_key, pos_query, None, None, None, position_buckets,
-                    max_relative_positions, span, dropout_p, table_lens=(max_seqlen_q, max_seqlen_k), varlen=True)
+                    max_relative_positions, span, dropout_p, table_lens=(max_seqlen_q, max_seqlen_k), varlen=True,
+                    backward=backward)
 
 
 def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                              position_buckets, max_relative_positions, span, scale, dropout_p, seed):
     """Fused forward over packed sequences.  ``q [Tq,H,D]``, ``k``/``v [Tk,H,D]`` (last dim
     contiguous), ``pos_key``/``pos_query [H,2*span,D]`` or None.  Returns ``(out [Tq,H,D] in
-    q.dtype, lse float32 [H,Tq])``; rows of no sequence are 0 (lse ``+inf`` where a sequence has no keys)."""
+    q.dtype, stats float32 [2,H,Tq])``; rows of no sequence are 0 (log-sum ``+inf``, as on rows without keys)."""
     Tq, H, D = q.shape
     Tk = k.shape[0]
     N = cu_seqlens_q.numel() - 1
     pr = _varlen_prepare(q, k, pos_key, pos_query, max_seqlen_q, max_seqlen_k, position_buckets,
                          max_relative_positions, span, dropout_p)
     out = torch.zeros((Tq, H, D), device=q.device, dtype=q.dtype)
-    lse = torch.full((H, Tq), float("inf"), device=q.device, dtype=torch.float32)
+    stats = torch.zeros((2, H, Tq), device=q.device, dtype=torch.float32)
+    stats[1] = float("inf")
     cfg = launch_config("fwd", max_seqlen_q, max_seqlen_k, D)
     grid = (triton.cdiv(max_seqlen_q, cfg.block_m), N * H)
     disentangled_fwd_kernel[grid](
-        q, k, v, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args, out, lse,
+        q, k, v, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args, out, stats[0], stats[1],
         *_varlen_strides(q, k, v, out), *pr.mask_strides,
         H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pr.constexprs)
-    return out, lse
+    return out, stats
 
 
-def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, *, position_buckets, max_relative_positions, span, scale, dropout_p,
                               seed):
-    """Fused backward over packed sequences from the saved ``lse [H,Tq]``.  Returns
+    """Fused backward over packed sequences from the forward's ``stats [2,H,Tq]``.  Returns
     ``(dq [Tq,H,D], dk, dv [Tk,H,D], dpos_key, dpos_query)`` (position grads ``[H,2*span,D]``
     or None), in the input dtypes."""
     Tq, H, D = q.shape
@@ -260,7 +297,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, lse, cu_seql
     if do.stride(-1) != 1:
         do = do.contiguous()
     pr = _varlen_prepare(q, k, pos_key, pos_query, max_seqlen_q, max_seqlen_k, position_buckets,
-                         max_relative_positions, span, dropout_p)
+                         max_relative_positions, span, dropout_p, backward=True)
     delta = (do.float() * out.float()).sum(-1).t().contiguous()  # [H, Tq]
     f32 = dict(device=q.device, dtype=torch.float32)
     # [H, T, D]; zero-filled: tokens of no sequence get no gradient
@@ -269,24 +306,25 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, lse, cu_seql
     dv = torch.zeros((H, Tk, D), **f32)
     dummy = torch.empty(1, **f32)
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
-    c_start, c_end = (torch.zeros((H, Tq, pr.nslot), **f32) for _ in range(2)) if has_c2p else (dummy, dummy)
-    p_start, p_end = (torch.zeros((H, Tk, pr.nslot), **f32) for _ in range(2)) if has_p2c else (dummy, dummy)
-    common = (*_varlen_strides(q, k, v, do), *pr.mask_strides,
-              H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed))
+    c_sum = torch.zeros((H, Tq, pr.nrun), **f32) if has_c2p else dummy
+    p_sum = torch.zeros((H, Tk, pr.nrun), **f32) if has_p2c else dummy
+    common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot,
+              pr.nrun, float(scale), *pr.band, float(dropout_p), int(seed))
     cfg = launch_config("bwd", max_seqlen_q, max_seqlen_k, D)
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pr.constexprs)
-    inputs = (q, k, v, do, lse, delta, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args)
+    inputs = (q, k, v, do, stats[0], stats[1], delta, pr.c2p, pr.p2c, pr.table, pr.runs, cu_seqlens_q,
+              cu_seqlens_k, *pr.mask_args)
     disentangled_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, cfg.block_n), N * H)](
-        *inputs, dk, dv, p_start, p_end, *common, **launch)
+        *inputs, dk, dv, p_sum, *common, **launch)
     disentangled_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, cfg.block_m), N * H)](
-        *inputs, dq, c_start, c_end, *common, **launch)
+        *inputs, dq, c_sum, *common, **launch)
     dpos_key = dpos_query = None
     if has_c2p:
-        dq_rel, dpos_key = _position_grads(c_start, c_end, pos_key, q.transpose(0, 1), pr.rows)
+        dq_rel, dpos_key = _position_grads(c_sum, pos_key, q.transpose(0, 1), pr)
         dq += dq_rel
     if has_p2c:
-        dk_rel, dpos_query = _position_grads(p_start, p_end, pos_query, k.transpose(0, 1), pr.rows)
+        dk_rel, dpos_query = _position_grads(p_sum, pos_query, k.transpose(0, 1), pr)
         dk += dk_rel
 
     def packed(t, like):

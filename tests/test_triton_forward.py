@@ -111,8 +111,8 @@ def test_custom_ops_opcheck():
     c = build_call(q, k, v, pk, pq, attention_mask=mask, scale=None, dropout_p=0.0, **kw)
     args = (q, k, v, pk, pq, c.key_mask, None, c.uniform_rows, 4, 8, c.span, c.scale, 0.0, 0)
     torch.library.opcheck(torch.ops.deberta_fast.triton_fwd, args, test_utils=("test_schema", "test_faketensor"))
-    out, lse = torch.ops.deberta_fast.triton_fwd(*args)
-    bargs = (torch.randn_like(out), q, k, v, pk, pq, out, lse, c.key_mask, None, c.uniform_rows,
+    out, stats = torch.ops.deberta_fast.triton_fwd(*args)
+    bargs = (torch.randn_like(out), q, k, v, pk, pq, out, stats, c.key_mask, None, c.uniform_rows,
              4, 8, c.span, c.scale, 0.0, 0)
     torch.library.opcheck(torch.ops.deberta_fast.triton_bwd, bargs, test_utils=("test_schema", "test_faketensor"))
 

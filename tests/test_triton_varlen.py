@@ -136,12 +136,15 @@ def test_strided_packed_inputs():
 
 
 def test_lse_layout():
-    """The forward op's LSE is ``[H, Tq]`` float32: the log-sum-exp of each sequence's scores."""
+    """The forward op's statistics are ``[2, H, Tq]`` float32: with them, the log-sum-exp of each
+    sequence's scores."""
+    from deberta_fast._kernels.triton_attention_launch import lse_from_stats
     lens = [5, 33]
     q, k, v, pk, pq, cq, ck, mq, mk, kw = make_packed(lens)
     c = build_varlen_call(q, k, v, pk, pq, cq, ck, mq, mk, scale=None, dropout_p=0.0, **kw)
-    _, lse = torch.ops.deberta_fast.triton_varlen_fwd(q, k, v, pk, pq, cq, ck, mq, mk, 4, 8, c.span, c.scale, 0.0, 0)
-    assert lse.shape == (2, sum(lens)) and lse.dtype == torch.float32
+    _, stats = torch.ops.deberta_fast.triton_varlen_fwd(q, k, v, pk, pq, cq, ck, mq, mk, 4, 8, c.span, c.scale, 0.0, 0)
+    assert stats.shape == (2, 2, sum(lens)) and stats.dtype == torch.float32
+    lse = lse_from_stats(stats)
     for n in range(len(lens)):
         sl = slice(int(cq[n]), int(cq[n + 1]))
         qs, ks, vs = (t[sl].transpose(0, 1)[None] for t in cast((q, k, v), torch.float64))
@@ -282,8 +285,8 @@ def test_custom_ops_opcheck():
     args = (q, k, v, pk, pq, cq, ck, mq, mk, 4, 8, 4, scale, 0.0, 0)
     torch.library.opcheck(torch.ops.deberta_fast.triton_varlen_fwd, args,
                           test_utils=("test_schema", "test_faketensor"))
-    out, lse = torch.ops.deberta_fast.triton_varlen_fwd(*args)
-    bargs = (torch.randn_like(out), q, k, v, pk, pq, out, lse, cq, ck, mq, mk, 4, 8, 4, scale, 0.0, 0)
+    out, stats = torch.ops.deberta_fast.triton_varlen_fwd(*args)
+    bargs = (torch.randn_like(out), q, k, v, pk, pq, out, stats, cq, ck, mq, mk, 4, 8, 4, scale, 0.0, 0)
     torch.library.opcheck(torch.ops.deberta_fast.triton_varlen_bwd, bargs,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -34,7 +34,8 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_q
                key_mask: Optional[Tensor], full_mask: Optional[Tensor], uniform_rows: Optional[Tensor],
                position_buckets: int, max_relative_positions: int, span: int, scale: float,
                dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    """``(out [B,H,Lq,D], lse float32 [B,H,Lq])``."""
+    """``(out [B,H,Lq,D], stats float32 [2,B,H,Lq])``: softmax row max and log2 row sum of the
+    log2-domain scores (``lse_from_stats`` in the launch module gives the natural log-sum-exp)."""
     return _launch().attention_forward(
         q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets=position_buckets,
         max_relative_positions=max_relative_positions, span=span, scale=scale, dropout_p=dropout_p, seed=seed)
@@ -43,25 +44,25 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_q
 @triton_fwd.register_fake
 def _(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
       max_relative_positions, span, scale, dropout_p, seed):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((2, *q.shape[:3]), dtype=torch.float32)
 
 
 @torch.library.custom_op("deberta_fast::triton_bwd", mutates_args=())
 def triton_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
-               pos_query: Optional[Tensor], out: Tensor, lse: Tensor, key_mask: Optional[Tensor],
+               pos_query: Optional[Tensor], out: Tensor, stats: Tensor, key_mask: Optional[Tensor],
                full_mask: Optional[Tensor], uniform_rows: Optional[Tensor], position_buckets: int,
                max_relative_positions: int, span: int, scale: float, dropout_p: float,
                seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dpos_key, dpos_query)``; an absent position gradient is an empty tensor."""
     dq, dk, dv, dpk, dpq = _launch().attention_backward(
-        do, q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows,
+        do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows,
         position_buckets=position_buckets, max_relative_positions=max_relative_positions, span=span,
         scale=scale, dropout_p=dropout_p, seed=seed)
     return dq, dk, dv, q.new_empty(0) if dpk is None else dpk, q.new_empty(0) if dpq is None else dpq
 
 
 @triton_bwd.register_fake
-def _(do, q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows, position_buckets,
+def _(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows, position_buckets,
       max_relative_positions, span, scale, dropout_p, seed):
     def like(t):
         return q.new_empty(0) if t is None else t.new_empty(t.shape)
@@ -79,18 +80,18 @@ class TritonAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows,
                 position_buckets, max_relative_positions, span, scale, dropout_p, seed):
-        out, lse = torch.ops.deberta_fast.triton_fwd(
+        out, stats = torch.ops.deberta_fast.triton_fwd(
             q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
             max_relative_positions, span, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows)
+        ctx.save_for_backward(q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows)
         ctx.args = (position_buckets, max_relative_positions, span, scale, dropout_p, seed)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows = ctx.saved_tensors
+        q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows = ctx.saved_tensors
         dq, dk, dv, dpk, dpq = torch.ops.deberta_fast.triton_bwd(
-            do, q, k, v, pos_key, pos_query, out, lse, key_mask, full_mask, uniform_rows, *ctx.args)
+            do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows, *ctx.args)
         return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
                 None, None, None, None, None, None, None, None, None)
 
@@ -111,7 +112,7 @@ def triton_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor]
                       cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                       position_buckets: int, max_relative_positions: int, span: int, scale: float,
                       dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Packed sequences: ``(out [Tq,H,D], lse float32 [H,Tq])``."""
+    """Packed sequences: ``(out [Tq,H,D], stats float32 [2,H,Tq])``."""
     return _launch().attention_forward_varlen(
         q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         position_buckets=position_buckets, max_relative_positions=max_relative_positions, span=span, scale=scale,
@@ -121,25 +122,25 @@ def triton_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor]
 @triton_varlen_fwd.register_fake
 def _(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, position_buckets,
       max_relative_positions, span, scale, dropout_p, seed):
-    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((2, q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("deberta_fast::triton_varlen_bwd", mutates_args=())
 def triton_varlen_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
-                      pos_query: Optional[Tensor], out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
+                      pos_query: Optional[Tensor], out: Tensor, stats: Tensor, cu_seqlens_q: Tensor,
                       cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, position_buckets: int,
                       max_relative_positions: int, span: int, scale: float, dropout_p: float,
                       seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Packed sequences: ``(dq, dk, dv, dpos_key, dpos_query)``; an absent position gradient is empty."""
     dq, dk, dv, dpk, dpq = _launch().attention_backward_varlen(
-        do, q, k, v, pos_key, pos_query, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        do, q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         position_buckets=position_buckets, max_relative_positions=max_relative_positions, span=span,
         scale=scale, dropout_p=dropout_p, seed=seed)
     return dq, dk, dv, q.new_empty(0) if dpk is None else dpk, q.new_empty(0) if dpq is None else dpq
 
 
 @triton_varlen_bwd.register_fake
-def _(do, q, k, v, pos_key, pos_query, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+def _(do, q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       position_buckets, max_relative_positions, span, scale, dropout_p, seed):
     def like(t):
         return q.new_empty(0) if t is None else t.new_empty(t.shape)
@@ -152,19 +153,19 @@ class TritonVarlenFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 position_buckets, max_relative_positions, span, scale, dropout_p, seed):
-        out, lse = torch.ops.deberta_fast.triton_varlen_fwd(
+        out, stats = torch.ops.deberta_fast.triton_varlen_fwd(
             q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             position_buckets, max_relative_positions, span, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, pos_key, pos_query, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.save_for_backward(q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k)
         ctx.args = (max_seqlen_q, max_seqlen_k, position_buckets, max_relative_positions, span, scale, dropout_p,
                     seed)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, pos_key, pos_query, out, lse, cu_q, cu_k = ctx.saved_tensors
+        q, k, v, pos_key, pos_query, out, stats, cu_q, cu_k = ctx.saved_tensors
         dq, dk, dv, dpk, dpq = torch.ops.deberta_fast.triton_varlen_bwd(
-            do, q, k, v, pos_key, pos_query, out, lse, cu_q, cu_k, *ctx.args)
+            do, q, k, v, pos_key, pos_query, out, stats, cu_q, cu_k, *ctx.args)
         return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
                 None, None, None, None, None, None, None, None, None, None)
 
