@@ -1,12 +1,16 @@
 """Validation of user arguments, backend choice and the explanation of every refusal."""
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import threading
 import warnings
 
 import torch
 
 from .backends import AUTO_ORDER, BACKENDS, AttentionCall, VarlenCall
+from .positions import attention_span, check_bucket_config
 from .reference import default_scale, normalize_mask
 
 _state = threading.local()
@@ -35,26 +39,57 @@ def _warn_once(msg: str) -> None:
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_pos(pos_key, pos_query, H: int, D: int, B: int | None) -> int:
-    """Validate the relative tables; return ``span`` (0 when both are None)."""
-    span = None
+def _int_arg(name: str, value) -> int:
+    """An integer argument (Python or numpy/torch integer scalar; never a float or bool)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _check_pos(pos_key, pos_query, H: int, D: int, B: int | None, position_buckets: int,
+               max_relative_positions: int, max_len: int):
+    """Validate the relative tables; return ``(span, pos_key, pos_query)`` (span 0 when both are None).
+
+    As in HF, the tables hold ``2 * span`` rows with ``span = position_buckets`` (bucketed) or
+    ``max_relative_positions`` (unbucketed); longer tables are cut to their first ``2 * span`` rows
+    (HF's ``rel_embeddings[:2 * span]``).  Unbucketed, a shorter table of ``2 * s`` rows with
+    ``s >= max_len`` (the longest sequence) is DeBERTa-v1's centred slice: exact, and used as is."""
+    tables = [(n, p) for n, p in (("pos_key", pos_key), ("pos_query", pos_query)) if p is not None]
+    if not tables:
+        return 0, pos_key, pos_query
     batched = " or [B, H, 2*span, D]" if B is not None else ""
-    for name, p in (("pos_key", pos_key), ("pos_query", pos_query)):
-        if p is None:
-            continue
+    rows = None
+    for name, p in tables:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
         ok = (p.dim() == 3 and p.shape[0] == H) or (B is not None and p.dim() == 4 and p.shape[0] == B
                                                     and p.shape[1] == H)
         if not ok or p.shape[-1] != D:
             raise ValueError(f"{name} must be [H, 2*span, D] = [{H}, 2*span, {D}]{batched}, got {list(p.shape)}")
+        if rows is not None and p.shape[-2] != rows:
+            raise ValueError(f"pos_key and pos_query must have the same number of rows, got {rows} and "
+                             f"{p.shape[-2]}")
         rows = p.shape[-2]
-        if rows < 2 or rows % 2:
-            raise ValueError(f"{name} must have an even number (2*span >= 2) of rows, got {rows}")
-        if span is not None and span != rows // 2:
-            raise ValueError(f"pos_key and pos_query must have the same number of rows, got {2 * span} and {rows}")
-        span = rows // 2
-    return span or 0
+    which = " and ".join(n for n, _ in tables)
+    span = attention_span(position_buckets, max_relative_positions)
+    if span < 1:
+        raise ValueError(f"{which} given but position_buckets={position_buckets} and max_relative_positions="
+                         f"{max_relative_positions} define no span: pass the resolved max_relative_positions "
+                         f"(HF replaces -1 by max_position_embeddings), or position_buckets > 0")
+    if rows < 2 * span:
+        if position_buckets <= 0 and rows % 2 == 0 and rows // 2 >= max_len:
+            return rows // 2, pos_key, pos_query  # v1's centred slice, wide enough for every distance
+        need = f"2 * position_buckets = {2 * span}" if position_buckets > 0 else \
+            f"2 * max_relative_positions = {2 * span} (or, DeBERTa-v1's centred slice, 2 * s rows with " \
+            f"s >= the longest sequence {max_len})"
+        raise ValueError(f"{which} has {rows} rows; it needs {need}")
+    if rows > 2 * span:  # HF uses the first 2 * span rows
+        pos_key = None if pos_key is None else pos_key[..., : 2 * span, :]
+        pos_query = None if pos_query is None else pos_query[..., : 2 * span, :]
+    return span, pos_key, pos_query
 
 
 def _check_same(query, **tensors) -> None:
@@ -70,10 +105,33 @@ def _check_same(query, **tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but query is on {query.device}; move all inputs to one device")
 
 
+def _real_arg(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def _check_dropout(dropout_p) -> float:
-    if not (0.0 <= float(dropout_p) < 1.0):
+    p = _real_arg("dropout_p", dropout_p)
+    if not (0.0 <= p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return float(dropout_p)
+    return p
+
+
+def _check_scale(scale, D: int, n_terms: int) -> float:
+    if scale is None:
+        return default_scale(D, n_terms)
+    s = _real_arg("scale", scale)
+    if not math.isfinite(s):
+        raise ValueError(f"scale must be finite, got {scale} (None: HF's 1/sqrt(D * (1 + #relative terms)))")
+    return s
+
+
+def _check_buckets(position_buckets, max_relative_positions) -> tuple[int, int]:
+    pb = _int_arg("position_buckets", position_buckets)
+    mr = _int_arg("max_relative_positions", max_relative_positions)
+    check_bucket_config(pb, mr)
+    return pb, mr
 
 
 def _check_rank(rank: int, shape: str, **tensors) -> None:
@@ -96,27 +154,62 @@ def build_call(query, key, value, pos_key, pos_query, *, position_buckets, max_r
         raise ValueError(f"key {list(key.shape)} does not match query {list(query.shape)}: B, H and D must agree")
     if Lq < 1 or Lk < 1 or D < 1:
         raise ValueError(f"empty attention: Lq={Lq}, Lk={Lk}, D={D}")
-    span = _check_pos(pos_key, pos_query, H, D, B)
+    pb, mr = _check_buckets(position_buckets, max_relative_positions)
+    span, pos_key, pos_query = _check_pos(pos_key, pos_query, H, D, B, pb, mr, max(Lq, Lk))
     _check_same(query, key=key, value=value, pos_key=pos_key, pos_query=pos_query)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.device != query.device:
         raise ValueError(f"attention_mask is on {attention_mask.device} but query is on {query.device}")
     dropout_p = _check_dropout(dropout_p)
-    n_terms = (pos_key is not None) + (pos_query is not None)
-    scale = default_scale(D, n_terms) if scale is None else float(scale)
+    scale = _check_scale(scale, D, (pos_key is not None) + (pos_query is not None))
     kind, km, fm, uni = normalize_mask(attention_mask, B, H, Lq, Lk)
-    return AttentionCall(query, key, value, pos_key, pos_query, int(position_buckets), int(max_relative_positions),
-                         span, scale, dropout_p, kind, km, fm, uni, attention_mask)
+    return AttentionCall(query, key, value, pos_key, pos_query, pb, mr, span, scale, dropout_p, kind, km, fm, uni,
+                         attention_mask)
+
+
+def check_varlen_offsets(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q: int,
+                         max_seqlen_k: int) -> None:
+    """Raise ``ValueError`` unless ``cu_seqlens_q/k`` start at 0, never decrease, end at the token
+    counts and no sequence is longer than ``max_seqlen_q/k``: what every backend relies on.
+
+    One small device-to-host copy.  Skipped while torch.compile traces or a CUDA graph captures
+    (the kernels still clamp offsets into the tensors: wrong offsets then give wrong rows, never an
+    access out of bounds)."""
+    if torch.compiler.is_compiling():
+        return
+    if cu_seqlens_q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    if cu_seqlens_q.device.type == "meta":
+        return
+    cq, ck = cu_seqlens_q.long(), cu_seqlens_k.long()
+    lq, lk = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
+    flags = torch.stack([
+        cq[0] != 0, ck[0] != 0, cq[-1] != total_q, ck[-1] != total_k, (lq < 0).any(), (lk < 0).any(),
+        (lq > max_seqlen_q).any(), (lk > max_seqlen_k).any()]).tolist()
+    msgs = ["cu_seqlens_q[0] must be 0", "cu_seqlens_k[0] must be 0",
+            f"cu_seqlens_q[-1] must equal the number of query tokens {total_q} (query.shape[0])",
+            f"cu_seqlens_k[-1] must equal the number of key tokens {total_k} (key.shape[0])",
+            "cu_seqlens_q must be non-decreasing", "cu_seqlens_k must be non-decreasing",
+            f"a query sequence is longer than max_seqlen_q={max_seqlen_q}",
+            f"a key sequence is longer than max_seqlen_k={max_seqlen_k}"]
+    bad = [m for f, m in zip(flags, msgs) if f]
+    if bad:
+        raise ValueError("disentangled_attention_varlen: invalid offsets: " + "; ".join(bad)
+                         + " (deberta_fast.packing.pack_info builds them from a padding mask)")
 
 
 def build_varlen_call(query, key, value, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                      max_seqlen_k, *, position_buckets, max_relative_positions, scale, dropout_p) -> VarlenCall:
-    """Validation of the packed form (shape checks only: no device sync)."""
+                      max_seqlen_k, *, position_buckets, max_relative_positions, scale, dropout_p,
+                      check_offsets=True) -> VarlenCall:
+    """Validation of the packed form; ``check_offsets``: also :func:`check_varlen_offsets` (one sync)."""
     _check_rank(3, "[total_tokens, H, D]", query=query, key=key, value=value)
     _check_rank(1, "[N + 1]", cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     Tq, H, D = query.shape
+    Tk = key.shape[0]
     if key.shape != value.shape or key.shape[1:] != query.shape[1:]:
         raise ValueError(f"key {list(key.shape)} and value {list(value.shape)} must be [Tk, H, D] with H, D of "
                          f"query {list(query.shape)}")
+    if H < 1 or D < 1:
+        raise ValueError(f"empty attention: H={H}, D={D}")
     for name, c in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if c.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name} must be int32 (or int64), got {c.dtype}")
@@ -127,16 +220,22 @@ def build_varlen_call(query, key, value, pos_key, pos_query, cu_seqlens_q, cu_se
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-    if int(max_seqlen_q) < 1 or int(max_seqlen_k) < 1:
+    if max(Tq, Tk) >= 2**31:
+        raise ValueError(f"at most 2**31 - 1 packed tokens (int32 offsets), got {Tq} queries and {Tk} keys; "
+                         f"split the batch")
+    max_seqlen_q = _int_arg("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _int_arg("max_seqlen_k", max_seqlen_k)
+    if max_seqlen_q < 1 or max_seqlen_k < 1:
         raise ValueError(f"max_seqlen_q / max_seqlen_k must be >= 1, got {max_seqlen_q}, {max_seqlen_k}")
-    span = _check_pos(pos_key, pos_query, H, D, None)
+    if check_offsets:
+        check_varlen_offsets(cu_seqlens_q, cu_seqlens_k, Tq, Tk, max_seqlen_q, max_seqlen_k)
+    pb, mr = _check_buckets(position_buckets, max_relative_positions)
+    span, pos_key, pos_query = _check_pos(pos_key, pos_query, H, D, None, pb, mr, max(max_seqlen_q, max_seqlen_k))
     _check_same(query, key=key, value=value, pos_key=pos_key, pos_query=pos_query)
     dropout_p = _check_dropout(dropout_p)
-    n_terms = (pos_key is not None) + (pos_query is not None)
-    scale = default_scale(D, n_terms) if scale is None else float(scale)
+    scale = _check_scale(scale, D, (pos_key is not None) + (pos_query is not None))
     return VarlenCall(query, key, value, pos_key, pos_query, cu_seqlens_q.to(torch.int32),
-                      cu_seqlens_k.to(torch.int32), int(max_seqlen_q), int(max_seqlen_k), int(position_buckets),
-                      int(max_relative_positions), span, scale, dropout_p)
+                      cu_seqlens_k.to(torch.int32), max_seqlen_q, max_seqlen_k, pb, mr, span, scale, dropout_p)
 
 
 def _reasons(b, call) -> list[str]:
@@ -146,11 +245,16 @@ def _reasons(b, call) -> list[str]:
     return b.refusals_varlen(call) if isinstance(call, VarlenCall) else b.refusals(call)
 
 
+def check_backend_name(backend) -> str:
+    """``backend`` as given when it names a backend (or ``"auto"``); ``ValueError`` listing the choices."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    return backend
+
+
 def choose_backend(call, backend: str):
     """Return the backend object that serves ``call`` (an AttentionCall or VarlenCall); explain every refusal."""
-    if backend != "auto":
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    if check_backend_name(backend) != "auto":
         b = BACKENDS[backend]
         reasons = _reasons(b, call)
         if reasons:
@@ -179,9 +283,14 @@ def disentangled_attention(query, key, value, pos_key=None, pos_query=None, *,
     Args:
         query: ``[B, H, Lq, D]``; key, value: ``[B, H, Lk, D]``.
         pos_key: ``[H, 2*span, D]`` or ``[B, H, 2*span, D]``: the relative embeddings projected by
-            HF's ``pos_key_proj`` (c2p term), or None to drop c2p.
+            HF's ``pos_key_proj`` (c2p term), or None to drop c2p.  ``span`` is ``position_buckets``
+            (bucketed) or ``max_relative_positions``; longer tables are cut to their first
+            ``2*span`` rows as HF does.  Unbucketed, DeBERTa-v1's centred slice of ``2*s`` rows,
+            ``s >= max(Lq, Lk)``, is accepted too.
         pos_query: same shape, projected by ``pos_query_proj`` (p2c term), or None to drop p2c.
-        position_buckets, max_relative_positions: HF config values (``position_buckets <= 0``: no buckets).
+        position_buckets, max_relative_positions: HF config values, ints (``position_buckets <= 0`` or
+            ``max_relative_positions <= 0``: no buckets; pass max_relative_positions resolved as HF does,
+            ``max_position_embeddings`` for -1).
         attention_mask: None, ``[B, Lk]`` (HF padding mask; with ``Lq == Lk`` padded query rows are
             uniform over all keys, as in HF), ``[B, Lq, Lk]`` or ``[B|1, 1|H, Lq, Lk]``; nonzero = attend.
         scale: multiplier of all three terms; default ``1/sqrt(D * (1 + #terms))``.
@@ -201,14 +310,17 @@ def disentangled_attention(query, key, value, pos_key=None, pos_query=None, *,
 def disentangled_attention_varlen(query, key, value, pos_key=None, pos_query=None, cu_seqlens_q=None,
                                   cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *,
                                   position_buckets: int, max_relative_positions: int, scale=None,
-                                  dropout_p: float = 0.0, backend: str = "auto"):
+                                  dropout_p: float = 0.0, backend: str = "auto", check_offsets: bool = True):
     """Disentangled attention over packed variable-length sequences (no work on padding).
 
     Args:
         query: ``[Tq, H, D]``; key, value: ``[Tk, H, D]``: ``N`` sequences back to back.
         pos_key, pos_query: ``[H, 2*span, D]`` or None (as in :func:`disentangled_attention`).
         cu_seqlens_q, cu_seqlens_k: int32 ``[N + 1]`` offsets of the sequences (first 0, last ``T``).
-        max_seqlen_q, max_seqlen_k: longest query / key sequence (ints).
+        max_seqlen_q, max_seqlen_k: longest query / key sequence (ints; larger values are allowed).
+        check_offsets: validate ``cu_seqlens`` against the token counts and max lengths (one device
+            sync; a ``ValueError`` says what is wrong).  Pass False only for offsets built by
+            :mod:`deberta_fast.packing` (the patched encoder does).
     Positions restart at 0 in every sequence; each query attends to every key of its own
     sequence.  Returns ``[Tq, H, D]``.  See :mod:`deberta_fast.packing` to build the inputs
     from a padded batch.
@@ -217,7 +329,8 @@ def disentangled_attention_varlen(query, key, value, pos_key=None, pos_query=Non
         raise TypeError("disentangled_attention_varlen needs cu_seqlens_q, cu_seqlens_k, max_seqlen_q and max_seqlen_k")
     call = build_varlen_call(query, key, value, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, position_buckets=position_buckets,
-                             max_relative_positions=max_relative_positions, scale=scale, dropout_p=dropout_p)
+                             max_relative_positions=max_relative_positions, scale=scale, dropout_p=dropout_p,
+                             check_offsets=check_offsets)
     b = choose_backend(call, backend)
     _record(b.name)
     return b.forward_varlen(call)

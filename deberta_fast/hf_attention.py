@@ -108,7 +108,8 @@ def _attend(mod, q, k, v, pos_key, pos_query, *, buckets, max_rel, span, attenti
         out = disentangled_attention_varlen(
             q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), pos_key, pos_query,
             info.cu_seqlens, info.cu_seqlens, info.max_seqlen, info.max_seqlen, position_buckets=buckets,
-            max_relative_positions=max_rel, scale=scale, dropout_p=dropout_p, backend=backend)
+            max_relative_positions=max_rel, scale=scale, dropout_p=dropout_p, backend=backend,
+            check_offsets=False)  # built by packing.pack_info
         return out.transpose(0, 1)[None], None
     custom = isinstance(relative_pos, torch.Tensor) and (pos_key is not None or pos_query is not None)
     if custom and _is_canonical(relative_pos, q.shape[-2], k.shape[-2], buckets, max_rel):

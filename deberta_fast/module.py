@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
 from torch import nn
 
+from .dispatch import check_backend_name
 from .hf_attention import v2_forward
 
 #: keyword defaults: DeBERTa-v3 attention settings
@@ -67,7 +69,7 @@ class DisentangledAttention(nn.Module):
                 if "p2c" in self.pos_att_type:
                     self.pos_query_proj = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self._deberta_fast_backend = backend
+        self._deberta_fast_backend = check_backend_name(backend)
 
     @classmethod
     def from_hf(cls, module: nn.Module, backend: str = "auto") -> "DisentangledAttention":
@@ -85,7 +87,7 @@ class DisentangledAttention(nn.Module):
         new.pos_att_type = list(new.pos_att_type)
         for name, child in module.named_children():
             setattr(new, name, child)
-        new._deberta_fast_backend = backend
+        new._deberta_fast_backend = check_backend_name(backend)
         new.train(module.training)
         return new
 
@@ -95,13 +97,18 @@ class DisentangledAttention(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        self._deberta_fast_backend = value
+        self._deberta_fast_backend = check_backend_name(value)
 
     def forward(self, hidden_states, attention_mask=None, output_attentions=False, query_states=None,
                 relative_pos=None, rel_embeddings=None):
         """hidden_states ``[B, Lk, hidden]``; query_states ``[B, Lq, hidden]`` (default: hidden_states);
         attention_mask ``[B, Lk]`` / ``[B, Lq, Lk]`` / ``[B, 1, Lq, Lk]``; rel_embeddings
         ``[>= 2*span, hidden]`` (the encoder's, after its LayerNorm).  Returns ``(context, probs|None)``."""
+        hidden = self.query_proj.in_features
+        for name, x in (("hidden_states", hidden_states), ("query_states", query_states)):
+            if x is not None and (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != hidden):
+                got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{name} must be a [B, L, hidden_size={hidden}] tensor, got {got}")
         return v2_forward(self, hidden_states, attention_mask, output_attentions, query_states,
                           relative_pos, rel_embeddings)
 

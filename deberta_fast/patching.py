@@ -19,6 +19,7 @@ import types
 from torch import nn
 
 from .backends import BACKENDS
+from .dispatch import check_backend_name
 from .hf_attention import CANONICAL, v1_forward, v2_forward
 from .packed_encoder import packed_encoder_forward
 
@@ -84,8 +85,11 @@ def patch(model: nn.Module, backend: str = "auto", pack: bool = True) -> nn.Modu
     Raises ``ValueError`` when ``model`` holds no DeBERTa attention and ``NotImplementedError``
     for variants no backend serves (v1 ``talking_head``), before changing anything.
     """
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    check_backend_name(backend)
+    if not isinstance(pack, bool):
+        raise TypeError(f"pack must be a bool, got {type(pack).__name__} {pack!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch() needs a torch.nn.Module holding a DeBERTa model, got {type(model).__name__}")
     attentions, encoders = [], []
     for m in model.modules():
         fam = _family(m)

@@ -138,7 +138,8 @@ def disentangled_attention_reference(
                                       query.device, relative_pos)
         # only the rows of the tables some (i, j) uses take part (short sequences use few of 2*span)
         rows = slice(0, 2 * span)
-        if relative_pos is None and not torch.compiler.is_compiling():  # (the range is read once per shape)
+        # (the range is read once per shape; not while tracing, nor from meta tensors, which hold no values)
+        if relative_pos is None and not torch.compiler.is_compiling() and query.device.type != "meta":
             _, lo, hi = trimmed_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, query.device)
             rows, c2p_idx = slice(lo, hi + 1), c2p_idx - lo
             p2c_idx = c2p_idx

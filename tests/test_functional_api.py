@@ -80,7 +80,7 @@ def test_batched_pos_tables_and_scale():
     (lambda t: dict(query=t["query"][0]), "4-D"),
     (lambda t: dict(value=t["value"][:, :, :3]), "same shape"),
     (lambda t: dict(key=t["key"][:1], value=t["value"][:1]), "does not match"),
-    (lambda t: dict(pos_key=t["pos_key"][:, :5]), "even"),
+    (lambda t: dict(pos_key=t["pos_key"][:, :5], pos_query=t["pos_query"][:, :5]), "has 5 rows; it needs"),
     (lambda t: dict(pos_key=t["pos_key"][:2]), r"\[H, 2\*span, D\]"),
     (lambda t: dict(pos_query=t["pos_query"][:, :6]), "same number of rows"),
     (lambda t: dict(key=t["key"].float(), value=t["value"].float()), "dtype"),
