@@ -18,7 +18,9 @@ def _register_optional() -> None:
 
 _register_optional()
 
-#: order in which ``backend="auto"`` tries backends (fastest first, measured on H100/H200 per benchmarks/)
+#: order in which ``backend="auto"`` tries backends.  Not measured: no kernel has run on a GPU yet; the
+#: Triton backend comes first because it serves the most calls (fp32, every mask kind, any head dim) and
+#: is the better-tested one (interpreter).  To be set from the first GPU profile (benchmarks/results/).
 AUTO_ORDER = ("triton", "cuda", "torch")
 
 __all__ = ["AttentionCall", "VarlenCall", "Backend", "BACKENDS", "AUTO_ORDER"]
