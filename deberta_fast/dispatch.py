@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import operator
 import threading
 import warnings
@@ -19,6 +20,11 @@ _warned: set[str] = set()
 
 class BackendUnavailableError(NotImplementedError):
     """A named backend cannot serve a call; the message lists why."""
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` asks Triton to run kernels on the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def last_backend() -> str | None:
@@ -267,6 +273,10 @@ def choose_backend(call, backend: str):
         b = BACKENDS[name]
         reasons = _reasons(b, call)
         if not reasons:
+            if name == "triton" and call.device.type != "cuda":
+                _warn_once("deberta_fast: backend='auto' runs the Triton kernels on the CPU interpreter because "
+                           "TRITON_INTERPRET=1 is set (meant for tests; several times slower than "
+                           "backend='torch' on CPU). Unset TRITON_INTERPRET to use the torch backend on CPU.")
             if refused and call.device.type == "cuda":
                 _warn_once("deberta_fast: no fused backend serves this call, using the slower "
                            f"{name!r} backend (" + " | ".join(refused) + ")")

@@ -14,12 +14,12 @@ Classes, parameters, their identities and ``state_dict`` keys stay as they are;
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 
 from torch import nn
 
 from .backends import BACKENDS
-from .dispatch import check_backend_name
+from .dispatch import BackendUnavailableError, check_backend_name, interpreting
 from .hf_attention import CANONICAL, v1_forward, v2_forward
 from .packed_encoder import packed_encoder_forward
 
@@ -102,22 +102,43 @@ def patch(model: nn.Module, backend: str = "auto", pack: bool = True) -> nn.Modu
         raise ValueError(
             f"patch(): found no DeBERTa attention (transformers' deberta / deberta_v2 DisentangledSelfAttention) "
             f"in {type(model).__name__}; deberta_fast patches DeBERTa v1, v2, v3 and mDeBERTa models")
+    _check_backend_serves(model, backend)
     for m, fam in attentions:
-        m.forward = types.MethodType(v2_forward if fam == "v2" else v1_forward, m)
+        m.forward = functools.partial(v2_forward if fam == "v2" else v1_forward, m)
         m._deberta_fast_backend = backend
         setattr(m, _FLAG, True)
     for enc in encoders:
-        enc.get_attention_mask = types.MethodType(_encoder_attention_mask, enc)
-        enc.get_rel_pos = types.MethodType(_encoder_rel_pos, enc)
+        enc.get_attention_mask = functools.partial(_encoder_attention_mask, enc)
+        enc.get_rel_pos = functools.partial(_encoder_rel_pos, enc)
         # pack only where the backend has a packed path ("auto" picks one that does)
         can_pack = pack and (backend == "auto" or BACKENDS[backend].supports_varlen)
         enc._deberta_fast_pack = bool(can_pack)
         if can_pack:
-            enc.forward = types.MethodType(packed_encoder_forward, enc)
+            enc.forward = functools.partial(packed_encoder_forward, enc)
         else:
             enc.__dict__.pop("forward", None)
         setattr(enc, _FLAG, True)
     return model
+
+
+def _check_backend_serves(model: nn.Module, backend: str) -> None:
+    """A named backend that cannot run here, or not on the model's device, is refused at patch time
+    (``auto`` picks per call).  Dtype rules are checked per call: autocast may change the dtype."""
+    if backend == "auto":
+        return
+    b = BACKENDS[backend]
+    why = b.unavailable()
+    if why is None:
+        param = next(model.parameters(), None)
+        dev = param.device if param is not None else None
+        if backend == "cuda" and dev is not None and dev.type != "cuda":
+            why = f"the model is on {dev}; the cuda backend runs CUDA tensors only (model.cuda() first)"
+        if backend == "triton" and dev is not None and dev.type != "cuda" and not interpreting():
+            why = (f"the model is on {dev}; the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for the "
+                   f"slow CPU interpreter)")
+    if why:
+        raise BackendUnavailableError(f"patch(backend={backend!r}): {why}. Use backend='auto' to let each call "
+                                      f"fall back to a backend that serves it.")
 
 
 def unpatch(model: nn.Module) -> nn.Module:

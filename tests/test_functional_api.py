@@ -116,3 +116,23 @@ def test_gradients_flow_to_every_input():
     out = disentangled_attention(q, k, v, pk, pq, **KW)
     grads = torch.autograd.grad(out.sum(), (q, k, v, pk, pq))
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_auto_warns_once_when_it_picks_the_triton_interpreter(monkeypatch):
+    """A TRITON_INTERPRET=1 left in the environment makes ``auto`` run the (slow) interpreter on CPU:
+    said once, with the fix."""
+    import warnings
+
+    from deberta_fast import dispatch
+    pytest.importorskip("triton")
+    if BACKENDS["triton"].unavailable() or torch.cuda.is_available():
+        pytest.skip("needs triton on a CPU-only machine")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "_warned", set())
+    q, k, v, pk, pq = _qkv(dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="CPU interpreter because TRITON_INTERPRET=1"):
+        disentangled_attention(q, k, v, pk, pq, **KW)
+    assert last_backend() == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        disentangled_attention(q, k, v, pk, pq, **KW)

@@ -189,3 +189,35 @@ def test_patch_errors_and_wrapper_models():
         torch.testing.assert_close(_valid(w(ids, mask), mask), _valid(want, mask), rtol=1e-10, atol=1e-10)
     with patched(w, backend="torch", pack=False):
         torch.testing.assert_close(w(ids, mask), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_pickle_deepcopy_and_torch_save_stay_patched(pack, tmp_path):
+    """Regression: pickle.dumps of a patched model succeeded and loading failed (bound methods of
+    module functions); now pickle, torch.save/load and deepcopy round-trip and stay patched."""
+    import copy
+    import pickle
+    model = transformers.DebertaV2Model(v2_config()).to(DT).eval()
+    patch(model, backend="torch", pack=pack)
+    ids, mask = _batch()
+    want = _valid(model(input_ids=ids, attention_mask=mask)[0], mask)
+    torch.save(model, tmp_path / "m.pt")
+    clones = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model),
+              torch.load(tmp_path / "m.pt", weights_only=False)]
+    for clone in clones:
+        assert is_patched(clone)
+        attn = clone.encoder.layer[0].attention.self
+        assert attn.forward.args[0] is attn  # bound to the clone, not to the original
+        torch.testing.assert_close(_valid(clone(input_ids=ids, attention_mask=mask)[0], mask), want,
+                                   rtol=0, atol=0)
+        unpatch(clone)
+        assert not is_patched(clone)
+
+
+def test_named_backend_refused_at_patch_time():
+    """patch(model, backend='cuda') where the cuda backend cannot run the model fails at patch time,
+    with the reason, and leaves the model unpatched."""
+    model = transformers.DebertaV2Model(v2_config())
+    with pytest.raises(deberta_fast.BackendUnavailableError, match="patch\\(backend='cuda'\\)"):
+        patch(model, backend="cuda")
+    assert not is_patched(model)
