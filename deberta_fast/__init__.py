@@ -24,6 +24,7 @@ __all__ = [
 
 from .hf_attention import CANONICAL  # noqa: E402
 from .module import DisentangledAttention  # noqa: E402
-from .patching import is_patched, patch, patched, unpatch  # noqa: E402
+from .patching import is_patched, patch, patch_transformers, patched, unpatch, unpatch_transformers  # noqa: E402
 
-__all__ += ["DisentangledAttention", "patch", "unpatch", "patched", "is_patched", "CANONICAL"]
+__all__ += ["DisentangledAttention", "patch", "unpatch", "patched", "is_patched", "patch_transformers",
+            "unpatch_transformers", "CANONICAL"]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
+import weakref
 
 from torch import nn
 
@@ -74,7 +76,7 @@ def _check_supported(module: nn.Module, family: str) -> None:
             "the softmax); no deberta_fast backend serves it. Run this model unpatched.")
 
 
-def patch(model: nn.Module, backend: str = "auto", pack: bool = True) -> nn.Module:
+def patch(model: nn.Module, backend: str = "auto", pack: bool = True, *, _at_build: bool = False) -> nn.Module:
     """Route every DeBERTa attention inside ``model`` through deberta_fast; returns ``model``.
 
     Works on DeBERTa v1 and v2/v3 models (any head: ``...Model``, ``...ForSequenceClassification``,
@@ -82,8 +84,13 @@ def patch(model: nn.Module, backend: str = "auto", pack: bool = True) -> nn.Modu
     ``pack=True`` runs right-padded batches packed (no work on padding in any layer; padded
     positions of the outputs are 0, see :mod:`deberta_fast.packed_encoder`) when the backend
     has a packed path (``"auto"``, ``"torch"``, ``"triton"``); otherwise the padded layout runs.
+    Training with ``pack=True`` draws attention-dropout masks over the packed layout, so they differ
+    from HF's for the same seed (same distribution); ``pack=False`` with the torch backend reproduces
+    HF's dropout stream bit for bit.
     Raises ``ValueError`` when ``model`` holds no DeBERTa attention and ``NotImplementedError``
-    for variants no backend serves (v1 ``talking_head``), before changing anything.
+    for variants no backend serves (v1 ``talking_head``), before changing anything.  A named
+    backend that cannot run here or on the model's device raises ``BackendUnavailableError``.
+    Patched models pickle, ``torch.save`` and ``copy.deepcopy`` as patched models.
     """
     check_backend_name(backend)
     if not isinstance(pack, bool):
@@ -102,7 +109,8 @@ def patch(model: nn.Module, backend: str = "auto", pack: bool = True) -> nn.Modu
         raise ValueError(
             f"patch(): found no DeBERTa attention (transformers' deberta / deberta_v2 DisentangledSelfAttention) "
             f"in {type(model).__name__}; deberta_fast patches DeBERTa v1, v2, v3 and mDeBERTa models")
-    _check_backend_serves(model, backend)
+    if not _at_build:  # (a model being built has no final device yet)
+        _check_backend_serves(model, backend)
     for m, fam in attentions:
         m.forward = functools.partial(v2_forward if fam == "v2" else v1_forward, m)
         m._deberta_fast_backend = backend
@@ -166,3 +174,59 @@ def patched(model: nn.Module, backend: str = "auto", pack: bool = True):
     finally:
         if not was:
             unpatch(model)
+
+
+# ------------------------------------------------------------------------------ every model transformers builds
+
+_GLOBAL: dict = {}  # class -> its own post_init (or None), while patch_transformers is on
+_BUILT = weakref.WeakSet()  # models patched by the global switch
+
+
+def _pretrained_classes():
+    import importlib
+    out = []
+    for mod, name in (("transformers.models.deberta_v2.modeling_deberta_v2", "DebertaV2PreTrainedModel"),
+                      ("transformers.models.deberta.modeling_deberta", "DebertaPreTrainedModel")):
+        out.append(getattr(importlib.import_module(mod), name))
+    return out
+
+
+def patch_transformers(backend: str = "auto", pack: bool = True) -> None:
+    """From now on every DeBERTa (v1, v2/v3, mDeBERTa) model transformers builds — ``from_pretrained``,
+    ``from_config``, ``pipeline`` and libraries on top of them — is :func:`patch`-ed as it is built
+    (its ``post_init``).  Models that no backend serves (v1 ``talking_head``) stay HF's, with a
+    warning.  :func:`unpatch_transformers` undoes it, for those models too.  Calling it again
+    changes the options for models built afterwards."""
+    check_backend_name(backend)
+    if not isinstance(pack, bool):
+        raise TypeError(f"pack must be a bool, got {type(pack).__name__} {pack!r}")
+    for cls in _pretrained_classes():
+        if cls not in _GLOBAL:
+            _GLOBAL[cls] = cls.__dict__.get("post_init")
+        base_post_init = _GLOBAL[cls] or super(cls, cls).post_init
+
+        def post_init(self, _orig=base_post_init):
+            _orig(self)
+            try:
+                patch(self, backend, pack, _at_build=True)
+            except NotImplementedError as e:
+                warnings.warn(f"deberta_fast.patch_transformers: {type(self).__name__} stays HF's: {e}",
+                              RuntimeWarning, stacklevel=2)
+                return
+            _BUILT.add(self)
+
+        cls.post_init = post_init
+
+
+def unpatch_transformers() -> None:
+    """Undo :func:`patch_transformers`: models built from now on are HF's, and the models it patched
+    are :func:`unpatch`-ed."""
+    for cls, own in _GLOBAL.items():
+        if own is None:
+            del cls.post_init
+        else:
+            cls.post_init = own
+    _GLOBAL.clear()
+    for model in list(_BUILT):
+        unpatch(model)
+    _BUILT.clear()

@@ -221,3 +221,29 @@ def test_named_backend_refused_at_patch_time():
     with pytest.raises(deberta_fast.BackendUnavailableError, match="patch\\(backend='cuda'\\)"):
         patch(model, backend="cuda")
     assert not is_patched(model)
+
+
+def test_patch_transformers_patches_every_model_built(tmp_path):
+    """The global switch: models built by class, from_config and from_pretrained come out patched and
+    equal HF's; unpatch_transformers restores HF for new models and for the ones it patched."""
+    cfg = v2_config()
+    ref = transformers.DebertaV2Model(cfg).to(DT).eval()
+    ref.save_pretrained(tmp_path)
+    ids, mask = _batch()
+    want = _valid(ref(input_ids=ids, attention_mask=mask)[0], mask)
+    deberta_fast.patch_transformers(backend="torch")
+    try:
+        built = [transformers.DebertaV2ForSequenceClassification(cfg),
+                 transformers.AutoModel.from_config(cfg),
+                 transformers.AutoModel.from_pretrained(tmp_path, torch_dtype=DT),
+                 transformers.DebertaModel(v1_config())]
+        assert all(is_patched(m) for m in built)
+        loaded = built[2].eval()
+        torch.testing.assert_close(_valid(loaded(input_ids=ids, attention_mask=mask)[0], mask), want)
+        with pytest.warns(RuntimeWarning, match="stays HF's"):
+            talking = transformers.DebertaModel(v1_config(talking_head=True))
+        assert not is_patched(talking)
+    finally:
+        deberta_fast.unpatch_transformers()
+    assert not any(is_patched(m) for m in built)
+    assert not is_patched(transformers.DebertaV2Model(cfg))
