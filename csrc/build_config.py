@@ -35,9 +35,27 @@ def should_build() -> tuple[bool, str]:
     return (not reasons), ", ".join(reasons)
 
 
+HOST_TEST_STUBS = "dfa_host_stubs.cpp"
+
+# Warnings that fail the CI builds (tests/test_cuda_compile.py, tests/test_cuda_host.py); GCC's
+# -Winfinite-recursion is among them.  Torch's headers come in as system includes (-isystem).
+WARNING_FLAGS = ["-Wall", "-Wextra", "-Werror"]
+
+
+def nvcc_warning_flags() -> list[str]:
+    """WARNING_FLAGS for nvcc: the host compiler's (-Xcompiler) and nvcc's own, device code included."""
+    return ["-Xcompiler", ",".join(WARNING_FLAGS), "-Werror", "all-warnings"]
+
+
 def cuda_sources() -> list[str]:
     """Translation units of deberta_fast._C: dfa_fwd.cu, dfa_bwd.cu (nvcc) and dfa_bindings.cpp (host)."""
-    return sorted(glob.glob(os.path.join(HERE, "*.cu")) + glob.glob(os.path.join(HERE, "*.cpp")))
+    srcs = glob.glob(os.path.join(HERE, "*.cu")) + glob.glob(os.path.join(HERE, "*.cpp"))
+    return sorted(s for s in srcs if os.path.basename(s) != HOST_TEST_STUBS)
+
+
+def host_test_sources() -> list[str]:
+    """The CPU host-test build (-DDFA_HOST_TEST): the same dfa_bindings.cpp with recording launcher stubs."""
+    return [os.path.join(HERE, "dfa_bindings.cpp"), os.path.join(HERE, HOST_TEST_STUBS)]
 
 
 def cxx_std() -> str:
@@ -52,6 +70,11 @@ def cxx_std() -> str:
         return "c++20" if (major, minor) >= (2, 10) else "c++17"
     except Exception:  # noqa: BLE001
         return "c++17"
+
+
+def cxx_flags() -> list[str]:
+    """Host compiler flags of deberta_fast._C (dfa_bindings.cpp)."""
+    return ["-O3", f"-std={cxx_std()}"]
 
 
 def nvcc_flags(archs: str | None = None) -> list[str]:
@@ -80,6 +103,6 @@ def cuda_extensions():
     ext = CUDAExtension(
         name="deberta_fast._C",
         sources=srcs,
-        extra_compile_args={"cxx": ["-O3", f"-std={cxx_std()}"], "nvcc": nvcc_flags()},
+        extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc_flags()},
     )
     return [ext], {"build_ext": BuildExtension}

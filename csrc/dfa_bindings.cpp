@@ -1,20 +1,46 @@
 // Host wrappers and Python bindings of deberta_fast._C (fused disentangled attention).
 // Python registers these as torch.library custom ops (deberta_fast/_cuda_ext.py), which
 // gives autograd, fake tensors and torch.compile support.
+//
+// -DDFA_HOST_TEST builds this same file as a CPU extension for the host tests
+// (tests/test_cuda_host.py): CPU tensors stand in for CUDA ones, the device guard and stream are
+// no-ops and the launchers are the recording stubs of dfa_host_stubs.cpp.
 #include <torch/extension.h>
 
+#ifndef DFA_HOST_TEST
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <cmath>
+#include <cstdint>
 #include <optional>
 
 #include "dfa_params.h"
+
+#ifdef DFA_HOST_TEST
+namespace dfa {
+void bind_host_test(pybind11::module_& m);  // dfa_host_stubs.cpp
+}
+#endif
 
 namespace {
 
 using at::Tensor;
 using OptT = std::optional<Tensor>;
+
+// The device predicate of every check below ("a CUDA tensor"), the device guard and the stream.
+#ifdef DFA_HOST_TEST
+bool on_device(const Tensor& t) { return t.is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+void* current_stream() { return nullptr; }
+#else
+bool on_device(const Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
 
 int dtype_code(const Tensor& t) {
   if (t.scalar_type() == at::kHalf) return 0;
@@ -26,7 +52,7 @@ int dtype_code(const Tensor& t) {
 }
 
 void check_qkv(const char* name, const Tensor& t, const Tensor& q, int64_t L) {
-  TORCH_CHECK(t.is_cuda(), "deberta_fast cuda backend: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(on_device(t), "deberta_fast cuda backend: ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.device() == q.device(), "deberta_fast cuda backend: ", name, " is on ", t.device(),
               " but query is on ", q.device());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), "deberta_fast cuda backend: ", name, " has dtype ",
@@ -46,7 +72,7 @@ void check_qkv(const char* name, const Tensor& t, const Tensor& q, int64_t L) {
 void check_table(const char* name, const OptT& t, const Tensor& q, int64_t L, int64_t S2) {
   if (!t.has_value()) return;
   const Tensor& x = *t;
-  TORCH_CHECK(x.is_cuda() && x.device() == q.device(), "deberta_fast cuda backend: ", name, " must be on ",
+  TORCH_CHECK(on_device(x) && x.device() == q.device(), "deberta_fast cuda backend: ", name, " must be on ",
               q.device(), ", got ", x.device());
   TORCH_CHECK(x.scalar_type() == q.scalar_type(), "deberta_fast cuda backend: ", name, " must have dtype ",
               q.scalar_type(), ", got ", x.scalar_type());
@@ -59,15 +85,50 @@ void check_table(const char* name, const OptT& t, const Tensor& q, int64_t L, in
 void check_slot_table(const OptT& table, const Tensor& q, int64_t Lq, int64_t Lk) {
   TORCH_CHECK(table.has_value(), "deberta_fast cuda backend: relative terms need the slot table");
   const Tensor& tb = *table;
-  TORCH_CHECK(tb.is_cuda() && tb.device() == q.device() && tb.scalar_type() == at::kInt && tb.dim() == 1 &&
+  TORCH_CHECK(on_device(tb) && tb.device() == q.device() && tb.scalar_type() == at::kInt && tb.dim() == 1 &&
                   tb.size(0) == Lq + Lk - 1 && tb.is_contiguous(),
               "deberta_fast cuda backend: slot table must be a contiguous int32 CUDA tensor of length Lq+Lk-1 = ",
               Lq + Lk - 1, " on ", q.device(), " (deberta_fast.positions.relative_slot_table), got ",
               tb.scalar_type(), " ", tb.sizes(), " on ", tb.device());
 }
 
+// Width 2*span of the relative tables (0: no relative term); int in Params.
+int64_t table_width(const OptT& c2p, const OptT& p2c) {
+  const int64_t S2 = c2p.has_value() ? c2p->size(-1) : p2c.has_value() ? p2c->size(-1) : 0;
+  TORCH_CHECK(S2 < (int64_t(1) << 31), "deberta_fast cuda backend: relative tables have ", S2,
+              " columns (2*span), more than 2^31 - 1");
+  return S2;
+}
+
+void set_scale(dfa::Params& p, double scale) {
+  TORCH_CHECK(std::isfinite(scale), "deberta_fast cuda backend: scale must be finite, got ", scale);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+}
+
+// Dropout: an element is kept iff its Philox word >= drop_thresh = round(p_drop * 2^32) and kept
+// values are scaled by 1 / (1 - p_drop).  rng: int64 [2] = {seed, offset} on q's device.
 void set_dropout(dfa::Params& p, const OptT& rng, const Tensor& q, double p_drop) {
-  set_dropout(p, rng, q, p_drop);
+  TORCH_CHECK(p_drop >= 0.0 && p_drop < 1.0, "deberta_fast cuda backend: dropout_p must be in [0, 1), got ",
+              p_drop);  // NaN fails both comparisons
+  if (p_drop == 0.0) return;
+  TORCH_CHECK(rng.has_value() && on_device(*rng) && rng->device() == q.device() &&
+                  rng->scalar_type() == at::kLong && rng->numel() == 2 && rng->is_contiguous(),
+              "deberta_fast cuda backend: dropout needs rng = int64 CUDA tensor [2] (seed, offset) on ", q.device(),
+              ", got ", rng.has_value() ? c10::str(rng->scalar_type(), " ", rng->sizes(), " on ", rng->device())
+                                        : std::string("None"));
+  p.rng = rng->data_ptr<int64_t>();
+  p.dropout = 1;
+  const double th = std::round(p_drop * 4294967296.0);
+  p.drop_thresh = th >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(th);
+  p.drop_scale = static_cast<float>(1.0 / (1.0 - p_drop));
+}
+
+// The forward's output as the backward gets it back (only read by torch ops here: any strides).
+void check_saved_out(const char* who, const Tensor& out, const Tensor& q) {
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
+              who, ": saved output must match the query (", q.sizes(), ", ", q.scalar_type(), ", ", q.device(),
+              "), got ", out.sizes(), ", ", out.scalar_type(), ", ", out.device());
 }
 
 // Relative-gradient band buffers of the backward (float32, zero-initialised: one writer per element)
@@ -80,15 +141,18 @@ struct Bands {
              int64_t Lq, int64_t Lk, int64_t dmin, int64_t W, const OptT& perm, const OptT& offs) {
     const int64_t S2 = p.S2;
     if (S2 <= 0) return;
-    TORCH_CHECK(W >= 0 && W <= Lq + Lk - 1 && dmin >= -(Lk - 1) && dmin + W <= Lq,
-                "deberta_fast cuda backward: band window [dmin, dmin+W) = [", dmin, ", ", dmin + W,
-                ") must lie in [-(Lk-1), Lq) = [", -(Lk - 1), ", ", Lq, ") (deberta_fast._cuda_ext.band_window)");
-    TORCH_CHECK(perm.has_value() && offs.has_value(), "deberta_fast cuda backward: band perm/offs missing");
-    TORCH_CHECK(perm->is_cuda() && perm->scalar_type() == at::kInt && perm->numel() == std::max<int64_t>(W, 1) &&
-                    perm->is_contiguous() && offs->is_cuda() && offs->scalar_type() == at::kInt &&
-                    offs->numel() == S2 + 1 && offs->is_contiguous(),
-                "deberta_fast cuda backward: perm must be int32 [max(W,1)] and offs int32 [2*span+1] on CUDA");
+    TORCH_CHECK(W >= 0 && W <= Lq + Lk - 1 && dmin >= -(Lk - 1) && dmin <= Lq - W,
+                "deberta_fast cuda backward: band window [dmin, dmin+W) with dmin = ", dmin, ", W = ", W,
+                " must lie in [-(Lk-1), Lq) = [", -(Lk - 1), ", ", Lq, ") (deberta_fast._cuda_ext.band_window)");
     const int64_t Wa = std::max<int64_t>(W, 1);
+    const auto csr_ok = [&](const OptT& t, int64_t n) {
+      return t.has_value() && on_device(*t) && t->device() == q.device() && t->scalar_type() == at::kInt &&
+             t->dim() == 1 && t->numel() == n && t->is_contiguous();
+    };
+    TORCH_CHECK(csr_ok(perm, Wa) && csr_ok(offs, S2 + 1),
+                "deberta_fast cuda backward: band perm must be int32 [max(W,1)] = [", Wa,
+                "] and offs int32 [2*span+1] = [", S2 + 1, "] on ", q.device(),
+                " (deberta_fast._cuda_ext.band_window)");
     const auto f32 = q.options().dtype(at::kFloat);
     if (has_c2p) {
       band_q = at::zeros({rows_q, Wa}, f32);
@@ -152,16 +216,14 @@ Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   check_qkv("query", q, q, Lq);
   check_qkv("key", k, q, Lk);
   check_qkv("value", v, q, Lk);
-  int64_t S2 = 0;
-  if (c2p.has_value()) S2 = c2p->size(-1);
-  else if (p2c.has_value()) S2 = p2c->size(-1);
+  const int64_t S2 = table_width(c2p, p2c);
   check_table("c2p table (query @ pos_key^T)", c2p, q, Lq, S2);
   check_table("p2c table (key @ pos_query^T)", p2c, q, Lk, S2);
   if (S2 > 0) check_slot_table(table, q, Lq, Lk);
   auto& p = c.p;
   if (key_mask.has_value()) {
     const Tensor& m = *key_mask;
-    TORCH_CHECK(m.is_cuda() && m.device() == q.device() && m.scalar_type() == at::kBool && m.dim() == 2 &&
+    TORCH_CHECK(on_device(m) && m.device() == q.device() && m.scalar_type() == at::kBool && m.dim() == 2 &&
                     m.size(0) == B && m.size(1) == Lk && m.stride(1) == 1,
                 "deberta_fast cuda backend: key_mask must be a bool CUDA tensor [B, Lk] = [", B, ", ", Lk,
                 "] with a contiguous last dim, got ", m.scalar_type(), " ", m.sizes(), " on ", m.device());
@@ -170,7 +232,7 @@ Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   }
   if (uniform.has_value()) {
     const Tensor& u = *uniform;
-    TORCH_CHECK(u.is_cuda() && u.device() == q.device() && u.scalar_type() == at::kBool && u.dim() == 3 &&
+    TORCH_CHECK(on_device(u) && u.device() == q.device() && u.scalar_type() == at::kBool && u.dim() == 3 &&
                     u.size(0) == B && (u.size(1) == 1 || u.size(1) == H) && u.size(2) == Lq && u.stride(2) == 1,
                 "deberta_fast cuda backend: uniform_rows must be a bool CUDA tensor [B, 1|H, Lq] with a contiguous "
                 "last dim, got ", u.scalar_type(), " ", u.sizes(), " on ", u.device());
@@ -188,8 +250,7 @@ Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   p.S2 = static_cast<int>(S2);
   p.B = static_cast<int>(B); p.H = static_cast<int>(H);
   p.Lq = static_cast<int>(Lq); p.Lk = static_cast<int>(Lk);
-  p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  set_scale(p, scale);
   c.D = static_cast<int>(D);
   return c;
 }
@@ -198,14 +259,14 @@ std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const
                         const OptT& table, const OptT& key_mask, const OptT& uniform, const OptT& rng, double scale,
                         double p_drop) {
   Common c = make_common(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, p_drop);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   Tensor out = at::empty({B, H, Lq, D}, q.options());
   Tensor lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
   auto& p = c.p;
   p.o = out.data_ptr(); p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sr = out.stride(2);
   p.lse = lse.data_ptr<float>();
-  const char* err = dfa::launch_fwd(p, c.dtype, c.D, c10::cuda::getCurrentCUDAStream().stream());
+  const char* err = dfa::launch_fwd(p, c.dtype, c.D, current_stream());
   TORCH_CHECK(err == nullptr, "deberta_fast cuda forward launch failed: ", err ? err : "");
   return {out, lse};
 }
@@ -215,11 +276,10 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
                         const OptT& uniform, const OptT& rng, double scale, double p_drop, int64_t dmin, int64_t W,
                         const OptT& perm, const OptT& offs) {
   Common c = make_common(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, p_drop);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   check_qkv("grad_out", dout, q, Lq);
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
-              "deberta_fast cuda backward: saved output has shape ", out.sizes(), ", expected ", q.sizes());
+  check_saved_out("deberta_fast cuda backward", out, q);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H &&
                   lse.size(2) == Lq && lse.is_contiguous() && lse.device() == q.device(),
               "deberta_fast cuda backward: lse must be contiguous float32 [B, H, Lq] on ", q.device());
@@ -236,7 +296,7 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
   p.dk_sb = dk.stride(0); p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(2);
   Bands bands;
   bands.alloc(p, q, c2p.has_value(), p2c.has_value(), B * H * Lq, B * H * Lk, Lq, Lk, dmin, W, perm, offs);
-  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  void* stream = current_stream();
   const char* err = dfa::launch_bwd(p, c.dtype, c.D, stream);
   TORCH_CHECK(err == nullptr, "deberta_fast cuda backward launch failed: ", err ? err : "");
   auto [dc2p, dp2c] = bands.to_slots(p, c2p, p2c, perm, offs, c.dtype, q, stream);
@@ -251,7 +311,7 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
 // for memory safety only).  CudaBackend.forward_varlen validates them before calling.
 
 void check_tokens(const char* name, const Tensor& t, const Tensor& q, int64_t T) {
-  TORCH_CHECK(t.is_cuda(), "deberta_fast cuda varlen: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(on_device(t), "deberta_fast cuda varlen: ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.device() == q.device(), "deberta_fast cuda varlen: ", name, " is on ", t.device(),
               " but query is on ", q.device());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), "deberta_fast cuda varlen: ", name, " has dtype ",
@@ -267,7 +327,7 @@ void check_tokens(const char* name, const Tensor& t, const Tensor& q, int64_t T)
 }
 
 void check_cu(const char* name, const Tensor& cu, const Tensor& q, int64_t n1) {
-  TORCH_CHECK(cu.is_cuda() && cu.device() == q.device() && cu.scalar_type() == at::kInt && cu.dim() == 1 &&
+  TORCH_CHECK(on_device(cu) && cu.device() == q.device() && cu.scalar_type() == at::kInt && cu.dim() == 1 &&
                   cu.numel() == n1 && cu.is_contiguous(),
               "deberta_fast cuda varlen: ", name, " must be a contiguous int32 CUDA tensor [N+1] = [", n1, "] on ",
               q.device(), " (cast with .to(torch.int32)), got ", cu.scalar_type(), " ", cu.sizes(), " on ",
@@ -277,7 +337,7 @@ void check_cu(const char* name, const Tensor& cu, const Tensor& q, int64_t n1) {
 void check_vtable(const char* name, const OptT& t, const Tensor& q, int64_t T, int64_t S2) {
   if (!t.has_value()) return;
   const Tensor& x = *t;
-  TORCH_CHECK(x.is_cuda() && x.device() == q.device() && x.scalar_type() == q.scalar_type(),
+  TORCH_CHECK(on_device(x) && x.device() == q.device() && x.scalar_type() == q.scalar_type(),
               "deberta_fast cuda varlen: ", name, " must be a ", q.scalar_type(), " tensor on ", q.device(), ", got ",
               x.scalar_type(), " on ", x.device());
   TORCH_CHECK(x.dim() == 3 && x.size(0) == q.size(1) && x.size(1) == T && x.size(2) == S2 && x.is_contiguous(),
@@ -310,9 +370,7 @@ Common make_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
               max_k);
   TORCH_CHECK(Tq < (int64_t(1) << 31) && Tk < (int64_t(1) << 31),
               "deberta_fast cuda varlen: total tokens must fit int32 cu_seqlens, got ", Tq, ", ", Tk);
-  int64_t S2 = 0;
-  if (c2p.has_value()) S2 = c2p->size(-1);
-  else if (p2c.has_value()) S2 = p2c->size(-1);
+  const int64_t S2 = table_width(c2p, p2c);
   check_vtable("c2p table (query @ pos_key^T)", c2p, q, Tq, S2);
   check_vtable("p2c table (key @ pos_query^T)", p2c, q, Tk, S2);
   if (S2 > 0) check_slot_table(table, q, max_q, max_k);
@@ -330,8 +388,7 @@ Common make_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   p.Lq = static_cast<int>(max_q); p.Lk = static_cast<int>(max_k);
   p.cu_q = cu_q.data_ptr<int32_t>(); p.cu_k = cu_k.data_ptr<int32_t>();
   p.Tq = Tq; p.Tk = Tk;
-  p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  set_scale(p, scale);
   c.D = static_cast<int>(D);
   return c;
 }
@@ -340,7 +397,7 @@ std::vector<Tensor> varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v
                                const OptT& table, const Tensor& cu_q, const Tensor& cu_k, int64_t max_q,
                                int64_t max_k, const OptT& rng, double scale, double p_drop) {
   Common c = make_varlen(q, k, v, c2p, p2c, table, cu_q, cu_k, max_q, max_k, rng, scale, p_drop);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2);
   Tensor out = at::empty({Tq, H, D}, q.options());
   Tensor lse = at::empty({H, Tq}, q.options().dtype(at::kFloat));
@@ -348,7 +405,7 @@ std::vector<Tensor> varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v
   auto& p = c.p;
   p.o = out.data_ptr(); p.o_sb = 0; p.o_sh = out.stride(1); p.o_sr = out.stride(0);
   p.lse = lse.data_ptr<float>();
-  const char* err = dfa::launch_fwd(p, c.dtype, c.D, c10::cuda::getCurrentCUDAStream().stream());
+  const char* err = dfa::launch_fwd(p, c.dtype, c.D, current_stream());
   TORCH_CHECK(err == nullptr, "deberta_fast cuda varlen forward launch failed: ", err ? err : "");
   return {out, lse};
 }
@@ -359,11 +416,10 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
                                int64_t max_k, const OptT& rng, double scale, double p_drop, int64_t dmin, int64_t W,
                                const OptT& perm, const OptT& offs) {
   Common c = make_varlen(q, k, v, c2p, p2c, table, cu_q, cu_k, max_q, max_k, rng, scale, p_drop);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2), Tk = k.size(0);
   check_tokens("grad_out", dout, q, Tq);
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
-              "deberta_fast cuda varlen backward: saved output has shape ", out.sizes(), ", expected ", q.sizes());
+  check_saved_out("deberta_fast cuda varlen backward", out, q);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == H && lse.size(1) == Tq &&
                   lse.is_contiguous() && lse.device() == q.device(),
               "deberta_fast cuda varlen backward: lse must be contiguous float32 [H, total_q] on ", q.device(),
@@ -382,7 +438,7 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
   p.dk_sb = 0; p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(0);
   Bands bands;
   bands.alloc(p, q, c2p.has_value(), p2c.has_value(), H * Tq, H * Tk, max_q, max_k, dmin, W, perm, offs);
-  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  void* stream = current_stream();
   if (Tq > 0 || Tk > 0) {
     const char* err = dfa::launch_bwd(p, c.dtype, c.D, stream);
     TORCH_CHECK(err == nullptr, "deberta_fast cuda varlen backward launch failed: ", err ? err : "");
@@ -412,4 +468,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("max_seqlen_k"), py::arg("rng"), py::arg("scale"), py::arg("p_drop"), py::arg("dmin"),
         py::arg("W"), py::arg("perm"), py::arg("offs"));
   m.attr("HEAD_DIMS") = py::make_tuple(32, 64, 128);
+#ifdef DFA_HOST_TEST
+  dfa::bind_host_test(m);
+#endif
 }

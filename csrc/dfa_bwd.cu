@@ -4,10 +4,11 @@
 //   * dkdv kernel : one block per 64 keys, loops over query tiles -> dK (content part),
 //                   dV and the p2c band of scale*dS.
 //   * band_to_slots: fixed-order segment sums turning a band into dC2P / dP2C.
-// Both score kernels recompute S and P from the saved LSE (FA2).  Delta = rowsum(dO*O)
-// comes from the host.  Like the forward, both score kernels serve the padded batch and the
-// packed varlen layout (seq_view(): per-sequence offsets at run time, early exit past a
-// sequence's end); band rows are then (h*T + token) so band_to_slots is layout-agnostic.
+// Both score kernels recompute S and P from the saved LSE (FA2); a non-finite LSE (a row with no
+// key) gives P = 0 (dfa_softmax.h: lse_log2).  Delta = rowsum(dO*O) comes from the host.  Like the
+// forward, both score kernels serve the padded batch and the packed varlen layout (seq_view():
+// per-sequence offsets at run time, early exit past a sequence's end); band rows are then
+// (h*T + token) so band_to_slots is layout-agnostic.
 //
 // Relative-table gradients.  With dS = dL/ds (s = scaled score):
 //   dC2P[i, s] = scale * sum_{j : slot(i-j) = s} dS[i, j],  dP2C[j, s] likewise over i.
@@ -67,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(const Params p) {
     rows[hh] = i;
     const bool ok = i < Lq;
     uni[hh] = p.uniform != nullptr && ok && p.uniform[b * p.un_sb + h * p.un_sh + i] != 0;
-    lse2[hh] = ok ? p.lse_c[sv.qoff + i] * kLog2e : 0.f;
+    lse2[hh] = ok ? lse_log2(p.lse_c[sv.qoff + i]) : 0.f;  // +inf (p = 0) unless finite
     dlt[hh] = ok ? p.delta[sv.qoff + i] : 0.f;
   }
   uint2 key = make_uint2(0u, 0u);
@@ -202,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) 
     for (int r = threadIdx.x; r < BM; r += kThreads) {
       const int i = q0 + r;
       const bool ok = i < Lq;
-      lse2_s[r] = ok ? p.lse_c[sv.qoff + i] * kLog2e : 0.f;
+      lse2_s[r] = ok ? lse_log2(p.lse_c[sv.qoff + i]) : 0.f;
       dlt_s[r] = ok ? p.delta[sv.qoff + i] : 0.f;
       uni_s[r] = (p.uniform != nullptr && ok) ? (int)p.uniform[b * p.un_sb + h * p.un_sh + i] : 0;
     }
@@ -269,20 +270,27 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) 
 
 // ---------------------------------------------------------------------------
 // out[r, s] = sum_{k in [offs[s], offs[s+1])} band[r, perm[k]] + (s == 0) sat[r,0] + (s == S2-1) sat[r,1]
+// Grid-stride over the int64 rows; offs / perm entries outside [0, W) are skipped (a direct op call
+// with a bad CSR cannot read out of bounds).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dfa_band_to_slots_kernel(const float* __restrict__ band,
                                                                      const float* __restrict__ sat,
                                                                      const int32_t* __restrict__ perm,
                                                                      const int32_t* __restrict__ offs, T* out,
-                                                                     int W, int S2) {
-  const int64_t r = blockIdx.x;
-  const float* br = band + r * W;
-  for (int s = threadIdx.x; s < S2; s += blockDim.x) {
-    float acc = 0.f;
-    for (int k = offs[s]; k < offs[s + 1]; ++k) acc += br[perm[k]];
-    if (s == 0) acc += sat[r * 2 + 0];
-    if (s == S2 - 1) acc += sat[r * 2 + 1];
-    out[r * S2 + s] = Pack<T>::from_float(acc);
+                                                                     int64_t rows, int W, int S2) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* br = band + r * W;
+    for (int s = threadIdx.x; s < S2; s += blockDim.x) {
+      float acc = 0.f;
+      const int k1 = min(offs[s + 1], W);
+      for (int k = max(offs[s], 0); k < k1; ++k) {
+        const int c = perm[k];
+        if (c >= 0 && c < W) acc += br[c];
+      }
+      if (s == 0) acc += sat[r * 2 + 0];
+      if (s == S2 - 1) acc += sat[r * 2 + 1];
+      out[r * S2 + s] = Pack<T>::from_float(acc);
+    }
   }
 }
 
@@ -311,14 +319,14 @@ const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream) {
 const char* launch_band_to_slots(const float* band, const float* sat, const int32_t* perm, const int32_t* offs,
                                  void* out, int dtype, int64_t rows, int W, int S2, void* stream) {
   if (rows <= 0) return nullptr;
-  if (rows > 0x7fffffffLL) return "deberta_fast._C: too many rows for band_to_slots";
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const unsigned grid = (unsigned)(rows < (1 << 20) ? rows : (1 << 20));  // grid-stride beyond
   if (dtype == 0)
-    dfa_band_to_slots_kernel<__half><<<(unsigned)rows, kThreads, 0, s>>>(band, sat, perm, offs,
-                                                                         reinterpret_cast<__half*>(out), W, S2);
+    dfa_band_to_slots_kernel<__half><<<grid, kThreads, 0, s>>>(band, sat, perm, offs,
+                                                               reinterpret_cast<__half*>(out), rows, W, S2);
   else if (dtype == 1)
-    dfa_band_to_slots_kernel<__nv_bfloat16><<<(unsigned)rows, kThreads, 0, s>>>(
-        band, sat, perm, offs, reinterpret_cast<__nv_bfloat16*>(out), W, S2);
+    dfa_band_to_slots_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
+        band, sat, perm, offs, reinterpret_cast<__nv_bfloat16*>(out), rows, W, S2);
   else
     return "deberta_fast._C: unsupported dtype for band_to_slots";
   const cudaError_t err = cudaGetLastError();

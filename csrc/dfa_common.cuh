@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "dfa_params.h"
+#include "dfa_softmax.h"
 
 namespace dfa {
 
@@ -185,7 +186,8 @@ __device__ __forceinline__ float score_log2(const Params& p, float acc, int i, i
   if (km_b != nullptr && km_b[j] == 0) return -INFINITY;
   float s = acc;
   if (p.table != nullptr) {
-    const int slot = __ldg(p.table + (i - j + p.Lk - 1));
+    // clamped: a slot table with values outside [0, S2) (a direct op call) cannot read out of bounds
+    const int slot = min(max(__ldg(p.table + (i - j + p.Lk - 1)), 0), p.S2 - 1);
     if (c2p_bh != nullptr) s += Pack<T>::to_float(c2p_bh[(int64_t)i * p.S2 + slot]);
     if (p2c_bh != nullptr) s += Pack<T>::to_float(p2c_bh[(int64_t)j * p.S2 + slot]);
   }
@@ -198,23 +200,30 @@ __device__ __forceinline__ float score_log2(const Params& p, float acc, int i, i
 //                *_sb strides select b there, they are 0 in varlen mode)
 //   qoff, koff : row of (b, h, position 0) in the float / table buffers (lse, delta, c2p, band_q,
 //                sat_q | p2c, band_k, sat_k): padded (b*H + h) * Lq, varlen h * Tq + cu_q[b].
-// Everything is int64: tokens x strides can exceed 2^31 elements.  Lengths are clamped to
-// [0, max_seqlen] so that bad cu_seqlens can never index the slot table out of range (the host
-// validates them; see CudaBackend.forward_varlen).
+// Everything is int64: tokens x strides can exceed 2^31 elements.  Whatever cu_seqlens hold, a
+// sequence's rows stay inside [0, T) and its length within [0, max_seqlen] (no slot-table or
+// buffer access out of bounds); the host validates them (CudaBackend.forward_varlen).
 struct SeqView {
   int Lq, Lk;
   int64_t qrow, krow, qoff, koff;
 };
+// (start, length) of sequence b: start clamped to [0, T], end to [start, T], length to max_len.
+__device__ __forceinline__ int2 seq_range(const int32_t* cu, int b, int64_t T, int max_len) {
+  const int t = (int)T;  // T < 2^31 (host check)
+  const int s = min(max(__ldg(cu + b), 0), t);
+  const int e = min(max(__ldg(cu + b + 1), s), t);
+  return make_int2(s, min(e - s, max_len));
+}
 __device__ __forceinline__ SeqView seq_view(const Params& p, int b, int h) {
   SeqView v;
   if (p.cu_q != nullptr) {
-    const int qs = __ldg(p.cu_q + b), ks = __ldg(p.cu_k + b);
-    v.Lq = min(max(__ldg(p.cu_q + b + 1) - qs, 0), p.Lq);
-    v.Lk = min(max(__ldg(p.cu_k + b + 1) - ks, 0), p.Lk);
-    v.qrow = qs;
-    v.krow = ks;
-    v.qoff = (int64_t)h * p.Tq + qs;
-    v.koff = (int64_t)h * p.Tk + ks;
+    const int2 rq = seq_range(p.cu_q, b, p.Tq, p.Lq), rk = seq_range(p.cu_k, b, p.Tk, p.Lk);
+    v.Lq = rq.y;
+    v.Lk = rk.y;
+    v.qrow = rq.x;
+    v.krow = rk.x;
+    v.qoff = (int64_t)h * p.Tq + rq.x;
+    v.koff = (int64_t)h * p.Tk + rk.x;
   } else {
     v.Lq = p.Lq;
     v.Lk = p.Lk;
@@ -235,8 +244,6 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kThreads = 128;
 
 // Calls run(T{}, std::integral_constant<int, D>{}) for the compiled (dtype, head_dim) pairs:

@@ -1,6 +1,7 @@
 // Fused forward of DeBERTa disentangled attention: online softmax (FA2 style),
 // relative terms gathered from precomputed C2P / P2C tables, key-padding mask,
-// uniform rows, Philox dropout.  Writes O and the float32 LSE (natural log).
+// uniform rows, Philox dropout.  Writes O and the float32 LSE (natural log; +inf and O = 0 for a
+// row with no key, see dfa_softmax.h).
 // One kernel serves the padded batch and the packed variable-length (varlen) layout: the
 // per-block sequence offsets come from seq_view() (cu_seqlens read at run time, no extra
 // template instantiations); blocks past the end of their sequence exit at once.
@@ -128,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
       const uint32_t v = Pack<T>::pack(o[dt][2 * hh] * inv, o[dt][2 * hh + 1] * inv);
       *reinterpret_cast<uint32_t*>(og + (int64_t)i * p.o_sr + dt * 8 + 2 * t) = v;
     }
-    if (t == 0) p.lse[sv.qoff + i] = lt > 0.f ? (m[hh] + log2f(lt)) * kLn2 : -INFINITY;
+    if (t == 0) p.lse[sv.qoff + i] = row_lse(m[hh], lt);  // +inf: no key
   }
 }
 

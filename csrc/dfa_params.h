@@ -19,7 +19,8 @@ struct Params {
   void* dq; void* dk; void* dv;
   int64_t dq_sb, dq_sh, dq_sr;
   int64_t dk_sb, dk_sh, dk_sr;
-  // softmax statistics, float32, contiguous [B,H,Lq] (padded) or [H,Tq] (varlen)
+  // softmax statistics, float32, contiguous [B,H,Lq] (padded) or [H,Tq] (varlen); LSE +inf: no key
+  // (the backward treats any non-finite LSE so: p = 0)
   float* lse; const float* lse_c; const float* delta;
   // relative tables, contiguous [B,H,Lq|Lk,S2] (padded) or [H,Tq|Tk,S2] (varlen); nullptr = term absent
   const void* c2p; const void* p2c; const int32_t* table; int S2;

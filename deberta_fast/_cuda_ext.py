@@ -24,7 +24,8 @@ autograd formula)::
 
 ``c2p = q @ pos_key^T`` and ``p2c = k @ pos_query^T`` are computed by the caller with torch,
 so autograd carries ``dc2p`` / ``dp2c`` back to ``q``, ``k``, ``pos_key`` and ``pos_query``.
-Padded ops: q ``[B,H,Lq,D]``, tables ``[B,H,L,2S]``, lse ``[B,H,Lq]``.  Varlen ops (packed
+Padded ops: q ``[B,H,Lq,D]``, tables ``[B,H,L,2S]``, lse ``[B,H,Lq]`` (natural log; ``+inf`` for a row
+with no key, and the backward takes any non-finite LSE as such a row).  Varlen ops (packed
 sequences, positions restart per sequence): q ``[Tq,H,D]``, k/v ``[Tk,H,D]``, int32
 ``cu_seqlens`` ``[N+1]``, tables ``[H,T,2S]`` (:func:`varlen_tables`), lse float32 ``[H,Tq]``,
 slot table of length ``max_seqlen_q + max_seqlen_k - 1``.
@@ -88,11 +89,10 @@ def build_jit(verbose: bool = False, archs: Optional[str] = None):
         raise RuntimeError("deberta_fast: JIT build needs a CUDA build of torch (torch.version.cuda is None)")
     cfg = _build_config()
     archs = archs or os.environ.get("DEBERTA_FAST_CUDA_ARCHS") or _current_arch()
-    std = cfg.cxx_std()
     mod = cpp_extension.load(
         name="deberta_fast_C",
         sources=[str(s) for s in cfg.cuda_sources()],
-        extra_cflags=["-O3", f"-std={std}"],
+        extra_cflags=cfg.cxx_flags(),
         extra_cuda_cflags=cfg.nvcc_flags(archs),
         extra_include_paths=[str(src)],
         verbose=verbose,

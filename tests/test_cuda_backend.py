@@ -9,7 +9,7 @@ import deberta_fast
 from deberta_fast import _cuda_ext, disentangled_attention, disentangled_attention_reference
 from deberta_fast.backends import BACKENDS
 from deberta_fast.dispatch import BackendUnavailableError, build_call
-from deberta_fast.positions import attention_span, relative_slot_table, slot_band
+from deberta_fast.positions import attention_span, relative_slot_table, slot_band, trimmed_slot_table
 
 HAS_CUDA = torch.cuda.is_available()
 BUILT = _cuda_ext.load() is not None
@@ -141,15 +141,25 @@ def _band_emulation(ds, table, Lq, Lk, band, s2, by_key):
     return out
 
 
+# Non-monotone bucket functions (2 <= max_rel <= buckets/2 + 1, sequences longer than buckets/2 + 1): a slot
+# is used by several separate runs of distances; band_to_slots sums each slot's distances wherever they lie.
+NON_MONOTONE = [(40, 40, 16, 4, None), (33, 50, 8, 2, None), (131, 130, 256, 128, None), (12, 30, 16, 4, None)]
+
+
+@pytest.mark.parametrize("trim", [False, True], ids=["full", "trimmed"])
 @pytest.mark.parametrize("Lq,Lk,buckets,max_rel,span", [
     (9, 9, 4, 16, None), (7, 13, 4, 16, None), (13, 6, -1, 5, 5), (12, 12, 8, 6, None), (5, 21, 256, 512, None),
-    (4, 4, -1, 2, 2),
+    (4, 4, -1, 2, 2), *NON_MONOTONE,
 ])
-def test_band_window_reproduces_gather_gradient(Lq, Lk, buckets, max_rel, span):
+def test_band_window_reproduces_gather_gradient(Lq, Lk, buckets, max_rel, span, trim):
+    """trimmed: the table the backend passes (rows lo..hi of the relative tables, trimmed_slot_table)."""
     span = span or attention_span(buckets, max_rel)
-    table = relative_slot_table(Lq, Lk, buckets, max_rel, span)
     band = slot_band(buckets, max_rel, span)
-    s2 = 2 * span
+    if trim:
+        table, lo, hi = trimmed_slot_table(Lq, Lk, buckets, max_rel, span)
+        s2 = hi - lo + 1
+    else:
+        table, s2 = relative_slot_table(Lq, Lk, buckets, max_rel, span), 2 * span
     ds = torch.randn(2, Lq, Lk, dtype=torch.float64)
     idx = table.long()[torch.arange(Lq)[:, None] - torch.arange(Lk)[None, :] + Lk - 1]
     # c2p: rows = queries; gradient of gather(C2P, -1, idx) is scatter_add of ds
@@ -160,6 +170,40 @@ def test_band_window_reproduces_gather_gradient(Lq, Lk, buckets, max_rel, span):
                                                                       ds.transpose(-1, -2))
     got_k = _band_emulation(ds, table, Lq, Lk, band, s2, by_key=True)
     torch.testing.assert_close(got_k, want_k)
+
+
+def test_band_window_contract_over_bucket_configs():
+    """What makes the band exact for any slot function: distances below the window have slot 0, above it
+    slot s2-1 (the two saturated sums), and perm/offs list every window distance once under its own slot.
+    Swept over bucket configs, monotone or not, full and trimmed tables (the backend's)."""
+    checked = 0
+    for buckets in (-1, 2, 3, 4, 8, 16, 256, 512):
+        for max_rel in (-1, 1, 2, 3, 4, 5, 16, 128, 512):
+            span = attention_span(buckets, max_rel)
+            if span < 1:
+                continue
+            try:
+                band = slot_band(buckets, max_rel, span)
+            except ValueError:  # a config HF's bucket function leaves undefined (positions.check_bucket_config)
+                continue
+            for Lq, Lk in ((1, 1), (3, 300), (260, 261)):
+                full = relative_slot_table(Lq, Lk, buckets, max_rel, span)
+                trimmed, lo, hi = trimmed_slot_table(Lq, Lk, buckets, max_rel, span)
+                for table, s2 in ((full, 2 * span), (trimmed, hi - lo + 1)):
+                    dmin, w, perm, offs = _cuda_ext.band_window(table, Lq, Lk, band.lo, band.hi, s2)
+                    where = f"buckets={buckets} max_rel={max_rel} Lq={Lq} Lk={Lk} s2={s2}"
+                    assert -(Lk - 1) <= dmin and 0 <= w and dmin + w <= Lq, where
+                    slots = table.long()
+                    i0 = dmin + Lk - 1
+                    assert bool((slots[:i0] == 0).all()) and bool((slots[i0 + w:] == s2 - 1).all()), where
+                    assert int(offs[0]) == 0 and int(offs[-1]) == w and bool((offs[1:] >= offs[:-1]).all()), where
+                    if w:
+                        p = perm.long()
+                        assert torch.equal(p.sort().values, torch.arange(w)), where
+                        owner = torch.repeat_interleave(torch.arange(s2), (offs[1:] - offs[:-1]).long())
+                        assert torch.equal(slots[i0:i0 + w][p], owner), where
+                    checked += 1
+    assert checked > 300
 
 
 # ----------------------------------------------------------------------------- Philox (shared by GPU tests)
@@ -340,6 +384,36 @@ def test_gpu_uniform_rows_and_lse():
     torch.testing.assert_close(lse.double(), rlse, atol=3e-2, rtol=1e-2)
     torch.testing.assert_close(out[1].float(), v[1].float().mean(-2, keepdim=True).expand(H, L, 64),
                                atol=2e-2, rtol=2e-2)
+
+
+@gpu
+@needs_ext
+def test_gpu_rows_without_keys_lse_inf_and_finite_backward():
+    """Fault 9: a query row with no key (every key masked, no uniform row: a direct op call) gets LSE = +inf
+    and zero output; the backward gives finite (zero) gradients for it whatever LSE it is handed."""
+    B, H, L = 2, 2, 40
+    q, k, v, pk, pq = make_inputs(B, H, L, L, 64, 4, torch.float16, "cuda")  # span 4: buckets 4
+    km = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    km[1] = False
+    call = call_of(q, k, v, pk, pq, mask=km)
+    c2p = torch.matmul(q, pk.transpose(-1, -2)).contiguous()
+    p2c = torch.matmul(k, pq.transpose(-1, -2)).contiguous()
+    table, lo, hi = call.slot_table(), call.band().lo, call.band().hi
+    ops = _cuda_ext.ops()
+    out, lse = ops.cuda_attn_fwd(q, k, v, c2p, p2c, table, km, None, None, call.scale, 0.0, lo, hi)
+    assert bool((lse[1] == math.inf).all()) and bool(torch.isfinite(lse[0]).all())
+    assert bool((out[1] == 0).all())
+    dmin, w, perm, offs = _cuda_ext.band_window(table, L, L, lo, hi, c2p.shape[-1])
+    dout = torch.randn_like(out)
+    for bad in (None, -math.inf, math.nan):
+        lse_in = lse.clone()
+        if bad is not None:
+            lse_in[1] = bad
+        grads = ops.cuda_attn_bwd(dout, q, k, v, out, lse_in, c2p, p2c, table, km, None, None, call.scale, 0.0,
+                                  dmin, w, perm, offs)
+        for g in grads:
+            assert bool(torch.isfinite(g).all()), f"non-finite gradient with LSE {bad}"
+        assert bool((grads[0][1] == 0).all()) and bool((grads[3][1] == 0).all())
 
 
 @gpu

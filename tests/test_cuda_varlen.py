@@ -14,7 +14,6 @@ import torch
 import deberta_fast
 from deberta_fast import _cuda_ext, disentangled_attention_reference, disentangled_attention_varlen
 from deberta_fast.backends import BACKENDS
-from deberta_fast.backends.cuda_backend import check_varlen_offsets
 from deberta_fast.dispatch import BackendUnavailableError, build_varlen_call
 from deberta_fast.positions import attention_span, relative_slot_table, slot_band
 from deberta_fast.reference import default_scale
@@ -115,24 +114,20 @@ def test_varlen_fake_kernels_give_shapes():
 
 
 def test_check_varlen_offsets():
+    """Every backend's packed call is validated by the dispatcher before a kernel runs."""
     q, k, v, pk, pq, cq, ck = make_packed([5, 1, 9], [3, 7, 2], dtype=torch.float16)
-    check_varlen_offsets(vcall(q, k, v, pk, pq, cq, ck))  # valid: no error
+    vcall(q, k, v, pk, pq, cq, ck)  # valid: no error
     cases = [
-        (dict(max_q=8), "a query sequence is longer than max_seqlen_q=8"),
-        (dict(max_k=6), "a key sequence is longer than max_seqlen_k=6"),
+        (dict(cq=cq, ck=ck, max_q=8), "a query sequence is longer than max_seqlen_q=8"),
+        (dict(cq=cq, ck=ck, max_k=6), "a key sequence is longer than max_seqlen_k=6"),
+        (dict(cq=torch.tensor([0, 5, 6, 14], dtype=torch.int32), ck=ck, max_q=9),
+         "cu_seqlens_q\\[-1\\] must equal the number of query tokens 15"),
+        (dict(cq=cq, ck=torch.tensor([1, 4, 11, 12], dtype=torch.int32), max_k=7), "cu_seqlens_k\\[0\\] must be 0"),
+        (dict(cq=torch.tensor([0, 6, 5, 15], dtype=torch.int32), ck=ck, max_q=10), "non-decreasing"),
     ]
     for kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            check_varlen_offsets(vcall(q, k, v, pk, pq, cq, ck, **kw))
-    bad_end = torch.tensor([0, 5, 6, 14], dtype=torch.int32)
-    with pytest.raises(ValueError, match="cu_seqlens_q\\[-1\\] must equal the number of query tokens 15"):
-        check_varlen_offsets(vcall(q, k, v, pk, pq, bad_end, ck, max_q=9))
-    bad_start = torch.tensor([1, 4, 11, 12], dtype=torch.int32)
-    with pytest.raises(ValueError, match="cu_seqlens_k\\[0\\] must be 0"):
-        check_varlen_offsets(vcall(q, k, v, pk, pq, cq, bad_start, max_k=7))
-    dec = torch.tensor([0, 6, 5, 15], dtype=torch.int32)
-    with pytest.raises(ValueError, match="non-decreasing"):
-        check_varlen_offsets(vcall(q, k, v, pk, pq, dec, ck, max_q=10))
+            vcall(q, k, v, pk, pq, **kw)
 
 
 def test_varlen_tables_layout():
@@ -154,7 +149,7 @@ def _seqs(cq, ck):
 
 def emulate_varlen_forward(call, keep=None):
     """Forward exactly as the kernels index it: flat [H*T, 2S] tables at row h*T + token, slot from the
-    max-length table at i - j + max_k - 1, LSE [H, Tq]."""
+    max-length table at i - j + max_k - 1, LSE [H, Tq] (+inf for rows with no key, as the kernels write)."""
     q, k, v = call.query.double(), call.key.double(), call.value.double()
     Tq, H, D = q.shape
     Tk = k.shape[0]
@@ -165,7 +160,7 @@ def emulate_varlen_forward(call, keep=None):
     c2p_f = c2p.reshape(H * Tq, -1) if c2p is not None else None
     p2c_f = p2c.reshape(H * Tk, -1) if p2c is not None else None
     out = torch.zeros(Tq, H, D, dtype=torch.float64)
-    lse = torch.full((H, Tq), -math.inf, dtype=torch.float64)
+    lse = torch.full((H, Tq), math.inf, dtype=torch.float64)
     for n, qs, lq, ks, lk in _seqs(call.cu_seqlens_q, call.cu_seqlens_k):
         if lq == 0 or lk == 0:
             continue
@@ -238,6 +233,8 @@ def band_emulation_varlen(ds_per_seq, cq, ck, H, table, max_q, max_k, band, s2, 
 
 @pytest.mark.parametrize("lens_q,lens_k,buckets,max_rel", [
     ([1, 9, 23], None, 4, 16), ([6, 2, 31], [13, 1, 7], 8, 6), ([3, 40], [40, 3], 256, 512), ([7], [2], -1, 3),
+    # non-monotone bucket functions: a slot is used by separate runs of distances
+    ([6, 40], [40, 9], 16, 4), ([131, 2], [3, 130], 256, 128), ([20, 7], None, 8, 2),
 ])
 def test_varlen_band_window_reproduces_per_sequence_gather_gradient(lens_q, lens_k, buckets, max_rel):
     lens_k = lens_k or lens_q
@@ -428,6 +425,32 @@ def test_gpu_varlen_dropout_statistics_and_lse():
     assert torch.equal(out, out2)
     out3, _ = _direct(q, q, v, None, None, cu, cu, L, L, 4, 16, p, 987654322)
     assert not torch.equal(out, out3)
+
+
+@gpu
+@needs_ext
+def test_gpu_varlen_sequence_without_keys():
+    """Fault 9: the rows of a sequence with no key get LSE = +inf (as emulate_varlen_forward) and zero output;
+    the backward stays finite whatever LSE it is handed for them."""
+    lens_q, lens_k = [5, 7], [6, 0]
+    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, 2, 64, 4, torch.float16, "cuda")  # span 4: buckets 4
+    out, lse = _direct(q, k, v, pk, pq, cq, ck, 7, 6, 4, 16, 0.0, 0)
+    assert bool((lse[:, 5:] == math.inf).all()) and bool(torch.isfinite(lse[:, :5]).all())
+    assert bool((out[5:] == 0).all())
+    call = vcall(q, k, v, pk, pq, cq, ck)
+    c2p, p2c = _cuda_ext.varlen_tables(q, k, pk, pq)
+    table = call.slot_table()
+    dmin, w, perm, offs = _cuda_ext.band_window(table, 7, 6, call.band().lo, call.band().hi, c2p.shape[-1])
+    dout = torch.randn_like(out)
+    for bad in (None, -math.inf, math.nan):
+        lse_in = lse.clone()
+        if bad is not None:
+            lse_in[:, 5:] = bad
+        grads = _cuda_ext.ops().cuda_varlen_bwd(dout, q, k, v, out, lse_in, c2p, p2c, table, cq, ck, 7, 6, None,
+                                                call.scale, 0.0, dmin, w, perm, offs)
+        for g in grads:
+            assert bool(torch.isfinite(g).all()), f"non-finite gradient with LSE {bad}"
+        assert bool((grads[0][5:] == 0).all())
 
 
 @gpu

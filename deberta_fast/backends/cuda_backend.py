@@ -23,32 +23,6 @@ from .base import AttentionCall, Backend, VarlenCall
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def check_varlen_offsets(call: VarlenCall) -> None:
-    """Raise ``ValueError`` unless ``cu_seqlens_q/k`` start at 0, never decrease, end at the token counts
-    and no sequence is longer than ``max_seqlen_q/k`` (what the kernels trust).
-
-    One small device-to-host copy; skipped while torch.compile traces or a CUDA graph captures."""
-    if torch.compiler.is_compiling():
-        return
-    if call.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return
-    cq, ck = call.cu_seqlens_q, call.cu_seqlens_k
-    lq, lk = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
-    flags = torch.stack([
-        cq[0] != 0, ck[0] != 0, cq[-1] != call.query.shape[0], ck[-1] != call.key.shape[0],
-        (lq < 0).any(), (lk < 0).any(), (lq > call.max_seqlen_q).any(), (lk > call.max_seqlen_k).any(),
-    ]).tolist()
-    msgs = ["cu_seqlens_q[0] must be 0", "cu_seqlens_k[0] must be 0",
-            f"cu_seqlens_q[-1] must equal the number of query tokens {call.query.shape[0]}",
-            f"cu_seqlens_k[-1] must equal the number of key tokens {call.key.shape[0]}",
-            "cu_seqlens_q must be non-decreasing", "cu_seqlens_k must be non-decreasing",
-            f"a query sequence is longer than max_seqlen_q={call.max_seqlen_q}",
-            f"a key sequence is longer than max_seqlen_k={call.max_seqlen_k}"]
-    bad = [m for f, m in zip(flags, msgs) if f]
-    if bad:
-        raise ValueError("disentangled_attention_varlen (cuda backend): " + "; ".join(bad))
-
-
 def _positions(call):
     """``(table, rows, band_lo, band_hi)``: the slot table over the used rows of the relative tables
     (autograd of ``pos[..., rows, :]`` puts their gradients back in place), or ``(None, all, 0, 0)``."""
@@ -136,7 +110,7 @@ class CudaBackend(Backend):
         return out
 
     def forward_varlen(self, call: VarlenCall) -> torch.Tensor:
-        check_varlen_offsets(call)
+        # cu_seqlens were validated by the dispatcher (deberta_fast.dispatch.check_varlen_offsets)
         ops = _cuda_ext.ops()
         q = _cuda_ext.aligned(call.query)
         k = _cuda_ext.aligned(call.key)

@@ -1,0 +1,142 @@
+// Test-only launchers for the host build of dfa_bindings.cpp (-DDFA_HOST_TEST, CPU torch; see
+// tests/test_cuda_host.py): instead of running kernels they record what they were given, and the
+// extension gets a few extra functions to read those records and to run the host-callable softmax
+// helpers of dfa_softmax.h.  Not part of deberta_fast._C (build_config.cuda_sources leaves it out).
+#ifndef DFA_HOST_TEST
+#error "dfa_host_stubs.cpp is only for the host-test build (-DDFA_HOST_TEST)"
+#endif
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dfa_params.h"
+#include "dfa_softmax.h"
+
+namespace py = pybind11;
+
+namespace dfa {
+namespace {
+
+struct Launch {
+  std::string kernel;  // "fwd" | "bwd" | "band_to_slots"
+  Params p{};          // fwd / bwd
+  int dtype = -1, head_dim = 0, W = 0, S2 = 0;
+  int64_t rows = 0;    // band_to_slots
+  const void *band = nullptr, *sat = nullptr, *perm = nullptr, *offs = nullptr, *out = nullptr;
+  const void* stream = nullptr;
+};
+
+std::vector<Launch> launches;
+std::string fail_kernel, fail_msg;
+
+// nullptr, or the error text host_fail() armed for this kernel (once)
+const char* record(Launch l) {
+  const bool fail = l.kernel == fail_kernel;
+  launches.push_back(std::move(l));
+  if (!fail) return nullptr;
+  fail_kernel.clear();
+  return fail_msg.c_str();
+}
+
+template <typename T>
+py::object val(T* x) {
+  return py::int_(reinterpret_cast<uintptr_t>(x));
+}
+template <typename T>
+py::object val(const T& x) {
+  return py::cast(x);
+}
+
+#define DFA_PARAMS_FIELDS(X)                                                                               \
+  X(q) X(k) X(v) X(q_sb) X(q_sh) X(q_sr) X(k_sb) X(k_sh) X(k_sr) X(v_sb) X(v_sh) X(v_sr) X(o) X(o_sb)     \
+  X(o_sh) X(o_sr) X(dout) X(do_sb) X(do_sh) X(do_sr) X(dq) X(dk) X(dv) X(dq_sb) X(dq_sh) X(dq_sr) X(dk_sb) \
+  X(dk_sh) X(dk_sr) X(lse) X(lse_c) X(delta) X(c2p) X(p2c) X(table) X(S2) X(key_mask) X(km_sb) X(uniform)  \
+  X(un_sb) X(un_sh) X(rng) X(drop_thresh) X(drop_scale) X(dropout) X(band_q) X(sat_q) X(band_k) X(sat_k)   \
+  X(dmin) X(W) X(B) X(H) X(Lq) X(Lk) X(scale) X(scale_log2) X(cu_q) X(cu_k) X(Tq) X(Tk)
+
+py::dict to_dict(const Launch& l) {
+  py::dict d;
+  d["kernel"] = l.kernel;
+  d["dtype"] = l.dtype;
+  d["stream"] = val(l.stream);
+  if (l.kernel == "band_to_slots") {
+    d["rows"] = l.rows;
+    d["W"] = l.W;
+    d["S2"] = l.S2;
+    d["band"] = val(l.band);
+    d["sat"] = val(l.sat);
+    d["perm"] = val(l.perm);
+    d["offs"] = val(l.offs);
+    d["out"] = val(l.out);
+    return d;
+  }
+  d["head_dim"] = l.head_dim;
+  py::dict p;
+#define DFA_FIELD(f) p[#f] = val(l.p.f);
+  DFA_PARAMS_FIELDS(DFA_FIELD)
+#undef DFA_FIELD
+  d["params"] = p;
+  return d;
+}
+
+}  // namespace
+
+const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream) {
+  Launch l;
+  l.kernel = "fwd";
+  l.p = p;
+  l.dtype = dtype;
+  l.head_dim = head_dim;
+  l.stream = stream;
+  return record(std::move(l));
+}
+
+const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream) {
+  Launch l;
+  l.kernel = "bwd";
+  l.p = p;
+  l.dtype = dtype;
+  l.head_dim = head_dim;
+  l.stream = stream;
+  return record(std::move(l));
+}
+
+const char* launch_band_to_slots(const float* band, const float* sat, const int32_t* perm, const int32_t* offs,
+                                 void* out, int dtype, int64_t rows, int W, int S2, void* stream) {
+  Launch l;
+  l.kernel = "band_to_slots";
+  l.band = band;
+  l.sat = sat;
+  l.perm = perm;
+  l.offs = offs;
+  l.out = out;
+  l.dtype = dtype;
+  l.rows = rows;
+  l.W = W;
+  l.S2 = S2;
+  l.stream = stream;
+  return record(std::move(l));
+}
+
+void bind_host_test(py::module_& m) {
+  m.def("host_launches", [] {
+    py::list out;
+    for (const Launch& l : launches) out.append(to_dict(l));
+    return out;
+  }, "the launches recorded since host_reset(): dicts (kernel, dtype, params | band_to_slots arguments)");
+  m.def("host_reset", [] {
+    launches.clear();
+    fail_kernel.clear();
+  });
+  m.def("host_fail", [](const std::string& kernel, const std::string& msg) {
+    fail_kernel = kernel;
+    fail_msg = msg;
+  }, "the next launch of `kernel` returns the error text `msg`", py::arg("kernel"), py::arg("msg"));
+  m.def("row_lse", &row_lse, py::arg("m"), py::arg("l"));
+  m.def("lse_log2", &lse_log2, py::arg("lse"));
+}
+
+}  // namespace dfa

@@ -1,0 +1,466 @@
+"""Host side of the CUDA extension, executed on CPU: ``csrc/dfa_bindings.cpp`` itself (the same source as
+``deberta_fast._C``) built with ``-DDFA_HOST_TEST`` as a CPU torch extension (``-Wall -Wextra -Werror``;
+CPU tensors stand in for CUDA ones, the launchers are the recording stubs of ``csrc/dfa_host_stubs.cpp``).
+Checks the ``dfa::Params`` every entry point hands to the kernels and that every validation fires with its
+message.  The build and one call of each entry point first run in a subprocess, so that a crash there (an
+infinite recursion, a bad pointer) fails these tests instead of killing pytest.  The kernels themselves
+run only on a GPU (tests/test_cuda_backend.py, tests/test_cuda_varlen.py).
+
+Run ``python tests/test_cuda_host.py`` to build (cached by torch under ``TORCH_EXTENSIONS_DIR``, rebuilt
+when a source or flag changes) and smoke-call the extension by hand."""
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from csrc import build_config  # noqa: E402
+from deberta_fast._cuda_ext import band_window  # noqa: E402
+from deberta_fast.positions import relative_slot_table  # noqa: E402
+
+CXX = shutil.which(os.environ.get("CXX", "c++"))
+DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def build(verbose=False):
+    """The host-test extension (torch.utils.cpp_extension.load, ninja; cached until a source changes).
+    -O0: no tail calls, so an infinite recursion overflows the stack instead of looping forever."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        name="deberta_fast_host_test", sources=build_config.host_test_sources(),
+        extra_cflags=["-O0", "-DDFA_HOST_TEST", f"-std={build_config.cxx_std()}", *build_config.WARNING_FLAGS],
+        extra_include_paths=[str(ROOT / "csrc")], verbose=verbose)
+
+
+# ----------------------------------------------------------------------------- valid arguments
+def _r(*shape, dtype=torch.float16, g=None):
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def fwd_args(B=2, H=3, Lq=5, Lk=7, D=32, S2=8, dtype=torch.float16, p=0.0, rel=True, masks=True):
+    """Padded fwd arguments, q/k/v in HF's [B, L, H, D] memory (non-contiguous [B, H, L, D] views)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (_r(B, L, H, D, dtype=dtype, g=g).transpose(1, 2) for L in (Lq, Lk, Lk))
+    a = dict(q=q, k=k, v=v, c2p=None, p2c=None, table=None, key_mask=None, uniform=None, rng=None,
+             scale=0.125, p_drop=p)
+    if rel:
+        a.update(c2p=_r(B, H, Lq, S2, dtype=dtype, g=g), p2c=_r(B, H, Lk, S2, dtype=dtype, g=g),
+                 table=relative_slot_table(Lq, Lk, 4, 16, S2 // 2))
+    if masks:
+        a.update(key_mask=torch.rand(B, Lk, generator=g) > 0.3, uniform=torch.zeros(B, 1, Lq, dtype=torch.bool))
+    if p > 0:
+        a["rng"] = torch.tensor([123, 4], dtype=torch.int64)
+    return a
+
+
+def _bwd_extra(a, Lq, Lk, lse_shape):
+    """dout / out / lse and the band window (deberta_fast._cuda_ext.band_window) of a fwd-style dict."""
+    q = a["q"]
+    b = dict(dout=torch.randn(q.shape).to(q.dtype), out=torch.randn(q.shape).to(q.dtype),
+             lse=torch.randn(lse_shape), **a, dmin=0, W=0, perm=None, offs=None)
+    if a["table"] is not None:
+        s2 = (a["c2p"] if a["c2p"] is not None else a["p2c"]).shape[-1]
+        b["dmin"], b["W"], b["perm"], b["offs"] = band_window(a["table"], Lq, Lk, -3, 3, s2)
+    return b
+
+
+def bwd_args(B=2, H=3, Lq=5, Lk=7, **kw):
+    return _bwd_extra(fwd_args(B, H, Lq, Lk, **kw), Lq, Lk, (B, H, Lq))
+
+
+def varlen_fwd_args(lens_q=(3, 0, 5), lens_k=(4, 2, 0), H=2, D=64, S2=8, dtype=torch.bfloat16, p=0.0, rel=True):
+    g = torch.Generator().manual_seed(1)
+    Tq, Tk = sum(lens_q), sum(lens_k)
+    max_q, max_k = max(max(lens_q), 1), max(max(lens_k), 1)
+    a = dict(q=_r(Tq, H, D, dtype=dtype, g=g), k=_r(Tk, H, D, dtype=dtype, g=g), v=_r(Tk, H, D, dtype=dtype, g=g),
+             c2p=None, p2c=None, table=None,
+             cu_seqlens_q=torch.tensor([0, *np.cumsum(lens_q)], dtype=torch.int32),
+             cu_seqlens_k=torch.tensor([0, *np.cumsum(lens_k)], dtype=torch.int32),
+             max_seqlen_q=max_q, max_seqlen_k=max_k, rng=None, scale=0.1, p_drop=p)
+    if rel:
+        a.update(c2p=_r(H, Tq, S2, dtype=dtype, g=g), p2c=_r(H, Tk, S2, dtype=dtype, g=g),
+                 table=relative_slot_table(max_q, max_k, 4, 16, S2 // 2))
+    if p > 0:
+        a["rng"] = torch.tensor([7, 8], dtype=torch.int64)
+    return a
+
+
+def varlen_bwd_args(**kw):
+    a = varlen_fwd_args(**kw)
+    return _bwd_extra(a, a["max_seqlen_q"], a["max_seqlen_k"], (a["q"].shape[1], a["q"].shape[0]))
+
+
+ARGS = {"fwd": fwd_args, "bwd": bwd_args, "varlen_fwd": varlen_fwd_args, "varlen_bwd": varlen_bwd_args}
+
+
+def smoke(ext):
+    """Every entry point once, with and without dropout and relative terms (what a crash would hit first)."""
+    for name, make in ARGS.items():
+        for p in (0.0, 0.2):
+            for rel in (False, True):
+                getattr(ext, name)(**make(p=p, rel=rel))
+
+
+# ----------------------------------------------------------------------------- fixture: crash-safe
+@pytest.fixture(scope="module")
+def ext():
+    if CXX is None:
+        pytest.skip("no host C++ compiler (c++ or $CXX) to build the host-test extension")
+    r = subprocess.run([sys.executable, __file__], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        how = f"killed by {signal.Signals(-r.returncode).name}" if r.returncode < 0 else f"exit {r.returncode}"
+        pytest.fail(f"host-test build or smoke calls of csrc/dfa_bindings.cpp failed ({how}):\n"
+                    f"{r.stdout[-3000:]}\n{r.stderr[-8000:]}")
+    mod = build()
+    mod.host_reset()
+    return mod
+
+
+def launches(ext, fn, **args):
+    ext.host_reset()
+    res = fn(**args)
+    return res, ext.host_launches()
+
+
+def _expect_tensor(P, name, t, strides):
+    assert P[name] == t.data_ptr(), name
+    assert tuple(P[f"{name}_{s}"] for s in ("sb", "sh", "sr")) == strides, name
+
+
+def _f32(x):
+    return float(np.float32(x))
+
+
+def _thresh(p):
+    return min(math.floor(p * 2 ** 32 + 0.5), 2 ** 32 - 1)  # std::round: half away from zero
+
+
+# ----------------------------------------------------------------------------- recorded Params
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_fwd_params(ext, dtype, D):
+    a = fwd_args(D=D, dtype=dtype)
+    (out, lse), [l] = launches(ext, ext.fwd, **a)
+    assert l["kernel"] == "fwd" and l["dtype"] == DTYPE_CODE[dtype] and l["head_dim"] == D and l["stream"] == 0
+    P = l["params"]
+    q, k, v = a["q"], a["k"], a["v"]
+    assert (P["B"], P["H"], P["Lq"], P["Lk"], P["S2"]) == (2, 3, 5, 7, 8)
+    for name, t in (("q", q), ("k", k), ("v", v), ("o", out)):
+        _expect_tensor(P, name, t, t.stride()[:3])
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (2, 3, 5) and lse.dtype == torch.float32 and P["lse"] == lse.data_ptr()
+    assert (P["c2p"], P["p2c"], P["table"]) == (a["c2p"].data_ptr(), a["p2c"].data_ptr(), a["table"].data_ptr())
+    assert (P["key_mask"], P["km_sb"]) == (a["key_mask"].data_ptr(), 7)
+    assert (P["uniform"], P["un_sb"], P["un_sh"]) == (a["uniform"].data_ptr(), 5, 0)  # [B, 1, Lq]: no head stride
+    assert P["scale"] == _f32(0.125) and P["scale_log2"] == _f32(0.125 * 1.4426950408889634)
+    assert (P["dropout"], P["rng"], P["drop_thresh"], P["drop_scale"]) == (0, 0, 0, 0.0)
+    for f in ("dout", "dq", "dk", "dv", "lse_c", "delta", "band_q", "sat_q", "band_k", "sat_k", "cu_q", "cu_k"):
+        assert P[f] == 0, f  # forward: backward-only and varlen fields stay null
+    assert (P["dmin"], P["W"], P["Tq"], P["Tk"]) == (0, 0, 0, 0)
+
+
+def test_fwd_params_without_relative_terms_and_masks(ext):
+    a = fwd_args(rel=False, masks=False)
+    _, [l] = launches(ext, ext.fwd, **a)
+    P = l["params"]
+    assert (P["c2p"], P["p2c"], P["table"], P["S2"], P["key_mask"], P["uniform"]) == (0, 0, 0, 0, 0, 0)
+
+
+def test_fwd_params_per_head_uniform_rows_and_c2p_only(ext):
+    a = fwd_args()
+    a.update(uniform=torch.zeros(2, 3, 5, dtype=torch.bool), p2c=None)
+    _, [l] = launches(ext, ext.fwd, **a)
+    P = l["params"]
+    assert (P["un_sb"], P["un_sh"], P["p2c"], P["S2"]) == (15, 5, 0, 8)
+
+
+@pytest.mark.parametrize("p", [1e-12, 0.1, 0.25, 0.5, 0.9, 1 - 2 ** -33, 1 - 2 ** -40])
+@pytest.mark.parametrize("entry", list(ARGS))
+def test_dropout_params(ext, entry, p):
+    a = ARGS[entry](p=p)
+    _, recs = launches(ext, getattr(ext, entry), **a)
+    P = next(r["params"] for r in recs if r["kernel"] in ("fwd", "bwd"))
+    assert P["dropout"] == 1 and P["rng"] == a["rng"].data_ptr()
+    assert P["drop_thresh"] == _thresh(p)
+    assert P["drop_scale"] == _f32(1.0 / (1.0 - p))
+
+
+def test_bwd_params_and_band_launches(ext):
+    a = bwd_args(Lq=5, Lk=7)
+    (dq, dk, dv, dc2p, dp2c), recs = launches(ext, ext.bwd, **a)
+    assert [r["kernel"] for r in recs] == ["bwd", "band_to_slots", "band_to_slots"]
+    P = recs[0]["params"]
+    for name, t in (("q", a["q"]), ("k", a["k"]), ("v", a["v"]), ("dq", dq), ("dk", dk)):
+        _expect_tensor(P, name, t, t.stride()[:3])
+    assert P["dout"] == a["dout"].data_ptr() and (P["do_sb"], P["do_sh"], P["do_sr"]) == a["dout"].stride()[:3]
+    assert P["dv"] == dv.data_ptr() and dv.stride() == dk.stride()  # dv shares dk's strides
+    assert P["lse_c"] == a["lse"].data_ptr() and P["lse"] == 0 and P["o"] == 0 and P["delta"] != 0
+    assert (P["dmin"], P["W"]) == (a["dmin"], a["W"]) and P["W"] > 0
+    assert dq.shape == a["q"].shape and dk.shape == dv.shape == a["k"].shape
+    assert dc2p.shape == a["c2p"].shape and dp2c.shape == a["p2c"].shape
+    bq, bk = recs[1], recs[2]
+    assert (bq["band"], bq["sat"], bq["out"]) == (P["band_q"], P["sat_q"], dc2p.data_ptr())
+    assert (bk["band"], bk["sat"], bk["out"]) == (P["band_k"], P["sat_k"], dp2c.data_ptr())
+    for b, rows in ((bq, 2 * 3 * 5), (bk, 2 * 3 * 7)):
+        assert (b["rows"], b["W"], b["S2"], b["dtype"]) == (rows, a["W"], 8, 0)
+        assert (b["perm"], b["offs"]) == (a["perm"].data_ptr(), a["offs"].data_ptr())
+
+
+def test_bwd_without_relative_terms_launches_one_kernel(ext):
+    a = bwd_args(rel=False)
+    (_, _, _, dc2p, dp2c), recs = launches(ext, ext.bwd, **a)
+    assert [r["kernel"] for r in recs] == ["bwd"] and dc2p.numel() == dp2c.numel() == 0
+    P = recs[0]["params"]
+    assert (P["band_q"], P["band_k"], P["S2"], P["W"]) == (0, 0, 0, 0)
+
+
+def test_bwd_c2p_only_band(ext):
+    a = bwd_args()
+    a["p2c"] = None
+    (_, _, _, dc2p, dp2c), recs = launches(ext, ext.bwd, **a)
+    assert [r["kernel"] for r in recs] == ["bwd", "band_to_slots"] and dp2c.numel() == 0
+    assert recs[0]["params"]["band_k"] == 0 and recs[1]["out"] == dc2p.data_ptr()
+
+
+def test_varlen_params(ext):
+    a = varlen_fwd_args()
+    (out, lse), [l] = launches(ext, ext.varlen_fwd, **a)
+    P = l["params"]
+    assert l["dtype"] == 1 and l["head_dim"] == 64
+    assert (P["B"], P["H"], P["Lq"], P["Lk"], P["Tq"], P["Tk"], P["S2"]) == (3, 2, 5, 4, 8, 6, 8)
+    assert (P["cu_q"], P["cu_k"]) == (a["cu_seqlens_q"].data_ptr(), a["cu_seqlens_k"].data_ptr())
+    for name, t in (("q", a["q"]), ("k", a["k"]), ("v", a["v"]), ("o", out)):
+        _expect_tensor(P, name, t, (0, t.stride(1), t.stride(0)))  # *_sb = 0: cu_seqlens select the sequence
+    assert out.shape == (8, 2, 64) and lse.shape == (2, 8) and P["lse"] == lse.data_ptr()
+    assert P["scale"] == _f32(0.1) and P["dropout"] == 0 and P["table"] == a["table"].data_ptr()
+
+
+def test_varlen_bwd_params(ext):
+    a = varlen_bwd_args()
+    (dq, dk, _, dc2p, dp2c), recs = launches(ext, ext.varlen_bwd, **a)
+    assert [r["kernel"] for r in recs] == ["bwd", "band_to_slots", "band_to_slots"]
+    P = recs[0]["params"]
+    assert (P["cu_q"], P["Tq"], P["Tk"], P["B"]) == (a["cu_seqlens_q"].data_ptr(), 8, 6, 3)
+    _expect_tensor(P, "dq", dq, (0, dq.stride(1), dq.stride(0)))
+    _expect_tensor(P, "dk", dk, (0, dk.stride(1), dk.stride(0)))
+    assert (P["dout"], P["do_sb"], P["do_sr"]) == (a["dout"].data_ptr(), 0, a["dout"].stride(0))
+    assert (recs[1]["rows"], recs[2]["rows"]) == (2 * 8, 2 * 6)  # band rows h*T + token
+    assert (recs[1]["out"], recs[2]["out"]) == (dc2p.data_ptr(), dp2c.data_ptr())
+    assert dc2p.shape == a["c2p"].shape and dp2c.shape == a["p2c"].shape
+
+
+def test_varlen_without_tokens_launches_nothing(ext):
+    a = varlen_fwd_args(lens_q=(0, 0), lens_k=(0, 0), rel=False)
+    (out, lse), recs = launches(ext, ext.varlen_fwd, **a)
+    assert recs == [] and out.shape == (0, 2, 64) and lse.shape == (2, 0)
+    b = varlen_bwd_args(lens_q=(0, 0), lens_k=(0, 0), rel=False)
+    _, recs = launches(ext, ext.varlen_bwd, **b)
+    assert recs == []
+
+
+def test_large_strides_reach_the_kernels_as_int64(ext):
+    """Fault class 4: offsets b*stride / h*stride must not wrap.  Size-1 dims may carry any stride (no
+    memory), so strides past 2^32 reach Params as given (int64 there and in every kernel product)."""
+    L, D = 5, 32
+    base = torch.randn(L * D).half()
+    q = base.as_strided((1, 1, L, D), (2 ** 40, 2 ** 36 + 8, D, 1))
+    a = fwd_args(B=1, H=1, Lq=L, Lk=L, rel=False, masks=False)
+    a.update(q=q, k=q, v=q)
+    _, [l] = launches(ext, ext.fwd, **a)
+    assert (l["params"]["q_sb"], l["params"]["q_sh"]) == (2 ** 40, 2 ** 36 + 8)
+    v = varlen_fwd_args(lens_q=(5,), lens_k=(5,), H=1, D=32, rel=False)
+    t = base.as_strided((L, 1, D), (D, 2 ** 36, 1))
+    v.update(q=t, k=t, v=t)
+    _, [l] = launches(ext, ext.varlen_fwd, **v)
+    assert l["params"]["q_sh"] == 2 ** 36
+
+
+@pytest.mark.parametrize("kernel,entry,match", [
+    ("fwd", "fwd", "cuda forward launch failed: stub error"),
+    ("bwd", "bwd", "cuda backward launch failed: stub error"),
+    ("band_to_slots", "bwd", r"cuda backward \(c2p band\) failed: stub error"),
+    ("fwd", "varlen_fwd", "cuda varlen forward launch failed: stub error"),
+    ("bwd", "varlen_bwd", "cuda varlen backward launch failed: stub error"),
+])
+def test_launch_errors_are_raised(ext, kernel, entry, match):
+    ext.host_reset()
+    ext.host_fail(kernel, "stub error")
+    with pytest.raises(RuntimeError, match=match):
+        getattr(ext, entry)(**ARGS[entry]())
+    ext.host_reset()
+
+
+# ----------------------------------------------------------------------------- validation
+def _set(**kw):
+    """A mutation of an argument dict: values, or functions of the dict."""
+    return lambda a: a.update({k: v(a) if callable(v) else v for k, v in kw.items()})
+
+
+def _qkv(fn):
+    """A mutation replacing each of q, k, v by fn(it)."""
+    return lambda a: a.update({n: fn(a[n]) for n in "qkv"})
+
+
+def _meta(t):
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+def _misaligned(t):
+    """Same shape and strides multiple of 8, base pointer 2 bytes off 16."""
+    buf = torch.zeros(t.numel() + 8, dtype=t.dtype)
+    return buf[1:1 + t.numel()].view(t.shape)
+
+
+HALF = torch.float16
+CU_32768 = torch.zeros(32769, dtype=torch.int32)  # 32768 sequences: N*H = 65536 with H = 2
+BAD_PADDED = [
+    ("float32", _qkv(lambda t: t.float()), "must be float16 or bfloat16"),
+    ("q 3-D", _set(q=lambda a: a["q"][0]), "query must be 4-D"),
+    ("k 3-D", _set(k=lambda a: a["k"][0]), "key must be 4-D"),
+    ("head_dim 48", _qkv(lambda t: torch.zeros(*t.shape[:-1], 48, dtype=t.dtype)), "head_dim must be 32, 64 or 128"),
+    ("Lq 0", _set(q=lambda a: a["q"][:, :, :0], c2p=None, p2c=None, table=None), "empty input"),
+    ("B*H", _set(q=lambda a: a["q"][:1, :1].expand(65536, 1, 5, 32)), r"B\*H must be <= 65535"),
+    ("too long", _set(q=lambda a: a["q"][:, :, :1].expand(2, 3, 2 ** 30, 32)), "sequence too long"),
+    ("q on meta", _set(q=lambda a: _meta(a["q"])), "query must be a CUDA tensor"),
+    ("k on meta", _set(k=lambda a: _meta(a["k"])), "key must be a CUDA tensor"),
+    ("v dtype", _set(v=lambda a: a["v"].bfloat16()), "value has dtype"),
+    ("v shape", _set(v=lambda a: a["v"][:, :, :-1]), "value has shape"),
+    ("k batch", _set(k=lambda a: a["k"][:1]), "key has shape"),
+    ("q last dim strided", _set(q=lambda a: torch.zeros(2, 3, 5, 64, dtype=HALF)[..., ::2]),
+     "query must have a contiguous last dimension"),
+    ("q misaligned", _set(q=lambda a: _misaligned(a["q"].contiguous())), "query rows must be 16-byte aligned"),
+    ("v row stride", _set(v=lambda a: torch.zeros(2, 3, 7, 36, dtype=HALF)[..., :32]),
+     "value rows must be 16-byte aligned"),
+    ("c2p dtype", _set(c2p=lambda a: a["c2p"].bfloat16()), r"c2p table \(query @ pos_key\^T\) must have dtype"),
+    ("c2p on meta", _set(c2p=lambda a: _meta(a["c2p"])), "c2p table .* must be on cpu"),
+    ("c2p rows", _set(c2p=lambda a: a["c2p"][:, :, :-1]), r"c2p table .* must be \[B, H, 5, 2\*span=8\]"),
+    ("c2p strided", _set(c2p=lambda a: a["c2p"].transpose(-1, -2).contiguous().transpose(-1, -2)),
+     "c2p table .* must be contiguous"),
+    ("p2c width", _set(p2c=lambda a: a["p2c"][..., :6].contiguous()), r"p2c table .* must be \[B, H, 7, 2\*span=8\]"),
+    ("table missing", _set(table=None), "relative terms need the slot table"),
+    ("table int64", _set(table=lambda a: a["table"].long()), "slot table must be a contiguous int32"),
+    ("table length", _set(table=lambda a: a["table"][:-1]), "slot table must be a contiguous int32"),
+    ("table on meta", _set(table=lambda a: _meta(a["table"])), "slot table must be a contiguous int32"),
+    ("S2 >= 2^31", _set(c2p=lambda a: a["c2p"][..., :1].expand(2, 3, 5, 2 ** 31)), r"more than 2\^31 - 1"),
+    ("key_mask uint8", _set(key_mask=lambda a: a["key_mask"].to(torch.uint8)), "key_mask must be a bool"),
+    ("key_mask shape", _set(key_mask=torch.ones(2, 8, dtype=torch.bool)), "key_mask must be a bool"),
+    ("key_mask strided", _set(key_mask=torch.ones(2, 14, dtype=torch.bool)[:, ::2]), "key_mask must be a bool"),
+    ("uniform heads", _set(uniform=torch.zeros(2, 2, 5, dtype=torch.bool)), "uniform_rows must be a bool"),
+    ("uniform dtype", _set(uniform=torch.zeros(2, 1, 5)), "uniform_rows must be a bool"),
+    ("scale nan", _set(scale=math.nan), "scale must be finite"),
+    ("scale inf", _set(scale=-math.inf), "scale must be finite"),
+]
+BAD_BWD = [
+    ("dout shape", _set(dout=lambda a: a["dout"][:, :, :-1]), "grad_out has shape"),
+    ("dout misaligned", _set(dout=lambda a: _misaligned(a["dout"].contiguous())), "grad_out rows must be 16-byte"),
+    ("out shape", _set(out=lambda a: a["out"][:, :, :-1]), "saved output must match the query"),
+    ("out dtype", _set(out=lambda a: a["out"].float()), "saved output must match the query"),
+    ("lse dtype", _set(lse=lambda a: a["lse"].half()), r"lse must be contiguous float32 \[B, H, Lq\]"),
+    ("lse shape", _set(lse=lambda a: a["lse"][..., :-1]), r"lse must be contiguous float32 \[B, H, Lq\]"),
+    ("lse strided", _set(lse=lambda a: a["lse"].transpose(0, 1).contiguous().transpose(0, 1)),
+     r"lse must be contiguous float32"),
+    ("dmin low", _set(dmin=-7), "band window"),
+    ("dmin high", _set(dmin=2 ** 62), "band window"),
+    ("W high", _set(dmin=-6, W=12), "band window"),
+    ("W negative", _set(W=-1), "band window"),
+    ("perm missing", _set(perm=None), "band perm must be int32"),
+    ("perm int64", _set(perm=lambda a: a["perm"].long()), "band perm must be int32"),
+    ("offs short", _set(offs=lambda a: a["offs"][:-1]), r"offs int32 \[2\*span\+1\] = \[9\]"),
+    ("offs on meta", _set(offs=lambda a: _meta(a["offs"])), "band perm must be int32"),
+]
+BAD_VARLEN = [
+    ("q 4-D", _set(q=lambda a: a["q"][None]), "varlen: query must be 3-D"),
+    ("k 2-D", _set(k=lambda a: a["k"][0]), "varlen: key must be 3-D"),
+    ("head_dim 48", _qkv(lambda t: torch.zeros(*t.shape[:-1], 48, dtype=t.dtype)), "head_dim must be 32, 64 or 128"),
+    ("no heads", _qkv(lambda t: t[:, :0]), "no heads"),
+    ("k on meta", _set(k=lambda a: _meta(a["k"])), "varlen: key must be a CUDA tensor"),
+    ("v dtype", _set(v=lambda a: a["v"].half()), "varlen: value has dtype"),
+    ("v tokens", _set(v=lambda a: a["v"][:-1]), r"varlen: value must be \[total_tokens=6"),
+    ("q last dim strided", _set(q=lambda a: torch.zeros(8, 2, 128, dtype=torch.bfloat16)[..., ::2]),
+     "query must have a contiguous last dimension"),
+    ("q misaligned", _set(q=lambda a: _misaligned(a["q"])), "query rows must be 16-byte aligned"),
+    ("cu_q one offset", _set(cu_seqlens_q=torch.zeros(1, dtype=torch.int32)), r"must hold N\+1 >= 2 offsets"),
+    ("cu_q 2-D", _set(cu_seqlens_q=lambda a: a["cu_seqlens_q"][:, None]), "cu_seqlens_q must be a contiguous int32"),
+    ("cu_k int64", _set(cu_seqlens_k=lambda a: a["cu_seqlens_k"].long()), "cu_seqlens_k must be a contiguous int32"),
+    ("cu_k length", _set(cu_seqlens_k=lambda a: a["cu_seqlens_k"][:-1]), r"cu_seqlens_k .* \[N\+1\] = \[4\]"),
+    ("cu_k strided", _set(cu_seqlens_k=torch.zeros(8, dtype=torch.int32)[::2]), "cu_seqlens_k must be a contiguous"),
+    ("cu_q on meta", _set(cu_seqlens_q=lambda a: _meta(a["cu_seqlens_q"])), "cu_seqlens_q must be a contiguous"),
+    ("N*H", _set(cu_seqlens_q=CU_32768, cu_seqlens_k=CU_32768),
+     r"N\*H \(sequences x heads\) must be <= 65535"),
+    ("max_q 0", _set(max_seqlen_q=0), "max_seqlen_q, max_seqlen_k must be >= 1"),
+    ("max too long", _set(max_seqlen_q=2 ** 29, max_seqlen_k=2 ** 29), "max_seqlen_q, max_seqlen_k must be >= 1 with"),
+    ("2^31 tokens", _set(q=lambda a: a["q"][:1].expand(2 ** 31, 2, 64), c2p=None, p2c=None, table=None),
+     "total tokens must fit int32"),
+    ("c2p tokens", _set(c2p=lambda a: a["c2p"][:, :-1].contiguous()),
+     r"c2p table .* must be contiguous \[H, total_tokens"),
+    ("p2c dtype", _set(p2c=lambda a: a["p2c"].half()), "p2c table .* must be a BFloat16 tensor"),
+    ("table length", _set(table=lambda a: a["table"][:-1]), "Lq\\+Lk-1 = 8"),
+]
+BAD_VARLEN_BWD = [
+    ("dout tokens", _set(dout=lambda a: a["dout"][:-1]), r"grad_out must be \[total_tokens=8"),
+    ("out shape", _set(out=lambda a: a["out"][:-1]), "saved output must match the query"),
+    ("lse transposed", _set(lse=lambda a: a["lse"].t().contiguous()), r"lse must be contiguous float32 \[H, total_q\]"),
+    ("W high", _set(dmin=-3, W=9), "band window"),
+    ("offs missing", _set(offs=None), "band perm must be int32"),
+]
+BAD_DROPOUT = [
+    *[(f"p={p}", _set(p_drop=p), r"dropout_p must be in \[0, 1\)") for p in (-0.1, 1.0, 1.5, math.nan, math.inf)],
+    ("rng None", _set(rng=None), "dropout needs rng = int64 CUDA tensor .* got None"),
+    ("rng int32", _set(rng=lambda a: a["rng"].int()), "dropout needs rng"),
+    ("rng 3", _set(rng=torch.zeros(3, dtype=torch.int64)), "dropout needs rng"),
+    ("rng strided", _set(rng=torch.zeros(4, dtype=torch.int64)[::2]), "dropout needs rng"),
+    ("rng on meta", _set(rng=lambda a: _meta(a["rng"])), "dropout needs rng"),
+]
+CASES = ([("fwd", *c) for c in BAD_PADDED] + [("bwd", *c) for c in BAD_PADDED[:8] + BAD_BWD]
+         + [("varlen_fwd", *c) for c in BAD_VARLEN] + [("varlen_bwd", *c) for c in BAD_VARLEN[:4] + BAD_VARLEN_BWD]
+         + [(e, *c) for e in ARGS for c in BAD_DROPOUT])
+
+
+@pytest.mark.parametrize("entry,case,mutate,match", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_bad_inputs_raise_with_message(ext, entry, case, mutate, match):
+    a = ARGS[entry](p=0.1)
+    mutate(a)
+    ext.host_reset()
+    with pytest.raises(RuntimeError, match=match):
+        getattr(ext, entry)(**a)
+    assert ext.host_launches() == [], "a kernel was launched despite the failed check"
+
+
+def test_valid_arguments_pass(ext):
+    """The unmutated arguments of every entry point pass (so each bad case fails on its own defect)."""
+    smoke(ext)
+
+
+# ----------------------------------------------------------------------------- softmax row statistics
+def test_rows_without_keys_get_lse_inf_and_zero_probabilities(ext):
+    """Fault 9: dfa_softmax.h, the code the CUDA kernels run for the LSE epilogue (forward) and the
+    base-2 LSE of the backward, executed here on the host.  A row with no key gets LSE = +inf (as the
+    Triton kernels write) and any non-finite LSE a caller passes gives p = exp2(s - lse2) = 0, never NaN.
+    The kernels' use of these helpers is checked on a GPU only (test_gpu_*_lse / empty-row tests)."""
+    assert ext.row_lse(-math.inf, 0.0) == math.inf and ext.row_lse(3.0, 0.0) == math.inf
+    assert ext.row_lse(2.0, 4.0) == pytest.approx((2.0 + 2.0) * math.log(2), rel=1e-6)
+    for lse in (-math.inf, math.inf, math.nan):
+        lse2 = ext.lse_log2(lse)
+        assert lse2 == math.inf
+        for s in (-math.inf, -1e30, 0.0, 1e30):
+            assert np.exp2(np.float32(s) - np.float32(lse2)) == 0.0
+    assert ext.lse_log2(1.5) == _f32(np.float32(1.5) * np.float32(1.4426950408889634))
+    # a row with keys: sum_j exp2(s_j - lse2) == 1
+    s = np.array([0.5, -3.0, 2.25, -np.inf], dtype=np.float32)
+    m = float(s.max())
+    lse2 = ext.lse_log2(ext.row_lse(m, float(np.exp2(s - m).sum())))
+    assert float(np.exp2(s - np.float32(lse2)).sum()) == pytest.approx(1.0, rel=1e-6)
+
+
+if __name__ == "__main__":
+    smoke(build(verbose=os.environ.get("VERBOSE", "0") == "1"))
+    print("host-test extension: built and every entry point called")
