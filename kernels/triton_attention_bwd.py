@@ -53,7 +53,7 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, off
     return pd, ds
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def disentangled_bwd_dkdv_kernel(
     Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, RUNS, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
@@ -125,7 +125,7 @@ def disentangled_bwd_dkdv_kernel(
     tl.store(DV + out, dv, mask=kv_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def disentangled_bwd_dq_kernel(
     Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, RUNS, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,

@@ -21,7 +21,7 @@ import triton.language as tl
 from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _sequence, _tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def disentangled_fwd_kernel(
     Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, ROWMAX, LOGSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
