@@ -1,5 +1,9 @@
 """Test setup: without a GPU, Triton kernels run under the interpreter (set before triton is imported)."""
 import os
+import sys
+
+if os.environ.get("DEBERTA_FAST_HIDE_TRITON") == "1":  # CI: the suite as it runs where triton is not installed
+    sys.modules["triton"] = None  # `import triton` raises ImportError
 
 import torch
 
