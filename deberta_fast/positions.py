@@ -13,7 +13,6 @@ No ``[L, L]`` tensor is ever built here.
 from __future__ import annotations
 
 import functools
-from array import array
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +60,8 @@ def check_bucket_config(position_buckets: int, max_relative_positions: int) -> N
     if mid == 0:
         raise ValueError(f"position_buckets={position_buckets}: HF's log-bucket function divides by "
                          f"position_buckets // 2 = 0; use position_buckets >= 2 (or <= 0 for no buckets)")
-    if array("f", [(max_relative_positions - 1) / mid])[0] == 1.0:  # HF's float32 ratio: log is exactly 0
+    ratio = (max_relative_positions - 1) / mid  # HF makes it a float32 tensor: its log is 0 iff it rounds to 1
+    if 1.0 - 2.0**-25 <= ratio <= 1.0 + 2.0**-24:
         raise ValueError(f"position_buckets={position_buckets} with max_relative_positions={max_relative_positions}:"
                          f" HF's log-bucket function divides by log((max_relative_positions - 1) / "
                          f"(position_buckets // 2)) = 0 (every distance beyond {mid} becomes NaN/inf); choose "
