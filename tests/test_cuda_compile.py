@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # nvcc: minutes per arch per file on 2 cores (.ci/run's extended stage)
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 sys.path.insert(0, str(ROOT))

@@ -40,7 +40,7 @@ def test_terms_and_masks(terms, mask):
     check_grads(2, 2, 45, 70, 16, terms=terms, mask=mask)
 
 
-@pytest.mark.parametrize("Lq,Lk", [(1, 1), (17, 17), (64, 17), (1, 40), (200, 200)])
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (17, 17), (64, 17), (1, 40), pytest.param(200, 200, marks=pytest.mark.slow)])
 def test_lengths(Lq, Lk):
     check_grads(1, 2, Lq, Lk, 16, mask="key")
 
@@ -60,6 +60,7 @@ def test_head_dims(D):
     check_grads(1, 2, 40, 40, D, mask="key")
 
 
+@pytest.mark.slow
 def test_long_sequence_saturated_v3():
     """Position gradients over saturated tiles (|i-j| >= 512) at L=600, v3 buckets."""
     check_grads(1, 1, 600, 600, 16, buckets=V3)
@@ -82,8 +83,8 @@ def test_bf16():
 
 
 def test_backward_is_deterministic():
-    q, k, v, pk, pq, mask, kw = make_inputs(2, 2, 130, 100, 16, mask="key")
-    do = torch.randn(2, 2, 130, 16)
+    q, k, v, pk, pq, mask, kw = make_inputs(1, 1, 70, 45, 16, mask="key")
+    do = torch.randn(1, 1, 70, 16)
     runs = []
     for _ in range(2):
         torch.manual_seed(7)  # same dropout seed: the runs must agree bit for bit

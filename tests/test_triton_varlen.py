@@ -154,7 +154,7 @@ def test_lse_layout():
 
 
 def test_backward_is_deterministic():
-    q, k, v, pk, pq, cq, ck, mq, mk, kw = make_packed([70, 1, 45], [70, 9, 45])
+    q, k, v, pk, pq, cq, ck, mq, mk, kw = make_packed([40, 1, 25], [40, 9, 25], H=1)
     do = torch.randn(q.shape)
     runs = []
     for _ in range(2):
