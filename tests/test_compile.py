@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import deberta_fast as df
+from deberta_fast.backends import BACKENDS as ALL
 
 BACKENDS = ["torch"]
-if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+if (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1") and ALL["triton"].unavailable() is None:
     BACKENDS.append("triton")
 
 

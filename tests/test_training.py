@@ -11,7 +11,10 @@ from hf_configs import v2_config
 transformers = pytest.importorskip("transformers")
 
 # the fused Triton path runs here too: on a GPU, or under the interpreter on CPU (TRITON_INTERPRET=1)
-FUSED = ["triton"] if (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1") else []
+from deberta_fast.backends import BACKENDS as _ALL  # noqa: E402
+
+FUSED = ["triton"] if ((torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+                       and _ALL["triton"].unavailable() is None) else []
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
