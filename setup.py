@@ -31,11 +31,14 @@ setup(
     package_data={"deberta_fast._csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
+    # README: pip install -e ".[hf,bench]" (main job + `pytest benchmarks/`).  On a CPU-only machine install
+    # torch first from https://download.pytorch.org/whl/cpu, or pip pulls the CUDA build (~2.6 GB).
     extras_require={
-        "hf": ["transformers>=4.40"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.40"],
-        "bench": ["pytest-benchmark", "matplotlib", "transformers>=4.40"],
-        "peers": ["disentangled-flash", "flashdeberta"],
+        "hf": ["transformers>=4.40"],  # HF models, patch(), the main job's HF comparison (brings numpy)
+        # numpy: the Triton interpreter (TRITON_INTERPRET=1) and the benchmark batches need it
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "transformers>=4.40"],
+        "bench": ["pytest", "pytest-benchmark", "matplotlib", "numpy", "transformers>=4.40"],
+        "peers": ["disentangled-flash", "flashdeberta", "einops"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

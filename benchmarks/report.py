@@ -3,10 +3,13 @@
     pytest benchmarks/ --benchmark-json=bench.json
     python -m benchmarks.report bench.json [--out benchmarks/results/]
 
+``pytest benchmarks/`` calls this itself at the end of a session (benchmarks/conftest.py), unless
+``DEBERTA_FAST_BENCH_SAVE=0`` or ``--no-results``.
+
 Writes ``<out>/<date>-<device>-<profile>/``: ``results.json`` (the input, verbatim),
-``env.json`` (device, versions, date, profile), ``table.md`` and ``*.png``
-(TFLOP/s and peak memory vs sequence length per candidate; skipped with a message
-when matplotlib is not installed).
+``env.json`` (device, versions, date, profile), ``table.md`` and ``*.png`` (TFLOP/s and
+peak memory vs sequence length per candidate; skipped with a message when matplotlib is
+not installed).
 
 Rules of the table: latency is the median of the timed rounds; a candidate whose
 parity check failed is shown as WRONG and gets no TFLOP/s or speed-up; ratios are
@@ -50,6 +53,13 @@ def _fmt_err(e):
 def load(path):
     with open(path) as f:
         data = json.load(f)
+    return data, rows_of(data)
+
+
+def rows_of(data) -> list:
+    """One flat dict per benchmark of a pytest-benchmark JSON (or of the same structure built from a
+    live session: ``{"benchmarks": [b.as_dict(include_data=False) ...]}``): its extra_info plus
+    median, IQR, rounds, group, name and candidate."""
     rows = []
     for b in data.get("benchmarks", []):
         ei = dict(b.get("extra_info") or {})
@@ -61,7 +71,7 @@ def load(path):
         ei["name"] = b.get("name")
         ei.setdefault("candidate", b.get("name"))
         rows.append(ei)
-    return data, rows
+    return rows
 
 
 def _parity_cell(r):
@@ -75,6 +85,42 @@ def _parity_cell(r):
 
 def _ok(r):
     return r.get("parity") != "WRONG" and r.get("median")
+
+
+def groups_of(rows) -> "OrderedDict[str, list]":
+    """Rows by benchmark group (suite, then group name), each sorted by median (skipped last)."""
+    groups = OrderedDict()
+    for r in sorted(rows, key=lambda r: (r.get("suite", ""), r["group"])):
+        groups.setdefault(r["group"], []).append(r)
+    for rs in groups.values():
+        rs.sort(key=lambda r: (r.get("median") is None, r.get("median") or 0))
+    return groups
+
+
+def ratio_cell(r, other) -> str:
+    """``other median / r median`` (> 1: r is faster); WRONG results get none."""
+    if not _ok(r):
+        return "WRONG"
+    if other is None or not _ok(other):
+        return "—"
+    if other is r:
+        return "1.00"
+    return f"{other['median'] / r['median']:.2f}"
+
+
+def summary_lines(rows) -> list:
+    """Terminal summary of a session: per group, each candidate's median, IQR, parity vs the fp64
+    reference and × HF eager (HF eager median / this median; > 1: faster)."""
+    out = []
+    for g, rs in groups_of(rows).items():
+        hf = next((r for r in rs if r["candidate"] == "hf-eager"), None)
+        first = rs[0]
+        out.append(f"{g}  (B={first.get('B')} L={first.get('L')} tokens={first.get('tokens')})")
+        for r in rs:
+            parity = _parity_cell(r).replace("**", "")
+            out.append(f"  {r['candidate']:28s} median {_fmt_ms(r.get('median')):>6s} ms  IQR {_fmt_ms(r.get('iqr')):>6s} ms"
+                       f"  parity {parity:28s} × HF eager {ratio_cell(r, hf)}")
+    return out
 
 
 def build_table(data, rows) -> str:
@@ -91,6 +137,8 @@ def build_table(data, rows) -> str:
     if meta.get("loadavg_1min"):
         out.append(f"- machine load (1-min load average at start, end): {meta['loadavg_1min']} on "
                    f"{meta.get('cpu_count')} CPUs, torch threads {meta.get('torch_threads')}")
+    if meta.get("pytest_args") is not None:
+        out.append(f"- command: `pytest {' '.join(meta['pytest_args'])}`")
     if rows:
         methods = sorted({r.get("peak_mem_method") for r in rows if r.get("peak_mem_method")})
         out.append(f"- peak memory: {'; '.join(methods)}")
@@ -101,11 +149,7 @@ def build_table(data, rows) -> str:
         out.append("> The quick profile is a CPU smoke run of the harness (small shapes, fp32, 2 cores shared "
                    "with other work). Its numbers say nothing about GPU kernels.\n")
 
-    groups = OrderedDict()
-    for r in sorted(rows, key=lambda r: (r.get("suite", ""), r["group"])):
-        groups.setdefault(r["group"], []).append(r)
-    for g, rs in groups.items():
-        rs.sort(key=lambda r: (r.get("median") is None, r.get("median") or 0))
+    for g, rs in groups_of(rows).items():
         by = {r["candidate"]: r for r in rs}
         hf = by.get("hf-eager")
         gpeers = [p for p in peers if p in by]
@@ -219,6 +263,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     help="results root (default benchmarks/results/)")
     ap.add_argument("--name", default=None, help="folder name (default <date>-<device>-<profile>)")
+    ap.add_argument("--unique", action="store_true",
+                    help="never overwrite: append -2, -3, ... when the folder already holds results")
     args = ap.parse_args(argv)
     data, rows = load(args.json)
     meta = data.get("deberta_fast", {})
@@ -227,7 +273,11 @@ def main(argv=None):
     from benchmarks.envinfo import device_slug
 
     name = args.name or f"{date}-{device_slug(env) if env else 'unknown'}-{meta.get('profile', 'x')}"
-    outdir = os.path.join(args.out, re.sub(r"[^A-Za-z0-9._-]+", "-", name))
+    outdir = base = os.path.join(args.out, re.sub(r"[^A-Za-z0-9._-]+", "-", name))
+    n = 1
+    while args.unique and os.path.exists(os.path.join(outdir, "results.json")):
+        n += 1
+        outdir = f"{base}-{n}"
     os.makedirs(outdir, exist_ok=True)
     if os.path.abspath(args.json) != os.path.abspath(os.path.join(outdir, "results.json")):
         shutil.copyfile(args.json, os.path.join(outdir, "results.json"))

@@ -9,14 +9,14 @@
 #
 # Offline machines: put wheels in .whl/ (peer libraries disentangled-flash, flashdeberta and their
 # einops dependency, matplotlib ...); they are installed with --no-index --no-deps.
-# Results: benchmarks/results/<date>-<device>-<profile>/{results.json,env.json,table.md,*.png}.
+# Results: benchmarks/results/<date>-<device>-<profile>/{results.json,env.json,table.md,*.png}, written by
+# `pytest benchmarks/` itself at the end of the session (benchmarks/conftest.py; BENCH_JSON=path keeps a copy).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 PROFILE=${PROFILE:-${DEBERTA_FAST_BENCH_PROFILE:-auto}}
 RUN_TESTS=${RUN_TESTS:-1}
-STAMP=$(date +%Y%m%d-%H%M%S)
-JSON=${BENCH_JSON:-/tmp/deberta_fast_bench_${STAMP}.json}
+JSON=${BENCH_JSON:-}
 status=0
 
 echo "== environment"
@@ -54,16 +54,10 @@ if [ "$RUN_TESTS" != "0" ]; then
   $PY -m pytest tests -q || { echo "warning: the test suite failed (benchmarks run anyway)"; status=1; }
 fi
 
-echo "== benchmarks (profile=$PROFILE) -> $JSON"
+echo "== benchmarks (profile=$PROFILE) -> benchmarks/results/"
+# the session writes benchmarks/results/<date>-<device>-<profile>/ (JSON, table.md, plots) at its end
 # shellcheck disable=SC2086
-$PY -m pytest benchmarks/ -q --profile "$PROFILE" --benchmark-json="$JSON" ${BENCH_ARGS:-}
+$PY -m pytest benchmarks/ -q --profile "$PROFILE" ${JSON:+--benchmark-json="$JSON"} ${BENCH_ARGS:-}
 rc=$?
 if [ $rc -ne 0 ]; then echo "warning: benchmarks exited with $rc"; status=1; fi
-
-echo "== report"
-if [ -s "$JSON" ]; then
-  $PY -m benchmarks.report "$JSON" --out benchmarks/results/ || status=1
-else
-  echo "error: no benchmark JSON written"; status=1
-fi
 exit $status

@@ -48,8 +48,8 @@ def test_says_what_was_checked(main_job):
     for r in rows:
         assert r["rounds"] >= 10 and r["B"] >= 1 and r["L"] >= 1 and r["H"] >= 1 and r["D"] >= 1
         assert r["q1_s"] <= r["median_s"] <= r["q3_s"]
-    # a header row that names batch, length and dtype
-    assert re.search(r"dtype\s+B\s+L\s+candidate", out)
+    # a header row that names dtype, batch, length, heads and head dim
+    assert re.search(r"dtype\s+B\s+L\s+H\s+D\s+candidate", out)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layout of the report")

@@ -211,14 +211,15 @@ class TritonBackend(Backend):
     supports_varlen = True
 
     def unavailable(self):
+        from .._env import explain_triton_import_error
         try:
             import triton  # noqa: F401
         except Exception as e:  # ImportError or a broken install
-            return f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
+            return explain_triton_import_error(e, "triton")
         try:
             _launch()
         except Exception as e:
-            return f"the Triton kernels failed to import ({type(e).__name__}: {e})"
+            return explain_triton_import_error(e, "kernels")
         return None
 
     def refusals(self, call: AttentionCall) -> list[str]:
