@@ -5,6 +5,8 @@ import functools
 import importlib
 import platform
 
+from deberta_fast._env import cpu_name as _cpu_name
+
 
 def _version(mod: str):
     try:
@@ -17,17 +19,6 @@ def _version(mod: str):
             return version(mod)
         except Exception:
             return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @functools.lru_cache(maxsize=1)

@@ -168,16 +168,8 @@ def build_table(data, rows) -> str:
                      (f"{tf:.3g}" if ok and tf and r.get("kind") != "ceiling" else ("WRONG" if not ok else "—")),
                      _fmt_mib(r.get("peak_mem_bytes")), _parity_cell(r)]
 
-            def ratio(other):
-                if not ok:
-                    return "WRONG"
-                if other is None or not _ok(other):
-                    return "—"
-                if other is r:
-                    return "1.00"
-                return f"{other['median'] / r['median']:.2f}"
-            cells.append(ratio(hf))
-            cells += [ratio(by.get(p)) for p in gpeers]
+            cells.append(ratio_cell(r, hf))
+            cells += [ratio_cell(r, by.get(p)) for p in gpeers]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
 

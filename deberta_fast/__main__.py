@@ -32,7 +32,7 @@ import time
 import torch
 
 from . import __version__, disentangled_attention, disentangled_attention_reference, last_backend
-from ._env import cpu_torch_hint, cuda_device_problem, explain_import_error, triton_problem
+from ._env import cpu_name as _cpu_name, cpu_torch_hint, cuda_device_problem, explain_import_error, triton_problem
 from .backends import BACKENDS
 from .dispatch import BackendUnavailableError
 
@@ -74,17 +74,6 @@ def _loadavg():
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _versions() -> dict:

@@ -13,6 +13,8 @@ Used by ``python -m deberta_fast`` and meant for the backends' ``unavailable()``
 """
 from __future__ import annotations
 
+import platform
+
 import importlib.metadata
 import importlib.util
 import os
@@ -122,3 +124,15 @@ def cuda_device_problem() -> Optional[str]:
 def cpu_torch_hint() -> str:
     """How to get a CPU-only torch (instead of the ~2.6 GB CUDA build a plain ``pip install`` brings on Linux)."""
     return f"pip install torch --index-url {CPU_TORCH_INDEX}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
