@@ -54,8 +54,8 @@ def test_autocast_bf16_within_eager_error(backend, pack):
         assert (f - t).norm() <= 4 * (e - t).norm() + 1e-3 * t.norm() + 1e-6
 
 
-@pytest.mark.parametrize("backend,pack", [("torch", False), ("torch", True)] + [(b, p) for b in FUSED
-                                                                                   for p in (False, True)])
+@pytest.mark.parametrize("backend,pack", [("torch", False), ("torch", True)] + [
+    pytest.param(b, p, marks=[pytest.mark.slow] if not p else []) for b in FUSED for p in (False, True)])
 def test_gradient_checkpointing_matches(backend, pack):
     """HF gradient checkpointing recomputes the patched attention; loss and grads as without it."""
     cfg = v2_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)

@@ -90,7 +90,8 @@ def check(lens_q, lens_k=None, dtype=torch.float32, H=2, D=16, **kw):
             assert_close_lowp(got[i], ref[i], low[i], what=name)
 
 
-@pytest.mark.parametrize("terms", ["both", "c2p", "p2c", "none"])
+@pytest.mark.parametrize("terms", ["both", pytest.param("c2p", marks=pytest.mark.slow),
+                                   pytest.param("p2c", marks=pytest.mark.slow), "none"])
 def test_terms_self_attention(terms):
     """Length 1, odd lengths, and a 130-token sequence (interior saturated tiles with buckets (4, 8))."""
     check([1, 37, 5, 130], terms=terms)
@@ -114,7 +115,8 @@ def test_v3_buckets_head_dim_24():
     check([40, 1, 21], buckets=V3, D=24, H=3)
 
 
-@pytest.mark.parametrize("terms", ["both", "c2p", "p2c"])
+@pytest.mark.parametrize("terms", ["both", pytest.param("c2p", marks=pytest.mark.slow),
+                                   pytest.param("p2c", marks=pytest.mark.slow)])
 def test_fp16(terms):
     check([48, 1, 13, 70], [30, 5, 13, 70], dtype=torch.float16, terms=terms)
 
