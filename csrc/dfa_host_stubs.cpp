@@ -84,24 +84,24 @@ py::dict to_dict(const Launch& l) {
 
 }  // namespace
 
-const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream) {
+namespace {
+const char* record_attention(const char* kernel, const Params& p, int dtype, int head_dim, void* stream) {
   Launch l;
-  l.kernel = "fwd";
+  l.kernel = kernel;
   l.p = p;
   l.dtype = dtype;
   l.head_dim = head_dim;
   l.stream = stream;
   return record(std::move(l));
 }
+}  // namespace
+
+const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream) {
+  return record_attention("fwd", p, dtype, head_dim, stream);
+}
 
 const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream) {
-  Launch l;
-  l.kernel = "bwd";
-  l.p = p;
-  l.dtype = dtype;
-  l.head_dim = head_dim;
-  l.stream = stream;
-  return record(std::move(l));
+  return record_attention("bwd", p, dtype, head_dim, stream);
 }
 
 const char* launch_band_to_slots(const float* band, const float* sat, const int32_t* perm, const int32_t* offs,
