@@ -32,7 +32,7 @@ must lack the vectorised copies); ``--full`` adds every ``(pass, LaunchConfig, B
 ``launch_config`` can return x dtype x target, the constexpr flag matrix (terms x mask kind x
 dropout, padded and packed), and alignment variants (ragged lengths, head dims 40/48/96, 16 heads,
 batch 1, a dropout seed divisible by 16).  Cold, on 2 cores: default ~2-3 min, full ~15-35 min
-(measured 2.8 / 35 min on a loaded 2-core machine); warm (from Triton's cache) ~15 s / ~1.5 min.
+(measured 2.8 / 35 min on a loaded 2-core CPU machine, 2026-12-01; full 7.7 min on a lightly loaded one); warm (from Triton's cache) ~15 s / ~1.5 min.
 """
 from __future__ import annotations
 
