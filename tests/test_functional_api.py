@@ -133,6 +133,35 @@ def test_auto_warns_once_when_it_picks_the_triton_interpreter(monkeypatch):
     with pytest.warns(RuntimeWarning, match="CPU interpreter because TRITON_INTERPRET=1"):
         disentangled_attention(q, k, v, pk, pq, **KW)
     assert last_backend() == "triton"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         disentangled_attention(q, k, v, pk, pq, **KW)
+    assert not [w for w in seen if "deberta_fast" in str(w.message)], [str(w.message) for w in seen]
+
+
+def test_triton_interpreter_refuses_a_numpy_it_cannot_run_with(monkeypatch):
+    """triton < 3.7's interpreter calls int() on 1-element arrays, which numpy >= 2.4 refuses (seen in the
+    GPU image's versions, triton 3.6.0 + numpy 2.5): the triton backend refuses CPU calls with the fix and
+    ``auto`` serves them with torch, instead of failing inside the interpreter."""
+    np = pytest.importorskip("numpy")
+    triton = pytest.importorskip("triton")
+    from deberta_fast.backends import triton_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    triton_backend.interpreter_problem.cache_clear()
+    monkeypatch.setattr(np, "zeros", lambda *a, **k: [0])  # what numpy >= 2.4 does: int() of it raises TypeError
+    try:
+        why = triton_backend.interpreter_problem()
+        assert why is not None and "numpy<2.4" in why and "triton 3.6.0" in why
+        q, k, v, pk, pq = _qkv(dtype=torch.float32)
+        with pytest.raises(BackendUnavailableError, match="numpy<2.4"):
+            disentangled_attention(q, k, v, pk, pq, backend="triton", **KW)
+        out = disentangled_attention(q, k, v, pk, pq, **KW)
+        assert last_backend() == "torch" and torch.isfinite(out).all()
+        monkeypatch.setattr(triton, "__version__", "3.7.1")  # fixed there
+        triton_backend.interpreter_problem.cache_clear()
+        assert triton_backend.interpreter_problem() is None
+    finally:
+        monkeypatch.undo()
+        triton_backend.interpreter_problem.cache_clear()

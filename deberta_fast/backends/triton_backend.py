@@ -9,6 +9,7 @@ functions (``triton_attention_launch``) -> custom ops ``deberta_fast::triton_fwd
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -27,6 +28,28 @@ def _launch():
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=1)
+def interpreter_problem() -> Optional[str]:
+    """Why this triton's interpreter cannot run the kernels with this numpy, or None.
+
+    Triton < 3.7's interpreter turns 1-element arrays into loop bounds with ``int(array)``, which
+    numpy >= 2.4 refuses (``TypeError: only 0-dimensional arrays can be converted``); seen with
+    triton 3.6.0 and numpy 2.4.6 / 2.5.5 (numpy 2.3.5 works).  Only the CPU interpreter is affected."""
+    import numpy as np
+    import triton
+
+    major_minor = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
+    if major_minor >= (3, 7):
+        return None
+    try:
+        int(np.zeros(1, dtype=np.int32))
+    except TypeError:
+        return (f"the Triton interpreter of triton {triton.__version__} cannot run with numpy {np.__version__} "
+                f"(it calls int() on 1-element arrays, which numpy >= 2.4 refuses): pip install 'numpy<2.4' "
+                f"or 'triton>=3.7' (GPU runs are not affected)")
+    return None
 
 
 @torch.library.custom_op("deberta_fast::triton_fwd", mutates_args=())
@@ -188,6 +211,8 @@ def _device_dtype_refusals(call) -> list[str]:
     if call.device.type != "cuda" and not _interpreting():
         why.append(f"needs CUDA tensors (got {call.device.type}); set TRITON_INTERPRET=1 to run the "
                    f"kernels on CPU under the (slow) Triton interpreter")
+    elif call.device.type != "cuda" and interpreter_problem():
+        why.append(interpreter_problem())
     if call.device.type == "cuda":
         cc = torch.cuda.get_device_capability(call.device)
         if cc < (8, 0):
