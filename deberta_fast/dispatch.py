@@ -285,6 +285,17 @@ def choose_backend(call, backend: str):
     raise BackendUnavailableError("no backend serves this call: " + " | ".join(refused))
 
 
+def _refuse_jit_trace() -> None:
+    """``torch.jit.trace`` (and the TorchScript ONNX exporter built on it) records the position tables of the
+    traced length as constants: the graph would be silently wrong at any other length."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            "deberta_fast cannot be traced by torch.jit.trace / torch.onnx.export(dynamo=False): the trace would "
+            "freeze the relative-position tables of this length and be wrong at any other. Use torch.export.export "
+            "or torch.onnx.export(..., dynamo=True) with dynamic_shapes (a patched model exports with dynamic batch "
+            "and length; for ONNX patch with backend='torch'), or unpatch the model (deberta_fast.unpatch) first.")
+
+
 def disentangled_attention(query, key, value, pos_key=None, pos_query=None, *,
                            position_buckets: int, max_relative_positions: int,
                            attention_mask=None, scale=None, dropout_p: float = 0.0, backend: str = "auto"):
@@ -309,6 +320,7 @@ def disentangled_attention(query, key, value, pos_key=None, pos_query=None, *,
 
     Returns ``[B, H, Lq, D]`` in the input dtype.  See :mod:`deberta_fast.reference` for the math.
     """
+    _refuse_jit_trace()
     call = build_call(query, key, value, pos_key, pos_query, position_buckets=position_buckets,
                       max_relative_positions=max_relative_positions, attention_mask=attention_mask,
                       scale=scale, dropout_p=dropout_p)
@@ -337,6 +349,7 @@ def disentangled_attention_varlen(query, key, value, pos_key=None, pos_query=Non
     """
     if cu_seqlens_q is None or cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
         raise TypeError("disentangled_attention_varlen needs cu_seqlens_q, cu_seqlens_k, max_seqlen_q and max_seqlen_k")
+    _refuse_jit_trace()
     call = build_varlen_call(query, key, value, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, position_buckets=position_buckets,
                              max_relative_positions=max_relative_positions, scale=scale, dropout_p=dropout_p,

@@ -73,9 +73,16 @@ def _hf_conventions(cls) -> tuple[bool, bool]:
     return "(context_layer, None)" in src, "XSoftmax" in src
 
 
+def conventions(mod) -> tuple[bool, bool]:
+    """``_hf_conventions`` of ``mod``: stored on the module by ``patch`` (decided at patch time, so that
+    nothing is introspected while torch.compile traces a forward), else read from its class now."""
+    conv = mod.__dict__.get("_deberta_fast_conventions")
+    return conv if conv is not None else _hf_conventions(type(mod))
+
+
 def _finish(mod, ctx, probs, attention_mask, output_attentions):
     """Merge heads and return in the convention of the patched HF version."""
-    returns_tuple, zero_rows = _hf_conventions(type(mod))
+    returns_tuple, zero_rows = conventions(mod)
     if zero_rows and isinstance(attention_mask, torch.Tensor):
         B, H, Lq, _ = ctx.shape
         *_, uniform = normalize_mask(attention_mask, B, H, Lq, attention_mask.shape[-1])

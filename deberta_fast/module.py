@@ -70,6 +70,7 @@ class DisentangledAttention(nn.Module):
                     self.pos_query_proj = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
         self._deberta_fast_backend = check_backend_name(backend)
+        self._deberta_fast_conventions = (True, False)  # returns (context, probs); masked rows uniform
 
     @classmethod
     def from_hf(cls, module: nn.Module, backend: str = "auto") -> "DisentangledAttention":
@@ -88,6 +89,7 @@ class DisentangledAttention(nn.Module):
         for name, child in module.named_children():
             setattr(new, name, child)
         new._deberta_fast_backend = check_backend_name(backend)
+        new._deberta_fast_conventions = (True, False)
         new.train(module.training)
         return new
 

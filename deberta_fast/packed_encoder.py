@@ -10,7 +10,9 @@ Outputs and gradients equal HF's on real tokens.  **Padded positions of every re
 hidden state are 0** (HF computes finite values there from a uniform attention over the
 padded row, which no head or loss uses).  Batches that cannot be packed (left padding,
 holes in the mask, rows with no token, a 3-D/4-D mask, ``output_attentions``,
-``query_states``, a caller's ``relative_pos``) run HF's own forward, unchanged.
+``query_states``, a caller's ``relative_pos``) run HF's own forward, unchanged.  Under
+``torch.compile`` and ``torch.export`` the encoder runs the padded layout (HF's forward with the
+patched attention): one graph whatever the batch's padding, the same outputs on real tokens.
 """
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ def _packable(self, hidden_states, attention_mask, output_attentions, query_stat
     if relative_pos is not None or not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
         return False
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return False
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export: the padded layout, one graph for every batch and length (packing's
+        # token count depends on the mask's values, which would split the graph or pin it to one batch)
         return False
     m = attention_mask.bool()
     lens = m.sum(-1)

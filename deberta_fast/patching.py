@@ -22,11 +22,11 @@ from torch import nn
 
 from .backends import BACKENDS
 from .dispatch import BackendUnavailableError, check_backend_name, interpreting
-from .hf_attention import CANONICAL, v1_forward, v2_forward
+from .hf_attention import CANONICAL, _hf_conventions, v1_forward, v2_forward
 from .packed_encoder import packed_encoder_forward
 
 _FLAG = "_deberta_fast_patched"
-_ATTN_PATCHED = ("forward",)
+_ATTN_PATCHED = ("forward", "_deberta_fast_conventions")
 _ENC_PATCHED = ("get_attention_mask", "get_rel_pos", "forward", "_deberta_fast_pack")
 
 # (module path suffix, class name) -> family
@@ -113,6 +113,7 @@ def patch(model: nn.Module, backend: str = "auto", pack: bool = True, *, _at_bui
         _check_backend_serves(model, backend)
     for m, fam in attentions:
         m.forward = functools.partial(v2_forward if fam == "v2" else v1_forward, m)
+        m._deberta_fast_conventions = _hf_conventions(type(m))  # decided now, never while tracing
         m._deberta_fast_backend = backend
         setattr(m, _FLAG, True)
     for enc in encoders:

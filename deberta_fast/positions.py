@@ -119,10 +119,10 @@ def relative_slot_table(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    args = (int(q_len), int(k_len), int(position_buckets), int(max_relative_positions), int(span), str(device))
-    if torch.compiler.is_compiling():  # traced into the graph; the cache is for eager calls
-        return _slot_table_cached.__wrapped__(*args)
-    return _slot_table_cached(*args)
+    config = (int(position_buckets), int(max_relative_positions), int(span), str(device))
+    if torch.compiler.is_compiling():  # traced into the graph, lengths kept symbolic; the cache is for eager calls
+        return _slot_table_cached.__wrapped__(q_len, k_len, *config)
+    return _slot_table_cached(int(q_len), int(k_len), *config)
 
 
 @functools.lru_cache(maxsize=64)

@@ -31,6 +31,8 @@ for checking and for CPU use.
 from __future__ import annotations
 
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -39,16 +41,22 @@ from .positions import relative_slot_table, trimmed_slot_table
 __all__ = ["default_scale", "normalize_mask", "slot_index", "disentangled_attention_reference"]
 
 
-_SCALES: dict[tuple[int, int], float] = {}
+@functools.lru_cache(maxsize=None)
+def _hf_scale(head_dim: int, num_rel_terms: int) -> float:
+    return 1.0 / torch.sqrt(torch.tensor(head_dim, dtype=torch.float) * (1 + num_rel_terms)).item()
+
+
+@torch.compiler.assume_constant_result  # torch.compile / export: evaluated once while tracing, a constant
+def _hf_scale_constant(head_dim: int, num_rel_terms: int) -> float:
+    return _hf_scale(head_dim, num_rel_terms)
 
 
 def default_scale(head_dim: int, num_rel_terms: int) -> float:
     """``1 / sqrt(D * (1 + terms))`` with HF's float32 square root, computed as HF does (torch on CPU,
     not always the correctly rounded sqrt), once per shape so later calls do no tensor work."""
-    key = (int(head_dim), int(num_rel_terms))
-    if key not in _SCALES:
-        _SCALES[key] = 1.0 / torch.sqrt(torch.tensor(key[0], dtype=torch.float) * (1 + key[1])).item()
-    return _SCALES[key]
+    if torch.compiler.is_compiling():
+        return _hf_scale_constant(int(head_dim), int(num_rel_terms))
+    return _hf_scale(int(head_dim), int(num_rel_terms))
 
 
 def normalize_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int):
