@@ -108,6 +108,7 @@ def pytest_configure(config):
     config._df_load = [_loadavg()]
     config.addinivalue_line("markers", "core: attention-core benchmarks")
     config.addinivalue_line("markers", "model: full-model benchmarks")
+    config.addinivalue_line("markers", "host: per-call host overhead (kernel launches stubbed)")
 
 
 def _loadavg():

@@ -1,0 +1,67 @@
+"""Host overhead of one attention call: the triton backend's whole Python path (argument checks, dispatch,
+autograd, custom op, launcher: position tables, allocations, launch arguments) with the kernel launches
+stubbed out, at a tiny shape (B=1, H=2, L=24, D=16) where tensor work is negligible.  Forward, and forward +
+backward.  This is the time a small-batch inference call spends before the GPU has work (issue target:
+<= 50 us per call).  On CPU the stubbed launcher runs on CPU tensors (TRITON_INTERPRET=1 lets the backend
+accept them; no kernel runs); on a GPU on CUDA tensors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import harness
+
+pytestmark = pytest.mark.host
+
+
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.fixture
+def stubbed_triton(monkeypatch):
+    from deberta_fast.backends import BACKENDS
+
+    why = BACKENDS["triton"].unavailable()
+    if why:
+        pytest.skip(f"deberta_fast backend='triton' unavailable: {why}")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the backend accepts CPU tensors; nothing is interpreted
+    from deberta_fast._kernels import triton_attention_launch as launch
+
+    for name in ("disentangled_fwd_kernel", "disentangled_bwd_dkdv_kernel", "disentangled_bwd_dq_kernel"):
+        monkeypatch.setattr(launch, name, _NoLaunch())
+    yield "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("buckets", [(256, 512), (4, 8)], ids=["v3-buckets", "tiny-buckets"])
+def bench_host(benchmark, profile, stubbed_triton, mode, buckets):
+    import deberta_fast as df
+
+    dev = stubbed_triton
+    benchmark.group = f"host {mode} (kernel launches stubbed)"
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(dev).requires_grad_(mode != "fwd")  # noqa: E731
+    span = df.positions.attention_span(*buckets)
+    q, k, v, pk, pq = mk(1, 2, 24, 16), mk(1, 2, 24, 16), mk(1, 2, 24, 16), mk(2, 2 * span, 16), mk(2, 2 * span, 16)
+    mask = torch.ones(1, 24, dtype=torch.long, device=dev)
+    dout = torch.ones(1, 2, 24, 16, device=dev)
+
+    def fn():
+        out = df.disentangled_attention(q, k, v, pk, pq, position_buckets=buckets[0],
+                                        max_relative_positions=buckets[1], attention_mask=mask, backend="triton")
+        if mode != "fwd":
+            out.backward(dout)
+        return out
+
+    fn()
+    assert df.last_backend() == "triton"
+    harness.run_benchmark(benchmark, profile, fn, None, flops=None,
+                          extra={"candidate": f"deberta_fast-triton buckets {buckets[0]}/{buckets[1]}",
+                                 "suite": "host", "kind": "deberta_fast", "mode": mode, "B": 1, "L": 24,
+                                 "parity": "n/a (launches stubbed: nothing is computed)"})
