@@ -456,3 +456,24 @@ def test_gpu_torch_compile():
     ref = f(q, k, v, pk, pq)
     got = torch.compile(f, fullgraph=False)(q, k, v, pk, pq)
     torch.testing.assert_close(got, ref)
+
+
+@gpu
+@needs_ext
+def test_custom_ops_opcheck():
+    """The padded forward op's schema and fake kernel (what torch.compile / torch.export see) agree with the
+    real kernel; opcheck runs the op, so this needs the GPU."""
+    from deberta_fast.backends.cuda_backend import _positions
+
+    q, k, v, pk, pq = make_inputs(2, 3, 37, 29, 64, attention_span(4, 8), torch.bfloat16, "cuda", True, True, True)
+    call = build_call(q, k, v, pk, pq, position_buckets=4, max_relative_positions=8, attention_mask=None,
+                      scale=None, dropout_p=0.0)
+    table, rows, lo, hi = _positions(call)
+    c2p = (q @ pk[..., rows, :].transpose(-1, -2)).contiguous()
+    p2c = (k @ pq[..., rows, :].transpose(-1, -2)).contiguous()
+    km = torch.ones(2, 29, dtype=torch.bool, device="cuda")
+    km[1, 20:] = False
+    rng = torch.tensor([1234, 0], dtype=torch.int64, device="cuda")
+    for key_mask, p in ((None, 0.0), (km, 0.1)):
+        args = (q, k, v, c2p, p2c, table, key_mask, None, rng if p else None, float(call.scale), p, lo, hi)
+        torch.library.opcheck(_cuda_ext.ops().cuda_attn_fwd, args, test_utils=("test_schema", "test_faketensor"))

@@ -1,0 +1,252 @@
+"""One command for a lent GPU: build, validate, sanitize, profile; logs and results kept, summary last.
+
+    python -m benchmarks.gpu_session                       # every stage, within --budget seconds
+    python -m benchmarks.gpu_session --stages bench-core   # a later call goes on where time ran out
+    python -m benchmarks.gpu_session --rehearse            # CPU rehearsal: the same steps at CPU sizes
+
+Stages (in this order; each in a subprocess with its own log, stopped at the budget's end):
+
+  env          env.json: GPU, driver, CUDA, torch / triton / transformers / peers, nvcc, compute-sanitizer
+  build        the CUDA extension in place (``setup.py build_ext --inplace``, this GPU's arch only), unless
+               a carried ``deberta_fast/_C*.so`` built against the same torch already loads
+  parity       ``benchmarks.gpu_parity``: triton and cuda vs the fp64 reference at L = 512, 2048, 8192
+  tests        the test suite with the GPU tests enabled (``pytest tests``), junit XML kept
+  sanitize     ``compute-sanitizer`` memcheck, racecheck, synccheck over ``benchmarks.sanitize_cases`` (both backends)
+  bench-core   ``pytest benchmarks/bench_core.py benchmarks/bench_host.py --profile full``: the attention op against
+               HF eager, SDPA, flex; the per-call host overhead
+  bench-model  ``pytest benchmarks/bench_model.py --profile full``: whole models, with the peers
+
+Output folder: ``--out``, else ``$OUT`` (the device tool's folder that comes back), else
+``benchmarks/results/<date>-<device>-session/``: ``logs/<stage>.log``, ``summary.json``, ``summary.md`` and
+each stage's results.  Peer wheels carried in ``.whl/`` are installed first into ``<out>/../site`` (no index).
+Exit status 1 when a stage failed (a stage skipped for lack of time or of a tool is not a failure: the
+summary says which and why).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ["env", "build", "parity", "tests", "sanitize", "bench-core", "bench-model"]
+SANITIZER_TOOLS = ["memcheck", "racecheck", "synccheck"]
+#: seconds each stage may take at most (the budget's end stops it earlier); a stage starts only with
+#: at least MIN_START seconds left
+CAPS = {"env": 60, "build": 420, "parity": 300, "tests": 480, "sanitize": 480, "bench-core": 540, "bench-model": 540}
+MIN_START = 30
+RESERVE = 10  # seconds kept for the summary
+
+
+def _env_script(out: str) -> str:
+    return f"""
+import json, subprocess, shutil, torch
+from benchmarks.envinfo import environment
+env = dict(environment())
+def cmd(*a):
+    try:
+        return subprocess.run(a, capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as e:
+        return f"unavailable: {{type(e).__name__}}: {{e}}"
+env["nvidia_smi"] = cmd("nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                        "--format=csv,noheader") if shutil.which("nvidia-smi") else "not found"
+env["nvcc"] = cmd("nvcc", "--version").splitlines()[-1] if shutil.which("nvcc") else "not found"
+env["compute_sanitizer"] = (cmd("compute-sanitizer", "--version").splitlines() or ["?"])[-1] \\
+    if shutil.which("compute-sanitizer") else "not found"
+env["cuda_available"] = torch.cuda.is_available()
+print(json.dumps(env, indent=1))
+json.dump(env, open({os.path.join(out, "env.json")!r}, "w"), indent=1)
+"""
+
+
+def plan(stage: str, out: str, rehearse: bool, py: str) -> list[tuple[str, list[str], dict]]:
+    """(label, argv, extra env) of each command of a stage."""
+    if stage == "env":
+        return [("env", [py, "-c", _env_script(out)], {})]
+    if stage == "build":
+        arch = ("import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0); "
+                "print(f'{c[0]}{c[1]}' + ('a' if c[0] == 9 else ''))")
+        archs = subprocess.run([py, "-c", arch], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "80"
+        check = ("from deberta_fast import _cuda_ext; r = _cuda_ext.unavailable_reason(); "
+                 "print('cuda backend:', r or 'available'); raise SystemExit(1 if r else 0)")
+        env = {"DEBERTA_FAST_BUILD_CUDA": "0" if rehearse else "1", "DEBERTA_FAST_CUDA_ARCHS": archs,
+               "MAX_JOBS": str(os.cpu_count() or 4)}
+        if not rehearse and subprocess.run([py, "-c", check], cwd=ROOT, capture_output=True).returncode == 0:
+            # a deberta_fast/_C*.so carried along (built elsewhere against the same torch) loads: keep it
+            return [("check-prebuilt", [py, "-c", check], {})]
+        cmds = [("build_ext", [py, "setup.py", "-q", "build_ext", "--inplace"], env)]
+        if not rehearse:
+            cmds.append(("check", [py, "-c", check], {}))
+        return cmds
+    if stage == "parity":
+        return [("parity", [py, "-m", "benchmarks.gpu_parity", "--out", os.path.join(out, "parity")]
+                 + (["--rehearse"] if rehearse else []), {})]
+    if stage == "tests":
+        sel = ["tests/test_functional_api.py", "tests/test_cuda_backend.py", "-k", "not slow"] if rehearse else ["tests"]
+        return [("pytest", [py, "-m", "pytest", *sel, "-q", "-p", "no:cacheprovider", "-rfEs",
+                            f"--junitxml={os.path.join(out, 'tests.xml')}"], {})]
+    if stage == "sanitize":
+        cmds = []
+        for backend in ("cuda", "triton"):
+            case = [py, "-m", "benchmarks.sanitize_cases", "--backend", backend]
+            if rehearse:  # no sanitizer on a CPU: the workload itself, under the interpreter
+                if backend == "triton":
+                    cmds.append((f"cases-{backend}", case + ["--rehearse"], {}))
+                continue
+            for tool in SANITIZER_TOOLS:
+                cmds.append((f"{tool}-{backend}", ["compute-sanitizer", "--tool", tool, "--error-exitcode", "3",
+                                                   "--print-limit", "50", *case], {}))
+        return cmds
+    if stage in ("bench-core", "bench-model"):
+        files = ["benchmarks/bench_core.py", "benchmarks/bench_host.py"] if stage == "bench-core" \
+            else ["benchmarks/bench_model.py"]
+        sel = "fwd" if stage == "bench-core" else "inference and v3-base"
+        extra = ["--profile", "quick", "-k", sel] if rehearse else ["--profile", "full"]
+        return [(stage, [py, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", *extra,
+                         "--results-dir", os.path.join(out, "results")], {})]
+    raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+
+def _sanitizer_problem(py: str) -> str | None:
+    """Why compute-sanitizer cannot watch this machine's GPU (gVisor refuses the device), or None."""
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        return "compute-sanitizer is not on the PATH"
+    try:
+        p = subprocess.run([exe, "--tool", "memcheck", "--error-exitcode", "3", py, "-c",
+                            "import torch; torch.ones(8, device='cuda').sum().item()"],
+                           capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "compute-sanitizer's probe did not finish within 120 s"
+    if p.returncode != 0:
+        return f"compute-sanitizer's probe failed (status {p.returncode}): {(p.stdout + p.stderr).strip()[-300:]}"
+    return None
+
+
+def _install_wheels(out: str) -> tuple[str | None, str]:
+    """Installs carried wheels (.whl/*.whl) with no index into a folder put on PYTHONPATH."""
+    wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
+    if not wheels:
+        return None, "no wheels carried in .whl/"
+    site = os.path.join(tempfile.gettempdir(), "deberta_fast_site")
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", site, *wheels], capture_output=True, text=True)
+    names = ", ".join(os.path.basename(w).split("-")[0] for w in wheels)
+    if p.returncode != 0:
+        return None, f"installing the carried wheels failed: {p.stderr.strip()[-300:]}"
+    return site, f"installed {names} into {site}"
+
+
+def run_stage(stage, out, rehearse, py, env, deadline) -> dict:
+    t0 = time.time()
+    res = {"stage": stage, "commands": []}
+    if stage == "sanitize" and not rehearse:
+        why = _sanitizer_problem(py)
+        if why:
+            res.update(status="skipped", reason=why, seconds=time.time() - t0)
+            return res
+    log_dir = os.path.join(out, "logs")
+    status = "pass"
+    for label, argv, extra in plan(stage, out, rehearse, py):
+        left = deadline - time.time() - RESERVE
+        if left < MIN_START:
+            res["commands"].append({"label": label, "status": "skipped", "reason": "no time left in the budget"})
+            status = "incomplete" if status == "pass" else status
+            continue
+        timeout = min(CAPS[stage], left)
+        log = os.path.join(log_dir, f"{stage}-{label}.log" if label != stage else f"{stage}.log")
+        c0 = time.time()
+        with open(log, "w") as f:
+            f.write(f"$ {' '.join(argv)}\n# extra env: {extra}; timeout {timeout:.0f} s\n")
+            f.flush()
+            try:
+                p = subprocess.run(argv, cwd=ROOT, env={**env, **extra}, stdout=f, stderr=subprocess.STDOUT,
+                                   timeout=timeout)
+                rc = p.returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        with open(log) as f:
+            tail = f.read()[-1500:]
+        ok = rc == 0
+        if stage == "tests" and rc == 5:
+            ok = False  # nothing collected is a failure, never a pass
+        cmd = {"label": label, "rc": rc, "seconds": round(time.time() - c0, 1), "log": os.path.relpath(log, out),
+               "tail": tail.strip().splitlines()[-1:] }
+        cmd["status"] = "pass" if ok else ("timeout" if rc == "timeout" else "FAIL")
+        res["commands"].append(cmd)
+        if not ok:
+            status = "FAIL" if rc != "timeout" else "timeout"
+        print(f"[{stage}] {label}: {cmd['status']} ({cmd['seconds']} s) {cmd['tail'][0] if cmd['tail'] else ''}",
+              flush=True)
+    res.update(status=status, seconds=round(time.time() - t0, 1))
+    return res
+
+
+def summary_md(summary: dict) -> str:
+    lines = [f"# GPU session {summary['date']} on {summary['device']}", "",
+             f"budget {summary['budget_s']} s, used {summary['seconds']} s; rehearsal: {summary['rehearse']}; "
+             f"{summary['wheels']}", "", "| stage | status | seconds | commands |", "|---|---|---|---|"]
+    for r in summary["stages"]:
+        cmds = "; ".join(f"{c['label']}: {c['status']}" + (f" ({c.get('reason')})" if c.get("reason") else "")
+                         for c in r["commands"]) or r.get("reason", "")
+        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {cmds} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from: {', '.join(STAGES)}")
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for all stages (default 540)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--rehearse", action="store_true", help="CPU rehearsal (interpreter, CPU sizes, no sanitizer)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    deadline = t0 + args.budget
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    for s in stages:
+        if s not in STAGES:
+            ap.error(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if not gpu and not args.rehearse:
+        ap.error("no CUDA device here: run with --rehearse for the CPU rehearsal")
+    device = torch.cuda.get_device_name() if gpu else "cpu"
+    date = time.strftime("%Y-%m-%d")
+    out = args.out or os.environ.get("OUT") or os.path.join(
+        ROOT, "benchmarks", "results", f"{date}-{device.lower().replace(' ', '-')}-session")
+    out = os.path.abspath(out)
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    site, wheels = _install_wheels(out)
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, ROOT, env.get("PYTHONPATH")]))
+    else:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    if args.rehearse:
+        env["TRITON_INTERPRET"] = "1"
+        env.setdefault("DEBERTA_FAST_BENCH_PROFILE", "quick")
+    print(f"gpu_session: {device}; stages {', '.join(stages)}; budget {args.budget:.0f} s; out {out}; {wheels}",
+          flush=True)
+    results = [run_stage(s, out, args.rehearse, sys.executable, env, deadline) for s in stages]
+    summary = {"date": date, "device": device, "rehearse": args.rehearse, "budget_s": args.budget,
+               "seconds": round(time.time() - t0, 1), "wheels": wheels, "stages": results}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    md = summary_md(summary)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(md)
+    print("\n" + md)
+    return 1 if any(r["status"] in ("FAIL", "timeout") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Every kernel variant of one backend at small shapes, forward and backward: the workload that
+``compute-sanitizer`` (memcheck, racecheck, synccheck) watches in ``python -m benchmarks.gpu_session``.
+
+    compute-sanitizer --tool memcheck python -m benchmarks.sanitize_cases --backend cuda
+    TRITON_INTERPRET=1 python -m benchmarks.sanitize_cases --backend triton --rehearse   # CPU rehearsal
+
+Variants: relative terms (both, c2p, p2c, none) x masks (none, ``[B, L]`` key padding, 4-D full mask where
+the backend serves it) x dropout (0, 0.1), Lq != Lk, odd lengths, bucket configs (DeBERTa-v3 256/512, tiny
+4/8 with saturated tiles, unbucketed), and packed varlen calls.  Each call is checked for finite results
+(the sanitizer reports the memory errors); a refusal of a variant is printed with its reason, never hidden.
+Exit status 1 when a call raises or returns NaN/inf.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+
+from deberta_fast import BackendUnavailableError, disentangled_attention, disentangled_attention_varlen
+from deberta_fast.positions import attention_span
+
+BUCKETS = [(256, 512), (4, 8), (-1, 24)]
+TERMS = ["both", "c2p", "p2c", "none"]
+
+
+def _inputs(B, H, Lq, Lk, D, terms, buckets, dtype, device, g):
+    mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype).requires_grad_(True)  # noqa: E731
+    span = attention_span(*buckets)
+    q, k, v = mk(B, H, Lq, D), mk(B, H, Lk, D), mk(B, H, Lk, D)
+    pk = mk(H, 2 * span, D) if terms in ("both", "c2p") else None
+    pq = mk(H, 2 * span, D) if terms in ("both", "p2c") else None
+    return q, k, v, pk, pq
+
+
+def _mask(kind, B, H, Lq, Lk, device, g):
+    if kind == "none":
+        return None
+    if kind == "key":
+        m = torch.ones(B, Lk, dtype=torch.long)
+        m[0, Lk - Lk // 3:] = 0
+        return m.to(device)
+    m = torch.rand(B, H, Lq, Lk, generator=g) > 0.4
+    m[..., Lq // 2, :] = False
+    return m.to(device)
+
+
+def _run(fn, tensors) -> str:
+    try:
+        out = fn()
+    except BackendUnavailableError as e:
+        return f"refused: {str(e).splitlines()[0][:160]}"
+    out.float().square().sum().backward()
+    grads = [t.grad for t in tensors if t is not None]
+    bad = [i for i, x in enumerate([out] + grads) if not torch.isfinite(x).all()]
+    return "ok" if not bad else f"FAIL: non-finite values in results {bad}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sanitize_cases", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", required=True, choices=["triton", "cuda"])
+    ap.add_argument("--rehearse", action="store_true", help="CPU tensors (Triton interpreter), fewer variants")
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.rehearse else "cuda")
+    dtype = torch.float32 if args.rehearse else torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    H, D = 2, 64
+    shapes = [(2, 37, 37), (1, 33, 70)]  # odd lengths, Lq != Lk
+    masks = ["none", "key", "full"]
+    drops = [0.0, 0.1]
+    if args.rehearse:
+        shapes = shapes[:1]
+    n_fail = n_ok = n_ref = 0
+    for (B, Lq, Lk), terms, buckets, mask, p in itertools.product(shapes, TERMS, BUCKETS, masks, drops):
+        if args.rehearse and (buckets != BUCKETS[0] and (mask != "key" or terms != "both")):
+            continue  # the interpreter is slow: other bucket configs with one mask / term pair only
+        if mask == "key" and Lq != Lk:
+            continue  # HF's [B, L] mask is for self-attention (Lq == Lk)
+        ts = _inputs(B, H, Lq, Lk, D, terms, buckets, dtype, device, g)
+        am = _mask(mask, B, H, Lq, Lk, device, g)
+        kw = dict(position_buckets=buckets[0], max_relative_positions=buckets[1], attention_mask=am,
+                  dropout_p=p, backend=args.backend)
+        res = _run(lambda: disentangled_attention(*ts, **kw), ts)
+        n_ok += res == "ok"
+        n_ref += res.startswith("refused")
+        n_fail += res.startswith("FAIL")
+        print(f"padded B={B} Lq={Lq} Lk={Lk} terms={terms} buckets={buckets} mask={mask} p={p}: {res}", flush=True)
+    lens = [37, 5, 64, 1]  # packed: odd lengths, a 1-token sequence
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)
+    T = int(cu[-1])
+    for terms, p in itertools.product(TERMS, drops):
+        mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype).requires_grad_(True)  # noqa: E731
+        span = attention_span(256, 512)
+        ts = (mk(T, H, D), mk(T, H, D), mk(T, H, D), mk(H, 2 * span, D) if terms in ("both", "c2p") else None,
+              mk(H, 2 * span, D) if terms in ("both", "p2c") else None)
+        res = _run(lambda: disentangled_attention_varlen(*ts, cu, cu, max(lens), max(lens), position_buckets=256,
+                                                         max_relative_positions=512, dropout_p=p,
+                                                         backend=args.backend), ts)
+        n_ok += res == "ok"
+        n_ref += res.startswith("refused")
+        n_fail += res.startswith("FAIL")
+        print(f"varlen lens={lens} terms={terms} p={p}: {res}", flush=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"sanitize_cases[{args.backend}]: {n_ok} ran, {n_ref} refused (reasons above), {n_fail} failed")
+    return 1 if n_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

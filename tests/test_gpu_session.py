@@ -1,0 +1,80 @@
+"""The GPU session script (``python -m benchmarks.gpu_session``) on CPU: its rehearsal mode runs, it writes its
+summary, and every stage has the commands a GPU run needs; the parity script's CPU rehearsal passes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _session(tmp_path, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("OUT", None)
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_session", "--rehearse", "--out", str(tmp_path), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_rehearsal_writes_env_logs_and_summary(tmp_path):
+    p = _session(tmp_path, "--stages", "env,build", "--budget", "600")
+    assert p.returncode == 0, p.stdout + p.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["env", "build"]
+    assert all(s["status"] == "pass" for s in summary["stages"]), summary
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["torch"] and "compute_sanitizer" in env and env["cuda_available"] is False
+    assert (tmp_path / "logs" / "env.log").exists()
+    assert p.stdout.rstrip().endswith("|"), "the summary table is printed last"
+
+
+def test_a_stage_without_time_is_skipped_not_failed(tmp_path):
+    p = _session(tmp_path, "--stages", "parity", "--budget", "1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    stage = json.loads((tmp_path / "summary.json").read_text())["stages"][0]
+    assert stage["status"] == "incomplete" and stage["commands"][0]["reason"] == "no time left in the budget"
+
+
+def test_unknown_stage_and_gpu_mode_without_gpu_are_refused(tmp_path):
+    p = _session(tmp_path, "--stages", "nope")
+    assert p.returncode == 2 and "unknown stage 'nope'" in p.stderr
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_session", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    import torch
+    if not torch.cuda.is_available():
+        assert p.returncode == 2 and "--rehearse" in p.stderr
+
+
+def test_gpu_plan_covers_every_deliverable(tmp_path):
+    from benchmarks import gpu_session as gs
+
+    labels = {s: [c[0] for c in gs.plan(s, str(tmp_path), False, sys.executable)] for s in gs.STAGES if s != "build"}
+    assert labels["sanitize"] == [f"{t}-{b}" for b in ("cuda", "triton") for t in ("memcheck", "racecheck", "synccheck")]
+    argv = dict((c[0], c[1]) for s in ("parity", "tests", "bench-core", "bench-model")
+                for c in gs.plan(s, str(tmp_path), False, sys.executable))
+    assert "--rehearse" not in argv["parity"]
+    assert argv["pytest"][3] == "tests"  # the whole suite, GPU tests enabled by the GPU itself
+    assert "full" in argv["bench-core"] and "full" in argv["bench-model"]
+
+
+def test_parity_table_lists_every_error():
+    from benchmarks.gpu_parity import table
+
+    row = dict(backend="triton", dtype="bfloat16", B=1, H=12, L=2048, D=64, status="pass", fwd_s=0.1, bwd_s=0.2,
+               errors={n: 1e-3 for n in ("out", "dq", "dk", "dv", "dpos_key", "dpos_query")},
+               tolerances={n: 4e-3 for n in ("out", "dq", "dk", "dv", "dpos_key", "dpos_query")})
+    md = table([row, dict(backend="cuda", dtype="float16", B=1, H=12, L=2048, D=64, status="refused",
+                          reason="the CUDA extension is not built")])
+    assert md.count("1.0e-03") == 6 and "0.25 (out)" in md and "not built" in md
+
+
+@pytest.mark.slow
+def test_parity_rehearsal_passes(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_parity", "--rehearse", "--out", str(tmp_path)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads((tmp_path / "parity.json").read_text())["rows"]
+    assert rows and all(r["status"] == "pass" for r in rows)
