@@ -207,7 +207,16 @@ def _slot_band_cached(position_buckets: int, max_relative_positions: int, span: 
     return lo, hi
 
 
-@torch.compiler.assume_constant_result  # torch.compile / export: computed once while tracing, a constant
+def trace_constant(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` when deberta_fast is
+    imported (slow, and it needs numpy): the same marker attribute, read by dynamo while tracing (compile,
+    export), which then calls ``fn`` once and keeps its result as a constant.  ``tests/test_compile.py``
+    checks that torch's decorator still sets exactly this attribute."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@trace_constant  # torch.compile / export: computed once while tracing, a constant
 def _slot_band_constant(position_buckets: int, max_relative_positions: int, span: int) -> tuple[int, int]:
     return _slot_band_cached(position_buckets, max_relative_positions, span)
 

@@ -36,7 +36,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .positions import relative_slot_table, trimmed_slot_table
+from .positions import relative_slot_table, trace_constant, trimmed_slot_table
 
 __all__ = ["default_scale", "normalize_mask", "slot_index", "disentangled_attention_reference"]
 
@@ -46,7 +46,7 @@ def _hf_scale(head_dim: int, num_rel_terms: int) -> float:
     return 1.0 / torch.sqrt(torch.tensor(head_dim, dtype=torch.float) * (1 + num_rel_terms)).item()
 
 
-@torch.compiler.assume_constant_result  # torch.compile / export: evaluated once while tracing, a constant
+@trace_constant  # torch.compile / export: evaluated once while tracing, a constant
 def _hf_scale_constant(head_dim: int, num_rel_terms: int) -> float:
     return _hf_scale(head_dim, num_rel_terms)
 

@@ -34,3 +34,19 @@ def test_fullgraph_compile_matches_eager(backend):
     want_g = torch.autograd.grad(want, (q, k, v, pk, pq), g)
     for a, b in zip(got_g, want_g):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_trace_constant_is_what_torch_assume_constant_result_sets():
+    """deberta_fast marks trace-time constants without importing torch._dynamo at import time: the marker must
+    stay the one torch's decorator sets (a torch upgrade that renames it fails here, not silently in compile)."""
+    from deberta_fast.positions import trace_constant
+
+    def a():
+        return 1
+
+    def b():
+        return 1
+
+    torch.compiler.assume_constant_result(a)
+    trace_constant(b)
+    assert a.__dict__ == b.__dict__ and b.__dict__
