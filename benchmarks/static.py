@@ -1,0 +1,213 @@
+"""Static profile of the shipped Triton kernels, from the compiler alone (no GPU):
+
+    python -m benchmarks.static [--full] [--out benchmarks/results/<date>-static]
+
+Every kernel the launcher launches (``deberta_fast._compile_check``: the launcher's own launches, compiled with
+the launch-time specialization for sm_80 and sm_90) gets: registers, spill stores/loads, stack, shared memory,
+the MMA instruction kind (``HMMA`` = mma.sync, ``HGMMA`` = wgmma) from the SASS, and the length of its main loop
+in SASS instructions per score element, for the shortest and the longest path through one iteration.
+
+Main loop: a backward branch whose body holds the tile's MMAs (the key-tile loop of the forward and of dq, the
+query-tile loop of dK/dV).  One iteration handles ``BLOCK_M x BLOCK_N`` scores with ``32 * num_warps`` threads,
+so ``per element = instructions on the path * 32 * num_warps / (BLOCK_M * BLOCK_N)`` (per-thread instructions,
+predicated-off ones included: they issue).  The two paths bound what a tile costs: the shortest is a tile with
+no gathers and no edge masking (a saturated interior tile in today's design), the longest the in-band tile with
+every gather and mask.  Inner loops inside the body (e.g. the backward's segment scans) count once.
+Writes ``static.json`` and ``table.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+_INST = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_MMA = re.compile(r"\bH(?:G)?MMA\.")
+_BRA = re.compile(r"\bBRA\b(?:\s+`?\(?[^,]*?,)?\s*(0x[0-9a-f]+)")
+
+
+def sass_of(cubin: bytes, cc: int) -> str:
+    from deberta_fast._compile_check import _nvidia_tool
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([_nvidia_tool("cuobjdump", cc), "--dump-sass", path], check=True,
+                              capture_output=True, text=True).stdout
+
+
+def parse(sass: str) -> list[tuple[int, str]]:
+    """``(address, instruction)`` in order."""
+    out = []
+    for line in sass.splitlines():
+        m = _INST.match(line)
+        if m:
+            out.append((int(m[1], 16), m[2]))
+    return out
+
+
+def _branch(text: str):
+    """``(target, conditional)`` of a BRA, else None."""
+    if "BRA" not in text.split():
+        return None
+    m = _BRA.search(text)
+    if not m:
+        return None
+    conditional = text.startswith("@") or bool(re.search(r"BRA\s+!?U?P\d", text))
+    return int(m[1], 16), conditional
+
+
+def loop_paths(insts: list[tuple[int, str]], head: int, tail: int) -> tuple[int, int]:
+    """Shortest and longest instruction count from ``head`` to the back-edge at ``tail`` (forward edges only;
+    inner backward branches fall through; paths leaving the loop are not iterations)."""
+    body = [(a, t) for a, t in insts if head <= a <= tail]
+    index = {a: i for i, (a, _) in enumerate(body)}
+    INF = float("inf")
+    lo, hi = [INF] * len(body), [-INF] * len(body)
+    for i in range(len(body) - 1, -1, -1):
+        a, t = body[i]
+        if a == tail:
+            lo[i] = hi[i] = 1
+            continue
+        succ = []
+        br = _branch(t)
+        if br is not None and br[0] > a:
+            target, cond = br
+            if target in index:
+                succ.append(index[target])
+            if cond:
+                succ.append(i + 1)
+        elif t.startswith("EXIT") or t.startswith("RET"):
+            succ = []
+        else:
+            succ.append(i + 1)  # plain instruction, predicated EXIT or an inner backward branch: fall through
+        cand = [j for j in succ if j < len(body) and lo[j] < INF]
+        if cand:
+            lo[i] = 1 + min(lo[j] for j in cand)
+            hi[i] = 1 + max(hi[j] for j in cand)
+    return int(lo[0]), int(hi[0])
+
+
+def main_loops(insts: list[tuple[int, str]]) -> list[dict]:
+    """Backward branches whose body holds an MMA, outermost first: ``{head, tail, mma, ldg, shortest, longest}``."""
+    loops = []
+    for a, t in insts:
+        br = _branch(t)
+        if br is None or br[0] >= a:
+            continue
+        head = br[0]
+        body = [x for b, x in insts if head <= b <= a]
+        mma = sum(bool(_MMA.search(x)) for x in body)
+        if not mma:
+            continue
+        shortest, longest = loop_paths(insts, head, a)
+        loops.append({"head": head, "tail": a, "instructions": len(body), "mma": mma,
+                      "ldg": sum(" LDG" in f" {x}" for x in body), "shortest": shortest, "longest": longest})
+    # keep the outermost loops (a loop inside another MMA loop is part of its body)
+    loops.sort(key=lambda d: d["head"] - d["tail"])
+    outer = []
+    for lp in loops:
+        if not any(o["head"] <= lp["head"] and lp["tail"] <= o["tail"] for o in outer):
+            outer.append(lp)
+    return sorted(outer, key=lambda d: d["head"])
+
+
+def mma_kind(sass: str) -> str:
+    if "HGMMA" in sass:
+        return "wgmma (HGMMA)"
+    if "HMMA" in sass:
+        return "mma.sync (HMMA)"
+    return "none (FMA)"
+
+
+def _blocks(job) -> tuple[int, int]:
+    names = [p.name for p in job.fn.params]
+    vals = {names[path[0]]: v for path, v in job.constexprs.items()}
+    return int(vals["BLOCK_M"]), int(vals["BLOCK_N"])
+
+
+def profile(full: bool, progress=print) -> dict:
+    import triton
+    from triton.compiler import ASTSource
+
+    from deberta_fast import _compile_check as cc_mod
+
+    t0 = time.time()
+    jobs = cc_mod.build_jobs(cc_mod.scenarios(full), progress)
+    results = cc_mod.compile_all(jobs, cc_mod._default_procs(), progress)
+    rows = []
+    for job, res in zip(jobs, results):
+        row = {"kernel": job.kernel, "cc": job.cc, "launch": job.labels[0], "num_warps": job.options.num_warps,
+               "num_stages": job.options.num_stages, "config": job.describe_constexprs(), "ok": res["ok"]}
+        if not res["ok"]:
+            row["error"] = res["error"]
+            rows.append(row)
+            continue
+        r = res["res"]
+        row.update(regs=r.get("regs"), spill_stores=r.get("spill_stores"), spill_loads=r.get("spill_loads"),
+                   stack=r.get("stack"), shared=res["shared"])
+        kernel = triton.compile(ASTSource(job.fn, job.signature, job.constexprs, job.attrs),  # Triton's cache
+                                target=triton.backends.compiler.GPUTarget("cuda", job.cc, 32),
+                                options=job.options.__dict__)
+        sass = sass_of(kernel.asm["cubin"], job.cc)
+        bm, bn = _blocks(job)
+        per = 32 * job.options.num_warps / (bm * bn)
+        loops = main_loops(parse(sass))
+        for lp in loops:
+            lp["per_element_shortest"] = round(lp["shortest"] * per, 2)
+            lp["per_element_longest"] = round(lp["longest"] * per, 2)
+        row.update(mma=mma_kind(sass), sass_instructions=len(parse(sass)), block_m=bm, block_n=bn, loops=loops)
+        rows.append(row)
+    import torch
+
+    return {"date": time.strftime("%Y-%m-%d"), "triton": triton.__version__, "torch": torch.__version__,
+            "full": full, "seconds": round(time.time() - t0, 1), "kernels": rows}
+
+
+def table(prof: dict) -> str:
+    out = [f"# Static profile of the Triton kernels ({prof['date']}, triton {prof['triton']}, "
+           f"{'full' if prof['full'] else 'default'} tier; compiler output only, no GPU)", "",
+           "Per element = SASS instructions on the shortest / longest path through one main-loop iteration "
+           "x 32 x warps / (BLOCK_M x BLOCK_N); see benchmarks/static.py.", "",
+           "| kernel | target | launch | config | warps/stages | regs | spill st/ld B | smem B | MMA | main loop "
+           "instr/element (shortest - longest) | loop LDG |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(prof["kernels"], key=lambda r: (r["kernel"], r["cc"], r["launch"])):
+        if not r["ok"]:
+            out.append(f"| {r['kernel']} | sm_{r['cc']} | {r['launch']} | {r['config']} | | FAILED | | | | | |")
+            continue
+        loops = "; ".join(f"{lp['per_element_shortest']:g} - {lp['per_element_longest']:g}" for lp in r["loops"]) or "?"
+        ldg = "; ".join(str(lp["ldg"]) for lp in r["loops"])
+        out.append(f"| {r['kernel']} | sm_{r['cc']} | {r['launch']} | {r['config']} | {r['num_warps']}/{r['num_stages']} "
+                   f"| {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r['mma']} | {loops} | "
+                   f"{ldg} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="every launch config (compile_check --full; slow cold)")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/<date>-static")
+    a = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        ap.error("unset TRITON_INTERPRET: the static profile compiles the kernels for the GPU")
+    prof = profile(a.full, lambda m: print(m, file=sys.stderr, flush=True))
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{prof['date']}-static")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "static.json"), "w") as f:
+        json.dump(prof, f, indent=1)
+    md = table(prof)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0 if all(r["ok"] for r in prof["kernels"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

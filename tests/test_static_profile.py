@@ -1,0 +1,32 @@
+"""The SASS reading of ``benchmarks/static.py`` (the static profile's instructions per score element) on
+synthetic listings in cuobjdump's format; the profile itself runs in .ci/run (it compiles the kernels)."""
+from benchmarks.static import loop_paths, main_loops, parse
+
+# head 0x10: a diamond (conditional branch over 3 instructions), an MMA, the back-edge at 0x80; then EXIT
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD R2, R2, R3, RZ ;
+        /*0020*/               @P0 BRA 0x60 ;
+        /*0030*/                   LDG.E R4, desc[UR4][R6.64] ;
+        /*0040*/                   LDG.E R5, desc[UR4][R8.64] ;
+        /*0050*/                   FADD R4, R4, R5 ;
+        /*0060*/                   HMMA.16816.F32 R12, R16, R20, R12 ;
+        /*0070*/                   ISETP.GE.AND P1, PT, R2, R3, PT ;
+        /*0080*/              @!P1 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_shortest_and_longest_path_through_the_loop():
+    insts = parse(SASS)
+    assert len(insts) == 10 and insts[2] == (0x20, "@P0 BRA 0x60")
+    assert loop_paths(insts, 0x10, 0x80) == (5, 8)  # skipping the gathers: 0x10,20,60,70,80; through them: 8
+
+
+def test_main_loop_found_with_its_mma_and_gathers():
+    (lp,) = main_loops(parse(SASS))
+    assert (lp["head"], lp["tail"], lp["mma"], lp["ldg"], lp["shortest"], lp["longest"]) == (0x10, 0x80, 1, 2, 5, 8)
+
+
+def test_loops_without_mma_are_not_main_loops():
+    assert main_loops(parse(SASS.replace("HMMA.16816.F32", "FFMA"))) == []
