@@ -52,7 +52,14 @@ def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int) -> LaunchCo
     short = max(q_len, k_len) <= 64
     if pass_ == "fwd":
         if bd <= 64:
-            return LaunchConfig(64 if short else 128, 64, 4, 3)
+            # 128-row tiles on 8 warps for D = 32/64: spill-free on sm_80 and sm_90 (4 warps: 255 registers and
+            # 400-808 B of spills per thread), same warps per SM.  4 warps stay for 64-row tiles (8 would double
+            # the instructions per score element) and for D <= 16 (a 64x16 K/V tile over 256 threads is 8 B
+            # per thread: no 16-byte cp.async).  Static evidence only (benchmarks/results/2026-12-02-static,
+            # benchmarks/NOTES.md); speed unmeasured until a GPU run.
+            if short:
+                return LaunchConfig(64, 64, 4, 3)
+            return LaunchConfig(128, 64, 8 if bd >= 32 else 4, 3)
         if bd <= 128:
             return LaunchConfig(64 if short else 128, 32, 8, 2)
         return LaunchConfig(64, 32, 8, 1)
