@@ -10,11 +10,13 @@ Stages (in this order; each in a subprocess with its own log, stopped at the bud
   build        the CUDA extension in place (``setup.py build_ext --inplace``, this GPU's arch only), unless
                a carried ``deberta_fast/_C*.so`` built against the same torch already loads
   parity       ``benchmarks.gpu_parity``: triton and cuda vs the fp64 reference at L = 512, 2048, 8192
-  tests        the test suite with the GPU tests enabled (``pytest tests``), junit XML kept
+  tests        the kernel test files with the GPU tests enabled (``GPU_TEST_FILES``; the rest of the suite is
+               CPU logic that CI runs), junit XML kept
   sanitize     ``compute-sanitizer`` memcheck, racecheck, synccheck over ``benchmarks.sanitize_cases`` (both backends)
-  bench-core   ``pytest benchmarks/bench_core.py benchmarks/bench_host.py --profile full``: the attention op against
-               HF eager, SDPA, flex; the per-call host overhead
+  bench-core   ``pytest benchmarks/bench_host.py``, then ``benchmarks/bench_core.py --profile full`` for bf16, then
+               fp16 (each its own results folder): host overhead; the attention op against HF eager, SDPA, flex
   bench-model  ``pytest benchmarks/bench_model.py --profile full``: whole models, with the peers
+  tests-all    (only when named) the whole test suite on the GPU machine
 
 Output folder: ``--out``, else ``$OUT`` (the device tool's folder that comes back), else
 ``benchmarks/results/<date>-<device>-session/``: ``logs/<stage>.log``, ``summary.json``, ``summary.md`` and
@@ -29,6 +31,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,12 +39,19 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["env", "build", "parity", "tests", "sanitize", "bench-core", "bench-model"]
+EXTRA_STAGES = ["tests-all"]  # only when asked for: the whole suite on the GPU machine
 SANITIZER_TOOLS = ["memcheck", "racecheck", "synccheck"]
-#: seconds each stage may take at most (the budget's end stops it earlier); a stage starts only with
-#: at least MIN_START seconds left
-CAPS = {"env": 60, "build": 420, "parity": 300, "tests": 480, "sanitize": 480, "bench-core": 540, "bench-model": 540}
+#: seconds each stage may take at most, all its commands together (the budget's end stops it earlier); a
+#: command starts only with at least MIN_START seconds left
+CAPS = {"env": 60, "build": 420, "parity": 300, "tests": 480, "tests-all": 580, "sanitize": 480, "bench-core": 540,
+        "bench-model": 540}
 MIN_START = 30
-RESERVE = 10  # seconds kept for the summary
+RESERVE = 25  # seconds kept: a timed-out command gets SIGINT and GRACE seconds to write its reports, then the summary
+GRACE = 15
+#: the test files that exercise the kernels (the rest of the suite is CPU logic, run by CI)
+GPU_TEST_FILES = ["tests/test_triton_forward.py", "tests/test_triton_backward.py", "tests/test_triton_varlen.py",
+                  "tests/test_triton_exactness.py", "tests/test_cuda_backend.py", "tests/test_cuda_varlen.py",
+                  "tests/test_training.py", "tests/test_compile.py", "tests/test_compile_model.py"]
 
 
 def _env_script(out: str) -> str:
@@ -56,7 +66,7 @@ def cmd(*a):
         return f"unavailable: {{type(e).__name__}}: {{e}}"
 env["nvidia_smi"] = cmd("nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                         "--format=csv,noheader") if shutil.which("nvidia-smi") else "not found"
-env["nvcc"] = cmd("nvcc", "--version").splitlines()[-1] if shutil.which("nvcc") else "not found"
+env["nvcc"] = (cmd("nvcc", "--version").splitlines() or ["?"])[-1] if shutil.which("nvcc") else "not found"
 env["compute_sanitizer"] = (cmd("compute-sanitizer", "--version").splitlines() or ["?"])[-1] \\
     if shutil.which("compute-sanitizer") else "not found"
 env["cuda_available"] = torch.cuda.is_available()
@@ -72,12 +82,16 @@ def plan(stage: str, out: str, rehearse: bool, py: str) -> list[tuple[str, list[
     if stage == "build":
         arch = ("import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0); "
                 "print(f'{c[0]}{c[1]}' + ('a' if c[0] == 9 else ''))")
-        archs = subprocess.run([py, "-c", arch], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "80"
+        archs = subprocess.run([py, "-c", arch], capture_output=True, text=True, cwd=ROOT,
+                               timeout=120).stdout.strip() or "80"
         check = ("from deberta_fast import _cuda_ext; r = _cuda_ext.unavailable_reason(); "
                  "print('cuda backend:', r or 'available'); raise SystemExit(1 if r else 0)")
         env = {"DEBERTA_FAST_BUILD_CUDA": "0" if rehearse else "1", "DEBERTA_FAST_CUDA_ARCHS": archs,
                "MAX_JOBS": str(os.cpu_count() or 4)}
-        if not rehearse and subprocess.run([py, "-c", check], cwd=ROOT, capture_output=True).returncode == 0:
+        if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
+            env["CUDA_HOME"] = "/usr/local/cuda"  # (torch may guess /usr/local from nvcc's symlink: no headers there)
+        if not rehearse and subprocess.run([py, "-c", check], cwd=ROOT, capture_output=True,
+                                           timeout=120).returncode == 0:
             # a deberta_fast/_C*.so carried along (built elsewhere against the same torch) loads: keep it
             return [("check-prebuilt", [py, "-c", check], {})]
         cmds = [("build_ext", [py, "setup.py", "-q", "build_ext", "--inplace"], env)]
@@ -87,9 +101,13 @@ def plan(stage: str, out: str, rehearse: bool, py: str) -> list[tuple[str, list[
     if stage == "parity":
         return [("parity", [py, "-m", "benchmarks.gpu_parity", "--out", os.path.join(out, "parity")]
                  + (["--rehearse"] if rehearse else []), {})]
+    if stage == "tests-all":
+        return [("pytest-all", [py, "-m", "pytest", "tests", "-p", "no:cacheprovider", "-rfEs",
+                                f"--junitxml={os.path.join(out, 'tests-all.xml')}"], {})]
     if stage == "tests":
-        sel = ["tests/test_functional_api.py", "tests/test_cuda_backend.py", "-k", "not slow"] if rehearse else ["tests"]
-        return [("pytest", [py, "-m", "pytest", *sel, "-q", "-p", "no:cacheprovider", "-rfEs",
+        sel = ["tests/test_functional_api.py", "tests/test_cuda_backend.py", "-k", "not slow"] if rehearse \
+            else GPU_TEST_FILES
+        return [("pytest", [py, "-m", "pytest", *sel, "-p", "no:cacheprovider", "-rfEs",
                             f"--junitxml={os.path.join(out, 'tests.xml')}"], {})]
     if stage == "sanitize":
         cmds = []
@@ -100,20 +118,27 @@ def plan(stage: str, out: str, rehearse: bool, py: str) -> list[tuple[str, list[
                     cmds.append((f"cases-{backend}", case + ["--rehearse"], {}))
                 continue
             for tool in SANITIZER_TOOLS:
+                # no caching allocator: an out-of-bounds access inside a pooled block would go unseen
                 cmds.append((f"{tool}-{backend}", ["compute-sanitizer", "--tool", tool, "--error-exitcode", "3",
-                                                   "--print-limit", "50", *case], {}))
+                                                   "--print-limit", "50", *case],
+                             {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}))
         return cmds
     if stage in ("bench-core", "bench-model"):
-        files = ["benchmarks/bench_core.py", "benchmarks/bench_host.py"] if stage == "bench-core" \
-            else ["benchmarks/bench_model.py"]
-        sel = "fwd" if stage == "bench-core" else "inference and v3-base"
-        extra = ["--profile", "quick", "-k", sel] if rehearse else ["--profile", "full"]
-        return [(stage, [py, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", *extra,
-                         "--results-dir", os.path.join(out, "results")], {})]
+        common = ["-q", "-p", "no:cacheprovider", "--profile", "quick" if rehearse else "full",
+                  "--results-dir", os.path.join(out, "results")]
+        if stage == "bench-model":
+            parts = [("model", "benchmarks/bench_model.py", "inference and v3-base" if rehearse else None)]
+        else:  # each part saves its own results folder: what ran before a timeout is kept
+            parts = [("host", "benchmarks/bench_host.py", None),
+                     ("core-bf16", "benchmarks/bench_core.py", "fwd" if rehearse else "bfloat16")]
+            if not rehearse:
+                parts.append(("core-fp16", "benchmarks/bench_core.py", "float16 and not bfloat16"))
+        return [(label, [py, "-m", "pytest", file, *common, *(["-k", sel] if sel else [])], {})
+                for label, file, sel in parts]
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
 
-def _sanitizer_problem(py: str) -> str | None:
+def _sanitizer_problem(py: str, timeout: float) -> str | None:
     """Why compute-sanitizer cannot watch this machine's GPU (gVisor refuses the device), or None."""
     exe = shutil.which("compute-sanitizer")
     if exe is None:
@@ -121,9 +146,9 @@ def _sanitizer_problem(py: str) -> str | None:
     try:
         p = subprocess.run([exe, "--tool", "memcheck", "--error-exitcode", "3", py, "-c",
                             "import torch; torch.ones(8, device='cuda').sum().item()"],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return "compute-sanitizer's probe did not finish within 120 s"
+        return f"compute-sanitizer's probe did not finish within {timeout:.0f} s"
     if p.returncode != 0:
         return f"compute-sanitizer's probe failed (status {p.returncode}): {(p.stdout + p.stderr).strip()[-300:]}"
     return None
@@ -134,7 +159,7 @@ def _install_wheels(out: str) -> tuple[str | None, str]:
     wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
     if not wheels:
         return None, "no wheels carried in .whl/"
-    site = os.path.join(tempfile.gettempdir(), "deberta_fast_site")
+    site = tempfile.mkdtemp(prefix="deberta_fast_site_")
     p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--no-cache-dir", "--upgrade", "--target", site, *wheels], capture_output=True, text=True)
     names = ", ".join(os.path.basename(w).split("-")[0] for w in wheels)
@@ -143,41 +168,58 @@ def _install_wheels(out: str) -> tuple[str | None, str]:
     return site, f"installed {names} into {site}"
 
 
+def _run(argv, env, log, timeout) -> object:
+    """Runs ``argv`` in its own process group with stdout/stderr to ``log``; at the timeout the whole group
+    gets SIGINT (pytest then still writes its junit XML, benchmark results and summary), and SIGKILL after
+    GRACE seconds.  Returns the exit status or "timeout"."""
+    with open(log, "a") as f:
+        p = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for sig, wait in ((signal.SIGINT, GRACE), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    p.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            return "timeout"
+
+
 def run_stage(stage, out, rehearse, py, env, deadline) -> dict:
     t0 = time.time()
+    stage_end = min(deadline - RESERVE, t0 + CAPS[stage])
     res = {"stage": stage, "commands": []}
     if stage == "sanitize" and not rehearse:
-        why = _sanitizer_problem(py)
+        left = stage_end - time.time()
+        why = _sanitizer_problem(py, min(120.0, left)) if left >= MIN_START else "no time left in the budget"
         if why:
-            res.update(status="skipped", reason=why, seconds=time.time() - t0)
+            res.update(status="skipped", reason=why, seconds=round(time.time() - t0, 1))
             return res
     log_dir = os.path.join(out, "logs")
     status = "pass"
     for label, argv, extra in plan(stage, out, rehearse, py):
-        left = deadline - time.time() - RESERVE
+        left = stage_end - time.time()
         if left < MIN_START:
             res["commands"].append({"label": label, "status": "skipped", "reason": "no time left in the budget"})
             status = "incomplete" if status == "pass" else status
             continue
-        timeout = min(CAPS[stage], left)
         log = os.path.join(log_dir, f"{stage}-{label}.log" if label != stage else f"{stage}.log")
         c0 = time.time()
         with open(log, "w") as f:
-            f.write(f"$ {' '.join(argv)}\n# extra env: {extra}; timeout {timeout:.0f} s\n")
-            f.flush()
-            try:
-                p = subprocess.run(argv, cwd=ROOT, env={**env, **extra}, stdout=f, stderr=subprocess.STDOUT,
-                                   timeout=timeout)
-                rc = p.returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        with open(log) as f:
+            f.write(f"$ {' '.join(argv)}\n# extra env: {extra}; timeout {left:.0f} s\n")
+        rc = _run(argv, {**env, **extra}, log, left)
+        with open(log, errors="replace") as f:
             tail = f.read()[-1500:]
         ok = rc == 0
-        if stage == "tests" and rc == 5:
+        if stage.startswith("tests") and rc == 5:
             ok = False  # nothing collected is a failure, never a pass
         cmd = {"label": label, "rc": rc, "seconds": round(time.time() - c0, 1), "log": os.path.relpath(log, out),
-               "tail": tail.strip().splitlines()[-1:] }
+               "tail": tail.strip().splitlines()[-1:]}
         cmd["status"] = "pass" if ok else ("timeout" if rc == "timeout" else "FAIL")
         res["commands"].append(cmd)
         if not ok:
@@ -210,9 +252,11 @@ def main(argv=None) -> int:
     t0 = time.time()
     deadline = t0 + args.budget
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages:
+        ap.error(f"no stage given; stages: {', '.join(STAGES)}")
     for s in stages:
-        if s not in STAGES:
-            ap.error(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+        if s not in STAGES + EXTRA_STAGES:
+            ap.error(f"unknown stage {s!r}; stages: {', '.join(STAGES + EXTRA_STAGES)}")
     import torch
 
     gpu = torch.cuda.is_available()
@@ -236,14 +280,21 @@ def main(argv=None) -> int:
         env.setdefault("DEBERTA_FAST_BENCH_PROFILE", "quick")
     print(f"gpu_session: {device}; stages {', '.join(stages)}; budget {args.budget:.0f} s; out {out}; {wheels}",
           flush=True)
-    results = [run_stage(s, out, args.rehearse, sys.executable, env, deadline) for s in stages]
-    summary = {"date": date, "device": device, "rehearse": args.rehearse, "budget_s": args.budget,
-               "seconds": round(time.time() - t0, 1), "wheels": wheels, "stages": results}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    md = summary_md(summary)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(md)
+    env["DEBERTA_FAST_IN_GPU_SESSION"] = "1"  # (tests that would start a nested session skip)
+    results = []
+    for s in stages:  # the summary is rewritten after every stage: an overrun keeps what was done
+        try:
+            results.append(run_stage(s, out, args.rehearse, sys.executable, env, deadline))
+        except Exception as e:  # noqa: BLE001 - a fault of the driver must not lose the other stages
+            results.append({"stage": s, "status": "FAIL", "reason": f"driver error: {type(e).__name__}: {e}",
+                            "commands": [], "seconds": 0.0})
+        summary = {"date": date, "device": device, "rehearse": args.rehearse, "budget_s": args.budget,
+                   "seconds": round(time.time() - t0, 1), "wheels": wheels, "stages": results}
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        md = summary_md(summary)
+        with open(os.path.join(out, "summary.md"), "w") as f:
+            f.write(md)
     print("\n" + md)
     return 1 if any(r["status"] in ("FAIL", "timeout") for r in results) else 0
 

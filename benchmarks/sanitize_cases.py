@@ -49,9 +49,11 @@ def _mask(kind, B, H, Lq, Lk, device, g):
 def _run(fn, tensors) -> str:
     try:
         out = fn()
+        out.float().square().sum().backward()
     except BackendUnavailableError as e:
         return f"refused: {str(e).splitlines()[0][:160]}"
-    out.float().square().sum().backward()
+    except Exception as e:  # noqa: BLE001 - a failing variant is reported; the others still run
+        return f"FAIL: raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     grads = [t.grad for t in tensors if t is not None]
     bad = [i for i, x in enumerate([out] + grads) if not torch.isfinite(x).all()]
     return "ok" if not bad else f"FAIL: non-finite values in results {bad}"

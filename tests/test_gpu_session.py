@@ -10,6 +10,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+needs_no_session = pytest.mark.skipif(os.environ.get("DEBERTA_FAST_IN_GPU_SESSION") == "1",
+                                      reason="inside a GPU session: no nested session")
+
+
 def _session(tmp_path, *args):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("OUT", None)
@@ -17,6 +21,7 @@ def _session(tmp_path, *args):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+@needs_no_session
 def test_rehearsal_writes_env_logs_and_summary(tmp_path):
     p = _session(tmp_path, "--stages", "env,build", "--budget", "600")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -31,6 +36,7 @@ def test_rehearsal_writes_env_logs_and_summary(tmp_path):
     assert p.stdout.rstrip().endswith("|"), "the summary table is printed last"
 
 
+@needs_no_session
 def test_a_stage_without_time_is_skipped_not_failed(tmp_path):
     p = _session(tmp_path, "--stages", "parity", "--budget", "1")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -38,6 +44,7 @@ def test_a_stage_without_time_is_skipped_not_failed(tmp_path):
     assert stage["status"] == "incomplete" and stage["commands"][0]["reason"] == "no time left in the budget"
 
 
+@needs_no_session
 def test_unknown_stage_and_gpu_mode_without_gpu_are_refused(tmp_path):
     import torch
 
@@ -56,11 +63,30 @@ def test_gpu_plan_covers_every_deliverable(tmp_path):
 
     labels = {s: [c[0] for c in gs.plan(s, str(tmp_path), False, sys.executable)] for s in gs.STAGES if s != "build"}
     assert labels["sanitize"] == [f"{t}-{b}" for b in ("cuda", "triton") for t in ("memcheck", "racecheck", "synccheck")]
+    assert labels["bench-core"] == ["host", "core-bf16", "core-fp16"] and labels["bench-model"] == ["model"]
     argv = dict((c[0], c[1]) for s in ("parity", "tests", "bench-core", "bench-model")
                 for c in gs.plan(s, str(tmp_path), False, sys.executable))
     assert "--rehearse" not in argv["parity"]
-    assert argv["pytest"][3] == "tests"  # the whole suite, GPU tests enabled by the GPU itself
-    assert "full" in argv["bench-core"] and "full" in argv["bench-model"]
+    assert all(os.path.exists(os.path.join(ROOT, f)) for f in gs.GPU_TEST_FILES)
+    assert argv["pytest"][3:3 + len(gs.GPU_TEST_FILES)] == gs.GPU_TEST_FILES
+    assert all("full" in argv[k] for k in ("host", "core-bf16", "core-fp16", "model"))
+    sanitize = gs.plan("sanitize", str(tmp_path), False, sys.executable)
+    assert all(extra == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} for _, _, extra in sanitize)
+
+
+@needs_no_session
+def test_a_timed_out_command_gets_sigint_first(tmp_path):
+    """pytest, interrupted, still writes its reports: the session sends SIGINT to the command's process group,
+    and SIGKILL only after a grace period."""
+    from benchmarks import gpu_session as gs
+
+    log = tmp_path / "log"
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGINT, lambda *a: (print('got SIGINT', flush=True), sys.exit(7)))\n"
+              "time.sleep(60)\n")
+    t0 = __import__("time").time()
+    rc = gs._run([sys.executable, "-c", script], dict(os.environ), str(log), timeout=2)
+    assert rc == "timeout" and "got SIGINT" in log.read_text() and __import__("time").time() - t0 < 30
 
 
 def test_parity_table_lists_every_error():
