@@ -108,3 +108,23 @@ def test_parity_rehearsal_passes(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     rows = json.loads((tmp_path / "parity.json").read_text())["rows"]
     assert rows and all(r["status"] == "pass" for r in rows)
+
+
+def test_sanitize_workload_walks_every_variant_and_reports_refusals(capsys):
+    """The sanitizer workload's loops on CPU: the cuda backend cannot take CPU tensors, so every variant (padded
+    and packed) must come back refused with its reason, none silently dropped or failed."""
+    from benchmarks import sanitize_cases
+
+    assert sanitize_cases.main(["--backend", "cuda", "--rehearse"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith(("padded", "varlen"))]
+    assert len(lines) >= 10 and all(": refused: " in ln for ln in lines), out[-2000:]
+    assert any(ln.startswith("varlen") for ln in lines)
+    assert "0 ran" in out and "0 failed" in out
+
+
+def test_sanitizer_probe_says_why_it_cannot_run(monkeypatch):
+    from benchmarks import gpu_session as gs
+
+    monkeypatch.setattr(gs.shutil, "which", lambda name: None)
+    assert gs._sanitizer_problem(sys.executable, 5.0) == "compute-sanitizer is not on the PATH"
