@@ -50,3 +50,19 @@ def test_trace_constant_is_what_torch_assume_constant_result_sets():
     torch.compiler.assume_constant_result(a)
     trace_constant(b)
     assert a.__dict__ == b.__dict__ and b.__dict__
+
+
+def test_slot_band_is_a_trace_constant():
+    """The cuda backend reads slot_band outside its custom op: under fullgraph compile it must be a constant
+    (the eager computation uses .nonzero() and int(), which would break the graph)."""
+    from deberta_fast.positions import slot_band
+
+    def f(x):
+        band = slot_band(256, 512)
+        return x + band.hi - band.lo
+
+    torch._dynamo.reset()
+    eager = f(torch.zeros(2))
+    compiled = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2))
+    torch.testing.assert_close(compiled, eager)
+    assert eager[0].item() == slot_band(256, 512).hi - slot_band(256, 512).lo
