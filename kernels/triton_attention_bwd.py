@@ -28,7 +28,7 @@ from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _segmen
 
 @triton.jit
 def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
-                  b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, seed,
+                  b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, drop_thresh, seed,
                   KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
                   HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr,
                   DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -43,7 +43,7 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, off
     dp = _mm(do, tl.trans(v), UPCAST, PREC)
     if DROPOUT:
         inv_keep = 1.0 / (1.0 - p_drop)
-        keep = _dropout_keep(seed, bh, offs_m, offs_n, p_drop)
+        keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N)
         pd = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dp * inv_keep, 0.0)
     else:
@@ -53,12 +53,12 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, off
     return pd, ds
 
 
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
+@triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
 def disentangled_bwd_dkdv_kernel(
     Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, RUNS, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, p_drop, seed,
+    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -102,7 +102,7 @@ def disentangled_bwd_dkdv_kernel(
         logsum = tl.load(LOGSUM + qrow0 + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
         pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
-                               b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, seed,
+                               b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, drop_thresh, seed,
                                KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
                                HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
         dv += _mm(tl.trans(pd.to(do.dtype)), do, UPCAST, PREC)
@@ -125,12 +125,12 @@ def disentangled_bwd_dkdv_kernel(
     tl.store(DV + out, dv, mask=kv_ok)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
+@triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
 def disentangled_bwd_dq_kernel(
     Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, RUNS, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, p_drop, seed,
+    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -173,7 +173,7 @@ def disentangled_bwd_dq_kernel(
         k = _tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
         v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
         _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
-                              b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, seed,
+                              b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, drop_thresh, seed,
                               KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
         dq += _mm(ds.to(k.dtype), k, UPCAST, PREC)

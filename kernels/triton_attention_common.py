@@ -146,15 +146,19 @@ def _scores(q, k, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, b, h,
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, p_drop):
-    """Keep-mask ``[BLOCK_M, BLOCK_N]`` of attention dropout: Philox on the counters
-    ``(j, i, b*H + h, 0)`` (each below 2**32 for any length), keep where ``u >= p_drop``."""
-    zero = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.uint32)
-    c0 = offs_n.to(tl.uint32)[None, :] + zero
+def _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N: tl.constexpr):
+    """Keep-mask ``[BLOCK_M, BLOCK_N]`` of attention dropout, the CUDA kernels' stream: key ``seed``,
+    counter ``(j // 4, i, b*H + h, 0)``, word ``j % 4`` of Philox4x32-10, kept iff the word is
+    ``>= drop_thresh = round(p * 2**32)`` (int32 bit pattern of the uint32 threshold).  One Philox call
+    serves 4 keys (``start_n`` and ``BLOCK_N`` are multiples of 4)."""
+    zero = tl.zeros([offs_m.shape[0], BLOCK_N // 4], dtype=tl.uint32)
+    c0 = (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)[None, :] + zero
     c1 = offs_m.to(tl.uint32)[:, None] + zero
     c2 = bh.to(tl.uint32) + zero
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, zero)
-    return tl.uint_to_uniform_float(r) >= p_drop
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, zero)
+    # [M, N/4, 2, 2] -> [M, N]: position 4g + 2a + b holds word 2a + b of group g
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [offs_m.shape[0], BLOCK_N])
+    return words >= drop_thresh.to(tl.uint32, bitcast=True)
 
 
 @triton.jit

@@ -21,12 +21,12 @@ import triton.language as tl
 from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _sequence, _tile
 
 
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
+@triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
 def disentangled_fwd_kernel(
     Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, ROWMAX, LOGSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, seed,
+    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -70,7 +70,7 @@ def disentangled_fwd_kernel(
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, p_drop)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N)
             p = tl.where(keep, p * inv_keep, 0.0)
         v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)

@@ -166,6 +166,13 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
                      runs, run_rows, unique)
 
 
+def _drop_threshold(p: float) -> int:
+    """Dropout keeps a Philox word ``w`` iff ``w >= round(p * 2**32)`` (uint32, as the CUDA kernels); passed as
+    the int32 with the same bits, so that every rate launches the same compiled kernel."""
+    t = min(round(float(p) * 2.0 ** 32), 2 ** 32 - 1)
+    return t - 2 ** 32 if t >= 2 ** 31 else t
+
+
 def _qkvo_strides(q, k, v, o):
     return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
 
@@ -184,7 +191,7 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     disentangled_fwd_kernel[grid](
         q, k, v, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args, out, stats[0], stats[1],
         *_qkvo_strides(q, k, v, out), *pr.mask_strides,
-        H, Lq, Lk, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed),
+        H, Lq, Lk, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pr.constexprs)
     return out, stats
@@ -233,7 +240,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     c_sum = torch.zeros((B, H, Lq, pr.nrun), **f32) if has_c2p else dummy
     p_sum = torch.zeros((B, H, Lk, pr.nrun), **f32) if has_p2c else dummy
     common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
-              H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, float(dropout_p), int(seed))
+              H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed))
     cfg = launch_config("bwd", Lq, Lk, D)
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pr.constexprs)
@@ -286,7 +293,7 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     disentangled_fwd_kernel[grid](
         q, k, v, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args, out, stats[0], stats[1],
         *_varlen_strides(q, k, v, out), *pr.mask_strides,
-        H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p), int(seed),
+        H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pr.constexprs)
     return out, stats
@@ -316,7 +323,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     c_sum = torch.zeros((H, Tq, pr.nrun), **f32) if has_c2p else dummy
     p_sum = torch.zeros((H, Tk, pr.nrun), **f32) if has_p2c else dummy
     common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot,
-              pr.nrun, float(scale), *pr.band, float(dropout_p), int(seed))
+              pr.nrun, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed))
     cfg = launch_config("bwd", max_seqlen_q, max_seqlen_k, D)
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pr.constexprs)

@@ -18,7 +18,7 @@ from deberta_fast.dispatch import BackendUnavailableError, build_varlen_call
 from deberta_fast.positions import attention_span, relative_slot_table, slot_band
 from deberta_fast.reference import default_scale
 
-from test_cuda_backend import philox4x32_10  # noqa: E402  (numpy Philox, checked against Random123 there)
+from philox_ref import philox4x32_10  # noqa: E402  (numpy Philox, checked against Random123 in test_cuda_backend)
 
 HAS_CUDA = torch.cuda.is_available()
 BUILT = _cuda_ext.load() is not None

@@ -6,6 +6,7 @@ import torch
 from deberta_fast import disentangled_attention, disentangled_attention_reference
 from deberta_fast.backends.triton_backend import triton_attention
 from deberta_fast.dispatch import build_call
+from philox_ref import keep_mask
 
 from triton_cases import (BUCKETED, UNBUCKETED, V3, assert_close_fp32, assert_close_lowp, cast, grads, make_inputs,
                           max_err, reference_fn, triton_fn)
@@ -104,7 +105,7 @@ def test_backward_is_deterministic():
 P_DROP = 0.3
 
 
-def recover_keep_mask(B, H, Lq, Lk, seed, buckets=BUCKETED):
+def recover_keep_mask(B, H, Lq, Lk, seed, buckets=BUCKETED, p=P_DROP):
     """The kernel's keep-mask for ``seed``: with ``V`` = identity (``D = Lk``) the output is
     ``probs * keep / (1 - p)``.  The mask depends on (seed, b*H+h, i, j) only, not on the data."""
     q, k, _, pk, pq, _, kw = make_inputs(B, H, Lq, Lk, Lk, buckets=buckets)
@@ -112,9 +113,9 @@ def recover_keep_mask(B, H, Lq, Lk, seed, buckets=BUCKETED):
     out = triton_attention(q, k, v, pk, pq, position_buckets=kw["position_buckets"],
                            max_relative_positions=kw["max_relative_positions"], span=pk.shape[-2] // 2,
                            scale=build_call(q, k, v, pk, pq, attention_mask=None, scale=None, dropout_p=0.0,
-                                            **kw).scale, dropout_p=P_DROP, seed=seed)
+                                            **kw).scale, dropout_p=p, seed=seed)
     _, probs = disentangled_attention_reference(*cast((q, k, v, pk, pq), torch.float64), return_probs=True, **kw)
-    ratio = out.double() * (1 - P_DROP) / probs
+    ratio = out.double() * (1 - p) / probs
     keep = ratio > 0.5
     # every entry is exactly dropped (0) or kept and rescaled by 1/(1-p) (1)
     assert max_err(ratio, keep.double()) < 1e-4
@@ -130,6 +131,16 @@ def test_dropout_keep_rate_and_independence():
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
     assert not torch.equal(keep[..., :16, :], keep[..., 16:32, :])
     assert not torch.equal(keep, recover_keep_mask(2, 2, 48, 32, seed=1235))
+
+
+@pytest.mark.parametrize("seed, p", [(1234, 0.3), (2**40 + 77, 0.5), (5, 0.875)])
+def test_dropout_mask_is_the_cuda_kernels_stream(seed, p):
+    """Word j%4 of Philox4x32-10(key=seed, counter=(j//4, i, b*H+h, 0)) >= round(p*2^32), as the CUDA
+    kernels draw it (numpy Philox checked against Random123): one Philox call per 4 keys, a 64-bit seed
+    (both key words), thresholds at and above 2^31, odd Lk (a last partial group of 4)."""
+    B, H, Lq, Lk = 2, 3, 37, 29
+    keep = recover_keep_mask(B, H, Lq, Lk, seed, p=p)
+    assert torch.equal(keep, keep_mask(seed, 0, B, H, Lq, Lk, p))
 
 
 def test_dropout_forward_backward_match_reference_with_same_mask():
