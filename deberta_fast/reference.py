@@ -77,10 +77,9 @@ def normalize_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: in
                 f"a 2-D attention_mask must be [B, Lk] = [{batch}, {k_len}] (key padding), got {list(m.shape)}")
         km = m.bool()
         if q_len == k_len:
-            uniform = ~km
+            uniform = ~km  # also covers a row of a sequence with no key at all (every key masked)
         else:
-            uniform = torch.zeros(batch, q_len, dtype=torch.bool, device=m.device)
-        uniform = uniform | ~km.any(-1, keepdim=True)
+            uniform = (~km.any(-1, keepdim=True)).expand(batch, q_len)
         return "key", km, None, uniform[:, None, :]
     if m.dim() == 3:
         m = m[:, None]

@@ -21,7 +21,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from deberta_fast.positions import relative_run_table, slot_band, trimmed_slot_table
 
@@ -32,6 +31,16 @@ from .triton_attention_fwd import disentangled_fwd_kernel
 def interpreting() -> bool:
     """True when Triton runs kernels under its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (``triton.next_power_of_2`` / ``triton.cdiv`` are constexpr functions
+    costing ~6 us of host time per call; this path runs on every attention call)."""
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,7 @@ def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int) -> LaunchCo
     untuned starting points (see benchmarks/NOTES.md)."""
     if interpreting():
         return LaunchConfig(32, 32, 1, 1)
-    bd = max(16, triton.next_power_of_2(head_dim))
+    bd = max(16, _next_pow2(head_dim))
     short = max(q_len, k_len) <= 64
     if pass_ == "fwd":
         if bd <= 64:
@@ -95,6 +104,19 @@ def lse_from_stats(stats: torch.Tensor) -> torch.Tensor:
     return (stats[0] + stats[1]) / LOG2E
 
 
+_DUMMIES: dict = {}
+
+
+def _dummies(device: torch.device):
+    """``(uint8 [1], int32 [1], float32 [1])`` zeros on ``device``, created once: the pointers of absent
+    operands (never read by the kernels; allocating them cost host time on every call)."""
+    d = _DUMMIES.get(device)
+    if d is None:
+        d = _DUMMIES[device] = tuple(torch.zeros(1, dtype=t, device=device)
+                                     for t in (torch.uint8, torch.int32, torch.float32))
+    return d
+
+
 @dataclass
 class _Prepared:
     """Everything the three kernels share: tables, mask pointers/strides, constexprs."""
@@ -123,7 +145,7 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     ``backward``: also the run table of the relative gradients."""
     D = q.shape[-1]
     Lq, Lk = table_lens if table_lens is not None else (q.shape[-2], k.shape[-2])
-    dummy = torch.empty(1, device=q.device, dtype=torch.float32)
+    dummy_u8, dummy_i32, dummy = _dummies(q.device)
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
     rows = slice(0, 2 * span)
     if has_c2p or has_p2c:
@@ -134,13 +156,13 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
         lim = Lq + Lk + 1  # keep the band in int32; beyond +-lim nothing changes
         band_lo, band_hi = max(band.lo, -lim), min(band.hi, lim)
     else:
-        table, band_lo, band_hi = torch.zeros(1, dtype=torch.int32, device=q.device), -1, 1
+        table, band_lo, band_hi = dummy_i32, -1, 1
     runs, run_rows, unique = table, None, True
     if backward and (has_c2p or has_p2c):
         runs, run_rows, unique = relative_run_table(Lq, Lk, position_buckets, max_relative_positions, span, q.device)
     c2p = _table_gemm(q, pos_key[..., rows, :]) if has_c2p else dummy
     p2c = _table_gemm(k, pos_query[..., rows, :]) if has_p2c else dummy
-    kmask = fmask = uni = torch.zeros(1, dtype=torch.uint8, device=q.device)
+    kmask = fmask = uni = dummy_u8
     s_kmb = s_fmb = s_fmh = s_fmm = s_unb = s_unh = 0
     mask_kind = 0
     if key_mask is not None:
@@ -160,7 +182,7 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
         s_unh = uni.stride(1) if uni.shape[1] > 1 else 0
     prec = "tf32" if q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     constexprs = dict(HAS_C2P=has_c2p, HAS_P2C=has_p2c, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
-                      VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, triton.next_power_of_2(D)))
+                      VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, _next_pow2(D)))
     return _Prepared(c2p, p2c, table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
                      rows.stop - rows.start if (has_c2p or has_p2c) else 1, (band_lo, band_hi), constexprs, rows,
                      runs, run_rows, unique)
@@ -187,7 +209,7 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
     cfg = launch_config("fwd", Lq, Lk, D)
-    grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    grid = (_cdiv(Lq, cfg.block_m), B * H)
     disentangled_fwd_kernel[grid](
         q, k, v, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args, out, stats[0], stats[1],
         *_qkvo_strides(q, k, v, out), *pr.mask_strides,
@@ -235,7 +257,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     dq = torch.empty((B, H, Lq, D), **f32)
     dk = torch.empty((B, H, Lk, D), **f32)
     dv = torch.empty((B, H, Lk, D), **f32)
-    dummy = torch.empty(1, **f32)
+    dummy = _dummies(q.device)[2]
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
     c_sum = torch.zeros((B, H, Lq, pr.nrun), **f32) if has_c2p else dummy
     p_sum = torch.zeros((B, H, Lk, pr.nrun), **f32) if has_p2c else dummy
@@ -246,9 +268,9 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
                   **pr.constexprs)
     inputs = (q, k, v, do, stats[0], stats[1], delta, pr.c2p, pr.p2c, pr.table, pr.runs, pr.table, pr.table,
               *pr.mask_args)
-    disentangled_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * H)](
+    disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.block_n), B * H)](
         *inputs, dk, dv, p_sum, *common, **launch)
-    disentangled_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
+    disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.block_m), B * H)](
         *inputs, dq, c_sum, *common, **launch)
     dpos_key = dpos_query = None
     if has_c2p:
@@ -289,7 +311,7 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     stats = torch.zeros((2, H, Tq), device=q.device, dtype=torch.float32)
     stats[1] = float("inf")
     cfg = launch_config("fwd", max_seqlen_q, max_seqlen_k, D)
-    grid = (triton.cdiv(max_seqlen_q, cfg.block_m), N * H)
+    grid = (_cdiv(max_seqlen_q, cfg.block_m), N * H)
     disentangled_fwd_kernel[grid](
         q, k, v, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args, out, stats[0], stats[1],
         *_varlen_strides(q, k, v, out), *pr.mask_strides,
@@ -318,7 +340,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     dq = torch.zeros((H, Tq, D), **f32)
     dk = torch.zeros((H, Tk, D), **f32)
     dv = torch.zeros((H, Tk, D), **f32)
-    dummy = torch.empty(1, **f32)
+    dummy = _dummies(q.device)[2]
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
     c_sum = torch.zeros((H, Tq, pr.nrun), **f32) if has_c2p else dummy
     p_sum = torch.zeros((H, Tk, pr.nrun), **f32) if has_p2c else dummy
@@ -329,9 +351,9 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
                   **pr.constexprs)
     inputs = (q, k, v, do, stats[0], stats[1], delta, pr.c2p, pr.p2c, pr.table, pr.runs, cu_seqlens_q,
               cu_seqlens_k, *pr.mask_args)
-    disentangled_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, cfg.block_n), N * H)](
+    disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.block_n), N * H)](
         *inputs, dk, dv, p_sum, *common, **launch)
-    disentangled_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, cfg.block_m), N * H)](
+    disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.block_m), N * H)](
         *inputs, dq, c_sum, *common, **launch)
     dpos_key = dpos_query = None
     if has_c2p:

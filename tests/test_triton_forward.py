@@ -143,3 +143,66 @@ def test_table_gemm_float32_tables(dev, dtype):
         want = x.double() @ pos.double().transpose(-1, -2)
         assert got.dtype == torch.float32 and got.shape == want.shape and got.is_contiguous()
         assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+# ------------------------------------------------------------------ eager fast path around the custom ops
+
+def test_eager_calls_skip_the_custom_op_dispatch_but_tracers_see_the_op():
+    """In eager mode with plain tensors the autograd functions call the ops' implementations directly (the op's
+    dispatch is host time for nothing); a torch function / dispatch mode (FakeTensor, export, compile) or a tensor
+    subclass goes through the custom op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+
+    from deberta_fast.backends.triton_backend import _direct
+
+    t = torch.randn(2, 3)
+    assert _direct(t, None, t)
+    assert not _direct(t, torch.nn.Parameter(torch.randn(2)))
+    with TorchFunctionMode():
+        assert not _direct(t)
+    with FakeTensorMode():
+        assert not _direct(t)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_eager_fast_path_equals_the_custom_op(monkeypatch, packed):
+    """Forward and all five gradients, with dropout, bitwise equal through the direct path and the custom op."""
+    from deberta_fast import disentangled_attention_varlen
+    from deberta_fast.backends import triton_backend
+
+    q, k, v, pk, pq, mask, kw = make_inputs(2, 2, 23, 23, 16, mask="key")
+    do = torch.randn(2, 2, 23, 16)
+
+    def run():
+        ts = [t.clone().requires_grad_() for t in (q, k, v, pk, pq)]
+        torch.manual_seed(7)
+        if packed:
+            a, b, c = (t.transpose(1, 2).reshape(46, 2, 16) for t in ts[:3])
+            cu = torch.tensor([0, 23, 46], dtype=torch.int32)
+            out = disentangled_attention_varlen(a, b, c, ts[3], ts[4], cu, cu, 23, 23, dropout_p=0.25,
+                                                backend="triton", **kw)
+            out = out.reshape(2, 23, 2, 16).transpose(1, 2)
+        else:
+            out = disentangled_attention(*ts, attention_mask=mask, dropout_p=0.25, backend="triton", **kw)
+        return [out] + list(torch.autograd.grad(out, ts, do))
+
+    calls = []
+    real = triton_backend._direct
+    monkeypatch.setattr(triton_backend, "_direct", lambda *t: calls.append(real(*t)) or calls[-1])
+    fast = run()
+    assert calls == [True, True]
+    monkeypatch.setattr(triton_backend, "_direct", lambda *t: False)
+    slow = run()
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_host_integer_helpers_match_triton():
+    """The launcher's plain ``_next_pow2`` / ``_cdiv`` (triton's are constexpr functions, ~6 us per call)."""
+    import triton
+
+    from deberta_fast._kernels.triton_attention_launch import _cdiv, _next_pow2
+
+    assert all(_next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 4100))
+    assert all(_cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))

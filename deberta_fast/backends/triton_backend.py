@@ -52,16 +52,18 @@ def interpreter_problem() -> Optional[str]:
     return None
 
 
-@torch.library.custom_op("deberta_fast::triton_fwd", mutates_args=())
-def triton_fwd(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
-               key_mask: Optional[Tensor], full_mask: Optional[Tensor], uniform_rows: Optional[Tensor],
-               position_buckets: int, max_relative_positions: int, span: int, scale: float,
-               dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+def _triton_fwd_impl(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
+                     key_mask: Optional[Tensor], full_mask: Optional[Tensor], uniform_rows: Optional[Tensor],
+                     position_buckets: int, max_relative_positions: int, span: int, scale: float,
+                     dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
     """``(out [B,H,Lq,D], stats float32 [2,B,H,Lq])``: softmax row max and log2 row sum of the
     log2-domain scores (``lse_from_stats`` in the launch module gives the natural log-sum-exp)."""
     return _launch().attention_forward(
         q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets=position_buckets,
         max_relative_positions=max_relative_positions, span=span, scale=scale, dropout_p=dropout_p, seed=seed)
+
+
+triton_fwd = torch.library.custom_op("deberta_fast::triton_fwd", mutates_args=())(_triton_fwd_impl)
 
 
 @triton_fwd.register_fake
@@ -70,18 +72,20 @@ def _(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_b
     return q.new_empty(q.shape), q.new_empty((2, *q.shape[:3]), dtype=torch.float32)
 
 
-@torch.library.custom_op("deberta_fast::triton_bwd", mutates_args=())
-def triton_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
-               pos_query: Optional[Tensor], out: Tensor, stats: Tensor, key_mask: Optional[Tensor],
-               full_mask: Optional[Tensor], uniform_rows: Optional[Tensor], position_buckets: int,
-               max_relative_positions: int, span: int, scale: float, dropout_p: float,
-               seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _triton_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
+                     pos_query: Optional[Tensor], out: Tensor, stats: Tensor, key_mask: Optional[Tensor],
+                     full_mask: Optional[Tensor], uniform_rows: Optional[Tensor], position_buckets: int,
+                     max_relative_positions: int, span: int, scale: float, dropout_p: float,
+                     seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dpos_key, dpos_query)``; an absent position gradient is an empty tensor."""
     dq, dk, dv, dpk, dpq = _launch().attention_backward(
         do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows,
         position_buckets=position_buckets, max_relative_positions=max_relative_positions, span=span,
         scale=scale, dropout_p=dropout_p, seed=seed)
     return dq, dk, dv, q.new_empty(0) if dpk is None else dpk, q.new_empty(0) if dpq is None else dpq
+
+
+triton_bwd = torch.library.custom_op("deberta_fast::triton_bwd", mutates_args=())(_triton_bwd_impl)
 
 
 @triton_bwd.register_fake
@@ -97,15 +101,28 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
 
 
+def _direct(*tensors) -> bool:
+    """True when a custom op's plain implementation may be called instead of the op: eager mode, plain
+    tensors, no torch function / dispatch mode (torch.compile, export, FakeTensor, functionalization and
+    tensor subclasses all see the custom op).  The op's eager dispatch costs host time on every call (60-120 us
+    per forward measured on the 2-core CPU machine, 2026-12-02; benchmarks/NOTES.md, "Host path") and adds
+    nothing there."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack():
+        return False
+    return all(t is None or type(t) is Tensor for t in tensors)
+
+
 class TritonAttentionFunction(torch.autograd.Function):
     """Differentiable wrapper of the two custom ops (all five gradients)."""
 
     @staticmethod
     def forward(ctx, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows,
                 position_buckets, max_relative_positions, span, scale, dropout_p, seed):
-        out, stats = torch.ops.deberta_fast.triton_fwd(
-            q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
-            max_relative_positions, span, scale, dropout_p, seed)
+        fwd = _triton_fwd_impl if _direct(q, k, v, pos_key, pos_query) else torch.ops.deberta_fast.triton_fwd
+        out, stats = fwd(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                         max_relative_positions, span, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows)
         ctx.args = (position_buckets, max_relative_positions, span, scale, dropout_p, seed)
         return out
@@ -113,8 +130,11 @@ class TritonAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows = ctx.saved_tensors
-        dq, dk, dv, dpk, dpq = torch.ops.deberta_fast.triton_bwd(
-            do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows, *ctx.args)
+        # double backward (grad mode on) goes through the op, which has no derivative and says so
+        direct = not torch.is_grad_enabled() and _direct(do, q, k, v, pos_key, pos_query)
+        bwd = _triton_bwd_impl if direct else torch.ops.deberta_fast.triton_bwd
+        dq, dk, dv, dpk, dpq = bwd(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows,
+                                   *ctx.args)
         return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
                 None, None, None, None, None, None, None, None, None)
 
@@ -130,16 +150,19 @@ def triton_attention(q, k, v, pos_key, pos_query, key_mask=None, full_mask=None,
                                          float(dropout_p), seed)
 
 
-@torch.library.custom_op("deberta_fast::triton_varlen_fwd", mutates_args=())
-def triton_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
-                      cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                      position_buckets: int, max_relative_positions: int, span: int, scale: float,
-                      dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+def _triton_varlen_fwd_impl(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
+                            cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                            position_buckets: int, max_relative_positions: int, span: int, scale: float,
+                            dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
     """Packed sequences: ``(out [Tq,H,D], stats float32 [2,H,Tq])``."""
     return _launch().attention_forward_varlen(
         q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         position_buckets=position_buckets, max_relative_positions=max_relative_positions, span=span, scale=scale,
         dropout_p=dropout_p, seed=seed)
+
+
+triton_varlen_fwd = torch.library.custom_op("deberta_fast::triton_varlen_fwd",
+                                            mutates_args=())(_triton_varlen_fwd_impl)
 
 
 @triton_varlen_fwd.register_fake
@@ -148,18 +171,21 @@ def _(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     return q.new_empty(q.shape), q.new_empty((2, q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("deberta_fast::triton_varlen_bwd", mutates_args=())
-def triton_varlen_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
-                      pos_query: Optional[Tensor], out: Tensor, stats: Tensor, cu_seqlens_q: Tensor,
-                      cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, position_buckets: int,
-                      max_relative_positions: int, span: int, scale: float, dropout_p: float,
-                      seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _triton_varlen_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
+                            pos_query: Optional[Tensor], out: Tensor, stats: Tensor, cu_seqlens_q: Tensor,
+                            cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, position_buckets: int,
+                            max_relative_positions: int, span: int, scale: float, dropout_p: float,
+                            seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Packed sequences: ``(dq, dk, dv, dpos_key, dpos_query)``; an absent position gradient is empty."""
     dq, dk, dv, dpk, dpq = _launch().attention_backward_varlen(
         do, q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         position_buckets=position_buckets, max_relative_positions=max_relative_positions, span=span,
         scale=scale, dropout_p=dropout_p, seed=seed)
     return dq, dk, dv, q.new_empty(0) if dpk is None else dpk, q.new_empty(0) if dpq is None else dpq
+
+
+triton_varlen_bwd = torch.library.custom_op("deberta_fast::triton_varlen_bwd",
+                                            mutates_args=())(_triton_varlen_bwd_impl)
 
 
 @triton_varlen_bwd.register_fake
@@ -176,9 +202,10 @@ class TritonVarlenFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 position_buckets, max_relative_positions, span, scale, dropout_p, seed):
-        out, stats = torch.ops.deberta_fast.triton_varlen_fwd(
-            q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            position_buckets, max_relative_positions, span, scale, dropout_p, seed)
+        fwd = (_triton_varlen_fwd_impl if _direct(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k)
+               else torch.ops.deberta_fast.triton_varlen_fwd)
+        out, stats = fwd(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         position_buckets, max_relative_positions, span, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k)
         ctx.args = (max_seqlen_q, max_seqlen_k, position_buckets, max_relative_positions, span, scale, dropout_p,
                     seed)
@@ -187,8 +214,9 @@ class TritonVarlenFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, pos_key, pos_query, out, stats, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv, dpk, dpq = torch.ops.deberta_fast.triton_varlen_bwd(
-            do, q, k, v, pos_key, pos_query, out, stats, cu_q, cu_k, *ctx.args)
+        direct = not torch.is_grad_enabled() and _direct(do, q, k, v, pos_key, pos_query, cu_q, cu_k)
+        bwd = _triton_varlen_bwd_impl if direct else torch.ops.deberta_fast.triton_varlen_bwd
+        dq, dk, dv, dpk, dpq = bwd(do, q, k, v, pos_key, pos_query, out, stats, cu_q, cu_k, *ctx.args)
         return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
                 None, None, None, None, None, None, None, None, None, None)
 
