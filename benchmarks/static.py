@@ -1,6 +1,6 @@
 """Static profile of the shipped Triton kernels, from the compiler alone (no GPU):
 
-    python -m benchmarks.static [--full] [--out benchmarks/results/<date>-static]
+    python -m benchmarks.static [--full | --sweep] [--out benchmarks/results/<date>-static]
 
 Every kernel the launcher launches (``deberta_fast._compile_check``: the launcher's own launches, compiled with
 the launch-time specialization for sm_80 and sm_90) gets: registers, spill stores/loads, stack, shared memory,
@@ -13,7 +13,8 @@ so ``per element = instructions on the path * 32 * num_warps / (BLOCK_M * BLOCK_
 predicated-off ones included: they issue).  The two paths bound what a tile costs: the shortest is a tile with
 no gathers and no edge masking (a saturated interior tile in today's design), the longest the in-band tile with
 every gather and mask.  Inner loops inside the body (e.g. the backward's segment scans) count once.
-Writes ``static.json`` and ``table.md``.
+Writes ``static.json`` and ``table.md``; ``--sweep`` instead compiles the training launches under each launch config
+of :data:`SWEEP` (``sweep.json``, ``sweep.md``).
 """
 from __future__ import annotations
 
@@ -132,15 +133,11 @@ def _blocks(job) -> tuple[int, int]:
     return int(vals["BLOCK_M"]), int(vals["BLOCK_N"])
 
 
-def profile(full: bool, progress=print) -> dict:
+def _analyse(jobs, results) -> list[dict]:
+    """One row per compiled job: resources from the compile check, MMA kind and main-loop paths from the SASS."""
     import triton
     from triton.compiler import ASTSource
 
-    from deberta_fast import _compile_check as cc_mod
-
-    t0 = time.time()
-    jobs = cc_mod.build_jobs(cc_mod.scenarios(full), progress)
-    results = cc_mod.compile_all(jobs, cc_mod._default_procs(), progress)
     rows = []
     for job, res in zip(jobs, results):
         row = {"kernel": job.kernel, "cc": job.cc, "launch": job.labels[0], "num_warps": job.options.num_warps,
@@ -164,15 +161,63 @@ def profile(full: bool, progress=print) -> dict:
             lp["per_element_longest"] = round(lp["longest"] * per, 2)
         row.update(mma=mma_kind(sass), sass_instructions=len(parse(sass)), block_m=bm, block_n=bn, loops=loops)
         rows.append(row)
-    import torch
+    return rows
 
-    return {"date": time.strftime("%Y-%m-%d"), "triton": triton.__version__, "torch": torch.__version__,
-            "full": full, "seconds": round(time.time() - t0, 1), "kernels": rows}
+
+def _header(full) -> dict:
+    import torch
+    import triton
+
+    return {"date": time.strftime("%Y-%m-%d"), "triton": triton.__version__, "torch": torch.__version__, "full": full}
+
+
+def profile(full: bool, progress=print) -> dict:
+    from deberta_fast import _compile_check as cc_mod
+
+    t0 = time.time()
+    jobs = cc_mod.build_jobs(cc_mod.scenarios(full), progress)
+    rows = _analyse(jobs, cc_mod.compile_all(jobs, cc_mod._default_procs(), progress))
+    return {**_header(full), "seconds": round(time.time() - t0, 1), "kernels": rows}
+
+
+# Launch configs the sweep compiles (BLOCK_M, BLOCK_N, num_warps, num_stages), DeBERTa's head dim 64.
+SWEEP = {
+    "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+            (64, 64, 4, 2), (64, 32, 4, 3)],
+    "bwd": [(64, 64, 4, 2), (64, 64, 4, 1), (64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 4, 2), (32, 64, 4, 2),
+            (32, 32, 4, 2), (128, 64, 8, 1)],
+}
+
+
+def sweep(progress=print, configs: dict | None = None) -> dict:
+    """The DeBERTa training launches (fp16, D=64, L=512, c2p+p2c, key mask, dropout; sm_80 and sm_90) and the
+    inference forward (sm_90), compiled under every launch config of :data:`SWEEP` (or ``configs``, same form;
+    ``launch_config`` replaced for the capture), with the same analysis as :func:`profile`."""
+    from deberta_fast import _compile_check as cc_mod
+
+    t0 = time.time()
+    launch = cc_mod._launch_module()
+    original = launch.launch_config
+    jobs = []
+    try:
+        for pass_, cfgs in (SWEEP if configs is None else configs).items():
+            for cfg in cfgs:
+                launch.launch_config = lambda *a, _c=launch.LaunchConfig(*cfg): _c
+                scs = [cc_mod.Scenario(pass_, why=f"sweep {'/'.join(map(str, cfg))}")]
+                if pass_ == "fwd":
+                    scs.append(cc_mod.Scenario("fwd", dropout=False, targets=(90,),
+                                               why=f"sweep {'/'.join(map(str, cfg))} inference"))
+                jobs += cc_mod.build_jobs(scs, progress)
+    finally:
+        launch.launch_config = original
+    rows = _analyse(jobs, cc_mod.compile_all(jobs, cc_mod._default_procs(), progress))
+    return {**_header(False), "sweep": True, "seconds": round(time.time() - t0, 1), "kernels": rows}
 
 
 def table(prof: dict) -> str:
     out = [f"# Static profile of the Triton kernels ({prof['date']}, triton {prof['triton']}, "
-           f"{'full' if prof['full'] else 'default'} tier; compiler output only, no GPU)", "",
+           f"{'launch-config sweep' if prof.get('sweep') else 'full tier' if prof['full'] else 'default tier'}; "
+           "compiler output only, no GPU)", "",
            "Per element = SASS instructions on the shortest / longest path through one main-loop iteration "
            "x 32 x warps / (BLOCK_M x BLOCK_N); see benchmarks/static.py.", "",
            "| kernel | target | launch | config | warps/stages | regs | spill st/ld B | smem B | MMA | main loop "
@@ -193,17 +238,30 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="every launch config (compile_check --full; slow cold)")
+    ap.add_argument("--sweep", action="store_true", help="the training launches under every config of SWEEP "
+                    "(writes sweep.json / sweep.md instead)")
+    ap.add_argument("--configs", default=None, help="with --sweep: only these, e.g. 'fwd=128/64/8/3,bwd=64/64/4/2'")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<date>-static")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         ap.error("unset TRITON_INTERPRET: the static profile compiles the kernels for the GPU")
-    prof = profile(a.full, lambda m: print(m, file=sys.stderr, flush=True))
+    progress = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    configs = None
+    if a.configs:
+        configs = {}
+        for item in a.configs.split(","):
+            pass_, _, cfg = item.partition("=")
+            if pass_ not in SWEEP or len(cfg.split("/")) != 4:
+                ap.error(f"--configs: {item!r} is not PASS=BM/BN/WARPS/STAGES with PASS in {list(SWEEP)}")
+            configs.setdefault(pass_, []).append(tuple(int(x) for x in cfg.split("/")))
+    prof = sweep(progress, configs) if a.sweep else profile(a.full, progress)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{prof['date']}-static")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "static.json"), "w") as f:
+    stem = ("sweep", "sweep") if a.sweep else ("static", "table")
+    with open(os.path.join(out, f"{stem[0]}.json"), "w") as f:
         json.dump(prof, f, indent=1)
     md = table(prof)
-    with open(os.path.join(out, "table.md"), "w") as f:
+    with open(os.path.join(out, f"{stem[1]}.md"), "w") as f:
         f.write(md)
     print(md)
     return 0 if all(r["ok"] for r in prof["kernels"]) else 1
