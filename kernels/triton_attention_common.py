@@ -101,30 +101,31 @@ def _bias_tile(C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, Lq, Lk, 
 
 
 @triton.jit
-def _mask_tile(s2, b, h, offs_m, offs_n, Lq, Lk, KMASK, FMASK, UNI,
-               s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-               MASK_KIND: tl.constexpr):
-    """Apply the attention mask to log2-domain scores ``s2 [BLOCK_M, BLOCK_N]``.
+def _scale_and_mask(s, qk_scale, b, h, offs_m, offs_n, Lq, Lk, KMASK, FMASK, UNI,
+                    s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh, MASK_KIND: tl.constexpr):
+    """Log2-domain scores ``s2 = s * qk_scale`` of one tile with the attention mask applied.
 
-    MASK_KIND 0: none; 1: key padding ``KMASK [B, Lk]``; 2: full ``FMASK [B|1, 1|H, Lq, Lk]``
-    (broadcast dims have stride 0).  With a mask, rows flagged in ``UNI [B, 1|H, Lq]`` become
-    uniform: every in-range key scores 0 (HF's fully masked rows).  Out-of-range keys get -inf.
-    Returns ``(s2, uniform_rows)`` (``uniform_rows`` bool ``[BLOCK_M]``; all False without mask).
+    Key columns out of range and, for MASK_KIND 1 (key padding ``KMASK [B, Lk]``), masked keys get -inf through a
+    per-column term added with the scale (one fused multiply-add per element, no per-element select).  MASK_KIND 2:
+    full ``FMASK [B|1, 1|H, Lq, Lk]`` (broadcast dims have stride 0), read per element.  With a mask, rows flagged
+    in ``UNI [B, 1|H, Lq]`` become uniform: every in-range key scores 0 (HF's fully masked rows).  Rows out of
+    range are left unmasked (the forward never stores them, the backward zeroes them).  Returns
+    ``(s2, uniform_rows)`` (bool ``[BLOCK_M]``; all False without mask).
     """
     m_ok = offs_m < Lq
     n_ok = offs_n < Lk
-    keep = n_ok[None, :] & m_ok[:, None]
-    uni = offs_m < 0
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
+    col = tl.where(n_ok, 0.0, float("-inf"))
     if MASK_KIND == 1:
         km = tl.load(KMASK + b64 * s_kmb + offs_n, mask=n_ok, other=0)
-        keep = keep & (km != 0)[None, :]
+        col = tl.where(km != 0, col, float("-inf"))
+    s2 = s * qk_scale + col[None, :]
+    uni = offs_m < 0
     if MASK_KIND == 2:
         fm = tl.load(FMASK + b64 * s_fmb + h64 * s_fmh + offs_m.to(tl.int64)[:, None] * s_fmm + offs_n[None, :],
                      mask=m_ok[:, None] & n_ok[None, :], other=0)
-        keep = keep & (fm != 0)
-    s2 = tl.where(keep, s2, float("-inf"))
+        s2 = tl.where(fm != 0, s2, float("-inf"))
     if MASK_KIND != 0:
         uni = tl.load(UNI + b64 * s_unb + h64 * s_unh + offs_m, mask=m_ok, other=0) != 0
         s2 = tl.where(uni[:, None] & n_ok[None, :], 0.0, s2)
@@ -141,8 +142,8 @@ def _scores(q, k, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, b, h,
     if HAS_C2P or HAS_P2C:
         s += _bias_tile(C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, Lq, Lk, NSLOT,
                         band_lo, band_hi, HAS_C2P, HAS_P2C, BLOCK_M, BLOCK_N)
-    return _mask_tile(s * qk_scale, b, h, offs_m, offs_n, Lq, Lk, KMASK, FMASK, UNI,
-                      s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh, MASK_KIND)
+    return _scale_and_mask(s, qk_scale, b, h, offs_m, offs_n, Lq, Lk, KMASK, FMASK, UNI,
+                           s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh, MASK_KIND)
 
 
 @triton.jit

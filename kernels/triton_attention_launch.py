@@ -262,7 +262,8 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     c_sum = torch.zeros((B, H, Lq, pr.nrun), **f32) if has_c2p else dummy
     p_sum = torch.zeros((B, H, Lk, pr.nrun), **f32) if has_p2c else dummy
     common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
-              H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed))
+              H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, float(dropout_p),
+              _drop_threshold(dropout_p), int(seed))
     cfg = launch_config("bwd", Lq, Lk, D)
     launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pr.constexprs)
@@ -315,7 +316,8 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     disentangled_fwd_kernel[grid](
         q, k, v, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args, out, stats[0], stats[1],
         *_varlen_strides(q, k, v, out), *pr.mask_strides,
-        H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed),
+        H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p),
+        _drop_threshold(dropout_p), int(seed),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pr.constexprs)
     return out, stats
