@@ -39,7 +39,8 @@ def _cdiv(a: int, b: int) -> int:
 
 def _next_pow2(n: int) -> int:
     """Smallest power of two >= ``n`` (``triton.next_power_of_2`` / ``triton.cdiv`` are constexpr functions
-    costing ~6 us of host time per call; this path runs on every attention call)."""
+    costing ~6 us of host time per call, measured on the 2-core CPU machine, 2026-12-02; this path runs on every
+    attention call)."""
     return 1 << max(0, int(n) - 1).bit_length()
 
 

@@ -120,7 +120,8 @@ class TritonAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows,
                 position_buckets, max_relative_positions, span, scale, dropout_p, seed):
-        fwd = _triton_fwd_impl if _direct(q, k, v, pos_key, pos_query) else torch.ops.deberta_fast.triton_fwd
+        fwd = (_triton_fwd_impl if _direct(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows)
+               else torch.ops.deberta_fast.triton_fwd)
         out, stats = fwd(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                          max_relative_positions, span, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows)
@@ -130,8 +131,9 @@ class TritonAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows = ctx.saved_tensors
-        # double backward (grad mode on) goes through the op, which has no derivative and says so
-        direct = not torch.is_grad_enabled() and _direct(do, q, k, v, pos_key, pos_query)
+        # with grad mode on (double backward) the op is kept: its implementation must not be recorded by autograd
+        direct = not torch.is_grad_enabled() and _direct(do, q, k, v, pos_key, pos_query, key_mask, full_mask,
+                                                         uniform_rows)
         bwd = _triton_bwd_impl if direct else torch.ops.deberta_fast.triton_bwd
         dq, dk, dv, dpk, dpq = bwd(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows,
                                    *ctx.args)
