@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from .backends import AUTO_ORDER, BACKENDS, AttentionCall, VarlenCall
-from .positions import attention_span, check_bucket_config
+from .positions import attention_span, check_bucket_config, values_unreadable
 from .reference import default_scale, normalize_mask
 
 _state = threading.local()
@@ -177,14 +177,12 @@ def check_varlen_offsets(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int,
     """Raise ``ValueError`` unless ``cu_seqlens_q/k`` start at 0, never decrease, end at the token
     counts and no sequence is longer than ``max_seqlen_q/k``: what every backend relies on.
 
-    One small device-to-host copy.  Skipped while torch.compile traces or a CUDA graph captures
-    (the kernels still clamp offsets into the tensors: wrong offsets then give wrong rows, never an
-    access out of bounds)."""
-    if torch.compiler.is_compiling():
+    One small device-to-host copy.  Skipped while tracing (compile, export, fake or meta tensors) or while a
+    CUDA graph captures (the kernels still clamp offsets into the tensors: wrong offsets then give wrong rows,
+    never an access out of bounds)."""
+    if values_unreadable(cu_seqlens_q):  # compile / export tracing, fake or meta tensors
         return
     if cu_seqlens_q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return
-    if cu_seqlens_q.device.type == "meta":
         return
     cq, ck = cu_seqlens_q.long(), cu_seqlens_k.long()
     lq, lk = cq[1:] - cq[:-1], ck[1:] - ck[:-1]

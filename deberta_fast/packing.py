@@ -73,9 +73,15 @@ def unpack(x: torch.Tensor, info: PackInfo, fill: float = 0.0) -> torch.Tensor:
 
 def pad_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
     """``[T, H, D] -> ([N, H, max_seqlen, D], key mask bool [N, max_seqlen], PackInfo)`` for sequences
-    given by ``cu_seqlens`` (int ``[N + 1]``)."""
+    given by ``cu_seqlens`` (int ``[N + 1]``, no sequence longer than ``max_seqlen``).  Every shape follows
+    from ``T``, ``N`` and ``max_seqlen`` (no ``nonzero``), so fake tensors and tracing see no data-dependent
+    size."""
     N = cu_seqlens.numel() - 1
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
     mask = torch.arange(max_seqlen, device=x.device)[None, :] < lens[:, None]
-    info = PackInfo(mask.reshape(-1).nonzero().squeeze(-1), cu_seqlens, max_seqlen, N, max_seqlen)
+    token = torch.arange(x.shape[0], device=x.device)
+    seq = torch.searchsorted(cu[1:].contiguous(), token, right=True)  # sequence of each packed token
+    indices = seq * max_seqlen + (token - cu[seq])
+    info = PackInfo(indices, cu_seqlens, max_seqlen, N, max_seqlen)
     return unpack(x, info).transpose(1, 2), mask, info

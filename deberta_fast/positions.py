@@ -27,6 +27,7 @@ __all__ = [
     "slot_band",
     "check_bucket_config",
     "relative_run_table",
+    "values_unreadable",
 ]
 
 
@@ -38,12 +39,12 @@ def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_positi
     mid = bucket_size // 2
     abs_pos = torch.where(
         (relative_pos < mid) & (relative_pos > -mid),
-        torch.tensor(mid - 1).type_as(relative_pos),
+        torch.full((), mid - 1, dtype=torch.long).type_as(relative_pos),
         torch.abs(relative_pos),
     )
-    log_pos = (
-        torch.ceil(torch.log(abs_pos / mid) / torch.log(torch.tensor((max_position - 1) / mid)) * (mid - 1)) + mid
-    )
+    # (0-d constants by torch.full, not torch.tensor: torch.export cannot re-trace a lifted torch.tensor constant)
+    ratio = torch.full((), (max_position - 1) / mid, dtype=torch.get_default_dtype())
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / torch.log(ratio) * (mid - 1)) + mid
     return torch.where(abs_pos <= mid, relative_pos.type_as(log_pos), log_pos * sign)
 
 
@@ -90,6 +91,14 @@ def _validate(q_len: int, k_len: int, span: int) -> None:
         raise ValueError(f"span must be >= 1 (relative tables have 2*span rows), got {span}")
 
 
+def values_unreadable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values cannot be read on the host: compile / export tracing, a torch dispatch mode
+    (FakeTensor, functionalization) or a meta tensor.  Code that would read them (and the per-shape caches,
+    which must not keep fake tensors) takes the trace path instead."""
+    return (torch.compiler.is_compiling() or bool(torch._C._len_torch_dispatch_stack())
+            or t.device.type == "meta")
+
+
 @functools.lru_cache(maxsize=64)
 def _slot_table_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
     device = torch.device(device_str)
@@ -120,7 +129,8 @@ def relative_slot_table(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     config = (int(position_buckets), int(max_relative_positions), int(span), str(device))
-    if torch.compiler.is_compiling():  # traced into the graph, lengths kept symbolic; the cache is for eager calls
+    # traced into the graph with lengths kept symbolic; the cache is for eager calls and must not keep fake tensors
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return _slot_table_cached.__wrapped__(q_len, k_len, *config)
     return _slot_table_cached(int(q_len), int(k_len), *config)
 

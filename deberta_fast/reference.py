@@ -36,7 +36,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .positions import relative_slot_table, trace_constant, trimmed_slot_table
+from .positions import relative_slot_table, trace_constant, trimmed_slot_table, values_unreadable
 
 __all__ = ["default_scale", "normalize_mask", "slot_index", "disentangled_attention_reference"]
 
@@ -145,8 +145,8 @@ def disentangled_attention_reference(
                                       query.device, relative_pos)
         # only the rows of the tables some (i, j) uses take part (short sequences use few of 2*span)
         rows = slice(0, 2 * span)
-        # (the range is read once per shape; not while tracing, nor from meta tensors, which hold no values)
-        if relative_pos is None and not torch.compiler.is_compiling() and query.device.type != "meta":
+        # (the range is read once per shape; not while tracing, nor from fake or meta tensors)
+        if relative_pos is None and not values_unreadable(query):
             _, lo, hi = trimmed_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, query.device)
             rows, c2p_idx = slice(lo, hi + 1), c2p_idx - lo
             p2c_idx = c2p_idx

@@ -81,6 +81,7 @@ def test_export_dynamic_batch_and_length_is_correct_at_other_lengths(pack):
     batch, length = torch.export.Dim("batch", min=1, max=32), torch.export.Dim("length", min=2, max=64)
     ep = torch.export.export(model, (), {"input_ids": ids, "attention_mask": mask},
                              dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}})
+    assert str(ep.graph).count("deberta_fast.torch_attention") == model.config.num_hidden_layers  # one op per layer
     run = ep.module()
     for i, (B, L) in enumerate([(2, 13), (3, 29), (1, 7), (4, 64)]):
         ids, mask = _batch(B, L, seed=10 + i)
