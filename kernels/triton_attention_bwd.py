@@ -86,7 +86,8 @@ def disentangled_bwd_dkdv_kernel(
     DO_bh = DO + b64 * s_ob + h64 * s_oh + q0.to(tl.int64) * s_om
     C2P_bh = C2P + qrow0 * NSLOT
     P2C_bh = P2C + krow0 * NSLOT
-    rows = (krow0 + offs_n) * NRUN
+    PSUM_bh = PSUM + krow0 * NRUN
+    rows = offs_n * NRUN  # int32 offsets within the (b, h) block (the launcher checks the size)
     qk_scale = scale * LOG2E
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -118,7 +119,7 @@ def disentangled_bwd_dkdv_kernel(
                 ok = m_ok[:, None] & n_ok[None, :]
                 d = offs_m[:, None] - offs_n[None, :]
                 run = _segment_scan(ds, run, d, ok, (offs_m > 0)[:, None], (offs_m < Lq - 1)[:, None],
-                                    RUNS, PSUM, rows, Lk, 0)
+                                    RUNS, PSUM_bh, rows, Lk, 0)
 
     out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, dk, mask=kv_ok)
@@ -161,7 +162,8 @@ def disentangled_bwd_dq_kernel(
     V_bh = V + b64 * s_vb + h64 * s_vh + k0.to(tl.int64) * s_vn
     C2P_bh = C2P + qrow0 * NSLOT
     P2C_bh = P2C + krow0 * NSLOT
-    rows = (qrow0 + offs_m) * NRUN
+    CSUM_bh = CSUM + qrow0 * NRUN
+    rows = offs_m * NRUN  # int32 offsets within the (b, h) block (the launcher checks the size)
     qk_scale = scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -187,7 +189,7 @@ def disentangled_bwd_dq_kernel(
                 ok = m_ok[:, None] & n_ok[None, :]
                 d = offs_m[:, None] - offs_n[None, :]
                 run = _segment_scan(ds, run, d, ok, (offs_n > 0)[None, :], (offs_n < Lk - 1)[None, :],
-                                    RUNS, CSUM, rows, Lk, 1)
+                                    RUNS, CSUM_bh, rows, Lk, 1)
 
     out = (qrow0 + offs_m)[:, None] * D + offs_d[None, :]
     tl.store(DQ + out, dq, mask=qo_ok)

@@ -85,18 +85,18 @@ def _bias_tile(C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, Lq, Lk, 
     if (d_min >= band_hi) | (d_max <= band_lo):
         sat = tl.where(d_min >= band_hi, NSLOT - 1, 0)
         if HAS_C2P:
-            c = tl.load(C2P_bh + offs_m.to(tl.int64) * NSLOT + sat, mask=m_ok, other=0.0)
+            c = tl.load(C2P_bh + offs_m * NSLOT + sat, mask=m_ok, other=0.0)
             bias += c[:, None]
         if HAS_P2C:
-            p = tl.load(P2C_bh + offs_n.to(tl.int64) * NSLOT + sat, mask=n_ok, other=0.0)
+            p = tl.load(P2C_bh + offs_n * NSLOT + sat, mask=n_ok, other=0.0)
             bias += p[None, :]
     else:
         ok = m_ok[:, None] & n_ok[None, :]
         slot = tl.load(TABLE + (offs_m[:, None] - offs_n[None, :] + Lk - 1), mask=ok, other=0)
         if HAS_C2P:
-            bias += tl.load(C2P_bh + offs_m.to(tl.int64)[:, None] * NSLOT + slot, mask=ok, other=0.0)
+            bias += tl.load(C2P_bh + offs_m[:, None] * NSLOT + slot, mask=ok, other=0.0)
         if HAS_P2C:
-            bias += tl.load(P2C_bh + offs_n.to(tl.int64)[None, :] * NSLOT + slot, mask=ok, other=0.0)
+            bias += tl.load(P2C_bh + offs_n[None, :] * NSLOT + slot, mask=ok, other=0.0)
     return bias
 
 
@@ -181,7 +181,8 @@ def _segment_scan(ds, run, d, ok, has_prev, has_next, RUNS, SUMS, rows, Lk, AXIS
     segment's sum to ``SUMS[row, run id]``: one writer per location, and every sum adds only its
     own elements (no difference of large prefix sums).  ``ok``: in-range elements (``ds`` must be 0
     elsewhere; an out-of-range element extends the open segment by 0); ``has_prev`` / ``has_next``:
-    the element has a neighbour before / after it along ``AXIS``; ``rows``: int64 offsets ``row * NRUN`` of the other axis.
+    the element has a neighbour before / after it along ``AXIS``; ``rows``: offsets ``row * NRUN`` of the other axis
+    from ``SUMS``.
     Returns the new ``run`` (the open segment's sum at the end of the tile).
     """
     # the neighbour before the element along AXIS has d + STEP, the one after d - STEP

@@ -139,6 +139,17 @@ class _Prepared:
         return 1 if self.run_rows is None else self.run_rows.numel()
 
 
+def int32_index_problem(q_len: int, k_len: int, nslot: int, nrun: int) -> str | None:
+    """Why the kernels' int32 offsets cannot index one ``(b, h)`` block of the tables (``[L, NSLOT]``) or of the
+    run sums (``[L, NRUN]``), or None.  (int32 keeps the per-element gathers to one multiply-add; such a block
+    would hold 2**31 floats, 8 GiB per head.)"""
+    width = max(nslot, nrun)
+    if (max(q_len, k_len) + 256) * width < 2**31:
+        return None
+    return (f"the Triton kernels index a (batch, head) block of the relative tables in int32: L={max(q_len, k_len)} "
+            f"x {width} table columns is too large (needs < 2**31 elements); use backend='torch'")
+
+
 def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
              max_relative_positions, span, dropout_p, table_lens=None, varlen=False, backward=False) -> _Prepared:
     """``q``/``k``: ``[B,H,L,D]``, or ``[H,T,D]`` views of packed inputs (``varlen``, with
@@ -161,6 +172,10 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     runs, run_rows, unique = table, None, True
     if backward and (has_c2p or has_p2c):
         runs, run_rows, unique = relative_run_table(Lq, Lk, position_buckets, max_relative_positions, span, q.device)
+    nslot = rows.stop - rows.start if (has_c2p or has_p2c) else 1
+    problem = int32_index_problem(Lq, Lk, nslot, 1 if run_rows is None else run_rows.numel())
+    if problem:
+        raise ValueError(problem)
     c2p = _table_gemm(q, pos_key[..., rows, :]) if has_c2p else dummy
     p2c = _table_gemm(k, pos_query[..., rows, :]) if has_p2c else dummy
     kmask = fmask = uni = dummy_u8
@@ -185,8 +200,7 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     constexprs = dict(HAS_C2P=has_c2p, HAS_P2C=has_p2c, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
                       VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, _next_pow2(D)))
     return _Prepared(c2p, p2c, table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
-                     rows.stop - rows.start if (has_c2p or has_p2c) else 1, (band_lo, band_hi), constexprs, rows,
-                     runs, run_rows, unique)
+                     nslot, (band_lo, band_hi), constexprs, rows, runs, run_rows, unique)
 
 
 def _drop_threshold(p: float) -> int:

@@ -105,6 +105,22 @@ def test_refusals(monkeypatch):
     assert deberta_fast.last_backend() == "torch"
 
 
+def test_tables_too_large_for_int32_offsets_are_refused():
+    """The kernels index a (b, h) block of the tables in int32: an unbucketed config whose tables span ~80k columns
+    at L = 40000 is refused naming backend='torch'; DeBERTa-v3's buckets at the same length are served."""
+    L = 40000
+    q = torch.randn(1, 1, L, 8)
+    wide = build_call(q, q, q, torch.randn(1, 2 * L, 8), None, attention_mask=None, scale=None, dropout_p=0.0,
+                      position_buckets=-1, max_relative_positions=L)
+    (msg,) = [m for m in TritonBackend().refusals(wide) if "int32" in m]
+    assert "L=40000" in msg and "backend='torch'" in msg
+    v3 = build_call(q, q, q, torch.randn(1, 512, 8), None, attention_mask=None, scale=None, dropout_p=0.0,
+                    position_buckets=256, max_relative_positions=512)
+    assert not [m for m in TritonBackend().refusals(v3) if "int32" in m]
+    from deberta_fast._kernels.triton_attention_launch import int32_index_problem
+    assert int32_index_problem(1000, 1000, 512, 1999) is None and int32_index_problem(2**20, 2**20, 2048, 1)
+
+
 def test_custom_ops_opcheck():
     """Schema, fake (meta) implementation and torch.compile-friendliness of both custom ops."""
     q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 9, 7, 16, mask="key")

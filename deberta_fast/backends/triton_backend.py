@@ -259,6 +259,23 @@ def _device_dtype_refusals(call) -> list[str]:
     return why
 
 
+def _index_refusals(call) -> list[str]:
+    """The kernels index a ``(b, h)`` block of the tables and run sums in int32
+    (``int32_index_problem`` of the launch module); the cached tables are read only when the cheap bound
+    (table columns and runs are at most ``Lq + Lk - 1``) does not already settle it."""
+    lq, lk = call.table_lens
+    if not call.has_rel or (max(lq, lk) + 256) * (lq + lk) < 2**31:
+        return []
+    from ..positions import relative_run_table
+    _, rows = call.trimmed_table()
+    nrun = 1
+    if call.needs_grad:
+        nrun = relative_run_table(lq, lk, call.position_buckets, call.max_relative_positions, call.span,
+                                  call.device)[1].numel()
+    problem = _launch().int32_index_problem(lq, lk, rows.stop - rows.start, nrun)
+    return [problem] if problem else []
+
+
 class TritonBackend(Backend):
     name = "triton"
     summary = ("fused Triton kernels: fp16/bf16/fp32, head dim <= 256, all masks, in-kernel dropout; "
@@ -281,7 +298,7 @@ class TritonBackend(Backend):
         why = _device_dtype_refusals(call)
         if call.batch * call.heads > 65535:
             why.append(f"B*H = {call.batch * call.heads} exceeds the CUDA grid limit 65535")
-        return why
+        return why + _index_refusals(call)
 
     def forward(self, call: AttentionCall):
         seed = draw_seed() if call.dropout_p > 0.0 else 0
@@ -299,7 +316,7 @@ class TritonBackend(Backend):
             t = getattr(call, name)
             if t.shape[0] >= 2**31:
                 why.append(f"{name} has {t.shape[0]} tokens; the packed kernels index tokens in int32 (< 2**31)")
-        return why
+        return why + _index_refusals(call)
 
     def forward_varlen(self, call: VarlenCall):
         seed = draw_seed() if call.dropout_p > 0.0 else 0
