@@ -23,7 +23,8 @@ sequence's blocks and ``N*H``): ``ROWMAX``/``LOGSUM``/``DELTA [H,Tq]``, ``DQ [H,
 import triton
 import triton.language as tl
 
-from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _segment_scan, _sequence, _tile
+from .triton_attention_common import (LOG2E, _dropout_keep, _k_axis, _mm, _q_axis, _scores, _segment_scan,
+                                      _sequence, _tile)
 
 
 @triton.jit
@@ -32,24 +33,27 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, off
                   KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
                   HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr,
                   DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Recompute one tile: returns ``(p_drop [M,N], ds [M,N])``, ``ds`` already times ``scale``
-    and zero outside the matrix and on uniform rows (their scores are constants)."""
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
+    """Recompute one tile: returns ``(p_drop, ds)``, ``[BLOCK_M, BLOCK_N]`` (``[BLOCK_N, BLOCK_M]`` if ``TRANS``),
+    ``ds`` already times ``scale`` and zero outside the matrix and on uniform rows (their scores are constants)."""
     s2, uni = _scores(q, k, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, b, h, Lq, Lk, NSLOT,
                       band_lo, band_hi, qk_scale, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-                      HAS_C2P, HAS_P2C, MASK_KIND, UPCAST, PREC, BLOCK_M, BLOCK_N)
-    ok = (offs_m < Lq)[:, None] & (offs_n < Lk)[None, :]
-    p = tl.where(ok, tl.exp2((s2 - rowmax[:, None]) - logsum[:, None]), 0.0)
-    dp = _mm(do, tl.trans(v), UPCAST, PREC)
+                      HAS_C2P, HAS_P2C, MASK_KIND, UPCAST, PREC, BLOCK_M, BLOCK_N, TRANS)
+    ok = _q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS)
+    p = tl.where(ok, tl.exp2((s2 - _q_axis(rowmax, TRANS)) - _q_axis(logsum, TRANS)), 0.0)
+    if TRANS:
+        dp = _mm(v, tl.trans(do), UPCAST, PREC)
+    else:
+        dp = _mm(do, tl.trans(v), UPCAST, PREC)
     if DROPOUT:
         inv_keep = 1.0 / (1.0 - p_drop)
-        keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N)
+        keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, TRANS)
         pd = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dp * inv_keep, 0.0)
     else:
         pd = p
-    ds = p * (dp - delta[:, None]) * scale
-    ds = tl.where(uni[:, None], 0.0, ds)
+    ds = p * (dp - _q_axis(delta, TRANS)) * scale
+    ds = tl.where(_q_axis(uni, TRANS), 0.0, ds)
     return pd, ds
 
 
@@ -102,24 +106,26 @@ def disentangled_bwd_dkdv_kernel(
         rowmax = tl.load(ROWMAX + qrow0 + offs_m, mask=m_ok, other=0.0)
         logsum = tl.load(LOGSUM + qrow0 + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
-        pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
-                               b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, drop_thresh, seed,
-                               KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
-        dv += _mm(tl.trans(pd.to(do.dtype)), do, UPCAST, PREC)
-        dk += _mm(tl.trans(ds.to(q.dtype)), q, UPCAST, PREC)
+        # the transposed tile (keys as rows, as in the dK/dV loop of flash attention 2): dV and dK take it
+        # without a transpose, and the p2c column sums become row sums (a scan inside each row)
+        pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n,
+                               start_m, start_n, b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop,
+                               drop_thresh, seed, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N, True)
+        dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
+        dk += _mm(ds.to(q.dtype), q, UPCAST, PREC)
         if HAS_P2C:
-            # column sums per slot; interior tiles of a saturated region only advance the prefix
+            # sums over i per slot; interior tiles of a saturated region only advance the prefix
             d_min = start_m - (start_n + BLOCK_N - 1)
             d_max = start_m + BLOCK_M - 1 - start_n
             interior = (start_m > 0) & (start_m + BLOCK_M < Lq) & ((d_min > band_hi) | (d_max < band_lo))
             if interior:
-                run += tl.sum(ds, 0)
+                run += tl.sum(ds, 1)
             else:
-                ok = m_ok[:, None] & n_ok[None, :]
-                d = offs_m[:, None] - offs_n[None, :]
-                run = _segment_scan(ds, run, d, ok, (offs_m > 0)[:, None], (offs_m < Lq - 1)[:, None],
-                                    RUNS, PSUM_bh, rows, Lk, 0)
+                ok = n_ok[:, None] & m_ok[None, :]
+                d = offs_m[None, :] - offs_n[:, None]
+                run = _segment_scan(ds, run, d, ok, (offs_m > 0)[None, :], (offs_m < Lq - 1)[None, :],
+                                    RUNS, PSUM_bh, rows, Lk, 1, -1)
 
     out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, dk, mask=kv_ok)
@@ -174,10 +180,10 @@ def disentangled_bwd_dq_kernel(
         kv_ok = n_ok[:, None] & d_ok[None, :]
         k = _tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
         v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
-        _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
-                              b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, drop_thresh, seed,
-                              KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n,
+                              start_m, start_n, b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop,
+                              drop_thresh, seed, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N, False)
         dq += _mm(ds.to(k.dtype), k, UPCAST, PREC)
         if HAS_C2P:
             d_min = start_m - (start_n + BLOCK_N - 1)
@@ -189,7 +195,7 @@ def disentangled_bwd_dq_kernel(
                 ok = m_ok[:, None] & n_ok[None, :]
                 d = offs_m[:, None] - offs_n[None, :]
                 run = _segment_scan(ds, run, d, ok, (offs_n > 0)[None, :], (offs_n < Lk - 1)[None, :],
-                                    RUNS, CSUM_bh, rows, Lk, 1)
+                                    RUNS, CSUM_bh, rows, Lk, 1, 1)
 
     out = (qrow0 + offs_m)[:, None] * D + offs_d[None, :]
     tl.store(DQ + out, dq, mask=qo_ok)

@@ -63,14 +63,14 @@ def disentangled_fwd_kernel(
         k = _tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
         s2, uni = _scores(q, k, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, b, h, Lq, Lk, NSLOT,
                           band_lo, band_hi, qk_scale, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-                          HAS_C2P, HAS_P2C, MASK_KIND, UPCAST, PREC, BLOCK_M, BLOCK_N)
+                          HAS_C2P, HAS_P2C, MASK_KIND, UPCAST, PREC, BLOCK_M, BLOCK_N, False)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
         p = tl.exp2(s2 - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, False)
             p = tl.where(keep, p * inv_keep, 0.0)
         v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
