@@ -27,11 +27,20 @@ def _tile(BASE, rows, s_row, offs_d, mask):
 
 @triton.jit
 def _mm(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """``a @ b`` accumulated in float32.  ``UPCAST`` (the CPU interpreter, which mis-computes low-precision dots):
-    in float64, rounded to float32 once, so that ``a @ b`` and ``(b^T @ a^T)^T`` agree bit for bit, as they are
-    expected to on the GPU (the same products summed in the same order over the inner dimension; checked by the
-    large-score tests of tests/test_triton_exactness.py when they run on a GPU) and numpy's float32 matmul does
-    not; ``PREC``: "ieee" or "tf32" for float32."""
+    """``a @ b`` accumulated in float32.  ``UPCAST``: operands to float32 first (the CPU interpreter
+    mis-computes low-precision dots); ``PREC``: "ieee" or "tf32" for float32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _score_mm(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """The score product ``q k^T`` (or ``k q^T``): :func:`_mm`, except that the interpreter accumulates in float64
+    and rounds once, so that ``a @ b`` and ``(b^T @ a^T)^T`` agree bit for bit, as they are expected to on the GPU
+    (the same products summed in the same order over the inner dimension; checked by the large-score tests of
+    tests/test_triton_exactness.py when they run on a GPU) and numpy's float32 matmul does not."""
     if UPCAST:
         return tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision="ieee").to(tl.float32)
     else:
@@ -168,11 +177,11 @@ def _scores(q, k, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, b, h,
     """Masked log2-domain scores of one tile from ``q [BLOCK_M, BLOCK_D]`` and ``k [BLOCK_N, BLOCK_D]``:
     ``[BLOCK_M, BLOCK_N]``, or its transpose ``k q^T`` ``[BLOCK_N, BLOCK_M]`` if ``TRANS`` (the same values: the
     backward must recompute the forward's scores exactly, the softmax statistics come from them; see
-    :func:`_mm`)."""
+    :func:`_score_mm`)."""
     if TRANS:
-        s = _mm(k, tl.trans(q), UPCAST, PREC)
+        s = _score_mm(k, tl.trans(q), UPCAST, PREC)
     else:
-        s = _mm(q, tl.trans(k), UPCAST, PREC)
+        s = _score_mm(q, tl.trans(k), UPCAST, PREC)
     if HAS_C2P or HAS_P2C:
         s += _bias_tile(C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, Lq, Lk, NSLOT,
                         band_lo, band_hi, HAS_C2P, HAS_P2C, BLOCK_M, BLOCK_N, TRANS)
