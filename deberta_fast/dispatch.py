@@ -79,8 +79,10 @@ def _check_pos(pos_key, pos_query, H: int, D: int, B: int | None, position_bucke
             raise ValueError(f"pos_key and pos_query must have the same number of rows, got {rows} and "
                              f"{p.shape[-2]}")
         rows = p.shape[-2]
-    which = " and ".join(n for n, _ in tables)
     span = attention_span(position_buckets, max_relative_positions)
+    if rows == 2 * span and span >= 1:  # the usual case: nothing to cut
+        return span, pos_key, pos_query
+    which = " and ".join(n for n, _ in tables)
     if span < 1:
         raise ValueError(f"{which} given but position_buckets={position_buckets} and max_relative_positions="
                          f"{max_relative_positions} define no span: pass the resolved max_relative_positions "

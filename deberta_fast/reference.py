@@ -72,7 +72,7 @@ def normalize_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: in
         raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
     m = attention_mask
     if m.dim() == 2:
-        if tuple(m.shape) != (batch, k_len):
+        if m.shape != (batch, k_len):
             raise ValueError(
                 f"a 2-D attention_mask must be [B, Lk] = [{batch}, {k_len}] (key padding), got {list(m.shape)}")
         km = m.bool()
@@ -80,7 +80,7 @@ def normalize_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: in
             uniform = ~km  # also covers a row of a sequence with no key at all (every key masked)
         else:
             uniform = (~km.any(-1, keepdim=True)).expand(batch, q_len)
-        return "key", km, None, uniform[:, None, :]
+        return "key", km, None, uniform.unsqueeze(1)
     if m.dim() == 3:
         m = m[:, None]
     if m.dim() != 4:

@@ -17,6 +17,7 @@ invalid offsets that reach them give wrong rows but never an access out of bound
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -57,9 +58,15 @@ def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int) -> LaunchCo
     One fixed config under the interpreter (autotuning does not run there).  GPU values are
     untuned starting points (see benchmarks/NOTES.md)."""
     if interpreting():
-        return LaunchConfig(32, 32, 1, 1)
-    bd = max(16, _next_pow2(head_dim))
-    short = max(q_len, k_len) <= 64
+        return _INTERPRETER_CONFIG
+    return _gpu_config(pass_, max(16, _next_pow2(head_dim)), max(q_len, k_len) <= 64)
+
+
+_INTERPRETER_CONFIG = LaunchConfig(32, 32, 1, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_config(pass_: str, bd: int, short: bool) -> LaunchConfig:
     if pass_ == "fwd":
         if bd <= 64:
             # 128-row tiles on 8 warps for D = 32/64: spill-free on sm_80 and sm_90 (4 warps: 255 registers and
@@ -84,16 +91,27 @@ def _table_gemm(x, pos):
     """float32 ``x @ pos^T``: ``x [B,H,L,D]`` or ``[H,T,D]``, ``pos [H,R,D]`` or ``[B,H,R,D]`` ->
     ``[..., L, R]`` contiguous.  fp16/bf16 on CUDA: tensor-core GEMM with float32 output
     (``bmm(out_dtype=)``: products of 16-bit values are exact in float32, so this equals the
-    float32 GEMM up to summation order); otherwise a float32 GEMM (TF32 only if torch allows it)."""
+    float32 GEMM up to summation order); otherwise a float32 GEMM (TF32 only if torch allows it).
+    ``B == 1`` with a shared ``pos`` is one 3-D ``bmm`` (a broadcast ``matmul`` costs ~2 us more host time)."""
+    if x.dim() == 4 and pos.dim() == 3 and x.shape[0] == 1:
+        x, lead = x[0], True
+    else:
+        lead = False
+    out = None
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        lead = x.shape[:-2]
+        batch = x.shape[:-2]
         xb = x.reshape(-1, *x.shape[-2:])
-        pb = pos.expand(*lead, *pos.shape[-2:]).reshape(-1, *pos.shape[-2:])
+        pb = pos.expand(*batch, *pos.shape[-2:]).reshape(-1, *pos.shape[-2:])
         try:
-            return torch.bmm(xb, pb.transpose(1, 2), out_dtype=torch.float32).view(*lead, x.shape[-2], -1)
+            out = torch.bmm(xb, pb.transpose(1, 2), out_dtype=torch.float32).view(*batch, x.shape[-2], -1)
         except (TypeError, RuntimeError, NotImplementedError):  # torch without bmm(out_dtype=)
             pass
-    return torch.matmul(x.float(), pos.float().transpose(-1, -2)).contiguous()
+    if out is None:
+        if x.dim() == 3 and pos.dim() == 3:
+            out = torch.bmm(x.float(), pos.float().mT)
+        else:
+            out = torch.matmul(x.float(), pos.float().mT).contiguous()
+    return out[None] if lead else out
 
 
 LOG2E = 1.4426950408889634
@@ -133,6 +151,7 @@ class _Prepared:
     runs: torch.Tensor  # int32 run id per distance (positions.relative_run_table); backward only
     run_rows: torch.Tensor | None  # long [NRUN]: row (within ``rows``) of each run
     runs_unique: bool  # no row is used by two runs (monotone bucket function)
+    runs_identity: bool  # run r uses trimmed row r and every row is used (see _Layout)
 
     @property
     def nrun(self) -> int:
@@ -150,6 +169,55 @@ def int32_index_problem(q_len: int, k_len: int, nslot: int, nrun: int) -> str | 
             f"x {width} table columns is too large (needs < 2**31 elements); use backend='torch'")
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What the tables' shape depends on, computed once per ``(Lq, Lk, bucket config, device, pass)``:
+    the shifted slot table and the rows it covers, the saturation band, the run table (backward)."""
+    table: torch.Tensor
+    rows: slice
+    nslot: int
+    band: tuple
+    runs: torch.Tensor
+    run_rows: torch.Tensor | None
+    runs_unique: bool
+    runs_identity: bool  # run r uses trimmed row r, every row once (no gather / scatter by run_rows)
+
+
+_LAYOUTS: dict = {}
+
+
+def _layout(Lq, Lk, position_buckets, max_relative_positions, span, device, has_rel, backward) -> _Layout:
+    """Cached :class:`_Layout` (host time: a dict lookup per call instead of ~10 us of cache lookups and
+    argument normalisation; ``int32_index_problem`` raises before anything is cached)."""
+    key = (Lq, Lk, position_buckets, max_relative_positions, span, device, has_rel, backward)
+    hit = _LAYOUTS.get(key)
+    if hit is not None:
+        return hit
+    if not has_rel:
+        table = _dummies(device)[1]
+        hit = _Layout(table, slice(0, 2 * span), 1, (-1, 1), table, None, True, True)
+    else:
+        # only the rows some (i, j) uses: ~Lq+Lk of 2*span for short sequences
+        table, lo, hi = trimmed_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, device)
+        band = slot_band(position_buckets, max_relative_positions, span)
+        lim = Lq + Lk + 1  # keep the band in int32; beyond +-lim nothing changes
+        runs, run_rows, unique = table, None, True
+        if backward:
+            runs, run_rows, unique = relative_run_table(Lq, Lk, position_buckets, max_relative_positions, span,
+                                                        device)
+        nslot = hi - lo + 1
+        problem = int32_index_problem(Lq, Lk, nslot, 1 if run_rows is None else run_rows.numel())
+        if problem:
+            raise ValueError(problem)
+        identity = run_rows is not None and run_rows.numel() == nslot and unique  # increasing, all rows: arange
+        hit = _Layout(table, slice(lo, hi + 1), nslot, (max(band.lo, -lim), min(band.hi, lim)), runs, run_rows,
+                      unique, identity)
+    if len(_LAYOUTS) >= 256:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = hit
+    return hit
+
+
 def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
              max_relative_positions, span, dropout_p, table_lens=None, varlen=False, backward=False) -> _Prepared:
     """``q``/``k``: ``[B,H,L,D]``, or ``[H,T,D]`` views of packed inputs (``varlen``, with
@@ -157,27 +225,11 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     ``backward``: also the run table of the relative gradients."""
     D = q.shape[-1]
     Lq, Lk = table_lens if table_lens is not None else (q.shape[-2], k.shape[-2])
-    dummy_u8, dummy_i32, dummy = _dummies(q.device)
+    dummy_u8, _, dummy = _dummies(q.device)
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
-    rows = slice(0, 2 * span)
-    if has_c2p or has_p2c:
-        # only the rows some (i, j) uses: ~Lq+Lk of 2*span for short sequences
-        table, lo, hi = trimmed_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, q.device)
-        rows = slice(lo, hi + 1)
-        band = slot_band(position_buckets, max_relative_positions, span)
-        lim = Lq + Lk + 1  # keep the band in int32; beyond +-lim nothing changes
-        band_lo, band_hi = max(band.lo, -lim), min(band.hi, lim)
-    else:
-        table, band_lo, band_hi = dummy_i32, -1, 1
-    runs, run_rows, unique = table, None, True
-    if backward and (has_c2p or has_p2c):
-        runs, run_rows, unique = relative_run_table(Lq, Lk, position_buckets, max_relative_positions, span, q.device)
-    nslot = rows.stop - rows.start if (has_c2p or has_p2c) else 1
-    problem = int32_index_problem(Lq, Lk, nslot, 1 if run_rows is None else run_rows.numel())
-    if problem:
-        raise ValueError(problem)
-    c2p = _table_gemm(q, pos_key[..., rows, :]) if has_c2p else dummy
-    p2c = _table_gemm(k, pos_query[..., rows, :]) if has_p2c else dummy
+    lay = _layout(Lq, Lk, position_buckets, max_relative_positions, span, q.device, has_c2p or has_p2c, backward)
+    c2p = _table_gemm(q, pos_key[..., lay.rows, :]) if has_c2p else dummy
+    p2c = _table_gemm(k, pos_query[..., lay.rows, :]) if has_p2c else dummy
     kmask = fmask = uni = dummy_u8
     s_kmb = s_fmb = s_fmh = s_fmm = s_unb = s_unh = 0
     mask_kind = 0
@@ -199,8 +251,14 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     prec = "tf32" if q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     constexprs = dict(HAS_C2P=has_c2p, HAS_P2C=has_p2c, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
                       VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, _next_pow2(D)))
-    return _Prepared(c2p, p2c, table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
-                     nslot, (band_lo, band_hi), constexprs, rows, runs, run_rows, unique)
+    return _Prepared(c2p, p2c, lay.table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
+                     lay.nslot, lay.band, constexprs, lay.rows, lay.runs, lay.run_rows, lay.runs_unique,
+                     lay.runs_identity)
+
+
+def _launch_kwargs(cfg: LaunchConfig, pr: _Prepared) -> dict:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **pr.constexprs)
 
 
 def _drop_threshold(p: float) -> int:
@@ -226,11 +284,10 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     cfg = launch_config("fwd", Lq, Lk, D)
     grid = (_cdiv(Lq, cfg.block_m), B * H)
     disentangled_fwd_kernel[grid](
-        q, k, v, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args, out, stats[0], stats[1],
+        q, k, v, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args, out, *stats.unbind(0),
         *_qkvo_strides(q, k, v, out), *pr.mask_strides,
         H, Lq, Lk, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pr.constexprs)
+        **_launch_kwargs(cfg, pr))
     return out, stats
 
 
@@ -240,20 +297,23 @@ def _position_grads(sums, pos, x, pr: _Prepared):
     Run ``r`` reads row ``run_rows[r]`` of ``pos[..., rows, :]``; ``d pos`` has ``pos``'s shape (zero
     outside ``rows``), summed over batch when ``pos`` is ``[H, 2*span, D]`` and ``sums`` has a batch
     dim.  Runs sharing a row (non-monotone bucket functions) are folded with a 0/1 matrix product,
-    not an atomic scatter: deterministic."""
+    not an atomic scatter: deterministic.  When run ``r`` is row ``r`` (``runs_identity``: monotone
+    configs whose slots step by one) there is nothing to gather or scatter."""
     sub = pos[..., pr.rows, :].float()
-    dx = torch.matmul(sums, sub.index_select(-2, pr.run_rows))
+    dx = torch.matmul(sums, sub if pr.runs_identity else sub.index_select(-2, pr.run_rows))
     druns = torch.matmul(sums.transpose(-1, -2), x.float())
     if druns.dim() > pos.dim():
         druns = druns.sum(0)
-    if pr.runs_unique:
+    if pr.runs_identity:
+        dsub = druns
+    elif pr.runs_unique:
         dsub = druns.new_zeros(sub.shape)
         dsub[..., pr.run_rows, :] = druns
     else:
         fold = torch.nn.functional.one_hot(pr.run_rows, sub.shape[-2]).to(druns.dtype)  # [NRUN, rows]
         dsub = torch.matmul(fold.t(), druns)
-    dpos = torch.zeros(pos.shape, device=pos.device, dtype=pos.dtype)
-    dpos[..., pr.rows, :] = dsub.to(pos.dtype)
+    # zero rows outside ``rows``: one pad instead of zeros + a slice copy
+    dpos = torch.nn.functional.pad(dsub.to(pos.dtype), (0, 0, pr.rows.start, pos.shape[-2] - pr.rows.stop))
     return dx, dpos
 
 
@@ -280,14 +340,12 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
               H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, float(dropout_p),
               _drop_threshold(dropout_p), int(seed))
     cfg = launch_config("bwd", Lq, Lk, D)
-    launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                  **pr.constexprs)
-    inputs = (q, k, v, do, stats[0], stats[1], delta, pr.c2p, pr.p2c, pr.table, pr.runs, pr.table, pr.table,
+    inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.runs, pr.table, pr.table,
               *pr.mask_args)
     disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.block_n), B * H)](
-        *inputs, dk, dv, p_sum, *common, **launch)
+        *inputs, dk, dv, p_sum, *common, **_launch_kwargs(cfg, pr))
     disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.block_m), B * H)](
-        *inputs, dq, c_sum, *common, **launch)
+        *inputs, dq, c_sum, *common, **_launch_kwargs(cfg, pr))
     dpos_key = dpos_query = None
     if has_c2p:
         dq_rel, dpos_key = _position_grads(c_sum, pos_key, q, pr)
@@ -329,12 +387,11 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     cfg = launch_config("fwd", max_seqlen_q, max_seqlen_k, D)
     grid = (_cdiv(max_seqlen_q, cfg.block_m), N * H)
     disentangled_fwd_kernel[grid](
-        q, k, v, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args, out, stats[0], stats[1],
+        q, k, v, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args, out, *stats.unbind(0),
         *_varlen_strides(q, k, v, out), *pr.mask_strides,
         H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p),
         _drop_threshold(dropout_p), int(seed),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pr.constexprs)
+        **_launch_kwargs(cfg, pr))
     return out, stats
 
 
@@ -364,14 +421,12 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot,
               pr.nrun, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed))
     cfg = launch_config("bwd", max_seqlen_q, max_seqlen_k, D)
-    launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                  **pr.constexprs)
-    inputs = (q, k, v, do, stats[0], stats[1], delta, pr.c2p, pr.p2c, pr.table, pr.runs, cu_seqlens_q,
+    inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.runs, cu_seqlens_q,
               cu_seqlens_k, *pr.mask_args)
     disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.block_n), N * H)](
-        *inputs, dk, dv, p_sum, *common, **launch)
+        *inputs, dk, dv, p_sum, *common, **_launch_kwargs(cfg, pr))
     disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.block_m), N * H)](
-        *inputs, dq, c_sum, *common, **launch)
+        *inputs, dq, c_sum, *common, **_launch_kwargs(cfg, pr))
     dpos_key = dpos_query = None
     if has_c2p:
         dq_rel, dpos_key = _position_grads(c_sum, pos_key, q.transpose(0, 1), pr)

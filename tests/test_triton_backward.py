@@ -57,6 +57,19 @@ def test_buckets(buckets):
     check_grads(2, 2, 50, 50, 16, buckets=buckets, mask="key")
 
 
+@pytest.mark.parametrize("buckets,kind", [((256, 512), "identity"), ((8, 8), "unique"), ((16, 4), "shared")])
+def test_position_grad_fold_paths(buckets, kind):
+    """The three ways the launcher turns per-run sums into position gradients (``_position_grads``): run r is
+    row r (v3 at short L), runs on distinct rows with rows skipped (monotone, slots jump), rows shared by
+    several runs (non-monotone): each exact against the reference."""
+    from deberta_fast._kernels.triton_attention_launch import _layout
+    from deberta_fast.positions import attention_span
+
+    lay = _layout(37, 37, *buckets, attention_span(*buckets), torch.device("cpu"), True, True)
+    assert kind == ("identity" if lay.runs_identity else "unique" if lay.runs_unique else "shared")
+    check_grads(1, 2, 37, 37, 16, buckets=buckets, mask="key")
+
+
 @pytest.mark.parametrize("mask", ["full_b1", "full3d"])
 def test_batched_pos_and_broadcast_mask(mask):
     check_grads(2, 2, 40, 33, 16, pos_batched=True, mask=mask)

@@ -222,3 +222,31 @@ def test_host_integer_helpers_match_triton():
 
     assert all(_next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 4100))
     assert all(_cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_inference_skips_the_autograd_function(monkeypatch, packed):
+    """Nothing requires grad (or grad mode is off): the launcher runs without the autograd function (its
+    ``apply`` is host time on every inference call), with the same output; with grad it is used."""
+    from deberta_fast import disentangled_attention_varlen
+    from deberta_fast.backends import triton_backend
+
+    q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 19, 19, 16, mask="key")
+    cu = torch.tensor([0, 19], dtype=torch.int32)
+
+    def run(*ts):
+        if packed:
+            return disentangled_attention_varlen(*(t[0].transpose(0, 1) for t in ts[:3]), *ts[3:], cu, cu, 19, 19,
+                                                 backend="triton", **kw)
+        return disentangled_attention(*ts, attention_mask=mask, backend="triton", **kw)
+
+    applied = []
+    for fn in (triton_backend.TritonAttentionFunction, triton_backend.TritonVarlenFunction):
+        monkeypatch.setattr(fn, "apply", classmethod(lambda cls, *a, _real=fn.apply: applied.append(1) or _real(*a)))
+    plain = run(q, k, v, pk, pq)
+    with torch.no_grad():
+        no_grad = run(*(t.clone().requires_grad_() for t in (q, k, v, pk, pq)))
+    assert applied == [] and plain.grad_fn is None and no_grad.grad_fn is None
+    graded = run(q.clone().requires_grad_(), k, v, pk, pq)
+    assert applied == [1] and graded.grad_fn is not None
+    assert torch.equal(plain, no_grad) and torch.equal(plain, graded.detach())

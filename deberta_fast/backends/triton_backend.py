@@ -114,6 +114,13 @@ def _direct(*tensors) -> bool:
     return all(t is None or type(t) is Tensor for t in tensors)
 
 
+def _records_grad(*tensors) -> bool:
+    """Whether autograd records this call (grad mode on and an input requiring grad).  When it does not
+    (inference), the autograd function is skipped: its ``apply`` cost ~15 us of host time per call
+    (measured on the 2-core CPU machine, 2026-12-02; benchmarks/NOTES.md, "Host path")."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class TritonAttentionFunction(torch.autograd.Function):
     """Differentiable wrapper of the two custom ops (all five gradients)."""
 
@@ -147,9 +154,13 @@ def triton_attention(q, k, v, pos_key, pos_query, key_mask=None, full_mask=None,
     ``seed`` defaults to :func:`draw_seed` when ``dropout_p > 0``."""
     if seed is None:
         seed = draw_seed() if dropout_p > 0.0 else 0
-    return TritonAttentionFunction.apply(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows,
-                                         position_buckets, max_relative_positions, span, float(scale),
-                                         float(dropout_p), seed)
+    args = (q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+            max_relative_positions, span, float(scale), float(dropout_p), seed)
+    if not _records_grad(q, k, v, pos_key, pos_query):
+        fwd = _triton_fwd_impl if _direct(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows) \
+            else torch.ops.deberta_fast.triton_fwd
+        return fwd(*args)[0]
+    return TritonAttentionFunction.apply(*args)
 
 
 def _triton_varlen_fwd_impl(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
@@ -229,22 +240,27 @@ def triton_attention_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlen
     ``cu_seqlens_*`` int32; ``seed`` defaults to :func:`draw_seed` when ``dropout_p > 0``."""
     if seed is None:
         seed = draw_seed() if dropout_p > 0.0 else 0
-    return TritonVarlenFunction.apply(q, k, v, pos_key, pos_query, cu_seqlens_q.to(torch.int32).contiguous(),
-                                      cu_seqlens_k.to(torch.int32).contiguous(), int(max_seqlen_q),
-                                      int(max_seqlen_k), position_buckets, max_relative_positions, span,
-                                      float(scale), float(dropout_p), seed)
+    args = (q, k, v, pos_key, pos_query, cu_seqlens_q.to(torch.int32).contiguous(),
+            cu_seqlens_k.to(torch.int32).contiguous(), int(max_seqlen_q), int(max_seqlen_k), position_buckets,
+            max_relative_positions, span, float(scale), float(dropout_p), seed)
+    if not _records_grad(q, k, v, pos_key, pos_query):
+        fwd = _triton_varlen_fwd_impl if _direct(*args[:7]) else torch.ops.deberta_fast.triton_varlen_fwd
+        return fwd(*args)[0]
+    return TritonVarlenFunction.apply(*args)
 
 
 def _device_dtype_refusals(call) -> list[str]:
     """Device, dtype, head-dim and layout rules shared by the padded and the packed path."""
     why = []
-    if call.device.type != "cuda" and not _interpreting():
-        why.append(f"needs CUDA tensors (got {call.device.type}); set TRITON_INTERPRET=1 to run the "
-                   f"kernels on CPU under the (slow) Triton interpreter")
-    elif call.device.type != "cuda" and interpreter_problem():
-        why.append(interpreter_problem())
-    if call.device.type == "cuda":
-        cc = torch.cuda.get_device_capability(call.device)
+    device = call.device
+    if device.type != "cuda":
+        if not _interpreting():
+            why.append(f"needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run the "
+                       f"kernels on CPU under the (slow) Triton interpreter")
+        elif interpreter_problem():
+            why.append(interpreter_problem())
+    else:
+        cc = torch.cuda.get_device_capability(device)
         if cc < (8, 0):
             why.append(f"needs a GPU of compute capability >= 8.0 (sm_80), got sm_{cc[0]}{cc[1]}")
     if call.dtype == torch.float64:
@@ -281,8 +297,11 @@ class TritonBackend(Backend):
     summary = ("fused Triton kernels: fp16/bf16/fp32, head dim <= 256, all masks, in-kernel dropout; "
                "O(L*span) memory, deterministic backward; packed (varlen) sequences")
     supports_varlen = True
+    _available = False
 
     def unavailable(self):
+        if self._available:
+            return None
         from .._env import explain_triton_import_error
         try:
             import triton  # noqa: F401
@@ -292,6 +311,7 @@ class TritonBackend(Backend):
             _launch()
         except Exception as e:
             return explain_triton_import_error(e, "kernels")
+        self._available = True  # importing worked once: it stays imported (the check cost ~2 us per call)
         return None
 
     def refusals(self, call: AttentionCall) -> list[str]:
