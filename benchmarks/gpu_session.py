@@ -17,6 +17,9 @@ Stages (in this order; each in a subprocess with its own log, stopped at the bud
                fp16 (each its own results folder): host overhead; the attention op against HF eager, SDPA, flex
   bench-model  ``pytest benchmarks/bench_model.py --profile full``: whole models, with the peers
   tests-all    (only when named) the whole test suite on the GPU machine
+  tune         (only when named) ``benchmarks.tune_configs``: forward, dq and dK/dV timed under every candidate
+               launch config (the static sweep's), L = 512 and 2048, with each config's difference from the shipped
+               config's result; picks ``launch_config``'s values
 
 Output folder: ``--out``, else ``$OUT`` (the device tool's folder that comes back), else
 ``benchmarks/results/<date>-<device>-session/``: ``logs/<stage>.log``, ``summary.json``, ``summary.md`` and
@@ -39,12 +42,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["env", "build", "parity", "tests", "sanitize", "bench-core", "bench-model"]
-EXTRA_STAGES = ["tests-all"]  # only when asked for: the whole suite on the GPU machine
+EXTRA_STAGES = ["tests-all", "tune"]  # only when asked for: the whole suite; the launch-config timing
 SANITIZER_TOOLS = ["memcheck", "racecheck", "synccheck"]
 #: seconds each stage may take at most, all its commands together (the budget's end stops it earlier); a
 #: command starts only with at least MIN_START seconds left
 CAPS = {"env": 60, "build": 420, "parity": 300, "tests": 480, "tests-all": 580, "sanitize": 480, "bench-core": 540,
-        "bench-model": 540}
+        "bench-model": 540, "tune": 480}
 MIN_START = 30
 RESERVE = 25  # seconds kept: a timed-out command gets SIGINT and GRACE seconds to write its reports, then the summary
 GRACE = 15
@@ -101,6 +104,9 @@ def plan(stage: str, out: str, rehearse: bool, py: str) -> list[tuple[str, list[
     if stage == "parity":
         return [("parity", [py, "-m", "benchmarks.gpu_parity", "--out", os.path.join(out, "parity")]
                  + (["--rehearse"] if rehearse else []), {})]
+    if stage == "tune":
+        return [("tune", [py, "-m", "benchmarks.tune_configs", "--out", os.path.join(out, "tune"), "--budget",
+                          str(CAPS["tune"] - 60)] + (["--rehearse"] if rehearse else []), {})]
     if stage == "tests-all":
         return [("pytest-all", [py, "-m", "pytest", "tests", "-p", "no:cacheprovider", "-rfEs",
                                 f"--junitxml={os.path.join(out, 'tests-all.xml')}"], {})]

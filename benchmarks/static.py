@@ -180,19 +180,32 @@ def profile(full: bool, progress=print) -> dict:
     return {**_header(full), "seconds": round(time.time() - t0, 1), "kernels": rows}
 
 
-# Launch configs the sweep compiles (BLOCK_M, BLOCK_N, num_warps, num_stages), DeBERTa's head dim 64.
+# Launch configs the sweep compiles (BLOCK_M, BLOCK_N, num_warps, num_stages), head dims 64 (and 32 for the backward).
+# A backward config is compiled for both of its kernels (dq and dK/dV), each analysed on its own: the launcher picks
+# one per kernel (``BackwardConfig``).
 SWEEP = {
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
             (64, 64, 4, 2), (64, 32, 4, 3)],
-    "bwd": [(64, 64, 4, 2), (64, 64, 4, 1), (64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 4, 2), (32, 64, 4, 2),
-            (32, 32, 4, 2), (128, 64, 8, 1)],
+    "bwd": [(64, 64, 4, 2), (64, 64, 4, 1), (64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 4, 2), (64, 32, 4, 1),
+            (32, 64, 4, 2), (32, 64, 4, 1), (32, 32, 4, 2), (128, 64, 8, 1)],
 }
 
 
+def _sweep_scenarios(cc_mod, pass_: str, tag: str) -> list:
+    """fwd: DeBERTa training (fp16, D=64, L=512, c2p+p2c, key mask, dropout; sm_80 + sm_90) and inference (sm_90);
+    bwd: training, packed (sm_80 + sm_90) and training at D=32."""
+    if pass_ == "fwd":
+        return [cc_mod.Scenario("fwd", why=f"sweep {tag}"),
+                cc_mod.Scenario("fwd", dropout=False, targets=(90,), why=f"sweep {tag} inference")]
+    return [cc_mod.Scenario("bwd", why=f"sweep {tag}"),
+            cc_mod.Scenario("bwd", varlen=True, mask="none", why=f"sweep {tag} packed"),
+            cc_mod.Scenario("bwd", D=32, why=f"sweep {tag} D=32")]
+
+
 def sweep(progress=print, configs: dict | None = None) -> dict:
-    """The DeBERTa training launches (fp16, D=64, L=512, c2p+p2c, key mask, dropout; sm_80 and sm_90) and the
-    inference forward (sm_90), compiled under every launch config of :data:`SWEEP` (or ``configs``, same form;
-    ``launch_config`` replaced for the capture), with the same analysis as :func:`profile`."""
+    """The launches of :func:`_sweep_scenarios` compiled under every launch config of :data:`SWEEP` (or
+    ``configs``, same form; ``launch_config`` replaced for the capture), with the same analysis as
+    :func:`profile`."""
     from deberta_fast import _compile_check as cc_mod
 
     t0 = time.time()
@@ -202,12 +215,12 @@ def sweep(progress=print, configs: dict | None = None) -> dict:
     try:
         for pass_, cfgs in (SWEEP if configs is None else configs).items():
             for cfg in cfgs:
-                launch.launch_config = lambda *a, _c=launch.LaunchConfig(*cfg): _c
-                scs = [cc_mod.Scenario(pass_, why=f"sweep {'/'.join(map(str, cfg))}")]
-                if pass_ == "fwd":
-                    scs.append(cc_mod.Scenario("fwd", dropout=False, targets=(90,),
-                                               why=f"sweep {'/'.join(map(str, cfg))} inference"))
-                jobs += cc_mod.build_jobs(scs, progress)
+                c = launch.LaunchConfig(*cfg)
+                if pass_ == "bwd":
+                    c = launch.BackwardConfig(dq=c, dkdv=c)
+                # the swept pass gets the config, the other its usual one (the backward scenario runs a forward)
+                launch.launch_config = lambda p, *a, _c=c, _p=pass_: _c if p == _p else original(p, *a)
+                jobs += cc_mod.build_jobs(_sweep_scenarios(cc_mod, pass_, "/".join(map(str, cfg))), progress)
     finally:
         launch.launch_config = original
     rows = _analyse(jobs, cc_mod.compile_all(jobs, cc_mod._default_procs(), progress))
@@ -238,9 +251,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="every launch config (compile_check --full; slow cold)")
-    ap.add_argument("--sweep", action="store_true", help="the training launches under every config of SWEEP "
-                    "(writes sweep.json / sweep.md instead)")
+    ap.add_argument("--sweep", action="store_true", help="the launches of _sweep_scenarios under every config of "
+                    "SWEEP (writes sweep.json / sweep.md instead)")
     ap.add_argument("--configs", default=None, help="with --sweep: only these, e.g. 'fwd=128/64/8/3,bwd=64/64/4/2'")
+    ap.add_argument("--name", default="sweep", help="with --sweep: output file stem (default sweep: sweep.json, "
+                    "sweep.md)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<date>-static")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -257,7 +272,7 @@ def main(argv=None) -> int:
     prof = sweep(progress, configs) if a.sweep else profile(a.full, progress)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{prof['date']}-static")
     os.makedirs(out, exist_ok=True)
-    stem = ("sweep", "sweep") if a.sweep else ("static", "table")
+    stem = (a.name, a.name) if a.sweep else ("static", "table")
     with open(os.path.join(out, f"{stem[0]}.json"), "w") as f:
         json.dump(prof, f, indent=1)
     md = table(prof)

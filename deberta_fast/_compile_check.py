@@ -223,6 +223,8 @@ def scenarios(full: bool) -> list[Scenario]:
 
 
 def _cfg_str(cfg) -> str:
+    if hasattr(cfg, "dq") and hasattr(cfg, "dkdv"):  # the backward's BackwardConfig
+        return f"dq {_cfg_str(cfg.dq)} dkdv {_cfg_str(cfg.dkdv)}"
     try:
         return "/".join(str(v) for v in dataclasses.astuple(cfg))
     except TypeError:

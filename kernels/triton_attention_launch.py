@@ -53,20 +53,30 @@ class LaunchConfig:
     num_stages: int
 
 
-def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int) -> LaunchConfig:
-    """Tile sizes keyed on the pass (``"fwd"``/``"bwd"``), padded head dim and bucketed lengths.
-    One fixed config under the interpreter (autotuning does not run there).  GPU values are
-    untuned starting points (see benchmarks/NOTES.md)."""
+@dataclass(frozen=True)
+class BackwardConfig:
+    """The backward's two kernels tile independently: ``dq`` (a program owns ``BLOCK_M`` query rows and walks
+    key tiles) and ``dkdv`` (a program owns ``BLOCK_N`` keys and walks query tiles)."""
+    dq: LaunchConfig
+    dkdv: LaunchConfig
+
+
+def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int):
+    """Tile sizes keyed on the pass, padded head dim and bucketed lengths: a :class:`LaunchConfig` for
+    ``"fwd"``, a :class:`BackwardConfig` for ``"bwd"``.  One fixed config under the interpreter (autotuning
+    does not run there).  GPU values: spill-free starting points from the static profile, speed untuned
+    (benchmarks/NOTES.md)."""
     if interpreting():
-        return _INTERPRETER_CONFIG
+        return _INTERPRETER_CONFIG[pass_]
     return _gpu_config(pass_, max(16, _next_pow2(head_dim)), max(q_len, k_len) <= 64)
 
 
-_INTERPRETER_CONFIG = LaunchConfig(32, 32, 1, 1)
+_INTERPRETER_CONFIG = {"fwd": LaunchConfig(32, 32, 1, 1),
+                       "bwd": BackwardConfig(LaunchConfig(32, 32, 1, 1), LaunchConfig(32, 32, 1, 1))}
 
 
 @functools.lru_cache(maxsize=None)
-def _gpu_config(pass_: str, bd: int, short: bool) -> LaunchConfig:
+def _gpu_config(pass_: str, bd: int, short: bool):
     if pass_ == "fwd":
         if bd <= 64:
             # 128-row tiles on 8 warps for D = 32/64: spill-free on sm_80 and sm_90 (4 warps: 255 registers and
@@ -80,11 +90,21 @@ def _gpu_config(pass_: str, bd: int, short: bool) -> LaunchConfig:
         if bd <= 128:
             return LaunchConfig(64 if short else 128, 32, 8, 2)
         return LaunchConfig(64, 32, 8, 1)
+    # Backward, D <= 64: the configs with no spills on sm_80 and sm_90 for DeBERTa training (c2p+p2c, key mask,
+    # dropout) and packed (benchmarks/results/2026-12-02-static/sweep-bwd.md).  The shared 64x64 tile spilled
+    # 452-1160 B per thread; these run ~15-35 % more SASS per score element (32-row dq tiles use mma.sync on
+    # sm_90).  Which is faster is a GPU measurement, not yet made.
+    if bd <= 16:  # dq's 32x16 K/V tiles over 128 threads would be 8 B per thread: no 16-byte loads
+        return BackwardConfig(dq=LaunchConfig(32, 64, 4, 2), dkdv=LaunchConfig(32, 64, 4, 2))
+    if bd <= 32:
+        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2), dkdv=LaunchConfig(32, 64, 4, 2))
     if bd <= 64:
-        return LaunchConfig(64, 64, 4, 2)
+        return BackwardConfig(dq=LaunchConfig(32, 64, 4, 2), dkdv=LaunchConfig(64, 32, 4, 1))
     if bd <= 128:
-        return LaunchConfig(64, 32, 8, 1)
-    return LaunchConfig(32, 32, 8, 1)
+        c = LaunchConfig(64, 32, 8, 1)
+    else:
+        c = LaunchConfig(32, 32, 8, 1)
+    return BackwardConfig(dq=c, dkdv=c)
 
 
 def _table_gemm(x, pos):
@@ -342,10 +362,10 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     cfg = launch_config("bwd", Lq, Lk, D)
     inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.runs, pr.table, pr.table,
               *pr.mask_args)
-    disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.block_n), B * H)](
-        *inputs, dk, dv, p_sum, *common, **_launch_kwargs(cfg, pr))
-    disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.block_m), B * H)](
-        *inputs, dq, c_sum, *common, **_launch_kwargs(cfg, pr))
+    disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * H)](
+        *inputs, dk, dv, p_sum, *common, **_launch_kwargs(cfg.dkdv, pr))
+    disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * H)](
+        *inputs, dq, c_sum, *common, **_launch_kwargs(cfg.dq, pr))
     dpos_key = dpos_query = None
     if has_c2p:
         dq_rel, dpos_key = _position_grads(c_sum, pos_key, q, pr)
@@ -423,10 +443,10 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     cfg = launch_config("bwd", max_seqlen_q, max_seqlen_k, D)
     inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.runs, cu_seqlens_q,
               cu_seqlens_k, *pr.mask_args)
-    disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.block_n), N * H)](
-        *inputs, dk, dv, p_sum, *common, **_launch_kwargs(cfg, pr))
-    disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.block_m), N * H)](
-        *inputs, dq, c_sum, *common, **_launch_kwargs(cfg, pr))
+    disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.dkdv.block_n), N * H)](
+        *inputs, dk, dv, p_sum, *common, **_launch_kwargs(cfg.dkdv, pr))
+    disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.dq.block_m), N * H)](
+        *inputs, dq, c_sum, *common, **_launch_kwargs(cfg.dq, pr))
     dpos_key = dpos_query = None
     if has_c2p:
         dq_rel, dpos_key = _position_grads(c_sum, pos_key, q.transpose(0, 1), pr)

@@ -128,3 +128,29 @@ def test_sanitizer_probe_says_why_it_cannot_run(monkeypatch):
 
     monkeypatch.setattr(gs.shutil, "which", lambda name: None)
     assert gs._sanitizer_problem(sys.executable, 5.0) == "compute-sanitizer is not on the PATH"
+
+
+def test_tune_stage_is_extra_and_has_its_budget(tmp_path):
+    from benchmarks import gpu_session as gs
+
+    assert "tune" in gs.EXTRA_STAGES and "tune" not in gs.STAGES
+    (label, argv, _), = gs.plan("tune", str(tmp_path), False, sys.executable)
+    assert argv[2:3] == ["benchmarks.tune_configs"] and "--rehearse" not in argv
+    assert float(argv[argv.index("--budget") + 1]) < gs.CAPS["tune"]
+
+
+@pytest.mark.slow
+def test_tune_rehearsal_runs_every_row_kind(tmp_path):
+    """The launch-config timing on CPU (interpreter, tiny sizes): every row kind, a result per config, the
+    non-shipped configs' results equal to the shipped config's."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-m", "benchmarks.tune_configs", "--rehearse", "--out", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    assert {r["what"] for r in rows} == {"fwd", "fwd+dropout", "dq", "dkdv"}
+    assert all("ms" in r for r in rows)
+    diffs = [r["max_diff_vs_shipped"] for r in rows if not r["config"].startswith("shipped")]
+    assert diffs and all(d <= 1e-4 for d in diffs)
+    assert "| dkdv |" in (tmp_path / "tune.md").read_text()

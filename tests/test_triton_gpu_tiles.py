@@ -1,0 +1,74 @@
+"""The GPU launch configs' tile shapes (128x64 forward, 32x64 dq, 64x32 dK/dV, ...) run exactly under the
+interpreter.  The interpreter's own config is 32x32 everywhere, so without this the non-square tiles the GPU
+launches would first run on a GPU.  (``num_warps`` / ``num_stages`` mean nothing to the interpreter.)"""
+import pytest
+import torch
+
+from deberta_fast import disentangled_attention_varlen
+from triton_cases import BUCKETED, V3, assert_close_fp32, grads, make_inputs, reference_fn, triton_fn
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def gpu_configs(monkeypatch):
+    from deberta_fast._kernels import triton_attention_launch as launch
+
+    used = []
+
+    def gpu_config(pass_, q_len, k_len, head_dim):
+        cfg = launch._gpu_config(pass_, max(16, launch._next_pow2(head_dim)), max(q_len, k_len) <= 64)
+        used.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(launch, "launch_config", gpu_config)
+    return used
+
+
+def _check(B, H, L, D, buckets, mask="key"):
+    q, k, v, pk, pq, m, kw = make_inputs(B, H, L, L, D, buckets=buckets, mask=mask)
+    do = torch.randn(B, H, L, D)
+    got = grads(triton_fn(m, kw), (q, k, v, pk, pq), torch.float32, do)
+    ref = grads(reference_fn(m, kw), (q, k, v, pk, pq), torch.float64, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, ref):
+        assert_close_fp32(a, b, tol=2e-5, what=name)
+
+
+@pytest.mark.parametrize("B,D,L", [(2, 64, 150), (1, 32, 110), (1, 128, 97), (2, 64, 45)],
+                         ids=["D64", "D32", "D128", "D64-short"])
+def test_gpu_tiles_padded(gpu_configs, B, D, L):
+    """Tiny buckets: in-band and saturated tiles, ragged edges, key padding."""
+    _check(B, 2, L, D, BUCKETED)
+    fwd, bwd = gpu_configs[0], gpu_configs[1]
+    assert (fwd.block_m, fwd.block_n) != (32, 32) or (bwd.dq.block_m, bwd.dq.block_n) != (32, 32)
+
+
+def test_gpu_tiles_v3_buckets(gpu_configs):
+    _check(1, 2, 130, 64, V3)
+
+
+def test_gpu_tiles_packed(gpu_configs):
+    """Packed sequences of uneven lengths under the D=64 GPU tiles."""
+    lens = [70, 3, 130]
+    cu = torch.tensor([0, 70, 73, 203], dtype=torch.int32)
+    H, D = 2, 64
+    q, k, v = (torch.randn(203, H, D) for _ in range(3))
+    pk, pq = torch.randn(H, 8, D), torch.randn(H, 8, D)
+    kw = dict(position_buckets=4, max_relative_positions=8)
+    do = torch.randn(203, H, D)
+
+    def packed(q, k, v, pk, pq):
+        return disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, max(lens), max(lens), backend="triton", **kw)
+
+    def per_sequence(q, k, v, pk, pq):
+        outs = []
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            seq = [t[a:b].transpose(0, 1)[None] for t in (q, k, v)]
+            outs.append(reference_fn(None, kw)(*seq, pk, pq)[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    got = grads(packed, (q, k, v, pk, pq), torch.float32, do)
+    ref = grads(per_sequence, (q, k, v, pk, pq), torch.float64, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, ref):
+        assert_close_fp32(a, b, tol=2e-5, what=name)
+    assert any(getattr(c, "dkdv", None) is not None and c.dkdv.block_m != c.dkdv.block_n for c in gpu_configs)
