@@ -145,16 +145,18 @@ PROBE_LENGTHS = (512, 64, 128, 256, 1024, 2048, 4096, 32, 16, 1, 8192, 16384)
 
 def launch_config_keys() -> dict:
     """Every ``(pass, LaunchConfig, BLOCK_D)`` that ``launch_config`` returns over head dims
-    1..MAX_HEAD_DIM and a range of lengths -> a representative ``(L, D)`` (realistic first: D a power
-    of two, L = 512 or 64).  Probed, so a new branch in ``launch_config`` shows up here by itself."""
+    1..MAX_HEAD_DIM, a range of lengths and both precisions (16-bit, IEEE float32) -> a representative
+    ``(L, D, dtype)`` (realistic first: fp16, D a power of two, L = 512 or 64).  Probed, so a new branch in
+    ``launch_config`` shows up here by itself."""
     launch_config = _launch_module().launch_config
     dims = sorted(range(1, _max_head_dim() + 1), key=lambda d: (d & (d - 1) != 0 or d < 16, d != 64, d))
     keys = {}
-    for pass_ in ("fwd", "bwd"):
-        for L in PROBE_LENGTHS:
-            for D in dims:
-                key = (pass_, launch_config(pass_, L, L, D), _pow2_bucket(D))
-                keys.setdefault(key, (L, D))
+    for dtype in ("fp16", "fp32"):
+        for pass_ in ("fwd", "bwd"):
+            for L in PROBE_LENGTHS:
+                for D in dims:
+                    key = (pass_, launch_config(pass_, L, L, D, dtype == "fp32"), _pow2_bucket(D))
+                    keys.setdefault(key, (L, D, dtype))
     return keys
 
 
@@ -169,17 +171,18 @@ def scenarios(full: bool) -> list[Scenario]:
     # length; these compile fast, so they also carry the other constexpr branches (mask kinds, terms)
     flag_sets = [dict(mask="full", p2c=False), dict(mask="none", c2p=False, dropout=False),
                  dict(mask="full", c2p=False, p2c=False), dict(dropout=False)]
-    seen = {("fwd", 64, 512), ("bwd", 64, 512)}
+    seen = {("fwd", 64, 512, "fp16"), ("bwd", 64, 512, "fp16")}
     by_cfg = {}
-    for (pass_, cfg, bd), (L, D) in keys.items():
-        by_cfg.setdefault((pass_, cfg), (L, D))
+    for (pass_, cfg, bd), (L, D, dt) in keys.items():
+        by_cfg.setdefault((pass_, cfg), (L, D, dt))
     n = 0
-    for (pass_, cfg), (L, D) in by_cfg.items():
-        if (pass_, D, L) not in seen:
+    for (pass_, cfg), (L, D, dt) in by_cfg.items():
+        if (pass_, D, L, dt) not in seen:
             flags = flag_sets[n % len(flag_sets)]
             n += 1
-            out.append(Scenario(pass_, D=D, L=L, targets=(90,), why=f"launch config {_cfg_str(cfg)}", **flags))
-            seen.add((pass_, D, L))
+            out.append(Scenario(pass_, dtype=dt, D=D, L=L, targets=(90,), why=f"launch config {_cfg_str(cfg)}",
+                                **flags))
+            seen.add((pass_, D, L, dt))
     out += [Scenario("fwd", dtype=dt, targets=(80,), why=dt) for dt in ("bf16", "tf32")]
     out += [Scenario(p, varlen=True, mask="none", targets=(90,), why="packed") for p in ("fwd", "bwd")]
     # negative control: the fp16 D=64 training forward without the launch specialization
@@ -187,15 +190,19 @@ def scenarios(full: bool) -> list[Scenario]:
     if not full:
         return out
     F = dict(tier="full")
-    # every (pass, LaunchConfig, BLOCK_D) launch_config can return, DeBERTa training flags: fp16 on
-    # both targets; from BLOCK_D 64 up (DeBERTa's head dims) also bf16 on sm_90 and fp32 (IEEE and
-    # TF32) on sm_80; packed: fp16 on sm_90
-    for (pass_, cfg, bd), (L, D) in keys.items():
+    # every (pass, LaunchConfig, BLOCK_D) launch_config can return, DeBERTa training flags: fp16 on both
+    # targets; from BLOCK_D 64 up (DeBERTa's head dims) also bf16 on sm_90 and TF32 on sm_80; the IEEE float32
+    # configs in fp32 on both targets; packed: on sm_90
+    for (pass_, cfg, bd), (L, D, dt) in keys.items():
         why = f"config {_cfg_str(cfg)} BLOCK_D={bd}"
-        dtypes = (("fp16", TARGETS), ("bf16", (90,)), ("fp32", (80,)), ("tf32", (80,)))
-        for dt, targets in dtypes if bd >= 64 else dtypes[:1]:
-            out.append(Scenario(pass_, dtype=dt, D=D, L=L, targets=targets, why=why, **F))
-        out.append(Scenario(pass_, D=D, L=L, varlen=True, mask="none", targets=(90,), why="packed " + why, **F))
+        if dt == "fp32":  # IEEE float32 has configs of its own
+            dtypes = (("fp32", TARGETS),)
+        else:
+            dtypes = (("fp16", TARGETS), ("bf16", (90,)), ("tf32", (80,)))
+        for d, targets in dtypes if bd >= 64 or dt == "fp32" else dtypes[:1]:
+            out.append(Scenario(pass_, dtype=d, D=D, L=L, targets=targets, why=why, **F))
+        out.append(Scenario(pass_, dtype=dt, D=D, L=L, varlen=True, mask="none", targets=(90,), why="packed " + why,
+                            **F))
     # the constexpr flag matrix (terms x mask kind x dropout; packed: terms x dropout), fp16 D=64
     # L=512 on sm_90
     on90 = dict(targets=(90,), **F)
@@ -349,7 +356,7 @@ def build_jobs(scs: list[Scenario], progress=print) -> list[Job]:
         if n and n % 50 == 0:
             progress(f"compile check: captured {n}/{len(scs)} launcher calls ({time.time() - t0:.0f} s)")
         launches = run_scenario(sc)
-        cfg_key = (sc.pass_, launch_config(sc.pass_, sc.L, sc.L, sc.D), _pow2_bucket(sc.D))
+        cfg_key = (sc.pass_, launch_config(sc.pass_, sc.L, sc.L, sc.D, sc.dtype == "fp32"), _pow2_bucket(sc.D))
         for launch in launches:
             for cc in sc.targets:
                 target, backend, sig, cx, attrs, options = specialize(launch, cc, keep_attrs=sc.specialize)

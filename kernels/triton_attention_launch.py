@@ -61,14 +61,14 @@ class BackwardConfig:
     dkdv: LaunchConfig
 
 
-def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int):
-    """Tile sizes keyed on the pass, padded head dim and bucketed lengths: a :class:`LaunchConfig` for
-    ``"fwd"``, a :class:`BackwardConfig` for ``"bwd"``.  One fixed config under the interpreter (autotuning
-    does not run there).  GPU values: spill-free starting points from the static profile, speed untuned
-    (benchmarks/NOTES.md)."""
+def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int, fp32_ieee: bool = False):
+    """Tile sizes keyed on the pass, padded head dim, bucketed lengths and ``fp32_ieee`` (float32 inputs without
+    TF32: FMA products, no tensor cores, tiles of twice the registers): a :class:`LaunchConfig` for ``"fwd"``, a
+    :class:`BackwardConfig` for ``"bwd"``.  One fixed config under the interpreter (autotuning does not run
+    there).  GPU values: spill-free starting points from the static profile, speed untuned (benchmarks/NOTES.md)."""
     if interpreting():
         return _INTERPRETER_CONFIG[pass_]
-    return _gpu_config(pass_, max(16, _next_pow2(head_dim)), max(q_len, k_len) <= 64)
+    return _gpu_config(pass_, max(16, _next_pow2(head_dim)), max(q_len, k_len) <= 64, bool(fp32_ieee))
 
 
 _INTERPRETER_CONFIG = {"fwd": LaunchConfig(32, 32, 1, 1),
@@ -76,7 +76,9 @@ _INTERPRETER_CONFIG = {"fwd": LaunchConfig(32, 32, 1, 1),
 
 
 @functools.lru_cache(maxsize=None)
-def _gpu_config(pass_: str, bd: int, short: bool):
+def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False):
+    if fp32_ieee:
+        return _fp32_config(pass_, bd)
     if pass_ == "fwd":
         if bd <= 64:
             # 128-row tiles on 8 warps for D = 32/64: spill-free on sm_80 and sm_90 (4 warps: 255 registers and
@@ -105,6 +107,20 @@ def _gpu_config(pass_: str, bd: int, short: bool):
     else:
         c = LaunchConfig(32, 32, 8, 1)
     return BackwardConfig(dq=c, dkdv=c)
+
+
+def _fp32_config(pass_: str, bd: int):
+    """IEEE float32 (HF's default dtype; TF32 off, torch's default): the 16-bit configs spilled 1.4-18 KB per thread
+    (fp32 tiles, FMA products).  From benchmarks/results/2026-12-02-static/sweep-fp32.md (training, packed and
+    full-mask launches, sm_80 and sm_90): D <= 64 spills none in training launches; D = 128 / 256 the least found
+    (backward <= 4 B; forward 0 B but for a full mask on sm_90, ~590 B at D=128, and <= 80 B at D=256)."""
+    if bd <= 64:
+        fwd, bwd = LaunchConfig(32, 32, 4, 2), LaunchConfig(32, 32, 4, 1)
+    elif bd <= 128:
+        fwd, bwd = LaunchConfig(32, 32, 8, 2), LaunchConfig(16, 16, 4, 1)
+    else:
+        fwd, bwd = LaunchConfig(32, 16, 4, 2), LaunchConfig(16, 16, 4, 1)
+    return fwd if pass_ == "fwd" else BackwardConfig(dq=bwd, dkdv=bwd)
 
 
 def _table_gemm(x, pos):
@@ -172,6 +188,7 @@ class _Prepared:
     run_rows: torch.Tensor | None  # long [NRUN]: row (within ``rows``) of each run
     runs_unique: bool  # no row is used by two runs (monotone bucket function)
     runs_identity: bool  # run r uses trimmed row r and every row is used (see _Layout)
+    fp32_ieee: bool  # float32 inputs with IEEE products (launch_config picks smaller tiles)
 
     @property
     def nrun(self) -> int:
@@ -273,7 +290,7 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
                       VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, _next_pow2(D)))
     return _Prepared(c2p, p2c, lay.table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
                      lay.nslot, lay.band, constexprs, lay.rows, lay.runs, lay.run_rows, lay.runs_unique,
-                     lay.runs_identity)
+                     lay.runs_identity, q.dtype == torch.float32 and prec == "ieee")
 
 
 def _launch_kwargs(cfg: LaunchConfig, pr: _Prepared) -> dict:
@@ -301,7 +318,7 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
                   max_relative_positions, span, dropout_p)
     out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
-    cfg = launch_config("fwd", Lq, Lk, D)
+    cfg = launch_config("fwd", Lq, Lk, D, pr.fp32_ieee)
     grid = (_cdiv(Lq, cfg.block_m), B * H)
     disentangled_fwd_kernel[grid](
         q, k, v, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args, out, *stats.unbind(0),
@@ -359,7 +376,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
               H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, float(dropout_p),
               _drop_threshold(dropout_p), int(seed))
-    cfg = launch_config("bwd", Lq, Lk, D)
+    cfg = launch_config("bwd", Lq, Lk, D, pr.fp32_ieee)
     inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.runs, pr.table, pr.table,
               *pr.mask_args)
     disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * H)](
@@ -404,7 +421,7 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     out = torch.zeros((Tq, H, D), device=q.device, dtype=q.dtype)
     stats = torch.zeros((2, H, Tq), device=q.device, dtype=torch.float32)
     stats[1] = float("inf")
-    cfg = launch_config("fwd", max_seqlen_q, max_seqlen_k, D)
+    cfg = launch_config("fwd", max_seqlen_q, max_seqlen_k, D, pr.fp32_ieee)
     grid = (_cdiv(max_seqlen_q, cfg.block_m), N * H)
     disentangled_fwd_kernel[grid](
         q, k, v, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args, out, *stats.unbind(0),
@@ -440,7 +457,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     p_sum = torch.zeros((H, Tk, pr.nrun), **f32) if has_p2c else dummy
     common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot,
               pr.nrun, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed))
-    cfg = launch_config("bwd", max_seqlen_q, max_seqlen_k, D)
+    cfg = launch_config("bwd", max_seqlen_q, max_seqlen_k, D, pr.fp32_ieee)
     inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.runs, cu_seqlens_q,
               cu_seqlens_k, *pr.mask_args)
     disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.dkdv.block_n), N * H)](

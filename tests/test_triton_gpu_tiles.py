@@ -16,7 +16,8 @@ def gpu_configs(monkeypatch):
 
     used = []
 
-    def gpu_config(pass_, q_len, k_len, head_dim):
+    def gpu_config(pass_, q_len, k_len, head_dim, fp32_ieee=False):
+        # the 16-bit configs (the tests' float32 would pick the IEEE float32 ones, all 32x32 like the interpreter's)
         cfg = launch._gpu_config(pass_, max(16, launch._next_pow2(head_dim)), max(q_len, k_len) <= 64)
         used.append(cfg)
         return cfg
@@ -72,3 +73,20 @@ def test_gpu_tiles_packed(gpu_configs):
     for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, ref):
         assert_close_fp32(a, b, tol=2e-5, what=name)
     assert any(getattr(c, "dkdv", None) is not None and c.dkdv.block_m != c.dkdv.block_n for c in gpu_configs)
+
+
+@pytest.mark.parametrize("D,L", [(64, 70), (128, 53)], ids=["D64", "D128"])
+def test_fp32_ieee_tiles(monkeypatch, D, L):
+    """The IEEE float32 configs (32x32; 16x16 backward tiles at D=128) under the interpreter."""
+    from deberta_fast._kernels import triton_attention_launch as launch
+
+    used = []
+
+    def fp32_config(pass_, q_len, k_len, head_dim, fp32_ieee=False):
+        assert fp32_ieee  # the tests' inputs are float32 and TF32 is off
+        used.append(launch._gpu_config(pass_, max(16, launch._next_pow2(head_dim)), max(q_len, k_len) <= 64, True))
+        return used[-1]
+
+    monkeypatch.setattr(launch, "launch_config", fp32_config)
+    _check(1, 2, L, D, BUCKETED)
+    assert D != 128 or (used[1].dq.block_m, used[1].dq.block_n) == (16, 16)
