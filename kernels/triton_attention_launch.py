@@ -93,7 +93,7 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False):
             return LaunchConfig(64 if short else 128, 32, 8, 2)
         return LaunchConfig(64, 32, 8, 1)
     # Backward, D <= 64: the configs with no spills on sm_80 and sm_90 for DeBERTa training (c2p+p2c, key mask,
-    # dropout) and packed (benchmarks/results/2026-12-02-static/sweep-bwd.md).  The shared 64x64 tile spilled
+    # dropout) and packed (benchmarks/results/2026-12-02-static/sweep.md).  The shared 64x64 tile spilled
     # 452-1160 B per thread; these run ~15-35 % more SASS per score element (32-row dq tiles use mma.sync on
     # sm_90).  Which is faster is a GPU measurement, not yet made.
     if bd <= 16:  # dq's 32x16 K/V tiles over 128 threads would be 8 B per thread: no 16-byte loads
