@@ -89,6 +89,34 @@ def nvcc_flags(archs: str | None = None) -> list[str]:
     return flags
 
 
+def find_nvcc() -> str | None:
+    """nvcc on PATH, else the usual install locations."""
+    import shutil
+
+    for cand in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+def torch_system_includes() -> list[str]:
+    """torch's and Python's headers as ``-isystem`` (their warnings are not ours)."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    return [f for p in [*include_paths(), sysconfig.get_paths()["include"]] for f in ("-isystem", p)]
+
+
+def nvcc_check_cmd(nvcc: str, name: str, arch: str, obj: str, keep_dir: str) -> list[str]:
+    """The CPU compile check of one ``csrc/`` translation unit for one arch (``"80"``, ``"90a"``): the build's nvcc
+    flags, warnings as errors (host and device), ``-Xptxas -v`` (registers / spills per kernel), PTX kept in
+    ``keep_dir``.  Used by tests/test_cuda_compile.py and benchmarks/static_cuda.py."""
+    return [nvcc, "-c", os.path.join(HERE, name), "-o", obj, f"-I{HERE}", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+            "-Xptxas", "-v", "--keep", f"--keep-dir={keep_dir}", *nvcc_flags(arch), *nvcc_warning_flags(),
+            *torch_system_includes()]
+
+
 def cuda_extensions():
     ok, why = should_build()
     if not ok:

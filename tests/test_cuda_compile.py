@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -26,14 +25,7 @@ ARCHS = ("80", "90a")
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
 
 
-def _nvcc():
-    for cand in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"):
-        if cand and os.path.exists(cand):
-            return cand
-    return None
-
-
-NVCC = _nvcc()
+NVCC = build_config.find_nvcc()
 CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 
@@ -45,12 +37,6 @@ def _cuda_include():
         if (d / "cuda_runtime_api.h").exists():
             return d
     return None
-
-
-def _torch_includes():
-    from torch.utils.cpp_extension import include_paths
-
-    return [f for p in [*include_paths(), sysconfig.get_paths()["include"]] for f in ("-isystem", p)]
 
 
 def _jobs():
@@ -68,9 +54,7 @@ def _compile_cu(name, arch, outdir):
     keep = outdir / f"keep_{name}_{arch}"
     keep.mkdir()
     # -Xptxas -v: register / spill report (spills are reported, not failed: see `builds`)
-    cmd = [NVCC, "-c", str(CSRC / name), "-o", str(obj), f"-I{CSRC}", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-           "-Xptxas", "-v", "--keep", f"--keep-dir={keep}", *build_config.nvcc_flags(arch),
-           *build_config.nvcc_warning_flags(), *_torch_includes()]
+    cmd = build_config.nvcc_check_cmd(NVCC, name, arch, str(obj), str(keep))
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True)
     ptx = "".join(p.read_text(errors="replace") for p in keep.glob("*.ptx"))
@@ -83,7 +67,7 @@ def _compile_bindings(outdir):
     cmd = [CXX, "-c", str(CSRC / "dfa_bindings.cpp"), "-o", str(obj), "-fPIC", *build_config.cxx_flags(),
            *build_config.WARNING_FLAGS, f"-I{CSRC}", "-isystem", str(_cuda_include()),
            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
-           *_torch_includes()]
+           *build_config.torch_system_includes()]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True)
     return {"rc": r.returncode, "log": r.stdout + r.stderr, "secs": time.time() - t0, "obj": obj, "cmd": cmd}
@@ -181,3 +165,24 @@ def test_nvcc_flags():
     flags = build_config.nvcc_flags("80;90a")
     assert "arch=compute_90a,code=sm_90a" in flags and "arch=compute_80,code=sm_80" in flags
     assert any(f.startswith("-std=c++") for f in flags)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_profile_reads_the_objects(builds, arch):
+    """``benchmarks.static_cuda`` on the objects built above: every attention kernel instantiation (fwd, dq,
+    dK/dV x fp16/bf16 x head dims) with its registers, spills, MMA kind and a main loop it can count."""
+    from benchmarks import static_cuda
+
+    rows = []
+    for name in CU_FILES:
+        r = builds[(name, arch)]
+        if r["rc"] != 0:
+            pytest.fail(f"{name} sm_{arch} did not compile")
+        rows += static_cuda.analyse(str(r["obj"]), r["log"], arch)
+    kinds = {(r["kernel"], r["dtype"], r["D"]) for r in rows}
+    for k in ("dfa_fwd_kernel", "dfa_bwd_dq_kernel", "dfa_bwd_dkdv_kernel"):
+        assert {(k, dt, d) for dt in ("fp16", "bf16") for d in (32, 64, 128)} <= kinds, sorted(kinds)
+    for r in rows:
+        assert r["regs"] and r["spill_stores"] is not None and "HMMA" in r["mma"], r
+        assert r["loops"] and all(lp["per_element_longest"] >= lp["per_element_shortest"] > 0 for lp in r["loops"]), r
+    assert "| dfa_bwd_dkdv_kernel |" in static_cuda.table({"date": "d", "nvcc": "v", "kernels": rows})
