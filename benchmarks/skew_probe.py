@@ -18,7 +18,6 @@ Writes ``skew_probe.json`` and ``skew_probe.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -99,15 +98,12 @@ def main(argv=None) -> int:
         ap.error("unset TRITON_INTERPRET: the probe compiles for the GPU")
     rows = probe()
     date = time.strftime("%Y-%m-%d")
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{date}-static")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "skew_probe.json"), "w") as f:
-        json.dump({"date": date, "triton": triton.__version__, "rows": rows}, f, indent=1)
+    from benchmarks.static import write_report
+
     md = (f"# Skew probe ({date}, triton {triton.__version__}; compiler output only, no GPU)\n\n"
           "See benchmarks/skew_probe.py.\n\n" + table(rows))
-    with open(os.path.join(out, "skew_probe.md"), "w") as f:
-        f.write(md)
-    print(md)
+    write_report(a.out, f"{date}-static", "skew_probe.json", "skew_probe.md",
+                 {"date": date, "triton": triton.__version__, "rows": rows}, md)
     return 0
 
 

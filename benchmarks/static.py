@@ -247,6 +247,18 @@ def table(prof: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def write_report(out: str | None, default_dir: str, json_name: str, md_name: str, data: dict, md: str) -> None:
+    """Write ``data`` as ``json_name`` and ``md`` as ``md_name`` under ``out`` (default
+    ``benchmarks/results/<default_dir>``), and print ``md``: the last step of every static / tuning report."""
+    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", default_dir)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, json_name), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(out, md_name), "w") as f:
+        f.write(md)
+    print(md)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -270,15 +282,8 @@ def main(argv=None) -> int:
                 ap.error(f"--configs: {item!r} is not PASS=BM/BN/WARPS/STAGES with PASS in {list(SWEEP)}")
             configs.setdefault(pass_, []).append(tuple(int(x) for x in cfg.split("/")))
     prof = sweep(progress, configs) if a.sweep else profile(a.full, progress)
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{prof['date']}-static")
-    os.makedirs(out, exist_ok=True)
     stem = (a.name, a.name) if a.sweep else ("static", "table")
-    with open(os.path.join(out, f"{stem[0]}.json"), "w") as f:
-        json.dump(prof, f, indent=1)
-    md = table(prof)
-    with open(os.path.join(out, f"{stem[1]}.md"), "w") as f:
-        f.write(md)
-    print(md)
+    write_report(a.out, f"{prof['date']}-static", f"{stem[0]}.json", f"{stem[1]}.md", prof, table(prof))
     return 0 if all(r["ok"] for r in prof["kernels"]) else 1
 
 

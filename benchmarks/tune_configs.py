@@ -17,7 +17,6 @@ candidate for ``_gpu_config`` in ``kernels/triton_attention_launch.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -161,15 +160,9 @@ def main(argv=None) -> int:
     if not a.rehearse and not torch.cuda.is_available():
         ap.error("no GPU: use --rehearse (with TRITON_INTERPRET=1) on a CPU")
     res = tune(a.rehearse, a.budget, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                time.strftime("%Y-%m-%d") + "-tune")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "tune.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    md = table(res)
-    with open(os.path.join(out, "tune.md"), "w") as f:
-        f.write(md)
-    print(md)
+    from benchmarks.static import write_report
+
+    write_report(a.out, time.strftime("%Y-%m-%d") + "-tune", "tune.json", "tune.md", res, table(res))
     return 0 if all("error" not in r for r in res["rows"]) else 1
 
 

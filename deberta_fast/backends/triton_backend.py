@@ -121,16 +121,21 @@ def _records_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _padded_fwd(*args):
+    """``deberta_fast::triton_fwd(*args)``, its implementation called directly when nothing traces
+    (:func:`_direct` of the tensor arguments)."""
+    fwd = _triton_fwd_impl if _direct(*args[:8]) else torch.ops.deberta_fast.triton_fwd
+    return fwd(*args)
+
+
 class TritonAttentionFunction(torch.autograd.Function):
     """Differentiable wrapper of the two custom ops (all five gradients)."""
 
     @staticmethod
     def forward(ctx, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows,
                 position_buckets, max_relative_positions, span, scale, dropout_p, seed):
-        fwd = (_triton_fwd_impl if _direct(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows)
-               else torch.ops.deberta_fast.triton_fwd)
-        out, stats = fwd(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
-                         max_relative_positions, span, scale, dropout_p, seed)
+        out, stats = _padded_fwd(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                                 max_relative_positions, span, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows)
         ctx.args = (position_buckets, max_relative_positions, span, scale, dropout_p, seed)
         return out
@@ -157,9 +162,7 @@ def triton_attention(q, k, v, pos_key, pos_query, key_mask=None, full_mask=None,
     args = (q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
             max_relative_positions, span, float(scale), float(dropout_p), seed)
     if not _records_grad(q, k, v, pos_key, pos_query):
-        fwd = _triton_fwd_impl if _direct(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows) \
-            else torch.ops.deberta_fast.triton_fwd
-        return fwd(*args)[0]
+        return _padded_fwd(*args)[0]
     return TritonAttentionFunction.apply(*args)
 
 
@@ -209,16 +212,20 @@ def _(do, q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k, m
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), like(pos_key), like(pos_query)
 
 
+def _varlen_fwd(*args):
+    """``deberta_fast::triton_varlen_fwd(*args)``, directly when nothing traces (as :func:`_padded_fwd`)."""
+    fwd = _triton_varlen_fwd_impl if _direct(*args[:7]) else torch.ops.deberta_fast.triton_varlen_fwd
+    return fwd(*args)
+
+
 class TritonVarlenFunction(torch.autograd.Function):
     """Differentiable wrapper of the two packed custom ops (all five gradients)."""
 
     @staticmethod
     def forward(ctx, q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 position_buckets, max_relative_positions, span, scale, dropout_p, seed):
-        fwd = (_triton_varlen_fwd_impl if _direct(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k)
-               else torch.ops.deberta_fast.triton_varlen_fwd)
-        out, stats = fwd(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         position_buckets, max_relative_positions, span, scale, dropout_p, seed)
+        out, stats = _varlen_fwd(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                 max_seqlen_k, position_buckets, max_relative_positions, span, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k)
         ctx.args = (max_seqlen_q, max_seqlen_k, position_buckets, max_relative_positions, span, scale, dropout_p,
                     seed)
@@ -244,8 +251,7 @@ def triton_attention_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlen
             cu_seqlens_k.to(torch.int32).contiguous(), int(max_seqlen_q), int(max_seqlen_k), position_buckets,
             max_relative_positions, span, float(scale), float(dropout_p), seed)
     if not _records_grad(q, k, v, pos_key, pos_query):
-        fwd = _triton_varlen_fwd_impl if _direct(*args[:7]) else torch.ops.deberta_fast.triton_varlen_fwd
-        return fwd(*args)[0]
+        return _varlen_fwd(*args)[0]
     return TritonVarlenFunction.apply(*args)
 
 
@@ -311,7 +317,8 @@ class TritonBackend(Backend):
             _launch()
         except Exception as e:
             return explain_triton_import_error(e, "kernels")
-        self._available = True  # importing worked once: it stays imported (the check cost ~2 us per call)
+        self._available = True  # importing worked once: it stays imported (the check cost ~2 us per call, measured
+        # on the 2-core CPU machine, 2026-12-02)
         return None
 
     def refusals(self, call: AttentionCall) -> list[str]:
