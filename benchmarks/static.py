@@ -7,12 +7,14 @@ the launch-time specialization for sm_80 and sm_90) gets: registers, spill store
 the MMA instruction kind (``HMMA`` = mma.sync, ``HGMMA`` = wgmma) from the SASS, and the length of its main loop
 in SASS instructions per score element, for the shortest and the longest path through one iteration.
 
-Main loop: a backward branch whose body holds the tile's MMAs (the key-tile loop of the forward and of dq, the
-query-tile loop of dK/dV).  One iteration handles ``BLOCK_M x BLOCK_N`` scores with ``32 * num_warps`` threads,
-so ``per element = instructions on the path * 32 * num_warps / (BLOCK_M * BLOCK_N)`` (per-thread instructions,
-predicated-off ones included: they issue).  The two paths bound what a tile costs: the shortest is a tile with
-no gathers and no edge masking (a saturated interior tile in today's design), the longest the in-band tile with
-every gather and mask.  Inner loops inside the body (e.g. the backward's segment scans) count once.
+Main loop: a backward branch whose body holds the tile's MMAs (the key-tile loops of the forward and of dq, the
+query-tile loops of dK/dV).  The kernels walk each kind of tile in a loop of its own (``_tile_regions``: the
+forward's saturated loop, then its in-band loop; dq / dK/dV: saturated, in-band, saturated, in sequence order),
+so a kernel reports one entry per loop, in code order.  One iteration handles ``BLOCK_M x BLOCK_N`` scores with
+``32 * num_warps`` threads, so ``per element = instructions on the path * 32 * num_warps / (BLOCK_M * BLOCK_N)``
+(per-thread instructions, predicated-off ones included: they issue).  Shortest and longest path through an
+iteration differ where a loop body still branches.  Inner loops inside the body (e.g. the backward's segment
+scans) count once.
 Writes ``static.json`` and ``table.md``; ``--sweep`` instead compiles the training launches under each launch config
 of :data:`SWEEP` (``sweep.json``, ``sweep.md``).
 """

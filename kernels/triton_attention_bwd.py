@@ -1,9 +1,10 @@
 """Triton backward kernels of disentangled attention (flash-attention-2 structure, no atomics).
 
-Both kernels recompute ``P = exp2((s2 - ROWMAX) - LOGSUM)`` tile by tile from the forward's
-statistics (exact at any score magnitude; 0 on rows with no key) and the dropout keep-mask from the
-seed, and form ``dS = scale * P * (dP - DELTA)`` with ``DELTA = rowsum(dO * O)`` float32
-``[B,H,Lq]`` and ``dP = keep/(1-p) * dO V^T``.
+Both kernels recompute ``P = exp2((t - (ROWMAX - row_term)) - LOGSUM)`` (as the forward: see
+``_rel_terms``) tile by tile, walking saturated, in-band and saturated tiles in loops of their own
+(``_tile_regions``), from the forward's statistics (exact at any score magnitude; 0 on rows with no
+key) and the dropout keep-mask from the seed, and form ``dS = scale * P * (dP - DELTA)`` with
+``DELTA = rowsum(dO * O)`` float32 ``[B,H,Lq]`` and ``dP = keep/(1-p) * dO V^T``.
 
 * :func:`disentangled_bwd_dkdv_kernel`, grid ``(cdiv(Lk, BLOCK_N), B*H)``: ``DK = dS^T Q``
   (content part, float32 ``[B,H,Lk,D]``), ``DV = P_drop^T dO`` (float32), and, with p2c, the
@@ -23,31 +24,46 @@ sequence's blocks and ``N*H``): ``ROWMAX``/``LOGSUM``/``DELTA [H,Tq]``, ``DQ [H,
 import triton
 import triton.language as tl
 
-from .triton_attention_common import (LOG2E, _dropout_keep, _k_axis, _mm, _q_axis, _scores, _segment_scan,
-                                      _sequence, _tile)
+from .triton_attention_common import (GENERAL, LOG2E, SAT, _advance_runs, _dropout_keep, _k_axis, _key_col, _masked,
+                                      _mm, _q_axis, _rel_terms, _score_mm, _sequence, _store_open_run, _tile,
+                                      _tile_regions, _uniform_rows)
 
 
 @triton.jit
-def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n,
-                  b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop, drop_thresh, seed,
-                  KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-                  HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr,
-                  DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
+def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m,
+                  offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh, seed,
+                  KMASK, FMASK, s_kmb, s_fmb, s_fmh, s_fmm,
+                  HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                  REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                  TRANS: tl.constexpr):
     """Recompute one tile: returns ``(p_drop, ds)``, ``[BLOCK_M, BLOCK_N]`` (``[BLOCK_N, BLOCK_M]`` if ``TRANS``),
-    ``ds`` already times ``scale`` and zero outside the matrix and on uniform rows (their scores are constants)."""
-    s2, uni = _scores(q, k, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, b, h, Lq, Lk, NSLOT,
-                      band_lo, band_hi, qk_scale, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-                      HAS_C2P, HAS_P2C, MASK_KIND, UPCAST, PREC, BLOCK_M, BLOCK_N, TRANS)
+    ``ds`` already times ``scale`` and zero outside the matrix and on uniform rows (their scores are constants).
+    ``REGION``: ``GENERAL`` or ``SAT`` (slot ``slot``; see ``_tile_regions``).  Probabilities are
+    ``exp2((t - (ROWMAX - row_term)) - LOGSUM)``, as the forward computes them (:func:`_rel_terms`)."""
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, TRANS)
+    if TRANS:
+        s = _score_mm(k, tl.trans(q), UPCAST, PREC)
+    else:
+        s = _score_mm(q, tl.trans(k), UPCAST, PREC)
+    col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
+    kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
+                        HAS_C2P, HAS_P2C, REGION, REGION == SAT, TRANS)
     ok = _q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS)
-    p = tl.where(ok, tl.exp2((s2 - _q_axis(rowmax, TRANS)) - _q_axis(logsum, TRANS)), 0.0)
+    if REGION == SAT:
+        t, rt = _masked(tl.fma(s, qk_scale, _k_axis(kt, TRANS)), rt, uni, b, h, offs_m, offs_n, Lq, Lk, FMASK,
+                        s_fmb, s_fmh, s_fmm, MASK_KIND, True, TRANS)
+        p = tl.where(ok, tl.exp2((t - _q_axis(rowmax - rt, TRANS)) - _q_axis(logsum, TRANS)), 0.0)
+    else:
+        t, rt = _masked(tl.fma(s, qk_scale, kt), rt, uni, b, h, offs_m, offs_n, Lq, Lk, FMASK,
+                        s_fmb, s_fmh, s_fmm, MASK_KIND, False, TRANS)
+        p = tl.where(ok, tl.exp2((t - (_q_axis(rowmax, TRANS) - rt)) - _q_axis(logsum, TRANS)), 0.0)
     if TRANS:
         dp = _mm(v, tl.trans(do), UPCAST, PREC)
     else:
         dp = _mm(do, tl.trans(v), UPCAST, PREC)
     if DROPOUT:
         inv_keep = 1.0 / (1.0 - p_drop)
-        keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, TRANS)
         pd = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dp * inv_keep, 0.0)
     else:
@@ -55,6 +71,61 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, off
     ds = p * (dp - _q_axis(delta, TRANS)) * scale
     ds = tl.where(_q_axis(uni, TRANS), 0.0, ds)
     return pd, ds
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, run, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE, RUNS, PSUM_bh,
+                KMASK, FMASK, offs_n, offs_d, d_ok, rows, lo, hi, slot, qrow0, start_n, b, h, bh, Lq, Lk, NSLOT,
+                qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV and the p2c run sums over the query tiles ``[lo, hi)`` of one region (``_tile_regions``), on the
+    transposed tile (keys as rows, as in the dK/dV loop of flash attention 2): dV and dK take it without a
+    transpose, and the p2c column sums become row sums (a scan inside each row)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Lq
+        qo_ok = m_ok[:, None] & d_ok[None, :]
+        q = _tile(Q_bh, offs_m, s_qm, offs_d, qo_ok)
+        do = _tile(DO_bh, offs_m, s_om, offs_d, qo_ok)
+        rowmax = tl.load(ROWMAX + qrow0 + offs_m, mask=m_ok, other=0.0)
+        logsum = tl.load(LOGSUM + qrow0 + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
+        uni = _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND)
+        pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE, slot,
+                               offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh,
+                               seed, KMASK, FMASK, s_kmb, s_fmb, s_fmh, s_fmm,
+                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, True)
+        dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
+        dk += _mm(ds.to(q.dtype), q, UPCAST, PREC)
+        if HAS_P2C:
+            run = _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, PSUM_bh, rows, REGION, True)
+    return dk, dv, run
+
+
+@triton.jit
+def _dq_tiles(dq, run, q, do, rowmax, logsum, delta, uni, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, RUNS, CSUM_bh,
+              KMASK, FMASK, offs_m, offs_d, d_ok, rows, lo, hi, slot, b, h, bh, Lq, Lk, NSLOT,
+              qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm,
+              HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+              REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ and the c2p run sums over the key tiles ``[lo, hi)`` of one region (``_tile_regions``)."""
+    m_ok = offs_m < Lq
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = _tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
+        v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
+        _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE, slot,
+                              offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh,
+                              seed, KMASK, FMASK, s_kmb, s_fmb, s_fmh, s_fmm,
+                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, False)
+        dq += _mm(ds.to(k.dtype), k, UPCAST, PREC)
+        if HAS_C2P:
+            run = _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, CSUM_bh, rows, REGION, False)
+    return dq, run
 
 
 @triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
@@ -97,35 +168,24 @@ def disentangled_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     run = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start_m in range(0, Lq, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < Lq
-        qo_ok = m_ok[:, None] & d_ok[None, :]
-        q = _tile(Q_bh, offs_m, s_qm, offs_d, qo_ok)
-        do = _tile(DO_bh, offs_m, s_om, offs_d, qo_ok)
-        rowmax = tl.load(ROWMAX + qrow0 + offs_m, mask=m_ok, other=0.0)
-        logsum = tl.load(LOGSUM + qrow0 + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
-        # the transposed tile (keys as rows, as in the dK/dV loop of flash attention 2): dV and dK take it
-        # without a transpose, and the p2c column sums become row sums (a scan inside each row)
-        pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n,
-                               start_m, start_n, b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop,
-                               drop_thresh, seed, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N, True)
-        dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
-        dk += _mm(ds.to(q.dtype), q, UPCAST, PREC)
-        if HAS_P2C:
-            # sums over i per slot; interior tiles of a saturated region only advance the prefix
-            d_min = start_m - (start_n + BLOCK_N - 1)
-            d_max = start_m + BLOCK_M - 1 - start_n
-            interior = (start_m > 0) & (start_m + BLOCK_M < Lq) & ((d_min > band_hi) | (d_max < band_lo))
-            if interior:
-                run += tl.sum(ds, 1)
-            else:
-                ok = n_ok[:, None] & m_ok[None, :]
-                d = offs_m[None, :] - offs_n[:, None]
-                run = _segment_scan(ds, run, d, ok, (offs_m > 0)[None, :], (offs_m < Lq - 1)[None, :],
-                                    RUNS, PSUM_bh, rows, Lk, 1, -1)
+    args = (k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE, RUNS, PSUM_bh, KMASK, FMASK,
+            offs_n, offs_d, d_ok, rows)
+    rest = (qrow0, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om,
+            s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh)
+    if HAS_C2P | HAS_P2C:
+        # query tiles far ahead of the key tile (slot 0), in the band, far behind (slot NSLOT-1)
+        a, c = _tile_regions(start_n, BLOCK_N, band_lo, band_hi, Lq, BLOCK_M, False, True)
+        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, 0, a, 0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT,
+                                  UPCAST, PREC, BLOCK_M, BLOCK_N)
+        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, a, c, 0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, GENERAL,
+                                  UPCAST, PREC, BLOCK_M, BLOCK_N)
+        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, c, Lq, NSLOT - 1, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
+                                  SAT, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        if HAS_P2C:  # the last query tile was saturated: its run is still open
+            _store_open_run(run, Lq - 1 - offs_n, n_ok & (Lq > 0) & ((c < Lq) | (a >= Lq)), RUNS, PSUM_bh, rows, Lk)
+    else:  # no relative terms: the SAT path has nothing to add but the key term
+        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, 0, Lq, 0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT,
+                                  UPCAST, PREC, BLOCK_M, BLOCK_N)
 
     out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, dk, mask=kv_ok)
@@ -174,28 +234,26 @@ def disentangled_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     run = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Lk
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = _tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
-        v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
-        _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, offs_m, offs_n,
-                              start_m, start_n, b, h, bh, Lq, Lk, NSLOT, band_lo, band_hi, qk_scale, scale, p_drop,
-                              drop_thresh, seed, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N, False)
-        dq += _mm(ds.to(k.dtype), k, UPCAST, PREC)
-        if HAS_C2P:
-            d_min = start_m - (start_n + BLOCK_N - 1)
-            d_max = start_m + BLOCK_M - 1 - start_n
-            interior = (start_n > 0) & (start_n + BLOCK_N < Lk) & ((d_min > band_hi) | (d_max < band_lo))
-            if interior:
-                run += tl.sum(ds, 1)
-            else:
-                ok = m_ok[:, None] & n_ok[None, :]
-                d = offs_m[:, None] - offs_n[None, :]
-                run = _segment_scan(ds, run, d, ok, (offs_n > 0)[None, :], (offs_n < Lk - 1)[None, :],
-                                    RUNS, CSUM_bh, rows, Lk, 1, 1)
+    uni = _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND)
+    args = (q, do, rowmax, logsum, delta, uni, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, RUNS, CSUM_bh, KMASK, FMASK,
+            offs_m, offs_d, d_ok, rows)
+    rest = (b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn,
+            s_kmb, s_fmb, s_fmh, s_fmm)
+    if HAS_C2P | HAS_P2C:
+        # key tiles far behind the query tile (slot NSLOT-1), in the band, far ahead (slot 0)
+        a, c = _tile_regions(start_m, BLOCK_M, band_lo, band_hi, Lk, BLOCK_N, True, True)
+        dq, run = _dq_tiles(dq, run, *args, 0, a, NSLOT - 1, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT,
+                            UPCAST, PREC, BLOCK_N)
+        dq, run = _dq_tiles(dq, run, *args, a, c, 0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, GENERAL,
+                            UPCAST, PREC, BLOCK_N)
+        dq, run = _dq_tiles(dq, run, *args, c, Lk, 0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT,
+                            UPCAST, PREC, BLOCK_N)
+        if HAS_C2P:  # the last key tile was saturated: its run is still open
+            _store_open_run(run, offs_m - (Lk - 1), m_ok & (Lk > 0) & ((c < Lk) | (a >= Lk)), RUNS, CSUM_bh, rows,
+                            Lk)
+    else:  # no relative terms: the SAT path has nothing to add but the key term
+        dq, run = _dq_tiles(dq, run, *args, 0, Lk, 0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT,
+                            UPCAST, PREC, BLOCK_N)
 
     out = (qrow0 + offs_m)[:, None] * D + offs_d[None, :]
     tl.store(DQ + out, dq, mask=qo_ok)

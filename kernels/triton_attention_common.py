@@ -7,7 +7,7 @@ Conventions of every kernel (one program = one tile row of one ``(b, h)``):
   (``NSLOT = 2*span``), precomputed on the host; a tile gathers ``C2P[i, slot(d)]`` and
   ``P2C[j, slot(d)]`` with ``slot(d) = TABLE[d + Lk - 1]``.  Tiles whose every ``d`` lies at or
   beyond ``band_hi`` (slot ``NSLOT-1``) or at or below ``band_lo`` (slot 0) read one column of
-  the tables instead (per-row / per-column constants, no gather).
+  the tables instead (per-row / per-column constants, no gather): see :func:`_tile_regions`.
 * Scores are kept in the log2 domain: ``s2 = log2(e) * scale * (q.k + c2p + p2c)``.
 * ``VARLEN`` (constexpr): packed sequences (see :func:`_sequence`); one program = one tile row of
   one ``(sequence n, head h)``, ``bh = n*H + h``; ``i``, ``j`` and ``d`` are positions *within* the
@@ -103,90 +103,155 @@ def _k_axis(x, TRANS: tl.constexpr):
         return x[None, :]
 
 
-@triton.jit
-def _bias_tile(C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, Lq, Lk, NSLOT,
-               band_lo, band_hi, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
-    """``c2p[i, slot] + p2c[j, slot]`` of one tile, float32 ``[BLOCK_M, BLOCK_N]`` (``[BLOCK_N, BLOCK_M]`` if
-    ``TRANS``), unscaled; the same value per element in either orientation."""
-    m_ok = offs_m < Lq
-    n_ok = offs_n < Lk
-    if TRANS:
-        bias = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    d_min = start_m - (start_n + BLOCK_N - 1)
-    d_max = start_m + BLOCK_M - 1 - start_n
-    if (d_min >= band_hi) | (d_max <= band_lo):
-        sat = tl.where(d_min >= band_hi, NSLOT - 1, 0)
-        if HAS_C2P:
-            c = tl.load(C2P_bh + offs_m * NSLOT + sat, mask=m_ok, other=0.0)
-            bias += _q_axis(c, TRANS)
-        if HAS_P2C:
-            p = tl.load(P2C_bh + offs_n * NSLOT + sat, mask=n_ok, other=0.0)
-            bias += _k_axis(p, TRANS)
-    else:
-        ok = _q_axis(m_ok, TRANS) & _k_axis(n_ok, TRANS)
-        slot = tl.load(TABLE + (_q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS) + Lk - 1), mask=ok, other=0)
-        if HAS_C2P:
-            bias += tl.load(C2P_bh + _q_axis(offs_m, TRANS) * NSLOT + slot, mask=ok, other=0.0)
-        if HAS_P2C:
-            bias += tl.load(P2C_bh + _k_axis(offs_n, TRANS) * NSLOT + slot, mask=ok, other=0.0)
-    return bias
+# How a tile gets its relative terms (constexpr ``REGION``).
+GENERAL = tl.constexpr(0)  # any tile: c2p / p2c gathered per element through the slot table
+SAT = tl.constexpr(1)  # a tile whose every d has one slot (beyond the band): per-row / per-column constants
 
 
 @triton.jit
-def _scale_and_mask(s, qk_scale, b, h, offs_m, offs_n, Lq, Lk, KMASK, FMASK, UNI,
-                    s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh, MASK_KIND: tl.constexpr, TRANS: tl.constexpr):
-    """Log2-domain scores ``s2 = s * qk_scale`` of one tile with the attention mask applied.
-
-    Key columns out of range and, for MASK_KIND 1 (key padding ``KMASK [B, Lk]``), masked keys get -inf through a
-    per-column term added with the scale (one fused multiply-add per element, no per-element select).  MASK_KIND 2:
-    full ``FMASK [B|1, 1|H, Lq, Lk]`` (broadcast dims have stride 0), read per element.  With a mask, rows flagged
-    in ``UNI [B, 1|H, Lq]`` become uniform: every in-range key scores 0 (HF's fully masked rows).  Rows out of
-    range are left unmasked (the forward never stores them, the backward zeroes them).  Returns
-    ``(s2, uniform_rows)`` (bool ``[BLOCK_M]``; all False without mask).  ``TRANS``: ``s`` is the transposed
-    tile (keys as rows); "per column" above then means per row.
-    """
-    m_ok = offs_m < Lq
+def _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND: tl.constexpr):
+    """Per key: 0, or -inf out of range or masked (MASK_KIND 1: ``KMASK [B, Lk]`` float32, 0 or -inf, from the
+    host); float32 ``[BLOCK_N]``."""
     n_ok = offs_n < Lk
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    col = tl.where(n_ok, 0.0, float("-inf"))
     if MASK_KIND == 1:
-        km = tl.load(KMASK + b64 * s_kmb + offs_n, mask=n_ok, other=0)
-        col = tl.where(km != 0, col, float("-inf"))
-    s2 = s * qk_scale + _k_axis(col, TRANS)
-    uni = offs_m < 0
-    if MASK_KIND == 2:
-        fm = tl.load(FMASK + b64 * s_fmb + h64 * s_fmh + _q_axis(offs_m.to(tl.int64), TRANS) * s_fmm
-                     + _k_axis(offs_n, TRANS), mask=_q_axis(m_ok, TRANS) & _k_axis(n_ok, TRANS), other=0)
-        s2 = tl.where(fm != 0, s2, float("-inf"))
-    if MASK_KIND != 0:
-        uni = tl.load(UNI + b64 * s_unb + h64 * s_unh + offs_m, mask=m_ok, other=0) != 0
-        s2 = tl.where(_q_axis(uni, TRANS) & _k_axis(n_ok, TRANS), 0.0, s2)
-    return s2, uni
+        col = tl.load(KMASK + b.to(tl.int64) * s_kmb + offs_n, mask=n_ok, other=float("-inf"))
+    else:
+        col = tl.where(n_ok, 0.0, float("-inf"))
+    return col  # one return: two trip Triton 3.7's ConvertTritonToTritonGPU ("unresolved materialization")
 
 
 @triton.jit
-def _scores(q, k, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, b, h, Lq, Lk, NSLOT,
-            band_lo, band_hi, qk_scale, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-            HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr,
-            UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            TRANS: tl.constexpr):
-    """Masked log2-domain scores of one tile from ``q [BLOCK_M, BLOCK_D]`` and ``k [BLOCK_N, BLOCK_D]``:
-    ``[BLOCK_M, BLOCK_N]``, or its transpose ``k q^T`` ``[BLOCK_N, BLOCK_M]`` if ``TRANS`` (the same values: the
-    backward must recompute the forward's scores exactly, the softmax statistics come from them; see
-    :func:`_score_mm`)."""
-    if TRANS:
-        s = _score_mm(k, tl.trans(q), UPCAST, PREC)
+def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
+               HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, REGION: tl.constexpr, VEC: tl.constexpr,
+               TRANS: tl.constexpr):
+    """The relative terms of one tile, in log2 units: ``(key_term, row_term)``::
+
+        key_term = fma(p2c, qk_scale, col)      row_term = c2p * qk_scale      (0 without the term)
+
+    One formula for every tile, so that a score has the same bits whichever tile (forward, dq or dK/dV tiling,
+    either region) computes it; the backward recomputes the forward's probabilities from its statistics (see
+    :func:`_score_mm`).  A score is ``t + row_term`` with ``t = fma(q.k, qk_scale, key_term)``, and every kernel
+    computes a probability as ``exp2(t - (m - row_term))`` (``m``: the row's max), so that on saturated tiles the
+    row term costs per row, not per element.
+
+    ``GENERAL``: ``c2p = C2P[i, slot(d)]`` and ``p2c = P2C[j, slot(d)]`` gathered per element (``slot(d) =
+    TABLE[d + Lk - 1]``).  ``SAT``: every element has slot ``slot``: one ``p2c`` per key, one ``c2p`` per row.
+    ``VEC`` (constexpr, only where each term is constant along an axis): ``key_term [BLOCK_N]`` and
+    ``row_term [BLOCK_M]``; otherwise both are tiles (``[BLOCK_M, BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if
+    ``TRANS``).  ``col``: :func:`_key_col`."""
+    m_ok = offs_m < Lq
+    n_ok = offs_n < Lk
+    zero = tl.zeros(offs_m.shape, dtype=tl.float32)
+    if REGION == SAT:
+        kt = col
+        rt = zero
+        if HAS_P2C:
+            kt = tl.fma(tl.load(P2C_bh + offs_n * NSLOT + slot, mask=n_ok, other=0.0), qk_scale, col)
+        if HAS_C2P:
+            rt = tl.load(C2P_bh + offs_m * NSLOT + slot, mask=m_ok, other=0.0) * qk_scale
+        if not VEC:
+            kt, rt = tl.broadcast(_k_axis(kt, TRANS), _q_axis(rt, TRANS))
+    elif HAS_C2P | HAS_P2C:
+        ok = _q_axis(m_ok, TRANS) & _k_axis(n_ok, TRANS)
+        slots = tl.load(TABLE + (_q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS) + Lk - 1), mask=ok, other=0)
+        kt, rt = tl.broadcast(_k_axis(col, TRANS), _q_axis(zero, TRANS))
+        if HAS_P2C:
+            kt = tl.fma(tl.load(P2C_bh + _k_axis(offs_n, TRANS) * NSLOT + slots, mask=ok, other=0.0), qk_scale, kt)
+        if HAS_C2P:
+            rt = tl.load(C2P_bh + _q_axis(offs_m, TRANS) * NSLOT + slots, mask=ok, other=0.0) * qk_scale
     else:
-        s = _score_mm(q, tl.trans(k), UPCAST, PREC)
-    if HAS_C2P or HAS_P2C:
-        s += _bias_tile(C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, Lq, Lk, NSLOT,
-                        band_lo, band_hi, HAS_C2P, HAS_P2C, BLOCK_M, BLOCK_N, TRANS)
-    return _scale_and_mask(s, qk_scale, b, h, offs_m, offs_n, Lq, Lk, KMASK, FMASK, UNI,
-                           s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh, MASK_KIND, TRANS)
+        kt = col
+        rt = zero
+        if not VEC:
+            kt, rt = tl.broadcast(_k_axis(kt, TRANS), _q_axis(rt, TRANS))
+    return kt, rt
+
+
+@triton.jit
+def _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND: tl.constexpr):
+    """Rows flagged in ``UNI [B, 1|H, Lq]`` (with a mask): bool ``[BLOCK_M]``, all False without mask.  Their every
+    in-range key scores 0 (HF's fully masked rows): :func:`_masked`."""
+    uni = offs_m < 0
+    if MASK_KIND != 0:
+        uni = tl.load(UNI + b.to(tl.int64) * s_unb + h.to(tl.int64) * s_unh + offs_m, mask=offs_m < Lq, other=0) != 0
+    return uni
+
+
+@triton.jit
+def _masked(t, rt, uni, b, h, offs_m, offs_n, Lq, Lk, FMASK, s_fmb, s_fmh, s_fmm,
+            MASK_KIND: tl.constexpr, VEC: tl.constexpr, TRANS: tl.constexpr):
+    """The masks not folded into the key term, on ``t`` and the row term ``rt`` (:func:`_rel_terms`): MASK_KIND 2,
+    full ``FMASK [B|1, 1|H, Lq, Lk]`` (broadcast dims have stride 0), read per element; with a mask, uniform rows
+    (``uni``, :func:`_uniform_rows`) score 0 on every in-range key (a select per element: a branch on "any uniform
+    row" is if-converted by Triton 3.7, which costs two).  Rows out of range are left unmasked (the forward never
+    stores them, the backward zeroes them).  Returns ``(t, rt)``."""
+    if MASK_KIND == 2:
+        fm = tl.load(FMASK + b.to(tl.int64) * s_fmb + h.to(tl.int64) * s_fmh
+                     + _q_axis(offs_m.to(tl.int64), TRANS) * s_fmm + _k_axis(offs_n, TRANS),
+                     mask=_q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS), other=0)
+        t = tl.where(fm != 0, t, float("-inf"))
+    if MASK_KIND != 0:
+        t = tl.where(_q_axis(uni, TRANS) & _k_axis(offs_n < Lk, TRANS), 0.0, t)
+        if VEC:
+            rt = tl.where(uni, 0.0, rt)
+        else:
+            rt = tl.where(_q_axis(uni, TRANS), 0.0, rt)
+    return t, rt
+
+
+@triton.jit
+def _tile_regions(start, span_other, band_lo, band_hi, lim,
+                  BLOCK: tl.constexpr, ROWS: tl.constexpr, STRICT: tl.constexpr):
+    """Split a program's walk over tiles ``[0, lim)`` (step ``BLOCK``) at ``(a, b)``: ``[0, a)`` and ``[b, lim)``
+    are saturated (``SAT``), ``[a, b)`` is ``GENERAL``.
+
+    ``ROWS`` True: the program owns query rows ``[start, start+span_other)`` and walks key tiles (forward, dq):
+    ``[0, a)`` has ``d >= band_hi`` (slot ``NSLOT-1``, small j), ``[b, lim)`` ``d <= band_lo`` (slot 0).  False: it
+    owns keys ``[start, start+span_other)`` and walks query tiles (dK/dV): ``[0, a)`` has slot 0 (small i),
+    ``[b, lim)`` slot ``NSLOT-1``.  ``STRICT`` (the backward): saturated tiles lie strictly beyond the band edge,
+    so that a run of equal slot never starts or ends inside one but at the sequence's ends (:func:`_segment_scan`
+    stores run sums from ``GENERAL`` tiles, :func:`_store_open_run` the one a saturated region leaves open)."""
+    s = STRICT
+    if ROWS:
+        # d >= band_hi + s: (t+1)*BLOCK <= start - band_hi + 1 - s
+        # d <= band_lo - s: t*BLOCK >= start + span_other - 1 - band_lo + s
+        a = (tl.maximum(start - band_hi + 1 - s, 0) // BLOCK) * BLOCK
+        b = ((tl.maximum(start + span_other - 1 - band_lo + s, 0) + BLOCK - 1) // BLOCK) * BLOCK
+    else:
+        # d_max = t*BLOCK + BLOCK - 1 - start <= band_lo - s;  d_min = t*BLOCK - (start + span_other - 1) >= band_hi + s
+        a = (tl.maximum(start + band_lo + 1 - s, 0) // BLOCK) * BLOCK
+        b = ((tl.maximum(start + span_other - 1 + band_hi + s, 0) + BLOCK - 1) // BLOCK) * BLOCK
+    a = tl.minimum(a, lim)
+    b = tl.minimum(tl.maximum(b, a), lim)
+    return a, b
+
+
+@triton.jit
+def _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, SUMS, rows, REGION: tl.constexpr, TRANS: tl.constexpr):
+    """The run sums of one tile along its walking axis (axis 1: keys for dq, queries for dK/dV with ``TRANS``):
+    a saturated tile lies inside one run that neither starts nor ends there (strict regions), so only the open sum
+    advances; a ``GENERAL`` tile runs :func:`_segment_scan`.  Returns the new open sum."""
+    if REGION == SAT:
+        run += tl.sum(ds, 1)
+    else:
+        ok = _q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS)
+        d = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS)
+        if TRANS:
+            run = _segment_scan(ds, run, d, ok, (offs_m > 0)[None, :], (offs_m < Lq - 1)[None, :],
+                                RUNS, SUMS, rows, Lk, 1, -1)
+        else:
+            run = _segment_scan(ds, run, d, ok, (offs_n > 0)[None, :], (offs_n < Lk - 1)[None, :],
+                                RUNS, SUMS, rows, Lk, 1, 1)
+    return run
+
+
+@triton.jit
+def _store_open_run(run, d_last, ok, RUNS, SUMS, rows, Lk):
+    """Store the run sum a saturated region leaves open at the sequence end (``ok``: per row, false unless the last
+    tile was saturated): the run of ``d_last`` (the distance of the row's last element), as :func:`_segment_scan`
+    would at a ``GENERAL`` tile.  ``rows``: offsets ``row * NRUN`` into ``SUMS``."""
+    rid = tl.load(RUNS + (d_last + Lk - 1), mask=ok, other=0)
+    tl.store(SUMS + rows + rid, run, mask=ok)
 
 
 @triton.jit

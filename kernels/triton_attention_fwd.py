@@ -5,10 +5,12 @@ contiguous, other strides passed), ``C2P [B,H,Lq,NSLOT]`` / ``P2C [B,H,Lk,NSLOT]
 (see :mod:`.triton_attention_common`), ``TABLE`` int32 ``[Lq+Lk-1]``.  Writes ``OUT [B,H,Lq,D]``
 and the softmax statistics of the scaled masked log2-domain scores ``s2`` (without dropout), float32
 ``[B,H,Lq]`` each: ``ROWMAX = max_j s2`` and ``LOGSUM = log2 sum_j exp2(s2 - ROWMAX)`` (0 and +inf on
-a row with no key).  The backward recomputes ``p = exp2((s2 - ROWMAX) - LOGSUM)``: kept apart, the
-two lose nothing at large scores, where a single log-sum-exp would round away the small ``LOGSUM``
+a row with no key), with ``s2 = t + row_term`` (:func:`.triton_attention_common._rel_terms`).  The backward
+recomputes ``p = exp2((t - (ROWMAX - row_term)) - LOGSUM)``, the forward's own formula: kept apart, the two
+statistics lose nothing at large scores, where a single log-sum-exp would round away the small ``LOGSUM``
 (``lse = (ROWMAX + LOGSUM) * ln 2``).  Dropout multiplies the normalised probabilities by
-``keep / (1 - p_drop)``.
+``keep / (1 - p_drop)``.  A program walks its saturated key tiles, then those in the bucket band
+(``_tile_regions``).  ``KMASK``: the key-padding mask as a float32 0 / -inf bias ``[B, Lk]``.
 
 ``VARLEN``: packed sequences; grid ``(cdiv(max_seqlen_q, BLOCK_M), N*H)``, ``Q [Tq,H,D]``,
 ``K``/``V [Tk,H,D]`` (batch strides 0), ``C2P [H,Tq,NSLOT]``, ``P2C [H,Tk,NSLOT]``, ``TABLE``
@@ -18,7 +20,59 @@ two lose nothing at large scores, where a single log-sum-exp would round away th
 import triton
 import triton.language as tl
 
-from .triton_attention_common import LOG2E, _dropout_keep, _mm, _scores, _sequence, _tile
+from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _key_col, _masked, _mm, _rel_terms,
+                                      _score_mm, _sequence, _tile, _tile_regions, _uniform_rows)
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, uni, offs_m, offs_d, d_ok,
+               lo, hi, a, c, b, h, bh, Lq, Lk, NSLOT, qk_scale, inv_keep, drop_thresh, seed,
+               s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm,
+               HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+               REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax over key tiles of one kind.  ``GENERAL``: the tiles ``[lo, hi)``.  ``SAT``: both saturated
+    ranges of ``_tile_regions`` in one loop (one loop per range would give each its own shared-memory pipeline
+    buffers): ``[0, a)`` (slot ``NSLOT-1``) then ``[c, Lk)`` (slot 0), over ``[lo, hi) = [0, a + Lk - c)``.
+    ``m_i`` is the max of the scores ``t + row_term`` (:func:`_rel_terms`); probabilities are
+    ``exp2(t - (m - row_term))``: on saturated tiles, one subtraction per row."""
+    for it in range(lo, hi, BLOCK_N):
+        if REGION == SAT:
+            start_n = tl.where(it < a, it, it - a + c)
+            slot = tl.where(it < a, NSLOT - 1, 0)
+        else:
+            start_n = it
+            slot = 0
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n < Lk)[:, None] & d_ok[None, :]
+        k = _tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
+        s = _score_mm(q, tl.trans(k), UPCAST, PREC)
+        col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
+        kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
+                            HAS_C2P, HAS_P2C, REGION, REGION == SAT, False)
+        if REGION == SAT:
+            t = tl.fma(s, qk_scale, kt[None, :])
+        else:
+            t = tl.fma(s, qk_scale, kt)
+        t, rt = _masked(t, rt, uni, b, h, offs_m, offs_n, Lq, Lk, FMASK, s_fmb, s_fmh, s_fmm,
+                        MASK_KIND, REGION == SAT, False)
+        if REGION == SAT:
+            m_new = tl.maximum(m_i, tl.max(t, 1) + rt)
+        else:
+            m_new = tl.maximum(m_i, tl.max(t + rt, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        if REGION == SAT:
+            p = tl.exp2(t - (m_use - rt)[:, None])
+        else:
+            p = tl.exp2(t - (m_use[:, None] - rt))
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, False)
+            p = tl.where(keep, p * inv_keep, 0.0)
+        v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
@@ -57,24 +111,19 @@ def disentangled_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n < Lk)[:, None] & d_ok[None, :]
-        k = _tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
-        s2, uni = _scores(q, k, C2P_bh, P2C_bh, TABLE, offs_m, offs_n, start_m, start_n, b, h, Lq, Lk, NSLOT,
-                          band_lo, band_hi, qk_scale, KMASK, FMASK, UNI, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-                          HAS_C2P, HAS_P2C, MASK_KIND, UPCAST, PREC, BLOCK_M, BLOCK_N, False)
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-        p = tl.exp2(s2 - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, False)
-            p = tl.where(keep, p * inv_keep, 0.0)
-        v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
-        m_i = m_new
+    uni = _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND)
+    args = (q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, uni, offs_m, offs_d, d_ok)
+    rest = (b, h, bh, Lq, Lk, NSLOT, qk_scale, inv_keep, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm)
+    if HAS_C2P | HAS_P2C:
+        # key tiles far behind the query tile (slot NSLOT-1) and far ahead (slot 0), then those in the band
+        a, c = _tile_regions(start_m, BLOCK_M, band_lo, band_hi, Lk, BLOCK_N, True, False)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, a + Lk - c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND,
+                                   DROPOUT, SAT, UPCAST, PREC, BLOCK_N)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, a, c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
+                                   GENERAL, UPCAST, PREC, BLOCK_N)
+    else:  # no relative terms: the SAT path has nothing to add but the key term
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, Lk, Lk, Lk, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
+                                   SAT, UPCAST, PREC, BLOCK_N)
 
     empty = l_i == 0.0  # no key in range (a packed sequence without keys)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -5,7 +5,8 @@
 ``stats`` are the softmax statistics the backward needs (row max and log2 row sum of the log2-domain
 scores, see :mod:`.triton_attention_fwd`); :func:`lse_from_stats` gives the natural log-sum-exp.
 Masks arrive normalised (:func:`deberta_fast.reference.normalize_mask`): ``key_mask`` bool
-``[B,Lk]`` or ``full_mask`` bool ``[B|1,1|H,Lq,Lk]`` plus ``uniform_rows`` bool ``[B,1|H,Lq]``.
+``[B,Lk]`` (passed to the kernels as a float32 0 / -inf bias) or ``full_mask`` bool ``[B|1,1|H,Lq,Lk]`` plus
+``uniform_rows`` bool ``[B,1|H,Lq]``.
 
 Packed sequences (same kernels with ``VARLEN=True``): :func:`attention_forward_varlen` ->
 ``(out [Tq,H,D], stats float32 [2,H,Tq])``; :func:`attention_backward_varlen` -> the same five
@@ -81,45 +82,36 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False):
         return _fp32_config(pass_, bd)
     if pass_ == "fwd":
         if bd <= 64:
-            # 128-row tiles on 8 warps for D = 32/64: spill-free on sm_80 and sm_90 (4 warps: 255 registers and
-            # 400-808 B of spills per thread), same warps per SM.  4 warps stay for 64-row tiles (8 would double
-            # the instructions per score element) and for D <= 16 (a 64x16 K/V tile over 256 threads is 8 B
-            # per thread: no 16-byte cp.async).  Static evidence only (benchmarks/results/2026-12-02-static,
-            # benchmarks/NOTES.md); speed unmeasured until a GPU run.
-            if short:
-                return LaunchConfig(64, 64, 4, 3)
-            return LaunchConfig(128, 64, 8 if bd >= 32 else 4, 3)
+            # 64x64 tiles on 4 warps, 3 stages, for D <= 64 at every length: the band loop's gathered table entries are
+            # software-pipelined through shared memory (cp.async), so 128-row tiles need 144-156 KB of it (one CTA per
+            # SM on H100, too much for sm_86 / sm_89's 99 KB); 64x64 needs 74-94 KB at ~5 % more SASS per score
+            # element, spill-free on sm_90 (76-80 B on sm_80).  Static evidence only
+            # (benchmarks/results/2026-12-02-static, benchmarks/NOTES.md "Saturated tiles"); speed unmeasured.
+            return LaunchConfig(64, 64, 4, 3)
         if bd <= 128:
             return LaunchConfig(64 if short else 128, 32, 8, 2)
         return LaunchConfig(64, 32, 8, 1)
-    # Backward, D <= 64: the configs with no spills on sm_80 and sm_90 for DeBERTa training (c2p+p2c, key mask,
-    # dropout) and packed (benchmarks/results/2026-12-02-static/sweep.md).  The shared 64x64 tile spilled
-    # 452-1160 B per thread; these run ~15-35 % more SASS per score element (32-row dq tiles use mma.sync on
-    # sm_90).  Which is faster is a GPU measurement, not yet made.
+    # Backward, D <= 64: 32x32 tiles, the configs with no spills on sm_80 and sm_90 for DeBERTa training (c2p+p2c,
+    # key mask, dropout), packed and D=32 after the saturated-region loops (benchmarks/results/2026-12-02-static/
+    # sweep-session6.md; 64x32 and 32x64 spill 160-1356 B there).  Which is faster is a GPU measurement, not yet made.
     if bd <= 16:  # dq's 32x16 K/V tiles over 128 threads would be 8 B per thread: no 16-byte loads
         return BackwardConfig(dq=LaunchConfig(32, 64, 4, 2), dkdv=LaunchConfig(32, 64, 4, 2))
-    if bd <= 32:
-        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2), dkdv=LaunchConfig(32, 64, 4, 2))
     if bd <= 64:
-        return BackwardConfig(dq=LaunchConfig(32, 64, 4, 2), dkdv=LaunchConfig(64, 32, 4, 1))
-    if bd <= 128:
-        c = LaunchConfig(64, 32, 8, 1)
-    else:
-        c = LaunchConfig(32, 32, 8, 1)
+        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2), dkdv=LaunchConfig(32, 32, 4, 2))
+    if bd <= 128:  # 64x32 spilled 20-268 B; dq 32x32 on 4 warps: 0 B, ~20 % fewer instructions than on 8
+        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2), dkdv=LaunchConfig(32, 32, 8, 1))
+    c = LaunchConfig(32, 32, 8, 1)
     return BackwardConfig(dq=c, dkdv=c)
 
 
 def _fp32_config(pass_: str, bd: int):
-    """IEEE float32 (HF's default dtype; TF32 off, torch's default): the 16-bit configs spilled 1.4-18 KB per thread
-    (fp32 tiles, FMA products).  From benchmarks/results/2026-12-02-static/sweep-fp32.md (training, packed and
-    full-mask launches, sm_80 and sm_90): D <= 64 spills none in training launches; D = 128 / 256 the least found
-    (backward <= 4 B; forward 0 B but for a full mask on sm_90, ~590 B at D=128, and <= 80 B at D=256)."""
-    if bd <= 64:
-        fwd, bwd = LaunchConfig(32, 32, 4, 2), LaunchConfig(32, 32, 4, 1)
-    elif bd <= 128:
-        fwd, bwd = LaunchConfig(32, 32, 8, 2), LaunchConfig(16, 16, 4, 1)
-    else:
-        fwd, bwd = LaunchConfig(32, 16, 4, 2), LaunchConfig(16, 16, 4, 1)
+    """IEEE float32 (HF's default dtype; TF32 off, torch's default): FMA products on float32 tiles, twice the
+    registers of the 16-bit ones.  From ad-hoc sweeps of the saturated-region kernels (DeBERTa training launch, and
+    full-mask / no-mask ones, sm_80 and sm_90; benchmarks/NOTES.md "Saturated tiles"): forward 32x16 at D <= 64 and
+    16x16 above (0 B; 32x32 spilled 128 B at D=64, 0.9 KB at D=128 and 21 KB at D=256 on sm_90), backward 16x16
+    (<= 8 B; 32x32 spilled 1-1.8 KB at D=64)."""
+    bwd = LaunchConfig(16, 16, 4, 1)
+    fwd = LaunchConfig(32, 16, 4, 2) if bd <= 64 else LaunchConfig(16, 16, 4, 2)
     return fwd if pass_ == "fwd" else BackwardConfig(dq=bwd, dkdv=bwd)
 
 
@@ -269,12 +261,14 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     lay = _layout(Lq, Lk, position_buckets, max_relative_positions, span, q.device, has_c2p or has_p2c, backward)
     c2p = _table_gemm(q, pos_key[..., lay.rows, :]) if has_c2p else dummy
     p2c = _table_gemm(k, pos_query[..., lay.rows, :]) if has_p2c else dummy
-    kmask = fmask = uni = dummy_u8
+    fmask = uni = dummy_u8
+    kmask = dummy
     s_kmb = s_fmb = s_fmh = s_fmm = s_unb = s_unh = 0
     mask_kind = 0
     if key_mask is not None:
         mask_kind = 1
-        kmask = key_mask.contiguous().view(torch.uint8)
+        # float32 0 / -inf per key: the kernels add it with the per-key term (one load per key, no byte unpacking)
+        kmask = torch.where(key_mask, 0.0, float("-inf"))
         s_kmb = kmask.stride(0)
     elif full_mask is not None:
         mask_kind = 2

@@ -50,9 +50,11 @@ def test_head_dims_fp32(D):
     check_fp32(1, 2, 40, 40, D, mask="key")
 
 
-def test_long_sequence_saturated_v3():
-    """DeBERTa-v3 buckets at L=700: tiles beyond the band (|i-j| >= 512) use the constant path."""
-    check_fp32(1, 1, 700, 700, 16, buckets=V3, mask="key")
+@pytest.mark.parametrize("mask", ["none", "key"])
+def test_long_sequence_saturated_v3(mask):
+    """DeBERTa-v3 buckets at L=700: tiles beyond the band (|i-j| >= 506 or <= -512) take the saturated path.  With a
+    key-padding mask the rows far enough from the keys are padded (uniform) rows, hence the unmasked case."""
+    check_fp32(1, 1, 700, 700, 16, buckets=V3, mask=mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
