@@ -121,7 +121,7 @@ def _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
+def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, REGION: tl.constexpr, VEC: tl.constexpr,
                TRANS: tl.constexpr):
     """The relative terms of one tile, in log2 units: ``(key_term, row_term)``::
@@ -138,7 +138,7 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
     TABLE[d + Lk - 1]``).  ``SAT``: every element has slot ``slot``: one ``p2c`` per key, one ``c2p`` per row.
     ``VEC`` (constexpr, only where each term is constant along an axis): ``key_term [BLOCK_N]`` and
     ``row_term [BLOCK_M]``; otherwise both are tiles (``[BLOCK_M, BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if
-    ``TRANS``).  ``col``: :func:`_key_col`."""
+    ``TRANS``).  ``col``: :func:`_key_col`; ``uni``: :func:`_uniform_rows`."""
     m_ok = offs_m < Lq
     n_ok = offs_n < Lk
     zero = tl.zeros(offs_m.shape, dtype=tl.float32)
@@ -158,7 +158,9 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
         if HAS_P2C:
             kt = tl.fma(tl.load(P2C_bh + _k_axis(offs_n, TRANS) * NSLOT + slots, mask=ok, other=0.0), qk_scale, kt)
         if HAS_C2P:
-            rt = tl.load(C2P_bh + _q_axis(offs_m, TRANS) * NSLOT + slots, mask=ok, other=0.0) * qk_scale
+            # 0 on uniform rows (``uni``), as :func:`_masked` needs: a masked gather, not a select per element
+            rt = tl.load(C2P_bh + _q_axis(offs_m, TRANS) * NSLOT + slots, mask=ok & _q_axis(uni == 0, TRANS),
+                         other=0.0) * qk_scale
     else:
         kt = col
         rt = zero
@@ -192,10 +194,8 @@ def _masked(t, rt, uni, b, h, offs_m, offs_n, Lq, Lk, FMASK, s_fmb, s_fmh, s_fmm
         t = tl.where(fm != 0, t, float("-inf"))
     if MASK_KIND != 0:
         t = tl.where(_q_axis(uni, TRANS) & _k_axis(offs_n < Lk, TRANS), 0.0, t)
-        if VEC:
+        if VEC:  # per row; a tile's row term is already 0 there (:func:`_rel_terms`)
             rt = tl.where(uni, 0.0, rt)
-        else:
-            rt = tl.where(_q_axis(uni, TRANS), 0.0, rt)
     return t, rt
 
 
