@@ -88,8 +88,8 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False):
             # element, spill-free on sm_90 (76-80 B on sm_80).  Static evidence only
             # (benchmarks/results/2026-12-02-static, benchmarks/NOTES.md "Saturated tiles"); speed unmeasured.
             return LaunchConfig(64, 64, 4, 3)
-        if bd <= 128:
-            return LaunchConfig(64 if short else 128, 32, 8, 2)
+        if bd <= 128:  # 128x32 now needs 115-131 KB of shared memory (more than sm_86 / sm_89 have); 64x32: 66-82 KB
+            return LaunchConfig(64, 32, 4, 2)
         return LaunchConfig(64, 32, 8, 1)
     # Backward, D <= 64: 32x32 tiles, the configs with no spills on sm_80 and sm_90 for DeBERTa training (c2p+p2c,
     # key mask, dropout), packed and D=32 after the saturated-region loops (benchmarks/results/2026-12-02-static/
