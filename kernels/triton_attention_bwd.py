@@ -48,7 +48,7 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE
         s = _score_mm(q, tl.trans(k), UPCAST, PREC)
     col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
     kt, rt = _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
-                        HAS_C2P, HAS_P2C, REGION, REGION == SAT, TRANS)
+                        HAS_C2P, HAS_P2C, REGION, TRANS)
     ok = _q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS)
     if REGION == SAT:
         t, rt = _masked(tl.fma(s, qk_scale, _k_axis(kt, TRANS)), rt, uni, b, h, offs_m, offs_n, Lq, Lk, FMASK,

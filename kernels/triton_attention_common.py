@@ -122,8 +122,7 @@ def _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND: tl.constexpr):
 
 @triton.jit
 def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
-               HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, REGION: tl.constexpr, VEC: tl.constexpr,
-               TRANS: tl.constexpr):
+               HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, REGION: tl.constexpr, TRANS: tl.constexpr):
     """The relative terms of one tile, in log2 units: ``(key_term, row_term)``::
 
         key_term = fma(p2c, qk_scale, col)      row_term = c2p * qk_scale      (0 without the term)
@@ -135,10 +134,10 @@ def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NS
     row term costs per row, not per element.
 
     ``GENERAL``: ``c2p = C2P[i, slot(d)]`` and ``p2c = P2C[j, slot(d)]`` gathered per element (``slot(d) =
-    TABLE[d + Lk - 1]``).  ``SAT``: every element has slot ``slot``: one ``p2c`` per key, one ``c2p`` per row.
-    ``VEC`` (constexpr, only where each term is constant along an axis): ``key_term [BLOCK_N]`` and
-    ``row_term [BLOCK_M]``; otherwise both are tiles (``[BLOCK_M, BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if
-    ``TRANS``).  ``col``: :func:`_key_col`; ``uni``: :func:`_uniform_rows`."""
+    TABLE[d + Lk - 1]``), as tiles (``[BLOCK_M, BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if ``TRANS``; the row term 0 on
+    uniform rows).  ``SAT``: every element has slot ``slot``: ``key_term [BLOCK_N]`` and ``row_term [BLOCK_M]``
+    (the caller zeroes the row term on uniform rows: :func:`_masked`).  ``col``: :func:`_key_col`; ``uni``:
+    :func:`_uniform_rows`."""
     m_ok = offs_m < Lq
     n_ok = offs_n < Lk
     zero = tl.zeros(offs_m.shape, dtype=tl.float32)
@@ -149,8 +148,6 @@ def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NS
             kt = tl.fma(tl.load(P2C_bh + offs_n * NSLOT + slot, mask=n_ok, other=0.0), qk_scale, col)
         if HAS_C2P:
             rt = tl.load(C2P_bh + offs_m * NSLOT + slot, mask=m_ok, other=0.0) * qk_scale
-        if not VEC:
-            kt, rt = tl.broadcast(_k_axis(kt, TRANS), _q_axis(rt, TRANS))
     elif HAS_C2P | HAS_P2C:
         ok = _q_axis(m_ok, TRANS) & _k_axis(n_ok, TRANS)
         slots = tl.load(TABLE + (_q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS) + Lk - 1), mask=ok, other=0)
@@ -162,10 +159,7 @@ def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NS
             rt = tl.load(C2P_bh + _q_axis(offs_m, TRANS) * NSLOT + slots, mask=ok & _q_axis(uni == 0, TRANS),
                          other=0.0) * qk_scale
     else:
-        kt = col
-        rt = zero
-        if not VEC:
-            kt, rt = tl.broadcast(_k_axis(kt, TRANS), _q_axis(rt, TRANS))
+        kt, rt = tl.broadcast(_k_axis(col, TRANS), _q_axis(zero, TRANS))
     return kt, rt
 
 

@@ -48,7 +48,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         s = _score_mm(q, tl.trans(k), UPCAST, PREC)
         col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
         kt, rt = _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
-                            HAS_C2P, HAS_P2C, REGION, REGION == SAT, False)
+                            HAS_C2P, HAS_P2C, REGION, False)
         if REGION == SAT:
             t = tl.fma(s, qk_scale, kt[None, :])
         else:
