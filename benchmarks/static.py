@@ -221,7 +221,7 @@ def sweep(progress=print, configs: dict | None = None) -> dict:
                 if pass_ == "bwd":
                     c = launch.BackwardConfig(dq=c, dkdv=c)
                 # the swept pass gets the config, the other its usual one (the backward scenario runs a forward)
-                launch.launch_config = lambda p, *a, _c=c, _p=pass_: _c if p == _p else original(p, *a)
+                launch.launch_config = lambda p, *a, _c=c, _p=pass_, **k: _c if p == _p else original(p, *a, **k)
                 jobs += cc_mod.build_jobs(_sweep_scenarios(cc_mod, pass_, "/".join(map(str, cfg))), progress)
     finally:
         launch.launch_config = original

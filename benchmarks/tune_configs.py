@@ -96,7 +96,7 @@ def tune(rehearse: bool, budget: float, progress=print) -> dict:
                 b_cfg = launch.BackwardConfig(dq=base_b.dq, dkdv=cfg)
             else:
                 b_cfg = base_b
-            launch.launch_config = lambda pass_, *a, _f=f_cfg, _b=b_cfg: _f if pass_ == "fwd" else _b
+            launch.launch_config = lambda pass_, *a, _f=f_cfg, _b=b_cfg, **k: _f if pass_ == "fwd" else _b
             if what.startswith("fwd"):
                 fn = lambda: launch.attention_forward(*args, **kw, dropout_p=p, seed=1)  # noqa: E731
             else:

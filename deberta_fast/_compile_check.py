@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -143,21 +144,49 @@ def _max_head_dim() -> int:
 PROBE_LENGTHS = (512, 64, 128, 256, 1024, 2048, 4096, 32, 16, 1, 8192, 16384)
 
 
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """A representative launch of a launch config: what :func:`launch_config` is keyed on."""
+    L: int
+    D: int
+    dtype: str  # fp16 | fp32 (IEEE) | tf32
+    arch: int
+    varlen: bool
+    dropout: bool
+
+
+def scenario_config(sc: "Scenario", arch: int):
+    """The config the launcher picks for ``sc`` on ``sm_<arch>``."""
+    return _launch_module().launch_config(sc.pass_, sc.L, sc.L, sc.D, sc.dtype == "fp32", tf32=sc.dtype == "tf32",
+                                          arch=arch, varlen=sc.varlen, dropout=sc.dropout)
+
+
 def launch_config_keys() -> dict:
-    """Every ``(pass, LaunchConfig, BLOCK_D)`` that ``launch_config`` returns over head dims
-    1..MAX_HEAD_DIM, a range of lengths and both precisions (16-bit, IEEE float32) -> a representative
-    ``(L, D, dtype)`` (realistic first: fp16, D a power of two, L = 512 or 64).  Probed, so a new branch in
-    ``launch_config`` shows up here by itself."""
+    """Every ``(pass, LaunchConfig, BLOCK_D)`` that ``launch_config`` returns over head dims 1..MAX_HEAD_DIM, a range
+    of lengths, the precisions (16-bit, IEEE float32, TF32), both targets, padded / packed and with / without dropout
+    -> a representative :class:`Probe` (realistic first: fp16, sm_90, padded, dropout, D a power of two, L = 512 or
+    64).  Probed, so a new branch in ``launch_config`` shows up here by itself."""
     launch_config = _launch_module().launch_config
     dims = sorted(range(1, _max_head_dim() + 1), key=lambda d: (d & (d - 1) != 0 or d < 16, d != 64, d))
     keys = {}
-    for dtype in ("fp16", "fp32"):
+    for dtype, arch, varlen, dropout in itertools.product(("fp16", "fp32", "tf32"), (90, 80), (False, True),
+                                                          (True, False)):
         for pass_ in ("fwd", "bwd"):
             for L in PROBE_LENGTHS:
                 for D in dims:
-                    key = (pass_, launch_config(pass_, L, L, D, dtype == "fp32"), _pow2_bucket(D))
-                    keys.setdefault(key, (L, D, dtype))
+                    cfg = launch_config(pass_, L, L, D, dtype == "fp32", tf32=dtype == "tf32", arch=arch,
+                                        varlen=varlen, dropout=dropout)
+                    keys.setdefault((pass_, cfg, _pow2_bucket(D)), Probe(L, D, dtype, arch, varlen, dropout))
     return keys
+
+
+def _probe_scenario(pass_: str, pr: Probe, why: str, **flags) -> "Scenario":
+    """A scenario that launches ``pr``'s config (flags: the terms and the mask kind; packed launches take no mask)."""
+    mask = flags.pop("mask", "key")
+    if pr.varlen:
+        mask = "none"
+    return Scenario(pass_, dtype=pr.dtype, D=pr.D, L=pr.L, varlen=pr.varlen, dropout=pr.dropout, mask=mask,
+                    targets=(pr.arch,), why=why, **flags)
 
 
 def scenarios(full: bool) -> list[Scenario]:
@@ -167,42 +196,31 @@ def scenarios(full: bool) -> list[Scenario]:
     # inference, fp16 D=64 L=512
     out += [Scenario("fwd", why="training"), Scenario("bwd", why="training"),
             Scenario("fwd", dropout=False, targets=(90,), why="inference")]
-    # every other distinct LaunchConfig value once (fp16, sm_90) at its most realistic head dim and
-    # length; these compile fast, so they also carry the other constexpr branches (mask kinds, terms)
-    flag_sets = [dict(mask="full", p2c=False), dict(mask="none", c2p=False, dropout=False),
-                 dict(mask="full", c2p=False, p2c=False), dict(dropout=False)]
-    seen = {("fwd", 64, 512, "fp16"), ("bwd", 64, 512, "fp16")}
-    by_cfg = {}
-    for (pass_, cfg, bd), (L, D, dt) in keys.items():
-        by_cfg.setdefault((pass_, cfg), (L, D, dt))
-    n = 0
-    for (pass_, cfg), (L, D, dt) in by_cfg.items():
-        if (pass_, D, L, dt) not in seen:
-            flags = flag_sets[n % len(flag_sets)]
-            n += 1
-            out.append(Scenario(pass_, dtype=dt, D=D, L=L, targets=(90,), why=f"launch config {_cfg_str(cfg)}",
-                                **flags))
-            seen.add((pass_, D, L, dt))
     out += [Scenario("fwd", dtype=dt, targets=(80,), why=dt) for dt in ("bf16", "tf32")]
     out += [Scenario(p, varlen=True, mask="none", targets=(90,), why="packed") for p in ("fwd", "bwd")]
+    # every other distinct LaunchConfig value once, at its representative launch; these compile fast, so they also
+    # carry the other constexpr branches (mask kinds, terms)
+    flag_sets = [dict(mask="full", p2c=False), dict(mask="none", c2p=False), dict(mask="full", c2p=False, p2c=False),
+                 dict()]
+    seen = {(sc.pass_, scenario_config(sc, arch)) for sc in out for arch in sc.targets}
+    n = 0
+    for (pass_, cfg, bd), pr in keys.items():
+        if (pass_, cfg) not in seen:
+            out.append(_probe_scenario(pass_, pr, f"launch config {_cfg_str(cfg)}", **flag_sets[n % len(flag_sets)]))
+            n += 1
+            seen.add((pass_, cfg))
     # negative control: the fp16 D=64 training forward without the launch specialization
     out.append(Scenario("fwd", targets=(80,), specialize=False, why="negative control"))
     if not full:
         return out
     F = dict(tier="full")
-    # every (pass, LaunchConfig, BLOCK_D) launch_config can return, DeBERTa training flags: fp16 on both
-    # targets; from BLOCK_D 64 up (DeBERTa's head dims) also bf16 on sm_90 and TF32 on sm_80; the IEEE float32
-    # configs in fp32 on both targets; packed: on sm_90
-    for (pass_, cfg, bd), (L, D, dt) in keys.items():
-        why = f"config {_cfg_str(cfg)} BLOCK_D={bd}"
-        if dt == "fp32":  # IEEE float32 has configs of its own
-            dtypes = (("fp32", TARGETS),)
-        else:
-            dtypes = (("fp16", TARGETS), ("bf16", (90,)), ("tf32", (80,)))
-        for d, targets in dtypes if bd >= 64 or dt == "fp32" else dtypes[:1]:
-            out.append(Scenario(pass_, dtype=d, D=D, L=L, targets=targets, why=why, **F))
-        out.append(Scenario(pass_, dtype=dt, D=D, L=L, varlen=True, mask="none", targets=(90,), why="packed " + why,
-                            **F))
+    # every (pass, LaunchConfig, BLOCK_D) launch_config can return, at its representative launch (DeBERTa training
+    # flags: c2p+p2c, key mask unless packed); 16-bit ones from BLOCK_D 64 up (DeBERTa's head dims) also in bf16
+    for (pass_, cfg, bd), pr in keys.items():
+        why = f"config {_cfg_str(cfg)} BLOCK_D={bd} sm_{pr.arch}"
+        out.append(_probe_scenario(pass_, pr, why, **F))
+        if pr.dtype == "fp16" and bd >= 64:
+            out.append(_probe_scenario(pass_, dataclasses.replace(pr, dtype="bf16"), "bf16 " + why, **F))
     # the constexpr flag matrix (terms x mask kind x dropout; packed: terms x dropout), fp16 D=64
     # L=512 on sm_90
     on90 = dict(targets=(90,), **F)
@@ -348,17 +366,17 @@ def build_jobs(scs: list[Scenario], progress=print) -> list[Job]:
     from triton._C.libtriton import get_cache_invalidating_env_vars
     from triton.compiler import ASTSource
     from triton.runtime.cache import get_cache_key
-    launch_config = _launch_module().launch_config
     env_vars = get_cache_invalidating_env_vars()
     jobs: dict[str, Job] = {}
     t0 = time.time()
     for n, sc in enumerate(scs):
         if n and n % 50 == 0:
             progress(f"compile check: captured {n}/{len(scs)} launcher calls ({time.time() - t0:.0f} s)")
-        launches = run_scenario(sc)
-        cfg_key = (sc.pass_, launch_config(sc.pass_, sc.L, sc.L, sc.D, sc.dtype == "fp32"), _pow2_bucket(sc.D))
-        for launch in launches:
-            for cc in sc.targets:
+        for cc in sc.targets:  # the launcher's configs depend on the target: capture each target's launches
+            with _launch_module().target_arch(cc):
+                launches = run_scenario(sc)
+            cfg_key = (sc.pass_, scenario_config(sc, cc), _pow2_bucket(sc.D))
+            for launch in launches:
                 target, backend, sig, cx, attrs, options = specialize(launch, cc, keep_attrs=sc.specialize)
                 src = ASTSource(launch.fn, sig, cx, attrs)
                 key = hashlib.sha256(get_cache_key(src, backend, options, env_vars).encode()).hexdigest()

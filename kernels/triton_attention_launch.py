@@ -18,6 +18,7 @@ invalid offsets that reach them give wrong rows but never an access out of bound
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -62,55 +63,113 @@ class BackwardConfig:
     dkdv: LaunchConfig
 
 
-def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int, fp32_ieee: bool = False):
-    """Tile sizes keyed on the pass, padded head dim, bucketed lengths and ``fp32_ieee`` (float32 inputs without
-    TF32: FMA products, no tensor cores, tiles of twice the registers): a :class:`LaunchConfig` for ``"fwd"``, a
-    :class:`BackwardConfig` for ``"bwd"``.  One fixed config under the interpreter (autotuning does not run
-    there).  GPU values: spill-free starting points from the static profile, speed untuned (benchmarks/NOTES.md)."""
+def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int, fp32_ieee: bool = False, *, tf32: bool = False,
+                  arch: int = 90, varlen: bool = False, dropout: bool = False):
+    """Tile sizes keyed on the pass, padded head dim, bucketed lengths, the precision (``fp32_ieee``: float32
+    inputs without TF32: FMA products, no tensor cores, tiles of twice the registers; ``tf32``: float32 tiles on
+    tensor cores), the GPU architecture (``arch``: compute capability as ``10*major + minor``; sm_8x and sm_9x+ get
+    configs of their own: mma.sync and wgmma code differ in registers, and sm_86 / sm_89 have 99 KB of shared
+    memory per block), packed sequences and dropout (both add registers): a :class:`LaunchConfig` for ``"fwd"``, a
+    :class:`BackwardConfig` for ``"bwd"``.  One fixed config under the interpreter (autotuning does not run there).
+    GPU values: spill-free starting points from the static profile, speed untuned (benchmarks/NOTES.md)."""
     if interpreting():
         return _INTERPRETER_CONFIG[pass_]
-    return _gpu_config(pass_, max(16, _next_pow2(head_dim)), max(q_len, k_len) <= 64, bool(fp32_ieee))
+    return _gpu_config(pass_, max(16, _next_pow2(head_dim)), max(q_len, k_len) <= 64, bool(fp32_ieee), bool(tf32),
+                       90 if arch >= 90 else 80, bool(varlen), bool(dropout))
 
 
 _INTERPRETER_CONFIG = {"fwd": LaunchConfig(32, 32, 1, 1),
                        "bwd": BackwardConfig(LaunchConfig(32, 32, 1, 1), LaunchConfig(32, 32, 1, 1))}
 
+_TARGET_ARCH = [90]  # the arch of launches on non-CUDA tensors (the compile check's captures): see target_arch
+_DEVICE_ARCH: dict = {}
+
+
+def device_arch(device: torch.device) -> int:
+    """``10*major + minor`` of a CUDA device (cached: host time), else the compile check's target (default 90)."""
+    if device.type != "cuda":
+        return _TARGET_ARCH[0]
+    arch = _DEVICE_ARCH.get(device)
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = _DEVICE_ARCH[device] = 10 * major + minor
+    return arch
+
+
+@contextlib.contextmanager
+def target_arch(arch: int):
+    """Within the block, launches on non-CUDA tensors pick the configs of ``arch`` (the compile check captures the
+    launches of each target it compiles for)."""
+    old = _TARGET_ARCH[0]
+    _TARGET_ARCH[0] = int(arch)
+    try:
+        yield
+    finally:
+        _TARGET_ARCH[0] = old
+
 
 @functools.lru_cache(maxsize=None)
-def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False):
+def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32: bool = False, family: int = 90,
+                varlen: bool = False, dropout: bool = False):
+    """The GPU configs, from the static profile (sm_80 for ``family`` 80, sm_90 for 90; DeBERTa launches: c2p+p2c,
+    key mask or packed, with and without dropout; benchmarks/results/2026-12-02-static and NOTES "Spill-free configs
+    per architecture").  Every one compiles with 0 spill bytes there unless its comment says otherwise; which is
+    fastest is a GPU measurement, not yet made."""
     if fp32_ieee:
-        return _fp32_config(pass_, bd)
+        return _fp32_config(pass_, bd, family)
     if pass_ == "fwd":
-        if bd <= 64:
-            # 64x64 tiles on 4 warps, 3 stages, for D <= 64 at every length: the band loop's gathered table entries are
-            # software-pipelined through shared memory (cp.async), so 128-row tiles need 144-156 KB of it (one CTA per
-            # SM on H100, too much for sm_86 / sm_89's 99 KB); 64x64 needs 74-94 KB at ~5 % more SASS per score
-            # element, spill-free on sm_90 (76-80 B on sm_80).  Static evidence only
-            # (benchmarks/results/2026-12-02-static, benchmarks/NOTES.md "Saturated tiles"); speed unmeasured.
-            return LaunchConfig(64, 64, 4, 3)
-        if bd <= 128:  # 128x32 now needs 115-131 KB of shared memory (more than sm_86 / sm_89 have); 64x32: 66-82 KB
-            return LaunchConfig(64, 32, 4, 2)
-        return LaunchConfig(64, 32, 8, 1)
-    # Backward, D <= 64: 32x32 tiles, the configs with no spills on sm_80 and sm_90 for DeBERTa training (c2p+p2c,
-    # key mask, dropout), packed and D=32 after the saturated-region loops (benchmarks/results/2026-12-02-static/
-    # sweep-session6.md; 64x32 and 32x64 spill 160-1356 B there).  Which is faster is a GPU measurement, not yet made.
-    if bd <= 16:  # dq's 32x16 K/V tiles over 128 threads would be 8 B per thread: no 16-byte loads
-        return BackwardConfig(dq=LaunchConfig(32, 64, 4, 2), dkdv=LaunchConfig(32, 64, 4, 2))
+        return _fwd_config(bd, tf32, family, varlen, dropout)
+    return _bwd_config(bd, tf32, family, varlen)
+
+
+def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -> LaunchConfig:
+    if bd <= 16 and not tf32:  # 32-key K/V tiles of 16 columns over 128 threads: 8 B each, no 16-byte cp.async
+        # sm_8x packed: 64x64 spills 188 B, 32x64 40 B (8 warps would need 128-key tiles for 16-byte copies)
+        return LaunchConfig(32, 64, 4, 3) if family == 80 and varlen else LaunchConfig(64, 64, 4, 3)
     if bd <= 64:
-        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2), dkdv=LaunchConfig(32, 32, 4, 2))
-    if bd <= 128:  # 64x32 spilled 20-268 B; dq 32x32 on 4 warps: 0 B, ~20 % fewer instructions than on 8
+        if tf32:  # float32 tiles: 64x64 spilled 20 B (sm_90) / 164 B (sm_80) and needed 115-135 KB
+            return LaunchConfig(64, 32, 4, 3) if family == 90 else LaunchConfig(32, 64, 4, 3)
+        if family == 90:
+            # 64x64 tiles on 4 warps, 3 stages: the band loop's gathered table entries are software-pipelined
+            # through shared memory (cp.async), so 128-row tiles need 144-156 KB of it; 64x64 needs 74-94 KB.
+            # Packed: 64x64 spilled 12 B.
+            return LaunchConfig(64, 32, 4, 3) if varlen else LaunchConfig(64, 64, 4, 3)
+        # sm_8x: 64x64 spilled 80-108 B (276 B packed); packed 64x32: 4 B
+        return LaunchConfig(32, 64, 4, 3) if varlen else LaunchConfig(64, 32, 4, 3)
+    if bd <= 128:
+        if family == 90:  # 64x32 spills 16 B with dropout; 64x16 none (60-78 instructions per element, 64x32 49-72)
+            return LaunchConfig(64, 16, 4, 3) if dropout else LaunchConfig(64, 32, 4, 2)
+        return LaunchConfig(32, 32, 4, 2)  # 64x32 spilled 96-152 B on sm_80
+    # D=256: 64x32 on 8 warps, 1 stage spilled 12-92 B on sm_90; 2 stages: 0 B, 123-131 KB; sm_8x: 32x32 (61-66 KB)
+    return LaunchConfig(64, 32, 8, 2) if family == 90 else LaunchConfig(32, 32, 4, 2)
+
+
+def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfig:
+    # 32x32 tiles: no spills for DeBERTa training at D=64 (64x32 and 32x64 spill 160-1356 B in the region-loop
+    # kernels: benchmarks/results/2026-12-02-static/sweep-session6.md); on sm_8x, dK/dV of packed or TF32 launches
+    # spilled 4 / 56 B at 32x32: 32x16 there.
+    if bd <= 16:  # dq's 32x16 K/V tiles over 128 threads would be 8 B per thread: no 16-byte loads.  Spills 64-176 B.
+        c = LaunchConfig(32, 64, 4, 2)
+        return BackwardConfig(dq=c, dkdv=c)
+    if bd <= 64:
+        c = LaunchConfig(32, 32, 4, 2)
+        return BackwardConfig(dq=c, dkdv=LaunchConfig(32, 16, 4, 2) if family == 80 and (varlen or tf32) else c)
+    if bd <= 128:
+        if family == 90:  # dq 32x32/4/2 and dK/dV 32x32/8/1 spilled 4 B each on sm_90
+            return BackwardConfig(dq=LaunchConfig(32, 32, 4, 1), dkdv=LaunchConfig(32, 16, 4, 2))
         return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2), dkdv=LaunchConfig(32, 32, 8, 1))
     c = LaunchConfig(32, 32, 8, 1)
     return BackwardConfig(dq=c, dkdv=c)
 
 
-def _fp32_config(pass_: str, bd: int):
+def _fp32_config(pass_: str, bd: int, family: int = 90):
     """IEEE float32 (HF's default dtype; TF32 off, torch's default): FMA products on float32 tiles, twice the
     registers of the 16-bit ones.  From ad-hoc sweeps of the saturated-region kernels (DeBERTa training launch, and
     full-mask / no-mask ones, sm_80 and sm_90; benchmarks/NOTES.md "Saturated tiles"): forward 32x16 at D <= 64 and
     16x16 above (0 B; 32x32 spilled 128 B at D=64, 0.9 KB at D=128 and 21 KB at D=256 on sm_90), backward 16x16
-    (<= 8 B; 32x32 spilled 1-1.8 KB at D=64)."""
-    bwd = LaunchConfig(16, 16, 4, 1)
+    (32x32 spilled 1-1.8 KB at D=64): 4 warps, 2 stages on sm_90 and 8 warps, 1 stage on sm_8x, the ones without spills
+    (16x16 on 4 warps, 1 stage spilled 4-12 B)."""
+    bwd = LaunchConfig(16, 16, 4, 2) if family == 90 else LaunchConfig(16, 16, 8, 1)
     fwd = LaunchConfig(32, 16, 4, 2) if bd <= 64 else LaunchConfig(16, 16, 4, 2)
     return fwd if pass_ == "fwd" else BackwardConfig(dq=bwd, dkdv=bwd)
 
@@ -182,6 +241,8 @@ class _Prepared:
     runs_unique: bool  # no row is used by two runs (monotone bucket function)
     runs_identity: bool  # run r uses trimmed row r and every row is used (see _Layout)
     fp32_ieee: bool  # float32 inputs with IEEE products (launch_config picks smaller tiles)
+    tf32: bool  # float32 inputs on tensor cores
+    arch: int  # compute capability (10*major + minor; see device_arch)
 
     @property
     def nrun(self) -> int:
@@ -286,7 +347,14 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
                       VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, _next_pow2(D)))
     return _Prepared(c2p, p2c, lay.table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
                      lay.nslot, lay.band, constexprs, lay.rows, lay.runs, lay.run_rows, lay.runs_unique,
-                     lay.runs_identity, q.dtype == torch.float32 and prec == "ieee")
+                     lay.runs_identity, q.dtype == torch.float32 and prec == "ieee",
+                     q.dtype == torch.float32 and prec == "tf32", device_arch(q.device))
+
+
+def _config(pass_: str, q_len: int, k_len: int, head_dim: int, pr: _Prepared):
+    """:func:`launch_config` for this launch's precision, device, layout and dropout."""
+    return launch_config(pass_, q_len, k_len, head_dim, pr.fp32_ieee, tf32=pr.tf32, arch=pr.arch,
+                         varlen=pr.constexprs["VARLEN"], dropout=pr.constexprs["DROPOUT"])
 
 
 def _launch_kwargs(cfg: LaunchConfig, pr: _Prepared) -> dict:
@@ -314,7 +382,7 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
                   max_relative_positions, span, dropout_p)
     out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
-    cfg = launch_config("fwd", Lq, Lk, D, pr.fp32_ieee)
+    cfg = _config("fwd", Lq, Lk, D, pr)
     grid = (_cdiv(Lq, cfg.block_m), B * H)
     disentangled_fwd_kernel[grid](
         q, k, v, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args, out, *stats.unbind(0),
@@ -372,7 +440,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
               H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, float(dropout_p),
               _drop_threshold(dropout_p), int(seed))
-    cfg = launch_config("bwd", Lq, Lk, D, pr.fp32_ieee)
+    cfg = _config("bwd", Lq, Lk, D, pr)
     inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.runs, pr.table, pr.table,
               *pr.mask_args)
     disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * H)](
@@ -417,7 +485,7 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     out = torch.zeros((Tq, H, D), device=q.device, dtype=q.dtype)
     stats = torch.zeros((2, H, Tq), device=q.device, dtype=torch.float32)
     stats[1] = float("inf")
-    cfg = launch_config("fwd", max_seqlen_q, max_seqlen_k, D, pr.fp32_ieee)
+    cfg = _config("fwd", max_seqlen_q, max_seqlen_k, D, pr)
     grid = (_cdiv(max_seqlen_q, cfg.block_m), N * H)
     disentangled_fwd_kernel[grid](
         q, k, v, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args, out, *stats.unbind(0),
@@ -453,7 +521,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     p_sum = torch.zeros((H, Tk, pr.nrun), **f32) if has_p2c else dummy
     common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot,
               pr.nrun, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed))
-    cfg = launch_config("bwd", max_seqlen_q, max_seqlen_k, D, pr.fp32_ieee)
+    cfg = _config("bwd", max_seqlen_q, max_seqlen_k, D, pr)
     inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.runs, cu_seqlens_q,
               cu_seqlens_k, *pr.mask_args)
     disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.dkdv.block_n), N * H)](

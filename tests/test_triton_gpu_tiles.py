@@ -1,6 +1,6 @@
-"""The GPU launch configs' tile shapes (64x64 forward, 128x32 at D=128, 32x64 backward at D=16, ...) run exactly
-under the interpreter.  The interpreter's own config is 32x32 everywhere, so without this the non-square tiles the GPU
-launches would first run on a GPU.  (``num_warps`` / ``num_stages`` mean nothing to the interpreter.)"""
+"""The GPU launch configs' tile shapes (64x64 / 64x32 / 32x64 forward, 32x16 dK/dV, 32x64 backward at D=16, ...; those
+of sm_90 and of sm_8x) run exactly under the interpreter.  The interpreter's own config is 32x32 everywhere, so without
+this the non-square tiles the GPU launches would first run on a GPU.  (``num_warps`` / ``num_stages`` mean nothing to the interpreter.)"""
 import pytest
 import torch
 
@@ -10,15 +10,17 @@ from triton_cases import BUCKETED, V3, assert_close_fp32, grads, make_inputs, re
 pytest.importorskip("triton")
 
 
-@pytest.fixture
-def gpu_configs(monkeypatch):
+@pytest.fixture(params=[90, 80], ids=["sm90", "sm80"])
+def gpu_configs(monkeypatch, request):
     from deberta_fast._kernels import triton_attention_launch as launch
 
     used = []
 
-    def gpu_config(pass_, q_len, k_len, head_dim, fp32_ieee=False):
-        # the 16-bit configs (the tests' float32 would pick the IEEE float32 ones, all 32x32 like the interpreter's)
-        cfg = launch._gpu_config(pass_, max(16, launch._next_pow2(head_dim)), max(q_len, k_len) <= 64)
+    def gpu_config(pass_, q_len, k_len, head_dim, fp32_ieee=False, **kw):
+        # the 16-bit configs of each architecture family (the tests' float32 would pick the IEEE float32 ones, all
+        # 32x32 like the interpreter's)
+        cfg = launch._gpu_config(pass_, max(16, launch._next_pow2(head_dim)), max(q_len, k_len) <= 64, False, False,
+                                 request.param, kw.get("varlen", False), kw.get("dropout", False))
         used.append(cfg)
         return cfg
 
@@ -40,8 +42,7 @@ def _check(B, H, L, D, buckets, mask="key"):
 def test_gpu_tiles_padded(gpu_configs, B, D, L):
     """Tiny buckets: in-band and saturated tiles, ragged edges, key padding."""
     _check(B, 2, L, D, BUCKETED)
-    fwd, bwd = gpu_configs[0], gpu_configs[1]
-    assert (fwd.block_m, fwd.block_n) != (32, 32) or (bwd.dq.block_m, bwd.dq.block_n) != (32, 32)
+    assert len(gpu_configs) == 2  # the launcher asked the patched config for the forward and the backward
 
 
 def test_gpu_tiles_v3_buckets(gpu_configs):
@@ -72,7 +73,8 @@ def test_gpu_tiles_packed(gpu_configs):
     ref = grads(per_sequence, (q, k, v, pk, pq), torch.float64, do)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, ref):
         assert_close_fp32(a, b, tol=2e-5, what=name)
-    assert any(getattr(c, "block_m", 32) != 32 for c in gpu_configs)  # the GPU forward tile, not the interpreter's
+    fwd = gpu_configs[0]
+    assert (fwd.block_m, fwd.block_n) != (32, 32)  # the GPU forward tile, not the interpreter's
 
 
 @pytest.mark.parametrize("D,L", [(64, 70), (128, 53)], ids=["D64", "D128"])
@@ -82,7 +84,7 @@ def test_fp32_ieee_tiles(monkeypatch, D, L):
 
     used = []
 
-    def fp32_config(pass_, q_len, k_len, head_dim, fp32_ieee=False):
+    def fp32_config(pass_, q_len, k_len, head_dim, fp32_ieee=False, **kw):
         assert fp32_ieee  # the tests' inputs are float32 and TF32 is off
         used.append(launch._gpu_config(pass_, max(16, launch._next_pow2(head_dim)), max(q_len, k_len) <= 64, True))
         return used[-1]
