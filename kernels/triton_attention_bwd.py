@@ -1,8 +1,9 @@
 """Triton backward kernels of disentangled attention (flash-attention-2 structure, no atomics).
 
 Both kernels recompute ``P = exp2((t - (ROWMAX - row_term)) - LOGSUM)`` (as the forward: see
-``_rel_terms``) tile by tile, walking saturated, in-band and saturated tiles in loops of their own
-(``_tile_regions``), from the forward's statistics (exact at any score magnitude; 0 on rows with no
+``_rel_terms``) tile by tile, walking saturated, linear, in-band and saturated tiles in loops of their own
+(``_tile_regions``, ``_lin_tiles``: linear tiles need neither the slot table nor a scan), from the forward's
+statistics (exact at any score magnitude; 0 on rows with no
 key) and the dropout keep-mask from the seed, and form ``dS = scale * P * (dP - DELTA)`` with
 ``DELTA = rowsum(dO * O)`` float32 ``[B,H,Lq]`` and ``dP = keep/(1-p) * dO V^T``.
 
@@ -24,9 +25,9 @@ sequence's blocks and ``N*H``): ``ROWMAX``/``LOGSUM``/``DELTA [H,Tq]``, ``DQ [H,
 import triton
 import triton.language as tl
 
-from .triton_attention_common import (GENERAL, LOG2E, SAT, _advance_runs, _dropout_keep, _k_axis, _key_col, _masked,
-                                      _mm, _q_axis, _rel_terms, _score_mm, _sequence, _store_open_run, _tile,
-                                      _tile_regions, _uniform_rows)
+from .triton_attention_common import (GENERAL, LIN, LOG2E, SAT, _advance_runs, _dropout_keep, _k_axis, _key_col,
+                                      _lin_tiles, _masked, _mm, _q_axis, _rel_terms, _score_mm, _sequence,
+                                      _store_open_run, _tile, _tile_regions, _uniform_rows)
 
 
 @triton.jit
@@ -75,15 +76,18 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE
 
 @triton.jit
 def _dkdv_tiles(dk, dv, run, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE, RUNS, PSUM_bh,
-                KMASK, FMASK, offs_n, offs_d, d_ok, rows, lo, hi, slot, qrow0, start_n, b, h, bh, Lq, Lk, NSLOT,
+                KMASK, FMASK, offs_n, offs_d, d_ok, rows, lo, hi, skip_a, skip_b, slot, run0, qrow0, start_n, b, h, bh,
+                Lq, Lk, NSLOT,
                 qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                 REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV and the p2c run sums over the query tiles ``[lo, hi)`` of one region (``_tile_regions``), on the
-    transposed tile (keys as rows, as in the dK/dV loop of flash attention 2): dV and dK take it without a
-    transpose, and the p2c column sums become row sums (a scan inside each row)."""
-    for start_m in range(lo, hi, BLOCK_M):
+    """dK, dV and the p2c run sums over the query tiles ``[lo, hi)`` of one region (``_tile_regions``,
+    ``_lin_tiles``; tile indices from ``skip_a`` on are moved to ``skip_b``: the in-band tiles on both sides of the
+    linear ones in one loop), on the transposed tile (keys as rows, as in the dK/dV loop of flash attention 2): dV and
+    dK take it without a transpose, and the p2c column sums become row sums (a scan inside each row)."""
+    for it in range(lo, hi, BLOCK_M):
+        start_m = tl.where(it < skip_a, it, it - skip_a + skip_b)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
         qo_ok = m_ok[:, None] & d_ok[None, :]
@@ -100,19 +104,21 @@ def _dkdv_tiles(dk, dv, run, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_
         dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
         dk += _mm(ds.to(q.dtype), q, UPCAST, PREC)
         if HAS_P2C:
-            run = _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, PSUM_bh, rows, REGION, True)
+            run = _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, PSUM_bh, rows, run0, REGION, True)
     return dk, dv, run
 
 
 @triton.jit
 def _dq_tiles(dq, run, q, do, rowmax, logsum, delta, uni, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, RUNS, CSUM_bh,
-              KMASK, FMASK, offs_m, offs_d, d_ok, rows, lo, hi, slot, b, h, bh, Lq, Lk, NSLOT,
+              KMASK, FMASK, offs_m, offs_d, d_ok, rows, lo, hi, skip_a, skip_b, slot, run0, b, h, bh, Lq, Lk, NSLOT,
               qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm,
               HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
               REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ and the c2p run sums over the key tiles ``[lo, hi)`` of one region (``_tile_regions``)."""
+    """dQ and the c2p run sums over the key tiles ``[lo, hi)`` of one region (``_tile_regions``, ``_lin_tiles``;
+    ``skip_a`` / ``skip_b`` as in :func:`_dkdv_tiles`)."""
     m_ok = offs_m < Lq
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(lo, hi, BLOCK_N):
+        start_n = tl.where(it < skip_a, it, it - skip_a + skip_b)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kv_ok = n_ok[:, None] & d_ok[None, :]
@@ -124,7 +130,7 @@ def _dq_tiles(dq, run, q, do, rowmax, logsum, delta, uni, K_bh, V_bh, C2P_bh, P2
                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, False)
         dq += _mm(ds.to(k.dtype), k, UPCAST, PREC)
         if HAS_C2P:
-            run = _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, CSUM_bh, rows, REGION, False)
+            run = _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, CSUM_bh, rows, run0, REGION, False)
     return dq, run
 
 
@@ -133,7 +139,8 @@ def disentangled_bwd_dkdv_kernel(
     Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, RUNS, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
+    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, lin_lo, lin_hi, slot0, run0, p_drop, drop_thresh,
+    seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -175,17 +182,21 @@ def disentangled_bwd_dkdv_kernel(
     if HAS_C2P | HAS_P2C:
         # query tiles far ahead of the key tile (slot 0), in the band, far behind (slot NSLOT-1)
         a, c = _tile_regions(start_n, BLOCK_N, band_lo, band_hi, Lq, BLOCK_M, False, True)
-        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, 0, a, 0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT,
-                                  UPCAST, PREC, BLOCK_M, BLOCK_N)
-        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, a, c, 0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, GENERAL,
-                                  UPCAST, PREC, BLOCK_M, BLOCK_N)
-        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, c, Lq, NSLOT - 1, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
+        e1, e2 = _lin_tiles(start_n, BLOCK_N, lin_lo, lin_hi, a, c, BLOCK_M, False)
+        # (the linear tiles leave the open run sum as it is, so the in-band ones around them run as one loop)
+        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, 0, a, a, a, 0, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
                                   SAT, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, e1, e2, e2, e2, slot0, run0, *rest, HAS_C2P, HAS_P2C,
+                                  MASK_KIND, DROPOUT, LIN, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, a, e1 + c - e2, e1, e2, 0, run0, *rest, HAS_C2P, HAS_P2C,
+                                  MASK_KIND, DROPOUT, GENERAL, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, c, Lq, Lq, Lq, NSLOT - 1, run0, *rest, HAS_C2P, HAS_P2C,
+                                  MASK_KIND, DROPOUT, SAT, UPCAST, PREC, BLOCK_M, BLOCK_N)
         if HAS_P2C:  # the last query tile was saturated: its run is still open
             _store_open_run(run, Lq - 1 - offs_n, n_ok & (Lq > 0) & ((c < Lq) | (a >= Lq)), RUNS, PSUM_bh, rows, Lk)
     else:  # no relative terms: the SAT path has nothing to add but the key term
-        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, 0, Lq, 0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT,
-                                  UPCAST, PREC, BLOCK_M, BLOCK_N)
+        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, 0, Lq, Lq, Lq, 0, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND,
+                                  DROPOUT, SAT, UPCAST, PREC, BLOCK_M, BLOCK_N)
 
     out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, dk, mask=kv_ok)
@@ -197,7 +208,8 @@ def disentangled_bwd_dq_kernel(
     Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, RUNS, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
+    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, lin_lo, lin_hi, slot0, run0, p_drop, drop_thresh,
+    seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -242,18 +254,22 @@ def disentangled_bwd_dq_kernel(
     if HAS_C2P | HAS_P2C:
         # key tiles far behind the query tile (slot NSLOT-1), in the band, far ahead (slot 0)
         a, c = _tile_regions(start_m, BLOCK_M, band_lo, band_hi, Lk, BLOCK_N, True, True)
-        dq, run = _dq_tiles(dq, run, *args, 0, a, NSLOT - 1, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT,
-                            UPCAST, PREC, BLOCK_N)
-        dq, run = _dq_tiles(dq, run, *args, a, c, 0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, GENERAL,
-                            UPCAST, PREC, BLOCK_N)
-        dq, run = _dq_tiles(dq, run, *args, c, Lk, 0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT,
+        e1, e2 = _lin_tiles(start_m, BLOCK_M, lin_lo, lin_hi, a, c, BLOCK_N, True)
+        # (the linear tiles leave the open run sum as it is, so the in-band ones around them run as one loop)
+        dq, run = _dq_tiles(dq, run, *args, 0, a, a, a, NSLOT - 1, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
+                            SAT, UPCAST, PREC, BLOCK_N)
+        dq, run = _dq_tiles(dq, run, *args, e1, e2, e2, e2, slot0, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
+                            LIN, UPCAST, PREC, BLOCK_N)
+        dq, run = _dq_tiles(dq, run, *args, a, e1 + c - e2, e1, e2, 0, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND,
+                            DROPOUT, GENERAL, UPCAST, PREC, BLOCK_N)
+        dq, run = _dq_tiles(dq, run, *args, c, Lk, Lk, Lk, 0, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT,
                             UPCAST, PREC, BLOCK_N)
         if HAS_C2P:  # the last key tile was saturated: its run is still open
             _store_open_run(run, offs_m - (Lk - 1), m_ok & (Lk > 0) & ((c < Lk) | (a >= Lk)), RUNS, CSUM_bh, rows,
                             Lk)
     else:  # no relative terms: the SAT path has nothing to add but the key term
-        dq, run = _dq_tiles(dq, run, *args, 0, Lk, 0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT,
-                            UPCAST, PREC, BLOCK_N)
+        dq, run = _dq_tiles(dq, run, *args, 0, Lk, Lk, Lk, 0, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
+                            SAT, UPCAST, PREC, BLOCK_N)
 
     out = (qrow0 + offs_m)[:, None] * D + offs_d[None, :]
     tl.store(DQ + out, dq, mask=qo_ok)

@@ -7,7 +7,9 @@ Conventions of every kernel (one program = one tile row of one ``(b, h)``):
   (``NSLOT = 2*span``), precomputed on the host; a tile gathers ``C2P[i, slot(d)]`` and
   ``P2C[j, slot(d)]`` with ``slot(d) = TABLE[d + Lk - 1]``.  Tiles whose every ``d`` lies at or
   beyond ``band_hi`` (slot ``NSLOT-1``) or at or below ``band_lo`` (slot 0) read one column of
-  the tables instead (per-row / per-column constants, no gather): see :func:`_tile_regions`.
+  the tables instead (per-row / per-column constants, no gather): see :func:`_tile_regions`.  The
+  backward's tiles inside the linear range (``slot(d) = d + slot0``, one run per ``d``) skip the slot
+  table and the run-sum scan: see :func:`_lin_tiles`.
 * Scores are kept in the log2 domain: ``s2 = log2(e) * scale * (q.k + c2p + p2c)``.
 * ``VARLEN`` (constexpr): packed sequences (see :func:`_sequence`); one program = one tile row of
   one ``(sequence n, head h)``, ``bh = n*H + h``; ``i``, ``j`` and ``d`` are positions *within* the
@@ -106,6 +108,7 @@ def _k_axis(x, TRANS: tl.constexpr):
 # How a tile gets its relative terms (constexpr ``REGION``).
 GENERAL = tl.constexpr(0)  # any tile: c2p / p2c gathered per element through the slot table
 SAT = tl.constexpr(1)  # a tile whose every d has one slot (beyond the band): per-row / per-column constants
+LIN = tl.constexpr(2)  # a tile inside the linear range (``_lin_tiles``): slot d + slot0, run d + run0, no table
 
 
 @triton.jit
@@ -134,7 +137,7 @@ def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NS
     row term costs per row, not per element.
 
     ``GENERAL``: ``c2p = C2P[i, slot(d)]`` and ``p2c = P2C[j, slot(d)]`` gathered per element (``slot(d) =
-    TABLE[d + Lk - 1]``), as tiles (``[BLOCK_M, BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if ``TRANS``; the row term 0 on
+    TABLE[d + Lk - 1]``; ``LIN``: ``slot(d) = d + slot``, no table read), as tiles (``[BLOCK_M, BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if ``TRANS``; the row term 0 on
     uniform rows).  ``SAT``: every element has slot ``slot``: ``key_term [BLOCK_N]`` and ``row_term [BLOCK_M]``
     (the caller zeroes the row term on uniform rows: :func:`_masked`).  ``col``: :func:`_key_col`; ``uni``:
     :func:`_uniform_rows`."""
@@ -150,7 +153,11 @@ def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NS
             rt = tl.load(C2P_bh + offs_m * NSLOT + slot, mask=m_ok, other=0.0) * qk_scale
     elif HAS_C2P | HAS_P2C:
         ok = _q_axis(m_ok, TRANS) & _k_axis(n_ok, TRANS)
-        slots = tl.load(TABLE + (_q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS) + Lk - 1), mask=ok, other=0)
+        d = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS)
+        if REGION == LIN:
+            slots = d + slot
+        else:
+            slots = tl.load(TABLE + (d + Lk - 1), mask=ok, other=0)
         kt, rt = tl.broadcast(_k_axis(col, TRANS), _q_axis(zero, TRANS))
         if HAS_P2C:
             kt = tl.fma(tl.load(P2C_bh + _k_axis(offs_n, TRANS) * NSLOT + slots, mask=ok, other=0.0), qk_scale, kt)
@@ -221,12 +228,38 @@ def _tile_regions(start, span_other, band_lo, band_hi, lim,
 
 
 @triton.jit
-def _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, SUMS, rows, REGION: tl.constexpr, TRANS: tl.constexpr):
+def _lin_tiles(start, span_other, lin_lo, lin_hi, a, b, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """The tiles ``[e1, e2)`` (within ``[a, b)``, the ``GENERAL`` ones of :func:`_tile_regions`) whose every
+    distance lies in the linear range ``[lin_lo, lin_hi]``: there ``slot(d) = d + slot0`` and every ``d`` is a run
+    of its own (the launcher's ``_linear_range``).  ``ROWS``: as in :func:`_tile_regions`."""
+    if ROWS:
+        # d_max = start + span_other - 1 - t*BLOCK <= lin_hi;  d_min = start - (t+1)*BLOCK + 1 >= lin_lo
+        e1 = ((tl.maximum(start + span_other - 1 - lin_hi, 0) + BLOCK - 1) // BLOCK) * BLOCK
+        e2 = (tl.maximum(start + 1 - lin_lo, 0) // BLOCK) * BLOCK
+    else:
+        # d_min = t*BLOCK - (start + span_other - 1) >= lin_lo;  d_max = (t+1)*BLOCK - 1 - start <= lin_hi
+        e1 = ((tl.maximum(start + span_other - 1 + lin_lo, 0) + BLOCK - 1) // BLOCK) * BLOCK
+        e2 = (tl.maximum(start + 1 + lin_hi, 0) // BLOCK) * BLOCK
+    e1 = tl.minimum(tl.maximum(e1, a), b)
+    e2 = tl.minimum(tl.maximum(e2, e1), b)
+    return e1, e2
+
+
+@triton.jit
+def _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, SUMS, rows, run0, REGION: tl.constexpr,
+                  TRANS: tl.constexpr):
     """The run sums of one tile along its walking axis (axis 1: keys for dq, queries for dK/dV with ``TRANS``):
     a saturated tile lies inside one run that neither starts nor ends there (strict regions), so only the open sum
-    advances; a ``GENERAL`` tile runs :func:`_segment_scan`.  Returns the new open sum."""
+    advances; a ``LIN`` tile holds runs of one element each (run id ``d + run0``), stored as they are, and leaves the
+    open sum alone (no run crosses into or out of it; the tiles next to it start or end theirs at its edge, so the
+    ``LIN`` tiles may run in any order among the others); a ``GENERAL`` tile runs :func:`_segment_scan`.  Returns the
+    new open sum."""
     if REGION == SAT:
         run += tl.sum(ds, 1)
+    elif REGION == LIN:
+        ok = _q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS)
+        d = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS)
+        tl.store(SUMS + rows[:, None] + (d + run0), ds, mask=ok)
     else:
         ok = _q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS)
         d = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS)

@@ -146,17 +146,17 @@ def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
 
 def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfig:
     # 32x32 tiles: no spills for DeBERTa training at D=64 (64x32 and 32x64 spill 160-1356 B in the region-loop
-    # kernels: benchmarks/results/2026-12-02-static/sweep-session6.md); on sm_8x, dK/dV of packed or TF32 launches
-    # spilled 4 / 56 B at 32x32: 32x16 there.
+    # kernels: benchmarks/results/2026-12-02-static/sweep-session6.md); dK/dV on sm_8x and in TF32 spilled 4-56 B at
+    # 32x32 (with the linear-tile loop: 8-28 B at D=32/64, 12 B TF32 on sm_90): 32x16 there.
     if bd <= 16:  # dq's 32x16 K/V tiles over 128 threads would be 8 B per thread: no 16-byte loads.  Spills 64-176 B.
         c = LaunchConfig(32, 64, 4, 2)
         return BackwardConfig(dq=c, dkdv=c)
     if bd <= 64:
         c = LaunchConfig(32, 32, 4, 2)
-        return BackwardConfig(dq=c, dkdv=LaunchConfig(32, 16, 4, 2) if family == 80 and (varlen or tf32) else c)
+        return BackwardConfig(dq=c, dkdv=LaunchConfig(32, 16, 4, 2) if family == 80 or tf32 else c)
     if bd <= 128:
-        if family == 90:  # dq 32x32/4/2 and dK/dV 32x32/8/1 spilled 4 B each on sm_90
-            return BackwardConfig(dq=LaunchConfig(32, 32, 4, 1), dkdv=LaunchConfig(32, 16, 4, 2))
+        if family == 90:  # dq 32x32 spilled 4-12 B on sm_90 (16x32: 0 B, +27 % instructions), dK/dV 32x32/8/1 4 B
+            return BackwardConfig(dq=LaunchConfig(16, 32, 4, 2), dkdv=LaunchConfig(32, 16, 4, 2))
         return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2), dkdv=LaunchConfig(32, 32, 8, 1))
     c = LaunchConfig(32, 32, 8, 1)
     return BackwardConfig(dq=c, dkdv=c)
@@ -243,6 +243,7 @@ class _Prepared:
     fp32_ieee: bool  # float32 inputs with IEEE products (launch_config picks smaller tiles)
     tf32: bool  # float32 inputs on tensor cores
     arch: int  # compute capability (10*major + minor; see device_arch)
+    linear: tuple  # (lin_lo, lin_hi, slot0, run0), see _linear_range
 
     @property
     def nrun(self) -> int:
@@ -263,7 +264,8 @@ def int32_index_problem(q_len: int, k_len: int, nslot: int, nrun: int) -> str | 
 @dataclass(frozen=True)
 class _Layout:
     """What the tables' shape depends on, computed once per ``(Lq, Lk, bucket config, device, pass)``:
-    the shifted slot table and the rows it covers, the saturation band, the run table (backward)."""
+    the shifted slot table and the rows it covers, the saturation band, the run table and the linear range
+    (backward)."""
     table: torch.Tensor
     rows: slice
     nslot: int
@@ -272,9 +274,32 @@ class _Layout:
     run_rows: torch.Tensor | None
     runs_unique: bool
     runs_identity: bool  # run r uses trimmed row r, every row once (no gather / scatter by run_rows)
+    linear: tuple  # (lin_lo, lin_hi, slot0, run0): the backward's linear range (see _linear_range)
 
 
 _LAYOUTS: dict = {}
+
+
+def _linear_range(Lq, Lk, position_buckets, max_relative_positions, span) -> tuple[int, int, int, int]:
+    """``(lin_lo, lin_hi, slot0, run0)``: the distances ``lin_lo <= d <= lin_hi`` around ``d = 0`` where the
+    trimmed slot is ``d + slot0`` and ``d`` is a run of its own, with run id ``d + run0``
+    (:func:`deberta_fast.positions.relative_run_table`): the kernels' ``LIN`` tiles read the tables without the slot
+    table and store their run sums without a scan.  Computed from the CPU copies of the tables (cached there; no
+    device sync).  Every bucket config has one: DeBERTa-v3's (256 buckets, 512 positions) is ``|d| <= 130``, an
+    unbucketed one the whole range; ``(1, 0, ...)`` when it is empty."""
+    table, _, _ = trimmed_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, "cpu")
+    runs, _, _ = relative_run_table(Lq, Lk, position_buckets, max_relative_positions, span, "cpu")
+    d = torch.arange(-(Lk - 1), Lq, dtype=torch.int32)
+    slot0, run0 = int(table[Lk - 1]), int(runs[Lk - 1])
+    # affine in both; a run at the segment's ends may extend past it (runs step by 0 or 1), so one is dropped there
+    ok = ((table - d) == slot0) & ((runs - d) == run0)
+    bad = (~ok).nonzero().flatten()
+    lo = int(bad[bad < Lk - 1].max()) + 1 if bool((bad < Lk - 1).any()) else 0
+    hi = int(bad[bad > Lk - 1].min()) - 1 if bool((bad > Lk - 1).any()) else Lq + Lk - 2
+    lin_lo, lin_hi = lo - (Lk - 1) + 1, hi - (Lk - 1) - 1
+    if lin_lo > 0 or lin_hi < 0:
+        return 1, 0, slot0, run0
+    return lin_lo, lin_hi, slot0, run0
 
 
 def _layout(Lq, Lk, position_buckets, max_relative_positions, span, device, has_rel, backward) -> _Layout:
@@ -287,7 +312,7 @@ def _layout(Lq, Lk, position_buckets, max_relative_positions, span, device, has_
         return hit
     if not has_rel:
         table = _dummies(device)[1]
-        hit = _Layout(table, slice(0, 2 * span), 1, (-1, 1), table, None, True, True)
+        hit = _Layout(table, slice(0, 2 * span), 1, (-1, 1), table, None, True, True, (1, 0, 0, 0))
     else:
         # only the rows some (i, j) uses: ~Lq+Lk of 2*span for short sequences
         table, lo, hi = trimmed_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, device)
@@ -302,8 +327,9 @@ def _layout(Lq, Lk, position_buckets, max_relative_positions, span, device, has_
         if problem:
             raise ValueError(problem)
         identity = run_rows is not None and run_rows.numel() == nslot and unique  # increasing, all rows: arange
+        linear = _linear_range(Lq, Lk, position_buckets, max_relative_positions, span) if backward else (1, 0, 0, 0)
         hit = _Layout(table, slice(lo, hi + 1), nslot, (max(band.lo, -lim), min(band.hi, lim)), runs, run_rows,
-                      unique, identity)
+                      unique, identity, linear)
     if len(_LAYOUTS) >= 256:
         _LAYOUTS.clear()
     _LAYOUTS[key] = hit
@@ -348,7 +374,7 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     return _Prepared(c2p, p2c, lay.table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
                      lay.nslot, lay.band, constexprs, lay.rows, lay.runs, lay.run_rows, lay.runs_unique,
                      lay.runs_identity, q.dtype == torch.float32 and prec == "ieee",
-                     q.dtype == torch.float32 and prec == "tf32", device_arch(q.device))
+                     q.dtype == torch.float32 and prec == "tf32", device_arch(q.device), lay.linear)
 
 
 def _config(pass_: str, q_len: int, k_len: int, head_dim: int, pr: _Prepared):
@@ -438,7 +464,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     c_sum = torch.zeros((B, H, Lq, pr.nrun), **f32) if has_c2p else dummy
     p_sum = torch.zeros((B, H, Lk, pr.nrun), **f32) if has_p2c else dummy
     common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
-              H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, float(dropout_p),
+              H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, *pr.linear, float(dropout_p),
               _drop_threshold(dropout_p), int(seed))
     cfg = _config("bwd", Lq, Lk, D, pr)
     inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.runs, pr.table, pr.table,
@@ -520,7 +546,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     c_sum = torch.zeros((H, Tq, pr.nrun), **f32) if has_c2p else dummy
     p_sum = torch.zeros((H, Tk, pr.nrun), **f32) if has_p2c else dummy
     common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot,
-              pr.nrun, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed))
+              pr.nrun, float(scale), *pr.band, *pr.linear, float(dropout_p), _drop_threshold(dropout_p), int(seed))
     cfg = _config("bwd", max_seqlen_q, max_seqlen_k, D, pr)
     inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.runs, cu_seqlens_q,
               cu_seqlens_k, *pr.mask_args)

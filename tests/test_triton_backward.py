@@ -86,6 +86,15 @@ def test_long_sequence_saturated_v3():
     check_grads(1, 1, 600, 600, 16, buckets=V3)
 
 
+@pytest.mark.parametrize("mask", ["none", pytest.param("key", marks=pytest.mark.slow)])
+def test_linear_tiles_between_saturated_ones(mask):
+    """Buckets (64, 128): a linear range |d| <= 32 (slot d + const, one run per distance: the kernels' LIN tiles,
+    run sums stored without a scan) inside a band that saturates at |d| ~ 128, at L=300: a program walks saturated,
+    linear and in-band tiles, and a run open at the end of its saturated tiles continues into the band past the
+    linear ones."""
+    check_grads(1, 1, 300, 290, 16, buckets=(64, 128), mask=mask)
+
+
 @pytest.mark.parametrize("lq,lk", [(560, 7), (7, 560), (40, 33)])
 def test_trimmed_tables_one_side_saturated(lq, lk):
     """v3 buckets, Lq >> Lk (and back): the tables cover only the used rows lo..hi (trimmed), with the
