@@ -137,8 +137,8 @@ def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NS
     row term costs per row, not per element.
 
     ``GENERAL``: ``c2p = C2P[i, slot(d)]`` and ``p2c = P2C[j, slot(d)]`` gathered per element (``slot(d) =
-    TABLE[d + Lk - 1]``; ``LIN``: ``slot(d) = d + slot``, no table read), as tiles (``[BLOCK_M, BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if ``TRANS``; the row term 0 on
-    uniform rows).  ``SAT``: every element has slot ``slot``: ``key_term [BLOCK_N]`` and ``row_term [BLOCK_M]``
+    TABLE[d + Lk - 1]``; ``LIN``: ``slot(d) = d + slot``, no table read), as tiles (``[BLOCK_M, BLOCK_N]``,
+    ``[BLOCK_N, BLOCK_M]`` if ``TRANS``; the row term 0 on uniform rows).  ``SAT``: every element has slot ``slot``: ``key_term [BLOCK_N]`` and ``row_term [BLOCK_M]``
     (the caller zeroes the row term on uniform rows: :func:`_masked`).  ``col``: :func:`_key_col`; ``uni``:
     :func:`_uniform_rows`."""
     m_ok = offs_m < Lq
@@ -256,13 +256,12 @@ def _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, SUMS, rows, run0, REGIO
     new open sum."""
     if REGION == SAT:
         run += tl.sum(ds, 1)
-    elif REGION == LIN:
-        ok = _q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS)
-        d = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS)
-        tl.store(SUMS + rows[:, None] + (d + run0), ds, mask=ok)
     else:
         ok = _q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS)
         d = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS)
+    if REGION == LIN:
+        tl.store(SUMS + rows[:, None] + (d + run0), ds, mask=ok)
+    elif REGION == GENERAL:
         if TRANS:
             run = _segment_scan(ds, run, d, ok, (offs_m > 0)[None, :], (offs_m < Lq - 1)[None, :],
                                 RUNS, SUMS, rows, Lk, 1, -1)

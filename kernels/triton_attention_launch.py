@@ -285,8 +285,8 @@ def _linear_range(Lq, Lk, position_buckets, max_relative_positions, span) -> tup
     trimmed slot is ``d + slot0`` and ``d`` is a run of its own, with run id ``d + run0``
     (:func:`deberta_fast.positions.relative_run_table`): the kernels' ``LIN`` tiles read the tables without the slot
     table and store their run sums without a scan.  Computed from the CPU copies of the tables (cached there; no
-    device sync).  Every bucket config has one: DeBERTa-v3's (256 buckets, 512 positions) is ``|d| <= 130``, an
-    unbucketed one the whole range; ``(1, 0, ...)`` when it is empty."""
+    device sync).  DeBERTa-v3's buckets (256 buckets, 512 positions) give ``|d| <= 130``, an unbucketed config its
+    whole band; ``(1, 0, ...)`` when it is empty."""
     table, _, _ = trimmed_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, "cpu")
     runs, _, _ = relative_run_table(Lq, Lk, position_buckets, max_relative_positions, span, "cpu")
     d = torch.arange(-(Lk - 1), Lq, dtype=torch.int32)
