@@ -28,7 +28,7 @@ setup(
     packages=["deberta_fast", "deberta_fast.backends", "deberta_fast._kernels", "deberta_fast._csrc"],
     # kernels/ and csrc/ ship inside deberta_fast (csrc sources for JIT builds of the extension)
     package_dir={"deberta_fast._kernels": "kernels", "deberta_fast._csrc": "csrc"},
-    package_data={"deberta_fast._csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    package_data={"deberta_fast._csrc": ["*.cu", "*.cuh", "*.cpp", "*.h", "sim/*.cpp", "sim/*.h", "sim/*.md"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     # README: pip install -e ".[hf,bench]" (main job + `pytest benchmarks/`).  On a CPU-only machine install

@@ -36,6 +36,7 @@ def should_build() -> tuple[bool, str]:
 
 
 HOST_TEST_STUBS = "dfa_host_stubs.cpp"
+SIM_SOURCES = ("dfa_sim.cpp", "sim_fwd.cpp", "sim_bwd.cpp", "sim_selftest.cpp")  # in csrc/sim/
 
 # Warnings that fail the CI builds (tests/test_cuda_compile.py, tests/test_cuda_host.py); GCC's
 # -Winfinite-recursion is among them.  Torch's headers come in as system includes (-isystem).
@@ -56,6 +57,34 @@ def cuda_sources() -> list[str]:
 def host_test_sources() -> list[str]:
     """The CPU host-test build (-DDFA_HOST_TEST): the same dfa_bindings.cpp with recording launcher stubs."""
     return [os.path.join(HERE, "dfa_bindings.cpp"), os.path.join(HERE, HOST_TEST_STUBS)]
+
+
+def sim_sources() -> list[str]:
+    """The CPU simulator build (-DDFA_CPU_SIM, csrc/sim/README.md): dfa_bindings.cpp, the kernels' own .cu files
+    (through csrc/sim/sim_*.cpp) and the fiber scheduler, all by the host compiler."""
+    sim = os.path.join(HERE, "sim")
+    return [os.path.join(HERE, "dfa_bindings.cpp"), *(os.path.join(sim, f) for f in SIM_SOURCES)]
+
+
+def cuda_include_dir() -> str | None:
+    """The CUDA toolkit's include folder (the simulator uses its host fp16 / bf16 conversions), or None."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = find_nvcc()
+    if nvcc:
+        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for c in cands:
+        if c and os.path.exists(os.path.join(c, "include", "cuda_fp16.h")):
+            return os.path.join(c, "include")
+    return None
+
+
+def sim_cflags() -> list[str]:
+    """Host compiler flags of the simulator build: warnings as errors, -O2 (the fibers run the kernels'
+    register tiles), the CUDA headers as system includes."""
+    inc = cuda_include_dir()
+    return ["-O2", "-DDFA_CPU_SIM", f"-std={cxx_std()}", *WARNING_FLAGS, "-Wno-unknown-pragmas",  # nvcc's unroll
+            "-fno-strict-aliasing",  # the kernels read shared memory through uint32 / uint4 casts, as CUDA code does
+            *(["-isystem", inc] if inc else [])]
 
 
 def cxx_std() -> str:

@@ -4,10 +4,15 @@
 //
 // -DDFA_HOST_TEST builds this same file as a CPU extension for the host tests
 // (tests/test_cuda_host.py): CPU tensors stand in for CUDA ones, the device guard and stream are
-// no-ops and the launchers are the recording stubs of dfa_host_stubs.cpp.
+// no-ops and the launchers are the recording stubs of dfa_host_stubs.cpp.  -DDFA_CPU_SIM builds it with
+// the kernels themselves run by the CPU simulator (csrc/sim/README.md): the same CPU tensors, real launchers.
 #include <torch/extension.h>
 
-#ifndef DFA_HOST_TEST
+#if defined(DFA_HOST_TEST) || defined(DFA_CPU_SIM)
+#define DFA_CPU_TENSORS 1
+#endif
+
+#ifndef DFA_CPU_TENSORS
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -23,6 +28,11 @@ namespace dfa {
 void bind_host_test(pybind11::module_& m);  // dfa_host_stubs.cpp
 }
 #endif
+#ifdef DFA_CPU_SIM
+namespace dfa {
+void bind_sim_selftest(pybind11::module_& m);  // sim/sim_selftest.cpp
+}
+#endif
 
 namespace {
 
@@ -30,7 +40,7 @@ using at::Tensor;
 using OptT = std::optional<Tensor>;
 
 // The device predicate of every check below ("a CUDA tensor"), the device guard and the stream.
-#ifdef DFA_HOST_TEST
+#ifdef DFA_CPU_TENSORS
 bool on_device(const Tensor& t) { return t.is_cpu(); }
 struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}
@@ -470,5 +480,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("HEAD_DIMS") = py::make_tuple(32, 64, 128);
 #ifdef DFA_HOST_TEST
   dfa::bind_host_test(m);
+#endif
+#ifdef DFA_CPU_SIM
+  dfa::bind_sim_selftest(m);
 #endif
 }

@@ -37,7 +37,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(const Params p) {
   using Cfg = BwdCfg<T, D>;
   constexpr int BM = Cfg::DQ_BM, BN = Cfg::DQ_BN, LDS = Cfg::LDS, NT = BN / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DFA_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* dOs = Qs + BM * LDS;
   T* Ks = dOs + BM * LDS;
@@ -150,7 +150,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) {
   using Cfg = BwdCfg<T, D>;
   constexpr int BN = Cfg::KV_BN, BM = Cfg::KV_BM, LDS = Cfg::LDS, NT = BM / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DFA_DYNAMIC_SMEM(smem_raw);
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + BN * LDS;
   T* Qs = Vs + BN * LDS;
@@ -303,10 +303,10 @@ static const char* run_bwd(const Params& p, cudaStream_t stream) {
   if (err == cudaSuccess)
     err = cudaFuncSetAttribute(kkv, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::KV_SMEM);
   if (err != cudaSuccess) return cudaGetErrorString(err);
-  kdq<<<dim3((p.Lq + Cfg::DQ_BM - 1) / Cfg::DQ_BM, p.B * p.H), kThreads, Cfg::DQ_SMEM, stream>>>(p);
+  DFA_LAUNCH(kdq, dim3((p.Lq + Cfg::DQ_BM - 1) / Cfg::DQ_BM, p.B * p.H), kThreads, Cfg::DQ_SMEM, stream, p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return cudaGetErrorString(err);
-  kkv<<<dim3((p.Lk + Cfg::KV_BN - 1) / Cfg::KV_BN, p.B * p.H), kThreads, Cfg::KV_SMEM, stream>>>(p);
+  DFA_LAUNCH(kkv, dim3((p.Lk + Cfg::KV_BN - 1) / Cfg::KV_BN, p.B * p.H), kThreads, Cfg::KV_SMEM, stream, p);
   err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -322,11 +322,11 @@ const char* launch_band_to_slots(const float* band, const float* sat, const int3
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const unsigned grid = (unsigned)(rows < (1 << 20) ? rows : (1 << 20));  // grid-stride beyond
   if (dtype == 0)
-    dfa_band_to_slots_kernel<__half><<<grid, kThreads, 0, s>>>(band, sat, perm, offs,
-                                                               reinterpret_cast<__half*>(out), rows, W, S2);
+    DFA_LAUNCH(dfa_band_to_slots_kernel<__half>, grid, kThreads, 0, s, band, sat, perm, offs,
+               reinterpret_cast<__half*>(out), rows, W, S2);
   else if (dtype == 1)
-    dfa_band_to_slots_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
-        band, sat, perm, offs, reinterpret_cast<__nv_bfloat16*>(out), rows, W, S2);
+    DFA_LAUNCH(dfa_band_to_slots_kernel<__nv_bfloat16>, grid, kThreads, 0, s, band, sat, perm, offs,
+               reinterpret_cast<__nv_bfloat16*>(out), rows, W, S2);
   else
     return "deberta_fast._C: unsupported dtype for band_to_slots";
   const cudaError_t err = cudaGetLastError();

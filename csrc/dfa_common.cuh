@@ -19,9 +19,16 @@
 // C2P[i, slot] and P2C[j, slot] with slot = table[i - j + Lk - 1].
 #pragma once
 
+#ifdef DFA_CPU_SIM
+#include "sim/dfa_sim.h"  // the CPU simulator: host compiler, fibers for threads (csrc/sim/README.md)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+// Dynamic shared memory of a kernel, and a kernel launch (the simulator defines its own).
+#define DFA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define DFA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 #include <type_traits>
 
@@ -38,16 +45,20 @@ namespace dfa {
 template <typename T> struct Pack;
 template <> struct Pack<__half> {
   static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const __half2 h = __floats2half2_rn(a, b);
+    uint32_t u;
+    memcpy(&u, &h, sizeof(u));
+    return u;
   }
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
 };
 template <> struct Pack<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    uint32_t u;
+    memcpy(&u, &h, sizeof(u));
+    return u;
   }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
@@ -58,7 +69,9 @@ __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const 
 
 template <>
 __device__ __forceinline__ void mma16816<__half>(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(DFA_CPU_SIM)
+  dfa_sim::mma16816<false>(c, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -71,7 +84,9 @@ __device__ __forceinline__ void mma16816<__half>(float c[4], const uint32_t a[4]
 
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(DFA_CPU_SIM)
+  dfa_sim::mma16816<true>(c, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"

@@ -21,7 +21,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
   using Cfg = FwdCfg<T, D>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, LDS = Cfg::LDS, NT = BN / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DFA_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* Ks = Qs + BM * LDS;
   T* Vs = Ks + BN * LDS;
@@ -140,7 +140,7 @@ static const char* run_fwd(const Params& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
   if (err != cudaSuccess) return cudaGetErrorString(err);
   dim3 grid((p.Lq + Cfg::BM - 1) / Cfg::BM, p.B * p.H);
-  kern<<<grid, kThreads, Cfg::SMEM, stream>>>(p);
+  DFA_LAUNCH(kern, grid, kThreads, Cfg::SMEM, stream, p);
   err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

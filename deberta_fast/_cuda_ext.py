@@ -5,6 +5,10 @@ build of torch and nvcc) or, as a fallback, just in time with
 ``torch.utils.cpp_extension.load`` + ninja: call :func:`build_jit` or set
 ``DEBERTA_FAST_JIT=1`` (then the first use of ``backend="cuda"`` compiles it, ~2-5 min).
 
+``DEBERTA_FAST_CUDA_SIM=1`` runs the same kernels on CPU tensors through the CPU simulator
+(``csrc/sim/``: the ``.cu`` sources built by the host compiler, each CUDA thread a fiber; compiled on first
+use, ~1 min): a correctness tool like ``TRITON_INTERPRET=1``, slow, never a timing target.
+
 Nothing here needs a GPU at import time: the custom ops are registered lazily by
 :func:`ops` and only call into the extension when they run.
 
@@ -38,7 +42,7 @@ from typing import Optional
 import torch
 
 __all__ = ["load", "build_jit", "unavailable_reason", "ops", "band_window", "varlen_tables", "csrc_dir",
-           "HEAD_DIMS"]
+           "HEAD_DIMS", "simulating", "simulator"]
 
 HEAD_DIMS = (32, 64, 128)
 
@@ -46,6 +50,8 @@ _lock = threading.Lock()
 _ext = None
 _error: Optional[str] = None
 _tried = False
+_sim = None
+_sim_error: Optional[str] = None
 
 BUILD_HINT = ("build it with a CUDA build of torch and nvcc: `pip install --no-build-isolation .` "
               "(DEBERTA_FAST_BUILD_CUDA=1 forces the build, DEBERTA_FAST_CUDA_ARCHS='80;90a' picks GPUs), "
@@ -126,8 +132,43 @@ def load():
     return _ext
 
 
+def simulating() -> bool:
+    """True when ``DEBERTA_FAST_CUDA_SIM=1``: the cuda backend runs its kernels on CPU tensors, simulated."""
+    return os.environ.get("DEBERTA_FAST_CUDA_SIM", "0").lower() in ("1", "true", "yes", "on")
+
+
+def simulator(verbose: bool = False):
+    """The CPU-simulator build of the extension (``csrc/sim/``; cached by torch until a source changes): the
+    module of ``deberta_fast._C`` whose kernels run on CPU tensors.  Raises RuntimeError if it cannot be built."""
+    global _sim, _sim_error
+    with _lock:
+        if _sim is not None:
+            return _sim
+        if _sim_error is not None:
+            raise RuntimeError(_sim_error)
+        from torch.utils import cpp_extension
+
+        cfg = _build_config()
+        try:
+            if cfg.cuda_include_dir() is None:
+                raise RuntimeError("the CUDA toolkit's headers (cuda_fp16.h) were not found: set CUDA_HOME")
+            _sim = cpp_extension.load(name="deberta_fast_cuda_sim", sources=cfg.sim_sources(),
+                                      extra_cflags=cfg.sim_cflags(), extra_include_paths=[str(csrc_dir())],
+                                      verbose=verbose)
+        except Exception as e:  # noqa: BLE001
+            _sim_error = f"the CPU simulator of the CUDA kernels (DEBERTA_FAST_CUDA_SIM=1) did not build: {e}"
+            raise RuntimeError(_sim_error) from e
+        return _sim
+
+
 def unavailable_reason() -> Optional[str]:
     """None when the extension can run here, else one sentence saying why not and how to fix it."""
+    if simulating():
+        try:
+            simulator()
+        except RuntimeError as e:
+            return str(e)
+        return None
     ext = load()
     if ext is None:
         return f"{_error}; {BUILD_HINT}"
@@ -188,6 +229,8 @@ def ops():
 
 
 def _need_ext():
+    if simulating():
+        return simulator()
     ext = load()
     if ext is None:
         raise RuntimeError(f"deberta_fast: {_error}; {BUILD_HINT}")

@@ -14,6 +14,9 @@ from philox_ref import keep_mask, philox4x32_10
 
 HAS_CUDA = torch.cuda.is_available()
 BUILT = _cuda_ext.load() is not None
+# DEBERTA_FAST_CUDA_SIM=1: the kernel tests below run on CPU tensors in the CPU simulator (tests/test_cuda_sim.py)
+SIM = _cuda_ext.simulating()
+DEV = "cpu" if SIM else "cuda"
 
 
 def make_inputs(B=2, H=3, Lq=37, Lk=37, D=64, span=8, dtype=torch.float32, device="cpu", pk=True, pq=True,
@@ -227,8 +230,9 @@ def test_keep_mask_statistics_cpu():
 
 
 # ----------------------------------------------------------------------------- GPU
-gpu = pytest.mark.gpu
-needs_ext = pytest.mark.skipif(not (HAS_CUDA and BUILT), reason="needs a CUDA device and the built extension")
+gpu = pytest.mark.cuda_sim if SIM else pytest.mark.gpu
+needs_ext = pytest.mark.skipif(not (SIM or (HAS_CUDA and BUILT)), reason="needs a CUDA device and the built extension")
+not_sim = pytest.mark.skipif(SIM, reason="not a simulator test (torch.compile / GPU memory): GPU only")
 
 
 def _reference_with_keep(q, k, v, pk, pq, buckets, max_rel, mask, keep, p):
@@ -244,7 +248,7 @@ def _reference_with_keep(q, k, v, pk, pq, buckets, max_rel, mask, keep, p):
 
 
 def _run_variant(dtype, D, Lq, Lk, terms, buckets, max_rel, masked, shared_pos=True):
-    dev = "cuda"
+    dev = DEV
     span = attention_span(buckets, max_rel)
     q, k, v, pk, pq = make_inputs(2, 3, Lq, Lk, D, span, dtype, dev, "c2p" in terms, "p2c" in terms, shared_pos)
     mask = None
@@ -309,7 +313,8 @@ def _direct(q, k, v, pk, pq, buckets, max_rel, mask, p, seed, offset=0):
 @pytest.mark.parametrize("Lq,Lk", [(64, 64), (45, 93)])
 def test_gpu_dropout_exact_mask_forward_and_backward(Lq, Lk):
     p, seed = 0.2, 0x1234_5678_9ABC
-    q, k, v, pk, pq = make_inputs(2, 3, Lq, Lk, 64, 8, torch.float16, "cuda")
+    # span 4 = attention_span(4, 16): the raw reference reads the span off the tables' rows
+    q, k, v, pk, pq = make_inputs(2, 3, Lq, Lk, 64, 4, torch.float16, DEV)
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
     out, lse = _direct(q, k, v, pk, pq, 4, 16, None, p, seed)
     keep = keep_mask(seed, 0, 2, 3, Lq, Lk, p)
@@ -328,9 +333,9 @@ def test_gpu_dropout_exact_mask_forward_and_backward(Lq, Lk):
 def test_gpu_dropout_statistics():
     p = 0.25
     Lq = Lk = 256
-    q = torch.zeros(1, 2, Lq, 64, dtype=torch.float16, device="cuda")
-    k = torch.zeros(1, 2, Lk, 64, dtype=torch.float16, device="cuda")
-    v = torch.ones(1, 2, Lk, 64, dtype=torch.float16, device="cuda")
+    q = torch.zeros(1, 2, Lq, 64, dtype=torch.float16, device=DEV)
+    k = torch.zeros(1, 2, Lk, 64, dtype=torch.float16, device=DEV)
+    v = torch.ones(1, 2, Lk, 64, dtype=torch.float16, device=DEV)
     # uniform probabilities 1/Lk and v = 1: out = (#kept / Lk) / (1 - p), mean -> 1
     out, _ = _direct(q, k, v, None, None, 4, 16, None, p, 987654321)
     kept_frac = out[..., 0].float() * (1 - p)
@@ -346,15 +351,15 @@ def test_gpu_dropout_statistics():
 @needs_ext
 def test_gpu_uniform_rows_and_lse():
     B, H, L = 2, 2, 70
-    q, k, v, pk, pq = make_inputs(B, H, L, L, 64, 8, torch.bfloat16, "cuda")
-    mask = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    q, k, v, pk, pq = make_inputs(B, H, L, L, 64, 4, torch.bfloat16, DEV)  # span 4: buckets 4
+    mask = torch.ones(B, L, dtype=torch.bool, device=DEV)
     mask[0, 40:] = False
     mask[1, :] = False  # a batch element with no key at all: every row uniform
     out, lse = _direct(q, k, v, pk, pq, 4, 16, mask, 0.0, 0)
     _, rlse = disentangled_attention_reference(q.double(), k.double(), v.double(), pk.double(), pq.double(),
                                                position_buckets=4, max_relative_positions=16, attention_mask=mask,
                                                return_lse=True)
-    torch.testing.assert_close(lse.double(), rlse, atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(lse.double(), rlse.double(), atol=3e-2, rtol=1e-2)
     torch.testing.assert_close(out[1].float(), v[1].float().mean(-2, keepdim=True).expand(H, L, 64),
                                atol=2e-2, rtol=2e-2)
 
@@ -365,8 +370,8 @@ def test_gpu_rows_without_keys_lse_inf_and_finite_backward():
     """Fault 9: a query row with no key (every key masked, no uniform row: a direct op call) gets LSE = +inf
     and zero output; the backward gives finite (zero) gradients for it whatever LSE it is handed."""
     B, H, L = 2, 2, 40
-    q, k, v, pk, pq = make_inputs(B, H, L, L, 64, 4, torch.float16, "cuda")  # span 4: buckets 4
-    km = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    q, k, v, pk, pq = make_inputs(B, H, L, L, 64, 4, torch.float16, DEV)  # span 4: buckets 4
+    km = torch.ones(B, L, dtype=torch.bool, device=DEV)
     km[1] = False
     call = call_of(q, k, v, pk, pq, mask=km)
     c2p = torch.matmul(q, pk.transpose(-1, -2)).contiguous()
@@ -392,9 +397,9 @@ def test_gpu_rows_without_keys_lse_inf_and_finite_backward():
 @gpu
 @needs_ext
 def test_gpu_backward_is_deterministic():
-    q, k, v, pk, pq = make_inputs(2, 4, 300, 300, 64, 256, torch.bfloat16, "cuda")
+    q, k, v, pk, pq = make_inputs(2, 4, 300, 300, 64, 256, torch.bfloat16, DEV)
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
-    go = torch.randn(2, 4, 300, 64, dtype=torch.bfloat16, device="cuda")
+    go = torch.randn(2, 4, 300, 64, dtype=torch.bfloat16, device=DEV)
     runs = []
     for _ in range(2):
         out = disentangled_attention(q, k, v, pk, pq, position_buckets=256, max_relative_positions=512,
@@ -407,20 +412,22 @@ def test_gpu_backward_is_deterministic():
 @gpu
 @needs_ext
 def test_gpu_kernel_errors_are_actionable():
-    q = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.float16)
+    q = torch.randn(1, 2, 8, 64, device=DEV, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
-        _cuda_ext.load().fwd(q.float(), q.float(), q.float(), None, None, None, None, None, None, 0.1, 0.0)
+        _cuda_ext._need_ext().fwd(q.float(), q.float(), q.float(), None, None, None, None, None, None, 0.1, 0.0)
     with pytest.raises(RuntimeError, match="head_dim must be 32, 64 or 128"):
-        x = torch.randn(1, 2, 8, 48, device="cuda", dtype=torch.float16)
-        _cuda_ext.load().fwd(x, x, x, None, None, None, None, None, None, 0.1, 0.0)
-    with pytest.raises(RuntimeError, match="CUDA tensor"):
-        _cuda_ext.load().fwd(q.cpu(), q, q, None, None, None, None, None, None, 0.1, 0.0)
+        x = torch.randn(1, 2, 8, 48, device=DEV, dtype=torch.float16)
+        _cuda_ext._need_ext().fwd(x, x, x, None, None, None, None, None, None, 0.1, 0.0)
+    if not SIM:
+        with pytest.raises(RuntimeError, match="CUDA tensor"):
+            _cuda_ext._need_ext().fwd(q.cpu(), q, q, None, None, None, None, None, None, 0.1, 0.0)
 
 
 @gpu
 @needs_ext
+@not_sim
 def test_gpu_torch_compile():
-    q, k, v, pk, pq = make_inputs(1, 2, 64, 64, 64, 8, torch.float16, "cuda")
+    q, k, v, pk, pq = make_inputs(1, 2, 64, 64, 64, 8, torch.float16, DEV)
 
     def f(q, k, v, pk, pq):
         return disentangled_attention(q, k, v, pk, pq, position_buckets=4, max_relative_positions=16,
@@ -438,15 +445,15 @@ def test_custom_ops_opcheck():
     real kernel; opcheck runs the op, so this needs the GPU."""
     from deberta_fast.backends.cuda_backend import _positions
 
-    q, k, v, pk, pq = make_inputs(2, 3, 37, 29, 64, attention_span(4, 8), torch.bfloat16, "cuda", True, True, True)
+    q, k, v, pk, pq = make_inputs(2, 3, 37, 29, 64, attention_span(4, 8), torch.bfloat16, DEV, True, True, True)
     call = build_call(q, k, v, pk, pq, position_buckets=4, max_relative_positions=8, attention_mask=None,
                       scale=None, dropout_p=0.0)
     table, rows, lo, hi = _positions(call)
     c2p = (q @ pk[..., rows, :].transpose(-1, -2)).contiguous()
     p2c = (k @ pq[..., rows, :].transpose(-1, -2)).contiguous()
-    km = torch.ones(2, 29, dtype=torch.bool, device="cuda")
+    km = torch.ones(2, 29, dtype=torch.bool, device=DEV)
     km[1, 20:] = False
-    rng = torch.tensor([1234, 0], dtype=torch.int64, device="cuda")
+    rng = torch.tensor([1234, 0], dtype=torch.int64, device=DEV)
     for key_mask, p in ((None, 0.0), (km, 0.1)):
         args = (q, k, v, c2p, p2c, table, key_mask, None, rng if p else None, float(call.scale), p, lo, hi)
         torch.library.opcheck(_cuda_ext.ops().cuda_attn_fwd, args, test_utils=("test_schema", "test_faketensor"))

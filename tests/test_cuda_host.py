@@ -4,7 +4,8 @@ CPU tensors stand in for CUDA ones, the launchers are the recording stubs of ``c
 Checks the ``dfa::Params`` every entry point hands to the kernels and that every validation fires with its
 message.  The build and one call of each entry point first run in a subprocess, so that a crash there (an
 infinite recursion, a bad pointer) fails these tests instead of killing pytest.  The kernels themselves
-run only on a GPU (tests/test_cuda_backend.py, tests/test_cuda_varlen.py).
+run on a GPU (tests/test_cuda_backend.py, tests/test_cuda_varlen.py) or, on CPU, in the simulator
+(tests/test_cuda_sim.py).
 
 Run ``python tests/test_cuda_host.py`` to build (cached by torch under ``TORCH_EXTENSIONS_DIR``, rebuilt
 when a source or flag changes) and smoke-call the extension by hand."""

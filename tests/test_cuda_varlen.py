@@ -22,6 +22,9 @@ from philox_ref import philox4x32_10  # noqa: E402  (numpy Philox, checked again
 
 HAS_CUDA = torch.cuda.is_available()
 BUILT = _cuda_ext.load() is not None
+# DEBERTA_FAST_CUDA_SIM=1: the kernel tests below run on CPU tensors in the CPU simulator (tests/test_cuda_sim.py)
+SIM = _cuda_ext.simulating()
+DEV = "cpu" if SIM else "cuda"
 
 
 def cu_of(lens, device="cpu"):
@@ -327,16 +330,17 @@ def ref_varlen(q, k, v, pk, pq, cq, ck, buckets, max_rel, keep=None, p=0.0):
 
 
 # ----------------------------------------------------------------------------- GPU
-gpu = pytest.mark.gpu
-needs_ext = pytest.mark.skipif(not (HAS_CUDA and BUILT), reason="needs a CUDA device and the built extension")
+gpu = pytest.mark.cuda_sim if SIM else pytest.mark.gpu
+needs_ext = pytest.mark.skipif(not (SIM or (HAS_CUDA and BUILT)), reason="needs a CUDA device and the built extension")
+not_sim = pytest.mark.skipif(SIM, reason="not a simulator test (torch.compile / GPU memory): GPU only")
 
 
 def _run_varlen(dtype, D, lens_q, lens_k, terms, buckets, max_rel, H=3):
     span = attention_span(buckets, max_rel)
-    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, H, D, span, dtype, "cuda", "c2p" in terms,
+    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, H, D, span, dtype, DEV, "c2p" in terms,
                                           "p2c" in terms)
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pq) if t is not None]
-    out = disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, max(lens_q), max(lens_k),
+    out = disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, max(lens_q), max(lens_k or lens_q),
                                         position_buckets=buckets, max_relative_positions=max_rel, backend="cuda")
     assert deberta_fast.last_backend() == "cuda" and out.shape == q.shape
     go = torch.randn_like(out)
@@ -391,7 +395,8 @@ def _direct(q, k, v, pk, pq, cq, ck, max_q, max_k, buckets, max_rel, p, seed, of
 def test_gpu_varlen_dropout_exact_mask_forward_and_backward():
     p, seed = 0.2, 0x1234_5678_9ABC
     lens_q, lens_k = [64, 1, 45], [64, 9, 93]
-    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, 3, 64, 8, torch.float16, "cuda")
+    # span 4 = attention_span(4, 16): the raw reference reads the span off the tables' rows
+    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, 3, 64, 4, torch.float16, DEV)
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
     out, lse = _direct(q, k, v, pk, pq, cq, ck, 64, 93, 4, 16, p, seed)
     keep = keep_mask_varlen(seed, 0, lens_q, lens_k, 3, p)
@@ -410,9 +415,9 @@ def test_gpu_varlen_dropout_exact_mask_forward_and_backward():
 def test_gpu_varlen_dropout_statistics_and_lse():
     p, H, L = 0.25, 2, 256
     lens = [L, L, L]
-    q = torch.zeros(3 * L, H, 64, dtype=torch.float16, device="cuda")
-    v = torch.ones(3 * L, H, 64, dtype=torch.float16, device="cuda")
-    cu = cu_of(lens, "cuda")
+    q = torch.zeros(3 * L, H, 64, dtype=torch.float16, device=DEV)
+    v = torch.ones(3 * L, H, 64, dtype=torch.float16, device=DEV)
+    cu = cu_of(lens, DEV)
     out, lse = _direct(q, q, v, None, None, cu, cu, L, L, 4, 16, p, 987654321)
     # uniform probabilities and v = 1: out = (#kept / L) / (1 - p)
     kept = out[..., 0].float() * (1 - p)
@@ -433,7 +438,7 @@ def test_gpu_varlen_sequence_without_keys():
     """Fault 9: the rows of a sequence with no key get LSE = +inf (as emulate_varlen_forward) and zero output;
     the backward stays finite whatever LSE it is handed for them."""
     lens_q, lens_k = [5, 7], [6, 0]
-    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, 2, 64, 4, torch.float16, "cuda")  # span 4: buckets 4
+    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, 2, 64, 4, torch.float16, DEV)  # span 4: buckets 4
     out, lse = _direct(q, k, v, pk, pq, cq, ck, 7, 6, 4, 16, 0.0, 0)
     assert bool((lse[:, 5:] == math.inf).all()) and bool(torch.isfinite(lse[:, :5]).all())
     assert bool((out[5:] == 0).all())
@@ -457,7 +462,7 @@ def test_gpu_varlen_sequence_without_keys():
 @needs_ext
 def test_gpu_varlen_lse_matches_emulation():
     lens_q, lens_k = [70, 3, 129], [20, 140, 129]
-    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, 2, 64, 8, torch.bfloat16, "cuda")
+    q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, 2, 64, 8, torch.bfloat16, DEV)
     _, lse = _direct(q, k, v, pk, pq, cq, ck, 129, 140, 4, 16, 0.0, 0)
     call = vcall(q.cpu(), k.cpu(), v.cpu(), pk.cpu(), pq.cpu(), cq.cpu(), ck.cpu(), buckets=4, max_rel=16)
     _, want = emulate_varlen_forward(call)
@@ -468,7 +473,7 @@ def test_gpu_varlen_lse_matches_emulation():
 @needs_ext
 def test_gpu_varlen_backward_is_deterministic():
     lens = [300, 17, 257, 1]
-    q, k, v, pk, pq, cq, ck = make_packed(lens, None, 4, 64, 256, torch.bfloat16, "cuda")
+    q, k, v, pk, pq, cq, ck = make_packed(lens, None, 4, 64, 256, torch.bfloat16, DEV)
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
     go = torch.randn_like(q)
     runs = []
@@ -486,7 +491,7 @@ def test_gpu_varlen_backward_is_deterministic():
 def test_gpu_varlen_matches_padded_cuda_path():
     """Same sequences through the padded kernels (key mask) and the varlen kernels."""
     lens = [37, 64, 5]
-    q, k, v, pk, pq, cq, ck = make_packed(lens, None, 2, 64, 8, torch.float16, "cuda")
+    q, k, v, pk, pq, cq, ck = make_packed(lens, None, 2, 64, 8, torch.float16, DEV)
     out_v = disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, 64, 64, position_buckets=4,
                                           max_relative_positions=16, backend="cuda")
     for n, qs, lq, ks, lk in _seqs(cq.cpu(), ck.cpu()):
@@ -501,12 +506,12 @@ def test_gpu_varlen_matches_padded_cuda_path():
 @gpu
 @needs_ext
 def test_gpu_varlen_errors_are_actionable():
-    q, k, v, pk, pq, cq, ck = make_packed([4, 7], None, 2, 64, 8, torch.float16, "cuda")
-    ext = _cuda_ext.load()
+    q, k, v, pk, pq, cq, ck = make_packed([4, 7], None, 2, 64, 8, torch.float16, DEV)
+    ext = _cuda_ext._need_ext()
     with pytest.raises(RuntimeError, match="int32"):
         ext.varlen_fwd(q, k, v, None, None, None, cq.long(), ck, 7, 7, None, 0.1, 0.0)
     with pytest.raises(RuntimeError, match=r"\[H, total_tokens, 2\*span\]"):
-        c2p = torch.zeros(11, 2, 16, device="cuda", dtype=q.dtype)  # [T, H, 2S] instead of [H, T, 2S]
+        c2p = torch.zeros(11, 2, 16, device=DEV, dtype=q.dtype)  # [T, H, 2S] instead of [H, T, 2S]
         ext.varlen_fwd(q, k, v, c2p, None, None, cq, ck, 7, 7, None, 0.1, 0.0)
     with pytest.raises(RuntimeError, match="3-D"):
         ext.varlen_fwd(q[None], k, v, None, None, None, cq, ck, 7, 7, None, 0.1, 0.0)
@@ -517,8 +522,9 @@ def test_gpu_varlen_errors_are_actionable():
 
 @gpu
 @needs_ext
+@not_sim
 def test_gpu_varlen_torch_compile():
-    q, k, v, pk, pq, cq, ck = make_packed([30, 64, 1], None, 2, 64, 8, torch.float16, "cuda")
+    q, k, v, pk, pq, cq, ck = make_packed([30, 64, 1], None, 2, 64, 8, torch.float16, DEV)
 
     def f(q, k, v, pk, pq):
         return disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, 64, 64, position_buckets=4,
@@ -531,6 +537,7 @@ def test_gpu_varlen_torch_compile():
 
 @gpu
 @needs_ext
+@not_sim
 def test_gpu_varlen_int64_offsets():
     """Token offsets x row stride beyond 2^31 elements: the last sequences sit past 2^31."""
     H, D, L = 16, 128, 512
@@ -539,15 +546,15 @@ def test_gpu_varlen_int64_offsets():
     if torch.cuda.mem_get_info()[0] < need:
         pytest.skip(f"needs {need / 2**30:.0f} GiB free GPU memory")
     T = N * L
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(T, H, D, device="cuda", dtype=torch.float16, generator=g)
-    k = torch.randn(T, H, D, device="cuda", dtype=torch.float16, generator=g)
-    v = torch.randn(T, H, D, device="cuda", dtype=torch.float16, generator=g)
-    cu = cu_of([L] * N, "cuda")
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q = torch.randn(T, H, D, device=DEV, dtype=torch.float16, generator=g)
+    k = torch.randn(T, H, D, device=DEV, dtype=torch.float16, generator=g)
+    v = torch.randn(T, H, D, device=DEV, dtype=torch.float16, generator=g)
+    cu = cu_of([L] * N, DEV)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     out = disentangled_attention_varlen(q, k, v, None, None, cu, cu, L, L, position_buckets=256,
                                         max_relative_positions=512, backend="cuda")
-    go = torch.randn(T, H, D, device="cuda", dtype=torch.float16, generator=g)
+    go = torch.randn(T, H, D, device=DEV, dtype=torch.float16, generator=g)
     dq, dk, dv = torch.autograd.grad(out, leaves, go)
     assert (N - 1) * L * H * D > (1 << 31)
     for n in (0, N - 1):

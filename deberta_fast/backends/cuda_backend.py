@@ -6,7 +6,8 @@ uniform rows) and dropout (Philox, regenerated in the backward).  The relative t
 enter as tables ``C2P = Q pos_key^T`` ``[B,H,Lq,2*span]`` and ``P2C = K pos_query^T``
 computed here with torch GEMMs (autograd carries their gradients to Q, K and the
 position embeddings); the kernels gather them in-tile through the slot table.
-Refused (with the reason): CPU tensors, float32/float64, other head dims, 3-D/4-D masks,
+With ``DEBERTA_FAST_CUDA_SIM=1`` the same kernels run on CPU tensors in the CPU simulator (``csrc/sim/``).
+Refused (with the reason): CPU tensors (but under the simulator), float32/float64, other head dims, 3-D/4-D masks,
 GPUs older than sm_80, and everything when the extension is not built.
 
 Packed variable-length calls (:func:`deberta_fast.disentangled_attention_varlen`) run the same
@@ -52,7 +53,10 @@ class CudaBackend(Backend):
     @staticmethod
     def _common_refusals(call) -> list[str]:
         why = []
-        if call.device.type != "cuda":
+        if _cuda_ext.simulating():
+            if call.device.type != "cpu":
+                why.append(f"inputs are on {call.device}, the CPU simulator (DEBERTA_FAST_CUDA_SIM=1) needs CPU tensors")
+        elif call.device.type != "cuda":
             why.append(f"inputs are on {call.device}, the cuda backend needs CUDA tensors")
         if call.dtype not in _HALF:
             why.append(f"dtype {call.dtype} is not supported: the CUDA kernels use fp16/bf16 tensor cores "

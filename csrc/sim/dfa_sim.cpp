@@ -1,0 +1,240 @@
+// Fiber scheduler of the CPU simulator (dfa_sim.h): one block at a time, its CUDA threads as ucontext
+// fibers on the calling OS thread, each run until it blocks at a barrier or a warp collective.
+#include "dfa_sim.h"
+
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace dfa_sim {
+namespace {
+
+constexpr size_t kStack = 256 * 1024;  // per fiber (kernels keep their register tiles on it)
+constexpr int kMaxThreads = 1024;
+
+enum class St { Ready, Barrier, Warp, Done };
+
+struct Fiber {
+  ucontext_t ctx;
+  uint3 tid;
+  St st = St::Ready;
+};
+
+struct Warp {
+  int arrived = 0;
+  CollectiveFn fn = nullptr;
+  unsigned char in[32][kLaneBytes];
+  unsigned char out[32][kLaneBytes];
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  std::vector<std::unique_ptr<char[]>> stacks;
+  ucontext_t sched;
+  int cur = -1, n = 0, at_barrier = 0, done = 0;
+  uint3 bidx;
+  dim3 bdim, gdim;
+  std::vector<unsigned char> smem;
+  const std::function<void()>* body = nullptr;
+  std::string error;  // first fault of this block
+};
+
+std::mutex g_mutex;            // one launch at a time (the scheduler state is global)
+Block g_block;
+std::map<const void*, int> g_max_smem;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
+cudaError_t g_last = cudaSuccess;
+std::string g_message;
+
+Fiber& me() { return g_block.fibers[g_block.cur]; }
+
+void yield() { swapcontext(&me().ctx, &g_block.sched); }
+
+// Record the first fault and stop this fiber for good (the launch reports it).
+[[noreturn]] void fault(const std::string& why) {
+  if (g_block.error.empty()) g_block.error = why;
+  me().st = St::Done;
+  swapcontext(&me().ctx, &g_block.sched);
+  std::abort();  // never resumed
+}
+
+void fiber_main(int idx) {
+  (void)idx;
+  (*g_block.body)();
+  me().st = St::Done;
+  ++g_block.done;
+  // uc_link returns to the scheduler
+}
+
+std::string where() {
+  const Fiber& f = me();
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", g_block.bidx.x, g_block.bidx.y,
+                g_block.bidx.z, f.tid.x, f.tid.y, f.tid.z);
+  return buf;
+}
+
+// Runs one block to completion; false with g_block.error set on a fault or deadlock.
+bool run_block() {
+  Block& b = g_block;
+  b.at_barrier = b.done = 0;
+  for (auto& w : b.warps) {
+    w.arrived = 0;
+    w.fn = nullptr;
+  }
+  std::memset(b.smem.data(), 0xFF, b.smem.size());  // NaN in every float format: stale reads show
+  for (int i = 0; i < b.n; ++i) {
+    Fiber& f = b.fibers[i];
+    f.st = St::Ready;
+    f.tid = make_uint3(i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y));
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = b.stacks[i].get();
+    f.ctx.uc_stack.ss_size = kStack;
+    f.ctx.uc_link = &b.sched;
+    makecontext(&f.ctx, reinterpret_cast<void (*)()>(fiber_main), 1, i);
+  }
+  for (;;) {
+    bool progressed = false;
+    for (int i = 0; i < b.n; ++i) {
+      if (b.fibers[i].st != St::Ready) continue;
+      b.cur = i;
+      swapcontext(&b.sched, &b.fibers[i].ctx);
+      progressed = true;
+      if (!b.error.empty()) return false;
+    }
+    if (b.done == b.n) return true;
+    if (!progressed) {
+      int bar = 0, warp = 0;
+      for (const auto& f : b.fibers) {
+        bar += f.st == St::Barrier;
+        warp += f.st == St::Warp;
+      }
+      char buf[256];
+      std::snprintf(buf, sizeof buf,
+                    "deadlock in block (%u,%u,%u): %d threads wait at __syncthreads, %d at a warp collective, "
+                    "%d exited (a barrier or collective not reached by every thread)",
+                    b.bidx.x, b.bidx.y, b.bidx.z, bar, warp, b.done);
+      b.error = buf;
+      return false;
+    }
+  }
+}
+
+}  // namespace
+
+const uint3& thread_idx() { return me().tid; }
+const uint3& block_idx() { return g_block.bidx; }
+const dim3& block_dim() { return g_block.bdim; }
+const dim3& grid_dim() { return g_block.gdim; }
+unsigned char* dynamic_smem() { return g_block.smem.data(); }
+
+void trap(const char* why) { fault(std::string(why) + " in " + where()); }
+
+void syncthreads() {
+  Block& b = g_block;
+  if (++b.at_barrier == b.n) {
+    b.at_barrier = 0;
+    for (auto& f : b.fibers)
+      if (f.st == St::Barrier) f.st = St::Ready;
+    return;
+  }
+  me().st = St::Barrier;
+  yield();
+}
+
+void warp_collective(unsigned mask, const void* in, size_t in_bytes, void* out, size_t out_bytes, CollectiveFn fn) {
+  Block& b = g_block;
+  const int linear = b.cur, lane = linear & 31;
+  if (mask != 0xffffffffu) fault("warp collective with a partial mask in " + where() + " (only full warps modelled)");
+  if (b.n % 32 != 0) fault("warp collective in a block of " + std::to_string(b.n) + " threads (not whole warps)");
+  if (in_bytes > kLaneBytes || out_bytes > kLaneBytes) fault("warp collective payload too large");
+  Warp& w = b.warps[linear >> 5];
+  if (w.arrived == 0) w.fn = fn;
+  else if (w.fn != fn) fault("lanes of one warp in different collectives (divergent code) at " + where());
+  std::memcpy(w.in[lane], in, in_bytes);
+  if (++w.arrived == 32) {
+    w.fn(w.in, w.out);
+    w.arrived = 0;
+    for (int l = 0; l < 32; ++l) {
+      Fiber& f = b.fibers[(linear & ~31) + l];
+      if (f.st == St::Warp) f.st = St::Ready;
+    }
+  } else {
+    me().st = St::Warp;
+    yield();
+  }
+  std::memcpy(out, w.out[lane], out_bytes);
+}
+
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (bytes < 0 || size_t(bytes) > kSmemOptin) {
+    g_message = "cudaFuncSetAttribute: " + std::to_string(bytes) + " bytes of dynamic shared memory exceed the " +
+                std::to_string(kSmemOptin) + " of an sm_80 device";
+    return cudaErrorInvalidValue;
+  }
+  g_max_smem[kernel] = bytes;
+  return cudaSuccess;
+}
+
+cudaError_t launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const void* kernel,
+                   const std::function<void()>& body) {
+  (void)stream;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto fail = [](cudaError_t e, std::string msg) {
+    g_last = e;
+    g_message = std::move(msg);
+    return e;
+  };
+  const long n = long(block.x) * block.y * block.z;
+  if (n < 1 || n > kMaxThreads || block.z > 64)
+    return fail(cudaErrorInvalidConfiguration, "launch: block of " + std::to_string(n) + " threads");
+  if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 || grid.z > 65535)
+    return fail(cudaErrorInvalidConfiguration, "launch: grid (" + std::to_string(grid.x) + ", " +
+                                                   std::to_string(grid.y) + ", " + std::to_string(grid.z) + ")");
+  auto it = g_max_smem.find(kernel);
+  const size_t cap = it == g_max_smem.end() ? kSmemDefault : size_t(it->second);
+  if (smem > cap)
+    return fail(cudaErrorInvalidValue, "launch: " + std::to_string(smem) + " bytes of dynamic shared memory, " +
+                                           std::to_string(cap) + " allowed for this kernel");
+  Block& b = g_block;
+  b.n = int(n);
+  b.bdim = block;
+  b.gdim = grid;
+  b.body = &body;
+  b.fibers.resize(b.n);
+  b.warps.resize((b.n + 31) / 32);
+  while (b.stacks.size() < size_t(b.n)) b.stacks.emplace_back(new char[kStack]);
+  b.smem.assign(smem, 0);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        b.bidx = make_uint3(x, y, z);
+        b.error.clear();
+        if (!run_block()) return fail(cudaErrorLaunchFailure, "dfa_sim: " + b.error);
+      }
+  return cudaSuccess;
+}
+
+cudaError_t last_error() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const cudaError_t e = g_last;
+  g_last = cudaSuccess;
+  return e;
+}
+
+const char* error_string(cudaError_t err) {
+  if (err == cudaSuccess) return "no error";
+  static thread_local std::string msg;
+  msg = g_message.empty() ? "dfa_sim: error " + std::to_string(int(err)) : g_message;
+  return msg.c_str();
+}
+
+}  // namespace dfa_sim

@@ -1,0 +1,104 @@
+// Faulty kernels the simulator must catch, and correct twins it must pass (tests/test_cuda_sim.py): without
+// them a simulator that hid races or deadlocks would make every kernel test pass.  Bound as
+// deberta_fast_cuda_sim.sim_selftest(name) -> (error text or "", output values).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "dfa_sim.h"
+
+namespace dfa {
+namespace {
+
+constexpr int kN = 128;
+
+// out[t] = value thread (t + 32) % n wrote to shared memory: needs the barrier between write and read.
+template <bool BARRIER>
+__global__ void neighbour_kernel(float* out) {
+  DFA_DYNAMIC_SMEM(smem_raw);
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const int t = threadIdx.x;
+  s[t] = float(t);
+  if (BARRIER) __syncthreads();
+  out[t] = s[(t + 32) % kN];
+}
+
+// a shuffle reached by half of a warp
+__global__ void divergent_shuffle_kernel(float* out) {
+  const int t = threadIdx.x;
+  float v = float(t);
+  if ((t & 31) < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  out[t] = v;
+}
+
+// a barrier after some threads returned
+__global__ void barrier_after_exit_kernel(float* out) {
+  const int t = threadIdx.x;
+  if (t == 5) return;
+  __syncthreads();
+  out[t] = 1.f;
+}
+
+// a quad sum through shuffles and one m16n8k16 product of known matrices: A[r][k] = r + k / 16, B[k][n] = k - n
+__global__ void collectives_kernel(float* out) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float x = float(lane);
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  auto pack = [](float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &h, 4);
+    return u;
+  };
+  auto A = [](int r, int k) { return float(r) + float(k) / 16.f; };
+  auto B = [](int k, int n) { return float(k - n); };
+  const uint32_t a[4] = {pack(A(g, 2 * t), A(g, 2 * t + 1)), pack(A(g + 8, 2 * t), A(g + 8, 2 * t + 1)),
+                         pack(A(g, 2 * t + 8), A(g, 2 * t + 9)), pack(A(g + 8, 2 * t + 8), A(g + 8, 2 * t + 9))};
+  const uint32_t b[2] = {pack(B(2 * t, g), B(2 * t + 1, g)), pack(B(2 * t + 8, g), B(2 * t + 9, g))};
+  float c[4] = {0.f, 0.f, 0.f, 0.f};
+  dfa_sim::mma16816<false>(c, a, b);
+  // lane's D elements: (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+  out[lane * 5] = x;
+  for (int e = 0; e < 4; ++e) out[lane * 5 + 1 + e] = c[e];
+}
+
+std::pair<std::string, std::vector<float>> run(const std::string& name) {
+  std::vector<float> out(kN * 5, -1.f);
+  float* o = out.data();
+  cudaStream_t s = nullptr;
+  if (name == "neighbour" || name == "neighbour_no_barrier") {
+    if (name == "neighbour") DFA_LAUNCH(neighbour_kernel<true>, 1, kN, kN * sizeof(float), s, o);
+    else DFA_LAUNCH(neighbour_kernel<false>, 1, kN, kN * sizeof(float), s, o);
+  } else if (name == "divergent_shuffle") {
+    DFA_LAUNCH(divergent_shuffle_kernel, 1, kN, 0, s, o);
+  } else if (name == "barrier_after_exit") {
+    DFA_LAUNCH(barrier_after_exit_kernel, 1, kN, 0, s, o);
+  } else if (name == "smem_over_default") {  // 64 KB without cudaFuncSetAttribute
+    DFA_LAUNCH(neighbour_kernel<true>, 1, kN, 64 * 1024, s, o);
+  } else if (name == "smem_over_optin") {
+    return {cudaGetErrorString(cudaFuncSetAttribute(neighbour_kernel<true>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024)),
+            {}};
+  } else if (name == "grid_y_over_limit") {
+    DFA_LAUNCH(neighbour_kernel<true>, dim3(1, 65536), kN, kN * sizeof(float), s, o);
+  } else if (name == "collectives") {
+    DFA_LAUNCH(collectives_kernel, 1, 32, 0, s, o);
+    out.resize(32 * 5);
+  } else {
+    return {"unknown self-test " + name, {}};
+  }
+  const cudaError_t err = cudaGetLastError();
+  return {err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err)), out};
+}
+
+}  // namespace
+
+void bind_sim_selftest(pybind11::module_& m) {
+  m.def("sim_selftest", &run, "run a simulator self-test kernel -> (error text or '', output values)");
+}
+
+}  // namespace dfa

@@ -1,0 +1,81 @@
+"""The CUDA kernels run on CPU: ``csrc/*.cu`` built by the host compiler with the simulator of ``csrc/sim/``
+(``DEBERTA_FAST_CUDA_SIM=1``; each CUDA thread a fiber, warp collectives and barriers modelled).
+
+* the simulator's self-tests: faulty kernels it must catch (a missing barrier, a shuffle in divergent code, a
+  barrier after an exit, launch limits) and the collectives against known values;
+* the GPU tests of the cuda backend (``tests/test_cuda_backend.py``, ``tests/test_cuda_varlen.py``, marked
+  ``cuda_sim`` under the simulator) run in a subprocess on CPU tensors: a crash in a kernel fails the test
+  instead of killing pytest.
+
+A correctness tool, not a GPU: it cannot show timing, races inside one barrier interval or the hardware's
+own rounding order; the kernels stay unvalidated on a GPU until they run on one."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deberta_fast import _cuda_ext
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def sim():
+    cfg = _cuda_ext._build_config()
+    if cfg.cuda_include_dir() is None:
+        pytest.skip("the CUDA toolkit's headers (cuda_fp16.h) are not installed: the simulator needs them")
+    return _cuda_ext.simulator()
+
+
+@pytest.mark.parametrize("name,error", [
+    ("divergent_shuffle", "64 at a warp collective"),
+    ("barrier_after_exit", "127 threads wait at __syncthreads, 0 at a warp collective, 1 exited"),
+    ("smem_over_default", "65536 bytes of dynamic shared memory, 49152 allowed"),
+    ("smem_over_optin", "204800 bytes of dynamic shared memory exceed the 166912"),
+    ("grid_y_over_limit", "grid (1, 65536, 1)"),
+])
+def test_simulator_reports_faults(sim, name, error):
+    err, _ = sim.sim_selftest(name)
+    assert error in err
+
+
+def test_simulator_shows_a_missing_barrier(sim):
+    """Thread t reads what thread t + 32 wrote: right with the barrier; without it the fibers of the first warp
+    run ahead and read the launch's 0xFF fill (NaN)."""
+    err, out = sim.sim_selftest("neighbour")
+    assert err == "" and out[:128] == [float((t + 32) % 128) for t in range(128)]
+    err, out = sim.sim_selftest("neighbour_no_barrier")
+    assert err == "" and all(x != x for x in out[:96])  # warps 0-2 read before warps 1-3 wrote
+
+
+def test_simulator_collectives(sim):
+    """Quad sums by __shfl_xor_sync and one mma.sync m16n8k16 (fragments as in the PTX ISA) on known matrices."""
+    err, out = sim.sim_selftest("collectives")
+    assert err == ""
+    out = torch.tensor(out).view(32, 5)
+    lane = torch.arange(32)
+    assert torch.equal(out[:, 0], (4 * (lane // 4) * 4 + 6).float())
+    r, k, n = torch.arange(16.)[:, None], torch.arange(16.)[None, :], torch.arange(8.)[None, :]
+    A = (r + k / 16).half().double()
+    B = (torch.arange(16.)[:, None] - n).half().double()
+    D = A @ B
+    g, t = lane // 4, lane % 4
+    want = torch.stack([D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]], 1).float()
+    assert torch.equal(out[:, 1:], want)
+
+
+def test_cuda_backend_gpu_tests_in_simulator(sim):
+    """Every GPU test of the cuda backend (padded and packed, fp16 / bf16, D = 32 / 64 / 128, every relative
+    term, bucket configs, masks, uniform rows, dropout against the Philox reference, rows without keys) on CPU."""
+    env = dict(os.environ, DEBERTA_FAST_CUDA_SIM="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "pytest", "tests/test_cuda_backend.py", "tests/test_cuda_varlen.py", "-m", "cuda_sim",
+           "-q", "-p", "no:cacheprovider"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    tail = (res.stdout + res.stderr)[-6000:]
+    assert res.returncode == 0, f"exit {res.returncode} (negative: killed by a signal):\n{tail}"
+    summary = res.stdout.strip().splitlines()[-1]
+    passed = int(summary.split(" passed")[0].split()[-1])
+    assert passed >= 100 and "failed" not in summary, summary
