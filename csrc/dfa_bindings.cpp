@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -114,6 +115,17 @@ void set_scale(dfa::Params& p, double scale) {
   TORCH_CHECK(std::isfinite(scale), "deberta_fast cuda backend: scale must be finite, got ", scale);
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+}
+
+// The slot table's saturation band (positions.slot_band): every d <= band_lo has the slot of d = band_lo, every
+// d >= band_hi that of band_hi.  The kernels trust it for the values (a wrong band gives wrong scores), not for
+// memory (the slots they read there are clamped like every other).
+void set_band(dfa::Params& p, int64_t band_lo, int64_t band_hi) {
+  if (p.table == nullptr) return;  // no relative term: nothing to saturate
+  TORCH_CHECK(band_lo < band_hi, "deberta_fast cuda backend: band_lo (", band_lo, ") must be < band_hi (", band_hi,
+              ") (deberta_fast.positions.slot_band)");
+  p.band_lo = static_cast<int>(std::clamp<int64_t>(band_lo, -(int64_t(1) << 30), int64_t(1) << 30));
+  p.band_hi = static_cast<int>(std::clamp<int64_t>(band_hi, -(int64_t(1) << 30), int64_t(1) << 30));
 }
 
 // Dropout: an element is kept iff its Philox word >= drop_thresh = round(p_drop * 2^32) and kept
@@ -257,6 +269,8 @@ Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   p.c2p = c2p.has_value() ? c2p->data_ptr() : nullptr;
   p.p2c = p2c.has_value() ? p2c->data_ptr() : nullptr;
   p.table = S2 > 0 ? table->data_ptr<int32_t>() : nullptr;
+  p.band_lo = -(1 << 30);  // no saturated-tile shortcut unless set_band() says where the band is
+  p.band_hi = 1 << 30;
   p.S2 = static_cast<int>(S2);
   p.B = static_cast<int>(B); p.H = static_cast<int>(H);
   p.Lq = static_cast<int>(Lq); p.Lk = static_cast<int>(Lk);
@@ -267,8 +281,9 @@ Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
 
 std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& c2p, const OptT& p2c,
                         const OptT& table, const OptT& key_mask, const OptT& uniform, const OptT& rng, double scale,
-                        double p_drop) {
+                        double p_drop, int64_t band_lo, int64_t band_hi) {
   Common c = make_common(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, p_drop);
+  set_band(c.p, band_lo, band_hi);
   const DeviceGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   Tensor out = at::empty({B, H, Lq, D}, q.options());
@@ -393,6 +408,8 @@ Common make_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   p.c2p = c2p.has_value() ? c2p->data_ptr() : nullptr;
   p.p2c = p2c.has_value() ? p2c->data_ptr() : nullptr;
   p.table = S2 > 0 ? table->data_ptr<int32_t>() : nullptr;
+  p.band_lo = -(1 << 30);  // no saturated-tile shortcut unless set_band() says where the band is
+  p.band_hi = 1 << 30;
   p.S2 = static_cast<int>(S2);
   p.B = static_cast<int>(N); p.H = static_cast<int>(H);
   p.Lq = static_cast<int>(max_q); p.Lk = static_cast<int>(max_k);
@@ -405,8 +422,10 @@ Common make_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
 
 std::vector<Tensor> varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& c2p, const OptT& p2c,
                                const OptT& table, const Tensor& cu_q, const Tensor& cu_k, int64_t max_q,
-                               int64_t max_k, const OptT& rng, double scale, double p_drop) {
+                               int64_t max_k, const OptT& rng, double scale, double p_drop, int64_t band_lo,
+                               int64_t band_hi) {
   Common c = make_varlen(q, k, v, c2p, p2c, table, cu_q, cu_k, max_q, max_k, rng, scale, p_drop);
+  set_band(c.p, band_lo, band_hi);
   const DeviceGuard guard(q.device());
   const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2);
   Tensor out = at::empty({Tq, H, D}, q.options());
@@ -463,7 +482,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deberta_fast._C: fused DeBERTa disentangled attention (CUDA, mma.sync, fp16/bf16)";
   m.def("fwd", &fwd, "fused forward -> (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("c2p"),
         py::arg("p2c"), py::arg("table"), py::arg("key_mask"), py::arg("uniform"), py::arg("rng"),
-        py::arg("scale"), py::arg("p_drop"));
+        py::arg("scale"), py::arg("p_drop"), py::arg("band_lo") = -(1 << 30), py::arg("band_hi") = 1 << 30);
   m.def("bwd", &bwd, "fused backward -> (dq, dk, dv, dc2p, dp2c)", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("c2p"), py::arg("p2c"), py::arg("table"),
         py::arg("key_mask"), py::arg("uniform"), py::arg("rng"), py::arg("scale"), py::arg("p_drop"),
@@ -471,7 +490,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("varlen_fwd", &varlen_fwd, "packed varlen forward -> (out [Tq,H,D], lse [H,Tq])", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("c2p"), py::arg("p2c"), py::arg("table"), py::arg("cu_seqlens_q"),
         py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("rng"),
-        py::arg("scale"), py::arg("p_drop"));
+        py::arg("scale"), py::arg("p_drop"), py::arg("band_lo") = -(1 << 30), py::arg("band_hi") = 1 << 30);
   m.def("varlen_bwd", &varlen_bwd, "packed varlen backward -> (dq, dk, dv, dc2p, dp2c)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("c2p"), py::arg("p2c"),
         py::arg("table"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),

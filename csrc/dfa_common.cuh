@@ -189,24 +189,53 @@ __device__ __forceinline__ uint32_t word_of(uint4 w, int idx) {
   return idx == 0 ? w.x : idx == 1 ? w.y : idx == 2 ? w.z : w.w;
 }
 
-// Score of (i, j) in log2 units, or -inf (masked / out of range).  `acc` is q_i.k_j; i, j are
-// positions within the sequence, Lq / Lk its lengths (varlen: per sequence, table offset p.Lk - 1
-// = max_seqlen_k - 1).
+// Score of (i, j) in log2 units, or -inf (masked / out of range), from the relative terms' values c2pv, p2cv
+// (0 where a term is absent).  `acc` is q_i.k_j; i, j are positions within the sequence, Lq / Lk its lengths.
+__device__ __forceinline__ float finish_score(const Params& p, float acc, float c2pv, float p2cv, int i, int j, int Lq,
+                                              int Lk, const uint8_t* km_b, bool uniform_row) {
+  if (i >= Lq || j >= Lk) return -INFINITY;
+  if (uniform_row) return 0.f;  // HF's padded query rows: uniform over all Lk keys
+  if (km_b != nullptr && km_b[j] == 0) return -INFINITY;
+  return ((acc + c2pv) + p2cv) * p.scale_log2;
+}
+
+// The same with the relative terms gathered through the slot table (varlen: table offset p.Lk - 1 =
+// max_seqlen_k - 1); the same checks first, so nothing is gathered for an element out of range.
 template <typename T>
 __device__ __forceinline__ float score_log2(const Params& p, float acc, int i, int j, int Lq, int Lk,
                                             const T* c2p_bh, const T* p2c_bh, const uint8_t* km_b,
                                             bool uniform_row) {
   if (i >= Lq || j >= Lk) return -INFINITY;
-  if (uniform_row) return 0.f;  // HF's padded query rows: uniform over all Lk keys
+  if (uniform_row) return 0.f;
   if (km_b != nullptr && km_b[j] == 0) return -INFINITY;
-  float s = acc;
+  float c2pv = 0.f, p2cv = 0.f;
   if (p.table != nullptr) {
     // clamped: a slot table with values outside [0, S2) (a direct op call) cannot read out of bounds
     const int slot = min(max(__ldg(p.table + (i - j + p.Lk - 1)), 0), p.S2 - 1);
-    if (c2p_bh != nullptr) s += Pack<T>::to_float(c2p_bh[(int64_t)i * p.S2 + slot]);
-    if (p2c_bh != nullptr) s += Pack<T>::to_float(p2c_bh[(int64_t)j * p.S2 + slot]);
+    if (c2p_bh != nullptr) c2pv = Pack<T>::to_float(c2p_bh[(int64_t)i * p.S2 + slot]);
+    if (p2c_bh != nullptr) p2cv = Pack<T>::to_float(p2c_bh[(int64_t)j * p.S2 + slot]);
   }
-  return s * p.scale_log2;
+  return ((acc + c2pv) + p2cv) * p.scale_log2;
+}
+
+// The slots of the saturated distances, read from the slot table at d = band_lo / band_hi (clamped to the table):
+// what the gather would read there, also when the tables are wider than the slot range.  {slot lo, slot hi}.
+__device__ __forceinline__ int2 saturated_slots(const Params& p) {
+  if (p.table == nullptr) return make_int2(0, 0);
+  const int last = p.Lq + p.Lk - 2;
+  const int lo = __ldg(p.table + min(max(p.band_lo + p.Lk - 1, 0), last));
+  const int hi = __ldg(p.table + min(max(p.band_hi + p.Lk - 1, 0), last));
+  return make_int2(min(max(lo, 0), p.S2 - 1), min(max(hi, 0), p.S2 - 1));
+}
+
+// Saturation of a tile of rows [r0, r0 + nr) x columns [c0, c0 + nc) (d = row - col for queries x keys):
+// 0 = the band (gather), 1 = every d <= p.band_lo (saturated_slots().x), 2 = every d >= p.band_hi (.y).  Any band the
+// host passes keeps every access in bounds (the slots are clamped); a wrong one gives wrong scores.
+__device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, int c0, int nc) {
+  if (p.table == nullptr) return 0;
+  if (r0 - (c0 + nc - 1) >= p.band_hi) return 2;
+  if (r0 + nr - 1 - c0 <= p.band_lo) return 1;
+  return 0;
 }
 
 // What one block sees of its (batch element | packed sequence) b and head h.

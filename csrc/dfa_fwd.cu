@@ -1,5 +1,6 @@
 // Fused forward of DeBERTa disentangled attention: online softmax (FA2 style),
-// relative terms gathered from precomputed C2P / P2C tables, key-padding mask,
+// relative terms gathered from precomputed C2P / P2C tables (tiles beyond the slot band: per-row c2p
+// constants and one p2c column, no slot table), key-padding mask,
 // uniform rows, Philox dropout.  Writes O and the float32 LSE (natural log; +inf and O = 0 for a
 // row with no key, see dfa_softmax.h).
 // One kernel serves the padded batch and the packed variable-length (varlen) layout: the
@@ -55,6 +56,17 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
     offset = (uint32_t)p.rng[1];
   }
 
+  // c2p of this thread's rows at the saturated slots: the saturated tiles' per-row constants
+  const int2 sslot = saturated_slots(p);
+  float c2p_sat[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [lo/hi][row]
+  if (c2p_bh != nullptr)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+      if (rows[hh] < Lq) {
+        c2p_sat[0][hh] = Pack<T>::to_float(c2p_bh[(int64_t)rows[hh] * p.S2 + sslot.x]);
+        c2p_sat[1][hh] = Pack<T>::to_float(c2p_bh[(int64_t)rows[hh] * p.S2 + sslot.y]);
+      }
+
   load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, Lq);
 
   float o[D / 8][4];
@@ -74,14 +86,34 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
     mma_rows_rows<T, D, NT>(s, Qs + warp * 16 * LDS, Ks);
 
     float mx[2] = {-INFINITY, -INFINITY};
+    const int sat = tile_saturation(p, q0 + warp * 16, 16, k0, BN);  // warp-uniform
+    if (sat != 0) {  // beyond the band: one slot for the whole tile, no slot table, no gathers
+      const int64_t col = sat == 2 ? sslot.y : sslot.x;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < NT; ++nt) {
+        float pc[2] = {0.f, 0.f};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
-        s[nt][e] = score_log2<T>(p, s[nt][e], rows[hh], j, Lq, Lk, c2p_bh, p2c_bh, km_b, uni[hh]);
-        mx[hh] = fmaxf(mx[hh], s[nt][e]);
+        for (int c = 0; c < 2; ++c) {
+          const int j = k0 + nt * 8 + 2 * t + c;
+          if (p2c_bh != nullptr && j < Lk) pc[c] = Pack<T>::to_float(p2c_bh[(int64_t)j * p.S2 + col]);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
+          s[nt][e] = finish_score(p, s[nt][e], c2p_sat[sat - 1][hh], pc[e & 1], rows[hh], j, Lq, Lk, km_b, uni[hh]);
+          mx[hh] = fmaxf(mx[hh], s[nt][e]);
+        }
       }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
+          s[nt][e] = score_log2<T>(p, s[nt][e], rows[hh], j, Lq, Lk, c2p_bh, p2c_bh, km_b, uni[hh]);
+          mx[hh] = fmaxf(mx[hh], s[nt][e]);
+        }
+    }
     float base[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {

@@ -24,6 +24,9 @@ struct Params {
   float* lse; const float* lse_c; const float* delta;
   // relative tables, contiguous [B,H,Lq|Lk,S2] (padded) or [H,Tq|Tk,S2] (varlen); nullptr = term absent
   const void* c2p; const void* p2c; const int32_t* table; int S2;
+  // saturation band of the slot table (positions.slot_band): every d = i - j <= band_lo has one slot and every
+  // d >= band_hi another; tiles wholly outside it skip the gathers.  -2^30 / 2^30: no shortcut.
+  int band_lo, band_hi;
   // masks: key_mask uint8 [B,Lk] (1 = attend); uniform uint8 [B,1|H,Lq] (1 = uniform row)
   const uint8_t* key_mask; int64_t km_sb;
   const uint8_t* uniform; int64_t un_sb, un_sh;

@@ -244,7 +244,8 @@ def _register_ops():
     @torch.library.custom_op("deberta_fast::cuda_attn_fwd", mutates_args=())
     def cuda_attn_fwd(q: T, k: T, v: T, c2p: OT, p2c: OT, table: OT, key_mask: OT, uniform: OT, rng: OT,
                       scale: float, dropout_p: float, band_lo: int, band_hi: int) -> tuple[T, T]:
-        out, lse = _need_ext().fwd(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p)
+        out, lse = _need_ext().fwd(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p, band_lo,
+                                   band_hi)
         return out, lse
 
     @cuda_attn_fwd.register_fake
@@ -294,7 +295,7 @@ def _register_ops():
                         max_seqlen_q: int, max_seqlen_k: int, rng: OT, scale: float, dropout_p: float,
                         band_lo: int, band_hi: int) -> tuple[T, T]:
         out, lse = _need_ext().varlen_fwd(q, k, v, c2p, p2c, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                          max_seqlen_k, rng, scale, dropout_p)
+                                          max_seqlen_k, rng, scale, dropout_p, band_lo, band_hi)
         return out, lse
 
     @cuda_varlen_fwd.register_fake
