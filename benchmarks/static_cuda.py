@@ -121,16 +121,20 @@ def _cuobjdump() -> str:
     return _nvidia_tool("cuobjdump", 90)
 
 
-def _compile(name: str, arch: str, tmp: str) -> tuple[str, str]:
+def _compile(name: str, arch: str, tmp: str, zone: int | None = None) -> tuple[str, str]:
     from csrc import build_config
 
     nvcc = build_config.find_nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found: the CUDA static profile needs it (no GPU needed)")
-    keep = os.path.join(tmp, f"keep_{name}_{arch}")
+    tag = f"{name}_{arch}" + ("" if zone is None else f"_zone{zone}")
+    keep = os.path.join(tmp, f"keep_{tag}")
     os.makedirs(keep)
-    obj = os.path.join(tmp, f"{name}.sm_{arch}.o")
-    r = subprocess.run(build_config.nvcc_check_cmd(nvcc, name, arch, obj, keep), capture_output=True, text=True)
+    obj = os.path.join(tmp, f"{tag}.o")
+    cmd = build_config.nvcc_check_cmd(nvcc, name, arch, obj, keep)
+    if zone is not None:  # every tile of one kind (tile_saturation), the common call's paths (DFA_PROFILE_ASSUME)
+        cmd += [f"-DDFA_PROFILE_ZONE={zone}", "-DDFA_PROFILE_PLAIN"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"nvcc failed for {name} sm_{arch}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
     return obj, r.stdout + r.stderr
@@ -146,16 +150,32 @@ def _header() -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "nvcc": version, "torch_headers": torch.__version__}
 
 
-def profile(archs=("80", "90a"), progress=print) -> dict:
+ZONES = {0: "band", 1: "saturated"}  # -DDFA_PROFILE_ZONE builds: every tile in the band / beyond it (common call)
+
+
+def profile(archs=("80", "90a"), progress=print, zones=True) -> dict:
+    """Rows of the build as shipped; with ``zones``, each row also gets ``zones[band|saturated]``: the main loop's
+    per-element figures of a build where every tile is of that kind (the shipped loop holds both kinds)."""
     t0 = time.time()
     names = sorted((n for n in os.listdir(CSRC) if n.endswith(".cu")), key=lambda n: n != "dfa_bwd.cu")
-    rows = []
+    variants = [None, *(ZONES if zones else ())]
+    rows, by_zone = [], {}
     with tempfile.TemporaryDirectory() as tmp, cf.ThreadPoolExecutor(2) as ex:
-        futs = {(n, a): ex.submit(_compile, n, a, tmp) for n in names for a in archs}
-        for (n, a), f in futs.items():
+        futs = {(n, a, z): ex.submit(_compile, n, a, tmp, z) for n in names for a in archs for z in variants}
+        for (n, a, z), f in futs.items():
             obj, log = f.result()
-            progress(f"static_cuda: {n} sm_{a} compiled ({time.time() - t0:.0f} s)")
-            rows += analyse(obj, log, a)
+            progress(f"static_cuda: {n} sm_{a}{'' if z is None else ' ' + ZONES[z]} compiled "
+                     f"({time.time() - t0:.0f} s)")
+            got = analyse(obj, log, a)
+            if z is None:
+                rows += got
+            else:
+                for r in got:
+                    by_zone[(r["kernel"], r["arch"], r["dtype"], r["D"], ZONES[z])] = r["loops"]
+    for r in rows:
+        zl = {zn: by_zone.get((r["kernel"], r["arch"], r["dtype"], r["D"], zn)) for zn in ZONES.values()}
+        if any(v is not None for v in zl.values()):
+            r["zones"] = zl
     return {**_header(), "seconds": round(time.time() - t0, 1), "kernels": rows}
 
 
@@ -164,13 +184,21 @@ def table(prof: dict) -> str:
              "",
              "Per element = SASS instructions on the shortest / longest path through one main-loop iteration x 128 "
              "threads / (BLOCK_M x BLOCK_N); see benchmarks/static_cuda.py.", "",
+             "Band / saturated tiles: the same loop built with every tile in the band (slot table, gathers) / beyond "
+             "it (per-row constants, no gathers) (-DDFA_PROFILE_ZONE), for the common call: c2p + p2c, no mask, no "
+             "dropout (-DDFA_PROFILE_PLAIN: the compiler drops the other branches); the shipped loop holds them all.",
+             "",
              "| kernel | target | dtype | D | tile | regs | spill st/ld B | stack B | MMA | main loop instr/element "
-             "(shortest - longest) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "(shortest - longest) | band tiles | saturated tiles |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(loops):
+        return "; ".join(f"{lp['per_element_shortest']} - {lp['per_element_longest']}" for lp in loops or []) or "?"
+
     for r in sorted(prof["kernels"], key=lambda r: (r["kernel"], r["arch"], r["dtype"], r["D"])):
-        loops = "; ".join(f"{lp['per_element_shortest']} - {lp['per_element_longest']}" for lp in r["loops"]) or "?"
+        z = r.get("zones", {})
         lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype']} | {r['D']} | {r['block_m']}x{r['block_n']} | "
                      f"{r.get('regs')} | {r.get('spill_stores')}/{r.get('spill_loads')} | {r.get('stack')} | "
-                     f"{r['mma']} | {loops} |")
+                     f"{r['mma']} | {fmt(r['loops'])} | {fmt(z.get('band'))} | {fmt(z.get('saturated'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -179,9 +207,10 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="80,90a", help="comma-separated nvcc archs (default 80,90a)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<date>-static")
+    ap.add_argument("--no-zones", action="store_true", help="skip the band-only / saturated-only builds (3x faster)")
     a = ap.parse_args(argv)
     prof = profile(tuple(x.strip() for x in a.archs.split(",") if x.strip()),
-                   progress=lambda m: print(m, file=sys.stderr, flush=True))
+                   progress=lambda m: print(m, file=sys.stderr, flush=True), zones=not a.no_zones)
     from benchmarks.static import write_report
 
     write_report(a.out, f"{prof['date']}-static", "cuda.json", "cuda.md", prof, table(prof))

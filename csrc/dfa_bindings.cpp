@@ -299,8 +299,9 @@ std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const
 std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                         const Tensor& lse, const OptT& c2p, const OptT& p2c, const OptT& table, const OptT& key_mask,
                         const OptT& uniform, const OptT& rng, double scale, double p_drop, int64_t dmin, int64_t W,
-                        const OptT& perm, const OptT& offs) {
+                        const OptT& perm, const OptT& offs, int64_t band_lo, int64_t band_hi) {
   Common c = make_common(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, p_drop);
+  set_band(c.p, band_lo, band_hi);
   const DeviceGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   check_qkv("grad_out", dout, q, Lq);
@@ -443,8 +444,9 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
                                const Tensor& out, const Tensor& lse, const OptT& c2p, const OptT& p2c,
                                const OptT& table, const Tensor& cu_q, const Tensor& cu_k, int64_t max_q,
                                int64_t max_k, const OptT& rng, double scale, double p_drop, int64_t dmin, int64_t W,
-                               const OptT& perm, const OptT& offs) {
+                               const OptT& perm, const OptT& offs, int64_t band_lo, int64_t band_hi) {
   Common c = make_varlen(q, k, v, c2p, p2c, table, cu_q, cu_k, max_q, max_k, rng, scale, p_drop);
+  set_band(c.p, band_lo, band_hi);
   const DeviceGuard guard(q.device());
   const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2), Tk = k.size(0);
   check_tokens("grad_out", dout, q, Tq);
@@ -486,7 +488,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bwd", &bwd, "fused backward -> (dq, dk, dv, dc2p, dp2c)", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("c2p"), py::arg("p2c"), py::arg("table"),
         py::arg("key_mask"), py::arg("uniform"), py::arg("rng"), py::arg("scale"), py::arg("p_drop"),
-        py::arg("dmin"), py::arg("W"), py::arg("perm"), py::arg("offs"));
+        py::arg("dmin"), py::arg("W"), py::arg("perm"), py::arg("offs"), py::arg("band_lo") = -(1 << 30),
+        py::arg("band_hi") = 1 << 30);
   m.def("varlen_fwd", &varlen_fwd, "packed varlen forward -> (out [Tq,H,D], lse [H,Tq])", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("c2p"), py::arg("p2c"), py::arg("table"), py::arg("cu_seqlens_q"),
         py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("rng"),
@@ -495,7 +498,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("c2p"), py::arg("p2c"),
         py::arg("table"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("rng"), py::arg("scale"), py::arg("p_drop"), py::arg("dmin"),
-        py::arg("W"), py::arg("perm"), py::arg("offs"));
+        py::arg("W"), py::arg("perm"), py::arg("offs"), py::arg("band_lo") = -(1 << 30),
+        py::arg("band_hi") = 1 << 30);
   m.attr("HEAD_DIMS") = py::make_tuple(32, 64, 128);
 #ifdef DFA_HOST_TEST
   dfa::bind_host_test(m);

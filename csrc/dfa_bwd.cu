@@ -1,4 +1,5 @@
-// Fused backward of DeBERTa disentangled attention, deterministic (no atomics):
+// Fused backward of DeBERTa disentangled attention, deterministic (no atomics); warps whose tile lies beyond the
+// slot band recompute S without the slot table or gathers (as the forward) and add dS to the saturated sums:
 //   * dq kernel   : one block per 64 queries, loops over key tiles -> dQ (content part)
 //                   and the c2p band of scale*dS (see below).
 //   * dkdv kernel : one block per 64 keys, loops over query tiles -> dK (content part),
@@ -34,7 +35,8 @@ struct BwdCfg {
 
 // ---------------------------------------------------------------------------
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(DFA_KERNEL_PARAMS(p)) {
+  DFA_PROFILE_ASSUME(p);
   using Cfg = BwdCfg<T, D>;
   constexpr int BM = Cfg::DQ_BM, BN = Cfg::DQ_BN, LDS = Cfg::LDS, NT = BN / 8;
   DFA_DYNAMIC_SMEM(smem_raw);
@@ -79,6 +81,9 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(const Params p) {
     offset = (uint32_t)p.rng[1];
   }
 
+  const int2 sslot = saturated_slots(p);
+  const float4 c2p_sat = c2p_saturated<T>(p, c2p_bh, sslot, rows, Lq);
+
   load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, Lq);
   load_tile<T, BM, D, kThreads>(dOs, dog, p.do_sr, q0, Lq);
 
@@ -101,30 +106,52 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(const Params p) {
     mma_rows_rows<T, D, NT>(s, Qs + warp * 16 * LDS, Ks);
     mma_rows_rows<T, D, NT>(dp, dOs + warp * 16 * LDS, Vs);
 
+    // zone 1 / 2: every (i, j) of this warp's tile beyond the band (saturated slot lo / hi): no slot table, no
+    // gathers, and every dS goes to that side's run sum (distances below / above the band window)
+    const int zone = tile_saturation(p, q0 + warp * 16, 16, k0, BN);  // warp-uniform
+    const float crow[2] = {zone == 2 ? c2p_sat.z : c2p_sat.x, zone == 2 ? c2p_sat.w : c2p_sat.y};
+    auto tile = [&](auto saturated) {
+      constexpr bool SAT = decltype(saturated)::value;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      uint4 w = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hh = e >> 1, i = rows[hh], j = k0 + nt * 8 + 2 * t + (e & 1);
-        const bool valid = i < Lq && j < Lk;
-        const float sl = score_log2<T>(p, s[nt][e], i, j, Lq, Lk, c2p_bh, p2c_bh, km_b, uni[hh]);
-        const float pr = valid ? exp2f(sl - lse2[hh]) : 0.f;
-        float dpv = dp[nt][e];
-        if (p.dropout) {
-          if ((e & 1) == 0) w = dropout_words(key, offset, bh, i, j >> 2);
-          dpv = word_of(w, j & 3) >= p.drop_thresh ? dpv * p.drop_scale : 0.f;
+      for (int nt = 0; nt < NT; ++nt) {
+        uint4 w = make_uint4(0u, 0u, 0u, 0u);
+        const int j0 = k0 + nt * 8 + 2 * t;
+        float pc[2] = {0.f, 0.f};
+        if constexpr (SAT) {
+          pc[0] = p2c_saturated<T>(p, p2c_bh, sslot, zone, j0, Lk);
+          pc[1] = p2c_saturated<T>(p, p2c_bh, sslot, zone, j0 + 1, Lk);
         }
-        const float ds = (uni[hh] || !valid) ? 0.f : pr * (dpv - dlt[hh]) * p.scale;
-        s[nt][e] = ds;
-        if (rel && valid) {
-          const int d = i - j - p.dmin;
-          if (d < 0) sat[hh][0] += ds;
-          else if (d >= p.W) sat[hh][1] += ds;
-          else p.band_q[(sv.qoff + i) * p.W + d] = ds;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hh = e >> 1, i = rows[hh], j = j0 + (e & 1);
+          const bool valid = i < Lq && j < Lk;
+          float sl;
+          if constexpr (SAT) sl = finish_score(p, s[nt][e], crow[hh], pc[e & 1], i, j, Lq, Lk, km_b, uni[hh]);
+          else sl = score_log2<T>(p, s[nt][e], i, j, Lq, Lk, c2p_bh, p2c_bh, km_b, uni[hh]);
+          const float pr = valid ? exp2f(sl - lse2[hh]) : 0.f;
+          float dpv = dp[nt][e];
+          if (p.dropout) {
+            if ((e & 1) == 0) w = dropout_words(key, offset, bh, i, j >> 2);
+            dpv = word_of(w, j & 3) >= p.drop_thresh ? dpv * p.drop_scale : 0.f;
+          }
+          const float ds = (uni[hh] || !valid) ? 0.f : pr * (dpv - dlt[hh]) * p.scale;
+          s[nt][e] = ds;
+          if (rel && valid) {
+            if constexpr (SAT) {
+              if (zone == 1) sat[hh][0] += ds;
+              else sat[hh][1] += ds;
+            } else {
+              const int d = i - j - p.dmin;
+              if (d < 0) sat[hh][0] += ds;
+              else if (d >= p.W) sat[hh][1] += ds;
+              else p.band_q[(sv.qoff + i) * p.W + d] = ds;
+            }
+          }
         }
       }
-    }
+    };
+    if (zone != 0) tile(std::true_type{});
+    else tile(std::false_type{});
     mma_acc_rows<T, D, NT>(dq, s, Ks);
   }
 
@@ -147,7 +174,8 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(const Params p) {
 
 // ---------------------------------------------------------------------------
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAMS(p)) {
+  DFA_PROFILE_ASSUME(p);
   using Cfg = BwdCfg<T, D>;
   constexpr int BN = Cfg::KV_BN, BM = Cfg::KV_BM, LDS = Cfg::LDS, NT = BM / 8;
   DFA_DYNAMIC_SMEM(smem_raw);
@@ -186,6 +214,15 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) 
     offset = (uint32_t)p.rng[1];
   }
 
+  // p2c of this thread's keys at the saturated slots (the transposed tile's per-row constants)
+  const int2 sslot = saturated_slots(p);
+  float p2c_sat[2][2];  // [lo/hi][key]
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    p2c_sat[0][hh] = p2c_saturated<T>(p, p2c_bh, sslot, 1, cols_j[hh], Lk);
+    p2c_sat[1][hh] = p2c_saturated<T>(p, p2c_bh, sslot, 2, cols_j[hh], Lk);
+  }
+
   load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, Lk);
   load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, Lk);
 
@@ -217,31 +254,56 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) 
     mma_rows_rows<T, D, NT>(s, Ks + warp * 16 * LDS, Qs);   // S^T  [keys x queries]
     mma_rows_rows<T, D, NT>(dp, Vs + warp * 16 * LDS, dOs);  // dP^T (before dropout)
 
+    // zone 1 / 2: this warp's keys x the query tile wholly beyond the band (see the dq kernel)
+    const int zone = tile_saturation(p, q0, BM, k0 + warp * 16, 16);  // warp-uniform
+    const float krow[2] = {zone == 2 ? p2c_sat[1][0] : p2c_sat[0][0], zone == 2 ? p2c_sat[1][1] : p2c_sat[0][1]};
+    auto tile = [&](auto saturated) {
+      constexpr bool SAT = decltype(saturated)::value;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < NT; ++nt) {
+        float qc[2] = {0.f, 0.f};  // c2p of the two query columns at the saturated slot
+        if constexpr (SAT) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hh = e >> 1, j = cols_j[hh], il = nt * 8 + 2 * t + (e & 1), i = q0 + il;
-        const bool valid = i < Lq && j < Lk;
-        const bool u = uni_s[il] != 0;
-        const float sl = score_log2<T>(p, s[nt][e], i, j, Lq, Lk, c2p_bh, p2c_bh, km_b, u);
-        const float pr = valid ? exp2f(sl - lse2_s[il]) : 0.f;
-        float pd = pr, dpv = dp[nt][e];
-        if (p.dropout) {
-          const bool keep = word_of(dropout_words(key, offset, bh, i, j >> 2), j & 3) >= p.drop_thresh;
-          pd = keep ? pr * p.drop_scale : 0.f;
-          dpv = keep ? dpv * p.drop_scale : 0.f;
+          for (int c = 0; c < 2; ++c) {
+            const int i = q0 + nt * 8 + 2 * t + c;
+            if (c2p_bh != nullptr && i < Lq)
+              qc[c] = Pack<T>::to_float(c2p_bh[(int64_t)i * p.S2 + (zone == 2 ? sslot.y : sslot.x)]);
+          }
         }
-        const float ds = (u || !valid) ? 0.f : pr * (dpv - dlt_s[il]) * p.scale;
-        s[nt][e] = pd;
-        dp[nt][e] = ds;
-        if (rel && valid) {
-          const int d = i - j - p.dmin;
-          if (d < 0) sat[hh][0] += ds;
-          else if (d >= p.W) sat[hh][1] += ds;
-          else p.band_k[(sv.koff + j) * p.W + d] = ds;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hh = e >> 1, j = cols_j[hh], il = nt * 8 + 2 * t + (e & 1), i = q0 + il;
+          const bool valid = i < Lq && j < Lk;
+          const bool u = uni_s[il] != 0;
+          float sl;
+          if constexpr (SAT) sl = finish_score(p, s[nt][e], qc[e & 1], krow[hh], i, j, Lq, Lk, km_b, u);
+          else sl = score_log2<T>(p, s[nt][e], i, j, Lq, Lk, c2p_bh, p2c_bh, km_b, u);
+          const float pr = valid ? exp2f(sl - lse2_s[il]) : 0.f;
+          float pd = pr, dpv = dp[nt][e];
+          if (p.dropout) {
+            const bool keep = word_of(dropout_words(key, offset, bh, i, j >> 2), j & 3) >= p.drop_thresh;
+            pd = keep ? pr * p.drop_scale : 0.f;
+            dpv = keep ? dpv * p.drop_scale : 0.f;
+          }
+          const float ds = (u || !valid) ? 0.f : pr * (dpv - dlt_s[il]) * p.scale;
+          s[nt][e] = pd;
+          dp[nt][e] = ds;
+          if (rel && valid) {
+            if constexpr (SAT) {
+              if (zone == 1) sat[hh][0] += ds;
+              else sat[hh][1] += ds;
+            } else {
+              const int d = i - j - p.dmin;
+              if (d < 0) sat[hh][0] += ds;
+              else if (d >= p.W) sat[hh][1] += ds;
+              else p.band_k[(sv.koff + j) * p.W + d] = ds;
+            }
+          }
         }
       }
+    };
+    if (zone != 0) tile(std::true_type{});
+    else tile(std::false_type{});
     mma_acc_rows<T, D, NT>(dv, s, dOs);
     mma_acc_rows<T, D, NT>(dk, dp, Qs);
   }

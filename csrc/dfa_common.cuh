@@ -228,15 +228,61 @@ __device__ __forceinline__ int2 saturated_slots(const Params& p) {
   return make_int2(min(max(lo, 0), p.S2 - 1), min(max(hi, 0), p.S2 - 1));
 }
 
+// c2p of this thread's two rows at the saturated slots: {c2p[row0, lo], c2p[row1, lo], c2p[row0, hi], c2p[row1, hi]}
+// (0 for rows out of range or without the term); the saturated tiles' per-row constants.
+template <typename T>
+__device__ __forceinline__ float4 c2p_saturated(const Params& p, const T* c2p_bh, int2 sslot, const int rows[2], int Lq) {
+  float4 c = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (c2p_bh == nullptr) return c;
+  if (rows[0] < Lq) {
+    c.x = Pack<T>::to_float(c2p_bh[(int64_t)rows[0] * p.S2 + sslot.x]);
+    c.z = Pack<T>::to_float(c2p_bh[(int64_t)rows[0] * p.S2 + sslot.y]);
+  }
+  if (rows[1] < Lq) {
+    c.y = Pack<T>::to_float(c2p_bh[(int64_t)rows[1] * p.S2 + sslot.x]);
+    c.w = Pack<T>::to_float(c2p_bh[(int64_t)rows[1] * p.S2 + sslot.y]);
+  }
+  return c;
+}
+
+// p2c of key j at the saturated slot of `zone` (1: lo, 2: hi), 0 out of range or without the term.
+template <typename T>
+__device__ __forceinline__ float p2c_saturated(const Params& p, const T* p2c_bh, int2 sslot, int zone, int j, int Lk) {
+  if (p2c_bh == nullptr || j >= Lk) return 0.f;
+  return Pack<T>::to_float(p2c_bh[(int64_t)j * p.S2 + (zone == 2 ? sslot.y : sslot.x)]);
+}
+
 // Saturation of a tile of rows [r0, r0 + nr) x columns [c0, c0 + nc) (d = row - col for queries x keys):
 // 0 = the band (gather), 1 = every d <= p.band_lo (saturated_slots().x), 2 = every d >= p.band_hi (.y).  Any band the
 // host passes keeps every access in bounds (the slots are clamped); a wrong one gives wrong scores.
 __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, int c0, int nc) {
+#ifdef DFA_PROFILE_ZONE  // static-profile builds only (benchmarks/static_cuda.py): every tile of one kind
+  (void)p; (void)r0; (void)nr; (void)c0; (void)nc;
+  return DFA_PROFILE_ZONE;
+#else
   if (p.table == nullptr) return 0;
   if (r0 - (c0 + nc - 1) >= p.band_hi) return 2;
   if (r0 + nr - 1 - c0 <= p.band_lo) return 1;
   return 0;
+#endif
 }
+
+// Static-profile builds only (benchmarks/static_cuda.py, -DDFA_PROFILE_PLAIN): the kernels see the common DeBERTa
+// call (no mask, no uniform rows, no dropout; relative terms as passed) as constants, so the compiler drops the
+// other branches and the main loop's paths are that call's.  In every real build the kernel parameter is p itself.
+#ifdef DFA_PROFILE_PLAIN
+#define DFA_KERNEL_PARAMS(p) const Params p##_in
+#define DFA_PROFILE_ASSUME(p) \
+  Params p = p##_in;          \
+  p.key_mask = nullptr;       \
+  p.uniform = nullptr;        \
+  p.dropout = 0
+#else
+#define DFA_KERNEL_PARAMS(p) const Params p
+#define DFA_PROFILE_ASSUME(p) \
+  do {                        \
+  } while (0)
+#endif
 
 // What one block sees of its (batch element | packed sequence) b and head h.
 //   Lq, Lk     : lengths of this sequence (padded: p.Lq, p.Lk)

@@ -19,7 +19,8 @@ struct FwdCfg {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(DFA_KERNEL_PARAMS(p)) {
+  DFA_PROFILE_ASSUME(p);
   using Cfg = FwdCfg<T, D>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, LDS = Cfg::LDS, NT = BN / 8;
   DFA_DYNAMIC_SMEM(smem_raw);
@@ -56,16 +57,8 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
     offset = (uint32_t)p.rng[1];
   }
 
-  // c2p of this thread's rows at the saturated slots: the saturated tiles' per-row constants
   const int2 sslot = saturated_slots(p);
-  float c2p_sat[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [lo/hi][row]
-  if (c2p_bh != nullptr)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh)
-      if (rows[hh] < Lq) {
-        c2p_sat[0][hh] = Pack<T>::to_float(c2p_bh[(int64_t)rows[hh] * p.S2 + sslot.x]);
-        c2p_sat[1][hh] = Pack<T>::to_float(c2p_bh[(int64_t)rows[hh] * p.S2 + sslot.y]);
-      }
+  const float4 c2p_sat = c2p_saturated<T>(p, c2p_bh, sslot, rows, Lq);
 
   load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, Lq);
 
@@ -88,19 +81,16 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(const Params p) {
     float mx[2] = {-INFINITY, -INFINITY};
     const int sat = tile_saturation(p, q0 + warp * 16, 16, k0, BN);  // warp-uniform
     if (sat != 0) {  // beyond the band: one slot for the whole tile, no slot table, no gathers
-      const int64_t col = sat == 2 ? sslot.y : sslot.x;
+      const float crow[2] = {sat == 2 ? c2p_sat.z : c2p_sat.x, sat == 2 ? c2p_sat.w : c2p_sat.y};
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        float pc[2] = {0.f, 0.f};
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int j = k0 + nt * 8 + 2 * t + c;
-          if (p2c_bh != nullptr && j < Lk) pc[c] = Pack<T>::to_float(p2c_bh[(int64_t)j * p.S2 + col]);
-        }
+        const int j0 = k0 + nt * 8 + 2 * t;
+        const float pc[2] = {p2c_saturated<T>(p, p2c_bh, sslot, sat, j0, Lk),
+                             p2c_saturated<T>(p, p2c_bh, sslot, sat, j0 + 1, Lk)};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
-          s[nt][e] = finish_score(p, s[nt][e], c2p_sat[sat - 1][hh], pc[e & 1], rows[hh], j, Lq, Lk, km_b, uni[hh]);
+          const int hh = e >> 1, j = j0 + (e & 1);
+          s[nt][e] = finish_score(p, s[nt][e], crow[hh], pc[e & 1], rows[hh], j, Lq, Lk, km_b, uni[hh]);
           mx[hh] = fmaxf(mx[hh], s[nt][e]);
         }
       }

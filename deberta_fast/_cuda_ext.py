@@ -18,14 +18,16 @@ autograd formula)::
     cuda_attn_fwd(q, k, v, c2p?, p2c?, table?, key_mask?, uniform?, rng?, scale, dropout_p,
                   band_lo, band_hi) -> (out, lse)
     cuda_attn_bwd(dout, q, k, v, out, lse, c2p?, p2c?, table?, key_mask?, uniform?, rng?, scale,
-                  dropout_p, dmin, W, perm?, offs?) -> (dq, dk, dv, dc2p, dp2c)
+                  dropout_p, dmin, W, perm?, offs?, band_lo=NO_BAND[0], band_hi=NO_BAND[1]) -> (dq, dk, dv, dc2p, dp2c)
 
     cuda_varlen_fwd(q, k, v, c2p?, p2c?, table?, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                     max_seqlen_k, rng?, scale, dropout_p, band_lo, band_hi) -> (out, lse)
     cuda_varlen_bwd(dout, q, k, v, out, lse, c2p?, p2c?, table?, cu_seqlens_q, cu_seqlens_k,
-                    max_seqlen_q, max_seqlen_k, rng?, scale, dropout_p, dmin, W, perm?, offs?)
-                    -> (dq, dk, dv, dc2p, dp2c)
+                    max_seqlen_q, max_seqlen_k, rng?, scale, dropout_p, dmin, W, perm?, offs?,
+                    band_lo=NO_BAND[0], band_hi=NO_BAND[1]) -> (dq, dk, dv, dc2p, dp2c)
 
+``band_lo`` / ``band_hi`` (``positions.slot_band``): warps whose tile lies wholly beyond them skip the slot table
+and the gathers (a wrong band gives wrong values, never an out-of-bounds access; ``NO_BAND`` turns it off).
 ``c2p = q @ pos_key^T`` and ``p2c = k @ pos_query^T`` are computed by the caller with torch,
 so autograd carries ``dc2p`` / ``dp2c`` back to ``q``, ``k``, ``pos_key`` and ``pos_query``.
 Padded ops: q ``[B,H,Lq,D]``, tables ``[B,H,L,2S]``, lse ``[B,H,Lq]`` (natural log; ``+inf`` for a row
@@ -45,6 +47,8 @@ __all__ = ["load", "build_jit", "unavailable_reason", "ops", "band_window", "var
            "HEAD_DIMS", "simulating", "simulator"]
 
 HEAD_DIMS = (32, 64, 128)
+# (band_lo, band_hi) meaning "no saturated-tile shortcut": every distance d = i - j lies strictly inside
+NO_BAND = (-(1 << 30), 1 << 30)
 
 _lock = threading.Lock()
 _ext = None
@@ -256,13 +260,14 @@ def _register_ops():
     @torch.library.custom_op("deberta_fast::cuda_attn_bwd", mutates_args=())
     def cuda_attn_bwd(dout: T, q: T, k: T, v: T, out: T, lse: T, c2p: OT, p2c: OT, table: OT, key_mask: OT,
                       uniform: OT, rng: OT, scale: float, dropout_p: float, dmin: int, W: int, perm: OT,
-                      offs: OT) -> tuple[T, T, T, T, T]:
+                      offs: OT, band_lo: int = NO_BAND[0], band_hi: int = NO_BAND[1]) -> tuple[T, T, T, T, T]:
         res = _need_ext().bwd(dout, q, k, v, out, lse, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p,
-                              dmin, W, perm, offs)
+                              dmin, W, perm, offs, band_lo, band_hi)
         return tuple(res)
 
     @cuda_attn_bwd.register_fake
-    def _(dout, q, k, v, out, lse, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p, dmin, W, perm, offs):
+    def _(dout, q, k, v, out, lse, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p, dmin, W, perm, offs,
+          band_lo=NO_BAND[0], band_hi=NO_BAND[1]):
         B, H, Lq, D = q.shape
         Lk = k.shape[2]
         dc2p = q.new_empty(B, H, Lq, c2p.shape[-1]) if c2p is not None else q.new_empty(0)
@@ -283,7 +288,7 @@ def _register_ops():
             dmin, w, perm, offs = band_window(table, q.shape[2], k.shape[2], ctx.band_lo, ctx.band_hi, s2)
         dq, dk, dv, dc2p, dp2c = torch.ops.deberta_fast.cuda_attn_bwd(
             aligned(dout), q, k, v, out, lse, c2p, p2c, table, key_mask, uniform, rng, ctx.scale, ctx.dropout_p,
-            dmin, w, perm, offs)
+            dmin, w, perm, offs, ctx.band_lo, ctx.band_hi)
         return (dq, dk, dv, dc2p if c2p is not None else None, dp2c if p2c is not None else None,
                 None, None, None, None, None, None, None, None)
 
@@ -308,14 +313,15 @@ def _register_ops():
     def cuda_varlen_bwd(dout: T, q: T, k: T, v: T, out: T, lse: T, c2p: OT, p2c: OT, table: OT,
                         cu_seqlens_q: T, cu_seqlens_k: T, max_seqlen_q: int, max_seqlen_k: int, rng: OT,
                         scale: float, dropout_p: float, dmin: int, W: int, perm: OT,
-                        offs: OT) -> tuple[T, T, T, T, T]:
+                        offs: OT, band_lo: int = NO_BAND[0], band_hi: int = NO_BAND[1]) -> tuple[T, T, T, T, T]:
         res = _need_ext().varlen_bwd(dout, q, k, v, out, lse, c2p, p2c, table, cu_seqlens_q, cu_seqlens_k,
-                                     max_seqlen_q, max_seqlen_k, rng, scale, dropout_p, dmin, W, perm, offs)
+                                     max_seqlen_q, max_seqlen_k, rng, scale, dropout_p, dmin, W, perm, offs, band_lo,
+                                     band_hi)
         return tuple(res)
 
     @cuda_varlen_bwd.register_fake
     def _(dout, q, k, v, out, lse, c2p, p2c, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng,
-          scale, dropout_p, dmin, W, perm, offs):
+          scale, dropout_p, dmin, W, perm, offs, band_lo=NO_BAND[0], band_hi=NO_BAND[1]):
         dc2p = q.new_empty(c2p.shape) if c2p is not None else q.new_empty(0)
         dp2c = q.new_empty(p2c.shape) if p2c is not None else q.new_empty(0)
         return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape), dc2p, dp2c
@@ -336,7 +342,7 @@ def _register_ops():
             dmin, w, perm, offs = band_window(table, ctx.max_q, ctx.max_k, ctx.band_lo, ctx.band_hi, s2)
         dq, dk, dv, dc2p, dp2c = torch.ops.deberta_fast.cuda_varlen_bwd(
             aligned(dout), q, k, v, out, lse, c2p, p2c, table, cu_q, cu_k, ctx.max_q, ctx.max_k, rng, ctx.scale,
-            ctx.dropout_p, dmin, w, perm, offs)
+            ctx.dropout_p, dmin, w, perm, offs, ctx.band_lo, ctx.band_hi)
         return (dq, dk, dv, dc2p if c2p is not None else None, dp2c if p2c is not None else None,
                 None, None, None, None, None, None, None, None, None, None)
 
