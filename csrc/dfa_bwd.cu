@@ -33,6 +33,22 @@ struct BwdCfg {
   static constexpr int KV_SMEM = (2 * KV_BN + 2 * KV_BM) * LDS * (int)sizeof(T) + KV_BM * (2 * 4 + 4);
 };
 
+// dS of element (i, j), d = i - j, into the relative-table gradients: the saturated sums sat[0] (d below the band
+// window) / sat[1] (above it), else band_row[d - dmin] (one writer per element).  SAT: the warp's whole tile is
+// saturated (zone 1: below, 2: above), no window test; the same sums in the same order.
+template <bool SAT>
+__device__ __forceinline__ void add_rel_grad(const Params& p, int zone, float ds, int d, float (&sat)[2], float* band_row) {
+  if constexpr (SAT) {
+    if (zone == 1) sat[0] += ds;
+    else sat[1] += ds;
+  } else {
+    const int w = d - p.dmin;
+    if (w < 0) sat[0] += ds;
+    else if (w >= p.W) sat[1] += ds;
+    else band_row[w] = ds;
+  }
+}
+
 // ---------------------------------------------------------------------------
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(DFA_KERNEL_PARAMS(p)) {
@@ -136,17 +152,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(DFA_KERNEL_PARAMS(
           }
           const float ds = (uni[hh] || !valid) ? 0.f : pr * (dpv - dlt[hh]) * p.scale;
           s[nt][e] = ds;
-          if (rel && valid) {
-            if constexpr (SAT) {
-              if (zone == 1) sat[hh][0] += ds;
-              else sat[hh][1] += ds;
-            } else {
-              const int d = i - j - p.dmin;
-              if (d < 0) sat[hh][0] += ds;
-              else if (d >= p.W) sat[hh][1] += ds;
-              else p.band_q[(sv.qoff + i) * p.W + d] = ds;
-            }
-          }
+          if (rel && valid) add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], p.band_q + (sv.qoff + i) * p.W);
         }
       }
     };
@@ -288,17 +294,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
           const float ds = (u || !valid) ? 0.f : pr * (dpv - dlt_s[il]) * p.scale;
           s[nt][e] = pd;
           dp[nt][e] = ds;
-          if (rel && valid) {
-            if constexpr (SAT) {
-              if (zone == 1) sat[hh][0] += ds;
-              else sat[hh][1] += ds;
-            } else {
-              const int d = i - j - p.dmin;
-              if (d < 0) sat[hh][0] += ds;
-              else if (d >= p.W) sat[hh][1] += ds;
-              else p.band_k[(sv.koff + j) * p.W + d] = ds;
-            }
-          }
+          if (rel && valid) add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], p.band_k + (sv.koff + j) * p.W);
         }
       }
     };
