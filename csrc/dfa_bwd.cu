@@ -126,8 +126,9 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(DFA_KERNEL_PARAMS(
     // gathers, and every dS goes to that side's run sum (distances below / above the band window)
     const int zone = tile_saturation(p, q0 + warp * 16, 16, k0, BN);  // warp-uniform
     const float crow[2] = {zone == 2 ? c2p_sat.z : c2p_sat.x, zone == 2 ? c2p_sat.w : c2p_sat.y};
-    auto tile = [&](auto saturated) {
-      constexpr bool SAT = decltype(saturated)::value;
+    const bool checked = tile_needs_checks(q0 + warp * 16, 16, Lq, k0, BN, Lk, km_b);
+    auto tile = [&](auto saturated, auto checks) {
+      constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         uint4 w = make_uint4(0u, 0u, 0u, 0u);
@@ -140,10 +141,10 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(DFA_KERNEL_PARAMS(
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, i = rows[hh], j = j0 + (e & 1);
-          const bool valid = i < Lq && j < Lk;
+          const bool valid = !CHECK || (i < Lq && j < Lk);
           float sl;
-          if constexpr (SAT) sl = finish_score(p, s[nt][e], crow[hh], pc[e & 1], i, j, Lq, Lk, km_b, uni[hh]);
-          else sl = score_log2<T>(p, s[nt][e], i, j, Lq, Lk, c2p_bh, p2c_bh, km_b, uni[hh]);
+          if constexpr (SAT) sl = finish_score<CHECK>(p, s[nt][e], crow[hh], pc[e & 1], i, j, Lq, Lk, km_b, uni[hh]);
+          else sl = score_log2<T, CHECK>(p, s[nt][e], i, j, Lq, Lk, c2p_bh, p2c_bh, km_b, uni[hh]);
           const float pr = valid ? exp2f(sl - lse2[hh]) : 0.f;
           float dpv = dp[nt][e];
           if (p.dropout) {
@@ -156,8 +157,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(DFA_KERNEL_PARAMS(
         }
       }
     };
-    if (zone != 0) tile(std::true_type{});
-    else tile(std::false_type{});
+    dispatch_tile(zone != 0, checked, tile);
     mma_acc_rows<T, D, NT>(dq, s, Ks);
   }
 
@@ -263,8 +263,9 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
     // zone 1 / 2: this warp's keys x the query tile wholly beyond the band (see the dq kernel)
     const int zone = tile_saturation(p, q0, BM, k0 + warp * 16, 16);  // warp-uniform
     const float krow[2] = {zone == 2 ? p2c_sat[1][0] : p2c_sat[0][0], zone == 2 ? p2c_sat[1][1] : p2c_sat[0][1]};
-    auto tile = [&](auto saturated) {
-      constexpr bool SAT = decltype(saturated)::value;
+    const bool checked = tile_needs_checks(q0, BM, Lq, k0 + warp * 16, 16, Lk, km_b);
+    auto tile = [&](auto saturated, auto checks) {
+      constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         float qc[2] = {0.f, 0.f};  // c2p of the two query columns at the saturated slot
@@ -279,11 +280,11 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, j = cols_j[hh], il = nt * 8 + 2 * t + (e & 1), i = q0 + il;
-          const bool valid = i < Lq && j < Lk;
+          const bool valid = !CHECK || (i < Lq && j < Lk);
           const bool u = uni_s[il] != 0;
           float sl;
-          if constexpr (SAT) sl = finish_score(p, s[nt][e], qc[e & 1], krow[hh], i, j, Lq, Lk, km_b, u);
-          else sl = score_log2<T>(p, s[nt][e], i, j, Lq, Lk, c2p_bh, p2c_bh, km_b, u);
+          if constexpr (SAT) sl = finish_score<CHECK>(p, s[nt][e], qc[e & 1], krow[hh], i, j, Lq, Lk, km_b, u);
+          else sl = score_log2<T, CHECK>(p, s[nt][e], i, j, Lq, Lk, c2p_bh, p2c_bh, km_b, u);
           const float pr = valid ? exp2f(sl - lse2_s[il]) : 0.f;
           float pd = pr, dpv = dp[nt][e];
           if (p.dropout) {
@@ -298,8 +299,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
         }
       }
     };
-    if (zone != 0) tile(std::true_type{});
-    else tile(std::false_type{});
+    dispatch_tile(zone != 0, checked, tile);
     mma_acc_rows<T, D, NT>(dv, s, dOs);
     mma_acc_rows<T, D, NT>(dk, dp, Qs);
   }

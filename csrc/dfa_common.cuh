@@ -191,23 +191,33 @@ __device__ __forceinline__ uint32_t word_of(uint4 w, int idx) {
 
 // Score of (i, j) in log2 units, or -inf (masked / out of range), from the relative terms' values c2pv, p2cv
 // (0 where a term is absent).  `acc` is q_i.k_j; i, j are positions within the sequence, Lq / Lk its lengths.
+// CHECK = false: an interior tile of an unmasked call (tile_needs_checks), every (i, j) in range.
+template <bool CHECK = true>
 __device__ __forceinline__ float finish_score(const Params& p, float acc, float c2pv, float p2cv, int i, int j, int Lq,
                                               int Lk, const uint8_t* km_b, bool uniform_row) {
-  if (i >= Lq || j >= Lk) return -INFINITY;
+  if constexpr (CHECK) {
+    if (i >= Lq || j >= Lk) return -INFINITY;
+  }
   if (uniform_row) return 0.f;  // HF's padded query rows: uniform over all Lk keys
-  if (km_b != nullptr && km_b[j] == 0) return -INFINITY;
+  if constexpr (CHECK) {
+    if (km_b != nullptr && km_b[j] == 0) return -INFINITY;
+  }
   return ((acc + c2pv) + p2cv) * p.scale_log2;
 }
 
 // The same with the relative terms gathered through the slot table (varlen: table offset p.Lk - 1 =
 // max_seqlen_k - 1); the same checks first, so nothing is gathered for an element out of range.
-template <typename T>
+template <typename T, bool CHECK = true>
 __device__ __forceinline__ float score_log2(const Params& p, float acc, int i, int j, int Lq, int Lk,
                                             const T* c2p_bh, const T* p2c_bh, const uint8_t* km_b,
                                             bool uniform_row) {
-  if (i >= Lq || j >= Lk) return -INFINITY;
+  if constexpr (CHECK) {
+    if (i >= Lq || j >= Lk) return -INFINITY;
+  }
   if (uniform_row) return 0.f;
-  if (km_b != nullptr && km_b[j] == 0) return -INFINITY;
+  if constexpr (CHECK) {
+    if (km_b != nullptr && km_b[j] == 0) return -INFINITY;
+  }
   float c2pv = 0.f, p2cv = 0.f;
   if (p.table != nullptr) {
     // clamped: a slot table with values outside [0, S2) (a direct op call) cannot read out of bounds
@@ -283,6 +293,26 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
   do {                        \
   } while (0)
 #endif
+
+// Whether a warp's tile of rows [r0, r0 + nr) x columns [c0, c0 + nc) (row extent R, column extent C) needs the
+// per-element range and key-mask checks: edge tiles and every tile of a masked call do, interior tiles of an
+// unmasked call do not.
+__device__ __forceinline__ bool tile_needs_checks(int r0, int nr, int R, int c0, int nc, int C, const uint8_t* km_b) {
+  return r0 + nr > R || c0 + nc > C || km_b != nullptr;
+}
+
+// Runs f(saturated, checked) with both as std::bool_constant: one specialised copy of a tile's element loop per
+// kind (saturated or band; edge or interior), chosen by warp-uniform branches.
+template <typename F>
+__device__ __forceinline__ void dispatch_tile(bool saturated, bool checked, F&& f) {
+  if (saturated) {
+    if (checked) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (checked) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
+}
 
 // What one block sees of its (batch element | packed sequence) b and head h.
 //   Lq, Lk     : lengths of this sequence (padded: p.Lq, p.Lk)

@@ -80,30 +80,30 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(DFA_KERNEL_PARAMS(p))
 
     float mx[2] = {-INFINITY, -INFINITY};
     const int sat = tile_saturation(p, q0 + warp * 16, 16, k0, BN);  // warp-uniform
-    if (sat != 0) {  // beyond the band: one slot for the whole tile, no slot table, no gathers
-      const float crow[2] = {sat == 2 ? c2p_sat.z : c2p_sat.x, sat == 2 ? c2p_sat.w : c2p_sat.y};
+    const float crow[2] = {sat == 2 ? c2p_sat.z : c2p_sat.x, sat == 2 ? c2p_sat.w : c2p_sat.y};
+    // saturated: beyond the band, one slot for the whole tile (per-row c2p, one p2c per column, no slot table);
+    // checked: an edge tile or a masked call (range and key-mask tests per element)
+    dispatch_tile(sat != 0, tile_needs_checks(q0 + warp * 16, 16, Lq, k0, BN, Lk, km_b), [&](auto saturated, auto checked) {
+      constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checked)::value;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int j0 = k0 + nt * 8 + 2 * t;
-        const float pc[2] = {p2c_saturated<T>(p, p2c_bh, sslot, sat, j0, Lk),
-                             p2c_saturated<T>(p, p2c_bh, sslot, sat, j0 + 1, Lk)};
+        float pc[2] = {0.f, 0.f};
+        if constexpr (SAT) {
+          pc[0] = p2c_saturated<T>(p, p2c_bh, sslot, sat, j0, Lk);
+          pc[1] = p2c_saturated<T>(p, p2c_bh, sslot, sat, j0 + 1, Lk);
+        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, j = j0 + (e & 1);
-          s[nt][e] = finish_score(p, s[nt][e], crow[hh], pc[e & 1], rows[hh], j, Lq, Lk, km_b, uni[hh]);
+          if constexpr (SAT)
+            s[nt][e] = finish_score<CHECK>(p, s[nt][e], crow[hh], pc[e & 1], rows[hh], j, Lq, Lk, km_b, uni[hh]);
+          else
+            s[nt][e] = score_log2<T, CHECK>(p, s[nt][e], rows[hh], j, Lq, Lk, c2p_bh, p2c_bh, km_b, uni[hh]);
           mx[hh] = fmaxf(mx[hh], s[nt][e]);
         }
       }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
-          s[nt][e] = score_log2<T>(p, s[nt][e], rows[hh], j, Lq, Lk, c2p_bh, p2c_bh, km_b, uni[hh]);
-          mx[hh] = fmaxf(mx[hh], s[nt][e]);
-        }
-    }
+    });
     float base[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {

@@ -289,7 +289,7 @@ def test_gpu_variants(dtype, D, terms):
 
 @gpu
 @needs_ext
-@pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 65), (50, 131), (131, 50), (129, 129), (200, 64)])
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 65), (50, 131), (131, 50), (129, 129), (200, 64), (127, 63)])
 @pytest.mark.parametrize("buckets,max_rel", [(256, 512), (-1, 24), (8, 32)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_gpu_lengths_masks_buckets(Lq, Lk, buckets, max_rel, masked):
