@@ -10,8 +10,8 @@
 //       B 16x8 : reg0=(k=2t..2t+1, n=g) reg1=(k=2t+8.., n=g)
 //       C 16x8 : c0,c1=(g, 2t..2t+1)    c2,c3=(g+8, 2t..2t+1)
 //     The lower-indexed element of a pair sits in the low 16 bits.
-//   * Shared-memory tiles are row-major [rows][D + 8] (16-byte padding per row:
-//     conflict-free for both the row-pair loads and the column-pair loads below).
+//   * Shared-memory tiles are row-major [rows][D + 8] (16-byte padding per row: the 8 row addresses of an
+//     ldmatrix fall in distinct banks); MMA fragments come from ldmatrix(.trans).
 //   * Scores are kept in log2 units: s2 = scale*log2(e)*(q.k + c2p + p2c).
 //
 // Relative terms: the host precomputes C2P = Q pos_key^T [B,H,Lq,2S] and
@@ -97,8 +97,26 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float c[4], const uint32
 #endif
 }
 
-__device__ __forceinline__ uint32_t ld_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
-__device__ __forceinline__ uint32_t ld_u16(const void* p) { return *reinterpret_cast<const uint16_t*>(p); }
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (sm_75+): lanes 8m..8m+7 pass the row addresses of 8x8 matrix m
+// (16-byte aligned); lane l gets r[m] = the pair (row l/4, columns 2(l%4), 2(l%4)+1) of matrix m, transposed with
+// TRANS: exactly the A / B fragments of mma.m16n8k16 for the right four matrices.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row_address) {
+#if defined(DFA_CPU_SIM)
+  dfa_sim::ldmatrix_x4<TRANS>(r, row_address);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
+  if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#else
+  (void)r; (void)row_address;
+  __trap();
+#endif
+}
 
 // Load a [ROWS x D] tile of a [L x D] row-strided global matrix into smem [ROWS][D+8];
 // rows >= L are zero-filled.  16-byte vector loads (rows must be 16-byte aligned).
@@ -116,37 +134,35 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_strid
 }
 
 // acc[NT][4] += A (16 x D, rows of smem `a`, this warp's 16 rows) * B^T, where B is
-// NT*8 rows of smem `b` ([n][k] row-major: "col" operand of the MMA).
+// NT*8 rows of smem `b` ([n][k] row-major: "col" operand of the MMA).  Fragments by ldmatrix: A's four 8x8
+// matrices are (rows 0-7 | 8-15) x (k 0-7 | 8-15), B's are (n-tile nt | nt+1) x (k 0-7 | 8-15).
 template <typename T, int D, int NT>
 __device__ __forceinline__ void mma_rows_rows(float (*acc)[4], const T* a, const T* b) {
+  static_assert(NT % 2 == 0, "score tile width must be a multiple of 16");
   constexpr int LDS = D + 8;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int lane = threadIdx.x & 31, lr = lane & 7, lm = lane >> 3;
 #pragma unroll
   for (int kc = 0; kc < D / 16; ++kc) {
     uint32_t af[4];
-    const T* ap = a + g * LDS + kc * 16 + 2 * t;
-    af[0] = ld_u32(ap);
-    af[1] = ld_u32(ap + 8 * LDS);
-    af[2] = ld_u32(ap + 8);
-    af[3] = ld_u32(ap + 8 * LDS + 8);
+    ldmatrix_x4<false>(af, a + ((lm & 1) * 8 + lr) * LDS + kc * 16 + (lm >> 1) * 8);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      uint32_t bf[2];
-      const T* bp = b + (nt * 8 + g) * LDS + kc * 16 + 2 * t;
-      bf[0] = ld_u32(bp);
-      bf[1] = ld_u32(bp + 8);
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t bf[4];
+      ldmatrix_x4<false>(bf, b + (nt * 8 + (lm >> 1) * 8 + lr) * LDS + kc * 16 + (lm & 1) * 8);
       mma16816<T>(acc[nt], af, bf);
+      mma16816<T>(acc[nt + 1], af, bf + 2);
     }
   }
 }
 
 // out[D/8][4] += P (16 x NT*8, from accumulator registers p[NT][4], already final
-// values) * B, where B is NT*8 rows x D cols in smem `b` ([k][n] row-major).
+// values) * B, where B is NT*8 rows x D cols in smem `b` ([k][n] row-major).  B's fragments by ldmatrix.trans:
+// (k 0-7 | 8-15) x (n-tile dt | dt+1).
 template <typename T, int D, int NT>
 __device__ __forceinline__ void mma_acc_rows(float (*out)[4], const float (*p)[4], const T* b) {
   static_assert(NT % 2 == 0, "score tile width must be a multiple of 16");
   constexpr int LDS = D + 8;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int lane = threadIdx.x & 31, lr = lane & 7, lm = lane >> 3;
 #pragma unroll
   for (int kc = 0; kc < NT / 2; ++kc) {
     uint32_t af[4];
@@ -154,14 +170,12 @@ __device__ __forceinline__ void mma_acc_rows(float (*out)[4], const float (*p)[4
     af[1] = Pack<T>::pack(p[2 * kc][2], p[2 * kc][3]);
     af[2] = Pack<T>::pack(p[2 * kc + 1][0], p[2 * kc + 1][1]);
     af[3] = Pack<T>::pack(p[2 * kc + 1][2], p[2 * kc + 1][3]);
-    const T* bp = b + (kc * 16 + 2 * t) * LDS + g;
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      uint32_t bf[2];
-      const T* q0 = bp + dt * 8;
-      bf[0] = ld_u16(q0) | (ld_u16(q0 + LDS) << 16);
-      bf[1] = ld_u16(q0 + 8 * LDS) | (ld_u16(q0 + 9 * LDS) << 16);
+    for (int dt = 0; dt < D / 8; dt += 2) {
+      uint32_t bf[4];
+      ldmatrix_x4<true>(bf, b + (kc * 16 + (lm & 1) * 8 + lr) * LDS + (dt + (lm >> 1)) * 8);
       mma16816<T>(out[dt], af, bf);
+      mma16816<T>(out[dt + 1], af, bf + 2);
     }
   }
 }

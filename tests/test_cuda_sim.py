@@ -2,7 +2,8 @@
 (``DEBERTA_FAST_CUDA_SIM=1``; each CUDA thread a fiber, warp collectives and barriers modelled).
 
 * the simulator's self-tests: faulty kernels it must catch (a missing barrier, a shuffle in divergent code, a
-  barrier after an exit, launch limits) and the collectives against known values;
+  barrier after an exit, launch limits, a misaligned ldmatrix) and the collectives (shuffles, mma.sync,
+  ldmatrix) against known values;
 * the GPU tests of the cuda backend (``tests/test_cuda_backend.py``, ``tests/test_cuda_varlen.py``, marked
   ``cuda_sim`` under the simulator) run in a subprocess on CPU tensors: a crash in a kernel fails the test
   instead of killing pytest.
@@ -36,6 +37,8 @@ def sim():
     ("smem_over_default", "65536 bytes of dynamic shared memory, 49152 allowed"),
     ("smem_over_optin", "204800 bytes of dynamic shared memory exceed the 166912"),
     ("grid_y_over_limit", "grid (1, 65536, 1)"),
+    ("ldmatrix_misaligned", "ldmatrix row address at shared offset 2 (16 bytes) outside the 1024 bytes of dynamic "
+                            "shared memory or not 16-byte aligned"),
 ])
 def test_simulator_reports_faults(sim, name, error):
     err, _ = sim.sim_selftest(name)
@@ -65,6 +68,18 @@ def test_simulator_collectives(sim):
     g, t = lane // 4, lane % 4
     want = torch.stack([D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]], 1).float()
     assert torch.equal(out[:, 1:], want)
+
+
+def test_simulator_ldmatrix(sim):
+    """ldmatrix.x4 and .x4.trans on four known 8x8 matrices (value 1000 m + 10 row + col): lane l gets, per matrix,
+    the pair (row l/4, columns 2(l%4), 2(l%4)+1), of the transpose with .trans (PTX ISA)."""
+    err, out = sim.sim_selftest("ldmatrix")
+    assert err == ""
+    out = torch.tensor(out).view(2, 32, 4, 2)
+    lane, m, h = torch.arange(32)[:, None, None], torch.arange(4)[None, :, None], torch.arange(2)[None, None, :]
+    g, c = lane // 4, 2 * (lane % 4) + h
+    assert torch.equal(out[0], (1000 * m + 10 * g + c).float())
+    assert torch.equal(out[1], (1000 * m + 10 * c + g).float())
 
 
 def test_cuda_backend_gpu_tests_in_simulator(sim):

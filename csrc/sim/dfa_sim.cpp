@@ -137,6 +137,17 @@ unsigned char* dynamic_smem() { return g_block.smem.data(); }
 
 void trap(const char* why) { fault(std::string(why) + " in " + where()); }
 
+void check_smem(const void* ptr, size_t bytes, const char* what) {
+  const auto* c = static_cast<const unsigned char*>(ptr);
+  const unsigned char* base = g_block.smem.data();
+  if (c < base || c + bytes > base + g_block.smem.size() || reinterpret_cast<uintptr_t>(c) % 16 != 0) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "%s at shared offset %td (%zu bytes) outside the %zu bytes of dynamic shared memory "
+                  "or not 16-byte aligned in ", what, c - base, bytes, g_block.smem.size());
+    fault(buf + where());
+  }
+}
+
 void syncthreads() {
   Block& b = g_block;
   if (++b.at_barrier == b.n) {

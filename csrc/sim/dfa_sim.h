@@ -11,6 +11,7 @@
 //   * fibers run as far as they can before yielding, so a warp runs ahead of the others up to its next
 //     barrier: a missing __syncthreads shows up as stale or uninitialised shared memory, which the
 //     launch fills with 0xFF bytes (NaN in fp16 / bf16 / fp32) before each block;
+//   * ldmatrix: its row addresses must be 16-byte aligned and inside the block's dynamic shared memory;
 //   * launch limits of an sm_80 device: block <= 1024 threads, grid.y / grid.z <= 65535, dynamic shared
 //     memory <= 48 KB unless cudaFuncSetAttribute raised it, and <= 163 KB (A100's opt-in maximum).
 // Not modelled: timing, memory-model races between warps inside one barrier interval, L1 / texture paths.
@@ -137,6 +138,38 @@ template <bool BF16>
 inline void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
   MmaIn x{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
   warp_collective(0xffffffffu, &x, sizeof(x), c, 4 * sizeof(float), &mma16816_all<BF16>);
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8m..8m+7 give the row addresses of 8x8 matrix m (16-byte
+// aligned, inside the block's shared memory: checked); lane l gets, per matrix, the 32-bit pair (row l/4, columns
+// 2(l%4), 2(l%4)+1), of the transposed matrix with .trans (PTX ISA, "warp-level matrix load instruction: ldmatrix").
+void check_smem(const void* ptr, size_t bytes, const char* what);
+template <bool TRANS>
+void ldmatrix_x4_all(const unsigned char (*in)[kLaneBytes], unsigned char (*out)[kLaneBytes]) {
+  const uint16_t* row[32];
+  for (int l = 0; l < 32; ++l) {
+    __builtin_memcpy(&row[l], in[l], sizeof(row[l]));
+    check_smem(row[l], 16, "ldmatrix row address");
+  }
+  for (int l = 0; l < 32; ++l) {
+    uint32_t* r = reinterpret_cast<uint32_t*>(out[l]);
+    const int g = l >> 2, c = 2 * (l & 3);
+    for (int m = 0; m < 4; ++m) {
+      uint16_t lo, hi;
+      if (TRANS) {
+        lo = row[8 * m + c][g];
+        hi = row[8 * m + c + 1][g];
+      } else {
+        lo = row[8 * m + g][c];
+        hi = row[8 * m + g][c + 1];
+      }
+      r[m] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+  }
+}
+template <bool TRANS>
+inline void ldmatrix_x4(uint32_t r[4], const void* row_address) {
+  warp_collective(0xffffffffu, &row_address, sizeof(row_address), r, 4 * sizeof(uint32_t), &ldmatrix_x4_all<TRANS>);
 }
 
 }  // namespace dfa_sim

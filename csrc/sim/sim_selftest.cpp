@@ -66,6 +66,27 @@ __global__ void collectives_kernel(float* out) {
   for (int e = 0; e < 4; ++e) out[lane * 5 + 1 + e] = c[e];
 }
 
+// ldmatrix.x4 (TRANS or not) of four 8x8 matrices: matrix m's row r starts at shared element (8m + r) * 16 and holds
+// the values 1000m + 10r + c; out[(32 * trans + lane) * 8 + 2m + {0, 1}] = lane's pair from matrix m.
+template <bool MISALIGNED>
+__global__ void ldmatrix_kernel(float* out) {
+  DFA_DYNAMIC_SMEM(smem_raw);
+  uint16_t* s = reinterpret_cast<uint16_t*>(smem_raw);
+  const int lane = threadIdx.x;
+  for (int e = lane; e < 32 * 16; e += 32) s[e] = uint16_t(1000 * (e / 128) + 10 * ((e / 16) % 8) + e % 16);
+  __syncthreads();
+  uint32_t r[4];
+  const void* row = s + lane * 16 + (MISALIGNED ? 1 : 0);  // lane 8m + k: row k of matrix m
+  for (int trans = 0; trans < 2; ++trans) {
+    if (trans) dfa_sim::ldmatrix_x4<true>(r, row);
+    else dfa_sim::ldmatrix_x4<false>(r, row);
+    for (int m = 0; m < 4; ++m) {
+      out[(32 * trans + lane) * 8 + 2 * m] = float(r[m] & 0xffffu);
+      out[(32 * trans + lane) * 8 + 2 * m + 1] = float(r[m] >> 16);
+    }
+  }
+}
+
 std::pair<std::string, std::vector<float>> run(const std::string& name) {
   std::vector<float> out(kN * 5, -1.f);
   float* o = out.data();
@@ -85,6 +106,12 @@ std::pair<std::string, std::vector<float>> run(const std::string& name) {
             {}};
   } else if (name == "grid_y_over_limit") {
     DFA_LAUNCH(neighbour_kernel<true>, dim3(1, 65536), kN, kN * sizeof(float), s, o);
+  } else if (name == "ldmatrix") {
+    out.assign(2 * 32 * 8, -1.f);
+    o = out.data();
+    DFA_LAUNCH(ldmatrix_kernel<false>, 1, 32, 32 * 16 * sizeof(uint16_t), s, o);
+  } else if (name == "ldmatrix_misaligned") {
+    DFA_LAUNCH(ldmatrix_kernel<true>, 1, 32, 32 * 16 * sizeof(uint16_t), s, o);
   } else if (name == "collectives") {
     DFA_LAUNCH(collectives_kernel, 1, 32, 0, s, o);
     out.resize(32 * 5);
