@@ -51,7 +51,7 @@ __device__ __forceinline__ void add_rel_grad(const Params& p, int zone, float ds
 
 // ---------------------------------------------------------------------------
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dfa_bwd_dq_kernel(DFA_KERNEL_PARAMS(p)) {
+__global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARAMS(p)) {
   DFA_PROFILE_ASSUME(p);
   using Cfg = BwdCfg<T, D>;
   constexpr int BM = Cfg::DQ_BM, BN = Cfg::DQ_BN, LDS = Cfg::LDS, NT = BN / 8;

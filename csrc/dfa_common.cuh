@@ -118,6 +118,49 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row_addre
 #endif
 }
 
+// cp.async.cg.shared.global of 16 bytes (sm_80+), zero-filled when !valid (src-size 0: nothing is read from src);
+// commit_group; wait_group N (all but the newest N committed groups of this thread have landed).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+#if defined(DFA_CPU_SIM)
+  dfa_sim::cp_async_16(smem, gmem, valid ? 16 : 0);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+#else
+  (void)smem; (void)gmem; (void)valid;
+  __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(DFA_CPU_SIM)
+  dfa_sim::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(DFA_CPU_SIM)
+  dfa_sim::cp_async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Issue (cp.async, not committed) a [ROWS x D] tile of a [L x D] row-strided global matrix into smem [ROWS][D+8];
+// rows >= L are zero-filled.
+template <typename T, int ROWS, int D, int NTHREADS>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* g, int64_t row_stride, int row0, int L) {
+  constexpr int CPR = D / 8;  // 16-byte chunks per row
+  constexpr int LDS = D + 8;
+#pragma unroll
+  for (int c = threadIdx.x; c < ROWS * CPR; c += NTHREADS) {
+    const int r = c / CPR, cc = c % CPR;
+    const bool ok = row0 + r < L;
+    cp_async_16(smem + r * LDS + cc * 8, ok ? g + (int64_t)(row0 + r) * row_stride + cc * 8 : g, ok);
+  }
+}
+
 // Load a [ROWS x D] tile of a [L x D] row-strided global matrix into smem [ROWS][D+8];
 // rows >= L are zero-filled.  16-byte vector loads (rows must be 16-byte aligned).
 template <typename T, int ROWS, int D, int NTHREADS>

@@ -1,6 +1,6 @@
 // Fused forward of DeBERTa disentangled attention: online softmax (FA2 style),
 // relative terms gathered from precomputed C2P / P2C tables (tiles beyond the slot band: per-row c2p
-// constants and one p2c column, no slot table), key-padding mask,
+// constants and one p2c column, no slot table), K / V tiles double-buffered by cp.async, key-padding mask,
 // uniform rows, Philox dropout.  Writes O and the float32 LSE (natural log; +inf and O = 0 for a
 // row with no key, see dfa_softmax.h).
 // One kernel serves the padded batch and the packed variable-length (varlen) layout: the
@@ -15,18 +15,18 @@ struct FwdCfg {
   static constexpr int BM = 64;  // queries per block (16 per warp)
   static constexpr int BN = 64;  // keys per iteration
   static constexpr int LDS = D + 8;
-  static constexpr int SMEM = (BM + 2 * BN) * LDS * (int)sizeof(T);
+  static constexpr int STAGES = 2;  // K/V tiles in flight: cp.async of tile it+1 while tile it is computed
+  static constexpr int SMEM = (BM + STAGES * 2 * BN) * LDS * (int)sizeof(T);
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(DFA_KERNEL_PARAMS(p)) {
+__global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(p)) {
   DFA_PROFILE_ASSUME(p);
   using Cfg = FwdCfg<T, D>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, LDS = Cfg::LDS, NT = BN / 8;
   DFA_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
-  T* Ks = Qs + BM * LDS;
-  T* Vs = Ks + BN * LDS;
+  T* KVs = Qs + BM * LDS;  // stage s: K at KVs + s * 2 * BN * LDS, V BN rows after it
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int q0 = blockIdx.x * BM;
@@ -67,11 +67,24 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(DFA_KERNEL_PARAMS(p))
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  for (int k0 = 0; k0 < Lk; k0 += BN) {
-    __syncthreads();  // previous K/V tile fully consumed
-    load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, Lk);
-    load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, Lk);
-    __syncthreads();
+  if (Lk > 0) {  // varlen: a sequence may have no key (then no copy is left in flight)
+    load_tile_async<T, BN, D, kThreads>(KVs, kg, p.k_sr, 0, Lk);
+    load_tile_async<T, BN, D, kThreads>(KVs + BN * LDS, vg, p.v_sr, 0, Lk);
+    cp_async_commit();
+  }
+  for (int k0 = 0, stage = 0; k0 < Lk; k0 += BN, stage ^= 1) {
+    if (k0 + BN < Lk) {  // the next tile into the other stage, consumed (trailing barrier) one iteration ago
+      T* next = KVs + (stage ^ 1) * 2 * BN * LDS;
+      load_tile_async<T, BN, D, kThreads>(next, kg, p.k_sr, k0 + BN, Lk);
+      load_tile_async<T, BN, D, kThreads>(next + BN * LDS, vg, p.v_sr, k0 + BN, Lk);
+      cp_async_commit();
+      cp_async_wait<1>();  // this tile's group has landed (this thread's copies)
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // every thread's copies of this tile (and Q) visible
+    const T* Ks = KVs + stage * 2 * BN * LDS;
+    const T* Vs = Ks + BN * LDS;
 
     float s[NT][4];
 #pragma unroll
@@ -136,6 +149,7 @@ __global__ void __launch_bounds__(kThreads) dfa_fwd_kernel(DFA_KERNEL_PARAMS(p))
       }
     }
     mma_acc_rows<T, D, NT>(o, s, Vs);
+    __syncthreads();  // this stage fully consumed before the next iteration refills it
   }
 
   // epilogue

@@ -4,6 +4,7 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -21,10 +22,18 @@ constexpr int kMaxThreads = 1024;
 
 enum class St { Ready, Barrier, Warp, Done };
 
+struct Copy {
+  void* dst;
+  const void* src;
+  int src_bytes;
+};
+
 struct Fiber {
   ucontext_t ctx;
   uint3 tid;
   St st = St::Ready;
+  std::vector<Copy> open;                 // cp.async issued since the last commit_group
+  std::vector<std::vector<Copy>> groups;  // committed, not yet waited for (oldest first)
 };
 
 struct Warp {
@@ -65,14 +74,6 @@ void yield() { swapcontext(&me().ctx, &g_block.sched); }
   std::abort();  // never resumed
 }
 
-void fiber_main(int idx) {
-  (void)idx;
-  (*g_block.body)();
-  me().st = St::Done;
-  ++g_block.done;
-  // uc_link returns to the scheduler
-}
-
 std::string where() {
   const Fiber& f = me();
   char buf[160];
@@ -80,6 +81,16 @@ std::string where() {
                 g_block.bidx.z, f.tid.x, f.tid.y, f.tid.z);
   return buf;
 }
+
+void fiber_main(int idx) {
+  (void)idx;
+  (*g_block.body)();
+  if (!me().open.empty() || !me().groups.empty()) fault("thread exits with cp.async copies never waited for in " + where());
+  me().st = St::Done;
+  ++g_block.done;
+  // uc_link returns to the scheduler
+}
+
 
 // Runs one block to completion; false with g_block.error set on a fault or deadlock.
 bool run_block() {
@@ -93,6 +104,8 @@ bool run_block() {
   for (int i = 0; i < b.n; ++i) {
     Fiber& f = b.fibers[i];
     f.st = St::Ready;
+    f.open.clear();
+    f.groups.clear();
     f.tid = make_uint3(i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y));
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = b.stacks[i].get();
@@ -100,14 +113,24 @@ bool run_block() {
     f.ctx.uc_link = &b.sched;
     makecontext(&f.ctx, reinterpret_cast<void (*)()>(fiber_main), 1, i);
   }
+  // Warp-greedy: each warp runs as far as it can (to a barrier or its end) before the next one starts, in ascending
+  // warp order on even blocks and descending on odd ones, so either side of a missing barrier runs ahead.
+  const int nwarps = (b.n + 31) / 32;
+  const bool descending = (b.bidx.x + b.bidx.y + b.bidx.z) % 2 == 1;
   for (;;) {
     bool progressed = false;
-    for (int i = 0; i < b.n; ++i) {
-      if (b.fibers[i].st != St::Ready) continue;
-      b.cur = i;
-      swapcontext(&b.sched, &b.fibers[i].ctx);
-      progressed = true;
-      if (!b.error.empty()) return false;
+    for (int k = 0; k < nwarps; ++k) {
+      const int w = descending ? nwarps - 1 - k : k;
+      for (bool again = true; again;) {
+        again = false;
+        for (int i = 32 * w; i < std::min(b.n, 32 * w + 32); ++i) {
+          if (b.fibers[i].st != St::Ready) continue;
+          b.cur = i;
+          swapcontext(&b.sched, &b.fibers[i].ctx);
+          progressed = again = true;
+          if (!b.error.empty()) return false;
+        }
+      }
     }
     if (b.done == b.n) return true;
     if (!progressed) {
@@ -145,6 +168,31 @@ void check_smem(const void* ptr, size_t bytes, const char* what) {
     std::snprintf(buf, sizeof buf, "%s at shared offset %td (%zu bytes) outside the %zu bytes of dynamic shared memory "
                   "or not 16-byte aligned in ", what, c - base, bytes, g_block.smem.size());
     fault(buf + where());
+  }
+}
+
+void cp_async_16(void* dst, const void* src, int src_bytes) {
+  check_smem(dst, 16, "cp.async destination");
+  if (src_bytes < 0 || src_bytes > 16) fault("cp.async src-size outside [0, 16] in " + where());
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0) fault("cp.async source not 16-byte aligned in " + where());
+  std::memset(dst, 0xFF, 16);  // in flight: neither the old nor the new bytes (NaN) until the covering wait
+  me().open.push_back({dst, src, src_bytes});
+}
+
+void cp_async_commit() {
+  Fiber& f = me();
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+void cp_async_wait(int newest_pending) {
+  Fiber& f = me();
+  while (int(f.groups.size()) > newest_pending) {
+    for (const Copy& c : f.groups.front()) {
+      std::memset(c.dst, 0, 16);
+      if (c.src_bytes > 0) std::memcpy(c.dst, c.src, size_t(c.src_bytes));
+    }
+    f.groups.erase(f.groups.begin());
   }
 }
 

@@ -8,10 +8,11 @@
 //   * warp collectives (__shfl_xor_sync, mma.sync m16n8k16): the 32 lanes meet, the last to arrive
 //     computes every lane's result; lanes that call different collectives, a partial mask or an exited
 //     lane are reported;
-//   * fibers run as far as they can before yielding, so a warp runs ahead of the others up to its next
-//     barrier: a missing __syncthreads shows up as stale or uninitialised shared memory, which the
-//     launch fills with 0xFF bytes (NaN in fp16 / bf16 / fp32) before each block;
+//   * warp-greedy scheduling: a warp runs as far as it can (to a barrier or its end) before the next one starts,
+//     warps in ascending order on even blocks, descending on odd ones: a missing __syncthreads shows up as stale or
+//     uninitialised shared memory, which the launch fills with 0xFF bytes (NaN in fp16 / bf16 / fp32) per block;
 //   * ldmatrix: its row addresses must be 16-byte aligned and inside the block's dynamic shared memory;
+//   * cp.async: the destination is NaN from issue until the issuing thread's covering wait_group (cp_async_16);
 //   * launch limits of an sm_80 device: block <= 1024 threads, grid.y / grid.z <= 65535, dynamic shared
 //     memory <= 48 KB unless cudaFuncSetAttribute raised it, and <= 163 KB (A100's opt-in maximum).
 // Not modelled: timing, memory-model races between warps inside one barrier interval, L1 / texture paths.
@@ -171,6 +172,15 @@ template <bool TRANS>
 inline void ldmatrix_x4(uint32_t r[4], const void* row_address) {
   warp_collective(0xffffffffu, &row_address, sizeof(row_address), r, 4 * sizeof(uint32_t), &ldmatrix_x4_all<TRANS>);
 }
+
+// cp.async.cg.shared.global (16 bytes, the rest of the 16 zero-filled after src_bytes) / commit_group /
+// wait_group N.  At issue the destination turns to 0xFF bytes (NaN), and the copy lands only when a wait_group of
+// the issuing thread covers its group: a read before that (a missing wait, a missing barrier after another thread's
+// wait, or a stage refilled while another warp still reads it) sees NaN.  A thread that exits with copies not
+// waited for is reported.
+void cp_async_16(void* dst, const void* src, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int newest_pending);
 
 }  // namespace dfa_sim
 
