@@ -147,33 +147,30 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Issue (cp.async, not committed) a [ROWS x D] tile of a [L x D] row-strided global matrix into smem [ROWS][D+8];
-// rows >= L are zero-filled.
-template <typename T, int ROWS, int D, int NTHREADS>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* g, int64_t row_stride, int row0, int L) {
-  constexpr int CPR = D / 8;  // 16-byte chunks per row
-  constexpr int LDS = D + 8;
-#pragma unroll
-  for (int c = threadIdx.x; c < ROWS * CPR; c += NTHREADS) {
-    const int r = c / CPR, cc = c % CPR;
-    const bool ok = row0 + r < L;
-    cp_async_16(smem + r * LDS + cc * 8, ok ? g + (int64_t)(row0 + r) * row_stride + cc * 8 : g, ok);
-  }
-}
-
-// Load a [ROWS x D] tile of a [L x D] row-strided global matrix into smem [ROWS][D+8];
-// rows >= L are zero-filled.  16-byte vector loads (rows must be 16-byte aligned).
-template <typename T, int ROWS, int D, int NTHREADS>
+// Load a [ROWS x D] tile of a [L x D] row-strided global matrix into smem [ROWS][D+8]; rows >= L are zero-filled.
+// 16-byte chunks (rows must be 16-byte aligned): plain loads and stores, or with ASYNC cp.async (issued, not
+// committed: the caller commits and waits).
+template <typename T, int ROWS, int D, int NTHREADS, bool ASYNC = false>
 __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_stride, int row0, int L) {
   constexpr int CPR = D / 8;  // 16-byte chunks per row
   constexpr int LDS = D + 8;
 #pragma unroll
   for (int c = threadIdx.x; c < ROWS * CPR; c += NTHREADS) {
     const int r = c / CPR, cc = c % CPR;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (row0 + r < L) val = *reinterpret_cast<const uint4*>(g + (int64_t)(row0 + r) * row_stride + cc * 8);
-    *reinterpret_cast<uint4*>(smem + r * LDS + cc * 8) = val;
+    const bool ok = row0 + r < L;
+    const T* src = ok ? g + (int64_t)(row0 + r) * row_stride + cc * 8 : g;
+    if constexpr (ASYNC) {
+      cp_async_16(smem + r * LDS + cc * 8, src, ok);
+    } else {
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (ok) val = *reinterpret_cast<const uint4*>(src);
+      *reinterpret_cast<uint4*>(smem + r * LDS + cc * 8) = val;
+    }
   }
+}
+template <typename T, int ROWS, int D, int NTHREADS>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* g, int64_t row_stride, int row0, int L) {
+  load_tile<T, ROWS, D, NTHREADS, true>(smem, g, row_stride, row0, L);
 }
 
 // acc[NT][4] += A (16 x D, rows of smem `a`, this warp's 16 rows) * B^T, where B is
