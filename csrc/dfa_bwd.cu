@@ -1,5 +1,6 @@
 // Fused backward of DeBERTa disentangled attention, deterministic (no atomics); warps whose tile lies beyond the
-// slot band recompute S without the slot table or gathers (as the forward) and add dS to the saturated sums:
+// slot band recompute S without the slot table or gathers (as the forward) and add dS to the saturated sums; the
+// loop tiles (K / V in dq, Q / dO in dK/dV) come by cp.async, double-buffered (dq at D = 128: one stage):
 //   * dq kernel   : one block per 64 queries, loops over key tiles -> dQ (content part)
 //                   and the c2p band of scale*dS (see below).
 //   * dkdv kernel : one block per 64 keys, loops over query tiles -> dK (content part),
@@ -27,10 +28,14 @@ struct BwdCfg {
   static constexpr int LDS = D + 8;
   // dq kernel: 64 queries per block, BN keys per iteration
   static constexpr int DQ_BM = 64, DQ_BN = 64;
-  static constexpr int DQ_SMEM = (2 * DQ_BM + 2 * DQ_BN) * LDS * (int)sizeof(T);
+  // K/V double-buffered by cp.async up to D = 64; one stage at D = 128 (two would need 104 KB, more than sm_86 /
+  // sm_89 allow)
+  using DQ_KV = KVTiles<T, DQ_BN, D, (D >= 128 ? 1 : 2)>;
+  static constexpr int DQ_SMEM = (2 * DQ_BM * LDS + DQ_KV::SMEM_ELEMS) * (int)sizeof(T);
   // dkdv kernel: 64 keys per block, BM queries per iteration (32 at D=128: register budget)
   static constexpr int KV_BN = 64, KV_BM = (D >= 128 ? 32 : 64);
-  static constexpr int KV_SMEM = (2 * KV_BN + 2 * KV_BM) * LDS * (int)sizeof(T) + KV_BM * (2 * 4 + 4);
+  using KV_QDO = KVTiles<T, KV_BM, D, 2>;  // the Q / dO tiles, double-buffered by cp.async
+  static constexpr int KV_SMEM = (2 * KV_BN * LDS + KV_QDO::SMEM_ELEMS) * (int)sizeof(T) + KV_BM * (2 * 4 + 4);
 };
 
 // dS of element (i, j), d = i - j, into the relative-table gradients: the saturated sums sat[0] (d below the band
@@ -58,8 +63,6 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
   DFA_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* dOs = Qs + BM * LDS;
-  T* Ks = dOs + BM * LDS;
-  T* Vs = Ks + BN * LDS;
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int q0 = blockIdx.x * BM;
@@ -108,11 +111,11 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
   for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
   float sat[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [row][lo/hi]
 
-  for (int k0 = 0; k0 < Lk; k0 += BN) {
-    __syncthreads();
-    load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, Lk);
-    load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, Lk);
-    __syncthreads();
+  const typename Cfg::DQ_KV kv{dOs + BM * LDS, kg, vg, p.k_sr, p.v_sr, Lk};
+  kv.start();
+  for (int k0 = 0, stage = 0; k0 < Lk; k0 += BN, stage ^= 1) {
+    const T* Ks = kv.acquire(k0, stage);
+    const T* Vs = Ks + BN * LDS;
 
     float s[NT][4], dp[NT][4];
 #pragma unroll
@@ -159,6 +162,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
     };
     dispatch_tile(zone != 0, checked, tile);
     mma_acc_rows<T, D, NT>(dq, s, Ks);
+    kv.release(k0);
   }
 
   T* dqg = reinterpret_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh + sv.qrow * p.dq_sr;
@@ -187,9 +191,8 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
   DFA_DYNAMIC_SMEM(smem_raw);
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + BN * LDS;
-  T* Qs = Vs + BN * LDS;
-  T* dOs = Qs + BM * LDS;
-  float* lse2_s = reinterpret_cast<float*>(dOs + BM * LDS);
+  T* QdOs = Vs + BN * LDS;  // Cfg::KV_QDO's stages
+  float* lse2_s = reinterpret_cast<float*>(QdOs + Cfg::KV_QDO::SMEM_ELEMS);
   float* dlt_s = lse2_s + BM;
   int* uni_s = reinterpret_cast<int*>(dlt_s + BM);
 
@@ -239,10 +242,10 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
   float sat[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 
-  for (int q0 = 0; q0 < Lq; q0 += BM) {
-    __syncthreads();
-    load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, Lq);
-    load_tile<T, BM, D, kThreads>(dOs, dog, p.do_sr, q0, Lq);
+  const typename Cfg::KV_QDO qt{QdOs, qg, dog, p.q_sr, p.do_sr, Lq};
+  qt.start();
+  for (int q0 = 0, stage = 0; q0 < Lq; q0 += BM, stage ^= 1) {
+    // this tile's row statistics (the previous iteration's release() barrier: nobody reads the old ones)
     for (int r = threadIdx.x; r < BM; r += kThreads) {
       const int i = q0 + r;
       const bool ok = i < Lq;
@@ -250,7 +253,8 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
       dlt_s[r] = ok ? p.delta[sv.qoff + i] : 0.f;
       uni_s[r] = (p.uniform != nullptr && ok) ? (int)p.uniform[b * p.un_sb + h * p.un_sh + i] : 0;
     }
-    __syncthreads();
+    const T* Qs = qt.acquire(q0, stage);  // its barrier also publishes the statistics (and K / V on the first)
+    const T* dOs = Qs + BM * LDS;
 
     float s[NT][4], dp[NT][4];
 #pragma unroll
@@ -302,6 +306,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
     dispatch_tile(zone != 0, checked, tile);
     mma_acc_rows<T, D, NT>(dv, s, dOs);
     mma_acc_rows<T, D, NT>(dk, dp, Qs);
+    qt.release(q0);
   }
 
   const int64_t kbase = b * p.dk_sb + h * p.dk_sh + sv.krow * p.dk_sr;

@@ -37,6 +37,8 @@
 
 namespace dfa {
 
+constexpr int kThreads = 128;  // threads per block of every kernel: 4 warps
+
 // (Params: see dfa_params.h)
 
 
@@ -172,6 +174,45 @@ template <typename T, int ROWS, int D, int NTHREADS>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* g, int64_t row_stride, int row0, int L) {
   load_tile<T, ROWS, D, NTHREADS, true>(smem, g, row_stride, row0, L);
 }
+
+// The K / V tiles of a loop over keys, through shared memory at `smem` (STAGES x [K BN rows | V BN rows]).
+// STAGES = 2: cp.async of tile k0 + BN while tile k0 is computed; STAGES = 1: one tile at a time (less shared
+// memory).  Per iteration: acquire() (waits for the tile, barrier; returns K, V is BN rows after it), compute,
+// release() (barrier: the stage may be refilled).  No copy is issued when Lk = 0.
+template <typename T, int BN, int D, int STAGES>
+struct KVTiles {
+  static_assert(STAGES == 1 || STAGES == 2, "one or two stages");
+  static constexpr int LDS = D + 8;
+  static constexpr int SMEM_ELEMS = STAGES * 2 * BN * LDS;
+  T* smem;
+  const T *kg, *vg;
+  int64_t k_sr, v_sr;
+  int Lk;
+
+  __device__ __forceinline__ void issue(int stage, int k0) const {
+    T* dst = smem + stage * 2 * BN * LDS;
+    load_tile_async<T, BN, D, kThreads>(dst, kg, k_sr, k0, Lk);
+    load_tile_async<T, BN, D, kThreads>(dst + BN * LDS, vg, v_sr, k0, Lk);
+    cp_async_commit();
+  }
+  __device__ __forceinline__ void start() const {
+    if (Lk > 0) issue(0, 0);
+  }
+  __device__ __forceinline__ const T* acquire(int k0, int stage) const {
+    if (STAGES == 2 && k0 + BN < Lk) {
+      issue(stage ^ 1, k0 + BN);  // the other stage was released one iteration ago
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // every thread's copies of this tile visible
+    return smem + (STAGES == 2 ? stage : 0) * 2 * BN * LDS;
+  }
+  __device__ __forceinline__ void release(int k0) const {
+    __syncthreads();  // this stage fully consumed
+    if (STAGES == 1 && k0 + BN < Lk) issue(0, k0 + BN);
+  }
+};
 
 // acc[NT][4] += A (16 x D, rows of smem `a`, this warp's 16 rows) * B^T, where B is
 // NT*8 rows of smem `b` ([n][k] row-major: "col" operand of the MMA).  Fragments by ldmatrix: A's four 8x8
@@ -418,7 +459,6 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-constexpr int kThreads = 128;
 
 // Calls run(T{}, std::integral_constant<int, D>{}) for the compiled (dtype, head_dim) pairs:
 // dtype 0 = fp16, 1 = bf16; head_dim 32 / 64 / 128.  Returns run's error text, or one of its own.

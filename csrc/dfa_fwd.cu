@@ -15,8 +15,8 @@ struct FwdCfg {
   static constexpr int BM = 64;  // queries per block (16 per warp)
   static constexpr int BN = 64;  // keys per iteration
   static constexpr int LDS = D + 8;
-  static constexpr int STAGES = 2;  // K/V tiles in flight: cp.async of tile it+1 while tile it is computed
-  static constexpr int SMEM = (BM + STAGES * 2 * BN) * LDS * (int)sizeof(T);
+  using KV = KVTiles<T, BN, D, 2>;  // cp.async of tile it+1 while tile it is computed
+  static constexpr int SMEM = (BM * LDS + KV::SMEM_ELEMS) * (int)sizeof(T);
 };
 
 template <typename T, int D>
@@ -26,7 +26,6 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   constexpr int BM = Cfg::BM, BN = Cfg::BN, LDS = Cfg::LDS, NT = BN / 8;
   DFA_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
-  T* KVs = Qs + BM * LDS;  // stage s: K at KVs + s * 2 * BN * LDS, V BN rows after it
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int q0 = blockIdx.x * BM;
@@ -67,23 +66,10 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  if (Lk > 0) {  // varlen: a sequence may have no key (then no copy is left in flight)
-    load_tile_async<T, BN, D, kThreads>(KVs, kg, p.k_sr, 0, Lk);
-    load_tile_async<T, BN, D, kThreads>(KVs + BN * LDS, vg, p.v_sr, 0, Lk);
-    cp_async_commit();
-  }
+  const typename Cfg::KV kv{Qs + BM * LDS, kg, vg, p.k_sr, p.v_sr, Lk};
+  kv.start();
   for (int k0 = 0, stage = 0; k0 < Lk; k0 += BN, stage ^= 1) {
-    if (k0 + BN < Lk) {  // the next tile into the other stage, consumed (trailing barrier) one iteration ago
-      T* next = KVs + (stage ^ 1) * 2 * BN * LDS;
-      load_tile_async<T, BN, D, kThreads>(next, kg, p.k_sr, k0 + BN, Lk);
-      load_tile_async<T, BN, D, kThreads>(next + BN * LDS, vg, p.v_sr, k0 + BN, Lk);
-      cp_async_commit();
-      cp_async_wait<1>();  // this tile's group has landed (this thread's copies)
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // every thread's copies of this tile (and Q) visible
-    const T* Ks = KVs + stage * 2 * BN * LDS;
+    const T* Ks = kv.acquire(k0, stage);
     const T* Vs = Ks + BN * LDS;
 
     float s[NT][4];
@@ -149,7 +135,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
       }
     }
     mma_acc_rows<T, D, NT>(o, s, Vs);
-    __syncthreads();  // this stage fully consumed before the next iteration refills it
+    kv.release(k0);
   }
 
   // epilogue
