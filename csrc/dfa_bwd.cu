@@ -42,7 +42,8 @@ struct BwdCfg {
 // window) / sat[1] (above it), else band_row[d - dmin] (one writer per element).  SAT: the warp's whole tile is
 // saturated (zone 1: below, 2: above), no window test; the same sums in the same order.
 template <bool SAT>
-__device__ __forceinline__ void add_rel_grad(const Params& p, int zone, float ds, int d, float (&sat)[2], float* band_row) {
+__device__ __forceinline__ void add_rel_grad(const Params& p, int zone, float ds, int d, float (&sat)[2],
+                                             float* band_row) {
   if constexpr (SAT) {
     if (zone == 1) sat[0] += ds;
     else sat[1] += ds;
@@ -136,11 +137,8 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
       for (int nt = 0; nt < NT; ++nt) {
         uint4 w = make_uint4(0u, 0u, 0u, 0u);
         const int j0 = k0 + nt * 8 + 2 * t;
-        float pc[2] = {0.f, 0.f};
-        if constexpr (SAT) {
-          pc[0] = p2c_saturated<T>(p, p2c_bh, sslot, zone, j0, Lk);
-          pc[1] = p2c_saturated<T>(p, p2c_bh, sslot, zone, j0 + 1, Lk);
-        }
+        const float2 pcv = p2c_pair<T, SAT>(p, p2c_bh, sslot, zone, j0, Lk);
+        const float pc[2] = {pcv.x, pcv.y};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, i = rows[hh], j = j0 + (e & 1);

@@ -336,7 +336,8 @@ __device__ __forceinline__ int2 saturated_slots(const Params& p) {
 // c2p of this thread's two rows at the saturated slots: {c2p[row0, lo], c2p[row1, lo], c2p[row0, hi], c2p[row1, hi]}
 // (0 for rows out of range or without the term); the saturated tiles' per-row constants.
 template <typename T>
-__device__ __forceinline__ float4 c2p_saturated(const Params& p, const T* c2p_bh, int2 sslot, const int rows[2], int Lq) {
+__device__ __forceinline__ float4 c2p_saturated(const Params& p, const T* c2p_bh, int2 sslot, const int rows[2],
+                                                int Lq) {
   float4 c = make_float4(0.f, 0.f, 0.f, 0.f);
   if (c2p_bh == nullptr) return c;
   if (rows[0] < Lq) {
@@ -355,6 +356,15 @@ template <typename T>
 __device__ __forceinline__ float p2c_saturated(const Params& p, const T* p2c_bh, int2 sslot, int zone, int j, int Lk) {
   if (p2c_bh == nullptr || j >= Lk) return 0.f;
   return Pack<T>::to_float(p2c_bh[(int64_t)j * p.S2 + (zone == 2 ? sslot.y : sslot.x)]);
+}
+
+// p2c of the fragment's key pair (j0, j0 + 1) at the saturated slot of `zone`; zeros unless SAT (band tiles
+// gather per element instead).
+template <typename T, bool SAT>
+__device__ __forceinline__ float2 p2c_pair(const Params& p, const T* p2c_bh, int2 sslot, int zone, int j0, int Lk) {
+  if constexpr (!SAT) return make_float2(0.f, 0.f);
+  return make_float2(p2c_saturated<T>(p, p2c_bh, sslot, zone, j0, Lk),
+                     p2c_saturated<T>(p, p2c_bh, sslot, zone, j0 + 1, Lk));
 }
 
 // Saturation of a tile of rows [r0, r0 + nr) x columns [c0, c0 + nc) (d = row - col for queries x keys):

@@ -82,16 +82,14 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     const float crow[2] = {sat == 2 ? c2p_sat.z : c2p_sat.x, sat == 2 ? c2p_sat.w : c2p_sat.y};
     // saturated: beyond the band, one slot for the whole tile (per-row c2p, one p2c per column, no slot table);
     // checked: an edge tile or a masked call (range and key-mask tests per element)
-    dispatch_tile(sat != 0, tile_needs_checks(q0 + warp * 16, 16, Lq, k0, BN, Lk, km_b), [&](auto saturated, auto checked) {
-      constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checked)::value;
+    const bool checked = tile_needs_checks(q0 + warp * 16, 16, Lq, k0, BN, Lk, km_b);
+    dispatch_tile(sat != 0, checked, [&](auto saturated, auto checks) {
+      constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int j0 = k0 + nt * 8 + 2 * t;
-        float pc[2] = {0.f, 0.f};
-        if constexpr (SAT) {
-          pc[0] = p2c_saturated<T>(p, p2c_bh, sslot, sat, j0, Lk);
-          pc[1] = p2c_saturated<T>(p, p2c_bh, sslot, sat, j0 + 1, Lk);
-        }
+        const float2 pcv = p2c_pair<T, SAT>(p, p2c_bh, sslot, sat, j0, Lk);
+        const float pc[2] = {pcv.x, pcv.y};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, j = j0 + (e & 1);

@@ -17,6 +17,7 @@ BUILT = _cuda_ext.load() is not None
 # DEBERTA_FAST_CUDA_SIM=1: the kernel tests below run on CPU tensors in the CPU simulator (tests/test_cuda_sim.py)
 SIM = _cuda_ext.simulating()
 DEV = "cpu" if SIM else "cuda"
+not_sim = pytest.mark.skipif(SIM, reason="not a simulator test (CPU refusals, torch.compile, GPU memory)")
 
 
 def make_inputs(B=2, H=3, Lq=37, Lk=37, D=64, span=8, dtype=torch.float32, device="cpu", pk=True, pq=True,
@@ -36,6 +37,7 @@ def call_of(q, k, v, pk, pq, mask=None, buckets=4, max_rel=16, dropout_p=0.0):
                       attention_mask=mask, scale=None, dropout_p=dropout_p)
 
 
+@not_sim
 # ----------------------------------------------------------------------------- CPU: refusals
 @pytest.mark.skipif(BUILT, reason="the extension is built here")
 def test_unavailable_without_build_explains_how_to_build():
@@ -45,6 +47,7 @@ def test_unavailable_without_build_explains_how_to_build():
     assert "pip install --no-build-isolation ." in why and "DEBERTA_FAST_JIT=1" in why
 
 
+@not_sim
 @pytest.mark.skipif(BUILT, reason="the extension is built here")
 def test_dispatch_names_the_build_hint():
     q, k, v, pk, pq = make_inputs(dtype=torch.float16)
@@ -58,6 +61,7 @@ def test_dispatch_names_the_build_hint():
     assert out.shape == q.shape
 
 
+@not_sim
 @pytest.mark.skipif(BUILT, reason="the extension is built here")
 def test_ops_raise_clearly_without_build():
     q, k, v, _, _ = make_inputs(dtype=torch.float16)
@@ -65,6 +69,7 @@ def test_ops_raise_clearly_without_build():
         _cuda_ext.ops().cuda_attn_fwd(q, k, v, None, None, None, None, None, None, 0.1, 0.0, 0, 0)
 
 
+@not_sim
 def test_refusals_list_every_reason():
     be = BACKENDS["cuda"]
     q, k, v, pk, pq = make_inputs(dtype=torch.float32, D=48)
@@ -76,6 +81,7 @@ def test_refusals_list_every_reason():
     assert "3-D/4-D attention masks are not supported" in why
 
 
+@not_sim
 def test_refusals_cpu_half_only_device():
     be = BACKENDS["cuda"]
     q, k, v, pk, pq = make_inputs(dtype=torch.bfloat16, Lq=20, Lk=33)
@@ -232,7 +238,6 @@ def test_keep_mask_statistics_cpu():
 # ----------------------------------------------------------------------------- GPU
 gpu = pytest.mark.cuda_sim if SIM else pytest.mark.gpu
 needs_ext = pytest.mark.skipif(not (SIM or (HAS_CUDA and BUILT)), reason="needs a CUDA device and the built extension")
-not_sim = pytest.mark.skipif(SIM, reason="not a simulator test (torch.compile / GPU memory): GPU only")
 
 
 def _reference_with_keep(q, k, v, pk, pq, buckets, max_rel, mask, keep, p):

@@ -25,6 +25,7 @@ BUILT = _cuda_ext.load() is not None
 # DEBERTA_FAST_CUDA_SIM=1: the kernel tests below run on CPU tensors in the CPU simulator (tests/test_cuda_sim.py)
 SIM = _cuda_ext.simulating()
 DEV = "cpu" if SIM else "cuda"
+not_sim = pytest.mark.skipif(SIM, reason="not a simulator test (CPU refusals, torch.compile, GPU memory)")
 
 
 def cu_of(lens, device="cpu"):
@@ -59,6 +60,7 @@ def test_supports_varlen_and_summary():
     assert "varlen" in be.summary
 
 
+@not_sim
 def test_varlen_refusals_list_every_reason():
     be = BACKENDS["cuda"]
     q, k, v, pk, pq, cq, ck = make_packed([5, 9], D=48, dtype=torch.float32)
@@ -68,6 +70,7 @@ def test_varlen_refusals_list_every_reason():
     assert "head_dim 48 is not compiled" in why
 
 
+@not_sim
 def test_varlen_refusals_cpu_half_only_device():
     q, k, v, pk, pq, cq, ck = make_packed([5, 1, 9], [3, 7, 2], dtype=torch.bfloat16)
     why = BACKENDS["cuda"].refusals_varlen(vcall(q, k, v, pk, pq, cq, ck, dropout_p=0.1))
@@ -84,6 +87,7 @@ def test_varlen_refuses_grid_overflow():
     assert "N*H = 80000" in why and "split the batch" in why
 
 
+@not_sim
 def test_varlen_dispatch_refuses_on_cpu_and_auto_falls_back():
     q, k, v, pk, pq, cq, ck = make_packed([4, 7], dtype=torch.float16)
     with pytest.raises(BackendUnavailableError, match="backend='cuda' cannot serve this call"):
@@ -91,6 +95,7 @@ def test_varlen_dispatch_refuses_on_cpu_and_auto_falls_back():
                                       backend="cuda")
 
 
+@not_sim
 @pytest.mark.skipif(BUILT, reason="the extension is built here")
 def test_varlen_ops_raise_clearly_without_build():
     q, k, v, pk, pq, cq, ck = make_packed([4, 7], dtype=torch.float16)
@@ -332,7 +337,6 @@ def ref_varlen(q, k, v, pk, pq, cq, ck, buckets, max_rel, keep=None, p=0.0):
 # ----------------------------------------------------------------------------- GPU
 gpu = pytest.mark.cuda_sim if SIM else pytest.mark.gpu
 needs_ext = pytest.mark.skipif(not (SIM or (HAS_CUDA and BUILT)), reason="needs a CUDA device and the built extension")
-not_sim = pytest.mark.skipif(SIM, reason="not a simulator test (torch.compile / GPU memory): GPU only")
 
 
 def _run_varlen(dtype, D, lens_q, lens_k, terms, buckets, max_rel, H=3):

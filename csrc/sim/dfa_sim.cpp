@@ -85,7 +85,8 @@ std::string where() {
 void fiber_main(int idx) {
   (void)idx;
   (*g_block.body)();
-  if (!me().open.empty() || !me().groups.empty()) fault("thread exits with cp.async copies never waited for in " + where());
+  if (!me().open.empty() || !me().groups.empty())
+    fault("thread exits with cp.async copies never waited for in " + where());
   me().st = St::Done;
   ++g_block.done;
   // uc_link returns to the scheduler
@@ -174,7 +175,8 @@ void check_smem(const void* ptr, size_t bytes, const char* what) {
 void cp_async_16(void* dst, const void* src, int src_bytes) {
   check_smem(dst, 16, "cp.async destination");
   if (src_bytes < 0 || src_bytes > 16) fault("cp.async src-size outside [0, 16] in " + where());
-  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0) fault("cp.async source not 16-byte aligned in " + where());
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    fault("cp.async source not 16-byte aligned in " + where());
   std::memset(dst, 0xFF, 16);  // in flight: neither the old nor the new bytes (NaN) until the covering wait
   me().open.push_back({dst, src, src_bytes});
 }
