@@ -66,9 +66,10 @@ def _branch(text: str):
     return int(m[1], 16), conditional
 
 
-def loop_paths(insts: list[tuple[int, str]], head: int, tail: int) -> tuple[int, int]:
+def loop_paths(insts: list[tuple[int, str]], head: int, tail: int) -> tuple[int, int] | None:
     """Shortest and longest instruction count from ``head`` to the back-edge at ``tail`` (forward edges only;
-    inner backward branches fall through; paths leaving the loop are not iterations)."""
+    inner backward branches fall through; paths leaving the loop are not iterations).  None when no forward path
+    joins them: the backward branch closes no loop (out-of-line code, e.g. a slow path that jumps back)."""
     body = [(a, t) for a, t in insts if head <= a <= tail]
     index = {a: i for i, (a, _) in enumerate(body)}
     INF = float("inf")
@@ -94,6 +95,8 @@ def loop_paths(insts: list[tuple[int, str]], head: int, tail: int) -> tuple[int,
         if cand:
             lo[i] = 1 + min(lo[j] for j in cand)
             hi[i] = 1 + max(hi[j] for j in cand)
+    if lo[0] == INF:
+        return None
     return int(lo[0]), int(hi[0])
 
 
@@ -109,7 +112,10 @@ def main_loops(insts: list[tuple[int, str]]) -> list[dict]:
         mma = sum(bool(_MMA.search(x)) for x in body)
         if not mma:
             continue
-        shortest, longest = loop_paths(insts, head, a)
+        paths = loop_paths(insts, head, a)
+        if paths is None:
+            continue
+        shortest, longest = paths
         loops.append({"head": head, "tail": a, "instructions": len(body), "mma": mma,
                       "ldg": sum(" LDG" in f" {x}" for x in body), "shortest": shortest, "longest": longest})
     # keep the outermost loops (a loop inside another MMA loop is part of its body)

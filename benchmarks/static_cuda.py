@@ -36,12 +36,12 @@ def tile_shapes() -> dict:
     fwd = open(os.path.join(CSRC, "dfa_fwd.cu")).read()
     bwd = open(os.path.join(CSRC, "dfa_bwd.cu")).read()
     bm = int(re.search(r"static constexpr int BM = (\d+);", fwd)[1])
-    bn = int(re.search(r"static constexpr int BN = (\d+);", fwd)[1])
+    bn = re.search(r"static constexpr int BN = D == (\d+) \? (\d+) : (\d+);", fwd)
     dq = re.search(r"DQ_BM = (\d+), DQ_BN = (\d+);", bwd)
     kv = re.search(r"KV_BN = (\d+), KV_BM = \(D >= (\d+) \? (\d+) : (\d+)\);", bwd)
-    if not (dq and kv):
-        raise RuntimeError("benchmarks.static_cuda: the backward's Cfg no longer matches the pattern; update tile_shapes")
-    return {"fwd": lambda D: (bm, bn), "bwd_dq": lambda D: (int(dq[1]), int(dq[2])),
+    if not (bn and dq and kv):
+        raise RuntimeError("benchmarks.static_cuda: a kernel's Cfg no longer matches the pattern; update tile_shapes")
+    return {"fwd": lambda D: (bm, int(bn[2]) if D == int(bn[1]) else int(bn[3])), "bwd_dq": lambda D: (int(dq[1]), int(dq[2])),
             "bwd_dkdv": lambda D: (int(kv[3]) if D >= int(kv[2]) else int(kv[4]), int(kv[1]))}
 
 
@@ -133,7 +133,7 @@ def _compile(name: str, arch: str, tmp: str, zone: int | None = None) -> tuple[s
     obj = os.path.join(tmp, f"{tag}.o")
     cmd = build_config.nvcc_check_cmd(nvcc, name, arch, obj, keep)
     if zone is not None:  # every tile of one kind (tile_saturation), the common call's paths (DFA_PROFILE_ASSUME)
-        cmd += [f"-DDFA_PROFILE_ZONE={zone}", "-DDFA_PROFILE_PLAIN"]
+        cmd += [f"-DDFA_PROFILE_ZONE={zone}", "-DDFA_PROFILE_PLAIN", "-DDFA_PROFILE_INTERIOR"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"nvcc failed for {name} sm_{arch}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
@@ -184,9 +184,11 @@ def table(prof: dict) -> str:
              "",
              "Per element = SASS instructions on the shortest / longest path through one main-loop iteration x 128 "
              "threads / (BLOCK_M x BLOCK_N); see benchmarks/static_cuda.py.", "",
-             "Band / saturated tiles: the same loop built with every tile in the band (slot table, gathers) / beyond "
-             "it (per-row constants, no gathers) (-DDFA_PROFILE_ZONE), for the common call: c2p + p2c, no mask, no "
-             "dropout (-DDFA_PROFILE_PLAIN: the compiler drops the other branches); the shipped loop holds them all.",
+             "Band / saturated tiles: the same loop built with every tile in the band / beyond it "
+             "(-DDFA_PROFILE_ZONE) and interior (no edge or mask checks: -DDFA_PROFILE_INTERIOR), for the common "
+             "call: c2p + p2c present, no mask, no dropout (-DDFA_PROFILE_PLAIN: the compiler drops the other "
+             "branches); the shipped loop holds them all.  Shortest: the last key tile (no prefetch); longest: with "
+             "the next tile's copies issued.",
              "",
              "| kernel | target | dtype | D | tile | regs | spill st/ld B | stack B | MMA | main loop instr/element "
              "(shortest - longest) | band tiles | saturated tiles |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -111,6 +111,53 @@ int64_t table_width(const OptT& c2p, const OptT& p2c) {
   return S2;
 }
 
+// pos_key / pos_query rows of the forward in slot order: [H, S2, D], or [B|1, H, S2, D] when batched (padded
+// layout only), the query's dtype / device / head dim, 16-byte aligned rows.  Returns S2 (0: absent).
+int64_t check_pos(const char* who, const char* name, const OptT& t, const Tensor& q, int64_t B, int64_t H, int64_t D,
+                  bool batched_ok) {
+  if (!t.has_value()) return 0;
+  const Tensor& x = *t;
+  TORCH_CHECK(on_device(x) && x.device() == q.device() && x.scalar_type() == q.scalar_type(), who, ": ", name,
+              " must be a ", q.scalar_type(), " tensor on ", q.device(), ", got ", x.scalar_type(), " on ", x.device());
+  const bool shape_ok = (x.dim() == 3 && x.size(0) == H) ||
+                        (batched_ok && x.dim() == 4 && (x.size(0) == B || x.size(0) == 1) && x.size(1) == H);
+  TORCH_CHECK(shape_ok && x.size(-1) == D && x.size(-2) >= 1, who, ": ", name, " must be [H, 2*span, D] = [", H,
+              ", R, ", D, "]", batched_ok ? " or [B|1, H, R, D]" : "", ", got ", x.sizes());
+  TORCH_CHECK(x.size(-2) < (int64_t(1) << 31), who, ": ", name, " has more than 2^31 - 1 rows");
+  bool aligned = x.stride(-1) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) aligned = aligned && (x.size(i) == 1 || x.stride(i) % 8 == 0);
+  TORCH_CHECK(aligned, who, ": ", name, " must have a contiguous last dimension and 16-byte aligned rows (strides "
+              "multiple of 8 elements, aligned base pointer), got strides ", x.strides(), "; call .contiguous()");
+  return x.size(-2);
+}
+
+// The forward's relative terms: pos rows, their slot table (over the rows: slot values are clamped to [0, S2)).
+void set_pos(dfa::Params& p, const char* who, const OptT& pos_key, const OptT& pos_query, const OptT& table,
+             const Tensor& q, int64_t B, int64_t H, int64_t D, int64_t Lq, int64_t Lk, bool batched_ok) {
+  const int64_t rk = check_pos(who, "pos_key", pos_key, q, B, H, D, batched_ok);
+  const int64_t rq = check_pos(who, "pos_query", pos_query, q, B, H, D, batched_ok);
+  TORCH_CHECK(rk == 0 || rq == 0 || rk == rq, who, ": pos_key and pos_query must have the same rows (2*span), got ",
+              rk, " and ", rq);
+  const int64_t S2 = std::max(rk, rq);
+  if (S2 == 0) return;
+  check_slot_table(table, q, Lq, Lk);
+  p.table = table->data_ptr<int32_t>();
+  p.S2 = static_cast<int>(S2);
+  const auto strides = [](const Tensor& x, int64_t& sb, int64_t& sh, int64_t& sr) {
+    sb = x.dim() == 4 && x.size(0) > 1 ? x.stride(0) : 0;
+    sh = x.stride(-3);
+    sr = x.stride(-2);
+  };
+  if (pos_key.has_value()) {
+    p.pos_k = pos_key->data_ptr();
+    strides(*pos_key, p.pk_sb, p.pk_sh, p.pk_sr);
+  }
+  if (pos_query.has_value()) {
+    p.pos_q = pos_query->data_ptr();
+    strides(*pos_query, p.pq_sb, p.pq_sh, p.pq_sr);
+  }
+}
+
 void set_scale(dfa::Params& p, double scale) {
   TORCH_CHECK(std::isfinite(scale), "deberta_fast cuda backend: scale must be finite, got ", scale);
   p.scale = static_cast<float>(scale);
@@ -279,13 +326,14 @@ Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   return c;
 }
 
-std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& c2p, const OptT& p2c,
-                        const OptT& table, const OptT& key_mask, const OptT& uniform, const OptT& rng, double scale,
-                        double p_drop, int64_t band_lo, int64_t band_hi) {
-  Common c = make_common(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, p_drop);
+std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& pos_key,
+                        const OptT& pos_query, const OptT& table, const OptT& key_mask, const OptT& uniform,
+                        const OptT& rng, double scale, double p_drop, int64_t band_lo, int64_t band_hi) {
+  Common c = make_common(q, k, v, std::nullopt, std::nullopt, std::nullopt, key_mask, uniform, rng, scale, p_drop);
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
+  set_pos(c.p, "deberta_fast cuda backend", pos_key, pos_query, table, q, B, H, D, Lq, k.size(2), true);
   set_band(c.p, band_lo, band_hi);
   const DeviceGuard guard(q.device());
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   Tensor out = at::empty({B, H, Lq, D}, q.options());
   Tensor lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
   auto& p = c.p;
@@ -331,7 +379,8 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
 
 // ---------------------------------------------------------------------------------------------
 // Packed variable-length (varlen) layout: q/o/dout [Tq, H, D], k/v [Tk, H, D], sequence n at token
-// rows cu_q[n]..cu_q[n+1] (cu_k for keys); C2P [H, Tq, 2S], P2C [H, Tk, 2S]; LSE float32 [H, Tq].
+// rows cu_q[n]..cu_q[n+1] (cu_k for keys); forward: pos_key / pos_query [H, 2S, D]; backward: C2P [H, Tq, 2S],
+// P2C [H, Tk, 2S]; LSE float32 [H, Tq].
 // cu_seqlens are trusted on the device (no sync here): they must start at 0, be non-decreasing,
 // end at Tq / Tk, and no length may exceed max_seqlen (the kernels clamp lengths to max_seqlen
 // for memory safety only).  CudaBackend.forward_varlen validates them before calling.
@@ -421,14 +470,16 @@ Common make_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   return c;
 }
 
-std::vector<Tensor> varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& c2p, const OptT& p2c,
-                               const OptT& table, const Tensor& cu_q, const Tensor& cu_k, int64_t max_q,
-                               int64_t max_k, const OptT& rng, double scale, double p_drop, int64_t band_lo,
-                               int64_t band_hi) {
-  Common c = make_varlen(q, k, v, c2p, p2c, table, cu_q, cu_k, max_q, max_k, rng, scale, p_drop);
+std::vector<Tensor> varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& pos_key,
+                               const OptT& pos_query, const OptT& table, const Tensor& cu_q, const Tensor& cu_k,
+                               int64_t max_q, int64_t max_k, const OptT& rng, double scale, double p_drop,
+                               int64_t band_lo, int64_t band_hi) {
+  Common c = make_varlen(q, k, v, std::nullopt, std::nullopt, std::nullopt, cu_q, cu_k, max_q, max_k, rng, scale,
+                         p_drop);
+  const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2);
+  set_pos(c.p, "deberta_fast cuda varlen", pos_key, pos_query, table, q, c.p.B, H, D, max_q, max_k, false);
   set_band(c.p, band_lo, band_hi);
   const DeviceGuard guard(q.device());
-  const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2);
   Tensor out = at::empty({Tq, H, D}, q.options());
   Tensor lse = at::empty({H, Tq}, q.options().dtype(at::kFloat));
   if (Tq == 0) return {out, lse};
@@ -482,8 +533,8 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deberta_fast._C: fused DeBERTa disentangled attention (CUDA, mma.sync, fp16/bf16)";
-  m.def("fwd", &fwd, "fused forward -> (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("c2p"),
-        py::arg("p2c"), py::arg("table"), py::arg("key_mask"), py::arg("uniform"), py::arg("rng"),
+  m.def("fwd", &fwd, "fused forward -> (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos_key"),
+        py::arg("pos_query"), py::arg("table"), py::arg("key_mask"), py::arg("uniform"), py::arg("rng"),
         py::arg("scale"), py::arg("p_drop"), py::arg("band_lo") = -(1 << 30), py::arg("band_hi") = 1 << 30);
   m.def("bwd", &bwd, "fused backward -> (dq, dk, dv, dc2p, dp2c)", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("c2p"), py::arg("p2c"), py::arg("table"),
@@ -491,9 +542,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dmin"), py::arg("W"), py::arg("perm"), py::arg("offs"), py::arg("band_lo") = -(1 << 30),
         py::arg("band_hi") = 1 << 30);
   m.def("varlen_fwd", &varlen_fwd, "packed varlen forward -> (out [Tq,H,D], lse [H,Tq])", py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("c2p"), py::arg("p2c"), py::arg("table"), py::arg("cu_seqlens_q"),
-        py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("rng"),
-        py::arg("scale"), py::arg("p_drop"), py::arg("band_lo") = -(1 << 30), py::arg("band_hi") = 1 << 30);
+        py::arg("k"), py::arg("v"), py::arg("pos_key"), py::arg("pos_query"), py::arg("table"),
+        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
+        py::arg("rng"), py::arg("scale"), py::arg("p_drop"), py::arg("band_lo") = -(1 << 30), py::arg("band_hi") = 1 << 30);
   m.def("varlen_bwd", &varlen_bwd, "packed varlen backward -> (dq, dk, dv, dc2p, dp2c)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("c2p"), py::arg("p2c"),
         py::arg("table"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),

@@ -52,6 +52,12 @@ template <> struct Pack<__half> {
     memcpy(&u, &h, sizeof(u));
     return u;
   }
+  static __device__ __forceinline__ float2 unpack(uint32_t u) {  // the pair pack() made
+    __half2_raw r;
+    memcpy(&r, &u, sizeof(u));
+    const __half2 h(r);
+    return __half22float2(h);
+  }
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
 };
@@ -61,6 +67,12 @@ template <> struct Pack<__nv_bfloat16> {
     uint32_t u;
     memcpy(&u, &h, sizeof(u));
     return u;
+  }
+  static __device__ __forceinline__ float2 unpack(uint32_t u) {  // the pair pack() made
+    __nv_bfloat162_raw r;
+    memcpy(&r, &u, sizeof(u));
+    const __nv_bfloat162 h(r);
+    return __bfloat1622float2(h);
   }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
@@ -149,6 +161,16 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Calls f(c) for c = threadIdx.x, threadIdx.x + NTHREADS, ... < N: a static trip count (fully unrolled, no loop
+// guard on the thread index), then the remainder.
+template <int N, int NTHREADS, typename F>
+__device__ __forceinline__ void for_thread_chunks(F&& f) {
+  constexpr int FULL = N / NTHREADS, REM = N % NTHREADS;
+#pragma unroll
+  for (int it = 0; it < FULL; ++it) f((int)threadIdx.x + it * NTHREADS);
+  if (REM != 0 && (int)threadIdx.x < REM) f((int)threadIdx.x + FULL * NTHREADS);
+}
+
 // Load a [ROWS x D] tile of a [L x D] row-strided global matrix into smem [ROWS][D+8]; rows >= L are zero-filled.
 // 16-byte chunks (rows must be 16-byte aligned): plain loads and stores, or with ASYNC cp.async (issued, not
 // committed: the caller commits and waits).
@@ -156,8 +178,7 @@ template <typename T, int ROWS, int D, int NTHREADS, bool ASYNC = false>
 __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_stride, int row0, int L) {
   constexpr int CPR = D / 8;  // 16-byte chunks per row
   constexpr int LDS = D + 8;
-#pragma unroll
-  for (int c = threadIdx.x; c < ROWS * CPR; c += NTHREADS) {
+  for_thread_chunks<ROWS * CPR, NTHREADS>([&](int c) {
     const int r = c / CPR, cc = c % CPR;
     const bool ok = row0 + r < L;
     const T* src = ok ? g + (int64_t)(row0 + r) * row_stride + cc * 8 : g;
@@ -168,7 +189,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_strid
       if (ok) val = *reinterpret_cast<const uint4*>(src);
       *reinterpret_cast<uint4*>(smem + r * LDS + cc * 8) = val;
     }
-  }
+  });
 }
 template <typename T, int ROWS, int D, int NTHREADS>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* g, int64_t row_stride, int row0, int L) {
@@ -284,12 +305,12 @@ __device__ __forceinline__ uint32_t word_of(uint4 w, int idx) {
   return idx == 0 ? w.x : idx == 1 ? w.y : idx == 2 ? w.z : w.w;
 }
 
-// Score of (i, j) in log2 units, or -inf (masked / out of range), from the relative terms' values c2pv, p2cv
-// (0 where a term is absent).  `acc` is q_i.k_j; i, j are positions within the sequence, Lq / Lk its lengths.
-// CHECK = false: an interior tile of an unmasked call (tile_needs_checks), every (i, j) in range.
-template <bool CHECK = true>
-__device__ __forceinline__ float finish_score(const Params& p, float acc, float c2pv, float p2cv, int i, int j, int Lq,
-                                              int Lk, const uint8_t* km_b, bool uniform_row) {
+// Score of (i, j) in log2 units, or -inf (out of range / masked) or 0 (uniform row): value() otherwise.  i, j are
+// positions within the sequence, Lq / Lk its lengths.  CHECK = false: an interior tile of an unmasked call
+// (tile_needs_checks), every (i, j) in range.
+template <bool CHECK, typename F>
+__device__ __forceinline__ float masked_score(int i, int j, int Lq, int Lk, const uint8_t* km_b, bool uniform_row,
+                                              F&& value) {
   if constexpr (CHECK) {
     if (i >= Lq || j >= Lk) return -INFINITY;
   }
@@ -297,7 +318,14 @@ __device__ __forceinline__ float finish_score(const Params& p, float acc, float 
   if constexpr (CHECK) {
     if (km_b != nullptr && km_b[j] == 0) return -INFINITY;
   }
-  return ((acc + c2pv) + p2cv) * p.scale_log2;
+  return value();
+}
+
+// The score from q_i.k_j (`acc`) and the relative terms' values c2pv, p2cv (0 where a term is absent).
+template <bool CHECK = true>
+__device__ __forceinline__ float finish_score(const Params& p, float acc, float c2pv, float p2cv, int i, int j, int Lq,
+                                              int Lk, const uint8_t* km_b, bool uniform_row) {
+  return masked_score<CHECK>(i, j, Lq, Lk, km_b, uniform_row, [&] { return ((acc + c2pv) + p2cv) * p.scale_log2; });
 }
 
 // The same with the relative terms gathered through the slot table (varlen: table offset p.Lk - 1 =
@@ -383,15 +411,21 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
 }
 
 // Static-profile builds only (benchmarks/static_cuda.py, -DDFA_PROFILE_PLAIN): the kernels see the common DeBERTa
-// call (no mask, no uniform rows, no dropout; relative terms as passed) as constants, so the compiler drops the
-// other branches and the main loop's paths are that call's.  In every real build the kernel parameter is p itself.
+// call (no mask, no uniform rows, no dropout; both relative terms present) as constants and assumptions, so the
+// compiler drops the other branches and the main loop's paths are that call's.  In every real build the kernel
+// parameter is p itself.
 #ifdef DFA_PROFILE_PLAIN
 #define DFA_KERNEL_PARAMS(p) const Params p##_in
-#define DFA_PROFILE_ASSUME(p) \
-  Params p = p##_in;          \
-  p.key_mask = nullptr;       \
-  p.uniform = nullptr;        \
-  p.dropout = 0
+#define DFA_PROFILE_ASSUME(p)          \
+  Params p = p##_in;                   \
+  p.key_mask = nullptr;                \
+  p.uniform = nullptr;                 \
+  p.dropout = 0;                       \
+  __builtin_assume(p.table != nullptr); \
+  __builtin_assume(p.pos_k != nullptr); \
+  __builtin_assume(p.pos_q != nullptr); \
+  __builtin_assume(p.c2p != nullptr);   \
+  __builtin_assume(p.p2c != nullptr)
 #else
 #define DFA_KERNEL_PARAMS(p) const Params p
 #define DFA_PROFILE_ASSUME(p) \
@@ -403,7 +437,12 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
 // per-element range and key-mask checks: edge tiles and every tile of a masked call do, interior tiles of an
 // unmasked call do not.
 __device__ __forceinline__ bool tile_needs_checks(int r0, int nr, int R, int c0, int nc, int C, const uint8_t* km_b) {
+#ifdef DFA_PROFILE_INTERIOR  // static-profile builds only (benchmarks/static_cuda.py): every tile interior
+  (void)r0; (void)nr; (void)R; (void)c0; (void)nc; (void)C; (void)km_b;
+  return false;
+#else
   return r0 + nr > R || c0 + nc > C || km_b != nullptr;
+#endif
 }
 
 // Runs f(saturated, checked) with both as std::bool_constant: one specialised copy of a tile's element loop per

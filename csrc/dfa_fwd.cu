@@ -1,22 +1,30 @@
-// Fused forward of DeBERTa disentangled attention: online softmax (FA2 style),
-// relative terms gathered from precomputed C2P / P2C tables (tiles beyond the slot band: per-row c2p
-// constants and one p2c column, no slot table), K / V tiles double-buffered by cp.async, key-padding mask,
-// uniform rows, Philox dropout.  Writes O and the float32 LSE (natural log; +inf and O = 0 for a
-// row with no key, see dfa_softmax.h).
+// Fused forward of DeBERTa disentangled attention: online softmax (FA2 style), relative terms on tensor cores
+// (dfa_rel.cuh: per band tile, Q . Kr[window]^T and K . Qr[window]^T read back at each element's diagonal; tiles
+// beyond the slot band: per-row c2p constants and one p2c value per key), K / V tiles double-buffered by cp.async,
+// key-padding mask, uniform rows, Philox dropout.  Writes O and the float32 LSE (natural log; +inf and O = 0 for a
+// row with no key, see dfa_softmax.h).  Takes pos_key / pos_query rows (no C2P / P2C tables: those are the
+// backward's).
 // One kernel serves the padded batch and the packed variable-length (varlen) layout: the
 // per-block sequence offsets come from seq_view() (cu_seqlens read at run time, no extra
 // template instantiations); blocks past the end of their sequence exit at once.
-#include "dfa_common.cuh"
+#include "dfa_rel.cuh"
 
 namespace dfa {
 
 template <typename T, int D>
 struct FwdCfg {
-  static constexpr int BM = 64;  // queries per block (16 per warp)
-  static constexpr int BN = 64;  // keys per iteration
+  static constexpr int BM = 64;                   // queries per block (16 per warp)
+  static constexpr int BN = D == 128 ? 32 : 64;  // keys per iteration (D = 128: 32, to fit sm_86's 99 KB)
   static constexpr int LDS = D + 8;
   using KV = KVTiles<T, BN, D, 2>;  // cp.async of tile it+1 while tile it is computed
-  static constexpr int SMEM = (BM * LDS + KV::SMEM_ELEMS) * (int)sizeof(T);
+  using Skew = SkewTile<T, BN>;
+  static constexpr int WR = BM + BN;  // window rows: the BM + BN - 1 distances of a block tile (+1)
+  // shared memory (elements of T): Q | K/V stages | with relative terms: window | saturated rows | skew scratch x 4
+  static constexpr int BASE = BM * LDS + KV::SMEM_ELEMS;
+  static constexpr int REL = WR * LDS + 16 * LDS + 4 * Skew::ELEMS;
+  static constexpr int SMEM = BASE * (int)sizeof(T);
+  static constexpr int SMEM_REL = (BASE + REL) * (int)sizeof(T);
+  static_assert(SMEM_REL <= 101376, "the forward must fit sm_86 / sm_89's 99 KB of shared memory per block");
 };
 
 template <typename T, int D>
@@ -26,6 +34,8 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   constexpr int BM = Cfg::BM, BN = Cfg::BN, LDS = Cfg::LDS, NT = BN / 8;
   DFA_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* Win = Qs + Cfg::BASE;  // relative terms only (the launch sizes shared memory by that)
+  T* Sat = Win + Cfg::WR * LDS;
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int q0 = blockIdx.x * BM;
@@ -37,9 +47,12 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   const T* qg = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + sv.qrow * p.q_sr;
   const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sv.krow * p.k_sr;
   const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sv.krow * p.v_sr;
-  const T* c2p_bh = p.c2p ? reinterpret_cast<const T*>(p.c2p) + sv.qoff * p.S2 : nullptr;
-  const T* p2c_bh = p.p2c ? reinterpret_cast<const T*>(p.p2c) + sv.koff * p.S2 : nullptr;
+  const bool rel = p.table != nullptr;
+  const T* pk = rel && p.pos_k ? reinterpret_cast<const T*>(p.pos_k) + b * p.pk_sb + h * p.pk_sh : nullptr;
+  const T* pq = rel && p.pos_q ? reinterpret_cast<const T*>(p.pos_q) + b * p.pq_sb + h * p.pq_sh : nullptr;
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
+  const typename Cfg::Skew skew(Sat + 16 * LDS + warp * Cfg::Skew::ELEMS);
+  const T* Qw = Qs + warp * 16 * LDS;
 
   int rows[2];
   bool uni[2];
@@ -56,10 +69,13 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     offset = (uint32_t)p.rng[1];
   }
 
-  const int2 sslot = saturated_slots(p);
-  const float4 c2p_sat = c2p_saturated<T>(p, c2p_bh, sslot, rows, Lq);
-
   load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, Lq);
+  float4 c2p_sat = make_float4(0.f, 0.f, 0.f, 0.f);  // {lo g, lo g+8, hi g, hi g+8}
+  if (rel) {
+    load_sat_rows<T, D>(Sat, p, pk, pq, saturated_slots(p));
+    __syncthreads();  // Q and the saturated rows
+    c2p_sat = c2p_saturated_mma<T, D>(Qw, Sat);
+  }
 
   float o[D / 8][4];
 #pragma unroll
@@ -72,31 +88,59 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     const T* Ks = kv.acquire(k0, stage);
     const T* Vs = Ks + BN * LDS;
 
+    // 0: the band (skew); 1 / 2: beyond it (d <= band_lo / d >= band_hi: one slot); 3: no relative term
+    const int zone = rel ? tile_saturation(p, q0 + warp * 16, 16, k0, BN) : 3;  // warp-uniform
+    if (rel && tile_saturation(p, q0, BM, k0, BN) == 0) {  // block-uniform: some warp's tile lies in the band
+      const int dmin = q0 - k0 - (BN - 1);
+      load_window<T, Cfg::WR, D>(Win, p, pk, p.pk_sr, dmin);
+      __syncthreads();
+      if (zone == 0 && pk != nullptr) skew.template c2p_products<D>(Qw, Win, warp);
+      if (pq != nullptr) {
+        __syncthreads();  // every warp done with the pos_key window
+        load_window<T, Cfg::WR, D>(Win, p, pq, p.pq_sr, dmin);
+        __syncthreads();
+        if (zone == 0) skew.template p2c_products<D>(Ks, Win, warp);
+      }
+      __syncwarp();  // the scratch this warp wrote, visible to its lanes
+    }
+
+    float ps[BN / 16][4];  // saturated: p2c of the tile's keys at the saturated slots (p2c_saturated_mma)
+    const bool sat_rel = zone == 1 || zone == 2;
+    if (sat_rel) p2c_saturated_mma<T, D, BN>(ps, Ks, Sat);
     float s[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    mma_rows_rows<T, D, NT>(s, Qs + warp * 16 * LDS, Ks);
+    mma_rows_rows<T, D, NT>(s, Qw, Ks);
 
     float mx[2] = {-INFINITY, -INFINITY};
-    const int sat = tile_saturation(p, q0 + warp * 16, 16, k0, BN);  // warp-uniform
-    const float crow[2] = {sat == 2 ? c2p_sat.z : c2p_sat.x, sat == 2 ? c2p_sat.w : c2p_sat.y};
-    // saturated: beyond the band, one slot for the whole tile (per-row c2p, one p2c per column, no slot table);
+    // saturated: s = acc * scale + (c2p_row + p2c_col) * scale, the constants scaled once
+    const float crow_s[2] = {(zone == 1 ? c2p_sat.x : zone == 2 ? c2p_sat.z : 0.f) * p.scale_log2,
+                             (zone == 1 ? c2p_sat.y : zone == 2 ? c2p_sat.w : 0.f) * p.scale_log2};
+    // saturated (or no relative term): per-row c2p, one p2c per column; band: the skew's scratch.
     // checked: an edge tile or a masked call (range and key-mask tests per element)
     const bool checked = tile_needs_checks(q0 + warp * 16, 16, Lq, k0, BN, Lk, km_b);
-    dispatch_tile(sat != 0, checked, [&](auto saturated, auto checks) {
+    dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const int j0 = k0 + nt * 8 + 2 * t;
-        const float2 pcv = p2c_pair<T, SAT>(p, p2c_bh, sslot, sat, j0, Lk);
-        const float pc[2] = {pcv.x, pcv.y};
+        float pc_s[2] = {0.f, 0.f};
+        if (SAT && sat_rel) {
+          const float2 v = p2c_saturated_pair<T>(ps, nt, zone, p.scale_log2);
+          pc_s[0] = v.x;
+          pc_s[1] = v.y;
+        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int hh = e >> 1, j = j0 + (e & 1);
-          if constexpr (SAT)
-            s[nt][e] = finish_score<CHECK>(p, s[nt][e], crow[hh], pc[e & 1], rows[hh], j, Lq, Lk, km_b, uni[hh]);
-          else
-            s[nt][e] = score_log2<T, CHECK>(p, s[nt][e], rows[hh], j, Lq, Lk, c2p_bh, p2c_bh, km_b, uni[hh]);
+          const int hh = e >> 1, c = nt * 8 + 2 * t + (e & 1), i = rows[hh], j = k0 + c;
+          if constexpr (SAT) {
+            const float cs = crow_s[hh] + pc_s[e & 1];
+            const float acc = s[nt][e];
+            s[nt][e] = masked_score<CHECK>(i, j, Lq, Lk, km_b, uni[hh], [&] { return fmaf(acc, p.scale_log2, cs); });
+          } else {
+            const float c2pv = pk != nullptr ? skew.c2p_at(g + 8 * hh, c) : 0.f;
+            const float p2cv = pq != nullptr ? skew.p2c_at(g + 8 * hh, c) : 0.f;
+            s[nt][e] = finish_score<CHECK>(p, s[nt][e], c2pv, p2cv, i, j, Lq, Lk, km_b, uni[hh]);
+          }
           mx[hh] = fmaxf(mx[hh], s[nt][e]);
         }
       }
@@ -157,10 +201,11 @@ template <typename T, int D>
 static const char* run_fwd(const Params& p, cudaStream_t stream) {
   using Cfg = FwdCfg<T, D>;
   auto kern = dfa_fwd_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
+  const int smem = p.table != nullptr ? Cfg::SMEM_REL : Cfg::SMEM;
+  cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return cudaGetErrorString(err);
   dim3 grid((p.Lq + Cfg::BM - 1) / Cfg::BM, p.B * p.H);
-  DFA_LAUNCH(kern, grid, kThreads, Cfg::SMEM, stream, p);
+  DFA_LAUNCH(kern, grid, kThreads, smem, stream, p);
   err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

@@ -217,6 +217,38 @@ def varlen_tables(query: torch.Tensor, key: torch.Tensor, pos_key: Optional[torc
     return c2p, p2c
 
 
+def rel_tables(query: torch.Tensor, key: torch.Tensor, pos_key: Optional[torch.Tensor],
+               pos_query: Optional[torch.Tensor]):
+    """``(C2P [B,H,Lq,2S], P2C [B,H,Lk,2S])`` of the padded layout, what the backward kernels gather (None where
+    the term is absent): ``query @ pos_key^T`` and ``key @ pos_query^T`` in the input dtype, as HF's bmm."""
+    c2p = None if pos_key is None else torch.matmul(query, pos_key.transpose(-1, -2)).contiguous()
+    p2c = None if pos_query is None else torch.matmul(key, pos_query.transpose(-1, -2)).contiguous()
+    return c2p, p2c
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``grad [B,H,R,D]`` summed over the batch to ``like``'s shape (``[H,R,D]``, ``[1,H,R,D]`` or ``[B,H,R,D]``)."""
+    if grad.dim() > like.dim():
+        grad = grad.sum(0)
+    elif grad.shape != like.shape:
+        grad = grad.sum(0, keepdim=True)
+    return grad
+
+
+def rel_grads(dq, dk, q, k, pos_key, pos_query, dc2p, dp2c):
+    """The position tables' share of the gradients, from ``dC2P`` / ``dP2C`` (head-major ``[..., H, L, ...]``
+    operands): ``dq += dC2P pos_key``, ``dpos_key = dC2P^T q`` (summed over the batch), and the same for keys.
+    Returns ``(dq, dk, dpos_key, dpos_query)`` (None for an absent term)."""
+    dpk = dpq = None
+    if pos_key is not None:
+        dq = dq + torch.matmul(dc2p, pos_key)
+        dpk = _sum_to(torch.matmul(dc2p.transpose(-1, -2), q), pos_key)
+    if pos_query is not None:
+        dk = dk + torch.matmul(dp2c, pos_query)
+        dpq = _sum_to(torch.matmul(dp2c.transpose(-1, -2), k), pos_query)
+    return dq, dk, dpk, dpq
+
+
 _ops_registered = False
 
 
@@ -246,14 +278,14 @@ def _register_ops():
     OT = Optional[torch.Tensor]
 
     @torch.library.custom_op("deberta_fast::cuda_attn_fwd", mutates_args=())
-    def cuda_attn_fwd(q: T, k: T, v: T, c2p: OT, p2c: OT, table: OT, key_mask: OT, uniform: OT, rng: OT,
+    def cuda_attn_fwd(q: T, k: T, v: T, pos_key: OT, pos_query: OT, table: OT, key_mask: OT, uniform: OT, rng: OT,
                       scale: float, dropout_p: float, band_lo: int, band_hi: int) -> tuple[T, T]:
-        out, lse = _need_ext().fwd(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p, band_lo,
-                                   band_hi)
+        out, lse = _need_ext().fwd(q, k, v, pos_key, pos_query, table, key_mask, uniform, rng, scale, dropout_p,
+                                   band_lo, band_hi)
         return out, lse
 
     @cuda_attn_fwd.register_fake
-    def _(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p, band_lo, band_hi):
+    def _(q, k, v, pos_key, pos_query, table, key_mask, uniform, rng, scale, dropout_p, band_lo, band_hi):
         B, H, Lq, D = q.shape
         return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq, dtype=torch.float32)
 
@@ -275,13 +307,14 @@ def _register_ops():
         return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lk, D), q.new_empty(B, H, Lk, D), dc2p, dp2c
 
     def setup_context(ctx, inputs, output):
-        q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p, band_lo, band_hi = inputs
+        q, k, v, pos_key, pos_query, table, key_mask, uniform, rng, scale, dropout_p, band_lo, band_hi = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, c2p, p2c, table, key_mask, uniform, rng, out, lse)
+        ctx.save_for_backward(q, k, v, pos_key, pos_query, table, key_mask, uniform, rng, out, lse)
         ctx.scale, ctx.dropout_p, ctx.band_lo, ctx.band_hi = scale, dropout_p, band_lo, band_hi
 
     def backward(ctx, dout, dlse):
-        q, k, v, c2p, p2c, table, key_mask, uniform, rng, out, lse = ctx.saved_tensors
+        q, k, v, pos_key, pos_query, table, key_mask, uniform, rng, out, lse = ctx.saved_tensors
+        c2p, p2c = rel_tables(q, k, pos_key, pos_query)
         dmin, w, perm, offs = 0, 0, None, None
         if c2p is not None or p2c is not None:
             s2 = (c2p if c2p is not None else p2c).shape[-1]
@@ -289,22 +322,22 @@ def _register_ops():
         dq, dk, dv, dc2p, dp2c = torch.ops.deberta_fast.cuda_attn_bwd(
             aligned(dout), q, k, v, out, lse, c2p, p2c, table, key_mask, uniform, rng, ctx.scale, ctx.dropout_p,
             dmin, w, perm, offs, ctx.band_lo, ctx.band_hi)
-        return (dq, dk, dv, dc2p if c2p is not None else None, dp2c if p2c is not None else None,
-                None, None, None, None, None, None, None, None)
+        dq, dk, dpk, dpq = rel_grads(dq, dk, q, k, pos_key, pos_query, dc2p, dp2c)
+        return dq, dk, dv, dpk, dpq, None, None, None, None, None, None, None, None
 
     cuda_attn_fwd.register_autograd(backward, setup_context=setup_context)
 
     # ------------------------------------------------------------------ packed varlen
     @torch.library.custom_op("deberta_fast::cuda_varlen_fwd", mutates_args=())
-    def cuda_varlen_fwd(q: T, k: T, v: T, c2p: OT, p2c: OT, table: OT, cu_seqlens_q: T, cu_seqlens_k: T,
+    def cuda_varlen_fwd(q: T, k: T, v: T, pos_key: OT, pos_query: OT, table: OT, cu_seqlens_q: T, cu_seqlens_k: T,
                         max_seqlen_q: int, max_seqlen_k: int, rng: OT, scale: float, dropout_p: float,
                         band_lo: int, band_hi: int) -> tuple[T, T]:
-        out, lse = _need_ext().varlen_fwd(q, k, v, c2p, p2c, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                          max_seqlen_k, rng, scale, dropout_p, band_lo, band_hi)
+        out, lse = _need_ext().varlen_fwd(q, k, v, pos_key, pos_query, table, cu_seqlens_q, cu_seqlens_k,
+                                          max_seqlen_q, max_seqlen_k, rng, scale, dropout_p, band_lo, band_hi)
         return out, lse
 
     @cuda_varlen_fwd.register_fake
-    def _(q, k, v, c2p, p2c, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng, scale,
+    def _(q, k, v, pos_key, pos_query, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng, scale,
           dropout_p, band_lo, band_hi):
         Tq, H, D = q.shape
         return q.new_empty(Tq, H, D), q.new_empty(H, Tq, dtype=torch.float32)
@@ -327,14 +360,16 @@ def _register_ops():
         return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape), dc2p, dp2c
 
     def varlen_setup_context(ctx, inputs, output):
-        (q, k, v, c2p, p2c, table, cu_q, cu_k, max_q, max_k, rng, scale, dropout_p, band_lo, band_hi) = inputs
+        (q, k, v, pos_key, pos_query, table, cu_q, cu_k, max_q, max_k, rng, scale, dropout_p, band_lo,
+         band_hi) = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, c2p, p2c, table, cu_q, cu_k, rng, out, lse)
+        ctx.save_for_backward(q, k, v, pos_key, pos_query, table, cu_q, cu_k, rng, out, lse)
         ctx.max_q, ctx.max_k = max_q, max_k
         ctx.scale, ctx.dropout_p, ctx.band_lo, ctx.band_hi = scale, dropout_p, band_lo, band_hi
 
     def varlen_backward(ctx, dout, dlse):
-        q, k, v, c2p, p2c, table, cu_q, cu_k, rng, out, lse = ctx.saved_tensors
+        q, k, v, pos_key, pos_query, table, cu_q, cu_k, rng, out, lse = ctx.saved_tensors
+        c2p, p2c = varlen_tables(q, k, pos_key, pos_query)
         dmin, w, perm, offs = 0, 0, None, None
         if c2p is not None or p2c is not None:
             s2 = (c2p if c2p is not None else p2c).shape[-1]
@@ -343,7 +378,10 @@ def _register_ops():
         dq, dk, dv, dc2p, dp2c = torch.ops.deberta_fast.cuda_varlen_bwd(
             aligned(dout), q, k, v, out, lse, c2p, p2c, table, cu_q, cu_k, ctx.max_q, ctx.max_k, rng, ctx.scale,
             ctx.dropout_p, dmin, w, perm, offs, ctx.band_lo, ctx.band_hi)
-        return (dq, dk, dv, dc2p if c2p is not None else None, dp2c if p2c is not None else None,
+        # token-major [T, H, D] <-> the head-major tables [H, T, 2S]
+        dqh, dkh, dpk, dpq = rel_grads(dq.transpose(0, 1), dk.transpose(0, 1), q.transpose(0, 1),
+                                       k.transpose(0, 1), pos_key, pos_query, dc2p, dp2c)
+        return (dqh.transpose(0, 1), dkh.transpose(0, 1), dv, dpk, dpq,
                 None, None, None, None, None, None, None, None, None, None)
 
     cuda_varlen_fwd.register_autograd(varlen_backward, setup_context=varlen_setup_context)

@@ -114,7 +114,8 @@ def test_fake_kernels_give_shapes():
         q = torch.empty(2, 3, 5, 64, dtype=torch.float16)
         k = torch.empty(2, 3, 7, 64, dtype=torch.float16)
         c2p = torch.empty(2, 3, 5, 16, dtype=torch.float16)
-        out, lse = ops.cuda_attn_fwd(q, k, k, c2p, None, None, None, None, None, 0.1, 0.0, -8, 8)
+        pos_key = torch.empty(3, 16, 64, dtype=torch.float16)
+        out, lse = ops.cuda_attn_fwd(q, k, k, pos_key, None, None, None, None, None, 0.1, 0.0, -8, 8)
         assert out.shape == (2, 3, 5, 64) and lse.shape == (2, 3, 5) and lse.dtype == torch.float32
         dq, dk, dv, dc2p, dp2c = ops.cuda_attn_bwd(q, q, k, k, q, lse, c2p, None, None, None, None, None, 0.1,
                                                    0.0, 0, 1, None, None)
@@ -303,13 +304,11 @@ def test_gpu_lengths_masks_buckets(Lq, Lk, buckets, max_rel, masked):
 
 def _direct(q, k, v, pk, pq, buckets, max_rel, mask, p, seed, offset=0):
     call = call_of(q, k, v, pk, pq, mask=mask, buckets=buckets, max_rel=max_rel, dropout_p=p)
-    c2p = torch.matmul(q, pk.transpose(-1, -2)).contiguous() if pk is not None else None
-    p2c = torch.matmul(k, pq.transpose(-1, -2)).contiguous() if pq is not None else None
     lo, hi = (call.band().lo, call.band().hi) if call.has_rel else (0, 0)
     rng = torch.tensor([seed, offset], dtype=torch.int64, device=q.device)
     uni = call.uniform_rows.contiguous() if call.uniform_rows is not None else None
     km = call.key_mask.contiguous() if call.key_mask is not None else None
-    return _cuda_ext.ops().cuda_attn_fwd(q, k, v, c2p, p2c, call.slot_table() if call.has_rel else None, km, uni,
+    return _cuda_ext.ops().cuda_attn_fwd(q, k, v, pk, pq, call.slot_table() if call.has_rel else None, km, uni,
                                          rng, call.scale, p, lo, hi)
 
 
@@ -383,7 +382,7 @@ def test_gpu_rows_without_keys_lse_inf_and_finite_backward():
     p2c = torch.matmul(k, pq.transpose(-1, -2)).contiguous()
     table, lo, hi = call.slot_table(), call.band().lo, call.band().hi
     ops = _cuda_ext.ops()
-    out, lse = ops.cuda_attn_fwd(q, k, v, c2p, p2c, table, km, None, None, call.scale, 0.0, lo, hi)
+    out, lse = ops.cuda_attn_fwd(q, k, v, pk, pq, table, km, None, None, call.scale, 0.0, lo, hi)
     assert bool((lse[1] == math.inf).all()) and bool(torch.isfinite(lse[0]).all())
     assert bool((out[1] == 0).all())
     dmin, w, perm, offs = _cuda_ext.band_window(table, L, L, lo, hi, c2p.shape[-1])
@@ -426,6 +425,20 @@ def test_gpu_kernel_errors_are_actionable():
     if not SIM:
         with pytest.raises(RuntimeError, match="CUDA tensor"):
             _cuda_ext._need_ext().fwd(q.cpu(), q, q, None, None, None, None, None, None, 0.1, 0.0)
+    # the forward's position rows
+    pk = torch.randn(2, 16, 64, device=DEV, dtype=torch.float16)
+    table = torch.zeros(15, dtype=torch.int32, device=DEV)
+    cases = [
+        ((pk[..., :32].contiguous(), None, table), r"pos_key must be \[H, 2\*span, D\] = \[2, R, 64\]"),
+        ((pk.bfloat16(), None, table), "pos_key must be a Half tensor"),
+        ((pk, pk[:, :8], table), "pos_key and pos_query must have the same rows"),
+        ((pk, None, None), "relative terms need the slot table"),
+        ((None, pk.flatten()[1:].view(-1)[:2 * 15 * 64].view(2, 15, 64), table), "16-byte aligned rows"),
+        ((pk[None].expand(3, 2, 16, 64), None, table), r"or \[B\|1, H, R, D\]"),
+    ]
+    for (pos_key, pos_query, tb), err in cases:
+        with pytest.raises(RuntimeError, match=err):
+            _cuda_ext._need_ext().fwd(q, q, q, pos_key, pos_query, tb, None, None, None, 0.1, 0.0)
 
 
 @gpu
@@ -454,11 +467,10 @@ def test_custom_ops_opcheck():
     call = build_call(q, k, v, pk, pq, position_buckets=4, max_relative_positions=8, attention_mask=None,
                       scale=None, dropout_p=0.0)
     table, rows, lo, hi = _positions(call)
-    c2p = (q @ pk[..., rows, :].transpose(-1, -2)).contiguous()
-    p2c = (k @ pq[..., rows, :].transpose(-1, -2)).contiguous()
+    pk_rows, pq_rows = pk[..., rows, :].contiguous(), pq[..., rows, :].contiguous()
     km = torch.ones(2, 29, dtype=torch.bool, device=DEV)
     km[1, 20:] = False
     rng = torch.tensor([1234, 0], dtype=torch.int64, device=DEV)
     for key_mask, p in ((None, 0.0), (km, 0.1)):
-        args = (q, k, v, c2p, p2c, table, key_mask, None, rng if p else None, float(call.scale), p, lo, hi)
+        args = (q, k, v, pk_rows, pq_rows, table, key_mask, None, rng if p else None, float(call.scale), p, lo, hi)
         torch.library.opcheck(_cuda_ext.ops().cuda_attn_fwd, args, test_utils=("test_schema", "test_faketensor"))

@@ -51,10 +51,10 @@ def fwd_args(B=2, H=3, Lq=5, Lk=7, D=32, S2=8, dtype=torch.float16, p=0.0, rel=T
     """Padded fwd arguments, q/k/v in HF's [B, L, H, D] memory (non-contiguous [B, H, L, D] views)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (_r(B, L, H, D, dtype=dtype, g=g).transpose(1, 2) for L in (Lq, Lk, Lk))
-    a = dict(q=q, k=k, v=v, c2p=None, p2c=None, table=None, key_mask=None, uniform=None, rng=None,
+    a = dict(q=q, k=k, v=v, pos_key=None, pos_query=None, table=None, key_mask=None, uniform=None, rng=None,
              scale=0.125, p_drop=p)
-    if rel:
-        a.update(c2p=_r(B, H, Lq, S2, dtype=dtype, g=g), p2c=_r(B, H, Lk, S2, dtype=dtype, g=g),
+    if rel:  # pos_key shared by the batch [H, S2, D], pos_query per element [B, H, S2, D]
+        a.update(pos_key=_r(H, S2, D, dtype=dtype, g=g), pos_query=_r(B, H, S2, D, dtype=dtype, g=g),
                  table=relative_slot_table(Lq, Lk, 4, 16, S2 // 2))
     if masks:
         a.update(key_mask=torch.rand(B, Lk, generator=g) > 0.3, uniform=torch.zeros(B, 1, Lq, dtype=torch.bool))
@@ -63,9 +63,16 @@ def fwd_args(B=2, H=3, Lq=5, Lk=7, D=32, S2=8, dtype=torch.float16, p=0.0, rel=T
     return a
 
 
-def _bwd_extra(a, Lq, Lk, lse_shape):
-    """dout / out / lse and the band window (deberta_fast._cuda_ext.band_window) of a fwd-style dict."""
+def _bwd_extra(a, Lq, Lk, lse_shape, tables):
+    """dout / out / lse, the tables (C2P / P2C for pos_key / pos_query: `tables` -> their shapes) and the band
+    window (deberta_fast._cuda_ext.band_window) of a fwd-style dict."""
     q = a["q"]
+    pk, pq = a.pop("pos_key"), a.pop("pos_query")
+    S2 = (pk if pk is not None else pq).shape[-2] if (pk is not None or pq is not None) else 0
+    shape_q, shape_k = tables(S2)
+    a = dict(list(a.items())[:3] + [("c2p", None if pk is None else _r(*shape_q, dtype=q.dtype)),
+                                    ("p2c", None if pq is None else _r(*shape_k, dtype=q.dtype))]
+             + list(a.items())[3:])
     b = dict(dout=torch.randn(q.shape).to(q.dtype), out=torch.randn(q.shape).to(q.dtype),
              lse=torch.randn(lse_shape), **a, dmin=0, W=0, perm=None, offs=None)
     if a["table"] is not None:
@@ -75,7 +82,7 @@ def _bwd_extra(a, Lq, Lk, lse_shape):
 
 
 def bwd_args(B=2, H=3, Lq=5, Lk=7, **kw):
-    return _bwd_extra(fwd_args(B, H, Lq, Lk, **kw), Lq, Lk, (B, H, Lq))
+    return _bwd_extra(fwd_args(B, H, Lq, Lk, **kw), Lq, Lk, (B, H, Lq), lambda S2: ((B, H, Lq, S2), (B, H, Lk, S2)))
 
 
 def varlen_fwd_args(lens_q=(3, 0, 5), lens_k=(4, 2, 0), H=2, D=64, S2=8, dtype=torch.bfloat16, p=0.0, rel=True):
@@ -83,12 +90,12 @@ def varlen_fwd_args(lens_q=(3, 0, 5), lens_k=(4, 2, 0), H=2, D=64, S2=8, dtype=t
     Tq, Tk = sum(lens_q), sum(lens_k)
     max_q, max_k = max(max(lens_q), 1), max(max(lens_k), 1)
     a = dict(q=_r(Tq, H, D, dtype=dtype, g=g), k=_r(Tk, H, D, dtype=dtype, g=g), v=_r(Tk, H, D, dtype=dtype, g=g),
-             c2p=None, p2c=None, table=None,
+             pos_key=None, pos_query=None, table=None,
              cu_seqlens_q=torch.tensor([0, *np.cumsum(lens_q)], dtype=torch.int32),
              cu_seqlens_k=torch.tensor([0, *np.cumsum(lens_k)], dtype=torch.int32),
              max_seqlen_q=max_q, max_seqlen_k=max_k, rng=None, scale=0.1, p_drop=p)
     if rel:
-        a.update(c2p=_r(H, Tq, S2, dtype=dtype, g=g), p2c=_r(H, Tk, S2, dtype=dtype, g=g),
+        a.update(pos_key=_r(H, S2, D, dtype=dtype, g=g), pos_query=_r(H, S2, D, dtype=dtype, g=g),
                  table=relative_slot_table(max_q, max_k, 4, 16, S2 // 2))
     if p > 0:
         a["rng"] = torch.tensor([7, 8], dtype=torch.int64)
@@ -97,7 +104,8 @@ def varlen_fwd_args(lens_q=(3, 0, 5), lens_k=(4, 2, 0), H=2, D=64, S2=8, dtype=t
 
 def varlen_bwd_args(**kw):
     a = varlen_fwd_args(**kw)
-    return _bwd_extra(a, a["max_seqlen_q"], a["max_seqlen_k"], (a["q"].shape[1], a["q"].shape[0]))
+    H, Tq, Tk = a["q"].shape[1], a["q"].shape[0], a["k"].shape[0]
+    return _bwd_extra(a, a["max_seqlen_q"], a["max_seqlen_k"], (H, Tq), lambda S2: ((H, Tq, S2), (H, Tk, S2)))
 
 
 ARGS = {"fwd": fwd_args, "bwd": bwd_args, "varlen_fwd": varlen_fwd_args, "varlen_bwd": varlen_bwd_args}
@@ -159,7 +167,11 @@ def test_fwd_params(ext, dtype, D):
         _expect_tensor(P, name, t, t.stride()[:3])
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     assert lse.shape == (2, 3, 5) and lse.dtype == torch.float32 and P["lse"] == lse.data_ptr()
-    assert (P["c2p"], P["p2c"], P["table"]) == (a["c2p"].data_ptr(), a["p2c"].data_ptr(), a["table"].data_ptr())
+    pk, pq = a["pos_key"], a["pos_query"]
+    assert (P["pos_k"], P["pos_q"], P["table"]) == (pk.data_ptr(), pq.data_ptr(), a["table"].data_ptr())
+    assert (P["pk_sb"], P["pk_sh"], P["pk_sr"]) == (0, 8 * D, D)  # [H, S2, D]: shared by the batch
+    assert (P["pq_sb"], P["pq_sh"], P["pq_sr"]) == (3 * 8 * D, 8 * D, D)
+    assert (P["c2p"], P["p2c"]) == (0, 0)  # the forward takes no tables
     assert (P["key_mask"], P["km_sb"]) == (a["key_mask"].data_ptr(), 7)
     assert (P["uniform"], P["un_sb"], P["un_sh"]) == (a["uniform"].data_ptr(), 5, 0)  # [B, 1, Lq]: no head stride
     assert P["scale"] == _f32(0.125) and P["scale_log2"] == _f32(0.125 * 1.4426950408889634)
@@ -173,15 +185,16 @@ def test_fwd_params_without_relative_terms_and_masks(ext):
     a = fwd_args(rel=False, masks=False)
     _, [l] = launches(ext, ext.fwd, **a)
     P = l["params"]
-    assert (P["c2p"], P["p2c"], P["table"], P["S2"], P["key_mask"], P["uniform"]) == (0, 0, 0, 0, 0, 0)
+    assert (P["pos_k"], P["pos_q"], P["table"], P["S2"], P["key_mask"], P["uniform"]) == (0, 0, 0, 0, 0, 0)
 
 
 def test_fwd_params_per_head_uniform_rows_and_c2p_only(ext):
     a = fwd_args()
-    a.update(uniform=torch.zeros(2, 3, 5, dtype=torch.bool), p2c=None)
+    a.update(uniform=torch.zeros(2, 3, 5, dtype=torch.bool), pos_query=None,
+             pos_key=a["pos_query"][:1])  # [1, H, S2, D]: batch stride 0
     _, [l] = launches(ext, ext.fwd, **a)
     P = l["params"]
-    assert (P["un_sb"], P["un_sh"], P["p2c"], P["S2"]) == (15, 5, 0, 8)
+    assert (P["un_sb"], P["un_sh"], P["pos_q"], P["S2"], P["pk_sb"]) == (15, 5, 0, 8, 0)
 
 
 @pytest.mark.parametrize("p", [1e-12, 0.1, 0.25, 0.5, 0.9, 1 - 2 ** -33, 1 - 2 ** -40])
@@ -306,6 +319,14 @@ def _set(**kw):
     return lambda a: a.update({k: v(a) if callable(v) else v for k, v in kw.items()})
 
 
+def _no_rel(**kw):
+    """`_set(**kw)`, and no relative term (whichever of pos_key / pos_query / c2p / p2c the entry takes)."""
+    def mutate(a):
+        a.update({k: None for k in ("pos_key", "pos_query", "c2p", "p2c", "table") if k in a})
+        _set(**kw)(a)
+    return mutate
+
+
 def _qkv(fn):
     """A mutation replacing each of q, k, v by fn(it)."""
     return lambda a: a.update({n: fn(a[n]) for n in "qkv"})
@@ -328,7 +349,7 @@ BAD_PADDED = [
     ("q 3-D", _set(q=lambda a: a["q"][0]), "query must be 4-D"),
     ("k 3-D", _set(k=lambda a: a["k"][0]), "key must be 4-D"),
     ("head_dim 48", _qkv(lambda t: torch.zeros(*t.shape[:-1], 48, dtype=t.dtype)), "head_dim must be 32, 64 or 128"),
-    ("Lq 0", _set(q=lambda a: a["q"][:, :, :0], c2p=None, p2c=None, table=None), "empty input"),
+    ("Lq 0", _no_rel(q=lambda a: a["q"][:, :, :0]), "empty input"),
     ("B*H", _set(q=lambda a: a["q"][:1, :1].expand(65536, 1, 5, 32)), r"B\*H must be <= 65535"),
     ("too long", _set(q=lambda a: a["q"][:, :, :1].expand(2, 3, 2 ** 30, 32)), "sequence too long"),
     ("q on meta", _set(q=lambda a: _meta(a["q"])), "query must be a CUDA tensor"),
@@ -341,17 +362,10 @@ BAD_PADDED = [
     ("q misaligned", _set(q=lambda a: _misaligned(a["q"].contiguous())), "query rows must be 16-byte aligned"),
     ("v row stride", _set(v=lambda a: torch.zeros(2, 3, 7, 36, dtype=HALF)[..., :32]),
      "value rows must be 16-byte aligned"),
-    ("c2p dtype", _set(c2p=lambda a: a["c2p"].bfloat16()), r"c2p table \(query @ pos_key\^T\) must have dtype"),
-    ("c2p on meta", _set(c2p=lambda a: _meta(a["c2p"])), "c2p table .* must be on cpu"),
-    ("c2p rows", _set(c2p=lambda a: a["c2p"][:, :, :-1]), r"c2p table .* must be \[B, H, 5, 2\*span=8\]"),
-    ("c2p strided", _set(c2p=lambda a: a["c2p"].transpose(-1, -2).contiguous().transpose(-1, -2)),
-     "c2p table .* must be contiguous"),
-    ("p2c width", _set(p2c=lambda a: a["p2c"][..., :6].contiguous()), r"p2c table .* must be \[B, H, 7, 2\*span=8\]"),
     ("table missing", _set(table=None), "relative terms need the slot table"),
     ("table int64", _set(table=lambda a: a["table"].long()), "slot table must be a contiguous int32"),
     ("table length", _set(table=lambda a: a["table"][:-1]), "slot table must be a contiguous int32"),
     ("table on meta", _set(table=lambda a: _meta(a["table"])), "slot table must be a contiguous int32"),
-    ("S2 >= 2^31", _set(c2p=lambda a: a["c2p"][..., :1].expand(2, 3, 5, 2 ** 31)), r"more than 2\^31 - 1"),
     ("key_mask uint8", _set(key_mask=lambda a: a["key_mask"].to(torch.uint8)), "key_mask must be a bool"),
     ("key_mask shape", _set(key_mask=torch.ones(2, 8, dtype=torch.bool)), "key_mask must be a bool"),
     ("key_mask strided", _set(key_mask=torch.ones(2, 14, dtype=torch.bool)[:, ::2]), "key_mask must be a bool"),
@@ -359,6 +373,28 @@ BAD_PADDED = [
     ("uniform dtype", _set(uniform=torch.zeros(2, 1, 5)), "uniform_rows must be a bool"),
     ("scale nan", _set(scale=math.nan), "scale must be finite"),
     ("scale inf", _set(scale=-math.inf), "scale must be finite"),
+]
+BAD_POS = [
+    ("pos_key dtype", _set(pos_key=lambda a: a["pos_key"].bfloat16()), "pos_key must be a Half tensor"),
+    ("pos_key on meta", _set(pos_key=lambda a: _meta(a["pos_key"])), "pos_key must be a Half tensor on cpu"),
+    ("pos_key head dim", _set(pos_key=lambda a: a["pos_key"][..., :16]), r"pos_key must be \[H, 2\*span, D\]"),
+    ("pos_query heads", _set(pos_query=lambda a: a["pos_query"][:, :2]), r"or \[B\|1, H, R, D\], got"),
+    ("pos_query 2-D", _set(pos_query=lambda a: a["pos_query"][0, 0]), r"pos_query must be \[H, 2\*span, D\]"),
+    ("rows differ", _set(pos_query=lambda a: a["pos_query"][:, :, :6]), "must have the same rows"),
+    ("pos_key strided", _set(pos_key=lambda a: torch.zeros(3, 8, 64, dtype=HALF)[..., ::2]),
+     "pos_key must have a contiguous last dimension"),
+    ("pos_query misaligned", _set(pos_query=lambda a: _misaligned(a["pos_query"])), "16-byte aligned rows"),
+    ("rows >= 2^31", _set(pos_key=lambda a: a["pos_key"][:, :1].expand(3, 2 ** 31, 32), pos_query=None),
+     r"more than 2\^31 - 1 rows"),
+]
+BAD_TABLES = [
+    ("c2p dtype", _set(c2p=lambda a: a["c2p"].bfloat16()), r"c2p table \(query @ pos_key\^T\) must have dtype"),
+    ("c2p on meta", _set(c2p=lambda a: _meta(a["c2p"])), "c2p table .* must be on cpu"),
+    ("c2p rows", _set(c2p=lambda a: a["c2p"][:, :, :-1]), r"c2p table .* must be \[B, H, 5, 2\*span=8\]"),
+    ("c2p strided", _set(c2p=lambda a: a["c2p"].transpose(-1, -2).contiguous().transpose(-1, -2)),
+     "c2p table .* must be contiguous"),
+    ("p2c width", _set(p2c=lambda a: a["p2c"][..., :6].contiguous()), r"p2c table .* must be \[B, H, 7, 2\*span=8\]"),
+    ("S2 >= 2^31", _set(c2p=lambda a: a["c2p"][..., :1].expand(2, 3, 5, 2 ** 31)), r"more than 2\^31 - 1"),
 ]
 BAD_BWD = [
     ("dout shape", _set(dout=lambda a: a["dout"][:, :, :-1]), "grad_out has shape"),
@@ -399,12 +435,18 @@ BAD_VARLEN = [
      r"N\*H \(sequences x heads\) must be <= 65535"),
     ("max_q 0", _set(max_seqlen_q=0), "max_seqlen_q, max_seqlen_k must be >= 1"),
     ("max too long", _set(max_seqlen_q=2 ** 29, max_seqlen_k=2 ** 29), "max_seqlen_q, max_seqlen_k must be >= 1 with"),
-    ("2^31 tokens", _set(q=lambda a: a["q"][:1].expand(2 ** 31, 2, 64), c2p=None, p2c=None, table=None),
+    ("2^31 tokens", _no_rel(q=lambda a: a["q"][:1].expand(2 ** 31, 2, 64)),
      "total tokens must fit int32"),
+    ("table length", _set(table=lambda a: a["table"][:-1]), "Lq\\+Lk-1 = 8"),
+]
+BAD_VARLEN_POS = [
+    ("pos_key batched", _set(pos_key=lambda a: a["pos_key"][None]), r"pos_key must be \[H, 2\*span, D\] = \[2, R, 64\], got"),
+    ("pos_query dtype", _set(pos_query=lambda a: a["pos_query"].half()), "pos_query must be a BFloat16 tensor"),
+]
+BAD_VARLEN_TABLES = [
     ("c2p tokens", _set(c2p=lambda a: a["c2p"][:, :-1].contiguous()),
      r"c2p table .* must be contiguous \[H, total_tokens"),
     ("p2c dtype", _set(p2c=lambda a: a["p2c"].half()), "p2c table .* must be a BFloat16 tensor"),
-    ("table length", _set(table=lambda a: a["table"][:-1]), "Lq\\+Lk-1 = 8"),
 ]
 BAD_VARLEN_BWD = [
     ("dout tokens", _set(dout=lambda a: a["dout"][:-1]), r"grad_out must be \[total_tokens=8"),
@@ -421,8 +463,9 @@ BAD_DROPOUT = [
     ("rng strided", _set(rng=torch.zeros(4, dtype=torch.int64)[::2]), "dropout needs rng"),
     ("rng on meta", _set(rng=lambda a: _meta(a["rng"])), "dropout needs rng"),
 ]
-CASES = ([("fwd", *c) for c in BAD_PADDED] + [("bwd", *c) for c in BAD_PADDED[:8] + BAD_BWD]
-         + [("varlen_fwd", *c) for c in BAD_VARLEN] + [("varlen_bwd", *c) for c in BAD_VARLEN[:4] + BAD_VARLEN_BWD]
+CASES = ([("fwd", *c) for c in BAD_PADDED + BAD_POS] + [("bwd", *c) for c in BAD_PADDED + BAD_TABLES + BAD_BWD]
+         + [("varlen_fwd", *c) for c in BAD_VARLEN + BAD_VARLEN_POS]
+         + [("varlen_bwd", *c) for c in BAD_VARLEN + BAD_VARLEN_TABLES + BAD_VARLEN_BWD]
          + [(e, *c) for e in ARGS for c in BAD_DROPOUT])
 
 

@@ -33,6 +33,7 @@ def sim():
 
 @pytest.mark.parametrize("name,error", [
     ("divergent_shuffle", "64 at a warp collective"),
+    ("divergent_syncwarp", "at a warp collective"),
     ("barrier_after_exit", "127 threads wait at __syncthreads, 0 at a warp collective, 1 exited"),
     ("smem_over_default", "65536 bytes of dynamic shared memory, 49152 allowed"),
     ("smem_over_optin", "204800 bytes of dynamic shared memory exceed the 166912"),
@@ -55,10 +56,11 @@ def test_simulator_shows_a_missing_barrier(sim):
 
 
 def test_simulator_collectives(sim):
-    """Quad sums by __shfl_xor_sync and one mma.sync m16n8k16 (fragments as in the PTX ISA) on known matrices."""
+    """Quad sums by __shfl_xor_sync, an indexed __shfl_sync and one mma.sync m16n8k16 (fragments as in the PTX ISA)
+    on known matrices."""
     err, out = sim.sim_selftest("collectives")
     assert err == ""
-    out = torch.tensor(out).view(32, 5)
+    out = torch.tensor(out).view(32, 6)
     lane = torch.arange(32)
     assert torch.equal(out[:, 0], (4 * (lane // 4) * 4 + 6).float())
     r, k, n = torch.arange(16.)[:, None], torch.arange(16.)[None, :], torch.arange(8.)[None, :]
@@ -67,7 +69,8 @@ def test_simulator_collectives(sim):
     D = A @ B
     g, t = lane // 4, lane % 4
     want = torch.stack([D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]], 1).float()
-    assert torch.equal(out[:, 1:], want)
+    assert torch.equal(out[:, 1:5], want)
+    assert torch.equal(out[:, 5], (10 * ((7 * lane) % 32)).float())
 
 
 def test_simulator_ldmatrix(sim):

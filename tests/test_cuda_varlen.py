@@ -113,7 +113,8 @@ def test_varlen_fake_kernels_give_shapes():
         c2p = torch.empty(3, 11, 16, dtype=torch.float16)
         p2c = torch.empty(3, 13, 16, dtype=torch.float16)
         cu = torch.empty(3, dtype=torch.int32)
-        out, lse = ops.cuda_varlen_fwd(q, k, k, c2p, p2c, None, cu, cu, 8, 9, None, 0.1, 0.0, -8, 8)
+        pos = torch.empty(3, 16, 64, dtype=torch.float16)
+        out, lse = ops.cuda_varlen_fwd(q, k, k, pos, pos, None, cu, cu, 8, 9, None, 0.1, 0.0, -8, 8)
         assert out.shape == (11, 3, 64) and lse.shape == (3, 11) and lse.dtype == torch.float32
         dq, dk, dv, dc2p, dp2c = ops.cuda_varlen_bwd(q, q, k, k, q, lse, c2p, None, None, cu, cu, 8, 9, None, 0.1,
                                                      0.0, 0, 1, None, None)
@@ -387,10 +388,9 @@ def test_gpu_varlen_lengths_buckets(lens_q, lens_k, buckets, max_rel):
 def _direct(q, k, v, pk, pq, cq, ck, max_q, max_k, buckets, max_rel, p, seed, offset=0):
     call = build_varlen_call(q, k, v, pk, pq, cq, ck, max_q, max_k, position_buckets=buckets,
                              max_relative_positions=max_rel, scale=None, dropout_p=p)
-    c2p, p2c = _cuda_ext.varlen_tables(q, k, pk, pq)
     lo, hi = (call.band().lo, call.band().hi) if call.has_rel else (0, 0)
     rng = torch.tensor([seed, offset], dtype=torch.int64, device=q.device)
-    return _cuda_ext.ops().cuda_varlen_fwd(q, k, v, c2p, p2c, call.slot_table() if call.has_rel else None, cq, ck,
+    return _cuda_ext.ops().cuda_varlen_fwd(q, k, v, pk, pq, call.slot_table() if call.has_rel else None, cq, ck,
                                            max_q, max_k, rng, call.scale, p, lo, hi)
 
 
@@ -514,9 +514,13 @@ def test_gpu_varlen_errors_are_actionable():
     ext = _cuda_ext._need_ext()
     with pytest.raises(RuntimeError, match="int32"):
         ext.varlen_fwd(q, k, v, None, None, None, cq.long(), ck, 7, 7, None, 0.1, 0.0)
+    with pytest.raises(RuntimeError, match=r"pos_key must be \[H, 2\*span, D\]"):
+        pos = torch.zeros(1, 2, 16, 64, device=DEV, dtype=q.dtype)  # batched: padded layout only
+        ext.varlen_fwd(q, k, v, pos, None, None, cq, ck, 7, 7, None, 0.1, 0.0)
     with pytest.raises(RuntimeError, match=r"\[H, total_tokens, 2\*span\]"):
         c2p = torch.zeros(11, 2, 16, device=DEV, dtype=q.dtype)  # [T, H, 2S] instead of [H, T, 2S]
-        ext.varlen_fwd(q, k, v, c2p, None, None, cq, ck, 7, 7, None, 0.1, 0.0)
+        ext.varlen_bwd(q, q, k, v, q, torch.zeros(2, 11, device=DEV), c2p, None, None, cq, ck, 7, 7, None, 0.1,
+                       0.0, 0, 0, None, None)
     with pytest.raises(RuntimeError, match="3-D"):
         ext.varlen_fwd(q[None], k, v, None, None, None, cq, ck, 7, 7, None, 0.1, 0.0)
     with pytest.raises(ValueError, match="longer than max_seqlen_q=5"):

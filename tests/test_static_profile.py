@@ -30,3 +30,15 @@ def test_main_loop_found_with_its_mma_and_gathers():
 
 def test_loops_without_mma_are_not_main_loops():
     assert main_loops(parse(SASS.replace("HMMA.16816.F32", "FFMA"))) == []
+
+
+def test_out_of_line_jump_back_is_not_a_loop():
+    """A slow path placed after the loop that jumps back into it (as nvcc lays out a warp-synchronous shuffle's
+    retry) is a backward branch that closes no loop: no forward path leads from its target to it."""
+    sass = SASS.replace("        /*0090*/                   EXIT ;", """        /*0090*/                   EXIT ;
+        /*00a0*/                   SHFL.IDX PT, R4, R4, R5, 0x1f ;
+        /*00b0*/                   BRA 0x60 ;""").replace("@P0 BRA 0x60", "@P0 BRA 0xa0")
+    insts = parse(sass)
+    assert loop_paths(insts, 0x60, 0xb0) is None
+    (lp,) = main_loops(insts)
+    assert (lp["head"], lp["tail"]) == (0x10, 0x80)

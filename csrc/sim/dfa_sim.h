@@ -73,6 +73,14 @@ struct ShflIn {
   V v;
   int lane_mask;
 };
+inline void nothing_all(const unsigned char (*)[kLaneBytes], unsigned char (*)[kLaneBytes]) {}
+template <typename V>
+void shfl_idx_all(const unsigned char (*in)[kLaneBytes], unsigned char (*out)[kLaneBytes]) {
+  for (int l = 0; l < 32; ++l) {
+    const int src = reinterpret_cast<const ShflIn<V>*>(in[l])->lane_mask & 31;  // the source lane
+    *reinterpret_cast<V*>(out[l]) = reinterpret_cast<const ShflIn<V>*>(in[src])->v;
+  }
+}
 template <typename V>
 void shfl_xor_all(const unsigned char (*in)[kLaneBytes], unsigned char (*out)[kLaneBytes]) {
   for (int l = 0; l < 32; ++l) {
@@ -199,6 +207,19 @@ inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
   V r;
   ::dfa_sim::warp_collective(mask, &x, sizeof(x), &r, sizeof(r), &::dfa_sim::shfl_xor_all<V>);
   return r;
+}
+template <typename V>
+inline V __shfl_sync(unsigned mask, V v, int src_lane) {
+  static_assert(sizeof(::dfa_sim::ShflIn<V>) <= ::dfa_sim::kLaneBytes, "shuffle payload too large");
+  ::dfa_sim::ShflIn<V> x{v, src_lane};
+  V r;
+  ::dfa_sim::warp_collective(mask, &x, sizeof(x), &r, sizeof(r), &::dfa_sim::shfl_idx_all<V>);
+  return r;
+}
+// A warp barrier: every lane must reach it (checked like any collective); memory is shared at once here.
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  char none = 0;
+  ::dfa_sim::warp_collective(mask, &none, 1, &none, 1, &::dfa_sim::nothing_all);
 }
 template <typename V>
 inline V __ldg(const V* p) { return *p; }

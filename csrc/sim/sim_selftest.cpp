@@ -34,6 +34,13 @@ __global__ void divergent_shuffle_kernel(float* out) {
   out[t] = v;
 }
 
+// a warp barrier reached by half of a warp
+__global__ void divergent_syncwarp_kernel(float* out) {
+  const int t = threadIdx.x;
+  if ((t & 31) >= 16) __syncwarp();
+  out[t] = 1.f;
+}
+
 // a barrier after some threads returned
 __global__ void barrier_after_exit_kernel(float* out) {
   const int t = threadIdx.x;
@@ -42,12 +49,14 @@ __global__ void barrier_after_exit_kernel(float* out) {
   out[t] = 1.f;
 }
 
-// a quad sum through shuffles and one m16n8k16 product of known matrices: A[r][k] = r + k / 16, B[k][n] = k - n
+// a quad sum through shuffles, an indexed shuffle and one m16n8k16 product of known matrices: A[r][k] = r + k / 16, B[k][n] = k - n
 __global__ void collectives_kernel(float* out) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   float x = float(lane);
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   x += __shfl_xor_sync(0xffffffffu, x, 2);
+  __syncwarp();
+  const float y = __shfl_sync(0xffffffffu, float(10 * lane), (7 * lane) % 32);  // lane (7 lane) % 32's value
   auto pack = [](float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);
     uint32_t u;
@@ -62,8 +71,9 @@ __global__ void collectives_kernel(float* out) {
   float c[4] = {0.f, 0.f, 0.f, 0.f};
   dfa_sim::mma16816<false>(c, a, b);
   // lane's D elements: (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
-  out[lane * 5] = x;
-  for (int e = 0; e < 4; ++e) out[lane * 5 + 1 + e] = c[e];
+  out[lane * 6] = x;
+  for (int e = 0; e < 4; ++e) out[lane * 6 + 1 + e] = c[e];
+  out[lane * 6 + 5] = y;
 }
 
 // ldmatrix.x4 (TRANS or not) of four 8x8 matrices: matrix m's row r starts at shared element (8m + r) * 16 and holds
@@ -96,6 +106,8 @@ std::pair<std::string, std::vector<float>> run(const std::string& name) {
     else DFA_LAUNCH(neighbour_kernel<false>, 1, kN, kN * sizeof(float), s, o);
   } else if (name == "divergent_shuffle") {
     DFA_LAUNCH(divergent_shuffle_kernel, 1, kN, 0, s, o);
+  } else if (name == "divergent_syncwarp") {
+    DFA_LAUNCH(divergent_syncwarp_kernel, 1, kN, 0, s, o);
   } else if (name == "barrier_after_exit") {
     DFA_LAUNCH(barrier_after_exit_kernel, 1, kN, 0, s, o);
   } else if (name == "smem_over_default") {  // 64 KB without cudaFuncSetAttribute
@@ -114,7 +126,7 @@ std::pair<std::string, std::vector<float>> run(const std::string& name) {
     DFA_LAUNCH(ldmatrix_kernel<true>, 1, 32, 32 * 16 * sizeof(uint16_t), s, o);
   } else if (name == "collectives") {
     DFA_LAUNCH(collectives_kernel, 1, 32, 0, s, o);
-    out.resize(32 * 5);
+    out.resize(32 * 6);
   } else {
     return {"unknown self-test " + name, {}};
   }

@@ -2,17 +2,18 @@
 
 Serves fp16 / bf16 inputs on sm_80+ GPUs, head dims 32 / 64 / 128, any ``Lq``/``Lk``,
 c2p / p2c / both / neither, bucketed or not, ``[B, Lk]`` key-padding masks (with HF's
-uniform rows) and dropout (Philox, regenerated in the backward).  The relative terms
-enter as tables ``C2P = Q pos_key^T`` ``[B,H,Lq,2*span]`` and ``P2C = K pos_query^T``
-computed here with torch GEMMs (autograd carries their gradients to Q, K and the
-position embeddings); the kernels gather them in-tile through the slot table.
+uniform rows) and dropout (Philox, regenerated in the backward).  The forward kernel takes the
+used rows of ``pos_key`` / ``pos_query`` and the slot table and computes the relative terms on
+tensor cores (csrc/dfa_rel.cuh); the backward builds the tables ``C2P = Q pos_key^T``
+``[B,H,Lq,2*span]`` and ``P2C = K pos_query^T`` (torch GEMMs), its kernels gather them, and the
+position tables' gradients come back through ``dC2P`` / ``dP2C`` (``_cuda_ext.rel_grads``).
 With ``DEBERTA_FAST_CUDA_SIM=1`` the same kernels run on CPU tensors in the CPU simulator (``csrc/sim/``).
 Refused (with the reason): CPU tensors (but under the simulator), float32/float64, other head dims, 3-D/4-D masks,
 GPUs older than sm_80, and everything when the extension is not built.
 
 Packed variable-length calls (:func:`deberta_fast.disentangled_attention_varlen`) run the same
 kernels with per-sequence offsets read from ``cu_seqlens`` (``deberta_fast::cuda_varlen_fwd/bwd``);
-tables ``[H, T, 2*span]`` over packed tokens (:func:`deberta_fast._cuda_ext.varlen_tables`).
+the backward's tables are ``[H, T, 2*span]`` over packed tokens (:func:`deberta_fast._cuda_ext.varlen_tables`).
 """
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ def _positions(call):
     return table, rows, int(band.lo), int(band.hi)
 
 
+def _pos_rows(call, rows):
+    """``(pos_key, pos_query)``: the used rows of the position tables (slot order, 16-byte aligned), or None."""
+    pk = None if call.pos_key is None else _cuda_ext.aligned(call.pos_key[..., rows, :])
+    pq = None if call.pos_query is None else _cuda_ext.aligned(call.pos_query[..., rows, :])
+    return pk, pq
+
+
 def _rng(call):
     """Philox ``(seed, offset)`` on the device, drawn from torch's CUDA generator (manual_seed replays it)."""
     if call.dropout_p <= 0.0:
@@ -44,7 +52,8 @@ def _rng(call):
 class CudaBackend(Backend):
     name = "cuda"
     summary = ("CUDA C++ extension (mma.sync, fp16/bf16, sm_80+): head dim 32/64/128, any Lq/Lk, c2p/p2c, "
-               "key-padding masks, dropout, packed varlen; O(L*span) memory")
+               "key-padding masks, dropout, packed varlen; forward without relative tables (O(L) memory), "
+               "backward O(L*span)")
     supports_varlen = True
 
     def unavailable(self):
@@ -99,18 +108,14 @@ class CudaBackend(Backend):
         k = _cuda_ext.aligned(call.key)
         v = _cuda_ext.aligned(call.value)
         table, rows, band_lo, band_hi = _positions(call)
-        c2p = p2c = None
-        if call.pos_key is not None:
-            c2p = torch.matmul(call.query, call.pos_key[..., rows, :].transpose(-1, -2)).contiguous()
-        if call.pos_query is not None:
-            p2c = torch.matmul(call.key, call.pos_query[..., rows, :].transpose(-1, -2)).contiguous()
+        pos_key, pos_query = _pos_rows(call, rows)
         key_mask = uniform = None
         if call.mask_kind == "key":
             key_mask = call.key_mask.contiguous()
         if call.uniform_rows is not None:
             uniform = call.uniform_rows.contiguous()
-        out, _lse = ops.cuda_attn_fwd(q, k, v, c2p, p2c, table, key_mask, uniform, _rng(call), float(call.scale),
-                                      float(call.dropout_p), band_lo, band_hi)
+        out, _lse = ops.cuda_attn_fwd(q, k, v, pos_key, pos_query, table, key_mask, uniform, _rng(call),
+                                      float(call.scale), float(call.dropout_p), band_lo, band_hi)
         return out
 
     def forward_varlen(self, call: VarlenCall) -> torch.Tensor:
@@ -120,10 +125,8 @@ class CudaBackend(Backend):
         k = _cuda_ext.aligned(call.key)
         v = _cuda_ext.aligned(call.value)
         table, rows, band_lo, band_hi = _positions(call)
-        c2p, p2c = _cuda_ext.varlen_tables(call.query, call.key,
-                                           None if call.pos_key is None else call.pos_key[..., rows, :],
-                                           None if call.pos_query is None else call.pos_query[..., rows, :])
-        out, _lse = ops.cuda_varlen_fwd(q, k, v, c2p, p2c, table, call.cu_seqlens_q.contiguous(),
+        pos_key, pos_query = _pos_rows(call, rows)
+        out, _lse = ops.cuda_varlen_fwd(q, k, v, pos_key, pos_query, table, call.cu_seqlens_q.contiguous(),
                                         call.cu_seqlens_k.contiguous(), int(call.max_seqlen_q),
                                         int(call.max_seqlen_k), _rng(call), float(call.scale),
                                         float(call.dropout_p), band_lo, band_hi)
