@@ -34,7 +34,10 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
   -d .whl disentangled-flash flashdeberta   # their other needs (einops, triton, transformers) are in the image
 
-if ! compgen -G "deberta_fast/_C.cpython-312-*.so" > /dev/null; then
+# (re)built when missing or older than any source under csrc/ (a stale one would run old kernels)
+SO=$(compgen -G "deberta_fast/_C.cpython-312-*.so" | head -n 1 || true)
+if [ -z "$SO" ] || [ -n "$(find csrc -type f -newer "$SO" | head -n 1)" ]; then
+  rm -f deberta_fast/_C.cpython-312-*.so
   CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} DEBERTA_FAST_BUILD_CUDA=1 DEBERTA_FAST_CUDA_ARCHS=${ARCHS:-90a} \
     MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext --inplace
 fi

@@ -244,18 +244,19 @@ struct Bands {
                                      const OptT& offs, int dtype, const Tensor& q, void* stream) const {
     Tensor dc2p = at::empty({0}, q.options()), dp2c = at::empty({0}, q.options());
     if (p.S2 <= 0) return {dc2p, dp2c};
+    const int idx_lo = dfa::sat_table_index(p.band_lo, p.Lq, p.Lk), idx_hi = dfa::sat_table_index(p.band_hi, p.Lq, p.Lk);
     if (c2p.has_value()) {
       dc2p = at::empty(c2p->sizes(), q.options());
       const char* err = dfa::launch_band_to_slots(p.band_q, p.sat_q, perm->data_ptr<int32_t>(),
                                                   offs->data_ptr<int32_t>(), dc2p.data_ptr(), dtype,
-                                                  band_q.size(0), p.W, p.S2, stream);
+                                                  band_q.size(0), p.W, p.S2, p.table, idx_lo, idx_hi, stream);
       TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (c2p band) failed: ", err ? err : "");
     }
     if (p2c.has_value()) {
       dp2c = at::empty(p2c->sizes(), q.options());
       const char* err = dfa::launch_band_to_slots(p.band_k, p.sat_k, perm->data_ptr<int32_t>(),
                                                   offs->data_ptr<int32_t>(), dp2c.data_ptr(), dtype,
-                                                  band_k.size(0), p.W, p.S2, stream);
+                                                  band_k.size(0), p.W, p.S2, p.table, idx_lo, idx_hi, stream);
       TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (p2c band) failed: ", err ? err : "");
     }
     return {dc2p, dp2c};

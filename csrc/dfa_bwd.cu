@@ -14,8 +14,8 @@
 //
 // Relative-table gradients.  With dS = dL/ds (s = scaled score):
 //   dC2P[i, s] = scale * sum_{j : slot(i-j) = s} dS[i, j],  dP2C[j, s] likewise over i.
-// slot depends on d = i - j only and is constant (0 / 2S-1) outside the band
-// (lo, hi) of positions.slot_band.  The dq kernel writes scale*dS[i, i-d] for d in
+// slot depends on d = i - j only and is constant outside the band (lo, hi) of positions.slot_band: the table's
+// slot at d = lo below it, at d = hi above it (0 / 2S-1 for the tables the backends pass).  The dq kernel writes scale*dS[i, i-d] for d in
 // the window [dmin, dmin+W) to band_q[i, d-dmin] (one writer per element) and sums
 // d < dmin / d >= dmin+W into sat_q[i, 0/1] in a fixed order; band_to_slots then sums
 // each slot's d's in a fixed order (CSR `perm`/`offs` from the host).  Same for keys.
@@ -30,7 +30,8 @@ struct BwdCfg {
   static constexpr int DQ_BM = 64, DQ_BN = 64;
   // K/V double-buffered by cp.async up to D = 64; one stage at D = 128 (two would need 104 KB, more than sm_86 /
   // sm_89 allow)
-  using DQ_KV = KVTiles<T, DQ_BN, D, (D >= 128 ? 1 : 2)>;
+  // (strided copies at D = 128: the static ones push it past 255 registers)
+  using DQ_KV = KVTiles<T, DQ_BN, D, (D >= 128 ? 1 : 2), (D < 128)>;
   static constexpr int DQ_SMEM = (2 * DQ_BM * LDS + DQ_KV::SMEM_ELEMS) * (int)sizeof(T);
   // dkdv kernel: 64 keys per block, BM queries per iteration (32 at D=128: register budget)
   static constexpr int KV_BN = 64, KV_BM = (D >= 128 ? 32 : 64);
@@ -338,7 +339,11 @@ __global__ void __launch_bounds__(kThreads) dfa_band_to_slots_kernel(const float
                                                                      const float* __restrict__ sat,
                                                                      const int32_t* __restrict__ perm,
                                                                      const int32_t* __restrict__ offs, T* out,
-                                                                     int64_t rows, int W, int S2) {
+                                                                     int64_t rows, int W, int S2,
+                                                                     const int32_t* __restrict__ table, int idx_lo,
+                                                                     int idx_hi) {
+  // the saturated sums' slots: the table's at the band edges (as the forward's saturated_slots), clamped
+  const int s_lo = min(max(__ldg(table + idx_lo), 0), S2 - 1), s_hi = min(max(__ldg(table + idx_hi), 0), S2 - 1);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float* br = band + r * W;
     for (int s = threadIdx.x; s < S2; s += blockDim.x) {
@@ -348,8 +353,8 @@ __global__ void __launch_bounds__(kThreads) dfa_band_to_slots_kernel(const float
         const int c = perm[k];
         if (c >= 0 && c < W) acc += br[c];
       }
-      if (s == 0) acc += sat[r * 2 + 0];
-      if (s == S2 - 1) acc += sat[r * 2 + 1];
+      if (s == s_lo) acc += sat[r * 2 + 0];
+      if (s == s_hi) acc += sat[r * 2 + 1];
       out[r * S2 + s] = Pack<T>::from_float(acc);
     }
   }
@@ -378,16 +383,17 @@ const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream) {
 }
 
 const char* launch_band_to_slots(const float* band, const float* sat, const int32_t* perm, const int32_t* offs,
-                                 void* out, int dtype, int64_t rows, int W, int S2, void* stream) {
+                                 void* out, int dtype, int64_t rows, int W, int S2, const int32_t* table, int idx_lo,
+                                 int idx_hi, void* stream) {
   if (rows <= 0) return nullptr;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const unsigned grid = (unsigned)(rows < (1 << 20) ? rows : (1 << 20));  // grid-stride beyond
   if (dtype == 0)
     DFA_LAUNCH(dfa_band_to_slots_kernel<__half>, grid, kThreads, 0, s, band, sat, perm, offs,
-               reinterpret_cast<__half*>(out), rows, W, S2);
+               reinterpret_cast<__half*>(out), rows, W, S2, table, idx_lo, idx_hi);
   else if (dtype == 1)
     DFA_LAUNCH(dfa_band_to_slots_kernel<__nv_bfloat16>, grid, kThreads, 0, s, band, sat, perm, offs,
-               reinterpret_cast<__nv_bfloat16*>(out), rows, W, S2);
+               reinterpret_cast<__nv_bfloat16*>(out), rows, W, S2, table, idx_lo, idx_hi);
   else
     return "deberta_fast._C: unsupported dtype for band_to_slots";
   const cudaError_t err = cudaGetLastError();

@@ -14,9 +14,9 @@
 //     ldmatrix fall in distinct banks); MMA fragments come from ldmatrix(.trans).
 //   * Scores are kept in log2 units: s2 = scale*log2(e)*(q.k + c2p + p2c).
 //
-// Relative terms: the host precomputes C2P = Q pos_key^T [B,H,Lq,2S] and
-// P2C = K pos_query^T [B,H,Lk,2S] (torch GEMMs, O(L*span) memory); kernels gather
-// C2P[i, slot] and P2C[j, slot] with slot = table[i - j + Lk - 1].
+// Relative terms: the forward computes them on tensor cores from pos_key / pos_query rows (dfa_rel.cuh); the backward
+// gets C2P = Q pos_key^T [B,H,Lq,2S] and P2C = K pos_query^T [B,H,Lk,2S] (torch GEMMs, O(L*span) memory) and
+// gathers C2P[i, slot] and P2C[j, slot] with slot = table[i - j + Lk - 1].
 #pragma once
 
 #ifdef DFA_CPU_SIM
@@ -161,8 +161,8 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Calls f(c) for c = threadIdx.x, threadIdx.x + NTHREADS, ... < N: a static trip count (fully unrolled, no loop
-// guard on the thread index), then the remainder.
+// Calls f(c) for c = threadIdx.x, threadIdx.x + NTHREADS, ... < N: a static trip count, fully unrolled (no loop
+// guard on the thread index, so the static profile counts every call), then the remainder.
 template <int N, int NTHREADS, typename F>
 __device__ __forceinline__ void for_thread_chunks(F&& f) {
   constexpr int FULL = N / NTHREADS, REM = N % NTHREADS;
@@ -174,33 +174,50 @@ __device__ __forceinline__ void for_thread_chunks(F&& f) {
 // Load a [ROWS x D] tile of a [L x D] row-strided global matrix into smem [ROWS][D+8]; rows >= L are zero-filled.
 // 16-byte chunks (rows must be 16-byte aligned): plain loads and stores, or with ASYNC cp.async (issued, not
 // committed: the caller commits and waits).
-template <typename T, int ROWS, int D, int NTHREADS, bool ASYNC = false>
+// STATIC (default): a static trip count, one pointer advanced per pass (no per-copy index arithmetic, every copy
+// counted by the static profile); otherwise a strided loop with a guard per copy (fewer live registers: the D = 128
+// dq kernel spills 88 B with the static copies).
+template <typename T, int ROWS, int D, int NTHREADS, bool ASYNC = false, bool STATIC = true>
 __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_stride, int row0, int L) {
-  constexpr int CPR = D / 8;  // 16-byte chunks per row
+  constexpr int CPR = D / 8;             // 16-byte chunks per row
   constexpr int LDS = D + 8;
-  for_thread_chunks<ROWS * CPR, NTHREADS>([&](int c) {
-    const int r = c / CPR, cc = c % CPR;
-    const bool ok = row0 + r < L;
-    const T* src = ok ? g + (int64_t)(row0 + r) * row_stride + cc * 8 : g;
+  const auto copy = [&](T* dst, const T* src, bool ok) {
     if constexpr (ASYNC) {
-      cp_async_16(smem + r * LDS + cc * 8, src, ok);
+      cp_async_16(dst, ok ? src : g, ok);
     } else {
       uint4 val = make_uint4(0u, 0u, 0u, 0u);
       if (ok) val = *reinterpret_cast<const uint4*>(src);
-      *reinterpret_cast<uint4*>(smem + r * LDS + cc * 8) = val;
+      *reinterpret_cast<uint4*>(dst) = val;
     }
-  });
+  };
+  if constexpr (STATIC) {
+    constexpr int RSTEP = NTHREADS / CPR;  // rows per pass of the block
+    static_assert(NTHREADS % CPR == 0, "whole rows per pass");
+    const int r0 = (int)threadIdx.x / CPR, cc = (int)threadIdx.x % CPR;
+    const T* src = g + (int64_t)(row0 + r0) * row_stride + cc * 8;  // advanced by RSTEP rows per pass
+    T* dst = smem + r0 * LDS + cc * 8;
+#pragma unroll
+    for (int it = 0; it * RSTEP < ROWS; ++it) {
+      const int r = r0 + it * RSTEP;
+      if (ROWS % RSTEP != 0 && r >= ROWS) break;
+      copy(dst + it * RSTEP * LDS, src, row0 + r < L);
+      src += RSTEP * row_stride;
+    }
+  } else {
+#pragma unroll
+    for (int c = threadIdx.x; c < ROWS * CPR; c += NTHREADS) {
+      const int r = c / CPR, cc = c % CPR;
+      copy(smem + r * LDS + cc * 8, g + (int64_t)(row0 + r) * row_stride + cc * 8, row0 + r < L);
+    }
+  }
 }
-template <typename T, int ROWS, int D, int NTHREADS>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* g, int64_t row_stride, int row0, int L) {
-  load_tile<T, ROWS, D, NTHREADS, true>(smem, g, row_stride, row0, L);
-}
+
 
 // The K / V tiles of a loop over keys, through shared memory at `smem` (STAGES x [K BN rows | V BN rows]).
 // STAGES = 2: cp.async of tile k0 + BN while tile k0 is computed; STAGES = 1: one tile at a time (less shared
 // memory).  Per iteration: acquire() (waits for the tile, barrier; returns K, V is BN rows after it), compute,
 // release() (barrier: the stage may be refilled).  No copy is issued when Lk = 0.
-template <typename T, int BN, int D, int STAGES>
+template <typename T, int BN, int D, int STAGES, bool STATIC_COPIES = true>
 struct KVTiles {
   static_assert(STAGES == 1 || STAGES == 2, "one or two stages");
   static constexpr int LDS = D + 8;
@@ -212,8 +229,8 @@ struct KVTiles {
 
   __device__ __forceinline__ void issue(int stage, int k0) const {
     T* dst = smem + stage * 2 * BN * LDS;
-    load_tile_async<T, BN, D, kThreads>(dst, kg, k_sr, k0, Lk);
-    load_tile_async<T, BN, D, kThreads>(dst + BN * LDS, vg, v_sr, k0, Lk);
+    load_tile<T, BN, D, kThreads, true, STATIC_COPIES>(dst, kg, k_sr, k0, Lk);
+    load_tile<T, BN, D, kThreads, true, STATIC_COPIES>(dst + BN * LDS, vg, v_sr, k0, Lk);
     cp_async_commit();
   }
   __device__ __forceinline__ void start() const {
@@ -355,9 +372,8 @@ __device__ __forceinline__ float score_log2(const Params& p, float acc, int i, i
 // what the gather would read there, also when the tables are wider than the slot range.  {slot lo, slot hi}.
 __device__ __forceinline__ int2 saturated_slots(const Params& p) {
   if (p.table == nullptr) return make_int2(0, 0);
-  const int last = p.Lq + p.Lk - 2;
-  const int lo = __ldg(p.table + min(max(p.band_lo + p.Lk - 1, 0), last));
-  const int hi = __ldg(p.table + min(max(p.band_hi + p.Lk - 1, 0), last));
+  const int lo = __ldg(p.table + sat_table_index(p.band_lo, p.Lq, p.Lk));
+  const int hi = __ldg(p.table + sat_table_index(p.band_hi, p.Lq, p.Lk));
   return make_int2(min(max(lo, 0), p.S2 - 1), min(max(hi, 0), p.S2 - 1));
 }
 

@@ -19,9 +19,10 @@ struct FwdCfg {
   using KV = KVTiles<T, BN, D, 2>;  // cp.async of tile it+1 while tile it is computed
   using Skew = SkewTile<T, BN>;
   static constexpr int WR = BM + BN;  // window rows: the BM + BN - 1 distances of a block tile (+1)
-  // shared memory (elements of T): Q | K/V stages | with relative terms: window | saturated rows | skew scratch x 4
+  // shared memory (elements of T): Q | K/V stages | with relative terms: window | saturated rows | skew scratch x 4 |
+  // the window's slots (int, two tiles: filled one tile ahead)
   static constexpr int BASE = BM * LDS + KV::SMEM_ELEMS;
-  static constexpr int REL = WR * LDS + 16 * LDS + 4 * Skew::ELEMS;
+  static constexpr int REL = WR * LDS + 16 * LDS + 4 * Skew::ELEMS + 2 * WR * (int)(sizeof(int) / sizeof(T));
   static constexpr int SMEM = BASE * (int)sizeof(T);
   static constexpr int SMEM_REL = (BASE + REL) * (int)sizeof(T);
   static_assert(SMEM_REL <= 101376, "the forward must fit sm_86 / sm_89's 99 KB of shared memory per block");
@@ -52,6 +53,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   const T* pq = rel && p.pos_q ? reinterpret_cast<const T*>(p.pos_q) + b * p.pq_sb + h * p.pq_sh : nullptr;
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
   const typename Cfg::Skew skew(Sat + 16 * LDS + warp * Cfg::Skew::ELEMS);
+  int* slots = reinterpret_cast<int*>(Sat + 16 * LDS + 4 * Cfg::Skew::ELEMS);  // [2][WR]
   const T* Qw = Qs + warp * 16 * LDS;
 
   int rows[2];
@@ -73,7 +75,8 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   float4 c2p_sat = make_float4(0.f, 0.f, 0.f, 0.f);  // {lo g, lo g+8, hi g, hi g+8}
   if (rel) {
     load_sat_rows<T, D>(Sat, p, pk, pq, saturated_slots(p));
-    __syncthreads();  // Q and the saturated rows
+    if (tile_saturation(p, q0, BM, 0, BN) == 0) fill_slots<Cfg::WR>(slots, p, q0 - (BN - 1));  // tile 0's window
+    __syncthreads();  // Q, the saturated rows, the first window's slots
     c2p_sat = c2p_saturated_mma<T, D>(Qw, Sat);
   }
 
@@ -91,13 +94,13 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     // 0: the band (skew); 1 / 2: beyond it (d <= band_lo / d >= band_hi: one slot); 3: no relative term
     const int zone = rel ? tile_saturation(p, q0 + warp * 16, 16, k0, BN) : 3;  // warp-uniform
     if (rel && tile_saturation(p, q0, BM, k0, BN) == 0) {  // block-uniform: some warp's tile lies in the band
-      const int dmin = q0 - k0 - (BN - 1);
-      load_window<T, Cfg::WR, D>(Win, p, pk, p.pk_sr, dmin);
+      const int* ws = slots + stage * Cfg::WR;  // filled one tile ahead (before the loop for tile 0)
+      load_window<T, Cfg::WR, D>(Win, ws, pk, p.pk_sr);
       __syncthreads();
       if (zone == 0 && pk != nullptr) skew.template c2p_products<D>(Qw, Win, warp);
       if (pq != nullptr) {
         __syncthreads();  // every warp done with the pos_key window
-        load_window<T, Cfg::WR, D>(Win, p, pq, p.pq_sr, dmin);
+        load_window<T, Cfg::WR, D>(Win, ws, pq, p.pq_sr);
         __syncthreads();
         if (zone == 0) skew.template p2c_products<D>(Ks, Win, warp);
       }
@@ -177,6 +180,9 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
       }
     }
     mma_acc_rows<T, D, NT>(o, s, Vs);
+    // the next tile's window slots, published by release()'s barrier (the other half was last read a tile ago)
+    if (rel && k0 + BN < Lk && tile_saturation(p, q0, BM, k0 + BN, BN) == 0)
+      fill_slots<Cfg::WR>(slots + (stage ^ 1) * Cfg::WR, p, q0 - (k0 + BN) - (BN - 1));
     kv.release(k0);
   }
 

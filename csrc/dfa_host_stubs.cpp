@@ -25,7 +25,8 @@ struct Launch {
   Params p{};          // fwd / bwd
   int dtype = -1, head_dim = 0, W = 0, S2 = 0;
   int64_t rows = 0;    // band_to_slots
-  const void *band = nullptr, *sat = nullptr, *perm = nullptr, *offs = nullptr, *out = nullptr;
+  const void *band = nullptr, *sat = nullptr, *perm = nullptr, *offs = nullptr, *out = nullptr, *table = nullptr;
+  int idx_lo = 0, idx_hi = 0;  // band_to_slots: slot-table indices of the saturated slots
   const void* stream = nullptr;
 };
 
@@ -71,6 +72,9 @@ py::dict to_dict(const Launch& l) {
     d["perm"] = val(l.perm);
     d["offs"] = val(l.offs);
     d["out"] = val(l.out);
+    d["table"] = val(l.table);
+    d["idx_lo"] = l.idx_lo;
+    d["idx_hi"] = l.idx_hi;
     return d;
   }
   d["head_dim"] = l.head_dim;
@@ -105,9 +109,13 @@ const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream) {
 }
 
 const char* launch_band_to_slots(const float* band, const float* sat, const int32_t* perm, const int32_t* offs,
-                                 void* out, int dtype, int64_t rows, int W, int S2, void* stream) {
+                                 void* out, int dtype, int64_t rows, int W, int S2, const int32_t* table, int idx_lo,
+                                 int idx_hi, void* stream) {
   Launch l;
   l.kernel = "band_to_slots";
+  l.table = table;
+  l.idx_lo = idx_lo;
+  l.idx_hi = idx_hi;
   l.band = band;
   l.sat = sat;
   l.perm = perm;

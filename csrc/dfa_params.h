@@ -51,6 +51,21 @@ struct Params {
 // return nullptr on success, else a static error string
 const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream);
 const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream);
+// band_to_slots: the saturated sums go to slots table[idx_lo] / table[idx_hi] (clamped to [0, S2)), the slots at
+// the band's edges (sat_table_index)
 const char* launch_band_to_slots(const float* band, const float* sat, const int32_t* perm, const int32_t* offs,
-                                 void* out, int dtype, int64_t rows, int W, int S2, void* stream);
+                                 void* out, int dtype, int64_t rows, int W, int S2, const int32_t* table, int idx_lo,
+                                 int idx_hi, void* stream);
+
+// Index into the slot table of distance d (clamped to the table [0, Lq + Lk - 1)): where the slot of the band edge
+// d = band_lo / band_hi sits.
+#ifdef __CUDACC__
+#define DFA_HOST_DEVICE __host__ __device__
+#else
+#define DFA_HOST_DEVICE
+#endif
+DFA_HOST_DEVICE inline int sat_table_index(int d, int Lq, int Lk) {
+  const int i = d + Lk - 1, last = Lq + Lk - 2;
+  return i < 0 ? 0 : i > last ? last : i;
+}
 }  // namespace dfa

@@ -4,7 +4,8 @@
 // [q0, q0 + BM) x keys [k0, k0 + BN) spans the BM + BN - 1 distances d = dmin + x, dmin = q0 - k0 - (BN - 1):
 //   c2p[i, j] = q_i . Kr[i - j]   is column (i - j - dmin) of  Q_tile . Kr[window]^T
 //   p2c[i, j] = k_j . Qr[i - j]   is column (i - j - dmin) of  K_tile . Qr[window]^T
-// The window's rows are gathered once per tile into shared memory (`load_window`), the products run on mma.sync,
+// The window's rows are gathered once per tile into shared memory (`load_window`, their slots computed one tile ahead
+// by `fill_slots`), the products run on mma.sync,
 // are rounded to T (as HF's bmm of the position terms is) and stored to per-warp shared scratch, and each score
 // element reads its two values back at its own diagonal (`SkewTile`).  No [B,H,L,2S] table and no host GEMM.
 //
@@ -27,15 +28,21 @@ __device__ __forceinline__ int slot_of(const Params& p, int d) {
   return min(max(__ldg(p.table + min(max(d + p.Lk - 1, 0), last)), 0), p.S2 - 1);
 }
 
-// W[x] = pos[slot(dmin + x)], x in [0, ROWS): the position rows of ROWS consecutive distances into smem
-// [ROWS][D + 8].  Plain 16-byte loads (independent of the K / V tiles' cp.async groups); `pos` nullptr: nothing.
+// slots[x] = slot(dmin + x), x in [0, ROWS): the slot of each window row, once per tile for both windows.
+template <int ROWS>
+__device__ __forceinline__ void fill_slots(int* slots, const Params& p, int dmin) {
+  for_thread_chunks<ROWS, kThreads>([&](int x) { slots[x] = slot_of(p, dmin + x); });
+}
+
+// W[x] = pos[slots[x]], x in [0, ROWS): the position rows of ROWS consecutive distances into smem [ROWS][D + 8].
+// Plain 16-byte loads (independent of the K / V tiles' cp.async groups); `pos` nullptr: nothing.
 template <typename T, int ROWS, int D>
-__device__ __forceinline__ void load_window(T* W, const Params& p, const T* pos, int64_t sr, int dmin) {
+__device__ __forceinline__ void load_window(T* W, const int* slots, const T* pos, int64_t sr) {
   constexpr int CPR = D / 8, LDS = D + 8;
   if (pos == nullptr) return;
   for_thread_chunks<ROWS * CPR, kThreads>([&](int c) {
     const int x = c / CPR, cc = c % CPR;
-    const T* src = pos + (int64_t)slot_of(p, dmin + x) * sr + cc * 8;
+    const T* src = pos + (int64_t)slots[x] * sr + cc * 8;
     *reinterpret_cast<uint4*>(W + x * LDS + cc * 8) = __ldg(reinterpret_cast<const uint4*>(src));
   });
 }

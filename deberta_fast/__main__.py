@@ -2,10 +2,11 @@
 next to HuggingFace's own DeBERTa attention module.
 
   [1] backends: which ones can run here; each one's reason, once, when it cannot.
-  [2] kernel check: the Triton (and, on a GPU, CUDA) kernels themselves, forward and backward,
-      against the fp64 reference at a small size.  Without a GPU the Triton kernels run under the
-      Triton interpreter (``TRITON_INTERPRET=1``, in a subprocess: the variable must be set before
-      triton is imported); that is a correctness check, never a timing.
+  [2] kernel check: the Triton and CUDA kernels themselves, forward and backward, against the fp64
+      reference at a small size.  Without a GPU the Triton kernels run under the Triton interpreter
+      (``TRITON_INTERPRET=1``, in a subprocess: the variable must be set before triton is imported)
+      and the CUDA kernels in their CPU simulator (``DEBERTA_FAST_CUDA_SIM=1``, ``csrc/sim/``, when
+      the CUDA headers and a host compiler are there); correctness checks, never timings.
   [3] HF comparison: transformers' ``DisentangledSelfAttention`` (DeBERTa-v2/v3) with seeded random
       weights, called as HF's encoder calls it, against deberta_fast's module sharing its parameters
       (``DisentangledAttention.from_hf``), called as a patched encoder calls it.  Parity against HF's
@@ -266,15 +267,17 @@ def _run_kernel_check(plan, cases, device) -> list:
 
 
 def _kernel_check_child(spec: str, out_path: str) -> int:
-    """Runs inside ``TRITON_INTERPRET=1 python -m deberta_fast --_kernel-check-child``."""
+    """Runs inside ``python -m deberta_fast --_kernel-check-child`` on CPU: the triton backend under
+    ``TRITON_INTERPRET=1``, the cuda backend under ``DEBERTA_FAST_CUDA_SIM=1`` (spec["backend"])."""
     spec = json.loads(spec)
-    why = BACKENDS["triton"].unavailable()
+    backend = spec.get("backend", "triton")
+    why = BACKENDS[backend].unavailable()
     if why is not None:
-        why = triton_problem() or why
+        why = (triton_problem() or why) if backend == "triton" else why
         with open(out_path, "w") as f:
             json.dump({"not_run": why}, f)
         return 0
-    plan = [("triton", getattr(torch, d)) for d in spec["dtypes"]]
+    plan = [(backend, getattr(torch, d)) for d in spec["dtypes"]]
     rows = _run_kernel_check(plan, [tuple(c) for c in spec["cases"]], torch.device("cpu"))
     with open(out_path, "w") as f:
         json.dump({"rows": rows}, f)
@@ -286,7 +289,7 @@ def kernel_check(gpu: bool, quick: bool, status: dict) -> dict:
     cases = _kernel_cases(gpu, quick)
     plan = _kernel_plan(gpu, status)
     t0 = time.perf_counter()
-    if not plan:
+    if gpu and not plan:
         reason = "; ".join(f"{n}: {status[n][1]}" for n in ("triton", "cuda") if n in status
                            and status[n][0] == "unavailable") or "no kernel backend is available"
         _say("  NOT RUN: no kernel backend can run here (reasons in [1])")
@@ -300,25 +303,69 @@ def kernel_check(gpu: bool, quick: bool, status: dict) -> dict:
     if gpu:
         rows = _run_kernel_check(plan, cases, torch.device("cuda"))
         return {"rows": rows, "not_run": None, "seconds": time.perf_counter() - t0}
-    est = _interp_estimate(cases)
-    load, cores = _loadavg(), os.cpu_count() or 1
-    busy = f"; load average now {load} on {cores} cores, expect up to ~{est * max(1.0, (load or 0) / cores + 1):.0f} s" \
-        if load is not None and load > 0.5 * cores else ""
-    _say(f"  backend triton, float32, under the Triton interpreter in a subprocess (TRITON_INTERPRET=1): "
-         f"estimate ~{est:.0f} s on an idle 2-core CPU{busy} ...")
+    rows, not_run = [], None
+    if plan:  # the Triton kernels under the interpreter
+        t_est = _interp_estimate(cases)
+        load, cores = _loadavg(), os.cpu_count() or 1
+        busy = ""
+        if load is not None and load > 0.5 * cores:
+            busy = f"; load average now {load} on {cores} cores, expect up to ~{t_est * (load / cores + 1):.0f} s"
+        _say(f"  backend triton, float32, under the Triton interpreter in a subprocess (TRITON_INTERPRET=1): "
+             f"estimate ~{t_est:.0f} s on an idle 2-core CPU{busy} ...")
+        res = _child_check("triton", [_dt(d) for _, d in plan], cases, {"TRITON_INTERPRET": "1"}, "the interpreter")
+        _say(f"  took {time.perf_counter() - t0:.1f} s (estimate was ~{t_est:.0f} s)")
+        rows, not_run = res.get("rows", []), res.get("not_run")
+    else:
+        not_run = f"triton: {status['triton'][1]}" if "triton" in status else "triton is not installed"
+    sim_why = _simulator_problem()
+    if sim_why is None:  # the CUDA kernels in their CPU simulator
+        t1 = time.perf_counter()
+        _say("  backend cuda, bfloat16 and float16: the CUDA kernels (csrc/*.cu) in their CPU simulator, in a "
+             "subprocess (DEBERTA_FAST_CUDA_SIM=1, csrc/sim/; built by the host compiler on first use, ~40 s) ...")
+        sim = _child_check("cuda", ["bfloat16", "float16"], cases, {"DEBERTA_FAST_CUDA_SIM": "1"}, "the simulator")
+        rows += sim.get("rows", [])
+        if sim.get("not_run"):
+            _say(f"  cuda (simulator) NOT RUN: {sim['not_run']}")
+        _say(f"  took {time.perf_counter() - t1:.1f} s")
+    else:
+        _say(f"  backend cuda in the CPU simulator: not run ({sim_why})")
+    if not_run and rows:  # the simulator ran, the interpreter did not: said, but the check ran
+        _say(f"  triton (interpreter) NOT RUN: {not_run}")
+        not_run = None
+    elif not_run:
+        _say(f"  NOT RUN: {not_run}")
+    return {"rows": rows, "not_run": not_run, "seconds": time.perf_counter() - t0}
+
+
+def _simulator_problem():
+    """None when the CUDA kernels' CPU simulator can be built here (CUDA headers and a host compiler), else why."""
+    import shutil
+
+    from . import _cuda_ext
+
+    if _cuda_ext._build_config().cuda_include_dir() is None:
+        return "the CUDA toolkit's headers (cuda_fp16.h) are not installed"
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
+        return "no host C++ compiler (c++ / g++ / $CXX)"
+    return None
+
+
+def _child_check(backend: str, dtypes: list, cases, env_extra: dict, what: str) -> dict:
+    """Runs ``_kernel_check_child`` for one backend in a subprocess with ``env_extra``; a crash is a FAIL row."""
     fd, out_path = tempfile.mkstemp(prefix="deberta_fast_kcheck_", suffix=".json")
     os.close(fd)
     try:
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        spec = json.dumps({"cases": cases, "dtypes": [_dt(d) for _, d in plan]})
+        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DEBERTA_FAST_CUDA_SIM")}
+        env.update(env_extra)
+        spec = json.dumps({"backend": backend, "cases": cases, "dtypes": dtypes})
         proc = subprocess.run([sys.executable, "-m", "deberta_fast", "--_kernel-check-child", spec, "--_out", out_path],
                               env=env)
         try:
             with open(out_path) as f:
                 res = json.load(f)
         except (OSError, ValueError):  # it crashed: a failure of the check, not a missing prerequisite
-            res = {"rows": [dict(backend="triton", dtype="float32", status="FAIL",
-                                 reason=f"the interpreter subprocess exited with status {proc.returncode} "
+            res = {"rows": [dict(backend=backend, dtype=dtypes[0], status="FAIL",
+                                 reason=f"{what} subprocess exited with status {proc.returncode} "
                                         f"without a result (its error is printed above)")]}
             _say(f"  FAIL: {res['rows'][0]['reason']}")
     finally:
@@ -326,11 +373,7 @@ def kernel_check(gpu: bool, quick: bool, status: dict) -> dict:
             os.unlink(out_path)
         except OSError:
             pass
-    secs = time.perf_counter() - t0
-    if res.get("not_run"):
-        _say(f"  NOT RUN: {res['not_run']}")
-    _say(f"  took {secs:.1f} s (estimate was ~{est:.0f} s)")
-    return {"rows": res.get("rows", []), "not_run": res.get("not_run"), "seconds": secs}
+    return res
 
 
 # ----------------------------------------------------------------------------- [3] HF comparison
@@ -587,7 +630,7 @@ def main(argv=None) -> int:
         _say(f"  {name:7s} {text}" if state != "unavailable" else f"  {name:7s} unavailable: {text}")
 
     _say("\n[2] kernel check: forward + backward vs the fp64 reference"
-         + ("" if gpu else " (Triton kernels under the interpreter)"))
+         + ("" if gpu else " (Triton kernels under the interpreter, CUDA kernels in their CPU simulator)"))
     if args.no_kernel_check:
         kc = {"rows": [], "not_run": "--no-kernel-check", "seconds": 0.0}
         _say("  skipped (--no-kernel-check)")
@@ -606,7 +649,8 @@ def main(argv=None) -> int:
     else:
         n_pass = sum(r.get("status") == "pass" for r in kc["rows"])
         _say(f"  kernel check: {n_pass} of {len(kc['rows'])} pass"
-             + ("" if gpu else " (Triton kernels under the interpreter, fp32)")
+             + ("" if gpu else " (CPU: Triton kernels under the interpreter, fp32; CUDA kernels in their "
+                                "simulator, bf16 / fp16)")
              + (f"; FAILED: {[(r['backend'], r['dtype'], r['L']) for r in k_fail]}" if k_fail else ""))
     if hf["not_run"]:
         _say(f"  HF comparison: NOT RUN ({hf['not_run']})")

@@ -400,6 +400,34 @@ def test_gpu_rows_without_keys_lse_inf_and_finite_backward():
 
 @gpu
 @needs_ext
+def test_gpu_position_rows_wider_than_the_slot_range():
+    """A direct op call whose position rows (16) outnumber the slots its table uses (span 4: slots 0..7): saturated
+    distances read and receive the slots at the band's edges (0 / 7), not the last rows; rows 8..15 get no
+    gradient.  L = 150 puts whole tiles beyond the band on both sides."""
+    L = 150
+    q, k, v, pk, pq = make_inputs(1, 2, L, L, 64, 8, torch.float16, DEV)  # 16 position rows
+    call = call_of(q, k, v, pk[:, :8], pq[:, :8])  # buckets 4 / 16: span 4
+    table, lo, hi = call.slot_table(), call.band().lo, call.band().hi
+    assert int(table.max()) == 7 and hi - lo < 64
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
+    out, _ = _cuda_ext.ops().cuda_attn_fwd(q, k, v, pk, pq, table, None, None, None, call.scale, 0.0, lo, hi)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, go)
+    rl = [t.detach().double().requires_grad_() for t in (q, k, v, pk[:, :8], pq[:, :8])]
+    ref = disentangled_attention_reference(*rl, position_buckets=4, max_relative_positions=16)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    rgrads = torch.autograd.grad(ref, rl, go.double())
+    for name, g, rg in zip(("q", "k", "v", "pos_key", "pos_query"), grads, rgrads):
+        g = g.double()
+        if name.startswith("pos"):
+            assert bool((g[:, 8:] == 0).all()), f"d{name}: gradient in rows the table never uses"
+            g = g[:, :8]
+        err = (g - rg).abs().max().item() / (rg.abs().max().item() + 1e-6)
+        assert err < 6e-2, f"d{name}: relative max error {err:.3g}"
+
+
+@gpu
+@needs_ext
 def test_gpu_backward_is_deterministic():
     q, k, v, pk, pq = make_inputs(2, 4, 300, 300, 64, 256, torch.bfloat16, DEV)
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]

@@ -210,6 +210,7 @@ def test_dropout_params(ext, entry, p):
 
 def test_bwd_params_and_band_launches(ext):
     a = bwd_args(Lq=5, Lk=7)
+    a.update(band_lo=-3, band_hi=3)  # the band _bwd_extra's window was made for
     (dq, dk, dv, dc2p, dp2c), recs = launches(ext, ext.bwd, **a)
     assert [r["kernel"] for r in recs] == ["bwd", "band_to_slots", "band_to_slots"]
     P = recs[0]["params"]
@@ -227,6 +228,11 @@ def test_bwd_params_and_band_launches(ext):
     for b, rows in ((bq, 2 * 3 * 5), (bk, 2 * 3 * 7)):
         assert (b["rows"], b["W"], b["S2"], b["dtype"]) == (rows, a["W"], 8, 0)
         assert (b["perm"], b["offs"]) == (a["perm"].data_ptr(), a["offs"].data_ptr())
+        # the saturated sums' slots: the table's at d = band_lo / band_hi (index d + Lk - 1)
+        assert (b["table"], b["idx_lo"], b["idx_hi"]) == (a["table"].data_ptr(), -3 + 6, 3 + 6)
+    a.update(band_lo=-100, band_hi=100)  # edges beyond the table: clamped to its ends
+    _, recs = launches(ext, ext.bwd, **a)
+    assert [(r["idx_lo"], r["idx_hi"]) for r in recs[1:]] == [(0, 5 + 7 - 2)] * 2
 
 
 def test_bwd_without_relative_terms_launches_one_kernel(ext):
