@@ -148,18 +148,25 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
         }
       }
     });
-    float base[2];
+    float base[2], alpha[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const float mnew = fmaxf(m[hh], quad_max(mx[hh]));
       base[hh] = (mnew == -INFINITY) ? 0.f : mnew;
-      const float alpha = exp2f(m[hh] - base[hh]);  // 0 when m was -inf
+      alpha[hh] = exp2f(m[hh] - base[hh]);  // 0 when m was -inf, exactly 1 when the maximum did not grow
       m[hh] = mnew;
-      l[hh] *= alpha;
+    }
+    // the rescale only when a row of the warp has a new maximum: otherwise every factor is 1 (bit-identical),
+    // which is most tiles once the running maxima have settled
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][2 * hh] *= alpha;
-        o[dt][2 * hh + 1] *= alpha;
+      for (int hh = 0; hh < 2; ++hh) {
+        l[hh] *= alpha[hh];
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o[dt][2 * hh] *= alpha[hh];
+          o[dt][2 * hh + 1] *= alpha[hh];
+        }
       }
     }
 #pragma unroll

@@ -56,8 +56,8 @@ def test_simulator_shows_a_missing_barrier(sim):
 
 
 def test_simulator_collectives(sim):
-    """Quad sums by __shfl_xor_sync, an indexed __shfl_sync and one mma.sync m16n8k16 (fragments as in the PTX ISA)
-    on known matrices."""
+    """Quad sums by __shfl_xor_sync, an indexed __shfl_sync, __any_sync and one mma.sync m16n8k16 (fragments as in
+    the PTX ISA) on known matrices."""
     err, out = sim.sim_selftest("collectives")
     assert err == ""
     out = torch.tensor(out).view(32, 6)
@@ -70,7 +70,7 @@ def test_simulator_collectives(sim):
     g, t = lane // 4, lane % 4
     want = torch.stack([D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]], 1).float()
     assert torch.equal(out[:, 1:5], want)
-    assert torch.equal(out[:, 5], (10 * ((7 * lane) % 32)).float())
+    assert torch.equal(out[:, 5], (10 * ((7 * lane) % 32) + 1000).float())  # __any_sync: one lane / none
 
 
 def test_simulator_ldmatrix(sim):

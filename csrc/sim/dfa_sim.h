@@ -74,6 +74,11 @@ struct ShflIn {
   int lane_mask;
 };
 inline void nothing_all(const unsigned char (*)[kLaneBytes], unsigned char (*)[kLaneBytes]) {}
+inline void any_all(const unsigned char (*in)[kLaneBytes], unsigned char (*out)[kLaneBytes]) {
+  int any = 0;
+  for (int l = 0; l < 32; ++l) any |= *reinterpret_cast<const int*>(in[l]);
+  for (int l = 0; l < 32; ++l) *reinterpret_cast<int*>(out[l]) = any;
+}
 template <typename V>
 void shfl_idx_all(const unsigned char (*in)[kLaneBytes], unsigned char (*out)[kLaneBytes]) {
   for (int l = 0; l < 32; ++l) {
@@ -214,6 +219,11 @@ inline V __shfl_sync(unsigned mask, V v, int src_lane) {
   ::dfa_sim::ShflIn<V> x{v, src_lane};
   V r;
   ::dfa_sim::warp_collective(mask, &x, sizeof(x), &r, sizeof(r), &::dfa_sim::shfl_idx_all<V>);
+  return r;
+}
+inline int __any_sync(unsigned mask, int predicate) {
+  int p = predicate != 0, r;
+  ::dfa_sim::warp_collective(mask, &p, sizeof(p), &r, sizeof(r), &::dfa_sim::any_all);
   return r;
 }
 // A warp barrier: every lane must reach it (checked like any collective); memory is shared at once here.

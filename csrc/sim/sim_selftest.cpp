@@ -56,7 +56,8 @@ __global__ void collectives_kernel(float* out) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   x += __shfl_xor_sync(0xffffffffu, x, 2);
   __syncwarp();
-  const float y = __shfl_sync(0xffffffffu, float(10 * lane), (7 * lane) % 32);  // lane (7 lane) % 32's value
+  const float y = __shfl_sync(0xffffffffu, float(10 * lane), (7 * lane) % 32)  // lane (7 lane) % 32's value
+                  + 1000.f * __any_sync(0xffffffffu, lane == 29) + 2000.f * __any_sync(0xffffffffu, 0);
   auto pack = [](float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);
     uint32_t u;
