@@ -4,10 +4,10 @@
 // [q0, q0 + BM) x keys [k0, k0 + BN) spans the BM + BN - 1 distances d = dmin + x, dmin = q0 - k0 - (BN - 1):
 //   c2p[i, j] = q_i . Kr[i - j]   is column (i - j - dmin) of  Q_tile . Kr[window]^T
 //   p2c[i, j] = k_j . Qr[i - j]   is column (i - j - dmin) of  K_tile . Qr[window]^T
-// The window's rows are gathered once per tile into shared memory (`load_window`, their slots computed one tile ahead
-// by `fill_slots`), the products run on mma.sync,
-// are rounded to T (as HF's bmm of the position terms is) and stored to per-warp shared scratch, and each score
-// element reads its two values back at its own diagonal (`SkewTile`).  No [B,H,L,2S] table and no host GEMM.
+// The window's rows are gathered once per tile into shared memory (`load_window`; their slots are computed one tile
+// ahead by `fill_slots`), the products run on mma.sync, are rounded to T (as HF's bmm of the position terms is) and
+// stored to per-warp shared scratch, and each score element reads its two values back at its own diagonal
+// (`SkewTile`).  No [B,H,L,2S] table and no host GEMM.
 //
 // Per warp (16 rows r0 = q0 + 16 w):
 //   c2p: Q_w (16 x D) . window rows [16 w, 16 w + BN + 16)^T -> 16 x (BN + 16); element (g', c) at column

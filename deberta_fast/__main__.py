@@ -321,7 +321,8 @@ def kernel_check(gpu: bool, quick: bool, status: dict) -> dict:
     if sim_why is None:  # the CUDA kernels in their CPU simulator
         t1 = time.perf_counter()
         _say("  backend cuda, bfloat16 and float16: the CUDA kernels (csrc/*.cu) in their CPU simulator, in a "
-             "subprocess (DEBERTA_FAST_CUDA_SIM=1, csrc/sim/; built by the host compiler on first use, ~40 s) ...")
+             "subprocess (DEBERTA_FAST_CUDA_SIM=1, csrc/sim/; built by the host compiler on first use: ~35 s on "
+             "2 cores) ...")
         sim = _child_check("cuda", ["bfloat16", "float16"], cases, {"DEBERTA_FAST_CUDA_SIM": "1"}, "the simulator")
         rows += sim.get("rows", [])
         if sim.get("not_run"):
