@@ -244,7 +244,8 @@ struct Bands {
                                      const OptT& offs, int dtype, const Tensor& q, void* stream) const {
     Tensor dc2p = at::empty({0}, q.options()), dp2c = at::empty({0}, q.options());
     if (p.S2 <= 0) return {dc2p, dp2c};
-    const int idx_lo = dfa::sat_table_index(p.band_lo, p.Lq, p.Lk), idx_hi = dfa::sat_table_index(p.band_hi, p.Lq, p.Lk);
+    const int idx_lo = dfa::sat_table_index(p.band_lo, p.Lq, p.Lk);
+    const int idx_hi = dfa::sat_table_index(p.band_hi, p.Lq, p.Lk);
     if (c2p.has_value()) {
       dc2p = at::empty(c2p->sizes(), q.options());
       const char* err = dfa::launch_band_to_slots(p.band_q, p.sat_q, perm->data_ptr<int32_t>(),
@@ -545,7 +546,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("varlen_fwd", &varlen_fwd, "packed varlen forward -> (out [Tq,H,D], lse [H,Tq])", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("pos_key"), py::arg("pos_query"), py::arg("table"),
         py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
-        py::arg("rng"), py::arg("scale"), py::arg("p_drop"), py::arg("band_lo") = -(1 << 30), py::arg("band_hi") = 1 << 30);
+        py::arg("rng"), py::arg("scale"), py::arg("p_drop"), py::arg("band_lo") = -(1 << 30),
+        py::arg("band_hi") = 1 << 30);
   m.def("varlen_bwd", &varlen_bwd, "packed varlen backward -> (dq, dk, dv, dc2p, dp2c)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("c2p"), py::arg("p2c"),
         py::arg("table"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),

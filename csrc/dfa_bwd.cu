@@ -15,8 +15,8 @@
 // Relative-table gradients.  With dS = dL/ds (s = scaled score):
 //   dC2P[i, s] = scale * sum_{j : slot(i-j) = s} dS[i, j],  dP2C[j, s] likewise over i.
 // slot depends on d = i - j only and is constant outside the band (lo, hi) of positions.slot_band: the table's
-// slot at d = lo below it, at d = hi above it (0 / 2S-1 for the tables the backends pass).  The dq kernel writes scale*dS[i, i-d] for d in
-// the window [dmin, dmin+W) to band_q[i, d-dmin] (one writer per element) and sums
+// slot at d = lo below it, at d = hi above it (0 / 2S-1 for the tables the backends pass).  The dq kernel writes
+// scale*dS[i, i-d] for d in the window [dmin, dmin+W) to band_q[i, d-dmin] (one writer per element) and sums
 // d < dmin / d >= dmin+W into sat_q[i, 0/1] in a fixed order; band_to_slots then sums
 // each slot's d's in a fixed order (CSR `perm`/`offs` from the host).  Same for keys.
 #include "dfa_common.cuh"

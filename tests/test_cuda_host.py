@@ -446,7 +446,8 @@ BAD_VARLEN = [
     ("table length", _set(table=lambda a: a["table"][:-1]), "Lq\\+Lk-1 = 8"),
 ]
 BAD_VARLEN_POS = [
-    ("pos_key batched", _set(pos_key=lambda a: a["pos_key"][None]), r"pos_key must be \[H, 2\*span, D\] = \[2, R, 64\], got"),
+    ("pos_key batched", _set(pos_key=lambda a: a["pos_key"][None]),
+     r"pos_key must be \[H, 2\*span, D\] = \[2, R, 64\], got"),
     ("pos_query dtype", _set(pos_query=lambda a: a["pos_query"].half()), "pos_query must be a BFloat16 tensor"),
 ]
 BAD_VARLEN_TABLES = [

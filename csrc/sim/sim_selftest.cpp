@@ -49,7 +49,8 @@ __global__ void barrier_after_exit_kernel(float* out) {
   out[t] = 1.f;
 }
 
-// a quad sum through shuffles, an indexed shuffle and one m16n8k16 product of known matrices: A[r][k] = r + k / 16, B[k][n] = k - n
+// a quad sum through shuffles, an indexed shuffle, votes and one m16n8k16 product of known matrices:
+// A[r][k] = r + k / 16, B[k][n] = k - n
 __global__ void collectives_kernel(float* out) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   float x = float(lane);
