@@ -38,11 +38,11 @@ def tile_shapes() -> dict:
     bm = int(re.search(r"static constexpr int BM = (\d+);", fwd)[1])
     bn = re.search(r"static constexpr int BN = D == (\d+) \? (\d+) : (\d+);", fwd)
     dq = re.search(r"DQ_BM = (\d+), DQ_BN = (\d+);", bwd)
-    kv = re.search(r"KV_BN = (\d+), KV_BM = \(D >= (\d+) \? (\d+) : (\d+)\);", bwd)
+    kv = re.search(r"KV_BN = (\d+), KV_BM = (\d+);", bwd)
     if not (bn and dq and kv):
         raise RuntimeError("benchmarks.static_cuda: a kernel's Cfg no longer matches the pattern; update tile_shapes")
     return {"fwd": lambda D: (bm, int(bn[2]) if D == int(bn[1]) else int(bn[3])), "bwd_dq": lambda D: (int(dq[1]), int(dq[2])),
-            "bwd_dkdv": lambda D: (int(kv[3]) if D >= int(kv[2]) else int(kv[4]), int(kv[1]))}
+            "bwd_dkdv": lambda D: (int(kv[2]), int(kv[1]))}
 
 
 def parse_ptxas(log: str) -> dict:

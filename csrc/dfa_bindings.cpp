@@ -80,18 +80,6 @@ void check_qkv(const char* name, const Tensor& t, const Tensor& q, int64_t L) {
               "aligned base pointer), got strides ", t.strides(), "; call .contiguous()");
 }
 
-void check_table(const char* name, const OptT& t, const Tensor& q, int64_t L, int64_t S2) {
-  if (!t.has_value()) return;
-  const Tensor& x = *t;
-  TORCH_CHECK(on_device(x) && x.device() == q.device(), "deberta_fast cuda backend: ", name, " must be on ",
-              q.device(), ", got ", x.device());
-  TORCH_CHECK(x.scalar_type() == q.scalar_type(), "deberta_fast cuda backend: ", name, " must have dtype ",
-              q.scalar_type(), ", got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 4 && x.size(0) == q.size(0) && x.size(1) == q.size(1) && x.size(2) == L && x.size(3) == S2,
-              "deberta_fast cuda backend: ", name, " must be [B, H, ", L, ", 2*span=", S2, "], got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "deberta_fast cuda backend: ", name, " must be contiguous; call .contiguous()");
-}
-
 // The slot table of the relative terms: int32 [Lq + Lk - 1] (varlen: max_seqlen_q + max_seqlen_k - 1).
 void check_slot_table(const OptT& table, const Tensor& q, int64_t Lq, int64_t Lk) {
   TORCH_CHECK(table.has_value(), "deberta_fast cuda backend: relative terms need the slot table");
@@ -103,15 +91,7 @@ void check_slot_table(const OptT& table, const Tensor& q, int64_t Lq, int64_t Lk
               tb.scalar_type(), " ", tb.sizes(), " on ", tb.device());
 }
 
-// Width 2*span of the relative tables (0: no relative term); int in Params.
-int64_t table_width(const OptT& c2p, const OptT& p2c) {
-  const int64_t S2 = c2p.has_value() ? c2p->size(-1) : p2c.has_value() ? p2c->size(-1) : 0;
-  TORCH_CHECK(S2 < (int64_t(1) << 31), "deberta_fast cuda backend: relative tables have ", S2,
-              " columns (2*span), more than 2^31 - 1");
-  return S2;
-}
-
-// pos_key / pos_query rows of the forward in slot order: [H, S2, D], or [B|1, H, S2, D] when batched (padded
+// pos_key / pos_query rows in slot order: [H, S2, D], or [B|1, H, S2, D] when batched (padded
 // layout only), the query's dtype / device / head dim, 16-byte aligned rows.  Returns S2 (0: absent).
 int64_t check_pos(const char* who, const char* name, const OptT& t, const Tensor& q, int64_t B, int64_t H, int64_t D,
                   bool batched_ok) {
@@ -131,7 +111,7 @@ int64_t check_pos(const char* who, const char* name, const OptT& t, const Tensor
   return x.size(-2);
 }
 
-// The forward's relative terms: pos rows, their slot table (over the rows: slot values are clamped to [0, S2)).
+// The relative terms: pos rows, their slot table (over the rows: slot values are clamped to [0, S2)).
 void set_pos(dfa::Params& p, const char* who, const OptT& pos_key, const OptT& pos_query, const OptT& table,
              const Tensor& q, int64_t B, int64_t H, int64_t D, int64_t Lq, int64_t Lk, bool batched_ok) {
   const int64_t rk = check_pos(who, "pos_key", pos_key, q, B, H, D, batched_ok);
@@ -239,22 +219,29 @@ struct Bands {
     p.W = static_cast<int>(W);
   }
 
-  // dC2P / dP2C with the shape of the tables (empty [0] where a term is absent)
-  std::pair<Tensor, Tensor> to_slots(const dfa::Params& p, const OptT& c2p, const OptT& p2c, const OptT& perm,
-                                     const OptT& offs, int dtype, const Tensor& q, void* stream) const {
+  // dC2P [shape_q..., S2] / dP2C [shape_k..., S2] (empty [0] where a term is absent): what a C2P = Q pos_key^T /
+  // P2C = K pos_query^T table's gradient would be; the host takes them on to dq / dk and the position rows
+  std::pair<Tensor, Tensor> to_slots(const dfa::Params& p, at::IntArrayRef shape_q, at::IntArrayRef shape_k,
+                                     const OptT& perm, const OptT& offs, int dtype, const Tensor& q,
+                                     void* stream) const {
     Tensor dc2p = at::empty({0}, q.options()), dp2c = at::empty({0}, q.options());
     if (p.S2 <= 0) return {dc2p, dp2c};
     const int idx_lo = dfa::sat_table_index(p.band_lo, p.Lq, p.Lk);
     const int idx_hi = dfa::sat_table_index(p.band_hi, p.Lq, p.Lk);
-    if (c2p.has_value()) {
-      dc2p = at::empty(c2p->sizes(), q.options());
+    const auto with_slots = [&](at::IntArrayRef shape) {
+      std::vector<int64_t> v(shape.begin(), shape.end());
+      v.push_back(p.S2);
+      return v;
+    };
+    if (p.band_q != nullptr) {
+      dc2p = at::empty(with_slots(shape_q), q.options());
       const char* err = dfa::launch_band_to_slots(p.band_q, p.sat_q, perm->data_ptr<int32_t>(),
                                                   offs->data_ptr<int32_t>(), dc2p.data_ptr(), dtype,
                                                   band_q.size(0), p.W, p.S2, p.table, idx_lo, idx_hi, stream);
       TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (c2p band) failed: ", err ? err : "");
     }
-    if (p2c.has_value()) {
-      dp2c = at::empty(p2c->sizes(), q.options());
+    if (p.band_k != nullptr) {
+      dp2c = at::empty(with_slots(shape_k), q.options());
       const char* err = dfa::launch_band_to_slots(p.band_k, p.sat_k, perm->data_ptr<int32_t>(),
                                                   offs->data_ptr<int32_t>(), dp2c.data_ptr(), dtype,
                                                   band_k.size(0), p.W, p.S2, p.table, idx_lo, idx_hi, stream);
@@ -270,9 +257,8 @@ struct Common {
   int D = 0;
 };
 
-Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& c2p, const OptT& p2c,
-                   const OptT& table, const OptT& key_mask, const OptT& uniform, const OptT& rng, double scale,
-                   double p_drop) {
+Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& key_mask, const OptT& uniform,
+                   const OptT& rng, double scale, double p_drop) {
   Common c;
   c.dtype = dtype_code(q);
   TORCH_CHECK(q.dim() == 4, "deberta_fast cuda backend: query must be 4-D [B, H, Lq, D], got ", q.sizes());
@@ -287,10 +273,6 @@ Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   check_qkv("query", q, q, Lq);
   check_qkv("key", k, q, Lk);
   check_qkv("value", v, q, Lk);
-  const int64_t S2 = table_width(c2p, p2c);
-  check_table("c2p table (query @ pos_key^T)", c2p, q, Lq, S2);
-  check_table("p2c table (key @ pos_query^T)", p2c, q, Lk, S2);
-  if (S2 > 0) check_slot_table(table, q, Lq, Lk);
   auto& p = c.p;
   if (key_mask.has_value()) {
     const Tensor& m = *key_mask;
@@ -315,12 +297,8 @@ Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sr = q.stride(2);
   p.k = k.data_ptr(); p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sr = k.stride(2);
   p.v = v.data_ptr(); p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_sr = v.stride(2);
-  p.c2p = c2p.has_value() ? c2p->data_ptr() : nullptr;
-  p.p2c = p2c.has_value() ? p2c->data_ptr() : nullptr;
-  p.table = S2 > 0 ? table->data_ptr<int32_t>() : nullptr;
   p.band_lo = -(1 << 30);  // no saturated-tile shortcut unless set_band() says where the band is
   p.band_hi = 1 << 30;
-  p.S2 = static_cast<int>(S2);
   p.B = static_cast<int>(B); p.H = static_cast<int>(H);
   p.Lq = static_cast<int>(Lq); p.Lk = static_cast<int>(Lk);
   set_scale(p, scale);
@@ -331,7 +309,7 @@ Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
 std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& pos_key,
                         const OptT& pos_query, const OptT& table, const OptT& key_mask, const OptT& uniform,
                         const OptT& rng, double scale, double p_drop, int64_t band_lo, int64_t band_hi) {
-  Common c = make_common(q, k, v, std::nullopt, std::nullopt, std::nullopt, key_mask, uniform, rng, scale, p_drop);
+  Common c = make_common(q, k, v, key_mask, uniform, rng, scale, p_drop);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   set_pos(c.p, "deberta_fast cuda backend", pos_key, pos_query, table, q, B, H, D, Lq, k.size(2), true);
   set_band(c.p, band_lo, band_hi);
@@ -347,13 +325,15 @@ std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const
 }
 
 std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                        const Tensor& lse, const OptT& c2p, const OptT& p2c, const OptT& table, const OptT& key_mask,
-                        const OptT& uniform, const OptT& rng, double scale, double p_drop, int64_t dmin, int64_t W,
-                        const OptT& perm, const OptT& offs, int64_t band_lo, int64_t band_hi) {
-  Common c = make_common(q, k, v, c2p, p2c, table, key_mask, uniform, rng, scale, p_drop);
+                        const Tensor& lse, const OptT& pos_key, const OptT& pos_query, const OptT& table,
+                        const OptT& key_mask, const OptT& uniform, const OptT& rng, double scale, double p_drop,
+                        int64_t dmin, int64_t W, const OptT& perm, const OptT& offs, int64_t band_lo,
+                        int64_t band_hi) {
+  Common c = make_common(q, k, v, key_mask, uniform, rng, scale, p_drop);
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
+  set_pos(c.p, "deberta_fast cuda backward", pos_key, pos_query, table, q, B, H, D, Lq, Lk, true);
   set_band(c.p, band_lo, band_hi);
   const DeviceGuard guard(q.device());
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   check_qkv("grad_out", dout, q, Lq);
   check_saved_out("deberta_fast cuda backward", out, q);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H &&
@@ -371,18 +351,19 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
   p.dq_sb = dq.stride(0); p.dq_sh = dq.stride(1); p.dq_sr = dq.stride(2);
   p.dk_sb = dk.stride(0); p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(2);
   Bands bands;
-  bands.alloc(p, q, c2p.has_value(), p2c.has_value(), B * H * Lq, B * H * Lk, Lq, Lk, dmin, W, perm, offs);
+  bands.alloc(p, q, pos_key.has_value(), pos_query.has_value(), B * H * Lq, B * H * Lk, Lq, Lk, dmin, W, perm,
+              offs);
   void* stream = current_stream();
   const char* err = dfa::launch_bwd(p, c.dtype, c.D, stream);
   TORCH_CHECK(err == nullptr, "deberta_fast cuda backward launch failed: ", err ? err : "");
-  auto [dc2p, dp2c] = bands.to_slots(p, c2p, p2c, perm, offs, c.dtype, q, stream);
+  auto [dc2p, dp2c] = bands.to_slots(p, {B, H, Lq}, {B, H, Lk}, perm, offs, c.dtype, q, stream);
   return {dq, dk, dv, dc2p, dp2c};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Packed variable-length (varlen) layout: q/o/dout [Tq, H, D], k/v [Tk, H, D], sequence n at token
-// rows cu_q[n]..cu_q[n+1] (cu_k for keys); forward: pos_key / pos_query [H, 2S, D]; backward: C2P [H, Tq, 2S],
-// P2C [H, Tk, 2S]; LSE float32 [H, Tq].
+// rows cu_q[n]..cu_q[n+1] (cu_k for keys); pos_key / pos_query [H, 2S, D]; the backward returns dC2P [H, Tq, 2S],
+// dP2C [H, Tk, 2S]; LSE float32 [H, Tq].
 // cu_seqlens are trusted on the device (no sync here): they must start at 0, be non-decreasing,
 // end at Tq / Tk, and no length may exceed max_seqlen (the kernels clamp lengths to max_seqlen
 // for memory safety only).  CudaBackend.forward_varlen validates them before calling.
@@ -411,20 +392,8 @@ void check_cu(const char* name, const Tensor& cu, const Tensor& q, int64_t n1) {
               cu.device());
 }
 
-void check_vtable(const char* name, const OptT& t, const Tensor& q, int64_t T, int64_t S2) {
-  if (!t.has_value()) return;
-  const Tensor& x = *t;
-  TORCH_CHECK(on_device(x) && x.device() == q.device() && x.scalar_type() == q.scalar_type(),
-              "deberta_fast cuda varlen: ", name, " must be a ", q.scalar_type(), " tensor on ", q.device(), ", got ",
-              x.scalar_type(), " on ", x.device());
-  TORCH_CHECK(x.dim() == 3 && x.size(0) == q.size(1) && x.size(1) == T && x.size(2) == S2 && x.is_contiguous(),
-              "deberta_fast cuda varlen: ", name, " must be contiguous [H, total_tokens, 2*span] = [", q.size(1), ", ",
-              T, ", ", S2, "] (torch.matmul(x.transpose(0, 1), pos.transpose(-1, -2))), got ", x.sizes());
-}
-
-Common make_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& c2p, const OptT& p2c,
-                   const OptT& table, const Tensor& cu_q, const Tensor& cu_k, int64_t max_q, int64_t max_k,
-                   const OptT& rng, double scale, double p_drop) {
+Common make_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
+                   int64_t max_q, int64_t max_k, const OptT& rng, double scale, double p_drop) {
   Common c;
   c.dtype = dtype_code(q);
   TORCH_CHECK(q.dim() == 3, "deberta_fast cuda varlen: query must be 3-D [total_q, H, D], got ", q.sizes());
@@ -447,22 +416,14 @@ Common make_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
               max_k);
   TORCH_CHECK(Tq < (int64_t(1) << 31) && Tk < (int64_t(1) << 31),
               "deberta_fast cuda varlen: total tokens must fit int32 cu_seqlens, got ", Tq, ", ", Tk);
-  const int64_t S2 = table_width(c2p, p2c);
-  check_vtable("c2p table (query @ pos_key^T)", c2p, q, Tq, S2);
-  check_vtable("p2c table (key @ pos_query^T)", p2c, q, Tk, S2);
-  if (S2 > 0) check_slot_table(table, q, max_q, max_k);
   auto& p = c.p;
   set_dropout(p, rng, q, p_drop);
   // *_sb = 0: the sequence's token offset cu_q[n] * stride(0) selects it (seq_view)
   p.q = q.data_ptr(); p.q_sb = 0; p.q_sh = q.stride(1); p.q_sr = q.stride(0);
   p.k = k.data_ptr(); p.k_sb = 0; p.k_sh = k.stride(1); p.k_sr = k.stride(0);
   p.v = v.data_ptr(); p.v_sb = 0; p.v_sh = v.stride(1); p.v_sr = v.stride(0);
-  p.c2p = c2p.has_value() ? c2p->data_ptr() : nullptr;
-  p.p2c = p2c.has_value() ? p2c->data_ptr() : nullptr;
-  p.table = S2 > 0 ? table->data_ptr<int32_t>() : nullptr;
   p.band_lo = -(1 << 30);  // no saturated-tile shortcut unless set_band() says where the band is
   p.band_hi = 1 << 30;
-  p.S2 = static_cast<int>(S2);
   p.B = static_cast<int>(N); p.H = static_cast<int>(H);
   p.Lq = static_cast<int>(max_q); p.Lk = static_cast<int>(max_k);
   p.cu_q = cu_q.data_ptr<int32_t>(); p.cu_k = cu_k.data_ptr<int32_t>();
@@ -476,8 +437,7 @@ std::vector<Tensor> varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v
                                const OptT& pos_query, const OptT& table, const Tensor& cu_q, const Tensor& cu_k,
                                int64_t max_q, int64_t max_k, const OptT& rng, double scale, double p_drop,
                                int64_t band_lo, int64_t band_hi) {
-  Common c = make_varlen(q, k, v, std::nullopt, std::nullopt, std::nullopt, cu_q, cu_k, max_q, max_k, rng, scale,
-                         p_drop);
+  Common c = make_varlen(q, k, v, cu_q, cu_k, max_q, max_k, rng, scale, p_drop);
   const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2);
   set_pos(c.p, "deberta_fast cuda varlen", pos_key, pos_query, table, q, c.p.B, H, D, max_q, max_k, false);
   set_band(c.p, band_lo, band_hi);
@@ -494,14 +454,15 @@ std::vector<Tensor> varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v
 }
 
 std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                               const Tensor& out, const Tensor& lse, const OptT& c2p, const OptT& p2c,
+                               const Tensor& out, const Tensor& lse, const OptT& pos_key, const OptT& pos_query,
                                const OptT& table, const Tensor& cu_q, const Tensor& cu_k, int64_t max_q,
                                int64_t max_k, const OptT& rng, double scale, double p_drop, int64_t dmin, int64_t W,
                                const OptT& perm, const OptT& offs, int64_t band_lo, int64_t band_hi) {
-  Common c = make_varlen(q, k, v, c2p, p2c, table, cu_q, cu_k, max_q, max_k, rng, scale, p_drop);
+  Common c = make_varlen(q, k, v, cu_q, cu_k, max_q, max_k, rng, scale, p_drop);
+  const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2), Tk = k.size(0);
+  set_pos(c.p, "deberta_fast cuda varlen backward", pos_key, pos_query, table, q, c.p.B, H, D, max_q, max_k, false);
   set_band(c.p, band_lo, band_hi);
   const DeviceGuard guard(q.device());
-  const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2), Tk = k.size(0);
   check_tokens("grad_out", dout, q, Tq);
   check_saved_out("deberta_fast cuda varlen backward", out, q);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == H && lse.size(1) == Tq &&
@@ -521,13 +482,13 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
   p.dq_sb = 0; p.dq_sh = dq.stride(1); p.dq_sr = dq.stride(0);
   p.dk_sb = 0; p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(0);
   Bands bands;
-  bands.alloc(p, q, c2p.has_value(), p2c.has_value(), H * Tq, H * Tk, max_q, max_k, dmin, W, perm, offs);
+  bands.alloc(p, q, pos_key.has_value(), pos_query.has_value(), H * Tq, H * Tk, max_q, max_k, dmin, W, perm, offs);
   void* stream = current_stream();
   if (Tq > 0 || Tk > 0) {
     const char* err = dfa::launch_bwd(p, c.dtype, c.D, stream);
     TORCH_CHECK(err == nullptr, "deberta_fast cuda varlen backward launch failed: ", err ? err : "");
   }
-  auto [dc2p, dp2c] = bands.to_slots(p, c2p, p2c, perm, offs, c.dtype, q, stream);
+  auto [dc2p, dp2c] = bands.to_slots(p, {H, Tq}, {H, Tk}, perm, offs, c.dtype, q, stream);
   return {dq, dk, dv, dc2p, dp2c};
 }
 
@@ -539,7 +500,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("pos_query"), py::arg("table"), py::arg("key_mask"), py::arg("uniform"), py::arg("rng"),
         py::arg("scale"), py::arg("p_drop"), py::arg("band_lo") = -(1 << 30), py::arg("band_hi") = 1 << 30);
   m.def("bwd", &bwd, "fused backward -> (dq, dk, dv, dc2p, dp2c)", py::arg("dout"), py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("c2p"), py::arg("p2c"), py::arg("table"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("pos_key"), py::arg("pos_query"), py::arg("table"),
         py::arg("key_mask"), py::arg("uniform"), py::arg("rng"), py::arg("scale"), py::arg("p_drop"),
         py::arg("dmin"), py::arg("W"), py::arg("perm"), py::arg("offs"), py::arg("band_lo") = -(1 << 30),
         py::arg("band_hi") = 1 << 30);
@@ -549,8 +510,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rng"), py::arg("scale"), py::arg("p_drop"), py::arg("band_lo") = -(1 << 30),
         py::arg("band_hi") = 1 << 30);
   m.def("varlen_bwd", &varlen_bwd, "packed varlen backward -> (dq, dk, dv, dc2p, dp2c)", py::arg("dout"),
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("c2p"), py::arg("p2c"),
-        py::arg("table"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("pos_key"),
+        py::arg("pos_query"), py::arg("table"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("rng"), py::arg("scale"), py::arg("p_drop"), py::arg("dmin"),
         py::arg("W"), py::arg("perm"), py::arg("offs"), py::arg("band_lo") = -(1 << 30),
         py::arg("band_hi") = 1 << 30);

@@ -1,42 +1,53 @@
-// Fused backward of DeBERTa disentangled attention, deterministic (no atomics); warps whose tile lies beyond the
-// slot band recompute S without the slot table or gathers (as the forward) and add dS to the saturated sums; the
-// loop tiles (K / V in dq, Q / dO in dK/dV) come by cp.async, double-buffered (dq at D = 128: one stage):
-//   * dq kernel   : one block per 64 queries, loops over key tiles -> dQ (content part)
+// Fused backward of DeBERTa disentangled attention, deterministic (no atomics).  Both score kernels recompute S
+// exactly as the forward does (dfa_rel.cuh: per band tile the position rows' products on tensor cores, read back at
+// each element's diagonal; beyond the slot band per-row constants and one value per column; no C2P / P2C table),
+// and the loop tiles (K / V in dq, Q / dO in dK/dV) come by cp.async, double-buffered (one stage at D = 128):
+//   * dq kernel   : one block per 64 queries, loops over 32-key tiles -> dQ (content part)
 //                   and the c2p band of scale*dS (see below).
-//   * dkdv kernel : one block per 64 keys, loops over query tiles -> dK (content part),
-//                   dV and the p2c band of scale*dS.
+//   * dkdv kernel : one block per 64 keys, loops over 32-query tiles -> dK (content part),
+//                   dV and the p2c band of scale*dS.  Its tiles are keys x queries: the skew's row term is p2c
+//                   (pos_query) and its column term c2p (pos_key), on a window that runs down in d.
 //   * band_to_slots: fixed-order segment sums turning a band into dC2P / dP2C.
-// Both score kernels recompute S and P from the saved LSE (FA2); a non-finite LSE (a row with no
-// key) gives P = 0 (dfa_softmax.h: lse_log2).  Delta = rowsum(dO*O) comes from the host.  Like the
-// forward, both score kernels serve the padded batch and the packed varlen layout (seq_view():
-// per-sequence offsets at run time, early exit past a sequence's end); band rows are then
-// (h*T + token) so band_to_slots is layout-agnostic.
+// Both score kernels recompute P from the saved LSE (FA2); a non-finite LSE (a row with no key) gives P = 0
+// (dfa_softmax.h: lse_log2).  Delta = rowsum(dO*O) comes from the host.  Like the forward, both score kernels serve
+// the padded batch and the packed varlen layout (seq_view(): per-sequence offsets at run time, early exit past a
+// sequence's end); band rows are then (h*T + token) so band_to_slots is layout-agnostic.
 //
 // Relative-table gradients.  With dS = dL/ds (s = scaled score):
 //   dC2P[i, s] = scale * sum_{j : slot(i-j) = s} dS[i, j],  dP2C[j, s] likewise over i.
 // slot depends on d = i - j only and is constant outside the band (lo, hi) of positions.slot_band: the table's
-// slot at d = lo below it, at d = hi above it (0 / 2S-1 for the tables the backends pass).  The dq kernel writes
-// scale*dS[i, i-d] for d in the window [dmin, dmin+W) to band_q[i, d-dmin] (one writer per element) and sums
-// d < dmin / d >= dmin+W into sat_q[i, 0/1] in a fixed order; band_to_slots then sums
-// each slot's d's in a fixed order (CSR `perm`/`offs` from the host).  Same for keys.
-#include "dfa_common.cuh"
+// slot at d = lo below it, at d = hi above it.  The dq kernel writes scale*dS[i, i-d] for d in the window
+// [dmin, dmin+W) to band_q[i, d-dmin] (one writer per element) and sums d < dmin / d >= dmin+W into sat_q[i, 0/1]
+// in a fixed order; band_to_slots then sums each slot's d's in a fixed order (CSR `perm`/`offs` from the host).
+// Same for keys.  The host turns dC2P / dP2C into the dq / dk / position-row terms (two GEMMs each).
+#include "dfa_rel.cuh"
 
 namespace dfa {
 
 template <typename T, int D>
 struct BwdCfg {
   static constexpr int LDS = D + 8;
-  // dq kernel: 64 queries per block, BN keys per iteration
-  static constexpr int DQ_BM = 64, DQ_BN = 64;
-  // K/V double-buffered by cp.async up to D = 64; one stage at D = 128 (two would need 104 KB, more than sm_86 /
-  // sm_89 allow)
-  // (strided copies at D = 128: the static ones push it past 255 registers)
+  // dq kernel: 64 queries per block, BN keys per iteration.  BN = 32 and, at D = 128, one K / V stage: with the
+  // relative terms' shared memory (window, skew scratch) the block fits sm_86 / sm_89's 99 KB.  (Strided copies at
+  // D = 128: the static ones push it past 255 registers.)
+  static constexpr int DQ_BM = 64, DQ_BN = 32;
   using DQ_KV = KVTiles<T, DQ_BN, D, (D >= 128 ? 1 : 2), (D < 128)>;
-  static constexpr int DQ_SMEM = (2 * DQ_BM * LDS + DQ_KV::SMEM_ELEMS) * (int)sizeof(T);
-  // dkdv kernel: 64 keys per block, BM queries per iteration (32 at D=128: register budget)
-  static constexpr int KV_BN = 64, KV_BM = (D >= 128 ? 32 : 64);
-  using KV_QDO = KVTiles<T, KV_BM, D, 2>;  // the Q / dO tiles, double-buffered by cp.async
-  static constexpr int KV_SMEM = (2 * KV_BN * LDS + KV_QDO::SMEM_ELEMS) * (int)sizeof(T) + KV_BM * (2 * 4 + 4);
+  using DQ_Rel = RelSmem<T, DQ_BN, D>;
+  static constexpr int DQ_BASE = 2 * DQ_BM * LDS + DQ_KV::SMEM_ELEMS;  // Q | dO | K/V stages
+  static constexpr int DQ_SMEM = DQ_BASE * (int)sizeof(T);
+  static constexpr int DQ_SMEM_REL = (DQ_BASE + DQ_Rel::ELEMS) * (int)sizeof(T);
+  // dkdv kernel: 64 keys per block, BM queries per iteration, Q / dO double-buffered by cp.async (one stage at
+  // D = 128, for the same reason)
+  static constexpr int KV_BN = 64, KV_BM = 32;
+  using KV_QDO = KVTiles<T, KV_BM, D, (D >= 128 ? 1 : 2)>;
+  using KV_Rel = RelSmem<T, KV_BM, D>;
+  // K | V | Q/dO stages | row statistics (lse2, delta, uniform: 3 x BM x 4 B) | Rel
+  static constexpr int KV_BASE = 2 * KV_BN * LDS + KV_QDO::SMEM_ELEMS + KV_BM * 12 / (int)sizeof(T);
+  static constexpr int KV_SMEM = KV_BASE * (int)sizeof(T);
+  static constexpr int KV_SMEM_REL = (KV_BASE + KV_Rel::ELEMS) * (int)sizeof(T);
+  static_assert(DQ_SMEM_REL <= 101376 && KV_SMEM_REL <= 101376,
+                "the backward kernels must fit sm_86 / sm_89's 99 KB of shared memory per block");
+  static_assert((KV_BM * 12) % 16 == 0, "the relative terms' shared memory stays 16-byte aligned");
 };
 
 // dS of element (i, j), d = i - j, into the relative-table gradients: the saturated sums sat[0] (d below the band
@@ -56,15 +67,23 @@ __device__ __forceinline__ void add_rel_grad(const Params& p, int zone, float ds
   }
 }
 
+// The relative terms' per-row constants of a saturated zone (1: lo, 2: hi; else 0), scaled: {row g, row g + 8}.
+__device__ __forceinline__ void zone_constants(float (&out)[2], float4 c, int zone, float scale) {
+  out[0] = (zone == 1 ? c.x : zone == 2 ? c.z : 0.f) * scale;
+  out[1] = (zone == 1 ? c.y : zone == 2 ? c.w : 0.f) * scale;
+}
+
 // ---------------------------------------------------------------------------
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARAMS(p)) {
   DFA_PROFILE_ASSUME(p);
   using Cfg = BwdCfg<T, D>;
+  using Rel = typename Cfg::DQ_Rel;
   constexpr int BM = Cfg::DQ_BM, BN = Cfg::DQ_BN, LDS = Cfg::LDS, NT = BN / 8;
   DFA_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* dOs = Qs + BM * LDS;
+  const Rel rs(Qs + Cfg::DQ_BASE);  // relative terms only (the launch sizes shared memory by that)
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int q0 = blockIdx.x * BM;
@@ -77,10 +96,13 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
   const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sv.krow * p.k_sr;
   const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sv.krow * p.v_sr;
   const T* dog = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + sv.qrow * p.do_sr;
-  const T* c2p_bh = p.c2p ? reinterpret_cast<const T*>(p.c2p) + sv.qoff * p.S2 : nullptr;
-  const T* p2c_bh = p.p2c ? reinterpret_cast<const T*>(p.p2c) + sv.koff * p.S2 : nullptr;
+  const bool rel = p.table != nullptr;
+  const T* pk = rel && p.pos_k ? reinterpret_cast<const T*>(p.pos_k) + b * p.pk_sb + h * p.pk_sh : nullptr;
+  const T* pq = rel && p.pos_q ? reinterpret_cast<const T*>(p.pos_q) + b * p.pq_sb + h * p.pq_sh : nullptr;
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
-  const bool rel = p.band_q != nullptr;
+  const bool rel_grad = p.band_q != nullptr;
+  const auto skew = rs.skew(warp);
+  const T* Qw = Qs + warp * 16 * LDS;
 
   int rows[2];
   bool uni[2];
@@ -102,11 +124,15 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
     offset = (uint32_t)p.rng[1];
   }
 
-  const int2 sslot = saturated_slots(p);
-  const float4 c2p_sat = c2p_saturated<T>(p, c2p_bh, sslot, rows, Lq);
-
   load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, Lq);
   load_tile<T, BM, D, kThreads>(dOs, dog, p.do_sr, q0, Lq);
+  float4 c2p_sat = make_float4(0.f, 0.f, 0.f, 0.f);  // {lo g, lo g+8, hi g, hi g+8}, as the forward's
+  if (rel) {
+    load_sat_rows<T, D>(rs.sat, pq, p.pq_sr, pk, p.pk_sr, saturated_slots(p));
+    if (tile_saturation(p, q0, BM, 0, BN) == 0) fill_slots<Rel::WR, 1>(rs.slots, p, q0 - (BN - 1));  // tile 0
+    __syncthreads();  // Q, the saturated rows, the first window's slots
+    c2p_sat = row_saturated_mma<T, D>(Qw, rs.sat);
+  }
 
   float dq[D / 8][4];
 #pragma unroll
@@ -119,34 +145,51 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
     const T* Ks = kv.acquire(k0, stage);
     const T* Vs = Ks + BN * LDS;
 
+    // 0: the band (skew); 1 / 2: beyond it (d <= band_lo / d >= band_hi: one slot, and every dS goes to that side's
+    // run sum); 3: no relative term.  The products as in the forward (block-uniform call)
+    const int zone = rel ? tile_saturation(p, q0 + warp * 16, 16, k0, BN) : 3;  // warp-uniform
+    if (rel && tile_saturation(p, q0, BM, k0, BN) == 0)
+      rs.products(skew, rs.slots_of(stage), pk, p.pk_sr, pq, p.pq_sr, Qw, Ks, warp, zone == 0);
+    float ps[BN / 16][4];  // saturated: p2c of the tile's keys at the saturated slots
+    const bool sat_rel = zone == 1 || zone == 2;
+    if (sat_rel) col_saturated_mma<T, D, BN>(ps, Ks, rs.sat);
+
     float s[NT][4], dp[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    mma_rows_rows<T, D, NT>(s, Qs + warp * 16 * LDS, Ks);
+    mma_rows_rows<T, D, NT>(s, Qw, Ks);
     mma_rows_rows<T, D, NT>(dp, dOs + warp * 16 * LDS, Vs);
 
-    // zone 1 / 2: every (i, j) of this warp's tile beyond the band (saturated slot lo / hi): no slot table, no
-    // gathers, and every dS goes to that side's run sum (distances below / above the band window)
-    const int zone = tile_saturation(p, q0 + warp * 16, 16, k0, BN);  // warp-uniform
-    const float crow[2] = {zone == 2 ? c2p_sat.z : c2p_sat.x, zone == 2 ? c2p_sat.w : c2p_sat.y};
+    float crow_s[2];
+    zone_constants(crow_s, c2p_sat, zone, p.scale_log2);
     const bool checked = tile_needs_checks(q0 + warp * 16, 16, Lq, k0, BN, Lk, km_b);
-    auto tile = [&](auto saturated, auto checks) {
+    dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         uint4 w = make_uint4(0u, 0u, 0u, 0u);
-        const int j0 = k0 + nt * 8 + 2 * t;
-        const float2 pcv = p2c_pair<T, SAT>(p, p2c_bh, sslot, zone, j0, Lk);
-        const float pc[2] = {pcv.x, pcv.y};
+        float pc_s[2] = {0.f, 0.f};
+        if (SAT && sat_rel) {
+          const float2 v = col_saturated_pair<T>(ps, nt, zone, p.scale_log2);
+          pc_s[0] = v.x;
+          pc_s[1] = v.y;
+        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int hh = e >> 1, i = rows[hh], j = j0 + (e & 1);
+          const int hh = e >> 1, c = nt * 8 + 2 * t + (e & 1), i = rows[hh], j = k0 + c;
           const bool valid = !CHECK || (i < Lq && j < Lk);
+          const float acc = s[nt][e];
           float sl;
-          if constexpr (SAT) sl = finish_score<CHECK>(p, s[nt][e], crow[hh], pc[e & 1], i, j, Lq, Lk, km_b, uni[hh]);
-          else sl = score_log2<T, CHECK>(p, s[nt][e], i, j, Lq, Lk, c2p_bh, p2c_bh, km_b, uni[hh]);
+          if constexpr (SAT) {
+            const float cs = crow_s[hh] + pc_s[e & 1];
+            sl = masked_score<CHECK>(i, j, Lq, Lk, km_b, uni[hh], [&] { return fmaf(acc, p.scale_log2, cs); });
+          } else {
+            const float c2pv = pk != nullptr ? skew.row_at(g + 8 * hh, c) : 0.f;
+            const float p2cv = pq != nullptr ? skew.col_at(g + 8 * hh, c) : 0.f;
+            sl = finish_score<CHECK>(p, acc, c2pv, p2cv, i, j, Lq, Lk, km_b, uni[hh]);
+          }
           const float pr = valid ? exp2f(sl - lse2[hh]) : 0.f;
           float dpv = dp[nt][e];
           if (p.dropout) {
@@ -155,12 +198,14 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
           }
           const float ds = (uni[hh] || !valid) ? 0.f : pr * (dpv - dlt[hh]) * p.scale;
           s[nt][e] = ds;
-          if (rel && valid) add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], p.band_q + (sv.qoff + i) * p.W);
+          if (rel_grad && valid) add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], p.band_q + (sv.qoff + i) * p.W);
         }
       }
-    };
-    dispatch_tile(zone != 0, checked, tile);
+    });
     mma_acc_rows<T, D, NT>(dq, s, Ks);
+    // the next tile's window slots, published by release()'s barrier (the other half was last read a tile ago)
+    if (rel && k0 + BN < Lk && tile_saturation(p, q0, BM, k0 + BN, BN) == 0)
+      fill_slots<Rel::WR, 1>(rs.slots_of(stage ^ 1), p, q0 - (k0 + BN) - (BN - 1));
     kv.release(k0);
   }
 
@@ -174,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
     for (int dt = 0; dt < D / 8; ++dt)
       *reinterpret_cast<uint32_t*>(dqg + (int64_t)i * p.dq_sr + dt * 8 + 2 * t) =
           Pack<T>::pack(dq[dt][2 * hh], dq[dt][2 * hh + 1]);
-    if (rel && t == 0) {
+    if (rel_grad && t == 0) {
       p.sat_q[(sv.qoff + i) * 2 + 0] = lo;
       p.sat_q[(sv.qoff + i) * 2 + 1] = hi;
     }
@@ -186,6 +231,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAMS(p)) {
   DFA_PROFILE_ASSUME(p);
   using Cfg = BwdCfg<T, D>;
+  using Rel = typename Cfg::KV_Rel;
   constexpr int BN = Cfg::KV_BN, BM = Cfg::KV_BM, LDS = Cfg::LDS, NT = BM / 8;
   DFA_DYNAMIC_SMEM(smem_raw);
   T* Ks = reinterpret_cast<T*>(smem_raw);
@@ -194,6 +240,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
   float* lse2_s = reinterpret_cast<float*>(QdOs + Cfg::KV_QDO::SMEM_ELEMS);
   float* dlt_s = lse2_s + BM;
   int* uni_s = reinterpret_cast<int*>(dlt_s + BM);
+  const Rel rs(reinterpret_cast<T*>(smem_raw) + Cfg::KV_BASE);  // relative terms only
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int k0 = blockIdx.x * BN;
@@ -206,10 +253,13 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
   const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sv.krow * p.k_sr;
   const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sv.krow * p.v_sr;
   const T* dog = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + sv.qrow * p.do_sr;
-  const T* c2p_bh = p.c2p ? reinterpret_cast<const T*>(p.c2p) + sv.qoff * p.S2 : nullptr;
-  const T* p2c_bh = p.p2c ? reinterpret_cast<const T*>(p.p2c) + sv.koff * p.S2 : nullptr;
+  const bool rel = p.table != nullptr;
+  const T* pk = rel && p.pos_k ? reinterpret_cast<const T*>(p.pos_k) + b * p.pk_sb + h * p.pk_sh : nullptr;
+  const T* pq = rel && p.pos_q ? reinterpret_cast<const T*>(p.pos_q) + b * p.pq_sb + h * p.pq_sh : nullptr;
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
-  const bool rel = p.band_k != nullptr;
+  const bool rel_grad = p.band_k != nullptr;
+  const auto skew = rs.skew(warp);
+  const T* Kw = Ks + warp * 16 * LDS;
 
   int cols_j[2];  // rows of the transposed tile are keys
 #pragma unroll
@@ -222,17 +272,17 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
     offset = (uint32_t)p.rng[1];
   }
 
-  // p2c of this thread's keys at the saturated slots (the transposed tile's per-row constants)
-  const int2 sslot = saturated_slots(p);
-  float p2c_sat[2][2];  // [lo/hi][key]
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    p2c_sat[0][hh] = p2c_saturated<T>(p, p2c_bh, sslot, 1, cols_j[hh], Lk);
-    p2c_sat[1][hh] = p2c_saturated<T>(p, p2c_bh, sslot, 2, cols_j[hh], Lk);
-  }
-
   load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, Lk);
   load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, Lk);
+  // keys x queries: the row term is p2c (pos_query), the column term c2p (pos_key); the window runs down in d from
+  // dmax = q0 - k0 + BM - 1
+  float4 p2c_sat = make_float4(0.f, 0.f, 0.f, 0.f);  // this thread's keys' p2c: {lo g, lo g+8, hi g, hi g+8}
+  if (rel) {
+    load_sat_rows<T, D>(rs.sat, pk, p.pk_sr, pq, p.pq_sr, saturated_slots(p));
+    if (tile_saturation(p, 0, BM, k0, BN) == 0) fill_slots<Rel::WR, -1>(rs.slots, p, -k0 + BM - 1);  // tile 0
+    __syncthreads();  // K, the saturated rows, the first window's slots
+    p2c_sat = row_saturated_mma<T, D>(Kw, rs.sat);
+  }
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -255,39 +305,50 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
     const T* Qs = qt.acquire(q0, stage);  // its barrier also publishes the statistics (and K / V on the first)
     const T* dOs = Qs + BM * LDS;
 
+    // zone 1 / 2: this warp's keys x the query tile wholly beyond the band (see the dq kernel); 3: no relative term
+    const int zone = rel ? tile_saturation(p, q0, BM, k0 + warp * 16, 16) : 3;  // warp-uniform
+    if (rel && tile_saturation(p, q0, BM, k0, BN) == 0)
+      rs.products(skew, rs.slots_of(stage), pq, p.pq_sr, pk, p.pk_sr, Kw, Qs, warp, zone == 0);
+    float ps[BM / 16][4];  // saturated: c2p of the tile's queries at the saturated slots
+    const bool sat_rel = zone == 1 || zone == 2;
+    if (sat_rel) col_saturated_mma<T, D, BM>(ps, Qs, rs.sat);
+
     float s[NT][4], dp[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    mma_rows_rows<T, D, NT>(s, Ks + warp * 16 * LDS, Qs);   // S^T  [keys x queries]
+    mma_rows_rows<T, D, NT>(s, Kw, Qs);                      // S^T  [keys x queries]
     mma_rows_rows<T, D, NT>(dp, Vs + warp * 16 * LDS, dOs);  // dP^T (before dropout)
 
-    // zone 1 / 2: this warp's keys x the query tile wholly beyond the band (see the dq kernel)
-    const int zone = tile_saturation(p, q0, BM, k0 + warp * 16, 16);  // warp-uniform
-    const float krow[2] = {zone == 2 ? p2c_sat[1][0] : p2c_sat[0][0], zone == 2 ? p2c_sat[1][1] : p2c_sat[0][1]};
+    float krow_s[2];
+    zone_constants(krow_s, p2c_sat, zone, p.scale_log2);
     const bool checked = tile_needs_checks(q0, BM, Lq, k0 + warp * 16, 16, Lk, km_b);
-    auto tile = [&](auto saturated, auto checks) {
+    dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        float qc[2] = {0.f, 0.f};  // c2p of the two query columns at the saturated slot
-        if constexpr (SAT) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int i = q0 + nt * 8 + 2 * t + c;
-            if (c2p_bh != nullptr && i < Lq)
-              qc[c] = Pack<T>::to_float(c2p_bh[(int64_t)i * p.S2 + (zone == 2 ? sslot.y : sslot.x)]);
-          }
+        float qc_s[2] = {0.f, 0.f};  // c2p of the two query columns at the saturated slot, scaled
+        if (SAT && sat_rel) {
+          const float2 v = col_saturated_pair<T>(ps, nt, zone, p.scale_log2);
+          qc_s[0] = v.x;
+          qc_s[1] = v.y;
         }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, j = cols_j[hh], il = nt * 8 + 2 * t + (e & 1), i = q0 + il;
           const bool valid = !CHECK || (i < Lq && j < Lk);
           const bool u = uni_s[il] != 0;
+          const float acc = s[nt][e];
           float sl;
-          if constexpr (SAT) sl = finish_score<CHECK>(p, s[nt][e], qc[e & 1], krow[hh], i, j, Lq, Lk, km_b, u);
-          else sl = score_log2<T, CHECK>(p, s[nt][e], i, j, Lq, Lk, c2p_bh, p2c_bh, km_b, u);
+          if constexpr (SAT) {  // the forward's c2p + p2c (the same sum, so the same bits)
+            const float cs = qc_s[e & 1] + krow_s[hh];
+            sl = masked_score<CHECK>(i, j, Lq, Lk, km_b, u, [&] { return fmaf(acc, p.scale_log2, cs); });
+          } else {
+            const float c2pv = pk != nullptr ? skew.col_at(g + 8 * hh, il) : 0.f;
+            const float p2cv = pq != nullptr ? skew.row_at(g + 8 * hh, il) : 0.f;
+            sl = finish_score<CHECK>(p, acc, c2pv, p2cv, i, j, Lq, Lk, km_b, u);
+          }
           const float pr = valid ? exp2f(sl - lse2_s[il]) : 0.f;
           float pd = pr, dpv = dp[nt][e];
           if (p.dropout) {
@@ -298,13 +359,15 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
           const float ds = (u || !valid) ? 0.f : pr * (dpv - dlt_s[il]) * p.scale;
           s[nt][e] = pd;
           dp[nt][e] = ds;
-          if (rel && valid) add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], p.band_k + (sv.koff + j) * p.W);
+          if (rel_grad && valid) add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], p.band_k + (sv.koff + j) * p.W);
         }
       }
-    };
-    dispatch_tile(zone != 0, checked, tile);
+    });
     mma_acc_rows<T, D, NT>(dv, s, dOs);
     mma_acc_rows<T, D, NT>(dk, dp, Qs);
+    // the next tile's window slots (published by release()'s barrier)
+    if (rel && q0 + BM < Lq && tile_saturation(p, q0 + BM, BM, k0, BN) == 0)
+      fill_slots<Rel::WR, -1>(rs.slots_of(stage ^ 1), p, (q0 + BM) - k0 + BM - 1);
     qt.release(q0);
   }
 
@@ -323,7 +386,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
       *reinterpret_cast<uint32_t*>(dvg + (int64_t)j * p.dk_sr + dt * 8 + 2 * t) =
           Pack<T>::pack(dv[dt][2 * hh], dv[dt][2 * hh + 1]);
     }
-    if (rel && t == 0) {
+    if (rel_grad && t == 0) {
       p.sat_k[(sv.koff + j) * 2 + 0] = lo;
       p.sat_k[(sv.koff + j) * 2 + 1] = hi;
     }
@@ -365,14 +428,15 @@ static const char* run_bwd(const Params& p, cudaStream_t stream) {
   using Cfg = BwdCfg<T, D>;
   auto kdq = dfa_bwd_dq_kernel<T, D>;
   auto kkv = dfa_bwd_dkdv_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kdq, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::DQ_SMEM);
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(kkv, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::KV_SMEM);
+  const bool rel = p.table != nullptr;
+  const int smem_dq = rel ? Cfg::DQ_SMEM_REL : Cfg::DQ_SMEM, smem_kv = rel ? Cfg::KV_SMEM_REL : Cfg::KV_SMEM;
+  cudaError_t err = cudaFuncSetAttribute(kdq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dq);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(kkv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_kv);
   if (err != cudaSuccess) return cudaGetErrorString(err);
-  DFA_LAUNCH(kdq, dim3((p.Lq + Cfg::DQ_BM - 1) / Cfg::DQ_BM, p.B * p.H), kThreads, Cfg::DQ_SMEM, stream, p);
+  DFA_LAUNCH(kdq, dim3((p.Lq + Cfg::DQ_BM - 1) / Cfg::DQ_BM, p.B * p.H), kThreads, smem_dq, stream, p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return cudaGetErrorString(err);
-  DFA_LAUNCH(kkv, dim3((p.Lk + Cfg::KV_BN - 1) / Cfg::KV_BN, p.B * p.H), kThreads, Cfg::KV_SMEM, stream, p);
+  DFA_LAUNCH(kkv, dim3((p.Lk + Cfg::KV_BN - 1) / Cfg::KV_BN, p.B * p.H), kThreads, smem_kv, stream, p);
   err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

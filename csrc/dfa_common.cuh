@@ -14,9 +14,8 @@
 //     ldmatrix fall in distinct banks); MMA fragments come from ldmatrix(.trans).
 //   * Scores are kept in log2 units: s2 = scale*log2(e)*(q.k + c2p + p2c).
 //
-// Relative terms: the forward computes them on tensor cores from pos_key / pos_query rows (dfa_rel.cuh); the backward
-// gets C2P = Q pos_key^T [B,H,Lq,2S] and P2C = K pos_query^T [B,H,Lk,2S] (torch GEMMs, O(L*span) memory) and
-// gathers C2P[i, slot] and P2C[j, slot] with slot = table[i - j + Lk - 1].
+// Relative terms: every kernel computes them on tensor cores from the pos_key / pos_query rows (dfa_rel.cuh), with
+// slot = table[i - j + Lk - 1]; no C2P / P2C table exists.
 #pragma once
 
 #ifdef DFA_CPU_SIM
@@ -345,31 +344,8 @@ __device__ __forceinline__ float finish_score(const Params& p, float acc, float 
   return masked_score<CHECK>(i, j, Lq, Lk, km_b, uniform_row, [&] { return ((acc + c2pv) + p2cv) * p.scale_log2; });
 }
 
-// The same with the relative terms gathered through the slot table (varlen: table offset p.Lk - 1 =
-// max_seqlen_k - 1); the same checks first, so nothing is gathered for an element out of range.
-template <typename T, bool CHECK = true>
-__device__ __forceinline__ float score_log2(const Params& p, float acc, int i, int j, int Lq, int Lk,
-                                            const T* c2p_bh, const T* p2c_bh, const uint8_t* km_b,
-                                            bool uniform_row) {
-  if constexpr (CHECK) {
-    if (i >= Lq || j >= Lk) return -INFINITY;
-  }
-  if (uniform_row) return 0.f;
-  if constexpr (CHECK) {
-    if (km_b != nullptr && km_b[j] == 0) return -INFINITY;
-  }
-  float c2pv = 0.f, p2cv = 0.f;
-  if (p.table != nullptr) {
-    // clamped: a slot table with values outside [0, S2) (a direct op call) cannot read out of bounds
-    const int slot = min(max(__ldg(p.table + (i - j + p.Lk - 1)), 0), p.S2 - 1);
-    if (c2p_bh != nullptr) c2pv = Pack<T>::to_float(c2p_bh[(int64_t)i * p.S2 + slot]);
-    if (p2c_bh != nullptr) p2cv = Pack<T>::to_float(p2c_bh[(int64_t)j * p.S2 + slot]);
-  }
-  return ((acc + c2pv) + p2cv) * p.scale_log2;
-}
-
 // The slots of the saturated distances, read from the slot table at d = band_lo / band_hi (clamped to the table):
-// what the gather would read there, also when the tables are wider than the slot range.  {slot lo, slot hi}.
+// the slot of every saturated distance, also when there are more position rows than the table uses.  {lo, hi}.
 __device__ __forceinline__ int2 saturated_slots(const Params& p) {
   if (p.table == nullptr) return make_int2(0, 0);
   const int lo = __ldg(p.table + sat_table_index(p.band_lo, p.Lq, p.Lk));
@@ -377,43 +353,9 @@ __device__ __forceinline__ int2 saturated_slots(const Params& p) {
   return make_int2(min(max(lo, 0), p.S2 - 1), min(max(hi, 0), p.S2 - 1));
 }
 
-// c2p of this thread's two rows at the saturated slots: {c2p[row0, lo], c2p[row1, lo], c2p[row0, hi], c2p[row1, hi]}
-// (0 for rows out of range or without the term); the saturated tiles' per-row constants.
-template <typename T>
-__device__ __forceinline__ float4 c2p_saturated(const Params& p, const T* c2p_bh, int2 sslot, const int rows[2],
-                                                int Lq) {
-  float4 c = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (c2p_bh == nullptr) return c;
-  if (rows[0] < Lq) {
-    c.x = Pack<T>::to_float(c2p_bh[(int64_t)rows[0] * p.S2 + sslot.x]);
-    c.z = Pack<T>::to_float(c2p_bh[(int64_t)rows[0] * p.S2 + sslot.y]);
-  }
-  if (rows[1] < Lq) {
-    c.y = Pack<T>::to_float(c2p_bh[(int64_t)rows[1] * p.S2 + sslot.x]);
-    c.w = Pack<T>::to_float(c2p_bh[(int64_t)rows[1] * p.S2 + sslot.y]);
-  }
-  return c;
-}
-
-// p2c of key j at the saturated slot of `zone` (1: lo, 2: hi), 0 out of range or without the term.
-template <typename T>
-__device__ __forceinline__ float p2c_saturated(const Params& p, const T* p2c_bh, int2 sslot, int zone, int j, int Lk) {
-  if (p2c_bh == nullptr || j >= Lk) return 0.f;
-  return Pack<T>::to_float(p2c_bh[(int64_t)j * p.S2 + (zone == 2 ? sslot.y : sslot.x)]);
-}
-
-// p2c of the fragment's key pair (j0, j0 + 1) at the saturated slot of `zone`; zeros unless SAT (band tiles
-// gather per element instead).
-template <typename T, bool SAT>
-__device__ __forceinline__ float2 p2c_pair(const Params& p, const T* p2c_bh, int2 sslot, int zone, int j0, int Lk) {
-  if constexpr (!SAT) return make_float2(0.f, 0.f);
-  return make_float2(p2c_saturated<T>(p, p2c_bh, sslot, zone, j0, Lk),
-                     p2c_saturated<T>(p, p2c_bh, sslot, zone, j0 + 1, Lk));
-}
-
 // Saturation of a tile of rows [r0, r0 + nr) x columns [c0, c0 + nc) (d = row - col for queries x keys):
-// 0 = the band (gather), 1 = every d <= p.band_lo (saturated_slots().x), 2 = every d >= p.band_hi (.y).  Any band the
-// host passes keeps every access in bounds (the slots are clamped); a wrong one gives wrong scores.
+// 0 = the band (the skew), 1 = every d <= p.band_lo (saturated_slots().x), 2 = every d >= p.band_hi (.y).  Any band
+// the host passes keeps every access in bounds (the slots are clamped); a wrong one gives wrong scores.
 __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, int c0, int nc) {
 #ifdef DFA_PROFILE_ZONE  // static-profile builds only (benchmarks/static_cuda.py): every tile of one kind
   (void)p; (void)r0; (void)nr; (void)c0; (void)nc;
@@ -439,9 +381,7 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
   p.dropout = 0;                       \
   __builtin_assume(p.table != nullptr); \
   __builtin_assume(p.pos_k != nullptr); \
-  __builtin_assume(p.pos_q != nullptr); \
-  __builtin_assume(p.c2p != nullptr);   \
-  __builtin_assume(p.p2c != nullptr)
+  __builtin_assume(p.pos_q != nullptr)
 #else
 #define DFA_KERNEL_PARAMS(p) const Params p
 #define DFA_PROFILE_ASSUME(p) \

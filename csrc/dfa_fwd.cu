@@ -17,14 +17,11 @@ struct FwdCfg {
   static constexpr int BN = D == 128 ? 32 : 64;  // keys per iteration (D = 128: 32, to fit sm_86's 99 KB)
   static constexpr int LDS = D + 8;
   using KV = KVTiles<T, BN, D, 2>;  // cp.async of tile it+1 while tile it is computed
-  using Skew = SkewTile<T, BN>;
-  static constexpr int WR = BM + BN;  // window rows: the BM + BN - 1 distances of a block tile (+1)
-  // shared memory (elements of T): Q | K/V stages | with relative terms: window | saturated rows | skew scratch x 4 |
-  // the window's slots (int, two tiles: filled one tile ahead)
+  using Rel = RelSmem<T, BN, D>;    // with relative terms: window, saturated rows, skew scratch, slots
+  // shared memory (elements of T): Q | K/V stages | Rel
   static constexpr int BASE = BM * LDS + KV::SMEM_ELEMS;
-  static constexpr int REL = WR * LDS + 16 * LDS + 4 * Skew::ELEMS + 2 * WR * (int)(sizeof(int) / sizeof(T));
   static constexpr int SMEM = BASE * (int)sizeof(T);
-  static constexpr int SMEM_REL = (BASE + REL) * (int)sizeof(T);
+  static constexpr int SMEM_REL = (BASE + Rel::ELEMS) * (int)sizeof(T);
   static_assert(SMEM_REL <= 101376, "the forward must fit sm_86 / sm_89's 99 KB of shared memory per block");
 };
 
@@ -35,8 +32,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   constexpr int BM = Cfg::BM, BN = Cfg::BN, LDS = Cfg::LDS, NT = BN / 8;
   DFA_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
-  T* Win = Qs + Cfg::BASE;  // relative terms only (the launch sizes shared memory by that)
-  T* Sat = Win + Cfg::WR * LDS;
+  const typename Cfg::Rel rs(Qs + Cfg::BASE);  // relative terms only (the launch sizes shared memory by that)
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int q0 = blockIdx.x * BM;
@@ -52,8 +48,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   const T* pk = rel && p.pos_k ? reinterpret_cast<const T*>(p.pos_k) + b * p.pk_sb + h * p.pk_sh : nullptr;
   const T* pq = rel && p.pos_q ? reinterpret_cast<const T*>(p.pos_q) + b * p.pq_sb + h * p.pq_sh : nullptr;
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
-  const typename Cfg::Skew skew(Sat + 16 * LDS + warp * Cfg::Skew::ELEMS);
-  int* slots = reinterpret_cast<int*>(Sat + 16 * LDS + 4 * Cfg::Skew::ELEMS);  // [2][WR]
+  const auto skew = rs.skew(warp);
   const T* Qw = Qs + warp * 16 * LDS;
 
   int rows[2];
@@ -74,10 +69,10 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, Lq);
   float4 c2p_sat = make_float4(0.f, 0.f, 0.f, 0.f);  // {lo g, lo g+8, hi g, hi g+8}
   if (rel) {
-    load_sat_rows<T, D>(Sat, p, pk, pq, saturated_slots(p));
-    if (tile_saturation(p, q0, BM, 0, BN) == 0) fill_slots<Cfg::WR>(slots, p, q0 - (BN - 1));  // tile 0's window
+    load_sat_rows<T, D>(rs.sat, pq, p.pq_sr, pk, p.pk_sr, saturated_slots(p));
+    if (tile_saturation(p, q0, BM, 0, BN) == 0) fill_slots<Cfg::Rel::WR, 1>(rs.slots, p, q0 - (BN - 1));  // tile 0
     __syncthreads();  // Q, the saturated rows, the first window's slots
-    c2p_sat = c2p_saturated_mma<T, D>(Qw, Sat);
+    c2p_sat = row_saturated_mma<T, D>(Qw, rs.sat);
   }
 
   float o[D / 8][4];
@@ -93,23 +88,14 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
 
     // 0: the band (skew); 1 / 2: beyond it (d <= band_lo / d >= band_hi: one slot); 3: no relative term
     const int zone = rel ? tile_saturation(p, q0 + warp * 16, 16, k0, BN) : 3;  // warp-uniform
-    if (rel && tile_saturation(p, q0, BM, k0, BN) == 0) {  // block-uniform: some warp's tile lies in the band
-      const int* ws = slots + stage * Cfg::WR;  // filled one tile ahead (before the loop for tile 0)
-      load_window<T, Cfg::WR, D>(Win, ws, pk, p.pk_sr);
-      __syncthreads();
-      if (zone == 0 && pk != nullptr) skew.template c2p_products<D>(Qw, Win, warp);
-      if (pq != nullptr) {
-        __syncthreads();  // every warp done with the pos_key window
-        load_window<T, Cfg::WR, D>(Win, ws, pq, p.pq_sr);
-        __syncthreads();
-        if (zone == 0) skew.template p2c_products<D>(Ks, Win, warp);
-      }
-      __syncwarp();  // the scratch this warp wrote, visible to its lanes
-    }
+    // block-uniform: some warp's tile lies in the band.  The window's slots were filled one tile ahead (before the
+    // loop for tile 0); c2p is the row term (pos_key), p2c the column term (pos_query)
+    if (rel && tile_saturation(p, q0, BM, k0, BN) == 0)
+      rs.products(skew, rs.slots_of(stage), pk, p.pk_sr, pq, p.pq_sr, Qw, Ks, warp, zone == 0);
 
-    float ps[BN / 16][4];  // saturated: p2c of the tile's keys at the saturated slots (p2c_saturated_mma)
+    float ps[BN / 16][4];  // saturated: p2c of the tile's keys at the saturated slots (col_saturated_mma)
     const bool sat_rel = zone == 1 || zone == 2;
-    if (sat_rel) p2c_saturated_mma<T, D, BN>(ps, Ks, Sat);
+    if (sat_rel) col_saturated_mma<T, D, BN>(ps, Ks, rs.sat);
     float s[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
@@ -128,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
       for (int nt = 0; nt < NT; ++nt) {
         float pc_s[2] = {0.f, 0.f};
         if (SAT && sat_rel) {
-          const float2 v = p2c_saturated_pair<T>(ps, nt, zone, p.scale_log2);
+          const float2 v = col_saturated_pair<T>(ps, nt, zone, p.scale_log2);
           pc_s[0] = v.x;
           pc_s[1] = v.y;
         }
@@ -140,8 +126,8 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
             const float acc = s[nt][e];
             s[nt][e] = masked_score<CHECK>(i, j, Lq, Lk, km_b, uni[hh], [&] { return fmaf(acc, p.scale_log2, cs); });
           } else {
-            const float c2pv = pk != nullptr ? skew.c2p_at(g + 8 * hh, c) : 0.f;
-            const float p2cv = pq != nullptr ? skew.p2c_at(g + 8 * hh, c) : 0.f;
+            const float c2pv = pk != nullptr ? skew.row_at(g + 8 * hh, c) : 0.f;
+            const float p2cv = pq != nullptr ? skew.col_at(g + 8 * hh, c) : 0.f;
             s[nt][e] = finish_score<CHECK>(p, s[nt][e], c2pv, p2cv, i, j, Lq, Lk, km_b, uni[hh]);
           }
           mx[hh] = fmaxf(mx[hh], s[nt][e]);
@@ -189,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     mma_acc_rows<T, D, NT>(o, s, Vs);
     // the next tile's window slots, published by release()'s barrier (the other half was last read a tile ago)
     if (rel && k0 + BN < Lk && tile_saturation(p, q0, BM, k0 + BN, BN) == 0)
-      fill_slots<Cfg::WR>(slots + (stage ^ 1) * Cfg::WR, p, q0 - (k0 + BN) - (BN - 1));
+      fill_slots<Cfg::Rel::WR, 1>(rs.slots_of(stage ^ 1), p, q0 - (k0 + BN) - (BN - 1));
     kv.release(k0);
   }
 

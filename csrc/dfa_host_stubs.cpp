@@ -52,10 +52,10 @@ py::object val(const T& x) {
 }
 
 #define DFA_PARAMS_FIELDS(X)                                                                               \
-  X(q) X(k) X(v) X(q_sb) X(q_sh) X(q_sr) X(k_sb) X(k_sh) X(k_sr) X(v_sb) X(v_sh) X(v_sr) X(o) X(o_sb)     \
+  X(q) X(k) X(v) X(q_sb) X(q_sh) X(q_sr) X(k_sb) X(k_sh) X(k_sr) X(v_sb) X(v_sh) X(v_sr) X(o) X(o_sb)      \
   X(o_sh) X(o_sr) X(dout) X(do_sb) X(do_sh) X(do_sr) X(dq) X(dk) X(dv) X(dq_sb) X(dq_sh) X(dq_sr) X(dk_sb) \
-  X(dk_sh) X(dk_sr) X(lse) X(lse_c) X(delta) X(c2p) X(p2c) X(table) X(S2) X(pos_k) X(pos_q) X(pk_sb)      \
-  X(pk_sh) X(pk_sr) X(pq_sb) X(pq_sh) X(pq_sr) X(key_mask) X(km_sb) X(uniform)                              \
+  X(dk_sh) X(dk_sr) X(lse) X(lse_c) X(delta) X(table) X(S2) X(pos_k) X(pos_q) X(pk_sb)                     \
+  X(pk_sh) X(pk_sr) X(pq_sb) X(pq_sh) X(pq_sr) X(band_lo) X(band_hi) X(key_mask) X(km_sb) X(uniform)       \
   X(un_sb) X(un_sh) X(rng) X(drop_thresh) X(drop_scale) X(dropout) X(band_q) X(sat_q) X(band_k) X(sat_k)   \
   X(dmin) X(W) X(B) X(H) X(Lq) X(Lk) X(scale) X(scale_log2) X(cu_q) X(cu_k) X(Tq) X(Tk)
 

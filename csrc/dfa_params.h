@@ -22,14 +22,14 @@ struct Params {
   // softmax statistics, float32, contiguous [B,H,Lq] (padded) or [H,Tq] (varlen); LSE +inf: no key
   // (the backward treats any non-finite LSE so: p = 0)
   float* lse; const float* lse_c; const float* delta;
-  // relative tables, contiguous [B,H,Lq|Lk,S2] (padded) or [H,Tq|Tk,S2] (varlen); nullptr = term absent
-  const void* c2p; const void* p2c; const int32_t* table; int S2;
-  // relative-position rows of the forward: pos_key / pos_query [B|1, H, S2, D] (varlen [H, S2, D]) in slot order,
-  // element type T, last dim contiguous, 16-byte aligned rows; nullptr = term absent (the backward reads c2p / p2c)
+  // relative terms: the slot table int32 [Lq + Lk - 1] (nullptr: no relative term) and S2 = 2*span slots;
+  // pos_key / pos_query [B|1, H, S2, D] (varlen [H, S2, D]) in slot order, element type T, last dim contiguous,
+  // 16-byte aligned rows; nullptr = term absent
+  const int32_t* table; int S2;
   const void* pos_k; const void* pos_q;
   int64_t pk_sb, pk_sh, pk_sr, pq_sb, pq_sh, pq_sr;
   // saturation band of the slot table (positions.slot_band): every d = i - j <= band_lo has one slot and every
-  // d >= band_hi another; tiles wholly outside it skip the gathers.  -2^30 / 2^30: no shortcut.
+  // d >= band_hi another; tiles wholly outside it skip the skew.  -2^30 / 2^30: no shortcut.
   int band_lo, band_hi;
   // masks: key_mask uint8 [B,Lk] (1 = attend); uniform uint8 [B,1|H,Lq] (1 = uniform row)
   const uint8_t* key_mask; int64_t km_sb;

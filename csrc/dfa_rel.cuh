@@ -1,61 +1,76 @@
-// Relative terms on tensor cores (the forward's "skew"), shared device code.
+// Relative terms on tensor cores (the "skew"), shared by the forward and both backward kernels.
 //
-// With Kr[d] = pos_key[slot(d)] and Qr[d] = pos_query[slot(d)] for a distance d = i - j, a block tile of rows
-// [q0, q0 + BM) x keys [k0, k0 + BN) spans the BM + BN - 1 distances d = dmin + x, dmin = q0 - k0 - (BN - 1):
-//   c2p[i, j] = q_i . Kr[i - j]   is column (i - j - dmin) of  Q_tile . Kr[window]^T
-//   p2c[i, j] = k_j . Qr[i - j]   is column (i - j - dmin) of  K_tile . Qr[window]^T
-// The window's rows are gathered once per tile into shared memory (`load_window`; their slots are computed one tile
-// ahead by `fill_slots`), the products run on mma.sync, are rounded to T (as HF's bmm of the position terms is) and
-// stored to per-warp shared scratch, and each score element reads its two values back at its own diagonal
-// (`SkewTile`).  No [B,H,L,2S] table and no host GEMM.
+// A block tile has 64 rows (16 per warp) and COLS columns.  Queries x keys (forward, dq): the row term is c2p
+// (q_i . Kr[d], pos_key) and the column term p2c (k_j . Qr[d], pos_query).  Keys x queries (dK/dV): the row term is
+// p2c (pos_query), the column term c2p (pos_key).  With d = i - j (query i, key j), the tile's 64 + COLS - 1
+// distances are numbered by a window row x such that element (row r, column c) of warp w sits at
+//   x = 16 w + r - c + COLS - 1:   d = dmin + x, dmin = q0 - k0 - (COLS - 1)   (queries x keys, DIR = +1)
+//                                  d = dmax - x, dmax = q0 - k0 + COLS - 1     (keys x queries, DIR = -1)
+// so that one layout serves both orientations.  Per band tile the window's position rows are gathered into shared
+// memory (`load_window`; their slots are computed one tile ahead by `fill_slots`), the products run on mma.sync, are
+// rounded to T (as HF's bmm of the position terms is) and stored to per-warp shared scratch, and each score element
+// reads its two values back at its own diagonal (`SkewTile`).  No [B,H,L,2S] table and no host GEMM.
 //
-// Per warp (16 rows r0 = q0 + 16 w):
-//   c2p: Q_w (16 x D) . window rows [16 w, 16 w + BN + 16)^T -> 16 x (BN + 16); element (g', c) at column
-//        g' - c + BN - 1 (g' row in the warp, c key in the tile).
-//   p2c: per 16-key block kb, K_kb (16 x D) . window rows [xb, xb + 32)^T, xb = 16 w - 16 kb + BN - 16 -> 16 x 32;
-//        element (g', 16 kb + c') at column g' - c' + 15.
-// Saturated tiles (every d beyond the slot band) need one slot: per-row c2p constants (`c2p_saturated_mma`, once
-// per block) and one p2c value per key (`p2c_saturated_mma`: K_tile . SatRows^T, one n-tile per 16 keys).
+// Per warp:
+//   row term: R_w (16 x D) . window rows [16 w, 16 w + COLS + 16)^T -> 16 x (COLS + 16); element (r, c) at column
+//             r - c + COLS - 1.
+//   column term: per 16-column block cb, C_cb (16 x D) . window rows [xb, xb + 32)^T, xb = 16 w - 16 cb + COLS - 16
+//             -> 16 x 32; element (r, 16 cb + c') at column r - c' + 15.
+// Saturated tiles (every d beyond the slot band) need one slot: per-row constants (`row_saturated_mma`, once per
+// block) and one value per column (`col_saturated_mma`: C_tile . SatRows^T, one n-tile per 16 columns).
 #pragma once
 
 #include "dfa_common.cuh"
 
 namespace dfa {
 
-// The slot of distance d (clamped to the table, then to [0, S2)): what the gather of the table layout read.
+// The slot of distance d: the table's entry (its index clamped to the table), clamped to [0, S2).
 __device__ __forceinline__ int slot_of(const Params& p, int d) {
   const int last = p.Lq + p.Lk - 2;
   return min(max(__ldg(p.table + min(max(d + p.Lk - 1, 0), last)), 0), p.S2 - 1);
 }
 
-// slots[x] = slot(dmin + x), x in [0, ROWS): the slot of each window row, once per tile for both windows.
-template <int ROWS>
-__device__ __forceinline__ void fill_slots(int* slots, const Params& p, int dmin) {
-  for_thread_chunks<ROWS, kThreads>([&](int x) { slots[x] = slot_of(p, dmin + x); });
+// slots[x] = slot(d0 + DIR x), x in [0, ROWS): the slot of each window row, once per tile for both windows (d0 = dmin,
+// DIR = +1 for queries x keys; d0 = dmax, DIR = -1 for keys x queries).
+template <int ROWS, int DIR>
+__device__ __forceinline__ void fill_slots(int* slots, const Params& p, int d0) {
+  static_assert(DIR == 1 || DIR == -1, "window direction");
+  for_thread_chunks<ROWS, kThreads>([&](int x) { slots[x] = slot_of(p, d0 + DIR * x); });
 }
 
 // W[x] = pos[slots[x]], x in [0, ROWS): the position rows of ROWS consecutive distances into smem [ROWS][D + 8].
-// Plain 16-byte loads (independent of the K / V tiles' cp.async groups); `pos` nullptr: nothing.
+// Plain 16-byte loads (independent of the K / V tiles' cp.async groups); `pos` nullptr: nothing.  Each thread copies
+// chunk tid % CPR of rows tid / CPR + it * RSTEP: one base address per thread and immediate offsets (a per-copy
+// division would make the compiler keep ROWS * CPR / 128 addresses live across the main loop: the D = 128 dK/dV
+// kernel spilled 220 B so).
 template <typename T, int ROWS, int D>
 __device__ __forceinline__ void load_window(T* W, const int* slots, const T* pos, int64_t sr) {
-  constexpr int CPR = D / 8, LDS = D + 8;
+  constexpr int CPR = D / 8, LDS = D + 8, RSTEP = kThreads / CPR;
+  static_assert(kThreads % CPR == 0, "whole rows per pass");
   if (pos == nullptr) return;
-  for_thread_chunks<ROWS * CPR, kThreads>([&](int c) {
-    const int x = c / CPR, cc = c % CPR;
-    const T* src = pos + (int64_t)slots[x] * sr + cc * 8;
-    *reinterpret_cast<uint4*>(W + x * LDS + cc * 8) = __ldg(reinterpret_cast<const uint4*>(src));
-  });
+  const int r0 = (int)threadIdx.x / CPR, cc = (int)threadIdx.x % CPR;
+  const T* src = pos + cc * 8;
+  T* dst = W + r0 * LDS + cc * 8;
+  const int* sl = slots + r0;
+#pragma unroll
+  for (int it = 0; it * RSTEP < ROWS; ++it) {
+    if (ROWS % RSTEP != 0 && r0 + it * RSTEP >= ROWS) break;
+    *reinterpret_cast<uint4*>(dst + it * RSTEP * LDS) =
+        __ldg(reinterpret_cast<const uint4*>(src + (int64_t)sl[it * RSTEP] * sr));
+  }
 }
 
-// The 16 rows of the saturated slots: 0 / 1 = pos_query[lo / hi], 2 / 3 = pos_key[lo / hi], 4..15 = 0 (a row of a
-// term that is absent: 0).  Plain loads; visible after the caller's barrier.
+// The 16 rows of the saturated slots: 0 / 1 = the column term's position rows at lo / hi (`col_pos`), 2 / 3 = the
+// row term's (`row_pos`), 4..15 = 0 (a row of a term that is absent: 0).  Plain loads; visible after the caller's
+// barrier.
 template <typename T, int D>
-__device__ __forceinline__ void load_sat_rows(T* S, const Params& p, const T* pos_k, const T* pos_q, int2 sslot) {
+__device__ __forceinline__ void load_sat_rows(T* S, const T* col_pos, int64_t col_sr, const T* row_pos,
+                                              int64_t row_sr, int2 sslot) {
   constexpr int CPR = D / 8, LDS = D + 8;
   for_thread_chunks<16 * CPR, kThreads>([&](int c) {
     const int r = c / CPR, cc = c % CPR;
-    const T* pos = r < 2 ? pos_q : r < 4 ? pos_k : nullptr;
-    const int64_t sr = r < 2 ? p.pq_sr : p.pk_sr;
+    const T* pos = r < 2 ? col_pos : r < 4 ? row_pos : nullptr;
+    const int64_t sr = r < 2 ? col_sr : row_sr;
     uint4 val = make_uint4(0u, 0u, 0u, 0u);
     if (pos != nullptr)
       val = __ldg(reinterpret_cast<const uint4*>(pos + (int64_t)((r & 1) ? sslot.y : sslot.x) * sr + cc * 8));
@@ -80,23 +95,23 @@ __device__ __forceinline__ void store_acc(T* dst, int ld, const float (*acc)[4])
   }
 }
 
-// c2p of this thread's rows (g, g + 8) at the saturated slots, {lo g, lo g+8, hi g, hi g+8}: columns 2 / 3 of
-// Q_w . SatRows^T (held by lane 4 g + 1), rounded to T.
+// The row term of this thread's rows (g, g + 8) at the saturated slots, {lo g, lo g+8, hi g, hi g+8}: columns 2 / 3
+// of R_w . SatRows^T (held by lane 4 g + 1), rounded to T.
 template <typename T, int D>
-__device__ __forceinline__ float4 c2p_saturated_mma(const T* Qw, const T* S) {
+__device__ __forceinline__ float4 row_saturated_mma(const T* Rw, const T* S) {
   float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  mma_rows_rows<T, D, 2>(acc, Qw, S);
+  mma_rows_rows<T, D, 2>(acc, Rw, S);
   const int src = ((threadIdx.x & 31) & ~3) | 1;
   const float lo0 = __shfl_sync(0xffffffffu, acc[0][0], src), hi0 = __shfl_sync(0xffffffffu, acc[0][1], src);
   const float lo1 = __shfl_sync(0xffffffffu, acc[0][2], src), hi1 = __shfl_sync(0xffffffffu, acc[0][3], src);
   return make_float4(round_to<T>(lo0), round_to<T>(lo1), round_to<T>(hi0), round_to<T>(hi1));
 }
 
-// p2c of the tile's BN keys at the saturated slots: per 16-key block kb, K_kb . SatRows[0..7]^T (16 x 8, one
-// n-tile): lane 4 g holds columns 0 / 1 (pos_query lo / hi) of key 16 kb + g in acc[kb][0..1] and of key
-// 16 kb + g + 8 in acc[kb][2..3] (fp32).
+// The column term of the tile's BN columns at the saturated slots: per 16-column block kb, C_kb . SatRows[0..7]^T
+// (16 x 8, one n-tile): lane 4 g holds columns 0 / 1 (lo / hi) of column 16 kb + g in acc[kb][0..1] and of column
+// 16 kb + g + 8 in acc[kb][2..3] (fp32).  Ks: the tile's BN column vectors (keys, or queries in dK/dV).
 template <typename T, int D, int BN>
-__device__ __forceinline__ void p2c_saturated_mma(float (*acc)[4], const T* Ks, const T* S) {
+__device__ __forceinline__ void col_saturated_mma(float (*acc)[4], const T* Ks, const T* S) {
   static_assert(D % 32 == 0, "two k-chunks per ldmatrix of the saturated rows");
   constexpr int LDS = D + 8;
   const int lane = threadIdx.x & 31, lr = lane & 7, lm = lane >> 3;
@@ -118,10 +133,10 @@ __device__ __forceinline__ void p2c_saturated_mma(float (*acc)[4], const T* Ks, 
   }
 }
 
-// This thread's key pair (8 nt + 2t, + 1) of p2c_saturated_mma's result at zone 1 (lo) / 2 (hi), rounded to T and
-// scaled: keys 2t / 2t + 1 of the half (nt & 1) of block nt / 2 sit in lanes 8t / 8t + 4.
+// This thread's column pair (8 nt + 2t, + 1) of col_saturated_mma's result at zone 1 (lo) / 2 (hi), rounded to T
+// and scaled: columns 2t / 2t + 1 of the half (nt & 1) of block nt / 2 sit in lanes 8t / 8t + 4.
 template <typename T>
-__device__ __forceinline__ float2 p2c_saturated_pair(const float (*acc)[4], int nt, int zone, float scale) {
+__device__ __forceinline__ float2 col_saturated_pair(const float (*acc)[4], int nt, int zone, float scale) {
   const int t = threadIdx.x & 3;
   const float* a = acc[nt >> 1] + 2 * (nt & 1);
   const float v = zone == 1 ? a[0] : a[1];
@@ -130,50 +145,92 @@ __device__ __forceinline__ float2 p2c_saturated_pair(const float (*acc)[4], int 
   return make_float2(r.x * scale, r.y * scale);
 }
 
-// The per-warp scratch of the skew and its reads.  BN: keys per tile.  Layout (elements of T):
-//   c2p: [16][CS], CS = BN + 24 (BN + 15 columns used; the stride spreads the 8 row groups over the banks)
-//   p2c: [BN][PS], PS = 40 (per 16-key block, 31 columns used)
-template <typename T, int BN>
+// The per-warp scratch of the skew and its reads.  COLS: columns per tile.  Layout (elements of T):
+//   row term:    [16][CS], CS = COLS + 24 (COLS + 15 columns used; the stride spreads the 8 row groups over the banks)
+//   column term: [COLS][PS], PS = 40 (per 16-column block, 31 columns used)
+template <typename T, int COLS>
 struct SkewTile {
-  static constexpr int NC = BN + 16;  // c2p columns computed (BN + 15 used)
+  static constexpr int NC = COLS + 16;  // row-term columns computed (COLS + 15 used)
   static constexpr int CS = NC + 8;
   static constexpr int PS = 40;
-  static constexpr int ELEMS = 16 * CS + BN * PS;  // per warp
-  static_assert(NC % 16 == 0, "c2p columns: a multiple of 16 (ldmatrix pairs)");
-  T* c2p;  // this warp's
-  T* p2c;
+  static constexpr int ELEMS = 16 * CS + COLS * PS;  // per warp
+  static_assert(NC % 16 == 0, "row-term columns: a multiple of 16 (ldmatrix pairs)");
+  T* rowv;  // this warp's
+  T* colv;
 
-  __device__ __forceinline__ explicit SkewTile(T* warp_scratch) : c2p(warp_scratch), p2c(warp_scratch + 16 * CS) {}
+  __device__ __forceinline__ explicit SkewTile(T* warp_scratch) : rowv(warp_scratch), colv(warp_scratch + 16 * CS) {}
 
-  // c2p products of warp w's 16 rows (Qw) against the window W (rows from 16 w).
+  // Row-term products of warp w's 16 rows (Rw) against the window W (rows from 16 w).
   template <int D>
-  __device__ __forceinline__ void c2p_products(const T* Qw, const T* W, int warp) const {
+  __device__ __forceinline__ void row_products(const T* Rw, const T* W, int warp) const {
     constexpr int LDS = D + 8;
     float acc[NC / 8][4];
 #pragma unroll
     for (int i = 0; i < NC / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    mma_rows_rows<T, D, NC / 8>(acc, Qw, W + 16 * warp * LDS);
-    store_acc<T, NC / 8>(c2p, CS, acc);
+    mma_rows_rows<T, D, NC / 8>(acc, Rw, W + 16 * warp * LDS);
+    store_acc<T, NC / 8>(rowv, CS, acc);
   }
-  // p2c products of the tile's BN keys (Ks) against the window W, for warp w's rows.
+  // Column-term products of the tile's COLS column vectors (Cs) against the window W, for warp w's rows.
   template <int D>
-  __device__ __forceinline__ void p2c_products(const T* Ks, const T* W, int warp) const {
+  __device__ __forceinline__ void col_products(const T* Cs, const T* W, int warp) const {
     constexpr int LDS = D + 8;
 #pragma unroll
-    for (int kb = 0; kb < BN / 16; ++kb) {
+    for (int kb = 0; kb < COLS / 16; ++kb) {
       float acc[4][4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-      mma_rows_rows<T, D, 4>(acc, Ks + 16 * kb * LDS, W + (16 * warp - 16 * kb + BN - 16) * LDS);
-      store_acc<T, 4>(p2c + 16 * kb * PS, PS, acc);
+      mma_rows_rows<T, D, 4>(acc, Cs + 16 * kb * LDS, W + (16 * warp - 16 * kb + COLS - 16) * LDS);
+      store_acc<T, 4>(colv + 16 * kb * PS, PS, acc);
     }
   }
-  // c2p / p2c of the element (row gr of the warp, key c of the tile)
-  __device__ __forceinline__ float c2p_at(int gr, int c) const {
-    return Pack<T>::to_float(c2p[gr * CS + gr - c + BN - 1]);
+  // The row / column term of the element (row gr of the warp, column c of the tile)
+  __device__ __forceinline__ float row_at(int gr, int c) const {
+    return Pack<T>::to_float(rowv[gr * CS + gr - c + COLS - 1]);
   }
-  __device__ __forceinline__ float p2c_at(int gr, int c) const {
-    return Pack<T>::to_float(p2c[c * PS + gr - (c & 15) + 15]);
+  __device__ __forceinline__ float col_at(int gr, int c) const {
+    return Pack<T>::to_float(colv[c * PS + gr - (c & 15) + 15]);
+  }
+};
+
+// Shared memory of the relative terms for a block tile of 64 rows x COLS columns, at `base` (16-byte aligned):
+// window [WR][D + 8] | saturated rows [16][D + 8] | 4 warps' SkewTile scratch | the window's slots [2][WR] (int:
+// two tiles, filled one ahead).  ELEMS: its size in elements of T.
+template <typename T, int COLS, int D>
+struct RelSmem {
+  static constexpr int LDS = D + 8;
+  static constexpr int WR = 64 + COLS;  // window rows: the 64 + COLS - 1 distances of a block tile (+1)
+  using Skew = SkewTile<T, COLS>;
+  static constexpr int ELEMS = WR * LDS + 16 * LDS + 4 * Skew::ELEMS + 2 * WR * (int)(sizeof(int) / sizeof(T));
+  T* win;
+  T* sat;
+  T* scratch;
+  int* slots;
+
+  __device__ __forceinline__ explicit RelSmem(T* base)
+      : win(base),
+        sat(base + WR * LDS),
+        scratch(sat + 16 * LDS),
+        slots(reinterpret_cast<int*>(scratch + 4 * Skew::ELEMS)) {}
+  __device__ __forceinline__ Skew skew(int warp) const { return Skew(scratch + warp * Skew::ELEMS); }
+  __device__ __forceinline__ int* slots_of(int stage) const { return slots + stage * WR; }
+
+  // One band tile's products (block-uniform call: barriers inside): the row term (rows Rw against the window of
+  // `row_pos`), then the column term (the tile's column vectors Cs against the window of `col_pos`), into the warp's
+  // scratch when `band_warp` (its own tile lies in the band).  ws: the window's slots.  A term whose position rows are
+  // nullptr is skipped.
+  __device__ __forceinline__ void products(const Skew& skew, const int* ws, const T* row_pos, int64_t row_sr,
+                                           const T* col_pos, int64_t col_sr, const T* Rw, const T* Cs, int warp,
+                                           bool band_warp) const {
+    load_window<T, WR, D>(win, ws, row_pos, row_sr);
+    __syncthreads();
+    if (band_warp && row_pos != nullptr) skew.template row_products<D>(Rw, win, warp);
+    if (col_pos != nullptr) {
+      __syncthreads();  // every warp done with the row term's window
+      load_window<T, WR, D>(win, ws, col_pos, col_sr);
+      __syncthreads();
+      if (band_warp) skew.template col_products<D>(Cs, win, warp);
+    }
+    __syncwarp();  // the scratch this warp wrote, visible to its lanes
   }
 };
 

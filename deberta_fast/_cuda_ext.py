@@ -15,26 +15,28 @@ Nothing here needs a GPU at import time: the custom ops are registered lazily by
 Custom ops (``torch.ops.deberta_fast.*``, with fake kernels for torch.compile and an
 autograd formula)::
 
-    cuda_attn_fwd(q, k, v, c2p?, p2c?, table?, key_mask?, uniform?, rng?, scale, dropout_p,
+    cuda_attn_fwd(q, k, v, pos_key?, pos_query?, table?, key_mask?, uniform?, rng?, scale, dropout_p,
                   band_lo, band_hi) -> (out, lse)
-    cuda_attn_bwd(dout, q, k, v, out, lse, c2p?, p2c?, table?, key_mask?, uniform?, rng?, scale,
+    cuda_attn_bwd(dout, q, k, v, out, lse, pos_key?, pos_query?, table?, key_mask?, uniform?, rng?, scale,
                   dropout_p, dmin, W, perm?, offs?, band_lo=NO_BAND[0], band_hi=NO_BAND[1]) -> (dq, dk, dv, dc2p, dp2c)
 
-    cuda_varlen_fwd(q, k, v, c2p?, p2c?, table?, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    cuda_varlen_fwd(q, k, v, pos_key?, pos_query?, table?, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                     max_seqlen_k, rng?, scale, dropout_p, band_lo, band_hi) -> (out, lse)
-    cuda_varlen_bwd(dout, q, k, v, out, lse, c2p?, p2c?, table?, cu_seqlens_q, cu_seqlens_k,
+    cuda_varlen_bwd(dout, q, k, v, out, lse, pos_key?, pos_query?, table?, cu_seqlens_q, cu_seqlens_k,
                     max_seqlen_q, max_seqlen_k, rng?, scale, dropout_p, dmin, W, perm?, offs?,
                     band_lo=NO_BAND[0], band_hi=NO_BAND[1]) -> (dq, dk, dv, dc2p, dp2c)
 
-``band_lo`` / ``band_hi`` (``positions.slot_band``): warps whose tile lies wholly beyond them skip the slot table
-and the gathers (a wrong band gives wrong values, never an out-of-bounds access; ``NO_BAND`` turns it off).
-``c2p = q @ pos_key^T`` and ``p2c = k @ pos_query^T`` are computed by the caller with torch,
-so autograd carries ``dc2p`` / ``dp2c`` back to ``q``, ``k``, ``pos_key`` and ``pos_query``.
-Padded ops: q ``[B,H,Lq,D]``, tables ``[B,H,L,2S]``, lse ``[B,H,Lq]`` (natural log; ``+inf`` for a row
-with no key, and the backward takes any non-finite LSE as such a row).  Varlen ops (packed
-sequences, positions restart per sequence): q ``[Tq,H,D]``, k/v ``[Tk,H,D]``, int32
-``cu_seqlens`` ``[N+1]``, tables ``[H,T,2S]`` (:func:`varlen_tables`), lse float32 ``[H,Tq]``,
-slot table of length ``max_seqlen_q + max_seqlen_k - 1``.
+Every kernel computes the relative terms from the rows of ``pos_key`` / ``pos_query`` in slot order
+(``[H, 2S, D]``, padded also ``[B|1, H, 2S, D]``) on tensor cores; no ``C2P`` / ``P2C`` table is built.
+``band_lo`` / ``band_hi`` (``positions.slot_band``): warps whose tile lies wholly beyond them use one slot per side
+(a wrong band gives wrong values, never an out-of-bounds access; ``NO_BAND`` turns it off).
+The backward op's ``dq`` / ``dk`` are the content parts; ``dc2p`` ``[B,H,Lq,2S]`` / ``dp2c`` ``[B,H,Lk,2S]`` (varlen
+``[H,T,2S]``) are the gradients a ``C2P = q @ pos_key^T`` / ``P2C = k @ pos_query^T`` table would get, which the
+autograd formula takes on to ``q``, ``k``, ``pos_key`` and ``pos_query`` (:func:`rel_grads`).
+Padded ops: q ``[B,H,Lq,D]``, lse ``[B,H,Lq]`` (natural log; ``+inf`` for a row with no key, and the backward takes
+any non-finite LSE as such a row).  Varlen ops (packed sequences, positions restart per sequence): q ``[Tq,H,D]``,
+k/v ``[Tk,H,D]``, int32 ``cu_seqlens`` ``[N+1]``, lse float32 ``[H,Tq]``, slot table of length
+``max_seqlen_q + max_seqlen_k - 1``.
 """
 import os
 import threading
@@ -43,8 +45,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["load", "build_jit", "unavailable_reason", "ops", "band_window", "varlen_tables", "csrc_dir",
-           "HEAD_DIMS", "simulating", "simulator"]
+__all__ = ["load", "build_jit", "unavailable_reason", "ops", "band_window", "rel_grads", "csrc_dir", "HEAD_DIMS",
+           "simulating", "simulator"]
 
 HEAD_DIMS = (32, 64, 128)
 # (band_lo, band_hi) meaning "no saturated-tile shortcut": every distance d = i - j lies strictly inside
@@ -203,29 +205,6 @@ def band_window(table: torch.Tensor, q_len: int, k_len: int, band_lo: int, band_
     return dmin, w, order.to(torch.int32), bounds.to(torch.int32)
 
 
-def varlen_tables(query: torch.Tensor, key: torch.Tensor, pos_key: Optional[torch.Tensor],
-                  pos_query: Optional[torch.Tensor]):
-    """``(C2P [H,Tq,2S], P2C [H,Tk,2S])`` over packed tokens (None where the term is absent).
-
-    ``query [Tq,H,D] @ pos_key[H,2S,D]^T`` per head: one batched torch GEMM, differentiable, and
-    the layout the varlen kernels read (row ``h*Tq + token``)."""
-    c2p = p2c = None
-    if pos_key is not None:
-        c2p = torch.matmul(query.transpose(0, 1), pos_key.transpose(-1, -2)).contiguous()
-    if pos_query is not None:
-        p2c = torch.matmul(key.transpose(0, 1), pos_query.transpose(-1, -2)).contiguous()
-    return c2p, p2c
-
-
-def rel_tables(query: torch.Tensor, key: torch.Tensor, pos_key: Optional[torch.Tensor],
-               pos_query: Optional[torch.Tensor]):
-    """``(C2P [B,H,Lq,2S], P2C [B,H,Lk,2S])`` of the padded layout, what the backward kernels gather (None where
-    the term is absent): ``query @ pos_key^T`` and ``key @ pos_query^T`` in the input dtype, as HF's bmm."""
-    c2p = None if pos_key is None else torch.matmul(query, pos_key.transpose(-1, -2)).contiguous()
-    p2c = None if pos_query is None else torch.matmul(key, pos_query.transpose(-1, -2)).contiguous()
-    return c2p, p2c
-
-
 def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``grad [B,H,R,D]`` summed over the batch to ``like``'s shape (``[H,R,D]``, ``[1,H,R,D]`` or ``[B,H,R,D]``)."""
     if grad.dim() > like.dim():
@@ -290,20 +269,21 @@ def _register_ops():
         return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq, dtype=torch.float32)
 
     @torch.library.custom_op("deberta_fast::cuda_attn_bwd", mutates_args=())
-    def cuda_attn_bwd(dout: T, q: T, k: T, v: T, out: T, lse: T, c2p: OT, p2c: OT, table: OT, key_mask: OT,
-                      uniform: OT, rng: OT, scale: float, dropout_p: float, dmin: int, W: int, perm: OT,
-                      offs: OT, band_lo: int = NO_BAND[0], band_hi: int = NO_BAND[1]) -> tuple[T, T, T, T, T]:
-        res = _need_ext().bwd(dout, q, k, v, out, lse, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p,
-                              dmin, W, perm, offs, band_lo, band_hi)
+    def cuda_attn_bwd(dout: T, q: T, k: T, v: T, out: T, lse: T, pos_key: OT, pos_query: OT, table: OT,
+                      key_mask: OT, uniform: OT, rng: OT, scale: float, dropout_p: float, dmin: int, W: int,
+                      perm: OT, offs: OT, band_lo: int = NO_BAND[0],
+                      band_hi: int = NO_BAND[1]) -> tuple[T, T, T, T, T]:
+        res = _need_ext().bwd(dout, q, k, v, out, lse, pos_key, pos_query, table, key_mask, uniform, rng, scale,
+                              dropout_p, dmin, W, perm, offs, band_lo, band_hi)
         return tuple(res)
 
     @cuda_attn_bwd.register_fake
-    def _(dout, q, k, v, out, lse, c2p, p2c, table, key_mask, uniform, rng, scale, dropout_p, dmin, W, perm, offs,
-          band_lo=NO_BAND[0], band_hi=NO_BAND[1]):
+    def _(dout, q, k, v, out, lse, pos_key, pos_query, table, key_mask, uniform, rng, scale, dropout_p, dmin, W,
+          perm, offs, band_lo=NO_BAND[0], band_hi=NO_BAND[1]):
         B, H, Lq, D = q.shape
         Lk = k.shape[2]
-        dc2p = q.new_empty(B, H, Lq, c2p.shape[-1]) if c2p is not None else q.new_empty(0)
-        dp2c = q.new_empty(B, H, Lk, p2c.shape[-1]) if p2c is not None else q.new_empty(0)
+        dc2p = q.new_empty(B, H, Lq, pos_key.shape[-2]) if pos_key is not None else q.new_empty(0)
+        dp2c = q.new_empty(B, H, Lk, pos_query.shape[-2]) if pos_query is not None else q.new_empty(0)
         return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lk, D), q.new_empty(B, H, Lk, D), dc2p, dp2c
 
     def setup_context(ctx, inputs, output):
@@ -314,14 +294,13 @@ def _register_ops():
 
     def backward(ctx, dout, dlse):
         q, k, v, pos_key, pos_query, table, key_mask, uniform, rng, out, lse = ctx.saved_tensors
-        c2p, p2c = rel_tables(q, k, pos_key, pos_query)
         dmin, w, perm, offs = 0, 0, None, None
-        if c2p is not None or p2c is not None:
-            s2 = (c2p if c2p is not None else p2c).shape[-1]
+        if pos_key is not None or pos_query is not None:
+            s2 = (pos_key if pos_key is not None else pos_query).shape[-2]
             dmin, w, perm, offs = band_window(table, q.shape[2], k.shape[2], ctx.band_lo, ctx.band_hi, s2)
         dq, dk, dv, dc2p, dp2c = torch.ops.deberta_fast.cuda_attn_bwd(
-            aligned(dout), q, k, v, out, lse, c2p, p2c, table, key_mask, uniform, rng, ctx.scale, ctx.dropout_p,
-            dmin, w, perm, offs, ctx.band_lo, ctx.band_hi)
+            aligned(dout), q, k, v, out, lse, pos_key, pos_query, table, key_mask, uniform, rng, ctx.scale,
+            ctx.dropout_p, dmin, w, perm, offs, ctx.band_lo, ctx.band_hi)
         dq, dk, dpk, dpq = rel_grads(dq, dk, q, k, pos_key, pos_query, dc2p, dp2c)
         return dq, dk, dv, dpk, dpq, None, None, None, None, None, None, None, None
 
@@ -343,20 +322,21 @@ def _register_ops():
         return q.new_empty(Tq, H, D), q.new_empty(H, Tq, dtype=torch.float32)
 
     @torch.library.custom_op("deberta_fast::cuda_varlen_bwd", mutates_args=())
-    def cuda_varlen_bwd(dout: T, q: T, k: T, v: T, out: T, lse: T, c2p: OT, p2c: OT, table: OT,
+    def cuda_varlen_bwd(dout: T, q: T, k: T, v: T, out: T, lse: T, pos_key: OT, pos_query: OT, table: OT,
                         cu_seqlens_q: T, cu_seqlens_k: T, max_seqlen_q: int, max_seqlen_k: int, rng: OT,
                         scale: float, dropout_p: float, dmin: int, W: int, perm: OT,
                         offs: OT, band_lo: int = NO_BAND[0], band_hi: int = NO_BAND[1]) -> tuple[T, T, T, T, T]:
-        res = _need_ext().varlen_bwd(dout, q, k, v, out, lse, c2p, p2c, table, cu_seqlens_q, cu_seqlens_k,
-                                     max_seqlen_q, max_seqlen_k, rng, scale, dropout_p, dmin, W, perm, offs, band_lo,
-                                     band_hi)
+        res = _need_ext().varlen_bwd(dout, q, k, v, out, lse, pos_key, pos_query, table, cu_seqlens_q,
+                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng, scale, dropout_p, dmin, W, perm,
+                                     offs, band_lo, band_hi)
         return tuple(res)
 
     @cuda_varlen_bwd.register_fake
-    def _(dout, q, k, v, out, lse, c2p, p2c, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng,
-          scale, dropout_p, dmin, W, perm, offs, band_lo=NO_BAND[0], band_hi=NO_BAND[1]):
-        dc2p = q.new_empty(c2p.shape) if c2p is not None else q.new_empty(0)
-        dp2c = q.new_empty(p2c.shape) if p2c is not None else q.new_empty(0)
+    def _(dout, q, k, v, out, lse, pos_key, pos_query, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+          max_seqlen_k, rng, scale, dropout_p, dmin, W, perm, offs, band_lo=NO_BAND[0], band_hi=NO_BAND[1]):
+        H = q.shape[1]
+        dc2p = q.new_empty(H, q.shape[0], pos_key.shape[-2]) if pos_key is not None else q.new_empty(0)
+        dp2c = q.new_empty(H, k.shape[0], pos_query.shape[-2]) if pos_query is not None else q.new_empty(0)
         return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape), dc2p, dp2c
 
     def varlen_setup_context(ctx, inputs, output):
@@ -369,15 +349,14 @@ def _register_ops():
 
     def varlen_backward(ctx, dout, dlse):
         q, k, v, pos_key, pos_query, table, cu_q, cu_k, rng, out, lse = ctx.saved_tensors
-        c2p, p2c = varlen_tables(q, k, pos_key, pos_query)
         dmin, w, perm, offs = 0, 0, None, None
-        if c2p is not None or p2c is not None:
-            s2 = (c2p if c2p is not None else p2c).shape[-1]
+        if pos_key is not None or pos_query is not None:
+            s2 = (pos_key if pos_key is not None else pos_query).shape[-2]
             # distances i - j of every sequence lie in [-(max_k-1), max_q-1]: one window for all
             dmin, w, perm, offs = band_window(table, ctx.max_q, ctx.max_k, ctx.band_lo, ctx.band_hi, s2)
         dq, dk, dv, dc2p, dp2c = torch.ops.deberta_fast.cuda_varlen_bwd(
-            aligned(dout), q, k, v, out, lse, c2p, p2c, table, cu_q, cu_k, ctx.max_q, ctx.max_k, rng, ctx.scale,
-            ctx.dropout_p, dmin, w, perm, offs, ctx.band_lo, ctx.band_hi)
+            aligned(dout), q, k, v, out, lse, pos_key, pos_query, table, cu_q, cu_k, ctx.max_q, ctx.max_k, rng,
+            ctx.scale, ctx.dropout_p, dmin, w, perm, offs, ctx.band_lo, ctx.band_hi)
         # token-major [T, H, D] <-> the head-major tables [H, T, 2S]
         dqh, dkh, dpk, dpq = rel_grads(dq.transpose(0, 1), dk.transpose(0, 1), q.transpose(0, 1),
                                        k.transpose(0, 1), pos_key, pos_query, dc2p, dp2c)

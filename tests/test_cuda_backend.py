@@ -113,13 +113,15 @@ def test_fake_kernels_give_shapes():
     with FakeTensorMode():
         q = torch.empty(2, 3, 5, 64, dtype=torch.float16)
         k = torch.empty(2, 3, 7, 64, dtype=torch.float16)
-        c2p = torch.empty(2, 3, 5, 16, dtype=torch.float16)
         pos_key = torch.empty(3, 16, 64, dtype=torch.float16)
         out, lse = ops.cuda_attn_fwd(q, k, k, pos_key, None, None, None, None, None, 0.1, 0.0, -8, 8)
         assert out.shape == (2, 3, 5, 64) and lse.shape == (2, 3, 5) and lse.dtype == torch.float32
-        dq, dk, dv, dc2p, dp2c = ops.cuda_attn_bwd(q, q, k, k, q, lse, c2p, None, None, None, None, None, 0.1,
+        dq, dk, dv, dc2p, dp2c = ops.cuda_attn_bwd(q, q, k, k, q, lse, pos_key, None, None, None, None, None, 0.1,
                                                    0.0, 0, 1, None, None)
-        assert dq.shape == q.shape and dk.shape == k.shape and dc2p.shape == c2p.shape and dp2c.numel() == 0
+        assert dq.shape == q.shape and dk.shape == k.shape and dc2p.shape == (2, 3, 5, 16) and dp2c.numel() == 0
+        _, _, _, dc2p, dp2c = ops.cuda_attn_bwd(q, q, k, k, q, lse, None, pos_key[None], None, None, None, None, 0.1,
+                                                0.0, 0, 1, None, None)
+        assert dc2p.numel() == 0 and dp2c.shape == (2, 3, 7, 16)
 
 
 # ----------------------------------------------------------------------------- CPU: band algebra
@@ -378,20 +380,18 @@ def test_gpu_rows_without_keys_lse_inf_and_finite_backward():
     km = torch.ones(B, L, dtype=torch.bool, device=DEV)
     km[1] = False
     call = call_of(q, k, v, pk, pq, mask=km)
-    c2p = torch.matmul(q, pk.transpose(-1, -2)).contiguous()
-    p2c = torch.matmul(k, pq.transpose(-1, -2)).contiguous()
     table, lo, hi = call.slot_table(), call.band().lo, call.band().hi
     ops = _cuda_ext.ops()
     out, lse = ops.cuda_attn_fwd(q, k, v, pk, pq, table, km, None, None, call.scale, 0.0, lo, hi)
     assert bool((lse[1] == math.inf).all()) and bool(torch.isfinite(lse[0]).all())
     assert bool((out[1] == 0).all())
-    dmin, w, perm, offs = _cuda_ext.band_window(table, L, L, lo, hi, c2p.shape[-1])
+    dmin, w, perm, offs = _cuda_ext.band_window(table, L, L, lo, hi, pk.shape[-2])
     dout = torch.randn_like(out)
     for bad in (None, -math.inf, math.nan):
         lse_in = lse.clone()
         if bad is not None:
             lse_in[1] = bad
-        grads = ops.cuda_attn_bwd(dout, q, k, v, out, lse_in, c2p, p2c, table, km, None, None, call.scale, 0.0,
+        grads = ops.cuda_attn_bwd(dout, q, k, v, out, lse_in, pk, pq, table, km, None, None, call.scale, 0.0,
                                   dmin, w, perm, offs)
         for g in grads:
             assert bool(torch.isfinite(g).all()), f"non-finite gradient with LSE {bad}"

@@ -63,26 +63,20 @@ def fwd_args(B=2, H=3, Lq=5, Lk=7, D=32, S2=8, dtype=torch.float16, p=0.0, rel=T
     return a
 
 
-def _bwd_extra(a, Lq, Lk, lse_shape, tables):
-    """dout / out / lse, the tables (C2P / P2C for pos_key / pos_query: `tables` -> their shapes) and the band
-    window (deberta_fast._cuda_ext.band_window) of a fwd-style dict."""
+def _bwd_extra(a, Lq, Lk, lse_shape):
+    """dout / out / lse and the band window (deberta_fast._cuda_ext.band_window) of a fwd-style dict: the backward
+    takes the forward's arguments (position rows, slot table) and these."""
     q = a["q"]
-    pk, pq = a.pop("pos_key"), a.pop("pos_query")
-    S2 = (pk if pk is not None else pq).shape[-2] if (pk is not None or pq is not None) else 0
-    shape_q, shape_k = tables(S2)
-    a = dict(list(a.items())[:3] + [("c2p", None if pk is None else _r(*shape_q, dtype=q.dtype)),
-                                    ("p2c", None if pq is None else _r(*shape_k, dtype=q.dtype))]
-             + list(a.items())[3:])
     b = dict(dout=torch.randn(q.shape).to(q.dtype), out=torch.randn(q.shape).to(q.dtype),
              lse=torch.randn(lse_shape), **a, dmin=0, W=0, perm=None, offs=None)
     if a["table"] is not None:
-        s2 = (a["c2p"] if a["c2p"] is not None else a["p2c"]).shape[-1]
+        s2 = (a["pos_key"] if a["pos_key"] is not None else a["pos_query"]).shape[-2]
         b["dmin"], b["W"], b["perm"], b["offs"] = band_window(a["table"], Lq, Lk, -3, 3, s2)
     return b
 
 
 def bwd_args(B=2, H=3, Lq=5, Lk=7, **kw):
-    return _bwd_extra(fwd_args(B, H, Lq, Lk, **kw), Lq, Lk, (B, H, Lq), lambda S2: ((B, H, Lq, S2), (B, H, Lk, S2)))
+    return _bwd_extra(fwd_args(B, H, Lq, Lk, **kw), Lq, Lk, (B, H, Lq))
 
 
 def varlen_fwd_args(lens_q=(3, 0, 5), lens_k=(4, 2, 0), H=2, D=64, S2=8, dtype=torch.bfloat16, p=0.0, rel=True):
@@ -105,7 +99,7 @@ def varlen_fwd_args(lens_q=(3, 0, 5), lens_k=(4, 2, 0), H=2, D=64, S2=8, dtype=t
 def varlen_bwd_args(**kw):
     a = varlen_fwd_args(**kw)
     H, Tq, Tk = a["q"].shape[1], a["q"].shape[0], a["k"].shape[0]
-    return _bwd_extra(a, a["max_seqlen_q"], a["max_seqlen_k"], (H, Tq), lambda S2: ((H, Tq, S2), (H, Tk, S2)))
+    return _bwd_extra(a, a["max_seqlen_q"], a["max_seqlen_k"], (H, Tq))
 
 
 ARGS = {"fwd": fwd_args, "bwd": bwd_args, "varlen_fwd": varlen_fwd_args, "varlen_bwd": varlen_bwd_args}
@@ -171,7 +165,6 @@ def test_fwd_params(ext, dtype, D):
     assert (P["pos_k"], P["pos_q"], P["table"]) == (pk.data_ptr(), pq.data_ptr(), a["table"].data_ptr())
     assert (P["pk_sb"], P["pk_sh"], P["pk_sr"]) == (0, 8 * D, D)  # [H, S2, D]: shared by the batch
     assert (P["pq_sb"], P["pq_sh"], P["pq_sr"]) == (3 * 8 * D, 8 * D, D)
-    assert (P["c2p"], P["p2c"]) == (0, 0)  # the forward takes no tables
     assert (P["key_mask"], P["km_sb"]) == (a["key_mask"].data_ptr(), 7)
     assert (P["uniform"], P["un_sb"], P["un_sh"]) == (a["uniform"].data_ptr(), 5, 0)  # [B, 1, Lq]: no head stride
     assert P["scale"] == _f32(0.125) and P["scale_log2"] == _f32(0.125 * 1.4426950408889634)
@@ -221,7 +214,13 @@ def test_bwd_params_and_band_launches(ext):
     assert P["lse_c"] == a["lse"].data_ptr() and P["lse"] == 0 and P["o"] == 0 and P["delta"] != 0
     assert (P["dmin"], P["W"]) == (a["dmin"], a["W"]) and P["W"] > 0
     assert dq.shape == a["q"].shape and dk.shape == dv.shape == a["k"].shape
-    assert dc2p.shape == a["c2p"].shape and dp2c.shape == a["p2c"].shape
+    # the same position rows and slot table as the forward (no C2P / P2C tables)
+    pk, pq = a["pos_key"], a["pos_query"]
+    assert (P["pos_k"], P["pos_q"], P["table"], P["S2"]) == (pk.data_ptr(), pq.data_ptr(), a["table"].data_ptr(), 8)
+    assert (P["pk_sb"], P["pk_sh"], P["pk_sr"]) == (0, 8 * 32, 32)
+    assert (P["pq_sb"], P["pq_sh"], P["pq_sr"]) == (3 * 8 * 32, 8 * 32, 32)
+    assert (P["band_lo"], P["band_hi"]) == (-3, 3)
+    assert dc2p.shape == (2, 3, 5, 8) and dp2c.shape == (2, 3, 7, 8)  # the gradients of C2P / P2C-shaped tables
     bq, bk = recs[1], recs[2]
     assert (bq["band"], bq["sat"], bq["out"]) == (P["band_q"], P["sat_q"], dc2p.data_ptr())
     assert (bk["band"], bk["sat"], bk["out"]) == (P["band_k"], P["sat_k"], dp2c.data_ptr())
@@ -245,10 +244,20 @@ def test_bwd_without_relative_terms_launches_one_kernel(ext):
 
 def test_bwd_c2p_only_band(ext):
     a = bwd_args()
-    a["p2c"] = None
+    a["pos_query"] = None
     (_, _, _, dc2p, dp2c), recs = launches(ext, ext.bwd, **a)
     assert [r["kernel"] for r in recs] == ["bwd", "band_to_slots"] and dp2c.numel() == 0
     assert recs[0]["params"]["band_k"] == 0 and recs[1]["out"] == dc2p.data_ptr()
+    assert recs[0]["params"]["pos_q"] == 0 and dc2p.shape == (2, 3, 5, 8)
+
+
+def test_bwd_p2c_only_band(ext):
+    a = bwd_args()
+    a["pos_key"] = None
+    (_, _, _, dc2p, dp2c), recs = launches(ext, ext.bwd, **a)
+    assert [r["kernel"] for r in recs] == ["bwd", "band_to_slots"] and dc2p.numel() == 0
+    P = recs[0]["params"]
+    assert (P["band_q"], P["pos_k"]) == (0, 0) and recs[1]["out"] == dp2c.data_ptr() and dp2c.shape == (2, 3, 7, 8)
 
 
 def test_varlen_params(ext):
@@ -275,7 +284,8 @@ def test_varlen_bwd_params(ext):
     assert (P["dout"], P["do_sb"], P["do_sr"]) == (a["dout"].data_ptr(), 0, a["dout"].stride(0))
     assert (recs[1]["rows"], recs[2]["rows"]) == (2 * 8, 2 * 6)  # band rows h*T + token
     assert (recs[1]["out"], recs[2]["out"]) == (dc2p.data_ptr(), dp2c.data_ptr())
-    assert dc2p.shape == a["c2p"].shape and dp2c.shape == a["p2c"].shape
+    assert dc2p.shape == (2, 8, 8) and dp2c.shape == (2, 6, 8)  # [H, T, 2S]
+    assert (P["pos_k"], P["pos_q"], P["pk_sb"]) == (a["pos_key"].data_ptr(), a["pos_query"].data_ptr(), 0)
 
 
 def test_varlen_without_tokens_launches_nothing(ext):
@@ -326,9 +336,9 @@ def _set(**kw):
 
 
 def _no_rel(**kw):
-    """`_set(**kw)`, and no relative term (whichever of pos_key / pos_query / c2p / p2c the entry takes)."""
+    """`_set(**kw)`, and no relative term."""
     def mutate(a):
-        a.update({k: None for k in ("pos_key", "pos_query", "c2p", "p2c", "table") if k in a})
+        a.update({k: None for k in ("pos_key", "pos_query", "table") if k in a})
         _set(**kw)(a)
     return mutate
 
@@ -393,15 +403,6 @@ BAD_POS = [
     ("rows >= 2^31", _set(pos_key=lambda a: a["pos_key"][:, :1].expand(3, 2 ** 31, 32), pos_query=None),
      r"more than 2\^31 - 1 rows"),
 ]
-BAD_TABLES = [
-    ("c2p dtype", _set(c2p=lambda a: a["c2p"].bfloat16()), r"c2p table \(query @ pos_key\^T\) must have dtype"),
-    ("c2p on meta", _set(c2p=lambda a: _meta(a["c2p"])), "c2p table .* must be on cpu"),
-    ("c2p rows", _set(c2p=lambda a: a["c2p"][:, :, :-1]), r"c2p table .* must be \[B, H, 5, 2\*span=8\]"),
-    ("c2p strided", _set(c2p=lambda a: a["c2p"].transpose(-1, -2).contiguous().transpose(-1, -2)),
-     "c2p table .* must be contiguous"),
-    ("p2c width", _set(p2c=lambda a: a["p2c"][..., :6].contiguous()), r"p2c table .* must be \[B, H, 7, 2\*span=8\]"),
-    ("S2 >= 2^31", _set(c2p=lambda a: a["c2p"][..., :1].expand(2, 3, 5, 2 ** 31)), r"more than 2\^31 - 1"),
-]
 BAD_BWD = [
     ("dout shape", _set(dout=lambda a: a["dout"][:, :, :-1]), "grad_out has shape"),
     ("dout misaligned", _set(dout=lambda a: _misaligned(a["dout"].contiguous())), "grad_out rows must be 16-byte"),
@@ -450,11 +451,6 @@ BAD_VARLEN_POS = [
      r"pos_key must be \[H, 2\*span, D\] = \[2, R, 64\], got"),
     ("pos_query dtype", _set(pos_query=lambda a: a["pos_query"].half()), "pos_query must be a BFloat16 tensor"),
 ]
-BAD_VARLEN_TABLES = [
-    ("c2p tokens", _set(c2p=lambda a: a["c2p"][:, :-1].contiguous()),
-     r"c2p table .* must be contiguous \[H, total_tokens"),
-    ("p2c dtype", _set(p2c=lambda a: a["p2c"].half()), "p2c table .* must be a BFloat16 tensor"),
-]
 BAD_VARLEN_BWD = [
     ("dout tokens", _set(dout=lambda a: a["dout"][:-1]), r"grad_out must be \[total_tokens=8"),
     ("out shape", _set(out=lambda a: a["out"][:-1]), "saved output must match the query"),
@@ -470,9 +466,9 @@ BAD_DROPOUT = [
     ("rng strided", _set(rng=torch.zeros(4, dtype=torch.int64)[::2]), "dropout needs rng"),
     ("rng on meta", _set(rng=lambda a: _meta(a["rng"])), "dropout needs rng"),
 ]
-CASES = ([("fwd", *c) for c in BAD_PADDED + BAD_POS] + [("bwd", *c) for c in BAD_PADDED + BAD_TABLES + BAD_BWD]
+CASES = ([("fwd", *c) for c in BAD_PADDED + BAD_POS] + [("bwd", *c) for c in BAD_PADDED + BAD_POS + BAD_BWD]
          + [("varlen_fwd", *c) for c in BAD_VARLEN + BAD_VARLEN_POS]
-         + [("varlen_bwd", *c) for c in BAD_VARLEN + BAD_VARLEN_TABLES + BAD_VARLEN_BWD]
+         + [("varlen_bwd", *c) for c in BAD_VARLEN + BAD_VARLEN_POS + BAD_VARLEN_BWD]
          + [(e, *c) for e in ARGS for c in BAD_DROPOUT])
 
 

@@ -110,16 +110,17 @@ def test_varlen_fake_kernels_give_shapes():
     with FakeTensorMode():
         q = torch.empty(11, 3, 64, dtype=torch.float16)
         k = torch.empty(13, 3, 64, dtype=torch.float16)
-        c2p = torch.empty(3, 11, 16, dtype=torch.float16)
-        p2c = torch.empty(3, 13, 16, dtype=torch.float16)
         cu = torch.empty(3, dtype=torch.int32)
         pos = torch.empty(3, 16, 64, dtype=torch.float16)
         out, lse = ops.cuda_varlen_fwd(q, k, k, pos, pos, None, cu, cu, 8, 9, None, 0.1, 0.0, -8, 8)
         assert out.shape == (11, 3, 64) and lse.shape == (3, 11) and lse.dtype == torch.float32
-        dq, dk, dv, dc2p, dp2c = ops.cuda_varlen_bwd(q, q, k, k, q, lse, c2p, None, None, cu, cu, 8, 9, None, 0.1,
+        dq, dk, dv, dc2p, dp2c = ops.cuda_varlen_bwd(q, q, k, k, q, lse, pos, None, None, cu, cu, 8, 9, None, 0.1,
                                                      0.0, 0, 1, None, None)
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
-        assert dc2p.shape == c2p.shape and dp2c.numel() == 0
+        assert dc2p.shape == (3, 11, 16) and dp2c.numel() == 0
+        _, _, _, dc2p, dp2c = ops.cuda_varlen_bwd(q, q, k, k, q, lse, None, pos, None, cu, cu, 8, 9, None, 0.1,
+                                                  0.0, 0, 1, None, None)
+        assert dc2p.numel() == 0 and dp2c.shape == (3, 13, 16)
 
 
 def test_check_varlen_offsets():
@@ -139,14 +140,22 @@ def test_check_varlen_offsets():
             vcall(q, k, v, pk, pq, **kw)
 
 
+def varlen_tables(query, key, pos_key, pos_query):
+    """``(C2P [H,Tq,2S], P2C [H,Tk,2S])`` over packed tokens (None where the term is absent): the emulation's
+    tables, and the layout of the backward's ``dC2P`` / ``dP2C`` (row ``h*T + token``)."""
+    c2p = None if pos_key is None else torch.matmul(query.transpose(0, 1), pos_key.transpose(-1, -2)).contiguous()
+    p2c = None if pos_query is None else torch.matmul(key.transpose(0, 1), pos_query.transpose(-1, -2)).contiguous()
+    return c2p, p2c
+
+
 def test_varlen_tables_layout():
     q, k, v, pk, pq, cq, ck = make_packed([5, 9], [4, 6], dtype=torch.float64)
-    c2p, p2c = _cuda_ext.varlen_tables(q, k, pk, pq)
+    c2p, p2c = varlen_tables(q, k, pk, pq)
     assert c2p.shape == (3, 14, 16) and p2c.shape == (3, 10, 16)
     assert c2p.is_contiguous() and p2c.is_contiguous()
     torch.testing.assert_close(c2p[1, 7], pk[1] @ q[7, 1])
     torch.testing.assert_close(p2c[2, 3], pq[2] @ k[3, 2])
-    c2p_only, none = _cuda_ext.varlen_tables(q, k, pk, None)
+    c2p_only, none = varlen_tables(q, k, pk, None)
     assert none is None and torch.equal(c2p_only, c2p)
 
 
@@ -164,7 +173,7 @@ def emulate_varlen_forward(call, keep=None):
     Tk = k.shape[0]
     pk = call.pos_key.double() if call.pos_key is not None else None
     pq = call.pos_query.double() if call.pos_query is not None else None
-    c2p, p2c = _cuda_ext.varlen_tables(q, k, pk, pq)
+    c2p, p2c = varlen_tables(q, k, pk, pq)
     table = call.slot_table().long() if call.has_rel else None
     c2p_f = c2p.reshape(H * Tq, -1) if c2p is not None else None
     p2c_f = p2c.reshape(H * Tk, -1) if p2c is not None else None
@@ -447,15 +456,14 @@ def test_gpu_varlen_sequence_without_keys():
     assert bool((lse[:, 5:] == math.inf).all()) and bool(torch.isfinite(lse[:, :5]).all())
     assert bool((out[5:] == 0).all())
     call = vcall(q, k, v, pk, pq, cq, ck)
-    c2p, p2c = _cuda_ext.varlen_tables(q, k, pk, pq)
     table = call.slot_table()
-    dmin, w, perm, offs = _cuda_ext.band_window(table, 7, 6, call.band().lo, call.band().hi, c2p.shape[-1])
+    dmin, w, perm, offs = _cuda_ext.band_window(table, 7, 6, call.band().lo, call.band().hi, pk.shape[-2])
     dout = torch.randn_like(out)
     for bad in (None, -math.inf, math.nan):
         lse_in = lse.clone()
         if bad is not None:
             lse_in[:, 5:] = bad
-        grads = _cuda_ext.ops().cuda_varlen_bwd(dout, q, k, v, out, lse_in, c2p, p2c, table, cq, ck, 7, 6, None,
+        grads = _cuda_ext.ops().cuda_varlen_bwd(dout, q, k, v, out, lse_in, pk, pq, table, cq, ck, 7, 6, None,
                                                 call.scale, 0.0, dmin, w, perm, offs)
         for g in grads:
             assert bool(torch.isfinite(g).all()), f"non-finite gradient with LSE {bad}"
@@ -517,9 +525,9 @@ def test_gpu_varlen_errors_are_actionable():
     with pytest.raises(RuntimeError, match=r"pos_key must be \[H, 2\*span, D\]"):
         pos = torch.zeros(1, 2, 16, 64, device=DEV, dtype=q.dtype)  # batched: padded layout only
         ext.varlen_fwd(q, k, v, pos, None, None, cq, ck, 7, 7, None, 0.1, 0.0)
-    with pytest.raises(RuntimeError, match=r"\[H, total_tokens, 2\*span\]"):
-        c2p = torch.zeros(11, 2, 16, device=DEV, dtype=q.dtype)  # [T, H, 2S] instead of [H, T, 2S]
-        ext.varlen_bwd(q, q, k, v, q, torch.zeros(2, 11, device=DEV), c2p, None, None, cq, ck, 7, 7, None, 0.1,
+    with pytest.raises(RuntimeError, match=r"varlen backward: pos_key must be \[H, 2\*span, D\]"):
+        pos = torch.zeros(2, 2, 16, 64, device=DEV, dtype=q.dtype)  # batched: padded layout only
+        ext.varlen_bwd(q, q, k, v, q, torch.zeros(2, 11, device=DEV), pos, None, None, cq, ck, 7, 7, None, 0.1,
                        0.0, 0, 0, None, None)
     with pytest.raises(RuntimeError, match="3-D"):
         ext.varlen_fwd(q[None], k, v, None, None, None, cq, ck, 7, 7, None, 0.1, 0.0)

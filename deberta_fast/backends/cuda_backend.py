@@ -4,16 +4,16 @@ Serves fp16 / bf16 inputs on sm_80+ GPUs, head dims 32 / 64 / 128, any ``Lq``/``
 c2p / p2c / both / neither, bucketed or not, ``[B, Lk]`` key-padding masks (with HF's
 uniform rows) and dropout (Philox, regenerated in the backward).  The forward kernel takes the
 used rows of ``pos_key`` / ``pos_query`` and the slot table and computes the relative terms on
-tensor cores (csrc/dfa_rel.cuh); the backward builds the tables ``C2P = Q pos_key^T``
-``[B,H,Lq,2*span]`` and ``P2C = K pos_query^T`` (torch GEMMs), its kernels gather them, and the
-position tables' gradients come back through ``dC2P`` / ``dP2C`` (``_cuda_ext.rel_grads``).
+tensor cores (csrc/dfa_rel.cuh), and so do the backward kernels (no ``[B,H,L,2*span]`` table is
+built); the position terms' gradients come back as ``dC2P`` / ``dP2C`` (per row and slot), which two
+torch GEMMs each take on to the inputs and the position rows (``_cuda_ext.rel_grads``).
 With ``DEBERTA_FAST_CUDA_SIM=1`` the same kernels run on CPU tensors in the CPU simulator (``csrc/sim/``).
 Refused (with the reason): CPU tensors (but under the simulator), float32/float64, other head dims, 3-D/4-D masks,
 GPUs older than sm_80, and everything when the extension is not built.
 
 Packed variable-length calls (:func:`deberta_fast.disentangled_attention_varlen`) run the same
 kernels with per-sequence offsets read from ``cu_seqlens`` (``deberta_fast::cuda_varlen_fwd/bwd``);
-the backward's tables are ``[H, T, 2*span]`` over packed tokens (:func:`deberta_fast._cuda_ext.varlen_tables`).
+the backward's ``dC2P`` / ``dP2C`` are ``[H, T, 2*span]`` over packed tokens.
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ def _rng(call):
 class CudaBackend(Backend):
     name = "cuda"
     summary = ("CUDA C++ extension (mma.sync, fp16/bf16, sm_80+): head dim 32/64/128, any Lq/Lk, c2p/p2c, "
-               "key-padding masks, dropout, packed varlen; forward without relative tables (O(L) memory), "
-               "backward O(L*span)")
+               "key-padding masks, dropout, packed varlen; no relative tables (forward O(L) memory), "
+               "backward O(L*span) (the position terms' gradient buffers)")
     supports_varlen = True
 
     def unavailable(self):
