@@ -180,9 +180,9 @@ void check_saved_out(const char* who, const Tensor& out, const Tensor& q) {
               "), got ", out.sizes(), ", ", out.scalar_type(), ", ", out.device());
 }
 
-// Relative-gradient band buffers of the backward (float32, zero-initialised: one writer per element)
-// and the band_to_slots reduction into dC2P / dP2C.  rows_q / rows_k: rows of the C2P / P2C tables
-// (B*H*Lq or H*Tq); Lq, Lk: extents of the distance range (varlen: the max lengths).
+// Relative-gradient band buffers of the backward (float32, one writer per element; not zero-filled: band_to_slots
+// reads only the written entries) and the band_to_slots reduction into dC2P / dP2C.  rows_q / rows_k: rows of dC2P /
+// dP2C (B*H*Lq or H*Tq); Lq, Lk: extents of the distance range (varlen: the max lengths).
 struct Bands {
   Tensor band_q, sat_q, band_k, sat_k;
 
@@ -203,14 +203,21 @@ struct Bands {
                 "] and offs int32 [2*span+1] = [", S2 + 1, "] on ", q.device(),
                 " (deberta_fast._cuda_ext.band_window)");
     const auto f32 = q.options().dtype(at::kFloat);
+    // The band buffers are not zero-filled: the score kernels write every entry band_to_slots reads.  The CPU builds
+    // (host tests, simulator) fill them with NaN, so that a read of an unwritten entry fails the tests.
+#ifdef DFA_CPU_TENSORS
+    const auto band = [&](int64_t rows) { return at::full({rows, Wa}, NAN, f32); };
+#else
+    const auto band = [&](int64_t rows) { return at::empty({rows, Wa}, f32); };
+#endif
     if (has_c2p) {
-      band_q = at::zeros({rows_q, Wa}, f32);
+      band_q = band(rows_q);
       sat_q = at::zeros({rows_q, 2}, f32);
       p.band_q = band_q.data_ptr<float>();
       p.sat_q = sat_q.data_ptr<float>();
     }
     if (has_p2c) {
-      band_k = at::zeros({rows_k, Wa}, f32);
+      band_k = band(rows_k);
       sat_k = at::zeros({rows_k, 2}, f32);
       p.band_k = band_k.data_ptr<float>();
       p.sat_k = sat_k.data_ptr<float>();
@@ -226,8 +233,6 @@ struct Bands {
                                      void* stream) const {
     Tensor dc2p = at::empty({0}, q.options()), dp2c = at::empty({0}, q.options());
     if (p.S2 <= 0) return {dc2p, dp2c};
-    const int idx_lo = dfa::sat_table_index(p.band_lo, p.Lq, p.Lk);
-    const int idx_hi = dfa::sat_table_index(p.band_hi, p.Lq, p.Lk);
     const auto with_slots = [&](at::IntArrayRef shape) {
       std::vector<int64_t> v(shape.begin(), shape.end());
       v.push_back(p.S2);
@@ -235,16 +240,14 @@ struct Bands {
     };
     if (p.band_q != nullptr) {
       dc2p = at::empty(with_slots(shape_q), q.options());
-      const char* err = dfa::launch_band_to_slots(p.band_q, p.sat_q, perm->data_ptr<int32_t>(),
-                                                  offs->data_ptr<int32_t>(), dc2p.data_ptr(), dtype,
-                                                  band_q.size(0), p.W, p.S2, p.table, idx_lo, idx_hi, stream);
+      const char* err = dfa::launch_band_to_slots(p, false, perm->data_ptr<int32_t>(), offs->data_ptr<int32_t>(),
+                                                  dc2p.data_ptr(), dtype, band_q.size(0), stream);
       TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (c2p band) failed: ", err ? err : "");
     }
     if (p.band_k != nullptr) {
       dp2c = at::empty(with_slots(shape_k), q.options());
-      const char* err = dfa::launch_band_to_slots(p.band_k, p.sat_k, perm->data_ptr<int32_t>(),
-                                                  offs->data_ptr<int32_t>(), dp2c.data_ptr(), dtype,
-                                                  band_k.size(0), p.W, p.S2, p.table, idx_lo, idx_hi, stream);
+      const char* err = dfa::launch_band_to_slots(p, true, perm->data_ptr<int32_t>(), offs->data_ptr<int32_t>(),
+                                                  dp2c.data_ptr(), dtype, band_k.size(0), stream);
       TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (p2c band) failed: ", err ? err : "");
     }
     return {dc2p, dp2c};

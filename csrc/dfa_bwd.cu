@@ -394,30 +394,59 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
 }
 
 // ---------------------------------------------------------------------------
-// out[r, s] = sum_{k in [offs[s], offs[s+1])} band[r, perm[k]] + (s == 0) sat[r,0] + (s == S2-1) sat[r,1]
-// Grid-stride over the int64 rows; offs / perm entries outside [0, W) are skipped (a direct op call
-// with a bad CSR cannot read out of bounds).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) dfa_band_to_slots_kernel(const float* __restrict__ band,
-                                                                     const float* __restrict__ sat,
-                                                                     const int32_t* __restrict__ perm,
+// out[r, s] = sum_{k in [offs[s], offs[s+1])} band[r, perm[k]] + (s == slot lo) sat[r,0] + (s == slot hi) sat[r,1]
+// over the entries the score kernel wrote: row r (a query, or a key when BY_KEY) has distances d = i - j only for
+// j (i) inside its sequence, so band columns w = d - dmin outside [w0, w1) were never written and are skipped (the
+// band buffers are not zero-filled).  Grid-stride over the int64 rows; offs / perm entries outside [0, W) are skipped
+// (a direct op call with a bad CSR cannot read out of bounds, nor can bad cu_seqlens: w0, w1 stay in [0, W]).
+template <typename T, bool BY_KEY>
+__global__ void __launch_bounds__(kThreads) dfa_band_to_slots_kernel(const Params p, const int32_t* __restrict__ perm,
                                                                      const int32_t* __restrict__ offs, T* out,
-                                                                     int64_t rows, int W, int S2,
-                                                                     const int32_t* __restrict__ table, int idx_lo,
-                                                                     int idx_hi) {
+                                                                     int64_t rows) {
+  const float* band = BY_KEY ? p.band_k : p.band_q;
+  const float* sat = BY_KEY ? p.sat_k : p.sat_q;
+  const int W = p.W, S2 = p.S2;
   // the saturated sums' slots: the table's at the band edges (as the forward's saturated_slots), clamped
-  const int s_lo = min(max(__ldg(table + idx_lo), 0), S2 - 1), s_hi = min(max(__ldg(table + idx_hi), 0), S2 - 1);
+  const int2 sslot = saturated_slots(p);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    // this row's position x within its sequence, the sequence's length on the row's side and on the other side
+    int x, len, other;
+    if (p.cu_q != nullptr) {  // varlen: r = h * T + token, the sequence found by binary search over cu_seqlens
+      const int32_t* cu = BY_KEY ? p.cu_k : p.cu_q;
+      const int64_t Tr = BY_KEY ? p.Tk : p.Tq;
+      const int tok = (int)(r % Tr);
+      int lo = 0, hi = p.B - 1;  // the last sequence whose (clamped) start is <= tok
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (seq_range(cu, mid, Tr, BY_KEY ? p.Lk : p.Lq).x <= tok) lo = mid;
+        else hi = mid - 1;
+      }
+      const int2 own = seq_range(cu, lo, Tr, BY_KEY ? p.Lk : p.Lq);
+      x = tok - own.x;
+      len = own.y;
+      other = seq_range(BY_KEY ? p.cu_q : p.cu_k, lo, BY_KEY ? p.Tq : p.Tk, BY_KEY ? p.Lq : p.Lk).y;
+    } else {
+      len = BY_KEY ? p.Lk : p.Lq;
+      other = BY_KEY ? p.Lq : p.Lk;
+      x = (int)(r % len);
+    }
+    // distances of the written entries: queries i = x: d in [x - other + 1, x]; keys j = x: d in [-x, other - 1 - x]
+    int w0 = 0, w1 = 0;
+    if (x < len && other > 0) {
+      const int dlo = BY_KEY ? -x : x - other + 1;
+      w0 = min(max(dlo - p.dmin, 0), W);
+      w1 = min(max(dlo + other - p.dmin, w0), W);
+    }
     const float* br = band + r * W;
     for (int s = threadIdx.x; s < S2; s += blockDim.x) {
       float acc = 0.f;
       const int k1 = min(offs[s + 1], W);
       for (int k = max(offs[s], 0); k < k1; ++k) {
         const int c = perm[k];
-        if (c >= 0 && c < W) acc += br[c];
+        if (c >= w0 && c < w1) acc += br[c];
       }
-      if (s == s_lo) acc += sat[r * 2 + 0];
-      if (s == s_hi) acc += sat[r * 2 + 1];
+      if (s == sslot.x) acc += sat[r * 2 + 0];
+      if (s == sslot.y) acc += sat[r * 2 + 1];
       out[r * S2 + s] = Pack<T>::from_float(acc);
     }
   }
@@ -446,20 +475,19 @@ const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream) {
   return dispatch_dtype_dim(dtype, head_dim, [&](auto t, auto d) { return run_bwd<decltype(t), decltype(d)::value>(p, s); });
 }
 
-const char* launch_band_to_slots(const float* band, const float* sat, const int32_t* perm, const int32_t* offs,
-                                 void* out, int dtype, int64_t rows, int W, int S2, const int32_t* table, int idx_lo,
-                                 int idx_hi, void* stream) {
+const char* launch_band_to_slots(const Params& p, bool by_key, const int32_t* perm, const int32_t* offs, void* out,
+                                 int dtype, int64_t rows, void* stream) {
   if (rows <= 0) return nullptr;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const unsigned grid = (unsigned)(rows < (1 << 20) ? rows : (1 << 20));  // grid-stride beyond
-  if (dtype == 0)
-    DFA_LAUNCH(dfa_band_to_slots_kernel<__half>, grid, kThreads, 0, s, band, sat, perm, offs,
-               reinterpret_cast<__half*>(out), rows, W, S2, table, idx_lo, idx_hi);
-  else if (dtype == 1)
-    DFA_LAUNCH(dfa_band_to_slots_kernel<__nv_bfloat16>, grid, kThreads, 0, s, band, sat, perm, offs,
-               reinterpret_cast<__nv_bfloat16*>(out), rows, W, S2, table, idx_lo, idx_hi);
-  else
-    return "deberta_fast._C: unsupported dtype for band_to_slots";
+  const auto go = [&](auto t) {
+    using T = decltype(t);
+    auto kern = by_key ? dfa_band_to_slots_kernel<T, true> : dfa_band_to_slots_kernel<T, false>;
+    DFA_LAUNCH(kern, grid, kThreads, 0, s, p, perm, offs, reinterpret_cast<T*>(out), rows);
+  };
+  if (dtype == 0) go(__half{});
+  else if (dtype == 1) go(__nv_bfloat16{});
+  else return "deberta_fast._C: unsupported dtype for band_to_slots";
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

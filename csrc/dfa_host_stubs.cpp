@@ -22,7 +22,8 @@ namespace {
 
 struct Launch {
   std::string kernel;  // "fwd" | "bwd" | "band_to_slots"
-  Params p{};          // fwd / bwd
+  Params p{};          // fwd / bwd / band_to_slots
+  bool by_key = false;  // band_to_slots: dP2C (band_k) rather than dC2P (band_q)
   int dtype = -1, head_dim = 0, W = 0, S2 = 0;
   int64_t rows = 0;    // band_to_slots
   const void *band = nullptr, *sat = nullptr, *perm = nullptr, *offs = nullptr, *out = nullptr, *table = nullptr;
@@ -76,9 +77,10 @@ py::dict to_dict(const Launch& l) {
     d["table"] = val(l.table);
     d["idx_lo"] = l.idx_lo;
     d["idx_hi"] = l.idx_hi;
-    return d;
+    d["by_key"] = l.by_key;
+  } else {
+    d["head_dim"] = l.head_dim;
   }
-  d["head_dim"] = l.head_dim;
   py::dict p;
 #define DFA_FIELD(f) p[#f] = val(l.p.f);
   DFA_PARAMS_FIELDS(DFA_FIELD)
@@ -109,23 +111,24 @@ const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream) {
   return record_attention("bwd", p, dtype, head_dim, stream);
 }
 
-const char* launch_band_to_slots(const float* band, const float* sat, const int32_t* perm, const int32_t* offs,
-                                 void* out, int dtype, int64_t rows, int W, int S2, const int32_t* table, int idx_lo,
-                                 int idx_hi, void* stream) {
+const char* launch_band_to_slots(const Params& p, bool by_key, const int32_t* perm, const int32_t* offs, void* out,
+                                 int dtype, int64_t rows, void* stream) {
   Launch l;
   l.kernel = "band_to_slots";
-  l.table = table;
-  l.idx_lo = idx_lo;
-  l.idx_hi = idx_hi;
-  l.band = band;
-  l.sat = sat;
+  l.p = p;
+  l.by_key = by_key;
+  l.table = p.table;
+  l.idx_lo = sat_table_index(p.band_lo, p.Lq, p.Lk);
+  l.idx_hi = sat_table_index(p.band_hi, p.Lq, p.Lk);
+  l.band = by_key ? p.band_k : p.band_q;
+  l.sat = by_key ? p.sat_k : p.sat_q;
   l.perm = perm;
   l.offs = offs;
   l.out = out;
   l.dtype = dtype;
   l.rows = rows;
-  l.W = W;
-  l.S2 = S2;
+  l.W = p.W;
+  l.S2 = p.S2;
   l.stream = stream;
   return record(std::move(l));
 }

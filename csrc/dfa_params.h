@@ -51,11 +51,11 @@ struct Params {
 // return nullptr on success, else a static error string
 const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream);
 const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream);
-// band_to_slots: the saturated sums go to slots table[idx_lo] / table[idx_hi] (clamped to [0, S2)), the slots at
-// the band's edges (sat_table_index)
-const char* launch_band_to_slots(const float* band, const float* sat, const int32_t* perm, const int32_t* offs,
-                                 void* out, int dtype, int64_t rows, int W, int S2, const int32_t* table, int idx_lo,
-                                 int idx_hi, void* stream);
+// band_to_slots: dC2P (band_q / sat_q) or, by_key, dP2C (band_k / sat_k) of `rows` rows from the score kernel's band
+// buffers (p.dmin, p.W, p.S2, the slot table and band, the varlen offsets); the saturated sums go to the table's slots
+// at the band edges (sat_table_index)
+const char* launch_band_to_slots(const Params& p, bool by_key, const int32_t* perm, const int32_t* offs, void* out,
+                                 int dtype, int64_t rows, void* stream);
 
 // Index into the slot table of distance d (clamped to the table [0, Lq + Lk - 1)): where the slot of the band edge
 // d = band_lo / band_hi sits.

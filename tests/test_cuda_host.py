@@ -222,6 +222,10 @@ def test_bwd_params_and_band_launches(ext):
     assert (P["band_lo"], P["band_hi"]) == (-3, 3)
     assert dc2p.shape == (2, 3, 5, 8) and dp2c.shape == (2, 3, 7, 8)  # the gradients of C2P / P2C-shaped tables
     bq, bk = recs[1], recs[2]
+    assert (bq["by_key"], bk["by_key"]) == (False, True)
+    for b in (bq, bk):  # the score kernel's Params: where its band buffers hold written entries (dmin, W, lengths)
+        assert {f: b["params"][f] for f in ("band_q", "band_k", "dmin", "W", "Lq", "Lk", "cu_q", "table")} == \
+            {f: P[f] for f in ("band_q", "band_k", "dmin", "W", "Lq", "Lk", "cu_q", "table")}
     assert (bq["band"], bq["sat"], bq["out"]) == (P["band_q"], P["sat_q"], dc2p.data_ptr())
     assert (bk["band"], bk["sat"], bk["out"]) == (P["band_k"], P["sat_k"], dp2c.data_ptr())
     for b, rows in ((bq, 2 * 3 * 5), (bk, 2 * 3 * 7)):
@@ -285,6 +289,9 @@ def test_varlen_bwd_params(ext):
     assert (recs[1]["rows"], recs[2]["rows"]) == (2 * 8, 2 * 6)  # band rows h*T + token
     assert (recs[1]["out"], recs[2]["out"]) == (dc2p.data_ptr(), dp2c.data_ptr())
     assert dc2p.shape == (2, 8, 8) and dp2c.shape == (2, 6, 8)  # [H, T, 2S]
+    for r in recs[1:]:  # band_to_slots finds each row's sequence in cu_seqlens
+        assert (r["params"]["cu_q"], r["params"]["cu_k"], r["params"]["Tq"], r["params"]["Tk"]) == \
+            (a["cu_seqlens_q"].data_ptr(), a["cu_seqlens_k"].data_ptr(), 8, 6)
     assert (P["pos_k"], P["pos_q"], P["pk_sb"]) == (a["pos_key"].data_ptr(), a["pos_query"].data_ptr(), 0)
 
 
