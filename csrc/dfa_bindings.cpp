@@ -193,6 +193,12 @@ struct Bands {
     TORCH_CHECK(W >= 0 && W <= Lq + Lk - 1 && dmin >= -(Lk - 1) && dmin <= Lq - W,
                 "deberta_fast cuda backward: band window [dmin, dmin+W) with dmin = ", dmin, ", W = ", W,
                 " must lie in [-(Lk-1), Lq) = [", -(Lk - 1), ", ", Lq, ") (deberta_fast._cuda_ext.band_window)");
+    // strictly inside the saturation band: warps whose tile lies beyond it write no band entry, and band_to_slots
+    // reads every entry of the window that a row's sequence reaches
+    TORCH_CHECK(W == 0 || (dmin >= int64_t(p.band_lo) + 1 && dmin + W <= int64_t(p.band_hi)),
+                "deberta_fast cuda backward: band window [dmin, dmin+W) = [", dmin, ", ", dmin + W,
+                ") must lie inside the saturation band (band_lo, band_hi) = (", p.band_lo, ", ", p.band_hi,
+                "): compute it with deberta_fast._cuda_ext.band_window from the same band");
     const int64_t Wa = std::max<int64_t>(W, 1);
     const auto csr_ok = [&](const OptT& t, int64_t n) {
       return t.has_value() && on_device(*t) && t->device() == q.device() && t->scalar_type() == at::kInt &&
@@ -514,9 +520,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("band_hi") = 1 << 30);
   m.def("varlen_bwd", &varlen_bwd, "packed varlen backward -> (dq, dk, dv, dc2p, dp2c)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("pos_key"),
-        py::arg("pos_query"), py::arg("table"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
-        py::arg("max_seqlen_k"), py::arg("rng"), py::arg("scale"), py::arg("p_drop"), py::arg("dmin"),
-        py::arg("W"), py::arg("perm"), py::arg("offs"), py::arg("band_lo") = -(1 << 30),
+        py::arg("pos_query"), py::arg("table"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("rng"), py::arg("scale"), py::arg("p_drop"),
+        py::arg("dmin"), py::arg("W"), py::arg("perm"), py::arg("offs"), py::arg("band_lo") = -(1 << 30),
         py::arg("band_hi") = 1 << 30);
   m.attr("HEAD_DIMS") = py::make_tuple(32, 64, 128);
 #ifdef DFA_HOST_TEST

@@ -397,8 +397,9 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
 // out[r, s] = sum_{k in [offs[s], offs[s+1])} band[r, perm[k]] + (s == slot lo) sat[r,0] + (s == slot hi) sat[r,1]
 // over the entries the score kernel wrote: row r (a query, or a key when BY_KEY) has distances d = i - j only for
 // j (i) inside its sequence, so band columns w = d - dmin outside [w0, w1) were never written and are skipped (the
-// band buffers are not zero-filled).  Grid-stride over the int64 rows; offs / perm entries outside [0, W) are skipped
-// (a direct op call with a bad CSR cannot read out of bounds, nor can bad cu_seqlens: w0, w1 stay in [0, W]).
+// band buffers are not zero-filled; inside [w0, w1) every entry is written because the host keeps the window strictly
+// inside the saturation band, Bands::alloc).  Grid-stride over the int64 rows; offs / perm entries outside [0, W) are
+// skipped (a direct op call with a bad CSR cannot read out of bounds, nor can bad cu_seqlens: w0, w1 stay in [0, W]).
 template <typename T, bool BY_KEY>
 __global__ void __launch_bounds__(kThreads) dfa_band_to_slots_kernel(const Params p, const int32_t* __restrict__ perm,
                                                                      const int32_t* __restrict__ offs, T* out,
@@ -432,7 +433,7 @@ __global__ void __launch_bounds__(kThreads) dfa_band_to_slots_kernel(const Param
     }
     // distances of the written entries: queries i = x: d in [x - other + 1, x]; keys j = x: d in [-x, other - 1 - x]
     int w0 = 0, w1 = 0;
-    if (x < len && other > 0) {
+    if (x >= 0 && x < len && other > 0) {
       const int dlo = BY_KEY ? -x : x - other + 1;
       w0 = min(max(dlo - p.dmin, 0), W);
       w1 = min(max(dlo + other - p.dmin, w0), W);

@@ -418,8 +418,8 @@ __device__ __forceinline__ void dispatch_tile(bool saturated, bool checked, F&& 
 //   Lq, Lk     : lengths of this sequence (padded: p.Lq, p.Lk)
 //   qrow, krow : first token row of the sequence in q/o/dout/dq and k/v/dk/dv (padded: 0; the
 //                *_sb strides select b there, they are 0 in varlen mode)
-//   qoff, koff : row of (b, h, position 0) in the float / table buffers (lse, delta, c2p, band_q,
-//                sat_q | p2c, band_k, sat_k): padded (b*H + h) * Lq, varlen h * Tq + cu_q[b].
+//   qoff, koff : row of (b, h, position 0) in the float buffers (lse, delta, band_q, sat_q |
+//                band_k, sat_k): padded (b*H + h) * Lq, varlen h * Tq + cu_q[b].
 // Everything is int64: tokens x strides can exceed 2^31 elements.  Whatever cu_seqlens hold, a
 // sequence's rows stay inside [0, T) and its length within [0, max_seqlen] (no slot-table or
 // buffer access out of bounds); the host validates them (CudaBackend.forward_varlen).

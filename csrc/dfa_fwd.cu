@@ -2,8 +2,8 @@
 // (dfa_rel.cuh: per band tile, Q . Kr[window]^T and K . Qr[window]^T read back at each element's diagonal; tiles
 // beyond the slot band: per-row c2p constants and one p2c value per key), K / V tiles double-buffered by cp.async,
 // key-padding mask, uniform rows, Philox dropout.  Writes O and the float32 LSE (natural log; +inf and O = 0 for a
-// row with no key, see dfa_softmax.h).  Takes pos_key / pos_query rows (no C2P / P2C tables: those are the
-// backward's).
+// row with no key, see dfa_softmax.h).  Takes pos_key / pos_query rows (no C2P / P2C tables; the backward kernels
+// compute the relative terms the same way).
 // One kernel serves the padded batch and the packed variable-length (varlen) layout: the
 // per-block sequence offsets come from seq_view() (cu_seqlens read at run time, no extra
 // template instantiations); blocks past the end of their sequence exit at once.

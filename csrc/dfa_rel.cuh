@@ -42,7 +42,7 @@ __device__ __forceinline__ void fill_slots(int* slots, const Params& p, int d0) 
 // Plain 16-byte loads (independent of the K / V tiles' cp.async groups); `pos` nullptr: nothing.  Each thread copies
 // chunk tid % CPR of rows tid / CPR + it * RSTEP: one base address per thread and immediate offsets (a per-copy
 // division would make the compiler keep ROWS * CPR / 128 addresses live across the main loop: the D = 128 dK/dV
-// kernel spilled 220 B so).
+// kernel spilled 216-292 B so).
 template <typename T, int ROWS, int D>
 __device__ __forceinline__ void load_window(T* W, const int* slots, const T* pos, int64_t sr) {
   constexpr int CPR = D / 8, LDS = D + 8, RSTEP = kThreads / CPR;

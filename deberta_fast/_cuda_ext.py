@@ -186,8 +186,9 @@ def unavailable_reason() -> Optional[str]:
 def band_window(table: torch.Tensor, q_len: int, k_len: int, band_lo: int, band_hi: int, s2: int):
     """``(dmin, W, perm, offs)`` for the relative-gradient band.
 
-    Distances ``d = i - j`` in ``[dmin, dmin + W)`` are stored explicitly by the backward
-    kernels; smaller ones have slot 0 and larger ones slot ``s2 - 1`` (``positions.slot_band``).
+    Distances ``d = i - j`` in ``[dmin, dmin + W)`` (strictly inside the band, as the backward op
+    requires) are stored explicitly by the backward kernels; smaller ones have the table's slot at
+    ``band_lo`` and larger ones its slot at ``band_hi`` (``positions.slot_band``).
     ``perm`` lists the window's offsets sorted by slot (stable) and ``offs[s]:offs[s+1]`` is
     slot ``s``'s segment of it: a fixed-order, atomic-free segment sum."""
     dmin = max(band_lo + 1, -(k_len - 1))

@@ -422,6 +422,8 @@ BAD_BWD = [
     ("dmin low", _set(dmin=-7), "band window"),
     ("dmin high", _set(dmin=2 ** 62), "band window"),
     ("W high", _set(dmin=-6, W=12), "band window"),
+    # the window of band (-3, 3) reaches distances a narrower band saturates (whose tiles write no band entry)
+    ("window beyond the band", _set(band_lo=-1, band_hi=1), r"must lie inside the saturation band \(band_lo"),
     ("W negative", _set(W=-1), "band window"),
     ("perm missing", _set(perm=None), "band perm must be int32"),
     ("perm int64", _set(perm=lambda a: a["perm"].long()), "band perm must be int32"),
@@ -463,6 +465,7 @@ BAD_VARLEN_BWD = [
     ("out shape", _set(out=lambda a: a["out"][:-1]), "saved output must match the query"),
     ("lse transposed", _set(lse=lambda a: a["lse"].t().contiguous()), r"lse must be contiguous float32 \[H, total_q\]"),
     ("W high", _set(dmin=-3, W=9), "band window"),
+    ("window beyond the band", _set(band_hi=2), "must lie inside the saturation band"),
     ("offs missing", _set(offs=None), "band perm must be int32"),
 ]
 BAD_DROPOUT = [

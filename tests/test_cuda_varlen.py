@@ -472,6 +472,29 @@ def test_gpu_varlen_sequence_without_keys():
 
 @gpu
 @needs_ext
+def test_gpu_varlen_tokens_outside_every_sequence_get_no_position_gradient():
+    """A direct op call whose cu_seqlens start past token 0 (invalid: the dispatcher refuses it, the op does not
+    check): no kernel writes the band entries of that token's rows, and band_to_slots must not read them (the
+    buffers are not zero-filled; the simulator fills them with NaN), so its dC2P / dP2C rows are 0."""
+    lens = [6, 9]
+    q, k, v, pk, pq, cq, ck = make_packed([1] + lens, None, 2, 64, 4, torch.float16, DEV)  # token 0: a sequence
+    cq1 = cq[1:].contiguous()  # ... that the offsets now skip: [1, 7, 16]
+    ck1 = ck[1:].contiguous()
+    call = vcall(q, k, v, pk, pq, cq, ck)
+    table = call.slot_table()
+    lo, hi = call.band().lo, call.band().hi
+    out, lse = _cuda_ext.ops().cuda_varlen_fwd(q, k, v, pk, pq, table, cq1, ck1, 9, 9, None, call.scale, 0.0, lo, hi)
+    dmin, w, perm, offs = _cuda_ext.band_window(table, 9, 9, lo, hi, pk.shape[-2])
+    grads = _cuda_ext.ops().cuda_varlen_bwd(torch.randn_like(out), q, k, v, out, lse, pk, pq, table, cq1, ck1, 9, 9,
+                                            None, call.scale, 0.0, dmin, w, perm, offs, lo, hi)
+    dc2p, dp2c = grads[3], grads[4]
+    assert bool(torch.isfinite(dc2p).all()) and bool(torch.isfinite(dp2c).all())
+    assert bool((dc2p[:, 0] == 0).all()) and bool((dp2c[:, 0] == 0).all())
+    assert bool((dc2p[:, 1:] != 0).any()) and bool((dp2c[:, 1:] != 0).any())
+
+
+@gpu
+@needs_ext
 def test_gpu_varlen_lse_matches_emulation():
     lens_q, lens_k = [70, 3, 129], [20, 140, 129]
     q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, 2, 64, 8, torch.bfloat16, DEV)
