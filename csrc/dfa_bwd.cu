@@ -67,12 +67,6 @@ __device__ __forceinline__ void add_rel_grad(const Params& p, int zone, float ds
   }
 }
 
-// The relative terms' per-row constants of a saturated zone (1: lo, 2: hi; else 0), scaled: {row g, row g + 8}.
-__device__ __forceinline__ void zone_constants(float (&out)[2], float4 c, int zone, float scale) {
-  out[0] = (zone == 1 ? c.x : zone == 2 ? c.z : 0.f) * scale;
-  out[1] = (zone == 1 ? c.y : zone == 2 ? c.w : 0.f) * scale;
-}
-
 // ---------------------------------------------------------------------------
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARAMS(p)) {
@@ -133,6 +127,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
     __syncthreads();  // Q, the saturated rows, the first window's slots
     c2p_sat = row_saturated_mma<T, D>(Qw, rs.sat);
   }
+  const SatFold<T> fold(c2p_sat);
 
   float dq[D / 8][4];
 #pragma unroll
@@ -150,9 +145,10 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
     const int zone = rel ? tile_saturation(p, q0 + warp * 16, 16, k0, BN) : 3;  // warp-uniform
     if (rel && tile_saturation(p, q0, BM, k0, BN) == 0)
       rs.products(skew, rs.slots_of(stage), pk, p.pk_sr, pq, p.pq_sr, Qw, Ks, warp, zone == 0);
-    float ps[BN / 16][4];  // saturated: p2c of the tile's keys at the saturated slots
-    const bool sat_rel = zone == 1 || zone == 2;
-    if (sat_rel) col_saturated_mma<T, D, BN>(ps, Ks, rs.sat);
+    // the saturated tiles' relative terms ride the score MMA, as in the forward (store_col_saturated, SatFold)
+    const bool any_sat =
+        rel && (tile_saturation(p, q0, 16, k0, BN) == 1 || tile_saturation(p, q0 + BM - 16, 16, k0, BN) == 2);
+    if (any_sat) store_col_saturated<T, D, BN>(const_cast<T*>(Ks), rs.sat, warp);
 
     float s[NT][4], dp[NT][4];
 #pragma unroll
@@ -161,36 +157,31 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
       for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
     mma_rows_rows<T, D, NT>(s, Qw, Ks);
     mma_rows_rows<T, D, NT>(dp, dOs + warp * 16 * LDS, Vs);
+    if (any_sat) __syncthreads();
+    if (zone == 1 || zone == 2) fold.template add<D, NT>(s, Ks, zone);
 
-    float crow_s[2];
-    zone_constants(crow_s, c2p_sat, zone, p.scale_log2);
-    const bool checked = tile_needs_checks(q0 + warp * 16, 16, Lq, k0, BN, Lk, km_b);
+    const bool checked = tile_needs_checks(p, q0 + warp * 16, 16, Lq, k0, BN, Lk);
     dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         uint4 w = make_uint4(0u, 0u, 0u, 0u);
-        float pc_s[2] = {0.f, 0.f};
-        if (SAT && sat_rel) {
-          const float2 v = col_saturated_pair<T>(ps, nt, zone, p.scale_log2);
-          pc_s[0] = v.x;
-          pc_s[1] = v.y;
-        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, c = nt * 8 + 2 * t + (e & 1), i = rows[hh], j = k0 + c;
           const bool valid = !CHECK || (i < Lq && j < Lk);
           const float acc = s[nt][e];
-          float sl;
-          if constexpr (SAT) {
-            const float cs = crow_s[hh] + pc_s[e & 1];
-            sl = masked_score<CHECK>(i, j, Lq, Lk, km_b, uni[hh], [&] { return fmaf(acc, p.scale_log2, cs); });
+          float x;  // the exponent: score - LSE in log2 units
+          if constexpr (SAT && !CHECK) {
+            x = fmaf(acc, p.scale_log2, -lse2[hh]);  // the unscaled accumulator (q.k + row + column term)
+          } else if constexpr (SAT) {
+            x = masked_score<CHECK>(i, j, Lq, Lk, km_b, uni[hh], [&] { return acc * p.scale_log2; }) - lse2[hh];
           } else {
             const float c2pv = pk != nullptr ? skew.row_at(g + 8 * hh, c) : 0.f;
             const float p2cv = pq != nullptr ? skew.col_at(g + 8 * hh, c) : 0.f;
-            sl = finish_score<CHECK>(p, acc, c2pv, p2cv, i, j, Lq, Lk, km_b, uni[hh]);
+            x = finish_score<CHECK>(p, acc, c2pv, p2cv, i, j, Lq, Lk, km_b, uni[hh]) - lse2[hh];
           }
-          const float pr = valid ? exp2f(sl - lse2[hh]) : 0.f;
+          const float pr = valid ? exp2f(x) : 0.f;
           float dpv = dp[nt][e];
           if (p.dropout) {
             if ((e & 1) == 0) w = dropout_words(key, offset, bh, i, j >> 2);
@@ -283,6 +274,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
     __syncthreads();  // K, the saturated rows, the first window's slots
     p2c_sat = row_saturated_mma<T, D>(Kw, rs.sat);
   }
+  const SatFold<T> fold(p2c_sat);
 
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -309,9 +301,10 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
     const int zone = rel ? tile_saturation(p, q0, BM, k0 + warp * 16, 16) : 3;  // warp-uniform
     if (rel && tile_saturation(p, q0, BM, k0, BN) == 0)
       rs.products(skew, rs.slots_of(stage), pq, p.pq_sr, pk, p.pk_sr, Kw, Qs, warp, zone == 0);
-    float ps[BM / 16][4];  // saturated: c2p of the tile's queries at the saturated slots
-    const bool sat_rel = zone == 1 || zone == 2;
-    if (sat_rel) col_saturated_mma<T, D, BM>(ps, Qs, rs.sat);
+    // the saturated tiles' relative terms ride the score MMA (SatFold; here warp 3 has the smallest distances)
+    const bool any_sat =
+        rel && (tile_saturation(p, q0, BM, k0 + BN - 16, 16) == 1 || tile_saturation(p, q0, BM, k0, 16) == 2);
+    if (any_sat) store_col_saturated<T, D, BM>(const_cast<T*>(Qs), rs.sat, warp);
 
     float s[NT][4], dp[NT][4];
 #pragma unroll
@@ -320,36 +313,31 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
       for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
     mma_rows_rows<T, D, NT>(s, Kw, Qs);                      // S^T  [keys x queries]
     mma_rows_rows<T, D, NT>(dp, Vs + warp * 16 * LDS, dOs);  // dP^T (before dropout)
+    if (any_sat) __syncthreads();
+    if (zone == 1 || zone == 2) fold.template add<D, NT>(s, Qs, zone);
 
-    float krow_s[2];
-    zone_constants(krow_s, p2c_sat, zone, p.scale_log2);
-    const bool checked = tile_needs_checks(q0, BM, Lq, k0 + warp * 16, 16, Lk, km_b);
+    const bool checked = tile_needs_checks(p, q0, BM, Lq, k0 + warp * 16, 16, Lk);
     dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        float qc_s[2] = {0.f, 0.f};  // c2p of the two query columns at the saturated slot, scaled
-        if (SAT && sat_rel) {
-          const float2 v = col_saturated_pair<T>(ps, nt, zone, p.scale_log2);
-          qc_s[0] = v.x;
-          qc_s[1] = v.y;
-        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, j = cols_j[hh], il = nt * 8 + 2 * t + (e & 1), i = q0 + il;
           const bool valid = !CHECK || (i < Lq && j < Lk);
           const bool u = uni_s[il] != 0;
           const float acc = s[nt][e];
-          float sl;
-          if constexpr (SAT) {  // the forward's c2p + p2c (the same sum, so the same bits)
-            const float cs = qc_s[e & 1] + krow_s[hh];
-            sl = masked_score<CHECK>(i, j, Lq, Lk, km_b, u, [&] { return fmaf(acc, p.scale_log2, cs); });
+          float x;  // the exponent: score - LSE in log2 units
+          if constexpr (SAT && !CHECK) {
+            x = fmaf(acc, p.scale_log2, -lse2_s[il]);  // the unscaled accumulator (q.k + row + column term)
+          } else if constexpr (SAT) {
+            x = masked_score<CHECK>(i, j, Lq, Lk, km_b, u, [&] { return acc * p.scale_log2; }) - lse2_s[il];
           } else {
             const float c2pv = pk != nullptr ? skew.col_at(g + 8 * hh, il) : 0.f;
             const float p2cv = pq != nullptr ? skew.row_at(g + 8 * hh, il) : 0.f;
-            sl = finish_score<CHECK>(p, acc, c2pv, p2cv, i, j, Lq, Lk, km_b, u);
+            x = finish_score<CHECK>(p, acc, c2pv, p2cv, i, j, Lq, Lk, km_b, u) - lse2_s[il];
           }
-          const float pr = valid ? exp2f(sl - lse2_s[il]) : 0.f;
+          const float pr = valid ? exp2f(x) : 0.f;
           float pd = pr, dpv = dp[nt][e];
           if (p.dropout) {
             const bool keep = word_of(dropout_words(key, offset, bh, i, j >> 2), j & 3) >= p.drop_thresh;

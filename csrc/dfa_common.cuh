@@ -110,6 +110,29 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float c[4], const uint32
 #endif
 }
 
+// mma.sync.aligned.m16n8k8.row.col.f32.{f16,bf16} (sm_80+): c += A (16x8: a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..))
+// * B (8x8: b = (k = 2t..2t+1, n = g)); the k16 fragments' first halves.  The simulator runs it as the k16 MMA with
+// zero upper halves (the same sum).
+template <typename T>
+__device__ __forceinline__ void mma1688(float c[4], const uint32_t a[2], uint32_t b) {
+#if defined(DFA_CPU_SIM)
+  const uint32_t a4[4] = {a[0], a[1], 0u, 0u}, b2[2] = {b, 0u};
+  dfa_sim::mma16816<std::is_same_v<T, __nv_bfloat16>>(c, a4, b2);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>)
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b));
+  else
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b));
+#else
+  (void)c; (void)a; (void)b;
+  __trap();
+#endif
+}
+
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (sm_75+): lanes 8m..8m+7 pass the row addresses of 8x8 matrix m
 // (16-byte aligned); lane l gets r[m] = the pair (row l/4, columns 2(l%4), 2(l%4)+1) of matrix m, transposed with
 // TRANS: exactly the A / B fragments of mma.m16n8k16 for the right four matrices.
@@ -322,17 +345,17 @@ __device__ __forceinline__ uint32_t word_of(uint4 w, int idx) {
 }
 
 // Score of (i, j) in log2 units, or -inf (out of range / masked) or 0 (uniform row): value() otherwise.  i, j are
-// positions within the sequence, Lq / Lk its lengths.  CHECK = false: an interior tile of an unmasked call
-// (tile_needs_checks), every (i, j) in range.
+// positions within the sequence, Lq / Lk its lengths.  CHECK = false: an interior tile of a call without key mask or
+// uniform rows (tile_needs_checks), every (i, j) in range: value() alone.
 template <bool CHECK, typename F>
 __device__ __forceinline__ float masked_score(int i, int j, int Lq, int Lk, const uint8_t* km_b, bool uniform_row,
                                               F&& value) {
   if constexpr (CHECK) {
     if (i >= Lq || j >= Lk) return -INFINITY;
-  }
-  if (uniform_row) return 0.f;  // HF's padded query rows: uniform over all Lk keys
-  if constexpr (CHECK) {
+    if (uniform_row) return 0.f;  // HF's padded query rows: uniform over all Lk keys
     if (km_b != nullptr && km_b[j] == 0) return -INFINITY;
+  } else {
+    (void)i; (void)j; (void)Lq; (void)Lk; (void)km_b; (void)uniform_row;
   }
   return value();
 }
@@ -390,14 +413,14 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
 #endif
 
 // Whether a warp's tile of rows [r0, r0 + nr) x columns [c0, c0 + nc) (row extent R, column extent C) needs the
-// per-element range and key-mask checks: edge tiles and every tile of a masked call do, interior tiles of an
-// unmasked call do not.
-__device__ __forceinline__ bool tile_needs_checks(int r0, int nr, int R, int c0, int nc, int C, const uint8_t* km_b) {
+// per-element range, key-mask and uniform-row tests: edge tiles and every tile of a call with a key mask or uniform
+// rows (p.key_mask / p.uniform) do, interior tiles of a call without either do not.
+__device__ __forceinline__ bool tile_needs_checks(const Params& p, int r0, int nr, int R, int c0, int nc, int C) {
 #ifdef DFA_PROFILE_INTERIOR  // static-profile builds only (benchmarks/static_cuda.py): every tile interior
-  (void)r0; (void)nr; (void)R; (void)c0; (void)nc; (void)C; (void)km_b;
+  (void)p; (void)r0; (void)nr; (void)R; (void)c0; (void)nc; (void)C;
   return false;
 #else
-  return r0 + nr > R || c0 + nc > C || km_b != nullptr;
+  return r0 + nr > R || c0 + nc > C || p.key_mask != nullptr || p.uniform != nullptr;
 #endif
 }
 
@@ -412,6 +435,13 @@ __device__ __forceinline__ void dispatch_tile(bool saturated, bool checked, F&& 
     if (checked) f(std::false_type{}, std::true_type{});
     else f(std::false_type{}, std::false_type{});
   }
+}
+
+// Runs f(std::bool_constant<b>): one specialised copy per value, chosen by a (warp-uniform) branch.
+template <typename F>
+__device__ __forceinline__ void dispatch_bool(bool b, F&& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 // What one block sees of its (batch element | packed sequence) b and head h.

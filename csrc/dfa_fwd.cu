@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     __syncthreads();  // Q, the saturated rows, the first window's slots
     c2p_sat = row_saturated_mma<T, D>(Qw, rs.sat);
   }
+  const SatFold<T> fold(c2p_sat);
 
   float o[D / 8][4];
 #pragma unroll
@@ -93,38 +94,36 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     if (rel && tile_saturation(p, q0, BM, k0, BN) == 0)
       rs.products(skew, rs.slots_of(stage), pk, p.pk_sr, pq, p.pq_sr, Qw, Ks, warp, zone == 0);
 
-    float ps[BN / 16][4];  // saturated: p2c of the tile's keys at the saturated slots (col_saturated_mma)
-    const bool sat_rel = zone == 1 || zone == 2;
-    if (sat_rel) col_saturated_mma<T, D, BN>(ps, Ks, rs.sat);
     float s[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    // some warp's tile is saturated (block-uniform: warp 0 has the smallest distances, warp 3 the largest): every warp
+    // stores its keys' column terms at the saturated slots, published by the barrier after the score MMA
+    const bool any_sat =
+        rel && (tile_saturation(p, q0, 16, k0, BN) == 1 || tile_saturation(p, q0 + BM - 16, 16, k0, BN) == 2);
+    if (any_sat) store_col_saturated<T, D, BN>(const_cast<T*>(Ks), rs.sat, warp);
     mma_rows_rows<T, D, NT>(s, Qw, Ks);
+    if (any_sat) __syncthreads();
+    if (zone == 1 || zone == 2) fold.template add<D, NT>(s, Ks, zone);  // the relative terms ride the MMA
 
     float mx[2] = {-INFINITY, -INFINITY};
-    // saturated: s = acc * scale + (c2p_row + p2c_col) * scale, the constants scaled once
-    const float crow_s[2] = {(zone == 1 ? c2p_sat.x : zone == 2 ? c2p_sat.z : 0.f) * p.scale_log2,
-                             (zone == 1 ? c2p_sat.y : zone == 2 ? c2p_sat.w : 0.f) * p.scale_log2};
-    // saturated (or no relative term): per-row c2p, one p2c per column; band: the skew's scratch.
-    // checked: an edge tile or a masked call (range and key-mask tests per element)
-    const bool checked = tile_needs_checks(q0 + warp * 16, 16, Lq, k0, BN, Lk, km_b);
+    // checked: an edge tile or a call with a key mask / uniform rows (tests per element).  raw: a saturated (or
+    // relative-term-free) interior tile keeps the accumulators unscaled (scale_log2 > 0: max(acc) * scale is the
+    // maximum of the scaled scores) and scales inside the exponent; the others hold scores in log2 units.
+    const bool checked = tile_needs_checks(p, q0 + warp * 16, 16, Lq, k0, BN, Lk);
+    const bool raw = zone != 0 && !checked;
     dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        float pc_s[2] = {0.f, 0.f};
-        if (SAT && sat_rel) {
-          const float2 v = col_saturated_pair<T>(ps, nt, zone, p.scale_log2);
-          pc_s[0] = v.x;
-          pc_s[1] = v.y;
-        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, c = nt * 8 + 2 * t + (e & 1), i = rows[hh], j = k0 + c;
           if constexpr (SAT) {
-            const float cs = crow_s[hh] + pc_s[e & 1];
-            const float acc = s[nt][e];
-            s[nt][e] = masked_score<CHECK>(i, j, Lq, Lk, km_b, uni[hh], [&] { return fmaf(acc, p.scale_log2, cs); });
+            if constexpr (CHECK) {
+              const float acc = s[nt][e];
+              s[nt][e] = masked_score<true>(i, j, Lq, Lk, km_b, uni[hh], [&] { return acc * p.scale_log2; });
+            }
           } else {
             const float c2pv = pk != nullptr ? skew.row_at(g + 8 * hh, c) : 0.f;
             const float p2cv = pq != nullptr ? skew.col_at(g + 8 * hh, c) : 0.f;
@@ -137,7 +136,8 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     float base[2], alpha[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      const float mnew = fmaxf(m[hh], quad_max(mx[hh]));
+      const float tmax = raw ? quad_max(mx[hh]) * p.scale_log2 : quad_max(mx[hh]);
+      const float mnew = fmaxf(m[hh], tmax);
       base[hh] = (mnew == -INFINITY) ? 0.f : mnew;
       alpha[hh] = exp2f(m[hh] - base[hh]);  // 0 when m was -inf, exactly 1 when the maximum did not grow
       m[hh] = mnew;
@@ -155,23 +155,26 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
         }
       }
     }
+    dispatch_bool(raw, [&](auto raw_c) {
+      constexpr bool RAW = decltype(raw_c)::value;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      uint4 w = make_uint4(0u, 0u, 0u, 0u);
+      for (int nt = 0; nt < NT; ++nt) {
+        uint4 w = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
-        const float pr = exp2f(s[nt][e] - base[hh]);
-        l[hh] += pr;
-        float pd = pr;
-        if (p.dropout) {
-          // (2t, 2t+1) lie in one group of 4 columns: one Philox call per row and pair
-          if ((e & 1) == 0) w = dropout_words(key, offset, bh, rows[hh], j >> 2);
-          pd = word_of(w, j & 3) >= p.drop_thresh ? pr * p.drop_scale : 0.f;
+        for (int e = 0; e < 4; ++e) {
+          const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
+          const float pr = RAW ? exp2f(fmaf(s[nt][e], p.scale_log2, -base[hh])) : exp2f(s[nt][e] - base[hh]);
+          l[hh] += pr;
+          float pd = pr;
+          if (p.dropout) {
+            // (2t, 2t+1) lie in one group of 4 columns: one Philox call per row and pair
+            if ((e & 1) == 0) w = dropout_words(key, offset, bh, rows[hh], j >> 2);
+            pd = word_of(w, j & 3) >= p.drop_thresh ? pr * p.drop_scale : 0.f;
+          }
+          s[nt][e] = pd;
         }
-        s[nt][e] = pd;
       }
-    }
+    });
     mma_acc_rows<T, D, NT>(o, s, Vs);
     // the next tile's window slots, published by release()'s barrier (the other half was last read a tile ago)
     if (rel && k0 + BN < Lk && tile_saturation(p, q0, BM, k0 + BN, BN) == 0)

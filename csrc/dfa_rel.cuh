@@ -17,7 +17,8 @@
 //   column term: per 16-column block cb, C_cb (16 x D) . window rows [xb, xb + 32)^T, xb = 16 w - 16 cb + COLS - 16
 //             -> 16 x 32; element (r, 16 cb + c') at column r - c' + 15.
 // Saturated tiles (every d beyond the slot band) need one slot: per-row constants (`row_saturated_mma`, once per
-// block) and one value per column (`col_saturated_mma`: C_tile . SatRows^T, one n-tile per 16 columns).
+// block) and one value per column (`store_col_saturated`: C_tile . SatRows^T, per tile), both folded into the score
+// MMA by one extra m16n8k8 per n-tile (`SatFold`): no per-element arithmetic for the relative terms.
 #pragma once
 
 #include "dfa_common.cuh"
@@ -107,43 +108,70 @@ __device__ __forceinline__ float4 row_saturated_mma(const T* Rw, const T* S) {
   return make_float4(round_to<T>(lo0), round_to<T>(lo1), round_to<T>(hi0), round_to<T>(hi1));
 }
 
-// The column term of the tile's BN columns at the saturated slots: per 16-column block kb, C_kb . SatRows[0..7]^T
-// (16 x 8, one n-tile): lane 4 g holds columns 0 / 1 (lo / hi) of column 16 kb + g in acc[kb][0..1] and of column
-// 16 kb + g + 8 in acc[kb][2..3] (fp32).  Ks: the tile's BN column vectors (keys, or queries in dK/dV).
-template <typename T, int D, int BN>
-__device__ __forceinline__ void col_saturated_mma(float (*acc)[4], const T* Ks, const T* S) {
+// The column terms of a tile's COLS columns at the saturated slots, written into the 8 padding columns of the
+// tile's rows (smem [COLS][D + 8]): row c gets (term at lo, at hi, 1, 0, 0, 0, 0, 0) as T in columns D..D + 7, which
+// is SatFold's B' for ldmatrix.  Warp w computes rows [16 w, 16 w + 16): C_w . SatRows[0..7]^T, one n-tile, where
+// lane 4 g holds the lo / hi terms of rows g and g + 8.  The caller's barrier publishes them to the other warps.
+template <typename T, int D, int COLS>
+__device__ __forceinline__ void store_col_saturated(T* Cs, const T* S, int warp) {
   static_assert(D % 32 == 0, "two k-chunks per ldmatrix of the saturated rows");
   constexpr int LDS = D + 8;
-  const int lane = threadIdx.x & 31, lr = lane & 7, lm = lane >> 3;
-#pragma unroll
-  for (int kb = 0; kb < BN / 16; ++kb) acc[kb][0] = acc[kb][1] = acc[kb][2] = acc[kb][3] = 0.f;
+  if (16 * warp >= COLS) return;  // warp-uniform
+  const int lane = threadIdx.x & 31, lr = lane & 7, lm = lane >> 3, g = lane >> 2;
+  T* Cw = Cs + 16 * warp * LDS;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int kc = 0; kc < D / 16; kc += 2) {
     uint32_t bf[4];  // rows 0-7 of S x (k-chunk kc | kc + 1)
     ldmatrix_x4<false>(bf, S + lr * LDS + kc * 16 + lm * 8);
 #pragma unroll
-    for (int kb = 0; kb < BN / 16; ++kb) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t af[4];
-        ldmatrix_x4<false>(af, Ks + (16 * kb + (lm & 1) * 8 + lr) * LDS + (kc + h) * 16 + (lm >> 1) * 8);
-        mma16816<T>(acc[kb], af, bf + 2 * h);
-      }
+    for (int h = 0; h < 2; ++h) {
+      uint32_t af[4];
+      ldmatrix_x4<false>(af, Cw + ((lm & 1) * 8 + lr) * LDS + (kc + h) * 16 + (lm >> 1) * 8);
+      mma16816<T>(acc, af, bf + 2 * h);
     }
+  }
+  if ((lane & 3) == 0) {
+    const uint32_t one = Pack<T>::pack(1.f, 0.f);
+    *reinterpret_cast<uint4*>(Cw + g * LDS + D) = make_uint4(Pack<T>::pack(acc[0], acc[1]), one, 0u, 0u);
+    *reinterpret_cast<uint4*>(Cw + (g + 8) * LDS + D) = make_uint4(Pack<T>::pack(acc[2], acc[3]), one, 0u, 0u);
   }
 }
 
-// This thread's column pair (8 nt + 2t, + 1) of col_saturated_mma's result at zone 1 (lo) / 2 (hi), rounded to T
-// and scaled: columns 2t / 2t + 1 of the half (nt & 1) of block nt / 2 sit in lanes 8t / 8t + 4.
+// Saturated tiles fold their relative terms into the score MMA: s[nt] += A'_zone . B'_nt (one m16n8k8 per n-tile),
+//   A'_zone (16 x 8, the warp's rows):      (zone == 1, zone == 2, the row's row term at the zone, 0, ...)
+//   B'_nt   (8 x 8, the n-tile's columns):  (column term at lo, at hi, 1, 0, ...)   (store_col_saturated)
+// so the accumulator of a saturated score holds q.k + row term + column term (both rounded to T, as HF's bmm rounds
+// them) and the element loop adds nothing.  A' of both zones is built once per block from row_saturated_mma's result.
 template <typename T>
-__device__ __forceinline__ float2 col_saturated_pair(const float (*acc)[4], int nt, int zone, float scale) {
-  const int t = threadIdx.x & 3;
-  const float* a = acc[nt >> 1] + 2 * (nt & 1);
-  const float v = zone == 1 ? a[0] : a[1];
-  const float lo = __shfl_sync(0xffffffffu, v, 8 * t), hi = __shfl_sync(0xffffffffu, v, 8 * t + 4);
-  const float2 r = Pack<T>::unpack(Pack<T>::pack(lo, hi));
-  return make_float2(r.x * scale, r.y * scale);
-}
+struct SatFold {
+  uint32_t a[2][2];  // [zone - 1][row g | row g + 8]
+
+  __device__ __forceinline__ explicit SatFold(float4 row) {  // row: {lo g, lo g+8, hi g, hi g+8}
+    const int t = threadIdx.x & 3;
+    const uint32_t sel_lo = t == 0 ? Pack<T>::pack(1.f, 0.f) : 0u, sel_hi = t == 0 ? Pack<T>::pack(0.f, 1.f) : 0u;
+    a[0][0] = t == 1 ? Pack<T>::pack(row.x, 0.f) : sel_lo;
+    a[0][1] = t == 1 ? Pack<T>::pack(row.y, 0.f) : sel_lo;
+    a[1][0] = t == 1 ? Pack<T>::pack(row.z, 0.f) : sel_hi;
+    a[1][1] = t == 1 ? Pack<T>::pack(row.w, 0.f) : sel_hi;
+  }
+  // s[nt] += A'_zone . B'_nt for a saturated zone (1 / 2).  Cs: the tile's column rows with store_col_saturated's
+  // padding (published); B' of four n-tiles per ldmatrix.
+  template <int D, int NT>
+  __device__ __forceinline__ void add(float (*s)[4], const T* Cs, int zone) const {
+    static_assert(NT % 4 == 0, "four n-tiles per ldmatrix");
+    constexpr int LDS = D + 8;
+    const int lane = threadIdx.x & 31;
+    const uint32_t az[2] = {zone == 1 ? a[0][0] : a[1][0], zone == 1 ? a[0][1] : a[1][1]};  // selects, no indexing
+#pragma unroll
+    for (int q = 0; q < NT; q += 4) {
+      uint32_t bf[4];  // matrix m: rows 8 (q + m) + 0..7, columns D..D + 7
+      ldmatrix_x4<false>(bf, Cs + (8 * q + lane) * LDS + D);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) mma1688<T>(s[q + m], az, bf[m]);
+    }
+  }
+};
 
 // The per-warp scratch of the skew and its reads.  COLS: columns per tile.  Layout (elements of T):
 //   row term:    [16][CS], CS = COLS + 24 (COLS + 15 columns used; the stride spreads the 8 row groups over the banks)
