@@ -121,19 +121,27 @@ def _cuobjdump() -> str:
     return _nvidia_tool("cuobjdump", 90)
 
 
-def _compile(name: str, arch: str, tmp: str, zone: int | None = None) -> tuple[str, str]:
+# Profile builds beside the shipped one: every tile in the band / beyond it (-DDFA_PROFILE_ZONE, tile_saturation),
+# interior (-DDFA_PROFILE_INTERIOR), the common call's paths (-DDFA_PROFILE_PLAIN, DFA_PROFILE_ASSUME); "saturated,
+# key mask": the same with a key mask present (-DDFA_PROFILE_KEY_MASK: a padded batch, whose interior tiles without
+# a masked key skip the per-element tests but pay the per-tile vote).
+ZONES = {"band": (0, ()), "saturated": (1, ()), "saturated, key mask": (1, ("-DDFA_PROFILE_KEY_MASK",))}
+
+
+def _compile(name: str, arch: str, tmp: str, zone: str | None = None) -> tuple[str, str]:
     from csrc import build_config
 
     nvcc = build_config.find_nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found: the CUDA static profile needs it (no GPU needed)")
-    tag = f"{name}_{arch}" + ("" if zone is None else f"_zone{zone}")
+    tag = f"{name}_{arch}" + ("" if zone is None else "_" + re.sub(r"\W+", "_", zone))
     keep = os.path.join(tmp, f"keep_{tag}")
     os.makedirs(keep)
     obj = os.path.join(tmp, f"{tag}.o")
     cmd = build_config.nvcc_check_cmd(nvcc, name, arch, obj, keep)
-    if zone is not None:  # every tile of one kind (tile_saturation), the common call's paths (DFA_PROFILE_ASSUME)
-        cmd += [f"-DDFA_PROFILE_ZONE={zone}", "-DDFA_PROFILE_PLAIN", "-DDFA_PROFILE_INTERIOR"]
+    if zone is not None:
+        z, extra = ZONES[zone]
+        cmd += [f"-DDFA_PROFILE_ZONE={z}", "-DDFA_PROFILE_PLAIN", "-DDFA_PROFILE_INTERIOR", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"nvcc failed for {name} sm_{arch}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
@@ -150,12 +158,9 @@ def _header() -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "nvcc": version, "torch_headers": torch.__version__}
 
 
-ZONES = {0: "band", 1: "saturated"}  # -DDFA_PROFILE_ZONE builds: every tile in the band / beyond it (common call)
-
-
 def profile(archs=("80", "90a"), progress=print, zones=True) -> dict:
-    """Rows of the build as shipped; with ``zones``, each row also gets ``zones[band|saturated]``: the main loop's
-    per-element figures of a build where every tile is of that kind (the shipped loop holds both kinds)."""
+    """Rows of the build as shipped; with ``zones``, each row also gets ``zones[<ZONES key>]``: the main loop's
+    per-element figures of a build where every tile is of that kind (the shipped loop holds every kind)."""
     t0 = time.time()
     names = sorted((n for n in os.listdir(CSRC) if n.endswith(".cu")), key=lambda n: n != "dfa_bwd.cu")
     variants = [None, *(ZONES if zones else ())]
@@ -164,16 +169,16 @@ def profile(archs=("80", "90a"), progress=print, zones=True) -> dict:
         futs = {(n, a, z): ex.submit(_compile, n, a, tmp, z) for n in names for a in archs for z in variants}
         for (n, a, z), f in futs.items():
             obj, log = f.result()
-            progress(f"static_cuda: {n} sm_{a}{'' if z is None else ' ' + ZONES[z]} compiled "
+            progress(f"static_cuda: {n} sm_{a}{'' if z is None else ' ' + z} compiled "
                      f"({time.time() - t0:.0f} s)")
             got = analyse(obj, log, a)
             if z is None:
                 rows += got
             else:
                 for r in got:
-                    by_zone[(r["kernel"], r["arch"], r["dtype"], r["D"], ZONES[z])] = r["loops"]
+                    by_zone[(r["kernel"], r["arch"], r["dtype"], r["D"], z)] = r["loops"]
     for r in rows:
-        zl = {zn: by_zone.get((r["kernel"], r["arch"], r["dtype"], r["D"], zn)) for zn in ZONES.values()}
+        zl = {zn: by_zone.get((r["kernel"], r["arch"], r["dtype"], r["D"], zn)) for zn in ZONES}
         if any(v is not None for v in zl.values()):
             r["zones"] = zl
     return {**_header(), "seconds": round(time.time() - t0, 1), "kernels": rows}
@@ -188,10 +193,12 @@ def table(prof: dict) -> str:
              "(-DDFA_PROFILE_ZONE) and interior (no edge or mask checks: -DDFA_PROFILE_INTERIOR), for the common "
              "call: c2p + p2c present, no mask, no dropout (-DDFA_PROFILE_PLAIN: the compiler drops the other "
              "branches); the shipped loop holds them all.  Shortest: the last key tile (no prefetch); longest: with "
-             "the next tile's copies issued.",
+             "the next tile's copies issued.  Saturated, key mask: the saturated build with a key mask present (a "
+             "padded batch; its interior tiles without a masked key skip the tests and pay a per-tile vote).",
              "",
              "| kernel | target | dtype | D | tile | regs | spill st/ld B | stack B | MMA | main loop instr/element "
-             "(shortest - longest) | band tiles | saturated tiles |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(shortest - longest) | band tiles | saturated tiles | saturated tiles, key mask |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(loops):
         return "; ".join(f"{lp['per_element_shortest']} - {lp['per_element_longest']}" for lp in loops or []) or "?"
@@ -200,7 +207,8 @@ def table(prof: dict) -> str:
         z = r.get("zones", {})
         lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype']} | {r['D']} | {r['block_m']}x{r['block_n']} | "
                      f"{r.get('regs')} | {r.get('spill_stores')}/{r.get('spill_loads')} | {r.get('stack')} | "
-                     f"{r['mma']} | {fmt(r['loops'])} | {fmt(z.get('band'))} | {fmt(z.get('saturated'))} |")
+                     f"{r['mma']} | {fmt(r['loops'])} | {fmt(z.get('band'))} | {fmt(z.get('saturated'))} | "
+                     f"{fmt(z.get('saturated, key mask'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -209,7 +217,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="80,90a", help="comma-separated nvcc archs (default 80,90a)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<date>-static")
-    ap.add_argument("--no-zones", action="store_true", help="skip the band-only / saturated-only builds (3x faster)")
+    ap.add_argument("--no-zones", action="store_true", help="skip the band / saturated profile builds (4x faster)")
     a = ap.parse_args(argv)
     prof = profile(tuple(x.strip() for x in a.archs.split(",") if x.strip()),
                    progress=lambda m: print(m, file=sys.stderr, flush=True), zones=not a.no_zones)

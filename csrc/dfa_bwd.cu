@@ -110,6 +110,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
     lse2[hh] = ok ? lse_log2(p.lse_c[sv.qoff + i]) : 0.f;  // +inf (p = 0) unless finite
     dlt[hh] = ok ? p.delta[sv.qoff + i] : 0.f;
   }
+  const bool warp_uniform = p.uniform != nullptr && any_set(uni[0] || uni[1]);  // some HF uniform row here
   uint2 key = make_uint2(0u, 0u);
   uint32_t offset = 0u;
   if (p.dropout) {
@@ -160,7 +161,8 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
     if (any_sat) __syncthreads();
     if (zone == 1 || zone == 2) fold.template add<D, NT>(s, Ks, zone);
 
-    const bool checked = tile_needs_checks(p, q0 + warp * 16, 16, Lq, k0, BN, Lk);
+    const bool checked =
+        tile_needs_checks(q0 + warp * 16, 16, Lq, k0, BN, Lk, warp_uniform || any_key_masked(km_b, k0, BN, Lk));
     dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
 #pragma unroll
@@ -187,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
             if ((e & 1) == 0) w = dropout_words(key, offset, bh, i, j >> 2);
             dpv = word_of(w, j & 3) >= p.drop_thresh ? dpv * p.drop_scale : 0.f;
           }
-          const float ds = (uni[hh] || !valid) ? 0.f : pr * (dpv - dlt[hh]) * p.scale;
+          const float ds = ((CHECK && uni[hh]) || !valid) ? 0.f : pr * (dpv - dlt[hh]) * p.scale;
           s[nt][e] = ds;
           if (rel_grad && valid) add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], p.band_q + (sv.qoff + i) * p.W);
         }
@@ -224,6 +226,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
   using Cfg = BwdCfg<T, D>;
   using Rel = typename Cfg::KV_Rel;
   constexpr int BN = Cfg::KV_BN, BM = Cfg::KV_BM, LDS = Cfg::LDS, NT = BM / 8;
+  static_assert(BM <= 32, "one query column per lane in the uniform-row vote");
   DFA_DYNAMIC_SMEM(smem_raw);
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + BN * LDS;
@@ -255,6 +258,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
   int cols_j[2];  // rows of the transposed tile are keys
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) cols_j[hh] = k0 + warp * 16 + g + 8 * hh;
+  const bool masked_keys = any_key_masked(km_b, k0 + warp * 16, 16, Lk);  // this warp's rows (keys)
   uint2 key = make_uint2(0u, 0u);
   uint32_t offset = 0u;
   if (p.dropout) {
@@ -316,7 +320,9 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
     if (any_sat) __syncthreads();
     if (zone == 1 || zone == 2) fold.template add<D, NT>(s, Qs, zone);
 
-    const bool checked = tile_needs_checks(p, q0, BM, Lq, k0 + warp * 16, 16, Lk);
+    // rows are keys (the warp's: masked_keys), columns queries (this tile's uniform rows, from shared memory)
+    const bool tile_uniform = p.uniform != nullptr && any_set(lane < BM && uni_s[lane] != 0);
+    const bool checked = tile_needs_checks(q0, BM, Lq, k0 + warp * 16, 16, Lk, masked_keys || tile_uniform);
     dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
 #pragma unroll
@@ -325,7 +331,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, j = cols_j[hh], il = nt * 8 + 2 * t + (e & 1), i = q0 + il;
           const bool valid = !CHECK || (i < Lq && j < Lk);
-          const bool u = uni_s[il] != 0;
+          const bool u = CHECK && uni_s[il] != 0;  // an unchecked tile has none (the vote)
           const float acc = s[nt][e];
           float x;  // the exponent: score - LSE in log2 units
           if constexpr (SAT && !CHECK) {

@@ -395,11 +395,16 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
 // call (no mask, no uniform rows, no dropout; both relative terms present) as constants and assumptions, so the
 // compiler drops the other branches and the main loop's paths are that call's.  In every real build the kernel
 // parameter is p itself.
+#ifdef DFA_PROFILE_KEY_MASK  // with DFA_PROFILE_PLAIN: a padded batch's key mask (no uniform rows)
+#define DFA_PROFILE_KEY_MASK_OF(p) __builtin_assume(p.key_mask != nullptr)
+#else
+#define DFA_PROFILE_KEY_MASK_OF(p) p.key_mask = nullptr
+#endif
 #ifdef DFA_PROFILE_PLAIN
 #define DFA_KERNEL_PARAMS(p) const Params p##_in
 #define DFA_PROFILE_ASSUME(p)          \
   Params p = p##_in;                   \
-  p.key_mask = nullptr;                \
+  DFA_PROFILE_KEY_MASK_OF(p);          \
   p.uniform = nullptr;                 \
   p.dropout = 0;                       \
   __builtin_assume(p.table != nullptr); \
@@ -413,16 +418,26 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
 #endif
 
 // Whether a warp's tile of rows [r0, r0 + nr) x columns [c0, c0 + nc) (row extent R, column extent C) needs the
-// per-element range, key-mask and uniform-row tests: edge tiles and every tile of a call with a key mask or uniform
-// rows (p.key_mask / p.uniform) do, interior tiles of a call without either do not.
-__device__ __forceinline__ bool tile_needs_checks(const Params& p, int r0, int nr, int R, int c0, int nc, int C) {
+// per-element range, key-mask and uniform-row tests: edge tiles do, and tiles that hold a masked key or a uniform row
+// (`masked`: the kernel's warp-uniform votes, any_key_masked / any_set); interior tiles without either do not.
+__device__ __forceinline__ bool tile_needs_checks(int r0, int nr, int R, int c0, int nc, int C, bool masked) {
 #ifdef DFA_PROFILE_INTERIOR  // static-profile builds only (benchmarks/static_cuda.py): every tile interior
-  (void)p; (void)r0; (void)nr; (void)R; (void)c0; (void)nc; (void)C;
-  return false;
+  (void)r0; (void)nr; (void)R; (void)c0; (void)nc; (void)C;
+  return masked;
 #else
-  return r0 + nr > R || c0 + nc > C || p.key_mask != nullptr || p.uniform != nullptr;
+  return r0 + nr > R || c0 + nc > C || masked;
 #endif
 }
+
+// Warp votes (every lane gets the answer): whether a key of [j0, j0 + n) inside [0, Lk) is masked out (km_b: the
+// batch row's key mask, nullptr = none), and whether any lane's flag is set.
+__device__ __forceinline__ bool any_key_masked(const uint8_t* km_b, int j0, int n, int Lk) {
+  if (km_b == nullptr) return false;  // uniform
+  bool masked = false;
+  for (int c = (int)(threadIdx.x & 31); c < n; c += 32) masked |= j0 + c < Lk && km_b[j0 + c] == 0;
+  return __any_sync(0xffffffffu, masked) != 0;
+}
+__device__ __forceinline__ bool any_set(bool flag) { return __any_sync(0xffffffffu, flag) != 0; }
 
 // Runs f(saturated, checked) with both as std::bool_constant: one specialised copy of a tile's element loop per
 // kind (saturated or band; edge or interior), chosen by warp-uniform branches.

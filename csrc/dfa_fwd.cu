@@ -58,6 +58,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     rows[hh] = q0 + warp * 16 + g + 8 * hh;
     uni[hh] = p.uniform != nullptr && rows[hh] < Lq && p.uniform[b * p.un_sb + h * p.un_sh + rows[hh]] != 0;
   }
+  const bool warp_uniform = p.uniform != nullptr && any_set(uni[0] || uni[1]);  // some HF uniform row here
   uint2 key = make_uint2(0u, 0u);
   uint32_t offset = 0u;
   if (p.dropout) {
@@ -107,10 +108,11 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     if (zone == 1 || zone == 2) fold.template add<D, NT>(s, Ks, zone);  // the relative terms ride the MMA
 
     float mx[2] = {-INFINITY, -INFINITY};
-    // checked: an edge tile or a call with a key mask / uniform rows (tests per element).  raw: a saturated (or
+    // checked: an edge tile, or one with a masked key or a uniform row (tests per element).  raw: a saturated (or
     // relative-term-free) interior tile keeps the accumulators unscaled (scale_log2 > 0: max(acc) * scale is the
     // maximum of the scaled scores) and scales inside the exponent; the others hold scores in log2 units.
-    const bool checked = tile_needs_checks(p, q0 + warp * 16, 16, Lq, k0, BN, Lk);
+    const bool checked =
+        tile_needs_checks(q0 + warp * 16, 16, Lq, k0, BN, Lk, warp_uniform || any_key_masked(km_b, k0, BN, Lk));
     const bool raw = zone != 0 && !checked;
     dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
