@@ -91,8 +91,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
   const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sv.krow * p.v_sr;
   const T* dog = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + sv.qrow * p.do_sr;
   const bool rel = p.table != nullptr;
-  const T* pk = rel && p.pos_k ? reinterpret_cast<const T*>(p.pos_k) + b * p.pk_sb + h * p.pk_sh : nullptr;
-  const T* pq = rel && p.pos_q ? reinterpret_cast<const T*>(p.pos_q) + b * p.pq_sb + h * p.pq_sh : nullptr;
+  const auto [pk, pq] = pos_rows<T>(p, b, h);
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
   const bool rel_grad = p.band_q != nullptr;
   const auto skew = rs.skew(warp);
@@ -248,8 +247,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
   const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sv.krow * p.v_sr;
   const T* dog = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + sv.qrow * p.do_sr;
   const bool rel = p.table != nullptr;
-  const T* pk = rel && p.pos_k ? reinterpret_cast<const T*>(p.pos_k) + b * p.pk_sb + h * p.pk_sh : nullptr;
-  const T* pq = rel && p.pos_q ? reinterpret_cast<const T*>(p.pos_q) + b * p.pq_sb + h * p.pq_sh : nullptr;
+  const auto [pk, pq] = pos_rows<T>(p, b, h);
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
   const bool rel_grad = p.band_k != nullptr;
   const auto skew = rs.skew(warp);

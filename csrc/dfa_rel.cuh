@@ -25,6 +25,20 @@
 
 namespace dfa {
 
+// The position rows of batch element (or packed sequence's batch row) b, head h: {pos_key, pos_query}; nullptr for an
+// absent term and for a call without relative terms (p.table nullptr).
+template <typename T>
+struct PosRows {
+  const T* key;
+  const T* query;
+};
+template <typename T>
+__device__ __forceinline__ PosRows<T> pos_rows(const Params& p, int b, int h) {
+  const bool rel = p.table != nullptr;
+  return {rel && p.pos_k ? reinterpret_cast<const T*>(p.pos_k) + b * p.pk_sb + h * p.pk_sh : nullptr,
+          rel && p.pos_q ? reinterpret_cast<const T*>(p.pos_q) + b * p.pq_sb + h * p.pq_sh : nullptr};
+}
+
 // The slot of distance d: the table's entry (its index clamped to the table), clamped to [0, S2).
 __device__ __forceinline__ int slot_of(const Params& p, int d) {
   const int last = p.Lq + p.Lk - 2;
