@@ -255,7 +255,8 @@ def _reference_with_keep(q, k, v, pk, pq, buckets, max_rel, mask, keep, p):
     return probs @ args[2]
 
 
-def _run_variant(dtype, D, Lq, Lk, terms, buckets, max_rel, masked, shared_pos=True):
+def _run_variant(dtype, D, Lq, Lk, terms, buckets, max_rel, masked, shared_pos=True, valid=None):
+    """``valid``: HF padding instead of ``masked``'s pattern, the number of real tokens per batch row."""
     dev = DEV
     span = attention_span(buckets, max_rel)
     q, k, v, pk, pq = make_inputs(2, 3, Lq, Lk, D, span, dtype, dev, "c2p" in terms, "p2c" in terms, shared_pos)
@@ -264,6 +265,8 @@ def _run_variant(dtype, D, Lq, Lk, terms, buckets, max_rel, masked, shared_pos=T
         mask = torch.ones(2, Lk, dtype=torch.bool, device=dev)
         mask[0, Lk // 2:] = False
         mask[1, :3] = False
+    if valid is not None:
+        mask = torch.arange(Lk, device=dev)[None, :] < torch.tensor(valid, device=dev)[:, None]
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pq) if t is not None]
     out = disentangled_attention(q, k, v, pk, pq, position_buckets=buckets, max_relative_positions=max_rel,
                                  attention_mask=mask, backend="cuda")
@@ -302,6 +305,16 @@ def test_gpu_variants(dtype, D, terms):
 @pytest.mark.parametrize("masked", [False, True])
 def test_gpu_lengths_masks_buckets(Lq, Lk, buckets, max_rel, masked):
     _run_variant(torch.bfloat16, 64, Lq, Lk, "c2p+p2c", buckets, max_rel, masked, shared_pos=(Lq % 2 == 0))
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("buckets,max_rel", [(256, 512), (8, 32)])
+def test_gpu_hf_padding_clean_and_masked_tiles(dtype, buckets, max_rel):
+    """HF's suffix padding at L = 200: key tiles with and without a masked key, warps of real, padded (uniform) and
+    mixed rows, so the kernels' per-tile votes choose both paths within one call."""
+    _run_variant(dtype, 64, 200, 200, "c2p+p2c", buckets, max_rel, masked=False, valid=[70, 150])
 
 
 def _direct(q, k, v, pk, pq, buckets, max_rel, mask, p, seed, offset=0):
