@@ -26,7 +26,8 @@ __all__ = [
     "SlotBand",
     "slot_band",
     "check_bucket_config",
-    "relative_run_table",
+    "DistanceRuns",
+    "distance_runs",
     "values_unreadable",
 ]
 
@@ -155,33 +156,50 @@ def trimmed_slot_table(q_len, k_len, position_buckets, max_relative_positions, s
                            str(device))
 
 
+@dataclass(frozen=True)
+class DistanceRuns:
+    """The distances ``d = i - j`` as the triton backward sums ``dS`` per row (or column) of the score matrix.
+
+    Run ``clamp(d - lo, 0, hi - lo)``: every ``d`` strictly between ``lo`` and ``hi`` is a run of its own, and the
+    constant ends of the slot table (``d <= lo``: one slot, ``d >= hi``: one slot) are one run each.  Along a row
+    ``d`` takes every value once, so a run inside the band is a single element: its sum is a store, with no scan and
+    no atomic, and only the two end runs are sums (any bucket function, monotone or not).  ``run_rows`` long
+    ``[hi - lo + 1]``: the trimmed table row (:func:`trimmed_slot_table`) of each run; ``unique``: no row is used
+    by two runs."""
+
+    lo: int
+    hi: int
+    run_rows: torch.Tensor
+    unique: bool
+
+    @property
+    def count(self) -> int:
+        return self.hi - self.lo + 1
+
+
 @functools.lru_cache(maxsize=64)
-def _runs_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
-    table, lo, _ = _trimmed_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str)
-    change = (table[1:] != table[:-1]).to(torch.int32)
-    runs = torch.cat([change.new_zeros(1), torch.cumsum(change, 0, dtype=torch.int32)]).contiguous()
-    first = torch.cat([change.new_ones(1), change]).bool()
-    run_rows = table[first].long()  # trimmed row of each run, in order of increasing distance
-    unique = bool((run_rows[1:] > run_rows[:-1]).all())  # monotone configs: one run per row
-    return runs, run_rows, unique
+def _distance_runs_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
+    table = _trimmed_cached(q_len, k_len, position_buckets, max_relative_positions, span, "cpu")[0].long()
+    change = (table[1:] != table[:-1]).nonzero().flatten()
+    if change.numel() == 0:  # one slot for every d: run 0 is empty, run 1 holds every d
+        lo, hi = -k_len, -(k_len - 1)
+    else:  # the last index of the constant prefix, the first of the constant suffix
+        lo, hi = int(change[0]) - (k_len - 1), int(change[-1]) + 1 - (k_len - 1)
+    idx = torch.clamp(torch.arange(lo, hi + 1) + (k_len - 1), 0, table.numel() - 1)
+    run_rows = table[idx]
+    unique = bool((run_rows[1:] > run_rows[:-1]).all())
+    return DistanceRuns(lo, hi, run_rows.to(device_str), unique)
 
 
-def relative_run_table(q_len, k_len, position_buckets, max_relative_positions, span, device="cpu"):
-    """``(runs, run_rows, unique)``: the distances ``d = i - j`` cut into maximal runs of equal slot.
-
-    ``runs`` int32 ``[Lq + Lk - 1]``: run id of ``d`` (index ``d + Lk - 1``), ``0 .. R-1`` increasing
-    with ``d``; ``run_rows`` long ``[R]``: the row of the trimmed tables
-    (:func:`trimmed_slot_table`) each run uses; ``unique``: no row is used by two runs.  Along a row
-    (or a column) of the score matrix ``d`` takes every value once, so each run is one contiguous
-    segment there even when the bucket function is not monotone in ``d`` (e.g. ``position_buckets=16,
-    max_relative_positions=4``), and per-run sums are what a scan-based backward can reduce without
-    atomics; ``run_rows`` then folds runs onto table rows.  Cached; treat as read-only."""
+def distance_runs(q_len, k_len, position_buckets, max_relative_positions, span, device="cpu") -> DistanceRuns:
+    """:class:`DistanceRuns` of a ``q_len x k_len`` score matrix (from the CPU copy of the slot table: no device
+    sync).  Cached; treat as read-only."""
     _validate(q_len, k_len, span)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _runs_cached(int(q_len), int(k_len), int(position_buckets), int(max_relative_positions), int(span),
-                        str(device))
+    return _distance_runs_cached(int(q_len), int(k_len), int(position_buckets), int(max_relative_positions),
+                                 int(span), str(device))
 
 
 @dataclass(frozen=True)

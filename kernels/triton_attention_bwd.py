@@ -2,21 +2,21 @@
 
 Both kernels recompute ``P = exp2((t - (ROWMAX - row_term)) - LOGSUM)`` (as the forward: see
 ``_rel_terms``) tile by tile, walking saturated, linear, in-band and saturated tiles in loops of their own
-(``_tile_regions``, ``_lin_tiles``: linear tiles need neither the slot table nor a scan), from the forward's
+(``_tile_regions``, ``_inner_tiles``), from the forward's
 statistics (exact at any score magnitude; 0 on rows with no
 key) and the dropout keep-mask from the seed, and form ``dS = scale * P * (dP - DELTA)`` with
 ``DELTA = rowsum(dO * O)`` float32 ``[B,H,Lq]`` and ``dP = keep/(1-p) * dO V^T``.
 
 * :func:`disentangled_bwd_dkdv_kernel`, grid ``(cdiv(Lk, BLOCK_N), B*H)``: ``DK = dS^T Q``
   (content part, float32 ``[B,H,Lk,D]``), ``DV = P_drop^T dO`` (float32), and, with p2c, the
-  column sums of ``dS`` per run of equal slot, ``PSUM`` float32 ``[B,H,Lk,NRUN]``.
+  column sums of ``dS`` per run, ``PSUM`` float32 ``[B,H,Lk,NRUN]``.
 * :func:`disentangled_bwd_dq_kernel`, grid ``(cdiv(Lq, BLOCK_M), B*H)``: ``DQ = dS K``
   (content part, float32 ``[B,H,Lq,D]``) and, with c2p, the row sums per run, ``CSUM`` float32
-  ``[B,H,Lq,NRUN]``.
+  ``[B,H,Lq,NRUN]`` (zero-filled by the launcher: a row stores only the distances it has).
 
-The runs (``RUNS``, see ``_segment_scan`` and :func:`deberta_fast.positions.relative_run_table`)
-fold onto table rows on the host, which turns them into the position gradients with small
-GEMMs.  Every output location has one writer: deterministic.
+The runs (``_advance_runs``, :func:`deberta_fast.positions.distance_runs`: one per distance inside the band, one
+per constant end of the slot table) fold onto table rows on the host, which turns them into the position gradients
+with small GEMMs.  Every output location has one writer: deterministic.
 
 ``VARLEN``: packed sequences (layouts as in the forward kernel; grids over the longest
 sequence's blocks and ``N*H``): ``ROWMAX``/``LOGSUM``/``DELTA [H,Tq]``, ``DQ [H,Tq,D]``,
@@ -25,9 +25,9 @@ sequence's blocks and ``N*H``): ``ROWMAX``/``LOGSUM``/``DELTA [H,Tq]``, ``DQ [H,
 import triton
 import triton.language as tl
 
-from .triton_attention_common import (GENERAL, LIN, LOG2E, SAT, _advance_runs, _dropout_keep, _k_axis, _key_col,
-                                      _lin_tiles, _masked, _mm, _q_axis, _rel_terms, _score_mm, _sequence,
-                                      _store_open_run, _tile, _tile_regions, _uniform_rows)
+from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _inner_tiles, _k_axis,
+                                      _key_col, _masked, _mm, _q_axis, _rel_terms, _score_mm, _sequence,
+                                      _store_end_runs, _tile, _tile_regions, _uniform_rows)
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE
                   TRANS: tl.constexpr):
     """Recompute one tile: returns ``(p_drop, ds)``, ``[BLOCK_M, BLOCK_N]`` (``[BLOCK_N, BLOCK_M]`` if ``TRANS``),
     ``ds`` already times ``scale`` and zero outside the matrix and on uniform rows (their scores are constants).
-    ``REGION``: ``GENERAL`` or ``SAT`` (slot ``slot``; see ``_tile_regions``).  Probabilities are
+    ``REGION``: ``SAT`` (slot ``slot``; see ``_tile_regions``) or a per-element one (``_rel_terms``).  Probabilities are
     ``exp2((t - (ROWMAX - row_term)) - LOGSUM)``, as the forward computes them (:func:`_rel_terms`)."""
     if DROPOUT:
         keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, TRANS)
@@ -75,17 +75,18 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, run, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE, RUNS, PSUM_bh,
-                KMASK, FMASK, offs_n, offs_d, d_ok, rows, lo, hi, skip_a, skip_b, slot, run0, qrow0, start_n, b, h, bh,
-                Lq, Lk, NSLOT,
+def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE,
+                PSUM_bh, KMASK, FMASK, offs_n, offs_d, d_ok, rows, lo, hi, skip_a, skip_b, slot, run0, qrow0, start_n,
+                b, h, bh, Lq, Lk, NSLOT, NRUN,
                 qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-                REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                REGION: tl.constexpr, HI: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV and the p2c run sums over the query tiles ``[lo, hi)`` of one region (``_tile_regions``,
-    ``_lin_tiles``; tile indices from ``skip_a`` on are moved to ``skip_b``: the in-band tiles on both sides of the
-    linear ones in one loop), on the transposed tile (keys as rows, as in the dK/dV loop of flash attention 2): dV and
-    dK take it without a transpose, and the p2c column sums become row sums (a scan inside each row)."""
+    ``_inner_tiles``; tile indices from ``skip_a`` on are moved to ``skip_b``: the in-band tiles on both sides of the
+    inner ones in one loop), on the transposed tile (keys as rows, as in the dK/dV loop of flash attention 2): dV and
+    dK take it without a transpose, and the p2c column sums become row sums.  ``HI``: a ``SAT`` region's end run
+    (:func:`_advance_runs`)."""
     for it in range(lo, hi, BLOCK_M):
         start_m = tl.where(it < skip_a, it, it - skip_a + skip_b)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -104,18 +105,21 @@ def _dkdv_tiles(dk, dv, run, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_
         dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
         dk += _mm(ds.to(q.dtype), q, UPCAST, PREC)
         if HAS_P2C:
-            run = _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, PSUM_bh, rows, run0, REGION, True)
-    return dk, dv, run
+            run_lo, run_hi = _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, PSUM_bh, rows, run0, NRUN,
+                                           REGION, HI, True)
+    return dk, dv, run_lo, run_hi
 
 
 @triton.jit
-def _dq_tiles(dq, run, q, do, rowmax, logsum, delta, uni, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, RUNS, CSUM_bh,
+def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, uni, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh,
               KMASK, FMASK, offs_m, offs_d, d_ok, rows, lo, hi, skip_a, skip_b, slot, run0, b, h, bh, Lq, Lk, NSLOT,
+              NRUN,
               qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm,
               HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-              REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ and the c2p run sums over the key tiles ``[lo, hi)`` of one region (``_tile_regions``, ``_lin_tiles``;
-    ``skip_a`` / ``skip_b`` as in :func:`_dkdv_tiles`)."""
+              REGION: tl.constexpr, HI: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """dQ and the c2p run sums over the key tiles ``[lo, hi)`` of one region (``_tile_regions``, ``_inner_tiles``;
+    ``skip_a`` / ``skip_b`` and ``HI`` as in :func:`_dkdv_tiles`)."""
     m_ok = offs_m < Lq
     for it in range(lo, hi, BLOCK_N):
         start_n = tl.where(it < skip_a, it, it - skip_a + skip_b)
@@ -130,16 +134,17 @@ def _dq_tiles(dq, run, q, do, rowmax, logsum, delta, uni, K_bh, V_bh, C2P_bh, P2
                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, False)
         dq += _mm(ds.to(k.dtype), k, UPCAST, PREC)
         if HAS_C2P:
-            run = _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, CSUM_bh, rows, run0, REGION, False)
-    return dq, run
+            run_lo, run_hi = _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, CSUM_bh, rows, run0, NRUN,
+                                           REGION, HI, False)
+    return dq, run_lo, run_hi
 
 
 @triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
 def disentangled_bwd_dkdv_kernel(
-    Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, RUNS, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM,
+    Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, lin_lo, lin_hi, slot0, run0, p_drop, drop_thresh,
+    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
     seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -151,7 +156,6 @@ def disentangled_bwd_dkdv_kernel(
     h = bh % H
     q0, Lq, k0, Lk, qrow0, krow0, toff = _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
     TABLE = TABLE + toff
-    RUNS = RUNS + toff
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -174,29 +178,32 @@ def disentangled_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    run = tl.zeros([BLOCK_N], dtype=tl.float32)
-    args = (k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE, RUNS, PSUM_bh, KMASK, FMASK,
+    run_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
+    run_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
+    args = (k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE, PSUM_bh, KMASK, FMASK,
             offs_n, offs_d, d_ok, rows)
-    rest = (qrow0, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om,
+    rest = (qrow0, start_n, b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om,
             s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh)
     if HAS_C2P | HAS_P2C:
-        # query tiles far ahead of the key tile (slot 0), in the band, far behind (slot NSLOT-1)
-        a, c = _tile_regions(start_n, BLOCK_N, band_lo, band_hi, Lq, BLOCK_M, False, True)
-        e1, e2 = _lin_tiles(start_n, BLOCK_N, lin_lo, lin_hi, a, c, BLOCK_M, False)
-        # (the linear tiles leave the open run sum as it is, so the in-band ones around them run as one loop)
-        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, 0, a, a, a, 0, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                                  SAT, UPCAST, PREC, BLOCK_M, BLOCK_N)
-        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, e1, e2, e2, e2, slot0, run0, *rest, HAS_C2P, HAS_P2C,
-                                  MASK_KIND, DROPOUT, LIN, UPCAST, PREC, BLOCK_M, BLOCK_N)
-        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, a, e1 + c - e2, e1, e2, 0, run0, *rest, HAS_C2P, HAS_P2C,
-                                  MASK_KIND, DROPOUT, GENERAL, UPCAST, PREC, BLOCK_M, BLOCK_N)
-        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, c, Lq, Lq, Lq, NSLOT - 1, run0, *rest, HAS_C2P, HAS_P2C,
-                                  MASK_KIND, DROPOUT, SAT, UPCAST, PREC, BLOCK_M, BLOCK_N)
-        if HAS_P2C:  # the last query tile was saturated: its run is still open
-            _store_open_run(run, Lq - 1 - offs_n, n_ok & (Lq > 0) & ((c < Lq) | (a >= Lq)), RUNS, PSUM_bh, rows, Lk)
+        # query tiles far ahead of the key tile (slot 0), inside the run band, with an end run (both sides of the
+        # inner ones, in one loop), far behind (slot NSLOT-1); the run sums do not depend on the order
+        a, c = _tile_regions(start_n, BLOCK_N, band_lo, band_hi, Lq, BLOCK_M, False)
+        i1, i2 = _inner_tiles(start_n, BLOCK_N, 1 - run0, NRUN - 2 - run0, a, c, BLOCK_M, False)
+        dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, 0, a, a, a, 0, run0, *rest, HAS_C2P,
+                                             HAS_P2C, MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, i1, i2, i2, i2, 0, run0, *rest, HAS_C2P,
+                                             HAS_P2C, MASK_KIND, DROPOUT, INNER, False, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, a, i1 + c - i2, i1, i2, 0, run0, *rest,
+                                             HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, GENERAL, False, UPCAST, PREC,
+                                             BLOCK_M, BLOCK_N)
+        dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, c, Lq, Lq, Lq, NSLOT - 1, run0, *rest,
+                                             HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT, True, UPCAST, PREC, BLOCK_M,
+                                             BLOCK_N)
+        if HAS_P2C:
+            _store_end_runs(run_lo, run_hi, n_ok, PSUM_bh, rows, NRUN)
     else:  # no relative terms: the SAT path has nothing to add but the key term
-        dk, dv, run = _dkdv_tiles(dk, dv, run, *args, 0, Lq, Lq, Lq, 0, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND,
-                                  DROPOUT, SAT, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, 0, Lq, Lq, Lq, 0, run0, *rest, HAS_C2P,
+                                             HAS_P2C, MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_M, BLOCK_N)
 
     out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, dk, mask=kv_ok)
@@ -205,10 +212,10 @@ def disentangled_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
 def disentangled_bwd_dq_kernel(
-    Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, RUNS, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM,
+    Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, lin_lo, lin_hi, slot0, run0, p_drop, drop_thresh,
+    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
     seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -220,7 +227,6 @@ def disentangled_bwd_dq_kernel(
     h = bh % H
     q0, Lq, k0, Lk, qrow0, krow0, toff = _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
     TABLE = TABLE + toff
-    RUNS = RUNS + toff
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     start_m = pid_m * BLOCK_M
@@ -245,31 +251,31 @@ def disentangled_bwd_dq_kernel(
     qk_scale = scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    run = tl.zeros([BLOCK_M], dtype=tl.float32)
+    run_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    run_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
     uni = _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND)
-    args = (q, do, rowmax, logsum, delta, uni, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, RUNS, CSUM_bh, KMASK, FMASK,
+    args = (q, do, rowmax, logsum, delta, uni, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh, KMASK, FMASK,
             offs_m, offs_d, d_ok, rows)
-    rest = (b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn,
+    rest = (b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn,
             s_kmb, s_fmb, s_fmh, s_fmm)
     if HAS_C2P | HAS_P2C:
-        # key tiles far behind the query tile (slot NSLOT-1), in the band, far ahead (slot 0)
-        a, c = _tile_regions(start_m, BLOCK_M, band_lo, band_hi, Lk, BLOCK_N, True, True)
-        e1, e2 = _lin_tiles(start_m, BLOCK_M, lin_lo, lin_hi, a, c, BLOCK_N, True)
-        # (the linear tiles leave the open run sum as it is, so the in-band ones around them run as one loop)
-        dq, run = _dq_tiles(dq, run, *args, 0, a, a, a, NSLOT - 1, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                            SAT, UPCAST, PREC, BLOCK_N)
-        dq, run = _dq_tiles(dq, run, *args, e1, e2, e2, e2, slot0, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                            LIN, UPCAST, PREC, BLOCK_N)
-        dq, run = _dq_tiles(dq, run, *args, a, e1 + c - e2, e1, e2, 0, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND,
-                            DROPOUT, GENERAL, UPCAST, PREC, BLOCK_N)
-        dq, run = _dq_tiles(dq, run, *args, c, Lk, Lk, Lk, 0, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT,
-                            UPCAST, PREC, BLOCK_N)
-        if HAS_C2P:  # the last key tile was saturated: its run is still open
-            _store_open_run(run, offs_m - (Lk - 1), m_ok & (Lk > 0) & ((c < Lk) | (a >= Lk)), RUNS, CSUM_bh, rows,
-                            Lk)
+        # key tiles far behind the query tile (slot NSLOT-1), inside the run band, with an end run (both sides of the
+        # inner ones, in one loop), far ahead (slot 0); the run sums do not depend on the order
+        a, c = _tile_regions(start_m, BLOCK_M, band_lo, band_hi, Lk, BLOCK_N, True)
+        i1, i2 = _inner_tiles(start_m, BLOCK_M, 1 - run0, NRUN - 2 - run0, a, c, BLOCK_N, True)
+        dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, 0, a, a, a, NSLOT - 1, run0, *rest, HAS_C2P,
+                                       HAS_P2C, MASK_KIND, DROPOUT, SAT, True, UPCAST, PREC, BLOCK_N)
+        dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, i1, i2, i2, i2, 0, run0, *rest, HAS_C2P, HAS_P2C,
+                                       MASK_KIND, DROPOUT, INNER, False, UPCAST, PREC, BLOCK_N)
+        dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, a, i1 + c - i2, i1, i2, 0, run0, *rest, HAS_C2P,
+                                       HAS_P2C, MASK_KIND, DROPOUT, GENERAL, False, UPCAST, PREC, BLOCK_N)
+        dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, c, Lk, Lk, Lk, 0, run0, *rest, HAS_C2P, HAS_P2C,
+                                       MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N)
+        if HAS_C2P:
+            _store_end_runs(run_lo, run_hi, m_ok, CSUM_bh, rows, NRUN)
     else:  # no relative terms: the SAT path has nothing to add but the key term
-        dq, run = _dq_tiles(dq, run, *args, 0, Lk, Lk, Lk, 0, run0, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                            SAT, UPCAST, PREC, BLOCK_N)
+        dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, 0, Lk, Lk, Lk, 0, run0, *rest, HAS_C2P, HAS_P2C,
+                                       MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N)
 
     out = (qrow0 + offs_m)[:, None] * D + offs_d[None, :]
     tl.store(DQ + out, dq, mask=qo_ok)

@@ -8,8 +8,7 @@ Conventions of every kernel (one program = one tile row of one ``(b, h)``):
   ``P2C[j, slot(d)]`` with ``slot(d) = TABLE[d + Lk - 1]``.  Tiles whose every ``d`` lies at or
   beyond ``band_hi`` (slot ``NSLOT-1``) or at or below ``band_lo`` (slot 0) read one column of
   the tables instead (per-row / per-column constants, no gather): see :func:`_tile_regions`.  The
-  backward's tiles inside the linear range (``slot(d) = d + slot0``, one run per ``d``) skip the slot
-  table and the run-sum scan: see :func:`_lin_tiles`.
+  backward's per-distance run sums: :func:`_advance_runs`.
 * Scores are kept in the log2 domain: ``s2 = log2(e) * scale * (q.k + c2p + p2c)``.
 * ``VARLEN`` (constexpr): packed sequences (see :func:`_sequence`); one program = one tile row of
   one ``(sequence n, head h)``, ``bh = n*H + h``; ``i``, ``j`` and ``d`` are positions *within* the
@@ -108,7 +107,7 @@ def _k_axis(x, TRANS: tl.constexpr):
 # How a tile gets its relative terms (constexpr ``REGION``).
 GENERAL = tl.constexpr(0)  # any tile: c2p / p2c gathered per element through the slot table
 SAT = tl.constexpr(1)  # a tile whose every d has one slot (beyond the band): per-row / per-column constants
-LIN = tl.constexpr(2)  # a tile inside the linear range (``_lin_tiles``): slot d + slot0, run d + run0, no table
+INNER = tl.constexpr(2)  # a GENERAL tile strictly inside the backward's run band (``_advance_runs``): no end runs
 
 
 @triton.jit
@@ -137,7 +136,7 @@ def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NS
     row term costs per row, not per element.
 
     ``GENERAL``: ``c2p = C2P[i, slot(d)]`` and ``p2c = P2C[j, slot(d)]`` gathered per element (``slot(d) =
-    TABLE[d + Lk - 1]``; ``LIN``: ``slot(d) = d + slot``, no table read), as tiles (``[BLOCK_M, BLOCK_N]``,
+    TABLE[d + Lk - 1]``), as tiles (``[BLOCK_M, BLOCK_N]``,
     ``[BLOCK_N, BLOCK_M]`` if ``TRANS``; the row term 0 on uniform rows).  ``SAT``: every element has slot ``slot``: ``key_term [BLOCK_N]`` and ``row_term [BLOCK_M]``
     (the caller zeroes the row term on uniform rows: :func:`_masked`).  ``col``: :func:`_key_col`; ``uni``:
     :func:`_uniform_rows`."""
@@ -154,10 +153,7 @@ def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NS
     elif HAS_C2P | HAS_P2C:
         ok = _q_axis(m_ok, TRANS) & _k_axis(n_ok, TRANS)
         d = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS)
-        if REGION == LIN:
-            slots = d + slot
-        else:
-            slots = tl.load(TABLE + (d + Lk - 1), mask=ok, other=0)
+        slots = tl.load(TABLE + (d + Lk - 1), mask=ok, other=0)
         kt, rt = tl.broadcast(_k_axis(col, TRANS), _q_axis(zero, TRANS))
         if HAS_P2C:
             kt = tl.fma(tl.load(P2C_bh + _k_axis(offs_n, TRANS) * NSLOT + slots, mask=ok, other=0.0), qk_scale, kt)
@@ -201,83 +197,78 @@ def _masked(t, rt, uni, b, h, offs_m, offs_n, Lq, Lk, FMASK, s_fmb, s_fmh, s_fmm
 
 
 @triton.jit
-def _tile_regions(start, span_other, band_lo, band_hi, lim,
-                  BLOCK: tl.constexpr, ROWS: tl.constexpr, STRICT: tl.constexpr):
+def _tile_regions(start, span_other, band_lo, band_hi, lim, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     """Split a program's walk over tiles ``[0, lim)`` (step ``BLOCK``) at ``(a, b)``: ``[0, a)`` and ``[b, lim)``
     are saturated (``SAT``), ``[a, b)`` is ``GENERAL``.
 
     ``ROWS`` True: the program owns query rows ``[start, start+span_other)`` and walks key tiles (forward, dq):
     ``[0, a)`` has ``d >= band_hi`` (slot ``NSLOT-1``, small j), ``[b, lim)`` ``d <= band_lo`` (slot 0).  False: it
     owns keys ``[start, start+span_other)`` and walks query tiles (dK/dV): ``[0, a)`` has slot 0 (small i),
-    ``[b, lim)`` slot ``NSLOT-1``.  ``STRICT`` (the backward): saturated tiles lie strictly beyond the band edge,
-    so that a run of equal slot never starts or ends inside one but at the sequence's ends (:func:`_segment_scan`
-    stores run sums from ``GENERAL`` tiles, :func:`_store_open_run` the one a saturated region leaves open)."""
-    s = STRICT
+    ``[b, lim)`` slot ``NSLOT-1``."""
     if ROWS:
-        # d >= band_hi + s: (t+1)*BLOCK <= start - band_hi + 1 - s
-        # d <= band_lo - s: t*BLOCK >= start + span_other - 1 - band_lo + s
-        a = (tl.maximum(start - band_hi + 1 - s, 0) // BLOCK) * BLOCK
-        b = ((tl.maximum(start + span_other - 1 - band_lo + s, 0) + BLOCK - 1) // BLOCK) * BLOCK
+        # d >= band_hi: (t+1)*BLOCK <= start - band_hi + 1
+        # d <= band_lo: t*BLOCK >= start + span_other - 1 - band_lo
+        a = (tl.maximum(start - band_hi + 1, 0) // BLOCK) * BLOCK
+        b = ((tl.maximum(start + span_other - 1 - band_lo, 0) + BLOCK - 1) // BLOCK) * BLOCK
     else:
-        # d_max = t*BLOCK + BLOCK - 1 - start <= band_lo - s;  d_min = t*BLOCK - (start + span_other - 1) >= band_hi + s
-        a = (tl.maximum(start + band_lo + 1 - s, 0) // BLOCK) * BLOCK
-        b = ((tl.maximum(start + span_other - 1 + band_hi + s, 0) + BLOCK - 1) // BLOCK) * BLOCK
+        # d_max = t*BLOCK + BLOCK - 1 - start <= band_lo;  d_min = t*BLOCK - (start + span_other - 1) >= band_hi
+        a = (tl.maximum(start + band_lo + 1, 0) // BLOCK) * BLOCK
+        b = ((tl.maximum(start + span_other - 1 + band_hi, 0) + BLOCK - 1) // BLOCK) * BLOCK
     a = tl.minimum(a, lim)
     b = tl.minimum(tl.maximum(b, a), lim)
     return a, b
 
 
 @triton.jit
-def _lin_tiles(start, span_other, lin_lo, lin_hi, a, b, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+def _inner_tiles(start, span_other, d_lo, d_hi, a, b, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     """The tiles ``[e1, e2)`` (within ``[a, b)``, the ``GENERAL`` ones of :func:`_tile_regions`) whose every
-    distance lies in the linear range ``[lin_lo, lin_hi]``: there ``slot(d) = d + slot0`` and every ``d`` is a run
-    of its own (the launcher's ``_linear_range``).  ``ROWS``: as in :func:`_tile_regions`."""
+    distance lies in ``[d_lo, d_hi]`` (the backward's ``INNER`` tiles, :func:`_advance_runs`).  ``ROWS``: as in
+    :func:`_tile_regions`."""
     if ROWS:
-        # d_max = start + span_other - 1 - t*BLOCK <= lin_hi;  d_min = start - (t+1)*BLOCK + 1 >= lin_lo
-        e1 = ((tl.maximum(start + span_other - 1 - lin_hi, 0) + BLOCK - 1) // BLOCK) * BLOCK
-        e2 = (tl.maximum(start + 1 - lin_lo, 0) // BLOCK) * BLOCK
+        # d_max = start + span_other - 1 - t*BLOCK <= d_hi;  d_min = start - (t+1)*BLOCK + 1 >= d_lo
+        e1 = ((tl.maximum(start + span_other - 1 - d_hi, 0) + BLOCK - 1) // BLOCK) * BLOCK
+        e2 = (tl.maximum(start + 1 - d_lo, 0) // BLOCK) * BLOCK
     else:
-        # d_min = t*BLOCK - (start + span_other - 1) >= lin_lo;  d_max = (t+1)*BLOCK - 1 - start <= lin_hi
-        e1 = ((tl.maximum(start + span_other - 1 + lin_lo, 0) + BLOCK - 1) // BLOCK) * BLOCK
-        e2 = (tl.maximum(start + 1 + lin_hi, 0) // BLOCK) * BLOCK
+        # d_min = t*BLOCK - (start + span_other - 1) >= d_lo;  d_max = (t+1)*BLOCK - 1 - start <= d_hi
+        e1 = ((tl.maximum(start + span_other - 1 + d_lo, 0) + BLOCK - 1) // BLOCK) * BLOCK
+        e2 = (tl.maximum(start + 1 + d_hi, 0) // BLOCK) * BLOCK
     e1 = tl.minimum(tl.maximum(e1, a), b)
     e2 = tl.minimum(tl.maximum(e2, e1), b)
     return e1, e2
 
 
 @triton.jit
-def _advance_runs(ds, run, offs_m, offs_n, Lq, Lk, RUNS, SUMS, rows, run0, REGION: tl.constexpr,
-                  TRANS: tl.constexpr):
-    """The run sums of one tile along its walking axis (axis 1: keys for dq, queries for dK/dV with ``TRANS``):
-    a saturated tile lies inside one run that neither starts nor ends there (strict regions), so only the open sum
-    advances; a ``LIN`` tile holds runs of one element each (run id ``d + run0``), stored as they are, and leaves the
-    open sum alone (no run crosses into or out of it; the tiles next to it start or end theirs at its edge, so the
-    ``LIN`` tiles may run in any order among the others); a ``GENERAL`` tile runs :func:`_segment_scan`.  Returns the
-    new open sum."""
+def _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, SUMS, rows, run0, NRUN,
+                  REGION: tl.constexpr, HI: tl.constexpr, TRANS: tl.constexpr):
+    """The run sums of one tile along its walking axis (axis 1: keys for dq, queries for dK/dV with ``TRANS``;
+    runs of :func:`deberta_fast.positions.distance_runs`: run ``clamp(d + run0, 0, NRUN - 1)``).  Along a row
+    ``d`` takes every value once, so a run strictly inside ``(0, NRUN - 1)`` holds one element of the row: it is
+    stored as it is (one writer per location, no scan, no atomic).  The two end runs (the constant ends of the slot
+    table) are sums, carried per row in ``run_lo`` / ``run_hi`` and stored by :func:`_store_end_runs`: a ``SAT``
+    tile adds its row sums to one of them (``HI``: the end of slot ``NSLOT - 1``), a ``GENERAL`` tile adds its
+    elements beyond the band to them, an ``INNER`` tile has none.  Returns ``(run_lo, run_hi)``."""
     if REGION == SAT:
-        run += tl.sum(ds, 1)
+        if HI:
+            run_hi += tl.sum(ds, 1)
+        else:
+            run_lo += tl.sum(ds, 1)
     else:
         ok = _q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS)
-        d = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS)
-    if REGION == LIN:
-        tl.store(SUMS + rows[:, None] + (d + run0), ds, mask=ok)
-    elif REGION == GENERAL:
-        if TRANS:
-            run = _segment_scan(ds, run, d, ok, (offs_m > 0)[None, :], (offs_m < Lq - 1)[None, :],
-                                RUNS, SUMS, rows, Lk, 1, -1)
+        rid = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS) + run0
+        if REGION == INNER:
+            tl.store(SUMS + rows[:, None] + rid, ds, mask=ok)
         else:
-            run = _segment_scan(ds, run, d, ok, (offs_n > 0)[None, :], (offs_n < Lk - 1)[None, :],
-                                RUNS, SUMS, rows, Lk, 1, 1)
-    return run
+            tl.store(SUMS + rows[:, None] + rid, ds, mask=ok & (rid > 0) & (rid < NRUN - 1))
+            run_lo += tl.sum(tl.where(rid <= 0, ds, 0.0), 1)  # ds is 0 outside the matrix
+            run_hi += tl.sum(tl.where(rid >= NRUN - 1, ds, 0.0), 1)
+    return run_lo, run_hi
 
 
 @triton.jit
-def _store_open_run(run, d_last, ok, RUNS, SUMS, rows, Lk):
-    """Store the run sum a saturated region leaves open at the sequence end (``ok``: per row, false unless the last
-    tile was saturated): the run of ``d_last`` (the distance of the row's last element), as :func:`_segment_scan`
-    would at a ``GENERAL`` tile.  ``rows``: offsets ``row * NRUN`` into ``SUMS``."""
-    rid = tl.load(RUNS + (d_last + Lk - 1), mask=ok, other=0)
-    tl.store(SUMS + rows + rid, run, mask=ok)
+def _store_end_runs(run_lo, run_hi, ok, SUMS, rows, NRUN):
+    """Store the end runs of :func:`_advance_runs` (``ok``: rows in range); 0 where a row has no such distance."""
+    tl.store(SUMS + rows, run_lo, mask=ok)
+    tl.store(SUMS + rows + (NRUN - 1), run_hi, mask=ok)
 
 
 @triton.jit
@@ -298,41 +289,3 @@ def _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N: tl.constexpr,
         return tl.trans(keep)
     else:
         return keep
-
-
-@triton.jit
-def _seg_add(a, a_start, b, b_start):
-    """Combine of a segmented sum: a segment start in ``b`` drops what came before it."""
-    return tl.where(b_start != 0, b, a + b), a_start | b_start
-
-
-@triton.jit
-def _segment_scan(ds, run, d, ok, has_prev, has_next, RUNS, SUMS, rows, Lk, AXIS: tl.constexpr,
-                  STEP: tl.constexpr):
-    """Deterministic per-run sums of ``ds`` along ``AXIS`` without atomics.
-
-    ``RUNS[d + Lk - 1]`` numbers the maximal runs of distances ``d`` with one slot
-    (:func:`deberta_fast.positions.relative_run_table`).  Along ``AXIS`` ``d`` changes by ``-STEP`` per step
-    (``STEP = 1`` when j increases along the axis, ``-1`` when i does) and takes each value once, so
-    each run covers one contiguous segment, whatever the shape of the bucket function.  A segmented
-    inclusive scan restarts at every segment start (``RUNS`` differs from the neighbour before);
-    ``run`` carries the open segment's sum across tiles.  The last element of a segment stores the
-    segment's sum to ``SUMS[row, run id]``: one writer per location, and every sum adds only its
-    own elements (no difference of large prefix sums).  ``ok``: in-range elements (``ds`` must be 0
-    elsewhere; an out-of-range element extends the open segment by 0); ``has_prev`` / ``has_next``:
-    the element has a neighbour before / after it along ``AXIS``; ``rows``: offsets ``row * NRUN`` of the other axis
-    from ``SUMS``.
-    Returns the new ``run`` (the open segment's sum at the end of the tile).
-    """
-    # the neighbour before the element along AXIS has d + STEP, the one after d - STEP
-    rid = tl.load(RUNS + (d + Lk - 1), mask=ok, other=0)
-    prev = tl.load(RUNS + (d + STEP + Lk - 1), mask=ok & has_prev, other=-1)
-    nxt = tl.load(RUNS + (d - STEP + Lk - 1), mask=ok & has_next, other=-1)
-    starts = (ok & (prev != rid)).to(tl.int32)
-    seg, _ = tl.associative_scan((ds, starts), AXIS, _seg_add)
-    opened = tl.cumsum(starts, axis=AXIS) > 0
-    incl = tl.where(opened, seg, seg + tl.expand_dims(run, AXIS))
-    tl.store(SUMS + tl.expand_dims(rows, AXIS) + rid, incl, mask=ok & (nxt != rid))
-    LAST: tl.constexpr = ds.shape[AXIS] - 1
-    is_last = tl.expand_dims(tl.arange(0, ds.shape[AXIS]), 1 - AXIS) == LAST
-    return tl.sum(tl.where(is_last, incl, 0.0), axis=AXIS)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deberta_fast.positions import relative_run_table, slot_band, trimmed_slot_table
+from deberta_fast.positions import distance_runs, slot_band, trimmed_slot_table
 
 from .triton_attention_bwd import disentangled_bwd_dkdv_kernel, disentangled_bwd_dq_kernel
 from .triton_attention_fwd import disentangled_fwd_kernel
@@ -157,9 +157,14 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfi
     if bd <= 128:
         if family == 90:  # dq 32x32 spilled 4-12 B on sm_90 (16x32: 0 B, +27 % instructions), dK/dV 32x32/8/1 4 B
             return BackwardConfig(dq=LaunchConfig(16, 32, 4, 2), dkdv=LaunchConfig(32, 16, 4, 2))
-        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2), dkdv=LaunchConfig(32, 32, 8, 1))
+        # sm_8x dq: 2 stages spilled 4 B with the per-distance run sums (2026-12-03); 1 stage: 0 B
+        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 1), dkdv=LaunchConfig(32, 32, 8, 1))
     c = LaunchConfig(32, 32, 8, 1)
-    return BackwardConfig(dq=c, dkdv=c)
+    # with the per-distance run sums (2026-12-03): D=256 dq on sm_90 spilled 12 B on 1 stage (2 stages: 0 B, 77 KB),
+    # dK/dV on sm_8x 8 B at 32x32 (32x16: 0 B)
+    if family == 90:
+        return BackwardConfig(dq=LaunchConfig(32, 32, 8, 2), dkdv=c)
+    return BackwardConfig(dq=c, dkdv=LaunchConfig(32, 16, 8, 1))
 
 
 def _fp32_config(pass_: str, bd: int, family: int = 90):
@@ -171,7 +176,9 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     (16x16 on 4 warps, 1 stage spilled 4-12 B)."""
     bwd = LaunchConfig(16, 16, 4, 2) if family == 90 else LaunchConfig(16, 16, 8, 1)
     fwd = LaunchConfig(32, 16, 4, 2) if bd <= 64 else LaunchConfig(16, 16, 4, 2)
-    return fwd if pass_ == "fwd" else BackwardConfig(dq=bwd, dkdv=bwd)
+    # sm_90 dK/dV with c2p + p2c and the per-distance run sums (2026-12-03): 2 stages spilled 20 B, 1 stage 0 B
+    dkdv = LaunchConfig(16, 16, 4, 1) if family == 90 else bwd
+    return fwd if pass_ == "fwd" else BackwardConfig(dq=bwd, dkdv=dkdv)
 
 
 def _table_gemm(x, pos):
@@ -236,14 +243,13 @@ class _Prepared:
     band: tuple
     constexprs: dict
     rows: slice  # rows of pos_key / pos_query the tables cover (see positions.trimmed_slot_table)
-    runs: torch.Tensor  # int32 run id per distance (positions.relative_run_table); backward only
-    run_rows: torch.Tensor | None  # long [NRUN]: row (within ``rows``) of each run
-    runs_unique: bool  # no row is used by two runs (monotone bucket function)
+    run_rows: torch.Tensor | None  # long [NRUN]: row (within ``rows``) of each run (positions.distance_runs)
+    runs_unique: bool  # no row is used by two runs (no two in-band distances share a bucket)
     runs_identity: bool  # run r uses trimmed row r and every row is used (see _Layout)
     fp32_ieee: bool  # float32 inputs with IEEE products (launch_config picks smaller tiles)
     tf32: bool  # float32 inputs on tensor cores
     arch: int  # compute capability (10*major + minor; see device_arch)
-    linear: tuple  # (lin_lo, lin_hi, slot0, run0), see _linear_range
+    run0: int  # the backward's run of d is clamp(d + run0, 0, NRUN - 1) (positions.distance_runs)
 
     @property
     def nrun(self) -> int:
@@ -264,42 +270,19 @@ def int32_index_problem(q_len: int, k_len: int, nslot: int, nrun: int) -> str | 
 @dataclass(frozen=True)
 class _Layout:
     """What the tables' shape depends on, computed once per ``(Lq, Lk, bucket config, device, pass)``:
-    the shifted slot table and the rows it covers, the saturation band, the run table and the linear range
-    (backward)."""
+    the shifted slot table and the rows it covers, the saturation band and the backward's runs
+    (:func:`deberta_fast.positions.distance_runs`)."""
     table: torch.Tensor
     rows: slice
     nslot: int
     band: tuple
-    runs: torch.Tensor
     run_rows: torch.Tensor | None
     runs_unique: bool
     runs_identity: bool  # run r uses trimmed row r, every row once (no gather / scatter by run_rows)
-    linear: tuple  # (lin_lo, lin_hi, slot0, run0): the backward's linear range (see _linear_range)
+    run0: int  # -runs.lo (positions.distance_runs); 0 for the forward
 
 
 _LAYOUTS: dict = {}
-
-
-def _linear_range(Lq, Lk, position_buckets, max_relative_positions, span) -> tuple[int, int, int, int]:
-    """``(lin_lo, lin_hi, slot0, run0)``: the distances ``lin_lo <= d <= lin_hi`` around ``d = 0`` where the
-    trimmed slot is ``d + slot0`` and ``d`` is a run of its own, with run id ``d + run0``
-    (:func:`deberta_fast.positions.relative_run_table`): the kernels' ``LIN`` tiles read the tables without the slot
-    table and store their run sums without a scan.  Computed from the CPU copies of the tables (cached there; no
-    device sync).  DeBERTa-v3's buckets (256 buckets, 512 positions) give ``|d| <= 130``, an unbucketed config its
-    whole band; ``(1, 0, ...)`` when it is empty."""
-    table, _, _ = trimmed_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, "cpu")
-    runs, _, _ = relative_run_table(Lq, Lk, position_buckets, max_relative_positions, span, "cpu")
-    d = torch.arange(-(Lk - 1), Lq, dtype=torch.int32)
-    slot0, run0 = int(table[Lk - 1]), int(runs[Lk - 1])
-    # affine in both; a run at the segment's ends may extend past it (runs step by 0 or 1), so one is dropped there
-    ok = ((table - d) == slot0) & ((runs - d) == run0)
-    bad = (~ok).nonzero().flatten()
-    lo = int(bad[bad < Lk - 1].max()) + 1 if bool((bad < Lk - 1).any()) else 0
-    hi = int(bad[bad > Lk - 1].min()) - 1 if bool((bad > Lk - 1).any()) else Lq + Lk - 2
-    lin_lo, lin_hi = lo - (Lk - 1) + 1, hi - (Lk - 1) - 1
-    if lin_lo > 0 or lin_hi < 0:
-        return 1, 0, slot0, run0
-    return lin_lo, lin_hi, slot0, run0
 
 
 def _layout(Lq, Lk, position_buckets, max_relative_positions, span, device, has_rel, backward) -> _Layout:
@@ -312,24 +295,23 @@ def _layout(Lq, Lk, position_buckets, max_relative_positions, span, device, has_
         return hit
     if not has_rel:
         table = _dummies(device)[1]
-        hit = _Layout(table, slice(0, 2 * span), 1, (-1, 1), table, None, True, True, (1, 0, 0, 0))
+        hit = _Layout(table, slice(0, 2 * span), 1, (-1, 1), None, True, True, 0)
     else:
         # only the rows some (i, j) uses: ~Lq+Lk of 2*span for short sequences
         table, lo, hi = trimmed_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, device)
         band = slot_band(position_buckets, max_relative_positions, span)
         lim = Lq + Lk + 1  # keep the band in int32; beyond +-lim nothing changes
-        runs, run_rows, unique = table, None, True
-        if backward:
-            runs, run_rows, unique = relative_run_table(Lq, Lk, position_buckets, max_relative_positions, span,
-                                                        device)
         nslot = hi - lo + 1
-        problem = int32_index_problem(Lq, Lk, nslot, 1 if run_rows is None else run_rows.numel())
+        runs = distance_runs(Lq, Lk, position_buckets, max_relative_positions, span, device) if backward else None
+        problem = int32_index_problem(Lq, Lk, nslot, 1 if runs is None else runs.count)
         if problem:
             raise ValueError(problem)
-        identity = run_rows is not None and run_rows.numel() == nslot and unique  # increasing, all rows: arange
-        linear = _linear_range(Lq, Lk, position_buckets, max_relative_positions, span) if backward else (1, 0, 0, 0)
-        hit = _Layout(table, slice(lo, hi + 1), nslot, (max(band.lo, -lim), min(band.hi, lim)), runs, run_rows,
-                      unique, identity, linear)
+        run_rows, unique, identity, run0 = None, True, True, 0
+        if backward:
+            run_rows, unique, run0 = runs.run_rows, runs.unique, -runs.lo
+            identity = unique and runs.count == nslot  # increasing and every row: arange
+        hit = _Layout(table, slice(lo, hi + 1), nslot, (max(band.lo, -lim), min(band.hi, lim)), run_rows,
+                      unique, identity, run0)
     if len(_LAYOUTS) >= 256:
         _LAYOUTS.clear()
     _LAYOUTS[key] = hit
@@ -372,9 +354,9 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     constexprs = dict(HAS_C2P=has_c2p, HAS_P2C=has_p2c, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
                       VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, _next_pow2(D)))
     return _Prepared(c2p, p2c, lay.table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
-                     lay.nslot, lay.band, constexprs, lay.rows, lay.runs, lay.run_rows, lay.runs_unique,
+                     lay.nslot, lay.band, constexprs, lay.rows, lay.run_rows, lay.runs_unique,
                      lay.runs_identity, q.dtype == torch.float32 and prec == "ieee",
-                     q.dtype == torch.float32 and prec == "tf32", device_arch(q.device), lay.linear)
+                     q.dtype == torch.float32 and prec == "tf32", device_arch(q.device), lay.run0)
 
 
 def _config(pass_: str, q_len: int, k_len: int, head_dim: int, pr: _Prepared):
@@ -419,13 +401,14 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
 
 
 def _position_grads(sums, pos, x, pr: _Prepared):
-    """Per-run sums of dS (``[B,H,L,NRUN]``, or ``[H,T,NRUN]`` packed) -> ``(dS_rel @ pos, d pos)``.
+    """Per-run sums of dS (``[B,H,L,NRUN]``, or ``[H,T,NRUN]`` packed; runs of
+    :func:`deberta_fast.positions.distance_runs`) -> ``(dS_rel @ pos, d pos)``.
 
     Run ``r`` reads row ``run_rows[r]`` of ``pos[..., rows, :]``; ``d pos`` has ``pos``'s shape (zero
     outside ``rows``), summed over batch when ``pos`` is ``[H, 2*span, D]`` and ``sums`` has a batch
-    dim.  Runs sharing a row (non-monotone bucket functions) are folded with a 0/1 matrix product,
-    not an atomic scatter: deterministic.  When run ``r`` is row ``r`` (``runs_identity``: monotone
-    configs whose slots step by one) there is nothing to gather or scatter."""
+    dim.  Runs sharing a row (the distances of one log bucket) are folded with a 0/1 matrix product,
+    not an atomic scatter: deterministic.  When run ``r`` is row ``r`` (``runs_identity``: every distance in
+    the linear range, short sequences) there is nothing to gather or scatter."""
     sub = pos[..., pr.rows, :].float()
     dx = torch.matmul(sums, sub if pr.runs_identity else sub.index_select(-2, pr.run_rows))
     druns = torch.matmul(sums.transpose(-1, -2), x.float())
@@ -464,10 +447,10 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     c_sum = torch.zeros((B, H, Lq, pr.nrun), **f32) if has_c2p else dummy
     p_sum = torch.zeros((B, H, Lk, pr.nrun), **f32) if has_p2c else dummy
     common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
-              H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, *pr.linear, float(dropout_p),
+              H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, pr.run0, float(dropout_p),
               _drop_threshold(dropout_p), int(seed))
     cfg = _config("bwd", Lq, Lk, D, pr)
-    inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.runs, pr.table, pr.table,
+    inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.table, pr.table,
               *pr.mask_args)
     disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * H)](
         *inputs, dk, dv, p_sum, *common, **_launch_kwargs(cfg.dkdv, pr))
@@ -546,9 +529,9 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     c_sum = torch.zeros((H, Tq, pr.nrun), **f32) if has_c2p else dummy
     p_sum = torch.zeros((H, Tk, pr.nrun), **f32) if has_p2c else dummy
     common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot,
-              pr.nrun, float(scale), *pr.band, *pr.linear, float(dropout_p), _drop_threshold(dropout_p), int(seed))
+              pr.nrun, float(scale), *pr.band, pr.run0, float(dropout_p), _drop_threshold(dropout_p), int(seed))
     cfg = _config("bwd", max_seqlen_q, max_seqlen_k, D, pr)
-    inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.runs, cu_seqlens_q,
+    inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, cu_seqlens_q,
               cu_seqlens_k, *pr.mask_args)
     disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.dkdv.block_n), N * H)](
         *inputs, dk, dv, p_sum, *common, **_launch_kwargs(cfg.dkdv, pr))

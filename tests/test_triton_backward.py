@@ -57,11 +57,23 @@ def test_buckets(buckets):
     check_grads(2, 2, 50, 50, 16, buckets=buckets, mask="key")
 
 
-@pytest.mark.parametrize("buckets,kind", [((256, 512), "identity"), ((8, 8), "unique"), ((16, 4), "shared")])
+@pytest.mark.parametrize("buckets", [(-1, 32), (-1, 31)], ids=["hi-edge", "lo-edge"])
+def test_run_band_ends_on_tile_edges(buckets):
+    """The backward sums dS per distance inside the run band and per end outside it (``_advance_runs``): with
+    32x32 tiles (the interpreter's) these configs put the band's last distance (31) / first distance (-31) exactly on
+    a tile edge, so a tile holding only in-band distances touches an end run's first element."""
+    from deberta_fast.positions import attention_span, distance_runs
+
+    runs = distance_runs(100, 100, *buckets, attention_span(*buckets))
+    assert runs.hi % 32 == 31 or runs.lo % 32 == 1
+    check_grads(1, 2, 100, 100, 16, buckets=buckets, mask="key")
+
+
+@pytest.mark.parametrize("buckets,kind", [((256, 512), "identity"), ((8, 6), "unique"), ((16, 4), "shared")])
 def test_position_grad_fold_paths(buckets, kind):
     """The three ways the launcher turns per-run sums into position gradients (``_position_grads``): run r is
-    row r (v3 at short L), runs on distinct rows with rows skipped (monotone, slots jump), rows shared by
-    several runs (non-monotone): each exact against the reference."""
+    row r (v3 at short L), runs on distinct rows with rows skipped (slots jump), rows shared by several runs (the
+    distances of one log bucket): each exact against the reference."""
     from deberta_fast._kernels.triton_attention_launch import _layout
     from deberta_fast.positions import attention_span
 
@@ -87,11 +99,10 @@ def test_long_sequence_saturated_v3():
 
 
 @pytest.mark.parametrize("mask", ["none", pytest.param("key", marks=pytest.mark.slow)])
-def test_linear_tiles_between_saturated_ones(mask):
-    """Buckets (64, 128): a linear range |d| <= 32 (slot d + const, one run per distance: the kernels' LIN tiles,
-    run sums stored without a scan) inside a band that saturates at |d| ~ 128, at L=300: a program walks saturated,
-    linear and in-band tiles, and a run open at the end of its saturated tiles continues into the band past the
-    linear ones."""
+def test_inner_tiles_between_saturated_ones(mask):
+    """Buckets (64, 128): a band that saturates at |d| ~ 128, at L=300: a program walks saturated tiles (one end run),
+    tiles with an end run and in-band ones, tiles strictly inside the band (``INNER``: per-distance stores only), and
+    the end runs collect from saturated and in-band tiles alike."""
     check_grads(1, 1, 300, 290, 16, buckets=(64, 128), mask=mask)
 
 

@@ -284,16 +284,15 @@ def _device_dtype_refusals(call) -> list[str]:
 def _index_refusals(call) -> list[str]:
     """The kernels index a ``(b, h)`` block of the tables and run sums in int32
     (``int32_index_problem`` of the launch module); the cached tables are read only when the cheap bound
-    (table columns and runs are at most ``Lq + Lk - 1``) does not already settle it."""
+    (table columns and runs are at most ``Lq + Lk + 1``) does not already settle it."""
     lq, lk = call.table_lens
-    if not call.has_rel or (max(lq, lk) + 256) * (lq + lk) < 2**31:
+    if not call.has_rel or (max(lq, lk) + 256) * (lq + lk + 1) < 2**31:
         return []
-    from ..positions import relative_run_table
+    from ..positions import distance_runs
     _, rows = call.trimmed_table()
     nrun = 1
     if call.needs_grad:
-        nrun = relative_run_table(lq, lk, call.position_buckets, call.max_relative_positions, call.span,
-                                  call.device)[1].numel()
+        nrun = distance_runs(lq, lk, call.position_buckets, call.max_relative_positions, call.span, call.device).count
     problem = _launch().int32_index_problem(lq, lk, rows.stop - rows.start, nrun)
     return [problem] if problem else []
 
