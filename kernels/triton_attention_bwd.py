@@ -12,7 +12,8 @@ key) and the dropout keep-mask from the seed, and form ``dS = scale * P * (dP - 
   column sums of ``dS`` per run, ``PSUM`` float32 ``[B,H,Lk,NRUN]``.
 * :func:`disentangled_bwd_dq_kernel`, grid ``(cdiv(Lq, BLOCK_M), B*H)``: ``DQ = dS K``
   (content part, float32 ``[B,H,Lq,D]``) and, with c2p, the row sums per run, ``CSUM`` float32
-  ``[B,H,Lq,NRUN]`` (zero-filled by the launcher: a row stores only the distances it has).
+  ``[B,H,Lq,NRUN]`` (every location written once: padded; zero-filled by the launcher: packed, where tokens of no
+  sequence have no program).
 
 The runs (``_advance_runs``, :func:`deberta_fast.positions.distance_runs`: one per distance inside the band, one
 per constant end of the slot table) fold onto table rows on the host, which turns them into the position gradients
@@ -27,7 +28,7 @@ import triton.language as tl
 
 from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _inner_tiles, _k_axis,
                                       _key_col, _masked, _mm, _q_axis, _rel_terms, _score_mm, _sequence,
-                                      _store_end_runs, _tile, _tile_regions, _uniform_rows)
+                                      _finish_runs, _tile, _tile_regions, _uniform_rows)
 
 
 @triton.jit
@@ -199,8 +200,6 @@ def disentangled_bwd_dkdv_kernel(
         dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, c, Lq, Lq, Lq, NSLOT - 1, run0, *rest,
                                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT, True, UPCAST, PREC, BLOCK_M,
                                              BLOCK_N)
-        if HAS_P2C:
-            _store_end_runs(run_lo, run_hi, n_ok, PSUM_bh, rows, NRUN)
     else:  # no relative terms: the SAT path has nothing to add but the key term
         dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, 0, Lq, Lq, Lq, 0, run0, *rest, HAS_C2P,
                                              HAS_P2C, MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_M, BLOCK_N)
@@ -208,6 +207,9 @@ def disentangled_bwd_dkdv_kernel(
     out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, dk, mask=kv_ok)
     tl.store(DV + out, dv, mask=kv_ok)
+    if HAS_P2C:  # after the stores: dK / dV are no longer live
+        # key j's distances run from -j (query 0) to Lq - 1 - j
+        _finish_runs(run_lo, run_hi, n_ok, -offs_n, Lq - 1 - offs_n, PSUM_bh, rows, run0, NRUN, not VARLEN, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
@@ -271,11 +273,12 @@ def disentangled_bwd_dq_kernel(
                                        HAS_P2C, MASK_KIND, DROPOUT, GENERAL, False, UPCAST, PREC, BLOCK_N)
         dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, c, Lk, Lk, Lk, 0, run0, *rest, HAS_C2P, HAS_P2C,
                                        MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N)
-        if HAS_C2P:
-            _store_end_runs(run_lo, run_hi, m_ok, CSUM_bh, rows, NRUN)
     else:  # no relative terms: the SAT path has nothing to add but the key term
         dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, 0, Lk, Lk, Lk, 0, run0, *rest, HAS_C2P, HAS_P2C,
                                        MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N)
 
     out = (qrow0 + offs_m)[:, None] * D + offs_d[None, :]
     tl.store(DQ + out, dq, mask=qo_ok)
+    if HAS_C2P:  # after the store: dQ is no longer live
+        # query i's distances run from i - (Lk - 1) (the last key) to i
+        _finish_runs(run_lo, run_hi, m_ok, offs_m - (Lk - 1), offs_m, CSUM_bh, rows, run0, NRUN, not VARLEN, BLOCK_N)

@@ -244,7 +244,7 @@ def _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, SUMS, rows, run0, 
     runs of :func:`deberta_fast.positions.distance_runs`: run ``clamp(d + run0, 0, NRUN - 1)``).  Along a row
     ``d`` takes every value once, so a run strictly inside ``(0, NRUN - 1)`` holds one element of the row: it is
     stored as it is (one writer per location, no scan, no atomic).  The two end runs (the constant ends of the slot
-    table) are sums, carried per row in ``run_lo`` / ``run_hi`` and stored by :func:`_store_end_runs`: a ``SAT``
+    table) are sums, carried per row in ``run_lo`` / ``run_hi`` and stored by :func:`_finish_runs`: a ``SAT``
     tile adds its row sums to one of them (``HI``: the end of slot ``NSLOT - 1``), a ``GENERAL`` tile adds its
     elements beyond the band to them, an ``INNER`` tile has none.  Returns ``(run_lo, run_hi)``."""
     if REGION == SAT:
@@ -265,10 +265,27 @@ def _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, SUMS, rows, run0, 
 
 
 @triton.jit
-def _store_end_runs(run_lo, run_hi, ok, SUMS, rows, NRUN):
-    """Store the end runs of :func:`_advance_runs` (``ok``: rows in range); 0 where a row has no such distance."""
+def _finish_runs(run_lo, run_hi, ok, d_first, d_last, SUMS, rows, run0, NRUN, FILL: tl.constexpr,
+                 CH: tl.constexpr):
+    """Store the end runs of :func:`_advance_runs` (``ok``: rows in range); 0 where a row has no such distance.
+    ``FILL``: also store 0 to the in-band runs a row has no element for, the distances below ``d_first`` / above
+    ``d_last`` (per row: its first and last distance), so that the launcher need not zero-fill ``SUMS`` (every
+    location of the row is then written once: by a tile, by this fill or as an end run).  Only rows near the
+    sequence's ends have such distances; ``CH`` columns per store."""
     tl.store(SUMS + rows, run_lo, mask=ok)
     tl.store(SUMS + rows + (NRUN - 1), run_hi, mask=ok)
+    if FILL:
+        zero = tl.zeros([rows.shape[0], CH], dtype=tl.float32)
+        first = tl.where(ok, d_first + run0, 0)  # runs [1, first) and (last, NRUN - 1) are missing
+        last = tl.where(ok, d_last + run0, NRUN)
+        for c0 in range(1, tl.minimum(tl.max(first, 0), NRUN - 1), CH):
+            cols = c0 + tl.arange(0, CH)
+            tl.store(SUMS + rows[:, None] + cols[None, :], zero,
+                     mask=(cols[None, :] < first[:, None]) & (cols[None, :] < NRUN - 1))
+        for c0 in range(tl.maximum(tl.min(last, 0) + 1, 1), NRUN - 1, CH):
+            cols = c0 + tl.arange(0, CH)
+            tl.store(SUMS + rows[:, None] + cols[None, :], zero,
+                     mask=(cols[None, :] > last[:, None]) & (cols[None, :] < NRUN - 1))
 
 
 @triton.jit

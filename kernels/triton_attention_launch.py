@@ -157,14 +157,13 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfi
     if bd <= 128:
         if family == 90:  # dq 32x32 spilled 4-12 B on sm_90 (16x32: 0 B, +27 % instructions), dK/dV 32x32/8/1 4 B
             return BackwardConfig(dq=LaunchConfig(16, 32, 4, 2), dkdv=LaunchConfig(32, 16, 4, 2))
-        # sm_8x dq: 2 stages spilled 4 B with the per-distance run sums (2026-12-03); 1 stage: 0 B
-        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 1), dkdv=LaunchConfig(32, 32, 8, 1))
-    c = LaunchConfig(32, 32, 8, 1)
-    # with the per-distance run sums (2026-12-03): D=256 dq on sm_90 spilled 12 B on 1 stage (2 stages: 0 B, 77 KB),
-    # dK/dV on sm_8x 8 B at 32x32 (32x16: 0 B)
-    if family == 90:
-        return BackwardConfig(dq=LaunchConfig(32, 32, 8, 2), dkdv=c)
-    return BackwardConfig(dq=c, dkdv=LaunchConfig(32, 16, 8, 1))
+        # sm_8x dq with the per-distance run sums (2026-12-03): 4 warps spilled 4 B (2 stages) / 16 B (1 stage); 8: 0 B
+        c = LaunchConfig(32, 32, 8, 1)
+        return BackwardConfig(dq=c, dkdv=c)
+    # with the per-distance run sums (2026-12-03): D=256 dq spilled 12-28 B on 1 stage (2 stages: 0 B, 77 KB), dK/dV on
+    # sm_8x 8 B at 32x32 (32x16: 0 B)
+    dq = LaunchConfig(32, 32, 8, 2)
+    return BackwardConfig(dq=dq, dkdv=LaunchConfig(32, 32, 8, 1) if family == 90 else LaunchConfig(32, 16, 8, 1))
 
 
 def _fp32_config(pass_: str, bd: int, family: int = 90):
@@ -400,6 +399,13 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     return out, stats
 
 
+def _run_sums(shape, device) -> torch.Tensor:
+    """The padded backward's float32 run-sum buffer: uninitialised (the kernels write every location), NaN-filled
+    under the interpreter so that a location no kernel wrote fails the tests."""
+    out = torch.empty(shape, device=device, dtype=torch.float32)
+    return out.fill_(float("nan")) if interpreting() else out
+
+
 def _position_grads(sums, pos, x, pr: _Prepared):
     """Per-run sums of dS (``[B,H,L,NRUN]``, or ``[H,T,NRUN]`` packed; runs of
     :func:`deberta_fast.positions.distance_runs`) -> ``(dS_rel @ pos, d pos)``.
@@ -444,8 +450,10 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     dv = torch.empty((B, H, Lk, D), **f32)
     dummy = _dummies(q.device)[2]
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
-    c_sum = torch.zeros((B, H, Lq, pr.nrun), **f32) if has_c2p else dummy
-    p_sum = torch.zeros((B, H, Lk, pr.nrun), **f32) if has_p2c else dummy
+    # every location is written by the kernels (no zero fill); NaN under the interpreter, so that the tests see an
+    # unwritten one
+    c_sum = _run_sums((B, H, Lq, pr.nrun), q.device) if has_c2p else dummy
+    p_sum = _run_sums((B, H, Lk, pr.nrun), q.device) if has_p2c else dummy
     common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
               H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, pr.run0, float(dropout_p),
               _drop_threshold(dropout_p), int(seed))
