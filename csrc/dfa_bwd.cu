@@ -145,20 +145,18 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
     const int zone = rel ? tile_saturation(p, q0 + warp * 16, 16, k0, BN) : 3;  // warp-uniform
     if (rel && tile_saturation(p, q0, BM, k0, BN) == 0)
       rs.products(skew, rs.slots_of(stage), pk, p.pk_sr, pq, p.pq_sr, Qw, Ks, warp, zone == 0);
-    // the saturated tiles' relative terms ride the score MMA, as in the forward (store_col_saturated, SatFold)
+    // the saturated tiles' relative terms ride the score MMA, as in the forward (SatFold::score)
     const bool any_sat =
         rel && (tile_saturation(p, q0, 16, k0, BN) == 1 || tile_saturation(p, q0 + BM - 16, 16, k0, BN) == 2);
-    if (any_sat) store_col_saturated<T, D, BN>(const_cast<T*>(Ks), rs.sat, warp);
-
     float s[NT][4], dp[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    mma_rows_rows<T, D, NT>(s, Qw, Ks);
-    mma_rows_rows<T, D, NT>(dp, dOs + warp * 16 * LDS, Vs);
-    if (any_sat) __syncthreads();
-    if (zone == 1 || zone == 2) fold.template add<D, NT>(s, Ks, zone);
+    fold.template score<D, BN, NT>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, zone, [&] {
+      mma_rows_rows<T, D, NT>(s, Qw, Ks);
+      mma_rows_rows<T, D, NT>(dp, dOs + warp * 16 * LDS, Vs);
+    });
 
     const bool checked =
         tile_needs_checks(q0 + warp * 16, 16, Lq, k0, BN, Lk, warp_uniform || any_key_masked(km_b, k0, BN, Lk));
@@ -303,20 +301,18 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
     const int zone = rel ? tile_saturation(p, q0, BM, k0 + warp * 16, 16) : 3;  // warp-uniform
     if (rel && tile_saturation(p, q0, BM, k0, BN) == 0)
       rs.products(skew, rs.slots_of(stage), pq, p.pq_sr, pk, p.pk_sr, Kw, Qs, warp, zone == 0);
-    // the saturated tiles' relative terms ride the score MMA (SatFold; here warp 3 has the smallest distances)
+    // the saturated tiles' relative terms ride the score MMA (SatFold::score; here warp 3 has the smallest distances)
     const bool any_sat =
         rel && (tile_saturation(p, q0, BM, k0 + BN - 16, 16) == 1 || tile_saturation(p, q0, BM, k0, 16) == 2);
-    if (any_sat) store_col_saturated<T, D, BM>(const_cast<T*>(Qs), rs.sat, warp);
-
     float s[NT][4], dp[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    mma_rows_rows<T, D, NT>(s, Kw, Qs);                      // S^T  [keys x queries]
-    mma_rows_rows<T, D, NT>(dp, Vs + warp * 16 * LDS, dOs);  // dP^T (before dropout)
-    if (any_sat) __syncthreads();
-    if (zone == 1 || zone == 2) fold.template add<D, NT>(s, Qs, zone);
+    fold.template score<D, BM, NT>(s, const_cast<T*>(Qs), rs.sat, warp, any_sat, zone, [&] {
+      mma_rows_rows<T, D, NT>(s, Kw, Qs);                      // S^T  [keys x queries]
+      mma_rows_rows<T, D, NT>(dp, Vs + warp * 16 * LDS, dOs);  // dP^T (before dropout)
+    });
 
     // rows are keys (the warp's: masked_keys), columns queries (this tile's uniform rows, from shared memory)
     const bool tile_uniform = p.uniform != nullptr && any_set(lane < BM && uni_s[lane] != 0);

@@ -97,14 +97,12 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     float s[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    // some warp's tile is saturated (block-uniform: warp 0 has the smallest distances, warp 3 the largest): every warp
-    // stores its keys' column terms at the saturated slots, published by the barrier after the score MMA
+    // the relative terms of saturated tiles ride the score MMA; some warp's tile is saturated (block-uniform: warp 0
+    // has the smallest distances, warp 3 the largest)
     const bool any_sat =
         rel && (tile_saturation(p, q0, 16, k0, BN) == 1 || tile_saturation(p, q0 + BM - 16, 16, k0, BN) == 2);
-    if (any_sat) store_col_saturated<T, D, BN>(const_cast<T*>(Ks), rs.sat, warp);
-    mma_rows_rows<T, D, NT>(s, Qw, Ks);
-    if (any_sat) __syncthreads();
-    if (zone == 1 || zone == 2) fold.template add<D, NT>(s, Ks, zone);  // the relative terms ride the MMA
+    fold.template score<D, BN, NT>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, zone,
+                                   [&] { mma_rows_rows<T, D, NT>(s, Qw, Ks); });
 
     float mx[2] = {-INFINITY, -INFINITY};
     // checked: an edge tile, or one with a masked key or a uniform row (tests per element).  raw: a saturated (or

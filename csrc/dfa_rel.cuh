@@ -185,6 +185,18 @@ struct SatFold {
       for (int m = 0; m < 4; ++m) mma1688<T>(s[q + m], az, bf[m]);
     }
   }
+  // One tile's score products `mmas()` into s, with the saturated terms folded in.  When some warp's tile is
+  // saturated (`any_sat`, block-uniform) every warp stores its columns' terms into the padding of the column tile Cs
+  // (store_col_saturated; COLS columns per tile) before the products, one barrier after them publishes the terms,
+  // and a warp whose tile is saturated (zone 1 / 2) adds them.
+  template <int D, int COLS, int NT, typename Mmas>
+  __device__ __forceinline__ void score(float (*s)[4], T* Cs, const T* sat, int warp, bool any_sat, int zone,
+                                        Mmas&& mmas) const {
+    if (any_sat) store_col_saturated<T, D, COLS>(Cs, sat, warp);
+    mmas();
+    if (any_sat) __syncthreads();
+    if (zone == 1 || zone == 2) add<D, NT>(s, Cs, zone);
+  }
 };
 
 // The per-warp scratch of the skew and its reads.  COLS: columns per tile.  Layout (elements of T):
