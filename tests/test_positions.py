@@ -47,3 +47,29 @@ def test_table_validation():
         relative_slot_table(0, 3, 4, 8)
     with pytest.raises(ValueError, match="span"):
         relative_slot_table(3, 3, -1, -1, span=0)
+
+
+@pytest.mark.parametrize("buckets,max_rel", [(4, 8), (256, 512), (-1, 6), (8, 16), (3, 7), (16, 4), (8, 6), (-1, 32)])
+@pytest.mark.parametrize("lq,lk", [(1, 1), (2, 1), (17, 17), (5, 23), (40, 9), (300, 300), (700, 650)])
+def test_distance_runs(buckets, max_rel, lq, lk):
+    """The triton backward's runs (``distance_runs``): run ``clamp(d - lo, 0, hi - lo)`` uses table row
+    ``run_rows[run]`` for every distance (what the host fold relies on); the end runs are the table's constant ends
+    (tight: the distances just inside differ); every saturated tile of ``slot_band`` lies in an end run."""
+    from deberta_fast.positions import distance_runs, trimmed_slot_table
+
+    span = attention_span(buckets, max_rel)
+    runs = distance_runs(lq, lk, buckets, max_rel, span)
+    table = trimmed_slot_table(lq, lk, buckets, max_rel, span)[0].long()
+    d = torch.arange(-(lk - 1), lq)
+    run = torch.clamp(d - runs.lo, 0, runs.hi - runs.lo)
+    assert runs.count == runs.run_rows.numel() == runs.hi - runs.lo + 1 <= lq + lk + 1
+    assert torch.equal(runs.run_rows[run], table)
+    assert -lk <= runs.lo < runs.hi <= lq
+    if runs.lo >= -(lk - 1) and runs.lo + 1 <= lq - 1:
+        assert table[runs.lo + 1 + lk - 1] != table[runs.lo + lk - 1]
+    if runs.hi <= lq - 1 and runs.hi - 1 >= -(lk - 1):
+        assert table[runs.hi - 1 + lk - 1] != table[runs.hi + lk - 1]
+    assert runs.unique == bool((runs.run_rows[1:] > runs.run_rows[:-1]).all())
+    band = slot_band(buckets, max_rel, span)
+    assert band.hi > lq - 1 or band.hi >= runs.hi  # d >= band.hi (saturated tiles): the upper end run
+    assert band.lo < -(lk - 1) or band.lo <= runs.lo
