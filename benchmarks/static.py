@@ -9,12 +9,12 @@ in SASS instructions per score element, for the shortest and the longest path th
 
 Main loop: a backward branch whose body holds the tile's MMAs (the key-tile loops of the forward and of dq, the
 query-tile loops of dK/dV).  The kernels walk each kind of tile in a loop of its own (``_tile_regions``: the
-forward's saturated loop, then its in-band loop; dq / dK/dV: saturated, linear, in-band (both sides of the linear
-tiles), saturated), so a kernel reports one entry per loop, in code order.  One iteration handles ``BLOCK_M x
+forward's saturated loop, then its in-band loop; dq / dK/dV: saturated, in-band strictly inside the run band
+(``INNER``), in-band reaching an end of it (both sides of the inner tiles), saturated), so a kernel reports one entry
+per loop, in code order.  One iteration handles ``BLOCK_M x
 BLOCK_N`` scores with ``32 * num_warps`` threads, so ``per element = instructions on the path * 32 * num_warps / (BLOCK_M * BLOCK_N)``
 (per-thread instructions, predicated-off ones included: they issue).  Shortest and longest path through an
-iteration differ where a loop body still branches.  Inner loops inside the body (e.g. the backward's segment
-scans) count once.
+iteration differ where a loop body still branches.  Inner loops inside the body count once.
 Writes ``static.json`` and ``table.md``; ``--sweep`` instead compiles the training launches under each launch config
 of :data:`SWEEP` (``sweep.json``, ``sweep.md``).
 """
