@@ -251,7 +251,8 @@ def _cfg_str(cfg) -> str:
     if hasattr(cfg, "dq") and hasattr(cfg, "dkdv"):  # the backward's BackwardConfig
         return f"dq {_cfg_str(cfg.dq)} dkdv {_cfg_str(cfg.dkdv)}"
     try:
-        return "/".join(str(v) for v in dataclasses.astuple(cfg))
+        values = dataclasses.astuple(cfg)
+        return "/".join(str(v) for v in (values[:4] if values[4:] in ((), (0,)) else values))
     except TypeError:
         return str(cfg)
 
@@ -359,7 +360,7 @@ class Job:
     def describe_constexprs(self) -> str:
         names = [p.name for p in self.fn.params]
         return " ".join(f"{names[path[0]]}={v}" for path, v in sorted(self.constexprs.items())
-                        if names[path[0]].startswith("BLOCK"))
+                        if names[path[0]].startswith("BLOCK") or names[path[0]] == "SAT_N")
 
 
 def build_jobs(scs: list[Scenario], progress=print) -> list[Job]:

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _inner_tiles, _k_axis,
                                       _key_col, _masked, _mm, _q_axis, _rel_terms, _score_mm, _sequence,
-                                      _finish_runs, _tile, _tile_regions, _uniform_rows)
+                                      _finish_runs, _tile, _tile_regions, _uniform_rows, _block_tile)
 
 
 @triton.jit
@@ -93,8 +93,8 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
         qo_ok = m_ok[:, None] & d_ok[None, :]
-        q = _tile(Q_bh, offs_m, s_qm, offs_d, qo_ok)
-        do = _tile(DO_bh, offs_m, s_om, offs_d, qo_ok)
+        q = _block_tile(Q_bh, offs_m, s_qm, offs_d, qo_ok)
+        do = _block_tile(DO_bh, offs_m, s_om, offs_d, qo_ok)
         rowmax = tl.load(ROWMAX + qrow0 + offs_m, mask=m_ok, other=0.0)
         logsum = tl.load(LOGSUM + qrow0 + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
@@ -127,8 +127,8 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, uni, K_bh, V_bh,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = _tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
-        v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
+        k = _block_tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
+        v = _block_tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
         _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE, slot,
                               offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh,
                               seed, KMASK, FMASK, s_kmb, s_fmb, s_fmh, s_fmm,

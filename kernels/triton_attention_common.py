@@ -27,6 +27,14 @@ def _tile(BASE, rows, s_row, offs_d, mask):
 
 
 @triton.jit
+def _block_tile(BASE, rows, s_row, offs_d, mask):
+    """:func:`_tile` for rows within one ``(b, h)`` block (or one packed sequence) of ``BASE``: int32 offsets,
+    which the launcher bounds (``int32_index_problem``); a loop's loads cost a multiply-add per row, not a 64-bit
+    product."""
+    return tl.load(BASE + (rows[:, None] * s_row + offs_d[None, :]), mask=mask, other=0.0)
+
+
+@triton.jit
 def _mm(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """``a @ b`` accumulated in float32.  ``UPCAST``: operands to float32 first (the CPU interpreter
     mis-computes low-precision dots); ``PREC``: "ieee" or "tf32" for float32."""
@@ -110,15 +118,17 @@ SAT = tl.constexpr(1)  # a tile whose every d has one slot (beyond the band): pe
 INNER = tl.constexpr(2)  # a GENERAL tile strictly inside the backward's run band (``_advance_runs``): no end runs
 
 
+KMASK_PAD = 256  # -inf columns the host appends to KMASK: at least any key tile's BLOCK_N
+
+
 @triton.jit
 def _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND: tl.constexpr):
-    """Per key: 0, or -inf out of range or masked (MASK_KIND 1: ``KMASK [B, Lk]`` float32, 0 or -inf, from the
-    host); float32 ``[BLOCK_N]``."""
-    n_ok = offs_n < Lk
+    """Per key: 0, or -inf out of range or masked (MASK_KIND 1: ``KMASK [B, Lk + KMASK_PAD]`` float32, 0 or -inf,
+    from the host, -inf beyond ``Lk``: read without a range mask); float32 ``[BLOCK_N]``."""
     if MASK_KIND == 1:
-        col = tl.load(KMASK + b.to(tl.int64) * s_kmb + offs_n, mask=n_ok, other=float("-inf"))
+        col = tl.load(KMASK + b.to(tl.int64) * s_kmb + offs_n)
     else:
-        col = tl.where(n_ok, 0.0, float("-inf"))
+        col = tl.where(offs_n < Lk, 0.0, float("-inf"))
     return col  # one return: two trip Triton 3.7's ConvertTritonToTritonGPU ("unresolved materialization")
 
 

@@ -9,8 +9,10 @@ a row with no key), with ``s2 = t + row_term`` (:func:`.triton_attention_common.
 recomputes ``p = exp2((t - (ROWMAX - row_term)) - LOGSUM)``, the forward's own formula: kept apart, the two
 statistics lose nothing at large scores, where a single log-sum-exp would round away the small ``LOGSUM``
 (``lse = (ROWMAX + LOGSUM) * ln 2``).  Dropout multiplies the normalised probabilities by
-``keep / (1 - p_drop)``.  A program walks its saturated key tiles, then those in the bucket band
-(``_tile_regions``).  ``KMASK``: the key-padding mask as a float32 0 / -inf bias ``[B, Lk]``.
+``keep / (1 - p_drop)``.  A program walks its saturated key tiles (``SAT_N`` keys at a time), then those in the
+bucket band (``_tile_regions``, ``BLOCK_N`` keys); with a mask, a program holding HF's uniform rows then walks the
+keys once more for them (``_uniform_out``: no select per element in the loops).  ``KMASK``: the key-padding mask
+as a float32 0 / -inf bias ``[B, Lk + KMASK_PAD]`` (-inf beyond ``Lk``).
 
 ``VARLEN``: packed sequences; grid ``(cdiv(max_seqlen_q, BLOCK_M), N*H)``, ``Q [Tq,H,D]``,
 ``K``/``V [Tk,H,D]`` (batch strides 0), ``C2P [H,Tq,NSLOT]``, ``P2C [H,Tk,NSLOT]``, ``TABLE``
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _key_col, _masked, _mm, _rel_terms,
-                                      _score_mm, _sequence, _tile, _tile_regions, _uniform_rows)
+                                      _score_mm, _sequence, _tile, _tile_regions, _uniform_rows, _block_tile)
 
 
 @triton.jit
@@ -44,7 +46,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
             slot = 0
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n < Lk)[:, None] & d_ok[None, :]
-        k = _tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
+        k = _block_tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
         s = _score_mm(q, tl.trans(k), UPCAST, PREC)
         col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
         kt, rt = _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
@@ -69,10 +71,33 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, False)
             p = tl.where(keep, p * inv_keep, 0.0)
-        v = _tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
+        v = _block_tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _uniform_out(V_bh, offs_m, offs_d, d_ok, Lk, s_vn, bh, inv_keep, drop_thresh, seed, DROPOUT: tl.constexpr,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The output of a uniform row (every in-range key scores 0): ``sum_j keep_ij v_j / ((1 - p) Lk)``, with the
+    keep mask and rounding of :func:`_fwd_tiles` (its probability there is 1, its statistics ``ROWMAX`` 0 and
+    ``LOGSUM`` ``log2 Lk``); float32 ``[BLOCK_M, BLOCK_D]``.  Only programs holding a uniform row run it."""
+    acc = tl.zeros([offs_m.shape[0], offs_d.shape[0]], dtype=tl.float32)
+    vsum = tl.zeros([offs_d.shape[0]], dtype=tl.float32)
+    for start_n in tl.range(0, Lk, BLOCK_N, num_stages=1):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        v = _block_tile(V_bh, offs_n, s_vn, offs_d, n_ok[:, None] & d_ok[None, :])
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, False)
+            p = tl.where(keep & n_ok[None, :], inv_keep, 0.0)
+            acc += _mm(p.to(v.dtype), v, UPCAST, PREC)
+        else:
+            vsum += tl.sum(v.to(tl.float32), 0)
+    if not DROPOUT:
+        acc += vsum[None, :]
+    return acc / Lk.to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
@@ -83,7 +108,7 @@ def disentangled_fwd_kernel(
     H, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SAT_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -111,23 +136,45 @@ def disentangled_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    uni = _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND)
-    args = (q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, uni, offs_m, offs_d, d_ok)
+    # uniform rows (HF's fully masked rows) are not special in the loops (no select per element): they get
+    # whatever the masked scores give there, and their output from _uniform_out below
+    no_uni = tl.zeros([BLOCK_M], dtype=tl.int1)
+    args = (q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, no_uni, offs_m, offs_d, d_ok)
     rest = (b, h, bh, Lq, Lk, NSLOT, qk_scale, inv_keep, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm)
     if HAS_C2P | HAS_P2C:
         # key tiles far behind the query tile (slot NSLOT-1) and far ahead (slot 0), then those in the band
+        # (in SAT_N-key tiles, a multiple of BLOCK_N: the saturated BLOCK_N-tiles below the band that do not fill
+        # one are left to the band loop, which computes any tile; above the band, [c, Lk) is saturated whatever
+        # the step)
         a, c = _tile_regions(start_m, BLOCK_M, band_lo, band_hi, Lk, BLOCK_N, True)
+        a = (a // SAT_N) * SAT_N
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, a + Lk - c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND,
-                                   DROPOUT, SAT, UPCAST, PREC, BLOCK_N)
+                                   DROPOUT, SAT, UPCAST, PREC, SAT_N)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, a, c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
                                    GENERAL, UPCAST, PREC, BLOCK_N)
     else:  # no relative terms: the SAT path has nothing to add but the key term
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, Lk, Lk, Lk, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                                   SAT, UPCAST, PREC, BLOCK_N)
+                                   SAT, UPCAST, PREC, SAT_N)
 
+    # read here, not before the loops: kept live through them (or a branch around them skipping the tiles of
+    # padded rows only) made the sm_8x training forward spill 16-24 B
+    uni = _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND)
+    n_uni = tl.sum(uni.to(tl.int32), 0)
     empty = l_i == 0.0  # no key in range (a packed sequence without keys)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(ROWMAX + qrow0 + offs_m, tl.where(empty, 0.0, m_i), mask=m_ok)
-    tl.store(LOGSUM + qrow0 + offs_m, tl.where(empty, float("inf"), tl.log2(tl.where(empty, 1.0, l_i))), mask=m_ok)
-    tl.store(OUT + b64 * s_ob + h64 * s_oh + (q0 + offs_m).to(tl.int64)[:, None] * s_om + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    O_bh = OUT + b64 * s_ob + h64 * s_oh
+    ok = m_ok & (uni == 0)  # uniform rows: stored below, by other threads maybe: no location is stored twice
+    tl.store(ROWMAX + qrow0 + offs_m, tl.where(empty, 0.0, m_i), mask=ok)
+    tl.store(LOGSUM + qrow0 + offs_m, tl.where(empty, float("inf"), tl.log2(tl.where(empty, 1.0, l_i))), mask=ok)
+    tl.store(O_bh + (q0 + offs_m).to(tl.int64)[:, None] * s_om + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=ok[:, None] & d_ok[None, :])
+    if MASK_KIND != 0:
+        if n_uni != 0:  # after the stores: nothing of the loops stays live through this pass
+            u_out = _uniform_out(V_bh, offs_m, offs_d, d_ok, Lk, s_vn, bh, inv_keep, drop_thresh, seed, DROPOUT,
+                                 UPCAST, PREC, BLOCK_N)
+            ok = m_ok & uni
+            tl.store(ROWMAX + qrow0 + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32), mask=ok)
+            tl.store(LOGSUM + qrow0 + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32) + tl.log2(Lk.to(tl.float32)),
+                     mask=ok)
+            tl.store(O_bh + (q0 + offs_m).to(tl.int64)[:, None] * s_om + offs_d[None, :],
+                     u_out.to(OUT.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])

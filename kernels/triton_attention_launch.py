@@ -28,6 +28,7 @@ import torch
 from deberta_fast.positions import distance_runs, slot_band, trimmed_slot_table
 
 from .triton_attention_bwd import disentangled_bwd_dkdv_kernel, disentangled_bwd_dq_kernel
+from .triton_attention_common import KMASK_PAD
 from .triton_attention_fwd import disentangled_fwd_kernel
 
 
@@ -49,10 +50,14 @@ def _next_pow2(n: int) -> int:
 
 @dataclass(frozen=True)
 class LaunchConfig:
+    """``sat_block_n``: the forward's saturated loop walks key tiles this wide (a multiple of ``block_n``; 0:
+    ``block_n``); its tiles need fewer registers than the band's gathers, and a wider tile spreads the loop's fixed
+    cost over more scores.  The backward kernels ignore it."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    sat_block_n: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int, fp32_ieee: 
                        90 if arch >= 90 else 80, bool(varlen), bool(dropout))
 
 
-_INTERPRETER_CONFIG = {"fwd": LaunchConfig(32, 32, 1, 1),
+_INTERPRETER_CONFIG = {"fwd": LaunchConfig(32, 32, 1, 1, 64),
                        "bwd": BackwardConfig(LaunchConfig(32, 32, 1, 1), LaunchConfig(32, 32, 1, 1))}
 
 _TARGET_ARCH = [90]  # the arch of launches on non-CUDA tensors (the compile check's captures): see target_arch
@@ -123,25 +128,46 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32:
 
 
 def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -> LaunchConfig:
-    if bd <= 16 and not tf32:  # 32-key K/V tiles of 16 columns over 128 threads: 8 B each, no 16-byte cp.async
-        # sm_8x packed: 64x64 spills 188 B, 32x64 40 B (8 warps would need 128-key tiles for 16-byte copies)
-        return LaunchConfig(32, 64, 4, 3) if family == 80 and varlen else LaunchConfig(64, 64, 4, 3)
+    # The saturated loop walks key tiles twice the band's (``sat_block_n``): 9-32 % fewer instructions per score
+    # there, spill-free, within sm_86 / sm_89's 99 KB of shared memory on sm_8x and two CTAs per SM on sm_90 (static
+    # profile, 2026-12-03, benchmarks/NOTES.md "Wider saturated tiles"); where that did not hold, as noted.
+    if bd <= 16 and not tf32:
+        # sm_8x: 64x64 spilled 14-56 B (with the 128-key saturated tiles: 14-24 B); 64x32 none.  Packed: 64x64
+        # spilled 188 B, 32x64 40 B (8 warps would need 128-key tiles for 16-byte copies)
+        if family == 80:
+            return LaunchConfig(32, 64, 4, 3, 128) if varlen else LaunchConfig(64, 32, 4, 3, 128)
+        return LaunchConfig(64, 64, 4, 3, 64 if varlen and dropout else 128)  # packed, dropout, 128: 4 B
     if bd <= 64:
-        if tf32:  # float32 tiles: 64x64 spilled 20 B (sm_90) / 164 B (sm_80) and needed 115-135 KB
-            return LaunchConfig(64, 32, 4, 3) if family == 90 else LaunchConfig(32, 64, 4, 3)
+        if tf32:  # float32 tiles: 64x64 spilled 20 B (sm_90) / 164 B (sm_80) and needed 115-135 KB; 2x saturated
+            # tiles: 116-158 KB.  sm_8x with dropout: 32x64 spilled 4 B (2026-12-03), 32x32 none
+            if family == 90:
+                return LaunchConfig(64, 32, 4, 3)
+            return LaunchConfig(32, 32, 4, 3) if dropout else LaunchConfig(32, 64, 4, 3)
         if family == 90:
             # 64x64 tiles on 4 warps, 3 stages: the band loop's gathered table entries are software-pipelined
             # through shared memory (cp.async), so 128-row tiles need 144-156 KB of it; 64x64 needs 74-94 KB.
-            # Packed: 64x64 spilled 12 B.
-            return LaunchConfig(64, 32, 4, 3) if varlen else LaunchConfig(64, 64, 4, 3)
-        # sm_8x: 64x64 spilled 80-108 B (276 B packed); packed 64x32: 4 B
-        return LaunchConfig(32, 64, 4, 3) if varlen else LaunchConfig(64, 32, 4, 3)
+            # Packed: 64x64 spilled 12 B.  D = 64 with dropout: 128-key saturated tiles need 117 KB (one CTA per SM).
+            if varlen:
+                return LaunchConfig(64, 32, 4, 3, 64)
+            return LaunchConfig(64, 64, 4, 3, 64 if dropout and bd == 64 else 128)
+        # sm_8x: 64x64 spilled 80-108 B (276 B packed); packed 64x32: 4-44 B (D = 64); 32x64 at D = 32: 4 B
+        if varlen:
+            return LaunchConfig(32, 64, 4, 3, 128) if bd == 64 else LaunchConfig(64, 32, 4, 3, 128)
+        return LaunchConfig(64, 32, 4, 3, 64)
     if bd <= 128:
         if family == 90:  # 64x32 spills 16 B with dropout; 64x16 none (60-78 instructions per element, 64x32 49-72)
-            return LaunchConfig(64, 16, 4, 3) if dropout else LaunchConfig(64, 32, 4, 2)
-        return LaunchConfig(32, 32, 4, 2)  # 64x32 spilled 96-152 B on sm_80
-    # D=256: 64x32 on 8 warps, 1 stage spilled 12-92 B on sm_90; 2 stages: 0 B, 123-131 KB; sm_8x: 32x32 (61-66 KB)
-    return LaunchConfig(64, 32, 8, 2) if family == 90 else LaunchConfig(32, 32, 4, 2)
+            if dropout:
+                return LaunchConfig(64, 16, 4, 3, 32)
+            # packed 64x32: 12 B on 2 stages (3 stages: 0 B, 116 KB)
+            return LaunchConfig(64, 16, 4, 2, 64) if varlen else LaunchConfig(64, 32, 4, 2, 64)
+        return LaunchConfig(32, 32, 4, 2, 64)  # 64x32 spilled 96-152 B on sm_80
+    # D=256: 64x32 on 8 warps, 1 stage spilled 12-92 B on sm_90; 2 stages: 0 B, 123-131 KB (with dropout 4 B since
+    # 2026-12-03: 64x16); sm_8x: 32x32 (61-66 KB)
+    if family == 90:
+        if dropout:  # packed 64x16 with 64-key saturated tiles: 4 B
+            return LaunchConfig(64, 32, 8, 2) if varlen else LaunchConfig(64, 16, 8, 2, 64)
+        return LaunchConfig(64, 32, 8, 2, 64)
+    return LaunchConfig(32, 32, 4, 2, 64)
 
 
 def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfig:
@@ -266,6 +292,24 @@ def int32_index_problem(q_len: int, k_len: int, nslot: int, nrun: int) -> str | 
             f"x {width} table columns is too large (needs < 2**31 elements); use backend='torch'")
 
 
+def rows_fit(row_stride: int, rows: int) -> bool:
+    """Whether the kernels' int32 offsets within a ``(b, h)`` block (or a packed sequence) reach ``rows`` rows of
+    ``row_stride`` elements, plus a tile (``_block_tile``: the loops' Q / K / V / dO loads)."""
+    return (rows + KMASK_PAD) * row_stride < 2**31
+
+
+def row_offset_problem(q, k, v, q_len: int, k_len: int, varlen: bool = False) -> str | None:
+    """Why :func:`rows_fit` fails for ``q`` / ``k`` / ``v`` (``[B,H,L,D]``, or ``[T,H,D]`` with ``varlen``), or
+    None."""
+    for name, t, rows in (("query", q, q_len), ("key", k, k_len), ("value", v, k_len)):
+        stride = t.stride(0) if varlen else t.stride(-2)
+        if not rows_fit(stride, rows):
+            return (f"the Triton kernels index the rows of one (batch, head) block of {name} in int32: {rows} rows "
+                    f"of stride {stride} are too far apart (needs (L + {KMASK_PAD}) * stride < 2**31); call "
+                    f".contiguous() on a strided view, or use backend='torch'")
+    return None
+
+
 @dataclass(frozen=True)
 class _Layout:
     """What the tables' shape depends on, computed once per ``(Lq, Lk, bucket config, device, pass)``:
@@ -335,8 +379,10 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     mask_kind = 0
     if key_mask is not None:
         mask_kind = 1
-        # float32 0 / -inf per key: the kernels add it with the per-key term (one load per key, no byte unpacking)
-        kmask = torch.where(key_mask, 0.0, float("-inf"))
+        # float32 0 / -inf per key: the kernels add it with the per-key term (one load per key, no byte unpacking);
+        # KMASK_PAD columns of -inf beyond Lk, so that a key tile reads it without a range mask
+        kmask = torch.full((key_mask.shape[0], key_mask.shape[1] + KMASK_PAD), float("-inf"), device=q.device)
+        kmask[:, :key_mask.shape[1]].masked_fill_(key_mask, 0.0)
         s_kmb = kmask.stride(0)
     elif full_mask is not None:
         mask_kind = 2
@@ -364,9 +410,14 @@ def _config(pass_: str, q_len: int, k_len: int, head_dim: int, pr: _Prepared):
                          varlen=pr.constexprs["VARLEN"], dropout=pr.constexprs["DROPOUT"])
 
 
-def _launch_kwargs(cfg: LaunchConfig, pr: _Prepared) -> dict:
+def _launch_kwargs(cfg: LaunchConfig, pr: _Prepared, fwd: bool = False) -> dict:
+    sat = cfg.sat_block_n or cfg.block_n
+    if max(cfg.block_m, sat) > KMASK_PAD or sat % cfg.block_n:  # the dK/dV kernel's key tiles are its BLOCK_N
+        raise ValueError(f"launch config {cfg}: tiles wider than KMASK_PAD = {KMASK_PAD} key-mask columns, or "
+                         f"sat_block_n not a multiple of block_n")
+    extra = dict(SAT_N=sat) if fwd else {}
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **pr.constexprs)
+                **extra, **pr.constexprs)
 
 
 def _drop_threshold(p: float) -> int:
@@ -395,7 +446,7 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
         q, k, v, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args, out, *stats.unbind(0),
         *_qkvo_strides(q, k, v, out), *pr.mask_strides,
         H, Lq, Lk, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed),
-        **_launch_kwargs(cfg, pr))
+        **_launch_kwargs(cfg, pr, fwd=True))
     return out, stats
 
 
@@ -439,7 +490,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     (position grads None when the term is absent), in the input dtypes."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    if do.stride(-1) != 1:
+    if do.stride(-1) != 1 or not rows_fit(do.stride(-2), Lq):
         do = do.contiguous()
     pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                   max_relative_positions, span, dropout_p, backward=True)
@@ -509,7 +560,7 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
         *_varlen_strides(q, k, v, out), *pr.mask_strides,
         H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p),
         _drop_threshold(dropout_p), int(seed),
-        **_launch_kwargs(cfg, pr))
+        **_launch_kwargs(cfg, pr, fwd=True))
     return out, stats
 
 
@@ -522,7 +573,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     Tq, H, D = q.shape
     Tk = k.shape[0]
     N = cu_seqlens_q.numel() - 1
-    if do.stride(-1) != 1:
+    if do.stride(-1) != 1 or not rows_fit(do.stride(0), max_seqlen_q):
         do = do.contiguous()
     pr = _varlen_prepare(q, k, pos_key, pos_query, max_seqlen_q, max_seqlen_k, position_buckets,
                          max_relative_positions, span, dropout_p, backward=True)

@@ -176,15 +176,18 @@ def test_dropout_mask_is_the_cuda_kernels_stream(seed, p):
     assert torch.equal(keep, keep_mask(seed, 0, B, H, Lq, Lk, p))
 
 
-def test_dropout_forward_backward_match_reference_with_same_mask():
-    B, H, Lq, Lk, D, seed = 2, 2, 48, 32, 16, 99
+@pytest.mark.parametrize("Lq,Lk,mask", [(48, 32, "key"), (40, 40, "key"), (33, 50, "full")])
+def test_dropout_forward_backward_match_reference_with_same_mask(Lq, Lk, mask):
+    """Also on uniform rows (padded rows of a key mask at Lq = Lk, the fully masked row of a full mask): their output
+    comes from the forward's separate pass over the keys, with the same keep mask."""
+    B, H, D, seed = 2, 2, 16, 99
     keep = recover_keep_mask(B, H, Lq, Lk, seed)
-    q, k, v, pk, pq, mask, kw = make_inputs(B, H, Lq, Lk, D, mask="key")
+    q, k, v, pk, pq, mask, kw = make_inputs(B, H, Lq, Lk, D, mask=mask)
     c = build_call(q, k, v, pk, pq, attention_mask=mask, scale=None, dropout_p=P_DROP, **kw)
     do = torch.randn(B, H, Lq, D)
 
     def kernel(q, k, v, pk, pq):
-        return triton_attention(q, k, v, pk, pq, c.key_mask, None, c.uniform_rows, position_buckets=4,
+        return triton_attention(q, k, v, pk, pq, c.key_mask, c.full_mask, c.uniform_rows, position_buckets=4,
                                 max_relative_positions=8, span=c.span, scale=c.scale, dropout_p=P_DROP, seed=seed)
 
     def reference(q, k, v, pk, pq):

@@ -70,6 +70,30 @@ def test_low_precision(dtype, mask, D, Lq, Lk):
     assert_close_lowp(lse, ref_lse, low_lse, what="lse")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mask", ["none", "key"])
+def test_row_max_growing_over_key_tiles(dtype, mask):
+    """Scores that grow along the keys, by 0 to ~40 (log2 units) from one key tile to the next: the lazy rescale
+    (the reference max moves only past a growth of 8) must keep every probability finite in fp16 (and in fp32,
+    where the total growth passes 2**128) and give the reference's output and log-sum-exp."""
+    B, H, L, D = 1, 2, 150, 16
+    q, k, v, pk, pq, m, kw = make_inputs(B, H, L, L, D, mask=mask)
+    ramp = torch.linspace(-1.0, 1.0, L) ** 3 * 60  # flat in the middle, steep at the ends
+    k = k + ramp[:, None]  # q . k gains ramp * sum(q) ~ 45 ramp: up to ~400 in log2 units
+    q = q.abs() + 1.0
+    ts = [t.to(dtype) for t in (q, k, v, pk, pq)]
+    out, lse = triton_forward_lse(*ts, m, kw)
+    ref, ref_lse = reference_forward_lse(*ts, m, kw, torch.float64)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    if dtype == torch.float32:
+        assert_close_fp32(out, ref, what="out")
+        assert_close_fp32(lse, ref_lse, what="lse")
+    else:
+        low, low_lse = reference_forward_lse(*ts, m, kw, dtype)
+        assert_close_lowp(out, ref, low, what="out")
+        assert_close_lowp(lse, ref_lse, low_lse, what="lse")
+
+
 def test_dispatch_reports_triton():
     q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 20, 20, 16, mask="key")
     out = disentangled_attention(q, k, v, pk, pq, attention_mask=mask, backend="triton", **kw)
@@ -121,6 +145,26 @@ def test_tables_too_large_for_int32_offsets_are_refused():
     assert not [m for m in TritonBackend().refusals(v3) if "int32" in m]
     from deberta_fast._kernels.triton_attention_launch import int32_index_problem
     assert int32_index_problem(1000, 1000, 512, 1999) is None and int32_index_problem(2**20, 2**20, 2048, 1)
+
+
+def test_rows_too_far_apart_for_int32_offsets_are_refused():
+    """The loops' Q / K / V / dO tiles use int32 offsets within a (b, h) block: a row stride that would overflow them
+    is refused with the reason (a stub: such a tensor needs 8 GB)."""
+    from deberta_fast._kernels.triton_attention_launch import KMASK_PAD, row_offset_problem, rows_fit
+
+    class Strided:
+        def __init__(self, row):
+            self.row = row
+
+        def stride(self, dim):
+            return self.row
+
+    assert rows_fit(1024, 2**21 - KMASK_PAD - 1) and not rows_fit(1024, 2**21 - KMASK_PAD)
+    ok, wide = Strided(64), Strided(2**20)
+    assert row_offset_problem(ok, ok, ok, 4096, 4096) is None
+    why = row_offset_problem(ok, ok, wide, 4096, 4096)
+    assert "value" in why and "int32" in why and "backend='torch'" in why
+    assert "query" in row_offset_problem(wide, ok, ok, 4096, 16, varlen=True)
 
 
 def test_custom_ops_opcheck():

@@ -286,6 +286,10 @@ def _index_refusals(call) -> list[str]:
     (``int32_index_problem`` of the launch module); the cached tables are read only when the cheap bound
     (table columns and runs are at most ``Lq + Lk + 1``) does not already settle it."""
     lq, lk = call.table_lens
+    varlen = isinstance(call, VarlenCall)
+    rows = _launch().row_offset_problem(call.query, call.key, call.value, lq, lk, varlen)
+    if rows:
+        return [rows]
     if not call.has_rel or (max(lq, lk) + 256) * (lq + lk + 1) < 2**31:
         return []
     from ..positions import distance_runs
