@@ -9,10 +9,11 @@ in SASS instructions per score element, for the shortest and the longest path th
 
 Main loop: a backward branch whose body holds the tile's MMAs (the key-tile loops of the forward and of dq, the
 query-tile loops of dK/dV).  The kernels walk each kind of tile in a loop of its own (``_tile_regions``: the
-forward's saturated loop, then its in-band loop; dq / dK/dV: saturated, in-band strictly inside the run band
-(``INNER``), in-band reaching an end of it (both sides of the inner tiles), saturated), so a kernel reports one entry
-per loop, in code order.  One iteration handles ``BLOCK_M x
-BLOCK_N`` scores with ``32 * num_warps`` threads, so ``per element = instructions on the path * 32 * num_warps / (BLOCK_M * BLOCK_N)``
+forward's saturated loop, then its in-band loop, then (masked calls) the pass over the keys of a program holding
+HF's uniform rows; dq / dK/dV: saturated, in-band strictly inside the run band (``INNER``), in-band reaching an end of
+it (both sides of the inner tiles), saturated), so a kernel reports one entry per loop, in code order.  One iteration
+handles ``BLOCK_M x BLOCK_N`` scores (the forward's saturated loop: ``BLOCK_M x SAT_N``) with ``32 * num_warps``
+threads, so ``per element = instructions on the path * 32 * num_warps / (BLOCK_M * BLOCK_N)``
 (per-thread instructions, predicated-off ones included: they issue).  Shortest and longest path through an
 iteration differ where a loop body still branches.  Inner loops inside the body count once.
 Writes ``static.json`` and ``table.md``; ``--sweep`` instead compiles the training launches under each launch config
@@ -135,10 +136,22 @@ def mma_kind(sass: str) -> str:
     return "none (FMA)"
 
 
-def _blocks(job) -> tuple[int, int]:
+def _constexpr_values(job) -> dict:
     names = [p.name for p in job.fn.params]
-    vals = {names[path[0]]: v for path, v in job.constexprs.items()}
+    return {names[path[0]]: v for path, v in job.constexprs.items()}
+
+
+def _blocks(job) -> tuple[int, int]:
+    vals = _constexpr_values(job)
     return int(vals["BLOCK_M"]), int(vals["BLOCK_N"])
+
+
+def _loop_widths(job, n_loops: int) -> list[int]:
+    """Key (or query) tile width of each main loop in code order: the forward's first loop, the saturated one,
+    walks ``SAT_N`` keys per iteration (``LaunchConfig.sat_block_n``), every other loop ``BLOCK_N``."""
+    vals = _constexpr_values(job)
+    bn = int(vals["BLOCK_N"])
+    return [int(vals.get("SAT_N", bn)) if i == 0 else bn for i in range(n_loops)]
 
 
 def _analyse(jobs, results) -> list[dict]:
@@ -162,9 +175,10 @@ def _analyse(jobs, results) -> list[dict]:
                                 options=job.options.__dict__)
         sass = sass_of(kernel.asm["cubin"], job.cc)
         bm, bn = _blocks(job)
-        per = 32 * job.options.num_warps / (bm * bn)
         loops = main_loops(parse(sass))
-        for lp in loops:
+        for lp, width in zip(loops, _loop_widths(job, len(loops))):
+            per = 32 * job.options.num_warps / (bm * width)
+            lp["tile_n"] = width
             lp["per_element_shortest"] = round(lp["shortest"] * per, 2)
             lp["per_element_longest"] = round(lp["longest"] * per, 2)
         row.update(mma=mma_kind(sass), sass_instructions=len(parse(sass)), block_m=bm, block_n=bn, loops=loops)
@@ -188,12 +202,13 @@ def profile(full: bool, progress=print) -> dict:
     return {**_header(full), "seconds": round(time.time() - t0, 1), "kernels": rows}
 
 
-# Launch configs the sweep compiles (BLOCK_M, BLOCK_N, num_warps, num_stages), head dims 64 (and 32 for the backward).
+# Launch configs the sweep compiles (BLOCK_M, BLOCK_N, num_warps, num_stages[, sat_block_n]), head dims 64 (and 32
+# for the backward).
 # A backward config is compiled for both of its kernels (dq and dK/dV), each analysed on its own: the launcher picks
 # one per kernel (``BackwardConfig``).
 SWEEP = {
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-            (64, 64, 4, 2), (64, 32, 4, 3)],
+            (64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3, 128), (64, 32, 4, 3, 64)],
     "bwd": [(64, 64, 4, 2), (64, 64, 4, 1), (64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 4, 2), (64, 32, 4, 1),
             (32, 64, 4, 2), (32, 64, 4, 1), (32, 32, 4, 2), (128, 64, 8, 1)],
 }
@@ -240,7 +255,8 @@ def table(prof: dict) -> str:
            f"{'launch-config sweep' if prof.get('sweep') else 'full tier' if prof['full'] else 'default tier'}; "
            "compiler output only, no GPU)", "",
            "Per element = SASS instructions on the shortest / longest path through one main-loop iteration "
-           "x 32 x warps / (BLOCK_M x BLOCK_N); see benchmarks/static.py.", "",
+           "x 32 x warps / (BLOCK_M x BLOCK_N) (the forward's first loop: BLOCK_M x SAT_N); see benchmarks/static.py.",
+           "",
            "| kernel | target | launch | config | warps/stages | regs | spill st/ld B | smem B | MMA | main loop "
            "instr/element (shortest - longest) | loop LDG |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(prof["kernels"], key=lambda r: (r["kernel"], r["cc"], r["launch"])):

@@ -134,15 +134,15 @@ def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
     if bd <= 16 and not tf32:
         # sm_8x: 64x64 spilled 14-56 B (with the 128-key saturated tiles: 14-24 B); 64x32 none.  Packed: 64x64
         # spilled 188 B, 32x64 40 B (8 warps would need 128-key tiles for 16-byte copies)
-        if family == 80:
-            return LaunchConfig(32, 64, 4, 3, 128) if varlen else LaunchConfig(64, 32, 4, 3, 128)
+        if family == 80:  # packed with dropout: 32x64 spilled 4 B
+            return LaunchConfig(32, 64, 4, 3, 128) if varlen and not dropout else LaunchConfig(64, 32, 4, 3, 128)
         return LaunchConfig(64, 64, 4, 3, 64 if varlen and dropout else 128)  # packed, dropout, 128: 4 B
     if bd <= 64:
         if tf32:  # float32 tiles: 64x64 spilled 20 B (sm_90) / 164 B (sm_80) and needed 115-135 KB; 2x saturated
-            # tiles: 116-158 KB.  sm_8x with dropout: 32x64 spilled 4 B (2026-12-03), 32x32 none
+            # tiles: 116-158 KB.  sm_8x: 32x64 spilled 4 B with dropout, 14-24 B at D = 16 / 32 (2026-12-03)
             if family == 90:
                 return LaunchConfig(64, 32, 4, 3)
-            return LaunchConfig(32, 32, 4, 3) if dropout else LaunchConfig(32, 64, 4, 3)
+            return LaunchConfig(32, 32, 4, 3, 64) if dropout or bd < 64 else LaunchConfig(32, 64, 4, 3)
         if family == 90:
             # 64x64 tiles on 4 warps, 3 stages: the band loop's gathered table entries are software-pipelined
             # through shared memory (cp.async), so 128-row tiles need 144-156 KB of it; 64x64 needs 74-94 KB.
@@ -153,7 +153,8 @@ def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         # sm_8x: 64x64 spilled 80-108 B (276 B packed); packed 64x32: 4-44 B (D = 64); 32x64 at D = 32: 4 B
         if varlen:
             return LaunchConfig(32, 64, 4, 3, 128) if bd == 64 else LaunchConfig(64, 32, 4, 3, 128)
-        return LaunchConfig(64, 32, 4, 3, 64)
+        # 64-key saturated tiles spilled 4 B without dropout (76 KB with 128)
+        return LaunchConfig(64, 32, 4, 3, 64 if dropout else 128)
     if bd <= 128:
         if family == 90:  # 64x32 spills 16 B with dropout; 64x16 none (60-78 instructions per element, 64x32 49-72)
             if dropout:
@@ -164,10 +165,10 @@ def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
     # D=256: 64x32 on 8 warps, 1 stage spilled 12-92 B on sm_90; 2 stages: 0 B, 123-131 KB (with dropout 4 B since
     # 2026-12-03: 64x16); sm_8x: 32x32 (61-66 KB)
     if family == 90:
-        if dropout:  # packed 64x16 with 64-key saturated tiles: 4 B
-            return LaunchConfig(64, 32, 8, 2) if varlen else LaunchConfig(64, 16, 8, 2, 64)
+        if dropout:  # packed: 64x16 with 64-key saturated tiles 4 B, 64x32 40 B
+            return LaunchConfig(64, 16, 8, 2, 32) if varlen else LaunchConfig(64, 16, 8, 2, 64)
         return LaunchConfig(64, 32, 8, 2, 64)
-    return LaunchConfig(32, 32, 4, 2, 64)
+    return LaunchConfig(32, 16, 4, 2, 32) if varlen and dropout else LaunchConfig(32, 32, 4, 2, 64)  # 32x32: 32-40 B
 
 
 def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfig:
