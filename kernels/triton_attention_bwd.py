@@ -1,11 +1,12 @@
 """Triton backward kernels of disentangled attention (flash-attention-2 structure, no atomics).
 
 Both kernels recompute ``P = exp2((t - (ROWMAX - row_term)) - LOGSUM)`` (as the forward: see
-``_rel_terms``) tile by tile, walking saturated, linear, in-band and saturated tiles in loops of their own
-(``_tile_regions``, ``_inner_tiles``), from the forward's
-statistics (exact at any score magnitude; 0 on rows with no
-key) and the dropout keep-mask from the seed, and form ``dS = scale * P * (dP - DELTA)`` with
-``DELTA = rowsum(dO * O)`` float32 ``[B,H,Lq]`` and ``dP = keep/(1-p) * dO V^T``.
+``_rel_terms``) tile by tile, walking saturated, inner, in-band (with an end run) and saturated tiles in loops of
+their own (``_tile_regions``, ``_inner_tiles``), from the forward's statistics (exact at any score magnitude; 0 on
+rows with no key, and on HF's uniform rows, whose scores are constants: their ``LOGSUM`` is taken as +inf, and the
+dK/dV kernel adds their dV in a pass of its own, ``_uniform_dv``) and the dropout keep-mask from the seed, and form
+``dS = scale * P * (dP - DELTA)`` with ``DELTA = rowsum(dO * O)`` float32 ``[B,H,Lq]`` and
+``dP = keep/(1-p) * dO V^T``.
 
 * :func:`disentangled_bwd_dkdv_kernel`, grid ``(cdiv(Lk, BLOCK_N), B*H)``: ``DK = dS^T Q``
   (content part, float32 ``[B,H,Lk,D]``), ``DV = P_drop^T dO`` (float32), and, with p2c, the
@@ -32,16 +33,18 @@ from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs,
 
 
 @triton.jit
-def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m,
+def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slot, offs_m,
                   offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh, seed,
                   KMASK, FMASK, s_kmb, s_fmb, s_fmh, s_fmm,
                   HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                   REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
                   TRANS: tl.constexpr):
     """Recompute one tile: returns ``(p_drop, ds)``, ``[BLOCK_M, BLOCK_N]`` (``[BLOCK_N, BLOCK_M]`` if ``TRANS``),
-    ``ds`` already times ``scale`` and zero outside the matrix and on uniform rows (their scores are constants).
-    ``REGION``: ``SAT`` (slot ``slot``; see ``_tile_regions``) or a per-element one (``_rel_terms``).  Probabilities are
-    ``exp2((t - (ROWMAX - row_term)) - LOGSUM)``, as the forward computes them (:func:`_rel_terms`)."""
+    ``ds`` already times ``scale``.  ``REGION``: ``SAT`` (slot ``slot``; see ``_tile_regions``) or a per-element one
+    (``_rel_terms``).  Probabilities are ``exp2((t - (ROWMAX - row_term)) - LOGSUM)``, as the forward computes them
+    (:func:`_rel_terms`).  No select for the matrix's edges: keys out of range score -inf (:func:`_key_col`), the
+    callers load a ``logsum`` of +inf for rows out of range and for uniform rows, whose scores are constants (no
+    gradient; their dV: :func:`_uniform_dv`), so ``p`` is 0 there, and so are ``dp`` and ``ds``."""
     if DROPOUT:
         keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, TRANS)
     if TRANS:
@@ -49,17 +52,16 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE
     else:
         s = _score_mm(q, tl.trans(k), UPCAST, PREC)
     col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
-    kt, rt = _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
+    kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
                         HAS_C2P, HAS_P2C, REGION, TRANS)
-    ok = _q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS)
     if REGION == SAT:
-        t, rt = _masked(tl.fma(s, qk_scale, _k_axis(kt, TRANS)), rt, uni, b, h, offs_m, offs_n, Lq, Lk, FMASK,
-                        s_fmb, s_fmh, s_fmm, MASK_KIND, True, TRANS)
-        p = tl.where(ok, tl.exp2((t - _q_axis(rowmax - rt, TRANS)) - _q_axis(logsum, TRANS)), 0.0)
+        t = _masked(tl.fma(s, qk_scale, _k_axis(kt, TRANS)), b, h, offs_m, offs_n, Lq, Lk, FMASK,
+                    s_fmb, s_fmh, s_fmm, MASK_KIND, TRANS)
+        p = tl.exp2((t - _q_axis(rowmax - rt, TRANS)) - _q_axis(logsum, TRANS))
     else:
-        t, rt = _masked(tl.fma(s, qk_scale, kt), rt, uni, b, h, offs_m, offs_n, Lq, Lk, FMASK,
-                        s_fmb, s_fmh, s_fmm, MASK_KIND, False, TRANS)
-        p = tl.where(ok, tl.exp2((t - (_q_axis(rowmax, TRANS) - rt)) - _q_axis(logsum, TRANS)), 0.0)
+        t = _masked(tl.fma(s, qk_scale, kt), b, h, offs_m, offs_n, Lq, Lk, FMASK, s_fmb, s_fmh, s_fmm, MASK_KIND,
+                    TRANS)
+        p = tl.exp2((t - (_q_axis(rowmax, TRANS) - rt)) - _q_axis(logsum, TRANS))
     if TRANS:
         dp = _mm(v, tl.trans(do), UPCAST, PREC)
     else:
@@ -71,8 +73,28 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE
     else:
         pd = p
     ds = p * (dp - _q_axis(delta, TRANS)) * scale
-    ds = tl.where(_q_axis(uni, TRANS), 0.0, ds)
     return pd, ds
+
+
+@triton.jit
+def _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, Lq, Lk, s_om, s_unb, s_unh,
+                p_drop, drop_thresh, seed, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add the uniform rows' share to ``dv [BLOCK_N, BLOCK_D]`` (keys ``offs_n``): a uniform row's probability is
+    ``1 / Lk`` on every in-range key (times ``keep / (1 - p)`` with dropout); the score loops gave it 0.  Query
+    tiles without a uniform row cost one load of their flags."""
+    inv_keep = 1.0 / (1.0 - p_drop)
+    for start_m in tl.range(0, Lq, BLOCK_M, num_stages=1):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        uni = _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND)
+        if tl.max(uni.to(tl.int32), 0) != 0:
+            do = _block_tile(DO_bh, offs_m, s_om, offs_d, (offs_m < Lq)[:, None] & d_ok[None, :])
+            w = n_ok[:, None] & uni[None, :]
+            if DROPOUT:
+                w = w & _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, True)
+            pd = tl.where(w, inv_keep / Lk.to(tl.float32), 0.0)
+            dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
+    return dv
 
 
 @triton.jit
@@ -98,8 +120,9 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
         rowmax = tl.load(ROWMAX + qrow0 + offs_m, mask=m_ok, other=0.0)
         logsum = tl.load(LOGSUM + qrow0 + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
-        uni = _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND)
-        pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE, slot,
+        # uniform rows: probability 0 here (_uniform_dv adds their dV)
+        logsum = tl.where(_uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND), float("inf"), logsum)
+        pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slot,
                                offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh,
                                seed, KMASK, FMASK, s_kmb, s_fmb, s_fmh, s_fmm,
                                HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, True)
@@ -112,7 +135,7 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
 
 
 @triton.jit
-def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, uni, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh,
+def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh,
               KMASK, FMASK, offs_m, offs_d, d_ok, rows, lo, hi, skip_a, skip_b, slot, run0, b, h, bh, Lq, Lk, NSLOT,
               NRUN,
               qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm,
@@ -129,7 +152,7 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, uni, K_bh, V_bh,
         kv_ok = n_ok[:, None] & d_ok[None, :]
         k = _block_tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
         v = _block_tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
-        _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, uni, C2P_bh, P2C_bh, TABLE, slot,
+        _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slot,
                               offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh,
                               seed, KMASK, FMASK, s_kmb, s_fmb, s_fmh, s_fmm,
                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, False)
@@ -206,10 +229,13 @@ def disentangled_bwd_dkdv_kernel(
 
     out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, dk, mask=kv_ok)
-    tl.store(DV + out, dv, mask=kv_ok)
-    if HAS_P2C:  # after the stores: dK / dV are no longer live
+    if HAS_P2C:  # after dK's store: it is no longer live
         # key j's distances run from -j (query 0) to Lq - 1 - j
         _finish_runs(run_lo, run_hi, n_ok, -offs_n, Lq - 1 - offs_n, PSUM_bh, rows, run0, NRUN, not VARLEN, BLOCK_M)
+    if MASK_KIND != 0:
+        dv = _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, Lq, Lk, s_om, s_unb, s_unh,
+                         p_drop, drop_thresh, seed, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
+    tl.store(DV + out, dv, mask=kv_ok)
 
 
 @triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
@@ -255,8 +281,9 @@ def disentangled_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     run_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     run_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
-    uni = _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND)
-    args = (q, do, rowmax, logsum, delta, uni, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh, KMASK, FMASK,
+    # uniform rows: their scores are constants, so no gradient flows through them (probability 0 in the loops)
+    logsum = tl.where(_uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND), float("inf"), logsum)
+    args = (q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh, KMASK, FMASK,
             offs_m, offs_d, d_ok, rows)
     rest = (b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn,
             s_kmb, s_fmb, s_fmh, s_fmm)

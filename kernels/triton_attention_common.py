@@ -133,7 +133,7 @@ def _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
+def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, REGION: tl.constexpr, TRANS: tl.constexpr):
     """The relative terms of one tile, in log2 units: ``(key_term, row_term)``::
 
@@ -146,10 +146,12 @@ def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NS
     row term costs per row, not per element.
 
     ``GENERAL``: ``c2p = C2P[i, slot(d)]`` and ``p2c = P2C[j, slot(d)]`` gathered per element (``slot(d) =
-    TABLE[d + Lk - 1]``), as tiles (``[BLOCK_M, BLOCK_N]``,
-    ``[BLOCK_N, BLOCK_M]`` if ``TRANS``; the row term 0 on uniform rows).  ``SAT``: every element has slot ``slot``: ``key_term [BLOCK_N]`` and ``row_term [BLOCK_M]``
-    (the caller zeroes the row term on uniform rows: :func:`_masked`).  ``col``: :func:`_key_col`; ``uni``:
-    :func:`_uniform_rows`."""
+    TABLE[d + Lk - 1]``), as tiles (``[BLOCK_M, BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if ``TRANS``).  ``SAT``: every
+    element has slot ``slot``: ``key_term [BLOCK_N]`` and ``row_term [BLOCK_M]``.  ``col``: :func:`_key_col`.
+
+    HF's uniform rows (:func:`_uniform_rows`) are no special case here: the forward computes their output in a pass
+    of its own, the backward gives them a ``LOGSUM`` of +inf (probability 0, no score gradient) and their dV a pass
+    of its own."""
     m_ok = offs_m < Lq
     n_ok = offs_n < Lk
     zero = tl.zeros(offs_m.shape, dtype=tl.float32)
@@ -168,9 +170,7 @@ def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NS
         if HAS_P2C:
             kt = tl.fma(tl.load(P2C_bh + _k_axis(offs_n, TRANS) * NSLOT + slots, mask=ok, other=0.0), qk_scale, kt)
         if HAS_C2P:
-            # 0 on uniform rows (``uni``), as :func:`_masked` needs: a masked gather, not a select per element
-            rt = tl.load(C2P_bh + _q_axis(offs_m, TRANS) * NSLOT + slots, mask=ok & _q_axis(uni == 0, TRANS),
-                         other=0.0) * qk_scale
+            rt = tl.load(C2P_bh + _q_axis(offs_m, TRANS) * NSLOT + slots, mask=ok, other=0.0) * qk_scale
     else:
         kt, rt = tl.broadcast(_k_axis(col, TRANS), _q_axis(zero, TRANS))
     return kt, rt
@@ -179,7 +179,7 @@ def _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NS
 @triton.jit
 def _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND: tl.constexpr):
     """Rows flagged in ``UNI [B, 1|H, Lq]`` (with a mask): bool ``[BLOCK_M]``, all False without mask.  Their every
-    in-range key scores 0 (HF's fully masked rows): :func:`_masked`."""
+    in-range key scores 0 (HF's fully masked rows: HF's softmax over constant scores)."""
     uni = offs_m < 0
     if MASK_KIND != 0:
         uni = tl.load(UNI + b.to(tl.int64) * s_unb + h.to(tl.int64) * s_unh + offs_m, mask=offs_m < Lq, other=0) != 0
@@ -187,23 +187,16 @@ def _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _masked(t, rt, uni, b, h, offs_m, offs_n, Lq, Lk, FMASK, s_fmb, s_fmh, s_fmm,
-            MASK_KIND: tl.constexpr, VEC: tl.constexpr, TRANS: tl.constexpr):
-    """The masks not folded into the key term, on ``t`` and the row term ``rt`` (:func:`_rel_terms`): MASK_KIND 2,
-    full ``FMASK [B|1, 1|H, Lq, Lk]`` (broadcast dims have stride 0), read per element; with a mask, uniform rows
-    (``uni``, :func:`_uniform_rows`) score 0 on every in-range key (a select per element: a branch on "any uniform
-    row" is if-converted by Triton 3.7, which costs two).  Rows out of range are left unmasked (the forward never
-    stores them, the backward zeroes them).  Returns ``(t, rt)``."""
+def _masked(t, b, h, offs_m, offs_n, Lq, Lk, FMASK, s_fmb, s_fmh, s_fmm, MASK_KIND: tl.constexpr,
+            TRANS: tl.constexpr):
+    """The mask not folded into the key term: MASK_KIND 2, full ``FMASK [B|1, 1|H, Lq, Lk]`` (broadcast dims have
+    stride 0), read per element: -inf on ``t`` where it is 0.  Returns ``t``."""
     if MASK_KIND == 2:
         fm = tl.load(FMASK + b.to(tl.int64) * s_fmb + h.to(tl.int64) * s_fmh
                      + _q_axis(offs_m.to(tl.int64), TRANS) * s_fmm + _k_axis(offs_n, TRANS),
                      mask=_q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS), other=0)
         t = tl.where(fm != 0, t, float("-inf"))
-    if MASK_KIND != 0:
-        t = tl.where(_q_axis(uni, TRANS) & _k_axis(offs_n < Lk, TRANS), 0.0, t)
-        if VEC:  # per row; a tile's row term is already 0 there (:func:`_rel_terms`)
-            rt = tl.where(uni, 0.0, rt)
-    return t, rt
+    return t
 
 
 @triton.jit

@@ -27,7 +27,7 @@ from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _key_c
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, uni, offs_m, offs_d, d_ok,
+def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, offs_m, offs_d, d_ok,
                lo, hi, a, c, b, h, bh, Lq, Lk, NSLOT, qk_scale, inv_keep, drop_thresh, seed,
                s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm,
                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
@@ -49,14 +49,13 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         k = _block_tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
         s = _score_mm(q, tl.trans(k), UPCAST, PREC)
         col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
-        kt, rt = _rel_terms(col, uni, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
+        kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
                             HAS_C2P, HAS_P2C, REGION, False)
         if REGION == SAT:
             t = tl.fma(s, qk_scale, kt[None, :])
         else:
             t = tl.fma(s, qk_scale, kt)
-        t, rt = _masked(t, rt, uni, b, h, offs_m, offs_n, Lq, Lk, FMASK, s_fmb, s_fmh, s_fmm,
-                        MASK_KIND, REGION == SAT, False)
+        t = _masked(t, b, h, offs_m, offs_n, Lq, Lk, FMASK, s_fmb, s_fmh, s_fmm, MASK_KIND, False)
         if REGION == SAT:
             m_new = tl.maximum(m_i, tl.max(t, 1) + rt)
         else:
@@ -138,8 +137,7 @@ def disentangled_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # uniform rows (HF's fully masked rows) are not special in the loops (no select per element): they get
     # whatever the masked scores give there, and their output from _uniform_out below
-    no_uni = tl.zeros([BLOCK_M], dtype=tl.int1)
-    args = (q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, no_uni, offs_m, offs_d, d_ok)
+    args = (q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, offs_m, offs_d, d_ok)
     rest = (b, h, bh, Lq, Lk, NSLOT, qk_scale, inv_keep, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm)
     if HAS_C2P | HAS_P2C:
         # key tiles far behind the query tile (slot NSLOT-1) and far ahead (slot 0), then those in the band
