@@ -202,8 +202,13 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     (16x16 on 4 warps, 1 stage spilled 4-12 B)."""
     bwd = LaunchConfig(16, 16, 4, 2) if family == 90 else LaunchConfig(16, 16, 8, 1)
     fwd = LaunchConfig(32, 16, 4, 2) if bd <= 64 else LaunchConfig(16, 16, 4, 2)
-    # sm_90 dK/dV with c2p + p2c and the per-distance run sums (2026-12-03): 2 stages spilled 20 B, 1 stage 0 B
-    dkdv = LaunchConfig(16, 16, 4, 1) if family == 90 else bwd
+    # dK/dV (the full tier of the compile check, 2026-12-03, session 13): sm_90 1 stage spilled 4-8 B at D = 32 / 64
+    # (2 stages: 0 B; at D = 16 4 B with c2p + p2c, 1 stage 8 B without: 2 warps 0 B); sm_8x 8 warps 4 B at D = 32
+    # (4 warps: 0 B)
+    if family == 90:
+        dkdv = LaunchConfig(16, 16, 2, 1) if bd <= 16 else bwd
+    else:
+        dkdv = LaunchConfig(16, 16, 4, 1) if bd <= 32 else bwd
     return fwd if pass_ == "fwd" else BackwardConfig(dq=bwd, dkdv=dkdv)
 
 
