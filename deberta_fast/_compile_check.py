@@ -153,40 +153,52 @@ class Probe:
     arch: int
     varlen: bool
     dropout: bool
+    full_mask: bool = False
 
 
 def scenario_config(sc: "Scenario", arch: int):
     """The config the launcher picks for ``sc`` on ``sm_<arch>``."""
     return _launch_module().launch_config(sc.pass_, sc.L, sc.L, sc.D, sc.dtype == "fp32", tf32=sc.dtype == "tf32",
-                                          arch=arch, varlen=sc.varlen, dropout=sc.dropout)
+                                          arch=arch, varlen=sc.varlen, dropout=sc.dropout,
+                                          full_mask=sc.mask == "full")
 
 
 def launch_config_keys() -> dict:
     """Every ``(pass, LaunchConfig, BLOCK_D)`` that ``launch_config`` returns over head dims 1..MAX_HEAD_DIM, a range
-    of lengths, the precisions (16-bit, IEEE float32, TF32), both targets, padded / packed and with / without dropout
-    -> a representative :class:`Probe` (realistic first: fp16, sm_90, padded, dropout, D a power of two, L = 512 or
-    64).  Probed, so a new branch in ``launch_config`` shows up here by itself."""
+    of lengths, the precisions (16-bit, IEEE float32, TF32), both targets, padded / packed, with / without dropout
+    and a full mask -> a representative :class:`Probe` (realistic first: fp16, sm_90, padded, dropout, D a power of
+    two, L = 512 or 64).  Probed, so a new branch in ``launch_config`` shows up here by itself."""
     launch_config = _launch_module().launch_config
     dims = sorted(range(1, _max_head_dim() + 1), key=lambda d: (d & (d - 1) != 0 or d < 16, d != 64, d))
     keys = {}
-    for dtype, arch, varlen, dropout in itertools.product(("fp16", "fp32", "tf32"), (90, 80), (False, True),
-                                                          (True, False)):
+    for dtype, arch, varlen, dropout, full in itertools.product(("fp16", "fp32", "tf32"), (90, 80), (False, True),
+                                                                (True, False), (False, True)):
+        if varlen and full:  # packed sequences take no mask
+            continue
         for pass_ in ("fwd", "bwd"):
             for L in PROBE_LENGTHS:
                 for D in dims:
                     cfg = launch_config(pass_, L, L, D, dtype == "fp32", tf32=dtype == "tf32", arch=arch,
-                                        varlen=varlen, dropout=dropout)
-                    keys.setdefault((pass_, cfg, _pow2_bucket(D)), Probe(L, D, dtype, arch, varlen, dropout))
+                                        varlen=varlen, dropout=dropout, full_mask=full)
+                    keys.setdefault((pass_, cfg, _pow2_bucket(D)), Probe(L, D, dtype, arch, varlen, dropout, full))
     return keys
 
 
 def _probe_scenario(pass_: str, pr: Probe, why: str, **flags) -> "Scenario":
-    """A scenario that launches ``pr``'s config (flags: the terms and the mask kind; packed launches take no mask)."""
+    """A scenario that launches ``pr``'s config (flags: the terms and the mask kind; packed launches take no mask, a
+    full-mask config's probe a full mask, and another config's probe a key mask where a full one would change it)."""
     mask = flags.pop("mask", "key")
     if pr.varlen:
         mask = "none"
-    return Scenario(pass_, dtype=pr.dtype, D=pr.D, L=pr.L, varlen=pr.varlen, dropout=pr.dropout, mask=mask,
-                    targets=(pr.arch,), why=why, **flags)
+    elif pr.full_mask:
+        mask = "full"
+    sc = Scenario(pass_, dtype=pr.dtype, D=pr.D, L=pr.L, varlen=pr.varlen, dropout=pr.dropout, mask=mask,
+                  targets=(pr.arch,), why=why, **flags)
+    if mask == "full" and not pr.full_mask:
+        key = dataclasses.replace(sc, mask="key")
+        if scenario_config(sc, pr.arch) != scenario_config(key, pr.arch):
+            return key
+    return sc
 
 
 def scenarios(full: bool) -> list[Scenario]:
@@ -236,6 +248,7 @@ def scenarios(full: bool) -> list[Scenario]:
     for pass_ in ("fwd", "bwd"):
         out += [Scenario(pass_, L=200, mask="key", why="ragged length", **on90),
                 Scenario(pass_, L=200, mask="full", why="ragged length", **on90),
+                Scenario(pass_, L=200, mask="full", dropout=False, why="ragged length, no dropout", **on90),
                 Scenario(pass_, L=50, mask="key", why="ragged short length", **on90),
                 Scenario(pass_, D=48, why="head dim 48 (multiple of 16, padded)", **on90),
                 Scenario(pass_, D=40, why="head dim 40 (not a multiple of 16)", **on90),

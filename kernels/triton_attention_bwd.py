@@ -55,11 +55,11 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slo
     kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
                         HAS_C2P, HAS_P2C, REGION, TRANS)
     if REGION == SAT:
-        t = _masked(tl.fma(s, qk_scale, _k_axis(kt, TRANS)), b, h, offs_m, offs_n, Lq, Lk, FMASK,
+        t = _masked(tl.fma(s, qk_scale, _k_axis(kt, TRANS)), b, h, offs_m, offs_n, FMASK,
                     s_fmb, s_fmh, s_fmm, MASK_KIND, TRANS)
         p = tl.exp2((t - _q_axis(rowmax - rt, TRANS)) - _q_axis(logsum, TRANS))
     else:
-        t = _masked(tl.fma(s, qk_scale, kt), b, h, offs_m, offs_n, Lq, Lk, FMASK, s_fmb, s_fmh, s_fmm, MASK_KIND,
+        t = _masked(tl.fma(s, qk_scale, kt), b, h, offs_m, offs_n, FMASK, s_fmb, s_fmh, s_fmm, MASK_KIND,
                     TRANS)
         p = tl.exp2((t - (_q_axis(rowmax, TRANS) - rt)) - _q_axis(logsum, TRANS))
     if TRANS:

@@ -187,14 +187,13 @@ def _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _masked(t, b, h, offs_m, offs_n, Lq, Lk, FMASK, s_fmb, s_fmh, s_fmm, MASK_KIND: tl.constexpr,
-            TRANS: tl.constexpr):
-    """The mask not folded into the key term: MASK_KIND 2, full ``FMASK [B|1, 1|H, Lq, Lk]`` (broadcast dims have
-    stride 0), read per element: -inf on ``t`` where it is 0.  Returns ``t``."""
+def _masked(t, b, h, offs_m, offs_n, FMASK, s_fmb, s_fmh, s_fmm, MASK_KIND: tl.constexpr, TRANS: tl.constexpr):
+    """The mask not folded into the key term: MASK_KIND 2, full ``FMASK [B|1, 1|H, Lq + KMASK_PAD, >= Lk + KMASK_PAD]``
+    uint8 (broadcast dims have stride 0; 0 beyond ``(Lq, Lk)``, so a tile reads it without range predicates), read
+    per element: -inf on ``t`` where it is 0.  Returns ``t``."""
     if MASK_KIND == 2:
         fm = tl.load(FMASK + b.to(tl.int64) * s_fmb + h.to(tl.int64) * s_fmh
-                     + _q_axis(offs_m.to(tl.int64), TRANS) * s_fmm + _k_axis(offs_n, TRANS),
-                     mask=_q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS), other=0)
+                     + _q_axis(offs_m.to(tl.int64), TRANS) * s_fmm + _k_axis(offs_n, TRANS))
         t = tl.where(fm != 0, t, float("-inf"))
     return t
 

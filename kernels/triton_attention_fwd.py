@@ -55,7 +55,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
             t = tl.fma(s, qk_scale, kt[None, :])
         else:
             t = tl.fma(s, qk_scale, kt)
-        t = _masked(t, b, h, offs_m, offs_n, Lq, Lk, FMASK, s_fmb, s_fmh, s_fmm, MASK_KIND, False)
+        t = _masked(t, b, h, offs_m, offs_n, FMASK, s_fmb, s_fmh, s_fmm, MASK_KIND, False)
         if REGION == SAT:
             m_new = tl.maximum(m_i, tl.max(t, 1) + rt)
         else:

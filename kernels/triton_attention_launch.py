@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -69,18 +69,19 @@ class BackwardConfig:
 
 
 def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int, fp32_ieee: bool = False, *, tf32: bool = False,
-                  arch: int = 90, varlen: bool = False, dropout: bool = False):
+                  arch: int = 90, varlen: bool = False, dropout: bool = False, full_mask: bool = False):
     """Tile sizes keyed on the pass, padded head dim, bucketed lengths, the precision (``fp32_ieee``: float32
     inputs without TF32: FMA products, no tensor cores, tiles of twice the registers; ``tf32``: float32 tiles on
     tensor cores), the GPU architecture (``arch``: compute capability as ``10*major + minor``; sm_8x and sm_9x+ get
     configs of their own: mma.sync and wgmma code differ in registers, and sm_86 / sm_89 have 99 KB of shared
-    memory per block), packed sequences and dropout (both add registers): a :class:`LaunchConfig` for ``"fwd"``, a
-    :class:`BackwardConfig` for ``"bwd"``.  One fixed config under the interpreter (autotuning does not run there).
+    memory per block), packed sequences, dropout and a full mask (all three add registers): a :class:`LaunchConfig`
+    for ``"fwd"``, a :class:`BackwardConfig` for ``"bwd"``.  One fixed config under the interpreter (autotuning
+    does not run there).
     GPU values: spill-free starting points from the static profile, speed untuned (benchmarks/NOTES.md)."""
     if interpreting():
         return _INTERPRETER_CONFIG[pass_]
     return _gpu_config(pass_, max(16, _next_pow2(head_dim)), max(q_len, k_len) <= 64, bool(fp32_ieee), bool(tf32),
-                       90 if arch >= 90 else 80, bool(varlen), bool(dropout))
+                       90 if arch >= 90 else 80, bool(varlen), bool(dropout), bool(full_mask) and not varlen)
 
 
 _INTERPRETER_CONFIG = {"fwd": LaunchConfig(32, 32, 1, 1, 64),
@@ -115,7 +116,7 @@ def target_arch(arch: int):
 
 @functools.lru_cache(maxsize=None)
 def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32: bool = False, family: int = 90,
-                varlen: bool = False, dropout: bool = False):
+                varlen: bool = False, dropout: bool = False, full_mask: bool = False):
     """The GPU configs, from the static profile (sm_80 for ``family`` 80, sm_90 for 90; DeBERTa launches: c2p+p2c,
     key mask or packed, with and without dropout; benchmarks/results/2026-12-02-static and NOTES "Spill-free configs
     per architecture").  Every one compiles with 0 spill bytes there unless its comment says otherwise; which is
@@ -123,8 +124,25 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32:
     if fp32_ieee:
         return _fp32_config(pass_, bd, family)
     if pass_ == "fwd":
-        return _fwd_config(bd, tf32, family, varlen, dropout)
-    return _bwd_config(bd, tf32, family, varlen)
+        cfg = _fwd_config(bd, tf32, family, varlen, dropout)
+        return _full_mask_fwd(cfg, bd, tf32, family, dropout) if full_mask else cfg
+    cfg = _bwd_config(bd, tf32, family, varlen)
+    if full_mask and family == 90 and not tf32 and 16 < bd <= 64:
+        # sm_90 dK/dV with a full mask at 32x32: 8-52 B spilled with dropout (2026-12-04); 32x16 (sm_8x's) none
+        return BackwardConfig(dq=cfg.dq, dkdv=LaunchConfig(32, 16, 4, 2))
+    return cfg
+
+
+def _full_mask_fwd(cfg: LaunchConfig, bd: int, tf32: bool, family: int, dropout: bool) -> LaunchConfig:
+    # A full mask adds a byte per score to each tile: the wider saturated tiles spilled 2.4-3.2 KB at a ragged length
+    # (L = 200, no dropout; sm_80 and sm_90), tiles of BLOCK_N none.  sm_90 D = 64 with dropout: 64x64 spilled 4 B at
+    # L = 200, 64x32 none.  D = 16: 32-key tiles have no 16-byte copies; sm_8x 64x64 spilled 4 B (static profile,
+    # 2026-12-04)
+    if bd <= 16 and not tf32:
+        return LaunchConfig(64, 64, 4, 3) if family == 90 else LaunchConfig(32, 64, 4, 3)
+    if family == 90 and dropout and not tf32 and 32 < bd <= 64:
+        return LaunchConfig(64, 32, 4, 3)
+    return replace(cfg, sat_block_n=0)
 
 
 def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -> LaunchConfig:
@@ -175,9 +193,9 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfi
     # 32x32 tiles: no spills for DeBERTa training at D=64 (64x32 and 32x64 spill 160-1356 B in the region-loop
     # kernels: benchmarks/results/2026-12-02-static/sweep-session6.md); dK/dV on sm_8x and in TF32 spilled 4-56 B at
     # 32x32 (with the linear-tile loop: 8-28 B at D=32/64, 12 B TF32 on sm_90): 32x16 there.
-    if bd <= 16:  # dq's 32x16 K/V tiles over 128 threads would be 8 B per thread: no 16-byte loads.  Spills 64-176 B.
-        c = LaunchConfig(32, 64, 4, 2)
-        return BackwardConfig(dq=c, dkdv=c)
+    if bd <= 16:  # 2 warps, so that a 16-row tile is 8 elements per thread: 16-byte loads.  32x64 on 4 warps spilled
+        # 64-100 B (2026-12-04); these none with a key or a full mask, sm_80 and sm_90
+        return BackwardConfig(dq=LaunchConfig(32, 16, 2, 2), dkdv=LaunchConfig(16, 32, 2, 2))
     if bd <= 64:
         c = LaunchConfig(32, 32, 4, 2)
         return BackwardConfig(dq=c, dkdv=LaunchConfig(32, 16, 4, 2) if family == 80 or tf32 else c)
@@ -187,10 +205,9 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfi
         # sm_8x dq with the per-distance run sums (2026-12-03): 4 warps spilled 4 B (2 stages) / 16 B (1 stage); 8: 0 B
         c = LaunchConfig(32, 32, 8, 1)
         return BackwardConfig(dq=c, dkdv=c)
-    # with the per-distance run sums (2026-12-03): D=256 dq spilled 12-28 B on 1 stage (2 stages: 0 B, 77 KB), dK/dV on
-    # sm_8x 8 B at 32x32 (32x16: 0 B)
-    dq = LaunchConfig(32, 32, 8, 2)
-    return BackwardConfig(dq=dq, dkdv=LaunchConfig(32, 32, 8, 1) if family == 90 else LaunchConfig(32, 16, 8, 1))
+    # with the per-distance run sums (2026-12-03): D=256 dq spilled 12-28 B on 1 stage (2 stages: 0 B, 77 KB), dK/dV
+    # 8-44 B at 32x32 (32x16: 0 B; sm_90 since 2026-12-04)
+    return BackwardConfig(dq=LaunchConfig(32, 32, 8, 2), dkdv=LaunchConfig(32, 16, 8, 1))
 
 
 def _fp32_config(pass_: str, bd: int, family: int = 90):
@@ -201,6 +218,7 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     (32x32 spilled 1-1.8 KB at D=64): 4 warps, 2 stages on sm_90 and 8 warps, 1 stage on sm_8x, the ones without spills
     (16x16 on 4 warps, 1 stage spilled 4-12 B)."""
     bwd = LaunchConfig(16, 16, 4, 2) if family == 90 else LaunchConfig(16, 16, 8, 1)
+    dq = LaunchConfig(16, 16, 8, 2) if family == 90 and bd > 128 else bwd  # sm_90 D = 256 on 4 warps: 4 B (2026-12-04)
     fwd = LaunchConfig(32, 16, 4, 2) if bd <= 64 else LaunchConfig(16, 16, 4, 2)
     # dK/dV (the full tier of the compile check, 2026-12-03, session 13): sm_90 1 stage spilled 4-8 B at D = 32 / 64
     # (2 stages: 0 B; at D = 16 4 B with c2p + p2c, 1 stage 8 B without: 2 warps 0 B); sm_8x 8 warps 4 B at D = 32
@@ -209,7 +227,7 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
         dkdv = LaunchConfig(16, 16, 2, 1) if bd <= 16 else bwd
     else:
         dkdv = LaunchConfig(16, 16, 4, 1) if bd <= 32 else bwd
-    return fwd if pass_ == "fwd" else BackwardConfig(dq=bwd, dkdv=dkdv)
+    return fwd if pass_ == "fwd" else BackwardConfig(dq=dq, dkdv=dkdv)
 
 
 def _table_gemm(x, pos):
@@ -392,8 +410,11 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
         s_kmb = kmask.stride(0)
     elif full_mask is not None:
         mask_kind = 2
-        fmask = full_mask if full_mask.stride(-1) == 1 else full_mask.contiguous()
-        fmask = fmask.view(torch.uint8)
+        # copied into a zero (masked) frame of KMASK_PAD rows and columns beyond (Lq, Lk), rows 16-byte aligned: the
+        # kernels read a tile of it with neither range predicates nor byte loads
+        bm, hm = full_mask.shape[:2]
+        fmask = torch.zeros(bm, hm, Lq + KMASK_PAD, -(-Lk // 16) * 16 + KMASK_PAD, dtype=torch.uint8, device=q.device)
+        fmask[:, :, :Lq, :Lk] = full_mask
         s_fmb = fmask.stride(0) if fmask.shape[0] > 1 else 0
         s_fmh = fmask.stride(1) if fmask.shape[1] > 1 else 0
         s_fmm = fmask.stride(2)
@@ -413,7 +434,8 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
 def _config(pass_: str, q_len: int, k_len: int, head_dim: int, pr: _Prepared):
     """:func:`launch_config` for this launch's precision, device, layout and dropout."""
     return launch_config(pass_, q_len, k_len, head_dim, pr.fp32_ieee, tf32=pr.tf32, arch=pr.arch,
-                         varlen=pr.constexprs["VARLEN"], dropout=pr.constexprs["DROPOUT"])
+                         varlen=pr.constexprs["VARLEN"], dropout=pr.constexprs["DROPOUT"],
+                         full_mask=pr.constexprs["MASK_KIND"] == 2)
 
 
 def _launch_kwargs(cfg: LaunchConfig, pr: _Prepared, fwd: bool = False) -> dict:
@@ -437,6 +459,38 @@ def _qkvo_strides(q, k, v, o):
     return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
 
 
+def _pad_head_dim(pad: int, *tensors):
+    """``tensors`` (None kept) with ``pad`` zero columns appended to the head dim."""
+    return [None if t is None else torch.nn.functional.pad(t, (0, pad)) for t in tensors]
+
+
+def _head_dim_sliced(D: int, *tensors):
+    """The first ``D`` columns of each of ``tensors`` (None kept), contiguous."""
+    return [None if t is None else t[..., :D].contiguous() for t in tensors]
+
+
+def _aligned_head_dim(fn):
+    """Runs a launcher on inputs whose head dim is a multiple of 16, zero-padded if it is not, and slices the head
+    dim of its results back (the first result's ``stats`` pass through).  Zero columns change no dot product and
+    give zero output / gradient columns, so the results are those of the unpadded call.  Why: the launch
+    specialization marks integers divisible by 16, and a row stride such as 40 gets no mark, so every Q / K / V load
+    of the kernels went scalar (D = 40 on sm_90: 2.5x the instructions of D = 48 per score and 8-408 B spilled,
+    static profile 2026-12-04); padded, D = 40 runs the D = 48 kernels."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        D = args[1].shape[-1]
+        pad = -D % 16
+        if not pad:
+            return fn(*args, **kwargs)
+        backward = fn.__name__.startswith("attention_backward")
+        n = 7 if backward else 5  # (do,) q, k, v, pos_key, pos_query (, out)
+        args = [*_pad_head_dim(pad, *args[:n]), *args[n:]]
+        res = fn(*args, **kwargs)
+        return (*_head_dim_sliced(D, *res),) if backward else (*_head_dim_sliced(D, res[0]), res[1])
+    return wrapper
+
+
+@_aligned_head_dim
 def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, *, position_buckets,
                       max_relative_positions, span, scale, dropout_p, seed):
     """Fused forward.  Returns ``(out [B,H,Lq,D] in q.dtype, stats float32 [2,B,H,Lq])``."""
@@ -490,6 +544,7 @@ def _position_grads(sums, pos, x, pr: _Prepared):
     return dx, dpos
 
 
+@_aligned_head_dim
 def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows, *,
                        position_buckets, max_relative_positions, span, scale, dropout_p, seed):
     """Fused backward from the forward's ``stats``.  Returns ``(dq, dk, dv, dpos_key, dpos_query)``
@@ -546,6 +601,7 @@ def _varlen_prepare(q, k, pos_key, pos_query, max_seqlen_q, max_seqlen_k, positi
                     backward=backward)
 
 
+@_aligned_head_dim
 def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                              position_buckets, max_relative_positions, span, scale, dropout_p, seed):
     """Fused forward over packed sequences.  ``q [Tq,H,D]``, ``k``/``v [Tk,H,D]`` (last dim
@@ -570,6 +626,7 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     return out, stats
 
 
+@_aligned_head_dim
 def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, *, position_buckets, max_relative_positions, span, scale, dropout_p,
                               seed):

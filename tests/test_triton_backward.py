@@ -87,9 +87,22 @@ def test_batched_pos_and_broadcast_mask(mask):
     check_grads(2, 2, 40, 33, 16, pos_batched=True, mask=mask)
 
 
-@pytest.mark.parametrize("D", [24, 32, 64])
+@pytest.mark.parametrize("D", [24, 32, 40, 64])
 def test_head_dims(D):
     check_grads(1, 2, 40, 40, D, mask="key")
+
+
+@pytest.mark.parametrize("D", [8, 40])
+def test_unaligned_head_dims_launch_padded_kernels(monkeypatch, D):
+    """A head dim that is not a multiple of 16 is zero-padded to one before the kernels (so the launch specialization
+    marks the row strides and the tile loads vectorise), and the results are sliced back: forward and backward,
+    with a full mask at ragged lengths (its padded frame too)."""
+    from deberta_fast._kernels import triton_attention_launch as launch
+    seen = []
+    real = launch._config
+    monkeypatch.setattr(launch, "_config", lambda p, lq, lk, d, pr: seen.append((p, d)) or real(p, lq, lk, d, pr))
+    check_grads(2, 2, 33, 21, D, mask="full3d")
+    assert {p for p, _ in seen} == {"fwd", "bwd"} and all(d == D + (-D % 16) for _, d in seen), seen
 
 
 @pytest.mark.slow
