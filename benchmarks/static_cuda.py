@@ -124,8 +124,10 @@ def _cuobjdump() -> str:
 # Profile builds beside the shipped one: every tile in the band / beyond it (-DDFA_PROFILE_ZONE, tile_saturation),
 # interior (-DDFA_PROFILE_INTERIOR), the common call's paths (-DDFA_PROFILE_PLAIN, DFA_PROFILE_ASSUME); "saturated,
 # key mask": the same with a key mask present (-DDFA_PROFILE_KEY_MASK: a padded batch, whose interior tiles without
-# a masked key skip the per-element tests but pay the per-tile vote).
-ZONES = {"band": (0, ()), "saturated": (1, ()), "saturated, key mask": (1, ("-DDFA_PROFILE_KEY_MASK",))}
+# a masked key skip the per-element tests but pay the per-tile vote); "..., dropout": a training call (attention
+# dropout on: -DDFA_PROFILE_DROPOUT).
+ZONES = {"band": (0, ()), "saturated": (1, ()), "saturated, key mask": (1, ("-DDFA_PROFILE_KEY_MASK",)),
+         "band, dropout": (0, ("-DDFA_PROFILE_DROPOUT",)), "saturated, dropout": (1, ("-DDFA_PROFILE_DROPOUT",))}
 
 
 def _compile(name: str, arch: str, tmp: str, zone: str | None = None) -> tuple[str, str]:
@@ -194,11 +196,13 @@ def table(prof: dict) -> str:
              "call: c2p + p2c present, no mask, no dropout (-DDFA_PROFILE_PLAIN: the compiler drops the other "
              "branches); the shipped loop holds them all.  Shortest: the last key tile (no prefetch); longest: with "
              "the next tile's copies issued.  Saturated, key mask: the saturated build with a key mask present (a "
-             "padded batch; its interior tiles without a masked key skip the tests and pay a per-tile vote).",
+             "padded batch; its interior tiles without a masked key skip the tests and pay a per-tile vote).  "
+             "Dropout: the band / saturated builds of a training call (-DDFA_PROFILE_DROPOUT).",
              "",
              "| kernel | target | dtype | D | tile | regs | spill st/ld B | stack B | MMA | main loop instr/element "
-             "(shortest - longest) | band tiles | saturated tiles | saturated tiles, key mask |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(shortest - longest) | band tiles | saturated tiles | saturated tiles, key mask | band tiles, dropout "
+             "| saturated tiles, dropout |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(loops):
         return "; ".join(f"{lp['per_element_shortest']} - {lp['per_element_longest']}" for lp in loops or []) or "?"
@@ -208,7 +212,8 @@ def table(prof: dict) -> str:
         lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype']} | {r['D']} | {r['block_m']}x{r['block_n']} | "
                      f"{r.get('regs')} | {r.get('spill_stores')}/{r.get('spill_loads')} | {r.get('stack')} | "
                      f"{r['mma']} | {fmt(r['loops'])} | {fmt(z.get('band'))} | {fmt(z.get('saturated'))} | "
-                     f"{fmt(z.get('saturated, key mask'))} |")
+                     f"{fmt(z.get('saturated, key mask'))} | {fmt(z.get('band, dropout'))} | "
+                     f"{fmt(z.get('saturated, dropout'))} |")
     return "\n".join(lines) + "\n"
 
 

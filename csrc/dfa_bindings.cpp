@@ -155,8 +155,8 @@ void set_band(dfa::Params& p, int64_t band_lo, int64_t band_hi) {
   p.band_hi = static_cast<int>(std::clamp<int64_t>(band_hi, -(int64_t(1) << 30), int64_t(1) << 30));
 }
 
-// Dropout: an element is kept iff its Philox word >= drop_thresh = round(p_drop * 2^32) and kept
-// values are scaled by 1 / (1 - p_drop).  rng: int64 [2] = {seed, offset} on q's device.
+// Dropout: an element is kept iff its 16-bit Philox half >= drop_thresh = round(p_drop * 2^16) (dfa_common.cuh,
+// dropout_words) and kept values are scaled by 1 / (1 - p_drop).  rng: int64 [2] = {seed, offset} on q's device.
 void set_dropout(dfa::Params& p, const OptT& rng, const Tensor& q, double p_drop) {
   TORCH_CHECK(p_drop >= 0.0 && p_drop < 1.0, "deberta_fast cuda backend: dropout_p must be in [0, 1), got ",
               p_drop);  // NaN fails both comparisons
@@ -168,8 +168,8 @@ void set_dropout(dfa::Params& p, const OptT& rng, const Tensor& q, double p_drop
                                         : std::string("None"));
   p.rng = rng->data_ptr<int64_t>();
   p.dropout = 1;
-  const double th = std::round(p_drop * 4294967296.0);
-  p.drop_thresh = th >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(th);
+  const double th = std::round(p_drop * 65536.0);
+  p.drop_thresh = th >= 65535.0 ? 0xffffu : static_cast<uint32_t>(th);
   p.drop_scale = static_cast<float>(1.0 / (1.0 - p_drop));
 }
 

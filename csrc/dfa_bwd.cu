@@ -162,9 +162,11 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
         tile_needs_checks(q0 + warp * 16, 16, Lq, k0, BN, Lk, warp_uniform || any_key_masked(km_b, k0, BN, Lk));
     dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
+      static_assert(NT % 2 == 0, "dropout words come in n-tile pairs");
+      uint32_t dw[4] = {};  // per n-tile pair: one Philox call per lane, shared by the quad
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        uint4 w = make_uint4(0u, 0u, 0u, 0u);
+        if (p.dropout && nt % 2 == 0) row_dropout_words(dw, key, offset, bh, rows[0], k0, nt / 2, t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, c = nt * 8 + 2 * t + (e & 1), i = rows[hh], j = k0 + c;
@@ -182,10 +184,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
           }
           const float pr = valid ? exp2f(x) : 0.f;
           float dpv = dp[nt][e];
-          if (p.dropout) {
-            if ((e & 1) == 0) w = dropout_words(key, offset, bh, i, j >> 2);
-            dpv = word_of(w, j & 3) >= p.drop_thresh ? dpv * p.drop_scale : 0.f;
-          }
+          if (p.dropout) dpv = dropout_keep(dw[2 * hh + nt % 2], j, p.drop_thresh) ? dpv * p.drop_scale : 0.f;
           const float ds = ((CHECK && uni[hh]) || !valid) ? 0.f : pr * (dpv - dlt[hh]) * p.scale;
           s[nt][e] = ds;
           if (rel_grad && valid) add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], p.band_q + (sv.qoff + i) * p.W);
@@ -319,8 +318,15 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
     const bool checked = tile_needs_checks(q0, BM, Lq, k0 + warp * 16, 16, Lk, masked_keys || tile_uniform);
     dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
+      static_assert(NT % 2 == 0, "dropout words come in n-tile pairs");
+      uint32_t dw[8] = {};  // per n-tile pair: one Philox call per lane, shared by the 8 lanes of a column pair
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
+        // lane (g, t) computes the call {query q0 + 8 (nt + n2) + 2 t + e1, keys of row half hh} for g = 4 hh + 2 n2 +
+        // e1; dw[4 hh + 2 n2 + e1] is word g / 2 (its rows' keys) of that call
+        if (p.dropout && nt % 2 == 0)
+          group_dropout_words<8, 4>(dw, key, offset, bh, q0 + 8 * (nt + ((g >> 1) & 1)) + 2 * t + (g & 1),
+                                    (cols_j[0] - g + 8 * (g >> 2)) >> 3, g, g >> 1);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, j = cols_j[hh], il = nt * 8 + 2 * t + (e & 1), i = q0 + il;
@@ -340,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
           const float pr = valid ? exp2f(x) : 0.f;
           float pd = pr, dpv = dp[nt][e];
           if (p.dropout) {
-            const bool keep = word_of(dropout_words(key, offset, bh, i, j >> 2), j & 3) >= p.drop_thresh;
+            const bool keep = dropout_keep(dw[4 * hh + 2 * (nt % 2) + (e & 1)], j, p.drop_thresh);
             pd = keep ? pr * p.drop_scale : 0.f;
             dpv = keep ? dpv * p.drop_scale : 0.f;
           }

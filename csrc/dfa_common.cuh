@@ -334,14 +334,45 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, uint2 key) {
   return ctr;
 }
 
-// Dropout random word of element (bh, i, j): counter {j/4, i, bh, offset}, key = seed;
-// output word j%4.  bh = b*H + h (varlen: n*H + h with i, j within sequence n), so no two
-// elements of one call share a counter.  The element is kept iff the word >= drop_thresh (= p * 2^32).
+// Dropout: element (bh, i, j) takes the 16-bit half j % 2 (the low half for even j) of word (j / 2) % 4 of the
+// call with counter {j / 8, i, bh, offset}, key = seed, and is kept iff that half >= drop_thresh (= round(p * 2^16)).
+// bh = b*H + h (varlen: n*H + h with i, j within sequence n), so no two calls of a launch share a counter; one call
+// serves 8 keys.
 __device__ __forceinline__ uint4 dropout_words(uint2 key, uint32_t offset, int bh, int i, int jgroup) {
   return philox4x32_10(make_uint4((uint32_t)jgroup, (uint32_t)i, (uint32_t)bh, offset), key);
 }
 __device__ __forceinline__ uint32_t word_of(uint4 w, int idx) {
   return idx == 0 ? w.x : idx == 1 ? w.y : idx == 2 ? w.z : w.w;
+}
+__device__ __forceinline__ bool dropout_keep(uint32_t word, int j, uint32_t thresh) {
+  return ((j & 1) ? word >> 16 : word & 0xffffu) >= thresh;
+}
+
+// The dropout calls of a group of G lanes (lanes base + STRIDE * pos, pos < G) that need the same G calls, each a
+// word of them: the lane at pos computes call pos (counter {jgroup, i}), and out[s] is word `widx` of the call of
+// the lane at s (4 shuffles per call).  In the mma.sync C layout a lane holds 2 of a call's 8 keys (rows x keys:
+// the quad, G = 4) or 1 (keys x queries: the 8 lanes of one column pair, G = 8), so this is a quarter / an eighth
+// of the Philox work of a call per lane and element pair.  Every lane of the warp must call it (the shuffles).
+template <int G, int STRIDE>
+__device__ __forceinline__ void group_dropout_words(uint32_t (&out)[G], uint2 key, uint32_t offset, int bh, int i,
+                                                    int jgroup, int pos, int widx) {
+  const uint4 mine = dropout_words(key, offset, bh, i, jgroup);
+  const int base = (int)(threadIdx.x & 31) - STRIDE * pos;
+#pragma unroll
+  for (int s = 0; s < G; ++s) {
+    const int src = base + STRIDE * s;
+    out[s] = word_of(make_uint4(__shfl_sync(0xffffffffu, mine.x, src), __shfl_sync(0xffffffffu, mine.y, src),
+                                __shfl_sync(0xffffffffu, mine.z, src), __shfl_sync(0xffffffffu, mine.w, src)),
+                     widx);
+  }
+}
+
+// The forward's and dq's dropout words of n-tiles 2 np and 2 np + 1 (rows x keys; lane 4 g + t holds rows g, g + 8
+// and keys 8 nt + 2 t, + 1 of each n-tile): out[2 hh + n2] is word t of the call {row0 + 8 hh, keys from k0 + 8 (2 np
+// + n2)}.
+__device__ __forceinline__ void row_dropout_words(uint32_t (&out)[4], uint2 key, uint32_t offset, int bh, int row0,
+                                                  int k0, int np, int t) {
+  group_dropout_words<4, 1>(out, key, offset, bh, row0 + 8 * (t >> 1), (k0 >> 3) + 2 * np + (t & 1), t, t);
 }
 
 // Score of (i, j) in log2 units, or -inf (out of range / masked) or 0 (uniform row): value() otherwise.  i, j are
@@ -392,13 +423,18 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
 }
 
 // Static-profile builds only (benchmarks/static_cuda.py, -DDFA_PROFILE_PLAIN): the kernels see the common DeBERTa
-// call (no mask, no uniform rows, no dropout; both relative terms present) as constants and assumptions, so the
-// compiler drops the other branches and the main loop's paths are that call's.  In every real build the kernel
-// parameter is p itself.
+// call (no mask, no uniform rows, no dropout unless -DDFA_PROFILE_DROPOUT; both relative terms present) as constants
+// and assumptions, so the compiler drops the other branches and the main loop's paths are that call's.  In every
+// real build the kernel parameter is p itself.
 #ifdef DFA_PROFILE_KEY_MASK  // with DFA_PROFILE_PLAIN: a padded batch's key mask (no uniform rows)
 #define DFA_PROFILE_KEY_MASK_OF(p) __builtin_assume(p.key_mask != nullptr)
 #else
 #define DFA_PROFILE_KEY_MASK_OF(p) p.key_mask = nullptr
+#endif
+#ifdef DFA_PROFILE_DROPOUT  // with DFA_PROFILE_PLAIN: a training call (attention dropout on)
+#define DFA_PROFILE_DROPOUT_ON 1
+#else
+#define DFA_PROFILE_DROPOUT_ON 0
 #endif
 #ifdef DFA_PROFILE_PLAIN
 #define DFA_KERNEL_PARAMS(p) const Params p##_in
@@ -406,7 +442,7 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
   Params p = p##_in;                   \
   DFA_PROFILE_KEY_MASK_OF(p);          \
   p.uniform = nullptr;                 \
-  p.dropout = 0;                       \
+  p.dropout = DFA_PROFILE_DROPOUT_ON;  \
   __builtin_assume(p.table != nullptr); \
   __builtin_assume(p.pos_k != nullptr); \
   __builtin_assume(p.pos_q != nullptr)

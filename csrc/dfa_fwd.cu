@@ -156,20 +156,18 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     }
     dispatch_bool(raw, [&](auto raw_c) {
       constexpr bool RAW = decltype(raw_c)::value;
+      static_assert(NT % 2 == 0, "dropout words come in n-tile pairs");
+      uint32_t dw[4] = {};  // per n-tile pair: one Philox call per lane, shared by the quad
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        uint4 w = make_uint4(0u, 0u, 0u, 0u);
+        if (p.dropout && nt % 2 == 0) row_dropout_words(dw, key, offset, bh, rows[0], k0, nt / 2, t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
           const float pr = RAW ? exp2f(fmaf(s[nt][e], p.scale_log2, -base[hh])) : exp2f(s[nt][e] - base[hh]);
           l[hh] += pr;
           float pd = pr;
-          if (p.dropout) {
-            // (2t, 2t+1) lie in one group of 4 columns: one Philox call per row and pair
-            if ((e & 1) == 0) w = dropout_words(key, offset, bh, rows[hh], j >> 2);
-            pd = word_of(w, j & 3) >= p.drop_thresh ? pr * p.drop_scale : 0.f;
-          }
+          if (p.dropout) pd = dropout_keep(dw[2 * hh + nt % 2], j, p.drop_thresh) ? pr * p.drop_scale : 0.f;
           s[nt][e] = pd;
         }
       }

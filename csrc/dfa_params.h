@@ -34,7 +34,7 @@ struct Params {
   // masks: key_mask uint8 [B,Lk] (1 = attend); uniform uint8 [B,1|H,Lq] (1 = uniform row)
   const uint8_t* key_mask; int64_t km_sb;
   const uint8_t* uniform; int64_t un_sb, un_sh;
-  // dropout: rng -> int64 [2] = {seed, offset} on the device; keep iff philox >= drop_thresh
+  // dropout: rng -> int64 [2] = {seed, offset} on the device; keep iff a 16-bit Philox half >= drop_thresh
   const int64_t* rng; uint32_t drop_thresh; float drop_scale; int dropout;
   // relative-gradient band buffers (backward only; nullptr when no relative term)
   float* band_q; float* sat_q; float* band_k; float* sat_k; int dmin; int W;

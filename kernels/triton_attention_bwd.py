@@ -45,8 +45,6 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slo
     (:func:`_rel_terms`).  No select for the matrix's edges: keys out of range score -inf (:func:`_key_col`), the
     callers load a ``logsum`` of +inf for rows out of range and for uniform rows, whose scores are constants (no
     gradient; their dV: :func:`_uniform_dv`), so ``p`` is 0 there, and so are ``dp`` and ``ds``."""
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, TRANS)
     if TRANS:
         s = _score_mm(k, tl.trans(q), UPCAST, PREC)
     else:
@@ -67,6 +65,7 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slo
     else:
         dp = _mm(do, tl.trans(v), UPCAST, PREC)
     if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, TRANS)
         inv_keep = 1.0 / (1.0 - p_drop)
         pd = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dp * inv_keep, 0.0)

@@ -292,19 +292,21 @@ def _finish_runs(run_lo, run_hi, ok, d_first, d_last, SUMS, rows, run0, NRUN, FI
 
 @triton.jit
 def _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
-    """Keep-mask ``[BLOCK_M, BLOCK_N]`` (``TRANS``: its transpose) of attention dropout, the CUDA kernels'
-    stream: key ``seed``, counter ``(j // 4, i, b*H + h, 0)``, word ``j % 4`` of Philox4x32-10, kept iff the word is
-    ``>= drop_thresh = round(p * 2**32)`` (int32 bit pattern of the uint32 threshold).  One Philox call
-    serves 4 keys (``start_n`` and ``BLOCK_N`` are multiples of 4)."""
-    zero = tl.zeros([offs_m.shape[0], BLOCK_N // 4], dtype=tl.uint32)
-    c0 = (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)[None, :] + zero
-    c1 = offs_m.to(tl.uint32)[:, None] + zero
-    c2 = bh.to(tl.uint32) + zero
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, zero)
-    # [M, N/4, 2, 2] -> [M, N]: position 4g + 2a + b holds word 2a + b of group g
-    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [offs_m.shape[0], BLOCK_N])
-    keep = words >= drop_thresh.to(tl.uint32, bitcast=True)
-    if TRANS:
-        return tl.trans(keep)
-    else:
-        return keep
+    """Keep-mask ``[BLOCK_M, BLOCK_N]`` (``TRANS``: its transpose, built in that orientation) of attention dropout,
+    the CUDA kernels' stream: key ``seed``, counter ``(j // 8, i, b*H + h, 0)``, 16-bit half ``j % 2`` (low for even
+    ``j``) of word ``(j // 2) % 4`` of Philox4x32-10, kept iff the half is ``>= drop_thresh = round(p * 2**16)``.
+    One Philox call serves 8 keys (``start_n`` and ``BLOCK_N`` are multiples of 8)."""
+    BM: tl.constexpr = offs_m.shape[0]
+    groups = (start_n // 8 + tl.arange(0, BLOCK_N // 8)).to(tl.uint32)
+    rows = offs_m.to(tl.uint32)
+    if TRANS:  # [N/8, M] calls; key pair 4g + 2a + b is word 2a + b of group g, key 2 pair + e its half e
+        zero = tl.zeros([BLOCK_N // 8, BM], dtype=tl.uint32)
+        w0, w1, w2, w3 = tl.philox(seed, groups[:, None] + zero, rows[None, :] + zero, bh.to(tl.uint32) + zero, zero)
+        words = tl.reshape(tl.permute(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (0, 2, 3, 1)), [BLOCK_N // 2, BM])
+        halves = tl.reshape(tl.permute(tl.join(words & 0xFFFF, words >> 16), (0, 2, 1)), [BLOCK_N, BM])
+    else:  # [M, N/8] calls, the same interleave along the last axis
+        zero = tl.zeros([BM, BLOCK_N // 8], dtype=tl.uint32)
+        w0, w1, w2, w3 = tl.philox(seed, groups[None, :] + zero, rows[:, None] + zero, bh.to(tl.uint32) + zero, zero)
+        words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BM, BLOCK_N // 2])
+        halves = tl.reshape(tl.join(words & 0xFFFF, words >> 16), [BM, BLOCK_N])
+    return halves >= drop_thresh.to(tl.uint32)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -80,8 +81,10 @@ def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int, fp32_ieee: 
     GPU values: spill-free starting points from the static profile, speed untuned (benchmarks/NOTES.md)."""
     if interpreting():
         return _INTERPRETER_CONFIG[pass_]
+    # aligned: both lengths multiples of 16, which the launch specialization marks (a kernel of its own)
+    aligned = not varlen and q_len % 16 == 0 and k_len % 16 == 0
     return _gpu_config(pass_, max(16, _next_pow2(head_dim)), max(q_len, k_len) <= 64, bool(fp32_ieee), bool(tf32),
-                       90 if arch >= 90 else 80, bool(varlen), bool(dropout), bool(full_mask) and not varlen)
+                       90 if arch >= 90 else 80, bool(varlen), bool(dropout), bool(full_mask) and not varlen, aligned)
 
 
 _INTERPRETER_CONFIG = {"fwd": LaunchConfig(32, 32, 1, 1, 64),
@@ -116,7 +119,7 @@ def target_arch(arch: int):
 
 @functools.lru_cache(maxsize=None)
 def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32: bool = False, family: int = 90,
-                varlen: bool = False, dropout: bool = False, full_mask: bool = False):
+                varlen: bool = False, dropout: bool = False, full_mask: bool = False, aligned: bool = True):
     """The GPU configs, from the static profile (sm_80 for ``family`` 80, sm_90 for 90; DeBERTa launches: c2p+p2c,
     key mask or packed, with and without dropout; benchmarks/results/2026-12-02-static and NOTES "Spill-free configs
     per architecture").  Every one compiles with 0 spill bytes there unless its comment says otherwise; which is
@@ -130,7 +133,25 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32:
     if full_mask and family == 90 and not tf32 and 16 < bd <= 64:
         # sm_90 dK/dV with a full mask at 32x32: 8-52 B spilled with dropout (2026-12-04); 32x16 (sm_8x's) none
         return BackwardConfig(dq=cfg.dq, dkdv=LaunchConfig(32, 16, 4, 2))
+    if dropout and family == 90 and not tf32 and not full_mask and bd > 32:
+        return _sm90_dropout_bwd(cfg, bd, aligned, varlen)
     return cfg
+
+
+def _sm90_dropout_bwd(cfg: BackwardConfig, bd: int, aligned: bool, varlen: bool) -> BackwardConfig:
+    # sm_90 16-bit backward with dropout (8 keys per Philox call; the compile check's tiers, 2026-12-04).  These
+    # kernels sit at 255 registers, and which stage count spills flips with the length specialization (lengths
+    # multiples of 16 or not; packed lengths are runtime values) and the tile; spill-free, at about the same
+    # instructions per element:
+    #   D = 64 dK/dV 32x32: 1 stage aligned and packed (2 stages: 8 B), 2 stages at ragged lengths (1 stage: 12 B);
+    #   D = 128 dq 16x32: 2 stages aligned (1 stage: 4 B), 1 stage at ragged lengths and packed (2 stages: 4 B);
+    #   D = 128 dK/dV 32x16: 1 stage (2 stages: 16 B);
+    #   D = 256 dq: 32x32 / 2 stages at ragged lengths, 32x16 aligned (32x32: 4 B; +60 % instructions).
+    if bd <= 64:
+        return BackwardConfig(dq=cfg.dq, dkdv=replace(cfg.dkdv, num_stages=1 if aligned or varlen else 2))
+    if bd <= 128:
+        return BackwardConfig(dq=replace(cfg.dq, num_stages=2 if aligned else 1), dkdv=replace(cfg.dkdv, num_stages=1))
+    return BackwardConfig(dq=LaunchConfig(32, 16, 8, 2) if aligned else cfg.dq, dkdv=cfg.dkdv)
 
 
 def _full_mask_fwd(cfg: LaunchConfig, bd: int, tf32: bool, family: int, dropout: bool) -> LaunchConfig:
@@ -140,6 +161,8 @@ def _full_mask_fwd(cfg: LaunchConfig, bd: int, tf32: bool, family: int, dropout:
     # 2026-12-04)
     if bd <= 16 and not tf32:
         return LaunchConfig(64, 64, 4, 3) if family == 90 else LaunchConfig(32, 64, 4, 3)
+    if tf32 and family == 80 and bd <= 32:  # 3 stages spilled 4 B at D = 32 with dropout (2026-12-04)
+        return LaunchConfig(cfg.block_m, cfg.block_n, cfg.num_warps, 2)
     if family == 90 and dropout and not tf32 and 32 < bd <= 64:
         return LaunchConfig(64, 32, 4, 3)
     return replace(cfg, sat_block_n=0)
@@ -154,7 +177,9 @@ def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         # spilled 188 B, 32x64 40 B (8 warps would need 128-key tiles for 16-byte copies)
         if family == 80:  # packed with dropout: 32x64 spilled 4 B
             return LaunchConfig(32, 64, 4, 3, 128) if varlen and not dropout else LaunchConfig(64, 32, 4, 3, 128)
-        return LaunchConfig(64, 64, 4, 3, 64 if varlen and dropout else 128)  # packed, dropout, 128: 4 B
+        if varlen and dropout:  # 128-key saturated tiles: 4 B; 64x64 8 B with 8 keys per Philox call (2026-12-04)
+            return LaunchConfig(64, 32, 4, 3, 64)
+        return LaunchConfig(64, 64, 4, 3, 128)
     if bd <= 64:
         if tf32:  # float32 tiles: 64x64 spilled 20 B (sm_90) / 164 B (sm_80) and needed 115-135 KB; 2x saturated
             # tiles: 116-158 KB.  sm_8x: 32x64 spilled 4 B with dropout, 14-24 B at D = 16 / 32 (2026-12-03)
@@ -218,15 +243,18 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     (32x32 spilled 1-1.8 KB at D=64): 4 warps, 2 stages on sm_90 and 8 warps, 1 stage on sm_8x, the ones without spills
     (16x16 on 4 warps, 1 stage spilled 4-12 B)."""
     bwd = LaunchConfig(16, 16, 4, 2) if family == 90 else LaunchConfig(16, 16, 8, 1)
-    dq = LaunchConfig(16, 16, 8, 2) if family == 90 and bd > 128 else bwd  # sm_90 D = 256 on 4 warps: 4 B (2026-12-04)
+    # sm_90 dq on 8 warps: 4 warps spilled 4 B at D = 256, and 8-12 B at D = 32 - 128 with 8 keys per dropout Philox
+    # call (the full tier, 2026-12-04)
+    dq = LaunchConfig(16, 16, 8, 2) if family == 90 else bwd
     fwd = LaunchConfig(32, 16, 4, 2) if bd <= 64 else LaunchConfig(16, 16, 4, 2)
     # dK/dV (the full tier of the compile check, 2026-12-03, session 13): sm_90 1 stage spilled 4-8 B at D = 32 / 64
     # (2 stages: 0 B; at D = 16 4 B with c2p + p2c, 1 stage 8 B without: 2 warps 0 B); sm_8x 8 warps 4 B at D = 32
-    # (4 warps: 0 B)
+    # (4 warps: 0 B).  With 8 keys per dropout Philox call (2026-12-04): sm_90 D = 256 2 stages 4 B (1 stage 0 B),
+    # sm_8x D = 16 4 warps 4 B (8 warps 0 B)
     if family == 90:
-        dkdv = LaunchConfig(16, 16, 2, 1) if bd <= 16 else bwd
+        dkdv = LaunchConfig(16, 16, 2, 1) if bd <= 16 else LaunchConfig(16, 16, 4, 1) if bd > 128 else bwd
     else:
-        dkdv = LaunchConfig(16, 16, 4, 1) if bd <= 32 else bwd
+        dkdv = LaunchConfig(16, 16, 4, 1) if bd == 32 else bwd
     return fwd if pass_ == "fwd" else BackwardConfig(dq=dq, dkdv=dkdv)
 
 
@@ -449,10 +477,10 @@ def _launch_kwargs(cfg: LaunchConfig, pr: _Prepared, fwd: bool = False) -> dict:
 
 
 def _drop_threshold(p: float) -> int:
-    """Dropout keeps a Philox word ``w`` iff ``w >= round(p * 2**32)`` (uint32, as the CUDA kernels); passed as
-    the int32 with the same bits, so that every rate launches the same compiled kernel."""
-    t = min(round(float(p) * 2.0 ** 32), 2 ** 32 - 1)
-    return t - 2 ** 32 if t >= 2 ** 31 else t
+    """Dropout keeps a 16-bit Philox half ``u`` iff ``u >= round(p * 2**16)`` (at most ``2**16 - 1``, as the CUDA
+    kernels' ``std::round``: halves away from zero); an int argument, so that every rate launches the same compiled
+    kernel."""
+    return min(math.floor(float(p) * 2.0 ** 16 + 0.5), 2 ** 16 - 1)
 
 
 def _qkvo_strides(q, k, v, o):

@@ -1,5 +1,7 @@
 """numpy Philox4x32-10 and the dropout keep-mask both kernel backends draw (checked against Random123's
 known answers in test_cuda_backend.py)."""
+import math
+
 import numpy as np
 import torch
 
@@ -21,11 +23,24 @@ def philox4x32_10(c, key):
     return c0, c1, c2, c3
 
 
-def keep_mask(seed, offset, B, H, Lq, Lk, p):
-    """The kernels' dropout mask: word (j%4) of Philox({j/4, i, b*H+h, offset}, seed) >= round(p*2^32)."""
-    bh, i, j = np.meshgrid(np.arange(B * H), np.arange(Lq), np.arange(Lk), indexing="ij")
-    words = philox4x32_10([j >> 2, i, bh, np.full_like(j, offset & 0xFFFFFFFF)],
+def drop_threshold(p):
+    """The 16-bit keep threshold of dropout rate ``p``: ``round(p * 2**16)`` (halves away from zero, as
+    ``std::round``), at most ``2**16 - 1``."""
+    return min(math.floor(p * 2 ** 16 + 0.5), 2 ** 16 - 1)
+
+
+def keep_of(seed, offset, bh, i, j, p):
+    """The kernels' dropout decision for elements ``(bh, i, j)`` (numpy int arrays of one shape): half ``j % 2`` (low
+    16 bits for even ``j``) of word ``(j / 2) % 4`` of Philox({j / 8, i, bh, offset}, seed), kept iff it is
+    ``>= round(p * 2**16)``; one Philox call serves 8 keys."""
+    words = philox4x32_10([j >> 3, i, bh, np.full_like(j, offset & 0xFFFFFFFF)],
                           (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
-    w = np.choose(j & 3, words)
-    thresh = min(int(round(p * 2 ** 32)), 2 ** 32 - 1)
-    return torch.from_numpy((w >= thresh).reshape(B, H, Lq, Lk))
+    w = np.choose((j >> 1) & 3, words)
+    half = np.where((j & 1) == 1, w >> np.uint64(16), w & np.uint64(0xFFFF))
+    return half >= drop_threshold(p)
+
+
+def keep_mask(seed, offset, B, H, Lq, Lk, p):
+    """The kernels' dropout mask ``[B, H, Lq, Lk]`` (bool; :func:`keep_of` with ``bh = b * H + h``)."""
+    bh, i, j = np.meshgrid(np.arange(B * H), np.arange(Lq), np.arange(Lk), indexing="ij")
+    return torch.from_numpy(keep_of(seed, offset, bh, i, j, p).reshape(B, H, Lq, Lk))

@@ -144,7 +144,7 @@ def _f32(x):
 
 
 def _thresh(p):
-    return min(math.floor(p * 2 ** 32 + 0.5), 2 ** 32 - 1)  # std::round: half away from zero
+    return min(math.floor(p * 2 ** 16 + 0.5), 2 ** 16 - 1)  # std::round: half away from zero
 
 
 # ----------------------------------------------------------------------------- recorded Params

@@ -2,7 +2,7 @@
 
 CPU: refusals, offset validation, fake kernels, and torch emulations of exactly what the kernels
 index (tables ``[H, T, 2S]`` at row ``h*T + token``, slot ``table[i - j + max_k - 1]``, one band
-window for all sequences, Philox counters ``{j/4, i, n*H + h, offset}``) against the torch backend
+window for all sequences, Philox counters ``{j/8, i, n*H + h, offset}``) against the torch backend
 and the per-sequence gather gradient.  GPU (``@pytest.mark.gpu``): kernels against the fp64
 reference run per sequence."""
 import math
@@ -18,7 +18,7 @@ from deberta_fast.dispatch import BackendUnavailableError, build_varlen_call
 from deberta_fast.positions import attention_span, relative_slot_table, slot_band
 from deberta_fast.reference import default_scale
 
-from philox_ref import philox4x32_10  # noqa: E402  (numpy Philox, checked against Random123 in test_cuda_backend)
+from philox_ref import keep_of  # noqa: E402  (numpy Philox, checked against Random123 in test_cuda_backend)
 
 HAS_CUDA = torch.cuda.is_available()
 BUILT = _cuda_ext.load() is not None
@@ -282,27 +282,25 @@ def test_varlen_band_window_reproduces_per_sequence_gather_gradient(lens_q, lens
 
 
 def keep_mask_varlen(seed, offset, lens_q, lens_k, H, p):
-    """The kernels' varlen dropout mask per sequence: word (j%4) of Philox({j/4, i, n*H+h, offset}, seed)."""
-    thresh = min(int(round(p * 2 ** 32)), 2 ** 32 - 1)
+    """The kernels' varlen dropout mask per sequence: ``keep_of`` with ``bh = n * H + h`` and ``i``, ``j`` within
+    sequence ``n``."""
     masks = []
     for n, (lq, lk) in enumerate(zip(lens_q, lens_k)):
         bh, i, j = np.meshgrid(n * H + np.arange(H), np.arange(lq), np.arange(lk), indexing="ij")
-        words = philox4x32_10([j >> 2, i, bh, np.full_like(j, offset & 0xFFFFFFFF)],
-                              (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
-        masks.append(torch.from_numpy(np.choose(j & 3, words) >= thresh))
+        masks.append(torch.from_numpy(keep_of(seed, offset, bh, i, j, p)))
     return masks
 
 
 def test_varlen_dropout_counters_distinct_and_statistics():
     lens_q, lens_k, H = [7, 33, 1, 64], [9, 33, 5, 64], 3
-    # counters (j/4, i, n*H+h) never repeat across sequences / heads for one (seed, offset)
+    # counters (j/8, i, n*H+h) never repeat across sequences / heads for one (seed, offset)
     ctrs = set()
     for n, (lq, lk) in enumerate(zip(lens_q, lens_k)):
         for h in range(H):
             for i in range(lq):
-                for jg in range((lk + 3) // 4):
+                for jg in range((lk + 7) // 8):
                     ctrs.add((jg, i, n * H + h))
-    assert len(ctrs) == sum(H * lq * ((lk + 3) // 4) for lq, lk in zip(lens_q, lens_k))
+    assert len(ctrs) == sum(H * lq * ((lk + 7) // 8) for lq, lk in zip(lens_q, lens_k))
     keep = keep_mask_varlen(0x1234_5678_9ABC, 0, lens_q, lens_k, H, 0.3)
     frac = torch.cat([m.reshape(-1) for m in keep]).float().mean().item()
     assert abs(frac - 0.7) < 0.02

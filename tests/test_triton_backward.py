@@ -6,7 +6,7 @@ import torch
 from deberta_fast import disentangled_attention, disentangled_attention_reference
 from deberta_fast.backends.triton_backend import triton_attention
 from deberta_fast.dispatch import build_call
-from philox_ref import keep_mask
+from philox_ref import drop_threshold, keep_mask
 
 from triton_cases import (BUCKETED, UNBUCKETED, V3, assert_close_fp32, assert_close_lowp, cast, grads, make_inputs,
                           max_err, reference_fn, triton_fn)
@@ -181,12 +181,20 @@ def test_dropout_keep_rate_and_independence():
 
 @pytest.mark.parametrize("seed, p", [(1234, 0.3), (2**40 + 77, 0.5), (5, 0.875)])
 def test_dropout_mask_is_the_cuda_kernels_stream(seed, p):
-    """Word j%4 of Philox4x32-10(key=seed, counter=(j//4, i, b*H+h, 0)) >= round(p*2^32), as the CUDA
-    kernels draw it (numpy Philox checked against Random123): one Philox call per 4 keys, a 64-bit seed
-    (both key words), thresholds at and above 2^31, odd Lk (a last partial group of 4)."""
+    """16-bit half j%2 of word (j//2)%4 of Philox4x32-10(key=seed, counter=(j//8, i, b*H+h, 0)) >= round(p*2^16),
+    as the CUDA kernels draw it (numpy Philox checked against Random123): one Philox call per 8 keys, a 64-bit seed
+    (both key words), thresholds at and above 2^15, odd Lk (a last partial group of 8)."""
     B, H, Lq, Lk = 2, 3, 37, 29
     keep = recover_keep_mask(B, H, Lq, Lk, seed, p=p)
     assert torch.equal(keep, keep_mask(seed, 0, B, H, Lq, Lk, p))
+
+
+def test_drop_threshold_rounds_as_the_cuda_kernels():
+    """The 16-bit threshold ``round(p * 2**16)`` rounds halves away from zero (``std::round`` in the CUDA bindings,
+    not Python's half-to-even) and saturates at ``2**16 - 1``."""
+    from deberta_fast._kernels.triton_attention_launch import _drop_threshold
+    for p, want in [(0.0, 0), (0.1, 6554), (0.5, 32768), (2.5 / 2 ** 16, 3), (3.5 / 2 ** 16, 4), (1 - 2 ** -18, 65535)]:
+        assert _drop_threshold(p) == drop_threshold(p) == want, p
 
 
 @pytest.mark.parametrize("Lq,Lk,mask", [(48, 32, "key"), (40, 40, "key"), (33, 50, "full")])
