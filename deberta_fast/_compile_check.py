@@ -141,7 +141,7 @@ def _max_head_dim() -> int:
         return 256
 
 
-PROBE_LENGTHS = (512, 64, 128, 256, 1024, 2048, 4096, 32, 16, 1, 8192, 16384)
+PROBE_LENGTHS = (512, 200, 64, 128, 256, 1024, 2048, 4096, 32, 16, 1, 8192, 16384)  # 200: not a multiple of 16
 
 
 @dataclasses.dataclass(frozen=True)
