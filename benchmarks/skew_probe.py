@@ -140,8 +140,9 @@ def probe(cc: int = 90) -> list[dict]:
             for bm, bn, warps in ((64, 64, 4), (128, 64, 8)):
                 try:
                     k, w = _compile_gluon(cc, bm, bn, warps, half)
-                except Exception as e:  # an older Gluon (no shared-memory gather): say so in the table
-                    rows.append({"variant": name, "cc": cc, "block_m": bm, "block_n": bn, "error": str(e)[:200]})
+                except Exception as e:  # an older Gluon (3.6: no gl.barrier, no shared-memory gather): say so
+                    why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    rows.append({"variant": name, "cc": cc, "block_m": bm, "block_n": bn, "error": why[:200]})
                     continue
                 rows.append(row(name, k, bm, bn, w, warps))
     for mode, name in MODES.items():
