@@ -49,6 +49,38 @@ def test_gpu_tiles_v3_buckets(gpu_configs):
     _check(1, 2, 130, 64, V3)
 
 
+@pytest.mark.parametrize("D,L", [(64, 75), (128, 61)], ids=["D64", "D128"])
+def test_gpu_tiles_dropout(gpu_configs, D, L):
+    """Dropout under the GPU tiles (the keep mask built per tile: 64-key forward tiles and their wider saturated ones,
+    dK/dV's transposed mask on 16- and 32-key tiles), against the reference with the stream's mask
+    (``philox_ref.keep_mask``); a length that ends inside a group of 8 keys."""
+    from deberta_fast.backends.triton_backend import triton_attention
+    from deberta_fast.dispatch import build_call
+    from deberta_fast.reference import disentangled_attention_reference
+    from philox_ref import keep_mask
+
+    B, H, p, seed = 1, 2, 0.25, 4321
+    q, k, v, pk, pq, mask, kw = make_inputs(B, H, L, L, D, buckets=BUCKETED, mask="key")
+    c = build_call(q, k, v, pk, pq, attention_mask=mask, scale=None, dropout_p=p, **kw)
+    keep = keep_mask(seed, 0, B, H, L, L, p)
+    do = torch.randn(B, H, L, D)
+
+    def kernel(q, k, v, pk, pq):
+        return triton_attention(q, k, v, pk, pq, c.key_mask, c.full_mask, c.uniform_rows, span=c.span, scale=c.scale,
+                                dropout_p=p, seed=seed, **kw)
+
+    def reference(q, k, v, pk, pq):
+        _, probs = disentangled_attention_reference(q, k, v, pk, pq, attention_mask=mask, return_probs=True, **kw)
+        return torch.matmul(probs * keep / (1 - p), v)
+
+    got = grads(kernel, (q, k, v, pk, pq), torch.float32, do)
+    ref = grads(reference, (q, k, v, pk, pq), torch.float64, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, ref):
+        assert_close_fp32(a, b, tol=2e-5, what=name)
+    from deberta_fast._kernels import triton_attention_launch as launch
+    assert len(gpu_configs) == 2 and gpu_configs[0] != launch._INTERPRETER_CONFIG["fwd"]
+
+
 def test_gpu_tiles_packed(gpu_configs):
     """Packed sequences of uneven lengths under the D=64 GPU tiles."""
     lens = [70, 3, 130]
