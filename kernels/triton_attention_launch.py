@@ -355,6 +355,9 @@ def row_offset_problem(q, k, v, q_len: int, k_len: int, varlen: bool = False) ->
     None."""
     for name, t, rows in (("query", q, q_len), ("key", k, k_len), ("value", v, k_len)):
         stride = t.stride(0) if varlen else t.stride(-2)
+        if t.shape[-1] % 16:  # the kernels see a contiguous copy with the head dim padded (_aligned_head_dim)
+            dp = t.shape[-1] + -t.shape[-1] % 16
+            stride = t.shape[-2] * dp if varlen else dp
         if not rows_fit(stride, rows):
             return (f"the Triton kernels index the rows of one (batch, head) block of {name} in int32: {rows} rows "
                     f"of stride {stride} are too far apart (needs (L + {KMASK_PAD}) * stride < 2**31); call "

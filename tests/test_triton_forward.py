@@ -153,8 +153,8 @@ def test_rows_too_far_apart_for_int32_offsets_are_refused():
     from deberta_fast._kernels.triton_attention_launch import KMASK_PAD, row_offset_problem, rows_fit
 
     class Strided:
-        def __init__(self, row):
-            self.row = row
+        def __init__(self, row, shape=(1, 64)):
+            self.row, self.shape = row, shape
 
         def stride(self, dim):
             return self.row
@@ -165,6 +165,11 @@ def test_rows_too_far_apart_for_int32_offsets_are_refused():
     why = row_offset_problem(ok, ok, wide, 4096, 4096)
     assert "value" in why and "int32" in why and "backend='torch'" in why
     assert "query" in row_offset_problem(wide, ok, ok, 4096, 16, varlen=True)
+    # packed [T, 1024 heads, D]: D = 40 runs on a copy padded to 48, whose row stride is what the kernels see
+    d32, d40 = Strided(1024 * 32, (1024, 32)), Strided(1024 * 40, (1024, 40))
+    assert rows_fit(1024 * 40, 49744) and not rows_fit(1024 * 48, 49744)
+    assert row_offset_problem(d32, d32, d32, 49744, 49744, varlen=True) is None
+    assert "query" in row_offset_problem(d40, d32, d32, 49744, 49744, varlen=True)
 
 
 def test_custom_ops_opcheck():

@@ -19,8 +19,10 @@ def gpu_configs(monkeypatch, request):
     def gpu_config(pass_, q_len, k_len, head_dim, fp32_ieee=False, **kw):
         # the 16-bit configs of each architecture family (the tests' float32 would pick the IEEE float32 ones, all
         # 32x32 like the interpreter's)
+        varlen = kw.get("varlen", False)
+        full, aligned = kw.get("full_mask", False) and not varlen, not varlen and q_len % 16 == 0 and k_len % 16 == 0
         cfg = launch._gpu_config(pass_, max(16, launch._next_pow2(head_dim)), max(q_len, k_len) <= 64, False, False,
-                                 request.param, kw.get("varlen", False), kw.get("dropout", False))
+                                 request.param, varlen, kw.get("dropout", False), full, aligned)
         used.append(cfg)
         return cfg
 
@@ -49,7 +51,7 @@ def test_gpu_tiles_v3_buckets(gpu_configs):
     _check(1, 2, 130, 64, V3)
 
 
-@pytest.mark.parametrize("D,L", [(64, 75), (128, 61)], ids=["D64", "D128"])
+@pytest.mark.parametrize("D,L", [(64, 75), (64, 96), (128, 61)], ids=["D64", "D64-aligned", "D128"])
 def test_gpu_tiles_dropout(gpu_configs, D, L):
     """Dropout under the GPU tiles (the keep mask built per tile: 64-key forward tiles and their wider saturated ones,
     dK/dV's transposed mask on 16- and 32-key tiles), against the reference with the stream's mask
