@@ -51,18 +51,20 @@ def test_gpu_tiles_v3_buckets(gpu_configs):
     _check(1, 2, 130, 64, V3)
 
 
+@pytest.mark.parametrize("mask", ["key", "full"])
 @pytest.mark.parametrize("D,L", [(64, 75), (64, 96), (128, 61)], ids=["D64", "D64-aligned", "D128"])
-def test_gpu_tiles_dropout(gpu_configs, D, L):
+def test_gpu_tiles_dropout(gpu_configs, D, L, mask):
     """Dropout under the GPU tiles (the keep mask built per tile: 64-key forward tiles and their wider saturated ones,
     dK/dV's transposed mask on 16- and 32-key tiles), against the reference with the stream's mask
-    (``philox_ref.keep_mask``); a length that ends inside a group of 8 keys."""
+    (``philox_ref.keep_mask``); a length that ends inside a group of 8 keys.  A full mask takes configs of its own
+    (``launch_config(full_mask=True)``) and reads the mask's zero frame past the lengths."""
     from deberta_fast.backends.triton_backend import triton_attention
     from deberta_fast.dispatch import build_call
     from deberta_fast.reference import disentangled_attention_reference
     from philox_ref import keep_mask
 
     B, H, p, seed = 1, 2, 0.25, 4321
-    q, k, v, pk, pq, mask, kw = make_inputs(B, H, L, L, D, buckets=BUCKETED, mask="key")
+    q, k, v, pk, pq, mask, kw = make_inputs(B, H, L, L, D, buckets=BUCKETED, mask=mask)
     c = build_call(q, k, v, pk, pq, attention_mask=mask, scale=None, dropout_p=p, **kw)
     keep = keep_mask(seed, 0, B, H, L, L, p)
     do = torch.randn(B, H, L, D)
@@ -81,6 +83,8 @@ def test_gpu_tiles_dropout(gpu_configs, D, L):
         assert_close_fp32(a, b, tol=2e-5, what=name)
     from deberta_fast._kernels import triton_attention_launch as launch
     assert len(gpu_configs) == 2 and gpu_configs[0] != launch._INTERPRETER_CONFIG["fwd"]
+    if mask == "full":  # the full-mask forward configs: saturated tiles as wide as the band's
+        assert gpu_configs[0].sat_block_n in (0, gpu_configs[0].block_n), gpu_configs[0]
 
 
 def test_gpu_tiles_packed(gpu_configs):
