@@ -356,8 +356,8 @@ def row_offset_problem(q, k, v, q_len: int, k_len: int, varlen: bool = False) ->
     for name, t, rows in (("query", q, q_len), ("key", k, k_len), ("value", v, k_len)):
         stride = t.stride(0) if varlen else t.stride(-2)
         if t.shape[-1] % 16:  # the kernels see a contiguous copy with the head dim padded (_aligned_head_dim)
-            dp = t.shape[-1] + -t.shape[-1] % 16
-            stride = t.shape[-2] * dp if varlen else dp
+            padded = -(-t.shape[-1] // 16) * 16
+            stride = t.shape[-2] * padded if varlen else padded
         if not rows_fit(stride, rows):
             return (f"the Triton kernels index the rows of one (batch, head) block of {name} in int32: {rows} rows "
                     f"of stride {stride} are too far apart (needs (L + {KMASK_PAD}) * stride < 2**31); call "
@@ -500,28 +500,30 @@ def _head_dim_sliced(D: int, *tensors):
     return [None if t is None else t[..., :D].contiguous() for t in tensors]
 
 
-def _aligned_head_dim(fn):
-    """Runs a launcher on inputs whose head dim is a multiple of 16, zero-padded if it is not, and slices the head
-    dim of its results back (the first result's ``stats`` pass through).  Zero columns change no dot product and
-    give zero output / gradient columns, so the results are those of the unpadded call.  Why: the launch
-    specialization marks integers divisible by 16, and a row stride such as 40 gets no mark, so every Q / K / V load
-    of the kernels went scalar (D = 40 on sm_90: 2.5x the instructions of D = 48 per score and 8-408 B spilled,
-    static profile 2026-12-04); padded, D = 40 runs the D = 48 kernels."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        D = args[1].shape[-1]
-        pad = -D % 16
-        if not pad:
-            return fn(*args, **kwargs)
-        backward = fn.__name__.startswith("attention_backward")
-        n = 7 if backward else 5  # (do,) q, k, v, pos_key, pos_query (, out)
-        args = [*_pad_head_dim(pad, *args[:n]), *args[n:]]
-        res = fn(*args, **kwargs)
-        return (*_head_dim_sliced(D, *res),) if backward else (*_head_dim_sliced(D, res[0]), res[1])
-    return wrapper
+def _aligned_head_dim(n_padded: int):
+    """Runs a launcher on inputs whose head dim is a multiple of 16: its first ``n_padded`` positional arguments
+    (``(do,) q, k, v, pos_key, pos_query (, out)``) are zero-padded if it is not, and the head dim of its results is
+    sliced back (a forward's ``stats`` pass through).  Zero columns change no dot product and give zero output /
+    gradient columns, so the results are those of the unpadded call.  Why: the launch specialization marks integers
+    divisible by 16, and a row stride such as 40 gets no mark, so every Q / K / V load of the kernels went scalar
+    (D = 40 on sm_90: up to 1.7x the instructions of D = 48 per score and 8-408 B spilled, static profile
+    2026-12-04); padded, D = 40 runs the D = 48 kernels."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            D = args[0].shape[-1]  # q (forward) or do (backward)
+            pad = -D % 16
+            if not pad:
+                return fn(*args, **kwargs)
+            res = fn(*_pad_head_dim(pad, *args[:n_padded]), *args[n_padded:], **kwargs)
+            if n_padded == 5:  # forward: (out, stats)
+                return (*_head_dim_sliced(D, res[0]), res[1])
+            return (*_head_dim_sliced(D, *res),)
+        return wrapper
+    return decorate
 
 
-@_aligned_head_dim
+@_aligned_head_dim(5)
 def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, *, position_buckets,
                       max_relative_positions, span, scale, dropout_p, seed):
     """Fused forward.  Returns ``(out [B,H,Lq,D] in q.dtype, stats float32 [2,B,H,Lq])``."""
@@ -575,7 +577,7 @@ def _position_grads(sums, pos, x, pr: _Prepared):
     return dx, dpos
 
 
-@_aligned_head_dim
+@_aligned_head_dim(7)
 def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows, *,
                        position_buckets, max_relative_positions, span, scale, dropout_p, seed):
     """Fused backward from the forward's ``stats``.  Returns ``(dq, dk, dv, dpos_key, dpos_query)``
@@ -632,7 +634,7 @@ def _varlen_prepare(q, k, pos_key, pos_query, max_seqlen_q, max_seqlen_k, positi
                     backward=backward)
 
 
-@_aligned_head_dim
+@_aligned_head_dim(5)
 def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                              position_buckets, max_relative_positions, span, scale, dropout_p, seed):
     """Fused forward over packed sequences.  ``q [Tq,H,D]``, ``k``/``v [Tk,H,D]`` (last dim
@@ -657,7 +659,7 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     return out, stats
 
 
-@_aligned_head_dim
+@_aligned_head_dim(7)
 def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, *, position_buckets, max_relative_positions, span, scale, dropout_p,
                               seed):
