@@ -3,6 +3,8 @@
     python -m benchmarks.gpu_session                       # every stage, within --budget seconds
     python -m benchmarks.gpu_session --stages bench-core   # a later call goes on where time ran out
     python -m benchmarks.gpu_session --rehearse            # CPU rehearsal: the same steps at CPU sizes
+    python -m benchmarks.gpu_session --profile headline --caps parity=120,bench-core=130 --sanitizers memcheck
+                                                           # a short lease: the goals' shapes, stage caps
 
 Stages (in this order; each in a subprocess with its own log, stopped at the budget's end):
 
@@ -78,7 +80,14 @@ json.dump(env, open({os.path.join(out, "env.json")!r}, "w"), indent=1)
 """
 
 
-def plan(stage: str, out: str, rehearse: bool, py: str) -> list[tuple[str, list[str], dict]]:
+#: candidates a ``headline`` bench-core leaves out: flex's torch.compile takes minutes per shape, and the torch
+#: backend is the reference path (it materialises [B, H, L, L])
+HEADLINE_CORE_SKIP = "not flex and not deberta_fast-torch"
+HEADLINE_MODEL_SKIP = "not deberta_fast-torch and not disentangled-flash-torch"
+
+
+def plan(stage: str, out: str, rehearse: bool, py: str, profile: str = "full",
+         sanitizers: tuple = tuple(SANITIZER_TOOLS)) -> list[tuple[str, list[str], dict]]:
     """(label, argv, extra env) of each command of a stage."""
     if stage == "env":
         return [("env", [py, "-c", _env_script(out)], {})]
@@ -123,21 +132,24 @@ def plan(stage: str, out: str, rehearse: bool, py: str) -> list[tuple[str, list[
                 if backend == "triton":
                     cmds.append((f"cases-{backend}", case + ["--rehearse"], {}))
                 continue
-            for tool in SANITIZER_TOOLS:
+            for tool in sanitizers:
                 # no caching allocator: an out-of-bounds access inside a pooled block would go unseen
                 cmds.append((f"{tool}-{backend}", ["compute-sanitizer", "--tool", tool, "--error-exitcode", "3",
                                                    "--print-limit", "50", *case],
                              {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}))
         return cmds
     if stage in ("bench-core", "bench-model"):
-        common = ["-q", "-p", "no:cacheprovider", "--profile", "quick" if rehearse else "full",
+        common = ["-q", "-p", "no:cacheprovider", "--profile", "quick" if rehearse else profile,
                   "--results-dir", os.path.join(out, "results")]
         if stage == "bench-model":
-            parts = [("model", "benchmarks/bench_model.py", "inference and v3-base" if rehearse else None)]
+            sel = "inference and v3-base" if rehearse else (HEADLINE_MODEL_SKIP if profile == "headline" else None)
+            parts = [("model", "benchmarks/bench_model.py", sel)]
         else:  # each part saves its own results folder: what ran before a timeout is kept
             parts = [("host", "benchmarks/bench_host.py", None),
                      ("core-bf16", "benchmarks/bench_core.py", "fwd" if rehearse else "bfloat16")]
-            if not rehearse:
+            if profile == "headline" and not rehearse:  # bf16 only; the slow baselines left out
+                parts[1] = ("core-bf16", "benchmarks/bench_core.py", HEADLINE_CORE_SKIP)
+            elif not rehearse:
                 parts.append(("core-fp16", "benchmarks/bench_core.py", "float16 and not bfloat16"))
         return [(label, [py, "-m", "pytest", file, *common, *(["-k", sel] if sel else [])], {})
                 for label, file, sel in parts]
@@ -196,9 +208,10 @@ def _run(argv, env, log, timeout) -> object:
             return "timeout"
 
 
-def run_stage(stage, out, rehearse, py, env, deadline) -> dict:
+def run_stage(stage, out, rehearse, py, env, deadline, profile="full", sanitizers=tuple(SANITIZER_TOOLS),
+              caps=None) -> dict:
     t0 = time.time()
-    stage_end = min(deadline - RESERVE, t0 + CAPS[stage])
+    stage_end = min(deadline - RESERVE, t0 + (caps or CAPS)[stage])
     res = {"stage": stage, "commands": []}
     if stage == "sanitize" and not rehearse:
         left = stage_end - time.time()
@@ -208,7 +221,7 @@ def run_stage(stage, out, rehearse, py, env, deadline) -> dict:
             return res
     log_dir = os.path.join(out, "logs")
     status = "pass"
-    for label, argv, extra in plan(stage, out, rehearse, py):
+    for label, argv, extra in plan(stage, out, rehearse, py, profile, sanitizers):
         left = stage_end - time.time()
         if left < MIN_START:
             res["commands"].append({"label": label, "status": "skipped", "reason": "no time left in the budget"})
@@ -254,7 +267,22 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for all stages (default 540)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--rehearse", action="store_true", help="CPU rehearsal (interpreter, CPU sizes, no sanitizer)")
+    ap.add_argument("--profile", default="full", choices=["full", "headline"],
+                    help="benchmark profile of the bench stages on a GPU (default full)")
+    ap.add_argument("--caps", default="", help="stage=seconds,... : overrides of the stages' time caps")
+    ap.add_argument("--sanitizers", default=",".join(SANITIZER_TOOLS),
+                    help=f"compute-sanitizer tools, comma-separated (default {','.join(SANITIZER_TOOLS)})")
     args = ap.parse_args(argv)
+    caps = dict(CAPS)
+    for item in filter(None, (c.strip() for c in args.caps.split(","))):
+        name, _, secs = item.partition("=")
+        if name not in caps or not secs.replace(".", "", 1).isdigit():
+            ap.error(f"--caps: {item!r} is not stage=seconds with a stage from {', '.join(caps)}")
+        caps[name] = float(secs)
+    sanitizers = tuple(t.strip() for t in args.sanitizers.split(",") if t.strip())
+    for t in sanitizers:
+        if t not in SANITIZER_TOOLS:
+            ap.error(f"--sanitizers: unknown tool {t!r}; tools: {', '.join(SANITIZER_TOOLS)}")
     t0 = time.time()
     deadline = t0 + args.budget
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -290,7 +318,8 @@ def main(argv=None) -> int:
     results = []
     for s in stages:  # the summary is rewritten after every stage: an overrun keeps what was done
         try:
-            results.append(run_stage(s, out, args.rehearse, sys.executable, env, deadline))
+            results.append(run_stage(s, out, args.rehearse, sys.executable, env, deadline, args.profile,
+                                     sanitizers, caps))
         except Exception as e:  # noqa: BLE001 - a fault of the driver must not lose the other stages
             results.append({"stage": s, "status": "FAIL", "reason": f"driver error: {type(e).__name__}: {e}",
                             "commands": [], "seconds": 0.0})

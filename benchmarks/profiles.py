@@ -5,6 +5,9 @@ on 2 cores.  Its numbers exercise the harness; they say nothing about GPU speed.
 ``full``: GPU profile: DeBERTa-v3-base attention (H=12, D=64), 16,384 tokens per
 batch at L = 128 ... 8192 plus L = 65,536 with B = 1, bf16 and fp16; padded
 MNLI-like batches; long-document batches; v3-base and v3-large models.
+``headline``: GPU profile sized for a short lease: the issue goals' shapes only (bf16, 16,384 tokens at
+L = 512, 2048, 8192, forward and forward+backward; v3-base with the peers at MNLI-like and L = 8192 batches),
+fewer timed rounds.
 
 Selection: ``--profile`` (pytest option) > ``DEBERTA_FAST_BENCH_PROFILE`` > auto
 (``full`` when CUDA is available, else ``quick``).
@@ -171,6 +174,19 @@ def full_profile(device: str) -> Profile:
     )
 
 
+def headline_profile(device: str) -> Profile:
+    tokens = 16384
+    return Profile(
+        name="headline", device=device, dtypes=(torch.bfloat16,), heads=12, head_dim=64,
+        core_batches=tuple(dense_batch(tokens // L, L) for L in (512, 2048, 8192)), core_modes=("fwd", "fwdbwd"),
+        model_shapes=(V3_BASE,),
+        model_batches={"inference": (mnli_batch(64, 128), dense_batch(2, 8192)),
+                       "train": (mnli_batch(32, 128, seed=99),)},
+        time_budget_s=0.3, min_rounds=5, max_rounds=100, warmup_rounds=2,
+        flush_bytes=256 << 20,
+    )
+
+
 def select_profile(option: str | None = None) -> Profile:
     name = option or os.environ.get("DEBERTA_FAST_BENCH_PROFILE") or "auto"
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,8 +194,8 @@ def select_profile(option: str | None = None) -> Profile:
         name = "full" if device == "cuda" else "quick"
     if name == "quick":
         return quick_profile(device)
-    if name == "full":
+    if name in ("full", "headline"):
         if device != "cuda":
-            raise ValueError("the full profile needs a CUDA device (use --profile quick on CPU)")
-        return full_profile(device)
-    raise ValueError(f"unknown benchmark profile {name!r}: choose quick, full or auto")
+            raise ValueError(f"the {name} profile needs a CUDA device (use --profile quick on CPU)")
+        return full_profile(device) if name == "full" else headline_profile(device)
+    raise ValueError(f"unknown benchmark profile {name!r}: choose quick, full, headline or auto")

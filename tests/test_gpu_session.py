@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,6 +73,34 @@ def test_gpu_plan_covers_every_deliverable(tmp_path):
     assert all("full" in argv[k] for k in ("host", "core-bf16", "core-fp16", "model"))
     sanitize = gs.plan("sanitize", str(tmp_path), False, sys.executable)
     assert all(extra == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} for _, _, extra in sanitize)
+
+
+def test_gpu_plan_headline_profile(tmp_path):
+    """A short lease: the bench stages under the headline profile (bf16 only, slow baselines left out), the
+    sanitizer tools asked for; the profile itself holds the issue goals' shapes."""
+    from benchmarks import gpu_session as gs
+    from benchmarks.profiles import headline_profile
+
+    core = dict((c[0], c[1]) for c in gs.plan("bench-core", str(tmp_path), False, sys.executable, "headline"))
+    assert list(core) == ["host", "core-bf16"]
+    assert core["core-bf16"][-2:] == ["-k", gs.HEADLINE_CORE_SKIP] and "headline" in core["core-bf16"]
+    (_, model, _), = gs.plan("bench-model", str(tmp_path), False, sys.executable, "headline")
+    assert model[-2:] == ["-k", gs.HEADLINE_MODEL_SKIP] and "headline" in model
+    san = gs.plan("sanitize", str(tmp_path), False, sys.executable, "headline", ("memcheck",))
+    assert [c[0] for c in san] == ["memcheck-cuda", "memcheck-triton"]
+    prof = headline_profile("cuda")
+    assert [b.padded_len for b in prof.core_batches] == [512, 2048, 8192]
+    assert all(b.tokens == 16384 for b in prof.core_batches) and prof.dtypes == (torch.bfloat16,)
+    assert 8192 in [b.padded_len for b in prof.model_batches["inference"]]
+
+
+def test_gpu_session_rejects_bad_caps_and_tools(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for args, word in ((["--caps", "parity=x"], "--caps"), (["--caps", "nope=3"], "--caps"),
+                       (["--sanitizers", "initcheck"], "--sanitizers")):
+        p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_session", "--rehearse", "--out", str(tmp_path),
+                            *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and word in p.stderr, (args, p.stderr[-300:])
 
 
 @needs_no_session
