@@ -69,6 +69,31 @@ def _results_root(config) -> str:
             or _RESULTS_ROOT)
 
 
+class JsonTarget(os.PathLike):
+    """``--benchmark-json``'s value as both pytest-benchmark generations use it: a path that 5.2+ opens
+    (``open(self.json, "wb")``), and a context manager giving a binary file that older versions write to
+    (``with self.json as fh``; their option was an ``argparse.FileType``), such as the GPU image's."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._fh = None
+
+    def __fspath__(self):
+        return str(self.path)
+
+    def __str__(self):
+        return str(self.path)
+
+    def __enter__(self):
+        self._fh = open(self.path, "wb")
+        return self._fh
+
+    def __exit__(self, *exc):
+        self._fh.close()
+        self._fh = None
+        return False
+
+
 def _setup_saving(config, prof):
     """Point pytest-benchmark's JSON at ``<results root>/<date>-<device>-<profile>[-n]/results.json``
     (unless --benchmark-json names a file); pytest_sessionfinish adds the table and plots, or removes
@@ -88,7 +113,7 @@ def _setup_saving(config, prof):
         outdir = f"{base}-{n}"
     os.makedirs(outdir)
     config._df_outdir = outdir
-    path = Path(outdir) / "results.json"
+    path = JsonTarget(Path(outdir) / "results.json")
     # before pytest-benchmark reads the option (its session is made in its own pytest_configure) ...
     config.option.benchmark_json = path
     # ... or after, whichever comes first

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark harness (benchmarks/): its oracles, baselines, FLOP counts,
 profiles and report.  No timing and no speed targets here (those live in benchmarks/)."""
+import os
 import json
 
 import pytest
@@ -131,3 +132,16 @@ def test_report_marks_wrong_and_ratios(tmp_path):
     assert "WRONG" in wrong and "40.00" not in wrong
     assert "flex: no backward on CPU" in table
     assert (tmp_path / "res" / outdir.split("/")[-1] / "results.json").exists()
+
+
+def test_json_target_serves_both_pytest_benchmark_generations(tmp_path):
+    """5.2+ opens the path; older versions (the GPU image's) write to ``with self.json as fh``."""
+    from benchmarks.conftest import JsonTarget
+
+    t = JsonTarget(tmp_path / "r.json")
+    with open(t, mode="wb") as fh:
+        fh.write(b"new")
+    assert (tmp_path / "r.json").read_bytes() == b"new" and str(t) == str(tmp_path / "r.json")
+    with t as fh:
+        fh.write(b"old")
+    assert (tmp_path / "r.json").read_bytes() == b"old" and os.fspath(t) == str(tmp_path / "r.json")
