@@ -40,11 +40,13 @@ def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_positi
     mid = bucket_size // 2
     abs_pos = torch.where(
         (relative_pos < mid) & (relative_pos > -mid),
-        torch.full((), mid - 1, dtype=torch.long).type_as(relative_pos),
+        torch.full((), mid - 1, dtype=relative_pos.dtype, device=relative_pos.device),
         torch.abs(relative_pos),
     )
-    # (0-d constants by torch.full, not torch.tensor: torch.export cannot re-trace a lifted torch.tensor constant)
-    ratio = torch.full((), (max_position - 1) / mid, dtype=torch.get_default_dtype())
+    # (0-d constants by torch.full, not torch.tensor: torch.export cannot re-trace a lifted torch.tensor constant.)
+    # Every constant on an explicit device (never torch's default device, which torch.set_default_device can make
+    # a GPU): the ratio a CPU 0-d tensor, as HF's is under the default default device.
+    ratio = torch.full((), (max_position - 1) / mid, dtype=torch.get_default_dtype(), device="cpu")
     log_pos = torch.ceil(torch.log(abs_pos / mid) / torch.log(ratio) * (mid - 1)) + mid
     return torch.where(abs_pos <= mid, relative_pos.type_as(log_pos), log_pos * sign)
 
@@ -185,7 +187,7 @@ def _distance_runs_cached(q_len, k_len, position_buckets, max_relative_positions
         lo, hi = -k_len, -(k_len - 1)
     else:  # the last index of the constant prefix, the first of the constant suffix
         lo, hi = int(change[0]) - (k_len - 1), int(change[-1]) + 1 - (k_len - 1)
-    idx = torch.clamp(torch.arange(lo, hi + 1) + (k_len - 1), 0, table.numel() - 1)
+    idx = torch.clamp(torch.arange(lo, hi + 1, device="cpu") + (k_len - 1), 0, table.numel() - 1)
     run_rows = table[idx]
     unique = bool((run_rows[1:] > run_rows[:-1]).all())
     return DistanceRuns(lo, hi, run_rows.to(device_str), unique)
@@ -221,7 +223,7 @@ def _slot_band_cached(position_buckets: int, max_relative_positions: int, span: 
     # delta is monotone non-decreasing in d and |delta(d)| >= min(|d|, ...) so the
     # saturation points lie within a few multiples of max(span, max_rel).
     limit = 4 * max(span, max_relative_positions, 2) + 8
-    d = torch.arange(-limit, limit + 1, dtype=torch.long)
+    d = torch.arange(-limit, limit + 1, dtype=torch.long, device="cpu")
     delta = relative_delta(d, position_buckets, max_relative_positions)
     slot = torch.clamp(delta + span, 0, 2 * span - 1)
     if not bool((delta[1:] >= delta[:-1]).all()):

@@ -43,7 +43,7 @@ __all__ = ["default_scale", "normalize_mask", "slot_index", "disentangled_attent
 
 @functools.lru_cache(maxsize=None)
 def _hf_scale(head_dim: int, num_rel_terms: int) -> float:
-    return 1.0 / torch.sqrt(torch.tensor(head_dim, dtype=torch.float) * (1 + num_rel_terms)).item()
+    return 1.0 / torch.sqrt(torch.tensor(head_dim, dtype=torch.float, device="cpu") * (1 + num_rel_terms)).item()
 
 
 @trace_constant  # torch.compile / export: evaluated once while tracing, a constant

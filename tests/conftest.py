@@ -47,7 +47,7 @@ def _kernel_tests_on_gpu(request):
         torch.set_default_device("cuda")
     yield
     if on_gpu:
-        torch.set_default_device("cpu")
+        torch.set_default_device(None)  # ("cpu" would leave its torch function mode on for the tests after)
 
 
 def _skip_gpu_tests_without_gpu(items):

@@ -73,3 +73,26 @@ def test_distance_runs(buckets, max_rel, lq, lk):
     band = slot_band(buckets, max_rel, span)
     assert band.hi > lq - 1 or band.hi >= runs.hi  # d >= band.hi (saturated tiles): the upper end run
     assert band.lo < -(lk - 1) or band.lo <= runs.lo
+
+
+def test_host_helpers_ignore_the_default_device():
+    """``torch.set_default_device`` (here "meta", standing in for "cuda" on a CPU machine) must not leak into the
+    CPU-side tables: every constant names its device (a GPU run found a crash with a CUDA default device)."""
+    from deberta_fast import positions as P
+    from deberta_fast.backends.triton_backend import draw_seed
+
+    args = (19, 23, 4, 8, 4)
+    want = (P.relative_slot_table(*args), P.distance_runs(*args), P.slot_band(4, 8, 4))
+    for f in (P._slot_table_cached, P._trimmed_cached, P._distance_runs_cached, P._slot_band_cached):
+        f.cache_clear()
+    torch.set_default_device("meta")
+    try:
+        got = (P.relative_slot_table(*args), P.distance_runs(*args), P.slot_band(4, 8, 4))
+        seed = draw_seed()
+        rel = P.relative_delta(torch.arange(-30, 31, device="cpu"), 4, 8)
+    finally:
+        torch.set_default_device(None)
+    assert got[0].device.type == "cpu" and torch.equal(got[0], want[0])
+    assert got[1].run_rows.device.type == "cpu" and torch.equal(got[1].run_rows, want[1].run_rows)
+    assert (got[1].lo, got[1].hi, got[2]) == (want[1].lo, want[1].hi, want[2])
+    assert isinstance(seed, int) and rel.device.type == "cpu"

@@ -259,3 +259,27 @@ def test_dropout_reproducible_under_manual_seed():
     nodrop = disentangled_attention(*cast((q, k, v, pk, pq), torch.float32), attention_mask=mask,
                                     backend="triton", **kw)
     assert not torch.equal(a[0], nodrop)
+
+
+@pytest.mark.parametrize("mask", ["key", "full"])
+def test_default_device_mode_keeps_the_direct_path(monkeypatch, mask):
+    """Under ``torch.set_default_device`` (here "meta": a constructor without a device would make a tensor no kernel
+    can use) forward and backward take the direct path and stay exact: every constructor on it names its device."""
+    from deberta_fast.backends import triton_backend
+
+    calls = []
+    real = triton_backend._direct
+    monkeypatch.setattr(triton_backend, "_direct", lambda *t: calls.append(real(*t)) or calls[-1])
+    q, k, v, pk, pq, m, kw = make_inputs(1, 2, 21, 21, 16, mask=mask)
+    do = torch.randn(1, 2, 21, 16)
+    ref = grads(reference_fn(m, kw), (q, k, v, pk, pq), torch.float64, do)
+    prev = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        got = grads(triton_fn(m, kw), (q, k, v, pk, pq), torch.float32, do)
+    finally:
+        torch.set_default_device(None if prev.type == "cpu" else prev)
+    assert calls == [True, True]
+    for name, a, b in zip(NAMES, got, ref):
+        assert a.device == q.device
+        assert_close_fp32(a, b, tol=2e-5, what=name)

@@ -230,6 +230,15 @@ def test_eager_calls_skip_the_custom_op_dispatch_but_tracers_see_the_op():
         assert not _direct(t)
     with FakeTensorMode():
         assert not _direct(t)
+    # torch.set_default_device's mode only picks constructors' device (the GPU test runs use it): direct
+    prev = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        assert _direct(t, None, t)
+        with TorchFunctionMode():
+            assert not _direct(t)
+    finally:
+        torch.set_default_device(None if prev.type == "cpu" else prev)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

@@ -18,6 +18,15 @@ from torch import Tensor
 
 from .base import AttentionCall, Backend, VarlenCall
 
+try:  # torch.set_default_device's mode, and the torch function mode stack (private; absent: every mode traces)
+    from torch.overrides import _get_current_function_mode_stack as _function_mode_stack
+    from torch.utils._device import DeviceContext
+except ImportError:  # pragma: no cover - older / newer torch
+    DeviceContext = None
+
+    def _function_mode_stack():
+        return [None]
+
 MAX_HEAD_DIM = 256
 
 
@@ -98,7 +107,7 @@ def _(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_
 
 def draw_seed() -> int:
     """Dropout seed from torch's default (CPU) generator: ``torch.manual_seed`` reproduces it."""
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device="cpu").item())
 
 
 def _direct(*tensors) -> bool:
@@ -106,8 +115,13 @@ def _direct(*tensors) -> bool:
     tensors, no torch function / dispatch mode (torch.compile, export, FakeTensor, functionalization and
     tensor subclasses all see the custom op).  The op's eager dispatch costs host time on every call (60-120 us
     per forward measured on the 2-core CPU machine, 2026-12-02; benchmarks/NOTES.md, "Host path") and adds
-    nothing there."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+    nothing there.  ``torch.set_default_device``'s mode (a torch function mode that only fills in the device of
+    tensor constructors; every constructor on the implementations' path names its device) is no tracer: it keeps
+    the direct path."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._is_torch_function_mode_enabled() and not all(
+            type(m) is DeviceContext for m in _function_mode_stack()):
         return False
     if torch._C._len_torch_dispatch_stack():
         return False
