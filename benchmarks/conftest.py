@@ -40,6 +40,7 @@ except ImportError as _e:  # name the fix, not pytest's "unrecognized arguments:
 from benchmarks import profiles as _profiles  # noqa: E402
 from benchmarks.envinfo import environment  # noqa: E402
 from benchmarks.harness import WRONG as _WRONG  # noqa: E402
+from benchmarks.harness import JsonTarget  # noqa: E402
 
 _SKIPS: list = []
 
@@ -67,31 +68,6 @@ def _save_enabled(config) -> bool:
 def _results_root(config) -> str:
     return (config.getoption("--results-dir") or os.environ.get("DEBERTA_FAST_BENCH_RESULTS")
             or _RESULTS_ROOT)
-
-
-class JsonTarget(os.PathLike):
-    """``--benchmark-json``'s value as both pytest-benchmark generations use it: a path that 5.2+ opens
-    (``open(self.json, "wb")``), and a context manager giving a binary file that older versions write to
-    (``with self.json as fh``; their option was an ``argparse.FileType``), such as the GPU image's."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self._fh = None
-
-    def __fspath__(self):
-        return str(self.path)
-
-    def __str__(self):
-        return str(self.path)
-
-    def __enter__(self):
-        self._fh = open(self.path, "wb")
-        return self._fh
-
-    def __exit__(self, *exc):
-        self._fh.close()
-        self._fh = None
-        return False
 
 
 def _setup_saving(config, prof):

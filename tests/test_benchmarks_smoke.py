@@ -136,7 +136,7 @@ def test_report_marks_wrong_and_ratios(tmp_path):
 
 def test_json_target_serves_both_pytest_benchmark_generations(tmp_path):
     """5.2+ opens the path; older versions (the GPU image's) write to ``with self.json as fh``."""
-    from benchmarks.conftest import JsonTarget
+    from benchmarks.harness import JsonTarget
 
     t = JsonTarget(tmp_path / "r.json")
     with open(t, mode="wb") as fh:
