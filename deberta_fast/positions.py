@@ -25,6 +25,7 @@ __all__ = [
     "trimmed_slot_table",
     "SlotBand",
     "slot_band",
+    "table_band",
     "check_bucket_config",
     "DistanceRuns",
     "distance_runs",
@@ -139,9 +140,21 @@ def relative_slot_table(
 
 
 @functools.lru_cache(maxsize=64)
+def _host_table(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
+    """A CPU copy of the slot table of ``device_str``: the values the kernels read there (one copy per new shape).
+    The host-side facts about the table (its rows, the backward's runs, the saturation band of the kernels) come
+    from this copy, never from recomputing the log buckets on the CPU: HF's float32 ``ceil(log(..) / log(..))``
+    lands exactly on an integer at some distances (``|d| = max_relative_positions - 1``), where two ``log``
+    implementations (a GPU's and a CPU's, or a CPU's vector and scalar paths) can round to different buckets."""
+    table = _slot_table_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str)
+    return table if table.device.type == "cpu" else table.cpu()
+
+
+@functools.lru_cache(maxsize=64)
 def _trimmed_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
     table = _slot_table_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str)
-    lo, hi = (int(x) for x in torch.aminmax(table))  # one device sync per new shape
+    host = _host_table(q_len, k_len, position_buckets, max_relative_positions, span, device_str)
+    lo, hi = (int(x) for x in torch.aminmax(host))  # one device sync per new shape (the copy)
     return (table - lo).to(torch.int32).contiguous(), lo, hi
 
 
@@ -181,7 +194,8 @@ class DistanceRuns:
 
 @functools.lru_cache(maxsize=64)
 def _distance_runs_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
-    table = _trimmed_cached(q_len, k_len, position_buckets, max_relative_positions, span, "cpu")[0].long()
+    args = (q_len, k_len, position_buckets, max_relative_positions, span, device_str)
+    table = _host_table(*args).long() - _trimmed_cached(*args)[1]  # the trimmed table the kernels read
     change = (table[1:] != table[:-1]).nonzero().flatten()
     if change.numel() == 0:  # one slot for every d: run 0 is empty, run 1 holds every d
         lo, hi = -k_len, -(k_len - 1)
@@ -194,8 +208,8 @@ def _distance_runs_cached(q_len, k_len, position_buckets, max_relative_positions
 
 
 def distance_runs(q_len, k_len, position_buckets, max_relative_positions, span, device="cpu") -> DistanceRuns:
-    """:class:`DistanceRuns` of a ``q_len x k_len`` score matrix (from the CPU copy of the slot table: no device
-    sync).  Cached; treat as read-only."""
+    """:class:`DistanceRuns` of a ``q_len x k_len`` score matrix, from a host copy of ``device``'s slot table (the
+    table the kernels read; one copy per new shape).  Cached; treat as read-only."""
     _validate(q_len, k_len, span)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -235,6 +249,32 @@ def _slot_band_cached(position_buckets: int, max_relative_positions: int, span: 
     hi = int(d[top[0, 0]]) if top.numel() else 1 << 62
     lo = int(d[bot[-1, 0]]) if bot.numel() else -(1 << 62)
     return lo, hi
+
+
+@functools.lru_cache(maxsize=64)
+def _table_band_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
+    host = _host_table(q_len, k_len, position_buckets, max_relative_positions, span, device_str)
+    n = host.numel()
+    off = (host != 0).nonzero()  # the slot-0 prefix ends before the first other slot
+    n0 = int(off[0, 0]) if off.numel() else n
+    off = (host != 2 * span - 1).nonzero()  # the top-slot suffix starts after the last other slot
+    n1 = n - 1 - int(off[-1, 0]) if off.numel() else n
+    return n0 - k_len, q_len - n1  # d of table index t is t - (k_len - 1)
+
+
+def table_band(q_len, k_len, position_buckets, max_relative_positions, span, device="cpu") -> SlotBand:
+    """:func:`slot_band` as the ``q_len x k_len`` slot table of ``device`` has it: every ``d <= lo`` of the table
+    has slot 0 and every ``d >= hi`` slot ``2*span - 1`` (``lo = -k_len`` / ``hi = q_len`` where no ``d`` does).
+    The kernels' saturated tiles use it: read off the table they gather from, so it agrees with the table for any
+    bucket function (monotone or not) and whatever arithmetic built the table (see :func:`_host_table`).  Cached
+    per shape and device."""
+    _validate(q_len, k_len, span)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    lo, hi = _table_band_cached(int(q_len), int(k_len), int(position_buckets), int(max_relative_positions),
+                                int(span), str(device))
+    return SlotBand(lo=lo, hi=hi, span=int(span))
 
 
 def trace_constant(fn):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from deberta_fast.positions import distance_runs, slot_band, trimmed_slot_table
+from deberta_fast.positions import distance_runs, table_band, trimmed_slot_table
 
 from .triton_attention_bwd import disentangled_bwd_dkdv_kernel, disentangled_bwd_dq_kernel
 from .triton_attention_common import KMASK_PAD
@@ -397,7 +397,7 @@ def _layout(Lq, Lk, position_buckets, max_relative_positions, span, device, has_
     else:
         # only the rows some (i, j) uses: ~Lq+Lk of 2*span for short sequences
         table, lo, hi = trimmed_slot_table(Lq, Lk, position_buckets, max_relative_positions, span, device)
-        band = slot_band(position_buckets, max_relative_positions, span)
+        band = table_band(Lq, Lk, position_buckets, max_relative_positions, span, device)  # the table's own
         lim = Lq + Lk + 1  # keep the band in int32; beyond +-lim nothing changes
         nslot = hi - lo + 1
         runs = distance_runs(Lq, Lk, position_buckets, max_relative_positions, span, device) if backward else None

@@ -57,3 +57,39 @@ def _skip_gpu_tests_without_gpu(items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def perturb_slot_table(monkeypatch):
+    """``perturb(buckets, max_rel, L, distances, slot)``: from then on the slot table of that config at
+    ``Lq = Lk = L`` (every device) has ``slot`` at ``distances``, as if the device's arithmetic had rounded those
+    buckets differently from the CPU's.  The position caches are cleared before and after."""
+    import functools
+
+    from deberta_fast import positions as P
+
+    caches = (P._slot_table_cached, P._host_table, P._trimmed_cached, P._distance_runs_cached, P._table_band_cached)
+    real = P._slot_table_cached.__wrapped__
+
+    def clear():
+        for f in caches:
+            f.cache_clear()
+        try:
+            from deberta_fast._kernels import triton_attention_launch as launch
+            launch._LAYOUTS.clear()
+        except ImportError:
+            pass
+
+    def perturb(buckets, max_rel, L, distances, slot):
+        def patched(q_len, k_len, pb, mrp, span, device_str):
+            t = real(q_len, k_len, pb, mrp, span, device_str)
+            if (pb, mrp) == (buckets, max_rel) and q_len == k_len == L:
+                t = t.clone()
+                t[torch.as_tensor(distances, device=t.device) + k_len - 1] = slot
+            return t
+
+        clear()
+        monkeypatch.setattr(P, "_slot_table_cached", functools.lru_cache(maxsize=64)(patched))
+
+    yield perturb
+    clear()

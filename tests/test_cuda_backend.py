@@ -1,4 +1,5 @@
 """The ``"cuda"`` backend: host-side logic on CPU, kernels against the fp64 reference on GPU."""
+import itertools
 import math
 
 import numpy as np
@@ -9,7 +10,8 @@ import deberta_fast
 from deberta_fast import _cuda_ext, disentangled_attention, disentangled_attention_reference
 from deberta_fast.backends import BACKENDS
 from deberta_fast.dispatch import BackendUnavailableError, build_call
-from deberta_fast.positions import attention_span, relative_slot_table, slot_band, trimmed_slot_table
+from deberta_fast.positions import (attention_span, relative_slot_table, slot_band, table_band,
+                                   trimmed_slot_table)
 from philox_ref import keep_mask, philox4x32_10
 
 HAS_CUDA = torch.cuda.is_available()
@@ -196,13 +198,15 @@ def test_band_window_contract_over_bucket_configs():
             if span < 1:
                 continue
             try:
-                band = slot_band(buckets, max_rel, span)
+                fn_band = slot_band(buckets, max_rel, span)
             except ValueError:  # a config HF's bucket function leaves undefined (positions.check_bucket_config)
                 continue
             for Lq, Lk in ((1, 1), (3, 300), (260, 261)):
                 full = relative_slot_table(Lq, Lk, buckets, max_rel, span)
                 trimmed, lo, hi = trimmed_slot_table(Lq, Lk, buckets, max_rel, span)
-                for table, s2 in ((full, 2 * span), (trimmed, hi - lo + 1)):
+                # the function's band, and the table's own (the backend's: positions.table_band)
+                bands = (fn_band, table_band(Lq, Lk, buckets, max_rel, span))
+                for (table, s2), band in itertools.product(((full, 2 * span), (trimmed, hi - lo + 1)), bands):
                     dmin, w, perm, offs = _cuda_ext.band_window(table, Lq, Lk, band.lo, band.hi, s2)
                     where = f"buckets={buckets} max_rel={max_rel} Lq={Lq} Lk={Lk} s2={s2}"
                     assert -(Lk - 1) <= dmin and 0 <= w and dmin + w <= Lq, where
@@ -287,6 +291,17 @@ def _run_variant(dtype, D, Lq, Lk, terms, buckets, max_rel, masked, shared_pos=T
         scale = rg.abs().max().item() + 1e-6
         err = (g.double() - rg).abs().max().item() / scale
         assert err < 3 * tol, f"d{name}: relative max error {err:.3g}"
+
+
+@gpu
+@needs_ext
+def test_gpu_band_follows_the_device_table(perturb_slot_table):
+    """The saturation band the kernels get is read off the slot table they read (positions.table_band), not
+    recomputed from the bucket function on the CPU: here the table has slot 1 at every odd d <= -21, where the
+    function gives 0, so no key tile beyond d = -8 may be taken as saturated."""
+    perturb_slot_table(4, 8, 100, list(range(-99, -20, 2)), 1)
+    assert table_band(100, 100, 4, 8, 4).lo < slot_band(4, 8, 4).lo == -8
+    _run_variant(torch.float16, 64, 100, 100, "c2p+p2c", 4, 8, masked=True)
 
 
 @gpu

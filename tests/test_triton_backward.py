@@ -283,3 +283,16 @@ def test_default_device_mode_keeps_the_direct_path(monkeypatch, mask):
     for name, a, b in zip(NAMES, got, ref):
         assert a.device == q.device
         assert_close_fp32(a, b, tol=2e-5, what=name)
+
+
+
+def test_kernels_follow_the_device_table_not_a_cpu_recomputation(perturb_slot_table):
+    """The saturated tiles' band and the backward's runs are read off the slot table the kernels gather from (a
+    host copy of the device's table), never recomputed from the bucket function on the CPU, whose ``log`` can round
+    a bucket boundary differently from a GPU's.  Here the table differs from the function at d = -33 (slot 1 where
+    the function gives 0): the 32x32 tile whose largest distance is -33 must not be taken as saturated."""
+    from deberta_fast import positions as P
+
+    perturb_slot_table(4, 8, 100, [-33], 1)
+    assert P.table_band(100, 100, 4, 8, 4).lo == -34 and P.slot_band(4, 8, 4).lo == -8
+    check_grads(1, 2, 100, 100, 16, buckets=(4, 8), mask="key")

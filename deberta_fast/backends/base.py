@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..positions import SlotBand, relative_slot_table, slot_band, trimmed_slot_table
+from ..positions import (SlotBand, relative_slot_table, slot_band, table_band, trimmed_slot_table,
+                         values_unreadable)
 
 
 class _CallCommon:
@@ -37,7 +38,13 @@ class _CallCommon:
         return any(t is not None and t.requires_grad for t in ts)
 
     def band(self) -> SlotBand:
-        return slot_band(self.position_buckets, self.max_relative_positions, self.span)
+        """The saturation band of this call's slot table as the device has it (:func:`positions.table_band`);
+        while tracing (compile, export: lengths may be symbolic), the slot function's (:func:`positions.slot_band`,
+        a trace constant)."""
+        if torch.compiler.is_compiling() or values_unreadable(self.query):
+            return slot_band(self.position_buckets, self.max_relative_positions, self.span)
+        return table_band(*self.table_lens, self.position_buckets, self.max_relative_positions, self.span,
+                          self.device)
 
     def trimmed_table(self) -> tuple[torch.Tensor, slice]:
         """``(table, rows)``: the slot table shifted to the rows of pos_key / pos_query that some
