@@ -55,9 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="triton,cuda")
     ap.add_argument("--rehearse", action="store_true", help="CPU sizes under the Triton interpreter")
     args = ap.parse_args(argv)
-    gpu = torch.cuda.is_available() and not args.rehearse
-    if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
-        print("gpu_parity: no GPU: run it with TRITON_INTERPRET=1 and --rehearse (CPU sizes)", file=sys.stderr)
+    from benchmarks.harness import gpu_or_interpreter
+    gpu = gpu_or_interpreter(args.rehearse, "gpu_parity")
+    if gpu is None:
         return 2
     from deberta_fast.__main__ import _run_kernel_check
 

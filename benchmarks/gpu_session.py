@@ -12,8 +12,11 @@ Stages (in this order; each in a subprocess with its own log, stopped at the bud
   build        the CUDA extension in place (``setup.py build_ext --inplace``, this GPU's arch only), unless
                a carried ``deberta_fast/_C*.so`` built against the same torch already loads
   parity       ``benchmarks.gpu_parity``: triton and cuda vs the fp64 reference at L = 512, 2048, 8192
+  diagnose     ``benchmarks.gpu_diagnose``: the Triton backward's run sums and content gradients against their fp64
+               values, per bucket config and backward launch config (where the 2026-12-04 failures come from)
   tests        the kernel test files with the GPU tests enabled (``GPU_TEST_FILES``; the rest of the suite is
-               CPU logic that CI runs), junit XML kept
+               CPU logic that CI runs), junit XML kept; on 4 pytest-xdist workers when xdist is installed (the
+               image has it: the stage is bound by Triton's compiles, which run on the CPUs)
   sanitize     ``compute-sanitizer`` memcheck, racecheck, synccheck over ``benchmarks.sanitize_cases`` (both backends)
   bench-core   ``pytest benchmarks/bench_host.py``, then ``benchmarks/bench_core.py --profile full`` for bf16, then
                fp16 (each its own results folder): host overhead; the attention op against HF eager, SDPA, flex
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -43,13 +47,13 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["env", "build", "parity", "tests", "sanitize", "bench-core", "bench-model"]
+STAGES = ["env", "build", "parity", "diagnose", "tests", "sanitize", "bench-core", "bench-model"]
 EXTRA_STAGES = ["tests-all", "tune"]  # only when asked for: the whole suite; the launch-config timing
 SANITIZER_TOOLS = ["memcheck", "racecheck", "synccheck"]
 #: seconds each stage may take at most, all its commands together (the budget's end stops it earlier); a
 #: command starts only with at least MIN_START seconds left
-CAPS = {"env": 60, "build": 420, "parity": 300, "tests": 480, "tests-all": 580, "sanitize": 480, "bench-core": 540,
-        "bench-model": 540, "tune": 480}
+CAPS = {"env": 60, "build": 420, "parity": 300, "diagnose": 120, "tests": 480, "tests-all": 580, "sanitize": 480,
+        "bench-core": 540, "bench-model": 540, "tune": 480}
 MIN_START = 30
 RESERVE = 25  # seconds kept: a timed-out command gets SIGINT and GRACE seconds to write its reports, then the summary
 GRACE = 15
@@ -110,6 +114,9 @@ def plan(stage: str, out: str, rehearse: bool, py: str, profile: str = "full",
         if not rehearse:
             cmds.append(("check", [py, "-c", check], {}))
         return cmds
+    if stage == "diagnose":
+        return [("diagnose", [py, "-m", "benchmarks.gpu_diagnose", "--out", os.path.join(out, "diagnose")]
+                 + (["--rehearse"] if rehearse else []), {})]
     if stage == "parity":
         return [("parity", [py, "-m", "benchmarks.gpu_parity", "--out", os.path.join(out, "parity")]
                  + (["--rehearse"] if rehearse else []), {})]
@@ -122,7 +129,8 @@ def plan(stage: str, out: str, rehearse: bool, py: str, profile: str = "full",
     if stage == "tests":
         sel = ["tests/test_functional_api.py", "tests/test_cuda_backend.py", "-k", "not slow"] if rehearse \
             else GPU_TEST_FILES
-        return [("pytest", [py, "-m", "pytest", *sel, "-p", "no:cacheprovider", "-rfEs",
+        workers = [] if rehearse or importlib.util.find_spec("xdist") is None else ["-n", "4", "--dist", "loadfile"]
+        return [("pytest", [py, "-m", "pytest", *sel, *workers, "-p", "no:cacheprovider", "-rfEs",
                             f"--junitxml={os.path.join(out, 'tests.xml')}"], {})]
     if stage == "sanitize":
         cmds = []

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -247,3 +248,14 @@ class JsonTarget(os.PathLike):
         self._fh.close()
         self._fh = None
         return False
+
+
+def gpu_or_interpreter(rehearse: bool, prog: str) -> bool | None:
+    """The GPU scripts' device rule: True on a GPU (unless ``rehearse``), False for a CPU rehearsal under the Triton
+    interpreter, None (after saying how to run it) on a CPU without the interpreter."""
+    if torch.cuda.is_available() and not rehearse:
+        return True
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    print(f"{prog}: no GPU: run it with TRITON_INTERPRET=1 and --rehearse (CPU sizes)", file=sys.stderr)
+    return None

@@ -6,8 +6,8 @@ on 2 cores.  Its numbers exercise the harness; they say nothing about GPU speed.
 batch at L = 128 ... 8192 plus L = 65,536 with B = 1, bf16 and fp16; padded
 MNLI-like batches; long-document batches; v3-base and v3-large models.
 ``headline``: GPU profile sized for a short lease: the issue goals' shapes only (bf16, 16,384 tokens at
-L = 512, 2048, 8192, forward and forward+backward; v3-base with the peers at MNLI-like and L = 8192 batches),
-fewer timed rounds.
+L = 512, 2048, 8192, forward and forward+backward; v3-base with the peers at MNLI-like and L = 8192 batches,
+inference and a training step), fewer timed rounds.
 
 Selection: ``--profile`` (pytest option) > ``DEBERTA_FAST_BENCH_PROFILE`` > auto
 (``full`` when CUDA is available, else ``quick``).
@@ -181,7 +181,7 @@ def headline_profile(device: str) -> Profile:
         core_batches=tuple(dense_batch(tokens // L, L) for L in (512, 2048, 8192)), core_modes=("fwd", "fwdbwd"),
         model_shapes=(V3_BASE,),
         model_batches={"inference": (mnli_batch(64, 128), dense_batch(2, 8192)),
-                       "train": (mnli_batch(32, 128, seed=99),)},
+                       "train": (mnli_batch(32, 128, seed=99), dense_batch(1, 8192))},
         time_budget_s=0.3, min_rounds=5, max_rounds=100, warmup_rounds=2,
         flush_bytes=256 << 20,
     )

@@ -68,6 +68,9 @@ def test_gpu_plan_covers_every_deliverable(tmp_path):
     argv = dict((c[0], c[1]) for s in ("parity", "tests", "bench-core", "bench-model")
                 for c in gs.plan(s, str(tmp_path), False, sys.executable))
     assert "--rehearse" not in argv["parity"]
+    (label, diag, _), = gs.plan("diagnose", str(tmp_path), False, sys.executable)
+    assert diag[1:3] == ["-m", "benchmarks.gpu_diagnose"] and "--rehearse" not in diag
+    assert gs.STAGES.index("diagnose") == gs.STAGES.index("parity") + 1
     assert all(os.path.exists(os.path.join(ROOT, f)) for f in gs.GPU_TEST_FILES)
     assert argv["pytest"][3:3 + len(gs.GPU_TEST_FILES)] == gs.GPU_TEST_FILES
     assert all("full" in argv[k] for k in ("host", "core-bf16", "core-fp16", "model"))
@@ -91,7 +94,7 @@ def test_gpu_plan_headline_profile(tmp_path):
     prof = headline_profile("cuda")
     assert [b.padded_len for b in prof.core_batches] == [512, 2048, 8192]
     assert all(b.tokens == 16384 for b in prof.core_batches) and prof.dtypes == (torch.bfloat16,)
-    assert 8192 in [b.padded_len for b in prof.model_batches["inference"]]
+    assert all(8192 in [b.padded_len for b in prof.model_batches[m]] for m in ("inference", "train"))
 
 
 def test_gpu_session_rejects_bad_caps_and_tools(tmp_path):
@@ -183,3 +186,23 @@ def test_tune_rehearsal_runs_every_row_kind(tmp_path):
     diffs = [r["max_diff_vs_shipped"] for r in rows if not r["config"].startswith("shipped")]
     assert diffs and all(d <= 1e-4 for d in diffs)
     assert "| dkdv |" in (tmp_path / "tune.md").read_text()
+
+
+def test_gpu_diagnose_rehearsal_and_its_check(tmp_path):
+    """The diagnosis runs on CPU under the interpreter (every piece exact there), and its comparison flags a wrong
+    piece with the worst locations."""
+    from benchmarks.gpu_diagnose import compare
+
+    env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_diagnose", "--rehearse", "--cases", "tiny-17",
+                        "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-800:] + p.stderr[-800:]
+    rows = json.load(open(tmp_path / "diagnose.json"))["rows"]
+    assert len(rows) == 3 and all(r["ok"] for r in rows)
+    assert {"csum", "psum", "dq_content", "dk_content", "dq"} <= set(rows[0]["pieces"])
+    want = {"csum": torch.randn(1, 2, 5, 4, dtype=torch.float64)}
+    bad = {"csum": want["csum"].float().clone()}
+    bad["csum"][0, 1, 3, 2] += 0.5
+    res = compare(bad, want)["csum"]
+    assert not res["ok"] and res["worst"][0]["at"] == [0, 1, 3, 2]
+    assert compare({"csum": want["csum"].float()}, want)["csum"]["ok"]
