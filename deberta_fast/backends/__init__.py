@@ -18,9 +18,11 @@ def _register_optional() -> None:
 
 _register_optional()
 
-#: order in which ``backend="auto"`` tries backends.  Not measured: no kernel has run on a GPU yet; the
-#: Triton backend comes first because it serves the most calls (fp32, every mask kind, any head dim) and
-#: is the better-tested one (interpreter).  To be set from the first GPU profile (benchmarks/results/).
-AUTO_ORDER = ("triton", "cuda", "torch")
+#: order in which ``backend="auto"`` tries backends: the CUDA kernels first where they serve a call (fp16/bf16, key
+#: masks): measured faster than the Triton ones in every case of the first GPU profile (H200, bf16, H=12, D=64,
+#: 16k tokens: forward 3.4x / 2.7x / 1.5x and forward+backward 2.1x / 2.0x / 1.6x at L = 512 / 2048 / 8192; v3-base
+#: inference 1.4x; 2026-12-04, benchmarks/results/2026-12-04-nvidia-h200-session), both exact there at L = 512 -
+#: 8192; Triton serves the rest (fp32, full masks, other head dims), torch everything.
+AUTO_ORDER = ("cuda", "triton", "torch")
 
 __all__ = ["AttentionCall", "VarlenCall", "Backend", "BACKENDS", "AUTO_ORDER"]
