@@ -116,7 +116,8 @@ def bench_core(benchmark, profile, core_case, request):
             err, what = _parity(cand, inp, mode, None)
             if cand.name == "hf-eager":
                 _HF_ERR[hkey] = err
-            info.update(harness.parity_info(err, dtype, _HF_ERR.get(hkey) if cand.name != "hf-eager" else None, what))
+            hf = cand.name == "hf-eager"
+            info.update(harness.parity_info(err, dtype, None if hf else _HF_ERR.get(hkey), what, baseline=hf))
         else:
             info.update({"parity": "n/a", "parity_of": "computes a different function (no relative terms)"})
         _free(profile)

@@ -136,7 +136,8 @@ def bench_model(benchmark, profile, model_case, request):
         if err is None:
             info.update({"parity": "unchecked", "parity_of": what})
         else:
-            info.update(harness.parity_info(err, dtype, None if cand.name == "hf-eager" else _HF_ERR.get(hkey), what))
+            hf = cand.name == "hf-eager"
+            info.update(harness.parity_info(err, dtype, None if hf else _HF_ERR.get(hkey), what, baseline=hf))
         _free(profile.device)
 
         model = cand.build(copy.deepcopy(base), mode, batch)

@@ -206,10 +206,16 @@ def tolerance(dtype: torch.dtype, hf_err: float | None) -> float:
     return max(floor, HF_FACTOR * hf_err)
 
 
-def parity_info(err: float, dtype, hf_err: float | None, what: str) -> dict:
+def parity_info(err: float, dtype, hf_err: float | None, what: str, baseline: bool = False) -> dict:
+    """``baseline``: HF eager itself, whose error in this dtype sets the others' tolerance (``tolerance``): reported
+    as it is ("baseline"), WRONG only when not finite (HF's bf16 forward+backward at L = 8192 is 0.11 off the fp64
+    reference, measured on an H200, 2026-12-04)."""
     tol = tolerance(dtype, hf_err)
-    ok = bool(math.isfinite(err) and err <= tol)
-    return {"parity": "pass" if ok else "WRONG", "max_err": err, "tol": tol,
+    if baseline:
+        status = "baseline" if math.isfinite(err) else "WRONG"
+    else:
+        status = "pass" if math.isfinite(err) and err <= tol else "WRONG"
+    return {"parity": status, "max_err": err, "tol": None if baseline else tol,
             "hf_eager_err": hf_err, "parity_of": what}
 
 

@@ -101,6 +101,12 @@ def test_parity_tolerance():
     assert harness.parity_info(float("nan"), torch.float32, None, "x")["parity"] == "WRONG"
     # within HF_FACTOR x HF eager's own error in that dtype
     assert harness.parity_info(0.1, torch.bfloat16, 0.03, "x")["parity"] == "pass"
+    # HF eager is the baseline: its own error (however large) is reported, never judged; NaN still fails
+    base = harness.parity_info(0.11, torch.bfloat16, None, "x", baseline=True)
+    assert base["parity"] == "baseline" and base["tol"] is None
+    assert harness.parity_info(float("nan"), torch.bfloat16, None, "x", baseline=True)["parity"] == "WRONG"
+    from benchmarks import report
+    assert report._parity_cell(base) == "baseline (1.1e-01)" and report._ok({**base, "median": 1.0})
     assert harness.rel_max_err(torch.tensor([2.0, 4.0]), torch.tensor([2.0, 4.4])) == pytest.approx(0.4 / 4.4)
 
 
