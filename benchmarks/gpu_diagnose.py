@@ -15,8 +15,10 @@ This compares each piece with its fp64 value from the reference's probabilities:
 
 with ``run(d) = clamp(d - lo, 0, hi - lo)`` (:func:`deberta_fast.positions.distance_runs`), for a few bucket
 configs and head dims, under the shipped backward configs and two others (``16x16/4w/1s``, ``32x32/4w/1s``: the
-interpreter's tile), and the final gradients against fp64 autograd.  Writes ``diagnose.json`` / ``diagnose.md``;
-exit status 1 when any piece is off (tolerance 2e-5 relative to the piece's largest magnitude, float32).
+interpreter's tile), and the final gradients against fp64 autograd; on a GPU also the cuda backend's output and
+gradients in bf16 (``CUDA_TOL``; head dims it lacks are refused and recorded).  Writes ``diagnose.json`` /
+``diagnose.md``; exit status 1 when any piece is off (tolerance 2e-5 relative to the piece's largest magnitude,
+float32).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ CASES = [
     ("control-v3", 2, 2, 50, 50, 16, (256, 512), "both"),
 ]
 TOL = 2e-5
+CUDA_TOL = 3e-2  # bf16: 4 ulps of its 7.8e-3, relative to the piece's largest magnitude (the parity suite's floor)
 
 
 def _inputs(case, device, seed=0):
@@ -130,15 +133,27 @@ def triton_pieces(ts, kw, bwd_cfg=None):
     return got
 
 
-def compare(got: dict, ref: dict) -> dict:
-    """Per piece: max abs error, bound, and the worst locations when off."""
+def cuda_pieces(ts, kw):
+    """The cuda backend's output and final grads in bf16 (it has no float32 kernels and no run sums to compare)."""
+    from deberta_fast import disentangled_attention
+    q, k, v, pk, pq, do, mask = ts
+    leaves = [t.to(torch.bfloat16).requires_grad_() if t is not None else None for t in (q, k, v, pk, pq)]
+    out = disentangled_attention(*leaves, attention_mask=mask, backend="cuda", **kw)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], do.to(torch.bfloat16))
+    names = [n for n, t in zip(("dq", "dk", "dv", "dpos_key", "dpos_query"), (q, k, v, pk, pq)) if t is not None]
+    return dict(out=out.detach(), **dict(zip(names, grads)))
+
+
+def compare(got: dict, ref: dict, tol: float = TOL) -> dict:
+    """Per piece: max abs error, bound (``tol`` relative to the piece's largest magnitude), and the worst locations
+    when off."""
     res = {}
     for name, r in ref.items():
         if name not in got:
             continue
         g = got[name].double()
         err = (g - r).abs()
-        bound = TOL * max(1.0, r.abs().max().item())
+        bound = tol * max(1.0, r.abs().max().item())
         worst = []
         if not torch.isfinite(g).all() or err.max().item() > bound:
             flat = torch.nan_to_num(err, nan=float("inf")).flatten()
@@ -148,6 +163,13 @@ def compare(got: dict, ref: dict) -> dict:
                 worst.append({"at": loc, "got": g[tuple(loc)].item(), "want": r[tuple(loc)].item()})
         res[name] = {"err": err.max().item(), "bound": bound, "ok": not worst, "worst": worst}
     return res
+
+
+def _say(row):
+    bad = [n for n, p in row.get("pieces", {}).items() if not p["ok"]]
+    print(f"{row['case']:>14} {row['config']:>12}: " + ("ok" if row["ok"] and not row.get("error") else
+                                                         f"{'OFF ' + str(bad) if bad else row.get('error')}"),
+          flush=True)
 
 
 def main(argv=None) -> int:
@@ -181,9 +203,19 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - recorded; the other cases still run
                 row = {"case": case[0], "config": cname, "ok": False, "error": f"{type(e).__name__}: {e}"[:400]}
             rows.append(row)
-            bad = [n for n, p in row.get("pieces", {}).items() if not p["ok"]]
-            print(f"{case[0]:>14} {cname:>12}: " + ("ok" if row["ok"] else f"OFF {bad or row.get('error')}"),
-                  flush=True)
+            _say(row)
+        if gpu:  # the CUDA kernels on the same inputs, in bf16 (head dims 32/64/128: others are refused)
+            from deberta_fast import BackendUnavailableError
+            try:
+                res = compare(cuda_pieces(ts, kw), ref, CUDA_TOL)
+                row = {"case": case[0], "config": "cuda bf16", "pieces": res,
+                       "ok": all(p["ok"] for p in res.values())}
+            except BackendUnavailableError as e:
+                row = {"case": case[0], "config": "cuda bf16", "ok": True, "error": f"refused: {e}"[:200]}
+            except Exception as e:  # noqa: BLE001
+                row = {"case": case[0], "config": "cuda bf16", "ok": False, "error": f"{type(e).__name__}: {e}"[:400]}
+            rows.append(row)
+            _say(row)
     pieces = ["out", "csum", "psum", "dq_content", "dk_content", "dq", "dk", "dv", "dpos_key", "dpos_query"]
     md = ["| case | config | " + " | ".join(pieces) + " |", "|---|---|" + "---|" * len(pieces)]
     for r in rows:
