@@ -79,7 +79,7 @@ def expected(ts, kw):
     if uniform is not None:
         ds = ds.masked_fill(uniform[..., None], 0.0)
     span = attention_span(kw["position_buckets"], kw["max_relative_positions"])
-    runs = distance_runs(Lq, Lk, kw["position_buckets"], kw["max_relative_positions"], span, "cpu")
+    runs = distance_runs(Lq, Lk, kw["position_buckets"], kw["max_relative_positions"], span, q.device)  # the kernels'
     d = torch.arange(Lq)[:, None] - torch.arange(Lk)[None, :]
     rid = (d - runs.lo).clamp(0, runs.hi - runs.lo).to(q.device)
     onehot = torch.nn.functional.one_hot(rid, runs.hi - runs.lo + 1).to(ds.dtype)  # [Lq, Lk, NRUN]
@@ -145,7 +145,7 @@ def cuda_pieces(ts, kw):
 
 
 def compare(got: dict, ref: dict, tol: float = TOL) -> dict:
-    """Per piece: max abs error, bound (``tol`` relative to the piece's largest magnitude), and the worst locations
+    """Per piece: max abs error, bound (``tol * max(1, largest magnitude of the piece)``), and the worst locations
     when off."""
     res = {}
     for name, r in ref.items():

@@ -28,7 +28,8 @@ autograd formula)::
 
 Every kernel computes the relative terms from the rows of ``pos_key`` / ``pos_query`` in slot order
 (``[H, 2S, D]``, padded also ``[B|1, H, 2S, D]``) on tensor cores; no ``C2P`` / ``P2C`` table is built.
-``band_lo`` / ``band_hi`` (``positions.table_band``): warps whose tile lies wholly beyond them use one slot per side
+``band_lo`` / ``band_hi`` (``positions.table_band``; while tracing the widened ``slot_band``): warps whose tile
+lies wholly beyond them use one slot per side
 (a wrong band gives wrong values, never an out-of-bounds access; ``NO_BAND`` turns it off).
 The backward op's ``dq`` / ``dk`` are the content parts; ``dc2p`` ``[B,H,Lq,2S]`` / ``dp2c`` ``[B,H,Lk,2S]`` (varlen
 ``[H,T,2S]``) are the gradients a ``C2P = q @ pos_key^T`` / ``P2C = k @ pos_query^T`` table would get, which the

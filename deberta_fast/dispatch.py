@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from .backends import AUTO_ORDER, BACKENDS, AttentionCall, VarlenCall
+from .backends import AUTO_ORDER, AUTO_ORDER_TRACING, BACKENDS, AttentionCall, VarlenCall
 from .positions import attention_span, check_bucket_config, values_unreadable
 from .reference import default_scale, normalize_mask
 
@@ -269,7 +269,7 @@ def choose_backend(call, backend: str):
                 + ". Use backend='auto' to fall back to a backend that can (backend='torch' serves every call).")
         return b
     refused = []
-    for name in AUTO_ORDER:
+    for name in AUTO_ORDER_TRACING if values_unreadable(call.query) else AUTO_ORDER:
         b = BACKENDS[name]
         reasons = _reasons(b, call)
         if not reasons:

@@ -167,8 +167,13 @@ def trimmed_slot_table(q_len, k_len, position_buckets, max_relative_positions, s
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _trimmed_cached(int(q_len), int(k_len), int(position_buckets), int(max_relative_positions), int(span),
-                           str(device))
+    args = (int(q_len), int(k_len), int(position_buckets), int(max_relative_positions), int(span), str(device))
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        # tracing: never let a fake tensor into the caches (the range read below needs real values anyway)
+        table = _slot_table_cached.__wrapped__(*args)
+        lo, hi = (int(x) for x in torch.aminmax(table))
+        return (table - lo).to(torch.int32).contiguous(), lo, hi
+    return _trimmed_cached(*args)
 
 
 @dataclass(frozen=True)

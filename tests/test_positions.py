@@ -82,17 +82,43 @@ def test_host_helpers_ignore_the_default_device():
     from deberta_fast.backends.triton_backend import draw_seed
 
     args = (19, 23, 4, 8, 4)
-    want = (P.relative_slot_table(*args), P.distance_runs(*args), P.slot_band(4, 8, 4))
-    for f in (P._slot_table_cached, P._trimmed_cached, P._distance_runs_cached, P._slot_band_cached):
+    want = (P.relative_slot_table(*args), P.distance_runs(*args), P.slot_band(4, 8, 4), P.table_band(*args))
+    for f in (P._slot_table_cached, P._trimmed_cached, P._host_table, P._distance_runs_cached, P._slot_band_cached,
+              P._table_band_cached):
         f.cache_clear()
+    prev = torch.get_default_device()
     torch.set_default_device("meta")
     try:
-        got = (P.relative_slot_table(*args), P.distance_runs(*args), P.slot_band(4, 8, 4))
+        got = (P.relative_slot_table(*args), P.distance_runs(*args), P.slot_band(4, 8, 4), P.table_band(*args))
         seed = draw_seed()
         rel = P.relative_delta(torch.arange(-30, 31, device="cpu"), 4, 8)
     finally:
-        torch.set_default_device(None)
+        torch.set_default_device(None if prev.type == "cpu" else prev)
     assert got[0].device.type == "cpu" and torch.equal(got[0], want[0])
     assert got[1].run_rows.device.type == "cpu" and torch.equal(got[1].run_rows, want[1].run_rows)
-    assert (got[1].lo, got[1].hi, got[2]) == (want[1].lo, want[1].hi, want[2])
+    assert (got[1].lo, got[1].hi, got[2], got[3]) == (want[1].lo, want[1].hi, want[2], want[3])
     assert isinstance(seed, int) and rel.device.type == "cpu"
+
+
+@pytest.mark.parametrize("buckets,max_rel", [(4, 8), (256, 512), (-1, 12), (16, 4), (8, 6), (8, 32)])
+@pytest.mark.parametrize("q_len,k_len", [(1, 1), (17, 17), (5, 40), (40, 5), (300, 300)])
+def test_table_band_is_the_tables_own(buckets, max_rel, q_len, k_len):
+    """``table_band``: every d <= lo of the table has slot 0, d = lo + 1 (if in the table) does not; every d >= hi
+    has slot 2*span - 1, d = hi - 1 does not; lo = -k_len / hi = q_len where no d does.  Any bucket function
+    (monotone or not); within the function's own band where that is defined."""
+    from deberta_fast.positions import table_band
+
+    span = attention_span(buckets, max_rel)
+    table = relative_slot_table(q_len, k_len, buckets, max_rel, span).long()
+    d = torch.arange(-(k_len - 1), q_len)
+    band = table_band(q_len, k_len, buckets, max_rel, span)
+    assert -k_len <= band.lo < band.hi <= q_len and band.span == span
+    assert bool((table[d <= band.lo] == 0).all()) and bool((table[d >= band.hi] == 2 * span - 1).all())
+    if band.lo + 1 < q_len:
+        assert int(table[band.lo + 1 + k_len - 1]) != 0
+    if band.hi - 1 > -k_len:
+        assert int(table[band.hi - 1 + k_len - 1]) != 2 * span - 1
+    fn = slot_band(buckets, max_rel, span)
+    if abs(fn.lo) < 1 << 40:  # a saturating (monotone) function: the table's band is the function's, clipped
+        assert band.lo == (-k_len if fn.lo < -(k_len - 1) else min(fn.lo, q_len - 1))
+        assert band.hi == (q_len if fn.hi > q_len - 1 else max(fn.hi, -(k_len - 1)))

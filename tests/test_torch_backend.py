@@ -112,7 +112,9 @@ def test_packed_call_compiles_to_one_op_and_matches_eager():
 def test_fake_tensors_do_not_enter_the_shape_caches(packed):
     """A call under FakeTensorMode (what opcheck, export and some tools do) runs the trace path: afterwards an
     eager call of the same shape still gets real tables and the right answer."""
-    for cached in (positions._slot_table_cached, positions._trimmed_cached):
+    caches = (positions._slot_table_cached, positions._trimmed_cached, positions._host_table,
+              positions._distance_runs_cached, positions._table_band_cached)
+    for cached in caches:
         cached.cache_clear()
     args = _packed([6, 9]) if packed else _padded(2, 9)
     run = ((lambda q, k, v, pk, pq, cu: df.disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 9, 9,
@@ -121,7 +123,7 @@ def test_fake_tensors_do_not_enter_the_shape_caches(packed):
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = run(*(mode.from_tensor(a) for a in args))
     assert fake.shape == args[0].shape
-    for cached in (positions._slot_table_cached, positions._trimmed_cached):
+    for cached in caches:
         assert cached.cache_info().currsize == 0
     got = run(*args)
     if packed:  # the first sequence alone
@@ -129,6 +131,37 @@ def test_fake_tensors_do_not_enter_the_shape_caches(packed):
     else:
         want = reference(*args[:5], attention_mask=args[5], **KW)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_trimmed_table_under_a_fake_mode_leaves_the_caches_alone():
+    """The cuda backend reads the trimmed table on its host path: under FakeTensorMode (non-strict export) that
+    read fails, and must not leave a fake tensor in the caches for the next eager call of that shape."""
+    caches = (positions._slot_table_cached, positions._trimmed_cached, positions._host_table)
+    for cached in caches:
+        cached.cache_clear()
+    with FakeTensorMode():
+        with pytest.raises(Exception):
+            positions.trimmed_slot_table(11, 13, 4, 8, 4)
+    assert all(c.cache_info().currsize == 0 for c in caches)
+    table, lo, hi = positions.trimmed_slot_table(11, 13, 4, 8, 4)
+    assert type(table) is torch.Tensor and (lo, hi) == (0, 7)
+
+
+def test_auto_takes_triton_before_cuda_while_tracing(monkeypatch):
+    """``backend="auto"`` tries cuda first in eager mode but triton first while tracing (the cuda backend's host
+    path reads table values a trace cannot): both backends made to accept every call here."""
+    from deberta_fast import dispatch
+    from deberta_fast.backends import BACKENDS
+
+    monkeypatch.setattr(dispatch, "_reasons", lambda b, call: [] if b.name in ("cuda", "triton") else ["no"])
+    q, k, v, pk, pq, mask = _padded(2, 9)
+    call = dispatch.build_call(q, k, v, pk, pq, attention_mask=mask, scale=None, dropout_p=0.0, **KW)
+    assert dispatch.choose_backend(call, "auto") is BACKENDS["cuda"]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq = mode.from_tensor(q)
+        fcall = dispatch.build_call(fq, *(mode.from_tensor(t) for t in (k, v, pk, pq)), attention_mask=None,
+                                    scale=None, dropout_p=0.0, **KW)
+        assert dispatch.choose_backend(fcall, "auto") is BACKENDS["triton"]
 
 
 def _first_sequence(q, k, v, pk, pq, cu):

@@ -24,5 +24,8 @@ _register_optional()
 #: inference 1.4x; 2026-12-04, benchmarks/results/2026-12-04-nvidia-h200-session), both exact there at L = 512 -
 #: 8192; Triton serves the rest (fp32, full masks, other head dims), torch everything.
 AUTO_ORDER = ("cuda", "triton", "torch")
+#: the order while tracing (torch.compile, export, FakeTensor): the cuda backend's host path reads the slot table's
+#: values, which a trace cannot; the triton backend is one custom op with a fake implementation there
+AUTO_ORDER_TRACING = ("triton", "cuda", "torch")
 
-__all__ = ["AttentionCall", "VarlenCall", "Backend", "BACKENDS", "AUTO_ORDER"]
+__all__ = ["AttentionCall", "VarlenCall", "Backend", "BACKENDS", "AUTO_ORDER", "AUTO_ORDER_TRACING"]

@@ -39,10 +39,13 @@ class _CallCommon:
 
     def band(self) -> SlotBand:
         """The saturation band of this call's slot table as the device has it (:func:`positions.table_band`);
-        while tracing (compile, export: lengths may be symbolic), the slot function's (:func:`positions.slot_band`,
-        a trace constant)."""
-        if torch.compiler.is_compiling() or values_unreadable(self.query):
-            return slot_band(self.position_buckets, self.max_relative_positions, self.span)
+        while tracing (compile, export: lengths may be symbolic, values unreadable), the slot function's
+        (:func:`positions.slot_band`, a trace constant) widened by one distance on each side: the device's
+        ``log`` may round a bucket at the band's edge differently from the CPU's, and one distance more inside
+        the band is exact either way."""
+        if values_unreadable(self.query):
+            b = slot_band(self.position_buckets, self.max_relative_positions, self.span)
+            return SlotBand(lo=b.lo - 1, hi=b.hi + 1, span=b.span)
         return table_band(*self.table_lens, self.position_buckets, self.max_relative_positions, self.span,
                           self.device)
 
