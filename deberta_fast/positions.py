@@ -267,6 +267,12 @@ def _table_band_cached(q_len, k_len, position_buckets, max_relative_positions, s
     return n0 - k_len, q_len - n1  # d of table index t is t - (k_len - 1)
 
 
+def shape_caches() -> tuple:
+    """This module's per-shape caches (the tables of a ``(Lq, Lk, config, device)`` and what is read off them):
+    tests clear them, and a fake tensor must never enter one."""
+    return (_slot_table_cached, _host_table, _trimmed_cached, _distance_runs_cached, _table_band_cached)
+
+
 def table_band(q_len, k_len, position_buckets, max_relative_positions, span, device="cpu") -> SlotBand:
     """:func:`slot_band` as the ``q_len x k_len`` slot table of ``device`` has it: every ``d <= lo`` of the table
     has slot 0 and every ``d >= hi`` slot ``2*span - 1`` (``lo = -k_len`` / ``hi = q_len`` where no ``d`` does).

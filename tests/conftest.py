@@ -68,11 +68,10 @@ def perturb_slot_table(monkeypatch):
 
     from deberta_fast import positions as P
 
-    caches = (P._slot_table_cached, P._host_table, P._trimmed_cached, P._distance_runs_cached, P._table_band_cached)
     real = P._slot_table_cached.__wrapped__
 
     def clear():
-        for f in caches:
+        for f in P.shape_caches():
             f.cache_clear()
         try:
             from deberta_fast._kernels import triton_attention_launch as launch

@@ -295,6 +295,25 @@ def _run_variant(dtype, D, Lq, Lk, terms, buckets, max_rel, masked, shared_pos=T
 
 @gpu
 @needs_ext
+def test_gpu_diagnose_checks_the_cuda_backend():
+    """``benchmarks.gpu_diagnose``'s cuda rows: bf16 output and gradients against the fp64 pieces, within CUDA_TOL;
+    a head dim the kernels lack is refused (recorded there, not a failure)."""
+    from benchmarks import gpu_diagnose as G
+
+    for case in G.CASES:
+        if case[0] in ("tiny-D64", "tiny-17"):
+            ts, kw = G._inputs(case, torch.device(DEV))
+            if case[5] == 16:
+                with pytest.raises(BackendUnavailableError, match="head_dim 16"):
+                    G.cuda_pieces(ts, kw)
+                continue
+            res = G.compare(G.cuda_pieces(ts, kw), G.expected(ts, kw), G.CUDA_TOL)
+            assert set(res) == {"out", "dq", "dk", "dv", "dpos_key", "dpos_query"}
+            assert all(p["ok"] for p in res.values()), res
+
+
+@gpu
+@needs_ext
 def test_gpu_band_follows_the_device_table(perturb_slot_table):
     """The saturation band the kernels get is read off the slot table they read (positions.table_band), not
     recomputed from the bucket function on the CPU: here the table has slot 1 at every odd d <= -21, where the

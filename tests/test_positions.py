@@ -83,8 +83,7 @@ def test_host_helpers_ignore_the_default_device():
 
     args = (19, 23, 4, 8, 4)
     want = (P.relative_slot_table(*args), P.distance_runs(*args), P.slot_band(4, 8, 4), P.table_band(*args))
-    for f in (P._slot_table_cached, P._trimmed_cached, P._host_table, P._distance_runs_cached, P._slot_band_cached,
-              P._table_band_cached):
+    for f in (*P.shape_caches(), P._slot_band_cached):
         f.cache_clear()
     prev = torch.get_default_device()
     torch.set_default_device("meta")

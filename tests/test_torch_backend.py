@@ -112,8 +112,7 @@ def test_packed_call_compiles_to_one_op_and_matches_eager():
 def test_fake_tensors_do_not_enter_the_shape_caches(packed):
     """A call under FakeTensorMode (what opcheck, export and some tools do) runs the trace path: afterwards an
     eager call of the same shape still gets real tables and the right answer."""
-    caches = (positions._slot_table_cached, positions._trimmed_cached, positions._host_table,
-              positions._distance_runs_cached, positions._table_band_cached)
+    caches = positions.shape_caches()
     for cached in caches:
         cached.cache_clear()
     args = _packed([6, 9]) if packed else _padded(2, 9)
@@ -136,7 +135,7 @@ def test_fake_tensors_do_not_enter_the_shape_caches(packed):
 def test_trimmed_table_under_a_fake_mode_leaves_the_caches_alone():
     """The cuda backend reads the trimmed table on its host path: under FakeTensorMode (non-strict export) that
     read fails, and must not leave a fake tensor in the caches for the next eager call of that shape."""
-    caches = (positions._slot_table_cached, positions._trimmed_cached, positions._host_table)
+    caches = positions.shape_caches()
     for cached in caches:
         cached.cache_clear()
     with FakeTensorMode():
