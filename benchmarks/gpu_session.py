@@ -91,8 +91,10 @@ HEADLINE_MODEL_SKIP = "not deberta_fast-torch and not disentangled-flash-torch"
 
 
 def plan(stage: str, out: str, rehearse: bool, py: str, profile: str = "full",
-         sanitizers: tuple = tuple(SANITIZER_TOOLS)) -> list[tuple[str, list[str], dict]]:
-    """(label, argv, extra env) of each command of a stage."""
+         sanitizers: tuple = tuple(SANITIZER_TOOLS),
+         seconds: float | None = None) -> list[tuple[str, list[str], dict]]:
+    """(label, argv, extra env) of each command of a stage; ``seconds``: the time the stage has (its cap or the
+    budget's end), which a command that paces itself (tune) is told."""
     if stage == "env":
         return [("env", [py, "-c", _env_script(out)], {})]
     if stage == "build":
@@ -121,8 +123,9 @@ def plan(stage: str, out: str, rehearse: bool, py: str, profile: str = "full",
         return [("parity", [py, "-m", "benchmarks.gpu_parity", "--out", os.path.join(out, "parity")]
                  + (["--rehearse"] if rehearse else []), {})]
     if stage == "tune":
+        budget = round(max(30.0, (CAPS["tune"] if seconds is None else seconds) - 45))
         return [("tune", [py, "-m", "benchmarks.tune_configs", "--out", os.path.join(out, "tune"), "--budget",
-                          str(CAPS["tune"] - 60)] + (["--rehearse"] if rehearse else []), {})]
+                          str(budget)] + (["--rehearse"] if rehearse else []), {})]
     if stage == "tests-all":
         return [("pytest-all", [py, "-m", "pytest", "tests", "-p", "no:cacheprovider", "-rfEs",
                                 f"--junitxml={os.path.join(out, 'tests-all.xml')}"], {})]
@@ -229,7 +232,7 @@ def run_stage(stage, out, rehearse, py, env, deadline, profile="full", sanitizer
             return res
     log_dir = os.path.join(out, "logs")
     status = "pass"
-    for label, argv, extra in plan(stage, out, rehearse, py, profile, sanitizers):
+    for label, argv, extra in plan(stage, out, rehearse, py, profile, sanitizers, stage_end - time.time()):
         left = stage_end - time.time()
         if left < MIN_START:
             res["commands"].append({"label": label, "status": "skipped", "reason": "no time left in the budget"})

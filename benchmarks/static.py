@@ -271,16 +271,19 @@ def table(prof: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(out: str | None, default_dir: str, json_name: str, md_name: str, data: dict, md: str) -> None:
+def write_report(out: str | None, default_dir: str, json_name: str, md_name: str, data: dict, md: str,
+                 quiet: bool = False) -> None:
     """Write ``data`` as ``json_name`` and ``md`` as ``md_name`` under ``out`` (default
-    ``benchmarks/results/<default_dir>``), and print ``md``: the last step of every static / tuning report."""
+    ``benchmarks/results/<default_dir>``), and print ``md`` (unless ``quiet``): the last step of every static /
+    tuning report."""
     out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", default_dir)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, json_name), "w") as f:
         json.dump(data, f, indent=1)
     with open(os.path.join(out, md_name), "w") as f:
         f.write(md)
-    print(md)
+    if not quiet:
+        print(md)
 
 
 def main(argv=None) -> int:

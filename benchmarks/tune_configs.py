@@ -56,7 +56,7 @@ def _timer(rehearse: bool):
     return lambda fn: float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
 
 
-def tune(rehearse: bool, budget: float, progress=print) -> dict:
+def tune(rehearse: bool, budget: float, progress=print, save=None) -> dict:
     from benchmarks.envinfo import environment
     from benchmarks.static import SWEEP
     from deberta_fast._kernels import triton_attention_launch as launch
@@ -70,6 +70,7 @@ def tune(rehearse: bool, budget: float, progress=print) -> dict:
     if rehearse:
         fwd_cfgs, bwd_cfgs = fwd_cfgs[-1:], bwd_cfgs[-1:]
     t_end = time.time() + budget
+    env = environment()
     rows, reference = [], {}
     for B, H, L, D in _shapes(rehearse):
         call, do = _inputs(B, H, L, D, device, dtype)
@@ -120,7 +121,9 @@ def tune(rehearse: bool, budget: float, progress=print) -> dict:
                 launch.launch_config = shipped
             progress(f"tune: L={L} {what:12s} {row['config']:24s} {row.get('ms', row.get('error'))}")
             rows.append(row)
-    return {"env": environment(), "rehearse": rehearse, "dtype": str(dtype), "rows": rows}
+            if save is not None:  # after every row: a run stopped at its stage's cap keeps what it timed
+                save({"env": env, "rehearse": rehearse, "dtype": str(dtype), "rows": rows})
+    return {"env": env, "rehearse": rehearse, "dtype": str(dtype), "rows": rows}
 
 
 def _s(cfg) -> str:
@@ -159,10 +162,14 @@ def main(argv=None) -> int:
         ap.error("--rehearse runs the kernels under the interpreter: set TRITON_INTERPRET=1")
     if not a.rehearse and not torch.cuda.is_available():
         ap.error("no GPU: use --rehearse (with TRITON_INTERPRET=1) on a CPU")
-    res = tune(a.rehearse, a.budget, progress=lambda m: print(m, file=sys.stderr, flush=True))
     from benchmarks.static import write_report
 
-    write_report(a.out, time.strftime("%Y-%m-%d") + "-tune", "tune.json", "tune.md", res, table(res))
+    def save(res):
+        write_report(a.out, time.strftime("%Y-%m-%d") + "-tune", "tune.json", "tune.md", res, table(res), quiet=True)
+
+    res = tune(a.rehearse, a.budget, progress=lambda m: print(m, file=sys.stderr, flush=True), save=save)
+    save(res)
+    print(table(res))
     return 0 if all("error" not in r for r in res["rows"]) else 1
 
 
