@@ -200,7 +200,10 @@ def _install_wheels(out: str) -> tuple[str | None, str]:
 def _run(argv, env, log, timeout) -> object:
     """Runs ``argv`` in its own process group with stdout/stderr to ``log``; at the timeout the whole group
     gets SIGINT (pytest then still writes its junit XML, benchmark results and summary), and SIGKILL after
-    GRACE seconds.  Returns the exit status or "timeout"."""
+    GRACE seconds.  Whatever is left of the group when the command ends (pytest-xdist workers, a sanitizer's
+    target) is killed: it would load the CPUs and the GPU under the next stage's timings (suspected, not shown, in
+    the second 2026-12-04 session: its MNLI-like rows, after a cut test stage, had 25-40 % IQRs).  Returns the
+    exit status or "timeout"."""
     with open(log, "a") as f:
         p = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -217,6 +220,16 @@ def _run(argv, env, log, timeout) -> object:
                 except subprocess.TimeoutExpired:
                     continue
             return "timeout"
+        finally:
+            _kill_group(p.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL to what is left of a process group (nothing when it is gone)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def run_stage(stage, out, rehearse, py, env, deadline, profile="full", sanitizers=tuple(SANITIZER_TOOLS),

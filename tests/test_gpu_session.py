@@ -121,6 +121,30 @@ def test_a_timed_out_command_gets_sigint_first(tmp_path):
     assert rc == "timeout" and "got SIGINT" in log.read_text() and __import__("time").time() - t0 < 30
 
 
+@needs_no_session
+def test_a_commands_leftover_processes_are_killed(tmp_path):
+    """A child the command leaves behind (a pytest-xdist worker, a sanitizer's target) does not outlive it."""
+    from benchmarks import gpu_session as gs
+
+    pid_file = tmp_path / "child"
+    script = ("import subprocess, sys\n"
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(c.pid))\n")
+    assert gs._run([sys.executable, "-c", script], dict(os.environ), str(tmp_path / "log"), timeout=60) == 0
+    child = int(pid_file.read_text())
+    for _ in range(100):  # SIGKILL is delivered asynchronously; the orphan is reaped by init
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as f:
+            if f.read().split(")")[-1].split()[0] == "Z":
+                break
+        __import__("time").sleep(0.05)
+    else:
+        raise AssertionError("the command's child survived it")
+
+
 def test_parity_table_lists_every_error():
     from benchmarks.gpu_parity import table
 
