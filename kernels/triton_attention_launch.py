@@ -187,12 +187,18 @@ def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
                 return LaunchConfig(64, 32, 4, 3)
             return LaunchConfig(32, 32, 4, 3, 64) if dropout or bd < 64 else LaunchConfig(32, 64, 4, 3)
         if family == 90:
-            # 64x64 tiles on 4 warps, 3 stages: the band loop's gathered table entries are software-pipelined
-            # through shared memory (cp.async), so 128-row tiles need 144-156 KB of it; 64x64 needs 74-94 KB.
+            # 64x64 tiles on 4 warps: the band loop's gathered table entries are software-pipelined through shared
+            # memory (cp.async), so 128-row tiles need 144-156 KB of it.  2 stages, not 3: measured on an H200
+            # (2026-12-04, benchmarks.tune_configs, bf16, D = 64, L = 512, 16k tokens) 2.12 against 3.23 ms
+            # without dropout and 2.18 against 3.52 ms with it, the same bits (not profiled: without dropout 75 KB
+            # of shared memory per CTA instead of 109 KB, 3 CTAs per SM instead of 2); at L >= 2048 and D = 32
+            # predicted, not yet timed.  It
+            # spills 8 B (inference) / 24-28 B (dropout) at D = 64 on sm_90 (static, triton 3.6.0 and 3.7.1), against
+            # 0 B on 3 stages: the measurement outweighs the spill-free target here.
             # Packed: 64x64 spilled 12 B.  D = 64 with dropout: 128-key saturated tiles need 117 KB (one CTA per SM).
             if varlen:
                 return LaunchConfig(64, 32, 4, 3, 64)
-            return LaunchConfig(64, 64, 4, 3, 64 if dropout and bd == 64 else 128)
+            return LaunchConfig(64, 64, 4, 2, 64 if dropout and bd == 64 else 128)
         # sm_8x: 64x64 spilled 80-108 B (276 B packed); packed 64x32: 4-44 B (D = 64); 32x64 at D = 32: 4 B
         if varlen:
             return LaunchConfig(32, 64, 4, 3, 128) if bd == 64 else LaunchConfig(64, 32, 4, 3, 128)
