@@ -23,8 +23,8 @@ Stages (in this order; each in a subprocess with its own log, stopped at the bud
   bench-model  ``pytest benchmarks/bench_model.py --profile full``: whole models, with the peers
   tests-all    (only when named) the whole test suite on the GPU machine
   tune         (only when named) ``benchmarks.tune_configs``: forward, dq and dK/dV timed under every candidate
-               launch config (the static sweep's), L = 512 and 2048, with each config's difference from the shipped
-               config's result; picks ``launch_config``'s values
+               launch config, padded at L = 512 / 2048 / 8192 and packed, every inference forward first, with
+               each config's difference from the shipped config's result; picks ``launch_config``'s values
 
 Output folder: ``--out``, else ``$OUT`` (the device tool's folder that comes back), else
 ``benchmarks/results/<date>-<device>-session/``: ``logs/<stage>.log``, ``summary.json``, ``summary.md`` and

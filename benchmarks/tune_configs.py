@@ -4,11 +4,13 @@
     python -m benchmarks.tune_configs [--out DIR] [--budget SECONDS]    # GPU
     TRITON_INTERPRET=1 python -m benchmarks.tune_configs --rehearse     # CPU: the code path, tiny sizes
 
-DeBERTa-v3 attention (H=12, D=64, v3 buckets, bf16, key padding), 16,384 tokens at L = 512 and 2048:
-- ``fwd``: the forward (inference: no dropout; training: dropout 0.1) under each config of
-  ``benchmarks.static.SWEEP["fwd"]``;
+DeBERTa-v3 attention (H=12, D=64, v3 buckets, bf16), padded batches of 16,384 tokens with key padding at L = 512,
+2048 and 8192, and a packed (varlen) call of 48 sequences of random lengths up to 512:
+- ``fwd``: the forward (inference: no dropout; training: dropout 0.1) under each config of :data:`FWD`;
 - ``dq`` / ``dkdv``: the backward (dropout 0.1) with one kernel under each config of ``SWEEP["bwd"]`` and the other
   at its shipped config, so a row's difference from the shipped row is that kernel's.
+Rows run in that order (every case's inference forward first), so a budget cuts the backward rows first; a shipped
+row is labelled with the config the launcher chose for it.
 Writes ``tune.json`` and ``tune.md`` (milliseconds, median of ``triton.testing.do_bench``; the largest difference
 of the output (fwd) or of dq, dk, dv (backward) from the shipped config's, which should be rounding only; a config
 that fails to compile or launch is a row with its error).  Nothing is changed: the fastest spill-free config per row is the
@@ -24,24 +26,77 @@ import time
 import torch
 
 
-def _shapes(rehearse: bool) -> list[tuple[int, int, int, int]]:
-    """``(B, H, L, D)``."""
-    return [(1, 2, 24, 16)] if rehearse else [(32, 12, 512, 64), (8, 12, 2048, 64)]
+#: forward candidates (BLOCK_M, BLOCK_N, warps, stages, saturated-tile width): the stage and saturated-width
+#: neighbours of the shipped configs.  The first H200 tune (2026-12-04, ``SWEEP["fwd"]``, L = 512 only) found 2
+#: stages 1.5x faster than 3 and every 3-stage config slower than its 2-stage twin; the saturated width shows at
+#: L >= 2048 only; packed calls ship 64x32 on 3 stages
+FWD = [(64, 64, 4, 3, 128), (64, 64, 4, 2, 64), (64, 64, 4, 1, 128), (128, 64, 8, 2, 128), (128, 64, 4, 2, 128),
+       (64, 32, 4, 2, 64), (64, 32, 4, 2, 128), (64, 64, 8, 2, 128), (32, 64, 4, 2, 128)]
 
 
-def _inputs(B, H, L, D, device, dtype):
-    from deberta_fast.dispatch import build_call
+def _cases(rehearse: bool) -> list[tuple[str, int, int, int, int]]:
+    """``(name, B, H, L, D)``: padded batches of 16,384 tokens, and ``packed``: B sequences of random lengths up
+    to L in one varlen call (what ``deberta_fast.patch`` runs on padded batches)."""
+    if rehearse:
+        return [("padded", 1, 2, 24, 16), ("packed", 3, 2, 24, 16)]
+    return [("padded", 32, 12, 512, 64), ("padded", 8, 12, 2048, 64), ("padded", 2, 12, 8192, 64),
+            ("packed", 48, 12, 512, 64)]
 
-    g = torch.Generator().manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    lengths = torch.full((B,), L)
-    lengths[::3] = max(1, L - L // 7)  # some padding, as a real batch has
-    mask = (torch.arange(L)[None, :] < lengths[:, None]).to(device)
-    q, k, v, do = rnd(B, H, L, D), rnd(B, H, L, D), rnd(B, H, L, D), rnd(B, H, L, D)
-    pk, pq = rnd(H, 512, D), rnd(H, 512, D)
-    call = build_call(q, k, v, pk, pq, position_buckets=256, max_relative_positions=512, attention_mask=mask,
-                      scale=None, dropout_p=0.0)
-    return call, do
+
+class _Case:
+    """One case's inputs and its forward / backward under the launcher's current config."""
+
+    def __init__(self, name, B, H, L, D, device, dtype):
+        from deberta_fast.dispatch import build_call, build_varlen_call
+
+        self.name, self.B, self.L, self.D = name, B, L, D
+        self.packed = name == "packed"
+        g = torch.Generator().manual_seed(0)
+        rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+        pk, pq = rnd(H, 512, D), rnd(H, 512, D)
+        kw = dict(position_buckets=256, max_relative_positions=512, scale=None, dropout_p=0.0)
+        if self.packed:
+            lens = torch.randint(max(1, L // 8), L + 1, (B,), generator=g)
+            lens[0] = L
+            cu = torch.zeros(B + 1, dtype=torch.int32)
+            cu[1:] = torch.cumsum(lens, 0)
+            cu = cu.to(device)
+            T = int(cu[-1])
+            q, k, v, self.do = rnd(T, H, D), rnd(T, H, D), rnd(T, H, D), rnd(T, H, D)
+            c = build_varlen_call(q, k, v, pk, pq, cu, cu, L, L, **kw)
+            self.args = (c.query, c.key, c.value, c.pos_key, c.pos_query, cu, cu, L, L)
+            self.tokens = T
+        else:
+            lengths = torch.full((B,), L)
+            lengths[::3] = max(1, L - L // 7)  # some padding, as a real batch has
+            mask = (torch.arange(L)[None, :] < lengths[:, None]).to(device)
+            q, k, v, self.do = rnd(B, H, L, D), rnd(B, H, L, D), rnd(B, H, L, D), rnd(B, H, L, D)
+            c = build_call(q, k, v, pk, pq, attention_mask=mask, **kw)
+            self.args = (c.query, c.key, c.value, c.pos_key, c.pos_query, c.key_mask, c.full_mask, c.uniform_rows)
+            self.tokens = B * L
+        self.kw = dict(position_buckets=256, max_relative_positions=512, span=c.span, scale=c.scale)
+        self.saved = None
+
+    def forward(self, p):
+        from deberta_fast._kernels import triton_attention_launch as launch
+
+        fn = launch.attention_forward_varlen if self.packed else launch.attention_forward
+        return fn(*self.args, **self.kw, dropout_p=p, seed=1)
+
+    def backward(self):
+        """The backward (dropout 0.1) from a forward saved under the shipped config."""
+        from deberta_fast._kernels import triton_attention_launch as launch
+
+        if self.saved is None:
+            self.saved = self.forward(0.1)
+        out, stats = self.saved
+        if self.packed:
+            q, k, v, pk, pq, cq, ck, mq, mk = self.args
+            return launch.attention_backward_varlen(self.do, q, k, v, pk, pq, out, stats, cq, ck, mq, mk, **self.kw,
+                                                    dropout_p=0.1, seed=1)
+        q, k, v, pk, pq, km, fm, uni = self.args
+        return launch.attention_backward(self.do, q, k, v, pk, pq, out, stats, km, fm, uni, **self.kw,
+                                         dropout_p=0.1, seed=1)
 
 
 def _timer(rehearse: bool):
@@ -56,6 +111,19 @@ def _timer(rehearse: bool):
     return lambda fn: float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
 
 
+def _jobs(cases, fwd_cfgs, bwd_cfgs):
+    """``(case, what, config or None for the shipped one)`` in the order they are timed, the most telling first
+    (a budget cuts the tail): every case's inference forward, then its training forward, then the backward."""
+    jobs = []
+    for what in ("fwd", "fwd+dropout"):
+        for case in cases:
+            jobs += [(case, what, c) for c in [None] + fwd_cfgs]
+    for case in cases:
+        for kernel in ("dq", "dkdv"):
+            jobs += [(case, kernel, c) for c in [None] + bwd_cfgs]
+    return jobs
+
+
 def tune(rehearse: bool, budget: float, progress=print, save=None) -> dict:
     from benchmarks.envinfo import environment
     from benchmarks.static import SWEEP
@@ -65,89 +133,87 @@ def tune(rehearse: bool, budget: float, progress=print, save=None) -> dict:
     dtype = torch.float32 if rehearse else torch.bfloat16
     shipped = launch.launch_config
     bench = _timer(rehearse)
-    fwd_cfgs = [launch.LaunchConfig(*c) for c in SWEEP["fwd"]]
+    fwd_cfgs = [launch.LaunchConfig(*c) for c in FWD]
     bwd_cfgs = [launch.LaunchConfig(*c) for c in SWEEP["bwd"]]
     if rehearse:
         fwd_cfgs, bwd_cfgs = fwd_cfgs[-1:], bwd_cfgs[-1:]
     t_end = time.time() + budget
     env = environment()
-    rows, reference = [], {}
-    for B, H, L, D in _shapes(rehearse):
-        call, do = _inputs(B, H, L, D, device, dtype)
-        args = (call.query, call.key, call.value, call.pos_key, call.pos_query, call.key_mask, call.full_mask,
-                call.uniform_rows)
-        kw = dict(position_buckets=256, max_relative_positions=512, span=call.span, scale=call.scale)
-        base_f = shipped("fwd", L, L, D)
-        base_b = shipped("bwd", L, L, D)
-        out, stats = launch.attention_forward(*args, **kw, dropout_p=0.1, seed=1)
-        jobs = []
-        for c in [None] + fwd_cfgs:
-            for p in (0.0, 0.1):
-                jobs.append(("fwd" if p == 0.0 else "fwd+dropout", c, p))
-        for kernel in ("dq", "dkdv"):
-            jobs += [(kernel, c, 0.1) for c in [None] + bwd_cfgs]
-        for what, cfg, p in jobs:
-            if time.time() > t_end:
-                rows.append(dict(L=L, B=B, what=what, config=_s(cfg), skipped="budget"))
-                continue
-            f_cfg = cfg if (what.startswith("fwd") and cfg is not None) else base_f
-            if what == "dq" and cfg is not None:
-                b_cfg = launch.BackwardConfig(dq=cfg, dkdv=base_b.dkdv)
-            elif what == "dkdv" and cfg is not None:
-                b_cfg = launch.BackwardConfig(dq=base_b.dq, dkdv=cfg)
-            else:
-                b_cfg = base_b
-            launch.launch_config = lambda pass_, *a, _f=f_cfg, _b=b_cfg, **k: _f if pass_ == "fwd" else _b
-            if what.startswith("fwd"):
-                fn = lambda: launch.attention_forward(*args, **kw, dropout_p=p, seed=1)  # noqa: E731
-            else:
-                fn = lambda: launch.attention_backward(do, call.query, call.key, call.value, call.pos_key,  # noqa: E731
-                                                       call.pos_query, out, stats, call.key_mask, call.full_mask,
-                                                       call.uniform_rows, **kw, dropout_p=0.1, seed=1)
-            row = dict(L=L, B=B, what=what, config=_s(cfg) if cfg is not None else "shipped " + _s(
-                f_cfg if what.startswith("fwd") else getattr(b_cfg, what)))
-            try:
-                got = fn()
-                got = got[:1] if what.startswith("fwd") else got[:3]  # out; dq, dk, dv
-                if cfg is None:
-                    reference[(L, what)] = got
-                else:  # the same function under another tiling: a difference beyond rounding is a bug
-                    row["max_diff_vs_shipped"] = max(float((a.float() - b.float()).abs().max())
-                                                     for a, b in zip(got, reference[(L, what)]))
-                row["ms"] = round(bench(fn), 4)
-            except Exception as e:  # a config that does not fit (shared memory, registers) is a result
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            finally:
-                launch.launch_config = shipped
-            progress(f"tune: L={L} {what:12s} {row['config']:24s} {row.get('ms', row.get('error'))}")
-            rows.append(row)
-            if save is not None:  # after every row: a run stopped at its stage's cap keeps what it timed
-                save({"env": env, "rehearse": rehearse, "dtype": str(dtype), "rows": rows})
+    cases = [_Case(*c, device, dtype) for c in _cases(rehearse)]
+    rows, reference, used = [], {}, {}
+
+    def recording(pass_, *a, **k):  # the launcher's own choice, recorded for the shipped rows' labels
+        used[pass_] = shipped(pass_, *a, **k)
+        return used[pass_]
+
+    for case, what, cfg in _jobs(cases, fwd_cfgs, bwd_cfgs):
+        fwd = what.startswith("fwd")
+        p = 0.1 if what != "fwd" else 0.0
+        key = (case.name, case.L, what)
+        row = dict(case=case.name, L=case.L, B=case.B, tokens=case.tokens, what=what, config=_s(cfg))
+        if time.time() > t_end or (cfg is not None and key not in reference):
+            rows.append(dict(row, skipped="budget" if time.time() > t_end else "the shipped row failed"))
+            continue
+        if cfg is None:
+            launch.launch_config = recording
+        else:
+            base = reference[key][1]
+            patched = cfg if fwd else launch.BackwardConfig(dq=cfg if what == "dq" else base.dq,
+                                                            dkdv=cfg if what == "dkdv" else base.dkdv)
+            launch.launch_config = lambda pass_, *a, _c=patched, _f=fwd, **k: (  # noqa: E731
+                _c if (pass_ == "fwd") == _f else shipped(pass_, *a, **k))
+        fn = (lambda: case.forward(p)) if fwd else case.backward
+        try:
+            used.clear()
+            got = fn()
+            got = got[:1] if fwd else got[:3]  # out; dq, dk, dv
+            if cfg is None:
+                own = used["fwd" if fwd else "bwd"]
+                reference[key] = (got, own)
+                row["config"] = "shipped " + _s(own if fwd else getattr(own, what))
+            else:  # the same function under another tiling: a difference beyond rounding is a bug
+                row["max_diff_vs_shipped"] = max(float((a.float() - b.float()).abs().max())
+                                                 for a, b in zip(got, reference[key][0]))
+            row["ms"] = round(bench(fn), 4)
+        except Exception as e:  # a config that does not fit (shared memory, registers) is a result
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        finally:
+            launch.launch_config = shipped
+        progress(f"tune: {case.name} L={case.L} {what:12s} {row['config']:28s} {row.get('ms', row.get('error'))}")
+        rows.append(row)
+        if save is not None:  # after every row: a run stopped at its stage's cap keeps what it timed
+            save({"env": env, "rehearse": rehearse, "dtype": str(dtype), "rows": rows})
     return {"env": env, "rehearse": rehearse, "dtype": str(dtype), "rows": rows}
 
 
 def _s(cfg) -> str:
-    return "/".join(str(x) for x in (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)) if cfg else "-"
+    """BM/BN/warps/stages, and /sat for a forward config whose saturated tiles are wider than its band tiles."""
+    if cfg is None:
+        return "-"
+    sat = getattr(cfg, "sat_block_n", 0)
+    return "/".join(str(x) for x in (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+                    + ((sat,) if sat and sat != cfg.block_n else ()))
 
 
 def table(res: dict) -> str:
     lines = [f"# Launch-config timing ({'CPU rehearsal, interpreter: not a measurement' if res['rehearse'] else 'GPU'}"
              f", {res['dtype']})", "",
              "ms: median of triton.testing.do_bench; relative to the shipped config of the same row group.", "",
-             "| L | B | kernel | config (BM/BN/warps/stages) | ms | vs shipped | max abs diff vs shipped |",
-             "|---|---|---|---|---|---|---|"]
+             "| case | L | B | tokens | kernel | config (BM/BN/warps/stages[/sat]) | ms | vs shipped | "
+             "max abs diff vs shipped |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for r in res["rows"]:
         if r["config"].startswith("shipped") and "ms" in r:
-            base[(r["L"], r["what"])] = r["ms"]
+            base[(r.get("case", "padded"), r["L"], r["what"])] = r["ms"]
     for r in res["rows"]:
         ms = r.get("ms")
-        ref = base.get((r["L"], r["what"]))
+        ref = base.get((r.get("case", "padded"), r["L"], r["what"]))
         rel = f"{ms / ref:.3f}x" if ms and ref else ""
         cell = f"{ms}" if ms is not None else (r.get("error") or f"skipped ({r.get('skipped')})")
         diff = r.get("max_diff_vs_shipped")
-        lines.append(f"| {r['L']} | {r['B']} | {r['what']} | {r['config']} | {cell} | {rel} | "
-                     f"{'' if diff is None else f'{diff:.3g}'} |")
+        lines.append(f"| {r.get('case', 'padded')} | {r['L']} | {r['B']} | {r.get('tokens', '')} | {r['what']} | "
+                     f"{r['config']} | {cell} | {rel} | {'' if diff is None else f'{diff:.3g}'} |")
     return "\n".join(lines) + "\n"
 
 

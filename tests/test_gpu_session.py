@@ -206,7 +206,10 @@ def test_tune_rehearsal_runs_every_row_kind(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
     assert {r["what"] for r in rows} == {"fwd", "fwd+dropout", "dq", "dkdv"}
+    assert {r["case"] for r in rows} == {"padded", "packed"}
     assert all("ms" in r for r in rows)
+    assert [r["what"] for r in rows[:4]] == ["fwd"] * 4  # every case's inference forward first
+    assert all(r["config"].startswith("shipped 32/32/1/1") for r in rows if r["config"].startswith("shipped"))
     diffs = [r["max_diff_vs_shipped"] for r in rows if not r["config"].startswith("shipped")]
     assert diffs and all(d <= 1e-4 for d in diffs)
     assert "| dkdv |" in (tmp_path / "tune.md").read_text()
