@@ -25,6 +25,8 @@ Stages (in this order; each in a subprocess with its own log, stopped at the bud
   tune         (only when named) ``benchmarks.tune_configs``: forward, dq and dK/dV timed under every candidate
                launch config, padded at L = 512 / 2048 / 8192 and packed, every inference forward first, with
                each config's difference from the shipped config's result; picks ``launch_config``'s values
+  breakdown    (only when named) ``benchmarks.breakdown``: the op with and without each relative term, the Triton
+               tables alone and prebuilt, the cuda backend, plain SDPA (where the time goes), L = 512 / 2048 / 8192
 
 Output folder: ``--out``, else ``$OUT`` (the device tool's folder that comes back), else
 ``benchmarks/results/<date>-<device>-session/``: ``logs/<stage>.log``, ``summary.json``, ``summary.md`` and
@@ -48,12 +50,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["env", "build", "parity", "diagnose", "tests", "sanitize", "bench-core", "bench-model"]
-EXTRA_STAGES = ["tests-all", "tune"]  # only when asked for: the whole suite; the launch-config timing
+#: only when asked for: the whole suite; the launch-config timing; where the op's time goes
+EXTRA_STAGES = ["tests-all", "tune", "breakdown"]
 SANITIZER_TOOLS = ["memcheck", "racecheck", "synccheck"]
 #: seconds each stage may take at most, all its commands together (the budget's end stops it earlier); a
 #: command starts only with at least MIN_START seconds left
 CAPS = {"env": 60, "build": 420, "parity": 300, "diagnose": 120, "tests": 480, "tests-all": 580, "sanitize": 480,
-        "bench-core": 540, "bench-model": 540, "tune": 480}
+        "bench-core": 540, "bench-model": 540, "tune": 480, "breakdown": 240}
 MIN_START = 30
 RESERVE = 25  # seconds kept: a timed-out command gets SIGINT and GRACE seconds to write its reports, then the summary
 GRACE = 15
@@ -126,6 +129,9 @@ def plan(stage: str, out: str, rehearse: bool, py: str, profile: str = "full",
         budget = round(max(30.0, (CAPS["tune"] if seconds is None else seconds) - 45))
         return [("tune", [py, "-m", "benchmarks.tune_configs", "--out", os.path.join(out, "tune"), "--budget",
                           str(budget)] + (["--rehearse"] if rehearse else []), {})]
+    if stage == "breakdown":
+        return [("breakdown", [py, "-m", "benchmarks.breakdown", "--out", os.path.join(out, "breakdown")]
+                 + (["--rehearse"] if rehearse else []), {})]
     if stage == "tests-all":
         return [("pytest-all", [py, "-m", "pytest", "tests", "-p", "no:cacheprovider", "-rfEs",
                                 f"--junitxml={os.path.join(out, 'tests-all.xml')}"], {})]

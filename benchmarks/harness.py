@@ -256,6 +256,20 @@ class JsonTarget(os.PathLike):
         return False
 
 
+def median_ms_timer(rehearse: bool) -> Callable[[Callable[[], object]], float]:
+    """``bench(fn) -> ms``: on a GPU the median of ``triton.testing.do_bench`` (warm-up 10 ms, 50 ms of reps); in a
+    CPU rehearsal (interpreter) one call after a warm-up call, which times the code path, not the kernels."""
+    if rehearse:
+        def bench(fn):
+            fn()
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+        return bench
+    from triton.testing import do_bench
+    return lambda fn: float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+
 def gpu_or_interpreter(rehearse: bool, prog: str) -> bool | None:
     """The GPU scripts' device rule: True on a GPU (unless ``rehearse``), False for a CPU rehearsal under the Triton
     interpreter, None (after saying how to run it) on a CPU without the interpreter."""

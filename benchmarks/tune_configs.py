@@ -99,18 +99,6 @@ class _Case:
                                          dropout_p=0.1, seed=1)
 
 
-def _timer(rehearse: bool):
-    if rehearse:
-        def bench(fn):
-            fn()
-            t = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t) * 1e3
-        return bench
-    from triton.testing import do_bench
-    return lambda fn: float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
-
-
 def _jobs(cases, fwd_cfgs, bwd_cfgs):
     """``(case, what, config or None for the shipped one)`` in the order they are timed, the most telling first
     (a budget cuts the tail): every case's inference forward, then its training forward, then the backward."""
@@ -132,7 +120,9 @@ def tune(rehearse: bool, budget: float, progress=print, save=None) -> dict:
     device = "cpu" if rehearse else "cuda"
     dtype = torch.float32 if rehearse else torch.bfloat16
     shipped = launch.launch_config
-    bench = _timer(rehearse)
+    from benchmarks.harness import median_ms_timer
+
+    bench = median_ms_timer(rehearse)
     fwd_cfgs = [launch.LaunchConfig(*c) for c in FWD]
     bwd_cfgs = [launch.LaunchConfig(*c) for c in SWEEP["bwd"]]
     if rehearse:

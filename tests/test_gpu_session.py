@@ -195,15 +195,21 @@ def test_tune_stage_is_extra_and_has_its_budget(tmp_path):
     assert float(argv[argv.index("--budget") + 1]) < gs.CAPS["tune"]
 
 
+def _rehearse(module: str, out, *args) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.<module> --rehearse --out <out>`` under the Triton interpreter; asserts exit 0."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--rehearse", "--out", str(out), *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-800:] + p.stderr[-2000:]
+    return p
+
+
 @pytest.mark.slow
 def test_tune_rehearsal_runs_every_row_kind(tmp_path):
     """The launch-config timing on CPU (interpreter, tiny sizes): every row kind, a result per config, the
     non-shipped configs' results equal to the shipped config's."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-m", "benchmarks.tune_configs", "--rehearse", "--out", str(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
+    _rehearse("tune_configs", tmp_path)
     rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
     assert {r["what"] for r in rows} == {"fwd", "fwd+dropout", "dq", "dkdv"}
     assert {r["case"] for r in rows} == {"padded", "packed"}
@@ -215,15 +221,25 @@ def test_tune_rehearsal_runs_every_row_kind(tmp_path):
     assert "| dkdv |" in (tmp_path / "tune.md").read_text()
 
 
+def test_breakdown_rehearsal(tmp_path):
+    """The op breakdown on CPU (interpreter, tiny sizes): a time for every Triton variant, the prebuilt-tables
+    forward bitwise equal to the plain one, the cuda rows refused with a reason where the extension is absent."""
+    _rehearse("breakdown", tmp_path)
+    rows = json.loads((tmp_path / "breakdown.json").read_text())["rows"]
+    assert all("ms" in r for r in rows if not r["variant"].startswith("cuda"))
+    assert all("ms" in r or "error" in r for r in rows)
+    assert {(r["pass_"], r["variant"]) for r in rows} >= {("fwd", "sdpa"), ("fwd", "triton both"),
+                                                         ("fwd", "triton tables"), ("fwd+bwd", "triton both")}
+    assert [r["same_output"] for r in rows if "same_output" in r] == [True]
+    assert "| fwd | triton none |" in (tmp_path / "breakdown.md").read_text()
+
+
 def test_gpu_diagnose_rehearsal_and_its_check(tmp_path):
     """The diagnosis runs on CPU under the interpreter (every piece exact there), and its comparison flags a wrong
     piece with the worst locations."""
     from benchmarks.gpu_diagnose import compare
 
-    env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_diagnose", "--rehearse", "--cases", "tiny-17",
-                        "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-800:] + p.stderr[-800:]
+    _rehearse("gpu_diagnose", tmp_path, "--cases", "tiny-17")
     rows = json.load(open(tmp_path / "diagnose.json"))["rows"]
     assert len(rows) == 3 and all(r["ok"] for r in rows)
     assert {"csum", "psum", "dq_content", "dk_content", "dq"} <= set(rows[0]["pieces"])

@@ -1,0 +1,199 @@
+"""Where the attention op's time goes on a GPU: the same call with and without each relative term, the host-built
+tables alone, and the Triton forward with its tables prebuilt, next to plain SDPA and the cuda backend.
+
+    python -m benchmarks.breakdown --out DIR                          # GPU
+    TRITON_INTERPRET=1 python -m benchmarks.breakdown --out DIR --rehearse   # CPU: the code path, tiny sizes
+
+Why: the first H200 session measured the Triton forward 2.5-6x below the roofline model's prediction (NOTES, "First
+GPU session"), and an instruction count cannot say which part is slow.  Per length (bf16, H=12, D=64, v3 buckets,
+16,384 tokens, no mask), median ms of ``triton.testing.do_bench``:
+
+- ``sdpa``: plain ``scaled_dot_product_attention`` (content only: the ceiling);
+- ``triton none`` / ``c2p`` / ``p2c`` / ``both``: the Triton launcher with those relative terms (``none``: the
+  kernels' content loop alone, against ``sdpa`` its base efficiency; ``both`` minus ``none``: the relative terms);
+- ``triton tables``: the two ``[B, H, L, NSLOT]`` float32 table GEMMs the forward builds first, alone;
+- ``triton both, tables prebuilt``: the forward with those GEMMs replaced by the prebuilt tables (the kernel, its
+  gathers and the rest of the host path);
+- ``cuda none`` / ``cuda both``: the cuda backend's op (no tables: relative terms on tensor cores);
+- ``fwd+bwd`` of ``sdpa``, ``triton none`` / ``both`` and ``cuda none`` / ``both``.
+
+Writes ``breakdown.json`` and ``breakdown.md``.  A variant a backend refuses is a row with its reason.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+TERMS = ("none", "c2p", "p2c", "both")
+#: variant -> the variant whose output it must equal bitwise (recorded as ``same_output``)
+SAME = {"triton both, tables prebuilt": "triton both"}
+BUCKETS = (256, 512)
+
+
+def _lengths(rehearse: bool) -> list[tuple[int, int, int, int]]:
+    """``(B, H, L, D)``."""
+    return [(2, 2, 40, 16)] if rehearse else [(16384 // L, 12, L, 64) for L in (512, 2048, 8192)]
+
+
+def _inputs(B, H, L, D, device, dtype, grad=False):
+    from deberta_fast.positions import attention_span
+
+    g = torch.Generator().manual_seed(0)
+    span = attention_span(*BUCKETS)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)  # noqa: E731
+    return mk(B, H, L, D), mk(B, H, L, D), mk(B, H, L, D), mk(H, 2 * span, D), mk(H, 2 * span, D)
+
+
+def _rel(terms, pk, pq):
+    return (pk if terms in ("c2p", "both") else None), (pq if terms in ("p2c", "both") else None)
+
+
+def variants(B, H, L, D, device, dtype):
+    """``(name, pass, fn)`` of every timed variant at one length; ``fn`` runs it once."""
+    import torch.nn.functional as F
+
+    from deberta_fast import disentangled_attention
+    from deberta_fast._kernels import triton_attention_launch as launch
+    from deberta_fast.dispatch import build_call
+
+    q, k, v, pk, pq = _inputs(B, H, L, D, device, dtype)
+    qg, kg, vg, pkg, pqg = _inputs(B, H, L, D, device, dtype, grad=True)
+    do = torch.randn(B, H, L, D, device=device, dtype=dtype)
+    out = []
+
+    def tri(terms):
+        c = build_call(q, k, v, *_rel(terms, pk, pq), position_buckets=BUCKETS[0],
+                       max_relative_positions=BUCKETS[1], attention_mask=None, scale=None, dropout_p=0.0)
+        args = (c.query, c.key, c.value, c.pos_key, c.pos_query, c.key_mask, c.full_mask, c.uniform_rows)
+        kw = dict(position_buckets=BUCKETS[0], max_relative_positions=BUCKETS[1], span=c.span, scale=c.scale,
+                  dropout_p=0.0, seed=0)
+        return args, kw
+
+    out.append(("sdpa", "fwd", lambda: F.scaled_dot_product_attention(q, k, v)))
+    for terms in TERMS:
+        args, kw = tri(terms)
+        out.append((f"triton {terms}", "fwd", lambda a=args, k_=kw: launch.attention_forward(*a, **k_)))
+    args, kw = tri("both")
+
+    def tables():  # as _prepare builds them
+        rows = launch._layout(L, L, BUCKETS[0], BUCKETS[1], kw["span"], q.device, True, False).rows
+        return launch._table_gemm(args[0], args[3][..., rows, :]), launch._table_gemm(args[1], args[4][..., rows, :])
+
+    out.append(("triton tables", "fwd", tables))
+    built = {}
+
+    def prebuilt():
+        if not built:
+            c2p, p2c = tables()
+            built.update({id(args[0]): c2p, id(args[1]): p2c})
+        real = launch._table_gemm
+        launch._table_gemm = lambda x, pos: built[id(x)]
+        try:
+            return launch.attention_forward(*args, **kw)
+        finally:
+            launch._table_gemm = real
+
+    out.append(("triton both, tables prebuilt", "fwd", prebuilt))
+    for terms in ("none", "both"):
+        out.append((f"cuda {terms}", "fwd",
+                    lambda t=terms: disentangled_attention(q, k, v, *_rel(t, pk, pq), position_buckets=BUCKETS[0],
+                                                           max_relative_positions=BUCKETS[1], backend="cuda")))
+
+    def api(backend, terms):
+        return lambda: disentangled_attention(qg, kg, vg, *_rel(terms, pkg, pqg), position_buckets=BUCKETS[0],
+                                              max_relative_positions=BUCKETS[1], backend=backend)
+
+    out.append(("sdpa", "fwd+bwd", _grad_run(lambda: F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), do)))
+    for backend in ("triton", "cuda"):
+        for terms in ("none", "both"):
+            leaves = (qg, kg, vg) + tuple(t for t in _rel(terms, pkg, pqg) if t is not None)
+            out.append((f"{backend} {terms}", "fwd+bwd", _grad_run(api(backend, terms), leaves, do)))
+    return out
+
+
+def _grad_run(fn, leaves, do):
+    def run():
+        o = fn()
+        torch.autograd.grad(o, leaves, do)
+    return run
+
+
+def run(rehearse: bool, progress=print) -> dict:
+    from benchmarks.envinfo import environment
+
+    device = "cpu" if rehearse else "cuda"
+    dtype = torch.float32 if rehearse else torch.bfloat16
+    from benchmarks.harness import median_ms_timer
+
+    bench = median_ms_timer(rehearse)
+    rows = []
+    for B, H, L, D in _lengths(rehearse):
+        outs = {}
+        for name, pass_, fn in variants(B, H, L, D, device, dtype):
+            row = dict(L=L, B=B, H=H, D=D, variant=name, pass_=pass_)
+            try:
+                if name in SAME:  # a variant that only moves work around must give the same bits
+                    got, want = fn()[0], outs[SAME[name]][0]
+                    row["same_output"] = bool(torch.equal(got, want))
+                elif name.startswith("triton") and pass_ == "fwd" and name != "triton tables":
+                    outs[name] = fn()
+                row["ms"] = round(bench(fn), 4)
+            except Exception as e:  # noqa: BLE001 - a refusal (cuda on CPU, a missing extension) is a row
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            progress(f"breakdown: L={L} {pass_:8s} {name:30s} {row.get('ms', row.get('error'))}")
+            rows.append(row)
+    return {"env": environment(), "rehearse": rehearse, "dtype": str(dtype), "buckets": BUCKETS, "rows": rows}
+
+
+def table(res: dict) -> str:
+    title = "CPU rehearsal, interpreter: not a measurement" if res["rehearse"] else "GPU"
+    lengths = sorted({r["L"] for r in res["rows"]})
+    lines = [f"# Attention op breakdown ({title}, {res['dtype']}, buckets {tuple(res['buckets'])}, no mask)", "",
+             "median ms (triton.testing.do_bench); x sdpa: this / plain SDPA of the same pass and length", "",
+             "| pass | variant | " + " | ".join(f"L={L} ms (x sdpa)" for L in lengths) + " |",
+             "|---|---|" + "---:|" * len(lengths)]
+    sdpa = {(r["L"], r["pass_"]): r.get("ms") for r in res["rows"] if r["variant"] == "sdpa"}
+    seen = []
+    for r in res["rows"]:
+        if (r["pass_"], r["variant"]) not in seen:
+            seen.append((r["pass_"], r["variant"]))
+    for pass_, name in seen:
+        cells = []
+        for L in lengths:
+            r = next((x for x in res["rows"] if x["L"] == L and x["pass_"] == pass_ and x["variant"] == name), None)
+            if r is None:
+                cells.append("")
+            elif "ms" in r:
+                base = sdpa.get((L, pass_))
+                cells.append(f"{r['ms']:.4g}" + (f" ({r['ms'] / base:.1f}x)" if base else "")
+                             + (" DIFFERENT OUTPUT" if r.get("same_output") is False else ""))
+            else:
+                cells.append(r["error"][:60])
+        lines.append(f"| {pass_} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.breakdown", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="default benchmarks/results/<date>-breakdown")
+    ap.add_argument("--rehearse", action="store_true", help="CPU tensors under TRITON_INTERPRET=1, tiny sizes")
+    a = ap.parse_args(argv)
+    from benchmarks.harness import gpu_or_interpreter
+
+    if gpu_or_interpreter(a.rehearse, "breakdown") is None:
+        return 2
+    res = run(a.rehearse, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    from benchmarks.static import write_report
+
+    write_report(a.out, time.strftime("%Y-%m-%d") + "-breakdown", "breakdown.json", "breakdown.md", res, table(res))
+    failed = [r for r in res["rows"] if ("error" in r and not r["variant"].startswith("cuda"))
+              or r.get("same_output") is False]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
