@@ -14,6 +14,8 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
 - ``triton tables``: the two ``[B, H, L, NSLOT]`` float32 table GEMMs the forward builds first, alone;
 - ``triton both, tables prebuilt``: the forward with those GEMMs replaced by the prebuilt tables (the kernel, its
   gathers and the rest of the host path);
+- ``triton both, 16-bit tables`` (forward, and forward+backward) and ``triton tables, 16-bit``: the launcher's
+  ``TABLE_DTYPE = "input"`` experiment, tables in bf16 (half the bytes, a widening per gathered entry);
 - ``cuda none`` / ``cuda both``: the cuda backend's op (no tables: relative terms on tensor cores);
 - ``fwd+bwd`` of ``sdpa``, ``triton none`` / ``both`` and ``cuda none`` / ``both``.
 
@@ -97,6 +99,8 @@ def variants(B, H, L, D, device, dtype):
             launch._table_gemm = real
 
     out.append(("triton both, tables prebuilt", "fwd", prebuilt))
+    out.append(("triton both, 16-bit tables", "fwd", _table_dtype(lambda: launch.attention_forward(*args, **kw))))
+    out.append(("triton tables, 16-bit", "fwd", _table_dtype(tables)))
     for terms in ("none", "both"):
         out.append((f"cuda {terms}", "fwd",
                     lambda t=terms: disentangled_attention(q, k, v, *_rel(t, pk, pq), position_buckets=BUCKETS[0],
@@ -111,7 +115,22 @@ def variants(B, H, L, D, device, dtype):
         for terms in ("none", "both"):
             leaves = (qg, kg, vg) + tuple(t for t in _rel(terms, pkg, pqg) if t is not None)
             out.append((f"{backend} {terms}", "fwd+bwd", _grad_run(api(backend, terms), leaves, do)))
+    out.append(("triton both, 16-bit tables", "fwd+bwd",
+                _table_dtype(_grad_run(api("triton", "both"), (qg, kg, vg, pkg, pqg), do))))
     return out
+
+
+def _table_dtype(fn):
+    """``fn`` under the launcher's ``TABLE_DTYPE = "input"`` (the tables in the call's 16-bit dtype)."""
+    from deberta_fast._kernels import triton_attention_launch as launch
+
+    def run():
+        old, launch.TABLE_DTYPE = launch.TABLE_DTYPE, "input"
+        try:
+            return fn()
+        finally:
+            launch.TABLE_DTYPE = old
+    return run
 
 
 def _grad_run(fn, leaves, do):

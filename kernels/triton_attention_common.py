@@ -145,7 +145,8 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
     computes a probability as ``exp2(t - (m - row_term))`` (``m``: the row's max), so that on saturated tiles the
     row term costs per row, not per element.
 
-    ``GENERAL``: ``c2p = C2P[i, slot(d)]`` and ``p2c = P2C[j, slot(d)]`` gathered per element (``slot(d) =
+    ``GENERAL``: ``c2p = C2P[i, slot(d)]`` and ``p2c = P2C[j, slot(d)]`` (float32, or 16-bit widened: the
+    launcher's ``TABLE_DTYPE``) gathered per element (``slot(d) =
     TABLE[d + Lk - 1]``), as tiles (``[BLOCK_M, BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if ``TRANS``).  ``SAT``: every
     element has slot ``slot``: ``key_term [BLOCK_N]`` and ``row_term [BLOCK_M]``.  ``col``: :func:`_key_col`.
 
@@ -159,18 +160,19 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
         kt = col
         rt = zero
         if HAS_P2C:
-            kt = tl.fma(tl.load(P2C_bh + offs_n * NSLOT + slot, mask=n_ok, other=0.0), qk_scale, col)
+            kt = tl.fma(tl.load(P2C_bh + offs_n * NSLOT + slot, mask=n_ok, other=0.0).to(tl.float32), qk_scale, col)
         if HAS_C2P:
-            rt = tl.load(C2P_bh + offs_m * NSLOT + slot, mask=m_ok, other=0.0) * qk_scale
+            rt = tl.load(C2P_bh + offs_m * NSLOT + slot, mask=m_ok, other=0.0).to(tl.float32) * qk_scale
     elif HAS_C2P | HAS_P2C:
         ok = _q_axis(m_ok, TRANS) & _k_axis(n_ok, TRANS)
         d = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS)
         slots = tl.load(TABLE + (d + Lk - 1), mask=ok, other=0)
         kt, rt = tl.broadcast(_k_axis(col, TRANS), _q_axis(zero, TRANS))
         if HAS_P2C:
-            kt = tl.fma(tl.load(P2C_bh + _k_axis(offs_n, TRANS) * NSLOT + slots, mask=ok, other=0.0), qk_scale, kt)
+            p2c = tl.load(P2C_bh + _k_axis(offs_n, TRANS) * NSLOT + slots, mask=ok, other=0.0)
+            kt = tl.fma(p2c.to(tl.float32), qk_scale, kt)
         if HAS_C2P:
-            rt = tl.load(C2P_bh + _q_axis(offs_m, TRANS) * NSLOT + slots, mask=ok, other=0.0) * qk_scale
+            rt = tl.load(C2P_bh + _q_axis(offs_m, TRANS) * NSLOT + slots, mask=ok, other=0.0).to(tl.float32) * qk_scale
     else:
         kt, rt = tl.broadcast(_k_axis(col, TRANS), _q_axis(zero, TRANS))
     return kt, rt

@@ -264,13 +264,21 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     return fwd if pass_ == "fwd" else BackwardConfig(dq=dq, dkdv=dkdv)
 
 
+#: dtype of the C2P / P2C tables of fp16 / bf16 calls: "float32" (shipped), or "input": the calls' own dtype, each
+#: entry the float32 GEMM sum rounded once (as HF's own ``bmm`` rounds c2p / p2c), half the tables' bytes (805 ->
+#: 403 MB per forward at 16k tokens, H=12, v3) for more instructions per in-band element (NOTES: "the Triton tables
+#: in the inputs' dtype").  An experiment for a GPU A/B (``benchmarks.breakdown``), not a user setting.
+TABLE_DTYPE = "float32"
+
+
 def _table_gemm(x, pos):
-    """float32 ``x @ pos^T``: ``x [B,H,L,D]`` or ``[H,T,D]``, ``pos [H,R,D]`` or ``[B,H,R,D]`` ->
-    ``[..., L, R]`` contiguous.  fp16/bf16 on CUDA: tensor-core GEMM with float32 output
-    (``bmm(out_dtype=)``: products of 16-bit values are exact in float32, so this equals the
-    float32 GEMM up to summation order); otherwise a float32 GEMM (TF32 only if torch allows it).
+    """``x @ pos^T``: ``x [B,H,L,D]`` or ``[H,T,D]``, ``pos [H,R,D]`` or ``[B,H,R,D]`` -> ``[..., L, R]``
+    contiguous, float32 (or ``x``'s 16-bit dtype under ``TABLE_DTYPE = "input"``).  fp16/bf16 on CUDA: tensor-core
+    GEMM with float32 output (``bmm(out_dtype=)``: products of 16-bit values are exact in float32, so this equals
+    the float32 GEMM up to summation order); otherwise a float32 GEMM (TF32 only if torch allows it).
     ``B == 1`` with a shared ``pos`` is one 3-D ``bmm`` (a broadcast ``matmul`` cost ~2 us more host time, measured on
     the 2-core CPU machine, 2026-12-02)."""
+    half = TABLE_DTYPE == "input" and x.dtype in (torch.float16, torch.bfloat16)
     if x.dim() == 4 and pos.dim() == 3 and x.shape[0] == 1:
         x, lead = x[0], True
     else:
@@ -279,9 +287,10 @@ def _table_gemm(x, pos):
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
         batch = x.shape[:-2]
         xb = x.reshape(-1, *x.shape[-2:])
-        pb = pos.expand(*batch, *pos.shape[-2:]).reshape(-1, *pos.shape[-2:])
-        try:
-            out = torch.bmm(xb, pb.transpose(1, 2), out_dtype=torch.float32).view(*batch, x.shape[-2], -1)
+        pb = pos.expand(*batch, *pos.shape[-2:]).reshape(-1, *pos.shape[-2:]).transpose(1, 2)
+        try:  # (16-bit output: cuBLAS accumulates in float32 and rounds once)
+            out = (torch.bmm(xb, pb) if half else torch.bmm(xb, pb, out_dtype=torch.float32)).view(
+                *batch, x.shape[-2], -1)
         except (TypeError, RuntimeError, NotImplementedError):  # torch without bmm(out_dtype=)
             pass
     if out is None:
@@ -289,6 +298,8 @@ def _table_gemm(x, pos):
             out = torch.bmm(x.float(), pos.float().mT)
         else:
             out = torch.matmul(x.float(), pos.float().mT).contiguous()
+        if half:
+            out = out.to(x.dtype)
     return out[None] if lead else out
 
 

@@ -135,6 +135,21 @@ def test_bf16():
     check_grads(1, 2, 40, 40, 32, dtype=torch.bfloat16, mask="key")
 
 
+@pytest.mark.parametrize("dtype,mask", [(torch.float16, "key"), (torch.bfloat16, "full")])
+def test_16bit_tables_experiment(monkeypatch, dtype, mask):
+    """``TABLE_DTYPE = "input"`` (the GPU A/B of ``benchmarks.breakdown``): the C2P / P2C tables in the call's 16-bit
+    dtype (entries rounded once, as HF's own bmm rounds c2p / p2c), widened by the kernels: output and gradients
+    within the low-precision bound, and the tables really are 16-bit (odd lengths, tiny buckets: both regions)."""
+    from deberta_fast._kernels import triton_attention_launch as launch
+
+    made = []
+    real = launch._table_gemm
+    monkeypatch.setattr(launch, "TABLE_DTYPE", "input")
+    monkeypatch.setattr(launch, "_table_gemm", lambda x, pos: made.append(real(x, pos)) or made[-1])
+    check_grads(2, 2, 37, 53, 16, dtype=dtype, mask=mask)
+    assert made and all(t.dtype == dtype for t in made)
+
+
 def test_backward_is_deterministic():
     q, k, v, pk, pq, mask, kw = make_inputs(1, 1, 70, 45, 16, mask="key")
     do = torch.randn(1, 1, 70, 16)
