@@ -19,7 +19,9 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
 - ``cuda none`` / ``cuda both``: the cuda backend's op (no tables: relative terms on tensor cores);
 - ``fwd+bwd`` of ``sdpa``, ``triton none`` / ``both`` and ``cuda none`` / ``both``.
 
-Writes ``breakdown.json`` and ``breakdown.md``.  A variant a backend refuses is a row with its reason.
+On a GPU each row also has the peak memory of one call (``torch.cuda.max_memory_allocated`` above what was
+allocated before it).  Writes ``breakdown.json`` and ``breakdown.md``.  A variant a backend refuses is a row with
+its reason.
 """
 from __future__ import annotations
 
@@ -160,6 +162,13 @@ def run(rehearse: bool, progress=print) -> dict:
                 elif name.startswith("triton") and pass_ == "fwd" and name != "triton tables":
                     outs[name] = fn()
                 row["ms"] = round(bench(fn), 4)
+                if device == "cuda":  # one more call, its peak above what was allocated before it
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    fn()
+                    torch.cuda.synchronize()
+                    row["peak_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
             except Exception as e:  # noqa: BLE001 - a refusal (cuda on CPU, a missing extension) is a row
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             progress(f"breakdown: L={L} {pass_:8s} {name:30s} {row.get('ms', row.get('error'))}")
@@ -171,7 +180,8 @@ def table(res: dict) -> str:
     title = "CPU rehearsal, interpreter: not a measurement" if res["rehearse"] else "GPU"
     lengths = sorted({r["L"] for r in res["rows"]})
     lines = [f"# Attention op breakdown ({title}, {res['dtype']}, buckets {tuple(res['buckets'])}, no mask)", "",
-             "median ms (triton.testing.do_bench); x sdpa: this / plain SDPA of the same pass and length", "",
+             "median ms (triton.testing.do_bench); x sdpa: this / plain SDPA of the same pass and length; on a GPU the "
+             "peak memory of one call above what was allocated before it", "",
              "| pass | variant | " + " | ".join(f"L={L} ms (x sdpa)" for L in lengths) + " |",
              "|---|---|" + "---:|" * len(lengths)]
     sdpa = {(r["L"], r["pass_"]): r.get("ms") for r in res["rows"] if r["variant"] == "sdpa"}
@@ -188,6 +198,7 @@ def table(res: dict) -> str:
             elif "ms" in r:
                 base = sdpa.get((L, pass_))
                 cells.append(f"{r['ms']:.4g}" + (f" ({r['ms'] / base:.1f}x)" if base else "")
+                             + (f", {r['peak_mib']:.0f} MiB" if "peak_mib" in r else "")
                              + (" DIFFERENT OUTPUT" if r.get("same_output") is False else ""))
             else:
                 cells.append(r["error"][:60])

@@ -233,6 +233,12 @@ def test_breakdown_rehearsal(tmp_path):
                                                          ("fwd+bwd", "triton both, 16-bit tables")}
     assert [r["same_output"] for r in rows if "same_output" in r] == [True]
     assert "| fwd | triton none |" in (tmp_path / "breakdown.md").read_text()
+    from benchmarks.breakdown import table
+    md = table({"rehearse": False, "dtype": "torch.bfloat16", "buckets": [256, 512], "rows": [
+        dict(L=512, pass_="fwd", variant="sdpa", ms=0.1, peak_mib=12.0),
+        dict(L=512, pass_="fwd", variant="triton both", ms=0.5, peak_mib=794.0),
+        dict(L=512, pass_="fwd", variant="triton both, tables prebuilt", ms=0.4, same_output=False)]})
+    assert "| fwd | triton both | 0.5 (5.0x), 794 MiB |" in md and "DIFFERENT OUTPUT" in md
 
 
 def test_gpu_diagnose_rehearsal_and_its_check(tmp_path):
