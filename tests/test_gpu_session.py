@@ -177,6 +177,9 @@ def test_sanitize_workload_walks_every_variant_and_reports_refusals(capsys):
     assert len(lines) >= 10 and all(": refused: " in ln for ln in lines), out[-2000:]
     assert any(ln.startswith("varlen") for ln in lines)
     assert "0 ran" in out and "0 failed" in out
+    # the widest coverage first (a cut sanitizer run): v3 band tiles, tiny buckets' saturated tiles, packed calls
+    at = {key: [n for n, ln in enumerate(lines) if key in ln] for key in ("(256, 512)", "(4, 8)", "varlen")}
+    assert max(at["(256, 512)"]) < min(at["(4, 8)"]) < min(at["varlen"]), lines
 
 
 def test_sanitizer_probe_says_why_it_cannot_run(monkeypatch):
