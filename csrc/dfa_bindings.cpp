@@ -180,16 +180,24 @@ void check_saved_out(const char* who, const Tensor& out, const Tensor& q) {
               "), got ", out.sizes(), ", ", out.scalar_type(), ", ", out.device());
 }
 
-// Relative-gradient band buffers of the backward (float32, one writer per element; not zero-filled: band_to_slots
-// reads only the written entries) and the band_to_slots reduction into dC2P / dP2C.  rows_q / rows_k: rows of dC2P /
-// dP2C (B*H*Lq or H*Tq); Lq, Lk: extents of the distance range (varlen: the max lengths).
-struct Bands {
-  Tensor band_q, sat_q, band_k, sat_k;
+// The backward's score kernels and relative-gradient band buffers (float32, one writer per element; not zero-filled:
+// band_to_slots reads only the written entries), reduced by band_to_slots into dC2P / dP2C.  One side at a time: the
+// dq kernel writes the c2p band, band_to_slots reduces it and it is freed before the dK/dV kernel's p2c band is
+// allocated, so that the two [rows, W] float32 buffers (0.8 GB each at 16k tokens, H = 12, DeBERTa-v3's W = 1017)
+// never coexist.  rows_q / rows_k: rows of dC2P / dP2C (B*H*Lq or H*Tq); Lq, Lk: extents of the distance range
+// (varlen: the max lengths); shape_q / shape_k: dC2P / dP2C without their slot axis.
+struct RelBackward {
+  bool has_c2p = false, has_p2c = false;
+  int64_t rows_q = 0, rows_k = 0, W = 0;
 
-  void alloc(dfa::Params& p, const Tensor& q, bool has_c2p, bool has_p2c, int64_t rows_q, int64_t rows_k,
-             int64_t Lq, int64_t Lk, int64_t dmin, int64_t W, const OptT& perm, const OptT& offs) {
-    const int64_t S2 = p.S2;
-    if (S2 <= 0) return;
+  void check(dfa::Params& p, const Tensor& q, bool c2p, bool p2c, int64_t rq, int64_t rk, int64_t Lq, int64_t Lk,
+             int64_t dmin, int64_t w, const OptT& perm, const OptT& offs) {
+    has_c2p = c2p && p.S2 > 0;
+    has_p2c = p2c && p.S2 > 0;
+    rows_q = rq;
+    rows_k = rk;
+    W = w;
+    if (p.S2 <= 0) return;
     TORCH_CHECK(W >= 0 && W <= Lq + Lk - 1 && dmin >= -(Lk - 1) && dmin <= Lq - W,
                 "deberta_fast cuda backward: band window [dmin, dmin+W) with dmin = ", dmin, ", W = ", W,
                 " must lie in [-(Lk-1), Lq) = [", -(Lk - 1), ", ", Lq, ") (deberta_fast._cuda_ext.band_window)");
@@ -204,57 +212,56 @@ struct Bands {
       return t.has_value() && on_device(*t) && t->device() == q.device() && t->scalar_type() == at::kInt &&
              t->dim() == 1 && t->numel() == n && t->is_contiguous();
     };
-    TORCH_CHECK(csr_ok(perm, Wa) && csr_ok(offs, S2 + 1),
+    TORCH_CHECK(csr_ok(perm, Wa) && csr_ok(offs, p.S2 + 1),
                 "deberta_fast cuda backward: band perm must be int32 [max(W,1)] = [", Wa,
-                "] and offs int32 [2*span+1] = [", S2 + 1, "] on ", q.device(),
+                "] and offs int32 [2*span+1] = [", p.S2 + 1, "] on ", q.device(),
                 " (deberta_fast._cuda_ext.band_window)");
-    const auto f32 = q.options().dtype(at::kFloat);
-    // The band buffers are not zero-filled: the score kernels write every entry band_to_slots reads.  The CPU builds
-    // (host tests, simulator) fill them with NaN, so that a read of an unwritten entry fails the tests.
-#ifdef DFA_CPU_TENSORS
-    const auto band = [&](int64_t rows) { return at::full({rows, Wa}, NAN, f32); };
-#else
-    const auto band = [&](int64_t rows) { return at::empty({rows, Wa}, f32); };
-#endif
-    if (has_c2p) {
-      band_q = band(rows_q);
-      sat_q = at::zeros({rows_q, 2}, f32);
-      p.band_q = band_q.data_ptr<float>();
-      p.sat_q = sat_q.data_ptr<float>();
-    }
-    if (has_p2c) {
-      band_k = band(rows_k);
-      sat_k = at::zeros({rows_k, 2}, f32);
-      p.band_k = band_k.data_ptr<float>();
-      p.sat_k = sat_k.data_ptr<float>();
-    }
     p.dmin = static_cast<int>(dmin);
     p.W = static_cast<int>(W);
   }
 
+  // Both score kernels, each with its band, each band reduced and freed before the next is allocated.  Returns
   // dC2P [shape_q..., S2] / dP2C [shape_k..., S2] (empty [0] where a term is absent): what a C2P = Q pos_key^T /
-  // P2C = K pos_query^T table's gradient would be; the host takes them on to dq / dk and the position rows
-  std::pair<Tensor, Tensor> to_slots(const dfa::Params& p, at::IntArrayRef shape_q, at::IntArrayRef shape_k,
-                                     const OptT& perm, const OptT& offs, int dtype, const Tensor& q,
-                                     void* stream) const {
+  // P2C = K pos_query^T table's gradient would be; the host takes them on to dq / dk and the position rows.
+  std::pair<Tensor, Tensor> run(dfa::Params& p, int dtype, int head_dim, at::IntArrayRef shape_q,
+                                at::IntArrayRef shape_k, const OptT& perm, const OptT& offs, const Tensor& q,
+                                bool launch, const char* what, void* stream) const {
     Tensor dc2p = at::empty({0}, q.options()), dp2c = at::empty({0}, q.options());
-    if (p.S2 <= 0) return {dc2p, dp2c};
-    const auto with_slots = [&](at::IntArrayRef shape) {
-      std::vector<int64_t> v(shape.begin(), shape.end());
-      v.push_back(p.S2);
-      return v;
-    };
-    if (p.band_q != nullptr) {
-      dc2p = at::empty(with_slots(shape_q), q.options());
-      const char* err = dfa::launch_band_to_slots(p, false, perm->data_ptr<int32_t>(), offs->data_ptr<int32_t>(),
-                                                  dc2p.data_ptr(), dtype, band_q.size(0), stream);
-      TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (c2p band) failed: ", err ? err : "");
-    }
-    if (p.band_k != nullptr) {
-      dp2c = at::empty(with_slots(shape_k), q.options());
-      const char* err = dfa::launch_band_to_slots(p, true, perm->data_ptr<int32_t>(), offs->data_ptr<int32_t>(),
-                                                  dp2c.data_ptr(), dtype, band_k.size(0), stream);
-      TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (p2c band) failed: ", err ? err : "");
+    const auto f32 = q.options().dtype(at::kFloat);
+    const int64_t Wa = std::max<int64_t>(W, 1);
+    for (const bool by_key : {false, true}) {
+      const bool has = by_key ? has_p2c : has_c2p;
+      const int64_t rows = by_key ? rows_k : rows_q;
+      Tensor band, sat;
+      if (has) {
+        // The CPU builds (host tests, simulator) fill the band with NaN, so that a read of an unwritten entry fails
+        // the tests.
+#ifdef DFA_CPU_TENSORS
+        band = at::full({rows, Wa}, NAN, f32);
+#else
+        band = at::empty({rows, Wa}, f32);
+#endif
+        sat = at::zeros({rows, 2}, f32);
+      }
+      (by_key ? p.band_k : p.band_q) = has ? band.data_ptr<float>() : nullptr;
+      (by_key ? p.sat_k : p.sat_q) = has ? sat.data_ptr<float>() : nullptr;
+      if (launch) {
+        const char* err = dfa::launch_bwd(p, dtype, head_dim, by_key ? dfa::BWD_DKDV : dfa::BWD_DQ, stream);
+        TORCH_CHECK(err == nullptr, what, " launch failed: ", err ? err : "");
+      }
+      if (has) {
+        std::vector<int64_t> shape(by_key ? shape_k.begin() : shape_q.begin(), by_key ? shape_k.end() : shape_q.end());
+        shape.push_back(p.S2);
+        Tensor& out = by_key ? dp2c : dc2p;
+        out = at::empty(shape, q.options());
+        const char* err = dfa::launch_band_to_slots(p, by_key, perm->data_ptr<int32_t>(), offs->data_ptr<int32_t>(),
+                                                    out.data_ptr(), dtype, rows, stream);
+        TORCH_CHECK(err == nullptr, "deberta_fast cuda backward (", by_key ? "p2c" : "c2p", " band) failed: ",
+                    err ? err : "");
+      }
+      // the buffers go back to the caching allocator here; the stream orders the next kernel after their readers
+      (by_key ? p.band_k : p.band_q) = nullptr;
+      (by_key ? p.sat_k : p.sat_q) = nullptr;
     }
     return {dc2p, dp2c};
   }
@@ -359,13 +366,10 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
   p.dq_sb = dq.stride(0); p.dq_sh = dq.stride(1); p.dq_sr = dq.stride(2);
   p.dk_sb = dk.stride(0); p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(2);
-  Bands bands;
-  bands.alloc(p, q, pos_key.has_value(), pos_query.has_value(), B * H * Lq, B * H * Lk, Lq, Lk, dmin, W, perm,
-              offs);
-  void* stream = current_stream();
-  const char* err = dfa::launch_bwd(p, c.dtype, c.D, stream);
-  TORCH_CHECK(err == nullptr, "deberta_fast cuda backward launch failed: ", err ? err : "");
-  auto [dc2p, dp2c] = bands.to_slots(p, {B, H, Lq}, {B, H, Lk}, perm, offs, c.dtype, q, stream);
+  RelBackward rel;
+  rel.check(p, q, pos_key.has_value(), pos_query.has_value(), B * H * Lq, B * H * Lk, Lq, Lk, dmin, W, perm, offs);
+  auto [dc2p, dp2c] = rel.run(p, c.dtype, c.D, {B, H, Lq}, {B, H, Lk}, perm, offs, q, true,
+                              "deberta_fast cuda backward", current_stream());
   return {dq, dk, dv, dc2p, dp2c};
 }
 
@@ -490,14 +494,10 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
   p.dq_sb = 0; p.dq_sh = dq.stride(1); p.dq_sr = dq.stride(0);
   p.dk_sb = 0; p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(0);
-  Bands bands;
-  bands.alloc(p, q, pos_key.has_value(), pos_query.has_value(), H * Tq, H * Tk, max_q, max_k, dmin, W, perm, offs);
-  void* stream = current_stream();
-  if (Tq > 0 || Tk > 0) {
-    const char* err = dfa::launch_bwd(p, c.dtype, c.D, stream);
-    TORCH_CHECK(err == nullptr, "deberta_fast cuda varlen backward launch failed: ", err ? err : "");
-  }
-  auto [dc2p, dp2c] = bands.to_slots(p, {H, Tq}, {H, Tk}, perm, offs, c.dtype, q, stream);
+  RelBackward rel;
+  rel.check(p, q, pos_key.has_value(), pos_query.has_value(), H * Tq, H * Tk, max_q, max_k, dmin, W, perm, offs);
+  auto [dc2p, dp2c] = rel.run(p, c.dtype, c.D, {H, Tq}, {H, Tk}, perm, offs, q, Tq > 0 || Tk > 0,
+                              "deberta_fast cuda varlen backward", current_stream());
   return {dq, dk, dv, dc2p, dp2c};
 }
 

@@ -448,26 +448,27 @@ __global__ void __launch_bounds__(kThreads) dfa_band_to_slots_kernel(const Param
 }
 
 template <typename T, int D>
-static const char* run_bwd(const Params& p, cudaStream_t stream) {
+static const char* run_bwd(const Params& p, BwdKernel which, cudaStream_t stream) {
   using Cfg = BwdCfg<T, D>;
-  auto kdq = dfa_bwd_dq_kernel<T, D>;
-  auto kkv = dfa_bwd_dkdv_kernel<T, D>;
   const bool rel = p.table != nullptr;
-  const int smem_dq = rel ? Cfg::DQ_SMEM_REL : Cfg::DQ_SMEM, smem_kv = rel ? Cfg::KV_SMEM_REL : Cfg::KV_SMEM;
-  cudaError_t err = cudaFuncSetAttribute(kdq, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dq);
-  if (err == cudaSuccess) err = cudaFuncSetAttribute(kkv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_kv);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  DFA_LAUNCH(kdq, dim3((p.Lq + Cfg::DQ_BM - 1) / Cfg::DQ_BM, p.B * p.H), kThreads, smem_dq, stream, p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  DFA_LAUNCH(kkv, dim3((p.Lk + Cfg::KV_BN - 1) / Cfg::KV_BN, p.B * p.H), kThreads, smem_kv, stream, p);
-  err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  const auto go = [&](auto kern, int smem, dim3 grid) -> const char* {
+    cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+    DFA_LAUNCH(kern, grid, kThreads, smem, stream, p);
+    err = cudaGetLastError();
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  };
+  if (which == BWD_DQ)
+    return go(dfa_bwd_dq_kernel<T, D>, rel ? Cfg::DQ_SMEM_REL : Cfg::DQ_SMEM,
+              dim3((p.Lq + Cfg::DQ_BM - 1) / Cfg::DQ_BM, p.B * p.H));
+  return go(dfa_bwd_dkdv_kernel<T, D>, rel ? Cfg::KV_SMEM_REL : Cfg::KV_SMEM,
+            dim3((p.Lk + Cfg::KV_BN - 1) / Cfg::KV_BN, p.B * p.H));
 }
 
-const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream) {
+const char* launch_bwd(const Params& p, int dtype, int head_dim, BwdKernel which, void* stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  return dispatch_dtype_dim(dtype, head_dim, [&](auto t, auto d) { return run_bwd<decltype(t), decltype(d)::value>(p, s); });
+  return dispatch_dtype_dim(dtype, head_dim,
+                            [&](auto t, auto d) { return run_bwd<decltype(t), decltype(d)::value>(p, which, s); });
 }
 
 const char* launch_band_to_slots(const Params& p, bool by_key, const int32_t* perm, const int32_t* offs, void* out,

@@ -21,7 +21,7 @@ namespace dfa {
 namespace {
 
 struct Launch {
-  std::string kernel;  // "fwd" | "bwd" | "band_to_slots"
+  std::string kernel;  // "fwd" | "bwd_dq" | "bwd_dkdv" | "band_to_slots"
   Params p{};          // fwd / bwd / band_to_slots
   bool by_key = false;  // band_to_slots: dP2C (band_k) rather than dC2P (band_q)
   int dtype = -1, head_dim = 0, W = 0, S2 = 0;
@@ -107,8 +107,8 @@ const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream) {
   return record_attention("fwd", p, dtype, head_dim, stream);
 }
 
-const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream) {
-  return record_attention("bwd", p, dtype, head_dim, stream);
+const char* launch_bwd(const Params& p, int dtype, int head_dim, BwdKernel which, void* stream) {
+  return record_attention(which == BWD_DQ ? "bwd_dq" : "bwd_dkdv", p, dtype, head_dim, stream);
 }
 
 const char* launch_band_to_slots(const Params& p, bool by_key, const int32_t* perm, const int32_t* offs, void* out,

@@ -50,7 +50,10 @@ struct Params {
 // Host launchers (defined in dfa_fwd.cu / dfa_bwd.cu).  dtype: 0 = fp16, 1 = bf16.
 // return nullptr on success, else a static error string
 const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream);
-const char* launch_bwd(const Params& p, int dtype, int head_dim, void* stream);
+// The backward's two score kernels, launched one at a time (BWD_DQ: dq and the c2p band of scale*dS; BWD_DKDV: dK, dV
+// and the p2c band), so that the host can reduce and free one band buffer before it allocates the other
+enum BwdKernel : int { BWD_DQ = 0, BWD_DKDV = 1 };
+const char* launch_bwd(const Params& p, int dtype, int head_dim, BwdKernel which, void* stream);
 // band_to_slots: dC2P (band_q / sat_q) or, by_key, dP2C (band_k / sat_k) of `rows` rows from the score kernel's band
 // buffers (p.dmin, p.W, p.S2, the slot table and band, the varlen offsets); the saturated sums go to the table's slots
 // at the band edges (sat_table_index)

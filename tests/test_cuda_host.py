@@ -195,7 +195,7 @@ def test_fwd_params_per_head_uniform_rows_and_c2p_only(ext):
 def test_dropout_params(ext, entry, p):
     a = ARGS[entry](p=p)
     _, recs = launches(ext, getattr(ext, entry), **a)
-    P = next(r["params"] for r in recs if r["kernel"] in ("fwd", "bwd"))
+    P = next(r["params"] for r in recs if r["kernel"] in ("fwd", "bwd_dq"))
     assert P["dropout"] == 1 and P["rng"] == a["rng"].data_ptr()
     assert P["drop_thresh"] == _thresh(p)
     assert P["drop_scale"] == _f32(1.0 / (1.0 - p))
@@ -205,8 +205,12 @@ def test_bwd_params_and_band_launches(ext):
     a = bwd_args(Lq=5, Lk=7)
     a.update(band_lo=-3, band_hi=3)  # the band _bwd_extra's window was made for
     (dq, dk, dv, dc2p, dp2c), recs = launches(ext, ext.bwd, **a)
-    assert [r["kernel"] for r in recs] == ["bwd", "band_to_slots", "band_to_slots"]
-    P = recs[0]["params"]
+    # one score kernel at a time, each band reduced (and freed) before the next is allocated: never both at once
+    assert [r["kernel"] for r in recs] == ["bwd_dq", "band_to_slots", "bwd_dkdv", "band_to_slots"]
+    P, Pk = recs[0]["params"], recs[2]["params"]
+    assert P["band_q"] != 0 and P["band_k"] == 0 and Pk["band_q"] == 0 and Pk["band_k"] != 0
+    assert {f: v for f, v in P.items() if f not in ("band_q", "sat_q", "band_k", "sat_k")} == \
+        {f: v for f, v in Pk.items() if f not in ("band_q", "sat_q", "band_k", "sat_k")}
     for name, t in (("q", a["q"]), ("k", a["k"]), ("v", a["v"]), ("dq", dq), ("dk", dk)):
         _expect_tensor(P, name, t, t.stride()[:3])
     assert P["dout"] == a["dout"].data_ptr() and (P["do_sb"], P["do_sh"], P["do_sr"]) == a["dout"].stride()[:3]
@@ -221,13 +225,13 @@ def test_bwd_params_and_band_launches(ext):
     assert (P["pq_sb"], P["pq_sh"], P["pq_sr"]) == (3 * 8 * 32, 8 * 32, 32)
     assert (P["band_lo"], P["band_hi"]) == (-3, 3)
     assert dc2p.shape == (2, 3, 5, 8) and dp2c.shape == (2, 3, 7, 8)  # the gradients of C2P / P2C-shaped tables
-    bq, bk = recs[1], recs[2]
+    bq, bk = recs[1], recs[3]
     assert (bq["by_key"], bk["by_key"]) == (False, True)
-    for b in (bq, bk):  # the score kernel's Params: where its band buffers hold written entries (dmin, W, lengths)
+    for b, S in ((bq, P), (bk, Pk)):  # its score kernel's Params: where its band holds written entries
         assert {f: b["params"][f] for f in ("band_q", "band_k", "dmin", "W", "Lq", "Lk", "cu_q", "table")} == \
-            {f: P[f] for f in ("band_q", "band_k", "dmin", "W", "Lq", "Lk", "cu_q", "table")}
+            {f: S[f] for f in ("band_q", "band_k", "dmin", "W", "Lq", "Lk", "cu_q", "table")}
     assert (bq["band"], bq["sat"], bq["out"]) == (P["band_q"], P["sat_q"], dc2p.data_ptr())
-    assert (bk["band"], bk["sat"], bk["out"]) == (P["band_k"], P["sat_k"], dp2c.data_ptr())
+    assert (bk["band"], bk["sat"], bk["out"]) == (Pk["band_k"], Pk["sat_k"], dp2c.data_ptr())
     for b, rows in ((bq, 2 * 3 * 5), (bk, 2 * 3 * 7)):
         assert (b["rows"], b["W"], b["S2"], b["dtype"]) == (rows, a["W"], 8, 0)
         assert (b["perm"], b["offs"]) == (a["perm"].data_ptr(), a["offs"].data_ptr())
@@ -235,23 +239,24 @@ def test_bwd_params_and_band_launches(ext):
         assert (b["table"], b["idx_lo"], b["idx_hi"]) == (a["table"].data_ptr(), -3 + 6, 3 + 6)
     a.update(band_lo=-100, band_hi=100)  # edges beyond the table: clamped to its ends
     _, recs = launches(ext, ext.bwd, **a)
-    assert [(r["idx_lo"], r["idx_hi"]) for r in recs[1:]] == [(0, 5 + 7 - 2)] * 2
+    assert [(r["idx_lo"], r["idx_hi"]) for r in recs if r["kernel"] == "band_to_slots"] == [(0, 5 + 7 - 2)] * 2
 
 
-def test_bwd_without_relative_terms_launches_one_kernel(ext):
+def test_bwd_without_relative_terms_launches_no_band_reduction(ext):
     a = bwd_args(rel=False)
     (_, _, _, dc2p, dp2c), recs = launches(ext, ext.bwd, **a)
-    assert [r["kernel"] for r in recs] == ["bwd"] and dc2p.numel() == dp2c.numel() == 0
-    P = recs[0]["params"]
-    assert (P["band_q"], P["band_k"], P["S2"], P["W"]) == (0, 0, 0, 0)
+    assert [r["kernel"] for r in recs] == ["bwd_dq", "bwd_dkdv"] and dc2p.numel() == dp2c.numel() == 0
+    for r in recs:
+        P = r["params"]
+        assert (P["band_q"], P["band_k"], P["S2"], P["W"]) == (0, 0, 0, 0)
 
 
 def test_bwd_c2p_only_band(ext):
     a = bwd_args()
     a["pos_query"] = None
     (_, _, _, dc2p, dp2c), recs = launches(ext, ext.bwd, **a)
-    assert [r["kernel"] for r in recs] == ["bwd", "band_to_slots"] and dp2c.numel() == 0
-    assert recs[0]["params"]["band_k"] == 0 and recs[1]["out"] == dc2p.data_ptr()
+    assert [r["kernel"] for r in recs] == ["bwd_dq", "band_to_slots", "bwd_dkdv"] and dp2c.numel() == 0
+    assert recs[0]["params"]["band_k"] == recs[2]["params"]["band_k"] == 0 and recs[1]["out"] == dc2p.data_ptr()
     assert recs[0]["params"]["pos_q"] == 0 and dc2p.shape == (2, 3, 5, 8)
 
 
@@ -259,9 +264,10 @@ def test_bwd_p2c_only_band(ext):
     a = bwd_args()
     a["pos_key"] = None
     (_, _, _, dc2p, dp2c), recs = launches(ext, ext.bwd, **a)
-    assert [r["kernel"] for r in recs] == ["bwd", "band_to_slots"] and dc2p.numel() == 0
-    P = recs[0]["params"]
-    assert (P["band_q"], P["pos_k"]) == (0, 0) and recs[1]["out"] == dp2c.data_ptr() and dp2c.shape == (2, 3, 7, 8)
+    assert [r["kernel"] for r in recs] == ["bwd_dq", "bwd_dkdv", "band_to_slots"] and dc2p.numel() == 0
+    P = recs[1]["params"]
+    assert (P["band_q"], P["pos_k"]) == (0, 0) and recs[2]["out"] == dp2c.data_ptr() and dp2c.shape == (2, 3, 7, 8)
+    assert recs[0]["params"]["band_q"] == recs[0]["params"]["band_k"] == 0
 
 
 def test_varlen_params(ext):
@@ -280,9 +286,10 @@ def test_varlen_params(ext):
 def test_varlen_bwd_params(ext):
     a = varlen_bwd_args()
     (dq, dk, _, dc2p, dp2c), recs = launches(ext, ext.varlen_bwd, **a)
-    assert [r["kernel"] for r in recs] == ["bwd", "band_to_slots", "band_to_slots"]
+    assert [r["kernel"] for r in recs] == ["bwd_dq", "band_to_slots", "bwd_dkdv", "band_to_slots"]
     P = recs[0]["params"]
     assert (P["cu_q"], P["Tq"], P["Tk"], P["B"]) == (a["cu_seqlens_q"].data_ptr(), 8, 6, 3)
+    recs = [recs[0], recs[1], recs[3]]  # the score kernel, the two reductions
     _expect_tensor(P, "dq", dq, (0, dq.stride(1), dq.stride(0)))
     _expect_tensor(P, "dk", dk, (0, dk.stride(1), dk.stride(0)))
     assert (P["dout"], P["do_sb"], P["do_sr"]) == (a["dout"].data_ptr(), 0, a["dout"].stride(0))
@@ -323,10 +330,11 @@ def test_large_strides_reach_the_kernels_as_int64(ext):
 
 @pytest.mark.parametrize("kernel,entry,match", [
     ("fwd", "fwd", "cuda forward launch failed: stub error"),
-    ("bwd", "bwd", "cuda backward launch failed: stub error"),
+    ("bwd_dq", "bwd", "cuda backward launch failed: stub error"),
+    ("bwd_dkdv", "bwd", "cuda backward launch failed: stub error"),
     ("band_to_slots", "bwd", r"cuda backward \(c2p band\) failed: stub error"),
     ("fwd", "varlen_fwd", "cuda varlen forward launch failed: stub error"),
-    ("bwd", "varlen_bwd", "cuda varlen backward launch failed: stub error"),
+    ("bwd_dkdv", "varlen_bwd", "cuda varlen backward launch failed: stub error"),
 ])
 def test_launch_errors_are_raised(ext, kernel, entry, match):
     ext.host_reset()
