@@ -5,8 +5,8 @@ tables alone, and the Triton forward with its tables prebuilt, next to plain SDP
     TRITON_INTERPRET=1 python -m benchmarks.breakdown --out DIR --rehearse   # CPU: the code path, tiny sizes
 
 Why: the first H200 session measured the Triton forward 2.5-6x below the roofline model's prediction (NOTES, "First
-GPU session"), and an instruction count cannot say which part is slow.  Per length (bf16, H=12, D=64, v3 buckets,
-16,384 tokens, no mask), median ms of ``triton.testing.do_bench``:
+GPU session"), and an instruction count cannot say which part is slow.  Per length (L = 128, MNLI's scale, to
+8192; bf16, H=12, D=64, v3 buckets, 16,384 tokens, no mask), median ms of ``triton.testing.do_bench``:
 
 - ``sdpa``: plain ``scaled_dot_product_attention`` (content only: the ceiling);
 - ``triton none`` / ``c2p`` / ``p2c`` / ``both``: the Triton launcher with those relative terms (``none``: the
@@ -17,6 +17,7 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
 - ``triton both, 16-bit tables`` (forward, and forward+backward) and ``triton tables, 16-bit``: the launcher's
   ``TABLE_DTYPE = "input"`` experiment, tables in bf16 (half the bytes, a widening per gathered entry);
 - ``cuda none`` / ``cuda both``: the cuda backend's op (no tables: relative terms on tensor cores);
+- ``torch both (HF eager's math)``: the reference backend, HF's eager computation ``[B, H, L, L]``;
 - ``fwd+bwd`` of ``sdpa``, ``triton none`` / ``both`` and ``cuda none`` / ``both``.
 
 On a GPU each row also has the peak memory of one call (``torch.cuda.max_memory_allocated`` above what was
@@ -39,7 +40,7 @@ BUCKETS = (256, 512)
 
 def _lengths(rehearse: bool) -> list[tuple[int, int, int, int]]:
     """``(B, H, L, D)``."""
-    return [(2, 2, 40, 16)] if rehearse else [(16384 // L, 12, L, 64) for L in (512, 2048, 8192)]
+    return [(2, 2, 40, 16)] if rehearse else [(16384 // L, 12, L, 64) for L in (128, 512, 2048, 8192)]
 
 
 def _inputs(B, H, L, D, device, dtype, grad=False):
@@ -103,6 +104,9 @@ def variants(B, H, L, D, device, dtype):
     out.append(("triton both, tables prebuilt", "fwd", prebuilt))
     out.append(("triton both, 16-bit tables", "fwd", _table_dtype(lambda: launch.attention_forward(*args, **kw))))
     out.append(("triton tables, 16-bit", "fwd", _table_dtype(tables)))
+    out.append(("torch both (HF eager's math)", "fwd",
+                lambda: disentangled_attention(q, k, v, pk, pq, position_buckets=BUCKETS[0],
+                                               max_relative_positions=BUCKETS[1], backend="torch")))
     for terms in ("none", "both"):
         out.append((f"cuda {terms}", "fwd",
                     lambda t=terms: disentangled_attention(q, k, v, *_rel(t, pk, pq), position_buckets=BUCKETS[0],
@@ -113,6 +117,8 @@ def variants(B, H, L, D, device, dtype):
                                               max_relative_positions=BUCKETS[1], backend=backend)
 
     out.append(("sdpa", "fwd+bwd", _grad_run(lambda: F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), do)))
+    out.append(("torch both (HF eager's math)", "fwd+bwd",
+                _grad_run(api("torch", "both"), (qg, kg, vg, pkg, pqg), do)))
     for backend in ("triton", "cuda"):
         for terms in ("none", "both"):
             leaves = (qg, kg, vg) + tuple(t for t in _rel(terms, pkg, pqg) if t is not None)
