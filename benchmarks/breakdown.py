@@ -26,9 +26,7 @@ its reason.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 
 import torch
 
@@ -213,19 +211,12 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.breakdown", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None, help="default benchmarks/results/<date>-breakdown")
-    ap.add_argument("--rehearse", action="store_true", help="CPU tensors under TRITON_INTERPRET=1, tiny sizes")
-    a = ap.parse_args(argv)
-    from benchmarks.harness import gpu_or_interpreter
+    from benchmarks.harness import report_cli
 
-    if gpu_or_interpreter(a.rehearse, "breakdown") is None:
+    res = report_cli(argv, "breakdown", __doc__, run, table, "breakdown",
+                     "CPU tensors under TRITON_INTERPRET=1, tiny sizes")
+    if res is None:
         return 2
-    res = run(a.rehearse, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    from benchmarks.static import write_report
-
-    write_report(a.out, time.strftime("%Y-%m-%d") + "-breakdown", "breakdown.json", "breakdown.md", res, table(res))
     failed = [r for r in res["rows"] if ("error" in r and not r["variant"].startswith("cuda"))
               or r.get("same_output") is False]
     return 1 if failed else 0

@@ -270,6 +270,32 @@ def median_ms_timer(rehearse: bool) -> Callable[[Callable[[], object]], float]:
     return lambda fn: float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
 
 
+def report_cli(argv, module: str, doc: str, run, table, stem: str, rehearse_help: str,
+               interpreter: bool = True) -> dict | None:
+    """The command line of a GPU report script (``--out``, ``--rehearse``): ``run(rehearse, progress)`` -> results,
+    written as ``<stem>.json`` and ``table(results)`` as ``<stem>.md`` (default folder
+    ``benchmarks/results/<date>-<stem>``).  ``interpreter``: a CPU rehearsal runs Triton kernels (needs
+    ``TRITON_INTERPRET=1``).  Returns the results, or None when this machine cannot run it (said why)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help=f"default benchmarks/results/<date>-{stem}")
+    ap.add_argument("--rehearse", action="store_true", help=rehearse_help)
+    a = ap.parse_args(argv)
+    if interpreter:
+        if gpu_or_interpreter(a.rehearse, module) is None:
+            return None
+    elif not a.rehearse and not torch.cuda.is_available():
+        ap.error("no GPU: use --rehearse on a CPU")
+    res = run(a.rehearse, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    from benchmarks.static import write_report
+
+    write_report(a.out, time.strftime("%Y-%m-%d") + "-" + stem.replace("_", "-"), f"{stem}.json", f"{stem}.md", res,
+                 table(res))
+    return res
+
+
 def gpu_or_interpreter(rehearse: bool, prog: str) -> bool | None:
     """The GPU scripts' device rule: True on a GPU (unless ``rehearse``), False for a CPU rehearsal under the Triton
     interpreter, None (after saying how to run it) on a CPU without the interpreter."""

@@ -244,6 +244,17 @@ def test_breakdown_rehearsal(tmp_path):
     assert "| fwd | triton both | 0.5 (5.0x), 794 MiB |" in md and "DIFFERENT OUTPUT" in md
 
 
+def test_profile_model_rehearsal(tmp_path):
+    """The training-step profile on CPU (2-layer model, torch backend): a step time per candidate and the host
+    operators; no device columns without a device."""
+    _rehearse("profile_model", tmp_path)
+    res = json.loads((tmp_path / "profile_model.json").read_text())
+    assert [r["candidate"] for r in res["rows"]] == ["hf-eager", "deberta_fast-torch"]
+    assert all(r["wall_ms"] > 0 and r["top_host"] and r["device_busy_ms"] is None for r in res["rows"])
+    md = (tmp_path / "profile_model.md").read_text()
+    assert "| hf-eager |" in md and "top operators by host" in md
+
+
 def test_gpu_diagnose_rehearsal_and_its_check(tmp_path):
     """The diagnosis runs on CPU under the interpreter (every piece exact there), and its comparison flags a wrong
     piece with the worst locations."""
