@@ -41,6 +41,7 @@ k/v ``[Tk,H,D]``, int32 ``cu_seqlens`` ``[N+1]``, lse float32 ``[H,Tq]``, slot t
 """
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -184,6 +185,12 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
+#: band_window's results per (slot table, its version, lengths, band, rows): every layer's backward of a model asks
+#: for the same window of the same cached table (argsort + searchsorted: ~7 small launches each time otherwise);
+#: an entry leaves with its table (weakref.finalize), and an in-place change of the table bumps its version
+_WINDOWS: dict = {}
+
+
 def band_window(table: torch.Tensor, q_len: int, k_len: int, band_lo: int, band_hi: int, s2: int):
     """``(dmin, W, perm, offs)`` for the relative-gradient band.
 
@@ -191,7 +198,24 @@ def band_window(table: torch.Tensor, q_len: int, k_len: int, band_lo: int, band_
     requires) are stored explicitly by the backward kernels; smaller ones have the table's slot at
     ``band_lo`` and larger ones its slot at ``band_hi`` (``positions.table_band``).
     ``perm`` lists the window's offsets sorted by slot (stable) and ``offs[s]:offs[s+1]`` is
-    slot ``s``'s segment of it: a fixed-order, atomic-free segment sum."""
+    slot ``s``'s segment of it: a fixed-order, atomic-free segment sum.  Cached per table (treat the
+    tensors as read-only); computed afresh while tracing."""
+    from .positions import values_unreadable
+
+    if values_unreadable(table):
+        return _band_window(table, q_len, k_len, band_lo, band_hi, s2)
+    key = (id(table), table._version, int(q_len), int(k_len), int(band_lo), int(band_hi), int(s2))
+    hit = _WINDOWS.get(key)
+    if hit is None:
+        hit = _band_window(table, q_len, k_len, band_lo, band_hi, s2)
+        if len(_WINDOWS) >= 256:  # (tables outlive their windows only through the positions caches' 64 entries)
+            _WINDOWS.clear()
+        _WINDOWS[key] = hit
+        weakref.finalize(table, _WINDOWS.pop, key, None)
+    return hit
+
+
+def _band_window(table, q_len, k_len, band_lo, band_hi, s2):
     dmin = max(band_lo + 1, -(k_len - 1))
     dmax = min(band_hi - 1, q_len - 1)
     dmin = min(dmin, q_len)

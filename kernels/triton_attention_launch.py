@@ -78,7 +78,8 @@ def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int, fp32_ieee: 
     memory per block), packed sequences, dropout and a full mask (all three add registers): a :class:`LaunchConfig`
     for ``"fwd"``, a :class:`BackwardConfig` for ``"bwd"``.  One fixed config under the interpreter (autotuning
     does not run there).
-    GPU values: spill-free starting points from the static profile, speed untuned (benchmarks/NOTES.md)."""
+    GPU values: spill-free starting points from the static profile, timed on an H200 only for the sm_90 padded
+    forward at D = 64, L = 512 so far (benchmarks/NOTES.md)."""
     if interpreting():
         return _INTERPRETER_CONFIG[pass_]
     # aligned: both lengths multiples of 16, which the launch specialization marks (a kernel of its own)
@@ -123,7 +124,8 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32:
     """The GPU configs, from the static profile (sm_80 for ``family`` 80, sm_90 for 90; DeBERTa launches: c2p+p2c,
     key mask or packed, with and without dropout; benchmarks/results/2026-12-02-static and NOTES "Spill-free configs
     per architecture").  Every one compiles with 0 spill bytes there unless its comment says otherwise; which is
-    fastest is a GPU measurement, not yet made."""
+    fastest is a GPU measurement (``benchmarks.tune_configs``), made so far for the sm_90 padded forward at D = 64,
+    L = 512 only (2 stages, see below)."""
     if fp32_ieee:
         return _fp32_config(pass_, bd, family)
     if pass_ == "fwd":

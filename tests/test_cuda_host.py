@@ -242,6 +242,28 @@ def test_bwd_params_and_band_launches(ext):
     assert [(r["idx_lo"], r["idx_hi"]) for r in recs if r["kernel"] == "band_to_slots"] == [(0, 5 + 7 - 2)] * 2
 
 
+def test_band_window_is_cached_per_table():
+    """Every layer's backward asks for the same window of the same cached table: computed once, recomputed after an
+    in-place change of the table, dropped with the table, and equal to a fresh computation."""
+    import gc
+
+    from deberta_fast import _cuda_ext
+
+    table = relative_slot_table(9, 11, 4, 8, span=4).to(torch.int32).clone()
+    first = band_window(table, 9, 11, -3, 3, 8)
+    assert band_window(table, 9, 11, -3, 3, 8) is first
+    fresh = _cuda_ext._band_window(table, 9, 11, -3, 3, 8)
+    assert first[:2] == fresh[:2] and all(torch.equal(a, b) for a, b in zip(first[2:], fresh[2:]))
+    assert band_window(table, 9, 11, -2, 3, 8) is not first  # another band, another entry
+    table[4] = table[5]  # in place: a new version of the table
+    again = band_window(table, 9, 11, -3, 3, 8)
+    assert again is not first and torch.equal(again[2], _cuda_ext._band_window(table, 9, 11, -3, 3, 8)[2])
+    n = len(_cuda_ext._WINDOWS)
+    del table, first, again, fresh
+    gc.collect()
+    assert len(_cuda_ext._WINDOWS) <= n - 3
+
+
 def test_bwd_without_relative_terms_launches_no_band_reduction(ext):
     a = bwd_args(rel=False)
     (_, _, _, dc2p, dp2c), recs = launches(ext, ext.bwd, **a)
