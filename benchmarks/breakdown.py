@@ -3,6 +3,7 @@ tables alone, and the Triton forward with its tables prebuilt, next to plain SDP
 
     python -m benchmarks.breakdown --out DIR                          # GPU
     TRITON_INTERPRET=1 python -m benchmarks.breakdown --out DIR --rehearse   # CPU: the code path, tiny sizes
+    (with DEBERTA_FAST_CUDA_SIM=1 the cuda rows run in the CUDA simulator)
 
 Why: the first H200 session measured the Triton forward 2.5-6x below the roofline model's prediction (NOTES, "First
 GPU session"), and an instruction count cannot say which part is slow.  Per length (L = 128, MNLI's scale, to
@@ -38,7 +39,7 @@ BUCKETS = (256, 512)
 
 def _lengths(rehearse: bool) -> list[tuple[int, int, int, int]]:
     """``(B, H, L, D)``."""
-    return [(2, 2, 40, 16)] if rehearse else [(16384 // L, 12, L, 64) for L in (128, 512, 2048, 8192)]
+    return [(2, 2, 40, 32)] if rehearse else [(16384 // L, 12, L, 64) for L in (128, 512, 2048, 8192)]
 
 
 def _inputs(B, H, L, D, device, dtype, grad=False):
@@ -62,10 +63,14 @@ def variants(B, H, L, D, device, dtype):
     from deberta_fast._kernels import triton_attention_launch as launch
     from deberta_fast.dispatch import build_call
 
-    q, k, v, pk, pq = _inputs(B, H, L, D, device, dtype)
-    qg, kg, vg, pkg, pqg = _inputs(B, H, L, D, device, dtype, grad=True)
+    plain = q, k, v, pk, pq = _inputs(B, H, L, D, device, dtype)
+    grads = qg, kg, vg, pkg, pqg = _inputs(B, H, L, D, device, dtype, grad=True)
     do = torch.randn(B, H, L, D, device=device, dtype=dtype)
     out = []
+
+    def api(backend, terms, ts):  # the public op on ts = (q, k, v, pos_key, pos_query)
+        return lambda: disentangled_attention(*ts[:3], *_rel(terms, *ts[3:]), position_buckets=BUCKETS[0],
+                                              max_relative_positions=BUCKETS[1], backend=backend)
 
     def tri(terms):
         c = build_call(q, k, v, *_rel(terms, pk, pq), position_buckets=BUCKETS[0],
@@ -102,27 +107,16 @@ def variants(B, H, L, D, device, dtype):
     out.append(("triton both, tables prebuilt", "fwd", prebuilt))
     out.append(("triton both, 16-bit tables", "fwd", _table_dtype(lambda: launch.attention_forward(*args, **kw))))
     out.append(("triton tables, 16-bit", "fwd", _table_dtype(tables)))
-    out.append(("torch both (HF eager's math)", "fwd",
-                lambda: disentangled_attention(q, k, v, pk, pq, position_buckets=BUCKETS[0],
-                                               max_relative_positions=BUCKETS[1], backend="torch")))
-    for terms in ("none", "both"):
-        out.append((f"cuda {terms}", "fwd",
-                    lambda t=terms: disentangled_attention(q, k, v, *_rel(t, pk, pq), position_buckets=BUCKETS[0],
-                                                           max_relative_positions=BUCKETS[1], backend="cuda")))
-
-    def api(backend, terms):
-        return lambda: disentangled_attention(qg, kg, vg, *_rel(terms, pkg, pqg), position_buckets=BUCKETS[0],
-                                              max_relative_positions=BUCKETS[1], backend=backend)
-
+    out.append(("torch both (HF eager's math)", "fwd", api("torch", "both", plain)))
+    out += [(f"cuda {terms}", "fwd", api("cuda", terms, plain)) for terms in ("none", "both")]
     out.append(("sdpa", "fwd+bwd", _grad_run(lambda: F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), do)))
-    out.append(("torch both (HF eager's math)", "fwd+bwd",
-                _grad_run(api("torch", "both"), (qg, kg, vg, pkg, pqg), do)))
+    out.append(("torch both (HF eager's math)", "fwd+bwd", _grad_run(api("torch", "both", grads), grads, do)))
     for backend in ("triton", "cuda"):
         for terms in ("none", "both"):
             leaves = (qg, kg, vg) + tuple(t for t in _rel(terms, pkg, pqg) if t is not None)
-            out.append((f"{backend} {terms}", "fwd+bwd", _grad_run(api(backend, terms), leaves, do)))
+            out.append((f"{backend} {terms}", "fwd+bwd", _grad_run(api(backend, terms, grads), leaves, do)))
     out.append(("triton both, 16-bit tables", "fwd+bwd",
-                _table_dtype(_grad_run(api("triton", "both"), (qg, kg, vg, pkg, pqg), do))))
+                _table_dtype(_grad_run(api("triton", "both", grads), grads, do))))
     return out
 
 
@@ -150,7 +144,7 @@ def run(rehearse: bool, progress=print) -> dict:
     from benchmarks.envinfo import environment
 
     device = "cpu" if rehearse else "cuda"
-    dtype = torch.float32 if rehearse else torch.bfloat16
+    dtype = torch.float16 if rehearse else torch.bfloat16  # (fp16: the interpreter upcasts; the CUDA simulator)
     from benchmarks.harness import median_ms_timer
 
     bench = median_ms_timer(rehearse)

@@ -3,8 +3,8 @@
     python -m benchmarks.profile_model --out DIR                 # GPU: v3-base, MNLI-like batch (32 pairs, <= 128)
     python -m benchmarks.profile_model --out DIR --rehearse      # CPU: a 2-layer model, the torch backend
 
-Why: on MNLI-like batches the first H200 session measured a v3-base training step at HF eager 52.0 ms, ``cuda``
-54.5 ms, ``triton`` 66.2 ms (NOTES, "First GPU session"): the attention kernels are microseconds there, so the
+Why: on MNLI-like batches a v3-base training step measured HF eager 52.0 ms, ``cuda`` 54.5 ms, ``triton`` 66.2 ms
+(measured on an H200, 2026-12-04; NOTES, "First GPU session"): the attention kernels are microseconds there, so the
 step is bound by something else (host work and launches per layer, packing, the position terms' extra GEMMs).
 Per candidate (a training step as ``bench_model``'s: bf16 autocast over float32 weights, AdamW), after warm-up
 steps, ``torch.profiler`` over a few steps: the step's wall time, the device's busy time (sum of its kernels; the

@@ -112,6 +112,7 @@ class Scenario:
     seed: int = 1234567
     targets: tuple = TARGETS
     specialize: bool = True  # False: the negative control, attributes dropped
+    tables16: bool = False  # the launcher's TABLE_DTYPE = "input" experiment (C2P / P2C in the inputs' dtype)
     tier: str = "default"
     why: str = ""
 
@@ -126,6 +127,8 @@ class Scenario:
             parts.append("seed%16=0")
         if not self.specialize:
             parts.append("UNSPECIALIZED")
+        if self.tables16:
+            parts.append("16-bit tables")
         return " ".join(parts)
 
 
@@ -221,6 +224,8 @@ def scenarios(full: bool) -> list[Scenario]:
             out.append(_probe_scenario(pass_, pr, f"launch config {_cfg_str(cfg)}", **flag_sets[n % len(flag_sets)]))
             n += 1
             seen.add((pass_, cfg))
+    # the 16-bit tables of benchmarks.breakdown's A/B, as the GPU image's sm_90 would launch them
+    out += [Scenario(p, targets=(90,), tables16=True, why="16-bit tables (A/B)") for p in ("fwd", "bwd")]
     # negative control: the fp16 D=64 training forward without the launch specialization
     out.append(Scenario("fwd", targets=(80,), specialize=False, why="negative control"))
     if not full:
@@ -294,8 +299,9 @@ def run_scenario(sc: Scenario) -> list[Launch]:
     z = dict(dtype=dt)
     pos_key = torch.zeros(sc.H, 2 * span, sc.D, **z) if sc.c2p else None
     pos_query = torch.zeros(sc.H, 2 * span, sc.D, **z) if sc.p2c else None
-    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    old_tf32, old_tables = torch.backends.cuda.matmul.allow_tf32, launch.TABLE_DTYPE
     torch.backends.cuda.matmul.allow_tf32 = sc.dtype == "tf32"
+    launch.TABLE_DTYPE = "input" if sc.tables16 else "float32"
     try:
         with capture_launches() as captured:
             if sc.varlen:
@@ -322,6 +328,7 @@ def run_scenario(sc: Scenario) -> list[Launch]:
                     launch.attention_backward(torch.zeros_like(q), q, k, v, pos_key, pos_query, *fwd, *rest, **kw)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
+        launch.TABLE_DTYPE = old_tables
     if not captured:
         raise RuntimeError(f"{sc.label}: the launcher launched no kernel")
     return list(captured)

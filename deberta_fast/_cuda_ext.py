@@ -47,6 +47,8 @@ from typing import Optional
 
 import torch
 
+from .positions import values_unreadable
+
 __all__ = ["load", "build_jit", "unavailable_reason", "ops", "band_window", "rel_grads", "csrc_dir", "HEAD_DIMS",
            "simulating", "simulator"]
 
@@ -200,8 +202,6 @@ def band_window(table: torch.Tensor, q_len: int, k_len: int, band_lo: int, band_
     ``perm`` lists the window's offsets sorted by slot (stable) and ``offs[s]:offs[s+1]`` is
     slot ``s``'s segment of it: a fixed-order, atomic-free segment sum.  Cached per table (treat the
     tensors as read-only); computed afresh while tracing."""
-    from .positions import values_unreadable
-
     if values_unreadable(table):
         return _band_window(table, q_len, k_len, band_lo, band_hi, s2)
     key = (id(table), table._version, int(q_len), int(k_len), int(band_lo), int(band_hi), int(s2))
