@@ -2,7 +2,8 @@
 tables alone, and the Triton forward with its tables prebuilt, next to plain SDPA and the cuda backend.
 
     python -m benchmarks.breakdown --out DIR                          # GPU
-    TRITON_INTERPRET=1 python -m benchmarks.breakdown --out DIR --rehearse   # CPU: the code path, tiny sizes
+    TRITON_INTERPRET=1 python -m benchmarks.breakdown --out DIR --rehearse   # CPU: the code path, tiny sizes, a
+                                                                             # head group per head
     (with DEBERTA_FAST_CUDA_SIM=1 the cuda rows run in the CUDA simulator)
 
 Why: the first H200 session measured the Triton forward 2.5-6x below the roofline model's prediction (NOTES, "First
@@ -17,6 +18,9 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
   gathers and the rest of the host path);
 - ``triton both, 16-bit tables`` (forward, and forward+backward) and ``triton tables, 16-bit``: the launcher's
   ``TABLE_DTYPE = "input"`` experiment, tables in bf16 (half the bytes, a widening per gathered entry);
+- ``triton both, one launch`` (forward, and forward+backward): ``TABLE_BUDGET = None``, every head in one launch
+  (the shipped budget runs 16k tokens' 805 MB of tables in head groups: the time that costs or saves, and the
+  memory it saves);
 - ``cuda none`` / ``cuda both``: the cuda backend's op (no tables: relative terms on tensor cores);
 - ``torch both (HF eager's math)``: the reference backend, HF's eager computation ``[B, H, L, L]``;
 - ``fwd+bwd`` of ``sdpa``, ``triton none`` / ``both`` and ``cuda none`` / ``both``.
@@ -93,20 +97,26 @@ def variants(B, H, L, D, device, dtype):
     out.append(("triton tables", "fwd", tables))
     built = {}
 
-    def prebuilt():
-        if not built:
-            c2p, p2c = tables()
-            built.update({id(args[0]): c2p, id(args[1]): p2c})
-        real = launch._table_gemm
-        launch._table_gemm = lambda x, pos: built[id(x)]
+    def prebuilt():  # the launcher's own tables (per head group, see launch.TABLE_BUDGET), built before the timing
+        real = launch._tables
+
+        def cached(*a):
+            key = None if a[-1] is None else (a[-1].start, a[-1].stop)  # None: the call's only group
+            if key not in built:
+                built[key] = real(*a)
+            return built[key]
+        launch._tables = cached
         try:
             return launch.attention_forward(*args, **kw)
         finally:
-            launch._table_gemm = real
+            launch._tables = real
 
     out.append(("triton both, tables prebuilt", "fwd", prebuilt))
-    out.append(("triton both, 16-bit tables", "fwd", _table_dtype(lambda: launch.attention_forward(*args, **kw))))
-    out.append(("triton tables, 16-bit", "fwd", _table_dtype(tables)))
+    out.append(("triton both, 16-bit tables", "fwd", _setting("TABLE_DTYPE", "input",
+                                                              lambda: launch.attention_forward(*args, **kw))))
+    out.append(("triton tables, 16-bit", "fwd", _setting("TABLE_DTYPE", "input", tables)))
+    out.append(("triton both, one launch", "fwd", _setting("TABLE_BUDGET", None,
+                                                           lambda: launch.attention_forward(*args, **kw))))
     out.append(("torch both (HF eager's math)", "fwd", api("torch", "both", plain)))
     out += [(f"cuda {terms}", "fwd", api("cuda", terms, plain)) for terms in ("none", "both")]
     out.append(("sdpa", "fwd+bwd", _grad_run(lambda: F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), do)))
@@ -115,21 +125,23 @@ def variants(B, H, L, D, device, dtype):
         for terms in ("none", "both"):
             leaves = (qg, kg, vg) + tuple(t for t in _rel(terms, pkg, pqg) if t is not None)
             out.append((f"{backend} {terms}", "fwd+bwd", _grad_run(api(backend, terms, grads), leaves, do)))
-    out.append(("triton both, 16-bit tables", "fwd+bwd",
-                _table_dtype(_grad_run(api("triton", "both", grads), grads, do))))
+    both = _grad_run(api("triton", "both", grads), grads, do)
+    out.append(("triton both, 16-bit tables", "fwd+bwd", _setting("TABLE_DTYPE", "input", both)))
+    out.append(("triton both, one launch", "fwd+bwd", _setting("TABLE_BUDGET", None, both)))
     return out
 
 
-def _table_dtype(fn):
-    """``fn`` under the launcher's ``TABLE_DTYPE = "input"`` (the tables in the call's 16-bit dtype)."""
+def _setting(name, value, fn):
+    """``fn`` with the launcher's module setting ``name`` (``TABLE_DTYPE``, ``TABLE_BUDGET``) at ``value``."""
     from deberta_fast._kernels import triton_attention_launch as launch
 
     def run():
-        old, launch.TABLE_DTYPE = launch.TABLE_DTYPE, "input"
+        old = getattr(launch, name)
+        setattr(launch, name, value)
         try:
             return fn()
         finally:
-            launch.TABLE_DTYPE = old
+            setattr(launch, name, old)
     return run
 
 
@@ -149,6 +161,9 @@ def run(rehearse: bool, progress=print) -> dict:
 
     bench = median_ms_timer(rehearse)
     rows = []
+    if rehearse:  # every head a group of its own: the grouped paths (and the per-group prebuilt tables) run too
+        from deberta_fast._kernels import triton_attention_launch as launch
+        launch.TABLE_BUDGET = 1
     for B, H, L, D in _lengths(rehearse):
         outs = {}
         for name, pass_, fn in variants(B, H, L, D, device, dtype):

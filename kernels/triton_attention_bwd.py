@@ -162,12 +162,13 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_
     return dq, run_lo, run_hi
 
 
-@triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
+# a fresh seed / rate per call, or another head group, must not recompile
+@triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
 def disentangled_bwd_dkdv_kernel(
     Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
+    H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
     seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -178,6 +179,7 @@ def disentangled_bwd_dkdv_kernel(
     b = bh // H
     h = bh % H
     q0, Lq, k0, Lk, qrow0, krow0, toff = _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
+    bh = b * H_ALL + H0 + h  # the dropout stream's (b, h): global when the launcher runs heads in groups
     TABLE = TABLE + toff
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
@@ -237,12 +239,13 @@ def disentangled_bwd_dkdv_kernel(
     tl.store(DV + out, dv, mask=kv_ok)
 
 
-@triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
+# a fresh seed / rate per call, or another head group, must not recompile
+@triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
 def disentangled_bwd_dq_kernel(
     Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
+    H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
     seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -253,6 +256,7 @@ def disentangled_bwd_dq_kernel(
     b = bh // H
     h = bh % H
     q0, Lq, k0, Lk, qrow0, krow0, toff = _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
+    bh = b * H_ALL + H0 + h  # the dropout stream's (b, h): global when the launcher runs heads in groups
     TABLE = TABLE + toff
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)

@@ -12,7 +12,9 @@ statistics lose nothing at large scores, where a single log-sum-exp would round 
 ``keep / (1 - p_drop)``.  A program walks its saturated key tiles (``SAT_N`` keys at a time), then those in the
 bucket band (``_tile_regions``, ``BLOCK_N`` keys); with a mask, a program holding HF's uniform rows then walks the
 keys once more for them (``_uniform_out``: no select per element in the loops).  ``KMASK``: the key-padding mask
-as a float32 0 / -inf bias ``[B, Lk + KMASK_PAD]`` (-inf beyond ``Lk``).
+as a float32 0 / -inf bias ``[B, Lk + KMASK_PAD]`` (-inf beyond ``Lk``).  ``H`` is the launch's head count (the
+grid's and the per-launch buffers'); a launcher running heads in groups passes views of its heads and ``H_ALL`` /
+``H0``, the call's head count and the group's first head, which key the dropout stream (``b * H_ALL + H0 + h``).
 
 ``VARLEN``: packed sequences; grid ``(cdiv(max_seqlen_q, BLOCK_M), N*H)``, ``Q [Tq,H,D]``,
 ``K``/``V [Tk,H,D]`` (batch strides 0), ``C2P [H,Tq,NSLOT]``, ``P2C [H,Tk,NSLOT]``, ``TABLE``
@@ -99,12 +101,13 @@ def _uniform_out(V_bh, offs_m, offs_d, d_ok, Lk, s_vn, bh, inv_keep, drop_thresh
     return acc / Lk.to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["seed", "drop_thresh"])  # a fresh seed / rate per call must not recompile
+# a fresh seed / rate per call, or another head group, must not recompile
+@triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
 def disentangled_fwd_kernel(
     Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, ROWMAX, LOGSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
-    H, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
+    H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SAT_N: tl.constexpr,
@@ -114,6 +117,7 @@ def disentangled_fwd_kernel(
     b = bh // H
     h = bh % H
     q0, Lq, k0, Lk, qrow0, krow0, toff = _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
+    bh = b * H_ALL + H0 + h  # the dropout stream's (b, h): global when the launcher runs heads in groups
     TABLE = TABLE + toff
     start_m = pid_m * BLOCK_M
     if start_m >= Lq:  # packed: this sequence is shorter than the longest one

@@ -15,6 +15,8 @@ decrease, end at the token counts, and every sequence must fit ``max_seqlen_q``/
 :func:`deberta_fast.dispatch.check_varlen_offsets` checks that before these run (no check here: no
 device sync).  The kernels clamp offsets into the tensors and lengths to the max_seqlen values, so
 invalid offsets that reach them give wrong rows but never an access out of bounds.
+
+Calls whose tables would exceed :data:`TABLE_BUDGET` run their heads in groups (:func:`head_groups`).
 """
 from __future__ import annotations
 
@@ -329,9 +331,8 @@ def _dummies(device: torch.device):
 
 @dataclass
 class _Prepared:
-    """Everything the three kernels share: tables, mask pointers/strides, constexprs."""
-    c2p: torch.Tensor
-    p2c: torch.Tensor
+    """Everything the three kernels share but the tables (:func:`_tables`, per head group): slot table, mask
+    pointers / strides, constexprs."""
     table: torch.Tensor
     mask_args: tuple
     mask_strides: tuple
@@ -438,15 +439,12 @@ def _layout(Lq, Lk, position_buckets, max_relative_positions, span, device, has_
 def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
              max_relative_positions, span, dropout_p, table_lens=None, varlen=False, backward=False) -> _Prepared:
     """``q``/``k``: ``[B,H,L,D]``, or ``[H,T,D]`` views of packed inputs (``varlen``, with
-    ``table_lens = (max_seqlen_q, max_seqlen_k)``); the tables come out ``[..., L|T, NSLOT]``;
-    ``backward``: also the run table of the relative gradients."""
+    ``table_lens = (max_seqlen_q, max_seqlen_k)``); ``backward``: also the run table of the relative gradients."""
     D = q.shape[-1]
     Lq, Lk = table_lens if table_lens is not None else (q.shape[-2], k.shape[-2])
     dummy_u8, _, dummy = _dummies(q.device)
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
     lay = _layout(Lq, Lk, position_buckets, max_relative_positions, span, q.device, has_c2p or has_p2c, backward)
-    c2p = _table_gemm(q, pos_key[..., lay.rows, :]) if has_c2p else dummy
-    p2c = _table_gemm(k, pos_query[..., lay.rows, :]) if has_p2c else dummy
     fmask = uni = dummy_u8
     kmask = dummy
     s_kmb = s_fmb = s_fmh = s_fmm = s_unb = s_unh = 0
@@ -475,10 +473,65 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     prec = "tf32" if q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     constexprs = dict(HAS_C2P=has_c2p, HAS_P2C=has_p2c, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
                       VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, _next_pow2(D)))
-    return _Prepared(c2p, p2c, lay.table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
+    return _Prepared(lay.table, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh),
                      lay.nslot, lay.band, constexprs, lay.rows, lay.run_rows, lay.runs_unique,
                      lay.runs_identity, q.dtype == torch.float32 and prec == "ieee",
                      q.dtype == torch.float32 and prec == "tf32", device_arch(q.device), lay.run0)
+
+
+#: Most bytes one launch's relative tables may take (C2P / P2C; in the backward also its run sums and float32
+#: gradients).  A call that needs more runs its heads in groups, one launch of each kernel (and one pair of table
+#: GEMMs) per group: the same values per head (the dropout stream is keyed by the call's own ``(b, h)``: the
+#: kernels' ``H_ALL`` / ``H0``), at most this much transient memory instead of ``O(B H L NSLOT)`` (v3-base at
+#: 16k tokens: 805 MB of forward tables, ~2.4 GB in the backward).  ``None``: no limit (one group).
+TABLE_BUDGET: int | None = 256 * 2**20
+
+
+def head_groups(H: int, bytes_per_head: int) -> list[slice]:
+    """Heads ``[0, H)`` in as few groups of equal size (the last may be smaller) as keep each group's
+    ``bytes_per_head * size`` within :data:`TABLE_BUDGET`; a group holds one head at least."""
+    if TABLE_BUDGET is None or H * bytes_per_head <= TABLE_BUDGET:
+        return [slice(0, H)]
+    size = max(1, TABLE_BUDGET // max(1, bytes_per_head))
+    size = -(-H // -(-H // size))  # balanced: the fewest groups, then the smallest group size
+    return [slice(h, min(h + size, H)) for h in range(0, H, size)]
+
+
+def _table_bytes(pr: _Prepared, q_rows: int, k_rows: int, dtype: torch.dtype, nrun: int = 0) -> int:
+    """Bytes per head of the tables (and with ``nrun``, the float32 run sums) over ``q_rows`` / ``k_rows`` rows."""
+    half = TABLE_DTYPE == "input" and dtype in (torch.float16, torch.bfloat16)
+    rows = q_rows * pr.constexprs["HAS_C2P"] + k_rows * pr.constexprs["HAS_P2C"]
+    return rows * (pr.nslot * (2 if half else 4) + 4 * nrun)
+
+
+def _heads(hs: slice | None, *ts, axis: int = -3) -> list:
+    """``ts`` (None kept) restricted to heads ``hs`` on ``axis`` (views, strides kept); unchanged for ``hs = None``,
+    the call's only group (no view: host time)."""
+    if hs is None:
+        return list(ts)
+    return [None if t is None else t.narrow(axis, hs.start, hs.stop - hs.start) for t in ts]
+
+
+def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None):
+    """``(C2P, P2C)`` of heads ``hs`` (:func:`_heads`; ``q`` / ``k`` / ``pos_*`` with heads on dim -3), or the dummy
+    pointer for an absent term."""
+    dummy = _dummies(q.device)[2]
+    q, k, pos_key, pos_query = _heads(hs, q, k, pos_key, pos_query)
+    c2p = _table_gemm(q, pos_key[..., pr.rows, :]) if pos_key is not None else dummy
+    p2c = _table_gemm(k, pos_query[..., pr.rows, :]) if pos_query is not None else dummy
+    return c2p, p2c
+
+
+def _group_masks(pr: _Prepared, hs: slice | None) -> tuple:
+    """The mask arguments of heads ``hs`` (:func:`_heads`): a per-head full mask / uniform-row flag sliced."""
+    kmask, fmask, uni = pr.mask_args
+    if hs is None:
+        return pr.mask_args
+    if fmask.dim() == 4 and fmask.shape[1] > 1:
+        fmask = fmask[:, hs]
+    if uni.dim() == 3 and uni.shape[1] > 1:
+        uni = uni[:, hs]
+    return kmask, fmask, uni
 
 
 def _config(pass_: str, q_len: int, k_len: int, head_dim: int, pr: _Prepared):
@@ -553,12 +606,18 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
     cfg = _config("fwd", Lq, Lk, D, pr)
-    grid = (_cdiv(Lq, cfg.block_m), B * H)
-    disentangled_fwd_kernel[grid](
-        q, k, v, pr.c2p, pr.p2c, pr.table, pr.table, pr.table, *pr.mask_args, out, *stats.unbind(0),
-        *_qkvo_strides(q, k, v, out), *pr.mask_strides,
-        H, Lq, Lk, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed),
-        **_launch_kwargs(cfg, pr, fwd=True))
+    groups = head_groups(H, _table_bytes(pr, B * Lq, B * Lk, q.dtype))
+    for hs in groups:
+        n, g = hs.stop - hs.start, (None if len(groups) == 1 else hs)
+        # the kernels index the statistics as [B, n, Lq]: a group's own buffer, copied into place
+        st = stats if g is None else torch.empty((2, B, n, Lq), device=q.device, dtype=torch.float32)
+        disentangled_fwd_kernel[(_cdiv(Lq, cfg.block_m), B * n)](
+            *_heads(g, q, k, v), *_tables(q, k, pos_key, pos_query, pr, g), pr.table, pr.table, pr.table,
+            *_group_masks(pr, g), *_heads(g, out), *st.unbind(0), *_qkvo_strides(q, k, v, out), *pr.mask_strides,
+            n, H, hs.start, Lq, Lk, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p),
+            _drop_threshold(dropout_p), int(seed), **_launch_kwargs(cfg, pr, fwd=True))
+        if g is not None:
+            stats[:, :, hs] = st
     return out, stats
 
 
@@ -596,6 +655,15 @@ def _position_grads(sums, pos, x, pr: _Prepared):
     return dx, dpos
 
 
+def _grad_buffers(pos_key, pos_query, shapes, dtypes, device, grouped: bool):
+    """The backward's outputs when heads run in groups (``grouped``): ``dq``, ``dk``, ``dv`` (``shapes`` /
+    ``dtypes``) and the position gradients, each group writing its heads; else Nones."""
+    if not grouped:
+        return None
+    grads = [torch.empty(sh, device=device, dtype=dt) for sh, dt in zip(shapes, dtypes)]
+    return grads + [None if p is None else torch.empty_like(p) for p in (pos_key, pos_query)]
+
+
 @_aligned_head_dim(7)
 def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows, *,
                        position_buckets, max_relative_positions, span, scale, dropout_p, seed):
@@ -609,33 +677,46 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
                   max_relative_positions, span, dropout_p, backward=True)
     delta = (do.float() * out.float()).sum(-1).contiguous()
     f32 = dict(device=q.device, dtype=torch.float32)
-    dq = torch.empty((B, H, Lq, D), **f32)
-    dk = torch.empty((B, H, Lk, D), **f32)
-    dv = torch.empty((B, H, Lk, D), **f32)
     dummy = _dummies(q.device)[2]
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
-    # every location is written by the kernels (no zero fill); NaN under the interpreter, so that the tests see an
-    # unwritten one
-    c_sum = _run_sums((B, H, Lq, pr.nrun), q.device) if has_c2p else dummy
-    p_sum = _run_sums((B, H, Lk, pr.nrun), q.device) if has_p2c else dummy
-    common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
-              H, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, pr.run0, float(dropout_p),
-              _drop_threshold(dropout_p), int(seed))
     cfg = _config("bwd", Lq, Lk, D, pr)
-    inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, pr.table, pr.table,
-              *pr.mask_args)
-    disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * H)](
-        *inputs, dk, dv, p_sum, *common, **_launch_kwargs(cfg.dkdv, pr))
-    disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * H)](
-        *inputs, dq, c_sum, *common, **_launch_kwargs(cfg.dq, pr))
-    dpos_key = dpos_query = None
-    if has_c2p:
-        dq_rel, dpos_key = _position_grads(c_sum, pos_key, q, pr)
-        dq += dq_rel
-    if has_p2c:
-        dk_rel, dpos_query = _position_grads(p_sum, pos_query, k, pr)
-        dk += dk_rel
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos_key, dpos_query
+    groups = head_groups(H, _table_bytes(pr, B * Lq, B * Lk, q.dtype, pr.nrun) + 4 * B * (Lq + 2 * Lk) * D)
+    one = len(groups) == 1
+    res = _grad_buffers(pos_key, pos_query, (q.shape, k.shape, v.shape), (q.dtype, k.dtype, v.dtype), q.device,
+                        not one)
+    for hs in groups:
+        n, g = hs.stop - hs.start, (None if one else hs)
+        dq = torch.empty((B, n, Lq, D), **f32)
+        dk = torch.empty((B, n, Lk, D), **f32)
+        dv = torch.empty((B, n, Lk, D), **f32)
+        # every location is written by the kernels (no zero fill); NaN under the interpreter, so that the tests see
+        # an unwritten one
+        c_sum = _run_sums((B, n, Lq, pr.nrun), q.device) if has_c2p else dummy
+        p_sum = _run_sums((B, n, Lk, pr.nrun), q.device) if has_p2c else dummy
+        common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
+                  n, H, hs.start, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, pr.run0,
+                  float(dropout_p), _drop_threshold(dropout_p), int(seed))
+        st, dl = (stats, delta) if one else (stats[:, :, hs].contiguous(), delta[:, hs].contiguous())
+        qg, kg, vg, dog, pkg, pqg = _heads(g, q, k, v, do, pos_key, pos_query)
+        inputs = (qg, kg, vg, dog, *st.unbind(0), dl, *_tables(q, k, pos_key, pos_query, pr, g),
+                  pr.table, pr.table, pr.table, *_group_masks(pr, g))
+        disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * n)](
+            *inputs, dk, dv, p_sum, *common, **_launch_kwargs(cfg.dkdv, pr))
+        disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * n)](
+            *inputs, dq, c_sum, *common, **_launch_kwargs(cfg.dq, pr))
+        dpos_key = dpos_query = None
+        if has_c2p:
+            dq_rel, dpos_key = _position_grads(c_sum, pkg, qg, pr)
+            dq += dq_rel
+        if has_p2c:
+            dk_rel, dpos_query = _position_grads(p_sum, pqg, kg, pr)
+            dk += dk_rel
+        if one:
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos_key, dpos_query
+        for dst, src in zip(res, (dq, dk, dv, dpos_key, dpos_query)):
+            if src is not None:
+                dst[..., hs, :, :] = src
+    return tuple(res)
 
 
 # ---------------------------------------------------------------- packed (varlen) sequences
@@ -668,13 +749,16 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     stats = torch.zeros((2, H, Tq), device=q.device, dtype=torch.float32)
     stats[1] = float("inf")
     cfg = _config("fwd", max_seqlen_q, max_seqlen_k, D, pr)
-    grid = (_cdiv(max_seqlen_q, cfg.block_m), N * H)
-    disentangled_fwd_kernel[grid](
-        q, k, v, pr.c2p, pr.p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args, out, *stats.unbind(0),
-        *_varlen_strides(q, k, v, out), *pr.mask_strides,
-        H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p),
-        _drop_threshold(dropout_p), int(seed),
-        **_launch_kwargs(cfg, pr, fwd=True))
+    qt, kt = q.transpose(0, 1), k.transpose(0, 1)
+    groups = head_groups(H, _table_bytes(pr, Tq, Tk, q.dtype))
+    for hs in groups:
+        n, g = hs.stop - hs.start, (None if len(groups) == 1 else hs)
+        disentangled_fwd_kernel[(_cdiv(max_seqlen_q, cfg.block_m), N * n)](
+            *_heads(g, q, k, v, axis=1), *_tables(qt, kt, pos_key, pos_query, pr, g), pr.table, cu_seqlens_q,
+            cu_seqlens_k, *pr.mask_args, *_heads(g, out, axis=1), *_heads(g, stats, axis=1)[0].unbind(0),
+            *_varlen_strides(q, k, v, out),
+            *pr.mask_strides, n, H, hs.start, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale),
+            *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed), **_launch_kwargs(cfg, pr, fwd=True))
     return out, stats
 
 
@@ -700,25 +784,34 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     dv = torch.zeros((H, Tk, D), **f32)
     dummy = _dummies(q.device)[2]
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
-    c_sum = torch.zeros((H, Tq, pr.nrun), **f32) if has_c2p else dummy
-    p_sum = torch.zeros((H, Tk, pr.nrun), **f32) if has_p2c else dummy
-    common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, H, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot,
-              pr.nrun, float(scale), *pr.band, pr.run0, float(dropout_p), _drop_threshold(dropout_p), int(seed))
     cfg = _config("bwd", max_seqlen_q, max_seqlen_k, D, pr)
-    inputs = (q, k, v, do, *stats.unbind(0), delta, pr.c2p, pr.p2c, pr.table, cu_seqlens_q,
-              cu_seqlens_k, *pr.mask_args)
-    disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.dkdv.block_n), N * H)](
-        *inputs, dk, dv, p_sum, *common, **_launch_kwargs(cfg.dkdv, pr))
-    disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.dq.block_m), N * H)](
-        *inputs, dq, c_sum, *common, **_launch_kwargs(cfg.dq, pr))
-    dpos_key = dpos_query = None
-    if has_c2p:
-        dq_rel, dpos_key = _position_grads(c_sum, pos_key, q.transpose(0, 1), pr)
-        dq += dq_rel
-    if has_p2c:
-        dk_rel, dpos_query = _position_grads(p_sum, pos_query, k.transpose(0, 1), pr)
-        dk += dk_rel
+    qt, kt = q.transpose(0, 1), k.transpose(0, 1)
+    groups = head_groups(H, _table_bytes(pr, Tq, Tk, q.dtype, pr.nrun))
+    dpos = [None if p is None or len(groups) == 1 else torch.empty_like(p) for p in (pos_key, pos_query)]
+    for hs in groups:
+        n, g = hs.stop - hs.start, (None if len(groups) == 1 else hs)
+        c_sum = torch.zeros((n, Tq, pr.nrun), **f32) if has_c2p else dummy
+        p_sum = torch.zeros((n, Tk, pr.nrun), **f32) if has_p2c else dummy
+        common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, n, H, hs.start, Tq, Tk, max_seqlen_q,
+                  max_seqlen_k, D, pr.nslot, pr.nrun, float(scale), *pr.band, pr.run0, float(dropout_p),
+                  _drop_threshold(dropout_p), int(seed))
+        (stg,), (dlg,), (dqg, dkg, dvg) = _heads(g, stats, axis=1), _heads(g, delta, axis=0), _heads(g, dq, dk, dv)
+        inputs = (*_heads(g, q, k, v, do, axis=1), *stg.unbind(0), dlg, *_tables(qt, kt, pos_key, pos_query, pr, g),
+                  pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args)
+        disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.dkdv.block_n), N * n)](
+            *inputs, dkg, dvg, p_sum, *common, **_launch_kwargs(cfg.dkdv, pr))
+        disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.dq.block_m), N * n)](
+            *inputs, dqg, c_sum, *common, **_launch_kwargs(cfg.dq, pr))
+        for i, (sums, pos, x, grad) in enumerate(((c_sum, pos_key, qt, dqg), (p_sum, pos_query, kt, dkg))):
+            if pos is None:
+                continue
+            g_rel, g_pos = _position_grads(sums, *_heads(g, pos, x), pr)
+            grad.add_(g_rel)
+            if g is None:
+                dpos[i] = g_pos
+            else:
+                dpos[i][hs] = g_pos
 
     def packed(t, like):
         return t.transpose(0, 1).to(like.dtype).contiguous()
-    return packed(dq, q), packed(dk, k), packed(dv, v), dpos_key, dpos_query
+    return packed(dq, q), packed(dk, k), packed(dv, v), dpos[0], dpos[1]
