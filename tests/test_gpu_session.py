@@ -87,8 +87,10 @@ def test_gpu_plan_headline_profile(tmp_path):
     core = dict((c[0], c[1]) for c in gs.plan("bench-core", str(tmp_path), False, sys.executable, "headline"))
     assert list(core) == ["host", "core-bf16"]
     assert core["core-bf16"][-2:] == ["-k", gs.HEADLINE_CORE_SKIP] and "headline" in core["core-bf16"]
-    (_, model, _), = gs.plan("bench-model", str(tmp_path), False, sys.executable, "headline")
-    assert model[-2:] == ["-k", gs.HEADLINE_MODEL_SKIP] and "headline" in model
+    (first, long, _), (rest, model, _) = gs.plan("bench-model", str(tmp_path), False, sys.executable, "headline")
+    assert (first, rest) == ("model-train-8192", "model") and "headline" in model
+    assert long[-1] == f"{gs.HEADLINE_MODEL_SKIP} and train and L8192"
+    assert model[-1] == f"{gs.HEADLINE_MODEL_SKIP} and not (train and L8192)"
     san = gs.plan("sanitize", str(tmp_path), False, sys.executable, "headline", ("memcheck",))
     assert [c[0] for c in san] == ["memcheck-cuda", "memcheck-triton"]
     prof = headline_profile("cuda")
