@@ -18,6 +18,8 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
   gathers and the rest of the host path);
 - ``triton both, 16-bit tables`` (forward, and forward+backward) and ``triton tables, 16-bit``: the launcher's
   ``TABLE_DTYPE = "input"`` experiment, tables in bf16 (half the bytes, a widening per gathered entry);
+- ``triton both, skew (no tables)``: the launcher's ``REL_SOURCE = "skew"`` experiment, the forward without tables
+  (band tiles: window products on tensor cores skewed through a per-program scratch);
 - ``triton both, one launch`` (forward, and forward+backward): ``TABLE_BUDGET = None``, every head in one launch
   (the shipped budget runs 16k tokens' 805 MB of tables in head groups: the time that costs or saves, and the
   memory it saves);
@@ -117,6 +119,8 @@ def variants(B, H, L, D, device, dtype):
     out.append(("triton tables, 16-bit", "fwd", _setting("TABLE_DTYPE", "input", tables)))
     out.append(("triton both, one launch", "fwd", _setting("TABLE_BUDGET", None,
                                                            lambda: launch.attention_forward(*args, **kw))))
+    out.append(("triton both, skew (no tables)", "fwd", _setting("REL_SOURCE", "skew",
+                                                                 lambda: launch.attention_forward(*args, **kw))))
     out.append(("torch both (HF eager's math)", "fwd", api("torch", "both", plain)))
     out += [(f"cuda {terms}", "fwd", api("cuda", terms, plain)) for terms in ("none", "both")]
     out.append(("sdpa", "fwd+bwd", _grad_run(lambda: F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), do)))
@@ -132,7 +136,8 @@ def variants(B, H, L, D, device, dtype):
 
 
 def _setting(name, value, fn):
-    """``fn`` with the launcher's module setting ``name`` (``TABLE_DTYPE``, ``TABLE_BUDGET``) at ``value``."""
+    """``fn`` with the launcher's module setting ``name`` (``TABLE_DTYPE``, ``TABLE_BUDGET``, ``REL_SOURCE``) at
+    ``value``."""
     from deberta_fast._kernels import triton_attention_launch as launch
 
     def run():

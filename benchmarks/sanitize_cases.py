@@ -6,7 +6,8 @@
 
 Variants: relative terms (both, c2p, p2c, none) x masks (none, ``[B, L]`` key padding, 4-D full mask where
 the backend serves it) x dropout (0, 0.1), Lq != Lk, odd lengths, bucket configs (DeBERTa-v3 256/512, tiny
-4/8 with saturated tiles, unbucketed), and packed varlen calls.  Each call is checked for finite results
+4/8 with saturated tiles, unbucketed), and packed varlen calls; for the triton backend also its forward without
+tables (the launcher's ``REL_SOURCE = "skew"`` experiment: barriers around a per-program scratch).  Each call is checked for finite results
 (the sanitizer reports the memory errors); a refusal of a variant is printed with its reason, never hidden.
 Exit status 1 when a call raises or returns NaN/inf.
 """
@@ -59,10 +60,24 @@ def _run(fn, tensors) -> str:
     return "ok" if not bad else f"FAIL: non-finite values in results {bad}"
 
 
-def _variants(shapes, masks, drops, rehearse, padded, packed, lens):
+def _skew(run):
+    """``run`` under the Triton launcher's ``REL_SOURCE = "skew"``."""
+    from deberta_fast._kernels import triton_attention_launch as launch
+
+    def wrapped():
+        old, launch.REL_SOURCE = launch.REL_SOURCE, "skew"
+        try:
+            return run()
+        finally:
+            launch.REL_SOURCE = old
+    return wrapped
+
+
+def _variants(shapes, masks, drops, rehearse, padded, packed, lens, skew=False):
     """``(name, run)`` of every variant, the widest coverage first (a sanitizer run cut by its time cap has seen
     as many kernel specializations as it could): DeBERTa-v3 buckets at the first shape over every term x mask x
-    dropout (band tiles), the tiny buckets there with both terms (saturated tiles), the packed calls, the rest."""
+    dropout (band tiles), the tiny buckets there with both terms (saturated tiles), the packed calls, with ``skew``
+    the Triton forward without tables (v3 and tiny buckets, key mask, each dropout rate), the rest."""
     ranked = []
     for buckets, (B, Lq, Lk), terms, mask, p in itertools.product(BUCKETS, shapes, TERMS, masks, drops):
         if rehearse and (buckets != BUCKETS[0] and (mask != "key" or terms != "both")):
@@ -76,6 +91,11 @@ def _variants(shapes, masks, drops, rehearse, padded, packed, lens):
         ranked.append((rank, name, lambda a=(B, Lq, Lk, terms, buckets, mask, p): padded(*a)))
     ranked += [(2, f"varlen lens={lens} terms={terms} p={p}", lambda a=(terms, p): packed(*a))
                for terms, p in itertools.product(TERMS, drops)]
+    if skew:
+        B, Lq, Lk = shapes[0]
+        ranked += [(2, f"skew padded B={B} Lq={Lq} Lk={Lk} terms=both buckets={buckets} mask=key p={p}",
+                    _skew(lambda a=(B, Lq, Lk, "both", buckets, "key", p): padded(*a)))
+                   for buckets, p in itertools.product(BUCKETS[:2], drops)]
     return [(name, run) for _, name, run in sorted(ranked, key=lambda r: r[0])]  # (stable: product order within)
 
 
@@ -115,7 +135,7 @@ def main(argv=None) -> int:
                                                           max_relative_positions=512, dropout_p=p,
                                                           backend=args.backend), ts)
 
-    for name, run in _variants(shapes, masks, drops, args.rehearse, padded, packed, lens):
+    for name, run in _variants(shapes, masks, drops, args.rehearse, padded, packed, lens, args.backend == "triton"):
         res = run()
         n_ok += res == "ok"
         n_ref += res.startswith("refused")

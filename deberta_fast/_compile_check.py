@@ -113,6 +113,7 @@ class Scenario:
     targets: tuple = TARGETS
     specialize: bool = True  # False: the negative control, attributes dropped
     tables16: bool = False  # the launcher's TABLE_DTYPE = "input" experiment (C2P / P2C in the inputs' dtype)
+    skew: bool = False  # the launcher's REL_SOURCE = "skew" experiment (the forward without tables)
     tier: str = "default"
     why: str = ""
 
@@ -129,6 +130,8 @@ class Scenario:
             parts.append("UNSPECIALIZED")
         if self.tables16:
             parts.append("16-bit tables")
+        if self.skew:
+            parts.append("skew")
         return " ".join(parts)
 
 
@@ -226,6 +229,8 @@ def scenarios(full: bool) -> list[Scenario]:
             seen.add((pass_, cfg))
     # the 16-bit tables of benchmarks.breakdown's A/B, as the GPU image's sm_90 would launch them
     out += [Scenario(p, targets=(90,), tables16=True, why="16-bit tables (A/B)") for p in ("fwd", "bwd")]
+    # and its forward without tables, inference and training
+    out += [Scenario("fwd", targets=(90,), dropout=d, skew=True, why="skew, no tables (A/B)") for d in (False, True)]
     # negative control: the fp16 D=64 training forward without the launch specialization
     out.append(Scenario("fwd", targets=(80,), specialize=False, why="negative control"))
     if not full:
@@ -299,9 +304,10 @@ def run_scenario(sc: Scenario) -> list[Launch]:
     z = dict(dtype=dt)
     pos_key = torch.zeros(sc.H, 2 * span, sc.D, **z) if sc.c2p else None
     pos_query = torch.zeros(sc.H, 2 * span, sc.D, **z) if sc.p2c else None
-    old_tf32, old_tables = torch.backends.cuda.matmul.allow_tf32, launch.TABLE_DTYPE
+    old_tf32, old_tables, old_rel = torch.backends.cuda.matmul.allow_tf32, launch.TABLE_DTYPE, launch.REL_SOURCE
     torch.backends.cuda.matmul.allow_tf32 = sc.dtype == "tf32"
     launch.TABLE_DTYPE = "input" if sc.tables16 else "float32"
+    launch.REL_SOURCE = "skew" if sc.skew else "tables"
     try:
         with capture_launches() as captured:
             if sc.varlen:
@@ -329,6 +335,7 @@ def run_scenario(sc: Scenario) -> list[Launch]:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
         launch.TABLE_DTYPE = old_tables
+        launch.REL_SOURCE = old_rel
     if not captured:
         raise RuntimeError(f"{sc.label}: the launcher launched no kernel")
     return list(captured)

@@ -15,6 +15,9 @@ keys once more for them (``_uniform_out``: no select per element in the loops). 
 as a float32 0 / -inf bias ``[B, Lk + KMASK_PAD]`` (-inf beyond ``Lk``).  ``H`` is the launch's head count (the
 grid's and the per-launch buffers'); a launcher running heads in groups passes views of its heads and ``H_ALL`` /
 ``H0``, the call's head count and the group's first head, which key the dropout stream (``b * H_ALL + H0 + h``).
+``SKEW`` (the launcher's ``REL_SOURCE = "skew"`` experiment): no tables; ``C2P`` / ``P2C`` are the ``pos_key`` /
+``pos_query`` rows the slot table indexes (strides ``s_pk*`` / ``s_pq*``), band tiles skew window products through
+``SCR``, a float32 scratch of ``(BLOCK_M + BLOCK_N) * WIN`` per program (:func:`_skew_terms`).
 
 ``VARLEN``: packed sequences; grid ``(cdiv(max_seqlen_q, BLOCK_M), N*H)``, ``Q [Tq,H,D]``,
 ``K``/``V [Tk,H,D]`` (batch strides 0), ``C2P [H,Tq,NSLOT]``, ``P2C [H,Tk,NSLOT]``, ``TABLE``
@@ -29,16 +32,51 @@ from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _key_c
 
 
 @triton.jit
+def _skew_terms(col, q, k, C2P, P2C, s_pkr, s_pqr, TABLE, SCR, start_m, start_n, offs_m, offs_n, offs_d, d_ok,
+                Lq, Lk, qk_scale, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, UPCAST: tl.constexpr,
+                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIN: tl.constexpr):
+    """``(key_term, row_term)`` of one band tile without tables (the ``SKEW`` experiment; :func:`_rel_terms`'
+    formulas): the tile spans the ``BLOCK_M + BLOCK_N - 1`` distances ``d = start_m - start_n - (BLOCK_N - 1) + w``;
+    their position rows (``C2P`` / ``P2C`` are then ``pos_key`` / ``pos_query`` rows of one ``(b, h)``, row stride
+    ``s_pkr`` / ``s_pqr``) times the tile's queries / keys on tensor cores (``[BLOCK_M, WIN]`` / ``[BLOCK_N, WIN]``,
+    float32) go to the program's scratch ``SCR``; after a barrier each element reads its two values back on its
+    diagonal ``w = r - c + BLOCK_N - 1`` (the skew)."""
+    w = tl.arange(0, WIN)
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    t = tl.minimum(tl.maximum(start_m - start_n - (BLOCK_N - 1) + w + Lk - 1, 0), Lq + Lk - 2)
+    slots = tl.load(TABLE + t)
+    widx = r[:, None] - c[None, :] + (BLOCK_N - 1)
+    kt, rt = tl.broadcast(col[None, :], tl.zeros([BLOCK_M, 1], dtype=tl.float32))
+    tl.debug_barrier()  # the previous tile's reads of the scratch are done
+    # one product at a time (its accumulator dead before the next): fewer live registers
+    if HAS_C2P:
+        kr = tl.load(C2P + slots[:, None] * s_pkr + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        tl.store(SCR + r[:, None] * WIN + w[None, :], _mm(q, tl.trans(kr), UPCAST, PREC))
+        tl.debug_barrier()
+        rt = tl.load(SCR + r[:, None] * WIN + widx) * qk_scale
+    if HAS_P2C:
+        qr = tl.load(P2C + slots[:, None] * s_pqr + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        tl.store(SCR + BLOCK_M * WIN + c[:, None] * WIN + w[None, :], _mm(k, tl.trans(qr), UPCAST, PREC))
+        tl.debug_barrier()
+        kt = tl.fma(tl.load(SCR + BLOCK_M * WIN + c[None, :] * WIN + widx), qk_scale, kt)
+    return kt, rt
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, offs_m, offs_d, d_ok,
                lo, hi, a, c, b, h, bh, Lq, Lk, NSLOT, qk_scale, inv_keep, drop_thresh, seed,
-               s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm,
+               s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm, skew,
                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-               REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+               REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+               SKEW: tl.constexpr, WIN: tl.constexpr):
     """Online softmax over key tiles of one kind.  ``GENERAL``: the tiles ``[lo, hi)``.  ``SAT``: both saturated
     ranges of ``_tile_regions`` in one loop (one loop per range would give each its own shared-memory pipeline
     buffers): ``[0, a)`` (slot ``NSLOT-1``) then ``[c, Lk)`` (slot 0), over ``[lo, hi) = [0, a + Lk - c)``.
     ``m_i`` is the max of the scores ``t + row_term`` (:func:`_rel_terms`); probabilities are
-    ``exp2(t - (m - row_term))``: on saturated tiles, one subtraction per row."""
+    ``exp2(t - (m - row_term))``: on saturated tiles, one subtraction per row.  ``SKEW``: no tables (``skew`` =
+    ``(s_pkr, s_pqr, SCR, start_m, rt_lo, rt_hi)``): band tiles by :func:`_skew_terms`, saturated ones from per-row
+    terms computed once per program and one position row per key tile."""
     for it in range(lo, hi, BLOCK_N):
         if REGION == SAT:
             start_n = tl.where(it < a, it, it - a + c)
@@ -51,8 +89,22 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         k = _block_tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
         s = _score_mm(q, tl.trans(k), UPCAST, PREC)
         col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
-        kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
-                            HAS_C2P, HAS_P2C, REGION, False)
+        if not SKEW:
+            kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
+                                HAS_C2P, HAS_P2C, REGION, False)
+        elif REGION == SAT:
+            s_pkr, s_pqr, SCR, start_m, rt_lo, rt_hi = skew
+            kt = col
+            if HAS_P2C:  # the keys' term at the tile's slot: one position row, on tensor cores (column 0 of 16)
+                prow = tl.load(P2C_bh + slot * s_pqr + offs_d, mask=d_ok, other=0.0)
+                pm = tl.where(tl.arange(0, 16)[None, :] == 0, prow[:, None], 0.0).to(k.dtype)
+                kt = tl.fma(tl.sum(_mm(k, pm, UPCAST, PREC), 1), qk_scale, col)
+            rt = tl.where(it < a, rt_hi, rt_lo)
+        else:
+            s_pkr, s_pqr, SCR, start_m, rt_lo, rt_hi = skew
+            kt, rt = _skew_terms(col, q, k, C2P_bh, P2C_bh, s_pkr, s_pqr, TABLE, SCR, start_m, start_n, offs_m, offs_n,
+                                 offs_d, d_ok, Lq, Lk, qk_scale, HAS_C2P, HAS_P2C, UPCAST, PREC, offs_m.shape[0],
+                                 BLOCK_N, WIN)
         if REGION == SAT:
             t = tl.fma(s, qk_scale, kt[None, :])
         else:
@@ -104,13 +156,14 @@ def _uniform_out(V_bh, offs_m, offs_d, d_ok, Lk, s_vn, bh, inv_keep, drop_thresh
 # a fresh seed / rate per call, or another head group, must not recompile
 @triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
 def disentangled_fwd_kernel(
-    Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, ROWMAX, LOGSUM,
+    Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, ROWMAX, LOGSUM, SCR,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
-    s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+    s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh, s_pkb, s_pkh, s_pkr, s_pqb, s_pqh, s_pqr,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SAT_N: tl.constexpr,
+    SKEW: tl.constexpr = False, WIN: tl.constexpr = 1,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -131,9 +184,25 @@ def disentangled_fwd_kernel(
     q = _tile(Q + b64 * s_qb + h64 * s_qh, q0 + offs_m, s_qm, offs_d, m_ok[:, None] & d_ok[None, :])
     K_bh = K + b64 * s_kb + h64 * s_kh + k0.to(tl.int64) * s_kn
     V_bh = V + b64 * s_vb + h64 * s_vh + k0.to(tl.int64) * s_vn
-    C2P_bh = C2P + qrow0 * NSLOT
-    P2C_bh = P2C + krow0 * NSLOT
     qk_scale = scale * LOG2E
+    if SKEW:  # C2P / P2C: pos_key / pos_query rows (the slot table's first row on), strides s_pk* / s_pq*
+        C2P_bh = C2P + b64 * s_pkb + h64 * s_pkh
+        P2C_bh = P2C + b64 * s_pqb + h64 * s_pqh
+        SCR_p = SCR + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + pid_m) * ((BLOCK_M + BLOCK_N) * WIN)
+        # the rows' terms at the saturated slots (NSLOT - 1: far behind, 0: far ahead)
+        rt_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+        rt_hi = rt_lo
+        if HAS_C2P:
+            qf = q.to(tl.float32)
+            row = tl.load(C2P_bh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            rt_lo = tl.sum(qf * row[None, :], 1) * qk_scale
+            row = tl.load(C2P_bh + (NSLOT - 1) * s_pkr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            rt_hi = tl.sum(qf * row[None, :], 1) * qk_scale
+        skew = (s_pkr, s_pqr, SCR_p, start_m, rt_lo, rt_hi)
+    else:
+        C2P_bh = C2P + qrow0 * NSLOT
+        P2C_bh = P2C + krow0 * NSLOT
+        skew = (0, 0, SCR, start_m, m_ok, m_ok)
     inv_keep = 1.0 / (1.0 - p_drop)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -142,7 +211,8 @@ def disentangled_fwd_kernel(
     # uniform rows (HF's fully masked rows) are not special in the loops (no select per element): they get
     # whatever the masked scores give there, and their output from _uniform_out below
     args = (q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, offs_m, offs_d, d_ok)
-    rest = (b, h, bh, Lq, Lk, NSLOT, qk_scale, inv_keep, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm)
+    rest = (b, h, bh, Lq, Lk, NSLOT, qk_scale, inv_keep, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm,
+            skew)
     if HAS_C2P | HAS_P2C:
         # key tiles far behind the query tile (slot NSLOT-1) and far ahead (slot 0), then those in the band
         # (in SAT_N-key tiles, a multiple of BLOCK_N: the saturated BLOCK_N-tiles below the band that do not fill
@@ -151,12 +221,12 @@ def disentangled_fwd_kernel(
         a, c = _tile_regions(start_m, BLOCK_M, band_lo, band_hi, Lk, BLOCK_N, True)
         a = (a // SAT_N) * SAT_N
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, a + Lk - c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND,
-                                   DROPOUT, SAT, UPCAST, PREC, SAT_N)
+                                   DROPOUT, SAT, UPCAST, PREC, SAT_N, SKEW, WIN)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, a, c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                                   GENERAL, UPCAST, PREC, BLOCK_N)
+                                   GENERAL, UPCAST, PREC, BLOCK_N, SKEW, WIN)
     else:  # no relative terms: the SAT path has nothing to add but the key term
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, Lk, Lk, Lk, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                                   SAT, UPCAST, PREC, SAT_N)
+                                   SAT, UPCAST, PREC, SAT_N, SKEW, WIN)
 
     # read here, not before the loops: kept live through them (or a branch around them skipping the tiles of
     # padded rows only) made the sm_8x training forward spill 16-24 B

@@ -522,6 +522,44 @@ def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None):
     return c2p, p2c
 
 
+#: Where the forward's relative terms come from: "tables" (shipped: the host's C2P / P2C, gathered per element), or
+#: "skew": no tables, band tiles by window products on tensor cores skewed through a per-program scratch, saturated
+#: tiles from per-row / per-key terms computed in the kernel (``_skew_terms``; NOTES: "The skew in Triton, again").
+#: An experiment for a GPU A/B (``benchmarks.breakdown``), not a user setting; the backward keeps its tables.
+REL_SOURCE = "tables"
+
+
+def _fwd_launch_config(q_len: int, k_len: int, head_dim: int, pr: _Prepared) -> LaunchConfig:
+    """The forward's :func:`launch_config`; under ``REL_SOURCE = "skew"`` (with a relative term) 64-row tiles run on
+    8 warps: on 4 the ``[64, 128]`` window products spill 156 - 480 B, on 8 0 B (inference) / 76 B (dropout)
+    (static profile, sm_90, fp16, D = 64, triton 3.7.1, 2026-12-04; 32 x 32 tiles: 0 B, 1.3 - 1.8x the in-band
+    instructions per element)."""
+    cfg = _config("fwd", q_len, k_len, head_dim, pr)
+    if REL_SOURCE == "skew" and (pr.constexprs["HAS_C2P"] or pr.constexprs["HAS_P2C"]) and cfg.block_m >= 64:
+        cfg = replace(cfg, num_warps=max(cfg.num_warps, 8))
+    return cfg
+
+
+def _rel_args(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, cfg: LaunchConfig, programs: int):
+    """The forward's relative-term arguments for heads ``hs``: ``(C2P, P2C, SCR, strides (6), SKEW, WIN)``: the
+    tables (:func:`_tables`), or under ``REL_SOURCE = "skew"`` the position rows the slot table indexes (its first
+    row on), a float32 scratch of ``(BLOCK_M + BLOCK_N) * WIN`` per program and the rows' strides."""
+    if REL_SOURCE != "skew" or (pos_key is None and pos_query is None):
+        return (*_tables(q, k, pos_key, pos_query, pr, hs), _dummies(q.device)[2], (0,) * 6, False, 1)
+    win = _next_pow2(cfg.block_m + cfg.block_n - 1)
+    scr = torch.empty(programs * (cfg.block_m + cfg.block_n) * win, device=q.device, dtype=torch.float32)
+    ptrs, strides = [], []
+    for t in _heads(hs, pos_key, pos_query):
+        if t is None:
+            ptrs.append(_dummies(q.device)[2])
+            strides += [0, 0, 0]
+            continue
+        rows = t[..., pr.rows, :]
+        ptrs.append(rows)
+        strides += [rows.stride(0) if rows.dim() == 4 and rows.shape[0] > 1 else 0, *rows.stride()[-3:-1]]
+    return (*ptrs, scr, tuple(strides), True, win)
+
+
 def _group_masks(pr: _Prepared, hs: slice | None) -> tuple:
     """The mask arguments of heads ``hs`` (:func:`_heads`): a per-head full mask / uniform-row flag sliced."""
     kmask, fmask, uni = pr.mask_args
@@ -605,17 +643,19 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
                   max_relative_positions, span, dropout_p)
     out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
-    cfg = _config("fwd", Lq, Lk, D, pr)
+    cfg = _fwd_launch_config(Lq, Lk, D, pr)
     groups = head_groups(H, _table_bytes(pr, B * Lq, B * Lk, q.dtype))
     for hs in groups:
         n, g = hs.stop - hs.start, (None if len(groups) == 1 else hs)
         # the kernels index the statistics as [B, n, Lq]: a group's own buffer, copied into place
         st = stats if g is None else torch.empty((2, B, n, Lq), device=q.device, dtype=torch.float32)
-        disentangled_fwd_kernel[(_cdiv(Lq, cfg.block_m), B * n)](
-            *_heads(g, q, k, v), *_tables(q, k, pos_key, pos_query, pr, g), pr.table, pr.table, pr.table,
-            *_group_masks(pr, g), *_heads(g, out), *st.unbind(0), *_qkvo_strides(q, k, v, out), *pr.mask_strides,
+        grid = (_cdiv(Lq, cfg.block_m), B * n)
+        c2p, p2c, scr, rel_strides, skew, win = _rel_args(q, k, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1])
+        disentangled_fwd_kernel[grid](
+            *_heads(g, q, k, v), c2p, p2c, pr.table, pr.table, pr.table, *_group_masks(pr, g), *_heads(g, out),
+            *st.unbind(0), scr, *_qkvo_strides(q, k, v, out), *pr.mask_strides, *rel_strides,
             n, H, hs.start, Lq, Lk, Lq, Lk, D, pr.nslot, float(scale), *pr.band, float(dropout_p),
-            _drop_threshold(dropout_p), int(seed), **_launch_kwargs(cfg, pr, fwd=True))
+            _drop_threshold(dropout_p), int(seed), SKEW=skew, WIN=win, **_launch_kwargs(cfg, pr, fwd=True))
         if g is not None:
             stats[:, :, hs] = st
     return out, stats
@@ -748,17 +788,19 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     out = torch.zeros((Tq, H, D), device=q.device, dtype=q.dtype)
     stats = torch.zeros((2, H, Tq), device=q.device, dtype=torch.float32)
     stats[1] = float("inf")
-    cfg = _config("fwd", max_seqlen_q, max_seqlen_k, D, pr)
+    cfg = _fwd_launch_config(max_seqlen_q, max_seqlen_k, D, pr)
     qt, kt = q.transpose(0, 1), k.transpose(0, 1)
     groups = head_groups(H, _table_bytes(pr, Tq, Tk, q.dtype))
     for hs in groups:
         n, g = hs.stop - hs.start, (None if len(groups) == 1 else hs)
-        disentangled_fwd_kernel[(_cdiv(max_seqlen_q, cfg.block_m), N * n)](
-            *_heads(g, q, k, v, axis=1), *_tables(qt, kt, pos_key, pos_query, pr, g), pr.table, cu_seqlens_q,
-            cu_seqlens_k, *pr.mask_args, *_heads(g, out, axis=1), *_heads(g, stats, axis=1)[0].unbind(0),
-            *_varlen_strides(q, k, v, out),
-            *pr.mask_strides, n, H, hs.start, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale),
-            *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed), **_launch_kwargs(cfg, pr, fwd=True))
+        grid = (_cdiv(max_seqlen_q, cfg.block_m), N * n)
+        c2p, p2c, scr, rel_strides, skew, win = _rel_args(qt, kt, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1])
+        disentangled_fwd_kernel[grid](
+            *_heads(g, q, k, v, axis=1), c2p, p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args,
+            *_heads(g, out, axis=1), *_heads(g, stats, axis=1)[0].unbind(0), scr, *_varlen_strides(q, k, v, out),
+            *pr.mask_strides, *rel_strides, n, H, hs.start, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot,
+            float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed), SKEW=skew, WIN=win,
+            **_launch_kwargs(cfg, pr, fwd=True))
     return out, stats
 
 
