@@ -21,6 +21,8 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "dfa_params.h"
 
@@ -267,6 +269,40 @@ struct RelBackward {
   }
 };
 
+// The backward's heads in groups: the c2p / p2c band buffer ([rows, W] float32, rows = B*H*L: 0.8 GB at 16k tokens,
+// H = 12, DeBERTa-v3) is allocated per group of heads, each group at most g_band_budget bytes of it (a head alone over
+// it is a group of one).  Settable for tests (set_band_budget); 0: one group.
+int64_t g_band_budget = int64_t(256) << 20;
+
+std::vector<std::pair<int64_t, int64_t>> head_groups(int64_t H, int64_t bytes_per_head) {
+  int64_t size = H;
+  if (g_band_budget > 0 && H * bytes_per_head > g_band_budget) {
+    size = std::max<int64_t>(1, g_band_budget / std::max<int64_t>(1, bytes_per_head));
+    size = (H + (H + size - 1) / size - 1) / ((H + size - 1) / size);  // balanced: fewest groups, then smallest
+  }
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t h = 0; h < H; h += size) out.emplace_back(h, std::min(size, H - h));
+  return out;
+}
+
+// Params of heads [h0, h0 + n): every per-head pointer moved to head h0 (strides kept), H = n, the dropout stream
+// keyed by the call's own heads (h_all, h0).  lse_c / delta / band rows are the caller's (contiguous per group).
+dfa::Params head_group(const dfa::Params& p, int64_t h0, int64_t n, int64_t elem) {
+  dfa::Params g = p;
+  const auto at = [&](const void* ptr, int64_t stride) {
+    return ptr == nullptr ? nullptr : static_cast<const void*>(static_cast<const char*>(ptr) + h0 * stride * elem);
+  };
+  g.q = at(p.q, p.q_sh); g.k = at(p.k, p.k_sh); g.v = at(p.v, p.v_sh); g.dout = at(p.dout, p.do_sh);
+  g.dq = const_cast<void*>(at(p.dq, p.dq_sh));
+  g.dk = const_cast<void*>(at(p.dk, p.dk_sh));
+  g.dv = const_cast<void*>(at(p.dv, p.dk_sh));
+  g.pos_k = at(p.pos_k, p.pk_sh); g.pos_q = at(p.pos_q, p.pq_sh);
+  if (p.uniform != nullptr) g.uniform = p.uniform + h0 * p.un_sh;
+  g.H = static_cast<int>(n);
+  g.h0 = static_cast<int>(p.h0 + h0);
+  return g;
+}
+
 struct Common {
   dfa::Params p{};
   int dtype = 0;
@@ -316,6 +352,7 @@ Common make_common(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   p.band_lo = -(1 << 30);  // no saturated-tile shortcut unless set_band() says where the band is
   p.band_hi = 1 << 30;
   p.B = static_cast<int>(B); p.H = static_cast<int>(H);
+  p.h_all = p.H; p.h0 = 0;
   p.Lq = static_cast<int>(Lq); p.Lk = static_cast<int>(Lk);
   set_scale(p, scale);
   c.D = static_cast<int>(D);
@@ -366,10 +403,28 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
   p.dq_sb = dq.stride(0); p.dq_sh = dq.stride(1); p.dq_sr = dq.stride(2);
   p.dk_sb = dk.stride(0); p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(2);
-  RelBackward rel;
-  rel.check(p, q, pos_key.has_value(), pos_query.has_value(), B * H * Lq, B * H * Lk, Lq, Lk, dmin, W, perm, offs);
-  auto [dc2p, dp2c] = rel.run(p, c.dtype, c.D, {B, H, Lq}, {B, H, Lk}, perm, offs, q, true,
-                              "deberta_fast cuda backward", current_stream());
+  const auto groups = head_groups(H, 4 * B * std::max(Lq, Lk) * std::max<int64_t>(W, 1));
+  if (groups.size() == 1) {
+    RelBackward rel;
+    rel.check(p, q, pos_key.has_value(), pos_query.has_value(), B * H * Lq, B * H * Lk, Lq, Lk, dmin, W, perm, offs);
+    auto [dc2p, dp2c] = rel.run(p, c.dtype, c.D, {B, H, Lq}, {B, H, Lk}, perm, offs, q, true,
+                                "deberta_fast cuda backward", current_stream());
+    return {dq, dk, dv, dc2p, dp2c};
+  }
+  Tensor dc2p = pos_key.has_value() ? at::empty({B, H, Lq, p.S2}, q.options()) : at::empty({0}, q.options());
+  Tensor dp2c = pos_query.has_value() ? at::empty({B, H, Lk, p.S2}, q.options()) : at::empty({0}, q.options());
+  for (const auto& [h0, n] : groups) {
+    dfa::Params g = head_group(p, h0, n, q.element_size());
+    const Tensor lse_g = lse.narrow(1, h0, n).contiguous(), delta_g = delta.narrow(1, h0, n).contiguous();
+    g.lse_c = lse_g.data_ptr<float>();
+    g.delta = delta_g.data_ptr<float>();
+    RelBackward rel;
+    rel.check(g, q, pos_key.has_value(), pos_query.has_value(), B * n * Lq, B * n * Lk, Lq, Lk, dmin, W, perm, offs);
+    auto [c2p_g, p2c_g] = rel.run(g, c.dtype, c.D, {B, n, Lq}, {B, n, Lk}, perm, offs, q, true,
+                                  "deberta_fast cuda backward", current_stream());
+    if (pos_key.has_value()) dc2p.narrow(1, h0, n).copy_(c2p_g);
+    if (pos_query.has_value()) dp2c.narrow(1, h0, n).copy_(p2c_g);
+  }
   return {dq, dk, dv, dc2p, dp2c};
 }
 
@@ -438,6 +493,7 @@ Common make_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   p.band_lo = -(1 << 30);  // no saturated-tile shortcut unless set_band() says where the band is
   p.band_hi = 1 << 30;
   p.B = static_cast<int>(N); p.H = static_cast<int>(H);
+  p.h_all = p.H; p.h0 = 0;
   p.Lq = static_cast<int>(max_q); p.Lk = static_cast<int>(max_k);
   p.cu_q = cu_q.data_ptr<int32_t>(); p.cu_k = cu_k.data_ptr<int32_t>();
   p.Tq = Tq; p.Tk = Tk;
@@ -494,10 +550,28 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
   p.dq_sb = 0; p.dq_sh = dq.stride(1); p.dq_sr = dq.stride(0);
   p.dk_sb = 0; p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(0);
-  RelBackward rel;
-  rel.check(p, q, pos_key.has_value(), pos_query.has_value(), H * Tq, H * Tk, max_q, max_k, dmin, W, perm, offs);
-  auto [dc2p, dp2c] = rel.run(p, c.dtype, c.D, {H, Tq}, {H, Tk}, perm, offs, q, Tq > 0 || Tk > 0,
-                              "deberta_fast cuda varlen backward", current_stream());
+  const auto groups = head_groups(H, 4 * std::max(Tq, Tk) * std::max<int64_t>(W, 1));
+  if (groups.size() == 1) {
+    RelBackward rel;
+    rel.check(p, q, pos_key.has_value(), pos_query.has_value(), H * Tq, H * Tk, max_q, max_k, dmin, W, perm, offs);
+    auto [dc2p, dp2c] = rel.run(p, c.dtype, c.D, {H, Tq}, {H, Tk}, perm, offs, q, Tq > 0 || Tk > 0,
+                                "deberta_fast cuda varlen backward", current_stream());
+    return {dq, dk, dv, dc2p, dp2c};
+  }
+  Tensor dc2p = pos_key.has_value() ? at::empty({H, Tq, p.S2}, q.options()) : at::empty({0}, q.options());
+  Tensor dp2c = pos_query.has_value() ? at::empty({H, Tk, p.S2}, q.options()) : at::empty({0}, q.options());
+  for (const auto& [h0, n] : groups) {
+    // lse / delta [H, Tq]: a group's rows are contiguous
+    dfa::Params g = head_group(p, h0, n, q.element_size());
+    g.lse_c = p.lse_c + h0 * Tq;
+    g.delta = p.delta + h0 * Tq;
+    RelBackward rel;
+    rel.check(g, q, pos_key.has_value(), pos_query.has_value(), n * Tq, n * Tk, max_q, max_k, dmin, W, perm, offs);
+    auto [c2p_g, p2c_g] = rel.run(g, c.dtype, c.D, {n, Tq}, {n, Tk}, perm, offs, q, Tq > 0 || Tk > 0,
+                                  "deberta_fast cuda varlen backward", current_stream());
+    if (pos_key.has_value()) dc2p.narrow(0, h0, n).copy_(c2p_g);
+    if (pos_query.has_value()) dp2c.narrow(0, h0, n).copy_(p2c_g);
+  }
   return {dq, dk, dv, dc2p, dp2c};
 }
 
@@ -525,6 +599,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dmin"), py::arg("W"), py::arg("perm"), py::arg("offs"), py::arg("band_lo") = -(1 << 30),
         py::arg("band_hi") = 1 << 30);
   m.attr("HEAD_DIMS") = py::make_tuple(32, 64, 128);
+  m.def(
+      "set_band_budget",
+      [](int64_t bytes) {
+        TORCH_CHECK(bytes >= 0, "deberta_fast cuda: the band budget must be >= 0 bytes (0: no limit)");
+        return std::exchange(g_band_budget, bytes);
+      },
+      "bytes of the backward's band buffer per head group (0: one group); returns the previous value",
+      py::arg("bytes"));
 #ifdef DFA_HOST_TEST
   dfa::bind_host_test(m);
 #endif

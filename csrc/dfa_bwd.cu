@@ -80,6 +80,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
   const Rel rs(Qs + Cfg::DQ_BASE);  // relative terms only (the launch sizes shared memory by that)
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int dbh = b * p.h_all + p.h0 + h;  // the dropout stream's (b, h) (Params::h_all)
   const int q0 = blockIdx.x * BM;
   const SeqView sv = seq_view(p, b, h);
   if (q0 >= sv.Lq) return;  // varlen: past this sequence's end (block-uniform)
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
       uint32_t dw[4] = {};  // per n-tile pair: one Philox call per lane, shared by the quad
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        if (p.dropout && nt % 2 == 0) row_dropout_words(dw, key, offset, bh, rows[0], k0, nt / 2, t);
+        if (p.dropout && nt % 2 == 0) row_dropout_words(dw, key, offset, dbh, rows[0], k0, nt / 2, t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, c = nt * 8 + 2 * t + (e & 1), i = rows[hh], j = k0 + c;
@@ -233,6 +234,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
   const Rel rs(reinterpret_cast<T*>(smem_raw) + Cfg::KV_BASE);  // relative terms only
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int dbh = b * p.h_all + p.h0 + h;  // the dropout stream's (b, h) (Params::h_all)
   const int k0 = blockIdx.x * BN;
   const SeqView sv = seq_view(p, b, h);
   if (k0 >= sv.Lk) return;  // varlen: past this sequence's last key (block-uniform)
@@ -325,7 +327,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
         // lane (g, t) computes the call {query q0 + 8 (nt + n2) + 2 t + e1, keys of row half hh} for g = 4 hh + 2 n2 +
         // e1; dw[4 hh + 2 n2 + e1] is word g / 2 (its rows' keys) of that call
         if (p.dropout && nt % 2 == 0)
-          group_dropout_words<8, 4>(dw, key, offset, bh, q0 + 8 * (nt + ((g >> 1) & 1)) + 2 * t + (g & 1),
+          group_dropout_words<8, 4>(dw, key, offset, dbh, q0 + 8 * (nt + ((g >> 1) & 1)) + 2 * t + (g & 1),
                                     (cols_j[0] - g + 8 * (g >> 2)) >> 3, g, g >> 1);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {

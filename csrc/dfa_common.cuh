@@ -336,8 +336,8 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, uint2 key) {
 
 // Dropout: element (bh, i, j) takes the 16-bit half j % 2 (the low half for even j) of word (j / 2) % 4 of the
 // call with counter {j / 8, i, bh, offset}, key = seed, and is kept iff that half >= drop_thresh (= round(p * 2^16)).
-// bh = b*H + h (varlen: n*H + h with i, j within sequence n), so no two calls of a launch share a counter; one call
-// serves 8 keys.
+// bh = b*H + h of the call (varlen: n*H + h with i, j within sequence n; a backward head group passes the call's own,
+// Params::h_all / h0), so no two calls of a launch share a counter; one call serves 8 keys.
 __device__ __forceinline__ uint4 dropout_words(uint2 key, uint32_t offset, int bh, int i, int jgroup) {
   return philox4x32_10(make_uint4((uint32_t)jgroup, (uint32_t)i, (uint32_t)bh, offset), key);
 }

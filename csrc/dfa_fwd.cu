@@ -35,6 +35,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   const typename Cfg::Rel rs(Qs + Cfg::BASE);  // relative terms only (the launch sizes shared memory by that)
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int dbh = b * p.h_all + p.h0 + h;  // the dropout stream's (b, h) (Params::h_all)
   const int q0 = blockIdx.x * BM;
   const SeqView sv = seq_view(p, b, h);
   if (q0 >= sv.Lq) return;  // varlen: this sequence is shorter than max_seqlen_q (block-uniform)
@@ -160,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
       uint32_t dw[4] = {};  // per n-tile pair: one Philox call per lane, shared by the quad
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        if (p.dropout && nt % 2 == 0) row_dropout_words(dw, key, offset, bh, rows[0], k0, nt / 2, t);
+        if (p.dropout && nt % 2 == 0) row_dropout_words(dw, key, offset, dbh, rows[0], k0, nt / 2, t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);

@@ -39,6 +39,9 @@ struct Params {
   // relative-gradient band buffers (backward only; nullptr when no relative term)
   float* band_q; float* sat_q; float* band_k; float* sat_k; int dmin; int W;
   int B, H, Lq, Lk;
+  // the dropout stream's (b, h) is b * h_all + h0 + h: the call's own when the backward runs a group of its heads
+  // (H of them, views from head h0 on; h_all = the call's heads); h_all = H, h0 = 0 otherwise
+  int h_all, h0;
   float scale, scale_log2;
   // Packed variable-length mode (cu_q != nullptr): B = N sequences, Lq/Lk = max_seqlen_q/k (grid
   // extent and slot-table offset: slot = table[i - j + Lk - 1], i, j within the sequence);

@@ -488,6 +488,33 @@ def test_gpu_backward_is_deterministic():
 
 @gpu
 @needs_ext
+@pytest.mark.parametrize("shared_pos", [True, False], ids=["pos3d", "pos4d"])
+def test_gpu_backward_head_groups_equal_one_group(shared_pos):
+    """The backward's heads in groups (a band-buffer budget of 1 byte: one head per group) give the bits of one
+    group: the dropout stream keyed by the call's own (b, h), a key mask's uniform rows, 3-D and 4-D position rows."""
+    ext = _cuda_ext._need_ext()
+    B, H, L = 2, 3, 70
+    q, k, v, pk, pq = make_inputs(B, H, L, L, 64, 4, torch.float16, DEV, shared_pos=shared_pos)
+    mask = torch.ones(B, L, dtype=torch.bool, device=DEV)
+    mask[0, 50:] = False
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
+    go = torch.randn(B, H, L, 64, generator=torch.Generator().manual_seed(2)).to(DEV, torch.float16)
+    runs = []
+    for budget in (0, 1):
+        old = ext.set_band_budget(budget)
+        try:
+            torch.manual_seed(5)  # the dropout seed
+            out = disentangled_attention(q, k, v, pk, pq, position_buckets=4, max_relative_positions=16,
+                                         attention_mask=mask, backend="cuda", dropout_p=0.2)
+            runs.append([out, *torch.autograd.grad(out, leaves, go)])
+        finally:
+            ext.set_band_budget(old)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@gpu
+@needs_ext
 def test_gpu_kernel_errors_are_actionable():
     q = torch.randn(1, 2, 8, 64, device=DEV, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):

@@ -373,6 +373,29 @@ def _run_varlen(dtype, D, lens_q, lens_k, terms, buckets, max_rel, H=3):
 
 @gpu
 @needs_ext
+def test_gpu_varlen_backward_head_groups_equal_one_group():
+    """Packed: the backward's heads in groups (one head per group) give the bits of one group, with dropout."""
+    ext = _cuda_ext._need_ext()
+    lens = [37, 1, 64, 9]
+    q, k, v, pk, pq, cq, ck = make_packed(lens, H=3, span=4, dtype=torch.float16, device=DEV)
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEV, torch.float16)
+    runs = []
+    for budget in (0, 1):
+        old = ext.set_band_budget(budget)
+        try:
+            torch.manual_seed(5)  # the dropout seed
+            out = disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, 64, 64, position_buckets=4,
+                                                max_relative_positions=16, backend="cuda", dropout_p=0.2)
+            runs.append([out, *torch.autograd.grad(out, leaves, go)])
+        finally:
+            ext.set_band_budget(old)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@gpu
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("terms", ["", "c2p", "p2c", "c2p+p2c"])
