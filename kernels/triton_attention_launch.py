@@ -524,14 +524,15 @@ def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None):
 
 #: Where the forward's relative terms come from: "tables" (shipped: the host's C2P / P2C, gathered per element), or
 #: "skew": no tables, band tiles by window products on tensor cores skewed through a per-program scratch, saturated
-#: tiles from per-row / per-key terms computed in the kernel (``_skew_terms``; NOTES: "The skew in Triton, again").
+#: tiles from per-row / per-key terms computed in the kernel (``_skew_terms``; NOTES: "Fourth look: the skew through
+#: a per-program scratch").
 #: An experiment for a GPU A/B (``benchmarks.breakdown``), not a user setting; the backward keeps its tables.
 REL_SOURCE = "tables"
 
 
 def _fwd_launch_config(q_len: int, k_len: int, head_dim: int, pr: _Prepared) -> LaunchConfig:
     """The forward's :func:`launch_config`; under ``REL_SOURCE = "skew"`` (with a relative term) 64-row tiles run on
-    8 warps: on 4 the ``[64, 128]`` window products spill 156 - 480 B, on 8 0 B (inference) / 76 B (dropout)
+    8 warps: on 4 the ``[64, 128]`` window products spill 156 - 480 B, on 8 0 B (inference) / 68 B (dropout)
     (static profile, sm_90, fp16, D = 64, triton 3.7.1, 2026-12-04; 32 x 32 tiles: 0 B, 1.3 - 1.8x the in-band
     instructions per element)."""
     cfg = _config("fwd", q_len, k_len, head_dim, pr)
