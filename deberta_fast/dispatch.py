@@ -258,8 +258,9 @@ def check_backend_name(backend) -> str:
     return backend
 
 
-def choose_backend(call, backend: str):
-    """Return the backend object that serves ``call`` (an AttentionCall or VarlenCall); explain every refusal."""
+def _choose(call, backend: str):
+    """``(backend object, quiet)``: :func:`choose_backend`'s answer, and whether it was reached without a refusal
+    or a warning (only such a choice is memoised by :func:`disentangled_attention`)."""
     if check_backend_name(backend) != "auto":
         b = BACKENDS[backend]
         reasons = _reasons(b, call)
@@ -267,22 +268,62 @@ def choose_backend(call, backend: str):
             raise BackendUnavailableError(
                 f"backend={backend!r} cannot serve this call: " + "; ".join(reasons)
                 + ". Use backend='auto' to fall back to a backend that can (backend='torch' serves every call).")
-        return b
+        return b, True
     refused = []
     for name in AUTO_ORDER_TRACING if values_unreadable(call.query) else AUTO_ORDER:
         b = BACKENDS[name]
         reasons = _reasons(b, call)
         if not reasons:
+            quiet = True
             if name == "triton" and call.device.type != "cuda":
+                quiet = False
                 _warn_once("deberta_fast: backend='auto' runs the Triton kernels on the CPU interpreter because "
                            "TRITON_INTERPRET=1 is set (meant for tests; several times slower than "
                            "backend='torch' on CPU). Unset TRITON_INTERPRET to use the torch backend on CPU.")
             if refused and call.device.type == "cuda":
+                quiet = False
                 _warn_once("deberta_fast: no fused backend serves this call, using the slower "
                            f"{name!r} backend (" + " | ".join(refused) + ")")
-            return b
+            return b, quiet and not refused
         refused.append(f"{name}: " + "; ".join(reasons))
     raise BackendUnavailableError("no backend serves this call: " + " | ".join(refused))
+
+
+def choose_backend(call, backend: str):
+    """Return the backend object that serves ``call`` (an AttentionCall or VarlenCall); explain every refusal."""
+    return _choose(call, backend)[0]
+
+
+#: ``disentangled_attention``'s memo: the signature of a call (:func:`_signature`) -> the outcome of its
+#: validation and backend choice ``(backend, position_buckets, max_relative_positions, span, scale, dropout_p,
+#: position rows)``.  Only calls that passed both without a refusal or a warning are kept.
+_MEMO: dict = {}
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+def _signature(query, key, value, pos_key, pos_query, attention_mask, position_buckets, max_relative_positions,
+               scale, dropout_p, backend):
+    """Everything :func:`build_call` and :func:`choose_backend` read but the mask's values: shapes, strides,
+    dtypes, devices and ``requires_grad`` of the tensors, the mask's shape / dtype / device, the scalars, grad
+    mode and the environment variables the backends' refusals read; None (no memo) for tensor subclasses,
+    scalars of other types than int / float, or while tracing."""
+    if not (type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
+            and (pos_key is None or type(pos_key) is torch.Tensor)
+            and (pos_query is None or type(pos_query) is torch.Tensor)
+            and (attention_mask is None or type(attention_mask) is torch.Tensor)
+            and type(position_buckets) is int and type(max_relative_positions) is int
+            and (scale is None or type(scale) is float) and type(dropout_p) in (float, int)
+            and type(backend) is str):
+        return None
+    if values_unreadable(query):
+        return None
+    mask = None if attention_mask is None else (attention_mask.shape, attention_mask.dtype, attention_mask.device)
+    return (_meta(query), _meta(key), _meta(value), _meta(pos_key), _meta(pos_query), mask, position_buckets,
+            max_relative_positions, scale, dropout_p, backend, torch.is_grad_enabled(),
+            os.environ.get("TRITON_INTERPRET"), os.environ.get("DEBERTA_FAST_CUDA_SIM"))
 
 
 def _refuse_jit_trace() -> None:
@@ -321,10 +362,29 @@ def disentangled_attention(query, key, value, pos_key=None, pos_query=None, *,
     Returns ``[B, H, Lq, D]`` in the input dtype.  See :mod:`deberta_fast.reference` for the math.
     """
     _refuse_jit_trace()
-    call = build_call(query, key, value, pos_key, pos_query, position_buckets=position_buckets,
-                      max_relative_positions=max_relative_positions, attention_mask=attention_mask,
-                      scale=scale, dropout_p=dropout_p)
-    b = choose_backend(call, backend)
+    sig = _signature(query, key, value, pos_key, pos_query, attention_mask, position_buckets,
+                     max_relative_positions, scale, dropout_p, backend)
+    hit = None if sig is None else _MEMO.get(sig)
+    if hit is not None:  # validated and served before: only the mask's values are new (host time)
+        b, pb, mr, span, scale, dropout_p, rows = hit
+        if rows is not None:
+            pos_key = None if pos_key is None else pos_key[..., :rows, :]
+            pos_query = None if pos_query is None else pos_query[..., :rows, :]
+        B, H, Lq, _ = query.shape
+        kind, km, fm, uni = normalize_mask(attention_mask, B, H, Lq, key.shape[2])
+        call = AttentionCall(query, key, value, pos_key, pos_query, pb, mr, span, scale, dropout_p, kind, km, fm,
+                             uni, attention_mask)
+    else:
+        call = build_call(query, key, value, pos_key, pos_query, position_buckets=position_buckets,
+                          max_relative_positions=max_relative_positions, attention_mask=attention_mask,
+                          scale=scale, dropout_p=dropout_p)
+        b, quiet = _choose(call, backend)
+        if sig is not None and quiet:
+            if len(_MEMO) >= 256:
+                _MEMO.clear()
+            rows = None if call.pos_key is pos_key and call.pos_query is pos_query else 2 * call.span
+            _MEMO[sig] = (b, call.position_buckets, call.max_relative_positions, call.span, call.scale,
+                          call.dropout_p, rows)
     _record(b.name)
     return b.forward(call)
 

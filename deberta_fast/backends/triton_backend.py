@@ -30,9 +30,15 @@ except ImportError:  # pragma: no cover - older / newer torch
 MAX_HEAD_DIM = 256
 
 
+_LAUNCH = []
+
+
 def _launch():
-    from deberta_fast._kernels import triton_attention_launch
-    return triton_attention_launch
+    """The launch module (imported on first use: importing it imports triton)."""
+    if not _LAUNCH:
+        from deberta_fast._kernels import triton_attention_launch
+        _LAUNCH.append(triton_attention_launch)
+    return _LAUNCH[0]
 
 
 def _interpreting() -> bool:

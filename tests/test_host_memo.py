@@ -1,0 +1,124 @@
+"""The host path's caches: ``dispatch._MEMO`` (a call's validation and backend choice, per signature) and the
+Triton launcher's ``_FWD_PLANS`` (a forward's launch but for the tensors).  A repeated signature must give the
+result a cold call gives, with new tensor values and new mask values; anything the validation, the backend choice
+or the launch reads must be part of the signature.  Runs under the Triton interpreter on CPU."""
+import pytest
+import torch
+
+from deberta_fast import dispatch, disentangled_attention
+from deberta_fast.backends import BACKENDS
+from deberta_fast.dispatch import BackendUnavailableError
+
+from triton_cases import BUCKETED, V3, assert_close_fp32, make_inputs, make_mask, reference_forward_lse
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def launch():
+    if BACKENDS["triton"].unavailable():
+        pytest.skip(f"triton backend unavailable: {BACKENDS['triton'].unavailable()}")
+    from deberta_fast._kernels import triton_attention_launch
+    return triton_attention_launch
+
+
+def _fresh(q, k, v, pk, pq):
+    """New random values, same shapes / strides / dtypes."""
+    return [None if t is None else torch.randn_like(t) for t in (q, k, v, pk, pq)]
+
+
+def _checked(ts, mask, kw, rows=None):
+    """The triton call's output, checked against the float64 reference (position tables cut to ``rows``)."""
+    out = disentangled_attention(*ts, attention_mask=mask, backend="triton", **kw)
+    cut = [t if rows is None or t is None else t[..., :rows, :] for t in ts[3:]]
+    ref, _ = reference_forward_lse(*ts[:3], *cut, mask, kw, torch.float64)
+    assert_close_fp32(out, ref, what="out")
+    return out
+
+
+@pytest.mark.parametrize("mask", ["none", "key", "full", "full_h1"])
+def test_repeated_signature_skips_validation_and_stays_exact(launch, monkeypatch, mask):
+    """The second and third calls of a signature neither validate nor prepare a launch again; each is exact with
+    its own tensor and mask values (which the memo and the plan must not keep)."""
+    q, k, v, pk, pq, m, kw = make_inputs(2, 3, 21, 21, 16, buckets=V3, mask=mask)
+    monkeypatch.setattr(dispatch, "_MEMO", {})
+    monkeypatch.setattr(launch, "_FWD_PLANS", {})
+    built, prepared = [], []
+    real_build, real_prepare = dispatch.build_call, launch._prepare
+    monkeypatch.setattr(dispatch, "build_call", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    monkeypatch.setattr(launch, "_prepare", lambda *a, **k: prepared.append(1) or real_prepare(*a, **k))
+    first = _checked((q, k, v, pk, pq), m, kw)
+    for _ in range(2):
+        _checked(_fresh(q, k, v, pk, pq), make_mask(mask, 2, 3, 21, 21), kw)
+    assert built == [1] and prepared == [1]
+    # the cached path against a cold one: bitwise
+    again = disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw)
+    monkeypatch.setattr(dispatch, "_MEMO", {})
+    monkeypatch.setattr(launch, "_FWD_PLANS", {})
+    cold = disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw)
+    assert torch.equal(first, again) and torch.equal(again, cold)
+
+
+def test_signature_tells_masks_strides_and_table_rows_apart(launch, monkeypatch):
+    """Same q / k / v shapes under a key mask, then full masks, then no mask; then a strided (transposed) view;
+    then position tables longer than 2 * span (cut as HF does) - each exact."""
+    monkeypatch.setattr(dispatch, "_MEMO", {})
+    monkeypatch.setattr(launch, "_FWD_PLANS", {})
+    q, k, v, pk, pq, _, kw = make_inputs(2, 2, 19, 19, 16, buckets=BUCKETED)
+    for kind in ("key", "full_h1", "full", "none", "key"):  # full_h1: uniform rows [B, 1, Lq], as the key mask
+        _checked(_fresh(q, k, v, pk, pq), make_mask(kind, 2, 2, 19, 19), kw)
+    qt = torch.randn(2, 19, 2, 16).transpose(1, 2)  # [B, H, L, D] with other strides
+    _checked((qt, *_fresh(q, k, v, pk, pq)[1:]), make_mask("key", 2, 2, 19, 19), kw)
+    long_pk, long_pq = torch.randn(2, 2 * 4 + 6, 16), torch.randn(2, 2 * 4 + 6, 16)
+    for _ in range(2):
+        _checked((*_fresh(q, k, v, None, None)[:3], long_pk, long_pq), None, kw, rows=2 * 4)
+        long_pk, long_pq = torch.randn_like(long_pk), torch.randn_like(long_pq)
+    assert len(launch._FWD_PLANS) == 6 and len(dispatch._MEMO) == 6
+
+
+def test_memo_reads_the_environment_and_grad_mode(launch, monkeypatch):
+    """An identical call after ``TRITON_INTERPRET`` is unset is refused again on CPU (the memo keys on it); with
+    ``requires_grad`` or grad mode changed the autograd function is (or is not) recorded."""
+    if torch.cuda.is_available():
+        pytest.skip("the refusal without TRITON_INTERPRET is a CPU one")
+    monkeypatch.setattr(dispatch, "_MEMO", {})
+    q, k, v, pk, pq, m, kw = make_inputs(1, 2, 17, 17, 16, mask="key")
+    disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw).grad_fn is None
+    qg = q.clone().requires_grad_()
+    assert disentangled_attention(qg, k, v, pk, pq, attention_mask=m, backend="triton", **kw).grad_fn is not None
+    with torch.no_grad():
+        assert disentangled_attention(qg, k, v, pk, pq, attention_mask=m, backend="triton", **kw).grad_fn is None
+
+
+def test_failed_or_warned_calls_are_not_memoised(launch, monkeypatch):
+    """A call that fails validation, or whose choice warned (``auto`` picking the interpreter), leaves no memo:
+    the next identical call validates (and fails, or is checked) again."""
+    monkeypatch.setattr(dispatch, "_MEMO", {})
+    q, k, v, pk, pq, m, kw = make_inputs(1, 2, 17, 17, 16, mask="key")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="dropout_p"):
+            disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", dropout_p=1.5, **kw)
+    assert dispatch._MEMO == {}
+    if not torch.cuda.is_available():
+        with pytest.warns(RuntimeWarning):
+            monkeypatch.setattr(dispatch, "_warned", set())
+            disentangled_attention(q, k, v, pk, pq, attention_mask=m, **kw)
+        assert dispatch._MEMO == {}
+
+
+def test_replaced_launch_config_is_read_on_every_call(launch, monkeypatch):
+    """While ``launch_config`` is replaced (the tuning and static-profile tools record or force configs through
+    it) no plan is cached: the replacement sees every call."""
+    monkeypatch.setattr(launch, "_FWD_PLANS", {})
+    seen = []
+    real = launch.launch_config
+    monkeypatch.setattr(launch, "launch_config", lambda p, *a, **k: seen.append(p) or real(p, *a, **k))
+    q, k, v, pk, pq, m, kw = make_inputs(1, 2, 17, 17, 16, mask="key")
+    for _ in range(3):
+        _checked(_fresh(q, k, v, pk, pq), m, kw)
+    assert seen == ["fwd"] * 3 and launch._FWD_PLANS == {}
