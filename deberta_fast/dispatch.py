@@ -294,9 +294,9 @@ def choose_backend(call, backend: str):
     return _choose(call, backend)[0]
 
 
-#: ``disentangled_attention``'s memo: the signature of a call (:func:`_signature`) -> the outcome of its
-#: validation and backend choice ``(backend, position_buckets, max_relative_positions, span, scale, dropout_p,
-#: position rows)``.  Only calls that passed both without a refusal or a warning are kept.
+#: The entry points' memo: the signature of a call (:func:`_signature`) -> the outcome of its validation and backend
+#: choice ``(backend, position_buckets, max_relative_positions, span, scale, dropout_p, position rows)``.  Only
+#: calls that passed both without a refusal or a warning are kept.
 _MEMO: dict = {}
 
 
@@ -304,26 +304,46 @@ def _meta(t):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
 
 
-def _signature(query, key, value, pos_key, pos_query, attention_mask, position_buckets, max_relative_positions,
-               scale, dropout_p, backend):
-    """Everything :func:`build_call` and :func:`choose_backend` read but the mask's values: shapes, strides,
-    dtypes, devices and ``requires_grad`` of the tensors, the mask's shape / dtype / device, the scalars, grad
-    mode and the environment variables the backends' refusals read; None (no memo) for tensor subclasses,
-    scalars of other types than int / float, or while tracing."""
+def _plain(t) -> bool:
+    return t is None or type(t) is torch.Tensor
+
+
+def _signature(query, key, value, pos_key, pos_query, aux, ints, scale, dropout_p, backend):
+    """Everything :func:`build_call` / :func:`build_varlen_call` and :func:`choose_backend` read but the values
+    of ``aux`` (the mask, or the offsets): shapes, strides, dtypes, devices and ``requires_grad`` of the tensors,
+    the shape / dtype / device of ``aux``, the integer arguments ``ints``, the scalars, grad mode and the
+    environment variables the backends' refusals read; None (no memo) for tensor subclasses, integer arguments
+    that are not ``int``, a scale or rate that is not a ``float`` / ``int``, or while tracing."""
     if not (type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
-            and (pos_key is None or type(pos_key) is torch.Tensor)
-            and (pos_query is None or type(pos_query) is torch.Tensor)
-            and (attention_mask is None or type(attention_mask) is torch.Tensor)
-            and type(position_buckets) is int and type(max_relative_positions) is int
-            and (scale is None or type(scale) is float) and type(dropout_p) in (float, int)
-            and type(backend) is str):
+            and _plain(pos_key) and _plain(pos_query) and all(map(_plain, aux))
+            and all(type(i) is int for i in ints) and (scale is None or type(scale) is float)
+            and type(dropout_p) in (float, int) and type(backend) is str):
         return None
     if values_unreadable(query):
         return None
-    mask = None if attention_mask is None else (attention_mask.shape, attention_mask.dtype, attention_mask.device)
-    return (_meta(query), _meta(key), _meta(value), _meta(pos_key), _meta(pos_query), mask, position_buckets,
-            max_relative_positions, scale, dropout_p, backend, torch.is_grad_enabled(),
-            os.environ.get("TRITON_INTERPRET"), os.environ.get("DEBERTA_FAST_CUDA_SIM"))
+    return (_meta(query), _meta(key), _meta(value), _meta(pos_key), _meta(pos_query),
+            tuple(None if t is None else (t.shape, t.dtype, t.device) for t in aux), ints, scale, dropout_p,
+            backend, torch.is_grad_enabled(), os.environ.get("TRITON_INTERPRET"),
+            os.environ.get("DEBERTA_FAST_CUDA_SIM"))
+
+
+def _remember(sig, call, b, quiet: bool, pos_key, pos_query) -> None:
+    """Keep the outcome of a validated call whose backend was chosen ``quiet``ly (see :data:`_MEMO`)."""
+    if sig is None or not quiet:
+        return
+    if len(_MEMO) >= 256:
+        _MEMO.clear()
+    rows = None if call.pos_key is pos_key and call.pos_query is pos_query else 2 * call.span
+    _MEMO[sig] = (b, call.position_buckets, call.max_relative_positions, call.span, call.scale, call.dropout_p,
+                  rows)
+
+
+def _cut(rows, pos_key, pos_query):
+    """The position tables as the validation left them: their first ``rows`` rows (HF's cut), or unchanged."""
+    if rows is None:
+        return pos_key, pos_query
+    return (None if pos_key is None else pos_key[..., :rows, :]), (None if pos_query is None else
+                                                                   pos_query[..., :rows, :])
 
 
 def _refuse_jit_trace() -> None:
@@ -362,29 +382,22 @@ def disentangled_attention(query, key, value, pos_key=None, pos_query=None, *,
     Returns ``[B, H, Lq, D]`` in the input dtype.  See :mod:`deberta_fast.reference` for the math.
     """
     _refuse_jit_trace()
-    sig = _signature(query, key, value, pos_key, pos_query, attention_mask, position_buckets,
-                     max_relative_positions, scale, dropout_p, backend)
+    sig = _signature(query, key, value, pos_key, pos_query, (attention_mask,),
+                     (position_buckets, max_relative_positions), scale, dropout_p, backend)
     hit = None if sig is None else _MEMO.get(sig)
     if hit is not None:  # validated and served before: only the mask's values are new (host time)
         b, pb, mr, span, scale, dropout_p, rows = hit
-        if rows is not None:
-            pos_key = None if pos_key is None else pos_key[..., :rows, :]
-            pos_query = None if pos_query is None else pos_query[..., :rows, :]
+        pk, pq = _cut(rows, pos_key, pos_query)
         B, H, Lq, _ = query.shape
         kind, km, fm, uni = normalize_mask(attention_mask, B, H, Lq, key.shape[2])
-        call = AttentionCall(query, key, value, pos_key, pos_query, pb, mr, span, scale, dropout_p, kind, km, fm,
-                             uni, attention_mask)
+        call = AttentionCall(query, key, value, pk, pq, pb, mr, span, scale, dropout_p, kind, km, fm, uni,
+                             attention_mask)
     else:
         call = build_call(query, key, value, pos_key, pos_query, position_buckets=position_buckets,
                           max_relative_positions=max_relative_positions, attention_mask=attention_mask,
                           scale=scale, dropout_p=dropout_p)
         b, quiet = _choose(call, backend)
-        if sig is not None and quiet:
-            if len(_MEMO) >= 256:
-                _MEMO.clear()
-            rows = None if call.pos_key is pos_key and call.pos_query is pos_query else 2 * call.span
-            _MEMO[sig] = (b, call.position_buckets, call.max_relative_positions, call.span, call.scale,
-                          call.dropout_p, rows)
+        _remember(sig, call, b, quiet, pos_key, pos_query)
     _record(b.name)
     return b.forward(call)
 
@@ -410,10 +423,23 @@ def disentangled_attention_varlen(query, key, value, pos_key=None, pos_query=Non
     if cu_seqlens_q is None or cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
         raise TypeError("disentangled_attention_varlen needs cu_seqlens_q, cu_seqlens_k, max_seqlen_q and max_seqlen_k")
     _refuse_jit_trace()
-    call = build_varlen_call(query, key, value, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, position_buckets=position_buckets,
-                             max_relative_positions=max_relative_positions, scale=scale, dropout_p=dropout_p,
-                             check_offsets=check_offsets)
-    b = choose_backend(call, backend)
+    sig = _signature(query, key, value, pos_key, pos_query, (cu_seqlens_q, cu_seqlens_k),
+                     (max_seqlen_q, max_seqlen_k, position_buckets, max_relative_positions), scale, dropout_p, backend)
+    hit = None if sig is None else _MEMO.get(sig)
+    if hit is not None:  # validated and served before: only the offsets' values are new (host time)
+        b, pb, mr, span, scale, dropout_p, rows = hit
+        if check_offsets:
+            check_varlen_offsets(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0], max_seqlen_q,
+                                 max_seqlen_k)
+        pk, pq = _cut(rows, pos_key, pos_query)
+        call = VarlenCall(query, key, value, pk, pq, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+                          max_seqlen_q, max_seqlen_k, pb, mr, span, scale, dropout_p)
+    else:
+        call = build_varlen_call(query, key, value, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                 max_seqlen_k, position_buckets=position_buckets,
+                                 max_relative_positions=max_relative_positions, scale=scale, dropout_p=dropout_p,
+                                 check_offsets=check_offsets)
+        b, quiet = _choose(call, backend)
+        _remember(sig, call, b, quiet, pos_key, pos_query)
     _record(b.name)
     return b.forward_varlen(call)

@@ -661,15 +661,21 @@ _FWD_PLANS: dict = {}
 
 
 def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
-              max_relative_positions, span, dropout_p) -> tuple[_FwdPlan, tuple]:
+              max_relative_positions, span, dropout_p, max_seqlens=None) -> tuple[_FwdPlan, tuple]:
     """``(plan, mask_args)``: the plan cached per signature (shapes, strides, dtype, device, which terms and
     masks, bucket config, dropout on / off, and the settings the launch reads: interpreter, TF32, target arch,
     ``REL_SOURCE`` / ``TABLE_BUDGET`` / ``TABLE_DTYPE``; not cached while ``launch_config`` / ``_config`` are
     replaced, as the tuning and static-profile tools do), so that a repeated call only makes its mask operands
-    (host time: benchmarks/NOTES.md, "Host path: one plan per signature")."""
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device,
+    (host time: benchmarks/NOTES.md, "Host path: one plan per signature").  Packed inputs (``[T,H,D]``):
+    ``max_seqlens = (max_seqlen_q, max_seqlen_k)``, no masks."""
+    varlen = max_seqlens is not None
+    if varlen:
+        (Tq, H, D), Tk = q.shape, k.shape[0]
+        Lq, Lk = max_seqlens
+    else:
+        B, H, Lq, D = q.shape
+        Lk = k.shape[2]
+    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, max_seqlens,
            None if pos_key is None else (pos_key.shape, pos_key.stride()),
            None if pos_query is None else (pos_query.shape, pos_query.stride()),
            None if key_mask is None else key_mask.shape, None if full_mask is None else full_mask.shape,
@@ -680,12 +686,19 @@ def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
     plan = _FWD_PLANS.get(key) if cacheable else None
     if plan is not None:
         return plan, _mask_tensors(q.device, key_mask, full_mask, uniform_rows, Lq, Lk)[1]
-    pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
-                  max_relative_positions, span, dropout_p)
+    if varlen:
+        pr = _varlen_prepare(q, k, pos_key, pos_query, Lq, Lk, position_buckets, max_relative_positions, span,
+                             dropout_p)
+        groups = head_groups(H, _table_bytes(pr, Tq, Tk, q.dtype))
+        # token / head strides, batch stride 0 (_varlen_strides); the output is allocated contiguous
+        strides = (*_varlen_strides(q, k, v, q.new_empty((0, H, D))), *pr.mask_strides)
+    else:
+        pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                      max_relative_positions, span, dropout_p)
+        groups = head_groups(H, _table_bytes(pr, B * Lq, B * Lk, q.dtype))
+        out_strides = (H * Lq * D, Lq * D, D)  # the output is allocated contiguous
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides, *pr.mask_strides)
     cfg = _fwd_launch_config(Lq, Lk, D, pr)
-    groups = head_groups(H, _table_bytes(pr, B * Lq, B * Lk, q.dtype))
-    out_strides = (H * Lq * D, Lq * D, D)  # the output is allocated contiguous
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides, *pr.mask_strides)
     plan = _FwdPlan(replace(pr, mask_args=None), cfg, groups, strides, _launch_kwargs(cfg, pr, fwd=True))
     if cacheable:
         if len(_FWD_PLANS) >= 256:
@@ -849,24 +862,24 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     Tq, H, D = q.shape
     Tk = k.shape[0]
     N = cu_seqlens_q.numel() - 1
-    pr = _varlen_prepare(q, k, pos_key, pos_query, max_seqlen_q, max_seqlen_k, position_buckets,
-                         max_relative_positions, span, dropout_p)
+    plan, mask_args = _fwd_plan(q, k, v, pos_key, pos_query, None, None, None, position_buckets,
+                                max_relative_positions, span, dropout_p, (max_seqlen_q, max_seqlen_k))
+    pr, cfg = plan.pr, plan.cfg
     out = torch.zeros((Tq, H, D), device=q.device, dtype=q.dtype)
     stats = torch.zeros((2, H, Tq), device=q.device, dtype=torch.float32)
     stats[1] = float("inf")
-    cfg = _fwd_launch_config(max_seqlen_q, max_seqlen_k, D, pr)
     qt, kt = q.transpose(0, 1), k.transpose(0, 1)
-    groups = head_groups(H, _table_bytes(pr, Tq, Tk, q.dtype))
-    for hs in groups:
-        n, g = hs.stop - hs.start, (None if len(groups) == 1 else hs)
+    one = len(plan.groups) == 1
+    tail = (Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p),
+            _drop_threshold(dropout_p), int(seed))
+    for hs in plan.groups:
+        n, g = hs.stop - hs.start, (None if one else hs)
         grid = (_cdiv(max_seqlen_q, cfg.block_m), N * n)
         c2p, p2c, scr, rel_strides, skew, win = _rel_args(qt, kt, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1])
         disentangled_fwd_kernel[grid](
-            *_heads(g, q, k, v, axis=1), c2p, p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args,
-            *_heads(g, out, axis=1), *_heads(g, stats, axis=1)[0].unbind(0), scr, *_varlen_strides(q, k, v, out),
-            *pr.mask_strides, *rel_strides, n, H, hs.start, Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot,
-            float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed), SKEW=skew, WIN=win,
-            **_launch_kwargs(cfg, pr, fwd=True))
+            *_heads(g, q, k, v, axis=1), c2p, p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *mask_args,
+            *_heads(g, out, axis=1), *_heads(g, stats, axis=1)[0].unbind(0), scr, *plan.strides, *rel_strides, n, H,
+            hs.start, *tail, SKEW=skew, WIN=win, **plan.kwargs)
     return out, stats
 
 

@@ -22,6 +22,18 @@ def launch():
     return triton_attention_launch
 
 
+def _count_cold_work(launch, monkeypatch, build: str):
+    """Empty caches; ``(built, prepared)``: lists that grow by one per call of ``dispatch.<build>`` (validation) and
+    of the launcher's ``_prepare`` (a launch prepared from scratch)."""
+    monkeypatch.setattr(dispatch, "_MEMO", {})
+    monkeypatch.setattr(launch, "_FWD_PLANS", {})
+    built, prepared = [], []
+    real_build, real_prepare = getattr(dispatch, build), launch._prepare
+    monkeypatch.setattr(dispatch, build, lambda *a, **k: built.append(1) or real_build(*a, **k))
+    monkeypatch.setattr(launch, "_prepare", lambda *a, **k: prepared.append(1) or real_prepare(*a, **k))
+    return built, prepared
+
+
 def _fresh(q, k, v, pk, pq):
     """New random values, same shapes / strides / dtypes."""
     return [None if t is None else torch.randn_like(t) for t in (q, k, v, pk, pq)]
@@ -41,12 +53,7 @@ def test_repeated_signature_skips_validation_and_stays_exact(launch, monkeypatch
     """The second and third calls of a signature neither validate nor prepare a launch again; each is exact with
     its own tensor and mask values (which the memo and the plan must not keep)."""
     q, k, v, pk, pq, m, kw = make_inputs(2, 3, 21, 21, 16, buckets=V3, mask=mask)
-    monkeypatch.setattr(dispatch, "_MEMO", {})
-    monkeypatch.setattr(launch, "_FWD_PLANS", {})
-    built, prepared = [], []
-    real_build, real_prepare = dispatch.build_call, launch._prepare
-    monkeypatch.setattr(dispatch, "build_call", lambda *a, **k: built.append(1) or real_build(*a, **k))
-    monkeypatch.setattr(launch, "_prepare", lambda *a, **k: prepared.append(1) or real_prepare(*a, **k))
+    built, prepared = _count_cold_work(launch, monkeypatch, "build_call")
     first = _checked((q, k, v, pk, pq), m, kw)
     for _ in range(2):
         _checked(_fresh(q, k, v, pk, pq), make_mask(mask, 2, 3, 21, 21), kw)
@@ -122,3 +129,36 @@ def test_replaced_launch_config_is_read_on_every_call(launch, monkeypatch):
     for _ in range(3):
         _checked(_fresh(q, k, v, pk, pq), m, kw)
     assert seen == ["fwd"] * 3 and launch._FWD_PLANS == {}
+
+
+def _packed_reference(q, k, v, pk, pq, offsets, kw):
+    """Every sequence alone through the float64 reference, packed back: ``[T, H, D]``."""
+    outs = []
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        seq = [t[a:b].transpose(0, 1)[None] for t in (q, k, v)]
+        outs.append(reference_forward_lse(*seq, pk, pq, None, kw, torch.float64)[0][0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_packed_repeated_signature_stays_exact_and_checks_offsets(launch, monkeypatch):
+    """Packed calls of one signature (token counts, longest sequence) with other offsets each time: exact; the
+    second and third neither validate nor prepare again, yet still check their offsets (``check_offsets``): bad
+    ones are refused as on a cold call."""
+    from deberta_fast import disentangled_attention_varlen
+
+    built, prepared = _count_cold_work(launch, monkeypatch, "build_varlen_call")
+    H, D, kw = 2, 16, dict(position_buckets=V3[0], max_relative_positions=V3[1])
+    pk, pq = torch.randn(H, 2 * V3[0], D), torch.randn(H, 2 * V3[0], D)
+    for offsets in ([0, 13, 40, 45], [0, 27, 32, 45], [0, 5, 18, 45]):  # 45 tokens, longest 27
+        q, k, v = torch.randn(45, H, D), torch.randn(45, H, D), torch.randn(45, H, D)
+        cu = torch.tensor(offsets, dtype=torch.int32)
+        out = disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 27, 27, backend="triton", **kw)
+        assert_close_fp32(out, _packed_reference(q, k, v, pk, pq, offsets, kw), what="packed out")
+    assert built == [1] and prepared == [1]
+    cu = torch.tensor([0, 5, 10, 45], dtype=torch.int32)  # the same tokens, longest 35: a layout of its own
+    out = disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 35, 35, backend="triton", **kw)
+    assert_close_fp32(out, _packed_reference(q, k, v, pk, pq, [0, 5, 10, 45], kw), what="packed out")
+    for bad in ([0, 30, 40, 45], [1, 13, 40, 45], [0, 20, 10, 45]):  # too long, not from 0, decreasing
+        cu = torch.tensor(bad, dtype=torch.int32)
+        with pytest.raises(ValueError, match="invalid offsets"):
+            disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 27, 27, backend="triton", **kw)
