@@ -258,9 +258,8 @@ def check_backend_name(backend) -> str:
     return backend
 
 
-def _choose(call, backend: str):
-    """``(backend object, quiet)``: :func:`choose_backend`'s answer, and whether it was reached without a refusal
-    or a warning (only such a choice is memoised by :func:`disentangled_attention`)."""
+def choose_backend(call, backend: str):
+    """Return the backend object that serves ``call`` (an AttentionCall or VarlenCall); explain every refusal."""
     if check_backend_name(backend) != "auto":
         b = BACKENDS[backend]
         reasons = _reasons(b, call)
@@ -268,35 +267,27 @@ def _choose(call, backend: str):
             raise BackendUnavailableError(
                 f"backend={backend!r} cannot serve this call: " + "; ".join(reasons)
                 + ". Use backend='auto' to fall back to a backend that can (backend='torch' serves every call).")
-        return b, True
+        return b
     refused = []
     for name in AUTO_ORDER_TRACING if values_unreadable(call.query) else AUTO_ORDER:
         b = BACKENDS[name]
         reasons = _reasons(b, call)
         if not reasons:
-            quiet = True
             if name == "triton" and call.device.type != "cuda":
-                quiet = False
                 _warn_once("deberta_fast: backend='auto' runs the Triton kernels on the CPU interpreter because "
                            "TRITON_INTERPRET=1 is set (meant for tests; several times slower than "
                            "backend='torch' on CPU). Unset TRITON_INTERPRET to use the torch backend on CPU.")
             if refused and call.device.type == "cuda":
-                quiet = False
                 _warn_once("deberta_fast: no fused backend serves this call, using the slower "
                            f"{name!r} backend (" + " | ".join(refused) + ")")
-            return b, quiet and not refused
+            return b
         refused.append(f"{name}: " + "; ".join(reasons))
     raise BackendUnavailableError("no backend serves this call: " + " | ".join(refused))
 
 
-def choose_backend(call, backend: str):
-    """Return the backend object that serves ``call`` (an AttentionCall or VarlenCall); explain every refusal."""
-    return _choose(call, backend)[0]
-
-
 #: The entry points' memo: the signature of a call (:func:`_signature`) -> the outcome of its validation and backend
-#: choice ``(backend, position_buckets, max_relative_positions, span, scale, dropout_p, position rows)``.  Only
-#: calls that passed both without a refusal or a warning are kept.
+#: choice ``(backend, position_buckets, max_relative_positions, span, scale, dropout_p, position rows)``, kept for
+#: calls that passed both (a memoised ``auto`` fallback does not repeat its warning: warnings are once per message).
 _MEMO: dict = {}
 
 
@@ -327,9 +318,9 @@ def _signature(query, key, value, pos_key, pos_query, aux, ints, scale, dropout_
             os.environ.get("DEBERTA_FAST_CUDA_SIM"))
 
 
-def _remember(sig, call, b, quiet: bool, pos_key, pos_query) -> None:
-    """Keep the outcome of a validated call whose backend was chosen ``quiet``ly (see :data:`_MEMO`)."""
-    if sig is None or not quiet:
+def _remember(sig, call, b, pos_key, pos_query) -> None:
+    """Keep the outcome of a validated call and its backend choice (see :data:`_MEMO`)."""
+    if sig is None:
         return
     if len(_MEMO) >= 256:
         _MEMO.clear()
@@ -396,8 +387,8 @@ def disentangled_attention(query, key, value, pos_key=None, pos_query=None, *,
         call = build_call(query, key, value, pos_key, pos_query, position_buckets=position_buckets,
                           max_relative_positions=max_relative_positions, attention_mask=attention_mask,
                           scale=scale, dropout_p=dropout_p)
-        b, quiet = _choose(call, backend)
-        _remember(sig, call, b, quiet, pos_key, pos_query)
+        b = choose_backend(call, backend)
+        _remember(sig, call, b, pos_key, pos_query)
     _record(b.name)
     return b.forward(call)
 
@@ -439,7 +430,7 @@ def disentangled_attention_varlen(query, key, value, pos_key=None, pos_query=Non
                                  max_seqlen_k, position_buckets=position_buckets,
                                  max_relative_positions=max_relative_positions, scale=scale, dropout_p=dropout_p,
                                  check_offsets=check_offsets)
-        b, quiet = _choose(call, backend)
-        _remember(sig, call, b, quiet, pos_key, pos_query)
+        b = choose_backend(call, backend)
+        _remember(sig, call, b, pos_key, pos_query)
     _record(b.name)
     return b.forward_varlen(call)

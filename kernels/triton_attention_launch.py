@@ -707,6 +707,12 @@ def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
     return plan, pr.mask_args
 
 
+def clear_caches() -> None:
+    """Forget the cached layouts and forward plans (a test that changes the position caches calls it)."""
+    _LAYOUTS.clear()
+    _FWD_PLANS.clear()
+
+
 @_aligned_head_dim(5)
 def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, *, position_buckets,
                       max_relative_positions, span, scale, dropout_p, seed):

@@ -40,6 +40,19 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_host_caches(monkeypatch):
+    """Every test starts with empty call memo and forward plans (tests fake refusals, tables and configs: an
+    earlier test's cached outcome must not answer for them)."""
+    from deberta_fast import dispatch
+
+    monkeypatch.setattr(dispatch, "_MEMO", {})
+    launch = sys.modules.get("deberta_fast._kernels.triton_attention_launch")
+    if launch is not None:
+        monkeypatch.setattr(launch, "_FWD_PLANS", {})
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _kernel_tests_on_gpu(request):
     """With a GPU, the Triton kernel tests make their tensors there (CPU runs use the interpreter)."""
     on_gpu = torch.cuda.is_available() and request.module.__name__.rsplit(".", 1)[-1].startswith("test_triton")
@@ -75,7 +88,7 @@ def perturb_slot_table(monkeypatch):
             f.cache_clear()
         try:
             from deberta_fast._kernels import triton_attention_launch as launch
-            launch._LAYOUTS.clear()
+            launch.clear_caches()  # layouts and forward plans hold slot tables
         except ImportError:
             pass
 

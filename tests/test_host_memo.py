@@ -83,39 +83,67 @@ def test_signature_tells_masks_strides_and_table_rows_apart(launch, monkeypatch)
     assert len(launch._FWD_PLANS) == 6 and len(dispatch._MEMO) == 6
 
 
-def test_memo_reads_the_environment_and_grad_mode(launch, monkeypatch):
-    """An identical call after ``TRITON_INTERPRET`` is unset is refused again on CPU (the memo keys on it); with
-    ``requires_grad`` or grad mode changed the autograd function is (or is not) recorded."""
+def test_memo_reads_the_environment(launch, monkeypatch):
+    """An identical call after ``TRITON_INTERPRET`` is unset is refused again on CPU (the memo keys on it)."""
     if torch.cuda.is_available():
         pytest.skip("the refusal without TRITON_INTERPRET is a CPU one")
-    monkeypatch.setattr(dispatch, "_MEMO", {})
     q, k, v, pk, pq, m, kw = make_inputs(1, 2, 17, 17, 16, mask="key")
     disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw)
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
         disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw).grad_fn is None
-    qg = q.clone().requires_grad_()
-    assert disentangled_attention(qg, k, v, pk, pq, attention_mask=m, backend="triton", **kw).grad_fn is not None
-    with torch.no_grad():
-        assert disentangled_attention(qg, k, v, pk, pq, attention_mask=m, backend="triton", **kw).grad_fn is None
 
 
-def test_failed_or_warned_calls_are_not_memoised(launch, monkeypatch):
-    """A call that fails validation, or whose choice warned (``auto`` picking the interpreter), leaves no memo:
-    the next identical call validates (and fails, or is checked) again."""
-    monkeypatch.setattr(dispatch, "_MEMO", {})
+def test_auto_fallback_is_memoised_and_warns_once(launch, monkeypatch):
+    """``auto`` on CPU refuses cuda and warns that it picked the interpreter; the choice is memoised: the next
+    call of the signature is neither validated nor warned about again, and is served by the same backend."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter fallback is a CPU one")
+    import warnings
+
+    from deberta_fast import last_backend
+
+    built, _ = _count_cold_work(launch, monkeypatch, "build_call")
+    monkeypatch.setattr(dispatch, "_warned", set())
     q, k, v, pk, pq, m, kw = make_inputs(1, 2, 17, 17, 16, mask="key")
+    with pytest.warns(RuntimeWarning, match="CPU interpreter"):
+        disentangled_attention(q, k, v, pk, pq, attention_mask=m, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        disentangled_attention(*_fresh(q, k, v, pk, pq), attention_mask=m, **kw)
+    assert built == [1] and last_backend() == "triton"
+
+
+def test_caches_keep_no_user_tensor(launch):
+    """After padded and packed calls, neither the memo nor the plans keep an input (or mask) alive."""
+    import gc
+    import weakref
+
+    from deberta_fast import disentangled_attention_varlen
+
+    q, k, v, pk, pq, m, kw = make_inputs(2, 2, 19, 19, 16, mask="full_h1")
+    qp, kp, vp = torch.randn(30, 2, 16), torch.randn(30, 2, 16), torch.randn(30, 2, 16)
+    cu = torch.tensor([0, 19, 30], dtype=torch.int32)
     for _ in range(2):
-        with pytest.raises(ValueError, match="dropout_p"):
-            disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", dropout_p=1.5, **kw)
-    assert dispatch._MEMO == {}
-    if not torch.cuda.is_available():
-        with pytest.warns(RuntimeWarning):
-            monkeypatch.setattr(dispatch, "_warned", set())
-            disentangled_attention(q, k, v, pk, pq, attention_mask=m, **kw)
-        assert dispatch._MEMO == {}
+        disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw)
+        disentangled_attention_varlen(qp, kp, vp, pk, pq, cu, cu, 19, 19, backend="triton", **kw)
+    refs = [weakref.ref(t) for t in (q, k, v, pk, pq, m, qp, kp, vp, cu)]
+    del q, k, v, pk, pq, m, qp, kp, vp, cu
+    gc.collect()
+    assert dispatch._MEMO and launch._FWD_PLANS and all(r() is None for r in refs)
+    assert all(plan.pr.mask_args is None for plan in launch._FWD_PLANS.values())  # nor a call's mask operands
+
+
+def test_plan_with_head_groups_and_per_head_masks(launch, monkeypatch):
+    """A plan of several head groups (a tiny ``TABLE_BUDGET``: one head per group) with a per-head full mask that
+    changes between calls: exact each time, prepared once."""
+    monkeypatch.setattr(launch, "TABLE_BUDGET", 1)
+    _, prepared = _count_cold_work(launch, monkeypatch, "build_call")
+    q, k, v, pk, pq, _, kw = make_inputs(2, 3, 23, 23, 16, buckets=V3)
+    for _ in range(3):
+        _checked(_fresh(q, k, v, pk, pq), make_mask("full", 2, 3, 23, 23), kw)
+    plan, = launch._FWD_PLANS.values()
+    assert len(plan.groups) == 3 and prepared == [1]
 
 
 def test_replaced_launch_config_is_read_on_every_call(launch, monkeypatch):
@@ -154,6 +182,9 @@ def test_packed_repeated_signature_stays_exact_and_checks_offsets(launch, monkey
         cu = torch.tensor(offsets, dtype=torch.int32)
         out = disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 27, 27, backend="triton", **kw)
         assert_close_fp32(out, _packed_reference(q, k, v, pk, pq, offsets, kw), what="packed out")
+    cu = torch.tensor([0, 20, 22, 45], dtype=torch.int32)  # as the patched encoder calls it: offsets unchecked
+    out = disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 27, 27, backend="triton", check_offsets=False, **kw)
+    assert_close_fp32(out, _packed_reference(q, k, v, pk, pq, [0, 20, 22, 45], kw), what="packed out")
     assert built == [1] and prepared == [1]
     cu = torch.tensor([0, 5, 10, 45], dtype=torch.int32)  # the same tokens, longest 35: a layout of its own
     out = disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 35, 35, backend="triton", **kw)
