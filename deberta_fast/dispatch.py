@@ -304,7 +304,10 @@ def _signature(query, key, value, pos_key, pos_query, aux, ints, scale, dropout_
     of ``aux`` (the mask, or the offsets): shapes, strides, dtypes, devices and ``requires_grad`` of the tensors,
     the shape / dtype / device of ``aux``, the integer arguments ``ints``, the scalars, grad mode and the
     environment variables the backends' refusals read; None (no memo) for tensor subclasses, integer arguments
-    that are not ``int``, a scale or rate that is not a ``float`` / ``int``, or while tracing."""
+    that are not ``int``, a scale or rate that is not a ``float`` / ``int``, or while tracing (checked first: the
+    compiler then never traces the rest)."""
+    if torch.compiler.is_compiling():
+        return None
     if not (type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
             and _plain(pos_key) and _plain(pos_query) and all(map(_plain, aux))
             and all(type(i) is int for i in ints) and (scale is None or type(scale) is float)
