@@ -1,7 +1,8 @@
 """Host overhead of one attention call: the triton backend's whole Python path (argument checks, dispatch,
 autograd, custom op, launcher: position tables, allocations, launch arguments) with the kernel launches
 stubbed out, at a tiny shape (B=1, H=2, L=24, D=16) where tensor work is negligible.  Forward, and forward +
-backward.  This is the time a small-batch inference call spends before the GPU has work (issue target:
+backward; padded, and packed (``disentangled_attention_varlen`` as a patched model calls it: two sequences of 24
+and 16 tokens, offsets unchecked).  This is the time a small-batch inference call spends before the GPU has work (issue target:
 <= 50 us per call).  On CPU the stubbed launcher runs on CPU tensors (TRITON_INTERPRET=1 lets the backend
 accept them; no kernel runs); on a GPU on CUDA tensors.
 """
@@ -61,6 +62,12 @@ def bench_host(benchmark, stubbed_triton, mode, buckets):
             out.backward(dout)
         return out
 
+    _time(benchmark, fn, f"deberta_fast-triton buckets {buckets[0]}/{buckets[1]}", mode, L=24)
+
+
+def _time(benchmark, fn, candidate: str, mode: str, **shape):
+    import deberta_fast as df
+
     fn()
     assert df.last_backend() == "triton"
     for _ in range(WARM_CALLS):  # caches, allocator, first-call work
@@ -68,7 +75,28 @@ def bench_host(benchmark, stubbed_triton, mode, buckets):
 
     # back to back, as a model's layers call it: no cache flush, no device sync; pytest-benchmark reports per call
     benchmark.pedantic(fn, rounds=ROUNDS, iterations=CALLS_PER_ROUND, warmup_rounds=1)
-    benchmark.extra_info.update({"candidate": f"deberta_fast-triton buckets {buckets[0]}/{buckets[1]}",
-                                 "suite": "host", "kind": "deberta_fast", "mode": mode, "B": 1, "L": 24,
-                                 "calls_per_round": CALLS_PER_ROUND, "rounds": ROUNDS,
+    benchmark.extra_info.update({"candidate": candidate, "suite": "host", "kind": "deberta_fast", "mode": mode,
+                                 "B": 1, **shape, "calls_per_round": CALLS_PER_ROUND, "rounds": ROUNDS,
                                  "parity": "n/a (launches stubbed: nothing is computed)"})
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def bench_host_packed(benchmark, stubbed_triton, mode):
+    import deberta_fast as df
+
+    dev = stubbed_triton
+    benchmark.group = f"host {mode} (kernel launches stubbed)"
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(dev).requires_grad_(mode != "fwd")  # noqa: E731
+    q, k, v, pk, pq = mk(40, 2, 16), mk(40, 2, 16), mk(40, 2, 16), mk(2, 512, 16), mk(2, 512, 16)
+    cu = torch.tensor([0, 24, 40], dtype=torch.int32, device=dev)
+    dout = torch.ones(40, 2, 16, device=dev)
+
+    def fn():
+        out = df.disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 24, 24, position_buckets=256,
+                                               max_relative_positions=512, backend="triton", check_offsets=False)
+        if mode != "fwd":
+            out.backward(dout)
+        return out
+
+    _time(benchmark, fn, "deberta_fast-triton packed 24+16 tokens, buckets 256/512", mode, L=24, tokens=40)
