@@ -690,14 +690,13 @@ def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         pr = _varlen_prepare(q, k, pos_key, pos_query, Lq, Lk, position_buckets, max_relative_positions, span,
                              dropout_p)
         groups = head_groups(H, _table_bytes(pr, Tq, Tk, q.dtype))
-        # token / head strides, batch stride 0 (_varlen_strides); the output is allocated contiguous
+        # the output is allocated contiguous: an empty tensor of its layout gives its strides
         strides = (*_varlen_strides(q, k, v, q.new_empty((0, H, D))), *pr.mask_strides)
     else:
         pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                       max_relative_positions, span, dropout_p)
         groups = head_groups(H, _table_bytes(pr, B * Lq, B * Lk, q.dtype))
-        out_strides = (H * Lq * D, Lq * D, D)  # the output is allocated contiguous
-        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides, *pr.mask_strides)
+        strides = (*_qkvo_strides(q, k, v, q.new_empty((0, H, Lq, D))), *pr.mask_strides)
     cfg = _fwd_launch_config(Lq, Lk, D, pr)
     plan = _FwdPlan(replace(pr, mask_args=None), cfg, groups, strides, _launch_kwargs(cfg, pr, fwd=True))
     if cacheable:
@@ -725,24 +724,19 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
     tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed))
-    if len(plan.groups) == 1:  # one launch over every head: no views (host time)
-        grid = (_cdiv(Lq, cfg.block_m), B * H)
-        c2p, p2c, scr, rel_strides, skew, win = _rel_args(q, k, pos_key, pos_query, pr, None, cfg, grid[0] * grid[1])
-        disentangled_fwd_kernel[grid](
-            q, k, v, c2p, p2c, pr.table, pr.table, pr.table, *mask_args, out, *stats.unbind(0), scr, *plan.strides,
-            *rel_strides, H, H, 0, Lq, Lk, Lq, Lk, D, pr.nslot, *tail, SKEW=skew, WIN=win, **plan.kwargs)
-        return out, stats
+    one = len(plan.groups) == 1
     for hs in plan.groups:
-        n = hs.stop - hs.start
+        n, g = hs.stop - hs.start, (None if one else hs)  # one group: no views (host time)
         # the kernels index the statistics as [B, n, Lq]: a group's own buffer, copied into place
-        st = torch.empty((2, B, n, Lq), device=q.device, dtype=torch.float32)
+        st = stats if one else torch.empty((2, B, n, Lq), device=q.device, dtype=torch.float32)
         grid = (_cdiv(Lq, cfg.block_m), B * n)
-        c2p, p2c, scr, rel_strides, skew, win = _rel_args(q, k, pos_key, pos_query, pr, hs, cfg, grid[0] * grid[1])
+        c2p, p2c, scr, rel_strides, skew, win = _rel_args(q, k, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1])
         disentangled_fwd_kernel[grid](
-            *_heads(hs, q, k, v), c2p, p2c, pr.table, pr.table, pr.table, *_group_masks(mask_args, hs),
-            *_heads(hs, out), *st.unbind(0), scr, *plan.strides, *rel_strides, n, H, hs.start, Lq, Lk, Lq, Lk, D,
+            *_heads(g, q, k, v), c2p, p2c, pr.table, pr.table, pr.table, *_group_masks(mask_args, g),
+            *_heads(g, out), *st.unbind(0), scr, *plan.strides, *rel_strides, n, H, hs.start, Lq, Lk, Lq, Lk, D,
             pr.nslot, *tail, SKEW=skew, WIN=win, **plan.kwargs)
-        stats[:, :, hs] = st
+        if not one:
+            stats[:, :, hs] = st
     return out, stats
 
 
