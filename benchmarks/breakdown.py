@@ -67,6 +67,7 @@ def variants(B, H, L, D, device, dtype):
 
     from deberta_fast import disentangled_attention
     from deberta_fast._kernels import triton_attention_launch as launch
+    from deberta_fast.backends.triton_backend import kernel_masks
     from deberta_fast.dispatch import build_call
 
     plain = q, k, v, pk, pq = _inputs(B, H, L, D, device, dtype)
@@ -81,7 +82,7 @@ def variants(B, H, L, D, device, dtype):
     def tri(terms):
         c = build_call(q, k, v, *_rel(terms, pk, pq), position_buckets=BUCKETS[0],
                        max_relative_positions=BUCKETS[1], attention_mask=None, scale=None, dropout_p=0.0)
-        args = (c.query, c.key, c.value, c.pos_key, c.pos_query, c.key_mask, c.full_mask, c.uniform_rows)
+        args = (c.query, c.key, c.value, c.pos_key, c.pos_query, *kernel_masks(c))
         kw = dict(position_buckets=BUCKETS[0], max_relative_positions=BUCKETS[1], span=c.span, scale=c.scale,
                   dropout_p=0.0, seed=0)
         return args, kw

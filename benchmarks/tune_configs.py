@@ -47,6 +47,7 @@ class _Case:
     """One case's inputs and its forward / backward under the launcher's current config."""
 
     def __init__(self, name, B, H, L, D, device, dtype):
+        from deberta_fast.backends.triton_backend import kernel_masks
         from deberta_fast.dispatch import build_call, build_varlen_call
 
         self.name, self.B, self.L, self.D = name, B, L, D
@@ -72,7 +73,7 @@ class _Case:
             mask = (torch.arange(L)[None, :] < lengths[:, None]).to(device)
             q, k, v, self.do = rnd(B, H, L, D), rnd(B, H, L, D), rnd(B, H, L, D), rnd(B, H, L, D)
             c = build_call(q, k, v, pk, pq, attention_mask=mask, **kw)
-            self.args = (c.query, c.key, c.value, c.pos_key, c.pos_query, c.key_mask, c.full_mask, c.uniform_rows)
+            self.args = (c.query, c.key, c.value, c.pos_key, c.pos_query, *kernel_masks(c))
             self.tokens = B * L
         self.kw = dict(position_buckets=256, max_relative_positions=512, span=c.span, scale=c.scale)
         self.saved = None

@@ -324,10 +324,11 @@ def run_scenario(sc: Scenario) -> list[Launch]:
             else:
                 B, H, L = sc.B, sc.H, sc.L
                 q, k, v = (torch.zeros(B, H, L, sc.D, **z) for _ in range(3))
-                mask = {"none": None, "key": torch.ones(B, L, dtype=torch.bool),
-                        "full": torch.ones(B, L, L, dtype=torch.bool)}[sc.mask]
-                _, key_mask, full_mask, uniform = normalize_mask(mask, B, H, L, L)
-                rest = (key_mask, full_mask, uniform)
+                if sc.mask == "key":  # as a patched model's layers pass a padding mask (bool) with Lq == Lk
+                    rest = (torch.ones(B, L, dtype=torch.bool), None, None)
+                else:
+                    mask = None if sc.mask == "none" else torch.ones(B, L, L, dtype=torch.bool)
+                    rest = normalize_mask(mask, B, H, L, L)[1:]
                 fwd = launch.attention_forward(q, k, v, pos_key, pos_query, *rest, **kw)
                 if sc.pass_ == "bwd":
                     del captured[:]

@@ -12,7 +12,7 @@ import torch
 
 from .backends import AUTO_ORDER, AUTO_ORDER_TRACING, BACKENDS, AttentionCall, VarlenCall
 from .positions import attention_span, check_bucket_config, values_unreadable
-from .reference import default_scale, normalize_mask
+from .reference import default_scale, mask_kind, normalize_mask
 
 _state = threading.local()
 _warned: set[str] = set()
@@ -169,9 +169,18 @@ def build_call(query, key, value, pos_key, pos_query, *, position_buckets, max_r
         raise ValueError(f"attention_mask is on {attention_mask.device} but query is on {query.device}")
     dropout_p = _check_dropout(dropout_p)
     scale = _check_scale(scale, D, (pos_key is not None) + (pos_query is not None))
-    kind, km, fm, uni = normalize_mask(attention_mask, B, H, Lq, Lk)
-    return AttentionCall(query, key, value, pos_key, pos_query, pb, mr, span, scale, dropout_p, kind, km, fm, uni,
-                         attention_mask)
+    return AttentionCall(query, key, value, pos_key, pos_query, pb, mr, span, scale, dropout_p,
+                         *_masks(attention_mask, B, H, Lq, Lk))
+
+
+def _masks(attention_mask, B: int, H: int, Lq: int, Lk: int) -> tuple:
+    """:class:`AttentionCall`'s mask fields ``(mask_kind, attention_mask, full_mask, uniform_rows)`` after
+    validation; a key mask's normalised forms are made on first use (the triton backend reads the user's mask)."""
+    kind = mask_kind(attention_mask, B, H, Lq, Lk)
+    if kind != "full":
+        return kind, attention_mask, None, None
+    _, _, fm, uni = normalize_mask(attention_mask, B, H, Lq, Lk)
+    return kind, attention_mask, fm, uni
 
 
 def check_varlen_offsets(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q: int,
@@ -383,9 +392,8 @@ def disentangled_attention(query, key, value, pos_key=None, pos_query=None, *,
         b, pb, mr, span, scale, dropout_p, rows = hit
         pk, pq = _cut(rows, pos_key, pos_query)
         B, H, Lq, _ = query.shape
-        kind, km, fm, uni = normalize_mask(attention_mask, B, H, Lq, key.shape[2])
-        call = AttentionCall(query, key, value, pk, pq, pb, mr, span, scale, dropout_p, kind, km, fm, uni,
-                             attention_mask)
+        call = AttentionCall(query, key, value, pk, pq, pb, mr, span, scale, dropout_p,
+                             *_masks(attention_mask, B, H, Lq, key.shape[2]))
     else:
         call = build_call(query, key, value, pos_key, pos_query, position_buckets=position_buckets,
                           max_relative_positions=max_relative_positions, attention_mask=attention_mask,

@@ -54,9 +54,11 @@ def _is_encoder(module: nn.Module) -> bool:
 
 
 def _encoder_attention_mask(self, attention_mask):
-    """Patched ``get_attention_mask``: 2-D padding masks stay ``[B, L]`` (HF semantics kept by the kernels)."""
+    """Patched ``get_attention_mask``: 2-D padding masks stay ``[B, L]`` (HF semantics kept by the kernels), as bool
+    (nonzero = attend, as HF reads it), made once per forward: the triton kernels read a bool mask as it is, so no
+    layer converts it again (host time)."""
     if attention_mask.dim() <= 2:
-        return attention_mask if attention_mask.dim() == 2 else attention_mask[None]
+        return (attention_mask if attention_mask.dim() == 2 else attention_mask[None]).bool()
     if attention_mask.dim() == 3:
         return attention_mask.unsqueeze(1)
     return attention_mask

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from .positions import relative_slot_table, trace_constant, trimmed_slot_table, values_unreadable
 
-__all__ = ["default_scale", "normalize_mask", "slot_index", "disentangled_attention_reference"]
+__all__ = ["default_scale", "mask_kind", "key_uniform_rows", "normalize_mask", "slot_index",
+           "disentangled_attention_reference"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,15 +60,11 @@ def default_scale(head_dim: int, num_rel_terms: int) -> float:
     return _hf_scale(int(head_dim), int(num_rel_terms))
 
 
-def normalize_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int):
-    """Validate a user mask and return ``(kind, key_mask, full_mask, uniform_rows)``.
-
-    kind: ``"none"`` | ``"key"`` | ``"full"``.
-    key_mask: bool ``[B, Lk]`` (kind key).  full_mask: bool ``[B|1, 1|H, Lq, Lk]`` (kind full).
-    uniform_rows: bool ``[B, 1|H, Lq]``: rows with no key to attend (HF makes them uniform).
-    """
+def mask_kind(attention_mask, batch: int, heads: int, q_len: int, k_len: int) -> str:
+    """Validate a user mask (shape, type) and return its kind: ``"none"`` | ``"key"`` (``[B, Lk]``) |
+    ``"full"`` (``[B, Lq, Lk]`` or ``[B|1, 1|H, Lq, Lk]``).  No tensor work."""
     if attention_mask is None:
-        return "none", None, None, None
+        return "none"
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
     m = attention_mask
@@ -75,12 +72,7 @@ def normalize_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: in
         if m.shape != (batch, k_len):
             raise ValueError(
                 f"a 2-D attention_mask must be [B, Lk] = [{batch}, {k_len}] (key padding), got {list(m.shape)}")
-        km = m.bool()
-        if q_len == k_len:
-            uniform = ~km  # also covers a row of a sequence with no key at all (every key masked)
-        else:
-            uniform = (~km.any(-1, keepdim=True)).expand(batch, q_len)
-        return "key", km, None, uniform.unsqueeze(1)
+        return "key"
     if m.dim() == 3:
         m = m[:, None]
     if m.dim() != 4:
@@ -91,6 +83,34 @@ def normalize_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: in
         raise ValueError(
             f"attention_mask of shape {list(attention_mask.shape)} does not fit B={batch}, H={heads}, "
             f"Lq={q_len}, Lk={k_len}: expected [B, Lq, Lk] or [B|1, 1|H, Lq, Lk]")
+    return "full"
+
+
+def key_uniform_rows(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """bool ``[B, 1, Lq]``: the query rows HF makes uniform under a key-padding mask (bool ``[B, Lk]``): with
+    ``Lq == Lk`` the padded rows (HF's ``[B, L, L]`` mask masks their every key), else the rows of a batch entry
+    with no key at all."""
+    if q_len == key_mask.shape[1]:
+        uniform = ~key_mask  # also covers a row of a sequence with no key at all (every key masked)
+    else:
+        uniform = (~key_mask.any(-1, keepdim=True)).expand(key_mask.shape[0], q_len)
+    return uniform.unsqueeze(1)
+
+
+def normalize_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int):
+    """Validate a user mask and return ``(kind, key_mask, full_mask, uniform_rows)``.
+
+    kind: ``"none"`` | ``"key"`` | ``"full"`` (:func:`mask_kind`).
+    key_mask: bool ``[B, Lk]`` (kind key).  full_mask: bool ``[B|1, 1|H, Lq, Lk]`` (kind full).
+    uniform_rows: bool ``[B, 1|H, Lq]``: rows with no key to attend (HF makes them uniform).
+    """
+    kind = mask_kind(attention_mask, batch, heads, q_len, k_len)
+    if kind == "none":
+        return "none", None, None, None
+    if kind == "key":
+        km = attention_mask.bool()
+        return "key", km, None, key_uniform_rows(km, q_len)
+    m = attention_mask[:, None] if attention_mask.dim() == 3 else attention_mask
     fm = m.bool()
     return "full", None, fm, ~fm.any(-1)
 

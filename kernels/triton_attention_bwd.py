@@ -35,21 +35,21 @@ from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs,
 @triton.jit
 def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slot, offs_m,
                   offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh, seed,
-                  KMASK, FMASK, s_kmb, s_fmb, s_fmh, s_fmm,
+                  col, FMASK, s_fmb, s_fmh, s_fmm,
                   HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                   REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
                   TRANS: tl.constexpr):
     """Recompute one tile: returns ``(p_drop, ds)``, ``[BLOCK_M, BLOCK_N]`` (``[BLOCK_N, BLOCK_M]`` if ``TRANS``),
     ``ds`` already times ``scale``.  ``REGION``: ``SAT`` (slot ``slot``; see ``_tile_regions``) or a per-element one
     (``_rel_terms``).  Probabilities are ``exp2((t - (ROWMAX - row_term)) - LOGSUM)``, as the forward computes them
-    (:func:`_rel_terms`).  No select for the matrix's edges: keys out of range score -inf (:func:`_key_col`), the
+    (:func:`_rel_terms`; ``col``: the keys' :func:`_key_col`).  No select for the matrix's edges: keys out of range
+    score -inf (``col``), the
     callers load a ``logsum`` of +inf for rows out of range and for uniform rows, whose scores are constants (no
     gradient; their dV: :func:`_uniform_dv`), so ``p`` is 0 there, and so are ``dp`` and ``ds``."""
     if TRANS:
         s = _score_mm(k, tl.trans(q), UPCAST, PREC)
     else:
         s = _score_mm(q, tl.trans(k), UPCAST, PREC)
-    col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
     kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
                         HAS_C2P, HAS_P2C, REGION, TRANS)
     if REGION == SAT:
@@ -98,9 +98,9 @@ def _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, L
 
 @triton.jit
 def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE,
-                PSUM_bh, KMASK, FMASK, offs_n, offs_d, d_ok, rows, lo, hi, skip_a, skip_b, slot, run0, qrow0, start_n,
+                PSUM_bh, col, FMASK, offs_n, offs_d, d_ok, rows, lo, hi, skip_a, skip_b, slot, run0, qrow0, start_n,
                 b, h, bh, Lq, Lk, NSLOT, NRUN,
-                qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om, s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+                qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                 REGION: tl.constexpr, HI: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -123,7 +123,7 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
         logsum = tl.where(_uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND), float("inf"), logsum)
         pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slot,
                                offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh,
-                               seed, KMASK, FMASK, s_kmb, s_fmb, s_fmh, s_fmm,
+                               seed, col, FMASK, s_fmb, s_fmh, s_fmm,
                                HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, True)
         dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
         dk += _mm(ds.to(q.dtype), q, UPCAST, PREC)
@@ -151,9 +151,10 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_
         kv_ok = n_ok[:, None] & d_ok[None, :]
         k = _block_tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
         v = _block_tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
+        col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
         _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slot,
                               offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh,
-                              seed, KMASK, FMASK, s_kmb, s_fmb, s_fmh, s_fmm,
+                              seed, col, FMASK, s_fmb, s_fmh, s_fmm,
                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, False)
         dq += _mm(ds.to(k.dtype), k, UPCAST, PREC)
         if HAS_C2P:
@@ -205,10 +206,11 @@ def disentangled_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     run_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
     run_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
-    args = (k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE, PSUM_bh, KMASK, FMASK,
+    col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)  # the program's keys: once, not per query tile
+    args = (k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE, PSUM_bh, col, FMASK,
             offs_n, offs_d, d_ok, rows)
     rest = (qrow0, start_n, b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om,
-            s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh)
+            s_fmb, s_fmh, s_fmm, s_unb, s_unh)
     if HAS_C2P | HAS_P2C:
         # query tiles far ahead of the key tile (slot 0), inside the run band, with an end run (both sides of the
         # inner ones, in one loop), far behind (slot NSLOT-1); the run sums do not depend on the order

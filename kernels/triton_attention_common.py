@@ -118,15 +118,16 @@ SAT = tl.constexpr(1)  # a tile whose every d has one slot (beyond the band): pe
 INNER = tl.constexpr(2)  # a GENERAL tile strictly inside the backward's run band (``_advance_runs``): no end runs
 
 
-KMASK_PAD = 256  # -inf columns the host appends to KMASK: at least any key tile's BLOCK_N
+KMASK_PAD = 256  # zero rows / columns the host appends to a full mask (FMASK): at least any tile's BLOCK_M / BLOCK_N
 
 
 @triton.jit
 def _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND: tl.constexpr):
-    """Per key: 0, or -inf out of range or masked (MASK_KIND 1: ``KMASK [B, Lk + KMASK_PAD]`` float32, 0 or -inf,
-    from the host, -inf beyond ``Lk``: read without a range mask); float32 ``[BLOCK_N]``."""
-    if MASK_KIND == 1:
-        col = tl.load(KMASK + b.to(tl.int64) * s_kmb + offs_n)
+    """Per key: 0, or -inf out of range or masked (MASK_KIND 1 / 3: ``KMASK [B, Lk]`` the caller's key mask, nonzero
+    = attend, any dtype); float32 ``[BLOCK_N]``."""
+    if MASK_KIND == 1 or MASK_KIND == 3:
+        keep = tl.load(KMASK + b.to(tl.int64) * s_kmb + offs_n, mask=offs_n < Lk, other=0) != 0
+        col = tl.where(keep, 0.0, float("-inf"))
     else:
         col = tl.where(offs_n < Lk, 0.0, float("-inf"))
     return col  # one return: two trip Triton 3.7's ConvertTritonToTritonGPU ("unresolved materialization")
@@ -180,10 +181,14 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
 
 @triton.jit
 def _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND: tl.constexpr):
-    """Rows flagged in ``UNI [B, 1|H, Lq]`` (with a mask): bool ``[BLOCK_M]``, all False without mask.  Their every
-    in-range key scores 0 (HF's fully masked rows: HF's softmax over constant scores)."""
+    """HF's uniform rows (with a mask): bool ``[BLOCK_M]``, all False without mask.  MASK_KIND 1 / 2: the rows
+    flagged (nonzero) in ``UNI [B, 1|H, Lq]``; 3 (a key mask, ``Lq == Lk``): the rows of the keys masked (0) in ``UNI``,
+    the key mask itself.  Their every in-range key scores 0 (HF's fully masked rows: HF's softmax over constant
+    scores)."""
     uni = offs_m < 0
-    if MASK_KIND != 0:
+    if MASK_KIND == 3:
+        uni = tl.load(UNI + b.to(tl.int64) * s_unb + offs_m, mask=offs_m < Lq, other=1) == 0
+    elif MASK_KIND != 0:
         uni = tl.load(UNI + b.to(tl.int64) * s_unb + h.to(tl.int64) * s_unh + offs_m, mask=offs_m < Lq, other=0) != 0
     return uni
 

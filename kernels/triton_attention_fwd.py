@@ -11,8 +11,8 @@ statistics lose nothing at large scores, where a single log-sum-exp would round 
 (``lse = (ROWMAX + LOGSUM) * ln 2``).  Dropout multiplies the normalised probabilities by
 ``keep / (1 - p_drop)``.  A program walks its saturated key tiles (``SAT_N`` keys at a time), then those in the
 bucket band (``_tile_regions``, ``BLOCK_N`` keys); with a mask, a program holding HF's uniform rows then walks the
-keys once more for them (``_uniform_out``: no select per element in the loops).  ``KMASK``: the key-padding mask
-as a float32 0 / -inf bias ``[B, Lk + KMASK_PAD]`` (-inf beyond ``Lk``).  ``H`` is the launch's head count (the
+keys once more for them (``_uniform_out``: no select per element in the loops).  ``KMASK``: the caller's key-padding
+mask ``[B, Lk]`` as given (nonzero = attend; ``_key_col``).  ``H`` is the launch's head count (the
 grid's and the per-launch buffers'); a launcher running heads in groups passes views of its heads and ``H_ALL`` /
 ``H0``, the call's head count and the group's first head, which key the dropout stream (``b * H_ALL + H0 + h``).
 ``SKEW`` (the launcher's ``REL_SOURCE = "skew"`` experiment): no tables; ``C2P`` / ``P2C`` are the ``pos_key`` /

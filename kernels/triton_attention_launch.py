@@ -440,20 +440,29 @@ def _layout(Lq, Lk, position_buckets, max_relative_positions, span, device, has_
 
 def _mask_tensors(device, key_mask, full_mask, uniform_rows, Lq: int, Lk: int):
     """``(mask_kind, (kmask, fmask, uni), (s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh))``: the kernels' mask operands
-    (the dummy pointers for absent ones); the strides depend on the masks' shapes only (every operand is a fresh
-    contiguous tensor)."""
+    (the dummy pointers for absent ones).  ``key_mask [B, Lk]`` (nonzero = attend) is read as given when it is bool
+    with unit key stride (a patched encoder makes it so once per forward), else after one conversion: bool masks
+    cost the kernels fewer instructions per key than wider ones (static profile, 2026-12-05).  MASK_KIND 1 with
+    ``uniform_rows``, 3 without (``Lq == Lk``: the uniform rows are the masked keys' rows, read from the key mask).
+    A full mask is copied into a padded frame (below)."""
     dummy_u8, _, dummy = _dummies(device)
     fmask = uni = dummy_u8
     kmask = dummy
     s_kmb = s_fmb = s_fmh = s_fmm = s_unb = s_unh = 0
     mask_kind = 0
     if key_mask is not None:
+        if key_mask.dtype != torch.bool:
+            key_mask = key_mask != 0
+        if key_mask.stride(-1) != 1:
+            key_mask = key_mask.contiguous()
+        kmask = key_mask
+        s_kmb = key_mask.stride(0) if key_mask.shape[0] > 1 else 0
+        if uniform_rows is None:
+            if Lq != Lk:
+                raise ValueError(f"a key mask without uniform_rows needs Lq == Lk (got {Lq}, {Lk}): "
+                                 f"pass uniform_rows (deberta_fast.reference.key_uniform_rows)")
+            return 3, (kmask, fmask, kmask), (s_kmb, 0, 0, 0, s_kmb, 0)
         mask_kind = 1
-        # float32 0 / -inf per key: the kernels add it with the per-key term (one load per key, no byte unpacking);
-        # KMASK_PAD columns of -inf beyond Lk, so that a key tile reads it without a range mask
-        kmask = torch.full((key_mask.shape[0], key_mask.shape[1] + KMASK_PAD), float("-inf"), device=device)
-        kmask[:, :key_mask.shape[1]].masked_fill_(key_mask, 0.0)
-        s_kmb = kmask.stride(0)
     elif full_mask is not None:
         mask_kind = 2
         # copied into a zero (masked) frame of KMASK_PAD rows and columns beyond (Lq, Lk), rows 16-byte aligned: the
@@ -678,7 +687,8 @@ def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
     key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, max_seqlens,
            None if pos_key is None else (pos_key.shape, pos_key.stride()),
            None if pos_query is None else (pos_query.shape, pos_query.stride()),
-           None if key_mask is None else key_mask.shape, None if full_mask is None else full_mask.shape,
+           None if key_mask is None else (key_mask.shape, key_mask.stride(), key_mask.dtype),
+           None if full_mask is None else full_mask.shape,
            None if uniform_rows is None else uniform_rows.shape, position_buckets, max_relative_positions, span,
            dropout_p > 0.0, interpreting(), q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
            _TARGET_ARCH[0], REL_SOURCE, TABLE_BUDGET, TABLE_DTYPE)

@@ -7,6 +7,7 @@ import torch
 
 from ..positions import (SlotBand, relative_slot_table, slot_band, table_band, trimmed_slot_table,
                          values_unreadable)
+from ..reference import key_uniform_rows
 
 
 class _CallCommon:
@@ -62,11 +63,11 @@ class AttentionCall(_CallCommon):
     """One validated call of :func:`deberta_fast.disentangled_attention`.
 
     query ``[B,H,Lq,D]``; key, value ``[B,H,Lk,D]``; pos_key / pos_query
-    ``[H,2*span,D]`` or ``[B,H,2*span,D]`` or None.  Masks are normalised by
-    :func:`deberta_fast.reference.normalize_mask`: ``mask_kind`` is
-    ``"none" | "key" | "full"``, ``key_mask`` bool ``[B,Lk]``, ``full_mask`` bool
-    ``[B|1,1|H,Lq,Lk]``, ``uniform_rows`` bool ``[B,1|H,Lq]`` (rows HF makes
-    uniform over all keys) or None.
+    ``[H,2*span,D]`` or ``[B,H,2*span,D]`` or None.  ``mask_kind`` (:func:`deberta_fast.reference.mask_kind`):
+    ``"none" | "key" | "full"``; ``attention_mask`` as the user gave it; the normalised masks of
+    :func:`deberta_fast.reference.normalize_mask`: ``key_mask`` bool ``[B,Lk]``, ``full_mask`` bool
+    ``[B|1,1|H,Lq,Lk]``, ``uniform_rows`` bool ``[B,1|H,Lq]`` (rows HF makes uniform over all keys) or None;
+    a key mask's are made on first use (a backend that reads the user's mask makes none: host time).
     """
 
     query: torch.Tensor
@@ -80,11 +81,25 @@ class AttentionCall(_CallCommon):
     scale: float
     dropout_p: float
     mask_kind: str
-    key_mask: torch.Tensor | None
-    full_mask: torch.Tensor | None
-    uniform_rows: torch.Tensor | None
-    attention_mask: torch.Tensor | None = None  # as the user gave it
+    attention_mask: torch.Tensor | None
+    full_mask: torch.Tensor | None = None
+    _uniform: torch.Tensor | None = field(default=None, repr=False)  # kind "full": given; "key": made on use
+    _key_mask: torch.Tensor | None = field(default=None, repr=False)
     _table: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def key_mask(self) -> torch.Tensor | None:
+        """bool ``[B, Lk]`` (kind "key"), else None."""
+        if self.mask_kind == "key" and self._key_mask is None:
+            self._key_mask = self.attention_mask.bool()
+        return self._key_mask
+
+    @property
+    def uniform_rows(self) -> torch.Tensor | None:
+        """bool ``[B, 1|H, Lq]`` (a mask given), else None."""
+        if self.mask_kind == "key" and self._uniform is None:
+            self._uniform = key_uniform_rows(self.key_mask, self.q_len)
+        return self._uniform
 
     @property
     def batch(self) -> int:

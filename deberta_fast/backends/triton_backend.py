@@ -72,7 +72,9 @@ def _triton_fwd_impl(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
                      position_buckets: int, max_relative_positions: int, span: int, scale: float,
                      dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
     """``(out [B,H,Lq,D], stats float32 [2,B,H,Lq])``: softmax row max and log2 row sum of the
-    log2-domain scores (``lse_from_stats`` in the launch module gives the natural log-sum-exp)."""
+    log2-domain scores (``lse_from_stats`` in the launch module gives the natural log-sum-exp).  ``key_mask``
+    ``[B, Lk]``, nonzero = attend (any dtype: the caller's mask as given); ``uniform_rows`` bool ``[B, 1|H, Lq]``, or
+    None with a key mask and ``Lq == Lk``: the rows of the masked keys (HF's padded rows)."""
     return _launch().attention_forward(
         q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets=position_buckets,
         max_relative_positions=max_relative_positions, span=span, scale=scale, dropout_p=dropout_p, seed=seed)
@@ -171,6 +173,15 @@ class TritonAttentionFunction(torch.autograd.Function):
                                    *ctx.args)
         return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
                 None, None, None, None, None, None, None, None, None)
+
+
+def kernel_masks(call: AttentionCall) -> tuple:
+    """``(key_mask, full_mask, uniform_rows)`` of ``call`` for the ops: a key mask as the user gave it (the kernels
+    read any dtype), without uniform rows when ``Lq == Lk`` (the kernels find HF's padded rows in it): no host work
+    on the mask."""
+    if call.mask_kind == "key":
+        return call.attention_mask, None, (None if call.q_len == call.k_len else call.uniform_rows)
+    return call.key_mask, call.full_mask, call.uniform_rows
 
 
 def triton_attention(q, k, v, pos_key, pos_query, key_mask=None, full_mask=None, uniform_rows=None, *,
@@ -352,8 +363,7 @@ class TritonBackend(Backend):
 
     def forward(self, call: AttentionCall):
         seed = draw_seed() if call.dropout_p > 0.0 else 0
-        return triton_attention(call.query, call.key, call.value, call.pos_key, call.pos_query,
-                                call.key_mask, call.full_mask, call.uniform_rows,
+        return triton_attention(call.query, call.key, call.value, call.pos_key, call.pos_query, *kernel_masks(call),
                                 position_buckets=call.position_buckets,
                                 max_relative_positions=call.max_relative_positions, span=max(call.span, 1),
                                 scale=call.scale, dropout_p=call.dropout_p, seed=seed)
