@@ -42,8 +42,11 @@ def stubbed_triton(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("buckets", [(256, 512), (4, 8)], ids=["v3-buckets", "tiny-buckets"])
-def bench_host(benchmark, stubbed_triton, mode, buckets):
+@pytest.mark.parametrize("buckets,mask_dtype", [((256, 512), torch.long), ((4, 8), torch.long),
+                                                ((256, 512), torch.bool)],
+                         ids=["v3-buckets", "tiny-buckets", "v3-buckets-bool-mask"])
+def bench_host(benchmark, stubbed_triton, mode, buckets, mask_dtype):
+    """An HF padding mask (int64, as tokenizers give it), and the bool mask a patched encoder passes its layers."""
     import deberta_fast as df
 
     dev = stubbed_triton
@@ -52,7 +55,7 @@ def bench_host(benchmark, stubbed_triton, mode, buckets):
     mk = lambda *s: torch.randn(*s, generator=g).to(dev).requires_grad_(mode != "fwd")  # noqa: E731
     span = df.positions.attention_span(*buckets)
     q, k, v, pk, pq = mk(1, 2, 24, 16), mk(1, 2, 24, 16), mk(1, 2, 24, 16), mk(2, 2 * span, 16), mk(2, 2 * span, 16)
-    mask = torch.ones(1, 24, dtype=torch.long, device=dev)
+    mask = torch.ones(1, 24, dtype=mask_dtype, device=dev)
     dout = torch.ones(1, 2, 24, 16, device=dev)
 
     def fn():
@@ -62,7 +65,8 @@ def bench_host(benchmark, stubbed_triton, mode, buckets):
             out.backward(dout)
         return out
 
-    _time(benchmark, fn, f"deberta_fast-triton buckets {buckets[0]}/{buckets[1]}", mode, L=24)
+    _time(benchmark, fn, f"deberta_fast-triton buckets {buckets[0]}/{buckets[1]}, {str(mask_dtype)[6:]} mask", mode,
+          L=24)
 
 
 def _time(benchmark, fn, candidate: str, mode: str, **shape):

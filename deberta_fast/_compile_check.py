@@ -106,7 +106,7 @@ class Scenario:
     H: int = 12
     c2p: bool = True
     p2c: bool = True
-    mask: str = "key"  # none | key | full (packed: always none)
+    mask: str = "key"  # none | key | key_flags (with the host's uniform-row flags, as Lq != Lk) | full (packed: none)
     dropout: bool = True
     varlen: bool = False
     seed: int = 1234567
@@ -260,6 +260,7 @@ def scenarios(full: bool) -> list[Scenario]:
                 Scenario(pass_, L=200, mask="full", why="ragged length", **on90),
                 Scenario(pass_, L=200, mask="full", dropout=False, why="ragged length, no dropout", **on90),
                 Scenario(pass_, L=50, mask="key", why="ragged short length", **on90),
+                Scenario(pass_, mask="key_flags", why="key mask with the host's uniform-row flags (Lq != Lk)", **on90),
                 Scenario(pass_, D=48, why="head dim 48 (multiple of 16, padded)", **on90),
                 Scenario(pass_, D=40, why="head dim 40 (not a multiple of 16)", **on90),
                 Scenario(pass_, D=96, L=200, why="head dim 96, ragged length", **on90),
@@ -294,7 +295,7 @@ def run_scenario(sc: Scenario) -> list[Launch]:
     """Call the launcher of ``sc`` and return the launches of its pass (the forward of a backward
     scenario runs first to produce the backward's inputs; its launches are not returned)."""
     import torch
-    from deberta_fast.reference import normalize_mask
+    from deberta_fast.reference import key_uniform_rows, normalize_mask
     launch = _launch_module()
     dt = _dtype(sc)
     pb, mrp = 256, 512  # DeBERTa-v3: position_buckets 256, max_relative_positions 512 -> span 256
@@ -324,8 +325,9 @@ def run_scenario(sc: Scenario) -> list[Launch]:
             else:
                 B, H, L = sc.B, sc.H, sc.L
                 q, k, v = (torch.zeros(B, H, L, sc.D, **z) for _ in range(3))
-                if sc.mask == "key":  # as a patched model's layers pass a padding mask (bool) with Lq == Lk
-                    rest = (torch.ones(B, L, dtype=torch.bool), None, None)
+                if sc.mask in ("key", "key_flags"):  # as a patched model's layers pass a padding mask (bool)
+                    km = torch.ones(B, L, dtype=torch.bool)
+                    rest = (km, None, None if sc.mask == "key" else key_uniform_rows(km, L))
                 else:
                     mask = None if sc.mask == "none" else torch.ones(B, L, L, dtype=torch.bool)
                     rest = normalize_mask(mask, B, H, L, L)[1:]

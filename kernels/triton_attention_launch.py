@@ -451,6 +451,8 @@ def _mask_tensors(device, key_mask, full_mask, uniform_rows, Lq: int, Lk: int):
     s_kmb = s_fmb = s_fmh = s_fmm = s_unb = s_unh = 0
     mask_kind = 0
     if key_mask is not None:
+        if key_mask.device != device:  # (the kernels would read a host pointer)
+            raise ValueError(f"key_mask is on {key_mask.device} but query is on {device}")
         if key_mask.dtype != torch.bool:
             key_mask = key_mask != 0
         if key_mask.stride(-1) != 1:

@@ -57,11 +57,14 @@ def test_every_mask_dtype(dtype, Lq, Lk):
     _check(_values(_keep(4, Lk), dtype), Lq, Lk)
 
 
-@pytest.mark.parametrize("layout", ["sliced", "strided", "batch_broadcast"])
+@pytest.mark.parametrize("layout", ["sliced", "sliced_long", "strided", "batch_broadcast"])
 def test_strided_masks(layout):
-    """A mask that is a view: rows of a wider buffer, every other column, one row broadcast over the batch."""
+    """A mask that is a view: rows of a wider buffer (bool, read as it is; int64, converted), every other column, one
+    row broadcast over the batch."""
     L, keep = 23, _keep(4, 23)
     if layout == "sliced":
+        mask = torch.cat([keep, torch.ones(4, 9, dtype=torch.bool)], 1)[:, :L]
+    elif layout == "sliced_long":
         mask = torch.cat([keep.long(), torch.ones(4, 9, dtype=torch.long)], 1)[:, :L]
     elif layout == "strided":
         mask = torch.stack([keep, ~keep], -1).flatten(1)[:, ::2]
@@ -72,12 +75,13 @@ def test_strided_masks(layout):
 
 
 def test_repeated_signature_reads_each_masks_strides():
-    """Two masks of one shape and dtype, one a view with another row stride, called in turn: the launcher's
-    cached plan must not keep the first one's strides."""
+    """Two bool masks of one shape (the kernels read them as they are), one a view with another row stride, called in
+    turn: the launcher's cached plan must not keep the first one's strides."""
     L = 21
     keep = _keep(4, L)
-    wide = torch.cat([torch.zeros(4, 11, dtype=torch.long), keep.long()], 1)[:, 11:]
-    for mask in (keep.long(), wide, keep.long().flip(0), wide.flip(0)):
+    wide = torch.cat([~keep, keep], 1)[:, L:]
+    assert wide.stride() != keep.stride() and torch.equal(wide, keep)
+    for mask in (keep, wide, keep.flip(0), torch.cat([~keep, keep], 1).flip(0)[:, L:]):
         q, k, v, pk, pq, _, kw = make_inputs(4, 2, L, L, 16, buckets=BUCKETED)
         got = disentangled_attention(q, k, v, pk, pq, attention_mask=mask, backend="triton", **kw)
         ref = reference_fn(mask, kw)(*(t.double() for t in (q, k, v, pk, pq)))
@@ -85,20 +89,44 @@ def test_repeated_signature_reads_each_masks_strides():
 
 
 def test_no_host_mask_work_when_lengths_match(monkeypatch):
-    """With ``Lq == Lk`` neither the bool mask nor the uniform rows are made on the host (the kernels read the
-    caller's mask): the host path of a patched model's layers."""
+    """With ``Lq == Lk`` and a bool mask, neither a copy of the mask nor the uniform rows are made on the host (the
+    kernels read the caller's mask): the host path of a patched model's layers."""
     def refuse(*a, **k):
         raise AssertionError("a key mask normalised on the host")
     monkeypatch.setattr(base, "key_uniform_rows", refuse)
     monkeypatch.setattr(dispatch, "normalize_mask", refuse)
+    monkeypatch.setattr(base.AttentionCall, "key_mask", property(refuse))
     L = 17
     q, k, v, pk, pq, _, kw = make_inputs(3, 2, L, L, 16, buckets=BUCKETED)
-    mask = _keep(3, L).long()
+    mask = _keep(3, L)
     for _ in range(2):  # cold, then the memo's path
         got = disentangled_attention(q, k, v, pk, pq, attention_mask=mask, backend="triton", **kw)
     monkeypatch.undo()
     ref = reference_fn(mask, kw)(*(t.double() for t in (q, k, v, pk, pq)))
     assert_close_fp32(got, ref, what="out")
+
+
+def test_autograd_keeps_no_reference_to_a_converted_mask():
+    """An int64 mask is compared with 0 before the op, so autograd saves that copy: changing the caller's mask in
+    place between forward and backward is allowed, as in HF eager (the gradients are those of the forward's mask)."""
+    L = 16
+    q, k, v, pk, pq, _, kw = make_inputs(2, 2, L, L, 16, buckets=BUCKETED)
+    mask = _keep(2, L).long()
+    ts = [t.clone().requires_grad_(True) for t in (q, k, v, pk, pq)]
+    out = disentangled_attention(*ts, attention_mask=mask, backend="triton", **kw)
+    want = grads(reference_fn(mask.clone(), kw), (q, k, v, pk, pq), torch.float64, torch.ones_like(out))
+    mask[:, L // 2:] = 0
+    out.sum().backward()
+    for name, t, r in zip(("dq", "dk", "dv", "dpos_key", "dpos_query"), ts, want[1:]):
+        assert_close_fp32(t.grad, r, tol=2e-5, what=name)
+
+
+def test_key_mask_on_another_device_is_refused():
+    """The launcher refuses a key mask on another device than the inputs (the kernels would read a host pointer):
+    the ops' own entry, below the dispatcher's checks."""
+    from deberta_fast._kernels import triton_attention_launch as launch
+    with pytest.raises(ValueError, match="key_mask is on meta"):
+        launch._mask_tensors(torch.device("cpu"), torch.ones(2, 5, dtype=torch.bool, device="meta"), None, None, 5, 5)
 
 
 def test_patched_encoder_passes_a_bool_mask():

@@ -176,12 +176,13 @@ class TritonAttentionFunction(torch.autograd.Function):
 
 
 def kernel_masks(call: AttentionCall) -> tuple:
-    """``(key_mask, full_mask, uniform_rows)`` of ``call`` for the ops: a key mask as the user gave it (the kernels
-    read any dtype), without uniform rows when ``Lq == Lk`` (the kernels find HF's padded rows in it): no host work
-    on the mask."""
-    if call.mask_kind == "key":
-        return call.attention_mask, None, (None if call.q_len == call.k_len else call.uniform_rows)
-    return call.key_mask, call.full_mask, call.uniform_rows
+    """``(key_mask, full_mask, uniform_rows)`` of ``call`` for the ops: a bool key mask as the user gave it (another
+    dtype compared with 0 once: the kernels read bool masks in fewer instructions, and autograd then saves a copy of
+    ours, not the user's tensor), without uniform rows when ``Lq == Lk`` (the kernels find HF's padded rows in it)."""
+    if call.mask_kind == "key" and call.q_len == call.k_len:
+        m = call.attention_mask
+        return (m if m.dtype == torch.bool else m != 0), None, None
+    return call.key_mask, call.full_mask, call.uniform_rows  # (a key mask with Lq != Lk: the host's flags)
 
 
 def triton_attention(q, k, v, pos_key, pos_query, key_mask=None, full_mask=None, uniform_rows=None, *,
