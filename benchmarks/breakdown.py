@@ -16,6 +16,8 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
 - ``triton tables``: the two ``[B, H, L, NSLOT]`` float32 table GEMMs the forward builds first, alone;
 - ``triton both, tables prebuilt``: the forward with those GEMMs replaced by the prebuilt tables (the kernel, its
   gathers and the rest of the host path);
+- ``triton both, key mask (all ones)``: the forward with a bool padding mask that masks nothing (the same bits as
+  ``triton both``): what the kernels' per-key mask reads cost (NOTES, "the kernels read the caller's key mask");
 - ``triton both, 16-bit tables`` (forward, and forward+backward) and ``triton tables, 16-bit``: the launcher's
   ``TABLE_DTYPE = "input"`` experiment, tables in bf16 (half the bytes, a widening per gathered entry);
 - ``triton both, skew (no tables)``: the launcher's ``REL_SOURCE = "skew"`` experiment, the forward without tables
@@ -39,7 +41,7 @@ import torch
 
 TERMS = ("none", "c2p", "p2c", "both")
 #: variant -> the variant whose output it must equal bitwise (recorded as ``same_output``)
-SAME = {"triton both, tables prebuilt": "triton both"}
+SAME = {"triton both, tables prebuilt": "triton both", "triton both, key mask (all ones)": "triton both"}
 BUCKETS = (256, 512)
 
 
@@ -79,9 +81,9 @@ def variants(B, H, L, D, device, dtype):
         return lambda: disentangled_attention(*ts[:3], *_rel(terms, *ts[3:]), position_buckets=BUCKETS[0],
                                               max_relative_positions=BUCKETS[1], backend=backend)
 
-    def tri(terms):
+    def tri(terms, mask=None):
         c = build_call(q, k, v, *_rel(terms, pk, pq), position_buckets=BUCKETS[0],
-                       max_relative_positions=BUCKETS[1], attention_mask=None, scale=None, dropout_p=0.0)
+                       max_relative_positions=BUCKETS[1], attention_mask=mask, scale=None, dropout_p=0.0)
         args = (c.query, c.key, c.value, c.pos_key, c.pos_query, *kernel_masks(c))
         kw = dict(position_buckets=BUCKETS[0], max_relative_positions=BUCKETS[1], span=c.span, scale=c.scale,
                   dropout_p=0.0, seed=0)
@@ -115,6 +117,9 @@ def variants(B, H, L, D, device, dtype):
             launch._tables = real
 
     out.append(("triton both, tables prebuilt", "fwd", prebuilt))
+    # the kernels' per-key cost of a padding mask (a patched encoder's bool mask; all ones: the same bits)
+    margs, mkw = tri("both", torch.ones(B, L, dtype=torch.bool, device=device))
+    out.append(("triton both, key mask (all ones)", "fwd", lambda: launch.attention_forward(*margs, **mkw)))
     out.append(("triton both, 16-bit tables", "fwd", _setting("TABLE_DTYPE", "input",
                                                               lambda: launch.attention_forward(*args, **kw))))
     out.append(("triton tables, 16-bit", "fwd", _setting("TABLE_DTYPE", "input", tables)))

@@ -228,8 +228,8 @@ def test_tune_rehearsal_runs_every_row_kind(tmp_path):
 
 def test_breakdown_rehearsal(tmp_path):
     """The op breakdown on CPU (interpreter, tiny sizes, fp16): a time for every variant (the cuda rows in the CUDA
-    simulator where it builds, else refused with a reason), the prebuilt-tables forward bitwise equal to the plain
-    one."""
+    simulator where it builds, else refused with a reason), the prebuilt-tables forward and the forward with an
+    all-ones key mask bitwise equal to the plain one."""
     from deberta_fast import _cuda_ext
 
     try:
@@ -244,7 +244,8 @@ def test_breakdown_rehearsal(tmp_path):
     assert {(r["pass_"], r["variant"]) for r in rows} >= {("fwd", "sdpa"), ("fwd", "triton both"),
                                                          ("fwd", "triton tables"), ("fwd+bwd", "triton both"),
                                                          ("fwd+bwd", "triton both, 16-bit tables")}
-    assert [r["same_output"] for r in rows if "same_output" in r] == [True]
+    assert {r["variant"]: r["same_output"] for r in rows if "same_output" in r} == {
+        "triton both, tables prebuilt": True, "triton both, key mask (all ones)": True}
     assert "| fwd | triton none |" in (tmp_path / "breakdown.md").read_text()
     from benchmarks.breakdown import table
     md = table({"rehearse": False, "dtype": "torch.bfloat16", "buckets": [256, 512], "rows": [
