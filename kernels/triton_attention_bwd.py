@@ -43,9 +43,9 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slo
     ``ds`` already times ``scale``.  ``REGION``: ``SAT`` (slot ``slot``; see ``_tile_regions``) or a per-element one
     (``_rel_terms``).  Probabilities are ``exp2((t - (ROWMAX - row_term)) - LOGSUM)``, as the forward computes them
     (:func:`_rel_terms`; ``col``: the keys' :func:`_key_col`).  No select for the matrix's edges: keys out of range
-    score -inf (``col``), the
-    callers load a ``logsum`` of +inf for rows out of range and for uniform rows, whose scores are constants (no
-    gradient; their dV: :func:`_uniform_dv`), so ``p`` is 0 there, and so are ``dp`` and ``ds``."""
+    score -inf (``col``), the callers load a ``logsum`` of +inf for rows out of range and for uniform rows, whose
+    scores are constants (no gradient; their dV: :func:`_uniform_dv`), so ``p`` is 0 there, and so are ``dp`` and
+    ``ds``."""
     if TRANS:
         s = _score_mm(k, tl.trans(q), UPCAST, PREC)
     else:
