@@ -140,6 +140,10 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
 
         key_term = fma(p2c, qk_scale, col)      row_term = c2p * qk_scale      (0 without the term)
 
+    (Saturated tiles of 128 keys or more compute the key term as ``p2c * qk_scale`` on kept keys and -inf on the
+    others: the same values, ``fma(x, s, +0) = x * s`` but for the sign of a zero product, which no probability
+    sees.)
+
     One formula for every tile, so that a score has the same bits whichever tile (forward, dq or dK/dV tiling,
     either region) computes it; the backward recomputes the forward's probabilities from its statistics (see
     :func:`_score_mm`).  A score is ``t + row_term`` with ``t = fma(q.k, qk_scale, key_term)``, and every kernel
@@ -161,7 +165,15 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
         kt = col
         rt = zero
         if HAS_P2C:
-            kt = tl.fma(tl.load(P2C_bh + offs_n * NSLOT + slot, mask=n_ok, other=0.0).to(tl.float32), qk_scale, col)
+            if offs_n.shape[0] >= 128:
+                # masked keys as the load's `other`, -inf: the mask then stays in the load's layout (a compare per
+                # key and thread there, not per key held in the accumulator layout: -2.3 instructions per element;
+                # narrower tiles moved the load into the accumulator layout instead: +1 to +4; static, NOTES)
+                p2c = tl.load(P2C_bh + offs_n * NSLOT + slot, mask=n_ok & (col == 0.0), other=float("-inf"))
+                kt = p2c.to(tl.float32) * qk_scale
+            else:
+                p2c = tl.load(P2C_bh + offs_n * NSLOT + slot, mask=n_ok, other=0.0)
+                kt = tl.fma(p2c.to(tl.float32), qk_scale, col)
         if HAS_C2P:
             rt = tl.load(C2P_bh + offs_m * NSLOT + slot, mask=m_ok, other=0.0).to(tl.float32) * qk_scale
     elif HAS_C2P | HAS_P2C:

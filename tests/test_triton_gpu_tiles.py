@@ -51,6 +51,22 @@ def test_gpu_tiles_v3_buckets(gpu_configs):
     _check(1, 2, 130, 64, V3)
 
 
+def test_gpu_tiles_scattered_key_mask(gpu_configs):
+    """Keys masked at random inside the forward's 128-key saturated tiles (D = 64 without dropout), which take the
+    masked keys' -inf as the p2c load's ``other`` (``_rel_terms``), and a batch entry with every key masked."""
+    B, H, L, D = 2, 1, 200, 64
+    q, k, v, pk, pq, _, kw = make_inputs(B, H, L, L, D, buckets=BUCKETED)
+    mask = torch.rand(B, L) > 0.3
+    mask[0, :7] = False
+    mask[1] = False
+    do = torch.randn(B, H, L, D)
+    got = grads(triton_fn(mask, kw), (q, k, v, pk, pq), torch.float32, do)
+    ref = grads(reference_fn(mask, kw), (q, k, v, pk, pq), torch.float64, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, ref):
+        assert_close_fp32(a, b, tol=2e-5, what=name)
+    assert gpu_configs[0].sat_block_n == 128, gpu_configs[0]  # both families' D = 64 inference tiles
+
+
 @pytest.mark.parametrize("mask", ["key", "full"])
 @pytest.mark.parametrize("D,L", [(64, 75), (64, 96), (128, 61)], ids=["D64", "D64-aligned", "D128"])
 def test_gpu_tiles_dropout(gpu_configs, D, L, mask):
