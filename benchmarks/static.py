@@ -292,7 +292,8 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="every launch config (compile_check --full; slow cold)")
     ap.add_argument("--sweep", action="store_true", help="the launches of _sweep_scenarios under every config of "
                     "SWEEP (writes sweep.json / sweep.md instead)")
-    ap.add_argument("--configs", default=None, help="with --sweep: only these, e.g. 'fwd=128/64/8/3,bwd=64/64/4/2'")
+    ap.add_argument("--configs", default=None, help="with --sweep: only these, e.g. 'fwd=128/64/8/3,fwd=64/64/4/2/128,bwd=64/64/4/2' (forward: "
+                    "an optional 5th field, the saturated tiles' width)")
     ap.add_argument("--name", default="sweep", help="with --sweep: output file stem (default sweep: sweep.json, "
                     "sweep.md)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<date>-static")
@@ -305,8 +306,8 @@ def main(argv=None) -> int:
         configs = {}
         for item in a.configs.split(","):
             pass_, _, cfg = item.partition("=")
-            if pass_ not in SWEEP or len(cfg.split("/")) != 4:
-                ap.error(f"--configs: {item!r} is not PASS=BM/BN/WARPS/STAGES with PASS in {list(SWEEP)}")
+            if pass_ not in SWEEP or len(cfg.split("/")) not in (4, 5):
+                ap.error(f"--configs: {item!r} is not PASS=BM/BN/WARPS/STAGES[/SAT_N] with PASS in {list(SWEEP)}")
             configs.setdefault(pass_, []).append(tuple(int(x) for x in cfg.split("/")))
     prof = sweep(progress, configs) if a.sweep else profile(a.full, progress)
     stem = (a.name, a.name) if a.sweep else ("static", "table")

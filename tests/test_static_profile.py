@@ -42,3 +42,20 @@ def test_out_of_line_jump_back_is_not_a_loop():
     assert loop_paths(insts, 0x60, 0xb0) is None
     (lp,) = main_loops(insts)
     assert (lp["head"], lp["tail"]) == (0x10, 0x80)
+
+
+def test_sweep_configs_argument(monkeypatch, tmp_path):
+    """``--configs`` takes 4 fields, or 5 (the forward's saturated width), and refuses other forms."""
+    import pytest
+
+    from benchmarks import static
+
+    seen = []
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(static, "sweep", lambda progress, configs: seen.append(configs) or
+                        {"date": "x", "kernels": []})
+    monkeypatch.setattr(static, "table", lambda prof: "")
+    assert static.main(["--sweep", "--configs", "fwd=64/64/4/2/128,bwd=32/32/4/1", "--out", str(tmp_path)]) == 0
+    assert seen == [{"fwd": [(64, 64, 4, 2, 128)], "bwd": [(32, 32, 4, 1)]}]
+    with pytest.raises(SystemExit):
+        static.main(["--sweep", "--configs", "fwd=64/64/4", "--out", str(tmp_path)])
