@@ -96,9 +96,9 @@ def triton_pieces(ts, kw, bwd_cfg=None):
     from deberta_fast._kernels import triton_attention_launch as launch
     q, k, v, pk, pq, do, mask = ts
     got, sums, rel = {}, [], {}
-    real_sums, real_grads, real_config = launch._run_sums, launch._position_grads, launch._config
+    real_sums, real_grads, real_config = launch._unfilled, launch._position_grads, launch._config
 
-    def run_sums(shape, device):
+    def run_sums(shape, device):  # the launcher's unfilled buffers: the run sums (c2p's, p2c's), then DELTA
         sums.append(real_sums(shape, device))
         return sums[-1]
 
@@ -110,13 +110,13 @@ def triton_pieces(ts, kw, bwd_cfg=None):
     def config(pass_, *a):
         return bwd_cfg if (pass_ == "bwd" and bwd_cfg is not None) else real_config(pass_, *a)
 
-    launch._run_sums, launch._position_grads, launch._config = run_sums, position_grads, config
+    launch._unfilled, launch._position_grads, launch._config = run_sums, position_grads, config
     try:
         leaves = [t.float().clone().requires_grad_() if t is not None else None for t in (q, k, v, pk, pq)]
         out = disentangled_attention(*leaves, attention_mask=mask, backend="triton", **kw)
         grads = torch.autograd.grad(out, [t for t in leaves if t is not None], do.float())
     finally:
-        launch._run_sums, launch._position_grads, launch._config = real_sums, real_grads, real_config
+        launch._unfilled, launch._position_grads, launch._config = real_sums, real_grads, real_config
     names = [n for n, t in zip(("dq", "dk", "dv", "dpos_key", "dpos_query"), (q, k, v, pk, pq)) if t is not None]
     got.update(out=out.detach(), **dict(zip(names, grads)))
     it = iter(sums)

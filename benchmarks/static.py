@@ -292,8 +292,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="every launch config (compile_check --full; slow cold)")
     ap.add_argument("--sweep", action="store_true", help="the launches of _sweep_scenarios under every config of "
                     "SWEEP (writes sweep.json / sweep.md instead)")
-    ap.add_argument("--configs", default=None, help="with --sweep: only these, e.g. 'fwd=128/64/8/3,fwd=64/64/4/2/128,bwd=64/64/4/2' (forward: "
-                    "an optional 5th field, the saturated tiles' width)")
+    ap.add_argument("--configs", default=None, help="with --sweep: only these, e.g. "
+                    "'fwd=128/64/8/3,fwd=64/64/4/2/128,bwd=64/64/4/2' (forward: an optional 5th field, the saturated "
+                    "tiles' width)")
     ap.add_argument("--name", default="sweep", help="with --sweep: output file stem (default sweep: sweep.json, "
                     "sweep.md)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<date>-static")

@@ -6,12 +6,13 @@ their own (``_tile_regions``, ``_inner_tiles``), from the forward's statistics (
 rows with no key, and on HF's uniform rows, whose scores are constants: their ``LOGSUM`` is taken as +inf, and the
 dK/dV kernel adds their dV in a pass of its own, ``_uniform_dv``) and the dropout keep-mask from the seed, and form
 ``dS = scale * P * (dP - DELTA)`` with ``DELTA = rowsum(dO * O)`` float32 ``[B,H,Lq]`` and
-``dP = keep/(1-p) * dO V^T``.
+``dP = keep/(1-p) * dO V^T``.  The dq kernel computes ``DELTA`` from its rows' ``dO`` and ``O`` tiles (``O``:
+strides ``s_y*``) and stores it; the launcher runs it first, and the dK/dV kernel reads it.
 
-* :func:`disentangled_bwd_dkdv_kernel`, grid ``(cdiv(Lk, BLOCK_N), B*H)``: ``DK = dS^T Q``
+* :func:`disentangled_bwd_dkdv_kernel`, grid ``(cdiv(Lk, BLOCK_N), B*H)``, after the dq kernel: ``DK = dS^T Q``
   (content part, float32 ``[B,H,Lk,D]``), ``DV = P_drop^T dO`` (float32), and, with p2c, the
   column sums of ``dS`` per run, ``PSUM`` float32 ``[B,H,Lk,NRUN]``.
-* :func:`disentangled_bwd_dq_kernel`, grid ``(cdiv(Lq, BLOCK_M), B*H)``: ``DQ = dS K``
+* :func:`disentangled_bwd_dq_kernel`, grid ``(cdiv(Lq, BLOCK_M), B*H)``: ``DELTA``, ``DQ = dS K``
   (content part, float32 ``[B,H,Lq,D]``) and, with c2p, the row sums per run, ``CSUM`` float32
   ``[B,H,Lq,NRUN]`` (every location written once: padded; zero-filled by the launcher: packed, where tokens of no
   sequence have no program).
@@ -244,11 +245,11 @@ def disentangled_bwd_dkdv_kernel(
 # a fresh seed / rate per call, or another head group, must not recompile
 @triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
 def disentangled_bwd_dq_kernel(
-    Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM,
+    Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM, O,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    seed,
+    seed, s_yb, s_yh, s_ym,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -274,7 +275,9 @@ def disentangled_bwd_dq_kernel(
     do = _tile(DO + b64 * s_ob + h64 * s_oh, q0 + offs_m, s_om, offs_d, qo_ok)
     rowmax = tl.load(ROWMAX + qrow0 + offs_m, mask=m_ok, other=0.0)
     logsum = tl.load(LOGSUM + qrow0 + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
+    o = _tile(O + b64 * s_yb + h64 * s_yh, q0 + offs_m, s_ym, offs_d, qo_ok)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # 16-bit products are exact in float32
+    tl.store(DELTA + qrow0 + offs_m, delta, mask=m_ok)  # for the dK/dV kernel, launched next
     K_bh = K + b64 * s_kb + h64 * s_kh + k0.to(tl.int64) * s_kn
     V_bh = V + b64 * s_vb + h64 * s_vh + k0.to(tl.int64) * s_vn
     C2P_bh = C2P + qrow0 * NSLOT

@@ -40,6 +40,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_TF32_GETTER = getattr(torch._C, "_get_cublas_allow_tf32", None)
+
+
+def _allow_tf32() -> bool:
+    """``torch.backends.cuda.matmul.allow_tf32``, through the getter it returns (the attribute's ``__getattr__``
+    costs ~0.6 us a call, measured on the 2-core CPU machine, 2026-12-05)."""
+    return _TF32_GETTER() if _TF32_GETTER is not None else torch.backends.cuda.matmul.allow_tf32
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -491,7 +500,7 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
     lay = _layout(Lq, Lk, position_buckets, max_relative_positions, span, q.device, has_c2p or has_p2c, backward)
     mask_kind, mask_args, mask_strides = _mask_tensors(q.device, key_mask, full_mask, uniform_rows, Lq, Lk)
-    prec = "tf32" if q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    prec = "tf32" if q.dtype == torch.float32 and _allow_tf32() else "ieee"
     constexprs = dict(HAS_C2P=has_c2p, HAS_P2C=has_p2c, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
                       VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, _next_pow2(D)))
     return _Prepared(lay.table, mask_args, mask_strides, lay.nslot, lay.band, constexprs, lay.rows, lay.run_rows,
@@ -668,60 +677,117 @@ class _FwdPlan:
     kwargs: dict  # constexprs and launch options (_launch_kwargs)
 
 
+@dataclass(frozen=True)
+class _BwdPlan:
+    """A backward's launches but for the tensors: one per call signature (:func:`_bwd_plan`)."""
+    pr: _Prepared  # mask_args None, as _FwdPlan's
+    cfg: BackwardConfig
+    groups: list
+    kw_dkdv: dict  # constexprs and launch options of each kernel (_launch_kwargs)
+    kw_dq: dict
+
+
 _FWD_PLANS: dict = {}
+_BWD_PLANS: dict = {}
+
+
+def _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+              max_relative_positions, span, dropout_p, max_seqlens) -> tuple:
+    """What a plan depends on: shapes, strides, dtype, device, which terms and masks (a key mask's strides and
+    dtype), bucket config, dropout on / off, and the settings the launch reads (interpreter, TF32, target arch,
+    ``REL_SOURCE`` / ``TABLE_BUDGET`` / ``TABLE_DTYPE``)."""
+    return (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, max_seqlens,
+            None if pos_key is None else (pos_key.shape, pos_key.stride()),
+            None if pos_query is None else (pos_query.shape, pos_query.stride()),
+            None if key_mask is None else (key_mask.shape, key_mask.stride(), key_mask.dtype),
+            None if full_mask is None else full_mask.shape,
+            None if uniform_rows is None else uniform_rows.shape, position_buckets, max_relative_positions, span,
+            dropout_p > 0.0, interpreting(), q.dtype == torch.float32 and _allow_tf32(),
+            _TARGET_ARCH[0], REL_SOURCE, TABLE_BUDGET, TABLE_DTYPE)
+
+
+def _cached(plans: dict, key: tuple, make):
+    """``plans[key]``, made by ``make()`` on a miss; nothing is cached while ``launch_config`` / ``_config`` are
+    replaced (the tuning and static-profile tools record or force configs through them: they see every call)."""
+    if launch_config is not _SHIPPED_LAUNCH_CONFIG or _config is not _SHIPPED_CONFIG:
+        return make()
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= 256:
+            plans.clear()
+        plan = plans[key] = make()
+    return plan
+
+
+def _plan(plans: dict, build, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+          max_relative_positions, span, dropout_p, max_seqlens, backward: bool) -> tuple:
+    """``(plan, mask_args)``: ``plans``' plan of this signature (:func:`_plan_key`, :func:`_cached`), on a miss
+    ``build(pr, Lq, Lk, H, D, q_rows, k_rows)`` of the launch prepared from scratch (``pr``: :func:`_prepare`
+    without the call's mask operands; ``q_rows`` / ``k_rows``: the rows of its tables), and the call's mask
+    operands."""
+    varlen = max_seqlens is not None
+    Lq, Lk = max_seqlens if varlen else (q.shape[2], k.shape[2])
+    made = []  # a plan made by this call: its mask operands
+
+    def make():
+        if varlen:
+            (q_rows, H, D), k_rows = q.shape, k.shape[0]
+            pr = _varlen_prepare(q, k, pos_key, pos_query, Lq, Lk, position_buckets, max_relative_positions, span,
+                                 dropout_p, backward)
+        else:
+            B, H, _, D = q.shape
+            q_rows, k_rows = B * Lq, B * Lk
+            pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                          max_relative_positions, span, dropout_p, backward=backward)
+        made.append(pr.mask_args)
+        return build(replace(pr, mask_args=None), Lq, Lk, H, D, q_rows, k_rows)
+
+    plan = _cached(plans, (backward,) + _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows,
+                                                 position_buckets, max_relative_positions, span, dropout_p,
+                                                 max_seqlens), make)
+    return plan, (made[0] if made else _mask_tensors(q.device, key_mask, full_mask, uniform_rows, Lq, Lk)[1])
 
 
 def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
               max_relative_positions, span, dropout_p, max_seqlens=None) -> tuple[_FwdPlan, tuple]:
-    """``(plan, mask_args)``: the plan cached per signature (shapes, strides, dtype, device, which terms and
-    masks, bucket config, dropout on / off, and the settings the launch reads: interpreter, TF32, target arch,
-    ``REL_SOURCE`` / ``TABLE_BUDGET`` / ``TABLE_DTYPE``; not cached while ``launch_config`` / ``_config`` are
-    replaced, as the tuning and static-profile tools do), so that a repeated call only makes its mask operands
+    """``(plan, mask_args)`` of a forward (:func:`_plan`), so that a repeated call only makes its mask operands
     (host time: benchmarks/NOTES.md, "Host path: one plan per signature").  Packed inputs (``[T,H,D]``):
     ``max_seqlens = (max_seqlen_q, max_seqlen_k)``, no masks."""
-    varlen = max_seqlens is not None
-    if varlen:
-        (Tq, H, D), Tk = q.shape, k.shape[0]
-        Lq, Lk = max_seqlens
-    else:
-        B, H, Lq, D = q.shape
-        Lk = k.shape[2]
-    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, max_seqlens,
-           None if pos_key is None else (pos_key.shape, pos_key.stride()),
-           None if pos_query is None else (pos_query.shape, pos_query.stride()),
-           None if key_mask is None else (key_mask.shape, key_mask.stride(), key_mask.dtype),
-           None if full_mask is None else full_mask.shape,
-           None if uniform_rows is None else uniform_rows.shape, position_buckets, max_relative_positions, span,
-           dropout_p > 0.0, interpreting(), q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
-           _TARGET_ARCH[0], REL_SOURCE, TABLE_BUDGET, TABLE_DTYPE)
-    cacheable = launch_config is _SHIPPED_LAUNCH_CONFIG and _config is _SHIPPED_CONFIG
-    plan = _FWD_PLANS.get(key) if cacheable else None
-    if plan is not None:
-        return plan, _mask_tensors(q.device, key_mask, full_mask, uniform_rows, Lq, Lk)[1]
-    if varlen:
-        pr = _varlen_prepare(q, k, pos_key, pos_query, Lq, Lk, position_buckets, max_relative_positions, span,
-                             dropout_p)
-        groups = head_groups(H, _table_bytes(pr, Tq, Tk, q.dtype))
+    def build(pr, Lq, Lk, H, D, q_rows, k_rows):
         # the output is allocated contiguous: an empty tensor of its layout gives its strides
-        strides = (*_varlen_strides(q, k, v, q.new_empty((0, H, D))), *pr.mask_strides)
-    else:
-        pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
-                      max_relative_positions, span, dropout_p)
-        groups = head_groups(H, _table_bytes(pr, B * Lq, B * Lk, q.dtype))
-        strides = (*_qkvo_strides(q, k, v, q.new_empty((0, H, Lq, D))), *pr.mask_strides)
-    cfg = _fwd_launch_config(Lq, Lk, D, pr)
-    plan = _FwdPlan(replace(pr, mask_args=None), cfg, groups, strides, _launch_kwargs(cfg, pr, fwd=True))
-    if cacheable:
-        if len(_FWD_PLANS) >= 256:
-            _FWD_PLANS.clear()
-        _FWD_PLANS[key] = plan
-    return plan, pr.mask_args
+        if max_seqlens is not None:
+            strides = _varlen_strides(q, k, v, q.new_empty((0, H, D)))
+        else:
+            strides = _qkvo_strides(q, k, v, q.new_empty((0, H, Lq, D)))
+        cfg = _fwd_launch_config(Lq, Lk, D, pr)
+        return _FwdPlan(pr, cfg, head_groups(H, _table_bytes(pr, q_rows, k_rows, q.dtype)),
+                        (*strides, *pr.mask_strides), _launch_kwargs(cfg, pr, fwd=True))
+
+    return _plan(_FWD_PLANS, build, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                 max_relative_positions, span, dropout_p, max_seqlens, False)
+
+
+def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+              max_relative_positions, span, dropout_p, max_seqlens=None) -> tuple[_BwdPlan, tuple]:
+    """``(plan, mask_args)`` of a backward (:func:`_plan`): the launch with the run table of the relative
+    gradients, the head groups, both kernels' configs and launch arguments.  Padded: ``q`` / ``k``
+    ``[B,H,L,D]``; packed: ``[T,H,D]`` and ``max_seqlens``."""
+    def build(pr, Lq, Lk, H, D, q_rows, k_rows):
+        per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, pr.nrun)
+        if max_seqlens is None:  # a padded group also allocates its float32 dq / dk / dv
+            per_head += 4 * (q_rows + 2 * k_rows) * D
+        cfg = _config("bwd", Lq, Lk, D, pr)
+        return _BwdPlan(pr, cfg, head_groups(H, per_head), _launch_kwargs(cfg.dkdv, pr), _launch_kwargs(cfg.dq, pr))
+
+    return _plan(_BWD_PLANS, build, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                 max_relative_positions, span, dropout_p, max_seqlens, True)
 
 
 def clear_caches() -> None:
-    """Forget the cached layouts and forward plans (a test that changes the position caches calls it)."""
+    """Forget the cached layouts and plans (a test that changes the position caches calls it)."""
     _LAYOUTS.clear()
     _FWD_PLANS.clear()
+    _BWD_PLANS.clear()
 
 
 @_aligned_head_dim(5)
@@ -733,7 +799,7 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     plan, mask_args = _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                                 max_relative_positions, span, dropout_p)
     pr, cfg = plan.pr, plan.cfg
-    out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, H, Lq, D] (empty_like: ~0.6 us less)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
     tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed))
     one = len(plan.groups) == 1
@@ -752,9 +818,9 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     return out, stats
 
 
-def _run_sums(shape, device) -> torch.Tensor:
-    """The padded backward's float32 run-sum buffer: uninitialised (the kernels write every location), NaN-filled
-    under the interpreter so that a location no kernel wrote fails the tests."""
+def _unfilled(shape, device) -> torch.Tensor:
+    """A float32 buffer the kernels write every location of (the padded backward's run sums, ``DELTA``):
+    uninitialised, NaN-filled under the interpreter so that a location no kernel wrote fails the tests."""
     out = torch.empty(shape, device=device, dtype=torch.float32)
     return out.fill_(float("nan")) if interpreting() else out
 
@@ -771,8 +837,8 @@ def _position_grads(sums, pos, x, pr: _Prepared):
     sub = pos[..., pr.rows, :].float()
     dx = torch.matmul(sums, sub if pr.runs_identity else sub.index_select(-2, pr.run_rows))
     druns = torch.matmul(sums.transpose(-1, -2), x.float())
-    if druns.dim() > pos.dim():
-        druns = druns.sum(0)
+    if druns.dim() > pos.dim():  # batch 1: the sum over one batch entry is that entry (no copy, no launch)
+        druns = druns[0] if druns.shape[0] == 1 else druns.sum(0)
     if pr.runs_identity:
         dsub = druns
     elif pr.runs_unique:
@@ -781,8 +847,8 @@ def _position_grads(sums, pos, x, pr: _Prepared):
     else:
         fold = torch.nn.functional.one_hot(pr.run_rows, sub.shape[-2]).to(druns.dtype)  # [NRUN, rows]
         dsub = torch.matmul(fold.t(), druns)
-    # zero rows outside ``rows``: one pad instead of zeros + a slice copy
-    dpos = torch.nn.functional.pad(dsub.to(pos.dtype), (0, 0, pr.rows.start, pos.shape[-2] - pr.rows.stop))
+    # zero rows outside ``rows``: one pad instead of zeros + a slice copy (the aten op: F.pad's wrapper cost ~0.4 us)
+    dpos = torch.constant_pad_nd(dsub.to(pos.dtype), (0, 0, pr.rows.start, pos.shape[-2] - pr.rows.stop))
     return dx, dpos
 
 
@@ -804,15 +870,14 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     Lk = k.shape[2]
     if do.stride(-1) != 1 or not rows_fit(do.stride(-2), Lq):
         do = do.contiguous()
-    pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
-                  max_relative_positions, span, dropout_p, backward=True)
-    delta = (do.float() * out.float()).sum(-1).contiguous()
+    plan, mask_args = _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                                max_relative_positions, span, dropout_p)
+    pr, cfg, groups = plan.pr, plan.cfg, plan.groups
     f32 = dict(device=q.device, dtype=torch.float32)
     dummy = _dummies(q.device)[2]
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
-    cfg = _config("bwd", Lq, Lk, D, pr)
-    groups = head_groups(H, _table_bytes(pr, B * Lq, B * Lk, q.dtype, pr.nrun) + 4 * B * (Lq + 2 * Lk) * D)
     one = len(groups) == 1
+    o_strides = out.stride()[:3]
     res = _grad_buffers(pos_key, pos_query, (q.shape, k.shape, v.shape), (q.dtype, k.dtype, v.dtype), q.device,
                         not one)
     for hs in groups:
@@ -822,19 +887,20 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
         dv = torch.empty((B, n, Lk, D), **f32)
         # every location is written by the kernels (no zero fill); NaN under the interpreter, so that the tests see
         # an unwritten one
-        c_sum = _run_sums((B, n, Lq, pr.nrun), q.device) if has_c2p else dummy
-        p_sum = _run_sums((B, n, Lk, pr.nrun), q.device) if has_p2c else dummy
+        c_sum = _unfilled((B, n, Lq, pr.nrun), q.device) if has_c2p else dummy
+        p_sum = _unfilled((B, n, Lk, pr.nrun), q.device) if has_p2c else dummy
+        dl = _unfilled((B, n, Lq), q.device)  # rowsum(dO * O): the dq kernel's, for the dK/dV kernel
         common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
                   n, H, hs.start, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, pr.run0,
                   float(dropout_p), _drop_threshold(dropout_p), int(seed))
-        st, dl = (stats, delta) if one else (stats[:, :, hs].contiguous(), delta[:, hs].contiguous())
-        qg, kg, vg, dog, pkg, pqg = _heads(g, q, k, v, do, pos_key, pos_query)
+        st = stats if one else stats[:, :, hs].contiguous()
+        qg, kg, vg, dog, og, pkg, pqg = _heads(g, q, k, v, do, out, pos_key, pos_query)
         inputs = (qg, kg, vg, dog, *st.unbind(0), dl, *_tables(q, k, pos_key, pos_query, pr, g),
-                  pr.table, pr.table, pr.table, *_group_masks(pr.mask_args, g))
-        disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * n)](
-            *inputs, dk, dv, p_sum, *common, **_launch_kwargs(cfg.dkdv, pr))
-        disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * n)](
-            *inputs, dq, c_sum, *common, **_launch_kwargs(cfg.dq, pr))
+                  pr.table, pr.table, pr.table, *_group_masks(mask_args, g))
+        disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * n)](*inputs, dq, c_sum, og, *common, *o_strides,
+                                                                        **plan.kw_dq)
+        disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * n)](*inputs, dk, dv, p_sum, *common,
+                                                                            **plan.kw_dkdv)
         dpos_key = dpos_query = None
         if has_c2p:
             dq_rel, dpos_key = _position_grads(c_sum, pkg, qg, pr)
@@ -907,9 +973,9 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     N = cu_seqlens_q.numel() - 1
     if do.stride(-1) != 1 or not rows_fit(do.stride(0), max_seqlen_q):
         do = do.contiguous()
-    pr = _varlen_prepare(q, k, pos_key, pos_query, max_seqlen_q, max_seqlen_k, position_buckets,
-                         max_relative_positions, span, dropout_p, backward=True)
-    delta = (do.float() * out.float()).sum(-1).t().contiguous()  # [H, Tq]
+    plan, mask_args = _bwd_plan(q, k, v, pos_key, pos_query, None, None, None, position_buckets,
+                                max_relative_positions, span, dropout_p, (max_seqlen_q, max_seqlen_k))
+    pr, cfg, groups = plan.pr, plan.cfg, plan.groups
     f32 = dict(device=q.device, dtype=torch.float32)
     # [H, T, D]; zero-filled: tokens of no sequence get no gradient
     dq = torch.zeros((H, Tq, D), **f32)
@@ -917,9 +983,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     dv = torch.zeros((H, Tk, D), **f32)
     dummy = _dummies(q.device)[2]
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
-    cfg = _config("bwd", max_seqlen_q, max_seqlen_k, D, pr)
     qt, kt = q.transpose(0, 1), k.transpose(0, 1)
-    groups = head_groups(H, _table_bytes(pr, Tq, Tk, q.dtype, pr.nrun))
     dpos = [None if p is None or len(groups) == 1 else torch.empty_like(p) for p in (pos_key, pos_query)]
     for hs in groups:
         n, g = hs.stop - hs.start, (None if len(groups) == 1 else hs)
@@ -928,13 +992,16 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
         common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, n, H, hs.start, Tq, Tk, max_seqlen_q,
                   max_seqlen_k, D, pr.nslot, pr.nrun, float(scale), *pr.band, pr.run0, float(dropout_p),
                   _drop_threshold(dropout_p), int(seed))
-        (stg,), (dlg,), (dqg, dkg, dvg) = _heads(g, stats, axis=1), _heads(g, delta, axis=0), _heads(g, dq, dk, dv)
-        inputs = (*_heads(g, q, k, v, do, axis=1), *stg.unbind(0), dlg, *_tables(qt, kt, pos_key, pos_query, pr, g),
-                  pr.table, cu_seqlens_q, cu_seqlens_k, *pr.mask_args)
-        disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.dkdv.block_n), N * n)](
-            *inputs, dkg, dvg, p_sum, *common, **_launch_kwargs(cfg.dkdv, pr))
-        disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.dq.block_m), N * n)](
-            *inputs, dqg, c_sum, *common, **_launch_kwargs(cfg.dq, pr))
+        (stg,), (dqg, dkg, dvg) = _heads(g, stats, axis=1), _heads(g, dq, dk, dv)
+        dl = _unfilled((n, Tq), q.device)  # [H, Tq] rowsum(dO * O): the dq kernel's (rows of no sequence unused)
+        qg, kg, vg, dog, og = _heads(g, q, k, v, do, out, axis=1)
+        inputs = (qg, kg, vg, dog, *stg.unbind(0), dl, *_tables(qt, kt, pos_key, pos_query, pr, g),
+                  pr.table, cu_seqlens_q, cu_seqlens_k, *mask_args)
+        disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.dq.block_m), N * n)](*inputs, dqg, c_sum, og, *common,
+                                                                                 0, out.stride(1), out.stride(0),
+                                                                                 **plan.kw_dq)
+        disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.dkdv.block_n), N * n)](*inputs, dkg, dvg, p_sum,
+                                                                                     *common, **plan.kw_dkdv)
         for i, (sums, pos, x, grad) in enumerate(((c_sum, pos_key, qt, dqg), (p_sum, pos_query, kt, dkg))):
             if pos is None:
                 continue

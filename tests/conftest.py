@@ -41,7 +41,7 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _fresh_host_caches(monkeypatch):
-    """Every test starts with empty call memo and forward plans (tests fake refusals, tables and configs: an
+    """Every test starts with empty call memo and plans (tests fake refusals, tables and configs: an
     earlier test's cached outcome must not answer for them)."""
     from deberta_fast import dispatch
 
@@ -49,6 +49,7 @@ def _fresh_host_caches(monkeypatch):
     launch = sys.modules.get("deberta_fast._kernels.triton_attention_launch")
     if launch is not None:
         monkeypatch.setattr(launch, "_FWD_PLANS", {})
+        monkeypatch.setattr(launch, "_BWD_PLANS", {})
     yield
 
 

@@ -1,7 +1,8 @@
 """The host path's caches: ``dispatch._MEMO`` (a call's validation and backend choice, per signature) and the
-Triton launcher's ``_FWD_PLANS`` (a forward's launch but for the tensors).  A repeated signature must give the
-result a cold call gives, with new tensor values and new mask values; anything the validation, the backend choice
-or the launch reads must be part of the signature.  Runs under the Triton interpreter on CPU."""
+Triton launcher's ``_FWD_PLANS`` / ``_BWD_PLANS`` (a forward's or a backward's launches but for the tensors).  A
+repeated signature must give the result a cold call gives, with new tensor values and new mask values; anything the
+validation, the backend choice or the launch reads must be part of the signature.  Runs under the Triton interpreter
+on CPU."""
 import pytest
 import torch
 
@@ -27,6 +28,7 @@ def _count_cold_work(launch, monkeypatch, build: str):
     of the launcher's ``_prepare`` (a launch prepared from scratch)."""
     monkeypatch.setattr(dispatch, "_MEMO", {})
     monkeypatch.setattr(launch, "_FWD_PLANS", {})
+    monkeypatch.setattr(launch, "_BWD_PLANS", {})
     built, prepared = [], []
     real_build, real_prepare = getattr(dispatch, build), launch._prepare
     monkeypatch.setattr(dispatch, build, lambda *a, **k: built.append(1) or real_build(*a, **k))
@@ -64,6 +66,32 @@ def test_repeated_signature_skips_validation_and_stays_exact(launch, monkeypatch
     monkeypatch.setattr(launch, "_FWD_PLANS", {})
     cold = disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw)
     assert torch.equal(first, again) and torch.equal(again, cold)
+
+
+@pytest.mark.parametrize("mask", ["key", "full"])
+def test_backward_prepared_once_and_exact(launch, monkeypatch, mask):
+    """Forward + backward three times with one signature (new values and masks each time): one preparation per
+    pass, and all five gradients exact each time; with dropout, the cached backward against a cold one: bitwise."""
+    from triton_cases import grads, reference_fn, triton_fn
+
+    _, prepared = _count_cold_work(launch, monkeypatch, "build_call")
+    q, k, v, pk, pq, _, kw = make_inputs(2, 3, 21, 21, 16, buckets=V3)
+    do = torch.randn(2, 3, 21, 16)
+    for _ in range(3):
+        ts, m = _fresh(q, k, v, pk, pq), make_mask(mask, 2, 3, 21, 21)
+        got = grads(triton_fn(m, kw), ts, torch.float32, do)
+        ref = grads(reference_fn(m, kw), ts, torch.float64, do)
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, ref):
+            assert_close_fp32(a, b, tol=2e-5, what=name)
+    assert prepared == [1, 1] and len(launch._BWD_PLANS) == 1
+    plan, = launch._BWD_PLANS.values()
+    assert plan.pr.mask_args is None and plan.pr.run_rows is not None  # the backward's own layout, no mask operand
+    torch.manual_seed(7)  # the dropout seed (deberta_fast draws it from torch's generator)
+    cached = grads(triton_fn(m, kw, dropout_p=0.2), ts, torch.float32, do)
+    monkeypatch.setattr(launch, "_BWD_PLANS", {})
+    torch.manual_seed(7)
+    cold = grads(triton_fn(m, kw, dropout_p=0.2), ts, torch.float32, do)
+    assert all(torch.equal(a, b) for a, b in zip(cached, cold))
 
 
 def test_signature_tells_masks_strides_and_table_rows_apart(launch, monkeypatch):
@@ -115,7 +143,8 @@ def test_auto_fallback_is_memoised_and_warns_once(launch, monkeypatch):
 
 
 def test_caches_keep_no_user_tensor(launch):
-    """After padded and packed calls, neither the memo nor the plans keep an input (or mask) alive."""
+    """After padded and packed calls (forward and backward), neither the memo nor the plans keep an input (or mask)
+    alive."""
     import gc
     import weakref
 
@@ -124,14 +153,16 @@ def test_caches_keep_no_user_tensor(launch):
     q, k, v, pk, pq, m, kw = make_inputs(2, 2, 19, 19, 16, mask="full_h1")
     qp, kp, vp = torch.randn(30, 2, 16), torch.randn(30, 2, 16), torch.randn(30, 2, 16)
     cu = torch.tensor([0, 19, 30], dtype=torch.int32)
-    for _ in range(2):
-        disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw)
-        disentangled_attention_varlen(qp, kp, vp, pk, pq, cu, cu, 19, 19, backend="triton", **kw)
+    [t.requires_grad_() for t in (q, k, v, pk, pq, qp, kp, vp)]  # (a loop variable would keep one alive)
+    for _ in range(2):  # forward and backward
+        disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw).sum().backward()
+        disentangled_attention_varlen(qp, kp, vp, pk, pq, cu, cu, 19, 19, backend="triton", **kw).sum().backward()
     refs = [weakref.ref(t) for t in (q, k, v, pk, pq, m, qp, kp, vp, cu)]
     del q, k, v, pk, pq, m, qp, kp, vp, cu
     gc.collect()
-    assert dispatch._MEMO and launch._FWD_PLANS and all(r() is None for r in refs)
-    assert all(plan.pr.mask_args is None for plan in launch._FWD_PLANS.values())  # nor a call's mask operands
+    assert dispatch._MEMO and launch._FWD_PLANS and launch._BWD_PLANS and all(r() is None for r in refs)
+    plans = [*launch._FWD_PLANS.values(), *launch._BWD_PLANS.values()]
+    assert all(plan.pr.mask_args is None for plan in plans)  # nor a call's mask operands
 
 
 def test_plan_with_head_groups_and_per_head_masks(launch, monkeypatch):
@@ -157,6 +188,12 @@ def test_replaced_launch_config_is_read_on_every_call(launch, monkeypatch):
     for _ in range(3):
         _checked(_fresh(q, k, v, pk, pq), m, kw)
     assert seen == ["fwd"] * 3 and launch._FWD_PLANS == {}
+    seen.clear()
+    out = disentangled_attention(*[t.requires_grad_() for t in _fresh(q, k, v, pk, pq)], attention_mask=m,
+                                 backend="triton", **kw)
+    for _ in range(2):
+        out.sum().backward(retain_graph=True)
+    assert seen == ["fwd", "bwd", "bwd"] and launch._BWD_PLANS == {}
 
 
 def _packed_reference(q, k, v, pk, pq, offsets, kw):
