@@ -140,9 +140,9 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
 
         key_term = fma(p2c, qk_scale, col)      row_term = c2p * qk_scale      (0 without the term)
 
-    (Saturated tiles of 128 keys or more compute the key term as ``p2c * qk_scale`` on kept keys and -inf on the
-    others: the same values, ``fma(x, s, +0) = x * s`` but for the sign of a zero product, which no probability
-    sees.)
+    (Saturated tiles of 128 keys or more compute the key term as ``p2c * qk_scale`` on kept keys and select -inf on
+    the others: the same values, ``fma(x, s, +0) = x * s`` but for the sign of a zero product, which no probability
+    sees; a select, not ``-inf * qk_scale``, which is NaN or +inf at a scale <= 0.)
 
     One formula for every tile, so that a score has the same bits whichever tile (forward, dq or dK/dV tiling,
     either region) computes it; the backward recomputes the forward's probabilities from its statistics (see
@@ -166,11 +166,12 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
         rt = zero
         if HAS_P2C:
             if offs_n.shape[0] >= 128:
-                # masked keys as the load's `other`, -inf: the mask then stays in the load's layout (a compare per
-                # key and thread there, not per key held in the accumulator layout: -2.3 instructions per element;
-                # narrower tiles moved the load into the accumulator layout instead: +1 to +4; static, NOTES)
-                p2c = tl.load(P2C_bh + offs_n * NSLOT + slot, mask=n_ok & (col == 0.0), other=float("-inf"))
-                kt = p2c.to(tl.float32) * qk_scale
+                # the key mask as the load's predicate: the compare then stays in the load's layout (one per key and
+                # thread there, not per key held in the accumulator layout: -2.3 instructions per element; narrower
+                # tiles moved the load into the accumulator layout instead: +1 to +4; static, NOTES)
+                keep = n_ok & (col == 0.0)
+                p2c = tl.load(P2C_bh + offs_n * NSLOT + slot, mask=keep, other=0.0)
+                kt = tl.where(keep, p2c.to(tl.float32) * qk_scale, float("-inf"))
             else:
                 p2c = tl.load(P2C_bh + offs_n * NSLOT + slot, mask=n_ok, other=0.0)
                 kt = tl.fma(p2c.to(tl.float32), qk_scale, col)

@@ -4,9 +4,10 @@
 :func:`attention_backward` -> ``(dq, dk, dv, dpos_key | None, dpos_query | None)``.
 ``stats`` are the softmax statistics the backward needs (row max and log2 row sum of the log2-domain
 scores, see :mod:`.triton_attention_fwd`); :func:`lse_from_stats` gives the natural log-sum-exp.
-Masks arrive normalised (:func:`deberta_fast.reference.normalize_mask`): ``key_mask`` bool
-``[B,Lk]`` (passed to the kernels as a float32 0 / -inf bias) or ``full_mask`` bool ``[B|1,1|H,Lq,Lk]`` plus
-``uniform_rows`` bool ``[B,1|H,Lq]``.
+Masks: ``key_mask`` ``[B,Lk]`` as the caller gave it (nonzero = attend; read by the kernels, a non-bool one after
+one ``!= 0``), with ``uniform_rows`` bool ``[B,1|H,Lq]`` or, when ``Lq == Lk``, None (the kernels read HF's uniform
+rows from the key mask); or ``full_mask`` bool ``[B|1,1|H,Lq,Lk]`` plus ``uniform_rows``
+(:func:`deberta_fast.reference.normalize_mask`).
 
 Packed sequences (same kernels with ``VARLEN=True``): :func:`attention_forward_varlen` ->
 ``(out [Tq,H,D], stats float32 [2,H,Tq])``; :func:`attention_backward_varlen` -> the same five
@@ -819,8 +820,9 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
 
 
 def _unfilled(shape, device) -> torch.Tensor:
-    """A float32 buffer the kernels write every location of (the padded backward's run sums, ``DELTA``):
-    uninitialised, NaN-filled under the interpreter so that a location no kernel wrote fails the tests."""
+    """A float32 buffer the kernels write every location of that they read or return (the padded backward's run
+    sums, ``DELTA``; packed, tokens of no sequence have no ``DELTA`` and are not read): uninitialised, NaN-filled
+    under the interpreter so that a location no kernel wrote fails the tests."""
     out = torch.empty(shape, device=device, dtype=torch.float32)
     return out.fill_(float("nan")) if interpreting() else out
 
@@ -870,6 +872,8 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     Lk = k.shape[2]
     if do.stride(-1) != 1 or not rows_fit(do.stride(-2), Lq):
         do = do.contiguous()
+    if out.stride(-1) != 1 or not rows_fit(out.stride(-2), Lq):  # (the dq kernel reads it: DELTA)
+        out = out.contiguous()
     plan, mask_args = _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                                 max_relative_positions, span, dropout_p)
     pr, cfg, groups = plan.pr, plan.cfg, plan.groups
@@ -973,6 +977,8 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     N = cu_seqlens_q.numel() - 1
     if do.stride(-1) != 1 or not rows_fit(do.stride(0), max_seqlen_q):
         do = do.contiguous()
+    if out.stride(-1) != 1 or not rows_fit(out.stride(0), max_seqlen_q):
+        out = out.contiguous()
     plan, mask_args = _bwd_plan(q, k, v, pos_key, pos_query, None, None, None, position_buckets,
                                 max_relative_positions, span, dropout_p, (max_seqlen_q, max_seqlen_k))
     pr, cfg, groups = plan.pr, plan.cfg, plan.groups

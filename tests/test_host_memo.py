@@ -87,10 +87,10 @@ def test_backward_prepared_once_and_exact(launch, monkeypatch, mask):
     plan, = launch._BWD_PLANS.values()
     assert plan.pr.mask_args is None and plan.pr.run_rows is not None  # the backward's own layout, no mask operand
     torch.manual_seed(7)  # the dropout seed (deberta_fast draws it from torch's generator)
-    cached = grads(triton_fn(m, kw, dropout_p=0.2), ts, torch.float32, do)
-    monkeypatch.setattr(launch, "_BWD_PLANS", {})
+    cold = grads(triton_fn(m, kw, dropout_p=0.2), ts, torch.float32, do)  # a signature of its own: prepared
     torch.manual_seed(7)
-    cold = grads(triton_fn(m, kw, dropout_p=0.2), ts, torch.float32, do)
+    cached = grads(triton_fn(m, kw, dropout_p=0.2), ts, torch.float32, do)
+    assert prepared == [1, 1, 1, 1] and len(launch._BWD_PLANS) == 2
     assert all(torch.equal(a, b) for a, b in zip(cached, cold))
 
 

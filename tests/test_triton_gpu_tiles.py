@@ -51,15 +51,18 @@ def test_gpu_tiles_v3_buckets(gpu_configs):
     _check(1, 2, 130, 64, V3)
 
 
-def test_gpu_tiles_scattered_key_mask(gpu_configs):
-    """Keys masked at random inside the forward's 128-key saturated tiles (D = 64 without dropout), which take the
-    masked keys' -inf as the p2c load's ``other`` (``_rel_terms``), and a batch entry with every key masked."""
+@pytest.mark.parametrize("scale", [None, -0.125, 0.0], ids=["default-scale", "negative-scale", "zero-scale"])
+def test_gpu_tiles_scattered_key_mask(gpu_configs, scale):
+    """Keys masked at random inside the forward's 128-key saturated tiles (D = 64 without dropout), which read the
+    p2c column under the key mask and select -inf for masked keys (``_rel_terms``; ``-inf * scale`` would be NaN or
+    +inf at a scale <= 0), and a batch entry with every key masked (HF's uniform rows)."""
     B, H, L, D = 2, 1, 200, 64
     q, k, v, pk, pq, _, kw = make_inputs(B, H, L, L, D, buckets=BUCKETED)
     mask = torch.rand(B, L) > 0.3
     mask[0, :7] = False
     mask[1] = False
     do = torch.randn(B, H, L, D)
+    kw = dict(kw, scale=scale)
     got = grads(triton_fn(mask, kw), (q, k, v, pk, pq), torch.float32, do)
     ref = grads(reference_fn(mask, kw), (q, k, v, pk, pq), torch.float64, do)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, ref):
