@@ -800,7 +800,8 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     plan, mask_args = _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                                 max_relative_positions, span, dropout_p)
     pr, cfg = plan.pr, plan.cfg
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, H, Lq, D] (empty_like: ~0.6 us less)
+    # [B, H, Lq, D]; empty_like: ~0.6 us less than empty(shape) (measured on the 2-core CPU machine, 2026-12-05)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
     tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed))
     one = len(plan.groups) == 1
@@ -849,7 +850,8 @@ def _position_grads(sums, pos, x, pr: _Prepared):
     else:
         fold = torch.nn.functional.one_hot(pr.run_rows, sub.shape[-2]).to(druns.dtype)  # [NRUN, rows]
         dsub = torch.matmul(fold.t(), druns)
-    # zero rows outside ``rows``: one pad instead of zeros + a slice copy (the aten op: F.pad's wrapper cost ~0.4 us)
+    # zero rows outside ``rows``: one pad instead of zeros + a slice copy (the aten op: F.pad's wrapper cost ~0.4 us,
+    # measured on the 2-core CPU machine, 2026-12-05)
     dpos = torch.constant_pad_nd(dsub.to(pos.dtype), (0, 0, pr.rows.start, pos.shape[-2] - pr.rows.stop))
     return dx, dpos
 
