@@ -47,6 +47,7 @@ from typing import Optional
 
 import torch
 
+from ._env import env_flag
 from .positions import values_unreadable
 
 __all__ = ["load", "build_jit", "unavailable_reason", "ops", "band_window", "rel_grads", "csrc_dir", "HEAD_DIMS",
@@ -144,7 +145,7 @@ def load():
 
 def simulating() -> bool:
     """True when ``DEBERTA_FAST_CUDA_SIM=1``: the cuda backend runs its kernels on CPU tensors, simulated."""
-    return os.environ.get("DEBERTA_FAST_CUDA_SIM", "0").lower() in ("1", "true", "yes", "on")
+    return env_flag("DEBERTA_FAST_CUDA_SIM")
 
 
 def simulator(verbose: bool = False):

@@ -23,9 +23,36 @@ from typing import Optional
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
+#: ``os.environ``'s backing dict on POSIX (bytes keys and values; ``os.environ``'s setters write it, and a bare
+#: ``os.putenv`` is seen by neither), or None elsewhere.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not isinstance(_ENV_DATA, dict):
+    _ENV_DATA = None
+_ENV_KEYS: dict = {}
+
+
+def getenv(name: str, default: str | None = None) -> str | None:
+    """``os.environ.get(name, default)``, read from the mapping's backing dict on POSIX: ~0.1 us instead of ~0.7
+    (the per-call dispatch reads two variables; measured on the 2-core CPU machine, 2026-12-05)."""
+    if _ENV_DATA is None:
+        return os.environ.get(name, default)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.fsencode(name)
+    value = _ENV_DATA.get(key)
+    return default if value is None else os.fsdecode(value)
+
+
+def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` is set to a true value as triton 3.7 reads its flags (``1``, ``true``,
+    ``on``, ``yes``, ``y``, any case; ``triton.knobs``' ``getenv_bool``)."""
+    value = getenv(name)
+    return value is not None and value.lower() in ("1", "true", "on", "yes", "y")
+
+
 def interpreting() -> bool:
-    """Whether ``TRITON_INTERPRET`` asks for the Triton interpreter (as triton reads it: not '', not '0')."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off", "no")
+    """Whether ``TRITON_INTERPRET`` asks Triton to run kernels on its CPU interpreter."""
+    return env_flag("TRITON_INTERPRET")
 
 
 def _dist_version(name: str) -> Optional[str]:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import operator
 import threading
 import warnings
 
 import torch
 
+from ._env import getenv, interpreting  # noqa: F401 (interpreting: patching's)
 from .backends import AUTO_ORDER, AUTO_ORDER_TRACING, BACKENDS, AttentionCall, VarlenCall
 from .positions import attention_span, check_bucket_config, values_unreadable
 from .reference import default_scale, mask_kind, normalize_mask
@@ -20,11 +20,6 @@ _warned: set[str] = set()
 
 class BackendUnavailableError(NotImplementedError):
     """A named backend cannot serve a call; the message lists why."""
-
-
-def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET`` asks Triton to run kernels on the CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def last_backend() -> str | None:
@@ -315,19 +310,19 @@ def _signature(query, key, value, pos_key, pos_query, aux, ints, scale, dropout_
     environment variables the backends' refusals read; None (no memo) for tensor subclasses, integer arguments
     that are not ``int``, a scale or rate that is not a ``float`` / ``int``, or while tracing (checked first: the
     compiler then never traces the rest)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # (values_unreadable's checks)
         return None
     if not (type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
             and _plain(pos_key) and _plain(pos_query) and all(map(_plain, aux))
             and all(type(i) is int for i in ints) and (scale is None or type(scale) is float)
             and type(dropout_p) in (float, int) and type(backend) is str):
         return None
-    if values_unreadable(query):
+    mq = _meta(query)
+    if mq[3].type == "meta":
         return None
-    return (_meta(query), _meta(key), _meta(value), _meta(pos_key), _meta(pos_query),
+    return (mq, _meta(key), _meta(value), _meta(pos_key), _meta(pos_query),
             tuple(None if t is None else (t.shape, t.dtype, t.device) for t in aux), ints, scale, dropout_p,
-            backend, torch.is_grad_enabled(), os.environ.get("TRITON_INTERPRET"),
-            os.environ.get("DEBERTA_FAST_CUDA_SIM"))
+            backend, torch.is_grad_enabled(), getenv("TRITON_INTERPRET"), getenv("DEBERTA_FAST_CUDA_SIM"))
 
 
 def _remember(sig, call, b, pos_key, pos_query) -> None:
@@ -434,7 +429,10 @@ def disentangled_attention_varlen(query, key, value, pos_key=None, pos_query=Non
             check_varlen_offsets(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0], max_seqlen_q,
                                  max_seqlen_k)
         pk, pq = _cut(rows, pos_key, pos_query)
-        call = VarlenCall(query, key, value, pk, pq, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+        i32 = torch.int32  # (int32 offsets as they are: .to() costs ~0.5 us even when it returns its input)
+        call = VarlenCall(query, key, value, pk, pq,
+                          cu_seqlens_q if cu_seqlens_q.dtype == i32 else cu_seqlens_q.to(i32),
+                          cu_seqlens_k if cu_seqlens_k.dtype == i32 else cu_seqlens_k.to(i32),
                           max_seqlen_q, max_seqlen_k, pb, mr, span, scale, dropout_p)
     else:
         call = build_varlen_call(query, key, value, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

@@ -2,7 +2,7 @@
 
 Both kernels recompute ``P = exp2((t - (ROWMAX - row_term)) - LOGSUM)`` (as the forward: see
 ``_rel_terms``) tile by tile, walking saturated, inner, in-band (with an end run) and saturated tiles in loops of
-their own (``_tile_regions``, ``_inner_tiles``), from the forward's statistics (exact at any score magnitude; 0 on
+their own (``_tile_regions``, ``_inner_tiles``), from the forward's statistics ``STATS`` (exact at any score magnitude; 0 on
 rows with no key, and on HF's uniform rows, whose scores are constants: their ``LOGSUM`` is taken as +inf, and the
 dK/dV kernel adds their dV in a pass of its own, ``_uniform_dv``) and the dropout keep-mask from the seed, and form
 ``dS = scale * P * (dP - DELTA)`` with ``DELTA = rowsum(dO * O)`` float32 ``[B,H,Lq]`` and
@@ -22,14 +22,14 @@ per constant end of the slot table) fold onto table rows on the host, which turn
 with small GEMMs.  Every output location has one writer: deterministic.
 
 ``VARLEN``: packed sequences (layouts as in the forward kernel; grids over the longest
-sequence's blocks and ``N*H``): ``ROWMAX``/``LOGSUM``/``DELTA [H,Tq]``, ``DQ [H,Tq,D]``,
+sequence's blocks and ``N*H``): ``STATS [2,H,Tq]``, ``DELTA [H,Tq]``, ``DQ [H,Tq,D]``,
 ``DK``/``DV [H,Tk,D]``, ``CSUM [H,Tq,NRUN]``, ``PSUM [H,Tk,NRUN]``, all float32.
 """
 import triton
 import triton.language as tl
 
 from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _inner_tiles, _k_axis,
-                                      _key_col, _masked, _mm, _q_axis, _rel_terms, _score_mm, _sequence,
+                                      _key_col, _masked, _mm, _q_axis, _rel_terms, _score_mm, _sequence, _stat_planes,
                                       _finish_runs, _tile, _tile_regions, _uniform_rows, _block_tile)
 
 
@@ -167,7 +167,7 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_
 # a fresh seed / rate per call, or another head group, must not recompile
 @triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
 def disentangled_bwd_dkdv_kernel(
-    Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM,
+    Q, K, V, DO, STATS, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
@@ -180,6 +180,7 @@ def disentangled_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    ROWMAX, LOGSUM = _stat_planes(STATS, Lq, H_ALL, VARLEN)
     q0, Lq, k0, Lk, qrow0, krow0, toff = _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
     bh = b * H_ALL + H0 + h  # the dropout stream's (b, h): global when the launcher runs heads in groups
     TABLE = TABLE + toff
@@ -245,7 +246,7 @@ def disentangled_bwd_dkdv_kernel(
 # a fresh seed / rate per call, or another head group, must not recompile
 @triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
 def disentangled_bwd_dq_kernel(
-    Q, K, V, DO, ROWMAX, LOGSUM, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM, O,
+    Q, K, V, DO, STATS, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM, O,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
@@ -258,6 +259,7 @@ def disentangled_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    ROWMAX, LOGSUM = _stat_planes(STATS, Lq, H_ALL, VARLEN)
     q0, Lq, k0, Lk, qrow0, krow0, toff = _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
     bh = b * H_ALL + H0 + h  # the dropout stream's (b, h): global when the launcher runs heads in groups
     TABLE = TABLE + toff

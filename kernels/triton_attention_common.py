@@ -94,6 +94,19 @@ def _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _stat_planes(STATS, Lq, H_ALL, VARLEN: tl.constexpr):
+    """``(ROWMAX, LOGSUM)``: the two planes of the softmax statistics ``STATS [2, ...]`` (float32, contiguous).
+    Padded: a launch's own ``[2, B, H, Lq]`` buffer (a plane holds the grid's ``B*H`` rows of ``Lq``); packed: a view
+    of the launch's heads in the call's ``[2, H_ALL, Tq]`` (``Lq`` = ``Tq``, the total).  Call with the launch's
+    ``Lq``, before :func:`_sequence` narrows it.  (One pointer, not two: the host makes no views per call.)"""
+    if VARLEN:
+        plane = H_ALL.to(tl.int64) * Lq
+    else:
+        plane = tl.num_programs(1).to(tl.int64) * Lq
+    return STATS, STATS + plane
+
+
+@triton.jit
 def _q_axis(x, TRANS: tl.constexpr):
     """A per-query vector ``[BLOCK_M]`` spread over the tile's query axis: ``x[:, None]`` on a ``[BLOCK_M, BLOCK_N]``
     tile, ``x[None, :]`` on a transposed ``[BLOCK_N, BLOCK_M]`` one (keys as rows)."""

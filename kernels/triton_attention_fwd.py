@@ -4,7 +4,7 @@ Grid ``(cdiv(Lq, BLOCK_M), B*H)``.  Inputs ``Q [B,H,Lq,D]``, ``K``/``V [B,H,Lk,D
 contiguous, other strides passed), ``C2P [B,H,Lq,NSLOT]`` / ``P2C [B,H,Lk,NSLOT]`` float32
 (see :mod:`.triton_attention_common`), ``TABLE`` int32 ``[Lq+Lk-1]``.  Writes ``OUT [B,H,Lq,D]``
 and the softmax statistics of the scaled masked log2-domain scores ``s2`` (without dropout), float32
-``[B,H,Lq]`` each: ``ROWMAX = max_j s2`` and ``LOGSUM = log2 sum_j exp2(s2 - ROWMAX)`` (0 and +inf on
+``STATS [2,B,H,Lq]``, planes ``ROWMAX`` and ``LOGSUM`` (``_stat_planes``): ``ROWMAX = max_j s2`` and ``LOGSUM = log2 sum_j exp2(s2 - ROWMAX)`` (0 and +inf on
 a row with no key), with ``s2 = t + row_term`` (:func:`.triton_attention_common._rel_terms`).  The backward
 recomputes ``p = exp2((t - (ROWMAX - row_term)) - LOGSUM)``, the forward's own formula: kept apart, the two
 statistics lose nothing at large scores, where a single log-sum-exp would round away the small ``LOGSUM``
@@ -21,14 +21,14 @@ grid's and the per-launch buffers'); a launcher running heads in groups passes v
 
 ``VARLEN``: packed sequences; grid ``(cdiv(max_seqlen_q, BLOCK_M), N*H)``, ``Q [Tq,H,D]``,
 ``K``/``V [Tk,H,D]`` (batch strides 0), ``C2P [H,Tq,NSLOT]``, ``P2C [H,Tk,NSLOT]``, ``TABLE``
-``[max_seqlen_q+max_seqlen_k-1]``, ``OUT [Tq,H,D]``, ``ROWMAX``/``LOGSUM [H,Tq]``; ``Lq``/``Lk`` are the totals,
+``[max_seqlen_q+max_seqlen_k-1]``, ``OUT [Tq,H,D]``, ``STATS [2,H,Tq]``; ``Lq``/``Lk`` are the totals,
 ``CU_Q``/``CU_K`` int32 ``[N+1]``; programs past the end of their sequence return at once.
 """
 import triton
 import triton.language as tl
 
 from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _key_col, _masked, _mm, _rel_terms,
-                                      _score_mm, _sequence, _tile, _tile_regions, _uniform_rows, _block_tile)
+                                      _score_mm, _sequence, _stat_planes, _tile, _tile_regions, _uniform_rows, _block_tile)
 
 
 @triton.jit
@@ -156,7 +156,7 @@ def _uniform_out(V_bh, offs_m, offs_d, d_ok, Lk, s_vn, bh, inv_keep, drop_thresh
 # a fresh seed / rate per call, or another head group, must not recompile
 @triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
 def disentangled_fwd_kernel(
-    Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, ROWMAX, LOGSUM, SCR,
+    Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, STATS, SCR,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh, s_pkb, s_pkh, s_pkr, s_pqb, s_pqh, s_pqr,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
@@ -169,6 +169,7 @@ def disentangled_fwd_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    ROWMAX, LOGSUM = _stat_planes(STATS, Lq, H_ALL, VARLEN)
     q0, Lq, k0, Lk, qrow0, krow0, toff = _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
     bh = b * H_ALL + H0 + h  # the dropout stream's (b, h): global when the launcher runs heads in groups
     TABLE = TABLE + toff

@@ -24,21 +24,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
 
+from deberta_fast._env import interpreting
 from deberta_fast.positions import distance_runs, table_band, trimmed_slot_table
 
 from .triton_attention_bwd import disentangled_bwd_dkdv_kernel, disentangled_bwd_dq_kernel
 from .triton_attention_common import KMASK_PAD
 from .triton_attention_fwd import disentangled_fwd_kernel
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels under its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 _TF32_GETTER = getattr(torch._C, "_get_cublas_allow_tf32", None)
@@ -287,36 +282,42 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
 TABLE_DTYPE = "float32"
 
 
-def _table_gemm(x, pos):
+def _table_gemm(x, pos, keep_batch: bool = True):
     """``x @ pos^T``: ``x [B,H,L,D]`` or ``[H,T,D]``, ``pos [H,R,D]`` or ``[B,H,R,D]`` -> ``[..., L, R]``
     contiguous, float32 (or ``x``'s 16-bit dtype under ``TABLE_DTYPE = "input"``).  fp16/bf16 on CUDA: tensor-core
     GEMM with float32 output (``bmm(out_dtype=)``: products of 16-bit values are exact in float32, so this equals
     the float32 GEMM up to summation order); otherwise a float32 GEMM (TF32 only if torch allows it).
     ``B == 1`` with a shared ``pos`` is one 3-D ``bmm`` (a broadcast ``matmul`` cost ~2 us more host time, measured on
-    the 2-core CPU machine, 2026-12-02)."""
+    the 2-core CPU machine, 2026-12-02), its result ``[H, L, R]`` without ``keep_batch`` (the same memory: the
+    kernels read a table by pointer)."""
     half = TABLE_DTYPE == "input" and x.dtype in (torch.float16, torch.bfloat16)
-    if x.dim() == 4 and pos.dim() == 3 and x.shape[0] == 1:
-        x, lead = x[0], True
-    else:
-        lead = False
-    out = None
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+    lead = x.dim() == 4 and x.shape[0] == 1 and pos.dim() == 3
+    if lead:
+        x = x[0]
+    if x.dim() == 3 and pos.dim() == 3:
+        out = _bmm32(x, pos.mT, half)
+    elif x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
         batch = x.shape[:-2]
-        xb = x.reshape(-1, *x.shape[-2:])
-        pb = pos.expand(*batch, *pos.shape[-2:]).reshape(-1, *pos.shape[-2:]).transpose(1, 2)
-        try:  # (16-bit output: cuBLAS accumulates in float32 and rounds once)
-            out = (torch.bmm(xb, pb) if half else torch.bmm(xb, pb, out_dtype=torch.float32)).view(
-                *batch, x.shape[-2], -1)
-        except (TypeError, RuntimeError, NotImplementedError):  # torch without bmm(out_dtype=)
-            pass
-    if out is None:
-        if x.dim() == 3 and pos.dim() == 3:
-            out = torch.bmm(x.float(), pos.float().mT)
-        else:
-            out = torch.matmul(x.float(), pos.float().mT).contiguous()
+        pb = pos.expand(*batch, *pos.shape[-2:]).reshape(-1, *pos.shape[-2:])
+        out = _bmm32(x.reshape(-1, *x.shape[-2:]), pb.mT, half).view(*batch, x.shape[-2], -1)
+    else:
+        out = torch.matmul(x.float(), pos.float().mT).contiguous()
         if half:
             out = out.to(x.dtype)
-    return out[None] if lead else out
+    return out[None] if lead and keep_batch else out
+
+
+def _bmm32(a, b, half: bool):
+    """``bmm(a, b)`` in float32 (``half``: rounded to ``a``'s 16-bit dtype once): on CUDA a 16-bit GEMM with float32
+    output, else a float32 one (float32 operands used as they are)."""
+    dtype = a.dtype
+    if a.is_cuda and dtype in (torch.float16, torch.bfloat16):
+        try:  # (16-bit output: cuBLAS accumulates in float32 and rounds once)
+            return torch.bmm(a, b) if half else torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without bmm(out_dtype=)
+            pass
+    out = torch.bmm(a, b) if dtype == torch.float32 else torch.bmm(a.float(), b.float())
+    return out.to(dtype) if half else out
 
 
 LOG2E = 1.4426950408889634
@@ -544,11 +545,12 @@ def _heads(hs: slice | None, *ts, axis: int = -3) -> list:
 
 def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None):
     """``(C2P, P2C)`` of heads ``hs`` (:func:`_heads`; ``q`` / ``k`` / ``pos_*`` with heads on dim -3), or the dummy
-    pointer for an absent term."""
-    dummy = _dummies(q.device)[2]
-    q, k, pos_key, pos_query = _heads(hs, q, k, pos_key, pos_query)
-    c2p = _table_gemm(q, pos_key[..., pr.rows, :]) if pos_key is not None else dummy
-    p2c = _table_gemm(k, pos_query[..., pr.rows, :]) if pos_query is not None else dummy
+    pointer for an absent term (a batch-1 table ``[H, L, R]``: :func:`_table_gemm`)."""
+    if hs is not None:
+        q, k, pos_key, pos_query = _heads(hs, q, k, pos_key, pos_query)
+    rows = pr.rows
+    c2p = _table_gemm(q, pos_key[..., rows, :], False) if pos_key is not None else _dummies(q.device)[2]
+    p2c = _table_gemm(k, pos_query[..., rows, :], False) if pos_query is not None else _dummies(q.device)[2]
     return c2p, p2c
 
 
@@ -671,7 +673,7 @@ def _aligned_head_dim(n_padded: int):
 @dataclass(frozen=True)
 class _FwdPlan:
     """A padded forward's launches but for the tensors: one per call signature (:func:`_fwd_plan`)."""
-    pr: _Prepared  # mask_args None: every call makes its own mask operands (_mask_tensors)
+    pr: _Prepared  # mask_args None with masks (every call makes its own mask operands, _mask_tensors), else dummies
     cfg: LaunchConfig
     groups: list
     strides: tuple  # Q / K / V / OUT, then the masks' strides (every group's: views keep strides)
@@ -681,7 +683,7 @@ class _FwdPlan:
 @dataclass(frozen=True)
 class _BwdPlan:
     """A backward's launches but for the tensors: one per call signature (:func:`_bwd_plan`)."""
-    pr: _Prepared  # mask_args None, as _FwdPlan's
+    pr: _Prepared  # mask_args as _FwdPlan's
     cfg: BackwardConfig
     groups: list
     kw_dkdv: dict  # constexprs and launch options of each kernel (_launch_kwargs)
@@ -707,17 +709,21 @@ def _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
             _TARGET_ARCH[0], REL_SOURCE, TABLE_BUDGET, TABLE_DTYPE)
 
 
-def _cached(plans: dict, key: tuple, make):
-    """``plans[key]``, made by ``make()`` on a miss; nothing is cached while ``launch_config`` / ``_config`` are
-    replaced (the tuning and static-profile tools record or force configs through them: they see every call)."""
+def _cached(plans: dict, key: tuple):
+    """``plans[key]`` or None; always None while ``launch_config`` / ``_config`` are replaced (the tuning and
+    static-profile tools record or force configs through them: they see every call)."""
     if launch_config is not _SHIPPED_LAUNCH_CONFIG or _config is not _SHIPPED_CONFIG:
-        return make()
-    plan = plans.get(key)
-    if plan is None:
-        if len(plans) >= 256:
-            plans.clear()
-        plan = plans[key] = make()
-    return plan
+        return None
+    return plans.get(key)
+
+
+def _keep(plans: dict, key: tuple, plan) -> None:
+    """Cache ``plan`` under ``key`` (a bounded cache: cleared at 256 entries), unless configs are replaced."""
+    if launch_config is not _SHIPPED_LAUNCH_CONFIG or _config is not _SHIPPED_CONFIG:
+        return
+    if len(plans) >= 256:
+        plans.clear()
+    plans[key] = plan
 
 
 def _plan(plans: dict, build, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
@@ -728,25 +734,27 @@ def _plan(plans: dict, build, q, k, v, pos_key, pos_query, key_mask, full_mask, 
     operands."""
     varlen = max_seqlens is not None
     Lq, Lk = max_seqlens if varlen else (q.shape[2], k.shape[2])
-    made = []  # a plan made by this call: its mask operands
-
-    def make():
-        if varlen:
-            (q_rows, H, D), k_rows = q.shape, k.shape[0]
-            pr = _varlen_prepare(q, k, pos_key, pos_query, Lq, Lk, position_buckets, max_relative_positions, span,
-                                 dropout_p, backward)
-        else:
-            B, H, _, D = q.shape
-            q_rows, k_rows = B * Lq, B * Lk
-            pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
-                          max_relative_positions, span, dropout_p, backward=backward)
-        made.append(pr.mask_args)
-        return build(replace(pr, mask_args=None), Lq, Lk, H, D, q_rows, k_rows)
-
-    plan = _cached(plans, (backward,) + _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows,
-                                                 position_buckets, max_relative_positions, span, dropout_p,
-                                                 max_seqlens), make)
-    return plan, (made[0] if made else _mask_tensors(q.device, key_mask, full_mask, uniform_rows, Lq, Lk)[1])
+    key = (backward,) + _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                                  max_relative_positions, span, dropout_p, max_seqlens)
+    plan = _cached(plans, key)
+    if plan is not None:
+        mask_args = plan.pr.mask_args  # the dummies of a call without masks, kept
+        if mask_args is None:
+            mask_args = _mask_tensors(q.device, key_mask, full_mask, uniform_rows, Lq, Lk)[1]
+        return plan, mask_args
+    if varlen:
+        (q_rows, H, D), k_rows = q.shape, k.shape[0]
+        pr = _varlen_prepare(q, k, pos_key, pos_query, Lq, Lk, position_buckets, max_relative_positions, span,
+                             dropout_p, backward)
+    else:
+        B, H, _, D = q.shape
+        q_rows, k_rows = B * Lq, B * Lk
+        pr = _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                      max_relative_positions, span, dropout_p, backward=backward)
+    masked = key_mask is not None or full_mask is not None or uniform_rows is not None
+    plan = build(replace(pr, mask_args=None) if masked else pr, Lq, Lk, H, D, q_rows, k_rows)
+    _keep(plans, key, plan)
+    return plan, pr.mask_args
 
 
 def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
@@ -803,7 +811,7 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     # [B, H, Lq, D]; empty_like: ~0.6 us less than empty(shape) (measured on the 2-core CPU machine, 2026-12-05)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
-    tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p), int(seed))
+    tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p) if dropout_p else 0, int(seed))
     one = len(plan.groups) == 1
     for hs in plan.groups:
         n, g = hs.stop - hs.start, (None if one else hs)  # one group: no views (host time)
@@ -813,7 +821,7 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
         c2p, p2c, scr, rel_strides, skew, win = _rel_args(q, k, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1])
         disentangled_fwd_kernel[grid](
             *_heads(g, q, k, v), c2p, p2c, pr.table, pr.table, pr.table, *_group_masks(mask_args, g),
-            *_heads(g, out), *st.unbind(0), scr, *plan.strides, *rel_strides, n, H, hs.start, Lq, Lk, Lq, Lk, D,
+            *_heads(g, out), st, scr, *plan.strides, *rel_strides, n, H, hs.start, Lq, Lk, Lq, Lk, D,
             pr.nslot, *tail, SKEW=skew, WIN=win, **plan.kwargs)
         if not one:
             stats[:, :, hs] = st
@@ -876,6 +884,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
         do = do.contiguous()
     if out.stride(-1) != 1 or not rows_fit(out.stride(-2), Lq):  # (the dq kernel reads it: DELTA)
         out = out.contiguous()
+    stats = stats.contiguous()  # the kernels find its second plane (_stat_planes)
     plan, mask_args = _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                                 max_relative_positions, span, dropout_p)
     pr, cfg, groups = plan.pr, plan.cfg, plan.groups
@@ -901,7 +910,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
                   float(dropout_p), _drop_threshold(dropout_p), int(seed))
         st = stats if one else stats[:, :, hs].contiguous()
         qg, kg, vg, dog, og, pkg, pqg = _heads(g, q, k, v, do, out, pos_key, pos_query)
-        inputs = (qg, kg, vg, dog, *st.unbind(0), dl, *_tables(q, k, pos_key, pos_query, pr, g),
+        inputs = (qg, kg, vg, dog, st, dl, *_tables(q, k, pos_key, pos_query, pr, g),
                   pr.table, pr.table, pr.table, *_group_masks(mask_args, g))
         disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * n)](*inputs, dq, c_sum, og, *common, *o_strides,
                                                                         **plan.kw_dq)
@@ -942,7 +951,8 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
                              position_buckets, max_relative_positions, span, scale, dropout_p, seed):
     """Fused forward over packed sequences.  ``q [Tq,H,D]``, ``k``/``v [Tk,H,D]`` (last dim
     contiguous), ``pos_key``/``pos_query [H,2*span,D]`` or None.  Returns ``(out [Tq,H,D] in
-    q.dtype, stats float32 [2,H,Tq])``; rows of no sequence are 0 (log-sum ``+inf``, as on rows without keys)."""
+    q.dtype, stats float32 [2,H,Tq])``; rows of no sequence (only with offsets that do not cover the tokens) are 0,
+    their statistics ``+inf`` (log-sum-exp ``+inf``, as on rows without keys)."""
     Tq, H, D = q.shape
     Tk = k.shape[0]
     N = cu_seqlens_q.numel() - 1
@@ -950,19 +960,18 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
                                 max_relative_positions, span, dropout_p, (max_seqlen_q, max_seqlen_k))
     pr, cfg = plan.pr, plan.cfg
     out = torch.zeros((Tq, H, D), device=q.device, dtype=q.dtype)
-    stats = torch.zeros((2, H, Tq), device=q.device, dtype=torch.float32)
-    stats[1] = float("inf")
+    stats = torch.full((2, H, Tq), float("inf"), device=q.device, dtype=torch.float32)  # (one fill, not two)
     qt, kt = q.transpose(0, 1), k.transpose(0, 1)
     one = len(plan.groups) == 1
     tail = (Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p),
-            _drop_threshold(dropout_p), int(seed))
+            _drop_threshold(dropout_p) if dropout_p else 0, int(seed))
     for hs in plan.groups:
         n, g = hs.stop - hs.start, (None if one else hs)
         grid = (_cdiv(max_seqlen_q, cfg.block_m), N * n)
         c2p, p2c, scr, rel_strides, skew, win = _rel_args(qt, kt, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1])
         disentangled_fwd_kernel[grid](
             *_heads(g, q, k, v, axis=1), c2p, p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *mask_args,
-            *_heads(g, out, axis=1), *_heads(g, stats, axis=1)[0].unbind(0), scr, *plan.strides, *rel_strides, n, H,
+            *_heads(g, out, axis=1), *_heads(g, stats, axis=1), scr, *plan.strides, *rel_strides, n, H,
             hs.start, *tail, SKEW=skew, WIN=win, **plan.kwargs)
     return out, stats
 
@@ -981,6 +990,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
         do = do.contiguous()
     if out.stride(-1) != 1 or not rows_fit(out.stride(0), max_seqlen_q):
         out = out.contiguous()
+    stats = stats.contiguous()  # the kernels find its second plane (_stat_planes)
     plan, mask_args = _bwd_plan(q, k, v, pos_key, pos_query, None, None, None, position_buckets,
                                 max_relative_positions, span, dropout_p, (max_seqlen_q, max_seqlen_k))
     pr, cfg, groups = plan.pr, plan.cfg, plan.groups
@@ -1003,7 +1013,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
         (stg,), (dqg, dkg, dvg) = _heads(g, stats, axis=1), _heads(g, dq, dk, dv)
         dl = _unfilled((n, Tq), q.device)  # [H, Tq] rowsum(dO * O): the dq kernel's (rows of no sequence unused)
         qg, kg, vg, dog, og = _heads(g, q, k, v, do, out, axis=1)
-        inputs = (qg, kg, vg, dog, *stg.unbind(0), dl, *_tables(qt, kt, pos_key, pos_query, pr, g),
+        inputs = (qg, kg, vg, dog, stg, dl, *_tables(qt, kt, pos_key, pos_query, pr, g),
                   pr.table, cu_seqlens_q, cu_seqlens_k, *mask_args)
         disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.dq.block_m), N * n)](*inputs, dqg, c_sum, og, *common,
                                                                                  0, out.stride(1), out.stride(0),

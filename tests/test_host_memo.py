@@ -122,6 +122,23 @@ def test_memo_reads_the_environment(launch, monkeypatch):
         disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", **kw)
 
 
+def test_fast_getenv_is_os_environ(monkeypatch):
+    """``_env.getenv`` (the memo's and the launcher's environment reads) sees what ``os.environ`` holds, as set and
+    unset, and ``env_flag`` reads flags as triton does."""
+    import os
+
+    from deberta_fast._env import env_flag, getenv
+
+    name = "DEBERTA_FAST_TEST_VARIABLE"
+    assert getenv(name) is None and getenv(name, "x") == "x" and not env_flag(name)
+    for value, flag in (("1", True), ("TRUE", True), ("on", True), ("Yes", True), ("0", False), ("", False),
+                        ("off", False), (" 1", False), ("h\u00e9", False)):
+        monkeypatch.setenv(name, value)
+        assert getenv(name) == os.environ[name] == value and env_flag(name) is flag, value
+    monkeypatch.delenv(name)
+    assert getenv(name) is None and not env_flag(name)
+
+
 def test_auto_fallback_is_memoised_and_warns_once(launch, monkeypatch):
     """``auto`` on CPU refuses cuda and warns that it picked the interpreter; the choice is memoised: the next
     call of the signature is neither validated nor warned about again, and is served by the same backend."""
@@ -162,7 +179,10 @@ def test_caches_keep_no_user_tensor(launch):
     gc.collect()
     assert dispatch._MEMO and launch._FWD_PLANS and launch._BWD_PLANS and all(r() is None for r in refs)
     plans = [*launch._FWD_PLANS.values(), *launch._BWD_PLANS.values()]
-    assert all(plan.pr.mask_args is None for plan in plans)  # nor a call's mask operands
+    # nor a call's mask operands (a plan without masks keeps the launcher's own placeholders)
+    assert all(plan.pr.mask_args is None or all(any(t is d for d in launch._dummies(t.device))
+                                                for t in plan.pr.mask_args) for plan in plans)
+    assert any(plan.pr.mask_args is None for plan in plans)  # (the padded plans, with their masks)
 
 
 def test_plan_with_head_groups_and_per_head_masks(launch, monkeypatch):

@@ -145,7 +145,7 @@ def test_16bit_tables_experiment(monkeypatch, dtype, mask):
     made = []
     real = launch._table_gemm
     monkeypatch.setattr(launch, "TABLE_DTYPE", "input")
-    monkeypatch.setattr(launch, "_table_gemm", lambda x, pos: made.append(real(x, pos)) or made[-1])
+    monkeypatch.setattr(launch, "_table_gemm", lambda x, pos, *a: made.append(real(x, pos, *a)) or made[-1])
     check_grads(2, 2, 37, 53, 16, dtype=dtype, mask=mask)
     assert made and all(t.dtype == dtype for t in made)
 
