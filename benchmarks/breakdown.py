@@ -22,6 +22,9 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
   ``TABLE_DTYPE = "input"`` experiment, tables in bf16 (half the bytes, a widening per gathered entry);
 - ``triton both, skew (no tables)``: the launcher's ``REL_SOURCE = "skew"`` experiment, the forward without tables
   (band tiles: window products on tensor cores skewed through a per-program scratch);
+- ``triton both, distance tables`` (forward, and forward+backward): ``REL_SOURCE = "distance"``, tables with a column
+  per distance (2.2-2.6x the bytes at v3 buckets; band tiles read them with no slot-table load, so every load of the
+  band loop is prefetched: NOTES, "Distance tables");
 - ``triton both, one launch`` (forward, and forward+backward): ``TABLE_BUDGET = None``, every head in one launch
   (the shipped budget runs 16k tokens' 805 MB of tables in head groups: the time that costs or saves, and the
   memory it saves);
@@ -127,6 +130,8 @@ def variants(B, H, L, D, device, dtype):
                                                            lambda: launch.attention_forward(*args, **kw))))
     out.append(("triton both, skew (no tables)", "fwd", _setting("REL_SOURCE", "skew",
                                                                  lambda: launch.attention_forward(*args, **kw))))
+    out.append(("triton both, distance tables", "fwd", _setting("REL_SOURCE", "distance",
+                                                                 lambda: launch.attention_forward(*args, **kw))))
     out.append(("torch both (HF eager's math)", "fwd", api("torch", "both", plain)))
     out += [(f"cuda {terms}", "fwd", api("cuda", terms, plain)) for terms in ("none", "both")]
     out.append(("sdpa", "fwd+bwd", _grad_run(lambda: F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), do)))
@@ -138,6 +143,7 @@ def variants(B, H, L, D, device, dtype):
     both = _grad_run(api("triton", "both", grads), grads, do)
     out.append(("triton both, 16-bit tables", "fwd+bwd", _setting("TABLE_DTYPE", "input", both)))
     out.append(("triton both, one launch", "fwd+bwd", _setting("TABLE_BUDGET", None, both)))
+    out.append(("triton both, distance tables", "fwd+bwd", _setting("REL_SOURCE", "distance", both)))
     return out
 
 

@@ -113,7 +113,8 @@ class Scenario:
     targets: tuple = TARGETS
     specialize: bool = True  # False: the negative control, attributes dropped
     tables16: bool = False  # the launcher's TABLE_DTYPE = "input" experiment (C2P / P2C in the inputs' dtype)
-    skew: bool = False  # the launcher's REL_SOURCE = "skew" experiment (the forward without tables)
+    rel: str = "tables"  # the launcher's REL_SOURCE: "skew" (the forward without tables) or "distance" (a column
+    # per distance) are the breakdown's experiments
     tier: str = "default"
     why: str = ""
 
@@ -130,8 +131,8 @@ class Scenario:
             parts.append("UNSPECIALIZED")
         if self.tables16:
             parts.append("16-bit tables")
-        if self.skew:
-            parts.append("skew")
+        if self.rel != "tables":
+            parts.append(self.rel)
         return " ".join(parts)
 
 
@@ -230,7 +231,9 @@ def scenarios(full: bool) -> list[Scenario]:
     # the 16-bit tables of benchmarks.breakdown's A/B, as the GPU image's sm_90 would launch them
     out += [Scenario(p, targets=(90,), tables16=True, why="16-bit tables (A/B)") for p in ("fwd", "bwd")]
     # and its forward without tables, inference and training
-    out += [Scenario("fwd", targets=(90,), dropout=d, skew=True, why="skew, no tables (A/B)") for d in (False, True)]
+    out += [Scenario("fwd", targets=(90,), dropout=d, rel="skew", why="skew, no tables (A/B)") for d in (False, True)]
+    # and its forward on distance tables (no slot-table load in band tiles), on both architectures
+    out += [Scenario("fwd", dropout=d, rel="distance", why="distance tables (A/B)") for d in (False, True)]
     # negative control: the fp16 D=64 training forward without the launch specialization
     out.append(Scenario("fwd", targets=(80,), specialize=False, why="negative control"))
     if not full:
@@ -308,7 +311,7 @@ def run_scenario(sc: Scenario) -> list[Launch]:
     old_tf32, old_tables, old_rel = torch.backends.cuda.matmul.allow_tf32, launch.TABLE_DTYPE, launch.REL_SOURCE
     torch.backends.cuda.matmul.allow_tf32 = sc.dtype == "tf32"
     launch.TABLE_DTYPE = "input" if sc.tables16 else "float32"
-    launch.REL_SOURCE = "skew" if sc.skew else "tables"
+    launch.REL_SOURCE = sc.rel
     try:
         with capture_launches() as captured:
             if sc.varlen:

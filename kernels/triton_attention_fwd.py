@@ -66,21 +66,24 @@ def _skew_terms(col, q, k, C2P, P2C, s_pkr, s_pqr, TABLE, SCR, start_m, start_n,
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, offs_m, offs_d, d_ok,
                lo, hi, a, c, b, h, bh, Lq, Lk, NSLOT, qk_scale, inv_keep, drop_thresh, seed,
-               s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm, skew,
+               s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm, skew, dist,
                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-               SKEW: tl.constexpr, WIN: tl.constexpr):
+               SKEW: tl.constexpr, WIN: tl.constexpr, DIST: tl.constexpr):
     """Online softmax over key tiles of one kind.  ``GENERAL``: the tiles ``[lo, hi)``.  ``SAT``: both saturated
     ranges of ``_tile_regions`` in one loop (one loop per range would give each its own shared-memory pipeline
     buffers): ``[0, a)`` (slot ``NSLOT-1``) then ``[c, Lk)`` (slot 0), over ``[lo, hi) = [0, a + Lk - c)``.
     ``m_i`` is the max of the scores ``t + row_term`` (:func:`_rel_terms`); probabilities are
     ``exp2(t - (m - row_term))``: on saturated tiles, one subtraction per row.  ``SKEW``: no tables (``skew`` =
     ``(s_pkr, s_pqr, SCR, start_m, rt_lo, rt_hi)``): band tiles by :func:`_skew_terms`, saturated ones from per-row
-    terms computed once per program and one position row per key tile."""
+    terms computed once per program and one position row per key tile.  ``dist = (dist0, col_lo, col_hi)``: the
+    ``DIST`` experiment's first distance and the table columns of the two saturated slots (else ``(0, 0,
+    NSLOT - 1)``)."""
+    dist0, col_lo, col_hi = dist
     for it in range(lo, hi, BLOCK_N):
         if REGION == SAT:
             start_n = tl.where(it < a, it, it - a + c)
-            slot = tl.where(it < a, NSLOT - 1, 0)
+            slot = tl.where(it < a, col_hi, col_lo)
         else:
             start_n = it
             slot = 0
@@ -91,7 +94,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
         if not SKEW:
             kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
-                                HAS_C2P, HAS_P2C, REGION, False)
+                                HAS_C2P, HAS_P2C, REGION, False, dist0, DIST)
         elif REGION == SAT:
             s_pkr, s_pqr, SCR, start_m, rt_lo, rt_hi = skew
             kt = col
@@ -154,16 +157,16 @@ def _uniform_out(V_bh, offs_m, offs_d, d_ok, Lk, s_vn, bh, inv_keep, drop_thresh
 
 
 # a fresh seed / rate per call, or another head group, must not recompile
-@triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
+@triton.jit(do_not_specialize=["seed", "drop_thresh", "H0", "dist0"])
 def disentangled_fwd_kernel(
     Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, STATS, SCR,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh, s_pkb, s_pkh, s_pkr, s_pqb, s_pqh, s_pqr,
-    H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
+    H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, drop_thresh, seed, dist0,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SAT_N: tl.constexpr,
-    SKEW: tl.constexpr = False, WIN: tl.constexpr = 1,
+    SKEW: tl.constexpr = False, WIN: tl.constexpr = 1, DIST: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -205,6 +208,11 @@ def disentangled_fwd_kernel(
         P2C_bh = P2C + krow0 * NSLOT
         skew = (0, 0, SCR, start_m, m_ok, m_ok)
     inv_keep = 1.0 / (1.0 - p_drop)
+    if DIST:  # the saturated slots' columns: any distance at or beyond the band's ends
+        dist = (dist0, tl.minimum(tl.maximum(band_lo - dist0, 0), NSLOT - 1),
+                tl.minimum(tl.maximum(band_hi - dist0, 0), NSLOT - 1))
+    else:
+        dist = (0, 0, NSLOT - 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -213,7 +221,7 @@ def disentangled_fwd_kernel(
     # whatever the masked scores give there, and their output from _uniform_out below
     args = (q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, offs_m, offs_d, d_ok)
     rest = (b, h, bh, Lq, Lk, NSLOT, qk_scale, inv_keep, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm,
-            skew)
+            skew, dist)
     if HAS_C2P | HAS_P2C:
         # key tiles far behind the query tile (slot NSLOT-1) and far ahead (slot 0), then those in the band
         # (in SAT_N-key tiles, a multiple of BLOCK_N: the saturated BLOCK_N-tiles below the band that do not fill
@@ -222,12 +230,12 @@ def disentangled_fwd_kernel(
         a, c = _tile_regions(start_m, BLOCK_M, band_lo, band_hi, Lk, BLOCK_N, True)
         a = (a // SAT_N) * SAT_N
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, a + Lk - c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND,
-                                   DROPOUT, SAT, UPCAST, PREC, SAT_N, SKEW, WIN)
+                                   DROPOUT, SAT, UPCAST, PREC, SAT_N, SKEW, WIN, DIST)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, a, c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                                   GENERAL, UPCAST, PREC, BLOCK_N, SKEW, WIN)
+                                   GENERAL, UPCAST, PREC, BLOCK_N, SKEW, WIN, DIST)
     else:  # no relative terms: the SAT path has nothing to add but the key term
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, Lk, Lk, Lk, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                                   SAT, UPCAST, PREC, SAT_N, SKEW, WIN)
+                                   SAT, UPCAST, PREC, SAT_N, SKEW, WIN, DIST)
 
     # read here, not before the loops: kept live through them (or a branch around them skipping the tiles of
     # padded rows only) made the sm_8x training forward spill 16-24 B

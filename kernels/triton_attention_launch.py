@@ -558,7 +558,10 @@ def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None):
 #: "skew": no tables, band tiles by window products on tensor cores skewed through a per-program scratch, saturated
 #: tiles from per-row / per-key terms computed in the kernel (``_skew_terms``; NOTES: "Fourth look: the skew through
 #: a per-program scratch").
-#: An experiment for a GPU A/B (``benchmarks.breakdown``), not a user setting; the backward keeps its tables.
+#: Or "distance": tables with one column per distance the launch's tiles reach instead of one per slot
+#: (:func:`_dist_window`), so that band tiles read ``[i, d - dist0]`` / ``[j, d - dist0]`` with no slot-table load
+#: and no predicate (``_rel_terms``' ``DIST``; NOTES: "Distance tables").
+#: Experiments for a GPU A/B (``benchmarks.breakdown``), not a user setting; the backward keeps its slot tables.
 REL_SOURCE = "tables"
 
 
@@ -573,10 +576,32 @@ def _fwd_launch_config(q_len: int, k_len: int, head_dim: int, pr: _Prepared) -> 
     return cfg
 
 
-def _rel_args(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, cfg: LaunchConfig, programs: int):
+def _dist_window(pr: _Prepared, Lq: int, Lk: int, cfg: LaunchConfig) -> tuple:
+    """``(dist0, W, rows)`` of ``REL_SOURCE = "distance"``: the distances ``[dist0, dist0 + W)`` that the forward's
+    band tiles (``_tile_regions``: within ``BLOCK_M + BLOCK_N`` of the band below it, ``BLOCK_M + SAT_N`` above,
+    the saturated tiles left over by the ``SAT_N`` rounding included) and its edge tiles (rows up to
+    ``Lq + BLOCK_M - 2``, keys up to ``Lk + BLOCK_N - 2``) reach, and ``rows`` (long ``[W]``): each distance's row
+    within ``pr.rows`` (the slot table's, distances outside the matrix clamped to its edge)."""
+    band_lo, band_hi = pr.band
+    sat = cfg.sat_block_n or cfg.block_n
+    d0 = max(band_lo - cfg.block_m - cfg.block_n, -(Lk + cfg.block_n - 1))
+    d1 = min(band_hi + cfg.block_m + sat, Lq + cfg.block_m - 1)
+    d = torch.arange(d0, d1 + 1, device=pr.table.device).clamp_(-(Lk - 1), Lq - 1) + (Lk - 1)
+    return d0, d1 - d0 + 1, pr.table.long()[d]
+
+
+def _rel_args(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, cfg: LaunchConfig, programs: int,
+              dist: tuple | None = None):
     """The forward's relative-term arguments for heads ``hs``: ``(C2P, P2C, SCR, strides (6), SKEW, WIN)``: the
-    tables (:func:`_tables`), or under ``REL_SOURCE = "skew"`` the position rows the slot table indexes (its first
-    row on), a float32 scratch of ``(BLOCK_M + BLOCK_N) * WIN`` per program and the rows' strides."""
+    tables (:func:`_tables`; with ``dist``, :func:`_dist_window`'s, a column per distance), or under
+    ``REL_SOURCE = "skew"`` the position rows the slot table indexes (its first row on), a float32 scratch of
+    ``(BLOCK_M + BLOCK_N) * WIN`` per program and the rows' strides."""
+    if dist is not None:
+        rows = dist[2]
+        q, k, pos_key, pos_query = _heads(hs, q, k, pos_key, pos_query)
+        c2p, p2c = (_table_gemm(x, pos[..., pr.rows, :].index_select(-2, rows), False) if pos is not None
+                    else _dummies(q.device)[2] for x, pos in ((q, pos_key), (k, pos_query)))
+        return c2p, p2c, _dummies(q.device)[2], (0,) * 6, False, 1
     if REL_SOURCE != "skew" or (pos_key is None and pos_query is None):
         return (*_tables(q, k, pos_key, pos_query, pr, hs), _dummies(q.device)[2], (0,) * 6, False, 1)
     win = _next_pow2(cfg.block_m + cfg.block_n - 1)
@@ -678,6 +703,8 @@ class _FwdPlan:
     groups: list
     strides: tuple  # Q / K / V / OUT, then the masks' strides (every group's: views keep strides)
     kwargs: dict  # constexprs and launch options (_launch_kwargs)
+    dist: tuple | None = None  # REL_SOURCE = "distance": _dist_window's (dist0, W, rows)
+    nslot: int = 0  # the tables' columns (the slot count, or W)
 
 
 @dataclass(frozen=True)
@@ -769,8 +796,16 @@ def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         else:
             strides = _qkvo_strides(q, k, v, q.new_empty((0, H, Lq, D)))
         cfg = _fwd_launch_config(Lq, Lk, D, pr)
-        return _FwdPlan(pr, cfg, head_groups(H, _table_bytes(pr, q_rows, k_rows, q.dtype)),
-                        (*strides, *pr.mask_strides), _launch_kwargs(cfg, pr, fwd=True))
+        dist, nslot = None, pr.nslot
+        if REL_SOURCE == "distance" and (pr.constexprs["HAS_C2P"] or pr.constexprs["HAS_P2C"]):
+            dist = _dist_window(pr, Lq, Lk, cfg)
+            nslot = dist[1]
+            problem = int32_index_problem(Lq, Lk, nslot, 1)
+            if problem:
+                raise ValueError(problem)
+        per_head = _table_bytes(pr, q_rows, k_rows, q.dtype) * nslot // max(pr.nslot, 1)
+        return _FwdPlan(pr, cfg, head_groups(H, per_head), (*strides, *pr.mask_strides),
+                        dict(_launch_kwargs(cfg, pr, fwd=True), DIST=dist is not None), dist, nslot)
 
     return _plan(_FWD_PLANS, build, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                  max_relative_positions, span, dropout_p, max_seqlens, False)
@@ -811,18 +846,20 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     # [B, H, Lq, D]; empty_like: ~0.6 us less than empty(shape) (measured on the 2-core CPU machine, 2026-12-05)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
-    tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p) if dropout_p else 0, int(seed))
+    tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p) if dropout_p else 0, int(seed),
+            plan.dist[0] if plan.dist else 0)
     one = len(plan.groups) == 1
     for hs in plan.groups:
         n, g = hs.stop - hs.start, (None if one else hs)  # one group: no views (host time)
         # the kernels index the statistics as [B, n, Lq]: a group's own buffer, copied into place
         st = stats if one else torch.empty((2, B, n, Lq), device=q.device, dtype=torch.float32)
         grid = (_cdiv(Lq, cfg.block_m), B * n)
-        c2p, p2c, scr, rel_strides, skew, win = _rel_args(q, k, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1])
+        c2p, p2c, scr, rel_strides, skew, win = _rel_args(q, k, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1],
+                                                          plan.dist)
         disentangled_fwd_kernel[grid](
             *_heads(g, q, k, v), c2p, p2c, pr.table, pr.table, pr.table, *_group_masks(mask_args, g),
             *_heads(g, out), st, scr, *plan.strides, *rel_strides, n, H, hs.start, Lq, Lk, Lq, Lk, D,
-            pr.nslot, *tail, SKEW=skew, WIN=win, **plan.kwargs)
+            plan.nslot, *tail, SKEW=skew, WIN=win, **plan.kwargs)
         if not one:
             stats[:, :, hs] = st
     return out, stats
@@ -963,12 +1000,13 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     stats = torch.full((2, H, Tq), float("inf"), device=q.device, dtype=torch.float32)  # (one fill, not two)
     qt, kt = q.transpose(0, 1), k.transpose(0, 1)
     one = len(plan.groups) == 1
-    tail = (Tq, Tk, max_seqlen_q, max_seqlen_k, D, pr.nslot, float(scale), *pr.band, float(dropout_p),
-            _drop_threshold(dropout_p) if dropout_p else 0, int(seed))
+    tail = (Tq, Tk, max_seqlen_q, max_seqlen_k, D, plan.nslot, float(scale), *pr.band, float(dropout_p),
+            _drop_threshold(dropout_p) if dropout_p else 0, int(seed), plan.dist[0] if plan.dist else 0)
     for hs in plan.groups:
         n, g = hs.stop - hs.start, (None if one else hs)
         grid = (_cdiv(max_seqlen_q, cfg.block_m), N * n)
-        c2p, p2c, scr, rel_strides, skew, win = _rel_args(qt, kt, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1])
+        c2p, p2c, scr, rel_strides, skew, win = _rel_args(qt, kt, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1],
+                                                          plan.dist)
         disentangled_fwd_kernel[grid](
             *_heads(g, q, k, v, axis=1), c2p, p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *mask_args,
             *_heads(g, out, axis=1), *_heads(g, stats, axis=1), scr, *plan.strides, *rel_strides, n, H,

@@ -243,7 +243,9 @@ def test_breakdown_rehearsal(tmp_path):
     assert all("ms" in r or "error" in r for r in rows)
     assert {(r["pass_"], r["variant"]) for r in rows} >= {("fwd", "sdpa"), ("fwd", "triton both"),
                                                          ("fwd", "triton tables"), ("fwd+bwd", "triton both"),
-                                                         ("fwd+bwd", "triton both, 16-bit tables")}
+                                                         ("fwd+bwd", "triton both, 16-bit tables"),
+                                                         ("fwd", "triton both, distance tables"),
+                                                         ("fwd+bwd", "triton both, distance tables")}
     assert {r["variant"]: r["same_output"] for r in rows if "same_output" in r} == {
         "triton both, tables prebuilt": True, "triton both, key mask (all ones)": True}
     assert "| fwd | triton none |" in (tmp_path / "breakdown.md").read_text()

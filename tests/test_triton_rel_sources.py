@@ -1,0 +1,150 @@
+"""The Triton forward's experimental sources of relative terms (``REL_SOURCE``, the GPU A/B of
+``benchmarks.breakdown``): ``"skew"``, no tables (band tiles from window products skewed through a per-program scratch,
+saturated tiles from in-kernel per-row / per-key terms), and ``"distance"``, tables with a column per distance (band
+tiles read their column with no slot-table load and no predicate).  Output and log-sum-exp against the float64
+reference (every term, bucket config, mask kind, Lq != Lk, 4-D position tables, packed calls, head groups), the same
+dropout keep-mask as the tables path, the backward (which keeps its slot tables) from each forward's statistics, and
+the distance tables under the GPU launch configs' tiles.  Interpreter on CPU (tests/conftest.py)."""
+import pytest
+import torch
+
+from deberta_fast import disentangled_attention, disentangled_attention_varlen
+
+from triton_cases import (BUCKETED, UNBUCKETED, V3, assert_close_fp32, assert_close_lowp, grads, make_inputs,
+                          max_err, reference_fn, reference_forward_lse, triton_fn, triton_forward_lse)
+
+pytest.importorskip("triton")
+launch = pytest.importorskip("deberta_fast._kernels.triton_attention_launch")
+
+
+class _Launches(list):
+    source: str
+
+
+@pytest.fixture(params=["skew", "distance"])
+def source(monkeypatch, request):
+    """``REL_SOURCE`` set to one experiment; yields the list, per launch, of whether it took that path (``.source``:
+    the experiment)."""
+    monkeypatch.setattr(launch, "REL_SOURCE", request.param)
+    used = _Launches()
+    real = launch._rel_args
+
+    def counting(*a):
+        res = real(*a)
+        # skew: its flag; distance: a window passed, and the tables made have its W columns
+        used.append(res[4] if request.param == "skew" else
+                    a[8] is not None and all(t.shape[-1] == a[8][1] for t in res[:2] if t.dim() > 1))
+        return res
+    monkeypatch.setattr(launch, "_rel_args", counting)
+    used.source = request.param
+    return used
+
+
+@pytest.mark.parametrize("terms", ["both", "c2p", "p2c"])
+@pytest.mark.parametrize("buckets,mask,Lq,Lk", [
+    (BUCKETED, "key", 45, 70), (V3, "none", 70, 45), (UNBUCKETED, "full", 33, 33), (BUCKETED, "full_h1", 17, 100)])
+def test_forward_fp32(source, terms, buckets, mask, Lq, Lk):
+    q, k, v, pk, pq, m, kw = make_inputs(2, 3, Lq, Lk, 16, terms=terms, buckets=buckets, mask=mask)
+    out, lse = triton_forward_lse(q, k, v, pk, pq, m, kw)
+    ref, ref_lse = reference_forward_lse(q, k, v, pk, pq, m, kw, torch.float64)
+    assert source and all(source), f"the {source.source} path did not run"
+    assert_close_fp32(out, ref, what="out")
+    assert_close_fp32(lse, ref_lse, what="lse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_forward_low_precision_batched_pos(source, dtype):
+    q, k, v, pk, pq, m, kw = make_inputs(2, 2, 64, 40, 32, buckets=BUCKETED, pos_batched=True, mask="key")
+    ts = [t.to(dtype) for t in (q, k, v, pk, pq)]
+    out = disentangled_attention(*ts, attention_mask=m, backend="triton", **kw)
+    ref = reference_fn(m, kw)(*[t.double() for t in (q, k, v, pk, pq)])
+    low = reference_fn(m, kw)(*ts)
+    assert all(source)
+    assert_close_lowp(out, ref, low, what="out")
+
+
+def test_dropout_keep_mask_is_the_tables_paths(monkeypatch, source):
+    """Same seed, same keep-mask: the two paths differ by rounding only (a different mask differs by O(1))."""
+    q, k, v, pk, pq, m, kw = make_inputs(2, 2, 50, 50, 16, buckets=BUCKETED, mask="key")
+    outs = []
+    for src in ("tables", source.source):
+        monkeypatch.setattr(launch, "REL_SOURCE", src)
+        torch.manual_seed(3)
+        outs.append(disentangled_attention(q, k, v, pk, pq, attention_mask=m, backend="triton", dropout_p=0.3, **kw))
+    assert max_err(outs[0], outs[1]) <= 1e-5 * outs[0].abs().max().item()
+
+
+def test_backward_from_the_experimental_forward(source):
+    q, k, v, pk, pq, m, kw = make_inputs(1, 2, 45, 70, 16, buckets=BUCKETED, mask="key")
+    ts, do = (q, k, v, pk, pq), torch.randn(1, 2, 45, 16)
+    got = grads(triton_fn(m, kw), ts, torch.float32, do)
+    ref = grads(reference_fn(m, kw), ts, torch.float64, do)
+    for g, r in zip(got, ref):
+        assert_close_fp32(g, r, tol=2e-5)
+
+
+def test_packed_and_head_groups(monkeypatch, source):
+    H, D = 3, 16
+    lens = [23, 1, 40, 9]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    T = sum(lens)
+    q, k, v = torch.randn(T, H, D), torch.randn(T, H, D), torch.randn(T, H, D)
+    pk, pq = torch.randn(H, 16, D), torch.randn(H, 16, D)
+    kw = dict(position_buckets=BUCKETED[0], max_relative_positions=BUCKETED[1])
+    monkeypatch.setattr(launch, "TABLE_BUDGET", 1)  # a launch per head
+    out = disentangled_attention_varlen(q, k, v, pk, pq, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=40,
+                                        max_seqlen_k=40, backend="triton", **kw)
+    assert len(source) == H and all(source)
+    for n in range(len(lens)):
+        s = slice(cu[n].item(), cu[n + 1].item())
+        one = [t[s].transpose(0, 1)[None] for t in (q, k, v)]
+        ref = disentangled_attention(*one, pk, pq, backend="torch", **kw)[0].transpose(0, 1)
+        assert_close_fp32(out[s], ref, what=f"sequence {n}")
+
+
+
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("buckets,L,Lk,packed", [(BUCKETED, 200, 200, False), (V3, 130, 130, False),
+                                                 (BUCKETED, 77, 150, False), (BUCKETED, 0, 0, True)],
+                         ids=["tiny-200", "v3-130", "tiny-77x150", "packed"])
+def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, packed):
+    """``REL_SOURCE = "distance"`` under the GPU forward configs (64-row tiles, 128-key saturated tiles with the margin
+    :func:`_dist_window` gives them; the interpreter's own tiles are 32 x 32): output and all five gradients against
+    float64, keys masked at random (a batch entry with every key masked), Lq != Lk, packed sequences."""
+    monkeypatch.setattr(launch, "REL_SOURCE", "distance")
+    seen = []
+
+    def gpu_config(pass_, q_len, k_len, head_dim, fp32_ieee=False, **kw):
+        cfg = launch._gpu_config(pass_, max(16, launch._next_pow2(head_dim)), max(q_len, k_len) <= 64, False, False,
+                                 arch, kw.get("varlen", False), kw.get("dropout", False), False, False)
+        seen.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(launch, "launch_config", gpu_config)
+    H, D = 2, 64
+    if packed:
+        lens = [70, 3, 130]
+        cu = torch.tensor([0, 70, 73, 203], dtype=torch.int32)
+        ts = [torch.randn(203, H, D) for _ in range(3)] + [torch.randn(H, 8, D), torch.randn(H, 8, D)]
+        kw = dict(position_buckets=4, max_relative_positions=8)
+        do = torch.randn(203, H, D)
+
+        def run(q, k, v, pk, pq):
+            return disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 130, 130, backend="triton", **kw)
+
+        def ref(q, k, v, pk, pq):
+            outs = [disentangled_attention(*[t[cu[n]:cu[n + 1]].transpose(0, 1)[None] for t in (q, k, v)], pk, pq,
+                                           backend="torch", **kw)[0].transpose(0, 1) for n in range(len(lens))]
+            return torch.cat(outs)
+        got, want = grads(run, ts, torch.float32, do), grads(ref, ts, torch.float64, do)
+    else:
+        q, k, v, pk, pq, _, kw = make_inputs(2, H, L, Lk, D, buckets=buckets)
+        mask = torch.rand(2, Lk) > 0.3
+        mask[1] = False
+        ts, do = (q, k, v, pk, pq), torch.randn(2, H, L, D)
+        got = grads(triton_fn(mask, kw), ts, torch.float32, do)
+        want = grads(reference_fn(mask, kw), ts, torch.float64, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, want):
+        assert_close_fp32(a, b, tol=2e-5, what=name)
+    fwd = seen[0]
+    assert fwd != launch._INTERPRETER_CONFIG["fwd"] and (fwd.sat_block_n or 0) > fwd.block_n, fwd
