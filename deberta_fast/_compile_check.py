@@ -234,6 +234,8 @@ def scenarios(full: bool) -> list[Scenario]:
     out += [Scenario("fwd", targets=(90,), dropout=d, rel="skew", why="skew, no tables (A/B)") for d in (False, True)]
     # and its forward on distance tables (no slot-table load in band tiles), on both architectures
     out += [Scenario("fwd", dropout=d, rel="distance", why="distance tables (A/B)") for d in (False, True)]
+    # packed calls of one head: H_ALL = 1 becomes a constant at launch (no .to(); the interpreter cannot tell)
+    out += [Scenario(p, varlen=True, mask="none", H=1, targets=(90,), why="packed, one head") for p in ("fwd", "bwd")]
     # negative control: the fp16 D=64 training forward without the launch specialization
     out.append(Scenario("fwd", targets=(80,), specialize=False, why="negative control"))
     if not full:

@@ -2,9 +2,10 @@
 
 Both kernels recompute ``P = exp2((t - (ROWMAX - row_term)) - LOGSUM)`` (as the forward: see
 ``_rel_terms``) tile by tile, walking saturated, inner, in-band (with an end run) and saturated tiles in loops of
-their own (``_tile_regions``, ``_inner_tiles``), from the forward's statistics ``STATS`` (exact at any score magnitude; 0 on
-rows with no key, and on HF's uniform rows, whose scores are constants: their ``LOGSUM`` is taken as +inf, and the
-dK/dV kernel adds their dV in a pass of its own, ``_uniform_dv``) and the dropout keep-mask from the seed, and form
+their own (``_tile_regions``, ``_inner_tiles``), from the forward's statistics ``STATS`` (exact at any score
+magnitude; 0 on rows with no key, and on HF's uniform rows, whose scores are constants: their ``LOGSUM`` is taken
+as +inf, and the dK/dV kernel adds their dV in a pass of its own, ``_uniform_dv``) and the dropout keep-mask from the
+seed, and form
 ``dS = scale * P * (dP - DELTA)`` with ``DELTA = rowsum(dO * O)`` float32 ``[B,H,Lq]`` and
 ``dP = keep/(1-p) * dO V^T``.  The dq kernel computes ``DELTA`` from its rows' ``dO`` and ``O`` tiles (``O``:
 strides ``s_y*``) and stores it; the launcher runs it first, and the dK/dV kernel reads it.

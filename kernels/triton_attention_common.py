@@ -99,8 +99,8 @@ def _stat_planes(STATS, Lq, H_ALL, VARLEN: tl.constexpr):
     Padded: a launch's own ``[2, B, H, Lq]`` buffer (a plane holds the grid's ``B*H`` rows of ``Lq``); packed: a view
     of the launch's heads in the call's ``[2, H_ALL, Tq]`` (``Lq`` = ``Tq``, the total).  Call with the launch's
     ``Lq``, before :func:`_sequence` narrows it.  (One pointer, not two: the host makes no views per call.)"""
-    if VARLEN:
-        plane = H_ALL.to(tl.int64) * Lq
+    if VARLEN:  # (H_ALL = 1 is specialized to a constant, which has no .to: a tensor first)
+        plane = (tl.program_id(1) * 0 + H_ALL).to(tl.int64) * Lq
     else:
         plane = tl.num_programs(1).to(tl.int64) * Lq
     return STATS, STATS + plane

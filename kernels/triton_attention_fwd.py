@@ -4,10 +4,11 @@ Grid ``(cdiv(Lq, BLOCK_M), B*H)``.  Inputs ``Q [B,H,Lq,D]``, ``K``/``V [B,H,Lk,D
 contiguous, other strides passed), ``C2P [B,H,Lq,NSLOT]`` / ``P2C [B,H,Lk,NSLOT]`` float32
 (see :mod:`.triton_attention_common`), ``TABLE`` int32 ``[Lq+Lk-1]``.  Writes ``OUT [B,H,Lq,D]``
 and the softmax statistics of the scaled masked log2-domain scores ``s2`` (without dropout), float32
-``STATS [2,B,H,Lq]``, planes ``ROWMAX`` and ``LOGSUM`` (``_stat_planes``): ``ROWMAX = max_j s2`` and ``LOGSUM = log2 sum_j exp2(s2 - ROWMAX)`` (0 and +inf on
-a row with no key), with ``s2 = t + row_term`` (:func:`.triton_attention_common._rel_terms`).  The backward
-recomputes ``p = exp2((t - (ROWMAX - row_term)) - LOGSUM)``, the forward's own formula: kept apart, the two
-statistics lose nothing at large scores, where a single log-sum-exp would round away the small ``LOGSUM``
+``STATS [2,B,H,Lq]``, planes ``ROWMAX`` and ``LOGSUM`` (``_stat_planes``): ``ROWMAX = max_j s2`` and
+``LOGSUM = log2 sum_j exp2(s2 - ROWMAX)`` (0 and +inf on a row with no key), with ``s2 = t + row_term``
+(:func:`.triton_attention_common._rel_terms`).  The backward recomputes
+``p = exp2((t - (ROWMAX - row_term)) - LOGSUM)``, the forward's own formula: kept apart, the two statistics lose
+nothing at large scores, where a single log-sum-exp would round away the small ``LOGSUM``
 (``lse = (ROWMAX + LOGSUM) * ln 2``).  Dropout multiplies the normalised probabilities by
 ``keep / (1 - p_drop)``.  A program walks its saturated key tiles (``SAT_N`` keys at a time), then those in the
 bucket band (``_tile_regions``, ``BLOCK_N`` keys); with a mask, a program holding HF's uniform rows then walks the
@@ -28,7 +29,8 @@ import triton
 import triton.language as tl
 
 from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _key_col, _masked, _mm, _rel_terms,
-                                      _score_mm, _sequence, _stat_planes, _tile, _tile_regions, _uniform_rows, _block_tile)
+                                      _score_mm, _sequence, _stat_planes, _tile, _tile_regions, _uniform_rows,
+                                      _block_tile)
 
 
 @triton.jit
@@ -228,7 +230,10 @@ def disentangled_fwd_kernel(
         # one are left to the band loop, which computes any tile; above the band, [c, Lk) is saturated whatever
         # the step)
         a, c = _tile_regions(start_m, BLOCK_M, band_lo, band_hi, Lk, BLOCK_N, True)
-        a = (a // SAT_N) * SAT_N
+        if DIST:  # every key beyond the band (a == Lk): the saturated loop takes them all, its last tile partial
+            a = tl.where(a == Lk, a, (a // SAT_N) * SAT_N)  # (the band loop's distances stay in _dist_window's)
+        else:
+            a = (a // SAT_N) * SAT_N
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, a + Lk - c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND,
                                    DROPOUT, SAT, UPCAST, PREC, SAT_N, SKEW, WIN, DIST)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, a, c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,

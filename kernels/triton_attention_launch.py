@@ -757,8 +757,8 @@ def _plan(plans: dict, build, q, k, v, pos_key, pos_query, key_mask, full_mask, 
           max_relative_positions, span, dropout_p, max_seqlens, backward: bool) -> tuple:
     """``(plan, mask_args)``: ``plans``' plan of this signature (:func:`_plan_key`, :func:`_cached`), on a miss
     ``build(pr, Lq, Lk, H, D, q_rows, k_rows)`` of the launch prepared from scratch (``pr``: :func:`_prepare`
-    without the call's mask operands; ``q_rows`` / ``k_rows``: the rows of its tables), and the call's mask
-    operands."""
+    without the call's mask operands, or with the placeholders of a call without masks; ``q_rows`` / ``k_rows``:
+    the rows of its tables), and the call's mask operands."""
     varlen = max_seqlens is not None
     Lq, Lk = max_seqlens if varlen else (q.shape[2], k.shape[2])
     key = (backward,) + _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,

@@ -316,7 +316,8 @@ def test_kernels_follow_the_device_table_not_a_cpu_recomputation(perturb_slot_ta
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_backward_reads_an_out_of_any_layout(packed):
     """The dq kernel reads ``out`` (``DELTA = rowsum(dO * O)``): an ``out`` whose head dim is strided (a direct
-    caller of the op) gives the gradients of its contiguous copy, bitwise."""
+    caller of the op) gives the gradients of its contiguous copy, bitwise; so do statistics that are not contiguous
+    (the kernels find their second plane from the first, ``_stat_planes``)."""
     q, k, v, pk, pq, _, kw = make_inputs(2, 2, 19, 19, 16, buckets=V3)
     c = build_call(q, k, v, pk, pq, attention_mask=None, scale=None, dropout_p=0.0, **kw)
     args = (c.position_buckets, c.max_relative_positions, c.span, c.scale, 0.0, 0)
@@ -325,13 +326,19 @@ def test_backward_reads_an_out_of_any_layout(packed):
         cu = torch.tensor([0, 19, 38], dtype=torch.int32)
         q, k, v = (t.transpose(1, 2).reshape(38, 2, 16) for t in (q, k, v))
         out, stats = torch.ops.deberta_fast.triton_varlen_fwd(q, k, v, pk, pq, cu, cu, 19, 19, *args)
-        bwd = lambda o: torch.ops.deberta_fast.triton_varlen_bwd(do, q, k, v, pk, pq, o, stats, cu, cu, 19, 19,  # noqa
-                                                                 *args)
+        bwd = lambda o, st=stats: torch.ops.deberta_fast.triton_varlen_bwd(  # noqa
+            do, q, k, v, pk, pq, o, st, cu, cu, 19, 19, *args)
     else:
-        bwd = lambda o: torch.ops.deberta_fast.triton_bwd(do, q, k, v, pk, pq, o, stats, None, None, None, *args)  # noqa
+        bwd = lambda o, st=stats: torch.ops.deberta_fast.triton_bwd(  # noqa
+            do, q, k, v, pk, pq, o, st, None, None, None, *args)
     do = torch.randn_like(out)
     wide = torch.zeros(*out.shape[:-1], 2 * out.shape[-1])
     wide[..., ::2] = out
     assert wide[..., ::2].stride(-1) == 2
-    for a, b in zip(bwd(out), bwd(wide[..., ::2])):
-        assert torch.equal(a, b)
+    planes_last = torch.empty(*stats.shape[1:], 2).movedim(-1, 0)  # [2, ...] with the planes interleaved
+    planes_last.copy_(stats)
+    assert not planes_last.is_contiguous()
+    want = bwd(out)
+    for got in (bwd(wide[..., ::2]), bwd(out, planes_last)):
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)

@@ -204,12 +204,15 @@ def test_table_gemm_float32_tables(dev, dtype):
 
     for x, pos in ((torch.randn(2, 3, 37, 24), torch.randn(3, 41, 24)),          # [B,H,L,D] x [H,R,D]
                    (torch.randn(2, 3, 37, 24), torch.randn(2, 3, 41, 24)),       # batched pos
+                   (torch.randn(1, 3, 37, 24), torch.randn(3, 41, 24)),          # batch 1: one 3-D bmm
                    (torch.randn(37, 3, 24).transpose(0, 1), torch.randn(3, 41, 24))):  # packed [H,T,D] view
         x, pos = x.to(dev, dtype), pos.to(dev, dtype)
-        got = _table_gemm(x, pos)
         want = x.double() @ pos.double().transpose(-1, -2)
-        assert got.dtype == torch.float32 and got.shape == want.shape and got.is_contiguous()
-        assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+        for keep_batch in (True, False):  # False: a batch-1 result as [H, L, R] (the kernels read it by pointer)
+            got = _table_gemm(x, pos, keep_batch)
+            shape = want.shape[1:] if not keep_batch and x.dim() == 4 and x.shape[0] == 1 else want.shape
+            assert got.dtype == torch.float32 and got.shape == shape and got.is_contiguous()
+            assert (got.double() - want.reshape(shape)).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
 # ------------------------------------------------------------------ eager fast path around the custom ops

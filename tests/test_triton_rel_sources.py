@@ -42,7 +42,8 @@ def source(monkeypatch, request):
 
 @pytest.mark.parametrize("terms", ["both", "c2p", "p2c"])
 @pytest.mark.parametrize("buckets,mask,Lq,Lk", [
-    (BUCKETED, "key", 45, 70), (V3, "none", 70, 45), (UNBUCKETED, "full", 33, 33), (BUCKETED, "full_h1", 17, 100)])
+    (BUCKETED, "key", 45, 70), (V3, "none", 70, 45), (UNBUCKETED, "full", 33, 33), (BUCKETED, "full_h1", 17, 100),
+    (BUCKETED, "key", 200, 45)])
 def test_forward_fp32(source, terms, buckets, mask, Lq, Lk):
     q, k, v, pk, pq, m, kw = make_inputs(2, 3, Lq, Lk, 16, terms=terms, buckets=buckets, mask=mask)
     out, lse = triton_forward_lse(q, k, v, pk, pq, m, kw)
@@ -102,15 +103,17 @@ def test_packed_and_head_groups(monkeypatch, source):
         assert_close_fp32(out[s], ref, what=f"sequence {n}")
 
 
-
 @pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
 @pytest.mark.parametrize("buckets,L,Lk,packed", [(BUCKETED, 200, 200, False), (V3, 130, 130, False),
-                                                 (BUCKETED, 77, 150, False), (BUCKETED, 0, 0, True)],
-                         ids=["tiny-200", "v3-130", "tiny-77x150", "packed"])
+                                                 (BUCKETED, 77, 150, False), (BUCKETED, 300, 100, False),
+                                                 (BUCKETED, 0, 0, True)],
+                         ids=["tiny-200", "v3-130", "tiny-77x150", "tiny-300x100", "packed"])
 def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, packed):
     """``REL_SOURCE = "distance"`` under the GPU forward configs (64-row tiles, 128-key saturated tiles with the margin
     :func:`_dist_window` gives them; the interpreter's own tiles are 32 x 32): output and all five gradients against
-    float64, keys masked at random (a batch entry with every key masked), Lq != Lk, packed sequences."""
+    float64, keys masked at random (a batch entry with every key masked), Lq != Lk (query blocks with every key
+    beyond the band: the saturated loop takes a partial last tile), packed sequences with other query and key
+    lengths."""
     monkeypatch.setattr(launch, "REL_SOURCE", "distance")
     seen = []
 
@@ -123,18 +126,20 @@ def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, pack
     monkeypatch.setattr(launch, "launch_config", gpu_config)
     H, D = 2, 64
     if packed:
-        lens = [70, 3, 130]
-        cu = torch.tensor([0, 70, 73, 203], dtype=torch.int32)
-        ts = [torch.randn(203, H, D) for _ in range(3)] + [torch.randn(H, 8, D), torch.randn(H, 8, D)]
+        lq, lk = [70, 3, 130], [20, 50, 30]
+        cq, ck = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32) for n in (lq, lk))
+        ts = [torch.randn(sum(lq), H, D)] + [torch.randn(sum(lk), H, D) for _ in range(2)]
+        ts += [torch.randn(H, 8, D), torch.randn(H, 8, D)]
         kw = dict(position_buckets=4, max_relative_positions=8)
-        do = torch.randn(203, H, D)
+        do = torch.randn(sum(lq), H, D)
 
         def run(q, k, v, pk, pq):
-            return disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 130, 130, backend="triton", **kw)
+            return disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, max(lq), max(lk), backend="triton", **kw)
 
         def ref(q, k, v, pk, pq):
-            outs = [disentangled_attention(*[t[cu[n]:cu[n + 1]].transpose(0, 1)[None] for t in (q, k, v)], pk, pq,
-                                           backend="torch", **kw)[0].transpose(0, 1) for n in range(len(lens))]
+            outs = [disentangled_attention(q[cq[n]:cq[n + 1]].transpose(0, 1)[None],
+                                           *[t[ck[n]:ck[n + 1]].transpose(0, 1)[None] for t in (k, v)], pk, pq,
+                                           backend="torch", **kw)[0].transpose(0, 1) for n in range(len(lq))]
             return torch.cat(outs)
         got, want = grads(run, ts, torch.float32, do), grads(ref, ts, torch.float64, do)
     else:
@@ -148,3 +153,34 @@ def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, pack
         assert_close_fp32(a, b, tol=2e-5, what=name)
     fwd = seen[0]
     assert fwd != launch._INTERPRETER_CONFIG["fwd"] and (fwd.sat_block_n or 0) > fwd.block_n, fwd
+
+
+def test_distance_window_covers_every_band_tile():
+    """:func:`_dist_window` against a replay of the forward's tile walk (``_tile_regions`` with ``ROWS``, then the
+    ``SAT_N`` rounding of the kernel): every distance of every band tile, rows and keys past the lengths included,
+    lies in ``[dist0, dist0 + W)``; random lengths (Lq far from Lk too), bucket configs and GPU tile shapes."""
+    from deberta_fast._kernels.triton_attention_launch import LaunchConfig
+    from deberta_fast.positions import attention_span
+
+    g = torch.Generator().manual_seed(0)
+    configs = [LaunchConfig(64, 64, 4, 2, 128), LaunchConfig(64, 32, 4, 3, 64), LaunchConfig(32, 64, 4, 3, 128),
+               LaunchConfig(32, 32, 4, 2, 0), LaunchConfig(64, 16, 4, 3, 64)]
+    for n in range(300):
+        Lq, Lk = (int(x) for x in torch.randint(1, 700, (2,), generator=g))
+        pb, mr = ((4, 8), (32, 64), (256, 512), (8, 256))[n % 4]
+        lay = launch._layout(Lq, Lk, pb, mr, attention_span(pb, mr), torch.device("cpu"), True, False)
+
+        class _Pr:  # what _dist_window reads
+            band, table = lay.band, lay.table
+        cfg = configs[n % len(configs)]
+        bm, bn, sat = cfg.block_m, cfg.block_n, cfg.sat_block_n or cfg.block_n
+        d0, W, rows = launch._dist_window(_Pr, Lq, Lk, cfg)
+        assert rows.shape == (W,)
+        lo, hi = lay.band
+        for start_m in range(0, Lq, bm):
+            a = min(max(start_m - hi + 1, 0) // bn * bn, Lk)
+            c = min(max(-(-max(start_m + bm - 1 - lo, 0) // bn) * bn, a), Lk)
+            a = a if a == Lk else a // sat * sat
+            for start_n in range(a, c, bn):  # the band loop's tiles, every element (in range or not)
+                assert d0 <= start_m - (start_n + bn - 1) and start_m + bm - 1 - start_n < d0 + W, (
+                    Lq, Lk, pb, mr, cfg, start_m, start_n, d0, W)
