@@ -6,8 +6,9 @@
 
 Variants: relative terms (both, c2p, p2c, none) x masks (none, ``[B, L]`` key padding, 4-D full mask where
 the backend serves it) x dropout (0, 0.1), Lq != Lk, odd lengths, bucket configs (DeBERTa-v3 256/512, tiny
-4/8 with saturated tiles, unbucketed), and packed varlen calls; for the triton backend also its forward without
-tables (the launcher's ``REL_SOURCE = "skew"`` experiment: barriers around a per-program scratch).  Each call is checked for finite results
+4/8 with saturated tiles, unbucketed), and packed varlen calls; for the triton backend also its forward's two
+experiments (the launcher's ``REL_SOURCE``): ``"skew"`` (barriers around a per-program scratch) and ``"distance"``
+(unpredicated table reads, also with ``Lq`` well above ``Lk``).  Each call is checked for finite results
 (the sanitizer reports the memory errors); a refusal of a variant is printed with its reason, never hidden.
 Exit status 1 when a call raises or returns NaN/inf.
 """
@@ -60,12 +61,12 @@ def _run(fn, tensors) -> str:
     return "ok" if not bad else f"FAIL: non-finite values in results {bad}"
 
 
-def _skew(run):
-    """``run`` under the Triton launcher's ``REL_SOURCE = "skew"``."""
+def _rel_source(run, source: str):
+    """``run`` under the Triton launcher's ``REL_SOURCE = source``."""
     from deberta_fast._kernels import triton_attention_launch as launch
 
     def wrapped():
-        old, launch.REL_SOURCE = launch.REL_SOURCE, "skew"
+        old, launch.REL_SOURCE = launch.REL_SOURCE, source
         try:
             return run()
         finally:
@@ -77,7 +78,8 @@ def _variants(shapes, masks, drops, rehearse, padded, packed, lens, skew=False):
     """``(name, run)`` of every variant, the widest coverage first (a sanitizer run cut by its time cap has seen
     as many kernel specializations as it could): DeBERTa-v3 buckets at the first shape over every term x mask x
     dropout (band tiles), the tiny buckets there with both terms (saturated tiles), the packed calls, with ``skew``
-    the Triton forward without tables (v3 and tiny buckets, key mask, each dropout rate), the rest."""
+    the Triton forward's experiments (``REL_SOURCE`` "skew" and "distance": v3 and tiny buckets, key mask, each
+    dropout rate; "distance" also at ``Lq = 4 Lk`` with the tiny buckets), the rest."""
     ranked = []
     for buckets, (B, Lq, Lk), terms, mask, p in itertools.product(BUCKETS, shapes, TERMS, masks, drops):
         if rehearse and (buckets != BUCKETS[0] and (mask != "key" or terms != "both")):
@@ -93,9 +95,12 @@ def _variants(shapes, masks, drops, rehearse, padded, packed, lens, skew=False):
                for terms, p in itertools.product(TERMS, drops)]
     if skew:
         B, Lq, Lk = shapes[0]
-        ranked += [(2, f"skew padded B={B} Lq={Lq} Lk={Lk} terms=both buckets={buckets} mask=key p={p}",
-                    _skew(lambda a=(B, Lq, Lk, "both", buckets, "key", p): padded(*a)))
-                   for buckets, p in itertools.product(BUCKETS[:2], drops)]
+        ranked += [(2, f"{src} padded B={B} Lq={Lq} Lk={Lk} terms=both buckets={buckets} mask=key p={p}",
+                    _rel_source(lambda a=(B, Lq, Lk, "both", buckets, "key", p): padded(*a), src))
+                   for src, buckets, p in itertools.product(("skew", "distance"), BUCKETS[:2], drops)]
+        ranked += [(2, f"distance padded B=1 Lq={4 * Lk} Lk={Lk} terms=both buckets={BUCKETS[1]} mask=none p={p}",
+                    _rel_source(lambda a=(1, 4 * Lk, Lk, "both", BUCKETS[1], "none", p): padded(*a), "distance"))
+                   for p in drops]
     return [(name, run) for _, name, run in sorted(ranked, key=lambda r: r[0])]  # (stable: product order within)
 
 
