@@ -543,15 +543,19 @@ def _heads(hs: slice | None, *ts, axis: int = -3) -> list:
     return [None if t is None else t.narrow(axis, hs.start, hs.stop - hs.start) for t in ts]
 
 
-def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None):
+def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, columns: torch.Tensor | None = None):
     """``(C2P, P2C)`` of heads ``hs`` (:func:`_heads`; ``q`` / ``k`` / ``pos_*`` with heads on dim -3), or the dummy
-    pointer for an absent term (a batch-1 table ``[H, L, R]``: :func:`_table_gemm`)."""
+    pointer for an absent term (a batch-1 table ``[H, L, R]``: :func:`_table_gemm`).  A column per slot, or with
+    ``columns`` (long, rows within ``pr.rows``) one per entry: the distance tables (:func:`_dist_window`)."""
     if hs is not None:
         q, k, pos_key, pos_query = _heads(hs, q, k, pos_key, pos_query)
-    rows = pr.rows
-    c2p = _table_gemm(q, pos_key[..., rows, :], False) if pos_key is not None else _dummies(q.device)[2]
-    p2c = _table_gemm(k, pos_query[..., rows, :], False) if pos_query is not None else _dummies(q.device)[2]
-    return c2p, p2c
+
+    def table(x, pos):
+        if pos is None:
+            return _dummies(x.device)[2]
+        pos = pos[..., pr.rows, :]
+        return _table_gemm(x, pos if columns is None else pos.index_select(-2, columns), False)
+    return table(q, pos_key), table(k, pos_query)
 
 
 #: Where the forward's relative terms come from: "tables" (shipped: the host's C2P / P2C, gathered per element), or
@@ -596,14 +600,9 @@ def _rel_args(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, cfg: La
     tables (:func:`_tables`; with ``dist``, :func:`_dist_window`'s, a column per distance), or under
     ``REL_SOURCE = "skew"`` the position rows the slot table indexes (its first row on), a float32 scratch of
     ``(BLOCK_M + BLOCK_N) * WIN`` per program and the rows' strides."""
-    if dist is not None:
-        rows = dist[2]
-        q, k, pos_key, pos_query = _heads(hs, q, k, pos_key, pos_query)
-        c2p, p2c = (_table_gemm(x, pos[..., pr.rows, :].index_select(-2, rows), False) if pos is not None
-                    else _dummies(q.device)[2] for x, pos in ((q, pos_key), (k, pos_query)))
-        return c2p, p2c, _dummies(q.device)[2], (0,) * 6, False, 1
-    if REL_SOURCE != "skew" or (pos_key is None and pos_query is None):
-        return (*_tables(q, k, pos_key, pos_query, pr, hs), _dummies(q.device)[2], (0,) * 6, False, 1)
+    if dist is not None or REL_SOURCE != "skew" or (pos_key is None and pos_query is None):
+        columns = None if dist is None else dist[2]
+        return (*_tables(q, k, pos_key, pos_query, pr, hs, columns), _dummies(q.device)[2], (0,) * 6, False, 1)
     win = _next_pow2(cfg.block_m + cfg.block_n - 1)
     scr = torch.empty(programs * (cfg.block_m + cfg.block_n) * win, device=q.device, dtype=torch.float32)
     ptrs, strides = [], []
@@ -736,17 +735,20 @@ def _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
             _TARGET_ARCH[0], REL_SOURCE, TABLE_BUDGET, TABLE_DTYPE)
 
 
+def _configs_replaced() -> bool:
+    """Whether ``launch_config`` / ``_config`` are replaced (the tuning and static-profile tools record or force
+    configs through them: they see every call, so no plan is cached or served meanwhile)."""
+    return launch_config is not _SHIPPED_LAUNCH_CONFIG or _config is not _SHIPPED_CONFIG
+
+
 def _cached(plans: dict, key: tuple):
-    """``plans[key]`` or None; always None while ``launch_config`` / ``_config`` are replaced (the tuning and
-    static-profile tools record or force configs through them: they see every call)."""
-    if launch_config is not _SHIPPED_LAUNCH_CONFIG or _config is not _SHIPPED_CONFIG:
-        return None
-    return plans.get(key)
+    """``plans[key]`` or None (always None while configs are replaced)."""
+    return None if _configs_replaced() else plans.get(key)
 
 
 def _keep(plans: dict, key: tuple, plan) -> None:
     """Cache ``plan`` under ``key`` (a bounded cache: cleared at 256 entries), unless configs are replaced."""
-    if launch_config is not _SHIPPED_LAUNCH_CONFIG or _config is not _SHIPPED_CONFIG:
+    if _configs_replaced():
         return
     if len(plans) >= 256:
         plans.clear()

@@ -129,7 +129,7 @@ def _direct(*tensors) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack():
         return False
-    for t in tensors:  # (a loop: ~0.3 us less than all() over a generator)
+    for t in tensors:  # (a loop: ~0.3 us less than all() over a generator; 2-core CPU machine, 2026-12-05)
         if t is not None and type(t) is not Tensor:
             return False
     return True
@@ -277,7 +277,8 @@ class TritonVarlenFunction(torch.autograd.Function):
 
 
 def _int32(t: Tensor) -> Tensor:
-    """``t`` as contiguous int32 (no call when it is: ~1 us of host time per offsets tensor)."""
+    """``t`` as contiguous int32 (no call when it is: ~1 us of host time per offsets tensor, measured on the 2-core
+    CPU machine, 2026-12-05)."""
     return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
 
 
