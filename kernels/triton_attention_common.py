@@ -149,7 +149,7 @@ def _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND: tl.constexpr):
 @triton.jit
 def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, REGION: tl.constexpr, TRANS: tl.constexpr,
-               dist0, DIST: tl.constexpr):
+               dist, DIST: tl.constexpr):
     """The relative terms of one tile, in log2 units: ``(key_term, row_term)``::
 
         key_term = fma(p2c, qk_scale, col)      row_term = c2p * qk_scale      (0 without the term)
@@ -165,12 +165,14 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
     row term costs per row, not per element.
 
     ``GENERAL``: ``c2p = C2P[i, slot(d)]`` and ``p2c = P2C[j, slot(d)]`` (float32, or 16-bit widened: the
-    launcher's ``TABLE_DTYPE``) gathered per element (``slot(d) =
-    TABLE[d + Lk - 1]``), as tiles (``[BLOCK_M, BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if ``TRANS``).  ``DIST`` (the
-    launcher's ``REL_SOURCE = "distance"`` experiment): the tables have a column per distance, ``d - dist0``
-    (``NSLOT`` columns, every distance a tile of the launch reaches), so the element's column is its distance: no
-    slot-table load, and no predicate (rows past ``Lq`` / ``Lk`` read the last row: finite values, not stored or
-    masked to -inf by ``col``).  ``SAT``: every
+    launcher's ``TABLE_DTYPE``) gathered per element (``slot(d) = TABLE[d + Lk - 1]``), as tiles (``[BLOCK_M,
+    BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if ``TRANS``).  ``DIST`` (the launcher's ``REL_SOURCE = "distance"``
+    experiment, ``dist = (dist0, dist1, NSLOT - 1)``): the tables have a column per distance of ``[dist0, dist1]``
+    (every distance a tile of the launch reaches; ``NSLOT = dist1 - dist0 + 1``, all three multiples of 16 but
+    ``NSLOT``), P2C's in increasing order, ``P2C[j, d - dist0]``, C2P's in decreasing order, ``C2P[i, dist1 - d]``: an
+    element's addresses are then ``j (NSLOT - 1) + i - dist0`` and ``i (NSLOT - 1) + j + dist1``, unit-stride along
+    a tile's queries / keys, 16-byte aligned where the tile starts (so both load as vectors, like the K / V tiles);
+    no slot-table load, and a row / key predicate only (constant along the vector).  ``SAT``: every
     element has slot ``slot``: ``key_term [BLOCK_N]`` and ``row_term [BLOCK_M]``.  ``col``: :func:`_key_col`.
 
     HF's uniform rows (:func:`_uniform_rows`) are no special case here: the forward computes their output in a pass
@@ -194,17 +196,19 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
                 p2c = tl.load(P2C_bh + offs_n * NSLOT + slot, mask=n_ok, other=0.0)
                 kt = tl.fma(p2c.to(tl.float32), qk_scale, col)
         if HAS_C2P:
-            rt = tl.load(C2P_bh + offs_m * NSLOT + slot, mask=m_ok, other=0.0).to(tl.float32) * qk_scale
+            c2p_col = NSLOT - 1 - slot if DIST else slot  # (DIST: C2P's columns run down in distance)
+            rt = tl.load(C2P_bh + offs_m * NSLOT + c2p_col, mask=m_ok, other=0.0).to(tl.float32) * qk_scale
     elif DIST and (HAS_C2P | HAS_P2C):
-        # element (i, j) at [row, i - j - dist0]: a per-row plus a per-key offset (one add per element)
+        dist0, dist1, nslot1 = dist
         kt, rt = tl.broadcast(_k_axis(col, TRANS), _q_axis(zero, TRANS))
         if HAS_P2C:
-            per_key = tl.minimum(offs_n, Lk - 1) * NSLOT - offs_n - dist0
-            p2c = tl.load(P2C_bh + (_k_axis(per_key, TRANS) + _q_axis(offs_m, TRANS)))
+            p2c = tl.load(P2C_bh + (_k_axis(offs_n * nslot1, TRANS) + _q_axis(offs_m - dist0, TRANS)),
+                          mask=_k_axis(n_ok, TRANS), other=0.0)
             kt = tl.fma(p2c.to(tl.float32), qk_scale, kt)
         if HAS_C2P:
-            per_row = tl.minimum(offs_m, Lq - 1) * NSLOT + offs_m - dist0
-            rt = tl.load(C2P_bh + (_q_axis(per_row, TRANS) - _k_axis(offs_n, TRANS))).to(tl.float32) * qk_scale
+            c2p = tl.load(C2P_bh + (_q_axis(offs_m * nslot1, TRANS) + _k_axis(offs_n + dist1, TRANS)),
+                          mask=_q_axis(m_ok, TRANS), other=0.0)
+            rt = c2p.to(tl.float32) * qk_scale
     elif HAS_C2P | HAS_P2C:
         ok = _q_axis(m_ok, TRANS) & _k_axis(n_ok, TRANS)
         d = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS)

@@ -78,10 +78,10 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
     ``m_i`` is the max of the scores ``t + row_term`` (:func:`_rel_terms`); probabilities are
     ``exp2(t - (m - row_term))``: on saturated tiles, one subtraction per row.  ``SKEW``: no tables (``skew`` =
     ``(s_pkr, s_pqr, SCR, start_m, rt_lo, rt_hi)``): band tiles by :func:`_skew_terms`, saturated ones from per-row
-    terms computed once per program and one position row per key tile.  ``dist = (dist0, col_lo, col_hi)``: the
-    ``DIST`` experiment's first distance and the table columns of the two saturated slots (else ``(0, 0,
-    NSLOT - 1)``)."""
-    dist0, col_lo, col_hi = dist
+    terms computed once per program and one position row per key tile.  ``dist = (dist0, dist1, NSLOT - 1, col_lo,
+    col_hi)``: the ``DIST`` experiment's window (:func:`_rel_terms`) and P2C's columns of the two saturated slots (else
+    ``(0, 0, 0, 0, NSLOT - 1)``)."""
+    dist0, dist1, nslot1, col_lo, col_hi = dist
     for it in range(lo, hi, BLOCK_N):
         if REGION == SAT:
             start_n = tl.where(it < a, it, it - a + c)
@@ -96,7 +96,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
         if not SKEW:
             kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
-                                HAS_C2P, HAS_P2C, REGION, False, dist0, DIST)
+                                HAS_C2P, HAS_P2C, REGION, False, (dist0, dist1, nslot1), DIST)
         elif REGION == SAT:
             s_pkr, s_pqr, SCR, start_m, rt_lo, rt_hi = skew
             kt = col
@@ -159,12 +159,13 @@ def _uniform_out(V_bh, offs_m, offs_d, d_ok, Lk, s_vn, bh, inv_keep, drop_thresh
 
 
 # a fresh seed / rate per call, or another head group, must not recompile
-@triton.jit(do_not_specialize=["seed", "drop_thresh", "H0", "dist0"])
+@triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
 def disentangled_fwd_kernel(
     Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, STATS, SCR,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh, s_pkb, s_pkh, s_pkr, s_pqb, s_pqh, s_pqr,
-    H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, drop_thresh, seed, dist0,
+    H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
+    dist0, dist1, NSLOT1,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SAT_N: tl.constexpr,
@@ -211,10 +212,10 @@ def disentangled_fwd_kernel(
         skew = (0, 0, SCR, start_m, m_ok, m_ok)
     inv_keep = 1.0 / (1.0 - p_drop)
     if DIST:  # the saturated slots' columns: any distance at or beyond the band's ends
-        dist = (dist0, tl.minimum(tl.maximum(band_lo - dist0, 0), NSLOT - 1),
+        dist = (dist0, dist1, NSLOT1, tl.minimum(tl.maximum(band_lo - dist0, 0), NSLOT - 1),
                 tl.minimum(tl.maximum(band_hi - dist0, 0), NSLOT - 1))
     else:
-        dist = (0, 0, NSLOT - 1)
+        dist = (0, 0, 0, 0, NSLOT - 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -543,19 +543,21 @@ def _heads(hs: slice | None, *ts, axis: int = -3) -> list:
     return [None if t is None else t.narrow(axis, hs.start, hs.stop - hs.start) for t in ts]
 
 
-def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, columns: torch.Tensor | None = None):
+def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, columns: tuple | None = None):
     """``(C2P, P2C)`` of heads ``hs`` (:func:`_heads`; ``q`` / ``k`` / ``pos_*`` with heads on dim -3), or the dummy
     pointer for an absent term (a batch-1 table ``[H, L, R]``: :func:`_table_gemm`).  A column per slot, or with
-    ``columns`` (long, rows within ``pr.rows``) one per entry: the distance tables (:func:`_dist_window`)."""
+    ``columns`` (C2P's and P2C's, long, rows within ``pr.rows``) one per entry: the distance tables
+    (:func:`_dist_window`)."""
     if hs is not None:
         q, k, pos_key, pos_query = _heads(hs, q, k, pos_key, pos_query)
 
-    def table(x, pos):
+    def table(x, pos, cols):
         if pos is None:
             return _dummies(x.device)[2]
         pos = pos[..., pr.rows, :]
-        return _table_gemm(x, pos if columns is None else pos.index_select(-2, columns), False)
-    return table(q, pos_key), table(k, pos_query)
+        return _table_gemm(x, pos if cols is None else pos.index_select(-2, cols), False)
+    c2p_cols, p2c_cols = (None, None) if columns is None else columns
+    return table(q, pos_key, c2p_cols), table(k, pos_query, p2c_cols)
 
 
 #: Where the forward's relative terms come from: "tables" (shipped: the host's C2P / P2C, gathered per element), or
@@ -581,17 +583,20 @@ def _fwd_launch_config(q_len: int, k_len: int, head_dim: int, pr: _Prepared) -> 
 
 
 def _dist_window(pr: _Prepared, Lq: int, Lk: int, cfg: LaunchConfig) -> tuple:
-    """``(dist0, W, rows)`` of ``REL_SOURCE = "distance"``: the distances ``[dist0, dist0 + W)`` that the forward's
-    band tiles (``_tile_regions``: within ``BLOCK_M + BLOCK_N`` of the band below it, ``BLOCK_M + SAT_N`` above,
-    the saturated tiles left over by the ``SAT_N`` rounding included) and its edge tiles (rows up to
-    ``Lq + BLOCK_M - 2``, keys up to ``Lk + BLOCK_N - 2``) reach, and ``rows`` (long ``[W]``): each distance's row
-    within ``pr.rows`` (the slot table's, distances outside the matrix clamped to its edge)."""
+    """``(dist0, dist1, c2p_rows, p2c_rows)`` of ``REL_SOURCE = "distance"``: the distances ``[dist0, dist1]``
+    (both multiples of 16, so that the tables' ``dist1 - dist0 + 1`` columns make ``_rel_terms``' tile loads aligned)
+    that cover those the forward's band tiles (``_tile_regions``: within ``BLOCK_M + BLOCK_N`` of the band below it,
+    ``BLOCK_M + SAT_N`` above, the saturated tiles left over by the ``SAT_N`` rounding included) and its edge tiles
+    (rows up to ``Lq + BLOCK_M - 2``, keys up to ``Lk + BLOCK_N - 2``) reach, and each table column's row within
+    ``pr.rows`` (the slot table's, distances outside the matrix clamped to its edge; long): P2C's columns run up in
+    distance, C2P's down."""
     band_lo, band_hi = pr.band
     sat = cfg.sat_block_n or cfg.block_n
-    d0 = max(band_lo - cfg.block_m - cfg.block_n, -(Lk + cfg.block_n - 1))
-    d1 = min(band_hi + cfg.block_m + sat, Lq + cfg.block_m - 1)
+    d0 = max(band_lo - cfg.block_m - cfg.block_n, -(Lk + cfg.block_n - 1)) // 16 * 16
+    d1 = -(-min(band_hi + cfg.block_m + sat, Lq + cfg.block_m - 1) // 16) * 16
     d = torch.arange(d0, d1 + 1, device=pr.table.device).clamp_(-(Lk - 1), Lq - 1) + (Lk - 1)
-    return d0, d1 - d0 + 1, pr.table.long()[d]
+    rows = pr.table.long()[d]
+    return d0, d1, rows.flip(0), rows
 
 
 def _rel_args(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, cfg: LaunchConfig, programs: int,
@@ -601,7 +606,7 @@ def _rel_args(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, cfg: La
     ``REL_SOURCE = "skew"`` the position rows the slot table indexes (its first row on), a float32 scratch of
     ``(BLOCK_M + BLOCK_N) * WIN`` per program and the rows' strides."""
     if dist is not None or REL_SOURCE != "skew" or (pos_key is None and pos_query is None):
-        columns = None if dist is None else dist[2]
+        columns = None if dist is None else dist[2:]
         return (*_tables(q, k, pos_key, pos_query, pr, hs, columns), _dummies(q.device)[2], (0,) * 6, False, 1)
     win = _next_pow2(cfg.block_m + cfg.block_n - 1)
     scr = torch.empty(programs * (cfg.block_m + cfg.block_n) * win, device=q.device, dtype=torch.float32)
@@ -702,8 +707,9 @@ class _FwdPlan:
     groups: list
     strides: tuple  # Q / K / V / OUT, then the masks' strides (every group's: views keep strides)
     kwargs: dict  # constexprs and launch options (_launch_kwargs)
-    dist: tuple | None = None  # REL_SOURCE = "distance": _dist_window's (dist0, W, rows)
-    nslot: int = 0  # the tables' columns (the slot count, or W)
+    dist: tuple | None = None  # REL_SOURCE = "distance": _dist_window's (dist0, dist1, c2p_rows, p2c_rows)
+    nslot: int = 0  # the tables' columns (the slot count, or dist1 - dist0 + 1)
+    dist_args: tuple = (0, 0, 0)  # the forward kernel's (dist0, dist1, NSLOT1): zeros without distance tables
 
 
 @dataclass(frozen=True)
@@ -801,13 +807,14 @@ def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         dist, nslot = None, pr.nslot
         if REL_SOURCE == "distance" and (pr.constexprs["HAS_C2P"] or pr.constexprs["HAS_P2C"]):
             dist = _dist_window(pr, Lq, Lk, cfg)
-            nslot = dist[1]
+            nslot = dist[1] - dist[0] + 1
             problem = int32_index_problem(Lq, Lk, nslot, 1)
             if problem:
                 raise ValueError(problem)
         per_head = _table_bytes(pr, q_rows, k_rows, q.dtype) * nslot // max(pr.nslot, 1)
         return _FwdPlan(pr, cfg, head_groups(H, per_head), (*strides, *pr.mask_strides),
-                        dict(_launch_kwargs(cfg, pr, fwd=True), DIST=dist is not None), dist, nslot)
+                        dict(_launch_kwargs(cfg, pr, fwd=True), DIST=dist is not None), dist, nslot,
+                        (dist[0], dist[1], nslot - 1) if dist else (0, 0, 0))
 
     return _plan(_FWD_PLANS, build, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                  max_relative_positions, span, dropout_p, max_seqlens, False)
@@ -849,7 +856,7 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
     tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p) if dropout_p else 0, int(seed),
-            plan.dist[0] if plan.dist else 0)
+            *plan.dist_args)
     one = len(plan.groups) == 1
     for hs in plan.groups:
         n, g = hs.stop - hs.start, (None if one else hs)  # one group: no views (host time)
@@ -1003,7 +1010,7 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     qt, kt = q.transpose(0, 1), k.transpose(0, 1)
     one = len(plan.groups) == 1
     tail = (Tq, Tk, max_seqlen_q, max_seqlen_k, D, plan.nslot, float(scale), *pr.band, float(dropout_p),
-            _drop_threshold(dropout_p) if dropout_p else 0, int(seed), plan.dist[0] if plan.dist else 0)
+            _drop_threshold(dropout_p) if dropout_p else 0, int(seed), *plan.dist_args)
     for hs in plan.groups:
         n, g = hs.stop - hs.start, (None if one else hs)
         grid = (_cdiv(max_seqlen_q, cfg.block_m), N * n)

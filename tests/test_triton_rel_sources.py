@@ -31,9 +31,9 @@ def source(monkeypatch, request):
 
     def counting(*a):
         res = real(*a)
-        # skew: its flag; distance: a window passed, and the tables made have its W columns
+        # skew: its flag; distance: a window passed, and the tables made have its dist1 - dist0 + 1 columns
         used.append(res[4] if request.param == "skew" else
-                    a[8] is not None and all(t.shape[-1] == a[8][1] for t in res[:2] if t.dim() > 1))
+                    a[8] is not None and all(t.shape[-1] == a[8][1] - a[8][0] + 1 for t in res[:2] if t.dim() > 1))
         return res
     monkeypatch.setattr(launch, "_rel_args", counting)
     used.source = request.param
@@ -158,7 +158,8 @@ def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, pack
 def test_distance_window_covers_every_band_tile():
     """:func:`_dist_window` against a replay of the forward's tile walk (``_tile_regions`` with ``ROWS``, then the
     ``SAT_N`` rounding of the kernel): every distance of every band tile, rows and keys past the lengths included,
-    lies in ``[dist0, dist0 + W)``; random lengths (Lq far from Lk too), bucket configs and GPU tile shapes."""
+    lies in ``[dist0, dist1]``, both multiples of 16 (the kernel's aligned tile loads), C2P's columns P2C's reversed;
+    random lengths (Lq far from Lk too), bucket configs and GPU tile shapes."""
     from deberta_fast._kernels.triton_attention_launch import LaunchConfig
     from deberta_fast.positions import attention_span
 
@@ -174,8 +175,11 @@ def test_distance_window_covers_every_band_tile():
             band, table = lay.band, lay.table
         cfg = configs[n % len(configs)]
         bm, bn, sat = cfg.block_m, cfg.block_n, cfg.sat_block_n or cfg.block_n
-        d0, W, rows = launch._dist_window(_Pr, Lq, Lk, cfg)
-        assert rows.shape == (W,)
+        d0, d1, c2p_rows, rows = launch._dist_window(_Pr, Lq, Lk, cfg)
+        W = d1 - d0 + 1
+        assert d0 % 16 == 0 and d1 % 16 == 0 and rows.shape == (W,) and torch.equal(c2p_rows, rows.flip(0))
+        d = torch.arange(d0, d1 + 1).clamp(-(Lk - 1), Lq - 1)
+        assert torch.equal(rows, lay.table.long()[d + Lk - 1])
         lo, hi = lay.band
         for start_m in range(0, Lq, bm):
             a = min(max(start_m - hi + 1, 0) // bn * bn, Lk)
