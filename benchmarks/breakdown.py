@@ -23,8 +23,8 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
 - ``triton both, skew (no tables)``: the launcher's ``REL_SOURCE = "skew"`` experiment, the forward without tables
   (band tiles: window products on tensor cores skewed through a per-program scratch);
 - ``triton both, distance tables`` (forward, and forward+backward): ``REL_SOURCE = "distance"``, tables with a column
-  per distance (2.2-2.6x the bytes at v3 buckets; band tiles read them with no slot-table load, so every load of the
-  band loop is prefetched: NOTES, "Distance tables");
+  per distance in both passes (2.2-2.6x the bytes at v3 buckets; band tiles read them as aligned vector tiles with no
+  slot-table load, so every load of the forward's band loop is prefetched: NOTES, "Distance tables");
 - ``triton both, one launch`` (forward, and forward+backward): ``TABLE_BUDGET = None``, every head in one launch
   (the shipped budget runs 16k tokens' 805 MB of tables in head groups: the time that costs or saves, and the
   memory it saves);

@@ -79,7 +79,8 @@ def _variants(shapes, masks, drops, rehearse, padded, packed, lens, skew=False):
     as many kernel specializations as it could): DeBERTa-v3 buckets at the first shape over every term x mask x
     dropout (band tiles), the tiny buckets there with both terms (saturated tiles), the packed calls, with ``skew``
     the Triton forward's experiments (``REL_SOURCE`` "skew" and "distance": v3 and tiny buckets, key mask, each
-    dropout rate; "distance" also at ``Lq = 4 Lk`` with the tiny buckets), the rest."""
+    dropout rate; "distance", whose tables the backward reads too, also at ``Lq = 4 Lk`` with the tiny buckets and
+    packed), the rest."""
     ranked = []
     for buckets, (B, Lq, Lk), terms, mask, p in itertools.product(BUCKETS, shapes, TERMS, masks, drops):
         if rehearse and (buckets != BUCKETS[0] and (mask != "key" or terms != "both")):
@@ -101,6 +102,8 @@ def _variants(shapes, masks, drops, rehearse, padded, packed, lens, skew=False):
         ranked += [(2, f"distance padded B=1 Lq={4 * Lk} Lk={Lk} terms=both buckets={BUCKETS[1]} mask=none p={p}",
                     _rel_source(lambda a=(1, 4 * Lk, Lk, "both", BUCKETS[1], "none", p): padded(*a), "distance"))
                    for p in drops]
+        ranked += [(2, f"distance varlen lens={lens} terms=both p={p}",
+                    _rel_source(lambda a=("both", p): packed(*a), "distance")) for p in drops]
     return [(name, run) for _, name, run in sorted(ranked, key=lambda r: r[0])]  # (stable: product order within)
 
 

@@ -114,7 +114,7 @@ class Scenario:
     specialize: bool = True  # False: the negative control, attributes dropped
     tables16: bool = False  # the launcher's TABLE_DTYPE = "input" experiment (C2P / P2C in the inputs' dtype)
     rel: str = "tables"  # the launcher's REL_SOURCE: "skew" (the forward without tables) or "distance" (a column
-    # per distance) are the breakdown's experiments
+    # per distance, forward and backward) are the breakdown's experiments
     tier: str = "default"
     why: str = ""
 
@@ -232,8 +232,10 @@ def scenarios(full: bool) -> list[Scenario]:
     out += [Scenario(p, targets=(90,), tables16=True, why="16-bit tables (A/B)") for p in ("fwd", "bwd")]
     # and its forward without tables, inference and training
     out += [Scenario("fwd", targets=(90,), dropout=d, rel="skew", why="skew, no tables (A/B)") for d in (False, True)]
-    # and its forward on distance tables (no slot-table load in band tiles), on both architectures
+    # and its forward and backward on distance tables (no slot-table load in band tiles), on both architectures
     out += [Scenario("fwd", dropout=d, rel="distance", why="distance tables (A/B)") for d in (False, True)]
+    out += [Scenario("bwd", rel="distance", why="distance tables (A/B)"),
+            Scenario("bwd", varlen=True, mask="none", targets=(90,), rel="distance", why="distance tables (A/B)")]
     # packed calls of one head: H_ALL = 1 becomes a constant at launch (no .to(); the interpreter cannot tell)
     out += [Scenario(p, varlen=True, mask="none", H=1, targets=(90,), why="packed, one head") for p in ("fwd", "bwd")]
     # negative control: the fp16 D=64 training forward without the launch specialization

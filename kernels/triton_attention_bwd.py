@@ -31,19 +31,20 @@ import triton.language as tl
 
 from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _inner_tiles, _k_axis,
                                       _key_col, _masked, _mm, _q_axis, _rel_terms, _score_mm, _sequence, _stat_planes,
-                                      _finish_runs, _tile, _tile_regions, _uniform_rows, _block_tile)
+                                      _finish_runs, _sat_columns, _tile, _tile_regions, _uniform_rows, _block_tile)
 
 
 @triton.jit
 def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slot, offs_m,
                   offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh, seed,
-                  col, FMASK, s_fmb, s_fmh, s_fmm,
+                  col, FMASK, s_fmb, s_fmh, s_fmm, dist,
                   HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                   REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                  TRANS: tl.constexpr):
+                  TRANS: tl.constexpr, DIST: tl.constexpr):
     """Recompute one tile: returns ``(p_drop, ds)``, ``[BLOCK_M, BLOCK_N]`` (``[BLOCK_N, BLOCK_M]`` if ``TRANS``),
     ``ds`` already times ``scale``.  ``REGION``: ``SAT`` (slot ``slot``; see ``_tile_regions``) or a per-element one
-    (``_rel_terms``).  Probabilities are ``exp2((t - (ROWMAX - row_term)) - LOGSUM)``, as the forward computes them
+    (``_rel_terms``; ``dist``, ``DIST``: its distance tables).
+    Probabilities are ``exp2((t - (ROWMAX - row_term)) - LOGSUM)``, as the forward computes them
     (:func:`_rel_terms`; ``col``: the keys' :func:`_key_col`).  No select for the matrix's edges: keys out of range
     score -inf (``col``), the callers load a ``logsum`` of +inf for rows out of range and for uniform rows, whose
     scores are constants (no gradient; their dV: :func:`_uniform_dv`), so ``p`` is 0 there, and so are ``dp`` and
@@ -53,7 +54,7 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slo
     else:
         s = _score_mm(q, tl.trans(k), UPCAST, PREC)
     kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
-                        HAS_C2P, HAS_P2C, REGION, TRANS, (0, 0, 0), False)
+                        HAS_C2P, HAS_P2C, REGION, TRANS, dist, DIST)
     if REGION == SAT:
         t = _masked(tl.fma(s, qk_scale, _k_axis(kt, TRANS)), b, h, offs_m, offs_n, FMASK,
                     s_fmb, s_fmh, s_fmm, MASK_KIND, TRANS)
@@ -102,10 +103,10 @@ def _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, L
 def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE,
                 PSUM_bh, col, FMASK, offs_n, offs_d, d_ok, rows, lo, hi, skip_a, skip_b, slot, run0, qrow0, start_n,
                 b, h, bh, Lq, Lk, NSLOT, NRUN,
-                qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
+                qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om, s_fmb, s_fmh, s_fmm, s_unb, s_unh, dist,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                 REGION: tl.constexpr, HI: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIST: tl.constexpr):
     """dK, dV and the p2c run sums over the query tiles ``[lo, hi)`` of one region (``_tile_regions``,
     ``_inner_tiles``; tile indices from ``skip_a`` on are moved to ``skip_b``: the in-band tiles on both sides of the
     inner ones in one loop), on the transposed tile (keys as rows, as in the dK/dV loop of flash attention 2): dV and
@@ -125,8 +126,8 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
         logsum = tl.where(_uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND), float("inf"), logsum)
         pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slot,
                                offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh,
-                               seed, col, FMASK, s_fmb, s_fmh, s_fmm,
-                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, True)
+                               seed, col, FMASK, s_fmb, s_fmh, s_fmm, dist,
+                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, True, DIST)
         dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
         dk += _mm(ds.to(q.dtype), q, UPCAST, PREC)
         if HAS_P2C:
@@ -139,10 +140,10 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
 def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh,
               KMASK, FMASK, offs_m, offs_d, d_ok, rows, lo, hi, skip_a, skip_b, slot, run0, b, h, bh, Lq, Lk, NSLOT,
               NRUN,
-              qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm,
+              qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm, dist,
               HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
               REGION: tl.constexpr, HI: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              BLOCK_N: tl.constexpr, DIST: tl.constexpr):
     """dQ and the c2p run sums over the key tiles ``[lo, hi)`` of one region (``_tile_regions``, ``_inner_tiles``;
     ``skip_a`` / ``skip_b`` and ``HI`` as in :func:`_dkdv_tiles`)."""
     m_ok = offs_m < Lq
@@ -156,8 +157,8 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_
         col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
         _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slot,
                               offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh,
-                              seed, col, FMASK, s_fmb, s_fmh, s_fmm,
-                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, False)
+                              seed, col, FMASK, s_fmb, s_fmh, s_fmm, dist,
+                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, False, DIST)
         dq += _mm(ds.to(k.dtype), k, UPCAST, PREC)
         if HAS_C2P:
             run_lo, run_hi = _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, CSUM_bh, rows, run0, NRUN,
@@ -172,10 +173,10 @@ def disentangled_bwd_dkdv_kernel(
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    seed,
+    seed, dist0, dist1, NSLOT1,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -212,26 +213,30 @@ def disentangled_bwd_dkdv_kernel(
     col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)  # the program's keys: once, not per query tile
     args = (k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE, PSUM_bh, col, FMASK,
             offs_n, offs_d, d_ok, rows)
+    col_lo, col_hi, dist = _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST)
     rest = (qrow0, start_n, b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om,
-            s_fmb, s_fmh, s_fmm, s_unb, s_unh)
+            s_fmb, s_fmh, s_fmm, s_unb, s_unh, dist)
     if HAS_C2P | HAS_P2C:
         # query tiles far ahead of the key tile (slot 0), inside the run band, with an end run (both sides of the
         # inner ones, in one loop), far behind (slot NSLOT-1); the run sums do not depend on the order
         a, c = _tile_regions(start_n, BLOCK_N, band_lo, band_hi, Lq, BLOCK_M, False)
         i1, i2 = _inner_tiles(start_n, BLOCK_N, 1 - run0, NRUN - 2 - run0, a, c, BLOCK_M, False)
-        dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, 0, a, a, a, 0, run0, *rest, HAS_C2P,
-                                             HAS_P2C, MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_M, BLOCK_N)
+        dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, 0, a, a, a, col_lo, run0, *rest, HAS_C2P,
+                                             HAS_P2C, MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_M, BLOCK_N,
+                                             DIST)
         dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, i1, i2, i2, i2, 0, run0, *rest, HAS_C2P,
-                                             HAS_P2C, MASK_KIND, DROPOUT, INNER, False, UPCAST, PREC, BLOCK_M, BLOCK_N)
+                                             HAS_P2C, MASK_KIND, DROPOUT, INNER, False, UPCAST, PREC, BLOCK_M, BLOCK_N,
+                                             DIST)
         dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, a, i1 + c - i2, i1, i2, 0, run0, *rest,
                                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, GENERAL, False, UPCAST, PREC,
-                                             BLOCK_M, BLOCK_N)
-        dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, c, Lq, Lq, Lq, NSLOT - 1, run0, *rest,
+                                             BLOCK_M, BLOCK_N, DIST)
+        dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, c, Lq, Lq, Lq, col_hi, run0, *rest,
                                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT, True, UPCAST, PREC, BLOCK_M,
-                                             BLOCK_N)
+                                             BLOCK_N, DIST)
     else:  # no relative terms: the SAT path has nothing to add but the key term
         dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, 0, Lq, Lq, Lq, 0, run0, *rest, HAS_C2P,
-                                             HAS_P2C, MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_M, BLOCK_N)
+                                             HAS_P2C, MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_M, BLOCK_N,
+                                             DIST)
 
     out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, dk, mask=kv_ok)
@@ -251,10 +256,10 @@ def disentangled_bwd_dq_kernel(
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    seed, s_yb, s_yh, s_ym,
+    seed, dist0, dist1, NSLOT1, s_yb, s_yh, s_ym,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -296,24 +301,25 @@ def disentangled_bwd_dq_kernel(
     logsum = tl.where(_uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND), float("inf"), logsum)
     args = (q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh, KMASK, FMASK,
             offs_m, offs_d, d_ok, rows)
+    col_lo, col_hi, dist = _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST)
     rest = (b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn,
-            s_kmb, s_fmb, s_fmh, s_fmm)
+            s_kmb, s_fmb, s_fmh, s_fmm, dist)
     if HAS_C2P | HAS_P2C:
         # key tiles far behind the query tile (slot NSLOT-1), inside the run band, with an end run (both sides of the
         # inner ones, in one loop), far ahead (slot 0); the run sums do not depend on the order
         a, c = _tile_regions(start_m, BLOCK_M, band_lo, band_hi, Lk, BLOCK_N, True)
         i1, i2 = _inner_tiles(start_m, BLOCK_M, 1 - run0, NRUN - 2 - run0, a, c, BLOCK_N, True)
-        dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, 0, a, a, a, NSLOT - 1, run0, *rest, HAS_C2P,
-                                       HAS_P2C, MASK_KIND, DROPOUT, SAT, True, UPCAST, PREC, BLOCK_N)
+        dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, 0, a, a, a, col_hi, run0, *rest, HAS_C2P,
+                                       HAS_P2C, MASK_KIND, DROPOUT, SAT, True, UPCAST, PREC, BLOCK_N, DIST)
         dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, i1, i2, i2, i2, 0, run0, *rest, HAS_C2P, HAS_P2C,
-                                       MASK_KIND, DROPOUT, INNER, False, UPCAST, PREC, BLOCK_N)
+                                       MASK_KIND, DROPOUT, INNER, False, UPCAST, PREC, BLOCK_N, DIST)
         dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, a, i1 + c - i2, i1, i2, 0, run0, *rest, HAS_C2P,
-                                       HAS_P2C, MASK_KIND, DROPOUT, GENERAL, False, UPCAST, PREC, BLOCK_N)
-        dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, c, Lk, Lk, Lk, 0, run0, *rest, HAS_C2P, HAS_P2C,
-                                       MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N)
+                                       HAS_P2C, MASK_KIND, DROPOUT, GENERAL, False, UPCAST, PREC, BLOCK_N, DIST)
+        dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, c, Lk, Lk, Lk, col_lo, run0, *rest, HAS_C2P, HAS_P2C,
+                                       MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N, DIST)
     else:  # no relative terms: the SAT path has nothing to add but the key term
         dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, 0, Lk, Lk, Lk, 0, run0, *rest, HAS_C2P, HAS_P2C,
-                                       MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N)
+                                       MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N, DIST)
 
     out = (qrow0 + offs_m)[:, None] * D + offs_d[None, :]
     tl.store(DQ + out, dq, mask=qo_ok)

@@ -225,6 +225,18 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
 
 
 @triton.jit
+def _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST: tl.constexpr):
+    """``(col_lo, col_hi, dist)``: the table columns (P2C's; C2P's under ``DIST`` mirrored, :func:`_rel_terms`) that
+    saturated tiles read, at or below ``band_lo`` / at or beyond ``band_hi`` (slots 0 / ``NSLOT - 1``, or with
+    distance tables those distances' columns), and :func:`_rel_terms`' ``dist`` (zeros without distance tables)."""
+    if DIST:
+        return (tl.minimum(tl.maximum(band_lo - dist0, 0), NSLOT - 1),
+                tl.minimum(tl.maximum(band_hi - dist0, 0), NSLOT - 1), (dist0, dist1, NSLOT1))
+    else:
+        return 0, NSLOT - 1, (0, 0, 0)
+
+
+@triton.jit
 def _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND: tl.constexpr):
     """HF's uniform rows (with a mask): bool ``[BLOCK_M]``, all False without mask.  MASK_KIND 1 / 2: the rows
     flagged (nonzero) in ``UNI [B, 1|H, Lq]``; 3 (a key mask, ``Lq == Lk``): the rows of the keys masked (0) in ``UNI``,

@@ -18,7 +18,9 @@ grid's and the per-launch buffers'); a launcher running heads in groups passes v
 ``H0``, the call's head count and the group's first head, which key the dropout stream (``b * H_ALL + H0 + h``).
 ``SKEW`` (the launcher's ``REL_SOURCE = "skew"`` experiment): no tables; ``C2P`` / ``P2C`` are the ``pos_key`` /
 ``pos_query`` rows the slot table indexes (strides ``s_pk*`` / ``s_pq*``), band tiles skew window products through
-``SCR``, a float32 scratch of ``(BLOCK_M + BLOCK_N) * WIN`` per program (:func:`_skew_terms`).
+``SCR``, a float32 scratch of ``(BLOCK_M + BLOCK_N) * WIN`` per program (:func:`_skew_terms`).  ``DIST`` (the
+``REL_SOURCE = "distance"`` experiment, in the backward kernels too): ``NSLOT`` columns, one per distance of
+``[dist0, dist1]`` (``NSLOT1 = NSLOT - 1``; :func:`.triton_attention_common._rel_terms`).
 
 ``VARLEN``: packed sequences; grid ``(cdiv(max_seqlen_q, BLOCK_M), N*H)``, ``Q [Tq,H,D]``,
 ``K``/``V [Tk,H,D]`` (batch strides 0), ``C2P [H,Tq,NSLOT]``, ``P2C [H,Tk,NSLOT]``, ``TABLE``
@@ -29,8 +31,8 @@ import triton
 import triton.language as tl
 
 from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _key_col, _masked, _mm, _rel_terms,
-                                      _score_mm, _sequence, _stat_planes, _tile, _tile_regions, _uniform_rows,
-                                      _block_tile)
+                                      _sat_columns, _score_mm, _sequence, _stat_planes, _tile, _tile_regions,
+                                      _uniform_rows, _block_tile)
 
 
 @triton.jit
@@ -211,12 +213,9 @@ def disentangled_fwd_kernel(
         P2C_bh = P2C + krow0 * NSLOT
         skew = (0, 0, SCR, start_m, m_ok, m_ok)
     inv_keep = 1.0 / (1.0 - p_drop)
-    if DIST:  # the saturated slots' columns: any distance at or beyond the band's ends
-        dist = (dist0, dist1, NSLOT1, tl.minimum(tl.maximum(band_lo - dist0, 0), NSLOT - 1),
-                tl.minimum(tl.maximum(band_hi - dist0, 0), NSLOT - 1))
-    else:
-        dist = (0, 0, 0, 0, NSLOT - 1)
-
+    col_lo, col_hi, win = _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST)
+    d0, d1, n1 = win  # (flat: nested tuple targets break triton's dependency finder)
+    dist = (d0, d1, n1, col_lo, col_hi)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

@@ -560,14 +560,14 @@ def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, columns: 
     return table(q, pos_key, c2p_cols), table(k, pos_query, p2c_cols)
 
 
-#: Where the forward's relative terms come from: "tables" (shipped: the host's C2P / P2C, gathered per element), or
-#: "skew": no tables, band tiles by window products on tensor cores skewed through a per-program scratch, saturated
-#: tiles from per-row / per-key terms computed in the kernel (``_skew_terms``; NOTES: "Fourth look: the skew through
-#: a per-program scratch").
-#: Or "distance": tables with one column per distance the launch's tiles reach instead of one per slot
-#: (:func:`_dist_window`), so that band tiles read ``[i, d - dist0]`` / ``[j, d - dist0]`` with no slot-table load
-#: and no predicate (``_rel_terms``' ``DIST``; NOTES: "Distance tables").
-#: Experiments for a GPU A/B (``benchmarks.breakdown``), not a user setting; the backward keeps its slot tables.
+#: Where the relative terms come from: "tables" (shipped: the host's C2P / P2C, gathered per element), or
+#: "skew" (forward only; the backward keeps its slot tables): no tables, band tiles by window products on tensor
+#: cores skewed through a per-program scratch, saturated tiles from per-row / per-key terms computed in the kernel
+#: (``_skew_terms``; NOTES: "Fourth look: the skew through a per-program scratch").
+#: Or "distance" (forward and backward): tables with one column per distance the launches' tiles reach instead of
+#: one per slot (:func:`_dist_window`), C2P's in decreasing order, so that band tiles load both as unit-stride,
+#: aligned tiles with no slot-table load (``_rel_terms``' ``DIST``; NOTES: "Distance tables").
+#: Experiments for a GPU A/B (``benchmarks.breakdown``), not a user setting.
 REL_SOURCE = "tables"
 
 
@@ -582,21 +582,33 @@ def _fwd_launch_config(q_len: int, k_len: int, head_dim: int, pr: _Prepared) -> 
     return cfg
 
 
-def _dist_window(pr: _Prepared, Lq: int, Lk: int, cfg: LaunchConfig) -> tuple:
+def _dist_window(pr: _Prepared, Lq: int, Lk: int, *cfgs: LaunchConfig) -> tuple:
     """``(dist0, dist1, c2p_rows, p2c_rows)`` of ``REL_SOURCE = "distance"``: the distances ``[dist0, dist1]``
     (both multiples of 16, so that the tables' ``dist1 - dist0 + 1`` columns make ``_rel_terms``' tile loads aligned)
-    that cover those the forward's band tiles (``_tile_regions``: within ``BLOCK_M + BLOCK_N`` of the band below it,
-    ``BLOCK_M + SAT_N`` above, the saturated tiles left over by the ``SAT_N`` rounding included) and its edge tiles
-    (rows up to ``Lq + BLOCK_M - 2``, keys up to ``Lk + BLOCK_N - 2``) reach, and each table column's row within
-    ``pr.rows`` (the slot table's, distances outside the matrix clamped to its edge; long): P2C's columns run up in
-    distance, C2P's down."""
+    that cover those the band tiles of kernels tiled by ``cfgs`` (``_tile_regions``: within ``BLOCK_M + BLOCK_N`` of
+    the band below it, ``BLOCK_M + SAT_N`` above, the forward's saturated tiles left over by the ``SAT_N`` rounding
+    included) and their edge tiles (rows up to ``Lq + BLOCK_M - 2``, keys up to ``Lk + BLOCK_N - 2``) reach, and each
+    table column's row within ``pr.rows`` (the slot table's, distances outside the matrix clamped to its edge; long):
+    P2C's columns run up in distance, C2P's down."""
     band_lo, band_hi = pr.band
-    sat = cfg.sat_block_n or cfg.block_n
-    d0 = max(band_lo - cfg.block_m - cfg.block_n, -(Lk + cfg.block_n - 1)) // 16 * 16
-    d1 = -(-min(band_hi + cfg.block_m + sat, Lq + cfg.block_m - 1) // 16) * 16
+    below = max(c.block_m + c.block_n for c in cfgs)
+    above = max(c.block_m + (c.sat_block_n or c.block_n) for c in cfgs)
+    d0 = max(band_lo - below, -(Lk + max(c.block_n for c in cfgs) - 1)) // 16 * 16
+    d1 = -(-min(band_hi + above, Lq + max(c.block_m for c in cfgs) - 1) // 16) * 16
     d = torch.arange(d0, d1 + 1, device=pr.table.device).clamp_(-(Lk - 1), Lq - 1) + (Lk - 1)
     rows = pr.table.long()[d]
     return d0, d1, rows.flip(0), rows
+
+
+def _dist_plan(pr: _Prepared, Lq: int, Lk: int, *cfgs: LaunchConfig) -> tuple:
+    """``(dist, nslot, dist_args)`` of a plan: under ``REL_SOURCE = "distance"`` with a relative term,
+    :func:`_dist_window`, the tables' columns and the kernels' ``(dist0, dist1, NSLOT1)``; else no window, the slot
+    count and zeros."""
+    if REL_SOURCE != "distance" or not (pr.constexprs["HAS_C2P"] or pr.constexprs["HAS_P2C"]):
+        return None, pr.nslot, (0, 0, 0)
+    dist = _dist_window(pr, Lq, Lk, *cfgs)
+    nslot = dist[1] - dist[0] + 1
+    return dist, nslot, (dist[0], dist[1], nslot - 1)
 
 
 def _rel_args(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, cfg: LaunchConfig, programs: int,
@@ -720,6 +732,9 @@ class _BwdPlan:
     groups: list
     kw_dkdv: dict  # constexprs and launch options of each kernel (_launch_kwargs)
     kw_dq: dict
+    dist: tuple | None = None  # as _FwdPlan's, for both kernels' tiles
+    nslot: int = 0
+    dist_args: tuple = (0, 0, 0)
 
 
 _FWD_PLANS: dict = {}
@@ -804,17 +819,14 @@ def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         else:
             strides = _qkvo_strides(q, k, v, q.new_empty((0, H, Lq, D)))
         cfg = _fwd_launch_config(Lq, Lk, D, pr)
-        dist, nslot = None, pr.nslot
-        if REL_SOURCE == "distance" and (pr.constexprs["HAS_C2P"] or pr.constexprs["HAS_P2C"]):
-            dist = _dist_window(pr, Lq, Lk, cfg)
-            nslot = dist[1] - dist[0] + 1
+        dist, nslot, dist_args = _dist_plan(pr, Lq, Lk, cfg)
+        if dist is not None:
             problem = int32_index_problem(Lq, Lk, nslot, 1)
             if problem:
                 raise ValueError(problem)
         per_head = _table_bytes(pr, q_rows, k_rows, q.dtype) * nslot // max(pr.nslot, 1)
         return _FwdPlan(pr, cfg, head_groups(H, per_head), (*strides, *pr.mask_strides),
-                        dict(_launch_kwargs(cfg, pr, fwd=True), DIST=dist is not None), dist, nslot,
-                        (dist[0], dist[1], nslot - 1) if dist else (0, 0, 0))
+                        dict(_launch_kwargs(cfg, pr, fwd=True), DIST=dist is not None), dist, nslot, dist_args)
 
     return _plan(_FWD_PLANS, build, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                  max_relative_positions, span, dropout_p, max_seqlens, False)
@@ -826,11 +838,18 @@ def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
     gradients, the head groups, both kernels' configs and launch arguments.  Padded: ``q`` / ``k``
     ``[B,H,L,D]``; packed: ``[T,H,D]`` and ``max_seqlens``."""
     def build(pr, Lq, Lk, H, D, q_rows, k_rows):
-        per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, pr.nrun)
+        cfg = _config("bwd", Lq, Lk, D, pr)
+        dist, nslot, dist_args = _dist_plan(pr, Lq, Lk, cfg.dq, cfg.dkdv)
+        if dist is not None:
+            problem = int32_index_problem(Lq, Lk, nslot, pr.nrun)
+            if problem:
+                raise ValueError(problem)
+        per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, pr.nrun) * nslot // max(pr.nslot, 1)
         if max_seqlens is None:  # a padded group also allocates its float32 dq / dk / dv
             per_head += 4 * (q_rows + 2 * k_rows) * D
-        cfg = _config("bwd", Lq, Lk, D, pr)
-        return _BwdPlan(pr, cfg, head_groups(H, per_head), _launch_kwargs(cfg.dkdv, pr), _launch_kwargs(cfg.dq, pr))
+        flag = dict(DIST=dist is not None)
+        return _BwdPlan(pr, cfg, head_groups(H, per_head), dict(_launch_kwargs(cfg.dkdv, pr), **flag),
+                        dict(_launch_kwargs(cfg.dq, pr), **flag), dist, nslot, dist_args)
 
     return _plan(_BWD_PLANS, build, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                  max_relative_positions, span, dropout_p, max_seqlens, True)
@@ -952,11 +971,11 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
         p_sum = _unfilled((B, n, Lk, pr.nrun), q.device) if has_p2c else dummy
         dl = _unfilled((B, n, Lq), q.device)  # rowsum(dO * O): the dq kernel's, for the dK/dV kernel
         common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
-                  n, H, hs.start, Lq, Lk, Lq, Lk, D, pr.nslot, pr.nrun, float(scale), *pr.band, pr.run0,
-                  float(dropout_p), _drop_threshold(dropout_p), int(seed))
+                  n, H, hs.start, Lq, Lk, Lq, Lk, D, plan.nslot, pr.nrun, float(scale), *pr.band, pr.run0,
+                  float(dropout_p), _drop_threshold(dropout_p), int(seed), *plan.dist_args)
         st = stats if one else stats[:, :, hs].contiguous()
         qg, kg, vg, dog, og, pkg, pqg = _heads(g, q, k, v, do, out, pos_key, pos_query)
-        inputs = (qg, kg, vg, dog, st, dl, *_tables(q, k, pos_key, pos_query, pr, g),
+        inputs = (qg, kg, vg, dog, st, dl, *_tables(q, k, pos_key, pos_query, pr, g, plan.dist and plan.dist[2:]),
                   pr.table, pr.table, pr.table, *_group_masks(mask_args, g))
         disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * n)](*inputs, dq, c_sum, og, *common, *o_strides,
                                                                         **plan.kw_dq)
@@ -1055,12 +1074,12 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
         c_sum = torch.zeros((n, Tq, pr.nrun), **f32) if has_c2p else dummy
         p_sum = torch.zeros((n, Tk, pr.nrun), **f32) if has_p2c else dummy
         common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, n, H, hs.start, Tq, Tk, max_seqlen_q,
-                  max_seqlen_k, D, pr.nslot, pr.nrun, float(scale), *pr.band, pr.run0, float(dropout_p),
-                  _drop_threshold(dropout_p), int(seed))
+                  max_seqlen_k, D, plan.nslot, pr.nrun, float(scale), *pr.band, pr.run0, float(dropout_p),
+                  _drop_threshold(dropout_p), int(seed), *plan.dist_args)
         (stg,), (dqg, dkg, dvg) = _heads(g, stats, axis=1), _heads(g, dq, dk, dv)
         dl = _unfilled((n, Tq), q.device)  # [H, Tq] rowsum(dO * O): the dq kernel's (rows of no sequence unused)
         qg, kg, vg, dog, og = _heads(g, q, k, v, do, out, axis=1)
-        inputs = (qg, kg, vg, dog, stg, dl, *_tables(qt, kt, pos_key, pos_query, pr, g),
+        inputs = (qg, kg, vg, dog, stg, dl, *_tables(qt, kt, pos_key, pos_query, pr, g, plan.dist and plan.dist[2:]),
                   pr.table, cu_seqlens_q, cu_seqlens_k, *mask_args)
         disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.dq.block_m), N * n)](*inputs, dqg, c_sum, og, *common,
                                                                                  0, out.stride(1), out.stride(0),

@@ -3,8 +3,9 @@
 saturated tiles from in-kernel per-row / per-key terms), and ``"distance"``, tables with a column per distance (band
 tiles read their column with no slot-table load and no predicate).  Output and log-sum-exp against the float64
 reference (every term, bucket config, mask kind, Lq != Lk, 4-D position tables, packed calls, head groups), the same
-dropout keep-mask as the tables path, the backward (which keeps its slot tables) from each forward's statistics, and
-the distance tables under the GPU launch configs' tiles.  Interpreter on CPU (tests/conftest.py)."""
+dropout keep-mask as the tables path, the backward from each forward's statistics (skew: with slot tables; distance:
+with distance tables too), and the distance tables under the GPU launch configs' tiles.  Interpreter on CPU
+(tests/conftest.py)."""
 import pytest
 import torch
 
@@ -103,6 +104,35 @@ def test_packed_and_head_groups(monkeypatch, source):
         assert_close_fp32(out[s], ref, what=f"sequence {n}")
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_backward_with_dropout_and_head_groups(monkeypatch, source, packed):
+    """Forward and backward with dropout, a launch per head (``TABLE_BUDGET``), a key mask / packed sequences of
+    other lengths: the same values as the slot tables' path, seed for seed (rounding apart)."""
+    monkeypatch.setattr(launch, "TABLE_BUDGET", 1)
+    kw = dict(position_buckets=BUCKETED[0], max_relative_positions=BUCKETED[1], dropout_p=0.25)
+    if packed:
+        lens = [23, 1, 40, 9]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        ts = [torch.randn(sum(lens), 3, 16) for _ in range(3)] + [torch.randn(3, 16, 16), torch.randn(3, 16, 16)]
+        do = torch.randn(sum(lens), 3, 16)
+
+        def fn(q, k, v, pk, pq):
+            return disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 40, 40, backend="triton", **kw)
+    else:
+        q, k, v, pk, pq, m, _ = make_inputs(2, 3, 37, 52, 16, buckets=BUCKETED, mask="key")
+        ts, do = (q, k, v, pk, pq), torch.randn(2, 3, 37, 16)
+        fn = triton_fn(m, {}, **kw)
+    res = []
+    for src in ("tables", source.source):
+        monkeypatch.setattr(launch, "REL_SOURCE", src)
+        source.clear()
+        torch.manual_seed(5)
+        res.append(grads(fn, ts, torch.float32, do))
+    assert source and all(source)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), *res):
+        assert max_err(a, b) <= 2e-5 * b.abs().max().item(), name
+
+
 @pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
 @pytest.mark.parametrize("buckets,L,Lk,packed", [(BUCKETED, 200, 200, False), (V3, 130, 130, False),
                                                  (BUCKETED, 77, 150, False), (BUCKETED, 300, 100, False),
@@ -156,16 +186,34 @@ def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, pack
 
 
 def test_distance_window_covers_every_band_tile():
-    """:func:`_dist_window` against a replay of the forward's tile walk (``_tile_regions`` with ``ROWS``, then the
-    ``SAT_N`` rounding of the kernel): every distance of every band tile, rows and keys past the lengths included,
-    lies in ``[dist0, dist1]``, both multiples of 16 (the kernel's aligned tile loads), C2P's columns P2C's reversed;
-    random lengths (Lq far from Lk too), bucket configs and GPU tile shapes."""
+    """:func:`_dist_window` against a replay of the kernels' tile walks (``_tile_regions``; the forward's ``SAT_N``
+    rounding; the backward's dq walk of key tiles and dK/dV walk of query tiles, one window for both): every distance
+    of every band tile, rows and keys past the lengths included, lies in ``[dist0, dist1]``, both multiples of 16
+    (the kernel's aligned tile loads), C2P's columns P2C's reversed; random lengths (Lq far from Lk too), bucket
+    configs and GPU tile shapes."""
     from deberta_fast._kernels.triton_attention_launch import LaunchConfig
     from deberta_fast.positions import attention_span
 
     g = torch.Generator().manual_seed(0)
     configs = [LaunchConfig(64, 64, 4, 2, 128), LaunchConfig(64, 32, 4, 3, 64), LaunchConfig(32, 64, 4, 3, 128),
                LaunchConfig(32, 32, 4, 2, 0), LaunchConfig(64, 16, 4, 3, 64)]
+    bwd = [(LaunchConfig(32, 32, 4, 2), LaunchConfig(32, 32, 4, 1)), (LaunchConfig(16, 16, 4, 1), LaunchConfig(64, 64,
+           4, 1)), (LaunchConfig(64, 64, 4, 1), LaunchConfig(16, 16, 4, 1))]
+
+    def band_tiles(lo, hi, own, walk, own_len, walk_len, rows, sat=0):
+        """(start of the program's block, start of a band tile) of one kernel's walk."""
+        for s0 in range(0, own_len, own):
+            if rows:
+                a = min(max(s0 - hi + 1, 0) // walk * walk, walk_len)
+                c = min(max(-(-max(s0 + own - 1 - lo, 0) // walk) * walk, a), walk_len)
+            else:
+                a = min(max(s0 + lo + 1, 0) // walk * walk, walk_len)
+                c = min(max(-(-max(s0 + own - 1 + hi, 0) // walk) * walk, a), walk_len)
+            if sat:
+                a = a if a == walk_len else a // sat * sat
+            for t0 in range(a, c, walk):
+                yield (s0, t0) if rows else (t0, s0)
+
     for n in range(300):
         Lq, Lk = (int(x) for x in torch.randint(1, 700, (2,), generator=g))
         pb, mr = ((4, 8), (32, 64), (256, 512), (8, 256))[n % 4]
@@ -173,18 +221,20 @@ def test_distance_window_covers_every_band_tile():
 
         class _Pr:  # what _dist_window reads
             band, table = lay.band, lay.table
-        cfg = configs[n % len(configs)]
-        bm, bn, sat = cfg.block_m, cfg.block_n, cfg.sat_block_n or cfg.block_n
-        d0, d1, c2p_rows, rows = launch._dist_window(_Pr, Lq, Lk, cfg)
-        W = d1 - d0 + 1
-        assert d0 % 16 == 0 and d1 % 16 == 0 and rows.shape == (W,) and torch.equal(c2p_rows, rows.flip(0))
-        d = torch.arange(d0, d1 + 1).clamp(-(Lk - 1), Lq - 1)
-        assert torch.equal(rows, lay.table.long()[d + Lk - 1])
         lo, hi = lay.band
-        for start_m in range(0, Lq, bm):
-            a = min(max(start_m - hi + 1, 0) // bn * bn, Lk)
-            c = min(max(-(-max(start_m + bm - 1 - lo, 0) // bn) * bn, a), Lk)
-            a = a if a == Lk else a // sat * sat
-            for start_n in range(a, c, bn):  # the band loop's tiles, every element (in range or not)
-                assert d0 <= start_m - (start_n + bn - 1) and start_m + bm - 1 - start_n < d0 + W, (
-                    Lq, Lk, pb, mr, cfg, start_m, start_n, d0, W)
+        cfg = configs[n % len(configs)]
+        dq, dkdv = bwd[n % len(bwd)]
+        walks = [(cfg.block_m, cfg.block_n, band_tiles(lo, hi, cfg.block_m, cfg.block_n, Lq, Lk, True,
+                                                       cfg.sat_block_n or cfg.block_n)),
+                 (dq.block_m, dq.block_n, band_tiles(lo, hi, dq.block_m, dq.block_n, Lq, Lk, True)),
+                 (dkdv.block_m, dkdv.block_n, band_tiles(lo, hi, dkdv.block_n, dkdv.block_m, Lk, Lq, False))]
+        for cfgs, tiles in ((cfg,), walks[:1]), ((dq, dkdv), walks[1:]):
+            d0, d1, c2p_rows, rows = launch._dist_window(_Pr, Lq, Lk, *cfgs)
+            assert d0 % 16 == 0 and d1 % 16 == 0 and rows.shape == (d1 - d0 + 1,)
+            assert torch.equal(c2p_rows, rows.flip(0))
+            d = torch.arange(d0, d1 + 1).clamp(-(Lk - 1), Lq - 1)
+            assert torch.equal(rows, lay.table.long()[d + Lk - 1])
+            for bm, bn, walk in tiles:  # every element of a band tile (in range or not)
+                for m0, k0 in walk:
+                    assert d0 <= m0 - (k0 + bn - 1) and m0 + bm - 1 - k0 <= d1, (Lq, Lk, pb, mr, bm, bn, m0, k0, d0,
+                                                                                 d1)
