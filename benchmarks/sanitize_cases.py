@@ -79,8 +79,8 @@ def _variants(shapes, masks, drops, rehearse, padded, packed, lens, skew=False):
     as many kernel specializations as it could): DeBERTa-v3 buckets at the first shape over every term x mask x
     dropout (band tiles), the tiny buckets there with both terms (saturated tiles), the packed calls, with ``skew``
     the Triton forward's experiments (``REL_SOURCE`` "skew" and "distance": v3 and tiny buckets, key mask, each
-    dropout rate; "distance", whose tables the backward reads too, also at ``Lq = 4 Lk`` with the tiny buckets and
-    packed), the rest."""
+    dropout rate; "distance", whose tables the backward reads too, also at ``Lq = 4 Lk`` and ``Lk = 4 Lq`` with the
+    tiny buckets, and packed, keys of the queries' lengths and of others), the rest."""
     ranked = []
     for buckets, (B, Lq, Lk), terms, mask, p in itertools.product(BUCKETS, shapes, TERMS, masks, drops):
         if rehearse and (buckets != BUCKETS[0] and (mask != "key" or terms != "both")):
@@ -102,8 +102,14 @@ def _variants(shapes, masks, drops, rehearse, padded, packed, lens, skew=False):
         ranked += [(2, f"distance padded B=1 Lq={4 * Lk} Lk={Lk} terms=both buckets={BUCKETS[1]} mask=none p={p}",
                     _rel_source(lambda a=(1, 4 * Lk, Lk, "both", BUCKETS[1], "none", p): padded(*a), "distance"))
                    for p in drops]
+        ranked += [(2, f"distance padded B=1 Lq={Lk} Lk={4 * Lk} terms=both buckets={BUCKETS[1]} mask=none p={p}",
+                    _rel_source(lambda a=(1, Lk, 4 * Lk, "both", BUCKETS[1], "none", p): padded(*a), "distance"))
+                   for p in drops]
+        lens_k = [5, 70, 2, 33]
         ranked += [(2, f"distance varlen lens={lens} terms=both p={p}",
                     _rel_source(lambda a=("both", p): packed(*a), "distance")) for p in drops]
+        ranked += [(2, f"distance varlen lens={lens} lens_k={lens_k} terms=both p={p}",
+                    _rel_source(lambda a=("both", p, lens_k): packed(*a), "distance")) for p in drops]
     return [(name, run) for _, name, run in sorted(ranked, key=lambda r: r[0])]  # (stable: product order within)
 
 
@@ -133,13 +139,17 @@ def main(argv=None) -> int:
                   dropout_p=p, backend=args.backend)
         return _run(lambda: disentangled_attention(*ts, **kw), ts)
 
-    def packed(terms, p):
-        T = int(cu[-1])
+    def packed(terms, p, lens_k=None):
+        """``lens_k``: keys of other lengths than the queries (default: ``lens``)."""
+        lk = lens_k or lens
+        cu_k = cu if lens_k is None else torch.tensor([0] + list(itertools.accumulate(lk)), dtype=torch.int32,
+                                                      device=device)
+        Tq, Tk = int(cu[-1]), int(cu_k[-1])
         mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype).requires_grad_(True)  # noqa: E731
         span = attention_span(256, 512)
-        ts = (mk(T, H, D), mk(T, H, D), mk(T, H, D), mk(H, 2 * span, D) if terms in ("both", "c2p") else None,
+        ts = (mk(Tq, H, D), mk(Tk, H, D), mk(Tk, H, D), mk(H, 2 * span, D) if terms in ("both", "c2p") else None,
               mk(H, 2 * span, D) if terms in ("both", "p2c") else None)
-        return _run(lambda: disentangled_attention_varlen(*ts, cu, cu, max(lens), max(lens), position_buckets=256,
+        return _run(lambda: disentangled_attention_varlen(*ts, cu, cu_k, max(lens), max(lk), position_buckets=256,
                                                           max_relative_positions=512, dropout_p=p,
                                                           backend=args.backend), ts)
 

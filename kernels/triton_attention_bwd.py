@@ -31,7 +31,8 @@ import triton.language as tl
 
 from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _inner_tiles, _k_axis,
                                       _key_col, _masked, _mm, _q_axis, _rel_terms, _score_mm, _sequence, _stat_planes,
-                                      _finish_runs, _sat_columns, _tile, _tile_regions, _uniform_rows, _block_tile)
+                                      _finish_runs, _sat_columns, _table_block, _tile, _tile_regions, _tile_start,
+                                      _uniform_rows, _block_tile)
 
 
 @triton.jit
@@ -113,7 +114,7 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
     dK take it without a transpose, and the p2c column sums become row sums.  ``HI``: a ``SAT`` region's end run
     (:func:`_advance_runs`)."""
     for it in range(lo, hi, BLOCK_M):
-        start_m = tl.where(it < skip_a, it, it - skip_a + skip_b)
+        start_m = _tile_start(tl.where(it < skip_a, it, it - skip_a + skip_b), BLOCK_M, DIST)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
         qo_ok = m_ok[:, None] & d_ok[None, :]
@@ -148,7 +149,7 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_
     ``skip_a`` / ``skip_b`` and ``HI`` as in :func:`_dkdv_tiles`)."""
     m_ok = offs_m < Lq
     for it in range(lo, hi, BLOCK_N):
-        start_n = tl.where(it < skip_a, it, it - skip_a + skip_b)
+        start_n = _tile_start(tl.where(it < skip_a, it, it - skip_a + skip_b), BLOCK_N, DIST)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kv_ok = n_ok[:, None] & d_ok[None, :]
@@ -200,8 +201,8 @@ def disentangled_bwd_dkdv_kernel(
     v = _tile(V + b64 * s_vb + h64 * s_vh, k0 + offs_n, s_vn, offs_d, kv_ok)
     Q_bh = Q + b64 * s_qb + h64 * s_qh + q0.to(tl.int64) * s_qm
     DO_bh = DO + b64 * s_ob + h64 * s_oh + q0.to(tl.int64) * s_om
-    C2P_bh = C2P + qrow0 * NSLOT
-    P2C_bh = P2C + krow0 * NSLOT
+    C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN)
+    P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN)
     PSUM_bh = PSUM + krow0 * NRUN
     rows = offs_n * NRUN  # int32 offsets within the (b, h) block (the launcher checks the size)
     qk_scale = scale * LOG2E
@@ -288,8 +289,8 @@ def disentangled_bwd_dq_kernel(
     tl.store(DELTA + qrow0 + offs_m, delta, mask=m_ok)  # for the dK/dV kernel, launched next
     K_bh = K + b64 * s_kb + h64 * s_kh + k0.to(tl.int64) * s_kn
     V_bh = V + b64 * s_vb + h64 * s_vh + k0.to(tl.int64) * s_vn
-    C2P_bh = C2P + qrow0 * NSLOT
-    P2C_bh = P2C + krow0 * NSLOT
+    C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN)
+    P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN)
     CSUM_bh = CSUM + qrow0 * NRUN
     rows = offs_m * NRUN  # int32 offsets within the (b, h) block (the launcher checks the size)
     qk_scale = scale * LOG2E

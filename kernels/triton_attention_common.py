@@ -225,6 +225,30 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
 
 
 @triton.jit
+def _tile_start(start, BLOCK: tl.constexpr, DIST: tl.constexpr):
+    """A walked tile's first row / key: every loop of ``_tile_regions`` / ``_inner_tiles`` that runs starts at a
+    multiple of ``BLOCK`` (their bounds are multiples of it, or the length, where a loop is empty), which Triton cannot
+    prove when the length is not a multiple of 16; with ``DIST`` it is rounded down to one (the same value, so that
+    ``_rel_terms``' tile loads along the walked axis are vectors; were it not one, the tile would move and the exactness
+    tests fail).  (``tl.multiple_of`` does not reach a loop's induction variable.)"""
+    if DIST:
+        start = start // BLOCK * BLOCK
+    return start
+
+
+@triton.jit
+def _table_block(T, row0, L, NSLOT, DIST: tl.constexpr, VARLEN: tl.constexpr):
+    """The first row of a ``(b, h)``'s table (C2P / P2C, ``NSLOT`` columns): ``row0`` (:func:`_sequence`), or for
+    padded distance tables the launch's ``(b, h)`` index times ``L`` rounded up to 16 rows (the launcher pads each
+    block so), which Triton can prove 16-byte aligned: with ``_rel_terms``' unit-stride addresses, vector loads at
+    any ``L`` (packed rows start at any token: no such proof)."""
+    if DIST and not VARLEN:
+        return T + tl.program_id(1).to(tl.int64) * ((L + 15) // 16 * 16) * NSLOT
+    else:
+        return T + row0 * NSLOT
+
+
+@triton.jit
 def _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST: tl.constexpr):
     """``(col_lo, col_hi, dist)``: the table columns (P2C's; C2P's under ``DIST`` mirrored, :func:`_rel_terms`) that
     saturated tiles read, at or below ``band_lo`` / at or beyond ``band_hi`` (slots 0 / ``NSLOT - 1``, or with

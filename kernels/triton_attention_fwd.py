@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _key_col, _masked, _mm, _rel_terms,
-                                      _sat_columns, _score_mm, _sequence, _stat_planes, _tile, _tile_regions,
-                                      _uniform_rows, _block_tile)
+                                      _sat_columns, _score_mm, _sequence, _table_block, _stat_planes, _tile,
+                                      _tile_regions, _tile_start, _uniform_rows, _block_tile)
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
             start_n = tl.where(it < a, it, it - a + c)
             slot = tl.where(it < a, col_hi, col_lo)
         else:
-            start_n = it
+            start_n = _tile_start(it, BLOCK_N, DIST)
             slot = 0
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n < Lk)[:, None] & d_ok[None, :]
@@ -209,8 +209,8 @@ def disentangled_fwd_kernel(
             rt_hi = tl.sum(qf * row[None, :], 1) * qk_scale
         skew = (s_pkr, s_pqr, SCR_p, start_m, rt_lo, rt_hi)
     else:
-        C2P_bh = C2P + qrow0 * NSLOT
-        P2C_bh = P2C + krow0 * NSLOT
+        C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN)
+        P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN)
         skew = (0, 0, SCR, start_m, m_ok, m_ok)
     inv_keep = 1.0 / (1.0 - p_drop)
     col_lo, col_hi, win = _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST)

@@ -528,11 +528,12 @@ def head_groups(H: int, bytes_per_head: int) -> list[slice]:
     return [slice(h, min(h + size, H)) for h in range(0, H, size)]
 
 
-def _table_bytes(pr: _Prepared, q_rows: int, k_rows: int, dtype: torch.dtype, nrun: int = 0) -> int:
-    """Bytes per head of the tables (and with ``nrun``, the float32 run sums) over ``q_rows`` / ``k_rows`` rows."""
+def _table_bytes(pr: _Prepared, q_rows: int, k_rows: int, dtype: torch.dtype, nslot: int, nrun: int = 0) -> int:
+    """Bytes per head of the tables of ``nslot`` columns (and with ``nrun``, the float32 run sums) over ``q_rows`` /
+    ``k_rows`` rows."""
     half = TABLE_DTYPE == "input" and dtype in (torch.float16, torch.bfloat16)
     rows = q_rows * pr.constexprs["HAS_C2P"] + k_rows * pr.constexprs["HAS_P2C"]
-    return rows * (pr.nslot * (2 if half else 4) + 4 * nrun)
+    return rows * (nslot * (2 if half else 4) + 4 * nrun)
 
 
 def _heads(hs: slice | None, *ts, axis: int = -3) -> list:
@@ -547,13 +548,15 @@ def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, columns: 
     """``(C2P, P2C)`` of heads ``hs`` (:func:`_heads`; ``q`` / ``k`` / ``pos_*`` with heads on dim -3), or the dummy
     pointer for an absent term (a batch-1 table ``[H, L, R]``: :func:`_table_gemm`).  A column per slot, or with
     ``columns`` (C2P's and P2C's, long, rows within ``pr.rows``) one per entry: the distance tables
-    (:func:`_dist_window`)."""
+    (:func:`_dist_window`; padded, each ``(b, h)`` block's rows a multiple of 16, the last zeros)."""
     if hs is not None:
         q, k, pos_key, pos_query = _heads(hs, q, k, pos_key, pos_query)
 
     def table(x, pos, cols):
         if pos is None:
             return _dummies(x.device)[2]
+        if cols is not None and not pr.constexprs["VARLEN"] and x.shape[-2] % 16:
+            x = torch.constant_pad_nd(x, (0, 0, 0, -x.shape[-2] % 16))  # a block of 16k rows (_table_block)
         pos = pos[..., pr.rows, :]
         return _table_gemm(x, pos if cols is None else pos.index_select(-2, cols), False)
     c2p_cols, p2c_cols = (None, None) if columns is None else columns
@@ -600,13 +603,15 @@ def _dist_window(pr: _Prepared, Lq: int, Lk: int, *cfgs: LaunchConfig) -> tuple:
     return d0, d1, rows.flip(0), rows
 
 
-def _dist_plan(pr: _Prepared, Lq: int, Lk: int, *cfgs: LaunchConfig) -> tuple:
+def _dist_plan(pr: _Prepared, Lq: int, Lk: int, D: int) -> tuple:
     """``(dist, nslot, dist_args)`` of a plan: under ``REL_SOURCE = "distance"`` with a relative term,
-    :func:`_dist_window`, the tables' columns and the kernels' ``(dist0, dist1, NSLOT1)``; else no window, the slot
-    count and zeros."""
+    :func:`_dist_window` over the forward's and both backward kernels' tiles (one window for both passes: the same
+    table GEMM, so the backward's tables have the forward's bits), the tables' columns and the kernels' ``(dist0,
+    dist1, NSLOT1)``; else no window, the slot count and zeros."""
     if REL_SOURCE != "distance" or not (pr.constexprs["HAS_C2P"] or pr.constexprs["HAS_P2C"]):
         return None, pr.nslot, (0, 0, 0)
-    dist = _dist_window(pr, Lq, Lk, *cfgs)
+    bwd = _config("bwd", Lq, Lk, D, pr)
+    dist = _dist_window(pr, Lq, Lk, _fwd_launch_config(Lq, Lk, D, pr), bwd.dq, bwd.dkdv)
     nslot = dist[1] - dist[0] + 1
     return dist, nslot, (dist[0], dist[1], nslot - 1)
 
@@ -819,12 +824,12 @@ def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         else:
             strides = _qkvo_strides(q, k, v, q.new_empty((0, H, Lq, D)))
         cfg = _fwd_launch_config(Lq, Lk, D, pr)
-        dist, nslot, dist_args = _dist_plan(pr, Lq, Lk, cfg)
+        dist, nslot, dist_args = _dist_plan(pr, Lq, Lk, D)
         if dist is not None:
             problem = int32_index_problem(Lq, Lk, nslot, 1)
             if problem:
                 raise ValueError(problem)
-        per_head = _table_bytes(pr, q_rows, k_rows, q.dtype) * nslot // max(pr.nslot, 1)
+        per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, nslot)
         return _FwdPlan(pr, cfg, head_groups(H, per_head), (*strides, *pr.mask_strides),
                         dict(_launch_kwargs(cfg, pr, fwd=True), DIST=dist is not None), dist, nslot, dist_args)
 
@@ -839,12 +844,12 @@ def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
     ``[B,H,L,D]``; packed: ``[T,H,D]`` and ``max_seqlens``."""
     def build(pr, Lq, Lk, H, D, q_rows, k_rows):
         cfg = _config("bwd", Lq, Lk, D, pr)
-        dist, nslot, dist_args = _dist_plan(pr, Lq, Lk, cfg.dq, cfg.dkdv)
+        dist, nslot, dist_args = _dist_plan(pr, Lq, Lk, D)
         if dist is not None:
             problem = int32_index_problem(Lq, Lk, nslot, pr.nrun)
             if problem:
                 raise ValueError(problem)
-        per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, pr.nrun) * nslot // max(pr.nslot, 1)
+        per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, nslot, pr.nrun)
         if max_seqlens is None:  # a padded group also allocates its float32 dq / dk / dv
             per_head += 4 * (q_rows + 2 * k_rows) * D
         flag = dict(DIST=dist is not None)

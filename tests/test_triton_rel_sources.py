@@ -1,7 +1,7 @@
 """The Triton forward's experimental sources of relative terms (``REL_SOURCE``, the GPU A/B of
 ``benchmarks.breakdown``): ``"skew"``, no tables (band tiles from window products skewed through a per-program scratch,
 saturated tiles from in-kernel per-row / per-key terms), and ``"distance"``, tables with a column per distance (band
-tiles read their column with no slot-table load and no predicate).  Output and log-sum-exp against the float64
+tiles read them as unit-stride tiles, with no slot-table load).  Output and log-sum-exp against the float64
 reference (every term, bucket config, mask kind, Lq != Lk, 4-D position tables, packed calls, head groups), the same
 dropout keep-mask as the tables path, the backward from each forward's statistics (skew: with slot tables; distance:
 with distance tables too), and the distance tables under the GPU launch configs' tiles.  Interpreter on CPU
@@ -20,6 +20,16 @@ launch = pytest.importorskip("deberta_fast._kernels.triton_attention_launch")
 
 class _Launches(list):
     source: str
+    tables: list  # per table build (_tables): whether it had a column per distance
+
+    def backward_tables_ok(self) -> bool:
+        """Tables were built, all with a column per distance under "distance" (forward and backward), all with slot
+        columns under "skew" (only its backward builds tables)."""
+        return bool(self.tables) and all(t == (self.source == "distance") for t in self.tables)
+
+    def clear(self):
+        super().clear()
+        self.tables.clear()
 
 
 @pytest.fixture(params=["skew", "distance"])
@@ -37,7 +47,13 @@ def source(monkeypatch, request):
                     a[8] is not None and all(t.shape[-1] == a[8][1] - a[8][0] + 1 for t in res[:2] if t.dim() > 1))
         return res
     monkeypatch.setattr(launch, "_rel_args", counting)
-    used.source = request.param
+    used.source, used.tables = request.param, []
+    real_tables = launch._tables
+
+    def tables(*a, **kw):
+        used.tables.append((a[6] if len(a) > 6 else kw.get("columns")) is not None)
+        return real_tables(*a, **kw)
+    monkeypatch.setattr(launch, "_tables", tables)
     return used
 
 
@@ -81,6 +97,7 @@ def test_backward_from_the_experimental_forward(source):
     ts, do = (q, k, v, pk, pq), torch.randn(1, 2, 45, 16)
     got = grads(triton_fn(m, kw), ts, torch.float32, do)
     ref = grads(reference_fn(m, kw), ts, torch.float64, do)
+    assert source.backward_tables_ok(), source.tables
     for g, r in zip(got, ref):
         assert_close_fp32(g, r, tol=2e-5)
 
@@ -128,7 +145,7 @@ def test_backward_with_dropout_and_head_groups(monkeypatch, source, packed):
         source.clear()
         torch.manual_seed(5)
         res.append(grads(fn, ts, torch.float32, do))
-    assert source and all(source)
+    assert source and all(source) and source.backward_tables_ok(), source.tables
     for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), *res):
         assert max_err(a, b) <= 2e-5 * b.abs().max().item(), name
 
@@ -154,6 +171,8 @@ def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, pack
         return cfg
 
     monkeypatch.setattr(launch, "launch_config", gpu_config)
+    real_tables, columns = launch._tables, []
+    monkeypatch.setattr(launch, "_tables", lambda *a: columns.append(a[6] if len(a) > 6 else None) or real_tables(*a))
     H, D = 2, 64
     if packed:
         lq, lk = [70, 3, 130], [20, 50, 30]
@@ -181,6 +200,9 @@ def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, pack
         want = grads(reference_fn(mask, kw), ts, torch.float64, do)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, want):
         assert_close_fp32(a, b, tol=2e-5, what=name)
+    assert len(columns) >= 2 and all(c is not None for c in columns), "a pass built slot tables"  # fwd and bwd
+    # one window for both passes: the backward's tables are the forward's GEMM, bit for bit
+    assert all(torch.equal(c[1], columns[0][1]) for c in columns)
     fwd = seen[0]
     assert fwd != launch._INTERPRETER_CONFIG["fwd"] and (fwd.sat_block_n or 0) > fwd.block_n, fwd
 
