@@ -24,7 +24,8 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
   (band tiles: window products on tensor cores skewed through a per-program scratch);
 - ``triton both, distance tables`` (forward, and forward+backward): ``REL_SOURCE = "distance"``, tables with a column
   per distance in both passes (2.2-2.6x the bytes at v3 buckets; band tiles read them as aligned vector tiles with no
-  slot-table load, so every load of the forward's band loop is prefetched: NOTES, "Distance tables");
+  slot-table load, so every load of the forward's band loop is prefetched: NOTES, "Distance tables"); forward also
+  with those tables prebuilt (the kernel alone) and in 16-bit (``TABLE_DTYPE = "input"``: half the bytes);
 - ``triton both, one launch`` (forward, and forward+backward): ``TABLE_BUDGET = None``, every head in one launch
   (the shipped budget runs 16k tokens' 805 MB of tables in head groups: the time that costs or saves, and the
   memory it saves);
@@ -44,7 +45,8 @@ import torch
 
 TERMS = ("none", "c2p", "p2c", "both")
 #: variant -> the variant whose output it must equal bitwise (recorded as ``same_output``)
-SAME = {"triton both, tables prebuilt": "triton both", "triton both, key mask (all ones)": "triton both"}
+SAME = {"triton both, tables prebuilt": "triton both", "triton both, key mask (all ones)": "triton both",
+        "triton both, distance tables prebuilt": "triton both, distance tables"}
 BUCKETS = (256, 512)
 
 
@@ -103,23 +105,24 @@ def variants(B, H, L, D, device, dtype):
         return launch._table_gemm(args[0], args[3][..., rows, :]), launch._table_gemm(args[1], args[4][..., rows, :])
 
     out.append(("triton tables", "fwd", tables))
-    built = {}
 
-    def prebuilt():  # the launcher's own tables (per head group, see launch.TABLE_BUDGET), built before the timing
-        real = launch._tables
+    def prebuilt(built):  # the launcher's own tables (per head group, see launch.TABLE_BUDGET), built before the timing
+        def run():
+            real = launch._tables
 
-        def cached(q, k, pos_key, pos_query, pr, hs, columns=None):  # (launch._tables' signature)
-            key = None if hs is None else (hs.start, hs.stop)  # None: the call's only group
-            if key not in built:
-                built[key] = real(q, k, pos_key, pos_query, pr, hs, columns)
-            return built[key]
-        launch._tables = cached
-        try:
-            return launch.attention_forward(*args, **kw)
-        finally:
-            launch._tables = real
+            def cached(q, k, pos_key, pos_query, pr, hs, columns=None):  # (launch._tables' signature)
+                key = None if hs is None else (hs.start, hs.stop)  # None: the call's only group
+                if key not in built:
+                    built[key] = real(q, k, pos_key, pos_query, pr, hs, columns)
+                return built[key]
+            launch._tables = cached
+            try:
+                return launch.attention_forward(*args, **kw)
+            finally:
+                launch._tables = real
+        return run
 
-    out.append(("triton both, tables prebuilt", "fwd", prebuilt))
+    out.append(("triton both, tables prebuilt", "fwd", prebuilt({})))
     # the kernels' per-key cost of a padding mask (a patched encoder's bool mask; all ones: the same bits)
     margs, mkw = tri("both", torch.ones(B, L, dtype=torch.bool, device=device))
     out.append(("triton both, key mask (all ones)", "fwd", lambda: launch.attention_forward(*margs, **mkw)))
@@ -130,8 +133,11 @@ def variants(B, H, L, D, device, dtype):
                                                            lambda: launch.attention_forward(*args, **kw))))
     out.append(("triton both, skew (no tables)", "fwd", _setting("REL_SOURCE", "skew",
                                                                  lambda: launch.attention_forward(*args, **kw))))
-    out.append(("triton both, distance tables", "fwd", _setting("REL_SOURCE", "distance",
-                                                                 lambda: launch.attention_forward(*args, **kw))))
+    fwd = lambda: launch.attention_forward(*args, **kw)  # noqa: E731
+    out.append(("triton both, distance tables", "fwd", _setting("REL_SOURCE", "distance", fwd)))
+    out.append(("triton both, distance tables prebuilt", "fwd", _setting("REL_SOURCE", "distance", prebuilt({}))))
+    out.append(("triton both, distance tables, 16-bit", "fwd",
+                _setting("REL_SOURCE", "distance", _setting("TABLE_DTYPE", "input", fwd))))
     out.append(("torch both (HF eager's math)", "fwd", api("torch", "both", plain)))
     out += [(f"cuda {terms}", "fwd", api("cuda", terms, plain)) for terms in ("none", "both")]
     out.append(("sdpa", "fwd+bwd", _grad_run(lambda: F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), do)))

@@ -239,6 +239,8 @@ def scenarios(full: bool) -> list[Scenario]:
             for p in ("fwd", "bwd")]
     # (a length not a multiple of 16: the tables' blocks padded to 16 rows keep the loads aligned)
     out.append(Scenario("fwd", dropout=False, L=200, targets=(90,), rel="distance", why="distance tables (A/B)"))
+    out.append(Scenario("fwd", dropout=False, targets=(90,), rel="distance", tables16=True,
+                        why="distance tables, 16-bit (A/B)"))
     # packed calls of one head: H_ALL = 1 becomes a constant at launch (no .to(); the interpreter cannot tell)
     out += [Scenario(p, varlen=True, mask="none", H=1, targets=(90,), why="packed, one head") for p in ("fwd", "bwd")]
     # negative control: the fp16 D=64 training forward without the launch specialization

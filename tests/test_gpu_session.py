@@ -228,8 +228,8 @@ def test_tune_rehearsal_runs_every_row_kind(tmp_path):
 
 def test_breakdown_rehearsal(tmp_path):
     """The op breakdown on CPU (interpreter, tiny sizes, fp16): a time for every variant (the cuda rows in the CUDA
-    simulator where it builds, else refused with a reason), the prebuilt-tables forward and the forward with an
-    all-ones key mask bitwise equal to the plain one."""
+    simulator where it builds, else refused with a reason), the prebuilt-tables forwards (slot and distance tables)
+    and the forward with an all-ones key mask bitwise equal to the plain ones."""
     from deberta_fast import _cuda_ext
 
     try:
@@ -245,9 +245,12 @@ def test_breakdown_rehearsal(tmp_path):
                                                          ("fwd", "triton tables"), ("fwd+bwd", "triton both"),
                                                          ("fwd+bwd", "triton both, 16-bit tables"),
                                                          ("fwd", "triton both, distance tables"),
+                                                         ("fwd", "triton both, distance tables prebuilt"),
+                                                         ("fwd", "triton both, distance tables, 16-bit"),
                                                          ("fwd+bwd", "triton both, distance tables")}
     assert {r["variant"]: r["same_output"] for r in rows if "same_output" in r} == {
-        "triton both, tables prebuilt": True, "triton both, key mask (all ones)": True}
+        "triton both, tables prebuilt": True, "triton both, key mask (all ones)": True,
+        "triton both, distance tables prebuilt": True}
     assert "| fwd | triton none |" in (tmp_path / "breakdown.md").read_text()
     from benchmarks.breakdown import table
     md = table({"rehearse": False, "dtype": "torch.bfloat16", "buckets": [256, 512], "rows": [

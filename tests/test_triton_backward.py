@@ -135,16 +135,19 @@ def test_bf16():
     check_grads(1, 2, 40, 40, 32, dtype=torch.bfloat16, mask="key")
 
 
+@pytest.mark.parametrize("source", ["tables", "distance"])
 @pytest.mark.parametrize("dtype,mask", [(torch.float16, "key"), (torch.bfloat16, "full")])
-def test_16bit_tables_experiment(monkeypatch, dtype, mask):
+def test_16bit_tables_experiment(monkeypatch, dtype, mask, source):
     """``TABLE_DTYPE = "input"`` (the GPU A/B of ``benchmarks.breakdown``): the C2P / P2C tables in the call's 16-bit
     dtype (entries rounded once, as HF's own bmm rounds c2p / p2c), widened by the kernels: output and gradients
-    within the low-precision bound, and the tables really are 16-bit (odd lengths, tiny buckets: both regions)."""
+    within the low-precision bound, and the tables really are 16-bit (odd lengths, tiny buckets: both regions); slot
+    tables and distance tables (``REL_SOURCE``: 8-element vectors)."""
     from deberta_fast._kernels import triton_attention_launch as launch
 
     made = []
     real = launch._table_gemm
     monkeypatch.setattr(launch, "TABLE_DTYPE", "input")
+    monkeypatch.setattr(launch, "REL_SOURCE", source)
     monkeypatch.setattr(launch, "_table_gemm", lambda x, pos, *a: made.append(real(x, pos, *a)) or made[-1])
     check_grads(2, 2, 37, 53, 16, dtype=dtype, mask=mask)
     assert made and all(t.dtype == dtype for t in made)
