@@ -607,12 +607,16 @@ def _dist_plan(pr: _Prepared, Lq: int, Lk: int, D: int) -> tuple:
     """``(dist, nslot, dist_args)`` of a plan: under ``REL_SOURCE = "distance"`` with a relative term,
     :func:`_dist_window` over the forward's and both backward kernels' tiles (one window for both passes: the same
     table GEMM, so the backward's tables have the forward's bits), the tables' columns and the kernels' ``(dist0,
-    dist1, NSLOT1)``; else no window, the slot count and zeros."""
+    dist1, NSLOT1)``; else no window, the slot count and zeros.  Raises ValueError where the window's tables are too
+    wide for the kernels' int32 offsets."""
     if REL_SOURCE != "distance" or not (pr.constexprs["HAS_C2P"] or pr.constexprs["HAS_P2C"]):
         return None, pr.nslot, (0, 0, 0)
     bwd = _config("bwd", Lq, Lk, D, pr)
     dist = _dist_window(pr, Lq, Lk, _fwd_launch_config(Lq, Lk, D, pr), bwd.dq, bwd.dkdv)
     nslot = dist[1] - dist[0] + 1
+    problem = int32_index_problem(Lq, Lk, nslot, pr.nrun)  # (the window's columns, as _layout checks the slots)
+    if problem:
+        raise ValueError(problem)
     return dist, nslot, (dist[0], dist[1], nslot - 1)
 
 
@@ -825,10 +829,6 @@ def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
             strides = _qkvo_strides(q, k, v, q.new_empty((0, H, Lq, D)))
         cfg = _fwd_launch_config(Lq, Lk, D, pr)
         dist, nslot, dist_args = _dist_plan(pr, Lq, Lk, D)
-        if dist is not None:
-            problem = int32_index_problem(Lq, Lk, nslot, 1)
-            if problem:
-                raise ValueError(problem)
         per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, nslot)
         return _FwdPlan(pr, cfg, head_groups(H, per_head), (*strides, *pr.mask_strides),
                         dict(_launch_kwargs(cfg, pr, fwd=True), DIST=dist is not None), dist, nslot, dist_args)
@@ -845,10 +845,6 @@ def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
     def build(pr, Lq, Lk, H, D, q_rows, k_rows):
         cfg = _config("bwd", Lq, Lk, D, pr)
         dist, nslot, dist_args = _dist_plan(pr, Lq, Lk, D)
-        if dist is not None:
-            problem = int32_index_problem(Lq, Lk, nslot, pr.nrun)
-            if problem:
-                raise ValueError(problem)
         per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, nslot, pr.nrun)
         if max_seqlens is None:  # a padded group also allocates its float32 dq / dk / dv
             per_head += 4 * (q_rows + 2 * k_rows) * D
