@@ -110,10 +110,10 @@ def variants(B, H, L, D, device, dtype):
         def run():
             real = launch._tables
 
-            def cached(q, k, pos_key, pos_query, pr, hs, columns=None):  # (launch._tables' signature)
+            def cached(q, k, pos_key, pos_query, pr, hs, *layout):  # (launch._tables' signature)
                 key = None if hs is None else (hs.start, hs.stop)  # None: the call's only group
                 if key not in built:
-                    built[key] = real(q, k, pos_key, pos_query, pr, hs, columns)
+                    built[key] = real(q, k, pos_key, pos_query, pr, hs, *layout)
                 return built[key]
             launch._tables = cached
             try:

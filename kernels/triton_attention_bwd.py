@@ -177,7 +177,8 @@ def disentangled_bwd_dkdv_kernel(
     seed, dist0, dist1, NSLOT1,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = 0,
+    TPAD: tl.constexpr = 16,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -201,8 +202,8 @@ def disentangled_bwd_dkdv_kernel(
     v = _tile(V + b64 * s_vb + h64 * s_vh, k0 + offs_n, s_vn, offs_d, kv_ok)
     Q_bh = Q + b64 * s_qb + h64 * s_qh + q0.to(tl.int64) * s_qm
     DO_bh = DO + b64 * s_ob + h64 * s_oh + q0.to(tl.int64) * s_om
-    C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN)
-    P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN)
+    C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN, TPAD)
+    P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN, TPAD)
     PSUM_bh = PSUM + krow0 * NRUN
     rows = offs_n * NRUN  # int32 offsets within the (b, h) block (the launcher checks the size)
     qk_scale = scale * LOG2E
@@ -260,7 +261,8 @@ def disentangled_bwd_dq_kernel(
     seed, dist0, dist1, NSLOT1, s_yb, s_yh, s_ym,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = 0,
+    TPAD: tl.constexpr = 16,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -289,8 +291,8 @@ def disentangled_bwd_dq_kernel(
     tl.store(DELTA + qrow0 + offs_m, delta, mask=m_ok)  # for the dK/dV kernel, launched next
     K_bh = K + b64 * s_kb + h64 * s_kh + k0.to(tl.int64) * s_kn
     V_bh = V + b64 * s_vb + h64 * s_vh + k0.to(tl.int64) * s_vn
-    C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN)
-    P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN)
+    C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN, TPAD)
+    P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN, TPAD)
     CSUM_bh = CSUM + qrow0 * NRUN
     rows = offs_m * NRUN  # int32 offsets within the (b, h) block (the launcher checks the size)
     qk_scale = scale * LOG2E

@@ -130,6 +130,13 @@ GENERAL = tl.constexpr(0)  # any tile: c2p / p2c gathered per element through th
 SAT = tl.constexpr(1)  # a tile whose every d has one slot (beyond the band): per-row / per-column constants
 INNER = tl.constexpr(2)  # a GENERAL tile strictly inside the backward's run band (``_advance_runs``): no end runs
 
+# Distance tables (the kernels' ``DIST``, the launcher's ``REL_SOURCE = "distance"``; 0: slot tables).
+DIST_PREDICATED = tl.constexpr(1)  # band tiles load their table tiles under row / key predicates; the key term's -inf
+# from the key column (:func:`_key_col`): packed calls, and padded ones at a scale <= 0
+DIST_KEYED = tl.constexpr(2)  # padded: each (b, h) block has every row a tile reads (``TPAD``-row blocks, pad rows
+# finite), and P2C holds -inf on the keys masked or past the length, so band tiles load both tables unpredicated and
+# take the key term from P2C alone (no key-mask load); saturated tiles read the keys' -inf from P2C too
+
 
 KMASK_PAD = 256  # zero rows / columns the host appends to a full mask (FMASK): at least any tile's BLOCK_M / BLOCK_N
 
@@ -172,7 +179,9 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
     ``NSLOT``), P2C's in increasing order, ``P2C[j, d - dist0]``, C2P's in decreasing order, ``C2P[i, dist1 - d]``: an
     element's addresses are then ``j (NSLOT - 1) + i - dist0`` and ``i (NSLOT - 1) + j + dist1``, unit-stride along
     a tile's queries / keys, 16-byte aligned where the tile starts (so both load as vectors, like the K / V tiles);
-    no slot-table load, and a row / key predicate only (constant along the vector).  ``SAT``: every
+    no slot-table load, and a row / key predicate only (constant along the vector); ``DIST_KEYED`` (padded calls at
+    a scale > 0) no predicate either and, with P2C, no key column: ``key_term = p2c * qk_scale``, P2C being -inf on
+    the keys masked or past the length (the launcher's tables), the same values.  ``SAT``: every
     element has slot ``slot``: ``key_term [BLOCK_N]`` and ``row_term [BLOCK_M]``.  ``col``: :func:`_key_col`.
 
     HF's uniform rows (:func:`_uniform_rows`) are no special case here: the forward computes their output in a pass
@@ -185,6 +194,9 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
         kt = col
         rt = zero
         if HAS_P2C:
+            # (DIST_KEYED: P2C's -inf on masked keys is not read here, or adds to the key column's: the same values;
+            # a key term from P2C alone cost +1.2 instructions per element in the sm_90 inference forward, the
+            # product and the select then per element in the accumulator layout; static, NOTES)
             if offs_n.shape[0] >= 128:
                 # the key mask as the load's predicate: the compare then stays in the load's layout (one per key and
                 # thread there, not per key held in the accumulator layout: -2.3 instructions per element; narrower
@@ -201,14 +213,24 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
     elif DIST and (HAS_C2P | HAS_P2C):
         dist0, dist1, nslot1 = dist
         kt, rt = tl.broadcast(_k_axis(col, TRANS), _q_axis(zero, TRANS))
-        if HAS_P2C:
-            p2c = tl.load(P2C_bh + (_k_axis(offs_n * nslot1, TRANS) + _q_axis(offs_m - dist0, TRANS)),
-                          mask=_k_axis(n_ok, TRANS), other=0.0)
-            kt = tl.fma(p2c.to(tl.float32), qk_scale, kt)
-        if HAS_C2P:
-            c2p = tl.load(C2P_bh + (_q_axis(offs_m * nslot1, TRANS) + _k_axis(offs_n + dist1, TRANS)),
-                          mask=_q_axis(m_ok, TRANS), other=0.0)
-            rt = c2p.to(tl.float32) * qk_scale
+        p2c_at = P2C_bh + (_k_axis(offs_n * nslot1, TRANS) + _q_axis(offs_m - dist0, TRANS))
+        c2p_at = C2P_bh + (_q_axis(offs_m * nslot1, TRANS) + _k_axis(offs_n + dist1, TRANS))
+        if DIST == DIST_KEYED:  # every row there (finite), the keys' -inf in P2C: no predicate, no key column
+            if HAS_P2C:
+                p2c = tl.load(p2c_at).to(tl.float32)
+                if P2C_bh.dtype.element_ty == tl.float32:
+                    kt = p2c * qk_scale
+                else:  # 16-bit tables (the same values): the product alone, the compiler moved them through shared
+                    # memory into the accumulator layout (sm_90 inference in-band 26.4 per element against 18.8)
+                    kt = tl.fma(p2c, qk_scale, _k_axis(offs_n * 0.0, TRANS))
+            if HAS_C2P:
+                rt = tl.load(c2p_at).to(tl.float32) * qk_scale
+        else:
+            if HAS_P2C:
+                p2c = tl.load(p2c_at, mask=_k_axis(n_ok, TRANS), other=0.0)
+                kt = tl.fma(p2c.to(tl.float32), qk_scale, kt)
+            if HAS_C2P:
+                rt = tl.load(c2p_at, mask=_q_axis(m_ok, TRANS), other=0.0).to(tl.float32) * qk_scale
     elif HAS_C2P | HAS_P2C:
         ok = _q_axis(m_ok, TRANS) & _k_axis(n_ok, TRANS)
         d = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS)
@@ -237,13 +259,14 @@ def _tile_start(start, BLOCK: tl.constexpr, DIST: tl.constexpr):
 
 
 @triton.jit
-def _table_block(T, row0, L, NSLOT, DIST: tl.constexpr, VARLEN: tl.constexpr):
+def _table_block(T, row0, L, NSLOT, DIST: tl.constexpr, VARLEN: tl.constexpr, TPAD: tl.constexpr):
     """The first row of a ``(b, h)``'s table (C2P / P2C, ``NSLOT`` columns): ``row0`` (:func:`_sequence`), or for
-    padded distance tables the launch's ``(b, h)`` index times ``L`` rounded up to 16 rows (the launcher pads each
-    block so), which Triton can prove 16-byte aligned: with ``_rel_terms``' unit-stride addresses, vector loads at
-    any ``L`` (packed rows start at any token: no such proof)."""
+    padded distance tables the launch's ``(b, h)`` index times ``L`` rounded up to ``TPAD`` rows (a multiple of 16
+    and of every tile of the launcher's plan, which pads each block so): Triton can prove it 16-byte aligned, so
+    ``_rel_terms``' unit-stride addresses are vector loads at any ``L``, and no tile reads past its block (packed rows
+    start at any token: neither holds)."""
     if DIST and not VARLEN:
-        return T + tl.program_id(1).to(tl.int64) * ((L + 15) // 16 * 16) * NSLOT
+        return T + tl.program_id(1).to(tl.int64) * ((L + TPAD - 1) // TPAD * TPAD) * NSLOT
     else:
         return T + row0 * NSLOT
 

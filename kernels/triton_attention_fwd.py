@@ -20,7 +20,8 @@ grid's and the per-launch buffers'); a launcher running heads in groups passes v
 ``pos_query`` rows the slot table indexes (strides ``s_pk*`` / ``s_pq*``), band tiles skew window products through
 ``SCR``, a float32 scratch of ``(BLOCK_M + BLOCK_N) * WIN`` per program (:func:`_skew_terms`).  ``DIST`` (the
 ``REL_SOURCE = "distance"`` experiment, in the backward kernels too): ``NSLOT`` columns, one per distance of
-``[dist0, dist1]`` (``NSLOT1 = NSLOT - 1``; :func:`.triton_attention_common._rel_terms`).
+``[dist0, dist1]`` (``NSLOT1 = NSLOT - 1``; :func:`.triton_attention_common._rel_terms`), ``DIST_PREDICATED`` or
+``DIST_KEYED`` (padded tables in blocks of a multiple of ``TPAD`` rows, P2C carrying the masked keys' -inf).
 
 ``VARLEN``: packed sequences; grid ``(cdiv(max_seqlen_q, BLOCK_M), N*H)``, ``Q [Tq,H,D]``,
 ``K``/``V [Tk,H,D]`` (batch strides 0), ``C2P [H,Tq,NSLOT]``, ``P2C [H,Tk,NSLOT]``, ``TABLE``
@@ -171,7 +172,7 @@ def disentangled_fwd_kernel(
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SAT_N: tl.constexpr,
-    SKEW: tl.constexpr = False, WIN: tl.constexpr = 1, DIST: tl.constexpr = False,
+    SKEW: tl.constexpr = False, WIN: tl.constexpr = 1, DIST: tl.constexpr = 0, TPAD: tl.constexpr = 16,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -209,8 +210,8 @@ def disentangled_fwd_kernel(
             rt_hi = tl.sum(qf * row[None, :], 1) * qk_scale
         skew = (s_pkr, s_pqr, SCR_p, start_m, rt_lo, rt_hi)
     else:
-        C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN)
-        P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN)
+        C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN, TPAD)
+        P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN, TPAD)
         skew = (0, 0, SCR, start_m, m_ok, m_ok)
     inv_keep = 1.0 / (1.0 - p_drop)
     col_lo, col_hi, win = _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST)

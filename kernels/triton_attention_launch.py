@@ -32,7 +32,7 @@ from deberta_fast._env import interpreting
 from deberta_fast.positions import distance_runs, table_band, trimmed_slot_table
 
 from .triton_attention_bwd import disentangled_bwd_dkdv_kernel, disentangled_bwd_dq_kernel
-from .triton_attention_common import KMASK_PAD
+from .triton_attention_common import DIST_KEYED, DIST_PREDICATED, KMASK_PAD
 from .triton_attention_fwd import disentangled_fwd_kernel
 
 
@@ -544,23 +544,50 @@ def _heads(hs: slice | None, *ts, axis: int = -3) -> list:
     return [None if t is None else t.narrow(axis, hs.start, hs.stop - hs.start) for t in ts]
 
 
-def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, columns: tuple | None = None):
+def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, columns: tuple | None = None,
+            tpad: int = 16, keyed: bool = False, key_mask: torch.Tensor | None = None):
     """``(C2P, P2C)`` of heads ``hs`` (:func:`_heads`; ``q`` / ``k`` / ``pos_*`` with heads on dim -3), or the dummy
     pointer for an absent term (a batch-1 table ``[H, L, R]``: :func:`_table_gemm`).  A column per slot, or with
     ``columns`` (C2P's and P2C's, long, rows within ``pr.rows``) one per entry: the distance tables
-    (:func:`_dist_window`; padded, each ``(b, h)`` block's rows a multiple of 16, the last zeros)."""
+    (:func:`_dist_window`; padded, each ``(b, h)`` block's rows a multiple of ``tpad``, the kernels' ``TPAD``: zero
+    rows appended).  ``keyed`` (the kernels' ``DIST_KEYED``): P2C is -inf on the keys ``key_mask [B|1, Lk]`` (bool,
+    or None) masks and on the appended rows (:func:`_key_bias`)."""
     if hs is not None:
         q, k, pos_key, pos_query = _heads(hs, q, k, pos_key, pos_query)
 
-    def table(x, pos, cols):
+    def table(x, pos, cols, keys):
         if pos is None:
             return _dummies(x.device)[2]
-        if cols is not None and not pr.constexprs["VARLEN"] and x.shape[-2] % 16:
-            x = torch.constant_pad_nd(x, (0, 0, 0, -x.shape[-2] % 16))  # a block of 16k rows (_table_block)
         pos = pos[..., pr.rows, :]
-        return _table_gemm(x, pos if cols is None else pos.index_select(-2, cols), False)
+        if cols is None:
+            return _table_gemm(x, pos, False)
+        pos = pos.index_select(-2, cols)
+        if not pr.constexprs["VARLEN"]:
+            rows = -(-x.shape[-2] // tpad) * tpad  # (_table_block)
+            if keys and (key_mask is not None or rows > x.shape[-2]):
+                x, pos = _key_bias(x, pos, key_mask, rows)
+            elif rows > x.shape[-2]:
+                x = torch.constant_pad_nd(x, (0, 0, 0, rows - x.shape[-2]))
+        return _table_gemm(x, pos, False)
     c2p_cols, p2c_cols = (None, None) if columns is None else columns
-    return table(q, pos_key, c2p_cols), table(k, pos_query, p2c_cols)
+    return table(q, pos_key, c2p_cols, False), table(k, pos_query, p2c_cols, keyed)
+
+
+def _key_bias(k, pos, key_mask, rows: int):
+    """``(k', pos')`` whose product ``k' @ pos'^T`` is ``k @ pos^T`` on the keys kept and -inf on those ``key_mask``
+    (bool ``[B|1, Lk]``, or None) masks and on ``rows - Lk`` rows appended: ``k [B, H, Lk, D]`` with those rows and 8
+    columns, ``pos [..., R, D]`` with 8 columns; column ``D`` is 0 / -inf per key in ``k'`` and 1 in ``pos'``, the
+    others zero (so no ``inf * 0``; a kept key's sum gains an exact ``+ 0``; 8 keeps 16-bit rows 16-byte aligned)."""
+    Lk, D = k.shape[-2:]
+    k = torch.constant_pad_nd(k, (0, 8, 0, rows - Lk))
+    bias = k.select(-1, D)  # [B, H, rows]
+    if key_mask is not None:
+        bias[..., :Lk].masked_fill_(~key_mask[:, None, :], float("-inf"))
+    if rows > Lk:
+        bias[..., Lk:].fill_(float("-inf"))
+    pos = torch.constant_pad_nd(pos, (0, 8))
+    pos.select(-1, D).fill_(1.0)
+    return k, pos
 
 
 #: Where the relative terms come from: "tables" (shipped: the host's C2P / P2C, gathered per element), or
@@ -569,7 +596,9 @@ def _tables(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, columns: 
 #: (``_skew_terms``; NOTES: "Fourth look: the skew through a per-program scratch").
 #: Or "distance" (forward and backward): tables with one column per distance the launches' tiles reach instead of
 #: one per slot (:func:`_dist_window`), C2P's in decreasing order, so that band tiles load both as unit-stride,
-#: aligned tiles with no slot-table load (``_rel_terms``' ``DIST``; NOTES: "Distance tables").
+#: aligned tiles with no slot-table load (``_rel_terms``' ``DIST``; NOTES: "Distance tables"); padded calls' tables
+#: in blocks every tile's rows fit, P2C -inf on masked keys, so those loads need no predicate and no key mask
+#: (``DIST_KEYED``, :func:`_key_bias`).
 #: Experiments for a GPU A/B (``benchmarks.breakdown``), not a user setting.
 REL_SOURCE = "tables"
 
@@ -604,31 +633,53 @@ def _dist_window(pr: _Prepared, Lq: int, Lk: int, *cfgs: LaunchConfig) -> tuple:
 
 
 def _dist_plan(pr: _Prepared, Lq: int, Lk: int, D: int) -> tuple:
-    """``(dist, nslot, dist_args)`` of a plan: under ``REL_SOURCE = "distance"`` with a relative term,
-    :func:`_dist_window` over the forward's and both backward kernels' tiles (one window for both passes: the same
-    table GEMM, so the backward's tables have the forward's bits), the tables' columns and the kernels' ``(dist0,
-    dist1, NSLOT1)``; else no window, the slot count and zeros.  Raises ValueError where the window's tables are too
-    wide for the kernels' int32 offsets."""
+    """``(dist, nslot, dist_args, constexprs)`` of a plan: under ``REL_SOURCE = "distance"`` with a relative term,
+    :func:`_dist_window` over the forward's and both backward kernels' tiles (one window and one row padding for both
+    passes: the same table GEMM, so the backward's tables have the forward's bits), the tables' columns, the kernels'
+    ``(dist0, dist1, NSLOT1)`` and their ``DIST`` (``DIST_KEYED`` padded, ``DIST_PREDICATED`` packed; see
+    :func:`_dist_kwargs`) and ``TPAD`` (the largest tile side of the three kernels: a padded table's blocks are a
+    multiple of it, so that no tile reads past its block); else no window, the slot count, zeros and ``DIST = 0``.
+    Raises ValueError where the window's tables are too wide for the kernels' int32 offsets."""
     if REL_SOURCE != "distance" or not (pr.constexprs["HAS_C2P"] or pr.constexprs["HAS_P2C"]):
-        return None, pr.nslot, (0, 0, 0)
-    bwd = _config("bwd", Lq, Lk, D, pr)
-    dist = _dist_window(pr, Lq, Lk, _fwd_launch_config(Lq, Lk, D, pr), bwd.dq, bwd.dkdv)
+        return None, pr.nslot, (0, 0, 0), dict(DIST=0)
+    fwd, bwd = _fwd_launch_config(Lq, Lk, D, pr), _config("bwd", Lq, Lk, D, pr)
+    dist = _dist_window(pr, Lq, Lk, fwd, bwd.dq, bwd.dkdv)
     nslot = dist[1] - dist[0] + 1
     problem = int32_index_problem(Lq, Lk, nslot, pr.nrun)  # (the window's columns, as _layout checks the slots)
     if problem:
         raise ValueError(problem)
-    return dist, nslot, (dist[0], dist[1], nslot - 1)
+    if pr.constexprs["VARLEN"]:
+        return dist, nslot, (dist[0], dist[1], nslot - 1), dict(DIST=DIST_PREDICATED.value)
+    tpad = max(16, *(x for c in (fwd, bwd.dq, bwd.dkdv) for x in (c.block_m, c.block_n)))
+    return dist, nslot, (dist[0], dist[1], nslot - 1), dict(DIST=DIST_KEYED.value, TPAD=tpad)
+
+
+def _dist_kwargs(kwargs: dict, scale: float) -> dict:
+    """A plan's launch keywords for a call at ``scale``: ``DIST_KEYED`` multiplies P2C's -inf by the scale, which
+    must then be > 0; at any other scale the same padded tables without the -inf (:func:`_tables`' ``keyed``) under
+    ``DIST_PREDICATED``."""
+    if kwargs.get("DIST") == DIST_KEYED.value and not scale > 0:
+        return dict(kwargs, DIST=DIST_PREDICATED.value)
+    return kwargs
+
+
+def _table_layout(kwargs: dict, mask_args: tuple, pr: _Prepared) -> tuple:
+    """:func:`_tables`' ``(tpad, keyed, key_mask)`` for a launch with ``kwargs`` (after :func:`_dist_kwargs`)."""
+    keyed = kwargs.get("DIST") == DIST_KEYED.value
+    key_mask = mask_args[0] if keyed and pr.constexprs["MASK_KIND"] in (1, 3) else None
+    return kwargs.get("TPAD", 16), keyed, key_mask
 
 
 def _rel_args(q, k, pos_key, pos_query, pr: _Prepared, hs: slice | None, cfg: LaunchConfig, programs: int,
-              dist: tuple | None = None):
+              dist: tuple | None = None, layout: tuple = ()):
     """The forward's relative-term arguments for heads ``hs``: ``(C2P, P2C, SCR, strides (6), SKEW, WIN)``: the
     tables (:func:`_tables`; with ``dist``, :func:`_dist_window`'s, a column per distance), or under
     ``REL_SOURCE = "skew"`` the position rows the slot table indexes (its first row on), a float32 scratch of
-    ``(BLOCK_M + BLOCK_N) * WIN`` per program and the rows' strides."""
+    ``(BLOCK_M + BLOCK_N) * WIN`` per program and the rows' strides.  ``layout``: :func:`_table_layout`'s."""
     if dist is not None or REL_SOURCE != "skew" or (pos_key is None and pos_query is None):
         columns = None if dist is None else dist[2:]
-        return (*_tables(q, k, pos_key, pos_query, pr, hs, columns), _dummies(q.device)[2], (0,) * 6, False, 1)
+        return (*_tables(q, k, pos_key, pos_query, pr, hs, columns, *layout), _dummies(q.device)[2], (0,) * 6, False,
+                1)
     win = _next_pow2(cfg.block_m + cfg.block_n - 1)
     scr = torch.empty(programs * (cfg.block_m + cfg.block_n) * win, device=q.device, dtype=torch.float32)
     ptrs, strides = [], []
@@ -828,13 +879,23 @@ def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         else:
             strides = _qkvo_strides(q, k, v, q.new_empty((0, H, Lq, D)))
         cfg = _fwd_launch_config(Lq, Lk, D, pr)
-        dist, nslot, dist_args = _dist_plan(pr, Lq, Lk, D)
+        dist, nslot, dist_args, flags = _dist_plan(pr, Lq, Lk, D)
+        q_rows, k_rows = _table_rows(q_rows, k_rows, Lq, Lk, flags, max_seqlens is None)
         per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, nslot)
         return _FwdPlan(pr, cfg, head_groups(H, per_head), (*strides, *pr.mask_strides),
-                        dict(_launch_kwargs(cfg, pr, fwd=True), DIST=dist is not None), dist, nslot, dist_args)
+                        dict(_launch_kwargs(cfg, pr, fwd=True), **flags), dist, nslot, dist_args)
 
     return _plan(_FWD_PLANS, build, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                  max_relative_positions, span, dropout_p, max_seqlens, False)
+
+
+def _table_rows(q_rows: int, k_rows: int, Lq: int, Lk: int, flags: dict, padded: bool) -> tuple:
+    """The rows of a launch's tables: ``q_rows`` / ``k_rows`` (``B * L``, or the packed tokens), for padded
+    distance tables with each ``(b, h)`` block rounded up to ``TPAD`` rows (:func:`_tables`)."""
+    tpad = flags.get("TPAD")
+    if not (padded and tpad):
+        return q_rows, k_rows
+    return q_rows // max(Lq, 1) * -(-Lq // tpad) * tpad, k_rows // max(Lk, 1) * -(-Lk // tpad) * tpad
 
 
 def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
@@ -844,13 +905,13 @@ def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
     ``[B,H,L,D]``; packed: ``[T,H,D]`` and ``max_seqlens``."""
     def build(pr, Lq, Lk, H, D, q_rows, k_rows):
         cfg = _config("bwd", Lq, Lk, D, pr)
-        dist, nslot, dist_args = _dist_plan(pr, Lq, Lk, D)
-        per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, nslot, pr.nrun)
+        dist, nslot, dist_args, flags = _dist_plan(pr, Lq, Lk, D)
+        t_rows = _table_rows(q_rows, k_rows, Lq, Lk, flags, max_seqlens is None)
+        per_head = _table_bytes(pr, *t_rows, q.dtype, nslot) + _table_bytes(pr, q_rows, k_rows, q.dtype, 0, pr.nrun)
         if max_seqlens is None:  # a padded group also allocates its float32 dq / dk / dv
             per_head += 4 * (q_rows + 2 * k_rows) * D
-        flag = dict(DIST=dist is not None)
-        return _BwdPlan(pr, cfg, head_groups(H, per_head), dict(_launch_kwargs(cfg.dkdv, pr), **flag),
-                        dict(_launch_kwargs(cfg.dq, pr), **flag), dist, nslot, dist_args)
+        return _BwdPlan(pr, cfg, head_groups(H, per_head), dict(_launch_kwargs(cfg.dkdv, pr), **flags),
+                        dict(_launch_kwargs(cfg.dq, pr), **flags), dist, nslot, dist_args)
 
     return _plan(_BWD_PLANS, build, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                  max_relative_positions, span, dropout_p, max_seqlens, True)
@@ -877,6 +938,10 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
     tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p) if dropout_p else 0, int(seed),
             *plan.dist_args)
+    kwargs, layout = plan.kwargs, ()
+    if plan.dist is not None:
+        kwargs = _dist_kwargs(kwargs, scale)
+        layout = _table_layout(kwargs, mask_args, pr)
     one = len(plan.groups) == 1
     for hs in plan.groups:
         n, g = hs.stop - hs.start, (None if one else hs)  # one group: no views (host time)
@@ -884,11 +949,11 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
         st = stats if one else torch.empty((2, B, n, Lq), device=q.device, dtype=torch.float32)
         grid = (_cdiv(Lq, cfg.block_m), B * n)
         c2p, p2c, scr, rel_strides, skew, win = _rel_args(q, k, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1],
-                                                          plan.dist)
+                                                          plan.dist, layout)
         disentangled_fwd_kernel[grid](
             *_heads(g, q, k, v), c2p, p2c, pr.table, pr.table, pr.table, *_group_masks(mask_args, g),
             *_heads(g, out), st, scr, *plan.strides, *rel_strides, n, H, hs.start, Lq, Lk, Lq, Lk, D,
-            plan.nslot, *tail, SKEW=skew, WIN=win, **plan.kwargs)
+            plan.nslot, *tail, SKEW=skew, WIN=win, **kwargs)
         if not one:
             stats[:, :, hs] = st
     return out, stats
@@ -961,6 +1026,10 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     o_strides = out.stride()[:3]
     res = _grad_buffers(pos_key, pos_query, (q.shape, k.shape, v.shape), (q.dtype, k.dtype, v.dtype), q.device,
                         not one)
+    kw_dq, kw_dkdv, layout = plan.kw_dq, plan.kw_dkdv, ()
+    if plan.dist is not None:  # (the forward's tables: the same layout at the same scale)
+        kw_dq, kw_dkdv = _dist_kwargs(kw_dq, scale), _dist_kwargs(kw_dkdv, scale)
+        layout = _table_layout(kw_dq, mask_args, pr)
     for hs in groups:
         n, g = hs.stop - hs.start, (None if one else hs)
         dq = torch.empty((B, n, Lq, D), **f32)
@@ -976,12 +1045,12 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
                   float(dropout_p), _drop_threshold(dropout_p), int(seed), *plan.dist_args)
         st = stats if one else stats[:, :, hs].contiguous()
         qg, kg, vg, dog, og, pkg, pqg = _heads(g, q, k, v, do, out, pos_key, pos_query)
-        inputs = (qg, kg, vg, dog, st, dl, *_tables(q, k, pos_key, pos_query, pr, g, plan.dist and plan.dist[2:]),
-                  pr.table, pr.table, pr.table, *_group_masks(mask_args, g))
+        tables = _tables(q, k, pos_key, pos_query, pr, g, plan.dist and plan.dist[2:], *layout)
+        inputs = (qg, kg, vg, dog, st, dl, *tables, pr.table, pr.table, pr.table, *_group_masks(mask_args, g))
         disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * n)](*inputs, dq, c_sum, og, *common, *o_strides,
-                                                                        **plan.kw_dq)
+                                                                        **kw_dq)
         disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * n)](*inputs, dk, dv, p_sum, *common,
-                                                                            **plan.kw_dkdv)
+                                                                            **kw_dkdv)
         dpos_key = dpos_query = None
         if has_c2p:
             dq_rel, dpos_key = _position_grads(c_sum, pkg, qg, pr)

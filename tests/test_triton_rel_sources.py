@@ -160,7 +160,8 @@ def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, pack
     :func:`_dist_window` gives them; the interpreter's own tiles are 32 x 32): output and all five gradients against
     float64, keys masked at random (a batch entry with every key masked), Lq != Lk (query blocks with every key
     beyond the band: the saturated loop takes a partial last tile), packed sequences with other query and key
-    lengths."""
+    lengths.  Every table sits between NaN guards (a read outside it would reach an output or a gradient); padded
+    calls' P2C (``DIST_KEYED``) is -inf on exactly the masked keys and the rows appended to a block, C2P finite."""
     monkeypatch.setattr(launch, "REL_SOURCE", "distance")
     seen = []
 
@@ -173,6 +174,15 @@ def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, pack
     monkeypatch.setattr(launch, "launch_config", gpu_config)
     real_tables, columns = launch._tables, []
     monkeypatch.setattr(launch, "_tables", lambda *a: columns.append(a[6] if len(a) > 6 else None) or real_tables(*a))
+    real_gemm, built, guard = launch._table_gemm, [], 64
+
+    def guarded(x, pos, keep_batch=True):
+        t = real_gemm(x, pos, keep_batch)
+        buf = torch.full((t.numel() + 2 * guard,), float("nan"), dtype=t.dtype)
+        buf[guard:-guard] = t.flatten()
+        built.append(t)
+        return buf[guard:-guard].view(t.shape)
+    monkeypatch.setattr(launch, "_table_gemm", guarded)
     H, D = 2, 64
     if packed:
         lq, lk = [70, 3, 130], [20, 50, 30]
@@ -200,6 +210,18 @@ def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, pack
         want = grads(reference_fn(mask, kw), ts, torch.float64, do)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, want):
         assert_close_fp32(a, b, tol=2e-5, what=name)
+    assert len(built) == 2 * len(columns)  # (C2P, P2C) per build
+    for c2p, p2c in zip(built[::2], built[1::2]):
+        assert torch.isfinite(c2p).all()
+        if packed:
+            assert torch.isfinite(p2c).all()
+            continue
+        rows = p2c.shape[-2]
+        assert rows % 16 == 0 and rows >= Lk and c2p.shape[-2] % 16 == 0 and c2p.shape[-2] >= L
+        kept = torch.zeros(2, rows, dtype=torch.bool)
+        kept[:, :Lk] = mask
+        kept = kept[:, None, :, None].expand(p2c.shape)
+        assert torch.isfinite(p2c[kept]).all() and (p2c[~kept] == float("-inf")).all()
     assert len(columns) >= 2 and all(c is not None for c in columns), "a pass built slot tables"  # fwd and bwd
     # one window for both passes: the backward's tables are the forward's GEMM, bit for bit
     assert all(torch.equal(c[1], columns[0][1]) for c in columns)
@@ -260,3 +282,25 @@ def test_distance_window_covers_every_band_tile():
                 for m0, k0 in walk:
                     assert d0 <= m0 - (k0 + bn - 1) and m0 + bm - 1 - k0 <= d1, (Lq, Lk, pb, mr, bm, bn, m0, k0, d0,
                                                                                  d1)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.2])
+def test_distance_tables_at_any_scale(monkeypatch, scale):
+    """``DIST_KEYED`` multiplies P2C's -inf by the scale: at a scale <= 0 the launcher builds the same padded tables
+    without it and launches ``DIST_PREDICATED`` (``_dist_kwargs``), in both passes; output and five gradients against
+    float64 with a key mask (a batch entry with every key masked) at each scale."""
+    monkeypatch.setattr(launch, "REL_SOURCE", "distance")
+    kinds = []
+    real = launch._dist_kwargs
+    monkeypatch.setattr(launch, "_dist_kwargs", lambda kw, s: kinds.append(real(kw, s)["DIST"]) or real(kw, s))
+    q, k, v, pk, pq, _, kw = make_inputs(2, 2, 37, 37, 16, buckets=BUCKETED)
+    mask = torch.rand(2, 37) > 0.3
+    mask[1] = False
+    kw["scale"] = scale
+    ts, do = (q, k, v, pk, pq), torch.randn(2, 2, 37, 16)
+    got = grads(triton_fn(mask, kw), ts, torch.float32, do)
+    want = grads(reference_fn(mask, kw), ts, torch.float64, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, want):
+        assert_close_fp32(a, b, tol=2e-5, what=name)
+    keyed = launch.DIST_KEYED.value if scale > 0 else launch.DIST_PREDICATED.value
+    assert kinds == [keyed] * 3, kinds  # the forward, and the backward's two kernels
