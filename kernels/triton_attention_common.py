@@ -132,10 +132,11 @@ INNER = tl.constexpr(2)  # a GENERAL tile strictly inside the backward's run ban
 
 # Distance tables (the kernels' ``DIST``, the launcher's ``REL_SOURCE = "distance"``; 0: slot tables).
 DIST_PREDICATED = tl.constexpr(1)  # band tiles load their table tiles under row / key predicates; the key term's -inf
-# from the key column (:func:`_key_col`): packed calls, and padded ones at a scale <= 0
+# from the key column (:func:`_key_col`): packed calls, and padded ones at a scale not safely > 0
 DIST_KEYED = tl.constexpr(2)  # padded: each (b, h) block has every row a tile reads (``TPAD``-row blocks, pad rows
 # finite), and P2C holds -inf on the keys masked or past the length, so band tiles load both tables unpredicated and
-# take the key term from P2C alone (no key-mask load); saturated tiles read the keys' -inf from P2C too
+# take the key term from P2C alone (the key column unused there: no key-mask load once compiled); saturated tiles keep
+# their key column (the -inf in P2C adds to its own, or is not loaded)
 
 
 KMASK_PAD = 256  # zero rows / columns the host appends to a full mask (FMASK): at least any tile's BLOCK_M / BLOCK_N

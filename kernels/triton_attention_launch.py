@@ -655,10 +655,11 @@ def _dist_plan(pr: _Prepared, Lq: int, Lk: int, D: int) -> tuple:
 
 
 def _dist_kwargs(kwargs: dict, scale: float) -> dict:
-    """A plan's launch keywords for a call at ``scale``: ``DIST_KEYED`` multiplies P2C's -inf by the scale, which
-    must then be > 0; at any other scale the same padded tables without the -inf (:func:`_tables`' ``keyed``) under
+    """A plan's launch keywords for a call at ``scale``: ``DIST_KEYED`` multiplies P2C's -inf by the scale (float32
+    in the kernels, times log2 e), which must then be > 0 there; at any other scale (<= 0, or so small that it rounds
+    to 0 in float32) the same padded tables without the -inf (:func:`_tables`' ``keyed``) under
     ``DIST_PREDICATED``."""
-    if kwargs.get("DIST") == DIST_KEYED.value and not scale > 0:
+    if kwargs.get("DIST") == DIST_KEYED.value and not scale >= 2.0**-100:
         return dict(kwargs, DIST=DIST_PREDICATED.value)
     return kwargs
 
@@ -881,7 +882,7 @@ def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         cfg = _fwd_launch_config(Lq, Lk, D, pr)
         dist, nslot, dist_args, flags = _dist_plan(pr, Lq, Lk, D)
         q_rows, k_rows = _table_rows(q_rows, k_rows, Lq, Lk, flags, max_seqlens is None)
-        per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, nslot)
+        per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, nslot) + _key_bias_bytes(pr, k_rows, D, q, flags)
         return _FwdPlan(pr, cfg, head_groups(H, per_head), (*strides, *pr.mask_strides),
                         dict(_launch_kwargs(cfg, pr, fwd=True), **flags), dist, nslot, dist_args)
 
@@ -898,6 +899,14 @@ def _table_rows(q_rows: int, k_rows: int, Lq: int, Lk: int, flags: dict, padded:
     return q_rows // max(Lq, 1) * -(-Lq // tpad) * tpad, k_rows // max(Lk, 1) * -(-Lk // tpad) * tpad
 
 
+def _key_bias_bytes(pr: _Prepared, k_rows: int, D: int, q, flags: dict) -> int:
+    """Bytes per head of :func:`_key_bias`' copy of ``k`` (``k_rows`` padded rows of ``D + 8``) under ``DIST_KEYED``
+    with a P2C term (counted whether or not the call needs it: a plan serves every mask of its signature)."""
+    if flags.get("DIST") != DIST_KEYED.value or not pr.constexprs["HAS_P2C"]:
+        return 0
+    return k_rows * (D + 8) * q.element_size()
+
+
 def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
               max_relative_positions, span, dropout_p, max_seqlens=None) -> tuple[_BwdPlan, tuple]:
     """``(plan, mask_args)`` of a backward (:func:`_plan`): the launch with the run table of the relative
@@ -907,7 +916,8 @@ def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         cfg = _config("bwd", Lq, Lk, D, pr)
         dist, nslot, dist_args, flags = _dist_plan(pr, Lq, Lk, D)
         t_rows = _table_rows(q_rows, k_rows, Lq, Lk, flags, max_seqlens is None)
-        per_head = _table_bytes(pr, *t_rows, q.dtype, nslot) + _table_bytes(pr, q_rows, k_rows, q.dtype, 0, pr.nrun)
+        per_head = (_table_bytes(pr, *t_rows, q.dtype, nslot) + _table_bytes(pr, q_rows, k_rows, q.dtype, 0, pr.nrun)
+                    + _key_bias_bytes(pr, t_rows[1], D, q, flags))
         if max_seqlens is None:  # a padded group also allocates its float32 dq / dk / dv
             per_head += 4 * (q_rows + 2 * k_rows) * D
         return _BwdPlan(pr, cfg, head_groups(H, per_head), dict(_launch_kwargs(cfg.dkdv, pr), **flags),

@@ -174,15 +174,18 @@ def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, pack
     monkeypatch.setattr(launch, "launch_config", gpu_config)
     real_tables, columns = launch._tables, []
     monkeypatch.setattr(launch, "_tables", lambda *a: columns.append(a[6] if len(a) > 6 else None) or real_tables(*a))
-    real_gemm, built, guard = launch._table_gemm, [], 64
+    real_gemm, built = launch._table_gemm, []
 
     def guarded(x, pos, keep_batch=True):
         t = real_gemm(x, pos, keep_batch)
+        guard = 256 * t.shape[-1]  # rows of NaN: more than any tile
         buf = torch.full((t.numel() + 2 * guard,), float("nan"), dtype=t.dtype)
         buf[guard:-guard] = t.flatten()
         built.append(t)
         return buf[guard:-guard].view(t.shape)
     monkeypatch.setattr(launch, "_table_gemm", guarded)
+    real_layout, tpads = launch._table_layout, []
+    monkeypatch.setattr(launch, "_table_layout", lambda *a: tpads.append(real_layout(*a)[0]) or real_layout(*a))
     H, D = 2, 64
     if packed:
         lq, lk = [70, 3, 130], [20, 50, 30]
@@ -211,13 +214,15 @@ def test_distance_tables_under_gpu_tiles(monkeypatch, arch, buckets, L, Lk, pack
     for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, want):
         assert_close_fp32(a, b, tol=2e-5, what=name)
     assert len(built) == 2 * len(columns)  # (C2P, P2C) per build
+    assert all(torch.equal(a, b) for a, b in zip(built[:2], built[2:4]))  # the backward's tables: the forward's bits
     for c2p, p2c in zip(built[::2], built[1::2]):
         assert torch.isfinite(c2p).all()
         if packed:
-            assert torch.isfinite(p2c).all()
+            assert torch.isfinite(p2c).all() and not tpads
             continue
-        rows = p2c.shape[-2]
-        assert rows % 16 == 0 and rows >= Lk and c2p.shape[-2] % 16 == 0 and c2p.shape[-2] >= L
+        rows, tpad = p2c.shape[-2], tpads[0]
+        assert tpads == [tpad] * 2 and tpad >= 64 and tpad % 16 == 0  # forward, backward; a multiple of every tile
+        assert rows == -(-Lk // tpad) * tpad and c2p.shape[-2] == -(-L // tpad) * tpad
         kept = torch.zeros(2, rows, dtype=torch.bool)
         kept[:, :Lk] = mask
         kept = kept[:, None, :, None].expand(p2c.shape)
@@ -233,7 +238,8 @@ def test_distance_window_covers_every_band_tile():
     """:func:`_dist_window` against a replay of the kernels' tile walks (``_tile_regions``; the forward's ``SAT_N``
     rounding; the backward's dq walk of key tiles and dK/dV walk of query tiles, one window for both): every distance
     of every band tile, rows and keys past the lengths included, lies in ``[dist0, dist1]``, both multiples of 16
-    (the kernel's aligned tile loads), C2P's columns P2C's reversed; random lengths (Lq far from Lk too), bucket
+    (the kernel's aligned tile loads), C2P's columns P2C's reversed, and its rows within the ``TPAD``-row blocks of
+    ``DIST_KEYED``'s tables; random lengths (Lq far from Lk too), bucket
     configs and GPU tile shapes."""
     from deberta_fast._kernels.triton_attention_launch import LaunchConfig
     from deberta_fast.positions import attention_span
@@ -268,6 +274,7 @@ def test_distance_window_covers_every_band_tile():
         lo, hi = lay.band
         cfg = configs[n % len(configs)]
         dq, dkdv = bwd[n % len(bwd)]
+        tpad = max(16, *(x for c in (cfg, dq, dkdv) for x in (c.block_m, c.block_n)))
         walks = [(cfg.block_m, cfg.block_n, band_tiles(lo, hi, cfg.block_m, cfg.block_n, Lq, Lk, True,
                                                        cfg.sat_block_n or cfg.block_n)),
                  (dq.block_m, dq.block_n, band_tiles(lo, hi, dq.block_m, dq.block_n, Lq, Lk, True)),
@@ -282,17 +289,22 @@ def test_distance_window_covers_every_band_tile():
                 for m0, k0 in walk:
                     assert d0 <= m0 - (k0 + bn - 1) and m0 + bm - 1 - k0 <= d1, (Lq, Lk, pb, mr, bm, bn, m0, k0, d0,
                                                                                  d1)
+                    # DIST_KEYED's unpredicated loads: inside the (b, h) block of TPAD-padded rows (_dist_plan)
+                    assert m0 + bm <= -(-Lq // tpad) * tpad and k0 + bn <= -(-Lk // tpad) * tpad, (Lq, Lk, m0, k0)
 
 
-@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.2])
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-46, 0.2])
 def test_distance_tables_at_any_scale(monkeypatch, scale):
-    """``DIST_KEYED`` multiplies P2C's -inf by the scale: at a scale <= 0 the launcher builds the same padded tables
-    without it and launches ``DIST_PREDICATED`` (``_dist_kwargs``), in both passes; output and five gradients against
-    float64 with a key mask (a batch entry with every key masked) at each scale."""
+    """``DIST_KEYED`` multiplies P2C's -inf by the scale: at a scale <= 0, or one that is 0 in float32 (the kernels'
+    -inf * 0 would be NaN on a GPU; the interpreter keeps it in float64), the launcher builds the same padded tables
+    without the -inf and launches ``DIST_PREDICATED`` (``_dist_kwargs``), in both passes; output and five gradients
+    against float64 with a key mask (a batch entry with every key masked) at each scale."""
     monkeypatch.setattr(launch, "REL_SOURCE", "distance")
-    kinds = []
+    kinds, tables = [], []
     real = launch._dist_kwargs
     monkeypatch.setattr(launch, "_dist_kwargs", lambda kw, s: kinds.append(real(kw, s)["DIST"]) or real(kw, s))
+    real_gemm = launch._table_gemm
+    monkeypatch.setattr(launch, "_table_gemm", lambda *a: tables.append(real_gemm(*a)) or tables[-1])
     q, k, v, pk, pq, _, kw = make_inputs(2, 2, 37, 37, 16, buckets=BUCKETED)
     mask = torch.rand(2, 37) > 0.3
     mask[1] = False
@@ -302,5 +314,7 @@ def test_distance_tables_at_any_scale(monkeypatch, scale):
     want = grads(reference_fn(mask, kw), ts, torch.float64, do)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, want):
         assert_close_fp32(a, b, tol=2e-5, what=name)
-    keyed = launch.DIST_KEYED.value if scale > 0 else launch.DIST_PREDICATED.value
+    keyed = launch.DIST_KEYED.value if scale > 1e-30 else launch.DIST_PREDICATED.value
     assert kinds == [keyed] * 3, kinds  # the forward, and the backward's two kernels
+    assert len(tables) == 4 and all(t.shape[-2] % 32 == 0 for t in tables)  # padded blocks either way
+    assert any(torch.isinf(t).any() for t in tables) == (keyed == launch.DIST_KEYED.value)
