@@ -25,7 +25,8 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
 - ``triton both, distance tables`` (forward, and forward+backward): ``REL_SOURCE = "distance"``, tables with a column
   per distance in both passes (2.2-2.6x the bytes at v3 buckets; band tiles read them as aligned vector tiles with no
   slot-table load, so every load of the forward's band loop is prefetched: NOTES, "Distance tables"); forward also
-  with those tables prebuilt (the kernel alone) and in 16-bit (``TABLE_DTYPE = "input"``: half the bytes);
+  with those tables prebuilt (the kernel alone), and both passes in 16-bit (``TABLE_DTYPE = "input"``: half the
+  bytes, about the slot tables' float32 bytes);
 - ``triton both, one launch`` (forward, and forward+backward): ``TABLE_BUDGET = None``, every head in one launch
   (the shipped budget runs 16k tokens' 805 MB of tables in head groups: the time that costs or saves, and the
   memory it saves);
@@ -150,6 +151,8 @@ def variants(B, H, L, D, device, dtype):
     out.append(("triton both, 16-bit tables", "fwd+bwd", _setting("TABLE_DTYPE", "input", both)))
     out.append(("triton both, one launch", "fwd+bwd", _setting("TABLE_BUDGET", None, both)))
     out.append(("triton both, distance tables", "fwd+bwd", _setting("REL_SOURCE", "distance", both)))
+    out.append(("triton both, distance tables, 16-bit", "fwd+bwd",
+                _setting("REL_SOURCE", "distance", _setting("TABLE_DTYPE", "input", both))))
     return out
 
 

@@ -241,6 +241,10 @@ def scenarios(full: bool) -> list[Scenario]:
     out.append(Scenario("fwd", dropout=False, L=200, targets=(90,), rel="distance", why="distance tables (A/B)"))
     out.append(Scenario("fwd", dropout=False, targets=(90,), rel="distance", tables16=True,
                         why="distance tables, 16-bit (A/B)"))
+    # (their entries widened in inline PTX, fp16 / bf16: ptxas checks it for both targets; the backward's too)
+    out.append(Scenario("fwd", dtype="bf16", dropout=False, rel="distance", tables16=True,
+                        why="distance tables, 16-bit (A/B)"))
+    out.append(Scenario("bwd", targets=(90,), rel="distance", tables16=True, why="distance tables, 16-bit (A/B)"))
     # packed calls of one head: H_ALL = 1 becomes a constant at launch (no .to(); the interpreter cannot tell)
     out += [Scenario(p, varlen=True, mask="none", H=1, targets=(90,), why="packed, one head") for p in ("fwd", "bwd")]
     # negative control: the fp16 D=64 training forward without the launch specialization

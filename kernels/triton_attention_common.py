@@ -155,9 +155,24 @@ def _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def _widen(x, UPCAST: tl.constexpr):
+    """A loaded table tile in float32 (exact).  16-bit entries on the GPU are widened one by one in inline PTX
+    (``cvt.f32.f16``; bf16: the upper half of a float32): with ``.to``, both Triton 3.6 and 3.7 moved the keyed
+    distance tables through shared memory into the accumulator layout (sm_90 inference in-band 26.4 / 27.9 per element
+    against 17.4 / 17.2; static, NOTES).  ``UPCAST`` (the interpreter, which runs no PTX): ``.to``."""
+    if x.dtype == tl.float32 or UPCAST:
+        return x.to(tl.float32)
+    elif x.dtype == tl.float16:
+        return tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("{ .reg .b16 z; mov.b16 z, 0; mov.b32 $0, {z, $1}; }", "=r,h", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, REGION: tl.constexpr, TRANS: tl.constexpr,
-               dist, DIST: tl.constexpr):
+               dist, DIST: tl.constexpr, UPCAST: tl.constexpr):
     """The relative terms of one tile, in log2 units: ``(key_term, row_term)``::
 
         key_term = fma(p2c, qk_scale, col)      row_term = c2p * qk_scale      (0 without the term)
@@ -218,14 +233,9 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
         c2p_at = C2P_bh + (_q_axis(offs_m * nslot1, TRANS) + _k_axis(offs_n + dist1, TRANS))
         if DIST == DIST_KEYED:  # every row there (finite), the keys' -inf in P2C: no predicate, no key column
             if HAS_P2C:
-                p2c = tl.load(p2c_at).to(tl.float32)
-                if P2C_bh.dtype.element_ty == tl.float32:
-                    kt = p2c * qk_scale
-                else:  # 16-bit tables (the same values): the product alone, the compiler moved them through shared
-                    # memory into the accumulator layout (sm_90 inference in-band 26.4 per element against 18.8)
-                    kt = tl.fma(p2c, qk_scale, _k_axis(offs_n * 0.0, TRANS))
+                kt = _widen(tl.load(p2c_at), UPCAST) * qk_scale
             if HAS_C2P:
-                rt = tl.load(c2p_at).to(tl.float32) * qk_scale
+                rt = _widen(tl.load(c2p_at), UPCAST) * qk_scale
         else:
             if HAS_P2C:
                 p2c = tl.load(p2c_at, mask=_k_axis(n_ok, TRANS), other=0.0)

@@ -99,7 +99,8 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
         if not SKEW:
             kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
-                                HAS_C2P, HAS_P2C, REGION, False, (dist0, dist1, nslot1), DIST)
+                                HAS_C2P, HAS_P2C, REGION, False, (dist0, dist1, nslot1), DIST,
+                                UPCAST)
         elif REGION == SAT:
             s_pkr, s_pqr, SCR, start_m, rt_lo, rt_hi = skew
             kt = col

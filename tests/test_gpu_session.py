@@ -247,7 +247,8 @@ def test_breakdown_rehearsal(tmp_path):
                                                          ("fwd", "triton both, distance tables"),
                                                          ("fwd", "triton both, distance tables prebuilt"),
                                                          ("fwd", "triton both, distance tables, 16-bit"),
-                                                         ("fwd+bwd", "triton both, distance tables")}
+                                                         ("fwd+bwd", "triton both, distance tables"),
+                                                         ("fwd+bwd", "triton both, distance tables, 16-bit")}
     assert {r["variant"]: r["same_output"] for r in rows if "same_output" in r} == {
         "triton both, tables prebuilt": True, "triton both, key mask (all ones)": True,
         "triton both, distance tables prebuilt": True}
