@@ -95,41 +95,30 @@ def triton_pieces(ts, kw, bwd_cfg=None):
     from deberta_fast import disentangled_attention
     from deberta_fast._kernels import triton_attention_launch as launch
     q, k, v, pk, pq, do, mask = ts
-    got, sums, rel = {}, [], {}
-    real_sums, real_grads, real_config = launch._unfilled, launch._position_grads, launch._config
+    got, rel = {}, {}
+    real_grads, real_config = launch._position_grads, launch._config
 
-    def run_sums(shape, device):  # the launcher's unfilled buffers: the run sums (c2p's, p2c's), then DELTA
-        sums.append(real_sums(shape, device))
-        return sums[-1]
-
-    def position_grads(s, pos, x, pr):
-        dx, dpos = real_grads(s, pos, x, pr)
-        rel["dq_rel" if s is sums[0] and pk is not None else "dk_rel"] = dx.clone()
+    def position_grads(s, pos, x, pr, rev=False):  # the run sums: dq's (rev: runs in decreasing order), dK/dV's
+        dx, dpos = real_grads(s, pos, x, pr, rev)
+        name = "c" if rev else "p"
+        got[f"{name}sum"] = s.flip(-1) if rev else s.clone()
+        rel[f"d{'q' if rev else 'k'}_rel"] = dx.clone()
         return dx, dpos
 
     def config(pass_, *a):
         return bwd_cfg if (pass_ == "bwd" and bwd_cfg is not None) else real_config(pass_, *a)
 
-    launch._unfilled, launch._position_grads, launch._config = run_sums, position_grads, config
+    launch._position_grads, launch._config = position_grads, config
     try:
         leaves = [t.float().clone().requires_grad_() if t is not None else None for t in (q, k, v, pk, pq)]
         out = disentangled_attention(*leaves, attention_mask=mask, backend="triton", **kw)
         grads = torch.autograd.grad(out, [t for t in leaves if t is not None], do.float())
     finally:
-        launch._unfilled, launch._position_grads, launch._config = real_sums, real_grads, real_config
+        launch._position_grads, launch._config = real_grads, real_config
     names = [n for n, t in zip(("dq", "dk", "dv", "dpos_key", "dpos_query"), (q, k, v, pk, pq)) if t is not None]
     got.update(out=out.detach(), **dict(zip(names, grads)))
-    it = iter(sums)
-    if pk is not None:
-        got["csum"] = next(it)
-        got["dq_content"] = got["dq"] - rel["dq_rel"]
-    else:
-        got["dq_content"] = got["dq"]
-    if pq is not None:
-        got["psum"] = next(it)
-        got["dk_content"] = got["dk"] - rel["dk_rel"]
-    else:
-        got["dk_content"] = got["dk"]
+    got["dq_content"] = got["dq"] - rel["dq_rel"] if pk is not None else got["dq"]
+    got["dk_content"] = got["dk"] - rel["dk_rel"] if pq is not None else got["dk"]
     return got
 
 

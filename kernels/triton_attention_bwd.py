@@ -31,8 +31,8 @@ import triton.language as tl
 
 from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _inner_tiles, _k_axis,
                                       _key_col, _masked, _mm, _q_axis, _rel_terms, _score_mm, _sequence, _stat_planes,
-                                      _finish_runs, _sat_columns, _table_block, _tile, _tile_regions, _tile_start,
-                                      _uniform_rows, _block_tile)
+                                      _finish_runs, _sat_columns, _sums_block, _table_block, _tile, _tile_regions,
+                                      _tile_start, _uniform_rows, _block_tile)
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, L
 
 @triton.jit
 def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE,
-                PSUM_bh, col, FMASK, offs_n, offs_d, d_ok, rows, lo, hi, skip_a, skip_b, slot, run0, qrow0, start_n,
+                PSUM_bh, col, FMASK, offs_n, offs_d, d_ok, rows, cc, lo, hi, skip_a, skip_b, slot, run0, qrow0, start_n,
                 b, h, bh, Lq, Lk, NSLOT, NRUN,
                 qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om, s_fmb, s_fmh, s_fmm, s_unb, s_unh, dist,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
@@ -114,7 +114,7 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
     dK take it without a transpose, and the p2c column sums become row sums.  ``HI``: a ``SAT`` region's end run
     (:func:`_advance_runs`)."""
     for it in range(lo, hi, BLOCK_M):
-        start_m = _tile_start(tl.where(it < skip_a, it, it - skip_a + skip_b), BLOCK_M, DIST)
+        start_m = _tile_start(tl.where(it < skip_a, it, it - skip_a + skip_b), BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
         qo_ok = m_ok[:, None] & d_ok[None, :]
@@ -132,14 +132,14 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
         dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
         dk += _mm(ds.to(q.dtype), q, UPCAST, PREC)
         if HAS_P2C:
-            run_lo, run_hi = _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, PSUM_bh, rows, run0, NRUN,
+            run_lo, run_hi = _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, PSUM_bh, rows, cc, run0, NRUN,
                                            REGION, HI, True)
     return dk, dv, run_lo, run_hi
 
 
 @triton.jit
 def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh,
-              KMASK, FMASK, offs_m, offs_d, d_ok, rows, lo, hi, skip_a, skip_b, slot, run0, b, h, bh, Lq, Lk, NSLOT,
+              KMASK, FMASK, offs_m, offs_d, d_ok, rows, cc, lo, hi, skip_a, skip_b, slot, run0, b, h, bh, Lq, Lk, NSLOT,
               NRUN,
               qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm, dist,
               HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
@@ -149,7 +149,7 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_
     ``skip_a`` / ``skip_b`` and ``HI`` as in :func:`_dkdv_tiles`)."""
     m_ok = offs_m < Lq
     for it in range(lo, hi, BLOCK_N):
-        start_n = _tile_start(tl.where(it < skip_a, it, it - skip_a + skip_b), BLOCK_N, DIST)
+        start_n = _tile_start(tl.where(it < skip_a, it, it - skip_a + skip_b), BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kv_ok = n_ok[:, None] & d_ok[None, :]
@@ -162,7 +162,7 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_
                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, False, DIST)
         dq += _mm(ds.to(k.dtype), k, UPCAST, PREC)
         if HAS_C2P:
-            run_lo, run_hi = _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, CSUM_bh, rows, run0, NRUN,
+            run_lo, run_hi = _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, CSUM_bh, rows, cc, run0, NRUN,
                                            REGION, HI, False)
     return dq, run_lo, run_hi
 
@@ -174,7 +174,7 @@ def disentangled_bwd_dkdv_kernel(
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    seed, dist0, dist1, NSLOT1,
+    seed, dist0, dist1, NSLOT1, RS1, RCC, RCP,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = 0,
@@ -204,8 +204,8 @@ def disentangled_bwd_dkdv_kernel(
     DO_bh = DO + b64 * s_ob + h64 * s_oh + q0.to(tl.int64) * s_om
     C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN, TPAD)
     P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN, TPAD)
-    PSUM_bh = PSUM + krow0 * NRUN
-    rows = offs_n * NRUN  # int32 offsets within the (b, h) block (the launcher checks the size)
+    PSUM_bh = _sums_block(PSUM, krow0, Lk, RS1, VARLEN)
+    rows = offs_n * RS1  # int32 offsets within the (b, h) block (the launcher checks the size); _advance_runs
     qk_scale = scale * LOG2E
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -214,7 +214,7 @@ def disentangled_bwd_dkdv_kernel(
     run_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
     col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)  # the program's keys: once, not per query tile
     args = (k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE, PSUM_bh, col, FMASK,
-            offs_n, offs_d, d_ok, rows)
+            offs_n, offs_d, d_ok, rows, RCP)
     col_lo, col_hi, dist = _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST)
     rest = (qrow0, start_n, b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om,
             s_fmb, s_fmh, s_fmm, s_unb, s_unh, dist)
@@ -244,7 +244,8 @@ def disentangled_bwd_dkdv_kernel(
     tl.store(DK + out, dk, mask=kv_ok)
     if HAS_P2C:  # after dK's store: it is no longer live
         # key j's distances run from -j (query 0) to Lq - 1 - j
-        _finish_runs(run_lo, run_hi, n_ok, -offs_n, Lq - 1 - offs_n, PSUM_bh, rows, run0, NRUN, not VARLEN, BLOCK_M)
+        _finish_runs(run_lo, run_hi, n_ok, -offs_n, Lq - 1 - offs_n, PSUM_bh, rows + offs_n, RCP - run0, 1, run0,
+                     NRUN, not VARLEN, BLOCK_M)
     if MASK_KIND != 0:
         dv = _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, Lq, Lk, s_om, s_unb, s_unh,
                          p_drop, drop_thresh, seed, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
@@ -258,7 +259,7 @@ def disentangled_bwd_dq_kernel(
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    seed, dist0, dist1, NSLOT1, s_yb, s_yh, s_ym,
+    seed, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_yb, s_yh, s_ym,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = 0,
@@ -293,8 +294,8 @@ def disentangled_bwd_dq_kernel(
     V_bh = V + b64 * s_vb + h64 * s_vh + k0.to(tl.int64) * s_vn
     C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN, TPAD)
     P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN, TPAD)
-    CSUM_bh = CSUM + qrow0 * NRUN
-    rows = offs_m * NRUN  # int32 offsets within the (b, h) block (the launcher checks the size)
+    CSUM_bh = _sums_block(CSUM, qrow0, Lq, RS1, VARLEN)
+    rows = offs_m * RS1  # int32 offsets within the (b, h) block (the launcher checks the size); _advance_runs
     qk_scale = scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -303,7 +304,7 @@ def disentangled_bwd_dq_kernel(
     # uniform rows: their scores are constants, so no gradient flows through them (probability 0 in the loops)
     logsum = tl.where(_uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND), float("inf"), logsum)
     args = (q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh, KMASK, FMASK,
-            offs_m, offs_d, d_ok, rows)
+            offs_m, offs_d, d_ok, rows, RCC)
     col_lo, col_hi, dist = _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST)
     rest = (b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn,
             s_kmb, s_fmb, s_fmh, s_fmm, dist)
@@ -328,4 +329,5 @@ def disentangled_bwd_dq_kernel(
     tl.store(DQ + out, dq, mask=qo_ok)
     if HAS_C2P:  # after the store: dQ is no longer live
         # query i's distances run from i - (Lk - 1) (the last key) to i
-        _finish_runs(run_lo, run_hi, m_ok, offs_m - (Lk - 1), offs_m, CSUM_bh, rows, run0, NRUN, not VARLEN, BLOCK_N)
+        _finish_runs(run_lo, run_hi, m_ok, offs_m - (Lk - 1), offs_m, CSUM_bh, rows + offs_m, RCC + run0, -1, run0,
+                     NRUN, not VARLEN, BLOCK_N)

@@ -258,15 +258,13 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
 
 
 @triton.jit
-def _tile_start(start, BLOCK: tl.constexpr, DIST: tl.constexpr):
+def _tile_start(start, BLOCK: tl.constexpr):
     """A walked tile's first row / key: every loop of ``_tile_regions`` / ``_inner_tiles`` that runs starts at a
     multiple of ``BLOCK`` (their bounds are multiples of it, or the length, where a loop is empty), which Triton cannot
-    prove when the length is not a multiple of 16; with ``DIST`` it is rounded down to one (the same value, so that
-    ``_rel_terms``' tile loads along the walked axis are vectors; were it not one, the tile would move and the exactness
-    tests fail).  (``tl.multiple_of`` does not reach a loop's induction variable.)"""
-    if DIST:
-        start = start // BLOCK * BLOCK
-    return start
+    prove when the length is not a multiple of 16; rounded down to one (the same value), so that the tile loads and
+    stores along the walked axis (distance tables, run sums) are vectors; were it not one, the tile would move and the
+    exactness tests fail.  (``tl.multiple_of`` does not reach a loop's induction variable.)"""
+    return start // BLOCK * BLOCK
 
 
 @triton.jit
@@ -362,7 +360,18 @@ def _inner_tiles(start, span_other, d_lo, d_hi, a, b, BLOCK: tl.constexpr, ROWS:
 
 
 @triton.jit
-def _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, SUMS, rows, run0, NRUN,
+def _sums_block(SUMS, row0, L, RS1, VARLEN: tl.constexpr):
+    """The first row of a ``(b, h)``'s run sums (``RS1 + 1`` columns a row, :func:`_advance_runs`): padded, the
+    launch's ``(b, h)`` index times ``L`` rounded up to 16 rows (the launcher allocates them so: Triton can prove the
+    block 16-byte aligned); packed, ``row0`` (:func:`_sequence`)."""
+    if VARLEN:
+        return SUMS + row0 * (RS1 + 1)
+    else:
+        return SUMS + tl.program_id(1).to(tl.int64) * ((L + 15) // 16 * 16) * (RS1 + 1)
+
+
+@triton.jit
+def _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, SUMS, rows, cc, run0, NRUN,
                   REGION: tl.constexpr, HI: tl.constexpr, TRANS: tl.constexpr):
     """The run sums of one tile along its walking axis (axis 1: keys for dq, queries for dK/dV with ``TRANS``;
     runs of :func:`deberta_fast.positions.distance_runs`: run ``clamp(d + run0, 0, NRUN - 1)``).  Along a row
@@ -370,7 +379,14 @@ def _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, SUMS, rows, run0, 
     stored as it is (one writer per location, no scan, no atomic).  The two end runs (the constant ends of the slot
     table) are sums, carried per row in ``run_lo`` / ``run_hi`` and stored by :func:`_finish_runs`: a ``SAT``
     tile adds its row sums to one of them (``HI``: the end of slot ``NSLOT - 1``), a ``GENERAL`` tile adds its
-    elements beyond the band to them, an ``INNER`` tile has none.  Returns ``(run_lo, run_hi)``."""
+    elements beyond the band to them, an ``INNER`` tile has none.  Returns ``(run_lo, run_hi)``.
+
+    Layout: rows of ``RS1 + 1`` columns (``rows``: the tile's rows times ``RS1``, a multiple of 16), run ``r`` of a
+    row in column ``cc + run0 - r`` (dq's ``CSUM``: runs descending) or ``cc - run0 + r`` (dK/dV's ``PSUM``), so that
+    an element's location is ``row * RS1 + (its index along the walk) + cc``: unit-stride along the walk (keys in dq,
+    queries in dK/dV) and 16-byte aligned where a tile starts (``cc`` a multiple of 16), so the stores are vectors
+    (the launcher's ``_sums_layout``; with runs in columns ``r`` the stores went element by element, each with its
+    own 64-bit address: static, NOTES)."""
     if REGION == SAT:
         if HI:
             run_hi += tl.sum(ds, 1)
@@ -379,36 +395,38 @@ def _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, SUMS, rows, run0, 
     else:
         ok = _q_axis(offs_m < Lq, TRANS) & _k_axis(offs_n < Lk, TRANS)
         rid = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS) + run0
+        at = SUMS + (rows[:, None] + (offs_m if TRANS else offs_n)[None, :] + cc)
         if REGION == INNER:
-            tl.store(SUMS + rows[:, None] + rid, ds, mask=ok)
+            tl.store(at, ds, mask=ok)
         else:
-            tl.store(SUMS + rows[:, None] + rid, ds, mask=ok & (rid > 0) & (rid < NRUN - 1))
+            tl.store(at, ds, mask=ok & (rid > 0) & (rid < NRUN - 1))
             run_lo += tl.sum(tl.where(rid <= 0, ds, 0.0), 1)  # ds is 0 outside the matrix
             run_hi += tl.sum(tl.where(rid >= NRUN - 1, ds, 0.0), 1)
     return run_lo, run_hi
 
 
 @triton.jit
-def _finish_runs(run_lo, run_hi, ok, d_first, d_last, SUMS, rows, run0, NRUN, FILL: tl.constexpr,
+def _finish_runs(run_lo, run_hi, ok, d_first, d_last, SUMS, rows, k0, sgn, run0, NRUN, FILL: tl.constexpr,
                  CH: tl.constexpr):
-    """Store the end runs of :func:`_advance_runs` (``ok``: rows in range); 0 where a row has no such distance.
+    """Store the end runs of :func:`_advance_runs` (``ok``: rows in range; ``rows``: the rows' first locations, run
+    ``r`` in column ``k0 + sgn * r``); 0 where a row has no such distance.
     ``FILL``: also store 0 to the in-band runs a row has no element for, the distances below ``d_first`` / above
     ``d_last`` (per row: its first and last distance), so that the launcher need not zero-fill ``SUMS`` (every
     location of the row is then written once: by a tile, by this fill or as an end run).  Only rows near the
     sequence's ends have such distances; ``CH`` columns per store."""
-    tl.store(SUMS + rows, run_lo, mask=ok)
-    tl.store(SUMS + rows + (NRUN - 1), run_hi, mask=ok)
+    tl.store(SUMS + rows + k0, run_lo, mask=ok)
+    tl.store(SUMS + rows + (k0 + sgn * (NRUN - 1)), run_hi, mask=ok)
     if FILL:
         zero = tl.zeros([rows.shape[0], CH], dtype=tl.float32)
         first = tl.where(ok, d_first + run0, 0)  # runs [1, first) and (last, NRUN - 1) are missing
         last = tl.where(ok, d_last + run0, NRUN)
         for c0 in range(1, tl.minimum(tl.max(first, 0), NRUN - 1), CH):
             cols = c0 + tl.arange(0, CH)
-            tl.store(SUMS + rows[:, None] + cols[None, :], zero,
+            tl.store(SUMS + rows[:, None] + (k0 + sgn * cols)[None, :], zero,
                      mask=(cols[None, :] < first[:, None]) & (cols[None, :] < NRUN - 1))
         for c0 in range(tl.maximum(tl.min(last, 0) + 1, 1), NRUN - 1, CH):
             cols = c0 + tl.arange(0, CH)
-            tl.store(SUMS + rows[:, None] + cols[None, :], zero,
+            tl.store(SUMS + rows[:, None] + (k0 + sgn * cols)[None, :], zero,
                      mask=(cols[None, :] > last[:, None]) & (cols[None, :] < NRUN - 1))
 
 

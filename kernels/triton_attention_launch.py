@@ -360,10 +360,19 @@ class _Prepared:
     tf32: bool  # float32 inputs on tensor cores
     arch: int  # compute capability (10*major + minor; see device_arch)
     run0: int  # the backward's run of d is clamp(d + run0, 0, NRUN - 1) (positions.distance_runs)
+    sums: tuple = (16, 0, 0)  # the run sums' layout (_sums_layout)
+    run_rows_rev: torch.Tensor | None = None  # run_rows reversed (dq's run sums hold the runs in decreasing order)
 
     @property
     def nrun(self) -> int:
         return 1 if self.run_rows is None else self.run_rows.numel()
+
+    def run_columns(self, rev: bool) -> slice:
+        """The columns of a row of the run sums that hold its runs: in decreasing order (``rev``: dq's ``CSUM``) or
+        increasing (dK/dV's ``PSUM``; :func:`_sums_layout`)."""
+        rs1, rcc, rcp = self.sums
+        first = rcc + self.run0 - (self.nrun - 1) if rev else rcp - self.run0
+        return slice(first, first + self.nrun)
 
 
 def int32_index_problem(q_len: int, k_len: int, nslot: int, nrun: int) -> str | None:
@@ -411,6 +420,18 @@ class _Layout:
     runs_unique: bool
     runs_identity: bool  # run r uses trimmed row r, every row once (no gather / scatter by run_rows)
     run0: int  # -runs.lo (positions.distance_runs); 0 for the forward
+    sums: tuple = (16, 0, 0)  # _sums_layout's, for the backward
+    run_rows_rev: torch.Tensor | None = None
+
+
+def _sums_layout(nrun: int, run0: int) -> tuple:
+    """``(RS1, RCC, RCP)``: the backward's run sums in rows of ``RS1 + 1`` columns (``RS1`` a multiple of 16), dq's
+    run ``r`` in column ``RCC + run0 - r``, dK/dV's in ``RCP - run0 + r``, with ``RCC`` / ``RCP`` multiples of 16, so
+    that the kernels' stores along a tile are aligned vectors (``_advance_runs``).  Columns outside the runs are
+    neither written nor read."""
+    kc = nrun - 1 + (run0 - nrun + 1) % 16  # dq: runs nrun - 1 .. 0 in columns kc - nrun + 1 .. kc
+    kp = (-run0) % 16  # dK/dV: runs 0 .. nrun - 1 in columns kp .. kp + nrun - 1
+    return -(-max(kc, kp + nrun - 1, 1) // 16) * 16, kc - run0, kp + run0
 
 
 _LAYOUTS: dict = {}
@@ -434,7 +455,8 @@ def _layout(Lq, Lk, position_buckets, max_relative_positions, span, device, has_
         lim = Lq + Lk + 1  # keep the band in int32; beyond +-lim nothing changes
         nslot = hi - lo + 1
         runs = distance_runs(Lq, Lk, position_buckets, max_relative_positions, span, device) if backward else None
-        problem = int32_index_problem(Lq, Lk, nslot, 1 if runs is None else runs.count)
+        sums = (16, 0, 0) if runs is None else _sums_layout(runs.count, -runs.lo)
+        problem = int32_index_problem(Lq, Lk, nslot, sums[0] + 1)
         if problem:
             raise ValueError(problem)
         run_rows, unique, identity, run0 = None, True, True, 0
@@ -442,7 +464,7 @@ def _layout(Lq, Lk, position_buckets, max_relative_positions, span, device, has_
             run_rows, unique, run0 = runs.run_rows, runs.unique, -runs.lo
             identity = unique and runs.count == nslot  # increasing and every row: arange
         hit = _Layout(table, slice(lo, hi + 1), nslot, (max(band.lo, -lim), min(band.hi, lim)), run_rows,
-                      unique, identity, run0)
+                      unique, identity, run0, sums, None if run_rows is None else run_rows.flip(0))
     if len(_LAYOUTS) >= 256:
         _LAYOUTS.clear()
     _LAYOUTS[key] = hit
@@ -507,7 +529,8 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
                       VARLEN=varlen, UPCAST=interpreting(), PREC=prec, BLOCK_D=max(16, _next_pow2(D)))
     return _Prepared(lay.table, mask_args, mask_strides, lay.nslot, lay.band, constexprs, lay.rows, lay.run_rows,
                      lay.runs_unique, lay.runs_identity, q.dtype == torch.float32 and prec == "ieee",
-                     q.dtype == torch.float32 and prec == "tf32", device_arch(q.device), lay.run0)
+                     q.dtype == torch.float32 and prec == "tf32", device_arch(q.device), lay.run0, lay.sums,
+                     lay.run_rows_rev)
 
 
 #: Most bytes one launch's relative tables may take (C2P / P2C; in the backward also its run sums and float32
@@ -645,7 +668,7 @@ def _dist_plan(pr: _Prepared, Lq: int, Lk: int, D: int) -> tuple:
     fwd, bwd = _fwd_launch_config(Lq, Lk, D, pr), _config("bwd", Lq, Lk, D, pr)
     dist = _dist_window(pr, Lq, Lk, fwd, bwd.dq, bwd.dkdv)
     nslot = dist[1] - dist[0] + 1
-    problem = int32_index_problem(Lq, Lk, nslot, pr.nrun)  # (the window's columns, as _layout checks the slots)
+    problem = int32_index_problem(Lq, Lk, nslot, pr.sums[0] + 1)  # (the window's columns, as _layout checks)
     if problem:
         raise ValueError(problem)
     if pr.constexprs["VARLEN"]:
@@ -916,8 +939,8 @@ def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         cfg = _config("bwd", Lq, Lk, D, pr)
         dist, nslot, dist_args, flags = _dist_plan(pr, Lq, Lk, D)
         t_rows = _table_rows(q_rows, k_rows, Lq, Lk, flags, max_seqlens is None)
-        per_head = (_table_bytes(pr, *t_rows, q.dtype, nslot) + _table_bytes(pr, q_rows, k_rows, q.dtype, 0, pr.nrun)
-                    + _key_bias_bytes(pr, t_rows[1], D, q, flags))
+        per_head = (_table_bytes(pr, *t_rows, q.dtype, nslot) + _key_bias_bytes(pr, t_rows[1], D, q, flags)
+                    + _table_bytes(pr, q_rows, k_rows, q.dtype, 0, pr.sums[0] + 1))  # (and the run sums)
         if max_seqlens is None:  # a padded group also allocates its float32 dq / dk / dv
             per_head += 4 * (q_rows + 2 * k_rows) * D
         return _BwdPlan(pr, cfg, head_groups(H, per_head), dict(_launch_kwargs(cfg.dkdv, pr), **flags),
@@ -977,9 +1000,10 @@ def _unfilled(shape, device) -> torch.Tensor:
     return out.fill_(float("nan")) if interpreting() else out
 
 
-def _position_grads(sums, pos, x, pr: _Prepared):
+def _position_grads(sums, pos, x, pr: _Prepared, rev: bool = False):
     """Per-run sums of dS (``[B,H,L,NRUN]``, or ``[H,T,NRUN]`` packed; runs of
-    :func:`deberta_fast.positions.distance_runs`) -> ``(dS_rel @ pos, d pos)``.
+    :func:`deberta_fast.positions.distance_runs`; ``rev``: in decreasing run order, dq's ``CSUM``, see
+    :func:`_sums_layout`) -> ``(dS_rel @ pos, d pos)``.
 
     Run ``r`` reads row ``run_rows[r]`` of ``pos[..., rows, :]``; ``d pos`` has ``pos``'s shape (zero
     outside ``rows``), summed over batch when ``pos`` is ``[H, 2*span, D]`` and ``sums`` has a batch
@@ -987,17 +1011,19 @@ def _position_grads(sums, pos, x, pr: _Prepared):
     not an atomic scatter: deterministic.  When run ``r`` is row ``r`` (``runs_identity``: every distance in
     the linear range, short sequences) there is nothing to gather or scatter."""
     sub = pos[..., pr.rows, :].float()
-    dx = torch.matmul(sums, sub if pr.runs_identity else sub.index_select(-2, pr.run_rows))
+    run_rows = pr.run_rows_rev if rev else pr.run_rows
+    identity = pr.runs_identity and not rev
+    dx = torch.matmul(sums, sub if identity else sub.index_select(-2, run_rows))
     druns = torch.matmul(sums.transpose(-1, -2), x.float())
     if druns.dim() > pos.dim():  # batch 1: the sum over one batch entry is that entry (no copy, no launch)
         druns = druns[0] if druns.shape[0] == 1 else druns.sum(0)
-    if pr.runs_identity:
+    if identity:
         dsub = druns
     elif pr.runs_unique:
         dsub = druns.new_zeros(sub.shape)
-        dsub[..., pr.run_rows, :] = druns
+        dsub[..., run_rows, :] = druns
     else:
-        fold = torch.nn.functional.one_hot(pr.run_rows, sub.shape[-2]).to(druns.dtype)  # [NRUN, rows]
+        fold = torch.nn.functional.one_hot(run_rows, sub.shape[-2]).to(druns.dtype)  # [NRUN, rows]
         dsub = torch.matmul(fold.t(), druns)
     # zero rows outside ``rows``: one pad instead of zeros + a slice copy (the aten op: F.pad's wrapper cost ~0.4 us,
     # measured on the 2-core CPU machine, 2026-12-05)
@@ -1047,12 +1073,14 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
         dv = torch.empty((B, n, Lk, D), **f32)
         # every location is written by the kernels (no zero fill); NaN under the interpreter, so that the tests see
         # an unwritten one
-        c_sum = _unfilled((B, n, Lq, pr.nrun), q.device) if has_c2p else dummy
-        p_sum = _unfilled((B, n, Lk, pr.nrun), q.device) if has_p2c else dummy
+        # rows of RS1 + 1 columns, each (b, h) block of a multiple of 16 rows (_sums_layout, _sums_block)
+        width = pr.sums[0] + 1
+        c_sum = _unfilled((B, n, -(-Lq // 16) * 16, width), q.device) if has_c2p else dummy
+        p_sum = _unfilled((B, n, -(-Lk // 16) * 16, width), q.device) if has_p2c else dummy
         dl = _unfilled((B, n, Lq), q.device)  # rowsum(dO * O): the dq kernel's, for the dK/dV kernel
         common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
                   n, H, hs.start, Lq, Lk, Lq, Lk, D, plan.nslot, pr.nrun, float(scale), *pr.band, pr.run0,
-                  float(dropout_p), _drop_threshold(dropout_p), int(seed), *plan.dist_args)
+                  float(dropout_p), _drop_threshold(dropout_p), int(seed), *plan.dist_args, *pr.sums)
         st = stats if one else stats[:, :, hs].contiguous()
         qg, kg, vg, dog, og, pkg, pqg = _heads(g, q, k, v, do, out, pos_key, pos_query)
         tables = _tables(q, k, pos_key, pos_query, pr, g, plan.dist and plan.dist[2:], *layout)
@@ -1063,10 +1091,10 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
                                                                             **kw_dkdv)
         dpos_key = dpos_query = None
         if has_c2p:
-            dq_rel, dpos_key = _position_grads(c_sum, pkg, qg, pr)
+            dq_rel, dpos_key = _position_grads(c_sum[:, :, :Lq, pr.run_columns(True)], pkg, qg, pr, True)
             dq += dq_rel
         if has_p2c:
-            dk_rel, dpos_query = _position_grads(p_sum, pqg, kg, pr)
+            dk_rel, dpos_query = _position_grads(p_sum[:, :, :Lk, pr.run_columns(False)], pqg, kg, pr)
             dk += dk_rel
         if one:
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos_key, dpos_query
@@ -1151,11 +1179,11 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     dpos = [None if p is None or len(groups) == 1 else torch.empty_like(p) for p in (pos_key, pos_query)]
     for hs in groups:
         n, g = hs.stop - hs.start, (None if len(groups) == 1 else hs)
-        c_sum = torch.zeros((n, Tq, pr.nrun), **f32) if has_c2p else dummy
-        p_sum = torch.zeros((n, Tk, pr.nrun), **f32) if has_p2c else dummy
+        c_sum = torch.zeros((n, Tq, pr.sums[0] + 1), **f32) if has_c2p else dummy  # (_sums_layout)
+        p_sum = torch.zeros((n, Tk, pr.sums[0] + 1), **f32) if has_p2c else dummy
         common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, n, H, hs.start, Tq, Tk, max_seqlen_q,
                   max_seqlen_k, D, plan.nslot, pr.nrun, float(scale), *pr.band, pr.run0, float(dropout_p),
-                  _drop_threshold(dropout_p), int(seed), *plan.dist_args)
+                  _drop_threshold(dropout_p), int(seed), *plan.dist_args, *pr.sums)
         (stg,), (dqg, dkg, dvg) = _heads(g, stats, axis=1), _heads(g, dq, dk, dv)
         dl = _unfilled((n, Tq), q.device)  # [H, Tq] rowsum(dO * O): the dq kernel's (rows of no sequence unused)
         qg, kg, vg, dog, og = _heads(g, q, k, v, do, out, axis=1)
@@ -1169,7 +1197,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
         for i, (sums, pos, x, grad) in enumerate(((c_sum, pos_key, qt, dqg), (p_sum, pos_query, kt, dkg))):
             if pos is None:
                 continue
-            g_rel, g_pos = _position_grads(sums, *_heads(g, pos, x), pr)
+            g_rel, g_pos = _position_grads(sums[..., pr.run_columns(i == 0)], *_heads(g, pos, x), pr, i == 0)
             grad.add_(g_rel)
             if g is None:
                 dpos[i] = g_pos
