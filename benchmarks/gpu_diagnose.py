@@ -101,6 +101,7 @@ def triton_pieces(ts, kw, bwd_cfg=None):
     def position_grads(s, pos, x, pr, rev=False):  # the run sums: dq's (rev: runs in decreasing order), dK/dV's
         dx, dpos = real_grads(s, pos, x, pr, rev)
         name = "c" if rev else "p"
+        s = s[..., :x.shape[-2], :]  # (padded buffers: rows past the length are not written)
         got[f"{name}sum"] = s.flip(-1) if rev else s.clone()
         rel[f"d{'q' if rev else 'k'}_rel"] = dx.clone()
         return dx, dpos

@@ -12,11 +12,12 @@ strides ``s_y*``) and stores it; the launcher runs it first, and the dK/dV kerne
 
 * :func:`disentangled_bwd_dkdv_kernel`, grid ``(cdiv(Lk, BLOCK_N), B*H)``, after the dq kernel: ``DK = dS^T Q``
   (content part, float32 ``[B,H,Lk,D]``), ``DV = P_drop^T dO`` (float32), and, with p2c, the
-  column sums of ``dS`` per run, ``PSUM`` float32 ``[B,H,Lk,NRUN]``.
+  column sums of ``dS`` per run, ``PSUM`` float32 ``[B,H,Lk16,RS1+1]`` (``Lk16``: ``Lk`` rounded up to 16).
 * :func:`disentangled_bwd_dq_kernel`, grid ``(cdiv(Lq, BLOCK_M), B*H)``: ``DELTA``, ``DQ = dS K``
   (content part, float32 ``[B,H,Lq,D]``) and, with c2p, the row sums per run, ``CSUM`` float32
-  ``[B,H,Lq,NRUN]`` (every location written once: padded; zero-filled by the launcher: packed, where tokens of no
-  sequence have no program).
+  ``[B,H,Lq16,RS1+1]`` (the runs' columns of rows within the lengths written once, nothing else: padded;
+  zero-filled by the launcher: packed, where tokens of no sequence have no program).  Column layout:
+  :func:`.triton_attention_common._advance_runs` (the launcher's ``_sums_layout``).
 
 The runs (``_advance_runs``, :func:`deberta_fast.positions.distance_runs`: one per distance inside the band, one
 per constant end of the slot table) fold onto table rows on the host, which turns them into the position gradients
@@ -24,7 +25,7 @@ with small GEMMs.  Every output location has one writer: deterministic.
 
 ``VARLEN``: packed sequences (layouts as in the forward kernel; grids over the longest
 sequence's blocks and ``N*H``): ``STATS [2,H,Tq]``, ``DELTA [H,Tq]``, ``DQ [H,Tq,D]``,
-``DK``/``DV [H,Tk,D]``, ``CSUM [H,Tq,NRUN]``, ``PSUM [H,Tk,NRUN]``, all float32.
+``DK``/``DV [H,Tk,D]``, ``CSUM [H,Tq,RS1+1]``, ``PSUM [H,Tk,RS1+1]``, all float32.
 """
 import triton
 import triton.language as tl
@@ -114,7 +115,7 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
     dK take it without a transpose, and the p2c column sums become row sums.  ``HI``: a ``SAT`` region's end run
     (:func:`_advance_runs`)."""
     for it in range(lo, hi, BLOCK_M):
-        start_m = _tile_start(tl.where(it < skip_a, it, it - skip_a + skip_b), BLOCK_M)
+        start_m = _tile_start(tl.where(it < skip_a, it, it - skip_a + skip_b), BLOCK_M, DIST or HAS_P2C)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
         qo_ok = m_ok[:, None] & d_ok[None, :]
@@ -149,7 +150,7 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_
     ``skip_a`` / ``skip_b`` and ``HI`` as in :func:`_dkdv_tiles`)."""
     m_ok = offs_m < Lq
     for it in range(lo, hi, BLOCK_N):
-        start_n = _tile_start(tl.where(it < skip_a, it, it - skip_a + skip_b), BLOCK_N)
+        start_n = _tile_start(tl.where(it < skip_a, it, it - skip_a + skip_b), BLOCK_N, DIST or HAS_C2P)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kv_ok = n_ok[:, None] & d_ok[None, :]

@@ -90,7 +90,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
             start_n = tl.where(it < a, it, it - a + c)
             slot = tl.where(it < a, col_hi, col_lo)
         else:
-            start_n = _tile_start(it, BLOCK_N)
+            start_n = _tile_start(it, BLOCK_N, DIST)
             slot = 0
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n < Lk)[:, None] & d_ok[None, :]

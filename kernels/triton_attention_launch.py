@@ -377,13 +377,13 @@ class _Prepared:
 
 def int32_index_problem(q_len: int, k_len: int, nslot: int, nrun: int) -> str | None:
     """Why the kernels' int32 offsets cannot index one ``(b, h)`` block of the tables (``[L, NSLOT]``) or of the
-    run sums (``[L, NRUN]``), or None.  (int32 keeps the per-element gathers to one multiply-add; such a block
-    would hold 2**31 floats, 8 GiB per head.)"""
+    run sums (``[L, nrun]``, ``nrun`` their row width: ``_sums_layout``), or None.  (int32 keeps the per-element
+    gathers to one multiply-add; such a block would hold 2**31 floats, 8 GiB per head.)"""
     width = max(nslot, nrun)
     if (max(q_len, k_len) + 256) * width < 2**31:
         return None
     return (f"the Triton kernels index a (batch, head) block of the relative tables in int32: L={max(q_len, k_len)} "
-            f"x {width} table columns is too large (needs < 2**31 elements); use backend='torch'")
+            f"x {width} columns of its tables or run sums is too large (needs < 2**31 elements); use backend='torch'")
 
 
 def rows_fit(row_stride: int, rows: int) -> bool:
@@ -939,8 +939,9 @@ def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         cfg = _config("bwd", Lq, Lk, D, pr)
         dist, nslot, dist_args, flags = _dist_plan(pr, Lq, Lk, D)
         t_rows = _table_rows(q_rows, k_rows, Lq, Lk, flags, max_seqlens is None)
+        s_rows = _table_rows(q_rows, k_rows, Lq, Lk, {"TPAD": 16}, max_seqlens is None)  # (_sums_block)
         per_head = (_table_bytes(pr, *t_rows, q.dtype, nslot) + _key_bias_bytes(pr, t_rows[1], D, q, flags)
-                    + _table_bytes(pr, q_rows, k_rows, q.dtype, 0, pr.sums[0] + 1))  # (and the run sums)
+                    + _table_bytes(pr, *s_rows, q.dtype, 0, pr.sums[0] + 1))
         if max_seqlens is None:  # a padded group also allocates its float32 dq / dk / dv
             per_head += 4 * (q_rows + 2 * k_rows) * D
         return _BwdPlan(pr, cfg, head_groups(H, per_head), dict(_launch_kwargs(cfg.dkdv, pr), **flags),
@@ -1001,9 +1002,10 @@ def _unfilled(shape, device) -> torch.Tensor:
 
 
 def _position_grads(sums, pos, x, pr: _Prepared, rev: bool = False):
-    """Per-run sums of dS (``[B,H,L,NRUN]``, or ``[H,T,NRUN]`` packed; runs of
+    """Per-run sums of dS (``[B,H,L',NRUN]``, or ``[H,T,NRUN]`` packed; runs of
     :func:`deberta_fast.positions.distance_runs`; ``rev``: in decreasing run order, dq's ``CSUM``, see
-    :func:`_sums_layout`) -> ``(dS_rel @ pos, d pos)``.
+    :func:`_sums_layout`; ``L' >= L``, ``x``'s rows: the padded buffers' rows, unwritten past ``L``, so that the view
+    of their run columns folds into one matrix without a copy) -> ``(dS_rel @ pos, d pos)``.
 
     Run ``r`` reads row ``run_rows[r]`` of ``pos[..., rows, :]``; ``d pos`` has ``pos``'s shape (zero
     outside ``rows``), summed over batch when ``pos`` is ``[H, 2*span, D]`` and ``sums`` has a batch
@@ -1013,7 +1015,10 @@ def _position_grads(sums, pos, x, pr: _Prepared, rev: bool = False):
     sub = pos[..., pr.rows, :].float()
     run_rows = pr.run_rows_rev if rev else pr.run_rows
     identity = pr.runs_identity and not rev
+    L = x.shape[-2]
     dx = torch.matmul(sums, sub if identity else sub.index_select(-2, run_rows))
+    if sums.shape[-2] != L:
+        dx, sums = dx[..., :L, :], sums[..., :L, :]
     druns = torch.matmul(sums.transpose(-1, -2), x.float())
     if druns.dim() > pos.dim():  # batch 1: the sum over one batch entry is that entry (no copy, no launch)
         druns = druns[0] if druns.shape[0] == 1 else druns.sum(0)
@@ -1091,10 +1096,10 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
                                                                             **kw_dkdv)
         dpos_key = dpos_query = None
         if has_c2p:
-            dq_rel, dpos_key = _position_grads(c_sum[:, :, :Lq, pr.run_columns(True)], pkg, qg, pr, True)
+            dq_rel, dpos_key = _position_grads(c_sum[..., pr.run_columns(True)], pkg, qg, pr, True)
             dq += dq_rel
         if has_p2c:
-            dk_rel, dpos_query = _position_grads(p_sum[:, :, :Lk, pr.run_columns(False)], pqg, kg, pr)
+            dk_rel, dpos_query = _position_grads(p_sum[..., pr.run_columns(False)], pqg, kg, pr)
             dk += dk_rel
         if one:
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos_key, dpos_query
