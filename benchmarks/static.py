@@ -162,7 +162,8 @@ def _analyse(jobs, results) -> list[dict]:
     rows = []
     for job, res in zip(jobs, results):
         row = {"kernel": job.kernel, "cc": job.cc, "launch": job.labels[0], "num_warps": job.options.num_warps,
-               "num_stages": job.options.num_stages, "config": job.describe_constexprs(), "ok": res["ok"]}
+               "num_stages": job.options.num_stages, "maxnreg": getattr(job.options, "maxnreg", None),
+               "config": job.describe_constexprs(), "ok": res["ok"]}
         if not res["ok"]:
             row["error"] = res["error"]
             rows.append(row)
@@ -265,10 +266,16 @@ def table(prof: dict) -> str:
             continue
         loops = "; ".join(f"{lp['per_element_shortest']:g} - {lp['per_element_longest']:g}" for lp in r["loops"]) or "?"
         ldg = "; ".join(str(lp["ldg"]) for lp in r["loops"])
-        out.append(f"| {r['kernel']} | sm_{r['cc']} | {r['launch']} | {r['config']} | {r['num_warps']}/{r['num_stages']} "
+        out.append(f"| {r['kernel']} | sm_{r['cc']} | {r['launch']} | {r['config']} | "
+                   f"{r['num_warps']}/{r['num_stages']}{_maxnreg(r)} "
                    f"| {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r['mma']} | {loops} | "
                    f"{ldg} |")
     return "\n".join(out) + "\n"
+
+
+def _maxnreg(row: dict) -> str:
+    """`` maxnreg N`` where the launch caps the registers (``LaunchConfig.max_regs``), else nothing."""
+    return f" maxnreg {row['maxnreg']}" if row.get("maxnreg") else ""
 
 
 def write_report(out: str | None, default_dir: str, json_name: str, md_name: str, data: dict, md: str,

@@ -291,8 +291,10 @@ def _cfg_str(cfg) -> str:
     if hasattr(cfg, "dq") and hasattr(cfg, "dkdv"):  # the backward's BackwardConfig
         return f"dq {_cfg_str(cfg.dq)} dkdv {_cfg_str(cfg.dkdv)}"
     try:
-        values = dataclasses.astuple(cfg)
-        return "/".join(str(v) for v in (values[:4] if values[4:] in ((), (0,)) else values))
+        values = list(dataclasses.astuple(cfg))
+        while len(values) > 4 and values[-1] == 0:  # unset trailing fields (sat_block_n, max_regs)
+            values.pop()
+        return "/".join(str(v) for v in values)
     except TypeError:
         return str(cfg)
 
@@ -612,10 +614,33 @@ def compile_all(jobs: list[Job], procs: int, progress=print) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ checks + report
 
+#: ``(kernel, cc, BLOCK_M, BLOCK_N, num_warps, num_stages)`` allowed to spill: the sm_90 forward on 64x64 tiles, 2
+#: stages, 1.5x faster than its spill-free 3 stages on an H200 (D = 64, L = 512; ``launch_config``, NOTES "Second GPU
+#: session"), spilling 8 - 40 B by variant.  Every other shipped kernel compiles with 0 spill bytes (issue 12's target).
+SPILL_MEASURED = {("disentangled_fwd_kernel", 90, 64, 64, 4, 2)}
+
+
+def spills(jobs: list[Job], results: list[dict]) -> list[str]:
+    """Compiled launches that spill, but those of :data:`SPILL_MEASURED`, the negative control and the forward's
+    skew experiment (not a shipped kernel)."""
+    out = []
+    for j, r in zip(jobs, results):
+        if not r["ok"] or not j.scenario.specialize or j.scenario.rel == "skew":
+            continue
+        names = [p.name for p in j.fn.params]
+        cx = {names[path[0]]: v for path, v in j.constexprs.items()}
+        key = (j.kernel, j.cc, cx.get("BLOCK_M"), cx.get("BLOCK_N"), j.options.num_warps, j.options.num_stages)
+        stores = r["res"].get("spill_stores") or 0
+        if stores and key not in SPILL_MEASURED:
+            out.append(f"sm_{j.cc} {j.kernel} {j.labels[0]} ({j.describe_constexprs()} w{j.options.num_warps} "
+                       f"s{j.options.num_stages}): {stores} B spilled")
+    return out
+
+
 def check(jobs: list[Job], results: list[dict], full: bool) -> list[str]:
     """What must hold: every variant compiled; the launch configs are covered; the specialization
-    reached the PTX (and the negative control shows that this check can tell)."""
-    problems = []
+    reached the PTX (and the negative control shows that this check can tell); no kernel spills (:func:`spills`)."""
+    problems = spills(jobs, results)
     failed = [(j, r) for j, r in zip(jobs, results) if not r["ok"]]
     if failed:
         j, r = failed[0]

@@ -60,12 +60,15 @@ def _next_pow2(n: int) -> int:
 class LaunchConfig:
     """``sat_block_n``: the forward's saturated loop walks key tiles this wide (a multiple of ``block_n``; 0:
     ``block_n``); its tiles need fewer registers than the band's gathers, and a wider tile spreads the loop's fixed
-    cost over more scores.  The backward kernels ignore it."""
+    cost over more scores.  The backward kernels ignore it.  ``max_regs``: ptxas's register limit per thread
+    (Triton's ``maxnreg``; 0: ptxas's own choice, which for some kernels is 168 registers with a few bytes spilled
+    where 255 would hold them: static profile, NOTES "Spills at ptxas's own register target")."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     sat_block_n: int = 0
+    max_regs: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,11 +142,17 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32:
         return _fp32_config(pass_, bd, family)
     if pass_ == "fwd":
         cfg = _fwd_config(bd, tf32, family, varlen, dropout)
+        if family == 90 and not tf32 and not varlen and 16 < bd <= 64 and (bd == 32 or not aligned):
+            # the measured 64x64 tiles on 2 stages (D = 64, lengths multiples of 16, key mask) spilled 32 - 72 B
+            # at D = 32 and at ragged lengths (static, 2026-12-05: 68 B at L = 200 without dropout); 64x32 on 2
+            # stages with the same saturated tiles: 0 B, at +0 - 25 % in-band instructions per element (not timed)
+            cfg = LaunchConfig(64, 32, 4, 2, cfg.sat_block_n)
         return _full_mask_fwd(cfg, bd, tf32, family, dropout) if full_mask else cfg
     cfg = _bwd_config(bd, tf32, family, varlen)
     if full_mask and family == 90 and not tf32 and 16 < bd <= 64:
-        # sm_90 dK/dV with a full mask at 32x32: 8-52 B spilled with dropout (2026-12-04); 32x16 (sm_8x's) none
-        return BackwardConfig(dq=cfg.dq, dkdv=LaunchConfig(32, 16, 4, 2))
+        # sm_90 dK/dV with a full mask at 32x32: 8-52 B spilled with dropout (2026-12-04); 32x16 (sm_8x's) none,
+        # but 4 B without dropout at ptxas's own 168 registers since the aligned run sums (2026-12-05): up to 255
+        return BackwardConfig(dq=cfg.dq, dkdv=LaunchConfig(32, 16, 4, 2, 0, 255))
     if dropout and family == 90 and not tf32 and not full_mask and bd > 32:
         return _sm90_dropout_bwd(cfg, bd, aligned, varlen)
     return cfg
@@ -156,12 +165,15 @@ def _sm90_dropout_bwd(cfg: BackwardConfig, bd: int, aligned: bool, varlen: bool)
     # instructions per element:
     #   D = 64 dK/dV 32x32: 1 stage aligned and packed (2 stages: 8 B), 2 stages at ragged lengths (1 stage: 12 B);
     #   D = 128 dq 16x32: 2 stages aligned (1 stage: 4 B), 1 stage at ragged lengths and packed (2 stages: 4 B);
+    #     since the aligned run sums (2026-12-05) 1 stage at ragged lengths spilled 8 B at ptxas's own 168
+    #     registers: up to 255 allowed (0 B);
     #   D = 128 dK/dV 32x16: 1 stage (2 stages: 16 B);
     #   D = 256 dq: 32x32 / 2 stages at ragged lengths, 32x16 aligned (32x32: 4 B; +60 % instructions).
     if bd <= 64:
         return BackwardConfig(dq=cfg.dq, dkdv=replace(cfg.dkdv, num_stages=1 if aligned or varlen else 2))
     if bd <= 128:
-        return BackwardConfig(dq=replace(cfg.dq, num_stages=2 if aligned else 1), dkdv=replace(cfg.dkdv, num_stages=1))
+        return BackwardConfig(dq=replace(cfg.dq, num_stages=2 if aligned else 1, max_regs=255),
+                              dkdv=replace(cfg.dkdv, num_stages=1))
     return BackwardConfig(dq=LaunchConfig(32, 16, 8, 2) if aligned else cfg.dq, dkdv=cfg.dkdv)
 
 
@@ -176,6 +188,11 @@ def _full_mask_fwd(cfg: LaunchConfig, bd: int, tf32: bool, family: int, dropout:
         return LaunchConfig(cfg.block_m, cfg.block_n, cfg.num_warps, 2)
     if family == 90 and dropout and not tf32 and 32 < bd <= 64:
         return LaunchConfig(64, 32, 4, 3)
+    if family == 90 and not tf32 and 16 < bd <= 64:  # 64x64 on 2 stages spilled 40 B without dropout (2026-12-05)
+        return LaunchConfig(64, 32, 4, 2)
+    if family == 80 and not tf32 and 64 < bd <= 128:  # 32x32 at ptxas's own 168 registers spilled 4 B with
+        # dropout (2026-12-05); up to 255: 0 B at 191
+        return replace(cfg, sat_block_n=0, max_regs=255)
     return replace(cfg, sat_block_n=0)
 
 
@@ -240,7 +257,10 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfi
         return BackwardConfig(dq=LaunchConfig(32, 16, 2, 2), dkdv=LaunchConfig(16, 32, 2, 2))
     if bd <= 64:
         c = LaunchConfig(32, 32, 4, 2)
-        return BackwardConfig(dq=c, dkdv=LaunchConfig(32, 16, 4, 2) if family == 80 or tf32 else c)
+        # sm_90 dq at D = 64: ptxas settled at 168 registers with 8 B spilled for the distance tables (2026-12-05);
+        # with up to 255: 0 B (the slot-table dq already used 255: the same code within 0.1 instructions per element)
+        dq = replace(c, max_regs=255) if family == 90 and not tf32 and bd > 32 else c
+        return BackwardConfig(dq=dq, dkdv=LaunchConfig(32, 16, 4, 2) if family == 80 or tf32 else c)
     if bd <= 128:
         if family == 90:  # dq 32x32 spilled 4-12 B on sm_90 (16x32: 0 B, +27 % instructions), dK/dV 32x32/8/1 4 B
             return BackwardConfig(dq=LaunchConfig(16, 32, 4, 2), dkdv=LaunchConfig(32, 16, 4, 2))
@@ -259,19 +279,24 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     16x16 above (0 B; 32x32 spilled 128 B at D=64, 0.9 KB at D=128 and 21 KB at D=256 on sm_90), backward 16x16
     (32x32 spilled 1-1.8 KB at D=64): 4 warps, 2 stages on sm_90 and 8 warps, 1 stage on sm_8x, the ones without spills
     (16x16 on 4 warps, 1 stage spilled 4-12 B)."""
-    bwd = LaunchConfig(16, 16, 4, 2) if family == 90 else LaunchConfig(16, 16, 8, 1)
+    # Since the aligned run sums (the full compile tier, 2026-12-05), ptxas's own register targets (80 - 168) spilled
+    # 4 - 24 B in several of these: the backward configs let it use up to 255 (``max_regs``) where that gave 0 B
+    # (the sm_90 D = 256 dq spilled 4 B at 255 and none at its own 111).
+    bwd = LaunchConfig(16, 16, 4, 2, 0, 255) if family == 90 else LaunchConfig(16, 16, 8, 1, 0, 255)
     # sm_90 dq on 8 warps: 4 warps spilled 4 B at D = 256, and 8-12 B at D = 32 - 128 with 8 keys per dropout Philox
-    # call (the full tier, 2026-12-04)
-    dq = LaunchConfig(16, 16, 8, 2) if family == 90 else bwd
+    # call (the full tier, 2026-12-04).  sm_8x D = 256 dq on 1 stage: 864 B at 255 registers; 2 stages 0 B (68 KB)
+    dq = LaunchConfig(16, 16, 8, 2, 0, 0 if family == 90 and bd > 128 else 255) if family == 90 or bd > 128 else bwd
     fwd = LaunchConfig(32, 16, 4, 2) if bd <= 64 else LaunchConfig(16, 16, 4, 2)
     # dK/dV (the full tier of the compile check, 2026-12-03, session 13): sm_90 1 stage spilled 4-8 B at D = 32 / 64
     # (2 stages: 0 B; at D = 16 4 B with c2p + p2c, 1 stage 8 B without: 2 warps 0 B); sm_8x 8 warps 4 B at D = 32
     # (4 warps: 0 B).  With 8 keys per dropout Philox call (2026-12-04): sm_90 D = 256 2 stages 4 B (1 stage 0 B),
-    # sm_8x D = 16 4 warps 4 B (8 warps 0 B)
+    # sm_8x D = 16 4 warps 4 B (8 warps 0 B).  2026-12-05: sm_90 D = 64 on 4 warps, 2 stages 4 B at 255 registers
+    # (20 B at ptxas's own 96), 8 warps 0 B; D = 256 on 4 warps, 1 stage 8 B at 255, 8 warps 0 B.
     if family == 90:
-        dkdv = LaunchConfig(16, 16, 2, 1) if bd <= 16 else LaunchConfig(16, 16, 4, 1) if bd > 128 else bwd
+        dkdv = (LaunchConfig(16, 16, 2, 1, 0, 255) if bd <= 16 else LaunchConfig(16, 16, 8, 1, 0, 255) if bd > 128
+                else LaunchConfig(16, 16, 8, 2, 0, 255) if bd == 64 else bwd)
     else:
-        dkdv = LaunchConfig(16, 16, 4, 1) if bd == 32 else bwd
+        dkdv = LaunchConfig(16, 16, 4, 1, 0, 255) if bd == 32 else bwd
     return fwd if pass_ == "fwd" else BackwardConfig(dq=dq, dkdv=dkdv)
 
 
@@ -747,6 +772,8 @@ def _launch_kwargs(cfg: LaunchConfig, pr: _Prepared, fwd: bool = False) -> dict:
         raise ValueError(f"launch config {cfg}: tiles wider than KMASK_PAD = {KMASK_PAD} key-mask columns, or "
                          f"sat_block_n not a multiple of block_n")
     extra = dict(SAT_N=sat) if fwd else {}
+    if cfg.max_regs:
+        extra["maxnreg"] = cfg.max_regs
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 **extra, **pr.constexprs)
 
