@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _inner_tiles, _k_axis,
                                       _key_col, _masked, _mm, _q_axis, _rel_terms, _score_mm, _sequence, _stat_planes,
-                                      _finish_runs, _sat_columns, _sums_block, _table_block, _tile, _tile_regions,
+                                      _finish_runs, _sat_columns, _table_block, _tile, _tile_regions,
                                       _tile_start, _uniform_rows, _block_tile)
 
 
@@ -205,7 +205,7 @@ def disentangled_bwd_dkdv_kernel(
     DO_bh = DO + b64 * s_ob + h64 * s_oh + q0.to(tl.int64) * s_om
     C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN, TPAD)
     P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN, TPAD)
-    PSUM_bh = _sums_block(PSUM, krow0, Lk, RS1, VARLEN)
+    PSUM_bh = _table_block(PSUM, krow0, Lk, RS1 + 1, True, VARLEN, 16)
     rows = offs_n * RS1  # int32 offsets within the (b, h) block (the launcher checks the size); _advance_runs
     qk_scale = scale * LOG2E
 
@@ -295,7 +295,7 @@ def disentangled_bwd_dq_kernel(
     V_bh = V + b64 * s_vb + h64 * s_vh + k0.to(tl.int64) * s_vn
     C2P_bh = _table_block(C2P, qrow0, Lq, NSLOT, DIST, VARLEN, TPAD)
     P2C_bh = _table_block(P2C, krow0, Lk, NSLOT, DIST, VARLEN, TPAD)
-    CSUM_bh = _sums_block(CSUM, qrow0, Lq, RS1, VARLEN)
+    CSUM_bh = _table_block(CSUM, qrow0, Lq, RS1 + 1, True, VARLEN, 16)
     rows = offs_m * RS1  # int32 offsets within the (b, h) block (the launcher checks the size); _advance_runs
     qk_scale = scale * LOG2E
 

@@ -271,13 +271,14 @@ def _tile_start(start, BLOCK: tl.constexpr, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _table_block(T, row0, L, NSLOT, DIST: tl.constexpr, VARLEN: tl.constexpr, TPAD: tl.constexpr):
-    """The first row of a ``(b, h)``'s table (C2P / P2C, ``NSLOT`` columns): ``row0`` (:func:`_sequence`), or for
-    padded distance tables the launch's ``(b, h)`` index times ``L`` rounded up to ``TPAD`` rows (a multiple of 16
-    and of every tile of the launcher's plan, which pads each block so): Triton can prove it 16-byte aligned, so
-    ``_rel_terms``' unit-stride addresses are vector loads at any ``L``, and no tile reads past its block (packed rows
+def _table_block(T, row0, L, NSLOT, BLOCKS: tl.constexpr, VARLEN: tl.constexpr, TPAD: tl.constexpr):
+    """The first row of a ``(b, h)``'s rows in a per-row buffer of ``NSLOT`` columns (the C2P / P2C tables, the
+    backward's run sums): ``row0`` (:func:`_sequence`), or with ``BLOCKS`` (padded distance tables, padded run sums)
+    the launch's ``(b, h)`` index times ``L`` rounded up to ``TPAD`` rows (a multiple of 16, for the tables also of
+    every tile of the launcher's plan, which pads each block so): Triton can prove it 16-byte aligned, so
+    unit-stride addresses are vector loads and stores at any ``L``, and no tile reads past its block (packed rows
     start at any token: neither holds)."""
-    if DIST and not VARLEN:
+    if BLOCKS and not VARLEN:
         return T + tl.program_id(1).to(tl.int64) * ((L + TPAD - 1) // TPAD * TPAD) * NSLOT
     else:
         return T + row0 * NSLOT
@@ -360,17 +361,6 @@ def _inner_tiles(start, span_other, d_lo, d_hi, a, b, BLOCK: tl.constexpr, ROWS:
     e1 = tl.minimum(tl.maximum(e1, a), b)
     e2 = tl.minimum(tl.maximum(e2, e1), b)
     return e1, e2
-
-
-@triton.jit
-def _sums_block(SUMS, row0, L, RS1, VARLEN: tl.constexpr):
-    """The first row of a ``(b, h)``'s run sums (``RS1 + 1`` columns a row, :func:`_advance_runs`): padded, the
-    launch's ``(b, h)`` index times ``L`` rounded up to 16 rows (the launcher allocates them so: Triton can prove the
-    block 16-byte aligned); packed, ``row0`` (:func:`_sequence`)."""
-    if VARLEN:
-        return SUMS + row0 * (RS1 + 1)
-    else:
-        return SUMS + tl.program_id(1).to(tl.int64) * ((L + 15) // 16 * 16) * (RS1 + 1)
 
 
 @triton.jit

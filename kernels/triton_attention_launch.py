@@ -966,7 +966,7 @@ def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         cfg = _config("bwd", Lq, Lk, D, pr)
         dist, nslot, dist_args, flags = _dist_plan(pr, Lq, Lk, D)
         t_rows = _table_rows(q_rows, k_rows, Lq, Lk, flags, max_seqlens is None)
-        s_rows = _table_rows(q_rows, k_rows, Lq, Lk, {"TPAD": 16}, max_seqlens is None)  # (_sums_block)
+        s_rows = _table_rows(q_rows, k_rows, Lq, Lk, {"TPAD": 16}, max_seqlens is None)  # (run sums: _table_block)
         per_head = (_table_bytes(pr, *t_rows, q.dtype, nslot) + _key_bias_bytes(pr, t_rows[1], D, q, flags)
                     + _table_bytes(pr, *s_rows, q.dtype, 0, pr.sums[0] + 1))
         if max_seqlens is None:  # a padded group also allocates its float32 dq / dk / dv
@@ -1105,7 +1105,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
         dv = torch.empty((B, n, Lk, D), **f32)
         # every location is written by the kernels (no zero fill); NaN under the interpreter, so that the tests see
         # an unwritten one
-        # rows of RS1 + 1 columns, each (b, h) block of a multiple of 16 rows (_sums_layout, _sums_block)
+        # rows of RS1 + 1 columns, each (b, h) block of a multiple of 16 rows (_sums_layout, _table_block)
         width = pr.sums[0] + 1
         c_sum = _unfilled((B, n, -(-Lq // 16) * 16, width), q.device) if has_c2p else dummy
         p_sum = _unfilled((B, n, -(-Lk // 16) * 16, width), q.device) if has_p2c else dummy
