@@ -260,6 +260,15 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfi
         # sm_90 dq at D = 64: ptxas settled at 168 registers with 8 B spilled for the distance tables (2026-12-05);
         # with up to 255: 0 B (the slot-table dq already used 255: the same code within 0.1 instructions per element)
         dq = replace(c, max_regs=255) if family == 90 and not tf32 and bd > 32 else c
+        if not tf32 and bd == 64 and not varlen:
+            # 64x32 dq tiles (16 scores per thread instead of 8) spread each tile's fixed work (K / V loads, the
+            # run sums' per-row part, Philox's, loop control) over twice the scores: the H200 tune's fastest dq at
+            # L = 512 (0.947x the 32x32 kernel's time, bf16, 2026-12-04, older kernels).  Static, fp16, training,
+            # saturated - in-band per element: 47.25 - 64.38 -> 36.0 - 52.62 (slot tables), 47.0 - 45.88 -> 35.81 -
+            # 36.19 (distance tables), 0 B; sm_80 46.75 - 63.12 -> 42.56 - 59.38 (2026-12-05).  Packed: 8 B with
+            # dropout, so 32x32 there.  dK/dV on 32x64 (43 - 60 on sm_90) spilled 4 - 124 B in most variants of the
+            # full tier, so its 32x32 stays.
+            dq = LaunchConfig(64, 32, 4, 1)
         return BackwardConfig(dq=dq, dkdv=LaunchConfig(32, 16, 4, 2) if family == 80 or tf32 else c)
     if bd <= 128:
         if family == 90:  # dq 32x32 spilled 4-12 B on sm_90 (16x32: 0 B, +27 % instructions), dK/dV 32x32/8/1 4 B
