@@ -164,13 +164,14 @@ def _sm90_dropout_bwd(cfg: BackwardConfig, bd: int, aligned: bool, varlen: bool)
     # multiples of 16 or not; packed lengths are runtime values) and the tile; spill-free, at about the same
     # instructions per element:
     #   D = 64 dK/dV 32x32: 1 stage aligned and packed (2 stages: 8 B), 2 stages at ragged lengths (1 stage: 12 B);
+    #     since 2026-12-05 16x64 (_bwd_config), 0 B on 1 stage at every length;
     #   D = 128 dq 16x32: 2 stages aligned (1 stage: 4 B), 1 stage at ragged lengths and packed (2 stages: 4 B);
     #     since the aligned run sums (2026-12-05) 1 stage at ragged lengths spilled 8 B at ptxas's own 168
     #     registers: up to 255 allowed (0 B);
     #   D = 128 dK/dV 32x16: 1 stage (2 stages: 16 B);
     #   D = 256 dq: 32x32 / 2 stages at ragged lengths, 32x16 aligned (32x32: 4 B; +60 % instructions).
     if bd <= 64:
-        return BackwardConfig(dq=cfg.dq, dkdv=replace(cfg.dkdv, num_stages=1 if aligned or varlen else 2))
+        return cfg
     if bd <= 128:
         return BackwardConfig(dq=replace(cfg.dq, num_stages=2 if aligned else 1, max_regs=255),
                               dkdv=replace(cfg.dkdv, num_stages=1))
@@ -269,7 +270,14 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfi
             # dropout, so 32x32 there.  dK/dV on 32x64 (43 - 60 on sm_90) spilled 4 - 124 B in most variants of the
             # full tier, so its 32x32 stays.
             dq = LaunchConfig(64, 32, 4, 1)
-        return BackwardConfig(dq=dq, dkdv=LaunchConfig(32, 16, 4, 2) if family == 80 or tf32 else c)
+        dkdv = LaunchConfig(32, 16, 4, 2) if family == 80 or tf32 else c
+        if family == 90 and not tf32 and bd == 64:
+            # dK/dV programs of 64 keys walking 16-query tiles: saturated - in-band per element (sm_90 fp16, training,
+            # slot tables) 60.5 - 74.5 -> 47.62 - 65.75, distance tables 60.5 - 71.0 -> 47.62 - 59.12, packed 67.0 -
+            # 86.25 -> 47.12 - 76.25; 0 B in every variant of the full tier on 1 stage (32x64 spilled 4 - 124 B in
+            # most).  Static only (2026-12-05): the tune's `bwd` list times it against 32x32 on the next GPU.
+            dkdv = LaunchConfig(16, 64, 4, 1)
+        return BackwardConfig(dq=dq, dkdv=dkdv)
     if bd <= 128:
         if family == 90:  # dq 32x32 spilled 4-12 B on sm_90 (16x32: 0 B, +27 % instructions), dK/dV 32x32/8/1 4 B
             return BackwardConfig(dq=LaunchConfig(16, 32, 4, 2), dkdv=LaunchConfig(32, 16, 4, 2))
