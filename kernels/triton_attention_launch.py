@@ -270,12 +270,14 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfi
             # dropout, so 32x32 there.  dK/dV on 32x64 (43 - 60 on sm_90) spilled 4 - 124 B in most variants of the
             # full tier, so its 32x32 stays.
             dq = LaunchConfig(64, 32, 4, 1)
-        dkdv = LaunchConfig(32, 16, 4, 2) if family == 80 or tf32 else c
-        if family == 90 and not tf32 and bd == 64:
+        # (TF32 32x16 on sm_90: 4 B at ptxas's own 168 registers, 2026-12-05: up to 255)
+        dkdv = LaunchConfig(32, 16, 4, 2, 0, 255 if tf32 else 0) if family == 80 or tf32 else c
+        if not tf32 and bd == 64:
             # dK/dV programs of 64 keys walking 16-query tiles: saturated - in-band per element (sm_90 fp16, training,
             # slot tables) 60.5 - 74.5 -> 47.62 - 65.75, distance tables 60.5 - 71.0 -> 47.62 - 59.12, packed 67.0 -
-            # 86.25 -> 47.12 - 76.25; 0 B in every variant of the full tier on 1 stage (32x64 spilled 4 - 124 B in
-            # most).  Static only (2026-12-05): the tune's `bwd` list times it against 32x32 on the next GPU.
+            # 86.25 -> 47.12 - 76.25; sm_80 (from 32x16) 87.25 - 96.5 -> 57.38 - 77.5; 0 B in every variant of the
+            # full tier on 1 stage (32x64 spilled 4 - 124 B in most).  Static only (2026-12-05): the tune's `bwd`
+            # list times it against 32x32 on the next GPU.
             dkdv = LaunchConfig(16, 64, 4, 1)
         return BackwardConfig(dq=dq, dkdv=dkdv)
     if bd <= 128:
