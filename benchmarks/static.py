@@ -303,7 +303,8 @@ def main(argv=None) -> int:
                     "SWEEP (writes sweep.json / sweep.md instead)")
     ap.add_argument("--configs", default=None, help="with --sweep: only these, e.g. "
                     "'fwd=128/64/8/3,fwd=64/64/4/2/128,bwd=64/64/4/2' (forward: an optional 5th field, the saturated "
-                    "tiles' width)")
+                    "tiles' width; a 6th: ptxas's register limit, LaunchConfig.max_regs, as the compile check prints "
+                    "configs)")
     ap.add_argument("--name", default="sweep", help="with --sweep: output file stem (default sweep: sweep.json, "
                     "sweep.md)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<date>-static")
@@ -316,8 +317,9 @@ def main(argv=None) -> int:
         configs = {}
         for item in a.configs.split(","):
             pass_, _, cfg = item.partition("=")
-            if pass_ not in SWEEP or len(cfg.split("/")) not in (4, 5):
-                ap.error(f"--configs: {item!r} is not PASS=BM/BN/WARPS/STAGES[/SAT_N] with PASS in {list(SWEEP)}")
+            if pass_ not in SWEEP or len(cfg.split("/")) not in (4, 5, 6):
+                ap.error(f"--configs: {item!r} is not PASS=BM/BN/WARPS/STAGES[/SAT_N[/MAX_REGS]] with PASS in "
+                         f"{list(SWEEP)}")
             configs.setdefault(pass_, []).append(tuple(int(x) for x in cfg.split("/")))
     prof = sweep(progress, configs) if a.sweep else profile(a.full, progress)
     stem = (a.name, a.name) if a.sweep else ("static", "table")

@@ -147,12 +147,19 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32:
             # at D = 32 and at ragged lengths (static, 2026-12-05: 68 B at L = 200 without dropout); 64x32 on 2
             # stages with the same saturated tiles: 0 B, at +0 - 25 % in-band instructions per element (not timed)
             cfg = LaunchConfig(64, 32, 4, 2, cfg.sat_block_n)
-        return _full_mask_fwd(cfg, bd, tf32, family, dropout) if full_mask else cfg
+        if family == 80 and not tf32 and not varlen and 16 < bd <= 64 and dropout and not aligned:
+            # sm_8x at ragged lengths with dropout: 64-key saturated tiles spilled 4 B (triton 3.7.1) / 8 B (3.6.0);
+            # 32-key ones none, +2 instructions per element there (2026-12-05)
+            cfg = replace(cfg, sat_block_n=0)
+        return _full_mask_fwd(cfg, bd, tf32, family, dropout, aligned) if full_mask else cfg
     cfg = _bwd_config(bd, tf32, family, varlen)
     if full_mask and family == 90 and not tf32 and 16 < bd <= 64:
         # sm_90 dK/dV with a full mask at 32x32: 8-52 B spilled with dropout (2026-12-04); 32x16 (sm_8x's) none,
         # but 4 B without dropout at ptxas's own 168 registers since the aligned run sums (2026-12-05): up to 255
         return BackwardConfig(dq=cfg.dq, dkdv=LaunchConfig(32, 16, 4, 2, 0, 255))
+    if full_mask and family == 80 and cfg.dq.block_m == 64:  # sm_8x with a full mask and dropout at ragged lengths
+        # (2026-12-05): dq 64x32 24 B (3.7.1), dK/dV 16x64 12 B (3.6.0); the 32x32 / 32x16 tiles none
+        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2), dkdv=LaunchConfig(32, 16, 4, 2))
     if dropout and family == 90 and not tf32 and not full_mask and bd > 32:
         return _sm90_dropout_bwd(cfg, bd, aligned, varlen)
     return cfg
@@ -170,7 +177,8 @@ def _sm90_dropout_bwd(cfg: BackwardConfig, bd: int, aligned: bool, varlen: bool)
     #     registers: up to 255 allowed (0 B);
     #   D = 128 dK/dV 32x16: 1 stage (2 stages: 16 B);
     #   D = 256 dq: 32x32 / 2 stages at ragged lengths, 32x16 aligned (32x32: 4 B; +60 % instructions).
-    if bd <= 64:
+    if bd <= 64:  # padded: _bwd_config's 16x64 dK/dV, 0 B on 1 stage at every length; packed 32x32: 1 stage
+        # spilled 4 B under triton 3.6.0, 2 stages 0 B under both (2026-12-05)
         return cfg
     if bd <= 128:
         return BackwardConfig(dq=replace(cfg.dq, num_stages=2 if aligned else 1, max_regs=255),
@@ -178,7 +186,7 @@ def _sm90_dropout_bwd(cfg: BackwardConfig, bd: int, aligned: bool, varlen: bool)
     return BackwardConfig(dq=LaunchConfig(32, 16, 8, 2) if aligned else cfg.dq, dkdv=cfg.dkdv)
 
 
-def _full_mask_fwd(cfg: LaunchConfig, bd: int, tf32: bool, family: int, dropout: bool) -> LaunchConfig:
+def _full_mask_fwd(cfg: LaunchConfig, bd: int, tf32: bool, family: int, dropout: bool, aligned: bool) -> LaunchConfig:
     # A full mask adds a byte per score to each tile: the wider saturated tiles spilled 2.4-3.2 KB at a ragged length
     # (L = 200, no dropout; sm_80 and sm_90), tiles of BLOCK_N none.  sm_90 D = 64 with dropout: 64x64 spilled 4 B at
     # L = 200, 64x32 none.  D = 16: 32-key tiles have no 16-byte copies; sm_8x 64x64 spilled 4 B (static profile,
@@ -191,6 +199,9 @@ def _full_mask_fwd(cfg: LaunchConfig, bd: int, tf32: bool, family: int, dropout:
         return LaunchConfig(64, 32, 4, 3)
     if family == 90 and not tf32 and 16 < bd <= 64:  # 64x64 on 2 stages spilled 40 B without dropout (2026-12-05)
         return LaunchConfig(64, 32, 4, 2)
+    if family == 80 and not tf32 and 16 < bd <= 64 and not aligned and not dropout:  # 64x32: 12 B at L = 200
+        # under triton 3.6.0 (2026-12-05); 32x64 0 B under both compilers
+        return LaunchConfig(32, 64, 4, 3)
     if family == 80 and not tf32 and 64 < bd <= 128:  # 32x32 at ptxas's own 168 registers spilled 4 B with
         # dropout (2026-12-05); up to 255: 0 B at 191
         return replace(cfg, sat_block_n=0, max_regs=255)
@@ -258,31 +269,30 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfi
         return BackwardConfig(dq=LaunchConfig(32, 16, 2, 2), dkdv=LaunchConfig(16, 32, 2, 2))
     if bd <= 64:
         c = LaunchConfig(32, 32, 4, 2)
-        # sm_90 dq at D = 64: ptxas settled at 168 registers with 8 B spilled for the distance tables (2026-12-05);
-        # with up to 255: 0 B (the slot-table dq already used 255: the same code within 0.1 instructions per element)
-        dq = replace(c, max_regs=255) if family == 90 and not tf32 and bd > 32 else c
-        if not tf32 and bd == 64 and not varlen:
-            # 64x32 dq tiles (16 scores per thread instead of 8) spread each tile's fixed work (K / V loads, the
-            # run sums' per-row part, Philox's, loop control) over twice the scores: the H200 tune's fastest dq at
-            # L = 512 (0.947x the 32x32 kernel's time, bf16, 2026-12-04, older kernels).  Static, fp16, training,
-            # saturated - in-band per element: 47.25 - 64.38 -> 36.0 - 52.62 (slot tables), 47.0 - 45.88 -> 35.81 -
-            # 36.19 (distance tables), 0 B; sm_80 46.75 - 63.12 -> 42.56 - 59.38 (2026-12-05).  Packed: 8 B with
-            # dropout, so 32x32 there.  dK/dV on 32x64 (43 - 60 on sm_90) spilled 4 - 124 B in most variants of the
-            # full tier, so its 32x32 stays.
-            dq = LaunchConfig(64, 32, 4, 1)
+        # sm_90 dq at D = 64: ptxas settled at 168 registers with 8 B spilled for the distance tables (triton 3.7.1),
+        # 12 B in TF32 (3.6.0); with up to 255: 0 B (the slot-table dq already used 255: the same code within 0.1
+        # instructions per element) (2026-12-05)
+        dq = replace(c, max_regs=255) if family == 90 and bd > 32 else c
         # (TF32 32x16 on sm_90: 4 B at ptxas's own 168 registers, 2026-12-05: up to 255)
         dkdv = LaunchConfig(32, 16, 4, 2, 0, 255 if tf32 else 0) if family == 80 or tf32 else c
-        if not tf32 and bd == 64:
-            # dK/dV programs of 64 keys walking 16-query tiles: saturated - in-band per element (sm_90 fp16, training,
-            # slot tables) 60.5 - 74.5 -> 47.62 - 65.75, distance tables 60.5 - 71.0 -> 47.62 - 59.12, packed 67.0 -
-            # 86.25 -> 47.12 - 76.25; sm_80 (from 32x16) 87.25 - 96.5 -> 57.38 - 77.5; 0 B in every variant of the
-            # full tier on 1 stage (32x64 spilled 4 - 124 B in most).  Static only (2026-12-05): the tune's `bwd`
-            # list times it against 32x32 on the next GPU.
-            dkdv = LaunchConfig(16, 64, 4, 1)
-        return BackwardConfig(dq=dq, dkdv=dkdv)
+        if tf32 or bd != 64 or varlen:
+            return BackwardConfig(dq=dq, dkdv=dkdv)
+        # Padded 16-bit D = 64 (2026-12-05; benchmarks/NOTES.md "Backward tiles"): tiles that spread each tile's
+        # fixed work (K / V or Q / dO loads, the run sums' and Philox's per-row parts, loop control) over more
+        # scores.  Static, fp16, training, saturated - in-band per element:
+        # - dq on 64x32 (16 scores per thread): the H200 tune's fastest dq at L = 512 (0.947x the 32x32 kernel's
+        #   time, bf16, 2026-12-04, older kernels); sm_90 47.25 - 64.38 -> 36.0 - 52.62 (distance tables 47.0 -
+        #   45.88 -> 35.81 - 36.19), sm_80 46.75 - 63.12 -> 42.56 - 59.38;
+        # - dK/dV on 16x64 (64 keys a program walking 16-query tiles; untimed): sm_90 60.5 - 74.5 -> 47.62 - 65.75
+        #   (distance tables 60.5 - 71.0 -> 47.62 - 59.12), sm_80 (from 32x16) 87.25 - 96.5 -> 57.38 - 77.5.
+        # 0 B in every padded variant of the full compile tier under triton 3.7.1 and 3.6.0.  Packed calls keep the
+        # 32x32 / 32x16 tiles: 64x32 dq spilled 8 B with dropout, 16x64 dK/dV 8 - 12 B (3.6.0); dK/dV 32x64 spilled
+        # 4 - 124 B in most variants.
+        return BackwardConfig(dq=LaunchConfig(64, 32, 4, 1), dkdv=LaunchConfig(16, 64, 4, 1))
     if bd <= 128:
         if family == 90:  # dq 32x32 spilled 4-12 B on sm_90 (16x32: 0 B, +27 % instructions), dK/dV 32x32/8/1 4 B
-            return BackwardConfig(dq=LaunchConfig(16, 32, 4, 2), dkdv=LaunchConfig(32, 16, 4, 2))
+            # (dq with a full mask: 12 B at ptxas's own 168 registers under triton 3.6.0, 2026-12-05: up to 255)
+            return BackwardConfig(dq=LaunchConfig(16, 32, 4, 2, 0, 255), dkdv=LaunchConfig(32, 16, 4, 2))
         # sm_8x dq with the per-distance run sums (2026-12-03): 4 warps spilled 4 B (2 stages) / 16 B (1 stage); 8: 0 B
         c = LaunchConfig(32, 32, 8, 1)
         return BackwardConfig(dq=c, dkdv=c)

@@ -190,3 +190,23 @@ def test_module_and_patch_arguments():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         deberta_fast.patch("microsoft/deberta-v3-base")
     assert not deberta_fast.is_patched(model)
+
+
+def test_triton_refuses_rocm_and_old_gpus_by_name(monkeypatch):
+    """The device rules of the triton backend, without a GPU: a ROCm build (its MI300 reports capability 9.4, which
+    would pick the sm_90 launch configs and their inline PTX) and a pre-sm_80 NVIDIA GPU are refused with a reason
+    naming the torch backend / the capability; an sm_90 device is not."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("triton")
+    from deberta_fast.backends import triton_backend as tb
+
+    t = torch.empty(1, 1, 4, 16)
+    call = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16, head_dim=16, query=t, key=t, value=t)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)
+    assert any("ROCm" in w and "backend='torch'" in w for w in tb._device_dtype_refusals(call))
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert tb._device_dtype_refusals(call) == []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert any("sm_75" in w for w in tb._device_dtype_refusals(call))

@@ -305,6 +305,9 @@ def _device_dtype_refusals(call) -> list[str]:
                        f"kernels on CPU under the (slow) Triton interpreter")
         elif interpreter_problem():
             why.append(interpreter_problem())
+    elif torch.version.hip:  # (capability 9.x on MI300 would pick the sm_90 configs)
+        why.append("the Triton kernels target NVIDIA GPUs (inline PTX, CUDA launch options such as maxnreg); on "
+                   "ROCm use backend='torch'")
     else:
         cc = torch.cuda.get_device_capability(device)
         if cc < (8, 0):
