@@ -130,8 +130,9 @@ def test_gpu_tiles_packed(gpu_configs):
     ref = grads(per_sequence, (q, k, v, pk, pq), torch.float64, do)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), got, ref):
         assert_close_fp32(a, b, tol=2e-5, what=name)
-    fwd = gpu_configs[0]
+    fwd, bwd = gpu_configs[0], gpu_configs[1]
     assert (fwd.block_m, fwd.block_n) != (32, 32)  # the GPU forward tile, not the interpreter's
+    assert (bwd.dq.block_m, bwd.dkdv.block_m) != (32, 32)  # the packed backward's (without dropout: 64x32, 16x64)
 
 
 @pytest.mark.parametrize("D,L", [(64, 70), (128, 53)], ids=["D64", "D128"])
