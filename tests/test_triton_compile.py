@@ -47,3 +47,29 @@ def test_launched_kernels_compile_for_sm80_and_sm90():
                           + "\n".join(p[:400] for p in problems[:5]))
     assert rc == 0, f"compile check exited with {rc}"
     assert result["full"] == FULL
+
+
+def test_spill_check_allows_only_the_measured_forward():
+    """``_compile_check.spills``: a spilling launch is a problem unless it is the allow-listed measured sm_90 forward
+    config, the negative control or the skew experiment; an unread ptxas log is a problem too (no silent pass)."""
+    from types import SimpleNamespace
+
+    from deberta_fast import _compile_check as cc
+
+    def job(kernel, cc_, bm, bn, warps, stages, **sc):
+        params = [SimpleNamespace(name=n) for n in ("Q", "BLOCK_M", "BLOCK_N")]
+        fn = SimpleNamespace(__name__=kernel, params=params)
+        return cc.Job("k", fn, cc_, {}, {(1,): bm, (2,): bn}, {}, SimpleNamespace(num_warps=warps, num_stages=stages),
+                      ["label"], cc.Scenario("fwd", **sc), ())
+
+    res = lambda n: {"ok": True, "res": {"spill_stores": n}}  # noqa: E731
+    measured = job("disentangled_fwd_kernel", 90, 64, 64, 4, 2)
+    assert cc.spills([measured], [res(8)]) == []
+    assert len(cc.spills([job("disentangled_fwd_kernel", 80, 64, 64, 4, 2)], [res(8)])) == 1  # other target
+    assert len(cc.spills([job("disentangled_fwd_kernel", 90, 64, 32, 4, 2)], [res(4)])) == 1  # other tile
+    assert len(cc.spills([job("disentangled_bwd_dq_kernel", 90, 64, 64, 4, 2)], [res(4)])) == 1  # other kernel
+    assert cc.spills([job("disentangled_bwd_dq_kernel", 90, 64, 32, 4, 1)], [res(0)]) == []
+    assert cc.spills([job("disentangled_fwd_kernel", 90, 64, 64, 8, 2, rel="skew")], [res(40)]) == []
+    assert cc.spills([job("disentangled_fwd_kernel", 80, 64, 32, 4, 3, specialize=False)], [res(32)]) == []
+    assert "unknown" in cc.spills([job("disentangled_bwd_dq_kernel", 90, 64, 32, 4, 1)], [res(None)])[0]
+    assert cc.spills([measured], [{"ok": False, "error": "x"}]) == []  # (a failed compile is check()'s problem)
