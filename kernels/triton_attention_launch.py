@@ -1073,19 +1073,19 @@ def _position_grads(sums, pos, x, pr: _Prepared, rev: bool = False):
     outside ``rows``), summed over batch when ``pos`` is ``[H, 2*span, D]`` and ``sums`` has a batch
     dim.  Runs sharing a row (the distances of one log bucket) are folded with a 0/1 matrix product,
     not an atomic scatter: deterministic.  When run ``r`` is row ``r`` (``runs_identity``: every distance in
-    the linear range, short sequences) there is nothing to gather or scatter."""
+    the linear range, short sequences) there is nothing to gather or scatter (``rev``: a flip of each)."""
     sub = pos[..., pr.rows, :].float()
     run_rows = pr.run_rows_rev if rev else pr.run_rows
-    identity = pr.runs_identity and not rev
+    identity = pr.runs_identity
     L = x.shape[-2]
-    dx = torch.matmul(sums, sub if identity else sub.index_select(-2, run_rows))
+    dx = torch.matmul(sums, (sub.flip(-2) if rev else sub) if identity else sub.index_select(-2, run_rows))
     if sums.shape[-2] != L:
         dx, sums = dx[..., :L, :], sums[..., :L, :]
     druns = torch.matmul(sums.transpose(-1, -2), x.float())
     if druns.dim() > pos.dim():  # batch 1: the sum over one batch entry is that entry (no copy, no launch)
         druns = druns[0] if druns.shape[0] == 1 else druns.sum(0)
     if identity:
-        dsub = druns
+        dsub = druns.flip(-2) if rev else druns
     elif pr.runs_unique:
         dsub = druns.new_zeros(sub.shape)
         dsub[..., run_rows, :] = druns
