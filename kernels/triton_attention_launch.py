@@ -152,13 +152,7 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32:
             # 32-key ones none, +2 instructions per element there (2026-12-05)
             cfg = replace(cfg, sat_block_n=0)
         return _full_mask_fwd(cfg, bd, tf32, family, dropout, aligned) if full_mask else cfg
-    cfg = _bwd_config(bd, tf32, family, varlen)
-    if varlen and not dropout and not tf32 and bd == 64:
-        # packed without dropout: the padded calls' tiles (_bwd_config), 0 B on sm_80 / sm_90 under triton 3.7.1 and
-        # 3.6.0 (with dropout they spill there).  Static, fp16, saturated - in-band per element (2026-12-05): sm_90 dq
-        # 29.62 - 57.12 -> 19.19 - 46.62, dK/dV 35.38 - 50.62 -> 26.62 - 43.0; sm_80 dq 30.0 - 57.38 -> 23.12 - 50.38,
-        # dK/dV (32x16) 52.5 - 60.0 -> 30.5 - 47.62.  Untimed.
-        return BackwardConfig(dq=LaunchConfig(64, 32, 4, 1), dkdv=LaunchConfig(16, 64, 4, 1))
+    cfg = _bwd_config(bd, tf32, family, varlen, dropout)
     if full_mask and family == 90 and not tf32 and 16 < bd <= 64:
         # sm_90 dK/dV with a full mask at 32x32: 8-52 B spilled with dropout (2026-12-04); 32x16 (sm_8x's) none,
         # but 4 B without dropout at ptxas's own 168 registers since the aligned run sums (2026-12-05): up to 255
@@ -266,7 +260,7 @@ def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
     return LaunchConfig(32, 16, 4, 2, 32) if varlen and dropout else LaunchConfig(32, 32, 4, 2, 64)  # 32x32: 32-40 B
 
 
-def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfig:
+def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -> BackwardConfig:
     # 32x32 tiles: no spills for DeBERTa training at D=64 (64x32 and 32x64 spill 160-1356 B in the region-loop
     # kernels: benchmarks/results/2026-12-02-static/sweep-session6.md); dK/dV on sm_8x and in TF32 spilled 4-56 B at
     # 32x32 (with the linear-tile loop: 8-28 B at D=32/64, 12 B TF32 on sm_90): 32x16 there.
@@ -281,7 +275,7 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfi
         dq = replace(c, max_regs=255) if family == 90 and bd > 32 else c
         # (TF32 32x16 on sm_90: 4 B at ptxas's own 168 registers, 2026-12-05: up to 255)
         dkdv = LaunchConfig(32, 16, 4, 2, 0, 255 if tf32 else 0) if family == 80 or tf32 else c
-        if tf32 or bd != 64 or varlen:
+        if tf32 or bd != 64 or (varlen and dropout):
             return BackwardConfig(dq=dq, dkdv=dkdv)
         # Padded 16-bit D = 64 (2026-12-05; benchmarks/NOTES.md "Backward tiles"): tiles that spread each tile's
         # fixed work (K / V or Q / dO loads, the run sums' and Philox's per-row parts, loop control) over more
@@ -291,9 +285,11 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool) -> BackwardConfi
         #   45.88 -> 35.81 - 36.19), sm_80 46.75 - 63.12 -> 42.56 - 59.38;
         # - dK/dV on 16x64 (64 keys a program walking 16-query tiles; untimed): sm_90 60.5 - 74.5 -> 47.62 - 65.75
         #   (distance tables 60.5 - 71.0 -> 47.62 - 59.12), sm_80 (from 32x16) 87.25 - 96.5 -> 57.38 - 77.5.
-        # 0 B in every padded variant of the full compile tier under triton 3.7.1 and 3.6.0.  Packed calls keep the
-        # 32x32 / 32x16 tiles: 64x32 dq spilled 8 B with dropout, 16x64 dK/dV 8 - 12 B (3.6.0); dK/dV 32x64 spilled
-        # 4 - 124 B in most variants.
+        # 0 B in every padded variant of the full compile tier under triton 3.7.1 and 3.6.0, and packed without
+        # dropout (sm_90 dq 29.62 - 57.12 -> 19.19 - 46.62, dK/dV 35.38 - 50.62 -> 26.62 - 43.0; sm_80 dq 30.0 -
+        # 57.38 -> 23.12 - 50.38, dK/dV from 32x16 52.5 - 60.0 -> 30.5 - 47.62).  Packed calls with dropout keep the
+        # 32x32 / 32x16 tiles: 64x32 dq spilled 8 B there, 16x64 dK/dV 8 - 12 B (3.6.0); dK/dV 32x64 spilled 4 - 124 B
+        # in most variants.
         return BackwardConfig(dq=LaunchConfig(64, 32, 4, 1), dkdv=LaunchConfig(16, 64, 4, 1))
     if bd <= 128:
         if family == 90:  # dq 32x32 spilled 4-12 B on sm_90 (16x32: 0 B, +27 % instructions), dK/dV 32x32/8/1 4 B
@@ -320,7 +316,10 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     bwd = LaunchConfig(16, 16, 4, 2, 0, 255) if family == 90 else LaunchConfig(16, 16, 8, 1, 0, 255)
     # sm_90 dq on 8 warps: 4 warps spilled 4 B at D = 256, and 8-12 B at D = 32 - 128 with 8 keys per dropout Philox
     # call (the full tier, 2026-12-04).  sm_8x D = 256 dq on 1 stage: 864 B at 255 registers; 2 stages 0 B (68 KB)
-    dq = LaunchConfig(16, 16, 8, 2, 0, 0 if family == 90 and bd > 128 else 255) if family == 90 or bd > 128 else bwd
+    if family == 90:
+        dq = LaunchConfig(16, 16, 8, 2, 0, 0 if bd > 128 else 255)
+    else:
+        dq = LaunchConfig(16, 16, 8, 2, 0, 255) if bd > 128 else bwd
     fwd = LaunchConfig(32, 16, 4, 2) if bd <= 64 else LaunchConfig(16, 16, 4, 2)
     # dK/dV (the full tier of the compile check, 2026-12-03, session 13): sm_90 1 stage spilled 4-8 B at D = 32 / 64
     # (2 stages: 0 B; at D = 16 4 B with c2p + p2c, 1 stage 8 B without: 2 warps 0 B); sm_8x 8 warps 4 B at D = 32
