@@ -255,6 +255,38 @@ def rel_grads(dq, dk, q, k, pos_key, pos_query, dc2p, dp2c):
     return dq, dk, dpk, dpq
 
 
+def padded_grads(bwd, dout, saved, scale, dropout_p, band_lo, band_hi):
+    """``(dq, dk, dv, dpos_key, dpos_query)`` of a padded forward: ``bwd`` (the ``cuda_attn_bwd`` op, or the
+    extension's ``bwd`` called directly) and :func:`rel_grads`.  ``saved``: the forward's ``(q, k, v, pos_key,
+    pos_query, table, key_mask, uniform, rng, out, lse)``."""
+    q, k, v, pos_key, pos_query, table, key_mask, uniform, rng, out, lse = saved
+    dmin, w, perm, offs = 0, 0, None, None
+    if pos_key is not None or pos_query is not None:
+        s2 = (pos_key if pos_key is not None else pos_query).shape[-2]
+        dmin, w, perm, offs = band_window(table, q.shape[2], k.shape[2], band_lo, band_hi, s2)
+    dq, dk, dv, dc2p, dp2c = bwd(aligned(dout), q, k, v, out, lse, pos_key, pos_query, table, key_mask, uniform, rng,
+                                 scale, dropout_p, dmin, w, perm, offs, band_lo, band_hi)
+    dq, dk, dpk, dpq = rel_grads(dq, dk, q, k, pos_key, pos_query, dc2p, dp2c)
+    return dq, dk, dv, dpk, dpq
+
+
+def varlen_grads(bwd, dout, saved, max_q, max_k, scale, dropout_p, band_lo, band_hi):
+    """The packed twin of :func:`padded_grads` (``bwd``: ``cuda_varlen_bwd`` or the extension's ``varlen_bwd``;
+    ``saved``: ``(q, k, v, pos_key, pos_query, table, cu_seqlens_q, cu_seqlens_k, rng, out, lse)``)."""
+    q, k, v, pos_key, pos_query, table, cu_q, cu_k, rng, out, lse = saved
+    dmin, w, perm, offs = 0, 0, None, None
+    if pos_key is not None or pos_query is not None:
+        s2 = (pos_key if pos_key is not None else pos_query).shape[-2]
+        # distances i - j of every sequence lie in [-(max_k-1), max_q-1]: one window for all
+        dmin, w, perm, offs = band_window(table, max_q, max_k, band_lo, band_hi, s2)
+    dq, dk, dv, dc2p, dp2c = bwd(aligned(dout), q, k, v, out, lse, pos_key, pos_query, table, cu_q, cu_k, max_q,
+                                 max_k, rng, scale, dropout_p, dmin, w, perm, offs, band_lo, band_hi)
+    # token-major [T, H, D] <-> the head-major tables [H, T, 2S]
+    dqh, dkh, dpk, dpq = rel_grads(dq.transpose(0, 1), dk.transpose(0, 1), q.transpose(0, 1), k.transpose(0, 1),
+                                   pos_key, pos_query, dc2p, dp2c)
+    return dqh.transpose(0, 1), dkh.transpose(0, 1), dv, dpk, dpq
+
+
 _ops_registered = False
 
 
@@ -320,16 +352,9 @@ def _register_ops():
         ctx.scale, ctx.dropout_p, ctx.band_lo, ctx.band_hi = scale, dropout_p, band_lo, band_hi
 
     def backward(ctx, dout, dlse):
-        q, k, v, pos_key, pos_query, table, key_mask, uniform, rng, out, lse = ctx.saved_tensors
-        dmin, w, perm, offs = 0, 0, None, None
-        if pos_key is not None or pos_query is not None:
-            s2 = (pos_key if pos_key is not None else pos_query).shape[-2]
-            dmin, w, perm, offs = band_window(table, q.shape[2], k.shape[2], ctx.band_lo, ctx.band_hi, s2)
-        dq, dk, dv, dc2p, dp2c = torch.ops.deberta_fast.cuda_attn_bwd(
-            aligned(dout), q, k, v, out, lse, pos_key, pos_query, table, key_mask, uniform, rng, ctx.scale,
-            ctx.dropout_p, dmin, w, perm, offs, ctx.band_lo, ctx.band_hi)
-        dq, dk, dpk, dpq = rel_grads(dq, dk, q, k, pos_key, pos_query, dc2p, dp2c)
-        return dq, dk, dv, dpk, dpq, None, None, None, None, None, None, None, None
+        grads = padded_grads(torch.ops.deberta_fast.cuda_attn_bwd, dout, ctx.saved_tensors, ctx.scale, ctx.dropout_p,
+                             ctx.band_lo, ctx.band_hi)
+        return (*grads, None, None, None, None, None, None, None, None)
 
     cuda_attn_fwd.register_autograd(backward, setup_context=setup_context)
 
@@ -375,20 +400,9 @@ def _register_ops():
         ctx.scale, ctx.dropout_p, ctx.band_lo, ctx.band_hi = scale, dropout_p, band_lo, band_hi
 
     def varlen_backward(ctx, dout, dlse):
-        q, k, v, pos_key, pos_query, table, cu_q, cu_k, rng, out, lse = ctx.saved_tensors
-        dmin, w, perm, offs = 0, 0, None, None
-        if pos_key is not None or pos_query is not None:
-            s2 = (pos_key if pos_key is not None else pos_query).shape[-2]
-            # distances i - j of every sequence lie in [-(max_k-1), max_q-1]: one window for all
-            dmin, w, perm, offs = band_window(table, ctx.max_q, ctx.max_k, ctx.band_lo, ctx.band_hi, s2)
-        dq, dk, dv, dc2p, dp2c = torch.ops.deberta_fast.cuda_varlen_bwd(
-            aligned(dout), q, k, v, out, lse, pos_key, pos_query, table, cu_q, cu_k, ctx.max_q, ctx.max_k, rng,
-            ctx.scale, ctx.dropout_p, dmin, w, perm, offs, ctx.band_lo, ctx.band_hi)
-        # token-major [T, H, D] <-> the head-major tables [H, T, 2S]
-        dqh, dkh, dpk, dpq = rel_grads(dq.transpose(0, 1), dk.transpose(0, 1), q.transpose(0, 1),
-                                       k.transpose(0, 1), pos_key, pos_query, dc2p, dp2c)
-        return (dqh.transpose(0, 1), dkh.transpose(0, 1), dv, dpk, dpq,
-                None, None, None, None, None, None, None, None, None, None)
+        grads = varlen_grads(torch.ops.deberta_fast.cuda_varlen_bwd, dout, ctx.saved_tensors, ctx.max_q, ctx.max_k,
+                             ctx.scale, ctx.dropout_p, ctx.band_lo, ctx.band_hi)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
     cuda_varlen_fwd.register_autograd(varlen_backward, setup_context=varlen_setup_context)
 

@@ -513,6 +513,90 @@ def test_gpu_backward_head_groups_equal_one_group(shared_pos):
         assert torch.equal(a, b)
 
 
+def _cuda_call(packed, ts, mask, p):
+    """Forward of the cuda backend on ``ts`` (q, k, v [B, H, L, D], pos_key, pos_query), padded or packed."""
+    if not packed:
+        return disentangled_attention(*ts, position_buckets=4, max_relative_positions=16, attention_mask=mask,
+                                      dropout_p=p, backend="cuda")
+    B, H, L, D = ts[0].shape
+    a, b, c = (t.transpose(1, 2).reshape(B * L, H, D) for t in ts[:3])
+    cu = torch.arange(0, B * L + 1, L, dtype=torch.int32, device=DEV)
+    out = deberta_fast.disentangled_attention_varlen(a, b, c, ts[3], ts[4], cu, cu, L, L, position_buckets=4,
+                                                     max_relative_positions=16, dropout_p=p, backend="cuda")
+    return out.reshape(B, L, H, D).transpose(1, 2)
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_gpu_eager_fast_path_equals_the_custom_op(monkeypatch, packed):
+    """The backend's direct path (the extension called from an autograd function, no custom-op dispatch) and the
+    custom ops with their registered autograd: forward and all five gradients bitwise equal, with dropout and a
+    key mask (padded); the direct path is taken in both passes when nothing traces."""
+    from deberta_fast.backends import cuda_backend
+
+    B, H, L = 2, 2, 37
+    inputs = make_inputs(B, H, L, L, 32, 4, torch.float16, DEV)
+    mask = None
+    if not packed:
+        mask = torch.ones(B, L, dtype=torch.bool, device=DEV)
+        mask[1, 30:] = False
+    go = torch.randn(B, H, L, 32, generator=torch.Generator().manual_seed(3)).to(DEV, torch.float16)
+
+    def run():
+        ts = [t.clone().requires_grad_() for t in inputs]
+        torch.manual_seed(11)  # the dropout seed
+        out = _cuda_call(packed, ts, mask, 0.25)
+        return [out, *torch.autograd.grad(out, ts, go)]
+
+    calls = []
+    real = cuda_backend.direct
+    monkeypatch.setattr(cuda_backend, "direct", lambda *t: calls.append(real(*t)) or calls[-1])
+    fast = run()
+    assert calls == [True, True]
+    monkeypatch.setattr(cuda_backend, "direct", lambda *t: False)
+    slow = run()
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_gpu_inference_skips_the_autograd_function(monkeypatch, packed):
+    """Nothing requires grad, or grad mode is off: the extension runs without the autograd function (its ``apply``
+    is host time on every inference call), with the output of a call that records grad."""
+    from deberta_fast.backends import cuda_backend
+
+    inputs = make_inputs(1, 2, 29, 29, 32, 4, torch.bfloat16, DEV)
+    want = _cuda_call(packed, [t.clone().requires_grad_() for t in inputs], None, 0.0).detach()
+
+    def refuse(*args):
+        raise AssertionError("the autograd function ran")
+
+    fn = cuda_backend.CudaVarlenFunction if packed else cuda_backend.CudaAttentionFunction
+    monkeypatch.setattr(fn, "apply", refuse)
+    assert torch.equal(_cuda_call(packed, inputs, None, 0.0), want)
+    with torch.no_grad():
+        got = _cuda_call(packed, [t.clone().requires_grad_() for t in inputs], None, 0.0)
+    assert torch.equal(got, want) and got.grad_fn is None
+
+
+@gpu
+@needs_ext
+def test_gpu_double_backward_refuses_clearly():
+    """A backward that records a graph (``create_graph=True``) goes through the backward op: first-order gradients
+    as without it, and a second-order gradient refuses (the op has no autograd formula) instead of a silent zero."""
+    inputs = make_inputs(1, 2, 21, 21, 32, 4, torch.float16, DEV)
+    ts = [t.clone().requires_grad_() for t in inputs]
+    out = _cuda_call(False, ts, None, 0.0)
+    gq, = torch.autograd.grad(out.float().square().sum(), ts[0], create_graph=True)
+    want, = torch.autograd.grad(_cuda_call(False, ts, None, 0.0).float().square().sum(), ts[0])
+    assert torch.equal(gq.detach(), want)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(gq.float().sum(), ts[2])
+
+
 @gpu
 @needs_ext
 def test_gpu_kernel_errors_are_actionable():

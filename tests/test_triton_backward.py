@@ -279,6 +279,19 @@ def test_dropout_reproducible_under_manual_seed():
     assert not torch.equal(a[0], nodrop)
 
 
+def test_double_backward_refuses_clearly():
+    """A backward that records a graph (``create_graph=True``) goes through the backward op: first-order gradients
+    as without it, and a second-order gradient refuses (the op has no autograd formula) instead of a silent zero."""
+    q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 19, 19, 16, mask="key")
+    ts = [t.requires_grad_() for t in (q, k, v, pk, pq)]
+    f = triton_fn(mask, kw)
+    gq, = torch.autograd.grad(f(*ts).square().sum(), ts[0], create_graph=True)
+    want, = torch.autograd.grad(f(*ts).square().sum(), ts[0])
+    assert torch.equal(gq.detach(), want)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(gq.sum(), ts[2])
+
+
 @pytest.mark.parametrize("mask", ["key", "full"])
 def test_default_device_mode_keeps_the_direct_path(monkeypatch, mask):
     """Under ``torch.set_default_device`` (here "meta": a constructor without a device would make a tensor no kernel

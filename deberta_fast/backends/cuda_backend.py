@@ -14,6 +14,11 @@ GPUs older than sm_80, and everything when the extension is not built.
 Packed variable-length calls (:func:`deberta_fast.disentangled_attention_varlen`) run the same
 kernels with per-sequence offsets read from ``cu_seqlens`` (``deberta_fast::cuda_varlen_fwd/bwd``);
 the backward's ``dC2P`` / ``dP2C`` are ``[H, T, 2*span]`` over packed tokens.
+
+Layers: kernels (``csrc/*.cu``) -> host wrappers (``csrc/dfa_bindings.cpp``, the extension's ``fwd`` / ``bwd`` /
+``varlen_fwd`` / ``varlen_bwd``) -> custom ops with fake kernels and autograd (``_cuda_ext``: what torch.compile,
+export and FakeTensor see) -> :class:`CudaAttentionFunction` / :class:`CudaVarlenFunction` (the same autograd with
+the extension called directly, in plain eager mode: no custom-op dispatch per call) -> :class:`CudaBackend`.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch
 
 from .. import _cuda_ext
 from .base import AttentionCall, Backend, VarlenCall
+from .eager import direct, records_grad
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -47,6 +53,68 @@ def _rng(call):
     if call.dropout_p <= 0.0:
         return None
     return torch.randint(0, 1 << 62, (2,), device=call.device, dtype=torch.int64)
+
+
+class CudaAttentionFunction(torch.autograd.Function):
+    """The padded op's autograd with the extension called directly (no custom-op dispatch): what the backend runs
+    when nothing traces (:func:`~deberta_fast.backends.eager.direct`); the ops (``deberta_fast::cuda_attn_fwd`` with
+    its registered autograd) serve everything else.  Arguments: those of ``cuda_attn_fwd``; ``apply`` -> ``out``.
+    (The combined ``forward(ctx, ...)`` form, as in the triton backend: a separate ``setup_context`` costs host time
+    on every call.)"""
+
+    EXT = "fwd"  # the extension's forward entry
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos_key, pos_query, table, key_mask, uniform, rng, scale, dropout_p, band_lo, band_hi):
+        out, lse = _cuda_ext._need_ext().fwd(q, k, v, pos_key, pos_query, table, key_mask, uniform, rng, scale,
+                                             dropout_p, band_lo, band_hi)
+        ctx.save_for_backward(q, k, v, pos_key, pos_query, table, key_mask, uniform, rng, out, lse)
+        ctx.args = (scale, dropout_p, band_lo, band_hi)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        saved = ctx.saved_tensors
+        # with grad mode on (double backward) the op is kept, as the triton backend does
+        bwd = (_cuda_ext._need_ext().bwd if not torch.is_grad_enabled() and direct(dout, *saved)
+               else torch.ops.deberta_fast.cuda_attn_bwd)
+        return (*_cuda_ext.padded_grads(bwd, dout, saved, *ctx.args), None, None, None, None, None, None, None, None)
+
+
+class CudaVarlenFunction(torch.autograd.Function):
+    """The packed twin of :class:`CudaAttentionFunction` (arguments: those of ``cuda_varlen_fwd``)."""
+
+    EXT = "varlen_fwd"
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos_key, pos_query, table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng,
+                scale, dropout_p, band_lo, band_hi):
+        out, lse = _cuda_ext._need_ext().varlen_fwd(q, k, v, pos_key, pos_query, table, cu_seqlens_q,
+                                                    cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng, scale, dropout_p,
+                                                    band_lo, band_hi)
+        ctx.save_for_backward(q, k, v, pos_key, pos_query, table, cu_seqlens_q, cu_seqlens_k, rng, out, lse)
+        ctx.args = (max_seqlen_q, max_seqlen_k, scale, dropout_p, band_lo, band_hi)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        saved = ctx.saved_tensors
+        bwd = (_cuda_ext._need_ext().varlen_bwd if not torch.is_grad_enabled() and direct(dout, *saved)
+               else torch.ops.deberta_fast.cuda_varlen_bwd)
+        return (*_cuda_ext.varlen_grads(bwd, dout, saved, *ctx.args),
+                None, None, None, None, None, None, None, None, None, None)
+
+
+def _run(function, op, args, tensors):
+    """The forward output of ``op(*args)`` (a custom op returning ``(out, lse)``; ``tensors``: its tensor
+    arguments, q, k, v, pos_key, pos_query first): through ``function`` (the extension called directly) when nothing
+    traces, with no autograd function at all when autograd records nothing (inference), and through the op
+    otherwise (torch.compile, export, FakeTensor, tensor subclasses)."""
+    if not direct(*tensors):
+        return op(*args)[0]
+    if records_grad(*tensors[:5]):
+        return function.apply(*args)
+    return getattr(_cuda_ext._need_ext(), function.EXT)(*args)[0]
 
 
 class CudaBackend(Backend):
@@ -114,9 +182,9 @@ class CudaBackend(Backend):
             key_mask = call.key_mask.contiguous()
         if call.uniform_rows is not None:
             uniform = call.uniform_rows.contiguous()
-        out, _lse = ops.cuda_attn_fwd(q, k, v, pos_key, pos_query, table, key_mask, uniform, _rng(call),
-                                      float(call.scale), float(call.dropout_p), band_lo, band_hi)
-        return out
+        args = (q, k, v, pos_key, pos_query, table, key_mask, uniform, _rng(call), float(call.scale),
+                float(call.dropout_p), band_lo, band_hi)
+        return _run(CudaAttentionFunction, ops.cuda_attn_fwd, args, args[:9])
 
     def forward_varlen(self, call: VarlenCall) -> torch.Tensor:
         # cu_seqlens were validated by the dispatcher (deberta_fast.dispatch.check_varlen_offsets)
@@ -126,8 +194,7 @@ class CudaBackend(Backend):
         v = _cuda_ext.aligned(call.value)
         table, rows, band_lo, band_hi = _positions(call)
         pos_key, pos_query = _pos_rows(call, rows)
-        out, _lse = ops.cuda_varlen_fwd(q, k, v, pos_key, pos_query, table, call.cu_seqlens_q.contiguous(),
-                                        call.cu_seqlens_k.contiguous(), int(call.max_seqlen_q),
-                                        int(call.max_seqlen_k), _rng(call), float(call.scale),
-                                        float(call.dropout_p), band_lo, band_hi)
-        return out
+        args = (q, k, v, pos_key, pos_query, table, call.cu_seqlens_q.contiguous(), call.cu_seqlens_k.contiguous(),
+                int(call.max_seqlen_q), int(call.max_seqlen_k), _rng(call), float(call.scale),
+                float(call.dropout_p), band_lo, band_hi)
+        return _run(CudaVarlenFunction, ops.cuda_varlen_fwd, args, (*args[:8], args[10]))

@@ -17,15 +17,7 @@ from torch import Tensor
 
 from .._env import interpreting
 from .base import AttentionCall, Backend, VarlenCall
-
-try:  # torch.set_default_device's mode, and the torch function mode stack (private; absent: every mode traces)
-    from torch.overrides import _get_current_function_mode_stack as _function_mode_stack
-    from torch.utils._device import DeviceContext
-except ImportError:  # pragma: no cover - older / newer torch
-    DeviceContext = None
-
-    def _function_mode_stack():
-        return [None]
+from .eager import direct as _direct, records_grad as _records_grad
 
 MAX_HEAD_DIM = 256
 
@@ -114,38 +106,6 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device="cpu").item())
 
 
-def _direct(*tensors) -> bool:
-    """True when a custom op's plain implementation may be called instead of the op: eager mode, plain
-    tensors, no torch function / dispatch mode (torch.compile, export, FakeTensor, functionalization and
-    tensor subclasses all see the custom op).  The op's eager dispatch costs host time on every call (60-120 us
-    per forward measured on the 2-core CPU machine, 2026-12-02; benchmarks/NOTES.md, "Host path") and adds
-    nothing there.  ``torch.set_default_device``'s mode (a torch function mode that only fills in the device of
-    tensor constructors; every constructor on the implementations' path names its device) is no tracer: it keeps
-    the direct path."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch._C._is_torch_function_mode_enabled() and not all(
-            type(m) is DeviceContext for m in _function_mode_stack()):
-        return False
-    if torch._C._len_torch_dispatch_stack():
-        return False
-    for t in tensors:  # (a loop: ~0.3 us less than all() over a generator; 2-core CPU machine, 2026-12-05)
-        if t is not None and type(t) is not Tensor:
-            return False
-    return True
-
-
-def _records_grad(*tensors) -> bool:
-    """Whether autograd records this call (grad mode on and an input requiring grad).  When it does not
-    (inference), the autograd function is skipped: its ``apply`` cost ~15 us of host time per call
-    (measured on the 2-core CPU machine, 2026-12-02; benchmarks/NOTES.md, "Host path")."""
-    if torch.is_grad_enabled():
-        for t in tensors:
-            if t is not None and t.requires_grad:
-                return True
-    return False
-
-
 def _padded_fwd(*args):
     """``deberta_fast::triton_fwd(*args)``, its implementation called directly when nothing traces
     (:func:`_direct` of the tensor arguments)."""
@@ -154,7 +114,9 @@ def _padded_fwd(*args):
 
 
 class TritonAttentionFunction(torch.autograd.Function):
-    """Differentiable wrapper of the two custom ops (all five gradients)."""
+    """Differentiable wrapper of the two custom ops (all five gradients).  (The combined ``forward(ctx, ...)``
+    form: a separate ``setup_context``, which torch.func's transforms need, made each call 30 - 40 us slower on the
+    2-core CPU machine, 2026-12-06, and the backward's custom op still refuses those transforms.)"""
 
     @staticmethod
     def forward(ctx, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows,
