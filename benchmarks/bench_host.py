@@ -69,11 +69,11 @@ def bench_host(benchmark, stubbed_triton, mode, buckets, mask_dtype):
           L=24)
 
 
-def _time(benchmark, fn, candidate: str, mode: str, **shape):
+def _time(benchmark, fn, candidate: str, mode: str, backend: str = "triton", **shape):
     import deberta_fast as df
 
     fn()
-    assert df.last_backend() == "triton"
+    assert df.last_backend() == backend
     for _ in range(WARM_CALLS):  # caches, allocator, first-call work
         fn()
 
@@ -104,3 +104,65 @@ def bench_host_packed(benchmark, stubbed_triton, mode):
         return out
 
     _time(benchmark, fn, "deberta_fast-triton packed 24+16 tokens, buckets 256/512", mode, L=24, tokens=40)
+
+
+@pytest.fixture
+def stubbed_cuda(monkeypatch):
+    """The cuda backend with its launches stubbed: on CPU the simulator build of the extension (the same host code,
+    compiled -O2) in dry-run mode (each launch checks its configuration and runs no block); on a GPU the real
+    extension, whose launches are asynchronous (not stubbed: the host's time per call as long as the device keeps
+    up, which it does at this size)."""
+    from deberta_fast import _cuda_ext
+    from deberta_fast.backends import BACKENDS
+
+    if torch.cuda.is_available():
+        why = BACKENDS["cuda"].unavailable()
+        if why:
+            pytest.skip(f"deberta_fast backend='cuda' unavailable: {why}")
+        yield "cuda"
+        return
+    monkeypatch.setenv("DEBERTA_FAST_CUDA_SIM", "1")
+    why = BACKENDS["cuda"].unavailable()
+    if why:
+        pytest.skip(f"deberta_fast backend='cuda' unavailable: {why}")
+    sim = _cuda_ext.simulator()
+    prev = sim.sim_dry_run(True)
+    try:
+        yield "cpu"
+    finally:
+        sim.sim_dry_run(prev)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def bench_host_cuda(benchmark, stubbed_cuda, mode, packed):
+    """The cuda backend (``backend="auto"``'s first choice) on the calls of :func:`bench_host` (bool mask) and
+    :func:`bench_host_packed`, in bf16 with D = 32 (its types and head dims)."""
+    import deberta_fast as df
+
+    dev = stubbed_cuda
+    benchmark.group = f"host {mode} (kernel launches stubbed)"
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(dev, torch.bfloat16).requires_grad_(mode != "fwd")  # noqa: E731
+    kw = dict(position_buckets=256, max_relative_positions=512, backend="cuda")
+    pk, pq = mk(2, 512, 32), mk(2, 512, 32)
+    if packed:
+        q, k, v = mk(40, 2, 32), mk(40, 2, 32), mk(40, 2, 32)
+        cu = torch.tensor([0, 24, 40], dtype=torch.int32, device=dev)
+        call = lambda: df.disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 24, 24, check_offsets=False,  # noqa
+                                                        **kw)
+    else:
+        q, k, v = mk(1, 2, 24, 32), mk(1, 2, 24, 32), mk(1, 2, 24, 32)
+        mask = torch.ones(1, 24, dtype=torch.bool, device=dev)
+        call = lambda: df.disentangled_attention(q, k, v, pk, pq, attention_mask=mask, **kw)  # noqa: E731
+    dout = torch.ones(q.shape, device=dev, dtype=torch.bfloat16)
+
+    def fn():
+        out = call()
+        if mode != "fwd":
+            out.backward(dout)
+        return out
+
+    what = "packed 24+16 tokens" if packed else "bool mask"
+    _time(benchmark, fn, f"deberta_fast-cuda {what}, buckets 256/512, bf16", mode, backend="cuda", L=24,
+          **({"tokens": 40} if packed else {}))

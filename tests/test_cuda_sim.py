@@ -55,6 +55,22 @@ def test_simulator_shows_a_missing_barrier(sim):
     assert err == "" and all(x != x for x in out[:96])  # warps 0-2 read before warps 1-3 wrote
 
 
+def test_simulator_dry_run(sim):
+    """``sim_dry_run(True)`` (the host-path benchmark's stubbed launches): a launch checks its configuration as always
+    and runs no block, so the output keeps its initial -1; off again, the kernel runs."""
+    prev = sim.sim_dry_run(True)
+    try:
+        assert prev is False
+        err, out = sim.sim_selftest("neighbour")
+        assert err == "" and out[:128] == [-1.0] * 128
+        err, _ = sim.sim_selftest("smem_over_default")
+        assert "65536 bytes of dynamic shared memory, 49152 allowed" in err
+    finally:
+        assert sim.sim_dry_run(prev) is True
+    err, out = sim.sim_selftest("neighbour")
+    assert err == "" and out[:128] == [float((t + 32) % 128) for t in range(128)]
+
+
 def test_simulator_collectives(sim):
     """Quad sums by __shfl_xor_sync, an indexed __shfl_sync, __any_sync and one mma.sync m16n8k16 (fragments as in
     the PTX ISA) on known matrices."""

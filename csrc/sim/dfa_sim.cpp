@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace dfa_sim {
@@ -60,6 +61,7 @@ std::mutex g_mutex;            // one launch at a time (the scheduler state is g
 Block g_block;
 std::map<const void*, int> g_max_smem;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
 cudaError_t g_last = cudaSuccess;
+bool g_dry = false;
 std::string g_message;
 
 Fiber& me() { return g_block.fibers[g_block.cur]; }
@@ -265,6 +267,7 @@ cudaError_t launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, cons
   if (smem > cap)
     return fail(cudaErrorInvalidValue, "launch: " + std::to_string(smem) + " bytes of dynamic shared memory, " +
                                            std::to_string(cap) + " allowed for this kernel");
+  if (g_dry) return cudaSuccess;
   Block& b = g_block;
   b.n = int(n);
   b.bdim = block;
@@ -282,6 +285,11 @@ cudaError_t launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, cons
         if (!run_block()) return fail(cudaErrorLaunchFailure, "dfa_sim: " + b.error);
       }
   return cudaSuccess;
+}
+
+bool set_dry_run(bool on) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return std::exchange(g_dry, on);
 }
 
 cudaError_t last_error() {

@@ -65,6 +65,9 @@ cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 cudaError_t launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const void* kernel,
                    const std::function<void()>& body);
 cudaError_t last_error();  // and clears it
+// Dry run (host-path timing, benchmarks/bench_host.py): launch() checks its configuration as always and then returns
+// without running a block.  Returns the previous setting.
+bool set_dry_run(bool on);
 const char* error_string(cudaError_t err);
 
 // --- collectives

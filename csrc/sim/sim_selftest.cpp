@@ -140,6 +140,9 @@ std::pair<std::string, std::vector<float>> run(const std::string& name) {
 
 void bind_sim_selftest(pybind11::module_& m) {
   m.def("sim_selftest", &run, "run a simulator self-test kernel -> (error text or '', output values)");
+  m.def("sim_dry_run", &dfa_sim::set_dry_run,
+        "launches check their configuration and run no block (host-path timing); returns the previous setting",
+        pybind11::arg("on"));
 }
 
 }  // namespace dfa
