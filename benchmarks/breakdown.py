@@ -32,7 +32,9 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
   memory it saves);
 - ``cuda none`` / ``cuda both``: the cuda backend's op (no tables: relative terms on tensor cores);
 - ``torch both (HF eager's math)``: the reference backend, HF's eager computation ``[B, H, L, L]``;
-- ``fwd+bwd`` of ``sdpa``, ``triton none`` / ``both`` and ``cuda none`` / ``both``.
+- ``fwd+bwd`` of ``sdpa``, ``triton none`` / ``both`` and ``cuda none`` / ``both``;
+- per length, ``triton both`` and ``cuda both`` forward + backward under ``torch.profiler``: device time per kernel
+  and operator (the backward's score kernels, the band reductions, the table and position-gradient GEMMs, ...).
 
 On a GPU each row also has the peak memory of one call (``torch.cuda.max_memory_allocated`` above what was
 allocated before it).  Writes ``breakdown.json`` and ``breakdown.md``.  A variant a backend refuses is a row with
@@ -190,9 +192,11 @@ def run(rehearse: bool, progress=print) -> dict:
     if rehearse:  # every head a group of its own: the grouped paths (and the per-group prebuilt tables) run too
         from deberta_fast._kernels import triton_attention_launch as launch
         launch.TABLE_BUDGET = 1
+    splits = []
     for B, H, L, D in _lengths(rehearse):
         outs = {}
-        for name, pass_, fn in variants(B, H, L, D, device, dtype):
+        vs = variants(B, H, L, D, device, dtype)
+        for name, pass_, fn in vs:
             row = dict(L=L, B=B, H=H, D=D, variant=name, pass_=pass_)
             try:
                 if name in SAME:  # a variant that only moves work around must give the same bits
@@ -212,7 +216,33 @@ def run(rehearse: bool, progress=print) -> dict:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             progress(f"breakdown: L={L} {pass_:8s} {name:30s} {row.get('ms', row.get('error'))}")
             rows.append(row)
-    return {"env": environment(), "rehearse": rehearse, "dtype": str(dtype), "buckets": BUCKETS, "rows": rows}
+        splits += _kernel_split(vs, L, device, progress)
+    return {"env": environment(), "rehearse": rehearse, "dtype": str(dtype), "buckets": BUCKETS, "rows": rows,
+            "kernels": splits}
+
+
+#: the forward + backward rows split per kernel (torch.profiler) at each length
+SPLIT = ("triton both", "cuda both")
+
+
+def _kernel_split(vs, L, device, progress) -> list[dict]:
+    """The :data:`SPLIT` rows' forward + backward under the profiler (``profile_model.profile_one``: its device time
+    per kernel and operator, and host time per operator): what the measured time of the backward is made of (the
+    first H200 session measured the cuda backend's L = 512 backward at ~4.7 ms against ~2.6 ms predicted, with no
+    split)."""
+    from benchmarks.profile_model import profile_one
+
+    out = []
+    for name in SPLIT:
+        fn = next(f for n, p, f in vs if n == name and p == "fwd+bwd")
+        row = {"L": L, "variant": name, "pass_": "fwd+bwd"}
+        try:
+            row.update(profile_one(fn, device))
+        except Exception as e:  # noqa: BLE001 - a refusal (cuda on CPU without the simulator) is a row
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        progress(f"breakdown: L={L} split    {name:30s} {row.get('wall_ms', row.get('error'))}")
+        out.append(row)
+    return out
 
 
 def table(res: dict) -> str:
@@ -242,6 +272,16 @@ def table(res: dict) -> str:
             else:
                 cells.append(r["error"][:60])
         lines.append(f"| {pass_} | {name} | " + " | ".join(cells) + " |")
+    for r in res.get("kernels", []):
+        key, what = ("top_device", "device") if r.get("top_device") else ("top_host", "host (self CPU)")
+        lines += ["", f"## L={r['L']}, {r['variant']}, forward + backward: {what} time per kernel / operator "
+                      f"(ms per call; wall {r.get('wall_ms', '-')} ms, device busy {r.get('device_busy_ms', '-')} ms)",
+                  ""]
+        if "error" in r:
+            lines.append(r["error"])
+            continue
+        lines += ["| kernel / operator | calls | ms |", "|---|---:|---:|"]
+        lines += [f"| `{k[:90]}` | {n} | {ms} |" for k, n, ms in r[key]]
     return "\n".join(lines) + "\n"
 
 

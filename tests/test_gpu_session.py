@@ -252,7 +252,13 @@ def test_breakdown_rehearsal(tmp_path):
     assert {r["variant"]: r["same_output"] for r in rows if "same_output" in r} == {
         "triton both, tables prebuilt": True, "triton both, key mask (all ones)": True,
         "triton both, distance tables prebuilt": True}
-    assert "| fwd | triton none |" in (tmp_path / "breakdown.md").read_text()
+    md = (tmp_path / "breakdown.md").read_text()
+    assert "| fwd | triton none |" in md
+    # the forward + backward of triton / cuda "both" split per operator under the profiler (host time on CPU)
+    splits = json.loads((tmp_path / "breakdown.json").read_text())["kernels"]
+    assert [(r["L"], r["variant"]) for r in splits] == [(40, "triton both"), (40, "cuda both")]
+    assert all(r["top_host"] and r["wall_ms"] > 0 for r in splits if sim or r["variant"] == "triton both"), splits
+    assert "## L=40, triton both, forward + backward: host (self CPU) time" in md
     from benchmarks.breakdown import table
     md = table({"rehearse": False, "dtype": "torch.bfloat16", "buckets": [256, 512], "rows": [
         dict(L=512, pass_="fwd", variant="sdpa", ms=0.1, peak_mib=12.0),
