@@ -275,8 +275,11 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         dq = replace(c, max_regs=255) if family == 90 and bd > 32 else c
         # (TF32 32x16 on sm_90: 4 B at ptxas's own 168 registers, 2026-12-05: up to 255)
         dkdv = LaunchConfig(32, 16, 4, 2, 0, 255 if tf32 else 0) if family == 80 or tf32 else c
-        if tf32 or bd != 64 or (varlen and dropout):
+        if tf32 or bd != 64:
             return BackwardConfig(dq=dq, dkdv=dkdv)
+        if varlen and dropout:  # packed sm_90 dK/dV on distance tables: 4 B at ptxas's own 168 registers under
+            # triton 3.6.0 (2026-12-06): up to 255
+            return BackwardConfig(dq=dq, dkdv=replace(dkdv, max_regs=255) if family == 90 else dkdv)
         # Padded 16-bit D = 64 (2026-12-05; benchmarks/NOTES.md "Backward tiles"): tiles that spread each tile's
         # fixed work (K / V or Q / dO loads, the run sums' and Philox's per-row parts, loop control) over more
         # scores.  Static, fp16, training, saturated - in-band per element:
