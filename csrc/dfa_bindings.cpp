@@ -175,11 +175,26 @@ void set_dropout(dfa::Params& p, const OptT& rng, const Tensor& q, double p_drop
   p.drop_scale = static_cast<float>(1.0 / (1.0 - p_drop));
 }
 
-// The forward's output as the backward gets it back (only read by torch ops here: any strides).
+// The forward's output as the backward gets it back: the dq kernel reads its rows (delta = rowsum(dO * O)) as 16-byte
+// vectors, so the layout rules of q's.
 void check_saved_out(const char* who, const Tensor& out, const Tensor& q) {
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
               who, ": saved output must match the query (", q.sizes(), ", ", q.scalar_type(), ", ", q.device(),
               "), got ", out.sizes(), ", ", out.scalar_type(), ", ", out.device());
+  bool aligned = out.stride(-1) == 1 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < out.dim(); ++d) aligned = aligned && out.stride(d) % 8 == 0;
+  TORCH_CHECK(aligned, who, ": saved output rows must be 16-byte aligned with a contiguous last dimension (strides "
+              "multiple of 8 elements, aligned base pointer), got strides ", out.strides(), "; call .contiguous()");
+}
+
+// delta = rowsum(dO * O) [rows...], float32: written by the dq kernel for every row it reads it for.  The CPU builds
+// (host tests, simulator) fill it with NaN, so that a row the kernel missed fails the tests.
+Tensor delta_buffer(at::IntArrayRef shape, const Tensor& q) {
+#ifdef DFA_CPU_TENSORS
+  return at::full(shape, NAN, q.options().dtype(at::kFloat));
+#else
+  return at::empty(shape, q.options().dtype(at::kFloat));
+#endif
 }
 
 // The backward's score kernels and relative-gradient band buffers (float32, one writer per element; not zero-filled:
@@ -293,6 +308,7 @@ dfa::Params head_group(const dfa::Params& p, int64_t h0, int64_t n, int64_t elem
     return ptr == nullptr ? nullptr : static_cast<const void*>(static_cast<const char*>(ptr) + h0 * stride * elem);
   };
   g.q = at(p.q, p.q_sh); g.k = at(p.k, p.k_sh); g.v = at(p.v, p.v_sh); g.dout = at(p.dout, p.do_sh);
+  g.o = const_cast<void*>(at(p.o, p.o_sh));
   g.dq = const_cast<void*>(at(p.dq, p.dq_sh));
   g.dk = const_cast<void*>(at(p.dk, p.dk_sh));
   g.dv = const_cast<void*>(at(p.dv, p.dk_sh));
@@ -393,18 +409,19 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
                   lse.size(2) == Lq && lse.is_contiguous() && lse.device() == q.device(),
               "deberta_fast cuda backward: lse must be contiguous float32 [B, H, Lq] on ", q.device());
   auto& p = c.p;
-  Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
   Tensor dq = at::empty({B, H, Lq, D}, q.options());
   Tensor dk = at::empty({B, H, Lk, D}, q.options());
   Tensor dv = at::empty({B, H, Lk, D}, q.options());
   p.dout = dout.data_ptr(); p.do_sb = dout.stride(0); p.do_sh = dout.stride(1); p.do_sr = dout.stride(2);
+  p.o = out.data_ptr(); p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sr = out.stride(2);
   p.lse_c = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
   p.dq_sb = dq.stride(0); p.dq_sh = dq.stride(1); p.dq_sr = dq.stride(2);
   p.dk_sb = dk.stride(0); p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(2);
   const auto groups = head_groups(H, 4 * B * std::max(Lq, Lk) * std::max<int64_t>(W, 1));
   if (groups.size() == 1) {
+    const Tensor delta = delta_buffer({B, H, Lq}, q);
+    p.delta = delta.data_ptr<float>();
     RelBackward rel;
     rel.check(p, q, pos_key.has_value(), pos_query.has_value(), B * H * Lq, B * H * Lk, Lq, Lk, dmin, W, perm, offs);
     auto [dc2p, dp2c] = rel.run(p, c.dtype, c.D, {B, H, Lq}, {B, H, Lk}, perm, offs, q, true,
@@ -415,7 +432,7 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
   Tensor dp2c = pos_query.has_value() ? at::empty({B, H, Lk, p.S2}, q.options()) : at::empty({0}, q.options());
   for (const auto& [h0, n] : groups) {
     dfa::Params g = head_group(p, h0, n, q.element_size());
-    const Tensor lse_g = lse.narrow(1, h0, n).contiguous(), delta_g = delta.narrow(1, h0, n).contiguous();
+    const Tensor lse_g = lse.narrow(1, h0, n).contiguous(), delta_g = delta_buffer({B, n, Lq}, q);
     g.lse_c = lse_g.data_ptr<float>();
     g.delta = delta_g.data_ptr<float>();
     RelBackward rel;
@@ -539,12 +556,12 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
               "deberta_fast cuda varlen backward: lse must be contiguous float32 [H, total_q] on ", q.device(),
               ", got ", lse.scalar_type(), " ", lse.sizes());
   auto& p = c.p;
-  // Delta [H, Tq] = rowsum(dO * O), float32
-  Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).t().contiguous();
+  const Tensor delta = delta_buffer({H, Tq}, q);  // [H, Tq], the dq kernel's
   Tensor dq = at::empty({Tq, H, D}, q.options());
   Tensor dk = at::empty({Tk, H, D}, q.options());
   Tensor dv = at::empty({Tk, H, D}, q.options());
   p.dout = dout.data_ptr(); p.do_sb = 0; p.do_sh = dout.stride(1); p.do_sr = dout.stride(0);
+  p.o = out.data_ptr(); p.o_sb = 0; p.o_sh = out.stride(1); p.o_sr = out.stride(0);
   p.lse_c = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();

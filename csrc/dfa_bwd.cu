@@ -9,7 +9,8 @@
 //                   (pos_query) and its column term c2p (pos_key), on a window that runs down in d.
 //   * band_to_slots: fixed-order segment sums turning a band into dC2P / dP2C.
 // Both score kernels recompute P from the saved LSE (FA2); a non-finite LSE (a row with no key) gives P = 0
-// (dfa_softmax.h: lse_log2).  Delta = rowsum(dO*O) comes from the host.  Like the forward, both score kernels serve
+// (dfa_softmax.h: lse_log2).  Delta = rowsum(dO*O): the dq kernel computes it for its rows (from O and dO, in a fixed
+// order) and stores it; the dK/dV kernel, launched after it, reads it.  Like the forward, both score kernels serve
 // the padded batch and the packed varlen layout (seq_view(): per-sequence offsets at run time, early exit past a
 // sequence's end); band rows are then (h*T + token) so band_to_slots is layout-agnostic.
 //
@@ -91,6 +92,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
   const T* kg = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sv.krow * p.k_sr;
   const T* vg = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + sv.krow * p.v_sr;
   const T* dog = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + sv.qrow * p.do_sr;
+  const T* og = reinterpret_cast<const T*>(p.o) + b * p.o_sb + h * p.o_sh + sv.qrow * p.o_sr;
   const bool rel = p.table != nullptr;
   const auto [pk, pq] = pos_rows<T>(p, b, h);
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
@@ -108,7 +110,9 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
     const bool ok = i < Lq;
     uni[hh] = p.uniform != nullptr && ok && p.uniform[b * p.un_sb + h * p.un_sh + i] != 0;
     lse2[hh] = ok ? lse_log2(p.lse_c[sv.qoff + i]) : 0.f;  // +inf (p = 0) unless finite
-    dlt[hh] = ok ? p.delta[sv.qoff + i] : 0.f;
+    // delta = rowsum(dO * O) of row i, the quad's four shares; stored for the dK/dV kernel
+    dlt[hh] = quad_sum(ok ? row_dot_share<T, D>(dog + (int64_t)i * p.do_sr, og + (int64_t)i * p.o_sr, t) : 0.f);
+    if (ok && t == 0) p.delta[sv.qoff + i] = dlt[hh];
   }
   const bool warp_uniform = p.uniform != nullptr && any_set(uni[0] || uni[1]);  // some HF uniform row here
   uint2 key = make_uint2(0u, 0u);

@@ -545,6 +545,28 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Lane t's share (columns [t D/4, (t+1) D/4)) of dot(a, b) over a row of D 16-bit values (16-byte aligned rows): the
+// products of 16-bit values are exact in float32, summed in a fixed order; quad_sum adds the quad's four shares.
+template <typename T, int D>
+__device__ __forceinline__ float row_dot_share(const T* a, const T* b, int t) {
+  static_assert(D % 32 == 0, "a lane's share is whole 16-byte vectors");
+  const uint4* a4 = reinterpret_cast<const uint4*>(a) + t * (D / 32);
+  const uint4* b4 = reinterpret_cast<const uint4*>(b) + t * (D / 32);
+  float acc = 0.f;
+#pragma unroll
+  for (int v = 0; v < D / 32; ++v) {
+    const uint4 x = a4[v], y = b4[v];
+    const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const float2 u = Pack<T>::unpack(xs[w]), z = Pack<T>::unpack(ys[w]);
+      acc = fmaf(u.x, z.x, acc);
+      acc = fmaf(u.y, z.y, acc);
+    }
+  }
+  return acc;
+}
+
 
 // Calls run(T{}, std::integral_constant<int, D>{}) for the compiled (dtype, head_dim) pairs:
 // dtype 0 = fp16, 1 = bf16; head_dim 32 / 64 / 128.  Returns run's error text, or one of its own.

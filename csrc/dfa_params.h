@@ -20,8 +20,9 @@ struct Params {
   int64_t dq_sb, dq_sh, dq_sr;
   int64_t dk_sb, dk_sh, dk_sr;
   // softmax statistics, float32, contiguous [B,H,Lq] (padded) or [H,Tq] (varlen); LSE +inf: no key
-  // (the backward treats any non-finite LSE so: p = 0)
-  float* lse; const float* lse_c; const float* delta;
+  // (the backward treats any non-finite LSE so: p = 0).  delta = rowsum(dO * O), the same layout: written by the
+  // backward's dq kernel (from o and dout), read by its dK/dV kernel
+  float* lse; const float* lse_c; float* delta;
   // relative terms: the slot table int32 [Lq + Lk - 1] (nullptr: no relative term) and S2 = 2*span slots;
   // pos_key / pos_query [B|1, H, S2, D] (varlen [H, S2, D]) in slot order, element type T, last dim contiguous,
   // 16-byte aligned rows; nullptr = term absent

@@ -264,8 +264,8 @@ def padded_grads(bwd, dout, saved, scale, dropout_p, band_lo, band_hi):
     if pos_key is not None or pos_query is not None:
         s2 = (pos_key if pos_key is not None else pos_query).shape[-2]
         dmin, w, perm, offs = band_window(table, q.shape[2], k.shape[2], band_lo, band_hi, s2)
-    dq, dk, dv, dc2p, dp2c = bwd(aligned(dout), q, k, v, out, lse, pos_key, pos_query, table, key_mask, uniform, rng,
-                                 scale, dropout_p, dmin, w, perm, offs, band_lo, band_hi)
+    dq, dk, dv, dc2p, dp2c = bwd(aligned(dout), q, k, v, aligned(out), lse, pos_key, pos_query, table, key_mask,
+                                 uniform, rng, scale, dropout_p, dmin, w, perm, offs, band_lo, band_hi)
     dq, dk, dpk, dpq = rel_grads(dq, dk, q, k, pos_key, pos_query, dc2p, dp2c)
     return dq, dk, dv, dpk, dpq
 
@@ -279,8 +279,8 @@ def varlen_grads(bwd, dout, saved, max_q, max_k, scale, dropout_p, band_lo, band
         s2 = (pos_key if pos_key is not None else pos_query).shape[-2]
         # distances i - j of every sequence lie in [-(max_k-1), max_q-1]: one window for all
         dmin, w, perm, offs = band_window(table, max_q, max_k, band_lo, band_hi, s2)
-    dq, dk, dv, dc2p, dp2c = bwd(aligned(dout), q, k, v, out, lse, pos_key, pos_query, table, cu_q, cu_k, max_q,
-                                 max_k, rng, scale, dropout_p, dmin, w, perm, offs, band_lo, band_hi)
+    dq, dk, dv, dc2p, dp2c = bwd(aligned(dout), q, k, v, aligned(out), lse, pos_key, pos_query, table, cu_q, cu_k,
+                                 max_q, max_k, rng, scale, dropout_p, dmin, w, perm, offs, band_lo, band_hi)
     # token-major [T, H, D] <-> the head-major tables [H, T, 2S]
     dqh, dkh, dpk, dpq = rel_grads(dq.transpose(0, 1), dk.transpose(0, 1), q.transpose(0, 1), k.transpose(0, 1),
                                    pos_key, pos_query, dc2p, dp2c)

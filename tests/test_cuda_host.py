@@ -215,7 +215,9 @@ def test_bwd_params_and_band_launches(ext):
         _expect_tensor(P, name, t, t.stride()[:3])
     assert P["dout"] == a["dout"].data_ptr() and (P["do_sb"], P["do_sh"], P["do_sr"]) == a["dout"].stride()[:3]
     assert P["dv"] == dv.data_ptr() and dv.stride() == dk.stride()  # dv shares dk's strides
-    assert P["lse_c"] == a["lse"].data_ptr() and P["lse"] == 0 and P["o"] == 0 and P["delta"] != 0
+    # the forward's output, which the dq kernel reads for delta = rowsum(dO * O) (its own buffer, no host op)
+    _expect_tensor(P, "o", a["out"], a["out"].stride()[:3])
+    assert P["lse_c"] == a["lse"].data_ptr() and P["lse"] == 0 and P["delta"] != 0
     assert (P["dmin"], P["W"]) == (a["dmin"], a["W"]) and P["W"] > 0
     assert dq.shape == a["q"].shape and dk.shape == dv.shape == a["k"].shape
     # the same position rows and slot table as the forward (no C2P / P2C tables)
@@ -315,6 +317,7 @@ def test_varlen_bwd_params(ext):
     _expect_tensor(P, "dq", dq, (0, dq.stride(1), dq.stride(0)))
     _expect_tensor(P, "dk", dk, (0, dk.stride(1), dk.stride(0)))
     assert (P["dout"], P["do_sb"], P["do_sr"]) == (a["dout"].data_ptr(), 0, a["dout"].stride(0))
+    _expect_tensor(P, "o", a["out"], (0, a["out"].stride(1), a["out"].stride(0)))
     assert (recs[1]["rows"], recs[2]["rows"]) == (2 * 8, 2 * 6)  # band rows h*T + token
     assert (recs[1]["out"], recs[2]["out"]) == (dc2p.data_ptr(), dp2c.data_ptr())
     assert dc2p.shape == (2, 8, 8) and dp2c.shape == (2, 6, 8)  # [H, T, 2S]
@@ -445,6 +448,11 @@ BAD_BWD = [
     ("dout misaligned", _set(dout=lambda a: _misaligned(a["dout"].contiguous())), "grad_out rows must be 16-byte"),
     ("out shape", _set(out=lambda a: a["out"][:, :, :-1]), "saved output must match the query"),
     ("out dtype", _set(out=lambda a: a["out"].float()), "saved output must match the query"),
+    # the dq kernel reads its rows as 16-byte vectors (delta = rowsum(dO * O))
+    ("out misaligned", _set(out=lambda a: _misaligned(a["out"].contiguous())), "saved output rows must be 16-byte"),
+    ("out strided", _set(out=lambda a: torch.zeros(*a["out"].shape[:3], 2 * a["out"].shape[3],
+                                                   dtype=a["out"].dtype)[..., ::2]),
+     "saved output rows must be 16-byte aligned with a contiguous last dimension"),
     ("lse dtype", _set(lse=lambda a: a["lse"].half()), r"lse must be contiguous float32 \[B, H, Lq\]"),
     ("lse shape", _set(lse=lambda a: a["lse"][..., :-1]), r"lse must be contiguous float32 \[B, H, Lq\]"),
     ("lse strided", _set(lse=lambda a: a["lse"].transpose(0, 1).contiguous().transpose(0, 1)),
@@ -493,6 +501,7 @@ BAD_VARLEN_POS = [
 BAD_VARLEN_BWD = [
     ("dout tokens", _set(dout=lambda a: a["dout"][:-1]), r"grad_out must be \[total_tokens=8"),
     ("out shape", _set(out=lambda a: a["out"][:-1]), "saved output must match the query"),
+    ("out misaligned", _set(out=lambda a: _misaligned(a["out"].contiguous())), "saved output rows must be 16-byte"),
     ("lse transposed", _set(lse=lambda a: a["lse"].t().contiguous()), r"lse must be contiguous float32 \[H, total_q\]"),
     ("W high", _set(dmin=-3, W=9), "band window"),
     ("window beyond the band", _set(band_hi=2), "must lie inside the saturation band"),
