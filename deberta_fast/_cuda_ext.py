@@ -408,6 +408,7 @@ def _register_ops():
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` if its rows are 16-byte aligned with a contiguous last dim (what the kernels load), else a copy."""
+    """``t`` if its rows are 16-byte aligned with a contiguous last dim (what the kernels load), else a copy (a
+    clone: ``contiguous()`` keeps a contiguous tensor at a misaligned storage offset, and an empty one's strides)."""
     ok = t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.storage_offset() % 8 == 0
-    return t if ok else t.contiguous()
+    return t if ok else t.clone(memory_format=torch.contiguous_format)

@@ -11,7 +11,8 @@ import torch
 
 from ._env import getenv, interpreting  # noqa: F401 (interpreting: patching's)
 from .backends import AUTO_ORDER, AUTO_ORDER_TRACING, BACKENDS, AttentionCall, VarlenCall
-from .positions import attention_span, check_bucket_config, values_unreadable
+from .backends.base import forward_ad_active
+from .positions import attention_span, check_bucket_config, tracing, values_unreadable
 from .reference import default_scale, mask_kind, normalize_mask
 
 _state = threading.local()
@@ -310,7 +311,7 @@ def _signature(query, key, value, pos_key, pos_query, aux, ints, scale, dropout_
     environment variables the backends' refusals read; None (no memo) for tensor subclasses, integer arguments
     that are not ``int``, a scale or rate that is not a ``float`` / ``int``, or while tracing (checked first: the
     compiler then never traces the rest)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # (values_unreadable's checks)
+    if tracing() or forward_ad_active():  # (forward-mode tangents decide the backend: base.FORWARD_AD_REFUSAL)
         return None
     if not (type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
             and _plain(pos_key) and _plain(pos_query) and all(map(_plain, aux))

@@ -95,12 +95,21 @@ def _validate(q_len: int, k_len: int, span: int) -> None:
         raise ValueError(f"span must be >= 1 (relative tables have 2*span rows), got {span}")
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def tracing() -> bool:
+    """Whether a trace or a transform sees this call: compile / export tracing, a torch dispatch mode (FakeTensor,
+    functionalization), or a torch.func transform (``vmap``, ``grad``, ``functionalize``: their tensors are
+    wrappers).  The per-shape caches must not keep such tensors, and the kernel backends then go through their
+    custom ops."""
+    return torch.compiler.is_compiling() or bool(torch._C._len_torch_dispatch_stack()) or _functorch_active()
+
+
 def values_unreadable(t: torch.Tensor) -> bool:
-    """Whether ``t``'s values cannot be read on the host: compile / export tracing, a torch dispatch mode
-    (FakeTensor, functionalization) or a meta tensor.  Code that would read them (and the per-shape caches,
-    which must not keep fake tensors) takes the trace path instead."""
-    return (torch.compiler.is_compiling() or bool(torch._C._len_torch_dispatch_stack())
-            or t.device.type == "meta")
+    """Whether ``t``'s values cannot be read on the host (or must not be cached): :func:`tracing`, or a meta tensor.
+    Code that would read them (and the per-shape caches) takes the trace path instead."""
+    return tracing() or t.device.type == "meta"
 
 
 @functools.lru_cache(maxsize=64)
@@ -134,7 +143,7 @@ def relative_slot_table(
         device = torch.device("cuda", torch.cuda.current_device())
     config = (int(position_buckets), int(max_relative_positions), int(span), str(device))
     # traced into the graph with lengths kept symbolic; the cache is for eager calls and must not keep fake tensors
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if tracing():
         return _slot_table_cached.__wrapped__(q_len, k_len, *config)
     return _slot_table_cached(int(q_len), int(k_len), *config)
 
@@ -168,8 +177,8 @@ def trimmed_slot_table(q_len, k_len, position_buckets, max_relative_positions, s
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     args = (int(q_len), int(k_len), int(position_buckets), int(max_relative_positions), int(span), str(device))
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-        # tracing: never let a fake tensor into the caches (the range read below needs real values anyway)
+    if tracing():
+        # tracing: never let a fake or wrapper tensor into the caches (the range read below needs real values anyway)
         table = _slot_table_cached.__wrapped__(*args)
         lo, hi = (int(x) for x in torch.aminmax(table))
         return (table - lo).to(torch.int32).contiguous(), lo, hi

@@ -107,6 +107,13 @@ def test_aligned_copies_only_when_needed():
     odd = torch.randn(2, 4, 10, 65, dtype=torch.float16)[..., 1:]
     y = _cuda_ext.aligned(odd)
     assert y is not odd and y.is_contiguous() and torch.equal(y, odd)
+    # contiguous but 2 bytes off 16 (contiguous() would return it as it is), and an empty gradient's zero strides
+    off = torch.randn(2 * 4 * 10 * 64 + 1, dtype=torch.float16)[1:].view(2, 4, 10, 64)
+    y = _cuda_ext.aligned(off)
+    assert off.is_contiguous() and y.storage_offset() == 0 and torch.equal(y, off)
+    empty = torch.zeros(0, 2, 32, dtype=torch.float16).expand(0, 2, 32)
+    empty = torch.as_strided(empty, (0, 2, 32), (0, 0, 0))
+    assert _cuda_ext.aligned(empty).stride() == (64, 32, 1)
 
 
 def test_fake_kernels_give_shapes():
@@ -595,6 +602,46 @@ def test_gpu_double_backward_refuses_clearly():
     assert torch.equal(gq.detach(), want)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         torch.autograd.grad(gq.float().sum(), ts[2])
+
+
+@gpu
+@needs_ext
+def test_gpu_transforms_and_forward_ad():
+    """torch.func's transforms and the legacy vmap go through the custom ops (a loop: ``vmap`` and
+    ``autograd.grad(is_grads_batched=True)`` equal one), ``functionalize`` leaves the caches clean for the eager calls
+    after it, and a forward-mode tangent is refused by name (``auto``: the torch backend serves it)."""
+    import warnings
+
+    import torch.autograd.forward_ad as fwAD
+
+    from deberta_fast.dispatch import BackendUnavailableError
+
+    q, k, v, pk, pq = make_inputs(1, 2, 19, 19, 32, 4, torch.float16, DEV)
+    f = lambda q, k, v, pk, pq: disentangled_attention(q, k, v, pk, pq, position_buckets=4,  # noqa: E731
+                                                       max_relative_positions=16, backend="cuda")
+    qs = torch.stack([q, -q])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's "no batching rule" performance warning)
+        got = torch.func.vmap(lambda x: f(x, k, v, pk, pq))(qs)
+    assert torch.equal(got, torch.stack([f(x, k, v, pk, pq) for x in qs]))
+    ts = [t.clone().requires_grad_() for t in (q, k, v, pk, pq)]
+    gos = torch.randn(2, *q.shape, generator=torch.Generator().manual_seed(4)).to(DEV, torch.float16)
+    batched = torch.autograd.grad(f(*ts), ts, gos, is_grads_batched=True)
+    for i in range(2):
+        for a, b in zip(batched, torch.autograd.grad(f(*ts), ts, gos[i])):
+            assert torch.equal(a[i], b)
+    q2, k2, v2, pk2, pq2 = make_inputs(1, 2, 27, 27, 32, 4, torch.float16, DEV)  # a shape no call above cached
+    got = torch.func.functionalize(f)(q2, k2, v2, pk2, pq2)  # the first call of this shape fills no cache
+    assert torch.equal(f(q2, k2, v2, pk2, pq2), got)
+    t = torch.randn_like(q)
+    with fwAD.dual_level():
+        with pytest.raises(BackendUnavailableError, match="forward-mode AD"):
+            f(fwAD.make_dual(q, t), k, v, pk, pq)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = disentangled_attention(fwAD.make_dual(q, t), k, v, pk, pq, position_buckets=4,
+                                         max_relative_positions=16, backend="auto")
+        assert fwAD.unpack_dual(out).tangent is not None and deberta_fast.last_backend() == "torch"
 
 
 @gpu

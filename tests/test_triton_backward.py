@@ -279,6 +279,59 @@ def test_dropout_reproducible_under_manual_seed():
     assert not torch.equal(a[0], nodrop)
 
 
+def test_transforms_go_through_the_custom_ops():
+    """torch.func's transforms and the legacy vmap see the custom ops (their batching rule: a loop), never the direct
+    path, whose kernels cannot read wrapper tensors: ``vmap`` and ``autograd.grad(is_grads_batched=True)`` equal a
+    loop; ``functionalize`` is exact and leaves no wrapper tensor in the slot-table caches (a later eager call of the
+    same shape is exact too)."""
+    import warnings
+
+    q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 17, 17, 16)
+    f = triton_fn(None, kw)
+    qs = torch.stack([q, -q, 2 * q])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's "no batching rule" performance warning)
+        got = torch.func.vmap(lambda x: f(x, k, v, pk, pq))(qs)
+    assert torch.equal(got, torch.stack([f(x, k, v, pk, pq) for x in qs]))
+    ts = [t.clone().requires_grad_() for t in (q, k, v, pk, pq)]
+    gos = torch.randn(2, *q.shape)
+    batched = torch.autograd.grad(f(*ts), ts, gos, is_grads_batched=True)
+    for i in range(2):
+        for a, b in zip(batched, torch.autograd.grad(f(*ts), ts, gos[i])):
+            assert_close_fp32(a[i], b, tol=1e-6, what="batched gradient")
+    ref = disentangled_attention_reference(q.double(), k.double(), v.double(), pk.double(), pq.double(), **kw)
+    q2, k2, v2, pk2, pq2, _, _ = make_inputs(1, 2, 23, 23, 16)  # a shape no call above cached
+    ref2 = disentangled_attention_reference(*(t.double() for t in (q2, k2, v2, pk2, pq2)), **kw)
+    assert_close_fp32(torch.func.functionalize(f)(q2, k2, v2, pk2, pq2), ref2, tol=2e-5, what="functionalize")
+    assert_close_fp32(f(q2, k2, v2, pk2, pq2), ref2, tol=2e-5, what="eager after functionalize")
+    assert_close_fp32(f(q, k, v, pk, pq), ref, tol=2e-5, what="eager")
+
+
+def test_forward_mode_ad_is_refused_not_dropped():
+    """A forward-mode tangent (``torch.autograd.forward_ad``, ``torch.func.jvp``) is refused by name by the kernel
+    backend (its autograd has no forward-mode formula), and ``auto`` serves it with the torch backend: the tangent
+    of the reference, never a silently missing one."""
+    import torch.autograd.forward_ad as fwAD
+
+    from deberta_fast.dispatch import BackendUnavailableError
+
+    q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 15, 15, 16, mask="key")
+    t = torch.randn_like(q)
+    _, want = torch.func.jvp(lambda x: disentangled_attention(x, k, v, pk, pq, attention_mask=mask, backend="torch",
+                                                              **kw), (q,), (t,))
+    with pytest.raises(BackendUnavailableError, match="forward-mode AD"):
+        torch.func.jvp(triton_fn(mask, kw), (q, k, v, pk, pq), (t, *(torch.zeros_like(x) for x in (k, v, pk, pq))))
+    with fwAD.dual_level():
+        with pytest.raises(BackendUnavailableError, match="forward-mode AD"):
+            triton_fn(mask, kw)(fwAD.make_dual(q, t), k, v, pk, pq)
+        # auto: the kernel backends refuse, the torch backend serves
+        out = disentangled_attention(fwAD.make_dual(q, t), k, v, pk, pq, attention_mask=mask, backend="auto", **kw)
+        got = fwAD.unpack_dual(out).tangent
+    assert got is not None and torch.allclose(got, want, atol=1e-5)
+    # the memo does not carry a choice across: the same signature without a tangent runs the kernels again
+    disentangled_attention(q, k, v, pk, pq, attention_mask=mask, backend="triton", **kw)
+
+
 def test_double_backward_refuses_clearly():
     """A backward that records a graph (``create_graph=True``) goes through the backward op: first-order gradients
     as without it, and a second-order gradient refuses (the op has no autograd formula) instead of a silent zero."""

@@ -4,10 +4,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.autograd import forward_ad
 
 from ..positions import (SlotBand, relative_slot_table, slot_band, table_band, trimmed_slot_table,
                          values_unreadable)
 from ..reference import key_uniform_rows
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``, ``torch.func.jvp``)."""
+    return getattr(forward_ad, "_current_level", -1) >= 0
+
+
+#: the kernel backends' refusal of a call with forward-mode tangents (:attr:`_CallCommon.forward_ad`)
+FORWARD_AD_REFUSAL = ("forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported: the kernels' "
+                      "autograd has no forward-mode formula; backend='torch' serves it")
 
 
 class _CallCommon:
@@ -37,6 +48,15 @@ class _CallCommon:
             return False
         ts = (self.query, self.key, self.value, self.pos_key, self.pos_query)
         return any(t is not None and t.requires_grad for t in ts)
+
+    @property
+    def forward_ad(self) -> bool:
+        """Whether an input carries a forward-mode tangent (``torch.autograd.forward_ad``, ``torch.func.jvp``), which
+        only the torch backend propagates (the kernels' autograd has no forward-mode formula: refused, never a
+        silently missing tangent)."""
+        return forward_ad_active() and any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None
+            for t in (self.query, self.key, self.value, self.pos_key, self.pos_query))
 
     def band(self) -> SlotBand:
         """The saturation band of this call's slot table as the device has it (:func:`positions.table_band`);

@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..positions import tracing
+
+# the legacy vmap's wrappers (autograd.grad(is_grads_batched=True), jacobian(vectorize=True)): plain Tensors to Python
+_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", lambda t: False)
+
 try:  # torch.set_default_device's mode, and the torch function mode stack (private; absent: every mode traces)
     from torch.overrides import _get_current_function_mode_stack as _function_mode_stack
     from torch.utils._device import DeviceContext
@@ -21,21 +26,20 @@ except ImportError:  # pragma: no cover - older / newer torch
 
 def direct(*tensors) -> bool:
     """True when a custom op's plain implementation may be called instead of the op: eager mode, plain
-    tensors, no torch function / dispatch mode (torch.compile, export, FakeTensor, functionalization and
-    tensor subclasses all see the custom op).  The op's eager dispatch costs host time on every call (60-120 us
-    per forward measured on the 2-core CPU machine, 2026-12-02; benchmarks/NOTES.md, "Host path") and adds
-    nothing there.  ``torch.set_default_device``'s mode (a torch function mode that only fills in the device of
-    tensor constructors; every constructor on the implementations' path names its device) is no tracer: it keeps
-    the direct path."""
-    if torch.compiler.is_compiling():
+    tensors, no torch function / dispatch mode and no torch.func transform (torch.compile, export, FakeTensor,
+    functionalization, ``vmap`` / ``grad`` / ``functionalize``, the batched gradients of
+    ``autograd.grad(is_grads_batched=True)`` and tensor subclasses all see the custom op; its batching rule, a loop,
+    serves ``vmap``).  The op's eager dispatch costs host time on every call (60-120 us per forward measured on the
+    2-core CPU machine, 2026-12-02; benchmarks/NOTES.md, "Host path") and adds nothing there.
+    ``torch.set_default_device``'s mode (a torch function mode that only fills in the device of tensor constructors;
+    every constructor on the implementations' path names its device) is no tracer: it keeps the direct path."""
+    if tracing():
         return False
     if torch._C._is_torch_function_mode_enabled() and not all(
             type(m) is DeviceContext for m in _function_mode_stack()):
         return False
-    if torch._C._len_torch_dispatch_stack():
-        return False
     for t in tensors:  # (a loop: ~0.3 us less than all() over a generator; 2-core CPU machine, 2026-12-05)
-        if t is not None and type(t) is not Tensor:
+        if t is not None and (type(t) is not Tensor or _legacy_batched(t)):
             return False
     return True
 
