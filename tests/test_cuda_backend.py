@@ -116,6 +116,24 @@ def test_aligned_copies_only_when_needed():
     assert _cuda_ext.aligned(empty).stride() == (64, 32, 1)
 
 
+def test_rel_grads_accumulate_in_place_where_they_can():
+    """``_add_product`` (``dq += dC2P pos_key``): in place into the op's output for 3-D operands (packed, head-major
+    views of [T, H, D]) and a batch of one, a product and an add otherwise; the same values every way."""
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    cases = [(r(7, 3, 16).transpose(0, 1), r(3, 7, 10), r(3, 10, 16), True),  # packed: dq [T, H, D] viewed [H, T, D]
+             (r(1, 3, 7, 16), r(1, 3, 7, 10), r(3, 10, 16), True),
+             (r(1, 3, 7, 16), r(1, 3, 7, 10), r(1, 3, 10, 16), True),
+             (r(2, 3, 7, 16), r(2, 3, 7, 10), r(3, 10, 16), False),
+             (r(2, 3, 7, 16), r(2, 3, 7, 10), r(2, 3, 10, 16), False)]
+    for x, a, b, in_place in cases:
+        want = x + torch.matmul(a, b)
+        base = x.clone()
+        got = _cuda_ext._add_product(x, a, b)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+        assert (got.data_ptr() == x.data_ptr()) == in_place and (in_place or torch.equal(x, base))
+
+
 def test_fake_kernels_give_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
