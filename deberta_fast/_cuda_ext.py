@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 
 from ._env import env_flag
+from ._linalg import add_product_
 from .positions import values_unreadable
 
 __all__ = ["load", "build_jit", "unavailable_reason", "ops", "band_window", "rel_grads", "csrc_dir", "HEAD_DIMS",
@@ -241,28 +242,17 @@ def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def _add_product(x, a, b):
-    """``x + a @ b``: in place, one batched GEMM accumulating into ``x`` (no product temporary, no add), where the
-    operands are 3-D (the packed calls' head-major views) or a batch of one; else a product and an add."""
-    if x.dim() == a.dim() == b.dim() == 3:
-        return x.baddbmm_(a, b)
-    if x.dim() == a.dim() == 4 and x.shape[0] == 1 and (b.dim() == 3 or b.shape[0] == 1):
-        x[0].baddbmm_(a[0], b[0] if b.dim() == 4 else b)
-        return x
-    return x + torch.matmul(a, b)
-
-
 def rel_grads(dq, dk, q, k, pos_key, pos_query, dc2p, dp2c):
     """The position tables' share of the gradients, from ``dC2P`` / ``dP2C`` (head-major ``[..., H, L, ...]``
     operands): ``dq += dC2P pos_key``, ``dpos_key = dC2P^T q`` (summed over the batch), and the same for keys
-    (``dq`` / ``dk``: the backward op's fresh outputs, accumulated in place where :func:`_add_product` can).
+    (``dq`` / ``dk``: the backward op's fresh outputs, accumulated in place where :func:`add_product_` can).
     Returns ``(dq, dk, dpos_key, dpos_query)`` (None for an absent term)."""
     dpk = dpq = None
     if pos_key is not None:
-        dq = _add_product(dq, dc2p, pos_key)
+        dq = add_product_(dq, dc2p, pos_key)
         dpk = _sum_to(torch.matmul(dc2p.transpose(-1, -2), q), pos_key)
     if pos_query is not None:
-        dk = _add_product(dk, dp2c, pos_query)
+        dk = add_product_(dk, dp2c, pos_query)
         dpq = _sum_to(torch.matmul(dp2c.transpose(-1, -2), k), pos_query)
     return dq, dk, dpk, dpq
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from deberta_fast._env import interpreting
+from deberta_fast._linalg import add_product_
 from deberta_fast.positions import distance_runs, table_band, trimmed_slot_table
 
 from .triton_attention_bwd import disentangled_bwd_dkdv_kernel, disentangled_bwd_dq_kernel
@@ -1065,11 +1066,12 @@ def _unfilled(shape, device) -> torch.Tensor:
     return out.fill_(float("nan")) if interpreting() else out
 
 
-def _position_grads(sums, pos, x, pr: _Prepared, rev: bool = False):
+def _position_grads(sums, pos, x, grad, pr: _Prepared, rev: bool = False):
     """Per-run sums of dS (``[B,H,L',NRUN]``, or ``[H,T,NRUN]`` packed; runs of
     :func:`deberta_fast.positions.distance_runs`; ``rev``: in decreasing run order, dq's ``CSUM``, see
     :func:`_sums_layout`; ``L' >= L``, ``x``'s rows: the padded buffers' rows, unwritten past ``L``, so that the view
-    of their run columns folds into one matrix without a copy) -> ``(dS_rel @ pos, d pos)``.
+    of their run columns folds into one matrix without a copy) -> ``(grad + dS_rel @ pos, d pos)``, ``grad`` (the
+    kernels' float32 dq or dk of ``x``'s shape) accumulated in place where it can be (:func:`add_product_`).
 
     Run ``r`` reads row ``run_rows[r]`` of ``pos[..., rows, :]``; ``d pos`` has ``pos``'s shape (zero
     outside ``rows``), summed over batch when ``pos`` is ``[H, 2*span, D]`` and ``sums`` has a batch
@@ -1080,9 +1082,9 @@ def _position_grads(sums, pos, x, pr: _Prepared, rev: bool = False):
     run_rows = pr.run_rows_rev if rev else pr.run_rows
     identity = pr.runs_identity
     L = x.shape[-2]
-    dx = torch.matmul(sums, (sub.flip(-2) if rev else sub) if identity else sub.index_select(-2, run_rows))
     if sums.shape[-2] != L:
-        dx, sums = dx[..., :L, :], sums[..., :L, :]
+        sums = sums[..., :L, :]
+    grad = add_product_(grad, sums, (sub.flip(-2) if rev else sub) if identity else sub.index_select(-2, run_rows))
     druns = torch.matmul(sums.transpose(-1, -2), x.float())
     if druns.dim() > pos.dim():  # batch 1: the sum over one batch entry is that entry (no copy, no launch)
         druns = druns[0] if druns.shape[0] == 1 else druns.sum(0)
@@ -1097,7 +1099,7 @@ def _position_grads(sums, pos, x, pr: _Prepared, rev: bool = False):
     # zero rows outside ``rows``: one pad instead of zeros + a slice copy (the aten op: F.pad's wrapper cost ~0.4 us,
     # measured on the 2-core CPU machine, 2026-12-05)
     dpos = torch.constant_pad_nd(dsub.to(pos.dtype), (0, 0, pr.rows.start, pos.shape[-2] - pr.rows.stop))
-    return dx, dpos
+    return grad, dpos
 
 
 def _grad_buffers(pos_key, pos_query, shapes, dtypes, device, grouped: bool):
@@ -1160,11 +1162,9 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
                                                                             **kw_dkdv)
         dpos_key = dpos_query = None
         if has_c2p:
-            dq_rel, dpos_key = _position_grads(c_sum[..., pr.run_columns(True)], pkg, qg, pr, True)
-            dq += dq_rel
+            dq, dpos_key = _position_grads(c_sum[..., pr.run_columns(True)], pkg, qg, dq, pr, True)
         if has_p2c:
-            dk_rel, dpos_query = _position_grads(p_sum[..., pr.run_columns(False)], pqg, kg, pr)
-            dk += dk_rel
+            dk, dpos_query = _position_grads(p_sum[..., pr.run_columns(False)], pqg, kg, dk, pr)
         if one:
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos_key, dpos_query
         for dst, src in zip(res, (dq, dk, dv, dpos_key, dpos_query)):
@@ -1266,8 +1266,8 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
         for i, (sums, pos, x, grad) in enumerate(((c_sum, pos_key, qt, dqg), (p_sum, pos_query, kt, dkg))):
             if pos is None:
                 continue
-            g_rel, g_pos = _position_grads(sums[..., pr.run_columns(i == 0)], *_heads(g, pos, x), pr, i == 0)
-            grad.add_(g_rel)
+            # (grad: a [n, T, D] view of dq / dk, accumulated in place: 3-D operands)
+            _, g_pos = _position_grads(sums[..., pr.run_columns(i == 0)], *_heads(g, pos, x), grad, pr, i == 0)
             if g is None:
                 dpos[i] = g_pos
             else:

@@ -8,6 +8,7 @@ import torch
 
 import deberta_fast
 from deberta_fast import _cuda_ext, disentangled_attention, disentangled_attention_reference
+from deberta_fast._linalg import add_product_
 from deberta_fast.backends import BACKENDS
 from deberta_fast.dispatch import BackendUnavailableError, build_call
 from deberta_fast.positions import (attention_span, relative_slot_table, slot_band, table_band,
@@ -117,8 +118,8 @@ def test_aligned_copies_only_when_needed():
 
 
 def test_rel_grads_accumulate_in_place_where_they_can():
-    """``_add_product`` (``dq += dC2P pos_key``): in place into the op's output for 3-D operands (packed, head-major
-    views of [T, H, D]) and a batch of one, a product and an add otherwise; the same values every way."""
+    """``add_product_`` (both backends' ``dq += dC2P pos_key``): in place into the fresh gradient for 3-D operands
+    (packed, head-major views of [T, H, D]) and a batch of one, a product and an add otherwise; the same values."""
     g = torch.Generator().manual_seed(5)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     cases = [(r(7, 3, 16).transpose(0, 1), r(3, 7, 10), r(3, 10, 16), True),  # packed: dq [T, H, D] viewed [H, T, D]
@@ -129,7 +130,7 @@ def test_rel_grads_accumulate_in_place_where_they_can():
     for x, a, b, in_place in cases:
         want = x + torch.matmul(a, b)
         base = x.clone()
-        got = _cuda_ext._add_product(x, a, b)
+        got = add_product_(x, a, b)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
         assert (got.data_ptr() == x.data_ptr()) == in_place and (in_place or torch.equal(x, base))
 
