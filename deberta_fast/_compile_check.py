@@ -170,15 +170,16 @@ def scenario_config(sc: "Scenario", arch: int):
                                           full_mask=sc.mask == "full")
 
 
-def launch_config_keys() -> dict:
+def launch_config_keys(archs: tuple = (90, 80)) -> dict:
     """Every ``(pass, LaunchConfig, BLOCK_D)`` that ``launch_config`` returns over head dims 1..MAX_HEAD_DIM, a range
-    of lengths, the precisions (16-bit, IEEE float32, TF32), both targets, padded / packed, with / without dropout
-    and a full mask -> a representative :class:`Probe` (realistic first: fp16, sm_90, padded, dropout, D a power of
-    two, L = 512 or 64).  Probed, so a new branch in ``launch_config`` shows up here by itself."""
+    of lengths, the precisions (16-bit, IEEE float32, TF32), the targets ``archs`` (both by default), padded /
+    packed, with / without dropout and a full mask -> a representative :class:`Probe` (realistic first: fp16, sm_90,
+    padded, dropout, D a power of two, L = 512 or 64).  Probed, so a new branch in ``launch_config`` shows up here
+    by itself."""
     launch_config = _launch_module().launch_config
     dims = sorted(range(1, _max_head_dim() + 1), key=lambda d: (d & (d - 1) != 0 or d < 16, d != 64, d))
     keys = {}
-    for dtype, arch, varlen, dropout, full in itertools.product(("fp16", "fp32", "tf32"), (90, 80), (False, True),
+    for dtype, arch, varlen, dropout, full in itertools.product(("fp16", "fp32", "tf32"), archs, (False, True),
                                                                 (True, False), (False, True)):
         if varlen and full:  # packed sequences take no mask
             continue
@@ -275,6 +276,7 @@ def scenarios(full: bool) -> list[Scenario]:
         out += [Scenario(pass_, L=200, mask="key", why="ragged length", **on90),
                 Scenario(pass_, L=200, mask="full", why="ragged length", **on90),
                 Scenario(pass_, L=200, mask="full", dropout=False, why="ragged length, no dropout", **on90),
+                Scenario(pass_, L=200, mask="key", dropout=False, why="ragged length, key mask, no dropout", **on90),
                 Scenario(pass_, L=50, mask="key", why="ragged short length", **on90),
                 Scenario(pass_, mask="key_flags", why="key mask with the host's uniform-row flags (Lq != Lk)", **on90),
                 Scenario(pass_, D=48, why="head dim 48 (multiple of 16, padded)", **on90),
@@ -643,8 +645,8 @@ def spills(jobs: list[Job], results: list[dict]) -> list[str]:
     return out
 
 
-def check(jobs: list[Job], results: list[dict], full: bool) -> list[str]:
-    """What must hold: every variant compiled; the launch configs are covered; the specialization
+def check(jobs: list[Job], results: list[dict], full: bool, archs: tuple = (90, 80)) -> list[str]:
+    """What must hold: every variant compiled; the launch configs of ``archs`` are covered; the specialization
     reached the PTX (and the negative control shows that this check can tell); no kernel spills (:func:`spills`)."""
     problems = spills(jobs, results)
     failed = [(j, r) for j, r in zip(jobs, results) if not r["ok"]]
@@ -652,7 +654,7 @@ def check(jobs: list[Job], results: list[dict], full: bool) -> list[str]:
         j, r = failed[0]
         problems.append(f"{len(failed)} of {len(jobs)} variants failed to compile; first: sm_{j.cc} {j.kernel} "
                         f"{j.labels[0]}: {r['error'].splitlines()[0][:300]}")
-    keys = launch_config_keys()
+    keys = launch_config_keys(archs)
     covered = {j.cfg_key for j, r in zip(jobs, results) if r["ok"] and j.scenario.specialize}
     if full:
         missing = sorted(f"{p} {_cfg_str(c)} BLOCK_D={bd}" for p, c, bd in set(keys) - covered)
@@ -739,7 +741,9 @@ def main(argv=None) -> int:
     progress(f"compiling with {min(a.procs, len(jobs))} processes into Triton's cache {knobs.cache.dir} "
              f"(triton {triton.__version__}); cold: ~5-30 s per kernel per core")
     results = compile_all(jobs, a.procs, progress)
-    problems = check(jobs, results, a.full)
+    archs = tuple(sorted({90 if int(x) >= 90 else 80 for x in a.targets.split(",")}, reverse=True)) if a.targets \
+        else (90, 80)
+    problems = check(jobs, results, a.full, archs)
     print(table(jobs, results))
     n_cached = sum(bool(r["cached"]) for r in results)
     progress(f"compile check: {len(jobs)} kernels ({n_cached} from Triton's cache) in {time.time() - t0:.0f} s; "

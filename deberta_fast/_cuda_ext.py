@@ -49,7 +49,7 @@ import torch
 
 from ._env import env_flag
 from ._linalg import add_product_
-from .positions import values_unreadable
+from .positions import tracing, values_unreadable
 
 __all__ = ["load", "build_jit", "unavailable_reason", "ops", "band_window", "rel_grads", "csrc_dir", "HEAD_DIMS",
            "simulating", "simulator"]
@@ -204,7 +204,7 @@ def band_window(table: torch.Tensor, q_len: int, k_len: int, band_lo: int, band_
     ``perm`` lists the window's offsets sorted by slot (stable) and ``offs[s]:offs[s+1]`` is
     slot ``s``'s segment of it: a fixed-order, atomic-free segment sum.  Cached per table (treat the
     tensors as read-only); computed afresh while tracing."""
-    if values_unreadable(table):
+    if values_unreadable(table) or tracing():  # (no wrapper tensor in the cache either)
         return _band_window(table, q_len, k_len, band_lo, band_hi, s2)
     key = (id(table), table._version, int(q_len), int(k_len), int(band_lo), int(band_hi), int(s2))
     hit = _WINDOWS.get(key)

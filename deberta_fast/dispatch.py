@@ -12,7 +12,7 @@ import torch
 from ._env import getenv, interpreting  # noqa: F401 (interpreting: patching's)
 from .backends import AUTO_ORDER, AUTO_ORDER_TRACING, BACKENDS, AttentionCall, VarlenCall
 from .backends.base import forward_ad_active
-from .positions import attention_span, check_bucket_config, tracing, values_unreadable
+from .positions import attention_span, check_bucket_config, traced, tracing, values_unreadable
 from .reference import default_scale, mask_kind, normalize_mask
 
 _state = threading.local()
@@ -274,7 +274,7 @@ def choose_backend(call, backend: str):
                 + ". Use backend='auto' to fall back to a backend that can (backend='torch' serves every call).")
         return b
     refused = []
-    for name in AUTO_ORDER_TRACING if values_unreadable(call.query) else AUTO_ORDER:
+    for name in AUTO_ORDER_TRACING if traced(call.query) else AUTO_ORDER:
         b = BACKENDS[name]
         reasons = _reasons(b, call)
         if not reasons:

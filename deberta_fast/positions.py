@@ -12,6 +12,7 @@ No ``[L, L]`` tensor is ever built here.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ __all__ = [
     "check_bucket_config",
     "DistanceRuns",
     "distance_runs",
+    "traced",
+    "tracing",
     "values_unreadable",
 ]
 
@@ -106,18 +109,44 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or bool(torch._C._len_torch_dispatch_stack()) or _functorch_active()
 
 
+_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", lambda t: False)
+
+
+def traced(t: torch.Tensor) -> bool:
+    """Whether nothing runs on real values: compile / export tracing, a torch dispatch mode (FakeTensor,
+    functionalization) or a meta tensor ``t``."""
+    return torch.compiler.is_compiling() or bool(torch._C._len_torch_dispatch_stack()) or t.device.type == "meta"
+
+
 def values_unreadable(t: torch.Tensor) -> bool:
-    """Whether ``t``'s values cannot be read on the host (or must not be cached): :func:`tracing`, or a meta tensor.
-    Code that would read them (and the per-shape caches) takes the trace path instead."""
-    return tracing() or t.device.type == "meta"
+    """Whether ``t``'s values cannot be read on the host: :func:`traced`, or a tensor ``vmap`` batches.  Code that
+    would read them takes the trace path instead (the caches follow :func:`tracing`)."""
+    return traced(t) or _batched(t)
 
 
-@functools.lru_cache(maxsize=64)
-def _slot_table_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
+_NO_FUNCTORCH = getattr(torch._C, "_DisableFuncTorch", contextlib.nullcontext)
+
+
+def _shape_cache(fn):
+    """``lru_cache(64)`` of a per-shape builder (:func:`shape_caches`) whose entries are built outside torch.func's
+    transforms: a call under ``vmap`` / ``functionalize`` that reaches a cache (``table_band``, ``distance_runs``)
+    caches plain tensors, never a transform's wrappers, which a later eager call could not read.  (The public entry
+    points bypass the caches while :func:`tracing`; compile and fake tensors never reach them.)"""
+    @functools.wraps(fn)
+    def plain(*args):
+        with _NO_FUNCTORCH():
+            return fn(*args)
+    return functools.lru_cache(maxsize=64)(plain)
+
+
+def _slot_table_of(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
     device = torch.device(device_str)
     rel = torch.arange(-(k_len - 1), q_len, dtype=torch.long, device=device)
     delta = relative_delta(rel, position_buckets, max_relative_positions)
     return torch.clamp(delta + span, 0, 2 * span - 1).to(torch.int32).contiguous()
+
+
+_slot_table_cached = _shape_cache(_slot_table_of)
 
 
 def relative_slot_table(
@@ -144,11 +173,11 @@ def relative_slot_table(
     config = (int(position_buckets), int(max_relative_positions), int(span), str(device))
     # traced into the graph with lengths kept symbolic; the cache is for eager calls and must not keep fake tensors
     if tracing():
-        return _slot_table_cached.__wrapped__(q_len, k_len, *config)
+        return _slot_table_of(q_len, k_len, *config)
     return _slot_table_cached(int(q_len), int(k_len), *config)
 
 
-@functools.lru_cache(maxsize=64)
+@_shape_cache
 def _host_table(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
     """A CPU copy of the slot table of ``device_str``: the values the kernels read there (one copy per new shape).
     The host-side facts about the table (its rows, the backward's runs, the saturation band of the kernels) come
@@ -159,7 +188,7 @@ def _host_table(q_len, k_len, position_buckets, max_relative_positions, span, de
     return table if table.device.type == "cpu" else table.cpu()
 
 
-@functools.lru_cache(maxsize=64)
+@_shape_cache
 def _trimmed_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
     table = _slot_table_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str)
     host = _host_table(q_len, k_len, position_buckets, max_relative_positions, span, device_str)
@@ -179,7 +208,7 @@ def trimmed_slot_table(q_len, k_len, position_buckets, max_relative_positions, s
     args = (int(q_len), int(k_len), int(position_buckets), int(max_relative_positions), int(span), str(device))
     if tracing():
         # tracing: never let a fake or wrapper tensor into the caches (the range read below needs real values anyway)
-        table = _slot_table_cached.__wrapped__(*args)
+        table = _slot_table_of(*args)
         lo, hi = (int(x) for x in torch.aminmax(table))
         return (table - lo).to(torch.int32).contiguous(), lo, hi
     return _trimmed_cached(*args)
@@ -206,7 +235,7 @@ class DistanceRuns:
         return self.hi - self.lo + 1
 
 
-@functools.lru_cache(maxsize=64)
+@_shape_cache
 def _distance_runs_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
     args = (q_len, k_len, position_buckets, max_relative_positions, span, device_str)
     table = _host_table(*args).long() - _trimmed_cached(*args)[1]  # the trimmed table the kernels read
@@ -265,7 +294,7 @@ def _slot_band_cached(position_buckets: int, max_relative_positions: int, span: 
     return lo, hi
 
 
-@functools.lru_cache(maxsize=64)
+@_shape_cache
 def _table_band_cached(q_len, k_len, position_buckets, max_relative_positions, span, device_str):
     host = _host_table(q_len, k_len, position_buckets, max_relative_positions, span, device_str)
     n = host.numel()

@@ -278,8 +278,9 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         dkdv = LaunchConfig(32, 16, 4, 2, 0, 255 if tf32 else 0) if family == 80 or tf32 else c
         if tf32 or bd != 64:
             return BackwardConfig(dq=dq, dkdv=dkdv)
-        if varlen and dropout:  # packed sm_90 dK/dV on distance tables: 4 B at ptxas's own 168 registers under
-            # triton 3.6.0 (2026-12-06): up to 255
+        if varlen and dropout:  # packed sm_90 dK/dV with dropout on distance tables: 4 B spilled under triton 3.6.0
+            # (at 255 registers; with maxnreg 255 ptxas allocates otherwise: 0 B under both compilers, 2026-12-06).
+            # The variant without relative terms then takes 206 registers instead of 142 (untimed)
             return BackwardConfig(dq=dq, dkdv=replace(dkdv, max_regs=255) if family == 90 else dkdv)
         # Padded 16-bit D = 64 (2026-12-05; benchmarks/NOTES.md "Backward tiles"): tiles that spread each tile's
         # fixed work (K / V or Q / dO loads, the run sums' and Philox's per-row parts, loop control) over more
@@ -294,7 +295,10 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         # 57.38 -> 23.12 - 50.38, dK/dV from 32x16 52.5 - 60.0 -> 30.5 - 47.62).  Packed calls with dropout keep the
         # 32x32 / 32x16 tiles: 64x32 dq spilled 8 B there, 16x64 dK/dV 8 - 12 B (3.6.0); dK/dV 32x64 spilled 4 - 124 B
         # in most variants.
-        return BackwardConfig(dq=LaunchConfig(64, 32, 4, 1), dkdv=LaunchConfig(16, 64, 4, 1))
+        # (sm_90 dK/dV at a ragged length with a key mask and no dropout: 4 B spilled under triton 3.6.0, 2026-12-06;
+        # up to 255 registers: 0 B under both compilers; the training variants already sat at 254 - 255)
+        return BackwardConfig(dq=LaunchConfig(64, 32, 4, 1),
+                              dkdv=LaunchConfig(16, 64, 4, 1, 0, 255 if family == 90 else 0))
     if bd <= 128:
         if family == 90:  # dq 32x32 spilled 4-12 B on sm_90 (16x32: 0 B, +27 % instructions), dK/dV 32x32/8/1 4 B
             # (dq with a full mask: 12 B at ptxas's own 168 registers under triton 3.6.0, 2026-12-05: up to 255)

@@ -78,11 +78,9 @@ def perturb_slot_table(monkeypatch):
     """``perturb(buckets, max_rel, L, distances, slot)``: from then on the slot table of that config at
     ``Lq = Lk = L`` (every device) has ``slot`` at ``distances``, as if the device's arithmetic had rounded those
     buckets differently from the CPU's.  The position caches are cleared before and after."""
-    import functools
-
     from deberta_fast import positions as P
 
-    real = P._slot_table_cached.__wrapped__
+    real = P._slot_table_of
 
     def clear():
         for f in P.shape_caches():
@@ -102,7 +100,8 @@ def perturb_slot_table(monkeypatch):
             return t
 
         clear()
-        monkeypatch.setattr(P, "_slot_table_cached", functools.lru_cache(maxsize=64)(patched))
+        monkeypatch.setattr(P, "_slot_table_of", patched)  # (what the tracing paths call)
+        monkeypatch.setattr(P, "_slot_table_cached", P._shape_cache(patched))
 
     yield perturb
     clear()

@@ -661,6 +661,8 @@ def test_gpu_transforms_and_forward_ad():
             out = disentangled_attention(fwAD.make_dual(q, t), k, v, pk, pq, position_buckets=4,
                                          max_relative_positions=16, backend="auto")
         assert fwAD.unpack_dual(out).tangent is not None and deberta_fast.last_backend() == "torch"
+    with pytest.raises(BackendUnavailableError, match="reverse-mode transforms"):
+        torch.func.grad(lambda x: f(x, k, v, pk, pq).float().sum())(q)
 
 
 @gpu

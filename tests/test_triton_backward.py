@@ -332,6 +332,31 @@ def test_forward_mode_ad_is_refused_not_dropped():
     disentangled_attention(q, k, v, pk, pq, attention_mask=mask, backend="triton", **kw)
 
 
+def test_reverse_mode_transforms_are_refused_by_name():
+    """torch.func's reverse-mode transforms (``grad``, ``vjp``, ``jacrev``) cannot run the kernels' autograd functions:
+    refused by name (not torch's message about ``setup_context``), and ``auto`` serves them with the torch backend;
+    a packed call under ``vmap`` still checks its offsets (they are readable there)."""
+    import deberta_fast
+    from deberta_fast.dispatch import BackendUnavailableError
+
+    q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 13, 13, 16)
+
+    def loss(backend):
+        return lambda x: disentangled_attention(x, k, v, pk, pq, backend=backend, **kw).sum()
+
+    want = torch.func.grad(loss("torch"))(q)
+    with pytest.raises(BackendUnavailableError, match="reverse-mode transforms"):
+        torch.func.grad(loss("triton"))(q)
+    for transform in (torch.func.grad, torch.func.jacrev):
+        got = transform(loss("auto"))(q)
+        assert deberta_fast.last_backend() == "torch" and torch.allclose(got, want, atol=1e-6)
+    a, b, c = (t.transpose(1, 2).reshape(13, 2, 16) for t in (q, k, v))
+    bad = torch.tensor([0, 5, 9], dtype=torch.int32)  # ends at 9 of 13 tokens
+    with pytest.raises(ValueError, match="invalid offsets"):
+        torch.func.vmap(lambda x: deberta_fast.disentangled_attention_varlen(
+            x, b, c, pk, pq, bad, bad, 13, 13, backend="triton", **kw))(torch.stack([a, a]))
+
+
 def test_double_backward_refuses_clearly():
     """A backward that records a graph (``create_graph=True``) goes through the backward op: first-order gradients
     as without it, and a second-order gradient refuses (the op has no autograd formula) instead of a silent zero."""

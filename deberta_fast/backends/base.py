@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd import forward_ad
 
-from ..positions import (SlotBand, relative_slot_table, slot_band, table_band, trimmed_slot_table,
+from ..positions import (SlotBand, _functorch_active, relative_slot_table, slot_band, table_band, trimmed_slot_table,
                          values_unreadable)
 from ..reference import key_uniform_rows
 
@@ -19,6 +19,29 @@ def forward_ad_active() -> bool:
 #: the kernel backends' refusal of a call with forward-mode tangents (:attr:`_CallCommon.forward_ad`)
 FORWARD_AD_REFUSAL = ("forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported: the kernels' "
                       "autograd has no forward-mode formula; backend='torch' serves it")
+#: ... and of a call under torch.func's reverse-mode transforms (:func:`func_grad_active`)
+FUNC_GRAD_REFUSAL = ("torch.func's reverse-mode transforms (grad, vjp, jacrev) are not supported: the kernels' "
+                     "autograd functions cannot run under them; backend='torch' serves them")
+
+
+def func_grad_active() -> bool:
+    """Whether a torch.func reverse-mode transform (``grad``, ``vjp``, ``jacrev``) is active (the kernels' autograd
+    functions have the combined ``forward(ctx, ...)`` form, which those transforms refuse with a message about
+    ``setup_context``)."""
+    if not _functorch_active():
+        return False
+    try:  # (private API; unknown: refuse, the torch backend serves every call)
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        return any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
+    except (ImportError, AttributeError):
+        return True
+
+
+def autodiff_refusals(call) -> list[str]:
+    """The kernel backends' refusals of autodiff they cannot serve: forward-mode tangents, torch.func's reverse mode."""
+    why = [FORWARD_AD_REFUSAL] if call.forward_ad else []
+    return why + ([FUNC_GRAD_REFUSAL] if func_grad_active() else [])
 
 
 class _CallCommon:

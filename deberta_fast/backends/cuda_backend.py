@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import _cuda_ext
-from .base import FORWARD_AD_REFUSAL, AttentionCall, Backend, VarlenCall
+from .base import AttentionCall, Backend, VarlenCall, autodiff_refusals
 from .eager import direct, records_grad
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -129,7 +129,7 @@ class CudaBackend(Backend):
 
     @staticmethod
     def _common_refusals(call) -> list[str]:
-        why = [FORWARD_AD_REFUSAL] if call.forward_ad else []
+        why = autodiff_refusals(call)
         if _cuda_ext.simulating():
             if call.device.type != "cpu":
                 why.append(f"inputs are on {call.device}, the CPU simulator (DEBERTA_FAST_CUDA_SIM=1) needs CPU tensors")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._env import interpreting
-from .base import FORWARD_AD_REFUSAL, AttentionCall, Backend, VarlenCall
+from .base import AttentionCall, Backend, VarlenCall, autodiff_refusals
 from .eager import direct as _direct, records_grad as _records_grad
 
 MAX_HEAD_DIM = 256
@@ -259,7 +259,7 @@ def triton_attention_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlen
 
 def _device_dtype_refusals(call) -> list[str]:
     """Device, dtype, head-dim and layout rules shared by the padded and the packed path (and forward-mode AD)."""
-    why = [FORWARD_AD_REFUSAL] if call.forward_ad else []
+    why = autodiff_refusals(call)
     device = call.device
     if device.type != "cuda":
         if not interpreting():
