@@ -98,13 +98,13 @@ def triton_pieces(ts, kw, bwd_cfg=None):
     got, rel = {}, {}
     real_grads, real_config = launch._position_grads, launch._config
 
-    def position_grads(s, pos, x, pr, rev=False):  # the run sums: dq's (rev: runs in decreasing order), dK/dV's
-        dx, dpos = real_grads(s, pos, x, pr, rev)
+    def position_grads(s, pos, x, grad, pr, rev=False):  # the run sums: dq's (rev: runs in decreasing order), dK/dV's
+        dx, dpos = real_grads(s, pos, x, torch.zeros_like(grad), pr, rev)  # the relative share alone
         name = "c" if rev else "p"
         s = s[..., :x.shape[-2], :]  # (padded buffers: rows past the length are not written)
         got[f"{name}sum"] = s.flip(-1) if rev else s.clone()
         rel[f"d{'q' if rev else 'k'}_rel"] = dx.clone()
-        return dx, dpos
+        return grad.add_(dx), dpos  # (in place, as the launcher's own accumulation: packed calls rely on it)
 
     def config(pass_, *a):
         return bwd_cfg if (pass_ == "bwd" and bwd_cfg is not None) else real_config(pass_, *a)

@@ -75,10 +75,12 @@ def test_spill_check_allows_only_the_measured_forward():
     assert cc.spills([measured], [{"ok": False, "error": "x"}]) == []  # (a failed compile is check()'s problem)
 
 
-def test_config_coverage_follows_the_targets():
+def test_config_coverage_follows_the_targets(monkeypatch):
     """``--targets 90`` (CI's stage under the GPU image's triton 3.6.0) checks the coverage of the sm_90 launch configs
-    only: a subset of both targets' configs, every one probed on sm_90."""
+    only: a subset of both targets' configs, every one probed on sm_90 (the GPU configs: not the interpreter's one)."""
     from deberta_fast import _compile_check as cc
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
     both, sm90 = cc.launch_config_keys(), cc.launch_config_keys((90,))
     assert set(sm90) < set(both) and all(p.arch == 90 for p in sm90.values())
