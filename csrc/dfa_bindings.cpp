@@ -197,12 +197,15 @@ Tensor delta_buffer(at::IntArrayRef shape, const Tensor& q) {
 #endif
 }
 
-// The backward's score kernels and relative-gradient band buffers (float32, one writer per element; not zero-filled:
-// band_to_slots reads only the written entries), reduced by band_to_slots into dC2P / dP2C.  One side at a time: the
-// dq kernel writes the c2p band, band_to_slots reduces it and it is freed before the dK/dV kernel's p2c band is
-// allocated, so that the two [rows, W] float32 buffers (0.8 GB each at 16k tokens, H = 12, DeBERTa-v3's W = 1017)
-// never coexist.  rows_q / rows_k: rows of dC2P / dP2C (B*H*Lq or H*Tq); Lq, Lk: extents of the distance range
-// (varlen: the max lengths); shape_q / shape_k: dC2P / dP2C without their slot axis.
+// The band's entry type (dfa_bwd.cu, BandType): bf16 for bf16 inputs, float32 for fp16.
+at::ScalarType band_dtype(const Tensor& q) { return q.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat; }
+
+// The backward's score kernels and relative-gradient band buffers (band_dtype, one writer per element; not
+// zero-filled: band_to_slots reads only the written entries), reduced by band_to_slots into dC2P / dP2C.  One side at
+// a time: the dq kernel writes the c2p band, band_to_slots reduces it and it is freed before the dK/dV kernel's p2c
+// band is allocated, so that the two [rows, W] buffers (0.4 GB each in bf16 at 16k tokens, H = 12, DeBERTa-v3's
+// W = 1017; 0.8 GB in float32 for fp16) never coexist.  rows_q / rows_k: rows of dC2P / dP2C (B*H*Lq or H*Tq); Lq,
+// Lk: extents of the distance range (varlen: the max lengths); shape_q / shape_k: dC2P / dP2C without their slot axis.
 struct RelBackward {
   bool has_c2p = false, has_p2c = false;
   int64_t rows_q = 0, rows_k = 0, W = 0;
@@ -245,6 +248,7 @@ struct RelBackward {
                                 bool launch, const char* what, void* stream) const {
     Tensor dc2p = at::empty({0}, q.options()), dp2c = at::empty({0}, q.options());
     const auto f32 = q.options().dtype(at::kFloat);
+    const auto band_opts = q.options().dtype(band_dtype(q));
     const int64_t Wa = std::max<int64_t>(W, 1);
     for (const bool by_key : {false, true}) {
       const bool has = by_key ? has_p2c : has_c2p;
@@ -254,13 +258,13 @@ struct RelBackward {
         // The CPU builds (host tests, simulator) fill the band with NaN, so that a read of an unwritten entry fails
         // the tests.
 #ifdef DFA_CPU_TENSORS
-        band = at::full({rows, Wa}, NAN, f32);
+        band = at::full({rows, Wa}, NAN, band_opts);
 #else
-        band = at::empty({rows, Wa}, f32);
+        band = at::empty({rows, Wa}, band_opts);
 #endif
         sat = at::zeros({rows, 2}, f32);
       }
-      (by_key ? p.band_k : p.band_q) = has ? band.data_ptr<float>() : nullptr;
+      (by_key ? p.band_k : p.band_q) = has ? band.data_ptr() : nullptr;
       (by_key ? p.sat_k : p.sat_q) = has ? sat.data_ptr<float>() : nullptr;
       if (launch) {
         const char* err = dfa::launch_bwd(p, dtype, head_dim, by_key ? dfa::BWD_DKDV : dfa::BWD_DQ, stream);
@@ -418,7 +422,7 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
   p.dq_sb = dq.stride(0); p.dq_sh = dq.stride(1); p.dq_sr = dq.stride(2);
   p.dk_sb = dk.stride(0); p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(2);
-  const auto groups = head_groups(H, 4 * B * std::max(Lq, Lk) * std::max<int64_t>(W, 1));
+  const auto groups = head_groups(H, at::elementSize(band_dtype(q)) * B * std::max(Lq, Lk) * std::max<int64_t>(W, 1));
   if (groups.size() == 1) {
     const Tensor delta = delta_buffer({B, H, Lq}, q);
     p.delta = delta.data_ptr<float>();
@@ -567,7 +571,7 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
   p.dq_sb = 0; p.dq_sh = dq.stride(1); p.dq_sr = dq.stride(0);
   p.dk_sb = 0; p.dk_sh = dk.stride(1); p.dk_sr = dk.stride(0);
-  const auto groups = head_groups(H, 4 * std::max(Tq, Tk) * std::max<int64_t>(W, 1));
+  const auto groups = head_groups(H, at::elementSize(band_dtype(q)) * std::max(Tq, Tk) * std::max<int64_t>(W, 1));
   if (groups.size() == 1) {
     RelBackward rel;
     rel.check(p, q, pos_key.has_value(), pos_query.has_value(), H * Tq, H * Tk, max_q, max_k, dmin, W, perm, offs);

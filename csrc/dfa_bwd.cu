@@ -51,12 +51,25 @@ struct BwdCfg {
   static_assert((KV_BM * 12) % 16 == 0, "the relative terms' shared memory stays 16-byte aligned");
 };
 
+// The band's entries (one dS each, summed per slot by band_to_slots in float32): bf16 for bf16 inputs, the value the
+// dS x K / dS^T x Q products take as their operand (half the bytes of float32, written once and read once per
+// backward); float32 for fp16, whose range would flush the small dS of a softmax's tail to zero.
+template <typename T> struct BandEntry { using type = float; };
+template <> struct BandEntry<__nv_bfloat16> { using type = __nv_bfloat16; };
+template <typename T> using BandType = typename BandEntry<T>::type;
+__device__ __forceinline__ float band_float(float x) { return x; }
+__device__ __forceinline__ float band_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename B> __device__ __forceinline__ B band_entry(float x) {
+  if constexpr (std::is_same_v<B, float>) return x;
+  else return __float2bfloat16_rn(x);
+}
+
 // dS of element (i, j), d = i - j, into the relative-table gradients: the saturated sums sat[0] (d below the band
 // window) / sat[1] (above it), else band_row[d - dmin] (one writer per element).  SAT: the warp's whole tile is
 // saturated (zone 1: below, 2: above), no window test; the same sums in the same order.
-template <bool SAT>
+template <bool SAT, typename B>
 __device__ __forceinline__ void add_rel_grad(const Params& p, int zone, float ds, int d, float (&sat)[2],
-                                             float* band_row) {
+                                             B* band_row) {
   if constexpr (SAT) {
     if (zone == 1) sat[0] += ds;
     else sat[1] += ds;
@@ -64,7 +77,7 @@ __device__ __forceinline__ void add_rel_grad(const Params& p, int zone, float ds
     const int w = d - p.dmin;
     if (w < 0) sat[0] += ds;
     else if (w >= p.W) sat[1] += ds;
-    else band_row[w] = ds;
+    else band_row[w] = band_entry<B>(ds);
   }
 }
 
@@ -192,7 +205,8 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
           if (p.dropout) dpv = dropout_keep(dw[2 * hh + nt % 2], j, p.drop_thresh) ? dpv * p.drop_scale : 0.f;
           const float ds = ((CHECK && uni[hh]) || !valid) ? 0.f : pr * (dpv - dlt[hh]) * p.scale;
           s[nt][e] = ds;
-          if (rel_grad && valid) add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], p.band_q + (sv.qoff + i) * p.W);
+          if (rel_grad && valid)
+            add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], static_cast<BandType<T>*>(p.band_q) + (sv.qoff + i) * p.W);
         }
       }
     });
@@ -359,7 +373,8 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
           const float ds = (u || !valid) ? 0.f : pr * (dpv - dlt_s[il]) * p.scale;
           s[nt][e] = pd;
           dp[nt][e] = ds;
-          if (rel_grad && valid) add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], p.band_k + (sv.koff + j) * p.W);
+          if (rel_grad && valid)
+            add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], static_cast<BandType<T>*>(p.band_k) + (sv.koff + j) * p.W);
         }
       }
     });
@@ -404,7 +419,7 @@ template <typename T, bool BY_KEY>
 __global__ void __launch_bounds__(kThreads) dfa_band_to_slots_kernel(const Params p, const int32_t* __restrict__ perm,
                                                                      const int32_t* __restrict__ offs, T* out,
                                                                      int64_t rows) {
-  const float* band = BY_KEY ? p.band_k : p.band_q;
+  const BandType<T>* band = static_cast<const BandType<T>*>(BY_KEY ? p.band_k : p.band_q);
   const float* sat = BY_KEY ? p.sat_k : p.sat_q;
   const int W = p.W, S2 = p.S2;
   // the saturated sums' slots: the table's at the band edges (as the forward's saturated_slots), clamped
@@ -438,13 +453,13 @@ __global__ void __launch_bounds__(kThreads) dfa_band_to_slots_kernel(const Param
       w0 = min(max(dlo - p.dmin, 0), W);
       w1 = min(max(dlo + other - p.dmin, w0), W);
     }
-    const float* br = band + r * W;
+    const BandType<T>* br = band + r * W;
     for (int s = threadIdx.x; s < S2; s += blockDim.x) {
       float acc = 0.f;
       const int k1 = min(offs[s + 1], W);
       for (int k = max(offs[s], 0); k < k1; ++k) {
         const int c = perm[k];
-        if (c >= w0 && c < w1) acc += br[c];
+        if (c >= w0 && c < w1) acc += band_float(br[c]);
       }
       if (s == sslot.x) acc += sat[r * 2 + 0];
       if (s == sslot.y) acc += sat[r * 2 + 1];

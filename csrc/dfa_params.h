@@ -37,8 +37,9 @@ struct Params {
   const uint8_t* uniform; int64_t un_sb, un_sh;
   // dropout: rng -> int64 [2] = {seed, offset} on the device; keep iff a 16-bit Philox half >= drop_thresh
   const int64_t* rng; uint32_t drop_thresh; float drop_scale; int dropout;
-  // relative-gradient band buffers (backward only; nullptr when no relative term)
-  float* band_q; float* sat_q; float* band_k; float* sat_k; int dmin; int W;
+  // relative-gradient band buffers (backward only; nullptr when no relative term): band entries of the element type
+  // BandType<T> (dfa_bwd.cu: bf16 for bf16 inputs, float32 for fp16), the saturated sums float32
+  void* band_q; float* sat_q; void* band_k; float* sat_k; int dmin; int W;
   int B, H, Lq, Lk;
   // the dropout stream's (b, h) is b * h_all + h0 + h: the call's own when the backward runs a group of its heads
   // (H of them, views from head h0 on; h_all = the call's heads); h_all = H, h0 = 0 otherwise
