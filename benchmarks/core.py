@@ -156,6 +156,39 @@ def _df_prepare(backend: str):
     return prepare
 
 
+def _wgmma_skip(inp: CoreInputs, mode: str):
+    """The cuda backend's forward on its wgmma variant (DEBERTA_FAST_CUDA_WGMMA=1): where the device runs the
+    extension's sm_90a build."""
+    why = _df_skip("cuda")(inp, mode)
+    if why:
+        return why
+    from deberta_fast import _cuda_ext
+
+    if torch.cuda.get_device_capability(inp.device)[0] != 9:
+        return "the wgmma forward is sm_90 only (Hopper)"
+    import deberta_fast
+
+    q = inp.query[:1, :, :8]
+    with _cuda_ext.wgmma_forward():
+        deberta_fast.disentangled_attention(q, q, q, inp.pos_key, inp.pos_query, position_buckets=inp.position_buckets,
+                                            max_relative_positions=inp.max_relative_positions, backend="cuda")
+    kind = _cuda_ext.last_fwd_kernel()
+    return None if kind == "wgmma" else f"the extension ran its {kind} forward: no sm_90a build for this device"
+
+
+def _wgmma_prepare(inp: CoreInputs, grad: bool) -> Prepared:
+    from deberta_fast import _cuda_ext
+
+    prep = _df_prepare("cuda")(inp, grad)
+    call = prep.fn
+
+    def fn():
+        with _cuda_ext.wgmma_forward():
+            return call()
+    prep.fn = fn
+    return prep
+
+
 # ----------------------------------------------------------------------------- HF eager
 
 class _Const(torch.nn.Module):
@@ -346,6 +379,8 @@ def _peer_skip(pkg: str):
 
 def candidates() -> list[Candidate]:
     c = [Candidate(f"deberta_fast-{b}", "deberta_fast", _df_skip(b), _df_prepare(b)) for b in ("torch", "triton", "cuda")]
+    c.append(Candidate("deberta_fast-cuda-wgmma", "deberta_fast", _wgmma_skip, _wgmma_prepare,
+                       notes="the cuda backend with its forward's wgmma variant (sm_90a, DEBERTA_FAST_CUDA_WGMMA=1)"))
     c += [
         Candidate("hf-eager", "baseline", _hf_skip, _hf_prepare,
                   notes="transformers DisentangledSelfAttention.forward, projections replaced by the given tensors"),

@@ -51,6 +51,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: the cuda GPU tests that cover the forward's paths, run again with its wgmma variant (tests/test_cuda_sim.py's too)
+WGMMA_TESTS = ("variants or hf_padding or dropout_exact or rows_without or uniform or band_follows or "
+               "sequence_without")
 STAGES = ["env", "build", "parity", "diagnose", "tests", "sanitize", "bench-core", "bench-model"]
 #: only when asked for: the whole suite; the launch-config timing; where the op's / a training step's time goes
 EXTRA_STAGES = ["tests-all", "tune", "breakdown", "profile-model"]
@@ -145,8 +148,14 @@ def plan(stage: str, out: str, rehearse: bool, py: str, profile: str = "full",
         sel = ["tests/test_functional_api.py", "tests/test_cuda_backend.py", "-k", "not slow"] if rehearse \
             else GPU_TEST_FILES
         workers = [] if rehearse or importlib.util.find_spec("xdist") is None else ["-n", "4", "--dist", "loadfile"]
-        return [("pytest", [py, "-m", "pytest", *sel, *workers, "-p", "no:cacheprovider", "-rfEs",
+        cmds = [("pytest", [py, "-m", "pytest", *sel, *workers, "-p", "no:cacheprovider", "-rfEs",
                             f"--junitxml={os.path.join(out, 'tests.xml')}"], {})]
+        if not rehearse:  # the cuda forward's wgmma variant (sm_90a; elsewhere its tests check the mma.sync one ran)
+            cmds.append(("pytest-wgmma", [py, "-m", "pytest", "tests/test_cuda_backend.py", "tests/test_cuda_varlen.py",
+                                          "-k", WGMMA_TESTS, *workers, "-p", "no:cacheprovider", "-rfEs",
+                                          f"--junitxml={os.path.join(out, 'tests-wgmma.xml')}"],
+                         {"DEBERTA_FAST_CUDA_WGMMA": "1"}))
+        return cmds
     if stage == "sanitize":
         cmds = []
         for backend in ("cuda", "triton"):

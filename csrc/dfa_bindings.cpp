@@ -620,6 +620,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dmin"), py::arg("W"), py::arg("perm"), py::arg("offs"), py::arg("band_lo") = -(1 << 30),
         py::arg("band_hi") = 1 << 30);
   m.attr("HEAD_DIMS") = py::make_tuple(32, 64, 128);
+  m.def("last_fwd_kernel", [] { return std::string(dfa::last_fwd_kernel()); },
+        "the forward kernel the last forward launched: 'wgmma' (sm_90a with DEBERTA_FAST_CUDA_WGMMA=1) or 'mma.sync'");
   m.def(
       "set_band_budget",
       [](int64_t bytes) {

@@ -183,6 +183,14 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Shared memory written through the generic proxy (stores, cp.async) made visible to the async proxy that wgmma reads
+// it through (dfa_wgmma.cuh); before the barrier that publishes it.  Nothing before sm_90.
+__device__ __forceinline__ void fence_proxy_async() {
+#if !defined(DFA_CPU_SIM) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 // Calls f(c) for c = threadIdx.x, threadIdx.x + NTHREADS, ... < N: a static trip count, fully unrolled (no loop
 // guard on the thread index, so the static profile counts every call), then the remainder.
 template <int N, int NTHREADS, typename F>
@@ -193,16 +201,46 @@ __device__ __forceinline__ void for_thread_chunks(F&& f) {
   if (REM != 0 && (int)threadIdx.x < REM) f((int)threadIdx.x + FULL * NTHREADS);
 }
 
-// Load a [ROWS x D] tile of a [L x D] row-strided global matrix into smem [ROWS][D+8]; rows >= L are zero-filled.
+// Shared-memory tile layouts (elements of T): off(r, c), c a multiple of 8, addresses a 16-byte chunk (the unit of
+// every copy and ldmatrix row address); at(tile, r, c) is its address; elems(rows) is a tile's size.
+//   PaddedRows<D>: row-major [rows][D + 8] (ldmatrix's 8 row addresses in distinct banks): the mma.sync kernels'.
+//   CoreRows<D>:   8x8 "core matrices" (8 rows x 16 bytes: 128 contiguous bytes), D / 8 + 1 per group of 8 rows (the
+//                  last one the 8 padding columns), the groups one after another: the PTX ISA's canonical no-swizzle
+//                  layout, which wgmma's descriptors read (dfa_wgmma.cuh).  An ldmatrix of one core matrix reads 128
+//                  contiguous bytes (conflict-free).  The same size as PaddedRows.
+template <int D>
+struct PaddedRows {
+  static constexpr int LDS = D + 8;
+  static constexpr bool CORE = false;
+  __device__ __forceinline__ static constexpr int off(int r, int c) { return r * LDS + c; }
+  template <typename P>  // &tile[r][c]: the row, then the column (the mma.sync kernels' address arithmetic)
+  __device__ __forceinline__ static P* at(P* tile, int r, int c) { return tile + r * LDS + c; }
+  static constexpr int elems(int rows) { return rows * LDS; }
+};
+template <int D>
+struct CoreRows {
+  static constexpr int CH = D / 8 + 1;          // 16-byte chunks per row: D / 8 and the padding chunk
+  static constexpr int GROUP_BYTES = CH * 128;  // one group of 8 rows
+  static constexpr bool CORE = true;
+  __device__ __forceinline__ static constexpr int off(int r, int c) {
+    return ((r >> 3) * CH + (c >> 3)) * 64 + (r & 7) * 8 + (c & 7);
+  }
+  template <typename P>
+  __device__ __forceinline__ static P* at(P* tile, int r, int c) { return tile + off(r, c); }
+  static constexpr int elems(int rows) { return rows * CH * 8; }
+};
+
+// Load a [ROWS x D] tile of a [len x D] row-strided global matrix into smem (layout L: [ROWS][D + 8] by default);
+// rows >= len are zero-filled.
 // 16-byte chunks (rows must be 16-byte aligned): plain loads and stores, or with ASYNC cp.async (issued, not
 // committed: the caller commits and waits).
 // STATIC (default): a static trip count, one pointer advanced per pass (no per-copy index arithmetic, every copy
 // counted by the static profile); otherwise a strided loop with a guard per copy (fewer live registers: the D = 128
 // dq kernel spills 88 B with the static copies).
-template <typename T, int ROWS, int D, int NTHREADS, bool ASYNC = false, bool STATIC = true>
-__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_stride, int row0, int L) {
+template <typename T, int ROWS, int D, int NTHREADS, bool ASYNC = false, bool STATIC = true,
+          typename L = PaddedRows<D>>
+__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_stride, int row0, int len) {
   constexpr int CPR = D / 8;             // 16-byte chunks per row
-  constexpr int LDS = D + 8;
   const auto copy = [&](T* dst, const T* src, bool ok) {
     if constexpr (ASYNC) {
       cp_async_16(dst, ok ? src : g, ok);
@@ -215,21 +253,26 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_strid
   if constexpr (STATIC) {
     constexpr int RSTEP = NTHREADS / CPR;  // rows per pass of the block
     static_assert(NTHREADS % CPR == 0, "whole rows per pass");
-    const int r0 = (int)threadIdx.x / CPR, cc = (int)threadIdx.x % CPR;
+    static_assert(!L::CORE || (NTHREADS == 128 && 16 % CPR == 0), "core matrices: 8 threads fill one");
+    // padded: consecutive threads take a row's consecutive chunks; core: 8 consecutive threads fill one core matrix
+    // (rows r..r + 7 of one chunk: 128 contiguous bytes, no bank conflict)
+    const int tid = (int)threadIdx.x;
+    const int r0 = L::CORE ? ((tid >> 3) / CPR) * 8 + (tid & 7) : tid / CPR;
+    const int cc = L::CORE ? (tid >> 3) % CPR : tid % CPR;
     const T* src = g + (int64_t)(row0 + r0) * row_stride + cc * 8;  // advanced by RSTEP rows per pass
-    T* dst = smem + r0 * LDS + cc * 8;
+    T* dst = L::at(smem, r0, cc * 8);
 #pragma unroll
     for (int it = 0; it * RSTEP < ROWS; ++it) {
       const int r = r0 + it * RSTEP;
       if (ROWS % RSTEP != 0 && r >= ROWS) break;
-      copy(dst + it * RSTEP * LDS, src, row0 + r < L);
+      copy(dst + it * L::off(RSTEP, 0), src, row0 + r < len);
       src += RSTEP * row_stride;
     }
   } else {
 #pragma unroll
     for (int c = threadIdx.x; c < ROWS * CPR; c += NTHREADS) {
       const int r = c / CPR, cc = c % CPR;
-      copy(smem + r * LDS + cc * 8, g + (int64_t)(row0 + r) * row_stride + cc * 8, row0 + r < L);
+      copy(L::at(smem, r, cc * 8), g + (int64_t)(row0 + r) * row_stride + cc * 8, row0 + r < len);
     }
   }
 }
@@ -239,20 +282,20 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_strid
 // STAGES = 2: cp.async of tile k0 + BN while tile k0 is computed; STAGES = 1: one tile at a time (less shared
 // memory).  Per iteration: acquire() (waits for the tile, barrier; returns K, V is BN rows after it), compute,
 // release() (barrier: the stage may be refilled).  No copy is issued when Lk = 0.
-template <typename T, int BN, int D, int STAGES, bool STATIC_COPIES = true>
+template <typename T, int BN, int D, int STAGES, bool STATIC_COPIES = true, typename L = PaddedRows<D>>
 struct KVTiles {
   static_assert(STAGES == 1 || STAGES == 2, "one or two stages");
-  static constexpr int LDS = D + 8;
-  static constexpr int SMEM_ELEMS = STAGES * 2 * BN * LDS;
+  static constexpr int TILE = L::elems(BN);  // one K or V tile
+  static constexpr int SMEM_ELEMS = STAGES * 2 * TILE;
   T* smem;
   const T *kg, *vg;
   int64_t k_sr, v_sr;
   int Lk;
 
   __device__ __forceinline__ void issue(int stage, int k0) const {
-    T* dst = smem + stage * 2 * BN * LDS;
-    load_tile<T, BN, D, kThreads, true, STATIC_COPIES>(dst, kg, k_sr, k0, Lk);
-    load_tile<T, BN, D, kThreads, true, STATIC_COPIES>(dst + BN * LDS, vg, v_sr, k0, Lk);
+    T* dst = smem + stage * 2 * TILE;
+    load_tile<T, BN, D, kThreads, true, STATIC_COPIES, L>(dst, kg, k_sr, k0, Lk);
+    load_tile<T, BN, D, kThreads, true, STATIC_COPIES, L>(dst + TILE, vg, v_sr, k0, Lk);
     cp_async_commit();
   }
   __device__ __forceinline__ void start() const {
@@ -265,8 +308,9 @@ struct KVTiles {
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (L::CORE) fence_proxy_async();  // read by wgmma too
     __syncthreads();  // every thread's copies of this tile visible
-    return smem + (STAGES == 2 ? stage : 0) * 2 * BN * LDS;
+    return smem + (STAGES == 2 ? stage : 0) * 2 * TILE;
   }
   __device__ __forceinline__ void release(int k0) const {
     __syncthreads();  // this stage fully consumed
@@ -277,19 +321,18 @@ struct KVTiles {
 // acc[NT][4] += A (16 x D, rows of smem `a`, this warp's 16 rows) * B^T, where B is
 // NT*8 rows of smem `b` ([n][k] row-major: "col" operand of the MMA).  Fragments by ldmatrix: A's four 8x8
 // matrices are (rows 0-7 | 8-15) x (k 0-7 | 8-15), B's are (n-tile nt | nt+1) x (k 0-7 | 8-15).
-template <typename T, int D, int NT>
+template <typename T, int D, int NT, typename LA = PaddedRows<D>, typename LB = PaddedRows<D>>
 __device__ __forceinline__ void mma_rows_rows(float (*acc)[4], const T* a, const T* b) {
   static_assert(NT % 2 == 0, "score tile width must be a multiple of 16");
-  constexpr int LDS = D + 8;
   const int lane = threadIdx.x & 31, lr = lane & 7, lm = lane >> 3;
 #pragma unroll
   for (int kc = 0; kc < D / 16; ++kc) {
     uint32_t af[4];
-    ldmatrix_x4<false>(af, a + ((lm & 1) * 8 + lr) * LDS + kc * 16 + (lm >> 1) * 8);
+    ldmatrix_x4<false>(af, LA::at(a, (lm & 1) * 8 + lr, kc * 16 + (lm >> 1) * 8));
 #pragma unroll
     for (int nt = 0; nt < NT; nt += 2) {
       uint32_t bf[4];
-      ldmatrix_x4<false>(bf, b + (nt * 8 + (lm >> 1) * 8 + lr) * LDS + kc * 16 + (lm & 1) * 8);
+      ldmatrix_x4<false>(bf, LB::at(b, nt * 8 + (lm >> 1) * 8 + lr, kc * 16 + (lm & 1) * 8));
       mma16816<T>(acc[nt], af, bf);
       mma16816<T>(acc[nt + 1], af, bf + 2);
     }

@@ -7,29 +7,101 @@
 // One kernel serves the padded batch and the packed variable-length (varlen) layout: the
 // per-block sequence offsets come from seq_view() (cu_seqlens read at run time, no extra
 // template instantiations); blocks past the end of their sequence exit at once.
+// WG (sm_90a, opt-in: DEBERTA_FAST_CUDA_WGMMA=1): Q K^T and P V on wgmma (dfa_wgmma.cuh), Q / K / V tiles in the
+// CoreRows layout it reads; everything else the same code.
+#include <cstdlib>
+
 #include "dfa_rel.cuh"
+#include "dfa_wgmma.cuh"
 
 namespace dfa {
 
-template <typename T, int D>
+template <typename T, int D, bool WG = false>
 struct FwdCfg {
   static constexpr int BM = 64;                   // queries per block (16 per warp)
   static constexpr int BN = D == 128 ? 32 : 64;  // keys per iteration (D = 128: 32, to fit sm_86's 99 KB)
-  static constexpr int LDS = D + 8;
-  using KV = KVTiles<T, BN, D, 2>;  // cp.async of tile it+1 while tile it is computed
+  using L = std::conditional_t<WG, CoreRows<D>, PaddedRows<D>>;  // the Q / K / V tiles' layout
+  using KV = KVTiles<T, BN, D, 2, true, L>;  // cp.async of tile it+1 while tile it is computed
   using Rel = RelSmem<T, BN, D>;    // with relative terms: window, saturated rows, skew scratch, slots
   // shared memory (elements of T): Q | K/V stages | Rel
-  static constexpr int BASE = BM * LDS + KV::SMEM_ELEMS;
+  static constexpr int BASE = L::elems(BM) + KV::SMEM_ELEMS;
   static constexpr int SMEM = BASE * (int)sizeof(T);
   static constexpr int SMEM_REL = (BASE + Rel::ELEMS) * (int)sizeof(T);
   static_assert(SMEM_REL <= 101376, "the forward must fit sm_86 / sm_89's 99 KB of shared memory per block");
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(p)) {
+// The wgmma descriptors of the Q / K / V tiles (WG): each tile's is its start's (the shared window offset in bytes / 16
+// in the low bits) plus the element offset from Qs, one integer add; those of the 16-column / 16-row steps inside a
+// tile add constants.  Q and K are read K-major (LBO: the next 8 columns, one core matrix; SBO: the next 8 rows, one
+// row group), V MN-major (LBO: the next 8 keys, a row group; SBO: the next 8 of the head dim, a core matrix).
+template <typename T, typename L>
+struct TileDescs {
+  const T* base;
+  uint64_t kmajor, mnmajor;  // of `base`
+
+  __device__ __forceinline__ explicit TileDescs(const T* Qs)
+      : base(Qs), kmajor(smem_desc(Qs, 128, L::GROUP_BYTES)), mnmajor(smem_desc(Qs, L::GROUP_BYTES, 128)) {}
+  __device__ __forceinline__ uint64_t at(uint64_t d, const T* tile) const {
+    return d + (uint64_t)((int)(tile - base) * (int)sizeof(T) / 16);
+  }
+  // columns [16 kc, 16 kc + 16) of a K-major tile; rows [16 kc, 16 kc + 16) of an MN-major one
+  static constexpr uint64_t kstep(int kc) { return (uint64_t)(kc * 256 / 16); }
+  static constexpr uint64_t mnstep(int kc) { return (uint64_t)(kc * 2 * L::GROUP_BYTES / 16); }
+};
+
+// S = Q K^T of one tile into s (this warp's 16 rows, its mma.sync C fragments): mma.sync from ldmatrix fragments, or
+// with WG one wgmma per 16 of D (the warpgroup's 64 rows; A = Q and B = K from shared memory, both K-major).
+template <typename T, int D, int BN, bool WG, typename Descs>
+__device__ __forceinline__ void score_product(float (*s)[4], const Descs& dsc, const T* Qw, const T* Ks) {
+  if constexpr (WG) {
+    const uint64_t dq = dsc.kmajor, dk = dsc.at(dsc.kmajor, Ks);
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc)
+      wgmma_ss<T, BN, false>(&s[0][0], dq + dsc.kstep(kc), dk + dsc.kstep(kc), kc > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+  } else {
+    (void)dsc;
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    mma_rows_rows<T, D, BN / 8>(s, Qw, Ks);
+  }
+}
+
+// o += P V of one tile (p: the probabilities in s's layout): mma.sync with V's fragments by ldmatrix.trans, or with
+// WG one wgmma per 16 keys (A = P from registers, B = V from shared memory, MN-major).
+template <typename T, int D, int BN, bool WG, typename Descs>
+__device__ __forceinline__ void value_product(float (*o)[4], const float (*p)[4], const Descs& dsc, const T* Vs) {
+  if constexpr (WG) {
+    const uint64_t dv = dsc.at(dsc.mnmajor, Vs);
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < BN / 16; ++kc) {
+      const uint32_t a[4] = {Pack<T>::pack(p[2 * kc][0], p[2 * kc][1]), Pack<T>::pack(p[2 * kc][2], p[2 * kc][3]),
+                             Pack<T>::pack(p[2 * kc + 1][0], p[2 * kc + 1][1]),
+                             Pack<T>::pack(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+      wgmma_rs<T, D, true>(&o[0][0], a, dv + dsc.mnstep(kc), true);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+  } else {
+    (void)dsc;
+    mma_acc_rows<T, D, BN / 8>(o, p, Vs);
+  }
+}
+
+// (the mma.sync variant's stand-in for TileDescs)
+struct NoDescs {
+  __device__ __forceinline__ explicit NoDescs(const void*) {}
+};
+
+template <typename T, int D, bool WG>
+__device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
   DFA_PROFILE_ASSUME(p);
-  using Cfg = FwdCfg<T, D>;
-  constexpr int BM = Cfg::BM, BN = Cfg::BN, LDS = Cfg::LDS, NT = BN / 8;
+  using Cfg = FwdCfg<T, D, WG>;
+  using L = typename Cfg::L;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, NT = BN / 8;
   DFA_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
   const typename Cfg::Rel rs(Qs + Cfg::BASE);  // relative terms only (the launch sizes shared memory by that)
@@ -49,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   const auto [pk, pq] = pos_rows<T>(p, b, h);
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
   const auto skew = rs.skew(warp);
-  const T* Qw = Qs + warp * 16 * LDS;
+  const T* Qw = L::at(Qs, warp * 16, 0);
 
   int rows[2];
   bool uni[2];
@@ -67,13 +139,14 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
     offset = (uint32_t)p.rng[1];
   }
 
-  load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, Lq);
+  load_tile<T, BM, D, kThreads, false, true, L>(Qs, qg, p.q_sr, q0, Lq);
+  if constexpr (WG) fence_proxy_async();  // Q, read by wgmma: published by the next barrier
   float4 c2p_sat = make_float4(0.f, 0.f, 0.f, 0.f);  // {lo g, lo g+8, hi g, hi g+8}
   if (rel) {
     load_sat_rows<T, D>(rs.sat, pq, p.pq_sr, pk, p.pk_sr, saturated_slots(p));
     if (tile_saturation(p, q0, BM, 0, BN) == 0) fill_slots<Cfg::Rel::WR, 1>(rs.slots, p, q0 - (BN - 1));  // tile 0
     __syncthreads();  // Q, the saturated rows, the first window's slots
-    c2p_sat = row_saturated_mma<T, D>(Qw, rs.sat);
+    c2p_sat = row_saturated_mma<T, D, L>(Qw, rs.sat);
   }
   const SatFold<T> fold(c2p_sat);
 
@@ -82,28 +155,27 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  const typename Cfg::KV kv{Qs + BM * LDS, kg, vg, p.k_sr, p.v_sr, Lk};
+  const typename Cfg::KV kv{Qs + L::elems(BM), kg, vg, p.k_sr, p.v_sr, Lk};
+  const std::conditional_t<WG, TileDescs<T, L>, NoDescs> dsc(Qs);
   kv.start();
   for (int k0 = 0, stage = 0; k0 < Lk; k0 += BN, stage ^= 1) {
     const T* Ks = kv.acquire(k0, stage);
-    const T* Vs = Ks + BN * LDS;
+    const T* Vs = Ks + Cfg::KV::TILE;
 
     // 0: the band (skew); 1 / 2: beyond it (d <= band_lo / d >= band_hi: one slot); 3: no relative term
     const int zone = rel ? tile_saturation(p, q0 + warp * 16, 16, k0, BN) : 3;  // warp-uniform
     // block-uniform: some warp's tile lies in the band.  The window's slots were filled one tile ahead (before the
     // loop for tile 0); c2p is the row term (pos_key), p2c the column term (pos_query)
     if (rel && tile_saturation(p, q0, BM, k0, BN) == 0)
-      rs.products(skew, rs.slots_of(stage), pk, p.pk_sr, pq, p.pq_sr, Qw, Ks, warp, zone == 0);
+      rs.template products<L>(skew, rs.slots_of(stage), pk, p.pk_sr, pq, p.pq_sr, Qw, Ks, warp, zone == 0);
 
     float s[NT][4];
-#pragma unroll
-    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
     // the relative terms of saturated tiles ride the score MMA; some warp's tile is saturated (block-uniform: warp 0
     // has the smallest distances, warp 3 the largest)
     const bool any_sat =
         rel && (tile_saturation(p, q0, 16, k0, BN) == 1 || tile_saturation(p, q0 + BM - 16, 16, k0, BN) == 2);
-    fold.template score<D, BN, NT>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, zone,
-                                   [&] { mma_rows_rows<T, D, NT>(s, Qw, Ks); });
+    fold.template score<D, BN, NT, L>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, zone,
+                                      [&] { score_product<T, D, BN, WG>(s, dsc, Qw, Ks); });
 
     float mx[2] = {-INFINITY, -INFINITY};
     // checked: an edge tile, or one with a masked key or a uniform row (tests per element).  raw: a saturated (or
@@ -173,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
         }
       }
     });
-    mma_acc_rows<T, D, NT>(o, s, Vs);
+    value_product<T, D, BN, WG>(o, s, dsc, Vs);
     // the next tile's window slots, published by release()'s barrier (the other half was last read a tile ago)
     if (rel && k0 + BN < Lk && tile_saturation(p, q0, BM, k0 + BN, BN) == 0)
       fill_slots<Cfg::Rel::WR, 1>(rs.slots_of(stage ^ 1), p, q0 - (k0 + BN) - (BN - 1));
@@ -197,14 +269,44 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(DFA_KERNEL_PARAMS(
   }
 }
 
-template <typename T, int D>
+// WG: only where this pass can run wgmma (the sm_90a cubin, the simulator); the host launches it only then.
+template <typename T, int D, bool WG>
+__global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(const Params p) {
+  if constexpr (WG && !DFA_HAS_WGMMA) {
+    (void)p;
+    __trap();
+  } else {
+    fwd_body<T, D, WG>(p);
+  }
+}
+
+namespace {
+const char* g_last_fwd = "";  // the kernel the last launch_fwd launched (last_fwd_kernel)
+
+// DEBERTA_FAST_CUDA_WGMMA=1 and this device runs the sm_90a build of the WG kernel (or the simulator).
+template <typename K>
+bool wgmma_wanted(K* kern) {
+  const char* env = std::getenv("DEBERTA_FAST_CUDA_WGMMA");
+  if (env == nullptr || env[0] != '1' || env[1] != '\0') return false;
+#ifdef DFA_CPU_SIM
+  (void)kern;
+  return true;
+#else
+  cudaFuncAttributes a;
+  return cudaFuncGetAttributes(&a, kern) == cudaSuccess && a.binaryVersion == 90;
+#endif
+}
+}  // namespace
+
+template <typename T, int D, bool WG>
 static const char* run_fwd(const Params& p, cudaStream_t stream) {
-  using Cfg = FwdCfg<T, D>;
-  auto kern = dfa_fwd_kernel<T, D>;
+  using Cfg = FwdCfg<T, D, WG>;
+  auto kern = dfa_fwd_kernel<T, D, WG>;
   const int smem = p.table != nullptr ? Cfg::SMEM_REL : Cfg::SMEM;
   cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return cudaGetErrorString(err);
   dim3 grid((p.Lq + Cfg::BM - 1) / Cfg::BM, p.B * p.H);
+  g_last_fwd = WG ? "wgmma" : "mma.sync";
   DFA_LAUNCH(kern, grid, kThreads, smem, stream, p);
   err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -212,7 +314,14 @@ static const char* run_fwd(const Params& p, cudaStream_t stream) {
 
 const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  return dispatch_dtype_dim(dtype, head_dim, [&](auto t, auto d) { return run_fwd<decltype(t), decltype(d)::value>(p, s); });
+  return dispatch_dtype_dim(dtype, head_dim, [&](auto t, auto d) {
+    using T = decltype(t);
+    constexpr int D = decltype(d)::value;
+    if (wgmma_wanted(dfa_fwd_kernel<T, D, true>)) return run_fwd<T, D, true>(p, s);
+    return run_fwd<T, D, false>(p, s);
+  });
 }
+
+const char* last_fwd_kernel() { return g_last_fwd; }
 
 }  // namespace dfa

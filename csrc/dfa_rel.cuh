@@ -112,10 +112,10 @@ __device__ __forceinline__ void store_acc(T* dst, int ld, const float (*acc)[4])
 
 // The row term of this thread's rows (g, g + 8) at the saturated slots, {lo g, lo g+8, hi g, hi g+8}: columns 2 / 3
 // of R_w . SatRows^T (held by lane 4 g + 1), rounded to T.
-template <typename T, int D>
+template <typename T, int D, typename L = PaddedRows<D>>
 __device__ __forceinline__ float4 row_saturated_mma(const T* Rw, const T* S) {
   float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  mma_rows_rows<T, D, 2>(acc, Rw, S);
+  mma_rows_rows<T, D, 2, L>(acc, Rw, S);
   const int src = ((threadIdx.x & 31) & ~3) | 1;
   const float lo0 = __shfl_sync(0xffffffffu, acc[0][0], src), hi0 = __shfl_sync(0xffffffffu, acc[0][1], src);
   const float lo1 = __shfl_sync(0xffffffffu, acc[0][2], src), hi1 = __shfl_sync(0xffffffffu, acc[0][3], src);
@@ -123,16 +123,16 @@ __device__ __forceinline__ float4 row_saturated_mma(const T* Rw, const T* S) {
 }
 
 // The column terms of a tile's COLS columns at the saturated slots, written into the 8 padding columns of the
-// tile's rows (smem [COLS][D + 8]): row c gets (term at lo, at hi, 1, 0, 0, 0, 0, 0) as T in columns D..D + 7, which
-// is SatFold's B' for ldmatrix.  Warp w computes rows [16 w, 16 w + 16): C_w . SatRows[0..7]^T, one n-tile, where
+// tile's rows (COLS rows of layout L): row c gets (term at lo, at hi, 1, 0, 0, 0, 0, 0) as T in columns D..D + 7,
+// which is SatFold's B' for ldmatrix.  Warp w computes rows [16 w, 16 w + 16): C_w . SatRows[0..7]^T, one n-tile, where
 // lane 4 g holds the lo / hi terms of rows g and g + 8.  The caller's barrier publishes them to the other warps.
-template <typename T, int D, int COLS>
+template <typename T, int D, int COLS, typename L = PaddedRows<D>>
 __device__ __forceinline__ void store_col_saturated(T* Cs, const T* S, int warp) {
   static_assert(D % 32 == 0, "two k-chunks per ldmatrix of the saturated rows");
-  constexpr int LDS = D + 8;
+  constexpr int LDS = D + 8;  // S's
   if (16 * warp >= COLS) return;  // warp-uniform
   const int lane = threadIdx.x & 31, lr = lane & 7, lm = lane >> 3, g = lane >> 2;
-  T* Cw = Cs + 16 * warp * LDS;
+  T* Cw = L::at(Cs, 16 * warp, 0);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int kc = 0; kc < D / 16; kc += 2) {
@@ -141,14 +141,14 @@ __device__ __forceinline__ void store_col_saturated(T* Cs, const T* S, int warp)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       uint32_t af[4];
-      ldmatrix_x4<false>(af, Cw + ((lm & 1) * 8 + lr) * LDS + (kc + h) * 16 + (lm >> 1) * 8);
+      ldmatrix_x4<false>(af, L::at(Cw, (lm & 1) * 8 + lr, (kc + h) * 16 + (lm >> 1) * 8));
       mma16816<T>(acc, af, bf + 2 * h);
     }
   }
   if ((lane & 3) == 0) {
     const uint32_t one = Pack<T>::pack(1.f, 0.f);
-    *reinterpret_cast<uint4*>(Cw + g * LDS + D) = make_uint4(Pack<T>::pack(acc[0], acc[1]), one, 0u, 0u);
-    *reinterpret_cast<uint4*>(Cw + (g + 8) * LDS + D) = make_uint4(Pack<T>::pack(acc[2], acc[3]), one, 0u, 0u);
+    *reinterpret_cast<uint4*>(L::at(Cw, g, D)) = make_uint4(Pack<T>::pack(acc[0], acc[1]), one, 0u, 0u);
+    *reinterpret_cast<uint4*>(L::at(Cw, g + 8, D)) = make_uint4(Pack<T>::pack(acc[2], acc[3]), one, 0u, 0u);
   }
 }
 
@@ -171,16 +171,15 @@ struct SatFold {
   }
   // s[nt] += A'_zone . B'_nt for a saturated zone (1 / 2).  Cs: the tile's column rows with store_col_saturated's
   // padding (published); B' of four n-tiles per ldmatrix.
-  template <int D, int NT>
+  template <int D, int NT, typename L = PaddedRows<D>>
   __device__ __forceinline__ void add(float (*s)[4], const T* Cs, int zone) const {
     static_assert(NT % 4 == 0, "four n-tiles per ldmatrix");
-    constexpr int LDS = D + 8;
     const int lane = threadIdx.x & 31;
     const uint32_t az[2] = {zone == 1 ? a[0][0] : a[1][0], zone == 1 ? a[0][1] : a[1][1]};  // selects, no indexing
 #pragma unroll
     for (int q = 0; q < NT; q += 4) {
       uint32_t bf[4];  // matrix m: rows 8 (q + m) + 0..7, columns D..D + 7
-      ldmatrix_x4<false>(bf, Cs + (8 * q + lane) * LDS + D);
+      ldmatrix_x4<false>(bf, L::at(Cs, 8 * q + lane, D));
 #pragma unroll
       for (int m = 0; m < 4; ++m) mma1688<T>(s[q + m], az, bf[m]);
     }
@@ -189,13 +188,13 @@ struct SatFold {
   // saturated (`any_sat`, block-uniform) every warp stores its columns' terms into the padding of the column tile Cs
   // (store_col_saturated; COLS columns per tile) before the products, one barrier after them publishes the terms,
   // and a warp whose tile is saturated (zone 1 / 2) adds them.
-  template <int D, int COLS, int NT, typename Mmas>
+  template <int D, int COLS, int NT, typename L = PaddedRows<D>, typename Mmas>
   __device__ __forceinline__ void score(float (*s)[4], T* Cs, const T* sat, int warp, bool any_sat, int zone,
                                         Mmas&& mmas) const {
-    if (any_sat) store_col_saturated<T, D, COLS>(Cs, sat, warp);
+    if (any_sat) store_col_saturated<T, D, COLS, L>(Cs, sat, warp);
     mmas();
     if (any_sat) __syncthreads();
-    if (zone == 1 || zone == 2) add<D, NT>(s, Cs, zone);
+    if (zone == 1 || zone == 2) add<D, NT, L>(s, Cs, zone);
   }
 };
 
@@ -215,25 +214,25 @@ struct SkewTile {
   __device__ __forceinline__ explicit SkewTile(T* warp_scratch) : rowv(warp_scratch), colv(warp_scratch + 16 * CS) {}
 
   // Row-term products of warp w's 16 rows (Rw) against the window W (rows from 16 w).
-  template <int D>
+  template <int D, typename L = PaddedRows<D>>
   __device__ __forceinline__ void row_products(const T* Rw, const T* W, int warp) const {
-    constexpr int LDS = D + 8;
+    constexpr int LDS = D + 8;  // W's
     float acc[NC / 8][4];
 #pragma unroll
     for (int i = 0; i < NC / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    mma_rows_rows<T, D, NC / 8>(acc, Rw, W + 16 * warp * LDS);
+    mma_rows_rows<T, D, NC / 8, L>(acc, Rw, W + 16 * warp * LDS);
     store_acc<T, NC / 8>(rowv, CS, acc);
   }
   // Column-term products of the tile's COLS column vectors (Cs) against the window W, for warp w's rows.
-  template <int D>
+  template <int D, typename L = PaddedRows<D>>
   __device__ __forceinline__ void col_products(const T* Cs, const T* W, int warp) const {
-    constexpr int LDS = D + 8;
+    constexpr int LDS = D + 8;  // W's
 #pragma unroll
     for (int kb = 0; kb < COLS / 16; ++kb) {
       float acc[4][4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-      mma_rows_rows<T, D, 4>(acc, Cs + 16 * kb * LDS, W + (16 * warp - 16 * kb + COLS - 16) * LDS);
+      mma_rows_rows<T, D, 4, L>(acc, L::at(Cs, 16 * kb, 0), W + (16 * warp - 16 * kb + COLS - 16) * LDS);
       store_acc<T, 4>(colv + 16 * kb * PS, PS, acc);
     }
   }
@@ -271,18 +270,19 @@ struct RelSmem {
   // One band tile's products (block-uniform call: barriers inside): the row term (rows Rw against the window of
   // `row_pos`), then the column term (the tile's column vectors Cs against the window of `col_pos`), into the warp's
   // scratch when `band_warp` (its own tile lies in the band).  ws: the window's slots.  A term whose position rows are
-  // nullptr is skipped.
+  // nullptr is skipped.  L: the layout of Rw's and Cs's tiles.
+  template <typename L = PaddedRows<D>>
   __device__ __forceinline__ void products(const Skew& skew, const int* ws, const T* row_pos, int64_t row_sr,
                                            const T* col_pos, int64_t col_sr, const T* Rw, const T* Cs, int warp,
                                            bool band_warp) const {
     load_window<T, WR, D>(win, ws, row_pos, row_sr);
     __syncthreads();
-    if (band_warp && row_pos != nullptr) skew.template row_products<D>(Rw, win, warp);
+    if (band_warp && row_pos != nullptr) skew.template row_products<D, L>(Rw, win, warp);
     if (col_pos != nullptr) {
       __syncthreads();  // every warp done with the row term's window
       load_window<T, WR, D>(win, ws, col_pos, col_sr);
       __syncthreads();
-      if (band_warp) skew.template col_products<D>(Cs, win, warp);
+      if (band_warp) skew.template col_products<D, L>(Cs, win, warp);
     }
     __syncwarp();  // the scratch this warp wrote, visible to its lanes
   }

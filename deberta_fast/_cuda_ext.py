@@ -39,6 +39,7 @@ any non-finite LSE as such a row).  Varlen ops (packed sequences, positions rest
 k/v ``[Tk,H,D]``, int32 ``cu_seqlens`` ``[N+1]``, lse float32 ``[H,Tq]``, slot table of length
 ``max_seqlen_q + max_seqlen_k - 1``.
 """
+import contextlib
 import os
 import threading
 import weakref
@@ -302,6 +303,36 @@ def ops():
             _register_ops()
             _ops_registered = True
     return torch.ops.deberta_fast
+
+
+WGMMA_ENV = "DEBERTA_FAST_CUDA_WGMMA"  # read by the extension's forward launcher at every launch (csrc/dfa_fwd.cu)
+
+
+def wgmma_requested() -> bool:
+    """``DEBERTA_FAST_CUDA_WGMMA=1``: the forward runs its wgmma variant (``csrc/dfa_wgmma.cuh``) where the device runs
+    the extension's sm_90a build (and in the simulator); elsewhere, and by default, the mma.sync kernel.  Experimental:
+    not yet run on a GPU."""
+    return os.environ.get(WGMMA_ENV) == "1"
+
+
+@contextlib.contextmanager
+def wgmma_forward(on: bool = True):
+    """Within: ``DEBERTA_FAST_CUDA_WGMMA`` set to ``1`` (``on``) or ``0``, restored after (benchmarks, tests)."""
+    old = os.environ.get(WGMMA_ENV)
+    os.environ[WGMMA_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[WGMMA_ENV]
+        else:
+            os.environ[WGMMA_ENV] = old
+
+
+def last_fwd_kernel() -> str:
+    """The forward kernel the extension (the simulator under ``DEBERTA_FAST_CUDA_SIM=1``) launched last: ``"wgmma"``,
+    ``"mma.sync"``, or ``""`` before the first."""
+    return _need_ext().last_fwd_kernel()
 
 
 def _need_ext():

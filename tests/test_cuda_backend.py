@@ -13,6 +13,7 @@ from deberta_fast.backends import BACKENDS
 from deberta_fast.dispatch import BackendUnavailableError, build_call
 from deberta_fast.positions import (attention_span, relative_slot_table, slot_band, table_band,
                                    trimmed_slot_table)
+from cuda_checks import assert_fwd_kernel
 from grad_check import assert_grads_close
 from philox_ref import keep_mask, philox4x32_10
 
@@ -302,6 +303,7 @@ def _run_variant(dtype, D, Lq, Lk, terms, buckets, max_rel, masked, shared_pos=T
     out = disentangled_attention(q, k, v, pk, pq, position_buckets=buckets, max_relative_positions=max_rel,
                                  attention_mask=mask, backend="cuda")
     assert deberta_fast.last_backend() == "cuda"
+    assert_fwd_kernel()
     go = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, go)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]

@@ -101,15 +101,56 @@ def test_simulator_ldmatrix(sim):
     assert torch.equal(out[1], (1000 * m + 10 * c + g).float())
 
 
-def test_cuda_backend_gpu_tests_in_simulator(sim):
-    """Every GPU test of the cuda backend (padded and packed, fp16 / bf16, D = 32 / 64 / 128, every relative
-    term, bucket configs, masks, uniform rows, dropout against the Philox reference, rows without keys) on CPU."""
-    env = dict(os.environ, DEBERTA_FAST_CUDA_SIM="1", PYTHONPATH=str(ROOT))
+def test_simulator_wgmma(sim):
+    """wgmma m64n32k16 on known matrices through the PTX ISA's canonical no-swizzle layouts: A from shared memory
+    (K-major) with B K-major, and A from registers (mma.sync's A fragments) with B MN-major; thread t of warp w holds
+    rows 16 w + t/4 (+ 8) and columns 8 i + 2 (t % 4) (+ 1): mma.sync's C fragments over the n-tiles.  Reading the
+    accumulators before the wait sees NaN; a thread that never waits is reported."""
+    err, out = sim.sim_selftest("wgmma")
+    assert err == ""
+    m, k, n = torch.arange(64.)[:, None], torch.arange(16.), torch.arange(32.)
+    A = (m / 8 + k[None, :] / 16).half().double()
+    B = ((k[:, None] - n[None, :]) / 8).half().double()
+    D = (A @ B).float()
+    tid = torch.arange(128)[:, None]
+    i = torch.arange(16)[None, :]
+    rows = 16 * (tid // 32) + (tid % 32) // 4 + 8 * ((i // 2) % 2)
+    cols = 8 * (i // 4) + 2 * (tid % 4) + i % 2
+    want = D[rows, cols]
+    out = torch.tensor(out).view(128, 2, 16)
+    assert torch.equal(out[:, 0], want) and torch.equal(out[:, 1], want)
+    err, out = sim.sim_selftest("wgmma_read_early")
+    assert err == "" and all(x != x for x in out[0::32])
+    err, _ = sim.sim_selftest("wgmma_no_wait")
+    assert "exits with wgmma results never waited for" in err
+
+
+def _gpu_tests(extra_env: dict, *args: str) -> str:
+    """The cuda backend's GPU tests (``-m cuda_sim``) in a simulator subprocess; their summary line."""
+    env = dict(os.environ, DEBERTA_FAST_CUDA_SIM="1", PYTHONPATH=str(ROOT), **extra_env)
     cmd = [sys.executable, "-m", "pytest", "tests/test_cuda_backend.py", "tests/test_cuda_varlen.py", "-m", "cuda_sim",
-           "-q", "-p", "no:cacheprovider"]
+           "-q", "-p", "no:cacheprovider", *args]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     tail = (res.stdout + res.stderr)[-6000:]
     assert res.returncode == 0, f"exit {res.returncode} (negative: killed by a signal):\n{tail}"
-    summary = res.stdout.strip().splitlines()[-1]
+    return res.stdout.strip().splitlines()[-1]
+
+
+def test_cuda_backend_gpu_tests_in_simulator(sim):
+    """Every GPU test of the cuda backend (padded and packed, fp16 / bf16, D = 32 / 64 / 128, every relative
+    term, bucket configs, masks, uniform rows, dropout against the Philox reference, rows without keys) on CPU."""
+    summary = _gpu_tests({"DEBERTA_FAST_CUDA_WGMMA": "0"})
     passed = int(summary.split(" passed")[0].split()[-1])
     assert passed >= 100 and "failed" not in summary, summary
+
+
+def test_cuda_backend_wgmma_forward_in_simulator(sim):
+    """The forward's wgmma variant (``DEBERTA_FAST_CUDA_WGMMA=1``: Q K^T and P V on wgmma, the tiles in the core-matrix
+    layout) on the GPU tests that cover its paths: every dtype / head dim / relative term, band and saturated tiles,
+    masks, HF padding, uniform rows, rows without keys, dropout, packed sequences (each asserts the wgmma kernel ran:
+    tests/cuda_checks.py).  The backward kernels are the mma.sync ones either way."""
+    from benchmarks.gpu_session import WGMMA_TESTS
+
+    summary = _gpu_tests({"DEBERTA_FAST_CUDA_WGMMA": "1"}, "-k", WGMMA_TESTS)
+    passed = int(summary.split(" passed")[0].split()[-1])
+    assert passed >= 50 and "failed" not in summary, summary

@@ -18,6 +18,7 @@ from deberta_fast.dispatch import BackendUnavailableError, build_varlen_call
 from deberta_fast.positions import attention_span, relative_slot_table, slot_band
 from deberta_fast.reference import default_scale
 
+from cuda_checks import assert_fwd_kernel  # noqa: E402
 from grad_check import assert_grads_close  # noqa: E402
 from philox_ref import keep_of  # noqa: E402  (numpy Philox, checked against Random123 in test_cuda_backend)
 
@@ -356,6 +357,7 @@ def _run_varlen(dtype, D, lens_q, lens_k, terms, buckets, max_rel, H=3):
     out = disentangled_attention_varlen(q, k, v, pk, pq, cq, ck, max(lens_q), max(lens_k or lens_q),
                                         position_buckets=buckets, max_relative_positions=max_rel, backend="cuda")
     assert deberta_fast.last_backend() == "cuda" and out.shape == q.shape
+    assert_fwd_kernel()
     go = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, go)
     rl = [t.detach().double().requires_grad_() for t in leaves]

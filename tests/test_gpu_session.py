@@ -73,6 +73,8 @@ def test_gpu_plan_covers_every_deliverable(tmp_path):
     assert gs.STAGES.index("diagnose") == gs.STAGES.index("parity") + 1
     assert all(os.path.exists(os.path.join(ROOT, f)) for f in gs.GPU_TEST_FILES)
     assert argv["pytest"][3:3 + len(gs.GPU_TEST_FILES)] == gs.GPU_TEST_FILES
+    (_, wg, wg_env), = [c for c in gs.plan("tests", str(tmp_path), False, sys.executable) if c[0] == "pytest-wgmma"]
+    assert wg_env == {"DEBERTA_FAST_CUDA_WGMMA": "1"} and wg[wg.index("-k") + 1] == gs.WGMMA_TESTS
     assert all("full" in argv[k] for k in ("host", "core-bf16", "core-fp16", "model"))
     sanitize = gs.plan("sanitize", str(tmp_path), False, sys.executable)
     assert all(extra == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} for _, _, extra in sanitize)

@@ -29,12 +29,20 @@ struct Copy {
   int src_bytes;
 };
 
+struct Result {  // a wgmma's result for one thread: lands in d[0, n) at the covering wait_group
+  float* d;
+  int n;
+  float v[64];
+};
+
 struct Fiber {
   ucontext_t ctx;
   uint3 tid;
   St st = St::Ready;
   std::vector<Copy> open;                 // cp.async issued since the last commit_group
   std::vector<std::vector<Copy>> groups;  // committed, not yet waited for (oldest first)
+  std::vector<Result> wg_open;                 // wgmma issued since the last wgmma commit_group
+  std::vector<std::vector<Result>> wg_groups;  // committed, not yet waited for (oldest first)
 };
 
 struct Warp {
@@ -89,6 +97,8 @@ void fiber_main(int idx) {
   (*g_block.body)();
   if (!me().open.empty() || !me().groups.empty())
     fault("thread exits with cp.async copies never waited for in " + where());
+  if (!me().wg_open.empty() || !me().wg_groups.empty())
+    fault("thread exits with wgmma results never waited for in " + where());
   me().st = St::Done;
   ++g_block.done;
   // uc_link returns to the scheduler
@@ -109,6 +119,8 @@ bool run_block() {
     f.st = St::Ready;
     f.open.clear();
     f.groups.clear();
+    f.wg_open.clear();
+    f.wg_groups.clear();
     f.tid = make_uint3(i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y));
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = b.stacks[i].get();
@@ -197,6 +209,127 @@ void cp_async_wait(int newest_pending) {
       if (c.src_bytes > 0) std::memcpy(c.dst, c.src, size_t(c.src_bytes));
     }
     f.groups.erase(f.groups.begin());
+  }
+}
+
+uint32_t smem_offset(const void* p) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  const unsigned char* base = g_block.smem.data();
+  if (c < base || c > base + g_block.smem.size()) fault("smem_offset of a pointer outside shared memory in " + where());
+  return uint32_t(c - base);
+}
+
+namespace {
+
+struct WgIn {
+  float* d;
+  uint32_t a[4];
+  uint64_t desc_a, desc_b;
+  int n;
+  uint8_t has_a, trans_b, accumulate, bf16;
+};
+static_assert(sizeof(WgIn) <= kLaneBytes, "wgmma payload");
+
+// The 16-bit element at (row, col) of a no-swizzle canonical operand: `k_major`: rows (M / N) of 16-byte core-matrix
+// rows along K; else (MN-major) rows of K, 16 bytes along M / N.  (mn, k) are the operand's coordinates.
+float operand(uint64_t desc, int mn, int k, bool k_major, bool bf16) {
+  if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0)
+    fault("wgmma descriptor with a swizzle or base offset in " + where());
+  const size_t start = size_t(desc & 0x3FFF) << 4, lbo = size_t((desc >> 16) & 0x3FFF) << 4,
+               sbo = size_t((desc >> 32) & 0x3FFF) << 4;
+  const size_t at = k_major ? start + (mn % 8) * 16 + (mn / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo
+                            : start + (k % 8) * 16 + (mn % 8) * 2 + (mn / 8) * sbo + (k / 8) * lbo;
+  unsigned char* row = g_block.smem.data() + (at & ~size_t(15));
+  check_smem(row, 16, "wgmma operand row");
+  uint16_t h;
+  std::memcpy(&h, g_block.smem.data() + at, 2);
+  return bits_to_float(h, bf16);
+}
+
+// The pending result of thread `f` for accumulator d (nullptr: none); a pending one overlapping d otherwise faults.
+const Result* pending(const Fiber& f, const float* d, int n) {
+  const Result* hit = nullptr;
+  auto scan = [&](const std::vector<Result>& rs) {
+    for (const Result& r : rs) {
+      if (r.d == d && r.n == n) hit = &r;  // the newest wins (scanned oldest first)
+      else if (r.d < d + n && d < r.d + r.n) fault("wgmma accumulators overlapping a pending one in " + where());
+    }
+  };
+  for (const auto& g : f.wg_groups) scan(g);
+  scan(f.wg_open);
+  return hit;
+}
+
+void wgmma_all(const unsigned char (*in)[kLaneBytes], unsigned char (*out)[kLaneBytes]) {
+  (void)out;
+  Block& b = g_block;
+  const int first = b.cur & ~31, wi = (first >> 5) & 3;  // the warp's place in its warpgroup: rows 16 wi..
+  const auto* x0 = reinterpret_cast<const WgIn*>(in[0]);
+  const int n = x0->n;
+  const bool bf16 = x0->bf16, has_a = x0->has_a, trans_b = x0->trans_b;
+  for (int l = 1; l < 32; ++l) {
+    const auto* x = reinterpret_cast<const WgIn*>(in[l]);
+    if (x->n != n || x->has_a != has_a || x->trans_b != trans_b || x->bf16 != bf16 || x->accumulate != x0->accumulate ||
+        x->desc_b != x0->desc_b || (!has_a && x->desc_a != x0->desc_a))
+      fault("lanes of one warp in different wgmma instructions in " + where());
+  }
+  float A[16][16], B[16][128];
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 16; ++k) A[r][k] = has_a ? 0.f : operand(x0->desc_a, 16 * wi + r, k, true, bf16);
+  if (has_a) {
+    for (int l = 0; l < 32; ++l) {
+      const uint32_t* a = reinterpret_cast<const WgIn*>(in[l])->a;
+      const int g = l >> 2, t = l & 3;
+      for (int i = 0; i < 4; ++i) {
+        const int r = g + 8 * (i & 1), k = 2 * t + 8 * (i >> 1);
+        A[r][k] = bits_to_float(uint16_t(a[i] & 0xffffu), bf16);
+        A[r][k + 1] = bits_to_float(uint16_t(a[i] >> 16), bf16);
+      }
+    }
+  }
+  for (int k = 0; k < 16; ++k)
+    for (int c = 0; c < n; ++c) B[k][c] = operand(x0->desc_b, c, k, !trans_b, bf16);
+  for (int l = 0; l < 32; ++l) {
+    const auto* x = reinterpret_cast<const WgIn*>(in[l]);
+    Fiber& f = b.fibers[first + l];
+    const Result* prev = x->accumulate ? pending(f, x->d, n / 2) : nullptr;
+    Result res{x->d, n / 2, {}};
+    const int g = l >> 2, t = l & 3;
+    for (int i = 0; i < n / 2; ++i) {
+      const int r = g + 8 * ((i >> 1) & 1), c = 8 * (i >> 2) + 2 * t + (i & 1);
+      double acc = !x->accumulate ? 0.0 : prev != nullptr ? double(prev->v[i]) : double(x->d[i]);
+      for (int k = 0; k < 16; ++k) acc += double(A[r][k]) * double(B[k][c]);
+      res.v[i] = float(acc);
+    }
+    for (int i = 0; i < n / 2; ++i) x->d[i] = NAN;  // in flight
+    f.wg_open.push_back(res);
+  }
+}
+
+}  // namespace
+
+void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool trans_b, bool accumulate,
+           bool bf16) {
+  if (n != 32 && n != 64 && n != 128) fault("wgmma with n " + std::to_string(n) + " in " + where());
+  if (g_block.n % 128 != 0) fault("wgmma in a block that is not whole warpgroups in " + where());
+  WgIn x{d, {0u, 0u, 0u, 0u}, desc_a, desc_b, n, uint8_t(a != nullptr), uint8_t(trans_b), uint8_t(accumulate),
+         uint8_t(bf16)};
+  if (a != nullptr) std::memcpy(x.a, a, sizeof(x.a));
+  char none = 0;
+  warp_collective(0xffffffffu, &x, sizeof(x), &none, 1, &wgmma_all);
+}
+
+void wgmma_commit() {
+  Fiber& f = me();
+  f.wg_groups.push_back(std::move(f.wg_open));
+  f.wg_open.clear();
+}
+
+void wgmma_wait(int newest_pending) {
+  Fiber& f = me();
+  while (int(f.wg_groups.size()) > newest_pending) {
+    for (const Result& r : f.wg_groups.front()) std::memcpy(r.d, r.v, sizeof(float) * size_t(r.n));
+    f.wg_groups.erase(f.wg_groups.begin());
   }
 }
 

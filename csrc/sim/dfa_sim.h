@@ -198,6 +198,20 @@ void cp_async_16(void* dst, const void* src, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int newest_pending);
 
+// wgmma.mma_async (m64nNk16, f16 / bf16 in, f32 accumulate; csrc/dfa_wgmma.cuh), run per warp: warp w of the
+// warpgroup computes its 16 rows of D (w = warp % 4).  A from this warp's m16n8k16 A fragments (`a`, RS) or a
+// descriptor (`a` nullptr, SS: K-major); B from a descriptor, K-major or MN-major (`trans_b`).  Descriptors: no
+// swizzle and base offset 0 (else a fault), start address = the byte offset in the block's dynamic shared memory
+// (smem_offset), LBO / SBO as the PTX ISA's canonical no-swizzle layouts; every row read is bounds-checked.  The
+// result (float64 sums of exact products, rounded once) lands in `d` at the wait_group that covers its commit_group;
+// until then `d` holds NaN, and a later wgmma on the same `d` continues from the pending value (in-order
+// accumulation, as the hardware chains them).  A thread that exits with wgmma results not waited for is reported.
+uint32_t smem_offset(const void* p);
+void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool trans_b, bool accumulate,
+           bool bf16);
+void wgmma_commit();
+void wgmma_wait(int newest_pending);
+
 }  // namespace dfa_sim
 
 // --- the CUDA built-ins the kernels use

@@ -99,6 +99,58 @@ __global__ void ldmatrix_kernel(float* out) {
   }
 }
 
+// wgmma m64n32k16 (fp16) of known matrices A[m][k] = m / 8 + k / 16, B[k][n] = (k - n) / 8 through the canonical
+// no-swizzle layouts (PTX ISA): A K-major (LBO 128, SBO 256: 8 row groups of 2 core matrices), B K-major (n rows of k;
+// LBO 128, SBO 256) and MN-major (k rows of n; LBO 512 (next 8 k), SBO 128 (next 8 n)).  out[t * 32 + i]: thread t's
+// accumulator i of A.B with A from shared memory and B K-major; out[t * 32 + 16 + i]: with A from registers (mma.sync
+// A fragments) and B MN-major.  READ_EARLY: reads the accumulators before the wait (NaN); NO_WAIT: never waits.
+template <bool READ_EARLY, bool NO_WAIT>
+__global__ void wgmma_kernel(float* out) {
+  DFA_DYNAMIC_SMEM(smem_raw);
+  uint16_t* s = reinterpret_cast<uint16_t*>(smem_raw);
+  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t = lane & 3, w = tid >> 5;
+  auto A = [](int m, int k) { return float(m) / 8.f + float(k) / 16.f; };
+  auto B = [](int k, int n) { return float(k - n) / 8.f; };
+  auto h = [](float x) {
+    const __half v = __float2half_rn(x);
+    uint16_t u;
+    memcpy(&u, &v, 2);
+    return u;
+  };
+  uint16_t* sa = s;          // 64 x 16: 2048 bytes
+  uint16_t* sb = s + 1024;   // 32 rows (n) x 16 (k): 1024 bytes
+  uint16_t* sbt = s + 1536;  // 16 rows (k) x 32 (n): 1024 bytes
+  for (int e = tid; e < 64 * 16; e += 128) {
+    const int m = e / 16, k = e % 16;
+    sa[((m % 8) * 16 + (m / 8) * 256 + (k % 8) * 2 + (k / 8) * 128) / 2] = h(A(m, k));
+  }
+  for (int e = tid; e < 32 * 16; e += 128) {
+    const int n = e / 16, k = e % 16;
+    sb[((n % 8) * 16 + (n / 8) * 256 + (k % 8) * 2 + (k / 8) * 128) / 2] = h(B(k, n));
+    sbt[((k % 8) * 16 + (n % 8) * 2 + (n / 8) * 128 + (k / 8) * 512) / 2] = h(B(k, n));
+  }
+  __syncthreads();
+  auto desc = [&](const void* p, uint32_t lbo, uint32_t sbo) {
+    return uint64_t(dfa_sim::smem_offset(p) >> 4) | (uint64_t(lbo >> 4) << 16) | (uint64_t(sbo >> 4) << 32);
+  };
+  auto pack = [&](float lo, float hi) { return uint32_t(h(lo)) | (uint32_t(h(hi)) << 16); };
+  const int r = 16 * w + g;
+  const uint32_t a[4] = {pack(A(r, 2 * t), A(r, 2 * t + 1)), pack(A(r + 8, 2 * t), A(r + 8, 2 * t + 1)),
+                         pack(A(r, 2 * t + 8), A(r, 2 * t + 9)), pack(A(r + 8, 2 * t + 8), A(r + 8, 2 * t + 9))};
+  float d1[16], d2[16];
+  for (int i = 0; i < 16; ++i) d1[i] = d2[i] = 7.f;  // overwritten (scale-d 0)
+  dfa_sim::wgmma(d1, 32, nullptr, desc(sa, 128, 256), desc(sb, 128, 256), false, false, false);
+  dfa_sim::wgmma(d2, 32, a, 0u, desc(sbt, 512, 128), true, false, false);
+  dfa_sim::wgmma_commit();
+  if (READ_EARLY) out[tid * 32] = d1[0];
+  if (NO_WAIT) return;
+  dfa_sim::wgmma_wait(0);
+  for (int i = 0; i < 16; ++i) {
+    if (!READ_EARLY || i > 0) out[tid * 32 + i] = d1[i];
+    out[tid * 32 + 16 + i] = d2[i];
+  }
+}
+
 std::pair<std::string, std::vector<float>> run(const std::string& name) {
   std::vector<float> out(kN * 5, -1.f);
   float* o = out.data();
@@ -126,6 +178,12 @@ std::pair<std::string, std::vector<float>> run(const std::string& name) {
     DFA_LAUNCH(ldmatrix_kernel<false>, 1, 32, 32 * 16 * sizeof(uint16_t), s, o);
   } else if (name == "ldmatrix_misaligned") {
     DFA_LAUNCH(ldmatrix_kernel<true>, 1, 32, 32 * 16 * sizeof(uint16_t), s, o);
+  } else if (name == "wgmma" || name == "wgmma_read_early" || name == "wgmma_no_wait") {
+    out.assign(128 * 32, -1.f);
+    o = out.data();
+    if (name == "wgmma") DFA_LAUNCH((wgmma_kernel<false, false>), 1, 128, 4096, s, o);
+    else if (name == "wgmma_read_early") DFA_LAUNCH((wgmma_kernel<true, false>), 1, 128, 4096, s, o);
+    else DFA_LAUNCH((wgmma_kernel<false, true>), 1, 128, 4096, s, o);
   } else if (name == "collectives") {
     DFA_LAUNCH(collectives_kernel, 1, 32, 0, s, o);
     out.resize(32 * 6);

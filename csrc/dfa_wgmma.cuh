@@ -1,0 +1,158 @@
+// Hopper's warpgroup MMA (wgmma.mma_async, sm_90a) for the forward's two products.  Its shared-memory operands are
+// tiles of CoreRows layout (dfa_common.cuh), the PTX ISA's canonical no-swizzle layouts: read K-major,
+// ((8,m),(T,2k)) : ((1T,SBO),(1,LBO)); read MN-major, ((T,1,m),(8,k)) : ((1,T,SBO),(1T,LBO)); T = 8 elements = 16
+// bytes; LBO = the bytes between core matrices adjacent along K, SBO along M / N.
+//
+// wgmma (PTX ISA 9.7.15, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"): the 4 warps of a warpgroup
+// issue it together; warp w computes rows [16 w, 16 w + 16) of D = A B (+ D) for m64nNk16.  Its accumulator fragment
+// is mma.sync's m16n8 C fragment repeated over the N / 8 n-tiles (d[4 nt + e] = acc[nt][e]), and an A operand in
+// registers is mma.sync's m16n8k16 A fragment: so the forward's softmax and relative-term code run unchanged on it.
+// A from shared memory (`wgmma_ss`: Q), or registers (`wgmma_rs`: P); B from shared memory, K-major (K^T: the keys'
+// rows as they are) or MN-major (`TRANS_B`: V's rows, n = the head dim).  Asynchronous: `wgmma_fence()` before the
+// first one that reads registers written since, `wgmma_commit()`, then `wgmma_wait<N>()` before the accumulators are
+// read; shared memory written by the threads (cp.async, stores) is made visible to its async proxy by
+// `fence_proxy_async()` (dfa_common.cuh) before the barrier that publishes it.
+//
+// The simulator (csrc/sim) runs the same calls per warp (its 16 rows), decoding the descriptors as above: the
+// accumulators read NaN until the covering wait; the layouts and the fragment order are the PTX ISA's, which only a
+// GPU can confirm.
+#pragma once
+
+#include "dfa_common.cuh"
+
+#if defined(DFA_CPU_SIM) || (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL))
+#define DFA_HAS_WGMMA 1  // this pass can run wgmma (sm_90a device code, or the simulator)
+#else
+#define DFA_HAS_WGMMA 0
+#endif
+
+namespace dfa {
+
+// The shared-window offset of a pointer into the block's dynamic shared memory.
+__device__ __forceinline__ uint32_t smem_offset(const void* p) {
+#if defined(DFA_CPU_SIM)
+  return dfa_sim::smem_offset(p);
+#elif defined(__CUDA_ARCH__)
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#else
+  (void)p;
+  return 0u;
+#endif
+}
+
+// A no-swizzle matrix descriptor: start address, LBO (bytes between core matrices adjacent in K) and SBO (adjacent in
+// M / N), each in 16-byte units in bits 0-13 / 16-29 / 32-45; base offset 0, swizzle mode 0 (bits 62-63).
+__device__ __forceinline__ uint64_t smem_desc(const void* start, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((smem_offset(start) >> 4) & 0x3FFFu) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |
+         ((uint64_t)((sbo >> 4) & 0x3FFFu) << 32);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(DFA_CPU_SIM)
+#elif DFA_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(DFA_CPU_SIM)
+  dfa_sim::wgmma_commit();
+#elif DFA_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(DFA_CPU_SIM)
+  dfa_sim::wgmma_wait(N);
+#elif DFA_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// The inline PTX: N / 2 accumulator operands ("+f"), then the scale-d flag, the A descriptor or 4 A registers, the B
+// descriptor and the transpose immediate(s).  I*: those operands' numbers as text.
+#define DFA_ACC8(i)                                                                                               \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
+      "+f"(d[i + 7])
+#define DFA_ACC16 DFA_ACC8(0), DFA_ACC8(8)
+#define DFA_ACC32 DFA_ACC16, DFA_ACC8(16), DFA_ACC8(24)
+#define DFA_ACC64 DFA_ACC32, DFA_ACC8(32), DFA_ACC8(40), DFA_ACC8(48), DFA_ACC8(56)
+#define DFA_REGS16 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}"
+#define DFA_REGS32                                                                                                \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,"  \
+  "%29,%30,%31}"
+#define DFA_REGS64                                                                                                \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,"  \
+  "%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55," \
+  "%56,%57,%58,%59,%60,%61,%62,%63}"
+#define DFA_WGMMA_HEAD(NN, TY, IP) \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %" IP ", 0;\nwgmma.mma_async.sync.aligned.m64n" NN "k16.f32." TY "." TY " "
+#define DFA_WGMMA_SS_PTX(NN, TY, REGS, IP, IA, IB, IT) \
+  DFA_WGMMA_HEAD(NN, TY, IP) REGS ", %" IA ", %" IB ", p, 1, 1, 0, %" IT ";\n}\n"
+#define DFA_WGMMA_RS_PTX(NN, TY, REGS, IP, A0, A1, A2, A3, IB, IT) \
+  DFA_WGMMA_HEAD(NN, TY, IP) REGS ", {%" A0 ",%" A1 ",%" A2 ",%" A3 "}, %" IB ", p, 1, 1, %" IT ";\n}\n"
+#define DFA_WGMMA_SS_CASE(NN, REGS, ACC, IP, IA, IB, IT)                                                   \
+  if constexpr (F16)                                                                                       \
+    asm volatile(DFA_WGMMA_SS_PTX(NN, "f16", REGS, IP, IA, IB, IT)                                         \
+                 : ACC : "r"(acc), "l"(desc_a), "l"(desc_b), "n"(TB) : "memory");                         \
+  else                                                                                                     \
+    asm volatile(DFA_WGMMA_SS_PTX(NN, "bf16", REGS, IP, IA, IB, IT)                                        \
+                 : ACC : "r"(acc), "l"(desc_a), "l"(desc_b), "n"(TB) : "memory")
+#define DFA_WGMMA_RS_CASE(NN, REGS, ACC, IP, A0, A1, A2, A3, IB, IT)                                       \
+  if constexpr (F16)                                                                                       \
+    asm volatile(DFA_WGMMA_RS_PTX(NN, "f16", REGS, IP, A0, A1, A2, A3, IB, IT)                             \
+                 : ACC : "r"(acc), "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(TB)         \
+                 : "memory");                                                                              \
+  else                                                                                                     \
+    asm volatile(DFA_WGMMA_RS_PTX(NN, "bf16", REGS, IP, A0, A1, A2, A3, IB, IT)                            \
+                 : ACC : "r"(acc), "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(TB)         \
+                 : "memory")
+
+// D (64 x N, float32) = A (64 x 16, shared, K-major) . B (16 x N, shared: K-major, or MN-major with TRANS_B) (+ D
+// when `accumulate`).  d: this thread's N / 2 accumulators (d[4 nt + e]: n-tile nt, mma.sync C element e).
+template <typename T, int N, bool TRANS_B>
+__device__ __forceinline__ void wgmma_ss(float* d, uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  static_assert(N == 32 || N == 64 || N == 128, "wgmma n: 32, 64 or 128");
+#if defined(DFA_CPU_SIM)
+  dfa_sim::wgmma(d, N, nullptr, desc_a, desc_b, TRANS_B, accumulate, std::is_same_v<T, __nv_bfloat16>);
+#elif DFA_HAS_WGMMA
+  constexpr bool F16 = std::is_same_v<T, __half>;
+  constexpr int TB = TRANS_B ? 1 : 0;
+  const int acc = accumulate ? 1 : 0;
+  if constexpr (N == 32) {
+    DFA_WGMMA_SS_CASE("32", DFA_REGS16, DFA_ACC16, "16", "17", "18", "19");
+  } else if constexpr (N == 64) {
+    DFA_WGMMA_SS_CASE("64", DFA_REGS32, DFA_ACC32, "32", "33", "34", "35");
+  } else {
+    DFA_WGMMA_SS_CASE("128", DFA_REGS64, DFA_ACC64, "64", "65", "66", "67");
+  }
+#else
+  (void)d; (void)desc_a; (void)desc_b; (void)accumulate;
+  __trap();
+#endif
+}
+
+// D (64 x N) = A (64 x 16 from registers: this warp's rows as mma.sync's m16n8k16 A fragment `a`) . B (as wgmma_ss)
+// (+ D when `accumulate`).
+template <typename T, int N, bool TRANS_B>
+__device__ __forceinline__ void wgmma_rs(float* d, const uint32_t a[4], uint64_t desc_b, bool accumulate) {
+  static_assert(N == 32 || N == 64 || N == 128, "wgmma n: 32, 64 or 128");
+#if defined(DFA_CPU_SIM)
+  dfa_sim::wgmma(d, N, a, 0u, desc_b, TRANS_B, accumulate, std::is_same_v<T, __nv_bfloat16>);
+#elif DFA_HAS_WGMMA
+  constexpr bool F16 = std::is_same_v<T, __half>;
+  constexpr int TB = TRANS_B ? 1 : 0;
+  const int acc = accumulate ? 1 : 0;
+  if constexpr (N == 32) {
+    DFA_WGMMA_RS_CASE("32", DFA_REGS16, DFA_ACC16, "16", "17", "18", "19", "20", "21", "22");
+  } else if constexpr (N == 64) {
+    DFA_WGMMA_RS_CASE("64", DFA_REGS32, DFA_ACC32, "32", "33", "34", "35", "36", "37", "38");
+  } else {
+    DFA_WGMMA_RS_CASE("128", DFA_REGS64, DFA_ACC64, "64", "65", "66", "67", "68", "69", "70");
+  }
+#else
+  (void)d; (void)a; (void)desc_b; (void)accumulate;
+  __trap();
+#endif
+}
+
+}  // namespace dfa
