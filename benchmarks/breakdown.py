@@ -143,14 +143,14 @@ def variants(B, H, L, D, device, dtype):
                 _setting("REL_SOURCE", "distance", _setting("TABLE_DTYPE", "input", fwd))))
     out.append(("torch both (HF eager's math)", "fwd", api("torch", "both", plain)))
     out += [(f"cuda {terms}", "fwd", api("cuda", terms, plain)) for terms in ("none", "both")]
-    out.append(("cuda both, wgmma forward", "fwd", _wgmma(api("cuda", "both", plain))))
+    out.append(("cuda both, wgmma", "fwd", _wgmma(api("cuda", "both", plain))))
     out.append(("sdpa", "fwd+bwd", _grad_run(lambda: F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), do)))
     out.append(("torch both (HF eager's math)", "fwd+bwd", _grad_run(api("torch", "both", grads), grads, do)))
     for backend in ("triton", "cuda"):
         for terms in ("none", "both"):
             leaves = (qg, kg, vg) + tuple(t for t in _rel(terms, pkg, pqg) if t is not None)
             out.append((f"{backend} {terms}", "fwd+bwd", _grad_run(api(backend, terms, grads), leaves, do)))
-    out.append(("cuda both, wgmma forward", "fwd+bwd", _wgmma(_grad_run(api("cuda", "both", grads), grads, do))))
+    out.append(("cuda both, wgmma", "fwd+bwd", _wgmma(_grad_run(api("cuda", "both", grads), grads, do))))
     both = _grad_run(api("triton", "both", grads), grads, do)
     out.append(("triton both, 16-bit tables", "fwd+bwd", _setting("TABLE_DTYPE", "input", both)))
     out.append(("triton both, one launch", "fwd+bwd", _setting("TABLE_BUDGET", None, both)))
@@ -176,15 +176,17 @@ def _setting(name, value, fn):
 
 
 def _wgmma(fn):
-    """``fn`` with the cuda backend's forward on its wgmma variant (sm_90a; elsewhere the mma.sync kernel runs and
-    the row says so: ``variant_kernel``)."""
+    """``fn`` with the cuda backend's kernels on their wgmma variants (sm_90a; elsewhere the row records an error: the
+    mma.sync kernels ran)."""
     from deberta_fast import _cuda_ext
 
     def run():
-        with _cuda_ext.wgmma_forward():
+        _cuda_ext.reset_last_kernels()
+        with _cuda_ext.use_wgmma():
             out = fn()
-        if _cuda_ext.last_fwd_kernel() != "wgmma":
-            raise RuntimeError(f"the forward ran {_cuda_ext.last_fwd_kernel()!r}, not wgmma (sm_90a build needed)")
+        ran = (_cuda_ext.last_fwd_kernel(), _cuda_ext.last_bwd_kernel())  # (no backward: "")
+        if ran[0] != "wgmma" or ran[1] not in ("", "wgmma"):
+            raise RuntimeError(f"the kernels ran {ran}, not wgmma (the sm_90a build needed)")
         return out
     return run
 

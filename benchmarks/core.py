@@ -12,6 +12,7 @@ reason.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -140,10 +141,16 @@ def _df_skip(backend: str):
     return skip
 
 
-def _df_prepare(backend: str):
+def _df_prepare(backend: str, wgmma: bool = False):
+    """``wgmma`` (cuda): the kernels' wgmma variants or (False) the mma.sync ones, set process-wide from here on
+    (DEBERTA_FAST_CUDA_WGMMA, read at each launch: the backward runs outside ``fn``), until the next cuda prepare."""
     def prepare(inp: CoreInputs, grad: bool) -> Prepared:
         import deberta_fast
 
+        if backend == "cuda":
+            from deberta_fast import _cuda_ext
+
+            os.environ[_cuda_ext.WGMMA_ENV] = "1" if wgmma else "0"
         lv = _leaves(inp, grad)
         mask = inp.mask
         pb, mr = inp.position_buckets, inp.max_relative_positions
@@ -157,7 +164,7 @@ def _df_prepare(backend: str):
 
 
 def _wgmma_skip(inp: CoreInputs, mode: str):
-    """The cuda backend's forward on its wgmma variant (DEBERTA_FAST_CUDA_WGMMA=1): where the device runs the
+    """The cuda backend's kernels on their wgmma variants (DEBERTA_FAST_CUDA_WGMMA=1): where the device runs the
     extension's sm_90a build."""
     why = _df_skip("cuda")(inp, mode)
     if why:
@@ -165,28 +172,22 @@ def _wgmma_skip(inp: CoreInputs, mode: str):
     from deberta_fast import _cuda_ext
 
     if torch.cuda.get_device_capability(inp.device)[0] != 9:
-        return "the wgmma forward is sm_90 only (Hopper)"
+        return "the wgmma kernels are sm_90 only (Hopper)"
     import deberta_fast
 
-    q = inp.query[:1, :, :8]
-    with _cuda_ext.wgmma_forward():
-        deberta_fast.disentangled_attention(q, q, q, inp.pos_key, inp.pos_query, position_buckets=inp.position_buckets,
-                                            max_relative_positions=inp.max_relative_positions, backend="cuda")
-    kind = _cuda_ext.last_fwd_kernel()
-    return None if kind == "wgmma" else f"the extension ran its {kind} forward: no sm_90a build for this device"
+    q = inp.query[:1, :, :8].detach().requires_grad_()
+    _cuda_ext.reset_last_kernels()
+    with _cuda_ext.use_wgmma():
+        out = deberta_fast.disentangled_attention(q, q, q, inp.pos_key, inp.pos_query, backend="cuda",
+                                                  position_buckets=inp.position_buckets,
+                                                  max_relative_positions=inp.max_relative_positions)
+        out.sum().backward()
+    ran = (_cuda_ext.last_fwd_kernel(), _cuda_ext.last_bwd_kernel())
+    return None if ran == ("wgmma", "wgmma") else f"the extension ran {ran}: no sm_90a build for this device"
 
 
 def _wgmma_prepare(inp: CoreInputs, grad: bool) -> Prepared:
-    from deberta_fast import _cuda_ext
-
-    prep = _df_prepare("cuda")(inp, grad)
-    call = prep.fn
-
-    def fn():
-        with _cuda_ext.wgmma_forward():
-            return call()
-    prep.fn = fn
-    return prep
+    return _df_prepare("cuda", wgmma=True)(inp, grad)
 
 
 # ----------------------------------------------------------------------------- HF eager
@@ -380,7 +381,7 @@ def _peer_skip(pkg: str):
 def candidates() -> list[Candidate]:
     c = [Candidate(f"deberta_fast-{b}", "deberta_fast", _df_skip(b), _df_prepare(b)) for b in ("torch", "triton", "cuda")]
     c.append(Candidate("deberta_fast-cuda-wgmma", "deberta_fast", _wgmma_skip, _wgmma_prepare,
-                       notes="the cuda backend with its forward's wgmma variant (sm_90a, DEBERTA_FAST_CUDA_WGMMA=1)"))
+                       notes="the cuda backend with its kernels' wgmma variants (sm_90a, DEBERTA_FAST_CUDA_WGMMA=1)"))
     c += [
         Candidate("hf-eager", "baseline", _hf_skip, _hf_prepare,
                   notes="transformers DisentangledSelfAttention.forward, projections replaced by the given tensors"),

@@ -51,9 +51,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: the cuda GPU tests that cover the forward's paths, run again with its wgmma variant (tests/test_cuda_sim.py's too)
+#: the cuda GPU tests run again with the kernels' wgmma variants (tests/test_cuda_sim.py's too): every dtype / head dim
+#: / relative term, band and saturated tiles, masks, HF padding, uniform rows, rows without keys, dropout, packed
+#: sequences, the backward's determinism and head groups
 WGMMA_TESTS = ("variants or hf_padding or dropout_exact or rows_without or uniform or band_follows or "
-               "sequence_without")
+               "sequence_without or deterministic or head_groups or wgmma")
 STAGES = ["env", "build", "parity", "diagnose", "tests", "sanitize", "bench-core", "bench-model"]
 #: only when asked for: the whole suite; the launch-config timing; where the op's / a training step's time goes
 EXTRA_STAGES = ["tests-all", "tune", "breakdown", "profile-model"]
@@ -95,7 +97,10 @@ json.dump(env, open({os.path.join(out, "env.json")!r}, "w"), indent=1)
 
 #: candidates a ``headline`` bench-core leaves out: flex's torch.compile takes minutes per shape, and the torch
 #: backend is the reference path (it materialises [B, H, L, L])
-HEADLINE_CORE_SKIP = "not flex and not deberta_fast-torch"
+HEADLINE_CORE_SKIP = "not flex and not deberta_fast-torch and not cuda-wgmma"
+#: the cuda kernels' wgmma variants (never run on a GPU before): a part of their own, last, so that a fault of theirs
+#: cannot take the other candidates' rows with it
+WGMMA_CORE = "cuda-wgmma and bfloat16"
 HEADLINE_MODEL_SKIP = "not deberta_fast-torch and not disentangled-flash-torch"
 #: the headline bench-model's rows run first, in a part of their own: the training step at L = 8192 (ours and the peers')
 HEADLINE_MODEL_FIRST = "train and L8192"
@@ -150,7 +155,7 @@ def plan(stage: str, out: str, rehearse: bool, py: str, profile: str = "full",
         workers = [] if rehearse or importlib.util.find_spec("xdist") is None else ["-n", "4", "--dist", "loadfile"]
         cmds = [("pytest", [py, "-m", "pytest", *sel, *workers, "-p", "no:cacheprovider", "-rfEs",
                             f"--junitxml={os.path.join(out, 'tests.xml')}"], {})]
-        if not rehearse:  # the cuda forward's wgmma variant (sm_90a; elsewhere its tests check the mma.sync one ran)
+        if not rehearse:  # the cuda kernels' wgmma variants (sm_90a; elsewhere the tests check the mma.sync ones ran)
             cmds.append(("pytest-wgmma", [py, "-m", "pytest", "tests/test_cuda_backend.py", "tests/test_cuda_varlen.py",
                                           "-k", WGMMA_TESTS, *workers, "-p", "no:cacheprovider", "-rfEs",
                                           f"--junitxml={os.path.join(out, 'tests-wgmma.xml')}"],
@@ -184,11 +189,13 @@ def plan(stage: str, out: str, rehearse: bool, py: str, profile: str = "full",
                 parts = [("model", file, None)]
         else:  # each part saves its own results folder: what ran before a timeout is kept
             parts = [("host", "benchmarks/bench_host.py", None),
-                     ("core-bf16", "benchmarks/bench_core.py", "fwd" if rehearse else "bfloat16")]
+                     ("core-bf16", "benchmarks/bench_core.py", "fwd" if rehearse else "bfloat16 and not cuda-wgmma")]
             if profile == "headline" and not rehearse:  # bf16 only; the slow baselines left out
                 parts[1] = ("core-bf16", "benchmarks/bench_core.py", HEADLINE_CORE_SKIP)
             elif not rehearse:
-                parts.append(("core-fp16", "benchmarks/bench_core.py", "float16 and not bfloat16"))
+                parts.append(("core-fp16", "benchmarks/bench_core.py", "float16 and not bfloat16 and not cuda-wgmma"))
+            if not rehearse:
+                parts.append(("core-wgmma", "benchmarks/bench_core.py", WGMMA_CORE))
         return [(label, [py, "-m", "pytest", file, *common, *(["-k", sel] if sel else [])], {})
                 for label, file, sel in parts]
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")

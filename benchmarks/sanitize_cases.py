@@ -74,13 +74,24 @@ def _rel_source(run, source: str):
     return wrapped
 
 
-def _variants(shapes, masks, drops, rehearse, padded, packed, lens, skew=False):
+def _wgmma(run):
+    """``run`` on the cuda kernels' wgmma variants (DEBERTA_FAST_CUDA_WGMMA=1; sm_90a)."""
+    from deberta_fast import _cuda_ext
+
+    def wrapped():
+        with _cuda_ext.use_wgmma():
+            return run()
+    return wrapped
+
+
+def _variants(shapes, masks, drops, rehearse, padded, packed, lens, skew=False, wgmma=False):
     """``(name, run)`` of every variant, the widest coverage first (a sanitizer run cut by its time cap has seen
     as many kernel specializations as it could): DeBERTa-v3 buckets at the first shape over every term x mask x
     dropout (band tiles), the tiny buckets there with both terms (saturated tiles), the packed calls, with ``skew``
     the Triton forward's experiments (``REL_SOURCE`` "skew" and "distance": v3 and tiny buckets, key mask, each
     dropout rate; "distance", whose tables the backward reads too, also at ``Lq = 4 Lk`` and ``Lk = 4 Lq`` with the
-    tiny buckets, and packed, keys of the queries' lengths and of others), the rest."""
+    tiny buckets, and packed, keys of the queries' lengths and of others), with ``wgmma`` the cuda kernels' wgmma
+    variants (v3 and tiny buckets, key mask, each dropout rate, padded and packed), the rest."""
     ranked = []
     for buckets, (B, Lq, Lk), terms, mask, p in itertools.product(BUCKETS, shapes, TERMS, masks, drops):
         if rehearse and (buckets != BUCKETS[0] and (mask != "key" or terms != "both")):
@@ -110,6 +121,13 @@ def _variants(shapes, masks, drops, rehearse, padded, packed, lens, skew=False):
                     _rel_source(lambda a=("both", p): packed(*a), "distance")) for p in drops]
         ranked += [(2, f"distance varlen lens={lens} lens_k={lens_k} terms=both p={p}",
                     _rel_source(lambda a=("both", p, lens_k): packed(*a), "distance")) for p in drops]
+    if wgmma:
+        B, Lq, Lk = shapes[0]
+        ranked += [(2, f"wgmma padded B={B} Lq={Lq} Lk={Lk} terms=both buckets={buckets} mask=key p={p}",
+                    _wgmma(lambda a=(B, Lq, Lk, "both", buckets, "key", p): padded(*a)))
+                   for buckets, p in itertools.product(BUCKETS[:2], drops)]
+        ranked += [(2, f"wgmma varlen lens={lens} terms=both p={p}", _wgmma(lambda a=("both", p): packed(*a)))
+                   for p in drops]
     return [(name, run) for _, name, run in sorted(ranked, key=lambda r: r[0])]  # (stable: product order within)
 
 
@@ -153,7 +171,9 @@ def main(argv=None) -> int:
                                                           max_relative_positions=512, dropout_p=p,
                                                           backend=args.backend), ts)
 
-    for name, run in _variants(shapes, masks, drops, args.rehearse, padded, packed, lens, args.backend == "triton"):
+    wgmma = args.backend == "cuda" and not args.rehearse and torch.cuda.get_device_capability()[0] == 9
+    for name, run in _variants(shapes, masks, drops, args.rehearse, padded, packed, lens, args.backend == "triton",
+                               wgmma):
         res = run()
         n_ok += res == "ok"
         n_ref += res.startswith("refused")

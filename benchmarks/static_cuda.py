@@ -28,7 +28,7 @@ THREADS = 128  # kThreads in dfa_common.cuh (4 warps)
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
-# (the forward's third template argument: its wgmma variant, sm_90a only: dfa_fwd.cu's WG)
+# (the kernels' third template argument: their wgmma variant, sm_90a only: WG in dfa_fwd.cu / dfa_bwd.cu)
 _KERNEL = re.compile(r"dfa_(fwd|bwd_dq|bwd_dkdv)_kernel.*?I(6__half|13__nv_bfloat16)Li(\d+)E(Lb([01])E)?")
 
 
@@ -95,8 +95,8 @@ def analyse(obj: str, ptxas_log: str, arch: str) -> list[dict]:
             continue
         kernel, dtype, D = m[1], "fp16" if m[2] == "6__half" else "bf16", int(m[3])
         wgmma = m[5] == "1"
-        if wgmma and not arch.startswith("90"):
-            continue  # a trap: the host launches the wgmma variant only where the sm_90a build runs
+        if wgmma and arch != "90a":
+            continue  # a trap: the host launches the wgmma variants only where the sm_90a build runs
         bm, bn = tiles[kernel](D)
         per = THREADS / (bm * bn)
         loops = static.main_loops(static.parse(text))

@@ -21,29 +21,32 @@
 // [dmin, dmin+W) to band_q[i, d-dmin] (one writer per element) and sums d < dmin / d >= dmin+W into sat_q[i, 0/1]
 // in a fixed order; band_to_slots then sums each slot's d's in a fixed order (CSR `perm`/`offs` from the host).
 // Same for keys.  The host turns dC2P / dP2C into the dq / dk / position-row terms (two GEMMs each).
+// WG (sm_90a, opt-in: DEBERTA_FAST_CUDA_WGMMA=1, as the forward's): the score kernels' products on wgmma
+// (dfa_wgmma.cuh), their Q / dO / K / V tiles in the CoreRows layout; everything else the same code.
 #include "dfa_rel.cuh"
+#include "dfa_wgmma.cuh"
 
 namespace dfa {
 
-template <typename T, int D>
+template <typename T, int D, bool WG = false>
 struct BwdCfg {
-  static constexpr int LDS = D + 8;
+  using L = std::conditional_t<WG, CoreRows<D>, PaddedRows<D>>;  // the Q / dO / K / V tiles' layout
   // dq kernel: 64 queries per block, BN keys per iteration.  BN = 32 and, at D = 128, one K / V stage: with the
   // relative terms' shared memory (window, skew scratch) the block fits sm_86 / sm_89's 99 KB.  (Strided copies at
   // D = 128: the static ones push it past 255 registers.)
   static constexpr int DQ_BM = 64, DQ_BN = 32;
-  using DQ_KV = KVTiles<T, DQ_BN, D, (D >= 128 ? 1 : 2), (D < 128)>;
+  using DQ_KV = KVTiles<T, DQ_BN, D, (D >= 128 ? 1 : 2), (D < 128), L>;
   using DQ_Rel = RelSmem<T, DQ_BN, D>;
-  static constexpr int DQ_BASE = 2 * DQ_BM * LDS + DQ_KV::SMEM_ELEMS;  // Q | dO | K/V stages
+  static constexpr int DQ_BASE = 2 * L::elems(DQ_BM) + DQ_KV::SMEM_ELEMS;  // Q | dO | K/V stages
   static constexpr int DQ_SMEM = DQ_BASE * (int)sizeof(T);
   static constexpr int DQ_SMEM_REL = (DQ_BASE + DQ_Rel::ELEMS) * (int)sizeof(T);
   // dkdv kernel: 64 keys per block, BM queries per iteration, Q / dO double-buffered by cp.async (one stage at
   // D = 128, for the same reason)
   static constexpr int KV_BN = 64, KV_BM = 32;
-  using KV_QDO = KVTiles<T, KV_BM, D, (D >= 128 ? 1 : 2)>;
+  using KV_QDO = KVTiles<T, KV_BM, D, (D >= 128 ? 1 : 2), true, L>;
   using KV_Rel = RelSmem<T, KV_BM, D>;
   // K | V | Q/dO stages | row statistics (lse2, delta, uniform: 3 x BM x 4 B) | Rel
-  static constexpr int KV_BASE = 2 * KV_BN * LDS + KV_QDO::SMEM_ELEMS + KV_BM * 12 / (int)sizeof(T);
+  static constexpr int KV_BASE = 2 * L::elems(KV_BN) + KV_QDO::SMEM_ELEMS + KV_BM * 12 / (int)sizeof(T);
   static constexpr int KV_SMEM = KV_BASE * (int)sizeof(T);
   static constexpr int KV_SMEM_REL = (KV_BASE + KV_Rel::ELEMS) * (int)sizeof(T);
   static_assert(DQ_SMEM_REL <= 101376 && KV_SMEM_REL <= 101376,
@@ -82,15 +85,16 @@ __device__ __forceinline__ void add_rel_grad(const Params& p, int zone, float ds
 }
 
 // ---------------------------------------------------------------------------
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARAMS(p)) {
+template <typename T, int D, bool WG>
+__device__ __forceinline__ void bwd_dq_body(DFA_KERNEL_PARAMS(p)) {
   DFA_PROFILE_ASSUME(p);
-  using Cfg = BwdCfg<T, D>;
+  using Cfg = BwdCfg<T, D, WG>;
+  using L = typename Cfg::L;
   using Rel = typename Cfg::DQ_Rel;
-  constexpr int BM = Cfg::DQ_BM, BN = Cfg::DQ_BN, LDS = Cfg::LDS, NT = BN / 8;
+  constexpr int BM = Cfg::DQ_BM, BN = Cfg::DQ_BN, NT = BN / 8;
   DFA_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
-  T* dOs = Qs + BM * LDS;
+  T* dOs = Qs + L::elems(BM);
   const Rel rs(Qs + Cfg::DQ_BASE);  // relative terms only (the launch sizes shared memory by that)
 
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
@@ -111,7 +115,8 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
   const bool rel_grad = p.band_q != nullptr;
   const auto skew = rs.skew(warp);
-  const T* Qw = Qs + warp * 16 * LDS;
+  const T* Qw = L::at(Qs, warp * 16, 0);
+  const DescsOf<T, L, WG> dsc(Qs);
 
   int rows[2];
   bool uni[2];
@@ -136,14 +141,15 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
     offset = (uint32_t)p.rng[1];
   }
 
-  load_tile<T, BM, D, kThreads>(Qs, qg, p.q_sr, q0, Lq);
-  load_tile<T, BM, D, kThreads>(dOs, dog, p.do_sr, q0, Lq);
+  load_tile<T, BM, D, kThreads, false, true, L>(Qs, qg, p.q_sr, q0, Lq);
+  load_tile<T, BM, D, kThreads, false, true, L>(dOs, dog, p.do_sr, q0, Lq);
+  if constexpr (WG) fence_proxy_async();  // Q, dO, read by wgmma: published by the next barrier
   float4 c2p_sat = make_float4(0.f, 0.f, 0.f, 0.f);  // {lo g, lo g+8, hi g, hi g+8}, as the forward's
   if (rel) {
     load_sat_rows<T, D>(rs.sat, pq, p.pq_sr, pk, p.pk_sr, saturated_slots(p));
     if (tile_saturation(p, q0, BM, 0, BN) == 0) fill_slots<Rel::WR, 1>(rs.slots, p, q0 - (BN - 1));  // tile 0
     __syncthreads();  // Q, the saturated rows, the first window's slots
-    c2p_sat = row_saturated_mma<T, D>(Qw, rs.sat);
+    c2p_sat = row_saturated_mma<T, D, L>(Qw, rs.sat);
   }
   const SatFold<T> fold(c2p_sat);
 
@@ -152,28 +158,24 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
   for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
   float sat[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [row][lo/hi]
 
-  const typename Cfg::DQ_KV kv{dOs + BM * LDS, kg, vg, p.k_sr, p.v_sr, Lk};
+  const typename Cfg::DQ_KV kv{dOs + L::elems(BM), kg, vg, p.k_sr, p.v_sr, Lk};
   kv.start();
   for (int k0 = 0, stage = 0; k0 < Lk; k0 += BN, stage ^= 1) {
     const T* Ks = kv.acquire(k0, stage);
-    const T* Vs = Ks + BN * LDS;
+    const T* Vs = Ks + Cfg::DQ_KV::TILE;
 
     // 0: the band (skew); 1 / 2: beyond it (d <= band_lo / d >= band_hi: one slot, and every dS goes to that side's
     // run sum); 3: no relative term.  The products as in the forward (block-uniform call)
     const int zone = rel ? tile_saturation(p, q0 + warp * 16, 16, k0, BN) : 3;  // warp-uniform
     if (rel && tile_saturation(p, q0, BM, k0, BN) == 0)
-      rs.products(skew, rs.slots_of(stage), pk, p.pk_sr, pq, p.pq_sr, Qw, Ks, warp, zone == 0);
+      rs.template products<L>(skew, rs.slots_of(stage), pk, p.pk_sr, pq, p.pq_sr, Qw, Ks, warp, zone == 0);
     // the saturated tiles' relative terms ride the score MMA, as in the forward (SatFold::score)
     const bool any_sat =
         rel && (tile_saturation(p, q0, 16, k0, BN) == 1 || tile_saturation(p, q0 + BM - 16, 16, k0, BN) == 2);
     float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int i = 0; i < NT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    fold.template score<D, BN, NT>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, zone, [&] {
-      mma_rows_rows<T, D, NT>(s, Qw, Ks);
-      mma_rows_rows<T, D, NT>(dp, dOs + warp * 16 * LDS, Vs);
+    fold.template score<D, BN, NT, L>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, zone, [&] {
+      product_rows_rows<T, D, BN, WG>(s, dsc, Qs, Qw, Ks);
+      product_rows_rows<T, D, BN, WG>(dp, dsc, dOs, L::at(dOs, warp * 16, 0), Vs);
     });
 
     const bool checked =
@@ -210,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
         }
       }
     });
-    mma_acc_rows<T, D, NT>(dq, s, Ks);
+    product_acc_rows<T, D, BN, WG>(dq, s, dsc, Ks);
     // the next tile's window slots, published by release()'s barrier (the other half was last read a tile ago)
     if (rel && k0 + BN < Lk && tile_saturation(p, q0, BM, k0 + BN, BN) == 0)
       fill_slots<Rel::WR, 1>(rs.slots_of(stage ^ 1), p, q0 - (k0 + BN) - (BN - 1));
@@ -235,17 +237,18 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(DFA_KERNEL_PARA
 }
 
 // ---------------------------------------------------------------------------
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAMS(p)) {
+template <typename T, int D, bool WG>
+__device__ __forceinline__ void bwd_dkdv_body(DFA_KERNEL_PARAMS(p)) {
   DFA_PROFILE_ASSUME(p);
-  using Cfg = BwdCfg<T, D>;
+  using Cfg = BwdCfg<T, D, WG>;
+  using L = typename Cfg::L;
   using Rel = typename Cfg::KV_Rel;
-  constexpr int BN = Cfg::KV_BN, BM = Cfg::KV_BM, LDS = Cfg::LDS, NT = BM / 8;
+  constexpr int BN = Cfg::KV_BN, BM = Cfg::KV_BM, NT = BM / 8;
   static_assert(BM <= 32, "one query column per lane in the uniform-row vote");
   DFA_DYNAMIC_SMEM(smem_raw);
   T* Ks = reinterpret_cast<T*>(smem_raw);
-  T* Vs = Ks + BN * LDS;
-  T* QdOs = Vs + BN * LDS;  // Cfg::KV_QDO's stages
+  T* Vs = Ks + L::elems(BN);
+  T* QdOs = Vs + L::elems(BN);  // Cfg::KV_QDO's stages
   float* lse2_s = reinterpret_cast<float*>(QdOs + Cfg::KV_QDO::SMEM_ELEMS);
   float* dlt_s = lse2_s + BM;
   int* uni_s = reinterpret_cast<int*>(dlt_s + BM);
@@ -268,7 +271,8 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
   const uint8_t* km_b = p.key_mask ? p.key_mask + b * p.km_sb : nullptr;
   const bool rel_grad = p.band_k != nullptr;
   const auto skew = rs.skew(warp);
-  const T* Kw = Ks + warp * 16 * LDS;
+  const T* Kw = L::at(Ks, warp * 16, 0);
+  const DescsOf<T, L, WG> dsc(Ks);
 
   int cols_j[2];  // rows of the transposed tile are keys
 #pragma unroll
@@ -282,8 +286,9 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
     offset = (uint32_t)p.rng[1];
   }
 
-  load_tile<T, BN, D, kThreads>(Ks, kg, p.k_sr, k0, Lk);
-  load_tile<T, BN, D, kThreads>(Vs, vg, p.v_sr, k0, Lk);
+  load_tile<T, BN, D, kThreads, false, true, L>(Ks, kg, p.k_sr, k0, Lk);
+  load_tile<T, BN, D, kThreads, false, true, L>(Vs, vg, p.v_sr, k0, Lk);
+  if constexpr (WG) fence_proxy_async();  // K, V, read by wgmma: published by the next barrier
   // keys x queries: the row term is p2c (pos_query), the column term c2p (pos_key); the window runs down in d from
   // dmax = q0 - k0 + BM - 1
   float4 p2c_sat = make_float4(0.f, 0.f, 0.f, 0.f);  // this thread's keys' p2c: {lo g, lo g+8, hi g, hi g+8}
@@ -291,7 +296,7 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
     load_sat_rows<T, D>(rs.sat, pk, p.pk_sr, pq, p.pq_sr, saturated_slots(p));
     if (tile_saturation(p, 0, BM, k0, BN) == 0) fill_slots<Rel::WR, -1>(rs.slots, p, -k0 + BM - 1);  // tile 0
     __syncthreads();  // K, the saturated rows, the first window's slots
-    p2c_sat = row_saturated_mma<T, D>(Kw, rs.sat);
+    p2c_sat = row_saturated_mma<T, D, L>(Kw, rs.sat);
   }
   const SatFold<T> fold(p2c_sat);
 
@@ -314,23 +319,19 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
       uni_s[r] = (p.uniform != nullptr && ok) ? (int)p.uniform[b * p.un_sb + h * p.un_sh + i] : 0;
     }
     const T* Qs = qt.acquire(q0, stage);  // its barrier also publishes the statistics (and K / V on the first)
-    const T* dOs = Qs + BM * LDS;
+    const T* dOs = Qs + Cfg::KV_QDO::TILE;
 
     // zone 1 / 2: this warp's keys x the query tile wholly beyond the band (see the dq kernel); 3: no relative term
     const int zone = rel ? tile_saturation(p, q0, BM, k0 + warp * 16, 16) : 3;  // warp-uniform
     if (rel && tile_saturation(p, q0, BM, k0, BN) == 0)
-      rs.products(skew, rs.slots_of(stage), pq, p.pq_sr, pk, p.pk_sr, Kw, Qs, warp, zone == 0);
+      rs.template products<L>(skew, rs.slots_of(stage), pq, p.pq_sr, pk, p.pk_sr, Kw, Qs, warp, zone == 0);
     // the saturated tiles' relative terms ride the score MMA (SatFold::score; here warp 3 has the smallest distances)
     const bool any_sat =
         rel && (tile_saturation(p, q0, BM, k0 + BN - 16, 16) == 1 || tile_saturation(p, q0, BM, k0, 16) == 2);
     float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int i = 0; i < NT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    fold.template score<D, BM, NT>(s, const_cast<T*>(Qs), rs.sat, warp, any_sat, zone, [&] {
-      mma_rows_rows<T, D, NT>(s, Kw, Qs);                      // S^T  [keys x queries]
-      mma_rows_rows<T, D, NT>(dp, Vs + warp * 16 * LDS, dOs);  // dP^T (before dropout)
+    fold.template score<D, BM, NT, L>(s, const_cast<T*>(Qs), rs.sat, warp, any_sat, zone, [&] {
+      product_rows_rows<T, D, BM, WG>(s, dsc, Ks, Kw, Qs);                           // S^T  [keys x queries]
+      product_rows_rows<T, D, BM, WG>(dp, dsc, Vs, L::at(Vs, warp * 16, 0), dOs);  // dP^T (before dropout)
     });
 
     // rows are keys (the warp's: masked_keys), columns queries (this tile's uniform rows, from shared memory)
@@ -378,8 +379,8 @@ __global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(DFA_KERNEL_PARAM
         }
       }
     });
-    mma_acc_rows<T, D, NT>(dv, s, dOs);
-    mma_acc_rows<T, D, NT>(dk, dp, Qs);
+    product_acc_rows<T, D, BM, WG>(dv, s, dsc, dOs);
+    product_acc_rows<T, D, BM, WG>(dk, dp, dsc, Qs);
     // the next tile's window slots (published by release()'s barrier)
     if (rel && q0 + BM < Lq && tile_saturation(p, q0 + BM, BM, k0, BN) == 0)
       fill_slots<Rel::WR, -1>(rs.slots_of(stage ^ 1), p, (q0 + BM) - k0 + BM - 1);
@@ -468,28 +469,63 @@ __global__ void __launch_bounds__(kThreads) dfa_band_to_slots_kernel(const Param
   }
 }
 
-template <typename T, int D>
+// WG: only where this pass can run wgmma (the sm_90a cubin, the simulator); the host launches them only then.
+template <typename T, int D, bool WG>
+__global__ void __launch_bounds__(kThreads, 2) dfa_bwd_dq_kernel(const Params p) {
+  if constexpr (WG && !DFA_HAS_WGMMA) {
+    (void)p;
+    __trap();
+  } else {
+    bwd_dq_body<T, D, WG>(p);
+  }
+}
+template <typename T, int D, bool WG>
+__global__ void __launch_bounds__(kThreads) dfa_bwd_dkdv_kernel(const Params p) {
+  if constexpr (WG && !DFA_HAS_WGMMA) {
+    (void)p;
+    __trap();
+  } else {
+    bwd_dkdv_body<T, D, WG>(p);
+  }
+}
+
+namespace {
+const char* g_last_bwd = "";  // the score kernel the last launch_bwd launched (last_bwd_kernel)
+}  // namespace
+
+template <typename T, int D, bool WG>
 static const char* run_bwd(const Params& p, BwdKernel which, cudaStream_t stream) {
-  using Cfg = BwdCfg<T, D>;
+  using Cfg = BwdCfg<T, D, WG>;
   const bool rel = p.table != nullptr;
   const auto go = [&](auto kern, int smem, dim3 grid) -> const char* {
     cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return cudaGetErrorString(err);
+    g_last_bwd = WG ? "wgmma" : "mma.sync";
     DFA_LAUNCH(kern, grid, kThreads, smem, stream, p);
     err = cudaGetLastError();
     return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
   };
   if (which == BWD_DQ)
-    return go(dfa_bwd_dq_kernel<T, D>, rel ? Cfg::DQ_SMEM_REL : Cfg::DQ_SMEM,
+    return go(dfa_bwd_dq_kernel<T, D, WG>, rel ? Cfg::DQ_SMEM_REL : Cfg::DQ_SMEM,
               dim3((p.Lq + Cfg::DQ_BM - 1) / Cfg::DQ_BM, p.B * p.H));
-  return go(dfa_bwd_dkdv_kernel<T, D>, rel ? Cfg::KV_SMEM_REL : Cfg::KV_SMEM,
+  return go(dfa_bwd_dkdv_kernel<T, D, WG>, rel ? Cfg::KV_SMEM_REL : Cfg::KV_SMEM,
             dim3((p.Lk + Cfg::KV_BN - 1) / Cfg::KV_BN, p.B * p.H));
 }
 
 const char* launch_bwd(const Params& p, int dtype, int head_dim, BwdKernel which, void* stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  return dispatch_dtype_dim(dtype, head_dim,
-                            [&](auto t, auto d) { return run_bwd<decltype(t), decltype(d)::value>(p, which, s); });
+  g_last_bwd = "";
+  return dispatch_dtype_dim(dtype, head_dim, [&](auto t, auto d) {
+    using T = decltype(t);
+    constexpr int D = decltype(d)::value;
+    return wgmma_wanted(s) ? run_bwd<T, D, true>(p, which, s) : run_bwd<T, D, false>(p, which, s);
+  });
+}
+
+const char* last_bwd_kernel() { return g_last_bwd; }
+void reset_last_kernels() {
+  reset_last_fwd_kernel();
+  g_last_bwd = "";
 }
 
 const char* launch_band_to_slots(const Params& p, bool by_key, const int32_t* perm, const int32_t* offs, void* out,

@@ -9,8 +9,6 @@
 // template instantiations); blocks past the end of their sequence exit at once.
 // WG (sm_90a, opt-in: DEBERTA_FAST_CUDA_WGMMA=1): Q K^T and P V on wgmma (dfa_wgmma.cuh), Q / K / V tiles in the
 // CoreRows layout it reads; everything else the same code.
-#include <cstdlib>
-
 #include "dfa_rel.cuh"
 #include "dfa_wgmma.cuh"
 
@@ -28,72 +26,6 @@ struct FwdCfg {
   static constexpr int SMEM = BASE * (int)sizeof(T);
   static constexpr int SMEM_REL = (BASE + Rel::ELEMS) * (int)sizeof(T);
   static_assert(SMEM_REL <= 101376, "the forward must fit sm_86 / sm_89's 99 KB of shared memory per block");
-};
-
-// The wgmma descriptors of the Q / K / V tiles (WG): each tile's is its start's (the shared window offset in bytes / 16
-// in the low bits) plus the element offset from Qs, one integer add; those of the 16-column / 16-row steps inside a
-// tile add constants.  Q and K are read K-major (LBO: the next 8 columns, one core matrix; SBO: the next 8 rows, one
-// row group), V MN-major (LBO: the next 8 keys, a row group; SBO: the next 8 of the head dim, a core matrix).
-template <typename T, typename L>
-struct TileDescs {
-  const T* base;
-  uint64_t kmajor, mnmajor;  // of `base`
-
-  __device__ __forceinline__ explicit TileDescs(const T* Qs)
-      : base(Qs), kmajor(smem_desc(Qs, 128, L::GROUP_BYTES)), mnmajor(smem_desc(Qs, L::GROUP_BYTES, 128)) {}
-  __device__ __forceinline__ uint64_t at(uint64_t d, const T* tile) const {
-    return d + (uint64_t)((int)(tile - base) * (int)sizeof(T) / 16);
-  }
-  // columns [16 kc, 16 kc + 16) of a K-major tile; rows [16 kc, 16 kc + 16) of an MN-major one
-  static constexpr uint64_t kstep(int kc) { return (uint64_t)(kc * 256 / 16); }
-  static constexpr uint64_t mnstep(int kc) { return (uint64_t)(kc * 2 * L::GROUP_BYTES / 16); }
-};
-
-// S = Q K^T of one tile into s (this warp's 16 rows, its mma.sync C fragments): mma.sync from ldmatrix fragments, or
-// with WG one wgmma per 16 of D (the warpgroup's 64 rows; A = Q and B = K from shared memory, both K-major).
-template <typename T, int D, int BN, bool WG, typename Descs>
-__device__ __forceinline__ void score_product(float (*s)[4], const Descs& dsc, const T* Qw, const T* Ks) {
-  if constexpr (WG) {
-    const uint64_t dq = dsc.kmajor, dk = dsc.at(dsc.kmajor, Ks);
-    wgmma_fence();
-#pragma unroll
-    for (int kc = 0; kc < D / 16; ++kc)
-      wgmma_ss<T, BN, false>(&s[0][0], dq + dsc.kstep(kc), dk + dsc.kstep(kc), kc > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-  } else {
-    (void)dsc;
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    mma_rows_rows<T, D, BN / 8>(s, Qw, Ks);
-  }
-}
-
-// o += P V of one tile (p: the probabilities in s's layout): mma.sync with V's fragments by ldmatrix.trans, or with
-// WG one wgmma per 16 keys (A = P from registers, B = V from shared memory, MN-major).
-template <typename T, int D, int BN, bool WG, typename Descs>
-__device__ __forceinline__ void value_product(float (*o)[4], const float (*p)[4], const Descs& dsc, const T* Vs) {
-  if constexpr (WG) {
-    const uint64_t dv = dsc.at(dsc.mnmajor, Vs);
-    wgmma_fence();
-#pragma unroll
-    for (int kc = 0; kc < BN / 16; ++kc) {
-      const uint32_t a[4] = {Pack<T>::pack(p[2 * kc][0], p[2 * kc][1]), Pack<T>::pack(p[2 * kc][2], p[2 * kc][3]),
-                             Pack<T>::pack(p[2 * kc + 1][0], p[2 * kc + 1][1]),
-                             Pack<T>::pack(p[2 * kc + 1][2], p[2 * kc + 1][3])};
-      wgmma_rs<T, D, true>(&o[0][0], a, dv + dsc.mnstep(kc), true);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-  } else {
-    (void)dsc;
-    mma_acc_rows<T, D, BN / 8>(o, p, Vs);
-  }
-}
-
-// (the mma.sync variant's stand-in for TileDescs)
-struct NoDescs {
-  __device__ __forceinline__ explicit NoDescs(const void*) {}
 };
 
 template <typename T, int D, bool WG>
@@ -156,7 +88,7 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
   const typename Cfg::KV kv{Qs + L::elems(BM), kg, vg, p.k_sr, p.v_sr, Lk};
-  const std::conditional_t<WG, TileDescs<T, L>, NoDescs> dsc(Qs);
+  const DescsOf<T, L, WG> dsc(Qs);
   kv.start();
   for (int k0 = 0, stage = 0; k0 < Lk; k0 += BN, stage ^= 1) {
     const T* Ks = kv.acquire(k0, stage);
@@ -175,7 +107,7 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
     const bool any_sat =
         rel && (tile_saturation(p, q0, 16, k0, BN) == 1 || tile_saturation(p, q0 + BM - 16, 16, k0, BN) == 2);
     fold.template score<D, BN, NT, L>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, zone,
-                                      [&] { score_product<T, D, BN, WG>(s, dsc, Qw, Ks); });
+                                      [&] { product_rows_rows<T, D, BN, WG>(s, dsc, Qs, Qw, Ks); });
 
     float mx[2] = {-INFINITY, -INFINITY};
     // checked: an edge tile, or one with a masked key or a uniform row (tests per element).  raw: a saturated (or
@@ -245,7 +177,7 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
         }
       }
     });
-    value_product<T, D, BN, WG>(o, s, dsc, Vs);
+    product_acc_rows<T, D, BN, WG>(o, s, dsc, Vs);
     // the next tile's window slots, published by release()'s barrier (the other half was last read a tile ago)
     if (rel && k0 + BN < Lk && tile_saturation(p, q0, BM, k0 + BN, BN) == 0)
       fill_slots<Cfg::Rel::WR, 1>(rs.slots_of(stage ^ 1), p, q0 - (k0 + BN) - (BN - 1));
@@ -282,20 +214,6 @@ __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(const Params p) {
 
 namespace {
 const char* g_last_fwd = "";  // the kernel the last launch_fwd launched (last_fwd_kernel)
-
-// DEBERTA_FAST_CUDA_WGMMA=1 and this device runs the sm_90a build of the WG kernel (or the simulator).
-template <typename K>
-bool wgmma_wanted(K* kern) {
-  const char* env = std::getenv("DEBERTA_FAST_CUDA_WGMMA");
-  if (env == nullptr || env[0] != '1' || env[1] != '\0') return false;
-#ifdef DFA_CPU_SIM
-  (void)kern;
-  return true;
-#else
-  cudaFuncAttributes a;
-  return cudaFuncGetAttributes(&a, kern) == cudaSuccess && a.binaryVersion == 90;
-#endif
-}
 }  // namespace
 
 template <typename T, int D, bool WG>
@@ -314,14 +232,16 @@ static const char* run_fwd(const Params& p, cudaStream_t stream) {
 
 const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  g_last_fwd = "";
   return dispatch_dtype_dim(dtype, head_dim, [&](auto t, auto d) {
     using T = decltype(t);
     constexpr int D = decltype(d)::value;
-    if (wgmma_wanted(dfa_fwd_kernel<T, D, true>)) return run_fwd<T, D, true>(p, s);
+    if (wgmma_wanted(s)) return run_fwd<T, D, true>(p, s);
     return run_fwd<T, D, false>(p, s);
   });
 }
 
 const char* last_fwd_kernel() { return g_last_fwd; }
+void reset_last_fwd_kernel() { g_last_fwd = ""; }
 
 }  // namespace dfa

@@ -108,6 +108,9 @@ const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream) {
 }
 
 const char* last_fwd_kernel() { return "recorded"; }
+const char* last_bwd_kernel() { return "recorded"; }
+void reset_last_fwd_kernel() {}
+void reset_last_kernels() {}
 
 const char* launch_bwd(const Params& p, int dtype, int head_dim, BwdKernel which, void* stream) {
   return record_attention(which == BWD_DQ ? "bwd_dq" : "bwd_dkdv", p, dtype, head_dim, stream);

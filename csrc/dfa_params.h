@@ -55,8 +55,12 @@ struct Params {
 // Host launchers (defined in dfa_fwd.cu / dfa_bwd.cu).  dtype: 0 = fp16, 1 = bf16.
 // return nullptr on success, else a static error string
 const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream);
-// Which forward kernel the last launch_fwd launched: "wgmma" (sm_90a, DEBERTA_FAST_CUDA_WGMMA=1), "mma.sync", or ""
+// Which variant the last launch_fwd / launch_bwd launched: "wgmma" (sm_90a, DEBERTA_FAST_CUDA_WGMMA=1), "mma.sync",
+// or "" (none yet)
 const char* last_fwd_kernel();
+const char* last_bwd_kernel();
+void reset_last_fwd_kernel();
+void reset_last_kernels();  // both to ""
 // The backward's two score kernels, launched one at a time (BWD_DQ: dq and the c2p band of scale*dS; BWD_DKDV: dK, dV
 // and the p2c band), so that the host can reduce and free one band buffer before it allocates the other
 enum BwdKernel : int { BWD_DQ = 0, BWD_DKDV = 1 };

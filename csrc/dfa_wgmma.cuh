@@ -1,5 +1,5 @@
-// Hopper's warpgroup MMA (wgmma.mma_async, sm_90a) for the forward's two products.  Its shared-memory operands are
-// tiles of CoreRows layout (dfa_common.cuh), the PTX ISA's canonical no-swizzle layouts: read K-major,
+// Hopper's warpgroup MMA (wgmma.mma_async, sm_90a) for the kernels' products (their WG variants).  Its shared-memory
+// operands are tiles of CoreRows layout (dfa_common.cuh), the PTX ISA's canonical no-swizzle layouts: read K-major,
 // ((8,m),(T,2k)) : ((1T,SBO),(1,LBO)); read MN-major, ((T,1,m),(8,k)) : ((1,T,SBO),(1T,LBO)); T = 8 elements = 16
 // bytes; LBO = the bytes between core matrices adjacent along K, SBO along M / N.
 //
@@ -17,6 +17,9 @@
 // accumulators read NaN until the covering wait; the layouts and the fragment order are the PTX ISA's, which only a
 // GPU can confirm.
 #pragma once
+
+#include <atomic>
+#include <cstdlib>
 
 #include "dfa_common.cuh"
 
@@ -68,6 +71,28 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
+// Register operands pinned at this point: the compiler may neither move their reads / writes across it nor reuse their
+// registers before it.  After a wait_group, on the accumulators and A registers of the wgmmas it waited for (the PTX
+// ISA leaves touching them before the covering wait undefined, and the wait's asm names no register).
+template <int N>
+__device__ __forceinline__ void fence_operands(float* d) {
+#if !defined(DFA_CPU_SIM)
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+  (void)d;
+#endif
+}
+template <int N>
+__device__ __forceinline__ void fence_operands(uint32_t (*a)[4]) {
+#if !defined(DFA_CPU_SIM)
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(a[i][0]), "+r"(a[i][1]), "+r"(a[i][2]), "+r"(a[i][3])::"memory");
+#else
+  (void)a;
+#endif
+}
+
 // The inline PTX: N / 2 accumulator operands ("+f"), then the scale-d flag, the A descriptor or 4 A registers, the B
 // descriptor and the transpose immediate(s).  I*: those operands' numbers as text.
 #define DFA_ACC8(i)                                                                                               \
@@ -153,6 +178,127 @@ __device__ __forceinline__ void wgmma_rs(float* d, const uint32_t a[4], uint64_t
   (void)d; (void)a; (void)desc_b; (void)accumulate;
   __trap();
 #endif
+}
+
+// The wgmma descriptors of a block's tiles (layout L): a tile's is `base`'s plus its element offset from `base` (one
+// integer add: the start address sits in the low bits in 16-byte units); the 16-column / 16-row steps inside a tile add
+// constants.  Read K-major (A, or B of A . B^T): LBO = the next 8 columns (one core matrix), SBO = the next 8 rows (one
+// row group).  Read MN-major (B of P . B, rows = the k dimension): LBO = the next 8 rows (a row group), SBO = the next
+// 8 columns (a core matrix).
+template <typename T, typename L>
+struct TileDescs {
+  const T* base;
+  uint64_t kmajor, mnmajor;  // of `base`
+
+  __device__ __forceinline__ explicit TileDescs(const T* b)
+      : base(b), kmajor(smem_desc(b, 128, L::GROUP_BYTES)), mnmajor(smem_desc(b, L::GROUP_BYTES, 128)) {}
+  __device__ __forceinline__ uint64_t at(uint64_t d, const T* tile) const {
+    return d + (uint64_t)((int)(tile - base) * (int)sizeof(T) / 16);
+  }
+  // columns [16 kc, 16 kc + 16) of a K-major tile; rows [16 kc, 16 kc + 16) of an MN-major one
+  static constexpr uint64_t kstep(int kc) { return (uint64_t)(kc * 256 / 16); }
+  static constexpr uint64_t mnstep(int kc) { return (uint64_t)(kc * 2 * L::GROUP_BYTES / 16); }
+};
+struct NoDescs {  // the mma.sync kernels' stand-in
+  __device__ __forceinline__ explicit NoDescs(const void*) {}
+};
+template <typename T, typename L, bool WG>
+using DescsOf = std::conditional_t<WG, TileDescs<T, L>, NoDescs>;
+
+// acc (this warp's 16 rows x N, mma.sync C fragments) = A . B^T, A a block tile of 64 rows (Aw: this warp's 16), B a
+// tile of N rows, both D wide.  WG: one wgmma per 16 of D (the warpgroup's 64 rows; A and B from shared memory, both
+// K-major; the first one overwrites); else mma.sync from ldmatrix fragments (padded tiles).
+template <typename T, int D, int N, bool WG, typename Descs>
+__device__ __forceinline__ void product_rows_rows(float (*acc)[4], const Descs& dsc, const T* A, const T* Aw,
+                                                  const T* B) {
+  if constexpr (WG) {
+    (void)Aw;
+    const uint64_t da = dsc.at(dsc.kmajor, A), db = dsc.at(dsc.kmajor, B);
+    fence_operands<N / 2>(&acc[0][0]);  // (every earlier write of them before the fence)
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc)
+      wgmma_ss<T, N, false>(&acc[0][0], da + dsc.kstep(kc), db + dsc.kstep(kc), kc > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands<N / 2>(&acc[0][0]);
+  } else {
+    (void)dsc; (void)A;
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    mma_rows_rows<T, D, N / 8>(acc, Aw, B);
+  }
+}
+
+// acc (this warp's 16 rows x D) += P . B: P this warp's 16 x K values in mma.sync C fragments (p[K / 8][4], rounded to
+// T here), B a tile of K rows x D.  WG: one wgmma per 16 of K (A = P from registers, B read MN-major); else mma.sync
+// with B's fragments by ldmatrix.trans (padded tiles).
+template <typename T, int D, int K, bool WG, typename Descs>
+__device__ __forceinline__ void product_acc_rows(float (*acc)[4], const float (*p)[4], const Descs& dsc, const T* B) {
+  if constexpr (WG) {
+    const uint64_t db = dsc.at(dsc.mnmajor, B);
+    uint32_t a[K / 16][4];  // every A fragment written before the fence (the ISA: none after it)
+#pragma unroll
+    for (int kc = 0; kc < K / 16; ++kc) {
+      a[kc][0] = Pack<T>::pack(p[2 * kc][0], p[2 * kc][1]);
+      a[kc][1] = Pack<T>::pack(p[2 * kc][2], p[2 * kc][3]);
+      a[kc][2] = Pack<T>::pack(p[2 * kc + 1][0], p[2 * kc + 1][1]);
+      a[kc][3] = Pack<T>::pack(p[2 * kc + 1][2], p[2 * kc + 1][3]);
+    }
+    fence_operands<K / 16>(a);  // the packs and the accumulators' last writes (a rescale) before the fence
+    fence_operands<D / 2>(&acc[0][0]);
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < K / 16; ++kc) wgmma_rs<T, D, true>(&acc[0][0], a[kc], db + dsc.mnstep(kc), true);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands<D / 2>(&acc[0][0]);
+    fence_operands<K / 16>(a);
+  } else {
+    (void)dsc;
+    mma_acc_rows<T, D, K / 8>(acc, p, B);
+  }
+}
+
+#if !defined(DFA_CPU_SIM)
+// Whether the image the device runs of this translation unit holds the wgmma code: 1 in an sm_90a cubin, 0 in any
+// other (sm_80, sm_90 or compute_90 images have the traps).  Read by the host once per device (wgmma_image).
+static __device__ int dfa_wgmma_image = DFA_HAS_WGMMA;
+#endif
+
+// Host: whether this translation unit's wgmma instantiations may be launched on the current device (the simulator:
+// always).  Once per process, device and source file a 4-byte copy from the device (a synchronisation), then cached;
+// not while `stream` is being captured into a CUDA graph (the copy would end the capture: the mma.sync kernels run,
+// and the next call outside a capture asks), nor over a pending error of an earlier launch (left for its caller).
+static inline bool wgmma_image(cudaStream_t stream) {
+#ifdef DFA_CPU_SIM
+  (void)stream;
+  return true;
+#else
+  static std::atomic<int> cache[64];  // per device: 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cache[dev].load() == 0) {
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    if (cudaPeekAtLastError() != cudaSuccess || cudaStreamIsCapturing(stream, &cap) != cudaSuccess ||
+        cap != cudaStreamCaptureStatusNone)
+      return false;
+    int v = 0;
+    if (cudaMemcpyFromSymbol(&v, dfa_wgmma_image, sizeof(v)) != cudaSuccess) {
+      (void)cudaGetLastError();  // this copy's own error (none was pending): not the next launch's
+      return false;
+    }
+    cache[dev].store(v == 1 ? 1 : 2);
+  }
+  return cache[dev].load() == 1;
+#endif
+}
+
+// Host: launch the wgmma instantiations?  DEBERTA_FAST_CUDA_WGMMA=1 (read at each launch) and the device runs this
+// translation unit's sm_90a image.
+static inline bool wgmma_wanted(cudaStream_t stream) {
+  const char* env = std::getenv("DEBERTA_FAST_CUDA_WGMMA");
+  return env != nullptr && env[0] == '1' && env[1] == '\0' && wgmma_image(stream);
 }
 
 }  // namespace dfa

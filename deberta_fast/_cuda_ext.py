@@ -309,14 +309,14 @@ WGMMA_ENV = "DEBERTA_FAST_CUDA_WGMMA"  # read by the extension's forward launche
 
 
 def wgmma_requested() -> bool:
-    """``DEBERTA_FAST_CUDA_WGMMA=1``: the forward runs its wgmma variant (``csrc/dfa_wgmma.cuh``) where the device runs
-    the extension's sm_90a build (and in the simulator); elsewhere, and by default, the mma.sync kernel.  Experimental:
-    not yet run on a GPU."""
+    """``DEBERTA_FAST_CUDA_WGMMA=1``: the forward and the backward's score kernels run their wgmma variants
+    (``csrc/dfa_wgmma.cuh``) where the device runs the extension's sm_90a build (and in the simulator); elsewhere, and
+    by default, the mma.sync kernels.  Experimental: not yet run on a GPU."""
     return os.environ.get(WGMMA_ENV) == "1"
 
 
 @contextlib.contextmanager
-def wgmma_forward(on: bool = True):
+def use_wgmma(on: bool = True):
     """Within: ``DEBERTA_FAST_CUDA_WGMMA`` set to ``1`` (``on``) or ``0``, restored after (benchmarks, tests)."""
     old = os.environ.get(WGMMA_ENV)
     os.environ[WGMMA_ENV] = "1" if on else "0"
@@ -333,6 +333,16 @@ def last_fwd_kernel() -> str:
     """The forward kernel the extension (the simulator under ``DEBERTA_FAST_CUDA_SIM=1``) launched last: ``"wgmma"``,
     ``"mma.sync"``, or ``""`` before the first."""
     return _need_ext().last_fwd_kernel()
+
+
+def last_bwd_kernel() -> str:
+    """The same for the backward's score kernels (dq, dK / dV)."""
+    return _need_ext().last_bwd_kernel()
+
+
+def reset_last_kernels() -> None:
+    """:func:`last_fwd_kernel` and :func:`last_bwd_kernel` back to ``""`` (a call that launches nothing then shows)."""
+    _need_ext().reset_last_kernels()
 
 
 def _need_ext():

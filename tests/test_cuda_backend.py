@@ -13,7 +13,7 @@ from deberta_fast.backends import BACKENDS
 from deberta_fast.dispatch import BackendUnavailableError, build_call
 from deberta_fast.positions import (attention_span, relative_slot_table, slot_band, table_band,
                                    trimmed_slot_table)
-from cuda_checks import assert_fwd_kernel
+from cuda_checks import assert_bwd_kernel, assert_fwd_kernel
 from grad_check import assert_grads_close
 from philox_ref import keep_mask, philox4x32_10
 
@@ -306,6 +306,7 @@ def _run_variant(dtype, D, Lq, Lk, terms, buckets, max_rel, masked, shared_pos=T
     assert_fwd_kernel()
     go = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, go)
+    assert_bwd_kernel()
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     it = iter(ref_leaves)
     rq, rk, rv = next(it), next(it), next(it)
@@ -383,8 +384,10 @@ def _direct(q, k, v, pk, pq, buckets, max_rel, mask, p, seed, offset=0):
     rng = torch.tensor([seed, offset], dtype=torch.int64, device=q.device)
     uni = call.uniform_rows.contiguous() if call.uniform_rows is not None else None
     km = call.key_mask.contiguous() if call.key_mask is not None else None
-    return _cuda_ext.ops().cuda_attn_fwd(q, k, v, pk, pq, call.slot_table() if call.has_rel else None, km, uni,
-                                         rng, call.scale, p, lo, hi)
+    res = _cuda_ext.ops().cuda_attn_fwd(q, k, v, pk, pq, call.slot_table() if call.has_rel else None, km, uni,
+                                        rng, call.scale, p, lo, hi)
+    assert_fwd_kernel()
+    return res
 
 
 @gpu
@@ -456,6 +459,7 @@ def test_gpu_rows_without_keys_lse_inf_and_finite_backward():
     table, lo, hi = call.slot_table(), call.band().lo, call.band().hi
     ops = _cuda_ext.ops()
     out, lse = ops.cuda_attn_fwd(q, k, v, pk, pq, table, km, None, None, call.scale, 0.0, lo, hi)
+    assert_fwd_kernel()
     assert bool((lse[1] == math.inf).all()) and bool(torch.isfinite(lse[0]).all())
     assert bool((out[1] == 0).all())
     dmin, w, perm, offs = _cuda_ext.band_window(table, L, L, lo, hi, pk.shape[-2])
@@ -486,6 +490,7 @@ def test_gpu_position_rows_wider_than_the_slot_range():
     out, _ = _cuda_ext.ops().cuda_attn_fwd(q, k, v, pk, pq, table, None, None, None, call.scale, 0.0, lo, hi)
     go = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, go)
+    assert_bwd_kernel()
     rl = [t.detach().double().requires_grad_() for t in (q, k, v, pk[:, :8], pq[:, :8])]
     ref = disentangled_attention_reference(*rl, position_buckets=4, max_relative_positions=16)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
@@ -497,6 +502,36 @@ def test_gpu_position_rows_wider_than_the_slot_range():
             g = g[:, :8]
         err = (g - rg).abs().max().item() / (rg.abs().max().item() + 1e-6)
         assert err < 6e-2, f"d{name}: relative max error {err:.3g}"
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("masked", [False, True])
+def test_gpu_wgmma_kernels_equal_the_mma_sync_ones(masked):
+    """The wgmma variants (``DEBERTA_FAST_CUDA_WGMMA=1``) against the mma.sync kernels on one call with band and
+    saturated tiles (buckets 8 / 32, L = 150; HF padding when ``masked``): output and all five gradients.  In the
+    simulator bit for bit (both sum exact products once per 16 of k); on an sm_90 device within the fp16 rounding of
+    a different summation order; elsewhere there are no wgmma variants to compare."""
+    if not SIM and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma variants are sm_90 only")
+    q, k, v, pk, pq = make_inputs(2, 2, 150, 150, 64, attention_span(8, 32), torch.float16, DEV)
+    mask = torch.arange(150, device=DEV)[None, :] < torch.tensor([150, 97], device=DEV)[:, None] if masked else None
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(DEV, torch.float16)
+    res = {}
+    for on in (False, True):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, pk, pq)]
+        with _cuda_ext.use_wgmma(on):
+            out = disentangled_attention(*leaves, position_buckets=8, max_relative_positions=32, attention_mask=mask,
+                                         backend="cuda")
+            assert_fwd_kernel()
+            grads = torch.autograd.grad(out, leaves, go)
+            assert_bwd_kernel()
+        res[on] = (out, *grads)
+    for name, a, b in zip(("out", "q", "k", "v", "pos_key", "pos_query"), res[False], res[True]):
+        if SIM:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(b, a, atol=2e-3 * float(a.abs().max()) + 1e-3, rtol=1e-2, msg=name)
 
 
 @gpu

@@ -142,10 +142,11 @@ def test_objects_use_tensor_cores(builds, name, arch):
         assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32" in ptx, f"no {ty} tensor-core MMA"
     for dim in (32, 64, 128):  # (the forward's third argument: its wgmma variant, dfa_fwd.cu's WG)
         assert re.search(rf"Li{dim}E(Lb[01]E)?EEvNS_6ParamsE", ptx), f"head_dim {dim} kernels missing"
-    if name == "dfa_fwd.cu":  # the wgmma variant: its instructions on sm_90a, a trap elsewhere
-        for ty in ("f16", "bf16"):
-            for n in (32, 64, 128):
-                assert (f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty}" in ptx) == (arch == "90a"), (ty, n)
+    # the wgmma variants (WG): their instructions on sm_90a (n = the score tiles' keys / queries, and D for the
+    # products into the output / gradients), a trap elsewhere
+    for ty in ("f16", "bf16"):
+        for n in (32, 64, 128):
+            assert (f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty}" in ptx) == (arch == "90a"), (ty, n)
     cuobjdump = shutil.which("cuobjdump") or str(Path(NVCC).parent / "cuobjdump")
     if os.path.exists(cuobjdump):  # SASS check where the tool exists
         sass = subprocess.run([cuobjdump, "-sass", str(r["obj"])], capture_output=True, text=True)
@@ -185,8 +186,9 @@ def test_static_profile_reads_the_objects(builds, arch):
             pytest.fail(f"{name} sm_{arch} did not compile")
         rows += static_cuda.analyse(str(r["obj"]), r["log"], arch)
     kinds = {(r["kernel"], r["dtype"], r["D"]) for r in rows}
-    wg = ("dfa_fwd_kernel (wgmma)",) if arch == "90a" else ()  # (sm_80: the host never launches it)
-    for k in ("dfa_fwd_kernel", "dfa_bwd_dq_kernel", "dfa_bwd_dkdv_kernel", *wg):
+    plain = ("dfa_fwd_kernel", "dfa_bwd_dq_kernel", "dfa_bwd_dkdv_kernel")
+    wg = tuple(f"{k} (wgmma)" for k in plain) if arch == "90a" else ()  # (sm_80: the host never launches them)
+    for k in (*plain, *wg):
         assert {(k, dt, d) for dt in ("fp16", "bf16") for d in (32, 64, 128)} <= kinds, sorted(kinds)
     assert not any("wgmma" in k for k, _, _ in kinds) or wg, sorted(kinds)
     for r in rows:

@@ -144,13 +144,12 @@ def test_cuda_backend_gpu_tests_in_simulator(sim):
     assert passed >= 100 and "failed" not in summary, summary
 
 
-def test_cuda_backend_wgmma_forward_in_simulator(sim):
-    """The forward's wgmma variant (``DEBERTA_FAST_CUDA_WGMMA=1``: Q K^T and P V on wgmma, the tiles in the core-matrix
-    layout) on the GPU tests that cover its paths: every dtype / head dim / relative term, band and saturated tiles,
-    masks, HF padding, uniform rows, rows without keys, dropout, packed sequences (each asserts the wgmma kernel ran:
-    tests/cuda_checks.py).  The backward kernels are the mma.sync ones either way."""
+def test_cuda_backend_wgmma_in_simulator(sim):
+    """The kernels' wgmma variants (``DEBERTA_FAST_CUDA_WGMMA=1``: the forward's and the backward score kernels'
+    products on wgmma, the tiles in the core-matrix layout) on the GPU tests of ``WGMMA_TESTS`` (each asserts that the
+    wgmma kernels ran: tests/cuda_checks.py)."""
     from benchmarks.gpu_session import WGMMA_TESTS
 
     summary = _gpu_tests({"DEBERTA_FAST_CUDA_WGMMA": "1"}, "-k", WGMMA_TESTS)
     passed = int(summary.split(" passed")[0].split()[-1])
-    assert passed >= 50 and "failed" not in summary, summary
+    assert passed >= 60 and "failed" not in summary, summary

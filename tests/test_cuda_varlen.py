@@ -18,7 +18,7 @@ from deberta_fast.dispatch import BackendUnavailableError, build_varlen_call
 from deberta_fast.positions import attention_span, relative_slot_table, slot_band
 from deberta_fast.reference import default_scale
 
-from cuda_checks import assert_fwd_kernel  # noqa: E402
+from cuda_checks import assert_bwd_kernel, assert_fwd_kernel  # noqa: E402
 from grad_check import assert_grads_close  # noqa: E402
 from philox_ref import keep_of  # noqa: E402  (numpy Philox, checked against Random123 in test_cuda_backend)
 
@@ -360,6 +360,7 @@ def _run_varlen(dtype, D, lens_q, lens_k, terms, buckets, max_rel, H=3):
     assert_fwd_kernel()
     go = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, go)
+    assert_bwd_kernel()
     rl = [t.detach().double().requires_grad_() for t in leaves]
     it = iter(rl)
     rq, rk, rv = next(it), next(it), next(it)
@@ -421,8 +422,10 @@ def _direct(q, k, v, pk, pq, cq, ck, max_q, max_k, buckets, max_rel, p, seed, of
                              max_relative_positions=max_rel, scale=None, dropout_p=p)
     lo, hi = (call.band().lo, call.band().hi) if call.has_rel else (0, 0)
     rng = torch.tensor([seed, offset], dtype=torch.int64, device=q.device)
-    return _cuda_ext.ops().cuda_varlen_fwd(q, k, v, pk, pq, call.slot_table() if call.has_rel else None, cq, ck,
-                                           max_q, max_k, rng, call.scale, p, lo, hi)
+    res = _cuda_ext.ops().cuda_varlen_fwd(q, k, v, pk, pq, call.slot_table() if call.has_rel else None, cq, ck,
+                                          max_q, max_k, rng, call.scale, p, lo, hi)
+    assert_fwd_kernel()
+    return res
 
 
 @gpu

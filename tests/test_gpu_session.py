@@ -64,7 +64,8 @@ def test_gpu_plan_covers_every_deliverable(tmp_path):
 
     labels = {s: [c[0] for c in gs.plan(s, str(tmp_path), False, sys.executable)] for s in gs.STAGES if s != "build"}
     assert labels["sanitize"] == [f"{t}-{b}" for b in ("cuda", "triton") for t in ("memcheck", "racecheck", "synccheck")]
-    assert labels["bench-core"] == ["host", "core-bf16", "core-fp16"] and labels["bench-model"] == ["model"]
+    assert labels["bench-core"] == ["host", "core-bf16", "core-fp16", "core-wgmma"]
+    assert labels["bench-model"] == ["model"]
     argv = dict((c[0], c[1]) for s in ("parity", "tests", "bench-core", "bench-model")
                 for c in gs.plan(s, str(tmp_path), False, sys.executable))
     assert "--rehearse" not in argv["parity"]
@@ -75,7 +76,8 @@ def test_gpu_plan_covers_every_deliverable(tmp_path):
     assert argv["pytest"][3:3 + len(gs.GPU_TEST_FILES)] == gs.GPU_TEST_FILES
     (_, wg, wg_env), = [c for c in gs.plan("tests", str(tmp_path), False, sys.executable) if c[0] == "pytest-wgmma"]
     assert wg_env == {"DEBERTA_FAST_CUDA_WGMMA": "1"} and wg[wg.index("-k") + 1] == gs.WGMMA_TESTS
-    assert all("full" in argv[k] for k in ("host", "core-bf16", "core-fp16", "model"))
+    assert all("full" in argv[k] for k in ("host", "core-bf16", "core-fp16", "core-wgmma", "model"))
+    assert argv["core-wgmma"][-2:] == ["-k", gs.WGMMA_CORE] and "cuda-wgmma" in argv["core-fp16"][-1]
     sanitize = gs.plan("sanitize", str(tmp_path), False, sys.executable)
     assert all(extra == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} for _, _, extra in sanitize)
 
@@ -87,7 +89,7 @@ def test_gpu_plan_headline_profile(tmp_path):
     from benchmarks.profiles import headline_profile
 
     core = dict((c[0], c[1]) for c in gs.plan("bench-core", str(tmp_path), False, sys.executable, "headline"))
-    assert list(core) == ["host", "core-bf16"]
+    assert list(core) == ["host", "core-bf16", "core-wgmma"]
     assert core["core-bf16"][-2:] == ["-k", gs.HEADLINE_CORE_SKIP] and "headline" in core["core-bf16"]
     (first, long, _), (rest, model, _) = gs.plan("bench-model", str(tmp_path), False, sys.executable, "headline")
     assert (first, rest) == ("model-train-8192", "model") and "headline" in model
@@ -184,6 +186,28 @@ def test_sanitize_workload_walks_every_variant_and_reports_refusals(capsys):
     # the widest coverage first (a cut sanitizer run): v3 band tiles, tiny buckets' saturated tiles, packed calls
     at = {key: [n for n, ln in enumerate(lines) if key in ln] for key in ("(256, 512)", "(4, 8)", "varlen")}
     assert max(at["(256, 512)"]) < min(at["(4, 8)"]) < min(at["varlen"]), lines
+
+
+def test_sanitize_workload_has_the_wgmma_variants():
+    """On an sm_90 device the cuda workload adds the kernels' wgmma variants (padded with both bucket kinds and each
+    dropout rate, packed), after the v3 band tiles; they run with the switch on and restore it."""
+    import os
+
+    from benchmarks import sanitize_cases
+    from deberta_fast import _cuda_ext
+
+    seen = []
+    padded = lambda *a: seen.append((_cuda_ext.wgmma_requested(), "padded", a)) or "ok"  # noqa: E731
+    packed = lambda *a: seen.append((_cuda_ext.wgmma_requested(), "packed", a)) or "ok"  # noqa: E731
+    before = os.environ.get(_cuda_ext.WGMMA_ENV)
+    variants = sanitize_cases._variants([(2, 37, 37)], ["none", "key"], [0.0, 0.1], False, padded, packed, [3, 4],
+                                        wgmma=True)
+    for _, run in variants:
+        run()
+    names = [n for n, _ in variants]
+    wg = [n for n in names if n.startswith("wgmma")]
+    assert len(wg) == 6 and names.index(wg[0]) > names.index(next(n for n in names if "(256, 512)" in n))
+    assert sum(on for on, _, _ in seen) == 6 and os.environ.get(_cuda_ext.WGMMA_ENV) == before
 
 
 def test_sanitizer_probe_says_why_it_cannot_run(monkeypatch):
