@@ -221,19 +221,44 @@ def table(prof: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: issue 15's static targets: no spill anywhere; the saturated forward's shortest path at most this many instructions
+#: per score element for these head dims (both variants)
+SATURATED_FWD_MAX, SATURATED_FWD_DIMS = 10.0, (32, 64)
+
+
+def problems(prof: dict) -> list[str]:
+    """What breaks a target of issue 15 in a profile: a kernel that spills, and (with the zone builds) a saturated
+    forward over ``SATURATED_FWD_MAX`` per element at ``SATURATED_FWD_DIMS``."""
+    out = []
+    for r in prof["kernels"]:
+        what = f"{r['kernel']} {r['arch']} {r['dtype']} D={r['D']}"
+        if r.get("spill_stores") or r.get("spill_loads"):
+            out.append(f"{what}: spills {r.get('spill_stores')}/{r.get('spill_loads')} B")
+        sat = (r.get("zones") or {}).get("saturated")
+        if r["kernel"].startswith("dfa_fwd_kernel") and r["D"] in SATURATED_FWD_DIMS and sat:
+            worst = max(lp["per_element_shortest"] for lp in sat)
+            if worst > SATURATED_FWD_MAX:
+                out.append(f"{what}: saturated forward {worst} instructions per element > {SATURATED_FWD_MAX}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.static_cuda", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="80,90a", help="comma-separated nvcc archs (default 80,90a)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<date>-static")
     ap.add_argument("--no-zones", action="store_true", help="skip the band / saturated profile builds (4x faster)")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a target of issue 15 fails (problems())")
     a = ap.parse_args(argv)
     prof = profile(tuple(x.strip() for x in a.archs.split(",") if x.strip()),
                    progress=lambda m: print(m, file=sys.stderr, flush=True), zones=not a.no_zones)
     from benchmarks.static import write_report
 
     write_report(a.out, f"{prof['date']}-static", "cuda.json", "cuda.md", prof, table(prof))
-    return 0 if prof["kernels"] else 1
+    bad = problems(prof) if a.check else []
+    for b in bad:
+        print(f"static_cuda: {b}", file=sys.stderr)
+    return 0 if prof["kernels"] and not bad else 1
 
 
 if __name__ == "__main__":

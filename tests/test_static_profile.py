@@ -59,3 +59,31 @@ def test_sweep_configs_argument(monkeypatch, tmp_path):
     assert seen == [{"fwd": [(64, 64, 4, 2, 128)], "bwd": [(32, 32, 4, 1)]}]
     with pytest.raises(SystemExit):
         static.main(["--sweep", "--configs", "fwd=64/64/4", "--out", str(tmp_path)])
+
+
+def test_cuda_profile_check_names_each_missed_target():
+    """``python -m benchmarks.static_cuda --check`` (CI): a spilling kernel, and a saturated forward over issue 15's
+    target at D = 32 / 64, are problems; D = 128's forward, the backward's saturated loops and a profile without the
+    zone builds are not held to it.  The newest committed profile meets both targets."""
+    import glob
+    import json
+    import os
+
+    from benchmarks import static_cuda as sc
+
+    def row(kernel, D, spill=0, sat=None):
+        r = {"kernel": kernel, "arch": "sm_90a", "dtype": "fp16", "D": D, "spill_stores": spill, "spill_loads": spill}
+        if sat is not None:
+            r["zones"] = {"saturated": [{"per_element_shortest": sat, "per_element_longest": sat + 3}]}
+        return r
+
+    prof = {"kernels": [row("dfa_fwd_kernel", 64, sat=9.9), row("dfa_fwd_kernel (wgmma)", 32, sat=10.2),
+                        row("dfa_fwd_kernel", 128, sat=14.7), row("dfa_bwd_dq_kernel", 64, sat=13.9),
+                        row("dfa_bwd_dkdv_kernel", 64, spill=8), row("dfa_fwd_kernel", 64)]}
+    bad = sc.problems(prof)
+    assert len(bad) == 2, bad
+    assert "dfa_fwd_kernel (wgmma) sm_90a fp16 D=32: saturated forward 10.2" in bad[0]
+    assert "dfa_bwd_dkdv_kernel sm_90a fp16 D=64: spills 8/8 B" in bad[1]
+    results = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
+    with open(sorted(glob.glob(os.path.join(results, "*-static", "cuda.json")))[-1]) as f:
+        assert sc.problems(json.load(f)) == []
