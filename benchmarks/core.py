@@ -141,9 +141,10 @@ def _df_skip(backend: str):
     return skip
 
 
-def _df_prepare(backend: str, wgmma: bool = False):
+def _df_prepare(backend: str, wgmma: bool = False, tma: bool = False):
     """``wgmma`` (cuda): the kernels' wgmma variants or (False) the mma.sync ones, set process-wide from here on
-    (DEBERTA_FAST_CUDA_WGMMA, read at each launch: the backward runs outside ``fn``), until the next cuda prepare."""
+    (DEBERTA_FAST_CUDA_WGMMA, read at each launch: the backward runs outside ``fn``), until the next cuda prepare;
+    ``tma`` (triton): the forward's loads through tensor descriptors or not (DEBERTA_FAST_TRITON_TMA), the same way."""
     def prepare(inp: CoreInputs, grad: bool) -> Prepared:
         import deberta_fast
 
@@ -151,6 +152,10 @@ def _df_prepare(backend: str, wgmma: bool = False):
             from deberta_fast import _cuda_ext
 
             os.environ[_cuda_ext.WGMMA_ENV] = "1" if wgmma else "0"
+        elif backend == "triton":
+            from deberta_fast._kernels import triton_attention_launch as launch
+
+            os.environ[launch.TMA_ENV] = "1" if tma else "0"
         lv = _leaves(inp, grad)
         mask = inp.mask
         pb, mr = inp.position_buckets, inp.max_relative_positions
@@ -188,6 +193,28 @@ def _wgmma_skip(inp: CoreInputs, mode: str):
 
 def _wgmma_prepare(inp: CoreInputs, grad: bool) -> Prepared:
     return _df_prepare("cuda", wgmma=True)(inp, grad)
+
+
+def _tma_skip(inp: CoreInputs, mode: str):
+    """The triton backend with the forward's loads through tensor descriptors (DEBERTA_FAST_TRITON_TMA=1): where the
+    forward takes them (sm_90, 16-bit, aligned inputs)."""
+    why = _df_skip("triton")(inp, mode)
+    if why:
+        return why
+    import deberta_fast
+    from deberta_fast._kernels import triton_attention_launch as launch
+
+    q = inp.query[:1, :, :16]
+    launch.reset_last_forward_tma()
+    with launch.use_tma():
+        deberta_fast.disentangled_attention(q, q, q, inp.pos_key, inp.pos_query, backend="triton",
+                                            position_buckets=inp.position_buckets,
+                                            max_relative_positions=inp.max_relative_positions)
+    return None if launch.last_forward_tma() else "the forward read through pointers (TMA: sm_90, 16-bit inputs)"
+
+
+def _tma_prepare(inp: CoreInputs, grad: bool) -> Prepared:
+    return _df_prepare("triton", tma=True)(inp, grad)
 
 
 # ----------------------------------------------------------------------------- HF eager
@@ -382,6 +409,9 @@ def candidates() -> list[Candidate]:
     c = [Candidate(f"deberta_fast-{b}", "deberta_fast", _df_skip(b), _df_prepare(b)) for b in ("torch", "triton", "cuda")]
     c.append(Candidate("deberta_fast-cuda-wgmma", "deberta_fast", _wgmma_skip, _wgmma_prepare,
                        notes="the cuda backend with its kernels' wgmma variants (sm_90a, DEBERTA_FAST_CUDA_WGMMA=1)"))
+    c.append(Candidate("deberta_fast-triton-tma", "deberta_fast", _tma_skip, _tma_prepare,
+                       notes="the triton backend, the forward's loads through tensor descriptors (sm_90, "
+                             "DEBERTA_FAST_TRITON_TMA=1)"))
     c += [
         Candidate("hf-eager", "baseline", _hf_skip, _hf_prepare,
                   notes="transformers DisentangledSelfAttention.forward, projections replaced by the given tensors"),

@@ -72,6 +72,10 @@ GRACE = 15
 GPU_TEST_FILES = ["tests/test_triton_forward.py", "tests/test_triton_backward.py", "tests/test_triton_varlen.py",
                   "tests/test_triton_exactness.py", "tests/test_cuda_backend.py", "tests/test_cuda_varlen.py",
                   "tests/test_training.py", "tests/test_compile.py", "tests/test_compile_model.py"]
+#: the Triton forward's TMA loads (DEBERTA_FAST_TRITON_TMA=1, never run on a GPU before), in a command of their own
+#: after the others (a device fault or a hang cannot take the shipped kernels' results with it): their tests against
+#: the pointer loads, then the forward / packed tests against the float64 reference with the switch on
+TMA_TEST_FILES = ["tests/test_triton_tma.py", "tests/test_triton_forward.py", "tests/test_triton_varlen.py"]
 
 
 def _env_script(out: str) -> str:
@@ -97,10 +101,11 @@ json.dump(env, open({os.path.join(out, "env.json")!r}, "w"), indent=1)
 
 #: candidates a ``headline`` bench-core leaves out: flex's torch.compile takes minutes per shape, and the torch
 #: backend is the reference path (it materialises [B, H, L, L])
-HEADLINE_CORE_SKIP = "not flex and not deberta_fast-torch and not cuda-wgmma"
-#: the cuda kernels' wgmma variants (never run on a GPU before): a part of their own, last, so that a fault of theirs
-#: cannot take the other candidates' rows with it
+HEADLINE_CORE_SKIP = "not flex and not deberta_fast-torch and not cuda-wgmma and not triton-tma"
+#: the cuda kernels' wgmma variants and the Triton forward's TMA loads (never run on a GPU before): parts of their own,
+#: last, so that a fault of theirs cannot take the other candidates' rows with it
 WGMMA_CORE = "cuda-wgmma and bfloat16"
+TMA_CORE = "triton-tma and bfloat16"
 HEADLINE_MODEL_SKIP = "not deberta_fast-torch and not disentangled-flash-torch"
 #: the headline bench-model's rows run first, in a part of their own: the training step at L = 8192 (ours and the peers')
 HEADLINE_MODEL_FIRST = "train and L8192"
@@ -160,6 +165,9 @@ def plan(stage: str, out: str, rehearse: bool, py: str, profile: str = "full",
                                           "-k", WGMMA_TESTS, *workers, "-p", "no:cacheprovider", "-rfEs",
                                           f"--junitxml={os.path.join(out, 'tests-wgmma.xml')}"],
                          {"DEBERTA_FAST_CUDA_WGMMA": "1"}))
+            cmds.append(("pytest-tma", [py, "-m", "pytest", *TMA_TEST_FILES, *workers, "-p", "no:cacheprovider", "-rfEs",
+                                        f"--junitxml={os.path.join(out, 'tests-tma.xml')}"],
+                         {"DEBERTA_FAST_TRITON_TMA": "1"}))
         return cmds
     if stage == "sanitize":
         cmds = []
@@ -189,13 +197,16 @@ def plan(stage: str, out: str, rehearse: bool, py: str, profile: str = "full",
                 parts = [("model", file, None)]
         else:  # each part saves its own results folder: what ran before a timeout is kept
             parts = [("host", "benchmarks/bench_host.py", None),
-                     ("core-bf16", "benchmarks/bench_core.py", "fwd" if rehearse else "bfloat16 and not cuda-wgmma")]
+                     ("core-bf16", "benchmarks/bench_core.py",
+                      "fwd" if rehearse else "bfloat16 and not cuda-wgmma and not triton-tma")]
             if profile == "headline" and not rehearse:  # bf16 only; the slow baselines left out
                 parts[1] = ("core-bf16", "benchmarks/bench_core.py", HEADLINE_CORE_SKIP)
             elif not rehearse:
-                parts.append(("core-fp16", "benchmarks/bench_core.py", "float16 and not bfloat16 and not cuda-wgmma"))
+                parts.append(("core-fp16", "benchmarks/bench_core.py",
+                              "float16 and not bfloat16 and not cuda-wgmma and not triton-tma"))
             if not rehearse:
-                parts.append(("core-wgmma", "benchmarks/bench_core.py", WGMMA_CORE))
+                parts += [("core-wgmma", "benchmarks/bench_core.py", WGMMA_CORE),
+                          ("core-tma", "benchmarks/bench_core.py", TMA_CORE)]
         return [(label, [py, "-m", "pytest", file, *common, *(["-k", sel] if sel else [])], {})
                 for label, file, sel in parts]
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")

@@ -74,6 +74,16 @@ def _rel_source(run, source: str):
     return wrapped
 
 
+def _tma(run):
+    """``run`` with the Triton forward reading through tensor descriptors (DEBERTA_FAST_TRITON_TMA=1; sm_90)."""
+    from deberta_fast._kernels import triton_attention_launch as launch
+
+    def wrapped():
+        with launch.use_tma():
+            return run()
+    return wrapped
+
+
 def _wgmma(run):
     """``run`` on the cuda kernels' wgmma variants (DEBERTA_FAST_CUDA_WGMMA=1; sm_90a)."""
     from deberta_fast import _cuda_ext
@@ -91,7 +101,10 @@ def _variants(shapes, masks, drops, rehearse, padded, packed, lens, skew=False, 
     the Triton forward's experiments (``REL_SOURCE`` "skew" and "distance": v3 and tiny buckets, key mask, each
     dropout rate; "distance", whose tables the backward reads too, also at ``Lq = 4 Lk`` and ``Lk = 4 Lq`` with the
     tiny buckets, and packed, keys of the queries' lengths and of others), with ``wgmma`` the cuda kernels' wgmma
-    variants (v3 and tiny buckets, key mask, each dropout rate, padded and packed), the rest."""
+    variants (v3 and tiny buckets, key mask, each dropout rate, padded and packed), the rest; last (a device fault
+    of theirs cannot take the others with it), with ``skew`` the Triton forward's TMA loads
+    (``DEBERTA_FAST_TRITON_TMA=1``: v3 and tiny buckets, key mask, each dropout rate, ``Lq != Lk``, packed, keys of
+    the queries' lengths and of others)."""
     ranked = []
     for buckets, (B, Lq, Lk), terms, mask, p in itertools.product(BUCKETS, shapes, TERMS, masks, drops):
         if rehearse and (buckets != BUCKETS[0] and (mask != "key" or terms != "both")):
@@ -121,6 +134,13 @@ def _variants(shapes, masks, drops, rehearse, padded, packed, lens, skew=False, 
                     _rel_source(lambda a=("both", p): packed(*a), "distance")) for p in drops]
         ranked += [(2, f"distance varlen lens={lens} lens_k={lens_k} terms=both p={p}",
                     _rel_source(lambda a=("both", p, lens_k): packed(*a), "distance")) for p in drops]
+        ranked += [(4, f"tma padded B={B} Lq={Lq} Lk={Lk} terms=both buckets={buckets} mask=key p={p}",
+                    _tma(lambda a=(B, Lq, Lk, "both", buckets, "key", p): padded(*a)))
+                   for buckets, p in itertools.product(BUCKETS[:2], drops)]
+        ranked += [(4, f"tma padded B=1 Lq={Lk} Lk={4 * Lk} terms=both buckets={BUCKETS[1]} mask=none p={p}",
+                    _tma(lambda a=(1, Lk, 4 * Lk, "both", BUCKETS[1], "none", p): padded(*a))) for p in drops]
+        ranked += [(4, f"tma varlen lens={lens} lens_k={lk} terms=both p={p}",
+                    _tma(lambda a=("both", p, lk): packed(*a))) for p in drops for lk in (None, lens_k)]
     if wgmma:
         B, Lq, Lk = shapes[0]
         ranked += [(2, f"wgmma padded B={B} Lq={Lq} Lk={Lk} terms=both buckets={buckets} mask=key p={p}",

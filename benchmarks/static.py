@@ -1,6 +1,6 @@
 """Static profile of the shipped Triton kernels, from the compiler alone (no GPU):
 
-    python -m benchmarks.static [--full | --sweep] [--out benchmarks/results/<date>-static]
+    python -m benchmarks.static [--full | --sweep | --tma] [--out benchmarks/results/<date>-static]
 
 Every kernel the launcher launches (``deberta_fast._compile_check``: the launcher's own launches, compiled with
 the launch-time specialization for sm_80 and sm_90) gets: registers, spill stores/loads, stack, shared memory,
@@ -253,9 +253,28 @@ def sweep(progress=print, configs: dict | None = None) -> dict:
     return {**_header(False), "sweep": True, "seconds": round(time.time() - t0, 1), "kernels": rows}
 
 
+def tma_pairs(progress=print) -> dict:
+    """The TMA experiment (``DEBERTA_FAST_TRITON_TMA=1``): every TMA launch of the full compile tier beside the same
+    launch with pointer loads (``why`` "TMA (A/B), pointer loads"), with the same analysis as :func:`profile`."""
+    import dataclasses
+
+    from deberta_fast import _compile_check as cc_mod
+
+    t0 = time.time()
+    seen, scs = set(), []
+    for sc in cc_mod.scenarios(True):
+        if sc.tma and sc.label not in seen:
+            seen.add(sc.label)
+            scs += [dataclasses.replace(sc, tma=False, why="TMA (A/B), pointer loads"), sc]
+    jobs = cc_mod.build_jobs(scs, progress)
+    rows = _analyse(jobs, cc_mod.compile_all(jobs, cc_mod._default_procs(), progress))
+    return {**_header(True), "tma": True, "seconds": round(time.time() - t0, 1), "kernels": rows}
+
+
 def table(prof: dict) -> str:
-    out = [f"# Static profile of the Triton kernels ({prof['date']}, triton {prof['triton']}, "
-           f"{'launch-config sweep' if prof.get('sweep') else 'full tier' if prof['full'] else 'default tier'}; "
+    tier = ("launch-config sweep" if prof.get("sweep") else "the TMA launches and their pointer-load twins"
+            if prof.get("tma") else "full tier" if prof["full"] else "default tier")
+    out = [f"# Static profile of the Triton kernels ({prof['date']}, triton {prof['triton']}, {tier}; "
            "compiler output only, no GPU)", "",
            "Per element = SASS instructions on the shortest / longest path through one main-loop iteration "
            "x 32 x warps / (BLOCK_M x BLOCK_N) (the forward's first loop: BLOCK_M x SAT_N); see benchmarks/static.py.",
@@ -307,6 +326,8 @@ def main(argv=None) -> int:
                     "configs)")
     ap.add_argument("--name", default="sweep", help="with --sweep: output file stem (default sweep: sweep.json, "
                     "sweep.md)")
+    ap.add_argument("--tma", action="store_true", help="the TMA experiment's launches beside their pointer-load "
+                    "twins (writes tma.json / tma.md instead)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<date>-static")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -321,8 +342,8 @@ def main(argv=None) -> int:
                 ap.error(f"--configs: {item!r} is not PASS=BM/BN/WARPS/STAGES[/SAT_N[/MAX_REGS]] with PASS in "
                          f"{list(SWEEP)}")
             configs.setdefault(pass_, []).append(tuple(int(x) for x in cfg.split("/")))
-    prof = sweep(progress, configs) if a.sweep else profile(a.full, progress)
-    stem = (a.name, a.name) if a.sweep else ("static", "table")
+    prof = sweep(progress, configs) if a.sweep else tma_pairs(progress) if a.tma else profile(a.full, progress)
+    stem = (a.name, a.name) if a.sweep else ("tma", "tma") if a.tma else ("static", "table")
     write_report(a.out, f"{prof['date']}-static", f"{stem[0]}.json", f"{stem[1]}.md", prof, table(prof))
     return 0 if all(r["ok"] for r in prof["kernels"]) else 1
 

@@ -115,6 +115,7 @@ class Scenario:
     tables16: bool = False  # the launcher's TABLE_DTYPE = "input" experiment (C2P / P2C in the inputs' dtype)
     rel: str = "tables"  # the launcher's REL_SOURCE: "skew" (the forward without tables) or "distance" (a column
     # per distance, forward and backward) are the breakdown's experiments
+    tma: bool = False  # the launcher's DEBERTA_FAST_TRITON_TMA=1 experiment (the forward's loads through descriptors)
     tier: str = "default"
     why: str = ""
 
@@ -133,6 +134,8 @@ class Scenario:
             parts.append("16-bit tables")
         if self.rel != "tables":
             parts.append(self.rel)
+        if self.tma:
+            parts.append("TMA")
         return " ".join(parts)
 
 
@@ -248,6 +251,9 @@ def scenarios(full: bool) -> list[Scenario]:
     out.append(Scenario("bwd", targets=(90,), rel="distance", tables16=True, why="distance tables, 16-bit (A/B)"))
     # packed calls of one head: H_ALL = 1 becomes a constant at launch (no .to(); the interpreter cannot tell)
     out += [Scenario(p, varlen=True, mask="none", H=1, targets=(90,), why="packed, one head") for p in ("fwd", "bwd")]
+    # the forward's loads through tensor descriptors (TMA), sm_90: inference, training, packed (what patch() runs)
+    out += [Scenario("fwd", dropout=d, targets=(90,), tma=True, why="TMA (A/B)") for d in (False, True)]
+    out.append(Scenario("fwd", varlen=True, mask="none", dropout=False, targets=(90,), tma=True, why="TMA (A/B)"))
     # negative control: the fp16 D=64 training forward without the launch specialization
     out.append(Scenario("fwd", targets=(80,), specialize=False, why="negative control"))
     if not full:
@@ -290,6 +296,16 @@ def scenarios(full: bool) -> list[Scenario]:
         # registers are: a 64x32 dq with a full mask and dropout spilled 24 B here only, 2026-12-05)
         out += [Scenario(pass_, L=200, mask=m, dropout=d, targets=(80,), why="ragged length, sm_80", **F)
                 for m in ("key", "full") for d in (False, True)]
+    # the TMA experiment's other forwards: every config family of the 16-bit sm_90 forward, the terms, the masks
+    tma = dict(tma=True, why="TMA (A/B)", **on90)
+    out += [Scenario("fwd", dropout=False, L=200, **tma), Scenario("fwd", L=200, mask="full", **tma),
+            Scenario("fwd", dropout=False, D=32, **tma), Scenario("fwd", dtype="bf16", D=32, **tma),
+            Scenario("fwd", dropout=False, D=128, **tma), Scenario("fwd", D=40, **tma),
+            Scenario("fwd", dropout=False, mask="none", **tma), Scenario("fwd", dropout=False, mask="full", **tma),
+            Scenario("fwd", dtype="bf16", dropout=False, L=50, **tma),
+            Scenario("fwd", dropout=False, c2p=False, **tma), Scenario("fwd", p2c=False, mask="none", **tma),
+            Scenario("fwd", c2p=False, p2c=False, **tma), Scenario("fwd", varlen=True, mask="none", **tma),
+            Scenario("fwd", varlen=True, mask="none", dropout=False, H=1, L=200, **tma)]
     return out
 
 
@@ -334,7 +350,7 @@ def run_scenario(sc: Scenario) -> list[Launch]:
     launch.TABLE_DTYPE = "input" if sc.tables16 else "float32"
     launch.REL_SOURCE = sc.rel
     try:
-        with capture_launches() as captured:
+        with capture_launches() as captured, launch.use_tma(sc.tma):
             if sc.varlen:
                 lens = _packed_lengths(sc.L)
                 T = sum(lens)
@@ -665,18 +681,22 @@ def check(jobs: list[Job], results: list[dict], full: bool, archs: tuple = (90, 
     if missing:
         problems.append(f"launch configs never compiled {what}: {', '.join(missing)}")
     # specialization evidence: the fp16 D=64 forward (and every 16-bit, D%16==0, L%16==0 variant)
-    # must use 16-byte vector loads and, where it pipelines, 16-byte cp.async
+    # must use 16-byte vector loads and, where it pipelines, 16-byte cp.async (or, the TMA experiment's, TMA loads,
+    # which its forward must have)
     for j, r in zip(jobs, results):
         if not r["ok"]:
             continue
         sc, p = j.scenario, r["ptx"]
         aligned = sc.dtype in ("fp16", "bf16") and sc.D % 16 == 0 and sc.L % 16 == 0
-        if sc.specialize and aligned and p["ld_global_v4"] + p["cp_async_16"] == 0:
-            problems.append(f"sm_{j.cc} {j.kernel} {j.labels[0]}: no 16-byte vector load or cp.async in the PTX "
-                            f"(launch specialization lost?)")
+        if sc.specialize and aligned and p["ld_global_v4"] + p["cp_async_16"] + p["tma"] == 0:
+            problems.append(f"sm_{j.cc} {j.kernel} {j.labels[0]}: no 16-byte vector load, cp.async or TMA load in "
+                            f"the PTX (launch specialization lost?)")
         if (sc.specialize and aligned and j.kernel.endswith("fwd_kernel") and j.options.num_stages > 1
-                and p["cp_async_16"] == 0):
+                and p["cp_async_16"] + p["tma"] == 0):
             problems.append(f"sm_{j.cc} {j.kernel} {j.labels[0]}: pipelined forward without 16-byte cp.async")
+        if sc.tma and p["tma"] == 0:
+            problems.append(f"sm_{j.cc} {j.kernel} {j.labels[0]}: the TMA experiment's forward without a TMA load "
+                            f"(cp.async.bulk.tensor)")
         if not sc.specialize and p["ld_global_v4"] + p["cp_async_16"] > 0:
             problems.append(f"negative control sm_{j.cc} {j.kernel}: vectorised without the specialization, "
                             "so the vectorisation check above proves nothing")

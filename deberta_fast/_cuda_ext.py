@@ -39,7 +39,6 @@ any non-finite LSE as such a row).  Varlen ops (packed sequences, positions rest
 k/v ``[Tk,H,D]``, int32 ``cu_seqlens`` ``[N+1]``, lse float32 ``[H,Tq]``, slot table of length
 ``max_seqlen_q + max_seqlen_k - 1``.
 """
-import contextlib
 import os
 import threading
 import weakref
@@ -48,7 +47,7 @@ from typing import Optional
 
 import torch
 
-from ._env import env_flag
+from ._env import env_flag, switch
 from ._linalg import add_product_
 from .positions import tracing, values_unreadable
 
@@ -315,18 +314,9 @@ def wgmma_requested() -> bool:
     return os.environ.get(WGMMA_ENV) == "1"
 
 
-@contextlib.contextmanager
 def use_wgmma(on: bool = True):
     """Within: ``DEBERTA_FAST_CUDA_WGMMA`` set to ``1`` (``on``) or ``0``, restored after (benchmarks, tests)."""
-    old = os.environ.get(WGMMA_ENV)
-    os.environ[WGMMA_ENV] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[WGMMA_ENV]
-        else:
-            os.environ[WGMMA_ENV] = old
+    return switch(WGMMA_ENV, on)
 
 
 def last_fwd_kernel() -> str:

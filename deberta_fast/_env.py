@@ -13,6 +13,7 @@ Used by ``python -m deberta_fast`` and meant for the backends' ``unavailable()``
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 
 import importlib.metadata
@@ -41,6 +42,22 @@ def getenv(name: str, default: str | None = None) -> str | None:
         key = _ENV_KEYS[name] = os.fsencode(name)
     value = _ENV_DATA.get(key)
     return default if value is None else os.fsdecode(value)
+
+
+@contextlib.contextmanager
+def switch(name: str, on: bool):
+    """Within: environment variable ``name`` set to ``1`` (``on``) or ``0``, restored (or removed) after: the
+    experiments' switches read at each call (``DEBERTA_FAST_CUDA_WGMMA``, ``DEBERTA_FAST_TRITON_TMA``), for tests
+    and benchmarks."""
+    old = os.environ.get(name)
+    os.environ[name] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def env_flag(name: str) -> bool:

@@ -35,6 +35,16 @@ def _block_tile(BASE, rows, s_row, offs_d, mask):
 
 
 @triton.jit
+def _rows_desc(BASE, rows, cols, s_row, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A tensor descriptor of ``BASE``'s ``[rows, cols]`` (row stride ``s_row``, columns contiguous) read in
+    ``[BLOCK_R, BLOCK_C]`` blocks: a TMA load on sm_90, 0 outside (the values of :func:`_block_tile`'s masked load).
+    The launcher guarantees a 16-byte aligned ``BASE`` and row stride (``tma_problem``); at least one row, so that the
+    descriptor is valid where a packed sequence has none (its loops then load nothing)."""
+    return tl.make_tensor_descriptor(BASE, shape=[tl.maximum(rows, 1), cols], strides=[s_row, 1],
+                                     block_shape=[BLOCK_R, BLOCK_C])
+
+
+@triton.jit
 def _mm(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """``a @ b`` accumulated in float32.  ``UPCAST``: operands to float32 first (the CPU interpreter
     mis-computes low-precision dots); ``PREC``: "ieee" or "tf32" for float32."""

@@ -22,6 +22,8 @@ grid's and the per-launch buffers'); a launcher running heads in groups passes v
 ``REL_SOURCE = "distance"`` experiment, in the backward kernels too): ``NSLOT`` columns, one per distance of
 ``[dist0, dist1]`` (``NSLOT1 = NSLOT - 1``; :func:`.triton_attention_common._rel_terms`), ``DIST_PREDICATED`` or
 ``DIST_KEYED`` (padded tables in blocks of a multiple of ``TPAD`` rows, P2C carrying the masked keys' -inf).
+``TMA`` (the launcher's ``DEBERTA_FAST_TRITON_TMA=1`` experiment): ``Q`` and the saturated loop's ``K`` / ``V`` tiles
+through tensor descriptors (``_rows_desc``: TMA loads on sm_90; 16-byte aligned bases and row strides).
 
 ``VARLEN``: packed sequences; grid ``(cdiv(max_seqlen_q, BLOCK_M), N*H)``, ``Q [Tq,H,D]``,
 ``K``/``V [Tk,H,D]`` (batch strides 0), ``C2P [H,Tq,NSLOT]``, ``P2C [H,Tk,NSLOT]``, ``TABLE``
@@ -32,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _key_col, _masked, _mm, _rel_terms,
-                                      _sat_columns, _score_mm, _sequence, _table_block, _stat_planes, _tile,
-                                      _tile_regions, _tile_start, _uniform_rows, _block_tile)
+                                      _rows_desc, _sat_columns, _score_mm, _sequence, _table_block, _stat_planes,
+                                      _tile, _tile_regions, _tile_start, _uniform_rows, _block_tile)
 
 
 @triton.jit
@@ -71,10 +73,10 @@ def _skew_terms(col, q, k, C2P, P2C, s_pkr, s_pqr, TABLE, SCR, start_m, start_n,
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, offs_m, offs_d, d_ok,
                lo, hi, a, c, b, h, bh, Lq, Lk, NSLOT, qk_scale, inv_keep, drop_thresh, seed,
-               s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm, skew, dist,
+               s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm, skew, dist, descs,
                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-               SKEW: tl.constexpr, WIN: tl.constexpr, DIST: tl.constexpr):
+               SKEW: tl.constexpr, WIN: tl.constexpr, DIST: tl.constexpr, TMA: tl.constexpr):
     """Online softmax over key tiles of one kind.  ``GENERAL``: the tiles ``[lo, hi)``.  ``SAT``: both saturated
     ranges of ``_tile_regions`` in one loop (one loop per range would give each its own shared-memory pipeline
     buffers): ``[0, a)`` (slot ``NSLOT-1``) then ``[c, Lk)`` (slot 0), over ``[lo, hi) = [0, a + Lk - c)``.
@@ -83,7 +85,8 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
     ``(s_pkr, s_pqr, SCR, start_m, rt_lo, rt_hi)``): band tiles by :func:`_skew_terms`, saturated ones from per-row
     terms computed once per program and one position row per key tile.  ``dist = (dist0, dist1, NSLOT - 1, col_lo,
     col_hi)``: the ``DIST`` experiment's window (:func:`_rel_terms`) and P2C's columns of the two saturated slots (else
-    ``(0, 0, 0, 0, NSLOT - 1)``)."""
+    ``(0, 0, 0, 0, NSLOT - 1)``).  ``TMA``: the ``SAT`` loop reads its K / V tiles through ``descs``' tensor
+    descriptors (``BLOCK_N`` rows each)."""
     dist0, dist1, nslot1, col_lo, col_hi = dist
     for it in range(lo, hi, BLOCK_N):
         if REGION == SAT:
@@ -94,7 +97,10 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
             slot = 0
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n < Lk)[:, None] & d_ok[None, :]
-        k = _block_tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
+        if TMA and REGION == SAT:
+            k = descs[0].load([start_n, 0])
+        else:
+            k = _block_tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
         s = _score_mm(q, tl.trans(k), UPCAST, PREC)
         col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
         if not SKEW:
@@ -133,7 +139,10 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, False)
             p = tl.where(keep, p * inv_keep, 0.0)
-        v = _block_tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
+        if TMA and REGION == SAT:
+            v = descs[1].load([start_n, 0])
+        else:
+            v = _block_tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
         m_i = m_new
     return acc, m_i, l_i
@@ -174,6 +183,7 @@ def disentangled_fwd_kernel(
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SAT_N: tl.constexpr,
     SKEW: tl.constexpr = False, WIN: tl.constexpr = 1, DIST: tl.constexpr = 0, TPAD: tl.constexpr = 16,
+    TMA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -192,9 +202,13 @@ def disentangled_fwd_kernel(
     m_ok = offs_m < Lq
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    q = _tile(Q + b64 * s_qb + h64 * s_qh, q0 + offs_m, s_qm, offs_d, m_ok[:, None] & d_ok[None, :])
     K_bh = K + b64 * s_kb + h64 * s_kh + k0.to(tl.int64) * s_kn
     V_bh = V + b64 * s_vb + h64 * s_vh + k0.to(tl.int64) * s_vn
+    if TMA:  # Q and the saturated loop's K / V tiles through tensor descriptors (TMA loads on sm_90)
+        Q_bh = Q + b64 * s_qb + h64 * s_qh + q0.to(tl.int64) * s_qm
+        q = _rows_desc(Q_bh, Lq, D, s_qm, BLOCK_M, BLOCK_D).load([start_m, 0])
+    else:
+        q = _tile(Q + b64 * s_qb + h64 * s_qh, q0 + offs_m, s_qm, offs_d, m_ok[:, None] & d_ok[None, :])
     qk_scale = scale * LOG2E
     if SKEW:  # C2P / P2C: pos_key / pos_query rows (the slot table's first row on), strides s_pk* / s_pq*
         C2P_bh = C2P + b64 * s_pkb + h64 * s_pkh
@@ -221,11 +235,15 @@ def disentangled_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if TMA:  # (made here, not with Q's: the inference forward then kept 4 B in local memory, static profile)
+        descs = (_rows_desc(K_bh, Lk, D, s_kn, SAT_N, BLOCK_D), _rows_desc(V_bh, Lk, D, s_vn, SAT_N, BLOCK_D))
+    else:
+        descs = (K_bh, V_bh)
     # uniform rows (HF's fully masked rows) are not special in the loops (no select per element): they get
     # whatever the masked scores give there, and their output from _uniform_out below
     args = (q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK, offs_m, offs_d, d_ok)
     rest = (b, h, bh, Lq, Lk, NSLOT, qk_scale, inv_keep, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm,
-            skew, dist)
+            skew, dist, descs)
     if HAS_C2P | HAS_P2C:
         # key tiles far behind the query tile (slot NSLOT-1) and far ahead (slot 0), then those in the band
         # (in SAT_N-key tiles, a multiple of BLOCK_N: the saturated BLOCK_N-tiles below the band that do not fill
@@ -237,12 +255,12 @@ def disentangled_fwd_kernel(
         else:
             a = (a // SAT_N) * SAT_N
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, a + Lk - c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND,
-                                   DROPOUT, SAT, UPCAST, PREC, SAT_N, SKEW, WIN, DIST)
+                                   DROPOUT, SAT, UPCAST, PREC, SAT_N, SKEW, WIN, DIST, TMA)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, a, c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                                   GENERAL, UPCAST, PREC, BLOCK_N, SKEW, WIN, DIST)
+                                   GENERAL, UPCAST, PREC, BLOCK_N, SKEW, WIN, DIST, TMA)
     else:  # no relative terms: the SAT path has nothing to add but the key term
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, Lk, Lk, Lk, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                                   SAT, UPCAST, PREC, SAT_N, SKEW, WIN, DIST)
+                                   SAT, UPCAST, PREC, SAT_N, SKEW, WIN, DIST, TMA)
 
     # read here, not before the loops: kept live through them (or a branch around them skipping the tiles of
     # padded rows only) made the sm_8x training forward spill 16-24 B

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from deberta_fast._env import interpreting
+from deberta_fast._env import getenv, interpreting, switch
 from deberta_fast._linalg import add_product_
 from deberta_fast.positions import distance_runs, table_band, trimmed_slot_table
 
@@ -820,6 +820,90 @@ def _launch_kwargs(cfg: LaunchConfig, pr: _Prepared, fwd: bool = False) -> dict:
                 **extra, **pr.constexprs)
 
 
+#: ``DEBERTA_FAST_TRITON_TMA=1``: the forward reads ``Q`` and its saturated tiles' ``K`` / ``V`` through tensor
+#: descriptors (the kernel's ``TMA``: TMA loads on sm_90) wherever it can (:func:`tma_problem`, 16-byte aligned
+#: pointers); by default, and elsewhere, pointer loads.  Experimental: not yet run on a GPU.
+TMA_ENV = "DEBERTA_FAST_TRITON_TMA"
+_LAST_TMA = [False]
+
+
+def tma_requested() -> bool:
+    """Whether ``DEBERTA_FAST_TRITON_TMA`` is ``1`` (read at every forward: part of the plan key)."""
+    return getenv(TMA_ENV) == "1"
+
+
+def use_tma(on: bool = True):
+    """Within: ``DEBERTA_FAST_TRITON_TMA`` set to ``1`` (``on``) or ``0``, restored after (benchmarks, tests)."""
+    return switch(TMA_ENV, on)
+
+
+def last_forward_tma() -> bool:
+    """Whether the last forward launched read through tensor descriptors (the kernel's ``TMA``; False after
+    :func:`reset_last_forward_tma` until a forward launches)."""
+    return _LAST_TMA[0]
+
+
+def reset_last_forward_tma() -> None:
+    _LAST_TMA[0] = False
+
+
+def tma_problem(q, k, v, arch: int) -> str | None:
+    """Why the forward cannot read ``q`` / ``k`` / ``v`` (padded ``[B,H,L,D]`` or packed ``[T,H,D]``, the head dim a
+    multiple of 16) through tensor descriptors, None where it can but for the pointers' own alignment (checked per
+    call, :func:`_tma_kwargs`): TMA needs 16-byte aligned row and head (and batch) strides, so that every
+    ``(b, h)`` block or packed sequence starts 16-byte aligned; sm_9x and 16-bit inputs only (the targets and
+    configs the compile check and the static profile cover)."""
+    if arch // 10 != 9:
+        return f"sm_{arch}: the TMA loads are built and checked for sm_90 only"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{q.dtype} inputs (16-bit only)"
+    es = q.element_size()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if any(s * es % 16 for s in t.stride()[:-1]):
+            return f"{name}'s strides {tuple(t.stride())} are not multiples of 16 bytes"
+    return None
+
+
+def _tma_kwargs(plan, q, k, v) -> dict:
+    """The plan's launch arguments for this call: without ``TMA`` where a pointer is not 16-byte aligned."""
+    if plan.plain is not None and (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+        _LAST_TMA[0] = False
+        return plan.plain
+    _LAST_TMA[0] = plan.plain is not None
+    return plan.kwargs
+
+
+_NO_SCRATCH = contextlib.nullcontext()
+
+
+def _scratch(device, size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+class _DescriptorScratch:
+    """Within (re-entered per launch): Triton's allocator of the global scratch that in-kernel tensor descriptors
+    need (called at the launch: 128 bytes per descriptor and program on sm_90) serves it from torch's caching
+    allocator on ``device``'s current stream, the launch's as long as ``device`` is the current device, as for
+    every launch of this launcher (freed after the launch and reused only by later work on that stream, as Triton's
+    tutorials do); the caller's allocator (``triton.set_allocator``) restored after.  CUDA tensors only (the
+    interpreter needs no scratch: :data:`_NO_SCRATCH`)."""
+
+    def __init__(self, device):
+        from triton.runtime import _allocation
+
+        self._var, self._alloc, self._token = _allocation._allocator, functools.partial(_scratch, device), None
+
+    def __enter__(self):
+        self._token = self._var.set(self._alloc)
+
+    def __exit__(self, *exc):
+        self._var.reset(self._token)
+
+
+def _descriptor_scratch(device):
+    return _DescriptorScratch(device) if device.type == "cuda" else _NO_SCRATCH
+
+
 def _drop_threshold(p: float) -> int:
     """Dropout keeps a 16-bit Philox half ``u`` iff ``u >= round(p * 2**16)`` (at most ``2**16 - 1``, as the CUDA
     kernels' ``std::round``: halves away from zero); an int argument, so that every rate launches the same compiled
@@ -875,6 +959,7 @@ class _FwdPlan:
     dist: tuple | None = None  # REL_SOURCE = "distance": _dist_window's (dist0, dist1, c2p_rows, p2c_rows)
     nslot: int = 0  # the tables' columns (the slot count, or dist1 - dist0 + 1)
     dist_args: tuple = (0, 0, 0)  # the forward kernel's (dist0, dist1, NSLOT1): zeros without distance tables
+    plain: dict | None = None  # with TMA (tma_requested): kwargs without it, for a call's misaligned pointers
 
 
 @dataclass(frozen=True)
@@ -898,7 +983,7 @@ def _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
               max_relative_positions, span, dropout_p, max_seqlens) -> tuple:
     """What a plan depends on: shapes, strides, dtype, device, which terms and masks (a key mask's strides and
     dtype), bucket config, dropout on / off, and the settings the launch reads (interpreter, TF32, target arch,
-    ``REL_SOURCE`` / ``TABLE_BUDGET`` / ``TABLE_DTYPE``)."""
+    ``REL_SOURCE`` / ``TABLE_BUDGET`` / ``TABLE_DTYPE``, ``DEBERTA_FAST_TRITON_TMA``)."""
     return (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, max_seqlens,
             None if pos_key is None else (pos_key.shape, pos_key.stride()),
             None if pos_query is None else (pos_query.shape, pos_query.stride()),
@@ -906,7 +991,7 @@ def _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
             None if full_mask is None else full_mask.shape,
             None if uniform_rows is None else uniform_rows.shape, position_buckets, max_relative_positions, span,
             dropout_p > 0.0, interpreting(), q.dtype == torch.float32 and _allow_tf32(),
-            _TARGET_ARCH[0], REL_SOURCE, TABLE_BUDGET, TABLE_DTYPE)
+            _TARGET_ARCH[0], REL_SOURCE, TABLE_BUDGET, TABLE_DTYPE, tma_requested())
 
 
 def _configs_replaced() -> bool:
@@ -975,8 +1060,11 @@ def _fwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         dist, nslot, dist_args, flags = _dist_plan(pr, Lq, Lk, D)
         q_rows, k_rows = _table_rows(q_rows, k_rows, Lq, Lk, flags, max_seqlens is None)
         per_head = _table_bytes(pr, q_rows, k_rows, q.dtype, nslot) + _key_bias_bytes(pr, k_rows, D, q, flags)
-        return _FwdPlan(pr, cfg, head_groups(H, per_head), (*strides, *pr.mask_strides),
-                        dict(_launch_kwargs(cfg, pr, fwd=True), **flags), dist, nslot, dist_args)
+        kwargs, plain = dict(_launch_kwargs(cfg, pr, fwd=True), **flags), None
+        if tma_requested() and tma_problem(q, k, v, pr.arch) is None:
+            kwargs, plain = dict(kwargs, TMA=True), kwargs
+        return _FwdPlan(pr, cfg, head_groups(H, per_head), (*strides, *pr.mask_strides), kwargs, dist, nslot,
+                        dist_args, plain)
 
     return _plan(_FWD_PLANS, build, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                  max_relative_positions, span, dropout_p, max_seqlens, False)
@@ -1041,11 +1129,12 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
     tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p) if dropout_p else 0, int(seed),
             *plan.dist_args)
-    kwargs, layout = plan.kwargs, ()
+    kwargs, layout = _tma_kwargs(plan, q, k, v), ()
     if plan.dist is not None:
         kwargs = _dist_kwargs(kwargs, scale)
         layout = _table_layout(kwargs, mask_args, pr)
     one = len(plan.groups) == 1
+    scratch = _descriptor_scratch(q.device) if "TMA" in kwargs else _NO_SCRATCH
     for hs in plan.groups:
         n, g = hs.stop - hs.start, (None if one else hs)  # one group: no views (host time)
         # the kernels index the statistics as [B, n, Lq]: a group's own buffer, copied into place
@@ -1053,10 +1142,11 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
         grid = (_cdiv(Lq, cfg.block_m), B * n)
         c2p, p2c, scr, rel_strides, skew, win = _rel_args(q, k, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1],
                                                           plan.dist, layout)
-        disentangled_fwd_kernel[grid](
-            *_heads(g, q, k, v), c2p, p2c, pr.table, pr.table, pr.table, *_group_masks(mask_args, g),
-            *_heads(g, out), st, scr, *plan.strides, *rel_strides, n, H, hs.start, Lq, Lk, Lq, Lk, D,
-            plan.nslot, *tail, SKEW=skew, WIN=win, **kwargs)
+        with scratch:
+            disentangled_fwd_kernel[grid](
+                *_heads(g, q, k, v), c2p, p2c, pr.table, pr.table, pr.table, *_group_masks(mask_args, g),
+                *_heads(g, out), st, scr, *plan.strides, *rel_strides, n, H, hs.start, Lq, Lk, Lq, Lk, D,
+                plan.nslot, *tail, SKEW=skew, WIN=win, **kwargs)
         if not one:
             stats[:, :, hs] = st
     return out, stats
@@ -1209,6 +1299,8 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     stats = torch.full((2, H, Tq), float("inf"), device=q.device, dtype=torch.float32)  # (one fill, not two)
     qt, kt = q.transpose(0, 1), k.transpose(0, 1)
     one = len(plan.groups) == 1
+    kwargs = _tma_kwargs(plan, q, k, v)
+    scratch = _descriptor_scratch(q.device) if "TMA" in kwargs else _NO_SCRATCH
     tail = (Tq, Tk, max_seqlen_q, max_seqlen_k, D, plan.nslot, float(scale), *pr.band, float(dropout_p),
             _drop_threshold(dropout_p) if dropout_p else 0, int(seed), *plan.dist_args)
     for hs in plan.groups:
@@ -1216,10 +1308,11 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
         grid = (_cdiv(max_seqlen_q, cfg.block_m), N * n)
         c2p, p2c, scr, rel_strides, skew, win = _rel_args(qt, kt, pos_key, pos_query, pr, g, cfg, grid[0] * grid[1],
                                                           plan.dist)
-        disentangled_fwd_kernel[grid](
-            *_heads(g, q, k, v, axis=1), c2p, p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *mask_args,
-            *_heads(g, out, axis=1), *_heads(g, stats, axis=1), scr, *plan.strides, *rel_strides, n, H,
-            hs.start, *tail, SKEW=skew, WIN=win, **plan.kwargs)
+        with scratch:
+            disentangled_fwd_kernel[grid](
+                *_heads(g, q, k, v, axis=1), c2p, p2c, pr.table, cu_seqlens_q, cu_seqlens_k, *mask_args,
+                *_heads(g, out, axis=1), *_heads(g, stats, axis=1), scr, *plan.strides, *rel_strides, n, H,
+                hs.start, *tail, SKEW=skew, WIN=win, **kwargs)
     return out, stats
 
 

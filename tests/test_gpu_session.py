@@ -64,7 +64,7 @@ def test_gpu_plan_covers_every_deliverable(tmp_path):
 
     labels = {s: [c[0] for c in gs.plan(s, str(tmp_path), False, sys.executable)] for s in gs.STAGES if s != "build"}
     assert labels["sanitize"] == [f"{t}-{b}" for b in ("cuda", "triton") for t in ("memcheck", "racecheck", "synccheck")]
-    assert labels["bench-core"] == ["host", "core-bf16", "core-fp16", "core-wgmma"]
+    assert labels["bench-core"] == ["host", "core-bf16", "core-fp16", "core-wgmma", "core-tma"]
     assert labels["bench-model"] == ["model"]
     argv = dict((c[0], c[1]) for s in ("parity", "tests", "bench-core", "bench-model")
                 for c in gs.plan(s, str(tmp_path), False, sys.executable))
@@ -76,8 +76,14 @@ def test_gpu_plan_covers_every_deliverable(tmp_path):
     assert argv["pytest"][3:3 + len(gs.GPU_TEST_FILES)] == gs.GPU_TEST_FILES
     (_, wg, wg_env), = [c for c in gs.plan("tests", str(tmp_path), False, sys.executable) if c[0] == "pytest-wgmma"]
     assert wg_env == {"DEBERTA_FAST_CUDA_WGMMA": "1"} and wg[wg.index("-k") + 1] == gs.WGMMA_TESTS
-    assert all("full" in argv[k] for k in ("host", "core-bf16", "core-fp16", "core-wgmma", "model"))
+    (_, tma, tma_env), = [c for c in gs.plan("tests", str(tmp_path), False, sys.executable) if c[0] == "pytest-tma"]
+    assert tma_env == {"DEBERTA_FAST_TRITON_TMA": "1"} and tma[3:3 + len(gs.TMA_TEST_FILES)] == gs.TMA_TEST_FILES
+    assert all(os.path.exists(os.path.join(ROOT, f)) for f in gs.TMA_TEST_FILES)
+    assert [c[0] for c in gs.plan("tests", str(tmp_path), False, sys.executable)][-1] == "pytest-tma"
+    assert all("full" in argv[k] for k in ("host", "core-bf16", "core-fp16", "core-wgmma", "core-tma", "model"))
     assert argv["core-wgmma"][-2:] == ["-k", gs.WGMMA_CORE] and "cuda-wgmma" in argv["core-fp16"][-1]
+    assert argv["core-tma"][-2:] == ["-k", gs.TMA_CORE]
+    assert all("not triton-tma" in argv[k][-1] for k in ("core-bf16", "core-fp16"))
     sanitize = gs.plan("sanitize", str(tmp_path), False, sys.executable)
     assert all(extra == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} for _, _, extra in sanitize)
 
@@ -89,7 +95,7 @@ def test_gpu_plan_headline_profile(tmp_path):
     from benchmarks.profiles import headline_profile
 
     core = dict((c[0], c[1]) for c in gs.plan("bench-core", str(tmp_path), False, sys.executable, "headline"))
-    assert list(core) == ["host", "core-bf16", "core-wgmma"]
+    assert list(core) == ["host", "core-bf16", "core-wgmma", "core-tma"]
     assert core["core-bf16"][-2:] == ["-k", gs.HEADLINE_CORE_SKIP] and "headline" in core["core-bf16"]
     (first, long, _), (rest, model, _) = gs.plan("bench-model", str(tmp_path), False, sys.executable, "headline")
     assert (first, rest) == ("model-train-8192", "model") and "headline" in model
@@ -188,26 +194,48 @@ def test_sanitize_workload_walks_every_variant_and_reports_refusals(capsys):
     assert max(at["(256, 512)"]) < min(at["(4, 8)"]) < min(at["varlen"]), lines
 
 
+def _walk_variants(requested, **flags):
+    """The sanitizer workload's variants (one shape, two masks, two dropout rates) with stand-ins recording
+    ``(requested(), kind, args)`` per run: ``(names, seen)``."""
+    from benchmarks import sanitize_cases
+
+    seen = []
+    padded = lambda *a: seen.append((requested(), "padded", a)) or "ok"  # noqa: E731
+    packed = lambda *a: seen.append((requested(), "packed", a)) or "ok"  # noqa: E731
+    variants = sanitize_cases._variants([(2, 37, 37)], ["none", "key"], [0.0, 0.1], False, padded, packed, [3, 4],
+                                        **flags)
+    for _, run in variants:
+        run()
+    return [n for n, _ in variants], seen
+
+
 def test_sanitize_workload_has_the_wgmma_variants():
     """On an sm_90 device the cuda workload adds the kernels' wgmma variants (padded with both bucket kinds and each
     dropout rate, packed), after the v3 band tiles; they run with the switch on and restore it."""
     import os
 
-    from benchmarks import sanitize_cases
     from deberta_fast import _cuda_ext
 
-    seen = []
-    padded = lambda *a: seen.append((_cuda_ext.wgmma_requested(), "padded", a)) or "ok"  # noqa: E731
-    packed = lambda *a: seen.append((_cuda_ext.wgmma_requested(), "packed", a)) or "ok"  # noqa: E731
     before = os.environ.get(_cuda_ext.WGMMA_ENV)
-    variants = sanitize_cases._variants([(2, 37, 37)], ["none", "key"], [0.0, 0.1], False, padded, packed, [3, 4],
-                                        wgmma=True)
-    for _, run in variants:
-        run()
-    names = [n for n, _ in variants]
+    names, seen = _walk_variants(_cuda_ext.wgmma_requested, wgmma=True)
     wg = [n for n in names if n.startswith("wgmma")]
     assert len(wg) == 6 and names.index(wg[0]) > names.index(next(n for n in names if "(256, 512)" in n))
     assert sum(on for on, _, _ in seen) == 6 and os.environ.get(_cuda_ext.WGMMA_ENV) == before
+
+
+def test_sanitize_workload_has_the_tma_variants():
+    """The triton workload (its experiments' flag) adds the forward's TMA variants (padded with both bucket kinds and
+    each dropout rate, Lq != Lk, packed with keys of the queries' lengths and of others), run with the switch on,
+    which they restore."""
+    import os
+
+    from deberta_fast._kernels import triton_attention_launch as launch
+
+    before = os.environ.get(launch.TMA_ENV)
+    names, seen = _walk_variants(launch.tma_requested, skew=True)
+    assert len([n for n in names if n.startswith("tma")]) == 10
+    assert sum(on for on, _, _ in seen) == 10 and os.environ.get(launch.TMA_ENV) == before
+    assert {a[2] and tuple(a[2]) for on, kind, a in seen if on and kind == "packed"} == {None, (5, 70, 2, 33)}
 
 
 def test_sanitizer_probe_says_why_it_cannot_run(monkeypatch):
@@ -274,10 +302,12 @@ def test_breakdown_rehearsal(tmp_path):
                                                          ("fwd", "triton both, distance tables prebuilt"),
                                                          ("fwd", "triton both, distance tables, 16-bit"),
                                                          ("fwd+bwd", "triton both, distance tables"),
-                                                         ("fwd+bwd", "triton both, distance tables, 16-bit")}
+                                                         ("fwd+bwd", "triton both, distance tables, 16-bit"),
+                                                         ("fwd+bwd", "triton both, TMA")}
     assert {r["variant"]: r["same_output"] for r in rows if "same_output" in r} == {
         "triton both, tables prebuilt": True, "triton both, key mask (all ones)": True,
-        "triton both, distance tables prebuilt": True}
+        "triton both, distance tables prebuilt": True, "triton both, TMA": True,
+        "triton both, key mask (all ones), TMA": True}
     md = (tmp_path / "breakdown.md").read_text()
     assert "| fwd | triton none |" in md
     # the forward + backward of triton / cuda "both" split per operator under the profiler (host time on CPU)
