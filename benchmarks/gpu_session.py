@@ -71,7 +71,8 @@ GRACE = 15
 #: the test files that exercise the kernels (the rest of the suite is CPU logic, run by CI)
 GPU_TEST_FILES = ["tests/test_triton_forward.py", "tests/test_triton_backward.py", "tests/test_triton_varlen.py",
                   "tests/test_triton_exactness.py", "tests/test_cuda_backend.py", "tests/test_cuda_varlen.py",
-                  "tests/test_training.py", "tests/test_compile.py", "tests/test_compile_model.py"]
+                  "tests/test_training.py", "tests/test_compile.py", "tests/test_compile_model.py",
+                  "tests/test_cuda_graphs.py"]
 #: the Triton forward's TMA loads (DEBERTA_FAST_TRITON_TMA=1, never run on a GPU before), in a command of their own
 #: after the others (a device fault or a hang cannot take the shipped kernels' results with it): their tests against
 #: the pointer loads, then the forward / packed tests against the float64 reference with the switch on

@@ -203,7 +203,7 @@ def test_triton_refuses_rocm_and_old_gpus_by_name(monkeypatch):
 
     t = torch.empty(1, 1, 4, 16)
     call = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16, head_dim=16, query=t, key=t, value=t,
-                           forward_ad=False)
+                           forward_ad=False, dropout_p=0.0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
     monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)
     assert any("ROCm" in w and "backend='torch'" in w for w in tb._device_dtype_refusals(call))

@@ -38,6 +38,19 @@ def func_grad_active() -> bool:
         return True
 
 
+def graph_capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream of ``device`` is being captured into a CUDA graph (``torch.cuda.graph``; False
+    for other devices)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+#: the triton backend's refusal of dropout under CUDA-graph capture (``triton_backend._device_dtype_refusals``)
+CAPTURED_DROPOUT_REFUSAL = ("dropout while a CUDA graph captures is not supported by the triton kernels: their dropout "
+                            "seed is a launch argument drawn on the host, so every replay would reuse one mask; "
+                            "backend='cuda' (its seed lives on the device) or backend='torch' (torch's graph-safe "
+                            "dropout) serve it, or capture with dropout_p=0")
+
+
 def autodiff_refusals(call) -> list[str]:
     """The kernel backends' refusals of autodiff they cannot serve: forward-mode tangents, torch.func's reverse mode."""
     why = [FORWARD_AD_REFUSAL] if call.forward_ad else []

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .._env import interpreting
-from .base import AttentionCall, Backend, VarlenCall, autodiff_refusals
+from .base import (CAPTURED_DROPOUT_REFUSAL, AttentionCall, Backend, VarlenCall, autodiff_refusals,
+                   graph_capturing)
 from .eager import direct as _direct, records_grad as _records_grad
 
 MAX_HEAD_DIM = 256
@@ -258,9 +259,12 @@ def triton_attention_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlen
 
 
 def _device_dtype_refusals(call) -> list[str]:
-    """Device, dtype, head-dim and layout rules shared by the padded and the packed path (and forward-mode AD)."""
+    """Device, dtype, head-dim and layout rules shared by the padded and the packed path (and forward-mode AD,
+    dropout under CUDA-graph capture)."""
     why = autodiff_refusals(call)
     device = call.device
+    if call.dropout_p > 0.0 and graph_capturing(device):
+        why.append(CAPTURED_DROPOUT_REFUSAL)
     if device.type != "cuda":
         if not interpreting():
             why.append(f"needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run the "
