@@ -43,6 +43,9 @@ def _packable(self, hidden_states, attention_mask, output_attentions, query_stat
         # torch.compile / torch.export: the padded layout, one graph for every batch and length (packing's
         # token count depends on the mask's values, which would split the graph or pin it to one batch)
         return False
+    if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a CUDA graph captures: the padded layout (packing reads the mask's values back, a sync a capture forbids)
+        return False
     m = attention_mask.bool()
     lens = m.sum(-1)
     right_padded = m == (torch.arange(m.shape[-1], device=m.device)[None, :] < lens[:, None])

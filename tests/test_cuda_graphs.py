@@ -58,6 +58,19 @@ def test_memo_of_an_uncaptured_call_does_not_serve_a_captured_one(monkeypatch):
         df.disentangled_attention(*ts, dropout_p=0.1, backend="triton", **V3)
 
 
+def test_capture_query_stays_out_of_compiled_graphs(monkeypatch):
+    """Under torch.compile the capture query is skipped (it is not traceable: a fullgraph compile would fail on it);
+    eager, it is asked."""
+    from deberta_fast.backends import base
+
+    # (like the real query, which dynamo cannot put in a graph: a fullgraph compile that reaches it fails)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", torch._dynamo.disable(lambda: True))
+    cuda = torch.device("cuda")
+    assert base.graph_capturing(cuda) and not base.graph_capturing(torch.device("cpu"))
+    f = torch.compile(lambda x: x + float(base.graph_capturing(cuda)), fullgraph=True, backend="eager")
+    assert torch.equal(f(torch.zeros(3)), torch.zeros(3))
+
+
 def _capture(fn, static, warmup=3):
     """``(graph, outputs)``: ``fn(*static)`` captured after ``warmup`` eager calls on a side stream."""
     s = torch.cuda.Stream()
@@ -102,16 +115,43 @@ def test_gpu_capture_replays_the_eager_result(backend, train):
 
 
 @pytest.mark.gpu
-def test_gpu_capture_with_dropout_draws_a_fresh_mask_per_replay():
-    """Dropout under capture: ``auto`` serves it with a backend whose seed is drawn on the device at each replay
-    (two replays on the same inputs differ), and the triton backend refuses it by name."""
-    static = _inputs("cuda", torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_capture_with_dropout_draws_a_fresh_mask_per_replay(dtype):
+    """Dropout under capture: ``auto`` serves it with a backend whose dropout is graph-safe (bf16: cuda where built;
+    float32, which cuda refuses: torch), two replays on the same inputs differ, and the triton backend refuses it by
+    name."""
+    static = _inputs("cuda", dtype)
     if BACKENDS["triton"].unavailable() is None:
         df.disentangled_attention(*static, backend="triton", **V3)  # (this shape's host caches, before the capture)
         with pytest.raises(BackendUnavailableError, match="every replay would reuse one mask"):
             _capture(lambda *ts: df.disentangled_attention(*ts, dropout_p=0.3, backend="triton", **V3), static, 0)
     g, (out,) = _capture(lambda *ts: (df.disentangled_attention(*ts, dropout_p=0.3, backend="auto", **V3),), static)
+    assert df.last_backend() != "triton"
     g.replay()
     first = out.clone()
     g.replay()
     assert not torch.equal(first, out) and torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_capture_of_a_patched_model(backend):
+    """A patched DeBERTa-v2 (packing on, the default) captured and replayed: the encoder takes the padded layout
+    under capture (packing reads the mask back, a sync a capture forbids), and replays equal eager calls."""
+    from hf_configs import transformers, v2_config
+
+    if BACKENDS[backend].unavailable():
+        pytest.skip(BACKENDS[backend].unavailable())
+    model = transformers.DebertaV2Model(v2_config(position_buckets=256, max_relative_positions=512, hidden=64))
+    model = model.cuda().to(torch.bfloat16).eval()
+    df.patch(model, backend=backend)
+    ids = torch.randint(0, 97, (2, 40), device="cuda")
+    mask = torch.ones(2, 40, dtype=torch.long, device="cuda")
+    mask[1, 25:] = 0
+    with torch.no_grad():
+        g, (out,) = _capture(lambda i, m: (model(input_ids=i, attention_mask=m).last_hidden_state,), (ids, mask))
+        ids.copy_(torch.randint(0, 97, ids.shape, device="cuda"))
+        g.replay()
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()  # (eager, the encoder packs: other kernels, the same values within bf16 rounding)
+    torch.testing.assert_close(out[keep].float(), want[keep].float(), rtol=2e-2, atol=2e-2)

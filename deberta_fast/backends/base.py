@@ -39,9 +39,10 @@ def func_grad_active() -> bool:
 
 
 def graph_capturing(device: torch.device) -> bool:
-    """Whether the current CUDA stream of ``device`` is being captured into a CUDA graph (``torch.cuda.graph``; False
-    for other devices)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Whether the current CUDA stream is being captured into a CUDA graph (``torch.cuda.graph``) for a call on
+    ``device`` (False for other devices).  False while torch.compile traces: the query is not traceable (a fullgraph
+    compile would fail), and a compiled call is checked only where it runs eagerly."""
+    return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
 
 
 #: the triton backend's refusal of dropout under CUDA-graph capture (``triton_backend._device_dtype_refusals``)
