@@ -229,6 +229,7 @@ def test_sanitize_workload_has_the_tma_variants():
     which they restore."""
     import os
 
+    pytest.importorskip("triton")
     from deberta_fast._kernels import triton_attention_launch as launch
 
     before = os.environ.get(launch.TMA_ENV)
