@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .backends.base import graph_capturing
 from .hf_attention import CANONICAL
 from .packing import PackInfo, pack, pack_info, unpack
 
@@ -43,7 +44,7 @@ def _packable(self, hidden_states, attention_mask, output_attentions, query_stat
         # torch.compile / torch.export: the padded layout, one graph for every batch and length (packing's
         # token count depends on the mask's values, which would split the graph or pin it to one batch)
         return False
-    if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
+    if graph_capturing(hidden_states.device):
         # a CUDA graph captures: the padded layout (packing reads the mask's values back, a sync a capture forbids)
         return False
     m = attention_mask.bool()

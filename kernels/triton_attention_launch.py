@@ -864,13 +864,14 @@ def tma_problem(q, k, v, arch: int) -> str | None:
     return None
 
 
-def _tma_kwargs(plan, q, k, v) -> dict:
-    """The plan's launch arguments for this call: without ``TMA`` where a pointer is not 16-byte aligned."""
-    if plan.plain is not None and (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
-        _LAST_TMA[0] = False
-        return plan.plain
-    _LAST_TMA[0] = plan.plain is not None
-    return plan.kwargs
+def _tma_kwargs(plan, q, k, v) -> tuple:
+    """``(kwargs, scratch)``: the plan's launch arguments for this call (without ``TMA`` where a pointer is not
+    16-byte aligned) and the context each launch runs in (:func:`_descriptor_scratch` with ``TMA``)."""
+    tma = plan.plain is not None and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15
+    _LAST_TMA[0] = tma
+    if not tma:
+        return (plan.kwargs if plan.plain is None else plan.plain), _NO_SCRATCH
+    return plan.kwargs, _descriptor_scratch(q.device)
 
 
 _NO_SCRATCH = contextlib.nullcontext()
@@ -1129,12 +1130,11 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
     tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p) if dropout_p else 0, int(seed),
             *plan.dist_args)
-    kwargs, layout = _tma_kwargs(plan, q, k, v), ()
+    (kwargs, scratch), layout = _tma_kwargs(plan, q, k, v), ()
     if plan.dist is not None:
         kwargs = _dist_kwargs(kwargs, scale)
         layout = _table_layout(kwargs, mask_args, pr)
     one = len(plan.groups) == 1
-    scratch = _descriptor_scratch(q.device) if "TMA" in kwargs else _NO_SCRATCH
     for hs in plan.groups:
         n, g = hs.stop - hs.start, (None if one else hs)  # one group: no views (host time)
         # the kernels index the statistics as [B, n, Lq]: a group's own buffer, copied into place
@@ -1299,8 +1299,7 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     stats = torch.full((2, H, Tq), float("inf"), device=q.device, dtype=torch.float32)  # (one fill, not two)
     qt, kt = q.transpose(0, 1), k.transpose(0, 1)
     one = len(plan.groups) == 1
-    kwargs = _tma_kwargs(plan, q, k, v)
-    scratch = _descriptor_scratch(q.device) if "TMA" in kwargs else _NO_SCRATCH
+    kwargs, scratch = _tma_kwargs(plan, q, k, v)
     tail = (Tq, Tk, max_seqlen_q, max_seqlen_k, D, plan.nslot, float(scale), *pr.band, float(dropout_p),
             _drop_threshold(dropout_p) if dropout_p else 0, int(seed), *plan.dist_args)
     for hs in plan.groups:
