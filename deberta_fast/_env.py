@@ -29,7 +29,18 @@ CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 _ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
 if not isinstance(_ENV_DATA, dict):
     _ENV_DATA = None
-_ENV_KEYS: dict = {}
+#: the variables the dispatch path reads, which torch.compile traces: their keys are cached at import (a first
+#: insertion into :data:`_ENV_KEYS` made inside a trace fails the guard dynamo puts on the dict, and every compiled
+#: function then compiled a second graph at its second call)
+TRACED_NAMES = ("TRITON_INTERPRET", "DEBERTA_FAST_CUDA_SIM", "DEBERTA_FAST_TRITON_TMA", "DEBERTA_FAST_CUDA_WGMMA")
+
+
+def _known_keys() -> dict:
+    """``{name: its bytes key}`` for :data:`TRACED_NAMES`: :data:`_ENV_KEYS` at import."""
+    return {name: os.fsencode(name) for name in TRACED_NAMES}
+
+
+_ENV_KEYS: dict = _known_keys()
 
 
 def getenv(name: str, default: str | None = None) -> str | None:

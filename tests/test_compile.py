@@ -66,3 +66,23 @@ def test_slot_band_is_a_trace_constant():
     compiled = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2))
     torch.testing.assert_close(compiled, eager)
     assert eager[0].item() == slot_band(256, 512).hi - slot_band(256, 512).lo
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_recompile_at_the_second_call(monkeypatch, backend):
+    """A compiled call compiles one graph, not a second one at its second call: the environment reads the dispatch
+    path makes (``_env.getenv``) find their keys cached from import (a key first cached inside the trace failed
+    dynamo's guard on the cache and recompiled)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from deberta_fast import _env
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(_env, "_ENV_KEYS", _env._known_keys())  # (as in a fresh process)
+    counter = CompileCounter()
+    x = torch.randn(2, 3, 17, 16)
+    pk = torch.randn(3, 8, 16)
+    compiled = torch.compile(_attn, fullgraph=True, backend=counter)
+    for _ in range(3):
+        compiled(x, x, x, pk, pk, torch.ones(2, 17), backend)
+    assert counter.frame_count == 1
