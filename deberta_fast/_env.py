@@ -29,15 +29,15 @@ CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 _ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
 if not isinstance(_ENV_DATA, dict):
     _ENV_DATA = None
-#: the variables the dispatch path reads, which torch.compile traces: their keys are cached at import (a first
-#: insertion into :data:`_ENV_KEYS` made inside a trace fails the guard dynamo puts on the dict, and every compiled
-#: function then compiled a second graph at its second call)
-TRACED_NAMES = ("TRITON_INTERPRET", "DEBERTA_FAST_CUDA_SIM", "DEBERTA_FAST_TRITON_TMA", "DEBERTA_FAST_CUDA_WGMMA")
+#: the variables :func:`getenv` reads (the dispatch path's ones while torch.compile traces): their keys are made at
+#: import, and a name outside them is encoded per read, never cached (an insertion into :data:`_ENV_KEYS` made inside
+#: a trace failed the guard dynamo puts on the dict, and every compiled function then compiled a second graph)
+KNOWN_NAMES = ("TRITON_INTERPRET", "DEBERTA_FAST_CUDA_SIM", "DEBERTA_FAST_TRITON_TMA")
 
 
 def _known_keys() -> dict:
-    """``{name: its bytes key}`` for :data:`TRACED_NAMES`: :data:`_ENV_KEYS` at import."""
-    return {name: os.fsencode(name) for name in TRACED_NAMES}
+    """``{name: its bytes key}`` for :data:`KNOWN_NAMES`: :data:`_ENV_KEYS`."""
+    return {name: os.fsencode(name) for name in KNOWN_NAMES}
 
 
 _ENV_KEYS: dict = _known_keys()
@@ -48,9 +48,7 @@ def getenv(name: str, default: str | None = None) -> str | None:
     (the per-call dispatch reads two variables; measured on the 2-core CPU machine, 2026-12-05)."""
     if _ENV_DATA is None:
         return os.environ.get(name, default)
-    key = _ENV_KEYS.get(name)
-    if key is None:
-        key = _ENV_KEYS[name] = os.fsencode(name)
+    key = _ENV_KEYS.get(name) or os.fsencode(name)
     value = _ENV_DATA.get(key)
     return default if value is None else os.fsdecode(value)
 

@@ -12,7 +12,7 @@ import torch
 from ._env import getenv, interpreting  # noqa: F401 (interpreting: patching's)
 from .backends import AUTO_ORDER, AUTO_ORDER_TRACING, BACKENDS, AttentionCall, VarlenCall
 from .backends.base import forward_ad_active, graph_capturing
-from .positions import attention_span, check_bucket_config, traced, tracing, values_unreadable
+from .positions import attention_span, check_bucket_config, trace_constant, traced, tracing, values_unreadable
 from .reference import default_scale, mask_kind, normalize_mask
 
 _state = threading.local()
@@ -249,8 +249,13 @@ def build_varlen_call(query, key, value, pos_key, pos_query, cu_seqlens_q, cu_se
                       cu_seqlens_k.to(torch.int32), max_seqlen_q, max_seqlen_k, pb, mr, span, scale, dropout_p)
 
 
+@trace_constant  # torch.compile / export: asked once, outside the trace (a backend's first check caches what it
+def _unavailable(name: str):  # finds: done inside a trace, dynamo's guard on that cache recompiled the graph)
+    return BACKENDS[name].unavailable()
+
+
 def _reasons(b, call) -> list[str]:
-    why = b.unavailable()
+    why = _unavailable(b.name)
     if why:
         return [why]
     return b.refusals_varlen(call) if isinstance(call, VarlenCall) else b.refusals(call)

@@ -70,19 +70,21 @@ def test_slot_band_is_a_trace_constant():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_recompile_at_the_second_call(monkeypatch, backend):
-    """A compiled call compiles one graph, not a second one at its second call: the environment reads the dispatch
-    path makes (``_env.getenv``) find their keys cached from import (a key first cached inside the trace failed
-    dynamo's guard on the cache and recompiled)."""
+    """A compiled call compiles one graph, not a second one at its second call, in a fresh process: nothing the
+    dispatch path caches is first cached inside the trace (the environment keys of ``_env.getenv``, the triton
+    backend's import check; either failed the guard dynamo put on it and recompiled)."""
     from torch._dynamo.testing import CompileCounter
 
     from deberta_fast import _env
 
     torch._dynamo.reset()
     monkeypatch.setattr(_env, "_ENV_KEYS", _env._known_keys())  # (as in a fresh process)
+    monkeypatch.delattr(ALL["triton"], "_available", raising=False)
     counter = CompileCounter()
-    x = torch.randn(2, 3, 17, 16)
-    pk = torch.randn(3, 8, 16)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 3, 17, 16, device=dev)
+    pk = torch.randn(3, 8, 16, device=dev)
     compiled = torch.compile(_attn, fullgraph=True, backend=counter)
     for _ in range(3):
-        compiled(x, x, x, pk, pk, torch.ones(2, 17), backend)
+        compiled(x, x, x, pk, pk, torch.ones(2, 17, device=dev), backend)
     assert counter.frame_count == 1
