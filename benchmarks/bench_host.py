@@ -2,8 +2,8 @@
 autograd, custom op, launcher: position tables, allocations, launch arguments) with the kernel launches
 stubbed out, at a tiny shape (B=1, H=2, L=24, D=16) where tensor work is negligible.  Forward, and forward +
 backward; padded, and packed (``disentangled_attention_varlen`` as a patched model calls it: two sequences of 24
-and 16 tokens, offsets unchecked).  This is the time a small-batch inference call spends before the GPU has work (issue target:
-<= 50 us per call).  On CPU the stubbed launcher runs on CPU tensors (TRITON_INTERPRET=1 lets the backend
+and 16 tokens, offsets unchecked).  This is the time a small-batch inference call spends before the GPU has work
+(issue target: <= 50 us per call).  On CPU the stubbed launcher runs on CPU tensors (TRITON_INTERPRET=1 lets the backend
 accept them; no kernel runs); on a GPU on CUDA tensors.
 """
 from __future__ import annotations
@@ -42,11 +42,12 @@ def stubbed_triton(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("buckets,mask_dtype", [((256, 512), torch.long), ((4, 8), torch.long),
-                                                ((256, 512), torch.bool)],
-                         ids=["v3-buckets", "tiny-buckets", "v3-buckets-bool-mask"])
-def bench_host(benchmark, stubbed_triton, mode, buckets, mask_dtype):
-    """An HF padding mask (int64, as tokenizers give it), and the bool mask a patched encoder passes its layers."""
+@pytest.mark.parametrize("buckets,mask_dtype,dropout_p", [((256, 512), torch.long, 0.0), ((4, 8), torch.long, 0.0),
+                                                          ((256, 512), torch.bool, 0.0), ((256, 512), torch.bool, 0.1)],
+                         ids=["v3-buckets", "tiny-buckets", "v3-buckets-bool-mask", "v3-buckets-bool-mask-dropout"])
+def bench_host(benchmark, stubbed_triton, mode, buckets, mask_dtype, dropout_p):
+    """An HF padding mask (int64, as tokenizers give it), and the bool mask a patched encoder passes its layers (in
+    training, with DeBERTa's attention dropout 0.1: the seed drawn on the device)."""
     import deberta_fast as df
 
     dev = stubbed_triton
@@ -60,13 +61,15 @@ def bench_host(benchmark, stubbed_triton, mode, buckets, mask_dtype):
 
     def fn():
         out = df.disentangled_attention(q, k, v, pk, pq, position_buckets=buckets[0],
-                                        max_relative_positions=buckets[1], attention_mask=mask, backend="triton")
+                                        max_relative_positions=buckets[1], attention_mask=mask, dropout_p=dropout_p,
+                                        backend="triton")
         if mode != "fwd":
             out.backward(dout)
         return out
 
-    _time(benchmark, fn, f"deberta_fast-triton buckets {buckets[0]}/{buckets[1]}, {str(mask_dtype)[6:]} mask", mode,
-          L=24)
+    drop = f", dropout {dropout_p}" if dropout_p else ""
+    _time(benchmark, fn, f"deberta_fast-triton buckets {buckets[0]}/{buckets[1]}, {str(mask_dtype)[6:]} mask{drop}",
+          mode, L=24)
 
 
 def _time(benchmark, fn, candidate: str, mode: str, backend: str = "triton", **shape):

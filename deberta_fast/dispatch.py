@@ -11,7 +11,7 @@ import torch
 
 from ._env import getenv, interpreting  # noqa: F401 (interpreting: patching's)
 from .backends import AUTO_ORDER, AUTO_ORDER_TRACING, BACKENDS, AttentionCall, VarlenCall
-from .backends.base import forward_ad_active, graph_capturing
+from .backends.base import forward_ad_active
 from .positions import attention_span, check_bucket_config, trace_constant, traced, tracing, values_unreadable
 from .reference import default_scale, mask_kind, normalize_mask
 
@@ -315,8 +315,7 @@ def _signature(query, key, value, pos_key, pos_query, aux, ints, scale, dropout_
     the shape / dtype / device of ``aux``, the integer arguments ``ints``, the scalars, grad mode and the
     environment variables the backends' refusals read; None (no memo) for tensor subclasses, integer arguments
     that are not ``int``, a scale or rate that is not a ``float`` / ``int``, or while tracing (checked first: the
-    compiler then never traces the rest), or for dropout while a CUDA graph captures (which decides the backend:
-    base.CAPTURED_DROPOUT_REFUSAL)."""
+    compiler then never traces the rest)."""
     if tracing() or forward_ad_active():  # (forward-mode tangents decide the backend: base.FORWARD_AD_REFUSAL)
         return None
     if not (type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
@@ -325,7 +324,7 @@ def _signature(query, key, value, pos_key, pos_query, aux, ints, scale, dropout_
             and type(dropout_p) in (float, int) and type(backend) is str):
         return None
     mq = _meta(query)
-    if mq[3].type == "meta" or (dropout_p and graph_capturing(mq[3])):
+    if mq[3].type == "meta":
         return None
     return (mq, _meta(key), _meta(value), _meta(pos_key), _meta(pos_query),
             tuple(None if t is None else (t.shape, t.dtype, t.device) for t in aux), ints, scale, dropout_p,

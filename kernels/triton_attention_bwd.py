@@ -5,7 +5,7 @@ Both kernels recompute ``P = exp2((t - (ROWMAX - row_term)) - LOGSUM)`` (as the 
 their own (``_tile_regions``, ``_inner_tiles``), from the forward's statistics ``STATS`` (exact at any score
 magnitude; 0 on rows with no key, and on HF's uniform rows, whose scores are constants: their ``LOGSUM`` is taken
 as +inf, and the dK/dV kernel adds their dV in a pass of its own, ``_uniform_dv``) and the dropout keep-mask from the
-seed, and form
+seed at ``SEED`` (int64 ``[1]`` on the device, read only with dropout: ``_dropout_seed``), and form
 ``dS = scale * P * (dP - DELTA)`` with ``DELTA = rowsum(dO * O)`` float32 ``[B,H,Lq]`` and
 ``dP = keep/(1-p) * dO V^T``.  The dq kernel computes ``DELTA`` from its rows' ``dO`` and ``O`` tiles (``O``:
 strides ``s_y*``) and stores it; the launcher runs it first, and the dK/dV kernel reads it.
@@ -30,8 +30,9 @@ sequence's blocks and ``N*H``): ``STATS [2,H,Tq]``, ``DELTA [H,Tq]``, ``DQ [H,Tq
 import triton
 import triton.language as tl
 
-from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _inner_tiles, _k_axis,
-                                      _key_col, _masked, _mm, _q_axis, _rel_terms, _score_mm, _sequence, _stat_planes,
+from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _dropout_seed,
+                                      _inner_tiles, _k_axis, _key_col, _masked, _mm, _q_axis, _rel_terms, _score_mm,
+                                      _sequence, _stat_planes,
                                       _finish_runs, _sat_columns, _table_block, _tile, _tile_regions,
                                       _tile_start, _uniform_rows, _block_tile)
 
@@ -169,13 +170,13 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_
 
 
 # a fresh seed / rate per call, or another head group, must not recompile
-@triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
+@triton.jit(do_not_specialize=["SEED", "drop_thresh", "H0"])
 def disentangled_bwd_dkdv_kernel(
     Q, K, V, DO, STATS, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    seed, dist0, dist1, NSLOT1, RS1, RCC, RCP,
+    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = 0,
@@ -194,6 +195,7 @@ def disentangled_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     if start_n >= Lk:  # packed: this sequence is shorter than the longest one
         return
+    seed = _dropout_seed(SEED, DROPOUT)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -254,13 +256,13 @@ def disentangled_bwd_dkdv_kernel(
 
 
 # a fresh seed / rate per call, or another head group, must not recompile
-@triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
+@triton.jit(do_not_specialize=["SEED", "drop_thresh", "H0"])
 def disentangled_bwd_dq_kernel(
     Q, K, V, DO, STATS, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM, O,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    seed, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_yb, s_yh, s_ym,
+    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_yb, s_yh, s_ym,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = 0,
@@ -279,6 +281,7 @@ def disentangled_bwd_dq_kernel(
     start_m = pid_m * BLOCK_M
     if start_m >= Lq:  # packed: this sequence is shorter than the longest one
         return
+    seed = _dropout_seed(SEED, DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D

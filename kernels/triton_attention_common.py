@@ -434,6 +434,17 @@ def _finish_runs(run_lo, run_hi, ok, d_first, d_last, SUMS, rows, k0, sgn, run0,
 
 
 @triton.jit
+def _dropout_seed(SEED, DROPOUT: tl.constexpr):
+    """The call's Philox key: the int64 at ``SEED``, read only with dropout.  A device tensor, not a launch argument,
+    so that a captured CUDA graph reads the seed each replay draws."""
+    if DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    return seed
+
+
+@triton.jit
 def _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
     """Keep-mask ``[BLOCK_M, BLOCK_N]`` (``TRANS``: its transpose, built in that orientation) of attention dropout,
     the CUDA kernels' stream: key ``seed``, counter ``(j // 8, i, b*H + h, 0)``, 16-bit half ``j % 2`` (low for even

@@ -10,7 +10,8 @@ and the softmax statistics of the scaled masked log2-domain scores ``s2`` (witho
 ``p = exp2((t - (ROWMAX - row_term)) - LOGSUM)``, the forward's own formula: kept apart, the two statistics lose
 nothing at large scores, where a single log-sum-exp would round away the small ``LOGSUM``
 (``lse = (ROWMAX + LOGSUM) * ln 2``).  Dropout multiplies the normalised probabilities by
-``keep / (1 - p_drop)``.  A program walks its saturated key tiles (``SAT_N`` keys at a time), then those in the
+``keep / (1 - p_drop)``, the keep-mask keyed by the int64 at ``SEED`` (on the device, read only with dropout:
+``_dropout_seed``).  A program walks its saturated key tiles (``SAT_N`` keys at a time), then those in the
 bucket band (``_tile_regions``, ``BLOCK_N`` keys); with a mask, a program holding HF's uniform rows then walks the
 keys once more for them (``_uniform_out``: no select per element in the loops).  ``KMASK``: the caller's key-padding
 mask ``[B, Lk]`` as given (nonzero = attend; ``_key_col``).  ``H`` is the launch's head count (the
@@ -33,9 +34,9 @@ through tensor descriptors (``_rows_desc``: TMA loads on sm_90; 16-byte aligned 
 import triton
 import triton.language as tl
 
-from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _key_col, _masked, _mm, _rel_terms,
-                                      _rows_desc, _sat_columns, _score_mm, _sequence, _table_block, _stat_planes,
-                                      _tile, _tile_regions, _tile_start, _uniform_rows, _block_tile)
+from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _dropout_seed, _key_col, _masked, _mm,
+                                      _rel_terms, _rows_desc, _sat_columns, _score_mm, _sequence, _table_block,
+                                      _stat_planes, _tile, _tile_regions, _tile_start, _uniform_rows, _block_tile)
 
 
 @triton.jit
@@ -172,12 +173,12 @@ def _uniform_out(V_bh, offs_m, offs_d, d_ok, Lk, s_vn, bh, inv_keep, drop_thresh
 
 
 # a fresh seed / rate per call, or another head group, must not recompile
-@triton.jit(do_not_specialize=["seed", "drop_thresh", "H0"])
+@triton.jit(do_not_specialize=["SEED", "drop_thresh", "H0"])
 def disentangled_fwd_kernel(
     Q, K, V, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, OUT, STATS, SCR,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh, s_pkb, s_pkh, s_pkr, s_pqb, s_pqh, s_pqr,
-    H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, drop_thresh, seed,
+    H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, scale, band_lo, band_hi, p_drop, drop_thresh, SEED,
     dist0, dist1, NSLOT1,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -196,6 +197,7 @@ def disentangled_fwd_kernel(
     start_m = pid_m * BLOCK_M
     if start_m >= Lq:  # packed: this sequence is shorter than the longest one
         return
+    seed = _dropout_seed(SEED, DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D

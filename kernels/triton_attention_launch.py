@@ -912,6 +912,28 @@ def _drop_threshold(p: float) -> int:
     return min(math.floor(float(p) * 2.0 ** 16 + 0.5), 2 ** 16 - 1)
 
 
+def seed_operand(seed, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The kernels' ``SEED`` operand, the dropout stream's Philox key: ``seed`` itself when it is a tensor (int64
+    ``[1]`` on ``device``, as the backend draws it on the device: a captured CUDA graph then draws a fresh one per
+    replay), an int put into one (on the device: a captured graph replays that value), or, without dropout, a
+    placeholder the kernels never read."""
+    if not dropout_p:
+        return _dummies(device)[1]
+    if not isinstance(seed, torch.Tensor):
+        if seed is None:
+            raise ValueError("dropout_p > 0 needs a dropout seed (an int, or an int64 tensor of one element on the "
+                             "inputs' device)")
+        v = int(seed)
+        if not -2**63 <= v < 2**64:
+            raise ValueError(f"the dropout seed {v} does not fit 64 bits (Philox's key)")
+        # (a key from 2**63 up as the int64 of the same bits)
+        return torch.full((1,), v - 2**64 if v >= 2**63 else v, dtype=torch.int64, device=device)
+    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
+        raise ValueError(f"the dropout seed must be an int or an int64 tensor of one element on {device} (the "
+                         f"inputs' device); got {seed.dtype} {tuple(seed.shape)} on {seed.device}")
+    return seed
+
+
 def _qkvo_strides(q, k, v, o):
     return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
 
@@ -1128,8 +1150,8 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     # [B, H, Lq, D]; empty_like: ~0.6 us less than empty(shape) (measured on the 2-core CPU machine, 2026-12-05)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
-    tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p) if dropout_p else 0, int(seed),
-            *plan.dist_args)
+    tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p) if dropout_p else 0,
+            seed_operand(seed, dropout_p, q.device), *plan.dist_args)
     (kwargs, scratch), layout = _tma_kwargs(plan, q, k, v), ()
     if plan.dist is not None:
         kwargs = _dist_kwargs(kwargs, scale)
@@ -1228,6 +1250,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     res = _grad_buffers(pos_key, pos_query, (q.shape, k.shape, v.shape), (q.dtype, k.dtype, v.dtype), q.device,
                         not one)
     kw_dq, kw_dkdv, layout = plan.kw_dq, plan.kw_dkdv, ()
+    seed = seed_operand(seed, dropout_p, q.device)
     if plan.dist is not None:  # (the forward's tables: the same layout at the same scale)
         kw_dq, kw_dkdv = _dist_kwargs(kw_dq, scale), _dist_kwargs(kw_dkdv, scale)
         layout = _table_layout(kw_dq, mask_args, pr)
@@ -1245,7 +1268,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
         dl = _unfilled((B, n, Lq), q.device)  # rowsum(dO * O): the dq kernel's, for the dK/dV kernel
         common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
                   n, H, hs.start, Lq, Lk, Lq, Lk, D, plan.nslot, pr.nrun, float(scale), *pr.band, pr.run0,
-                  float(dropout_p), _drop_threshold(dropout_p), int(seed), *plan.dist_args, *pr.sums)
+                  float(dropout_p), _drop_threshold(dropout_p), seed, *plan.dist_args, *pr.sums)
         st = stats if one else stats[:, :, hs].contiguous()
         qg, kg, vg, dog, og, pkg, pqg = _heads(g, q, k, v, do, out, pos_key, pos_query)
         tables = _tables(q, k, pos_key, pos_query, pr, g, plan.dist and plan.dist[2:], *layout)
@@ -1301,7 +1324,7 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     one = len(plan.groups) == 1
     kwargs, scratch = _tma_kwargs(plan, q, k, v)
     tail = (Tq, Tk, max_seqlen_q, max_seqlen_k, D, plan.nslot, float(scale), *pr.band, float(dropout_p),
-            _drop_threshold(dropout_p) if dropout_p else 0, int(seed), *plan.dist_args)
+            _drop_threshold(dropout_p) if dropout_p else 0, seed_operand(seed, dropout_p, q.device), *plan.dist_args)
     for hs in plan.groups:
         n, g = hs.stop - hs.start, (None if one else hs)
         grid = (_cdiv(max_seqlen_q, cfg.block_m), N * n)
@@ -1342,13 +1365,14 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
     qt, kt = q.transpose(0, 1), k.transpose(0, 1)
     dpos = [None if p is None or len(groups) == 1 else torch.empty_like(p) for p in (pos_key, pos_query)]
+    seed = seed_operand(seed, dropout_p, q.device)
     for hs in groups:
         n, g = hs.stop - hs.start, (None if len(groups) == 1 else hs)
         c_sum = torch.zeros((n, Tq, pr.sums[0] + 1), **f32) if has_c2p else dummy  # (_sums_layout)
         p_sum = torch.zeros((n, Tk, pr.sums[0] + 1), **f32) if has_p2c else dummy
         common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, n, H, hs.start, Tq, Tk, max_seqlen_q,
                   max_seqlen_k, D, plan.nslot, pr.nrun, float(scale), *pr.band, pr.run0, float(dropout_p),
-                  _drop_threshold(dropout_p), int(seed), *plan.dist_args, *pr.sums)
+                  _drop_threshold(dropout_p), seed, *plan.dist_args, *pr.sums)
         (stg,), (dqg, dkg, dvg) = _heads(g, stats, axis=1), _heads(g, dq, dk, dv)
         dl = _unfilled((n, Tq), q.device)  # [H, Tq] rowsum(dO * O): the dq kernel's (rows of no sequence unused)
         qg, kg, vg, dog, og = _heads(g, q, k, v, do, out, axis=1)

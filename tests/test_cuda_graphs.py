@@ -1,12 +1,12 @@
-"""CUDA-graph capture (issue 12: a host path that captures).  The triton kernels take their dropout seed as a launch
-argument drawn on the host, so a captured call with dropout would replay one mask forever: refused by name, and
-``auto`` takes a backend whose dropout is graph-safe.  On CPU the capture is simulated (the refusal, the memo, the
-fallback); on a GPU (``gpu``) forward and forward + backward are captured and replayed for real."""
+"""CUDA-graph capture (issue 12: a host path that captures).  Every backend's dropout seed lives on the device (the
+triton kernels read theirs from an int64 tensor, ``SEED``, drawn by torch's generator of the device), so a captured
+call with dropout draws a fresh mask per replay.  On CPU the interpreter checks what capture relies on (the kernels
+read the seed from memory when they run, not at launch; a drawn seed follows ``torch.manual_seed``; a compiled call
+with dropout traces as one graph); on a GPU (``gpu``) forward and forward + backward are captured and replayed."""
 import pytest
 import torch
 
 import deberta_fast as df
-from deberta_fast import BackendUnavailableError
 from deberta_fast.backends import BACKENDS
 
 V3 = dict(position_buckets=256, max_relative_positions=512)
@@ -17,45 +17,105 @@ def _inputs(device, dtype, grad=False, B=2, H=2, L=40, D=32):
     return mk(B, H, L, D), mk(B, H, L, D), mk(B, H, L, D), mk(H, 512, D), mk(H, 512, D)
 
 
-@pytest.fixture
-def capturing(monkeypatch):
-    """Every device's stream reads as capturing (the dispatcher's memo and the triton backend's refusal ask)."""
-    from deberta_fast import dispatch
-    from deberta_fast.backends import triton_backend
-
-    for mod in (dispatch, triton_backend):
-        monkeypatch.setattr(mod, "graph_capturing", lambda device: True)
+def _triton_call(ts, seed, p=0.3):
+    """The triton backend's functional entry on ``ts`` (v3 buckets, no mask) with dropout ``p`` and ``seed``."""
+    from deberta_fast.backends.triton_backend import triton_attention
+    q = ts[0]
+    return triton_attention(*ts, position_buckets=256, max_relative_positions=512, span=256,
+                            scale=1.0 / (3 * q.shape[-1]) ** 0.5, dropout_p=p, seed=seed)
 
 
-def test_triton_refuses_dropout_under_capture(capturing):
+def _interpreter_only():
     pytest.importorskip("triton")
     if torch.cuda.is_available():
-        pytest.skip("simulated capture of CPU tensors (the interpreter); the GPU tests capture for real")
+        pytest.skip("CPU tensors under the interpreter; the GPU tests capture for real")
+
+
+def test_triton_kernels_read_the_seed_when_they_run():
+    """One seed tensor, its value changed in place between two calls with otherwise the same arguments, gives each
+    value's mask, the mask an int seed of that value gives, a value beyond 32 bits included (Philox's high key word).
+    (Under the interpreter, launch and run are one step; the GPU test below replays a capture with a refilled seed.)"""
+    _interpreter_only()
     ts = _inputs("cpu", torch.float32)
-    with pytest.raises(BackendUnavailableError, match="every replay would reuse one mask"):
-        df.disentangled_attention(*ts, dropout_p=0.1, backend="triton", **V3)
-    df.disentangled_attention(*ts, dropout_p=0.0, backend="triton", **V3)  # no dropout: served
-    assert df.last_backend() == "triton"
-    df.disentangled_attention(*ts, dropout_p=0.1, backend="auto", **V3)
-    assert df.last_backend() == "torch"
+    seed = torch.zeros(1, dtype=torch.int64)
+    outs = []
+    for value in (7, 2**40 + 7, 7):
+        seed.fill_(value)
+        got = _triton_call(ts, seed)
+        assert torch.equal(got, _triton_call(ts, value))  # an int seed: the same stream
+        outs.append(got)
+    assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
+    # an int key from 2**63 up is the int64 of the same bits
+    assert torch.equal(_triton_call(ts, 2**64 - 5), _triton_call(ts, torch.tensor([-5])))
 
 
-def test_memo_of_an_uncaptured_call_does_not_serve_a_captured_one(monkeypatch):
-    """The same call, first outside a capture (its choice memoised), then inside: refused all the same."""
+def test_seed_changed_before_the_backward_raises():
+    """The seed tensor is saved for the backward: refilled between forward and backward (which would give the backward
+    another mask than the forward's), autograd raises instead of returning wrong gradients."""
+    _interpreter_only()
+    ts = _inputs("cpu", torch.float32, grad=True)
+    seed = torch.full((1,), 5, dtype=torch.int64)
+    out = _triton_call(ts, seed)
+    seed.fill_(6)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_drawn_seed_follows_manual_seed():
+    """Without a seed the backend draws one on the inputs' device: ``torch.manual_seed`` replays it, a second call
+    draws another (the forward + backward of one call share theirs: test_triton_backward's dropout tests)."""
+    _interpreter_only()
+    ts = _inputs("cpu", torch.float32)
+
+    def call():
+        return df.disentangled_attention(*ts, dropout_p=0.3, backend="triton", **V3)
+    torch.manual_seed(5)
+    a, b = call(), call()
+    torch.manual_seed(5)
+    assert torch.equal(call(), a) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad, what", [(torch.zeros(1, dtype=torch.int32), "int32"),
+                                       (torch.zeros(2, dtype=torch.int64), "(2,)"),
+                                       (torch.zeros(1, dtype=torch.int64, device="meta"), "meta")])
+def test_bad_seed_tensor_is_refused(bad, what):
     pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("simulated capture of CPU tensors (the interpreter)")
-    from deberta_fast import dispatch
-    from deberta_fast.backends import triton_backend
-
     ts = _inputs("cpu", torch.float32)
-    for _ in range(2):
-        df.disentangled_attention(*ts, dropout_p=0.1, backend="triton", **V3)
-    assert dispatch._MEMO
-    for mod in (dispatch, triton_backend):
-        monkeypatch.setattr(mod, "graph_capturing", lambda device: True)
-    with pytest.raises(BackendUnavailableError, match="CUDA graph"):
-        df.disentangled_attention(*ts, dropout_p=0.1, backend="triton", **V3)
+    with pytest.raises(ValueError, match=r"dropout seed must be an int or an int64 tensor.*" + what):
+        _triton_call(ts, bad)
+
+
+def test_bad_seed_value_is_refused():
+    """An int key beyond 64 bits, and an op called with dropout but no seed: errors that say so."""
+    pytest.importorskip("triton")
+    from deberta_fast.backends.triton_backend import _triton_fwd_impl
+    ts = _inputs("cpu", torch.float32)
+    with pytest.raises(ValueError, match="does not fit 64 bits"):
+        _triton_call(ts, 2**64)
+    with pytest.raises(ValueError, match="needs a dropout seed"):
+        _triton_fwd_impl(*ts, None, None, None, 256, 512, 256, 0.1, 0.3, None)
+
+
+def test_fullgraph_compile_with_dropout():
+    """A compiled call with dropout traces as one graph, its seed drawn in the graph on the inputs' device (a CUDA
+    graph of it, as ``mode="reduce-overhead"`` makes, then holds no host value); with ``aot_eager`` it draws what the
+    eager call draws, forward and backward."""
+    _interpreter_only()
+    torch._dynamo.reset()
+    ts = _inputs("cpu", torch.float32, grad=True)
+
+    def f(*xs):
+        return df.disentangled_attention(*xs, dropout_p=0.3, backend="triton", **V3)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(11)
+    got = compiled(*ts)
+    got_g = torch.autograd.grad(got.square().sum(), ts)
+    torch.manual_seed(11)
+    want = f(*ts)
+    want_g = torch.autograd.grad(want.square().sum(), ts)
+    assert torch.equal(got, want)
+    for a, b in zip(got_g, want_g):
+        assert torch.equal(a, b)
 
 
 def test_capture_query_stays_out_of_compiled_graphs(monkeypatch):
@@ -83,6 +143,15 @@ def _capture(fn, static, warmup=3):
     with torch.cuda.graph(g):
         outs = fn(*static)
     return g, outs
+
+
+def _assert_replays_differ(g, outs):
+    """Two replays of ``g`` (dropout drawn in the graph) give other values in every output, all finite."""
+    g.replay()
+    first = [t.clone() for t in outs]
+    g.replay()
+    for a, b in zip(first, outs):
+        assert not torch.equal(a, b) and torch.isfinite(b).all()
 
 
 @pytest.mark.gpu
@@ -115,22 +184,68 @@ def test_gpu_capture_replays_the_eager_result(backend, train):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_capture_with_dropout_draws_a_fresh_mask_per_replay(dtype):
-    """Dropout under capture: ``auto`` serves it with a backend whose dropout is graph-safe (bf16: cuda where built;
-    float32, which cuda refuses: torch), two replays on the same inputs differ, and the triton backend refuses it by
-    name."""
-    static = _inputs("cuda", dtype)
-    if BACKENDS["triton"].unavailable() is None:
-        df.disentangled_attention(*static, backend="triton", **V3)  # (this shape's host caches, before the capture)
-        with pytest.raises(BackendUnavailableError, match="every replay would reuse one mask"):
-            _capture(lambda *ts: df.disentangled_attention(*ts, dropout_p=0.3, backend="triton", **V3), static, 0)
-    g, (out,) = _capture(lambda *ts: (df.disentangled_attention(*ts, dropout_p=0.3, backend="auto", **V3),), static)
-    assert df.last_backend() != "triton"
-    g.replay()
-    first = out.clone()
-    g.replay()
-    assert not torch.equal(first, out) and torch.isfinite(out).all()
+def test_gpu_capture_with_dropout_draws_a_fresh_mask_per_replay(backend, dtype):
+    """Dropout under capture: every backend draws its seed on the device, so two replays on the same inputs differ,
+    forward and backward (cuda refuses float32: skipped there)."""
+    why = BACKENDS[backend].unavailable() if backend != "auto" else None
+    if why:
+        pytest.skip(why)
+    if backend == "cuda" and dtype == torch.float32:
+        pytest.skip("the cuda kernels take 16-bit inputs")
+    static = _inputs("cuda", dtype, grad=True)
+    dout = torch.randn_like(static[0])
+
+    def fn(*ts):
+        out = df.disentangled_attention(*ts, dropout_p=0.3, backend=backend, **V3)
+        return (out, *torch.autograd.grad(out, ts, dout))
+    g, outs = _capture(fn, static)
+    if backend == "auto":  # (a kernel backend, not a fallback to torch)
+        assert df.last_backend() == ("cuda" if dtype != torch.float32 and not BACKENDS["cuda"].unavailable()
+                                     else "triton")
+    _assert_replays_differ(g, outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_capture_of_packed_calls_with_dropout(backend):
+    """Packed sequences with dropout captured (offsets unchecked: a capture cannot read them back): two replays
+    differ, forward and backward."""
+    if BACKENDS[backend].unavailable():
+        pytest.skip(BACKENDS[backend].unavailable())
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
+    static = (mk(40, 2, 32), mk(40, 2, 32), mk(40, 2, 32), mk(2, 512, 32), mk(2, 512, 32))
+    cu = torch.tensor([0, 24, 40], dtype=torch.int32, device="cuda")
+    dout = torch.randn(40, 2, 32, device="cuda", dtype=torch.bfloat16)
+
+    def fn(*ts):
+        out = df.disentangled_attention_varlen(*ts, cu, cu, 24, 24, dropout_p=0.3, check_offsets=False,
+                                               backend=backend, **V3)
+        return (out, *torch.autograd.grad(out, ts, dout))
+    _assert_replays_differ(*_capture(fn, static))
+
+
+@pytest.mark.gpu
+def test_gpu_captured_triton_dropout_equals_the_eager_call_of_its_seed():
+    """A captured triton call whose seed tensor the caller refills before each replay: each replay equals the eager
+    call with that seed, forward and backward, bitwise (the kernels read the seed when they run)."""
+    if BACKENDS["triton"].unavailable():
+        pytest.skip(BACKENDS["triton"].unavailable())
+    static = _inputs("cuda", torch.bfloat16, grad=True)
+    dout = torch.randn_like(static[0])
+    seed = torch.zeros(1, dtype=torch.int64, device="cuda")
+
+    def fn(*ts):
+        out = _triton_call(ts, seed)
+        return (out, *torch.autograd.grad(out, ts, dout))
+    g, outs = _capture(fn, static)
+    for value in (3, 2**40 + 1):
+        seed.fill_(value)
+        g.replay()
+        want = fn(*static)
+        for got, ref in zip(outs, want):
+            assert torch.equal(got, ref)
 
 
 @pytest.mark.gpu

@@ -89,14 +89,14 @@ def test_host_helpers_ignore_the_default_device():
     torch.set_default_device("meta")
     try:
         got = (P.relative_slot_table(*args), P.distance_runs(*args), P.slot_band(4, 8, 4), P.table_band(*args))
-        seed = draw_seed()
+        seed = draw_seed(torch.device("cpu"))
         rel = P.relative_delta(torch.arange(-30, 31, device="cpu"), 4, 8)
     finally:
         torch.set_default_device(None if prev.type == "cpu" else prev)
     assert got[0].device.type == "cpu" and torch.equal(got[0], want[0])
     assert got[1].run_rows.device.type == "cpu" and torch.equal(got[1].run_rows, want[1].run_rows)
     assert (got[1].lo, got[1].hi, got[2], got[3]) == (want[1].lo, want[1].hi, want[2], want[3])
-    assert isinstance(seed, int) and rel.device.type == "cpu"
+    assert seed.device.type == "cpu" and seed.dtype == torch.int64 and rel.device.type == "cpu"
 
 
 @pytest.mark.parametrize("buckets,max_rel", [(4, 8), (256, 512), (-1, 12), (16, 4), (8, 6), (8, 32)])

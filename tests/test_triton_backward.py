@@ -414,7 +414,7 @@ def test_backward_reads_an_out_of_any_layout(packed):
     (the kernels find their second plane from the first, ``_stat_planes``)."""
     q, k, v, pk, pq, _, kw = make_inputs(2, 2, 19, 19, 16, buckets=V3)
     c = build_call(q, k, v, pk, pq, attention_mask=None, scale=None, dropout_p=0.0, **kw)
-    args = (c.position_buckets, c.max_relative_positions, c.span, c.scale, 0.0, 0)
+    args = (c.position_buckets, c.max_relative_positions, c.span, c.scale, 0.0, None)
     out, stats = torch.ops.deberta_fast.triton_fwd(q, k, v, pk, pq, None, None, None, *args)
     if packed:  # two sequences of 19 tokens, [T, H, D]
         cu = torch.tensor([0, 19, 38], dtype=torch.int32)

@@ -176,12 +176,15 @@ def test_custom_ops_opcheck():
     """Schema, fake (meta) implementation and torch.compile-friendliness of both custom ops."""
     q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 9, 7, 16, mask="key")
     c = build_call(q, k, v, pk, pq, attention_mask=mask, scale=None, dropout_p=0.0, **kw)
-    args = (q, k, v, pk, pq, c.key_mask, None, c.uniform_rows, 4, 8, c.span, c.scale, 0.0, 0)
+    args = (q, k, v, pk, pq, c.key_mask, None, c.uniform_rows, 4, 8, c.span, c.scale, 0.0, None)
     torch.library.opcheck(torch.ops.deberta_fast.triton_fwd, args, test_utils=("test_schema", "test_faketensor"))
     out, stats = torch.ops.deberta_fast.triton_fwd(*args)
     bargs = (torch.randn_like(out), q, k, v, pk, pq, out, stats, c.key_mask, None, c.uniform_rows,
-             4, 8, c.span, c.scale, 0.0, 0)
+             4, 8, c.span, c.scale, 0.0, None)
     torch.library.opcheck(torch.ops.deberta_fast.triton_bwd, bargs, test_utils=("test_schema", "test_faketensor"))
+    seed = torch.tensor([2**40 + 3])  # dropout: the seed an int64 [1] tensor on the inputs' device
+    for op, a in ((torch.ops.deberta_fast.triton_fwd, args), (torch.ops.deberta_fast.triton_bwd, bargs)):
+        torch.library.opcheck(op, (*a[:-2], 0.1, seed), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_strided_inputs_without_copies():

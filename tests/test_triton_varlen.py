@@ -144,7 +144,8 @@ def test_lse_layout():
     lens = [5, 33]
     q, k, v, pk, pq, cq, ck, mq, mk, kw = make_packed(lens)
     c = build_varlen_call(q, k, v, pk, pq, cq, ck, mq, mk, scale=None, dropout_p=0.0, **kw)
-    _, stats = torch.ops.deberta_fast.triton_varlen_fwd(q, k, v, pk, pq, cq, ck, mq, mk, 4, 8, c.span, c.scale, 0.0, 0)
+    _, stats = torch.ops.deberta_fast.triton_varlen_fwd(q, k, v, pk, pq, cq, ck, mq, mk, 4, 8, c.span, c.scale, 0.0,
+                                                        None)
     assert stats.shape == (2, 2, sum(lens)) and stats.dtype == torch.float32
     lse = lse_from_stats(stats)
     for n in range(len(lens)):
@@ -284,13 +285,16 @@ def test_custom_ops_opcheck():
     """Schema and fake (meta) implementations of both packed custom ops."""
     q, k, v, pk, pq, cq, ck, mq, mk, kw = make_packed([4, 9], [5, 2])
     scale = _scale(q, k, v, pk, pq, cq, ck, mq, mk, kw)
-    args = (q, k, v, pk, pq, cq, ck, mq, mk, 4, 8, 4, scale, 0.0, 0)
+    args = (q, k, v, pk, pq, cq, ck, mq, mk, 4, 8, 4, scale, 0.0, None)
     torch.library.opcheck(torch.ops.deberta_fast.triton_varlen_fwd, args,
                           test_utils=("test_schema", "test_faketensor"))
     out, stats = torch.ops.deberta_fast.triton_varlen_fwd(*args)
-    bargs = (torch.randn_like(out), q, k, v, pk, pq, out, stats, cq, ck, mq, mk, 4, 8, 4, scale, 0.0, 0)
+    bargs = (torch.randn_like(out), q, k, v, pk, pq, out, stats, cq, ck, mq, mk, 4, 8, 4, scale, 0.0, None)
     torch.library.opcheck(torch.ops.deberta_fast.triton_varlen_bwd, bargs,
                           test_utils=("test_schema", "test_faketensor"))
+    seed = torch.tensor([2**40 + 3])  # dropout: the seed an int64 [1] tensor on the inputs' device
+    for op, a in ((torch.ops.deberta_fast.triton_varlen_fwd, args), (torch.ops.deberta_fast.triton_varlen_bwd, bargs)):
+        torch.library.opcheck(op, (*a[:-2], 0.1, seed), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_patched_hf_model_packs_through_triton():

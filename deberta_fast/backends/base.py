@@ -45,13 +45,6 @@ def graph_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
 
 
-#: the triton backend's refusal of dropout under CUDA-graph capture (``triton_backend._device_dtype_refusals``)
-CAPTURED_DROPOUT_REFUSAL = ("dropout while a CUDA graph captures is not supported by the triton kernels: their dropout "
-                            "seed is a launch argument drawn on the host, so every replay would reuse one mask; "
-                            "backend='cuda' (its seed lives on the device) or backend='torch' (torch's graph-safe "
-                            "dropout) serve it, or capture with dropout_p=0")
-
-
 def autodiff_refusals(call) -> list[str]:
     """The kernel backends' refusals of autodiff they cannot serve: forward-mode tangents, torch.func's reverse mode."""
     why = [FORWARD_AD_REFUSAL] if call.forward_ad else []

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from .._env import interpreting
-from .base import (CAPTURED_DROPOUT_REFUSAL, AttentionCall, Backend, VarlenCall, autodiff_refusals,
-                   graph_capturing)
+from .base import AttentionCall, Backend, VarlenCall, autodiff_refusals
 from .eager import direct as _direct, records_grad as _records_grad
 
 MAX_HEAD_DIM = 256
@@ -59,7 +58,7 @@ def interpreter_problem() -> Optional[str]:
 def _triton_fwd_impl(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
                      key_mask: Optional[Tensor], full_mask: Optional[Tensor], uniform_rows: Optional[Tensor],
                      position_buckets: int, max_relative_positions: int, span: int, scale: float,
-                     dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+                     dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """``(out [B,H,Lq,D], stats float32 [2,B,H,Lq])``: softmax row max and log2 row sum of the
     log2-domain scores (``lse_from_stats`` in the launch module gives the natural log-sum-exp).  ``key_mask``
     ``[B, Lk]``, nonzero = attend (any dtype: the caller's mask as given); ``uniform_rows`` bool ``[B, 1|H, Lq]``, or
@@ -82,7 +81,7 @@ def _triton_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optio
                      pos_query: Optional[Tensor], out: Tensor, stats: Tensor, key_mask: Optional[Tensor],
                      full_mask: Optional[Tensor], uniform_rows: Optional[Tensor], position_buckets: int,
                      max_relative_positions: int, span: int, scale: float, dropout_p: float,
-                     seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dpos_key, dpos_query)``; an absent position gradient is an empty tensor."""
     dq, dk, dv, dpk, dpq = _launch().attention_backward(
         do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows,
@@ -102,9 +101,19 @@ def _(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), like(pos_key), like(pos_query)
 
 
-def draw_seed() -> int:
-    """Dropout seed from torch's default (CPU) generator: ``torch.manual_seed`` reproduces it."""
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device="cpu").item())
+def draw_seed(device: torch.device) -> Tensor:
+    """A dropout seed, int64 ``[1]`` drawn on ``device`` by torch's generator of that device (``torch.manual_seed``
+    reproduces it): no host sync, and a captured CUDA graph draws a fresh one per replay (torch's graph-safe RNG), as
+    a compiled graph does per call."""
+    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def _seed(seed, dropout_p: float, device: torch.device) -> Optional[Tensor]:
+    """The ops' seed operand: None without dropout, else ``seed`` (int, int64 tensor, or None: :func:`draw_seed`) as
+    an int64 ``[1]`` tensor on ``device``."""
+    if not dropout_p:
+        return None
+    return draw_seed(device) if seed is None else _launch().seed_operand(seed, dropout_p, device)
 
 
 def _padded_fwd(*args):
@@ -124,19 +133,20 @@ class TritonAttentionFunction(torch.autograd.Function):
                 position_buckets, max_relative_positions, span, scale, dropout_p, seed):
         out, stats = _padded_fwd(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                                  max_relative_positions, span, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows)
-        ctx.args = (position_buckets, max_relative_positions, span, scale, dropout_p, seed)
+        # (the seed saved, not kept on ctx: a caller's seed tensor changed in place before the backward raises)
+        ctx.save_for_backward(q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows, seed)
+        ctx.args = (position_buckets, max_relative_positions, span, scale, dropout_p)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows = ctx.saved_tensors
+        q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows, seed = ctx.saved_tensors
         # with grad mode on (double backward) the op is kept: its implementation must not be recorded by autograd
         direct = not torch.is_grad_enabled() and _direct(do, q, k, v, pos_key, pos_query, key_mask, full_mask,
                                                          uniform_rows)
         bwd = _triton_bwd_impl if direct else torch.ops.deberta_fast.triton_bwd
         dq, dk, dv, dpk, dpq = bwd(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows,
-                                   *ctx.args)
+                                   *ctx.args, seed)
         return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
                 None, None, None, None, None, None, None, None, None)
 
@@ -154,11 +164,10 @@ def kernel_masks(call: AttentionCall) -> tuple:
 def triton_attention(q, k, v, pos_key, pos_query, key_mask=None, full_mask=None, uniform_rows=None, *,
                      position_buckets, max_relative_positions, span, scale, dropout_p=0.0, seed=None):
     """Functional entry (no validation; use :func:`deberta_fast.disentangled_attention`).
-    ``seed`` defaults to :func:`draw_seed` when ``dropout_p > 0``."""
-    if seed is None:
-        seed = draw_seed() if dropout_p > 0.0 else 0
+    ``seed`` (an int, or an int64 ``[1]`` tensor on the inputs' device) defaults to :func:`draw_seed` when
+    ``dropout_p > 0``."""
     args = (q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
-            max_relative_positions, span, float(scale), float(dropout_p), seed)
+            max_relative_positions, span, float(scale), float(dropout_p), _seed(seed, dropout_p, q.device))
     if not _records_grad(q, k, v, pos_key, pos_query):
         return _padded_fwd(*args)[0]
     return TritonAttentionFunction.apply(*args)
@@ -167,7 +176,7 @@ def triton_attention(q, k, v, pos_key, pos_query, key_mask=None, full_mask=None,
 def _triton_varlen_fwd_impl(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
                             cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                             position_buckets: int, max_relative_positions: int, span: int, scale: float,
-                            dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+                            dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Packed sequences: ``(out [Tq,H,D], stats float32 [2,H,Tq])``."""
     return _launch().attention_forward_varlen(
         q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -189,7 +198,7 @@ def _triton_varlen_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key
                             pos_query: Optional[Tensor], out: Tensor, stats: Tensor, cu_seqlens_q: Tensor,
                             cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, position_buckets: int,
                             max_relative_positions: int, span: int, scale: float, dropout_p: float,
-                            seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                            seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Packed sequences: ``(dq, dk, dv, dpos_key, dpos_query)``; an absent position gradient is empty."""
     dq, dk, dv, dpk, dpq = _launch().attention_backward_varlen(
         do, q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -224,17 +233,16 @@ class TritonVarlenFunction(torch.autograd.Function):
                 position_buckets, max_relative_positions, span, scale, dropout_p, seed):
         out, stats = _varlen_fwd(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                  max_seqlen_k, position_buckets, max_relative_positions, span, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (max_seqlen_q, max_seqlen_k, position_buckets, max_relative_positions, span, scale, dropout_p,
-                    seed)
+        ctx.save_for_backward(q, k, v, pos_key, pos_query, out, stats, cu_seqlens_q, cu_seqlens_k, seed)
+        ctx.args = (max_seqlen_q, max_seqlen_k, position_buckets, max_relative_positions, span, scale, dropout_p)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, pos_key, pos_query, out, stats, cu_q, cu_k = ctx.saved_tensors
+        q, k, v, pos_key, pos_query, out, stats, cu_q, cu_k, seed = ctx.saved_tensors
         direct = not torch.is_grad_enabled() and _direct(do, q, k, v, pos_key, pos_query, cu_q, cu_k)
         bwd = _triton_varlen_bwd_impl if direct else torch.ops.deberta_fast.triton_varlen_bwd
-        dq, dk, dv, dpk, dpq = bwd(do, q, k, v, pos_key, pos_query, out, stats, cu_q, cu_k, *ctx.args)
+        dq, dk, dv, dpk, dpq = bwd(do, q, k, v, pos_key, pos_query, out, stats, cu_q, cu_k, *ctx.args, seed)
         return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
                 None, None, None, None, None, None, None, None, None, None)
 
@@ -248,23 +256,19 @@ def _int32(t: Tensor) -> Tensor:
 def triton_attention_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                             position_buckets, max_relative_positions, span, scale, dropout_p=0.0, seed=None):
     """Functional packed entry (no validation; use :func:`deberta_fast.disentangled_attention_varlen`).
-    ``cu_seqlens_*`` int32; ``seed`` defaults to :func:`draw_seed` when ``dropout_p > 0``."""
-    if seed is None:
-        seed = draw_seed() if dropout_p > 0.0 else 0
+    ``cu_seqlens_*`` int32; ``seed`` as :func:`triton_attention`'s."""
     args = (q, k, v, pos_key, pos_query, _int32(cu_seqlens_q), _int32(cu_seqlens_k), int(max_seqlen_q),
-            int(max_seqlen_k), position_buckets, max_relative_positions, span, float(scale), float(dropout_p), seed)
+            int(max_seqlen_k), position_buckets, max_relative_positions, span, float(scale), float(dropout_p),
+            _seed(seed, dropout_p, q.device))
     if not _records_grad(q, k, v, pos_key, pos_query):
         return _varlen_fwd(*args)[0]
     return TritonVarlenFunction.apply(*args)
 
 
 def _device_dtype_refusals(call) -> list[str]:
-    """Device, dtype, head-dim and layout rules shared by the padded and the packed path (and forward-mode AD,
-    dropout under CUDA-graph capture)."""
+    """Device, dtype, head-dim and layout rules shared by the padded and the packed path (and forward-mode AD)."""
     why = autodiff_refusals(call)
     device = call.device
-    if call.dropout_p > 0.0 and graph_capturing(device):
-        why.append(CAPTURED_DROPOUT_REFUSAL)
     if device.type != "cuda":
         if not interpreting():
             why.append(f"needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run the "
@@ -341,11 +345,10 @@ class TritonBackend(Backend):
         return why + _index_refusals(call)
 
     def forward(self, call: AttentionCall):
-        seed = draw_seed() if call.dropout_p > 0.0 else 0
         return triton_attention(call.query, call.key, call.value, call.pos_key, call.pos_query, *kernel_masks(call),
                                 position_buckets=call.position_buckets,
                                 max_relative_positions=call.max_relative_positions, span=max(call.span, 1),
-                                scale=call.scale, dropout_p=call.dropout_p, seed=seed)
+                                scale=call.scale, dropout_p=call.dropout_p)
 
     def refusals_varlen(self, call: VarlenCall) -> list[str]:
         why = _device_dtype_refusals(call)
@@ -358,9 +361,8 @@ class TritonBackend(Backend):
         return why + _index_refusals(call)
 
     def forward_varlen(self, call: VarlenCall):
-        seed = draw_seed() if call.dropout_p > 0.0 else 0
         return triton_attention_varlen(call.query, call.key, call.value, call.pos_key, call.pos_query,
                                        call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k,
                                        position_buckets=call.position_buckets,
                                        max_relative_positions=call.max_relative_positions, span=max(call.span, 1),
-                                       scale=call.scale, dropout_p=call.dropout_p, seed=seed)
+                                       scale=call.scale, dropout_p=call.dropout_p)
