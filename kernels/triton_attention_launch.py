@@ -247,8 +247,8 @@ def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         return LaunchConfig(64, 32, 4, 3, 64 if dropout else 128)
     if bd <= 128:
         if family == 90:  # 64x32 spills 16 B with dropout; 64x16 none (60-78 instructions per element, 64x32 49-72)
-            if dropout:
-                return LaunchConfig(64, 16, 4, 3, 32)
+            if dropout:  # (TF32, 3 stages: 8 B with a full mask since the seed is read from memory, 2026-12-06)
+                return LaunchConfig(64, 16, 4, 2 if tf32 else 3, 32)
             # packed 64x32: 12 B on 2 stages (3 stages: 0 B, 116 KB)
             return LaunchConfig(64, 16, 4, 2, 64) if varlen else LaunchConfig(64, 32, 4, 2, 64)
         return LaunchConfig(32, 32, 4, 2, 64)  # 64x32 spilled 96-152 B on sm_80
@@ -266,8 +266,9 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
     # kernels: benchmarks/results/2026-12-02-static/sweep-session6.md); dK/dV on sm_8x and in TF32 spilled 4-56 B at
     # 32x32 (with the linear-tile loop: 8-28 B at D=32/64, 12 B TF32 on sm_90): 32x16 there.
     if bd <= 16:  # 2 warps, so that a 16-row tile is 8 elements per thread: 16-byte loads.  32x64 on 4 warps spilled
-        # 64-100 B (2026-12-04); these none with a key or a full mask, sm_80 and sm_90
-        return BackwardConfig(dq=LaunchConfig(32, 16, 2, 2), dkdv=LaunchConfig(16, 32, 2, 2))
+        # 64-100 B (2026-12-04); these none with a key or a full mask, sm_80 and sm_90.  (sm_90 dq with c2p + p2c and
+        # dropout: 12 B at ptxas's own 128 registers since the seed is read from memory, 2026-12-06: up to 255)
+        return BackwardConfig(dq=LaunchConfig(32, 16, 2, 2, 0, 255), dkdv=LaunchConfig(16, 32, 2, 2))
     if bd <= 64:
         c = LaunchConfig(32, 32, 4, 2)
         # sm_90 dq at D = 64: ptxas settled at 168 registers with 8 B spilled for the distance tables (triton 3.7.1),
