@@ -50,7 +50,7 @@ import subprocess
 import sys
 import time
 
-ANALYSIS_VERSION = "1"
+ANALYSIS_VERSION = "2"
 ANALYSIS_FILE = "deberta_fast_compile_check.json"
 TARGETS = (80, 90)
 
@@ -471,6 +471,8 @@ def _ptx_features(ptx: str) -> dict:
             "ld_global_v2": sum(".v2" in x for x in ld), "st_global_v4": sum(".v4" in x for x in st),
             "cp_async": len(cp), "cp_async_16": sum(int(x, 0) == 16 for x in cp),
             "tma": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
+            # 16-bit conversions not to nearest even (the backward stores dq / dk / dv in 16 bits as Tensor.to would)
+            "cvt_16_not_rn": len(re.findall(r"\bcvt\.r[zmp]i?\.(?:bf16|f16)", ptx)),
             "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)), "mma": len(re.findall(r"\bmma\.sync", ptx))}
 
 
@@ -694,6 +696,9 @@ def check(jobs: list[Job], results: list[dict], full: bool, archs: tuple = (90, 
         if sc.tma and p["tma"] == 0:
             problems.append(f"sm_{j.cc} {j.kernel} {j.labels[0]}: the TMA experiment's forward without a TMA load "
                             f"(cp.async.bulk.tensor)")
+        if p["cvt_16_not_rn"]:
+            problems.append(f"sm_{j.cc} {j.kernel} {j.labels[0]}: {p['cvt_16_not_rn']} conversions to 16 bits not "
+                            f"rounded to nearest even (cvt.rz / rm / rp)")
         if not sc.specialize and p["ld_global_v4"] + p["cp_async_16"] > 0:
             problems.append(f"negative control sm_{j.cc} {j.kernel}: vectorised without the specialization, "
                             "so the vectorisation check above proves nothing")

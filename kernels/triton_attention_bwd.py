@@ -11,28 +11,30 @@ seed at ``SEED`` (int64 ``[1]`` on the device, read only with dropout: ``_dropou
 strides ``s_y*``) and stores it; the launcher runs it first, and the dK/dV kernel reads it.
 
 * :func:`disentangled_bwd_dkdv_kernel`, grid ``(cdiv(Lk, BLOCK_N), B*H)``, after the dq kernel: ``DK = dS^T Q``
-  (content part, float32 ``[B,H,Lk,D]``), ``DV = P_drop^T dO`` (float32), and, with p2c, the
+  (content part, ``[B,H,Lk,D]``), ``DV = P_drop^T dO``, and, with p2c, the
   column sums of ``dS`` per run, ``PSUM`` float32 ``[B,H,Lk16,RS1+1]`` (``Lk16``: ``Lk`` rounded up to 16).
 * :func:`disentangled_bwd_dq_kernel`, grid ``(cdiv(Lq, BLOCK_M), B*H)``: ``DELTA``, ``DQ = dS K``
-  (content part, float32 ``[B,H,Lq,D]``) and, with c2p, the row sums per run, ``CSUM`` float32
+  (content part, ``[B,H,Lq,D]``) and, with c2p, the row sums per run, ``CSUM`` float32
   ``[B,H,Lq16,RS1+1]`` (the runs' columns of rows within the lengths written once, nothing else: padded;
   zero-filled by the launcher: packed, where tokens of no sequence have no program).  Column layout:
   :func:`.triton_attention_common._advance_runs` (the launcher's ``_sums_layout``).
 
 The runs (``_advance_runs``, :func:`deberta_fast.positions.distance_runs`: one per distance inside the band, one
 per constant end of the slot table) fold onto table rows on the host, which turns them into the position gradients
-with small GEMMs.  Every output location has one writer: deterministic.
+with small GEMMs.  Padded, ``DQ`` / ``DK`` / ``DV`` are float32 where the launcher adds a position gradient into them
+(``DQ`` with c2p, ``DK`` with p2c), else of the inputs' dtype (the stores round once); packed, float32.  Every output
+location has one writer: deterministic.
 
 ``VARLEN``: packed sequences (layouts as in the forward kernel; grids over the longest
 sequence's blocks and ``N*H``): ``STATS [2,H,Tq]``, ``DELTA [H,Tq]``, ``DQ [H,Tq,D]``,
-``DK``/``DV [H,Tk,D]``, ``CSUM [H,Tq,RS1+1]``, ``PSUM [H,Tk,RS1+1]``, all float32.
+``DK``/``DV [H,Tk,D]``, ``CSUM [H,Tq,RS1+1]``, ``PSUM [H,Tk,RS1+1]`` (float32).
 """
 import triton
 import triton.language as tl
 
 from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _dropout_seed,
-                                      _inner_tiles, _k_axis, _key_col, _masked, _mm, _q_axis, _rel_terms, _score_mm,
-                                      _sequence, _stat_planes,
+                                      _inner_tiles, _k_axis, _key_col, _masked, _mm, _q_axis, _rel_terms, _rounded,
+                                      _score_mm, _sequence, _stat_planes,
                                       _finish_runs, _sat_columns, _table_block, _tile, _tile_regions,
                                       _tile_start, _uniform_rows, _block_tile)
 
@@ -244,7 +246,7 @@ def disentangled_bwd_dkdv_kernel(
                                              DIST)
 
     out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
-    tl.store(DK + out, dk, mask=kv_ok)
+    tl.store(DK + out, _rounded(dk, DK, UPCAST), mask=kv_ok)
     if HAS_P2C:  # after dK's store: it is no longer live
         # key j's distances run from -j (query 0) to Lq - 1 - j
         _finish_runs(run_lo, run_hi, n_ok, -offs_n, Lq - 1 - offs_n, PSUM_bh, rows + offs_n, RCP - run0, 1, run0,
@@ -252,7 +254,7 @@ def disentangled_bwd_dkdv_kernel(
     if MASK_KIND != 0:
         dv = _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, Lq, Lk, s_om, s_unb, s_unh,
                          p_drop, drop_thresh, seed, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
-    tl.store(DV + out, dv, mask=kv_ok)
+    tl.store(DV + out, _rounded(dv, DV, UPCAST), mask=kv_ok)
 
 
 # a fresh seed / rate per call, or another head group, must not recompile
@@ -330,7 +332,7 @@ def disentangled_bwd_dq_kernel(
                                        MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N, DIST)
 
     out = (qrow0 + offs_m)[:, None] * D + offs_d[None, :]
-    tl.store(DQ + out, dq, mask=qo_ok)
+    tl.store(DQ + out, _rounded(dq, DQ, UPCAST), mask=qo_ok)
     if HAS_C2P:  # after the store: dQ is no longer live
         # query i's distances run from i - (Lk - 1) (the last key) to i
         _finish_runs(run_lo, run_hi, m_ok, offs_m - (Lk - 1), offs_m, CSUM_bh, rows + offs_m, RCC + run0, -1, run0,

@@ -434,6 +434,19 @@ def _finish_runs(run_lo, run_hi, ok, d_first, d_last, SUMS, rows, k0, sgn, run0,
 
 
 @triton.jit
+def _rounded(x, OUT, UPCAST: tl.constexpr):
+    """Float32 ``x`` in the element type of pointer ``OUT``, rounded to nearest even as ``Tensor.to`` rounds: on a GPU
+    the conversion's own ``cvt.rn``; under the interpreter (``UPCAST``), whose float32 -> bfloat16 conversion
+    truncates, bfloat16 by integer arithmetic (a NaN stays a quiet NaN)."""
+    if UPCAST and OUT.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = tl.where(x != x, bits | 0x400000, bits + 0x7FFF + ((bits >> 16) & 1))
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(OUT.dtype.element_ty)
+
+
+@triton.jit
 def _dropout_seed(SEED, DROPOUT: tl.constexpr):
     """The call's Philox key: the int64 at ``SEED``, read only with dropout.  A device tensor, not a launch argument,
     so that a captured CUDA graph reads the seed each replay draws."""

@@ -273,8 +273,9 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         c = LaunchConfig(32, 32, 4, 2)
         # sm_90 dq at D = 64: ptxas settled at 168 registers with 8 B spilled for the distance tables (triton 3.7.1),
         # 12 B in TF32 (3.6.0); with up to 255: 0 B (the slot-table dq already used 255: the same code within 0.1
-        # instructions per element) (2026-12-05)
-        dq = replace(c, max_regs=255) if family == 90 and bd > 32 else c
+        # instructions per element) (2026-12-05); at D = 32 too since the dq without c2p stores 16 bits: 4 B at 128
+        # registers under triton 3.6.0 with p2c alone, a full mask and dropout (2026-12-06)
+        dq = replace(c, max_regs=255) if family == 90 else c
         # (TF32 32x16 on sm_90: 4 B at ptxas's own 168 registers, 2026-12-05: up to 255)
         dkdv = LaunchConfig(32, 16, 4, 2, 0, 255 if tf32 else 0) if family == 80 or tf32 else c
         if tf32 or bd != 64:
@@ -1123,8 +1124,9 @@ def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         s_rows = _table_rows(q_rows, k_rows, Lq, Lk, {"TPAD": 16}, max_seqlens is None)  # (run sums: _table_block)
         per_head = (_table_bytes(pr, *t_rows, q.dtype, nslot) + _key_bias_bytes(pr, t_rows[1], D, q, flags)
                     + _table_bytes(pr, *s_rows, q.dtype, 0, pr.sums[0] + 1))
-        if max_seqlens is None:  # a padded group also allocates its float32 dq / dk / dv
-            per_head += 4 * (q_rows + 2 * k_rows) * D
+        if max_seqlens is None:  # a padded group also allocates its dq / dk / dv
+            dq_t, dk_t, dv_t = (t.itemsize for t in _grad_dtypes(q, k, v, pos_key, pos_query))
+            per_head += (dq_t * q_rows + (dk_t + dv_t) * k_rows) * D
         return _BwdPlan(pr, cfg, head_groups(H, per_head), dict(_launch_kwargs(cfg.dkdv, pr), **flags),
                         dict(_launch_kwargs(cfg.dq, pr), **flags), dist, nslot, dist_args)
 
@@ -1219,6 +1221,16 @@ def _position_grads(sums, pos, x, grad, pr: _Prepared, rev: bool = False):
     return grad, dpos
 
 
+def _grad_dtypes(q, k, v, pos_key, pos_query) -> tuple:
+    """The dtypes of the padded kernels' ``dq`` / ``dk`` / ``dv``: float32 where the host adds a position gradient
+    into it (``dq`` with c2p, ``dk`` with p2c: :func:`_position_grads`), else the input's own (the kernels' stores
+    round the float32 sums once, to nearest even, as ``.to`` does: no float32 buffer and no conversion pass).  Packed
+    calls keep float32 buffers: their results are transposed copies anyway, and the one-head packed dK/dV kernel
+    spilled 12 B with a 16-bit ``DV`` (sm_90, triton 3.7.1, static profile 2026-12-06)."""
+    return (torch.float32 if pos_key is not None else q.dtype, torch.float32 if pos_query is not None else k.dtype,
+            v.dtype)
+
+
 def _grad_buffers(pos_key, pos_query, shapes, dtypes, device, grouped: bool):
     """The backward's outputs when heads run in groups (``grouped``): ``dq``, ``dk``, ``dv`` (``shapes`` /
     ``dtypes``) and the position gradients, each group writing its heads; else Nones."""
@@ -1243,7 +1255,6 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     plan, mask_args = _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                                 max_relative_positions, span, dropout_p)
     pr, cfg, groups = plan.pr, plan.cfg, plan.groups
-    f32 = dict(device=q.device, dtype=torch.float32)
     dummy = _dummies(q.device)[2]
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
     one = len(groups) == 1
@@ -1255,11 +1266,12 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     if plan.dist is not None:  # (the forward's tables: the same layout at the same scale)
         kw_dq, kw_dkdv = _dist_kwargs(kw_dq, scale), _dist_kwargs(kw_dkdv, scale)
         layout = _table_layout(kw_dq, mask_args, pr)
+    gq, gk, gv = _grad_dtypes(q, k, v, pos_key, pos_query)
     for hs in groups:
         n, g = hs.stop - hs.start, (None if one else hs)
-        dq = torch.empty((B, n, Lq, D), **f32)
-        dk = torch.empty((B, n, Lk, D), **f32)
-        dv = torch.empty((B, n, Lk, D), **f32)
+        dq = torch.empty((B, n, Lq, D), device=q.device, dtype=gq)
+        dk = torch.empty((B, n, Lk, D), device=q.device, dtype=gk)
+        dv = torch.empty((B, n, Lk, D), device=q.device, dtype=gv)
         # every location is written by the kernels (no zero fill); NaN under the interpreter, so that the tests see
         # an unwritten one
         # rows of RS1 + 1 columns, each (b, h) block of a multiple of 16 rows (_sums_layout, _table_block)

@@ -12,6 +12,10 @@ from triton_cases import (BUCKETED, UNBUCKETED, V3, assert_close_fp32, assert_cl
                           max_err, reference_fn, triton_fn)
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from deberta_fast._kernels.triton_attention_common import _rounded  # noqa: E402
 
 NAMES = ("out", "dq", "dk", "dv", "dpos_key", "dpos_query")
 
@@ -213,6 +217,31 @@ def test_drop_threshold_rounds_as_the_cuda_kernels():
     from deberta_fast._kernels.triton_attention_launch import _drop_threshold
     for p, want in [(0.0, 0), (0.1, 6554), (0.5, 32768), (2.5 / 2 ** 16, 3), (3.5 / 2 ** 16, 4), (1 - 2 ** -18, 65535)]:
         assert _drop_threshold(p) == drop_threshold(p) == want, p
+
+
+@triton.jit
+def _round_kernel(X, Y, N: tl.constexpr, UPCAST: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, _rounded(tl.load(X + offs), Y, UPCAST))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gradient_stores_round_as_tensor_to(dtype):
+    """The backward kernels store dq / dk / dv in the inputs' 16-bit dtype where no position gradient is added on the
+    host (``_rounded``): rounded to nearest even, ties both ways, a carry into the exponent, NaN, inf and a subnormal
+    included, as ``Tensor.to`` rounds the float32 sums (the interpreter's own bfloat16 conversion truncates); float32
+    stored as is."""
+    from deberta_fast._env import interpreting
+
+    ulp = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -23}[dtype]
+    special = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), -(1 + 3 * ulp / 2), 2 - ulp / 4,
+                            float("nan"), float("inf"), -1e-39])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.cat([special, torch.randn(248) * 3.0]).to(dev)
+    y = torch.empty(256, dtype=dtype, device=dev)
+    _round_kernel[(1,)](x, y, 256, interpreting())
+    assert torch.equal(y.isnan(), x.isnan())
+    assert torch.equal(y.nan_to_num(0.0), x.to(dtype).nan_to_num(0.0))
 
 
 @pytest.mark.parametrize("Lq,Lk,mask", [(48, 32, "key"), (40, 40, "key"), (33, 50, "full")])
