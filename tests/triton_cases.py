@@ -48,18 +48,14 @@ def cast(ts, dtype, grad=False):
     return out
 
 
-def _seed_tensor(seed, dropout_p, device):
-    """The ops' seed operand: int64 ``[1]`` on ``device`` with dropout, else None."""
-    return torch.full((1,), seed, dtype=torch.int64, device=device) if dropout_p else None
-
-
 def triton_forward_lse(q, k, v, pk, pq, mask, kw, dropout_p=0.0, seed=0):
     """``(out, lse)`` of the Triton forward op, masks normalised as the dispatcher does."""
     from deberta_fast._kernels.triton_attention_launch import lse_from_stats
+    from deberta_fast.backends.triton_backend import _seed
     c = build_call(q, k, v, pk, pq, attention_mask=mask, scale=None, dropout_p=dropout_p, **kw)
     out, stats = torch.ops.deberta_fast.triton_fwd(q, k, v, pk, pq, c.key_mask, c.full_mask, c.uniform_rows,
                                                    c.position_buckets, c.max_relative_positions, max(c.span, 1),
-                                                   c.scale, dropout_p, _seed_tensor(seed, dropout_p, q.device))
+                                                   c.scale, dropout_p, _seed(seed, dropout_p, q.device))
     return out, lse_from_stats(stats)
 
 

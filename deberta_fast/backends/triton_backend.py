@@ -333,9 +333,8 @@ class TritonBackend(Backend):
             _launch()
         except Exception as e:
             return explain_triton_import_error(e, "kernels")
-        if not torch.compiler.is_compiling():  # (set inside a trace, dynamo's guard on it recompiled the graph)
-            self._available = True  # importing worked once: it stays imported (the check cost ~2 us per call,
-            # measured on the 2-core CPU machine, 2026-12-02)
+        self._available = True  # importing worked once: it stays imported (the check cost ~2 us per call, measured
+        # on the 2-core CPU machine, 2026-12-02)
         return None
 
     def refusals(self, call: AttentionCall) -> list[str]:
