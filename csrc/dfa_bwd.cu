@@ -131,7 +131,10 @@ __device__ __forceinline__ void bwd_dq_body(DFA_KERNEL_PARAMS(p)) {
     // delta = rowsum(dO * O) of row i, the quad's four shares; stored for the dK/dV kernel
     dlt[hh] = quad_sum(ok ? row_dot_share<T, D>(dog + (int64_t)i * p.do_sr, og + (int64_t)i * p.o_sr, t) : 0.f);
     if (ok && t == 0) p.delta[sv.qoff + i] = dlt[hh];
+    dlt[hh] *= p.scale;  // from here delta * scale: ds = pr * fmaf(dp, dps, -delta * scale)
   }
+  // dp's factor: scale, and a kept element's 1 / (1 - p_drop) (no product per element)
+  const float dps = p.dropout ? p.scale * p.drop_scale : p.scale;
   const bool warp_uniform = p.uniform != nullptr && any_set(uni[0] || uni[1]);  // some HF uniform row here
   uint2 key = make_uint2(0u, 0u);
   uint32_t offset = 0u;
@@ -203,9 +206,10 @@ __device__ __forceinline__ void bwd_dq_body(DFA_KERNEL_PARAMS(p)) {
             x = finish_score<CHECK>(p, acc, c2pv, p2cv, i, j, Lq, Lk, km_b, uni[hh]) - lse2[hh];
           }
           const float pr = valid ? exp2f(x) : 0.f;
-          float dpv = dp[nt][e];
-          if (p.dropout) dpv = dropout_keep(dw[2 * hh + nt % 2], j, p.drop_thresh) ? dpv * p.drop_scale : 0.f;
-          const float ds = ((CHECK && uni[hh]) || !valid) ? 0.f : pr * (dpv - dlt[hh]) * p.scale;
+          // scale * (keep / (1 - p_drop) * dp - delta): a dropped element's dp is 0
+          float u = fmaf(dp[nt][e], dps, -dlt[hh]);
+          if (p.dropout && !dropout_keep(dw[2 * hh + nt % 2], j, p.drop_thresh)) u = -dlt[hh];
+          const float ds = ((CHECK && uni[hh]) || !valid) ? 0.f : pr * u;
           s[nt][e] = ds;
           if (rel_grad && valid)
             add_rel_grad<SAT>(p, zone, ds, i - j, sat[hh], static_cast<BandType<T>*>(p.band_q) + (sv.qoff + i) * p.W);
@@ -300,6 +304,7 @@ __device__ __forceinline__ void bwd_dkdv_body(DFA_KERNEL_PARAMS(p)) {
   }
   const SatFold<T> fold(p2c_sat);
 
+  const float dps = p.dropout ? p.scale * p.drop_scale : p.scale;  // as the dq kernel's
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i)
@@ -315,7 +320,7 @@ __device__ __forceinline__ void bwd_dkdv_body(DFA_KERNEL_PARAMS(p)) {
       const int i = q0 + r;
       const bool ok = i < Lq;
       lse2_s[r] = ok ? lse_log2(p.lse_c[sv.qoff + i]) : 0.f;
-      dlt_s[r] = ok ? p.delta[sv.qoff + i] : 0.f;
+      dlt_s[r] = ok ? p.delta[sv.qoff + i] * p.scale : 0.f;  // delta * scale (as the dq kernel's)
       uni_s[r] = (p.uniform != nullptr && ok) ? (int)p.uniform[b * p.un_sb + h * p.un_sh + i] : 0;
     }
     const T* Qs = qt.acquire(q0, stage);  // its barrier also publishes the statistics (and K / V on the first)
@@ -365,13 +370,13 @@ __device__ __forceinline__ void bwd_dkdv_body(DFA_KERNEL_PARAMS(p)) {
             x = finish_score<CHECK>(p, acc, c2pv, p2cv, i, j, Lq, Lk, km_b, u) - lse2_s[il];
           }
           const float pr = valid ? exp2f(x) : 0.f;
-          float pd = pr, dpv = dp[nt][e];
-          if (p.dropout) {
-            const bool keep = dropout_keep(dw[4 * hh + 2 * (nt % 2) + (e & 1)], j, p.drop_thresh);
-            pd = keep ? pr * p.drop_scale : 0.f;
-            dpv = keep ? dpv * p.drop_scale : 0.f;
+          // pd: the kept probability (dV takes the 1 / (1 - p_drop) once, in the epilogue); ds as the dq kernel's
+          float pd = pr, us = fmaf(dp[nt][e], dps, -dlt_s[il]);
+          if (p.dropout && !dropout_keep(dw[4 * hh + 2 * (nt % 2) + (e & 1)], j, p.drop_thresh)) {
+            pd = 0.f;
+            us = -dlt_s[il];
           }
-          const float ds = (u || !valid) ? 0.f : pr * (dpv - dlt_s[il]) * p.scale;
+          const float ds = (u || !valid) ? 0.f : pr * us;
           s[nt][e] = pd;
           dp[nt][e] = ds;
           if (rel_grad && valid)
@@ -388,6 +393,7 @@ __device__ __forceinline__ void bwd_dkdv_body(DFA_KERNEL_PARAMS(p)) {
   }
 
   const int64_t kbase = b * p.dk_sb + h * p.dk_sh + sv.krow * p.dk_sr;
+  const float dvs = p.dropout ? p.drop_scale : 1.f;  // the kept probabilities' 1 / (1 - p_drop)
   T* dkg = reinterpret_cast<T*>(p.dk) + kbase;
   T* dvg = reinterpret_cast<T*>(p.dv) + kbase;
 #pragma unroll
@@ -400,7 +406,7 @@ __device__ __forceinline__ void bwd_dkdv_body(DFA_KERNEL_PARAMS(p)) {
       *reinterpret_cast<uint32_t*>(dkg + (int64_t)j * p.dk_sr + dt * 8 + 2 * t) =
           Pack<T>::pack(dk[dt][2 * hh], dk[dt][2 * hh + 1]);
       *reinterpret_cast<uint32_t*>(dvg + (int64_t)j * p.dk_sr + dt * 8 + 2 * t) =
-          Pack<T>::pack(dv[dt][2 * hh], dv[dt][2 * hh + 1]);
+          Pack<T>::pack(dv[dt][2 * hh] * dvs, dv[dt][2 * hh + 1] * dvs);
     }
     if (rel_grad && t == 0) {
       p.sat_k[(sv.koff + j) * 2 + 0] = lo;

@@ -172,7 +172,8 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
           const float pr = RAW ? exp2f(fmaf(s[nt][e], p.scale_log2, -base[hh])) : exp2f(s[nt][e] - base[hh]);
           l[hh] += pr;
           float pd = pr;
-          if (p.dropout) pd = dropout_keep(dw[2 * hh + nt % 2], j, p.drop_thresh) ? pr * p.drop_scale : 0.f;
+          // the kept probability; the output takes the 1 / (1 - p_drop) once, in the epilogue
+          if (p.dropout && !dropout_keep(dw[2 * hh + nt % 2], j, p.drop_thresh)) pd = 0.f;
           s[nt][e] = pd;
         }
       }
@@ -191,7 +192,7 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
     const float lt = quad_sum(l[hh]);
     const int i = rows[hh];
     if (i >= Lq) continue;
-    const float inv = lt > 0.f ? 1.f / lt : 0.f;
+    const float inv = lt > 0.f ? (p.dropout ? p.drop_scale : 1.f) / lt : 0.f;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const uint32_t v = Pack<T>::pack(o[dt][2 * hh] * inv, o[dt][2 * hh + 1] * inv);

@@ -40,15 +40,17 @@ from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs,
 
 
 @triton.jit
-def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slot, offs_m,
-                  offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh, seed,
+def _probs_and_ds(q, k, v, do, rowmax, logsum, dsc, C2P_bh, P2C_bh, TABLE, slot, offs_m,
+                  offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, dp_scale, drop_thresh, seed,
                   col, FMASK, s_fmb, s_fmh, s_fmm, dist,
                   HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                   REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
                   TRANS: tl.constexpr, DIST: tl.constexpr):
-    """Recompute one tile: returns ``(p_drop, ds)``, ``[BLOCK_M, BLOCK_N]`` (``[BLOCK_N, BLOCK_M]`` if ``TRANS``),
-    ``ds`` already times ``scale``.  ``REGION``: ``SAT`` (slot ``slot``; see ``_tile_regions``) or a per-element one
-    (``_rel_terms``; ``dist``, ``DIST``: its distance tables).
+    """Recompute one tile: returns ``(pd, ds)``, ``[BLOCK_M, BLOCK_N]`` (``[BLOCK_N, BLOCK_M]`` if ``TRANS``):
+    ``pd`` the kept probabilities (not yet times ``1 / (1 - p_drop)``), ``ds`` already times ``scale``, from the rows'
+    ``dsc = DELTA * scale`` and ``dp_scale = scale / (1 - p_drop)`` (``scale`` without dropout).  ``REGION``:
+    ``SAT`` (slot ``slot``; see ``_tile_regions``) or a per-element one (``_rel_terms``; ``dist``, ``DIST``: its
+    distance tables).
     Probabilities are ``exp2((t - (ROWMAX - row_term)) - LOGSUM)``, as the forward computes them
     (:func:`_rel_terms`; ``col``: the keys' :func:`_key_col`).  No select for the matrix's edges: keys out of range
     score -inf (``col``), the callers load a ``logsum`` of +inf for rows out of range and for uniform rows, whose
@@ -72,25 +74,27 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slo
         dp = _mm(v, tl.trans(do), UPCAST, PREC)
     else:
         dp = _mm(do, tl.trans(v), UPCAST, PREC)
+    # ds = p * (keep / (1 - p_drop) * dp - delta) * scale as one fma and a product: ``dsc`` is ``delta * scale``,
+    # ``dp_scale`` ``scale / (1 - p_drop)`` (``scale`` without dropout); pd leaves ``1 / (1 - p_drop)`` to the dK/dV
+    # kernel's dV (once, before its store): with dropout a select per element, no product
+    dsc = _q_axis(dsc, TRANS)
     if DROPOUT:
         keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, TRANS)
-        inv_keep = 1.0 / (1.0 - p_drop)
-        pd = tl.where(keep, p * inv_keep, 0.0)
-        dp = tl.where(keep, dp * inv_keep, 0.0)
+        pd = tl.where(keep, p, 0.0)
+        ds = p * tl.where(keep, tl.fma(dp, dp_scale, -dsc), -dsc)
     else:
         pd = p
-    ds = p * (dp - _q_axis(delta, TRANS)) * scale
+        ds = p * tl.fma(dp, dp_scale, -dsc)
     return pd, ds
 
 
 @triton.jit
 def _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, Lq, Lk, s_om, s_unb, s_unh,
-                p_drop, drop_thresh, seed, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                drop_thresh, seed, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                 PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Add the uniform rows' share to ``dv [BLOCK_N, BLOCK_D]`` (keys ``offs_n``): a uniform row's probability is
-    ``1 / Lk`` on every in-range key (times ``keep / (1 - p)`` with dropout); the score loops gave it 0.  Query
-    tiles without a uniform row cost one load of their flags."""
-    inv_keep = 1.0 / (1.0 - p_drop)
+    ``1 / Lk`` on every in-range key (times ``keep``; the kernel rescales by ``1 / (1 - p)`` after); the score loops
+    gave it 0.  Query tiles without a uniform row cost one load of their flags."""
     for start_m in tl.range(0, Lq, BLOCK_M, num_stages=1):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         uni = _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND)
@@ -99,7 +103,7 @@ def _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, L
             w = n_ok[:, None] & uni[None, :]
             if DROPOUT:
                 w = w & _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, True)
-            pd = tl.where(w, inv_keep / Lk.to(tl.float32), 0.0)
+            pd = tl.where(w, 1.0 / Lk.to(tl.float32), 0.0)
             dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
     return dv
 
@@ -108,7 +112,7 @@ def _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, L
 def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE,
                 PSUM_bh, col, FMASK, offs_n, offs_d, d_ok, rows, cc, lo, hi, skip_a, skip_b, slot, run0, qrow0, start_n,
                 b, h, bh, Lq, Lk, NSLOT, NRUN,
-                qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om, s_fmb, s_fmh, s_fmm, s_unb, s_unh, dist,
+                qk_scale, scale, dp_scale, drop_thresh, seed, s_qm, s_om, s_fmb, s_fmh, s_fmm, s_unb, s_unh, dist,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                 REGION: tl.constexpr, HI: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIST: tl.constexpr):
@@ -126,11 +130,11 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
         do = _block_tile(DO_bh, offs_m, s_om, offs_d, qo_ok)
         rowmax = tl.load(ROWMAX + qrow0 + offs_m, mask=m_ok, other=0.0)
         logsum = tl.load(LOGSUM + qrow0 + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0)
+        dsc = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0) * scale
         # uniform rows: probability 0 here (_uniform_dv adds their dV)
         logsum = tl.where(_uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND), float("inf"), logsum)
-        pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slot,
-                               offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh,
+        pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, dsc, C2P_bh, P2C_bh, TABLE, slot,
+                               offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, dp_scale, drop_thresh,
                                seed, col, FMASK, s_fmb, s_fmh, s_fmm, dist,
                                HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, True, DIST)
         dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
@@ -142,10 +146,10 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
 
 
 @triton.jit
-def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh,
+def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, dsc, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh,
               KMASK, FMASK, offs_m, offs_d, d_ok, rows, cc, lo, hi, skip_a, skip_b, slot, run0, b, h, bh, Lq, Lk, NSLOT,
               NRUN,
-              qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm, dist,
+              qk_scale, dp_scale, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm, dist,
               HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
               REGION: tl.constexpr, HI: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
               BLOCK_N: tl.constexpr, DIST: tl.constexpr):
@@ -160,8 +164,8 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_
         k = _block_tile(K_bh, offs_n, s_kn, offs_d, kv_ok)
         v = _block_tile(V_bh, offs_n, s_vn, offs_d, kv_ok)
         col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
-        _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, delta, C2P_bh, P2C_bh, TABLE, slot,
-                              offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, scale, p_drop, drop_thresh,
+        _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, dsc, C2P_bh, P2C_bh, TABLE, slot,
+                              offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, dp_scale, drop_thresh,
                               seed, col, FMASK, s_fmb, s_fmh, s_fmm, dist,
                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, False, DIST)
         dq += _mm(ds.to(k.dtype), k, UPCAST, PREC)
@@ -221,7 +225,10 @@ def disentangled_bwd_dkdv_kernel(
     args = (k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE, PSUM_bh, col, FMASK,
             offs_n, offs_d, d_ok, rows, RCP)
     col_lo, col_hi, dist = _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST)
-    rest = (qrow0, start_n, b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, p_drop, drop_thresh, seed, s_qm, s_om,
+    dp_scale = scale
+    if DROPOUT:
+        dp_scale = scale / (1.0 - p_drop)  # (as the dq kernel's)
+    rest = (qrow0, start_n, b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, dp_scale, drop_thresh, seed, s_qm, s_om,
             s_fmb, s_fmh, s_fmm, s_unb, s_unh, dist)
     if HAS_C2P | HAS_P2C:
         # query tiles far ahead of the key tile (slot 0), inside the run band, with an end run (both sides of the
@@ -253,7 +260,9 @@ def disentangled_bwd_dkdv_kernel(
                      NRUN, not VARLEN, BLOCK_M)
     if MASK_KIND != 0:
         dv = _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, Lq, Lk, s_om, s_unb, s_unh,
-                         p_drop, drop_thresh, seed, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
+                         drop_thresh, seed, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
+    if DROPOUT:  # the kept probabilities' 1 / (1 - p): once here, not per element
+        dv = dv * (1.0 / (1.0 - p_drop))
     tl.store(DV + out, _rounded(dv, DV, UPCAST), mask=kv_ok)
 
 
@@ -309,10 +318,13 @@ def disentangled_bwd_dq_kernel(
     run_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
     # uniform rows: their scores are constants, so no gradient flows through them (probability 0 in the loops)
     logsum = tl.where(_uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND), float("inf"), logsum)
-    args = (q, do, rowmax, logsum, delta, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh, KMASK, FMASK,
+    args = (q, do, rowmax, logsum, delta * scale, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh, KMASK, FMASK,
             offs_m, offs_d, d_ok, rows, RCC)
     col_lo, col_hi, dist = _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST)
-    rest = (b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, p_drop, drop_thresh, seed, s_kn, s_vn,
+    dp_scale = scale
+    if DROPOUT:
+        dp_scale = scale / (1.0 - p_drop)
+    rest = (b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, dp_scale, drop_thresh, seed, s_kn, s_vn,
             s_kmb, s_fmb, s_fmh, s_fmm, dist)
     if HAS_C2P | HAS_P2C:
         # key tiles far behind the query tile (slot NSLOT-1), inside the run band, with an end run (both sides of the

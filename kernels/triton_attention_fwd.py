@@ -10,11 +10,12 @@ and the softmax statistics of the scaled masked log2-domain scores ``s2`` (witho
 ``p = exp2((t - (ROWMAX - row_term)) - LOGSUM)``, the forward's own formula: kept apart, the two statistics lose
 nothing at large scores, where a single log-sum-exp would round away the small ``LOGSUM``
 (``lse = (ROWMAX + LOGSUM) * ln 2``).  Dropout multiplies the normalised probabilities by
-``keep / (1 - p_drop)``, the keep-mask keyed by the int64 at ``SEED`` (on the device, read only with dropout:
-``_dropout_seed``).  A program walks its saturated key tiles (``SAT_N`` keys at a time), then those in the
-bucket band (``_tile_regions``, ``BLOCK_N`` keys); with a mask, a program holding HF's uniform rows then walks the
-keys once more for them (``_uniform_out``: no select per element in the loops).  ``KMASK``: the caller's key-padding
-mask ``[B, Lk]`` as given (nonzero = attend; ``_key_col``).  ``H`` is the launch's head count (the
+``keep / (1 - p_drop)`` (a select per element; the ``1 / (1 - p_drop)`` once per row, on the output), the keep-mask
+keyed by the int64 at ``SEED`` (on the device, read only with dropout: ``_dropout_seed``).  A program walks its
+saturated key tiles (``SAT_N`` keys at a time), then those in the bucket band (``_tile_regions``, ``BLOCK_N`` keys);
+with a mask, a program holding HF's uniform rows then walks the keys once more for them (``_uniform_out``: no
+select per element in the loops).  ``KMASK``: the caller's key-padding mask ``[B, Lk]`` as given (nonzero = attend;
+``_key_col``).  ``H`` is the launch's head count (the
 grid's and the per-launch buffers'); a launcher running heads in groups passes views of its heads and ``H_ALL`` /
 ``H0``, the call's head count and the group's first head, which key the dropout stream (``b * H_ALL + H0 + h``).
 ``SKEW`` (the launcher's ``REL_SOURCE = "skew"`` experiment): no tables; ``C2P`` / ``P2C`` are the ``pos_key`` /
@@ -137,9 +138,9 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
             p = tl.exp2(t - (m_use[:, None] - rt))
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
+        if DROPOUT:  # (the kept probabilities' 1 / (1 - p): once, on the output)
             keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, False)
-            p = tl.where(keep, p * inv_keep, 0.0)
+            p = tl.where(keep, p, 0.0)
         if TMA and REGION == SAT:
             v = descs[1].load([start_n, 0])
         else:
@@ -163,12 +164,14 @@ def _uniform_out(V_bh, offs_m, offs_d, d_ok, Lk, s_vn, bh, inv_keep, drop_thresh
         v = _block_tile(V_bh, offs_n, s_vn, offs_d, n_ok[:, None] & d_ok[None, :])
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, False)
-            p = tl.where(keep & n_ok[None, :], inv_keep, 0.0)
+            p = tl.where(keep & n_ok[None, :], 1.0, 0.0)
             acc += _mm(p.to(v.dtype), v, UPCAST, PREC)
         else:
             vsum += tl.sum(v.to(tl.float32), 0)
     if not DROPOUT:
         acc += vsum[None, :]
+    if DROPOUT:
+        return acc * (inv_keep / Lk.to(tl.float32))
     return acc / Lk.to(tl.float32)
 
 
@@ -269,7 +272,10 @@ def disentangled_fwd_kernel(
     uni = _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND)
     n_uni = tl.sum(uni.to(tl.int32), 0)
     empty = l_i == 0.0  # no key in range (a packed sequence without keys)
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DROPOUT:  # the kept probabilities' 1 / (1 - p) (_fwd_tiles)
+        out = acc * (inv_keep / tl.where(empty, 1.0, l_i))[:, None]
+    else:
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
     O_bh = OUT + b64 * s_ob + h64 * s_oh
     ok = m_ok & (uni == 0)  # uniform rows: stored below, by other threads maybe: no location is stored twice
     tl.store(ROWMAX + qrow0 + offs_m, tl.where(empty, 0.0, m_i), mask=ok)

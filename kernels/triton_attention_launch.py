@@ -326,8 +326,10 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     bwd = LaunchConfig(16, 16, 4, 2, 0, 255) if family == 90 else LaunchConfig(16, 16, 8, 1, 0, 255)
     # sm_90 dq on 8 warps: 4 warps spilled 4 B at D = 256, and 8-12 B at D = 32 - 128 with 8 keys per dropout Philox
     # call (the full tier, 2026-12-04).  sm_8x D = 256 dq on 1 stage: 864 B at 255 registers; 2 stages 0 B (68 KB)
+    # sm_90 D = 128 dq on 1 stage: 2 stages spilled 4 B with dropout (the full tier, 2026-12-06, since dropout's
+    # rescale moved out of the element loop; 1 stage 0 B with and without dropout)
     if family == 90:
-        dq = LaunchConfig(16, 16, 8, 2, 0, 0 if bd > 128 else 255)
+        dq = LaunchConfig(16, 16, 8, 1 if bd == 128 else 2, 0, 0 if bd > 128 else 255)
     else:
         dq = LaunchConfig(16, 16, 8, 2, 0, 255) if bd > 128 else bwd
     fwd = LaunchConfig(32, 16, 4, 2) if bd <= 64 else LaunchConfig(16, 16, 4, 2)
@@ -335,10 +337,11 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     # (2 stages: 0 B; at D = 16 4 B with c2p + p2c, 1 stage 8 B without: 2 warps 0 B); sm_8x 8 warps 4 B at D = 32
     # (4 warps: 0 B).  With 8 keys per dropout Philox call (2026-12-04): sm_90 D = 256 2 stages 4 B (1 stage 0 B),
     # sm_8x D = 16 4 warps 4 B (8 warps 0 B).  2026-12-05: sm_90 D = 64 on 4 warps, 2 stages 4 B at 255 registers
-    # (20 B at ptxas's own 96), 8 warps 0 B; D = 256 on 4 warps, 1 stage 8 B at 255, 8 warps 0 B.
+    # (20 B at ptxas's own 96), 8 warps 0 B; D = 256 on 4 warps, 1 stage 8 B at 255, 8 warps 0 B.  2026-12-06: D = 128
+    # on 4 warps 8 B with dropout (since dropout's rescale left the element loop; 4 B without), 8 warps 0 B.
     if family == 90:
         dkdv = (LaunchConfig(16, 16, 2, 1, 0, 255) if bd <= 16 else LaunchConfig(16, 16, 8, 1, 0, 255) if bd > 128
-                else LaunchConfig(16, 16, 8, 2, 0, 255) if bd == 64 else bwd)
+                else LaunchConfig(16, 16, 8, 2, 0, 255) if bd in (64, 128) else bwd)
     else:
         dkdv = LaunchConfig(16, 16, 4, 1, 0, 255) if bd == 32 else bwd
     return fwd if pass_ == "fwd" else BackwardConfig(dq=dq, dkdv=dkdv)

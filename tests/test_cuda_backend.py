@@ -392,16 +392,19 @@ def _direct(q, k, v, pk, pq, buckets, max_rel, mask, p, seed, offset=0):
 
 @gpu
 @needs_ext
-@pytest.mark.parametrize("Lq,Lk", [(64, 64), (45, 93)])
-def test_gpu_dropout_exact_mask_forward_and_backward(Lq, Lk):
+@pytest.mark.parametrize("Lq,Lk,valid", [(64, 64, None), (45, 93, None), (64, 64, (40, 64))])
+def test_gpu_dropout_exact_mask_forward_and_backward(Lq, Lk, valid):
+    """``valid``: an HF padding mask (the real tokens per batch row): masked keys and HF's uniform rows, whose
+    output and dV take dropout's ``1 / (1 - p)`` like any other row."""
     p, seed = 0.2, 0x1234_5678_9ABC
     # span 4 = attention_span(4, 16): the raw reference reads the span off the tables' rows
     q, k, v, pk, pq = make_inputs(2, 3, Lq, Lk, 64, 4, torch.float16, DEV)
+    mask = None if valid is None else torch.arange(Lk, device=DEV)[None, :] < torch.tensor(valid, device=DEV)[:, None]
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
-    out, lse = _direct(q, k, v, pk, pq, 4, 16, None, p, seed)
+    out, lse = _direct(q, k, v, pk, pq, 4, 16, mask, p, seed)
     keep = keep_mask(seed, 0, 2, 3, Lq, Lk, p)
     rl = [t.detach().double().requires_grad_() for t in leaves]
-    ref = _reference_with_keep(*rl, 4, 16, None, keep, p)
+    ref = _reference_with_keep(*rl, 4, 16, mask, keep, p)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
     go = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, go)
