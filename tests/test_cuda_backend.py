@@ -415,6 +415,23 @@ def test_gpu_dropout_exact_mask_forward_and_backward(Lq, Lk, valid):
 
 @gpu
 @needs_ext
+@pytest.mark.parametrize("B,H", [(0, 3), (2, 0)])
+@pytest.mark.parametrize("backend", ["cuda", "auto"])
+def test_gpu_empty_batch_or_heads(B, H, backend):
+    """B = 0 or H = 0: nothing to compute; the cuda backend (``auto``'s first choice for 16-bit inputs) returns the
+    empty output and gradients, as the torch and triton backends do, instead of the extension's refusal."""
+    q, k, v, pk, pq = make_inputs(B, H, 10, 12, 64, 4, torch.bfloat16, DEV)
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
+    out = disentangled_attention(q, k, v, pk, pq, position_buckets=4, max_relative_positions=16, dropout_p=0.1,
+                                 backend=backend)
+    assert deberta_fast.last_backend() == "cuda" and out.shape == q.shape and out.dtype == q.dtype
+    grads = torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
+    for t, g in zip(leaves, grads):
+        assert g is None or (g.shape == t.shape and not g.isnan().any())
+
+
+@gpu
+@needs_ext
 def test_gpu_dropout_statistics():
     p = 0.25
     Lq = Lk = 256
