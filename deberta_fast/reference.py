@@ -62,7 +62,9 @@ def default_scale(head_dim: int, num_rel_terms: int) -> float:
 
 def mask_kind(attention_mask, batch: int, heads: int, q_len: int, k_len: int) -> str:
     """Validate a user mask (shape, type) and return its kind: ``"none"`` | ``"key"`` (``[B, Lk]``) |
-    ``"full"`` (``[B, Lq, Lk]`` or ``[B|1, 1|H, Lq, Lk]``).  No tensor work."""
+    ``"full"`` (``[B, 1|Lq, Lk]`` or ``[B|1, 1|H, 1|Lq, Lk]``: a query dim of 1 broadcasts over the queries, as HF's
+    attention broadcasts an extended ``[B, 1, 1, Lk]`` mask: keys masked, no query row made uniform).  No tensor
+    work."""
     if attention_mask is None:
         return "none"
     if not isinstance(attention_mask, torch.Tensor):
@@ -79,10 +81,10 @@ def mask_kind(attention_mask, batch: int, heads: int, q_len: int, k_len: int) ->
         raise ValueError(
             f"attention_mask must be [B, Lk], [B, Lq, Lk] or [B, 1|H, Lq, Lk]; got {m.dim()}-D {list(m.shape)}")
     b, h, lq, lk = m.shape
-    if b not in (1, batch) or h not in (1, heads) or lq != q_len or lk != k_len:
+    if b not in (1, batch) or h not in (1, heads) or lq not in (1, q_len) or lk != k_len:
         raise ValueError(
             f"attention_mask of shape {list(attention_mask.shape)} does not fit B={batch}, H={heads}, "
-            f"Lq={q_len}, Lk={k_len}: expected [B, Lq, Lk] or [B|1, 1|H, Lq, Lk]")
+            f"Lq={q_len}, Lk={k_len}: expected [B, 1|Lq, Lk] or [B|1, 1|H, 1|Lq, Lk]")
     return "full"
 
 
@@ -101,7 +103,8 @@ def normalize_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: in
     """Validate a user mask and return ``(kind, key_mask, full_mask, uniform_rows)``.
 
     kind: ``"none"`` | ``"key"`` | ``"full"`` (:func:`mask_kind`).
-    key_mask: bool ``[B, Lk]`` (kind key).  full_mask: bool ``[B|1, 1|H, Lq, Lk]`` (kind full).
+    key_mask: bool ``[B, Lk]`` (kind key).  full_mask: bool ``[B|1, 1|H, Lq, Lk]`` (kind full; a mask broadcast over
+    the queries as an expanded view).
     uniform_rows: bool ``[B, 1|H, Lq]``: rows with no key to attend (HF makes them uniform).
     """
     kind = mask_kind(attention_mask, batch, heads, q_len, k_len)
@@ -112,6 +115,8 @@ def normalize_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: in
         return "key", km, None, key_uniform_rows(km, q_len)
     m = attention_mask[:, None] if attention_mask.dim() == 3 else attention_mask
     fm = m.bool()
+    if fm.shape[2] != q_len:  # [.., 1, Lk]: the same keys for every query (a stride-0 view, no copy)
+        fm = fm.expand(fm.shape[0], fm.shape[1], q_len, k_len)
     return "full", None, fm, ~fm.any(-1)
 
 

@@ -57,6 +57,42 @@ def test_matches_naive_formula_with_padding(Lq, Lk):
     assert last_backend() == "torch"
 
 
+@pytest.mark.parametrize("shape", ["B,1,1,Lk", "1,H,1,Lk", "B,1,Lk"])
+@pytest.mark.parametrize("Lq,Lk", [(7, 7), (5, 11)])
+def test_masks_broadcast_over_the_queries(shape, Lq, Lk):
+    """A mask with a query dim of 1 (HF's extended ``[B, 1, 1, Lk]``, which DeBERTa's attention broadcasts) masks keys
+    only: unlike a 2-D padding mask, no query row is made uniform; a head masking every key is (row without keys)."""
+    q, k, v, pk, pq = _qkv(Lq=Lq, Lk=Lk)
+    m = torch.rand(2, 3, Lk) > 0.3
+    m[1, 2] = False  # batch 1, head 2: no key at all
+    if shape == "B,1,1,Lk":
+        mask, fn = m[:, :1, None].long(), (lambda b, h, i, j: bool(m[b, 0, j]))
+    elif shape == "1,H,1,Lk":
+        mask, fn = m[1:, :, None], (lambda b, h, i, j: bool(m[1, h, j]))
+    else:
+        mask, fn = m[:, 0, None].float(), (lambda b, h, i, j: bool(m[b, 0, j]))
+    scale = deberta_fast.reference.default_scale(8, 2)
+    want = torch.stack([torch.stack([_naive(q[b:b + 1, h:h + 1], k[b:b + 1, h:h + 1], v[b:b + 1, h:h + 1],
+                                            pk[h:h + 1], pq[h:h + 1], lambda _b, i, j, b=b, h=h: fn(b, h, i, j),
+                                            scale)[0, 0] for h in range(3)]) for b in range(2)])
+    got = disentangled_attention(q, k, v, pk, pq, attention_mask=mask, **KW)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    with pytest.MonkeyPatch.context() as mp:  # the triton kernels' full-mask path (the interpreter, where installed)
+        mp.setenv("TRITON_INTERPRET", "1")
+        if BACKENDS["triton"].unavailable() is not None:
+            return
+        leaves = [t.float().requires_grad_() for t in (q, k, v, pk, pq)]
+        got = disentangled_attention(*leaves, attention_mask=mask, backend="triton", **KW)
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+        full = mask[:, None] if mask.dim() == 3 else mask
+        dense = full.expand(full.shape[0], full.shape[1], Lq, Lk).contiguous()  # the same mask, materialised
+        again = disentangled_attention(*leaves, attention_mask=dense, backend="triton", **KW)
+        assert torch.equal(got, again)
+        go = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, leaves, go), torch.autograd.grad(again, leaves, go)):
+            assert torch.equal(a, b)
+
+
 def test_padded_rows_are_uniform_and_terms_optional():
     q, k, v, pk, pq = _qkv()
     m = torch.ones(2, 7)
@@ -87,6 +123,7 @@ def test_batched_pos_tables_and_scale():
     (lambda t: dict(query=t["query"].long()), "float16"),
     (lambda t: dict(attention_mask=torch.ones(2, 6)), r"\[B, Lk\]"),
     (lambda t: dict(attention_mask=torch.ones(2, 7, 6)), "does not fit"),
+    (lambda t: dict(attention_mask=torch.ones(2, 1, 2, 7)), "does not fit"),
     (lambda t: dict(attention_mask=torch.ones(7)), "1-D"),
     (lambda t: dict(dropout_p=1.0), "dropout_p"),
     (lambda t: dict(backend="flash"), "unknown backend"),

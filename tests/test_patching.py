@@ -72,6 +72,21 @@ def test_v2_heads_match_hf(head):
     assert [type(m) for m in model.modules()] == classes  # HF classes kept
 
 
+def test_extended_4d_mask_matches_hf():
+    """HF's models take an extended ``[B, 1, 1, L]`` mask too (the embeddings squeeze it, the attention broadcasts
+    it: keys masked, padded query rows attend as any other): the patched model gives HF's output, packing or not (a
+    mask that is not 2-D runs the padded layout).  Without the conv layer: HF's own fails on such a mask."""
+    model = transformers.DebertaV2Model(v2_config()).to(DT).eval()
+    ids, mask = _batch()
+    ext = mask[:, None, None, :]
+    want = _outputs(model, ids, ext)
+    for pack in (False, True):
+        with patched(model, backend="torch", pack=pack):
+            got = _outputs(model, ids, ext)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("types", [("c2p",), ("p2c",), ("p2c", "c2p")])
 @pytest.mark.parametrize("share", [True, False])
 def test_v2_variants_long_padded(types, share):
