@@ -158,7 +158,9 @@ void set_band(dfa::Params& p, int64_t band_lo, int64_t band_hi) {
 }
 
 // Dropout: an element is kept iff its 16-bit Philox half >= drop_thresh = round(p_drop * 2^16) (dfa_common.cuh,
-// dropout_words) and kept values are scaled by 1 / (1 - p_drop).  rng: int64 [2] = {seed, offset} on q's device.
+// dropout_words), with probability 1 - drop_thresh / 2^16, and kept values are scaled by its inverse (not by
+// 1 / (1 - p_drop): the expected output is the input's at every rate).  rng: int64 [2] = {seed, offset} on q's
+// device.
 void set_dropout(dfa::Params& p, const OptT& rng, const Tensor& q, double p_drop) {
   TORCH_CHECK(p_drop >= 0.0 && p_drop < 1.0, "deberta_fast cuda backend: dropout_p must be in [0, 1), got ",
               p_drop);  // NaN fails both comparisons
@@ -172,7 +174,7 @@ void set_dropout(dfa::Params& p, const OptT& rng, const Tensor& q, double p_drop
   p.dropout = 1;
   const double th = std::round(p_drop * 65536.0);
   p.drop_thresh = th >= 65535.0 ? 0xffffu : static_cast<uint32_t>(th);
-  p.drop_scale = static_cast<float>(1.0 / (1.0 - p_drop));
+  p.drop_scale = static_cast<float>(65536.0 / (65536.0 - p.drop_thresh));
 }
 
 // The forward's output as the backward gets it back: the dq kernel reads its rows (delta = rowsum(dO * O)) as 16-byte

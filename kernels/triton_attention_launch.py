@@ -917,6 +917,14 @@ def _drop_threshold(p: float) -> int:
     return min(math.floor(float(p) * 2.0 ** 16 + 0.5), 2 ** 16 - 1)
 
 
+def _drop_rate(p: float) -> float:
+    """The drop probability the 16-bit threshold realises, ``_drop_threshold(p) / 2**16`` (exact in float32), the
+    kernels' ``p_drop``: they rescale kept elements by ``1 / (1 - p_drop)``, so that the expected output is the
+    input's at every rate (``1 / (1 - p)`` is off by up to ``2**-17 / (1 - p)``: 1.5x too large at p = 0.99999, and
+    scales a rate below ``2**-17``, which drops nothing)."""
+    return _drop_threshold(p) / 2.0 ** 16 if p else 0.0
+
+
 def seed_operand(seed, dropout_p: float, device: torch.device) -> torch.Tensor:
     """The kernels' ``SEED`` operand, the dropout stream's Philox key: ``seed`` itself when it is a tensor (int64
     ``[1]`` on ``device``, as the backend draws it on the device: a captured CUDA graph then draws a fresh one per
@@ -1156,7 +1164,7 @@ def attention_forward(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_
     # [B, H, Lq, D]; empty_like: ~0.6 us less than empty(shape) (measured on the 2-core CPU machine, 2026-12-05)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     stats = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
-    tail = (float(scale), *pr.band, float(dropout_p), _drop_threshold(dropout_p) if dropout_p else 0,
+    tail = (float(scale), *pr.band, _drop_rate(dropout_p), _drop_threshold(dropout_p) if dropout_p else 0,
             seed_operand(seed, dropout_p, q.device), *plan.dist_args)
     (kwargs, scratch), layout = _tma_kwargs(plan, q, k, v), ()
     if plan.dist is not None:
@@ -1284,7 +1292,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
         dl = _unfilled((B, n, Lq), q.device)  # rowsum(dO * O): the dq kernel's, for the dK/dV kernel
         common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
                   n, H, hs.start, Lq, Lk, Lq, Lk, D, plan.nslot, pr.nrun, float(scale), *pr.band, pr.run0,
-                  float(dropout_p), _drop_threshold(dropout_p), seed, *plan.dist_args, *pr.sums)
+                  _drop_rate(dropout_p), _drop_threshold(dropout_p), seed, *plan.dist_args, *pr.sums)
         st = stats if one else stats[:, :, hs].contiguous()
         qg, kg, vg, dog, og, pkg, pqg = _heads(g, q, k, v, do, out, pos_key, pos_query)
         tables = _tables(q, k, pos_key, pos_query, pr, g, plan.dist and plan.dist[2:], *layout)
@@ -1339,7 +1347,7 @@ def attention_forward_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqle
     qt, kt = q.transpose(0, 1), k.transpose(0, 1)
     one = len(plan.groups) == 1
     kwargs, scratch = _tma_kwargs(plan, q, k, v)
-    tail = (Tq, Tk, max_seqlen_q, max_seqlen_k, D, plan.nslot, float(scale), *pr.band, float(dropout_p),
+    tail = (Tq, Tk, max_seqlen_q, max_seqlen_k, D, plan.nslot, float(scale), *pr.band, _drop_rate(dropout_p),
             _drop_threshold(dropout_p) if dropout_p else 0, seed_operand(seed, dropout_p, q.device), *plan.dist_args)
     for hs in plan.groups:
         n, g = hs.stop - hs.start, (None if one else hs)
@@ -1387,7 +1395,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
         c_sum = torch.zeros((n, Tq, pr.sums[0] + 1), **f32) if has_c2p else dummy  # (_sums_layout)
         p_sum = torch.zeros((n, Tk, pr.sums[0] + 1), **f32) if has_p2c else dummy
         common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, n, H, hs.start, Tq, Tk, max_seqlen_q,
-                  max_seqlen_k, D, plan.nslot, pr.nrun, float(scale), *pr.band, pr.run0, float(dropout_p),
+                  max_seqlen_k, D, plan.nslot, pr.nrun, float(scale), *pr.band, pr.run0, _drop_rate(dropout_p),
                   _drop_threshold(dropout_p), seed, *plan.dist_args, *pr.sums)
         (stg,), (dqg, dkg, dvg) = _heads(g, stats, axis=1), _heads(g, dq, dk, dv)
         dl = _unfilled((n, Tq), q.device)  # [H, Tq] rowsum(dO * O): the dq kernel's (rows of no sequence unused)

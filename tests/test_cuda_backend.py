@@ -15,7 +15,7 @@ from deberta_fast.positions import (attention_span, relative_slot_table, slot_ba
                                    trimmed_slot_table)
 from cuda_checks import assert_bwd_kernel, assert_fwd_kernel
 from grad_check import assert_grads_close
-from philox_ref import keep_mask, philox4x32_10
+from philox_ref import drop_threshold, keep_mask, philox4x32_10
 
 HAS_CUDA = torch.cuda.is_available()
 BUILT = _cuda_ext.load() is not None
@@ -428,6 +428,22 @@ def test_gpu_empty_batch_or_heads(B, H, backend):
     grads = torch.autograd.grad(out.float().sum(), leaves, allow_unused=True)
     for t, g in zip(leaves, grads):
         assert g is None or (g.shape == t.shape and not g.isnan().any())
+
+
+@gpu
+@needs_ext
+def test_gpu_dropout_rescale_is_the_realised_keep_rate():
+    """Kept elements are scaled by ``2**16 / (2**16 - t)`` (``t``: the 16-bit threshold), the inverse of the keep
+    probability the kernels realise: at p = 0.999 (t = 65470) ``1 / (1 - p)`` is 0.7 % too large.  Uniform
+    probabilities (q = k = 0): ``out_i = sum_j keep_ij v_j / Lk * 2**16 / (2**16 - t)``."""
+    p, seed, L = 0.999, 4242, 64
+    q = torch.zeros(1, 2, L, 64, dtype=torch.float16, device=DEV)
+    v = (torch.rand(1, 2, L, 64, generator=torch.Generator().manual_seed(3)) + 0.5).to(DEV, torch.float16)
+    out, _ = _direct(q, q, v, None, None, 4, 16, None, p, seed)
+    t = drop_threshold(p)
+    want = keep_mask(seed, 0, 1, 2, L, L, p).double() @ v.double().cpu() / L * (2 ** 16 / (2 ** 16 - t))
+    assert (want != 0).sum() >= 64  # a few kept elements (each a row of 64)
+    torch.testing.assert_close(out.double().cpu(), want, rtol=2e-3, atol=0)
 
 
 @gpu
