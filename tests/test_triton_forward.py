@@ -187,6 +187,37 @@ def test_custom_ops_opcheck():
         torch.library.opcheck(op, (*a[:-2], 0.1, seed), test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("bad,words", [
+    (dict(span=5000), "rows"),  # tables of 8 rows indexed up to 2 * span (the interpreter crashed on it)
+    (dict(key_mask=torch.ones(2, 1, dtype=torch.bool)), "key_mask must be"),
+    (dict(uniform_rows=torch.ones(1, 1, 1, dtype=torch.bool)), "uniform_rows must be"),
+    (dict(key_mask=None), "uniform_rows without"),
+    (dict(full_mask=torch.ones(1, 2, 9, 6, dtype=torch.bool), key_mask=None), "full_mask must be"),
+    (dict(pos_key=torch.randn(2, 8, 8)), "rows of 8"),
+    (dict(v=torch.randn(1, 2, 7, 16, dtype=torch.float64)), "v is torch.float64"),
+    (dict(k=torch.randn(1, 2, 7, 12)), "do not match"),
+    (dict(dropout_p=1.0), "dropout_p"),
+    (dict(stats=torch.zeros(2, 1, 2, 8)), "stats"),
+])
+def test_custom_ops_refuse_bad_arguments(bad, words):
+    """A direct call of ``deberta_fast::triton_fwd`` / ``triton_bwd`` (the dispatcher validates its own calls): an
+    error naming the argument, not an out-of-bounds read in the kernels."""
+    q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 9, 7, 16, mask="key")
+    c = build_call(q, k, v, pk, pq, attention_mask=mask, scale=None, dropout_p=0.0, **kw)
+    a = dict(q=q, k=k, v=v, pos_key=pk, pos_query=pq, key_mask=c.key_mask, full_mask=None,
+             uniform_rows=c.uniform_rows, position_buckets=4, max_relative_positions=8, span=c.span, scale=c.scale,
+             dropout_p=0.0, seed=None)
+    out, stats = torch.ops.deberta_fast.triton_fwd(*a.values())
+    b = dict(do=torch.randn_like(out), **{n: a[n] for n in ("q", "k", "v", "pos_key", "pos_query")}, out=out,
+             stats=stats, **{n: a[n] for n in list(a)[5:]})
+    fwd_bad = {n: x for n, x in bad.items() if n in a}
+    if fwd_bad:
+        with pytest.raises(ValueError, match=words):
+            torch.ops.deberta_fast.triton_fwd(*{**a, **fwd_bad}.values())
+    with pytest.raises(ValueError, match=words):
+        torch.ops.deberta_fast.triton_bwd(*{**b, **bad}.values())
+
+
 def test_strided_inputs_without_copies():
     """HF layout: q/k/v are [B,L,H,D] tensors viewed as [B,H,L,D] (last dim contiguous)."""
     q, k, v, pk, pq, mask, kw = make_inputs(2, 3, 30, 30, 16, mask="key")

@@ -55,6 +55,61 @@ def interpreter_problem() -> Optional[str]:
     return None
 
 
+def _op_problem(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, span, scale, dropout_p):
+    """Why the custom ops' kernels cannot take these arguments (a shape, device or value they would index out of
+    bounds with, or compute nonsense from), or None.  The dispatcher validates every call it makes; this guards a
+    direct ``torch.ops.deberta_fast.triton_fwd`` / ``triton_bwd`` call (shapes and scalars only: no device sync)."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        return f"q [B,H,Lq,D] and k / v [B,H,Lk,D] do not match: {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"q must be float16, bfloat16 or float32, got {q.dtype}"
+    for name, t in (("k", k), ("v", v), ("pos_key", pos_key), ("pos_query", pos_query), ("key_mask", key_mask),
+                    ("full_mask", full_mask), ("uniform_rows", uniform_rows)):
+        if t is not None and t.device != q.device:
+            return f"{name} is on {t.device}, q on {q.device}"
+        if t is not None and name in ("k", "v", "pos_key", "pos_query") and t.dtype != q.dtype:
+            return f"{name} is {t.dtype}, q {q.dtype}"
+    for name, pos in (("pos_key", pos_key), ("pos_query", pos_query)):
+        if pos is None:
+            continue
+        if span < 1 or not ((pos.dim() == 3 and pos.shape[0] == H) or (pos.dim() == 4 and pos.shape[:2] == (B, H))):
+            return f"{name} must be [H, R, D] or [B, H, R, D] with span >= 1, got {list(pos.shape)}, span {span}"
+        if pos.shape[-2] < 2 * span or pos.shape[-1] != D:
+            return f"{name} has {pos.shape[-2]} rows of {pos.shape[-1]}: span {span} needs >= {2 * span} rows of {D}"
+    if key_mask is not None and tuple(key_mask.shape) != (B, Lk):
+        return f"key_mask must be [B, Lk] = [{B}, {Lk}], got {list(key_mask.shape)}"
+    if full_mask is not None:
+        fm = full_mask.shape
+        if full_mask.dim() != 4 or fm[0] not in (1, B) or fm[1] not in (1, H) or fm[2:] != (Lq, Lk):
+            return f"full_mask must be [B|1, 1|H, Lq, Lk] = [{B}|1, 1|{H}, {Lq}, {Lk}], got {list(fm)}"
+        if key_mask is not None:
+            return "key_mask and full_mask are exclusive"
+    if uniform_rows is not None:
+        un = uniform_rows.shape
+        if uniform_rows.dim() != 3 or un[0] not in (1, B) or un[1] not in (1, H) or un[2] != Lq:
+            return f"uniform_rows must be [B|1, 1|H, Lq] = [{B}|1, 1|{H}, {Lq}], got {list(un)}"
+        if key_mask is None and full_mask is None:
+            return "uniform_rows without a key_mask or full_mask"
+    if not (0.0 <= dropout_p < 1.0) or not (abs(scale) < float("inf")):
+        return f"dropout_p must be in [0, 1) and scale finite, got {dropout_p}, {scale}"
+    return _launch().row_offset_problem(q, k, v, Lq, Lk)  # (int32 row offsets within a (batch, head) block)
+
+
+def _check_op(*args) -> None:
+    why = _op_problem(*args)
+    if why:
+        raise ValueError(f"deberta_fast::triton op: {why}")
+
+
+def _fwd_launch(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                max_relative_positions, span, scale, dropout_p, seed):
+    return _launch().attention_forward(
+        q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets=position_buckets,
+        max_relative_positions=max_relative_positions, span=span, scale=scale, dropout_p=dropout_p, seed=seed)
+
+
 def _triton_fwd_impl(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
                      key_mask: Optional[Tensor], full_mask: Optional[Tensor], uniform_rows: Optional[Tensor],
                      position_buckets: int, max_relative_positions: int, span: int, scale: float,
@@ -62,10 +117,11 @@ def _triton_fwd_impl(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
     """``(out [B,H,Lq,D], stats float32 [2,B,H,Lq])``: softmax row max and log2 row sum of the
     log2-domain scores (``lse_from_stats`` in the launch module gives the natural log-sum-exp).  ``key_mask``
     ``[B, Lk]``, nonzero = attend (any dtype: the caller's mask as given); ``uniform_rows`` bool ``[B, 1|H, Lq]``, or
-    None with a key mask and ``Lq == Lk``: the rows of the masked keys (HF's padded rows)."""
-    return _launch().attention_forward(
-        q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets=position_buckets,
-        max_relative_positions=max_relative_positions, span=span, scale=scale, dropout_p=dropout_p, seed=seed)
+    None with a key mask and ``Lq == Lk``: the rows of the masked keys (HF's padded rows).  Arguments checked
+    (:func:`_op_problem`); the backend's eager calls, validated by the dispatcher, go to :func:`_fwd_launch`."""
+    _check_op(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, span, scale, dropout_p)
+    return _fwd_launch(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
+                       max_relative_positions, span, scale, dropout_p, seed)
 
 
 triton_fwd = torch.library.custom_op("deberta_fast::triton_fwd", mutates_args=())(_triton_fwd_impl)
@@ -77,17 +133,30 @@ def _(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_b
     return q.new_empty(q.shape), q.new_empty((2, *q.shape[:3]), dtype=torch.float32)
 
 
-def _triton_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
-                     pos_query: Optional[Tensor], out: Tensor, stats: Tensor, key_mask: Optional[Tensor],
-                     full_mask: Optional[Tensor], uniform_rows: Optional[Tensor], position_buckets: int,
-                     max_relative_positions: int, span: int, scale: float, dropout_p: float,
-                     seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, dpos_key, dpos_query)``; an absent position gradient is an empty tensor."""
+def _bwd_launch(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows, position_buckets,
+                max_relative_positions, span, scale, dropout_p, seed):
     dq, dk, dv, dpk, dpq = _launch().attention_backward(
         do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows,
         position_buckets=position_buckets, max_relative_positions=max_relative_positions, span=span,
         scale=scale, dropout_p=dropout_p, seed=seed)
     return dq, dk, dv, q.new_empty(0) if dpk is None else dpk, q.new_empty(0) if dpq is None else dpq
+
+
+def _triton_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
+                     pos_query: Optional[Tensor], out: Tensor, stats: Tensor, key_mask: Optional[Tensor],
+                     full_mask: Optional[Tensor], uniform_rows: Optional[Tensor], position_buckets: int,
+                     max_relative_positions: int, span: int, scale: float, dropout_p: float,
+                     seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dpos_key, dpos_query)``; an absent position gradient is an empty tensor.  Arguments checked
+    as the forward's, and ``do`` / ``out`` / ``stats`` against ``q``."""
+    _check_op(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, span, scale, dropout_p)
+    if do.shape != q.shape or out.shape != q.shape or tuple(stats.shape) != (2, *q.shape[:3]) \
+            or stats.dtype != torch.float32 or any(t.device != q.device for t in (do, out, stats)):
+        raise ValueError(f"deberta_fast::triton op: do / out must be q's shape {list(q.shape)} and stats float32 "
+                         f"[2, B, H, Lq] on q's device, got {list(do.shape)}, {list(out.shape)}, "
+                         f"{stats.dtype} {list(stats.shape)}")
+    return _bwd_launch(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows,
+                       position_buckets, max_relative_positions, span, scale, dropout_p, seed)
 
 
 triton_bwd = torch.library.custom_op("deberta_fast::triton_bwd", mutates_args=())(_triton_bwd_impl)
@@ -119,7 +188,7 @@ def _seed(seed, dropout_p: float, device: torch.device) -> Optional[Tensor]:
 def _padded_fwd(*args):
     """``deberta_fast::triton_fwd(*args)``, its implementation called directly when nothing traces
     (:func:`_direct` of the tensor arguments)."""
-    fwd = _triton_fwd_impl if _direct(*args[:8]) else torch.ops.deberta_fast.triton_fwd
+    fwd = _fwd_launch if _direct(*args[:8]) else torch.ops.deberta_fast.triton_fwd
     return fwd(*args)
 
 
@@ -144,7 +213,7 @@ class TritonAttentionFunction(torch.autograd.Function):
         # with grad mode on (double backward) the op is kept: its implementation must not be recorded by autograd
         direct = not torch.is_grad_enabled() and _direct(do, q, k, v, pos_key, pos_query, key_mask, full_mask,
                                                          uniform_rows)
-        bwd = _triton_bwd_impl if direct else torch.ops.deberta_fast.triton_bwd
+        bwd = _bwd_launch if direct else torch.ops.deberta_fast.triton_bwd
         dq, dk, dv, dpk, dpq = bwd(do, q, k, v, pos_key, pos_query, out, stats, key_mask, full_mask, uniform_rows,
                                    *ctx.args, seed)
         return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
