@@ -198,7 +198,8 @@ def test_dropout_params(ext, entry, p):
     P = next(r["params"] for r in recs if r["kernel"] in ("fwd", "bwd_dq"))
     assert P["dropout"] == 1 and P["rng"] == a["rng"].data_ptr()
     assert P["drop_thresh"] == _thresh(p)
-    assert P["drop_scale"] == _f32(1.0 / (1.0 - p))
+    # kept elements scaled by the inverse of the keep rate the threshold realises (unbiased; not 1 / (1 - p))
+    assert P["drop_scale"] == _f32(65536.0 / (65536.0 - _thresh(p)))
 
 
 def test_bwd_params_and_band_launches(ext):
