@@ -77,13 +77,18 @@ def test_masks_broadcast_over_the_queries(shape, Lq, Lk):
                                             scale)[0, 0] for h in range(3)]) for b in range(2)])
     got = disentangled_attention(q, k, v, pk, pq, attention_mask=mask, **KW)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
-    with pytest.MonkeyPatch.context() as mp:  # the triton kernels' full-mask path (the interpreter, where installed)
-        mp.setenv("TRITON_INTERPRET", "1")
+    # the triton kernels' full-mask path: on the GPU where there is one, else under the interpreter (which Triton
+    # chooses when the kernels are defined: set only on CPU-only machines)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with pytest.MonkeyPatch.context() as mp:
+        if dev == "cpu":
+            mp.setenv("TRITON_INTERPRET", "1")
         if BACKENDS["triton"].unavailable() is not None:
             return
-        leaves = [t.float().requires_grad_() for t in (q, k, v, pk, pq)]
+        leaves = [t.to(dev, torch.float32).requires_grad_() for t in (q, k, v, pk, pq)]
+        mask = mask.to(dev)
         got = disentangled_attention(*leaves, attention_mask=mask, backend="triton", **KW)
-        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=2e-5, atol=2e-5)
         full = mask[:, None] if mask.dim() == 3 else mask
         dense = full.expand(full.shape[0], full.shape[1], Lq, Lk).contiguous()  # the same mask, materialised
         again = disentangled_attention(*leaves, attention_mask=dense, backend="triton", **KW)

@@ -187,17 +187,18 @@ def test_custom_ops_opcheck():
         torch.library.opcheck(op, (*a[:-2], 0.1, seed), test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("bad,words", [
-    (dict(span=5000), "rows"),  # tables of 8 rows indexed up to 2 * span (the interpreter crashed on it)
-    (dict(key_mask=torch.ones(2, 1, dtype=torch.bool)), "key_mask must be"),
-    (dict(uniform_rows=torch.ones(1, 1, 1, dtype=torch.bool)), "uniform_rows must be"),
-    (dict(key_mask=None), "uniform_rows without"),
-    (dict(full_mask=torch.ones(1, 2, 9, 6, dtype=torch.bool), key_mask=None), "full_mask must be"),
-    (dict(pos_key=torch.randn(2, 8, 8)), "rows of 8"),
-    (dict(v=torch.randn(1, 2, 7, 16, dtype=torch.float64)), "v is torch.float64"),
-    (dict(k=torch.randn(1, 2, 7, 12)), "do not match"),
-    (dict(dropout_p=1.0), "dropout_p"),
-    (dict(stats=torch.zeros(2, 1, 2, 8)), "stats"),
+@pytest.mark.parametrize("bad,words", [  # (the bad tensors made in the test, on the inputs' device)
+    (lambda: dict(span=5000), "rows"),  # tables of 8 rows indexed up to 2 * span (the interpreter crashed on it)
+    (lambda: dict(key_mask=torch.ones(2, 1, dtype=torch.bool)), "key_mask must be"),
+    (lambda: dict(uniform_rows=torch.ones(1, 1, 1, dtype=torch.bool)), "uniform_rows must be"),
+    (lambda: dict(uniform_rows=torch.ones(1, 1, 9)), "bool"),
+    (lambda: dict(key_mask=None), "uniform_rows without"),
+    (lambda: dict(full_mask=torch.ones(1, 2, 9, 6, dtype=torch.bool), key_mask=None), "full_mask must be"),
+    (lambda: dict(pos_key=torch.randn(2, 8, 8)), "rows of 8"),
+    (lambda: dict(v=torch.randn(1, 2, 7, 16, dtype=torch.float64)), "v is torch.float64"),
+    (lambda: dict(k=torch.randn(1, 2, 7, 12)), "do not match"),
+    (lambda: dict(dropout_p=1.0), "dropout_p"),
+    (lambda: dict(stats=torch.zeros(2, 1, 2, 8)), "stats"),
 ])
 def test_custom_ops_refuse_bad_arguments(bad, words):
     """A direct call of ``deberta_fast::triton_fwd`` / ``triton_bwd`` (the dispatcher validates its own calls): an
@@ -210,6 +211,7 @@ def test_custom_ops_refuse_bad_arguments(bad, words):
     out, stats = torch.ops.deberta_fast.triton_fwd(*a.values())
     b = dict(do=torch.randn_like(out), **{n: a[n] for n in ("q", "k", "v", "pos_key", "pos_query")}, out=out,
              stats=stats, **{n: a[n] for n in list(a)[5:]})
+    bad = {n: x.to(q.device) if isinstance(x, torch.Tensor) else x for n, x in bad().items()}
     fwd_bad = {n: x for n, x in bad.items() if n in a}
     if fwd_bad:
         with pytest.raises(ValueError, match=words):

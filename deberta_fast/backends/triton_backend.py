@@ -86,6 +86,9 @@ def _op_problem(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, 
             return f"full_mask must be [B|1, 1|H, Lq, Lk] = [{B}|1, 1|{H}, {Lq}, {Lk}], got {list(fm)}"
         if key_mask is not None:
             return "key_mask and full_mask are exclusive"
+    for name, m in (("full_mask", full_mask), ("uniform_rows", uniform_rows)):
+        if m is not None and m.dtype != torch.bool:  # (the kernels read their bytes)
+            return f"{name} must be bool, got {m.dtype}"
     if uniform_rows is not None:
         un = uniform_rows.shape
         if uniform_rows.dim() != 3 or un[0] not in (1, B) or un[1] not in (1, H) or un[2] != Lq:
