@@ -378,7 +378,8 @@ def disentangled_attention(query, key, value, pos_key=None, pos_query=None, *,
             ``max_relative_positions <= 0``: no buckets; pass max_relative_positions resolved as HF does,
             ``max_position_embeddings`` for -1).
         attention_mask: None, ``[B, Lk]`` (HF padding mask; with ``Lq == Lk`` padded query rows are
-            uniform over all keys, as in HF), ``[B, Lq, Lk]`` or ``[B|1, 1|H, Lq, Lk]``; nonzero = attend.
+            uniform over all keys, as in HF), ``[B, 1|Lq, Lk]`` or ``[B|1, 1|H, 1|Lq, Lk]`` (a query dim of 1, as
+            HF's extended ``[B, 1, 1, Lk]``, broadcast over the queries); nonzero = attend.
         scale: multiplier of all three terms; default ``1/sqrt(D * (1 + #terms))``.
         dropout_p: attention-probability dropout (apply only in training).
         backend: ``"auto" | "torch" | "triton" | "cuda"``.

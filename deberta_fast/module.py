@@ -104,7 +104,7 @@ class DisentangledAttention(nn.Module):
     def forward(self, hidden_states, attention_mask=None, output_attentions=False, query_states=None,
                 relative_pos=None, rel_embeddings=None):
         """hidden_states ``[B, Lk, hidden]``; query_states ``[B, Lq, hidden]`` (default: hidden_states);
-        attention_mask ``[B, Lk]`` / ``[B, Lq, Lk]`` / ``[B, 1, Lq, Lk]``; rel_embeddings
+        attention_mask ``[B, Lk]`` / ``[B, 1|Lq, Lk]`` / ``[B, 1, 1|Lq, Lk]``; rel_embeddings
         ``[>= 2*span, hidden]`` (the encoder's, after its LayerNorm).  Returns ``(context, probs|None)``."""
         hidden = self.query_proj.in_features
         for name, x in (("hidden_states", hidden_states), ("query_states", query_states)):

@@ -18,7 +18,7 @@ softmax, so a query row with every key masked becomes *uniform* over all
 ``Lk`` keys (HF's padded query rows).  A 2-D ``[B, Lk]`` mask with
 ``Lq == Lk`` is HF's padding mask, i.e. the outer product ``m_i * m_j``; with
 ``Lq != Lk`` it masks keys only.  3-D ``[B, Lq, Lk]`` and 4-D ``[B, 1|H, Lq, Lk]``
-masks are used as given (nonzero = attend).  Here masked scores are ``-inf``
+masks are used as given (nonzero = attend), a query dim of 1 broadcast over the queries.  Here masked scores are ``-inf``
 and uniform rows are zero rows, which gives HF's probabilities exactly.
 
 DeBERTa v1 is the same function with ``position_buckets = -1``, ``span =
