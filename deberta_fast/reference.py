@@ -18,8 +18,9 @@ softmax, so a query row with every key masked becomes *uniform* over all
 ``Lk`` keys (HF's padded query rows).  A 2-D ``[B, Lk]`` mask with
 ``Lq == Lk`` is HF's padding mask, i.e. the outer product ``m_i * m_j``; with
 ``Lq != Lk`` it masks keys only.  3-D ``[B, Lq, Lk]`` and 4-D ``[B, 1|H, Lq, Lk]``
-masks are used as given (nonzero = attend), a query dim of 1 broadcast over the queries.  Here masked scores are ``-inf``
-and uniform rows are zero rows, which gives HF's probabilities exactly.
+masks are used as given (nonzero = attend), a query dim of 1 broadcast over the queries (HF's extended
+``[B, 1, 1, Lk]`` mask: keys masked, no query row made uniform but one with no key; the kernels serve it as a key
+mask).  Here masked scores are ``-inf`` and uniform rows are zero rows, which gives HF's probabilities exactly.
 
 DeBERTa v1 is the same function with ``position_buckets = -1``, ``span =
 min(max(Lq, Lk), max_relative_positions)`` and HF's ``1/scale`` folded into
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from .positions import relative_slot_table, trace_constant, trimmed_slot_table, values_unreadable
 
-__all__ = ["default_scale", "mask_kind", "key_uniform_rows", "normalize_mask", "slot_index",
+__all__ = ["default_scale", "mask_kind", "key_mask_of", "key_uniform_rows", "normalize_mask", "slot_index",
            "disentangled_attention_reference"]
 
 
@@ -61,9 +62,10 @@ def default_scale(head_dim: int, num_rel_terms: int) -> float:
 
 
 def mask_kind(attention_mask, batch: int, heads: int, q_len: int, k_len: int) -> str:
-    """Validate a user mask (shape, type) and return its kind: ``"none"`` | ``"key"`` (``[B, Lk]``) |
-    ``"full"`` (``[B, 1|Lq, Lk]`` or ``[B|1, 1|H, 1|Lq, Lk]``: a query dim of 1 broadcasts over the queries, as HF's
-    attention broadcasts an extended ``[B, 1, 1, Lk]`` mask: keys masked, no query row made uniform).  No tensor
+    """Validate a user mask (shape, type) and return its kind: ``"none"`` | ``"key"`` (a key mask: ``[B, Lk]``, HF's
+    padding mask, or one broadcast over the heads and queries, ``[B|1, 1, Lk]`` / ``[B|1, 1, 1, Lk]``, as HF's
+    attention broadcasts an extended mask: keys masked, no query row made uniform; :func:`key_mask_of`) | ``"full"``
+    (``[B, Lq, Lk]`` or ``[B|1, 1|H, 1|Lq, Lk]`` otherwise, a query dim of 1 broadcast over the queries).  No tensor
     work."""
     if attention_mask is None:
         return "none"
@@ -85,14 +87,22 @@ def mask_kind(attention_mask, batch: int, heads: int, q_len: int, k_len: int) ->
         raise ValueError(
             f"attention_mask of shape {list(attention_mask.shape)} does not fit B={batch}, H={heads}, "
             f"Lq={q_len}, Lk={k_len}: expected [B, 1|Lq, Lk] or [B|1, 1|H, 1|Lq, Lk]")
-    return "full"
+    return "key" if h == lq == 1 else "full"
 
 
-def key_uniform_rows(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
-    """bool ``[B, 1, Lq]``: the query rows HF makes uniform under a key-padding mask (bool ``[B, Lk]``): with
-    ``Lq == Lk`` the padded rows (HF's ``[B, L, L]`` mask masks their every key), else the rows of a batch entry
-    with no key at all."""
-    if q_len == key_mask.shape[1]:
+def key_mask_of(attention_mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """bool ``[B, Lk]`` of a mask of kind ``"key"`` (:func:`mask_kind`): ``[B, Lk]`` itself, ``[B|1, 1, Lk]`` /
+    ``[B|1, 1, 1, Lk]`` as a view (a batch dim of 1 expanded, stride 0), nonzero = attend."""
+    if attention_mask.dim() == 2:
+        return attention_mask.bool()
+    return attention_mask.reshape(attention_mask.shape[0], -1).bool().expand(batch, attention_mask.shape[-1])
+
+
+def key_uniform_rows(key_mask: torch.Tensor, q_len: int, pads_queries: bool = True) -> torch.Tensor:
+    """bool ``[B, 1, Lq]``: the query rows HF makes uniform under a key mask (bool ``[B, Lk]``): with ``Lq == Lk``
+    and ``pads_queries`` (a 2-D padding mask: HF's ``[B, L, L]`` mask masks the padded rows' every key) the padded
+    rows, else (``Lq != Lk``, or a mask broadcast over the queries) the rows of a batch entry with no key at all."""
+    if pads_queries and q_len == key_mask.shape[1]:
         uniform = ~key_mask  # also covers a row of a sequence with no key at all (every key masked)
     else:
         uniform = (~key_mask.any(-1, keepdim=True)).expand(key_mask.shape[0], q_len)
@@ -103,16 +113,16 @@ def normalize_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: in
     """Validate a user mask and return ``(kind, key_mask, full_mask, uniform_rows)``.
 
     kind: ``"none"`` | ``"key"`` | ``"full"`` (:func:`mask_kind`).
-    key_mask: bool ``[B, Lk]`` (kind key).  full_mask: bool ``[B|1, 1|H, Lq, Lk]`` (kind full; a mask broadcast over
-    the queries as an expanded view).
+    key_mask: bool ``[B, Lk]`` (kind key, :func:`key_mask_of`).  full_mask: bool ``[B|1, 1|H, Lq, Lk]`` (kind full; a
+    mask broadcast over the queries as an expanded view).
     uniform_rows: bool ``[B, 1|H, Lq]``: rows with no key to attend (HF makes them uniform).
     """
     kind = mask_kind(attention_mask, batch, heads, q_len, k_len)
     if kind == "none":
         return "none", None, None, None
     if kind == "key":
-        km = attention_mask.bool()
-        return "key", km, None, key_uniform_rows(km, q_len)
+        km = key_mask_of(attention_mask, batch)
+        return "key", km, None, key_uniform_rows(km, q_len, attention_mask.dim() == 2)
     m = attention_mask[:, None] if attention_mask.dim() == 3 else attention_mask
     fm = m.bool()
     if fm.shape[2] != q_len:  # [.., 1, Lk]: the same keys for every query (a stride-0 view, no copy)
@@ -131,7 +141,8 @@ def slot_index(q_len, k_len, position_buckets, max_relative_positions, span, dev
     rel = relative_pos.to(device=device, dtype=torch.long)
     while rel.dim() > 2:
         if rel.shape[0] != 1:
-            raise ValueError(f"relative_pos must be [Lq, Lk] (or with leading 1-sized dims), got {list(relative_pos.shape)}")
+            raise ValueError(f"relative_pos must be [Lq, Lk] (or with leading 1-sized dims), "
+                             f"got {list(relative_pos.shape)}")
         rel = rel[0]
     if tuple(rel.shape) != (q_len, k_len):
         raise ValueError(f"relative_pos must be [Lq, Lk] = [{q_len}, {k_len}], got {list(relative_pos.shape)}")

@@ -484,6 +484,36 @@ def test_gpu_uniform_rows_and_lse():
 
 @gpu
 @needs_ext
+@pytest.mark.parametrize("Lq,Lk", [(37, 37), (21, 45)])
+def test_gpu_key_mask_broadcast_over_the_queries(Lq, Lk):
+    """HF's extended ``[B, 1, 1, Lk]`` mask (and ``[1, 1, 1, Lk]``, ``[B, 1, Lk]``): keys masked, no query row made
+    uniform but those of a batch entry without keys; served as a key mask (not a refused full mask), forward and the
+    five gradients against float64."""
+    span = attention_span(4, 16)
+    q, k, v, pk, pq = make_inputs(2, 3, Lq, Lk, 64, span, torch.float16, DEV)
+    m = torch.ones(2, Lk, dtype=torch.bool, device=DEV)
+    m[0, Lk // 3:] = False
+    for mask in (m[:, None, None, :].long(), m[1:, None, None, :], m[:, None, :].float(),
+                 torch.zeros(2, 1, 1, Lk, dtype=torch.bool, device=DEV)):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, pk, pq)]
+        out = disentangled_attention(*leaves, position_buckets=4, max_relative_positions=16, attention_mask=mask,
+                                     backend="cuda")
+        assert deberta_fast.last_backend() == "cuda"
+        go = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, go)
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        ref = disentangled_attention_reference(*ref_leaves, position_buckets=4, max_relative_positions=16,
+                                               attention_mask=mask)
+        rgrads = torch.autograd.grad(ref, ref_leaves, go.double())
+        torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+        assert_grads_close(grads, rgrads, ("q", "k", "v", "pos_key", "pos_query"), 6e-2)
+        if mask.dtype == torch.bool and mask.shape[0] == 2 and not mask.any():  # every row uniform
+            torch.testing.assert_close(out.float(), v.float().mean(-2, keepdim=True).expand_as(out),
+                                       atol=2e-2, rtol=2e-2)
+
+
+@gpu
+@needs_ext
 def test_gpu_rows_without_keys_lse_inf_and_finite_backward():
     """Fault 9: a query row with no key (every key masked, no uniform row: a direct op call) gets LSE = +inf
     and zero output; the backward gives finite (zero) gradients for it whatever LSE it is handed."""

@@ -77,7 +77,10 @@ def test_masks_broadcast_over_the_queries(shape, Lq, Lk):
                                             scale)[0, 0] for h in range(3)]) for b in range(2)])
     got = disentangled_attention(q, k, v, pk, pq, attention_mask=mask, **KW)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
-    # the triton kernels' full-mask path: on the GPU where there is one, else under the interpreter (which Triton
+    # a mask broadcast over the heads too is a key mask (O(L) in the kernels; the cuda backend serves it)
+    kind = deberta_fast.reference.mask_kind(mask, 2, 3, Lq, Lk)
+    assert kind == ("full" if shape == "1,H,1,Lk" else "key")
+    # the triton kernels' key- or full-mask path: on the GPU where there is one, else under the interpreter (which Triton
     # chooses when the kernels are defined: set only on CPU-only machines)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with pytest.MonkeyPatch.context() as mp:
@@ -91,6 +94,7 @@ def test_masks_broadcast_over_the_queries(shape, Lq, Lk):
         torch.testing.assert_close(got.double().cpu(), want, rtol=2e-5, atol=2e-5)
         full = mask[:, None] if mask.dim() == 3 else mask
         dense = full.expand(full.shape[0], full.shape[1], Lq, Lk).contiguous()  # the same mask, materialised
+        assert deberta_fast.reference.mask_kind(dense, 2, 3, Lq, Lk) == "full"
         again = disentangled_attention(*leaves, attention_mask=dense, backend="triton", **KW)
         assert torch.equal(got, again)
         go = torch.randn_like(got)

@@ -8,7 +8,7 @@ from torch.autograd import forward_ad
 
 from ..positions import (SlotBand, _functorch_active, relative_slot_table, slot_band, table_band, trimmed_slot_table,
                          values_unreadable)
-from ..reference import key_uniform_rows
+from ..reference import key_mask_of, key_uniform_rows
 
 
 def forward_ad_active() -> bool:
@@ -141,14 +141,14 @@ class AttentionCall(_CallCommon):
     def key_mask(self) -> torch.Tensor | None:
         """bool ``[B, Lk]`` (kind "key"), else None."""
         if self.mask_kind == "key" and self._key_mask is None:
-            self._key_mask = self.attention_mask.bool()
+            self._key_mask = key_mask_of(self.attention_mask, self.batch)
         return self._key_mask
 
     @property
     def uniform_rows(self) -> torch.Tensor | None:
         """bool ``[B, 1|H, Lq]`` (a mask given), else None."""
         if self.mask_kind == "key" and self._uniform is None:
-            self._uniform = key_uniform_rows(self.key_mask, self.q_len)
+            self._uniform = key_uniform_rows(self.key_mask, self.q_len, self.attention_mask.dim() == 2)
         return self._uniform
 
     @property

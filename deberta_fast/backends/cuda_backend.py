@@ -1,14 +1,14 @@
 """The ``"cuda"`` backend: the CUDA C++ extension ``deberta_fast._C`` built from ``csrc/``.
 
 Serves fp16 / bf16 inputs on sm_80+ GPUs, head dims 32 / 64 / 128, any ``Lq``/``Lk``,
-c2p / p2c / both / neither, bucketed or not, ``[B, Lk]`` key-padding masks (with HF's
-uniform rows) and dropout (Philox, regenerated in the backward).  The forward kernel takes the
+c2p / p2c / both / neither, bucketed or not, key masks (``[B, Lk]`` with HF's uniform rows, or broadcast
+over the heads and queries, ``[B|1, 1, 1, Lk]``) and dropout (Philox, regenerated in the backward).  The forward kernel takes the
 used rows of ``pos_key`` / ``pos_query`` and the slot table and computes the relative terms on
 tensor cores (csrc/dfa_rel.cuh), and so do the backward kernels (no ``[B,H,L,2*span]`` table is
 built); the position terms' gradients come back as ``dC2P`` / ``dP2C`` (per row and slot), which two
 torch GEMMs each take on to the inputs and the position rows (``_cuda_ext.rel_grads``).
 With ``DEBERTA_FAST_CUDA_SIM=1`` the same kernels run on CPU tensors in the CPU simulator (``csrc/sim/``).
-Refused (with the reason): CPU tensors (but under the simulator), float32/float64, other head dims, 3-D/4-D masks,
+Refused (with the reason): CPU tensors (but under the simulator), float32/float64, other head dims, 3-D/4-D masks but key masks,
 GPUs older than sm_80, and everything when the extension is not built.
 
 Packed variable-length calls (:func:`deberta_fast.disentangled_attention_varlen`) run the same
@@ -152,8 +152,8 @@ class CudaBackend(Backend):
     def refusals(self, call: AttentionCall) -> list[str]:
         why = self._common_refusals(call)
         if call.mask_kind == "full":
-            why.append("3-D/4-D attention masks are not supported (only [B, Lk] key-padding masks); "
-                       "use backend='triton' or backend='torch'")
+            why.append("3-D/4-D attention masks are not supported but key masks ([B, Lk], or [B|1, 1, 1, Lk] / "
+                       "[B|1, 1, Lk] broadcast over the heads and queries); use backend='triton' or backend='torch'")
         if call.batch * call.heads > 65535:
             why.append(f"B*H = {call.batch * call.heads} exceeds the grid limit 65535")
         if call.q_len + call.k_len >= (1 << 30):

@@ -226,11 +226,12 @@ class TritonAttentionFunction(torch.autograd.Function):
 def kernel_masks(call: AttentionCall) -> tuple:
     """``(key_mask, full_mask, uniform_rows)`` of ``call`` for the ops: a bool key mask as the user gave it (another
     dtype compared with 0 once: the kernels read bool masks in fewer instructions, and autograd then saves a copy of
-    ours, not the user's tensor), without uniform rows when ``Lq == Lk`` (the kernels find HF's padded rows in it)."""
-    if call.mask_kind == "key" and call.q_len == call.k_len:
+    ours, not the user's tensor), without uniform rows when it is HF's 2-D padding mask and ``Lq == Lk`` (the kernels
+    find the padded rows in it)."""
+    if call.mask_kind == "key" and call.q_len == call.k_len and call.attention_mask.dim() == 2:
         m = call.attention_mask
         return (m if m.dtype == torch.bool else m != 0), None, None
-    return call.key_mask, call.full_mask, call.uniform_rows  # (a key mask with Lq != Lk: the host's flags)
+    return call.key_mask, call.full_mask, call.uniform_rows  # (another key mask: the host's flags)
 
 
 def triton_attention(q, k, v, pos_key, pos_query, key_mask=None, full_mask=None, uniform_rows=None, *,
