@@ -53,11 +53,25 @@ def _hf_scale_constant(head_dim: int, num_rel_terms: int) -> float:
     return _hf_scale(head_dim, num_rel_terms)
 
 
+def _specialized(n) -> int:
+    """A symbolic size (``torch.compile(dynamic=True)`` marks every dim dynamic, the head dim too) as the Python int it
+    is at trace time, by comparisons the compiler turns into guards (``assume_constant_result`` takes no symbols): the
+    scale of a head dim is a constant of the graph, which recompiles for another head dim."""
+    lo, hi = 0, 1 << 31
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if n <= mid:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def default_scale(head_dim: int, num_rel_terms: int) -> float:
     """``1 / sqrt(D * (1 + terms))`` with HF's float32 square root, computed as HF does (torch on CPU,
     not always the correctly rounded sqrt), once per shape so later calls do no tensor work."""
     if torch.compiler.is_compiling():
-        return _hf_scale_constant(int(head_dim), int(num_rel_terms))
+        return _hf_scale_constant(_specialized(head_dim), int(num_rel_terms))
     return _hf_scale(int(head_dim), int(num_rel_terms))
 
 

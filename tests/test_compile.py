@@ -88,3 +88,25 @@ def test_no_recompile_at_the_second_call(monkeypatch, backend):
     for _ in range(3):
         compiled(x, x, x, pk, pk, torch.ones(2, 17, device=dev), backend)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dynamic_shapes_fullgraph(backend):
+    """``torch.compile(dynamic=True)`` makes every dim symbolic, the head dim too: the default scale is then still a
+    constant of the graph (guarded, so another head dim recompiles with its own scale), and odd lengths and head
+    dims give the eager torch backend's output and gradients."""
+    torch._dynamo.reset()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    compiled = torch.compile(_attn, dynamic=True, fullgraph=True)
+    for L, D in ((17, 16), (23, 16), (19, 24)):
+        mk = lambda *s: torch.randn(*s, device=dev, requires_grad=True)  # noqa: E731
+        q, k, v, pk, pq = mk(2, 3, L, D), mk(2, 3, L, D), mk(2, 3, L, D), mk(3, 8, D), mk(3, 8, D)
+        m = torch.ones(2, L, device=dev)
+        m[1, 10:] = 0
+        out = compiled(q, k, v, pk, pq, m, backend)
+        want = _attn(q, k, v, pk, pq, m, "torch")
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(out)
+        leaves = (q, k, v, pk, pq)
+        for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(want, leaves, g)):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
