@@ -29,6 +29,12 @@ def drop_threshold(p):
     return min(math.floor(p * 2 ** 16 + 0.5), 2 ** 16 - 1)
 
 
+def keep_scale(p):
+    """What the kernels multiply a kept element by: the inverse of the keep rate the 16-bit threshold realises,
+    ``2**16 / (2**16 - t)`` (not ``1 / (1 - p)``: unbiased at every rate)."""
+    return 2 ** 16 / (2 ** 16 - drop_threshold(p))
+
+
 def keep_of(seed, offset, bh, i, j, p):
     """The kernels' dropout decision for elements ``(bh, i, j)`` (numpy int arrays of one shape): half ``j % 2`` (low
     16 bits for even ``j``) of word ``(j / 2) % 4`` of Philox({j / 8, i, bh, offset}, seed), kept iff it is

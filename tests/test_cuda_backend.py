@@ -15,7 +15,7 @@ from deberta_fast.positions import (attention_span, relative_slot_table, slot_ba
                                    trimmed_slot_table)
 from cuda_checks import assert_bwd_kernel, assert_fwd_kernel
 from grad_check import assert_grads_close
-from philox_ref import drop_threshold, keep_mask, philox4x32_10
+from philox_ref import drop_threshold, keep_mask, keep_scale, philox4x32_10
 
 HAS_CUDA = torch.cuda.is_available()
 BUILT = _cuda_ext.load() is not None
@@ -283,7 +283,7 @@ def _reference_with_keep(q, k, v, pk, pq, buckets, max_rel, mask, keep, p):
                                                 scale=deberta_fast.reference.default_scale(
                                                     q.shape[-1], (pk is not None) + (pq is not None)))
     if keep is not None:
-        probs = probs * keep.to(probs.device, probs.dtype) / (1.0 - p)
+        probs = probs * keep.to(probs.device, probs.dtype) * keep_scale(p)
     return probs @ args[2]
 
 

@@ -20,7 +20,7 @@ from deberta_fast.reference import default_scale
 
 from cuda_checks import assert_bwd_kernel, assert_fwd_kernel  # noqa: E402
 from grad_check import assert_grads_close  # noqa: E402
-from philox_ref import keep_of  # noqa: E402  (numpy Philox, checked against Random123 in test_cuda_backend)
+from philox_ref import keep_of, keep_scale  # noqa: E402  (numpy Philox, checked against Random123 in test_cuda_backend)
 
 HAS_CUDA = torch.cuda.is_available()
 BUILT = _cuda_ext.load() is not None
@@ -339,7 +339,7 @@ def ref_varlen(q, k, v, pk, pq, cq, ck, buckets, max_rel, keep=None, p=0.0):
             qn, kn, vn, pk.double() if pk is not None else None, pq.double() if pq is not None else None,
             position_buckets=buckets, max_relative_positions=max_rel, return_probs=True, scale=scale)
         if keep is not None:
-            probs = probs * keep[n].to(probs.device, probs.dtype)[None] / (1.0 - p)
+            probs = probs * keep[n].to(probs.device, probs.dtype)[None] * keep_scale(p)
         outs.append((probs @ vn)[0].transpose(0, 1))
     return torch.cat(outs)
 

@@ -6,7 +6,7 @@ import torch
 from deberta_fast import disentangled_attention, disentangled_attention_reference
 from deberta_fast.backends.triton_backend import triton_attention
 from deberta_fast.dispatch import build_call
-from philox_ref import drop_threshold, keep_mask
+from philox_ref import drop_threshold, keep_mask, keep_scale
 
 from triton_cases import (BUCKETED, UNBUCKETED, V3, assert_close_fp32, assert_close_lowp, cast, grads, make_inputs,
                           max_err, reference_fn, triton_fn)
@@ -175,7 +175,7 @@ P_DROP = 0.3
 
 def recover_keep_mask(B, H, Lq, Lk, seed, buckets=BUCKETED, p=P_DROP):
     """The kernel's keep-mask for ``seed``: with ``V`` = identity (``D = Lk``) the output is
-    ``probs * keep / (1 - p)``.  The mask depends on (seed, b*H+h, i, j) only, not on the data."""
+    ``probs * keep * keep_scale(p)``.  The mask depends on (seed, b*H+h, i, j) only, not on the data."""
     q, k, _, pk, pq, _, kw = make_inputs(B, H, Lq, Lk, Lk, buckets=buckets)
     v = torch.eye(Lk).expand(B, H, Lk, Lk).contiguous()
     out = triton_attention(q, k, v, pk, pq, position_buckets=kw["position_buckets"],
@@ -183,9 +183,9 @@ def recover_keep_mask(B, H, Lq, Lk, seed, buckets=BUCKETED, p=P_DROP):
                            scale=build_call(q, k, v, pk, pq, attention_mask=None, scale=None, dropout_p=0.0,
                                             **kw).scale, dropout_p=p, seed=seed)
     _, probs = disentangled_attention_reference(*cast((q, k, v, pk, pq), torch.float64), return_probs=True, **kw)
-    ratio = out.double() * (1 - p) / probs
+    ratio = out.double() / (keep_scale(p) * probs)
     keep = ratio > 0.5
-    # every entry is exactly dropped (0) or kept and rescaled by 1/(1-p) (1)
+    # every entry is exactly dropped (0) or kept and rescaled by keep_scale(p) (1)
     assert max_err(ratio, keep.double()) < 1e-4
     return keep
 
@@ -277,7 +277,7 @@ def test_dropout_forward_backward_match_reference_with_same_mask(Lq, Lk, mask):
 
     def reference(q, k, v, pk, pq):
         _, probs = disentangled_attention_reference(q, k, v, pk, pq, attention_mask=mask, return_probs=True, **kw)
-        return torch.matmul(probs * keep / (1 - P_DROP), v)
+        return torch.matmul(probs * keep * keep_scale(P_DROP), v)
 
     got = grads(kernel, (q, k, v, pk, pq), torch.float32, do)
     ref = grads(reference, (q, k, v, pk, pq), torch.float64, do)

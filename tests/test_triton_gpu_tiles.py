@@ -80,7 +80,7 @@ def test_gpu_tiles_dropout(gpu_configs, D, L, mask):
     from deberta_fast.backends.triton_backend import triton_attention
     from deberta_fast.dispatch import build_call
     from deberta_fast.reference import disentangled_attention_reference
-    from philox_ref import keep_mask
+    from philox_ref import keep_mask, keep_scale
 
     B, H, p, seed = 1, 2, 0.25, 4321
     q, k, v, pk, pq, mask, kw = make_inputs(B, H, L, L, D, buckets=BUCKETED, mask=mask)
@@ -94,7 +94,7 @@ def test_gpu_tiles_dropout(gpu_configs, D, L, mask):
 
     def reference(q, k, v, pk, pq):
         _, probs = disentangled_attention_reference(q, k, v, pk, pq, attention_mask=mask, return_probs=True, **kw)
-        return torch.matmul(probs * keep / (1 - p), v)
+        return torch.matmul(probs * keep * keep_scale(p), v)
 
     got = grads(kernel, (q, k, v, pk, pq), torch.float32, do)
     ref = grads(reference, (q, k, v, pk, pq), torch.float64, do)

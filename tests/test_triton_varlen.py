@@ -12,6 +12,7 @@ from deberta_fast.backends.triton_backend import TritonBackend, triton_attention
 from deberta_fast.dispatch import BackendUnavailableError, build_varlen_call
 from deberta_fast.positions import attention_span
 
+from philox_ref import keep_scale
 from triton_cases import BUCKETED, UNBUCKETED, V3, assert_close_fp32, assert_close_lowp, cast, max_err
 
 pytest.importorskip("triton")
@@ -182,7 +183,7 @@ def _scale(q, k, v, pk, pq, cq, ck, mq, mk, kw):
 
 def recover_keep_masks(lens_q, lens_k, H, seed, buckets=BUCKETED):
     """The kernel's keep-masks (one bool ``[H, Lq_n, Lk_n]`` per sequence) for ``seed``: with ``V``
-    one-hot in the key's position within its sequence the output is ``probs * keep / (1 - p)``."""
+    one-hot in the key's position within its sequence the output is ``probs * keep * keep_scale(p)``."""
     D = max(lens_k)
     q, k, _, pk, pq, cq, ck, mq, mk, kw = make_packed(lens_q, lens_k, H, D, buckets=buckets)
     pos_in_seq = torch.cat([torch.arange(n) for n in lens_k])
@@ -197,9 +198,9 @@ def recover_keep_masks(lens_q, lens_k, H, seed, buckets=BUCKETED):
         _, probs = disentangled_attention_reference(qs, ks, ks, *cast((pk, pq), torch.float64), return_probs=True,
                                                     **kw)
         got = out[cq[n]:cq[n + 1], :, :lens_k[n]].transpose(0, 1).double()
-        ratio = got * (1 - P_DROP) / probs[0]
+        ratio = got / (keep_scale(P_DROP) * probs[0])
         keep = ratio > 0.5
-        # every entry is exactly dropped (0) or kept and rescaled by 1/(1-p) (1)
+        # every entry is exactly dropped (0) or kept and rescaled by keep_scale(p) (1)
         assert max_err(ratio, keep.double()) < 1e-4
         # and nothing leaks into the one-hot columns past the sequence's keys
         assert torch.equal(out[cq[n]:cq[n + 1], :, lens_k[n]:], torch.zeros_like(out[cq[n]:cq[n + 1], :, lens_k[n]:]))
@@ -236,7 +237,7 @@ def test_dropout_forward_backward_match_reference_with_same_mask():
 
     def reference(q, k, v, pk, pq):
         return per_sequence(q, k, v, pk, pq, cq, ck, kw,
-                            probs_fn=lambda n, probs: probs * keeps[n] / (1 - P_DROP))
+                            probs_fn=lambda n, probs: probs * keeps[n] * keep_scale(P_DROP))
 
     got = grads(kernel, (q, k, v, pk, pq), torch.float32, do)
     ref = grads(reference, (q, k, v, pk, pq), torch.float64, do)
