@@ -109,7 +109,8 @@ def key_mask_of(attention_mask: torch.Tensor, batch: int) -> torch.Tensor:
     ``[B|1, 1, 1, Lk]`` as a view (a batch dim of 1 expanded, stride 0), nonzero = attend."""
     if attention_mask.dim() == 2:
         return attention_mask.bool()
-    return attention_mask.reshape(attention_mask.shape[0], -1).bool().expand(batch, attention_mask.shape[-1])
+    lk = attention_mask.shape[-1]  # (not -1: ambiguous for an empty batch)
+    return attention_mask.reshape(attention_mask.shape[0], lk).bool().expand(batch, lk)
 
 
 def key_uniform_rows(key_mask: torch.Tensor, q_len: int, pads_queries: bool = True) -> torch.Tensor:

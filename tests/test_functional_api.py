@@ -57,6 +57,26 @@ def test_matches_naive_formula_with_padding(Lq, Lk):
     assert last_backend() == "torch"
 
 
+@pytest.mark.parametrize("shape", [(0, 9), (0, 1, 1, 9), (0, 1, 9), (0, 1, 7, 9)])
+def test_empty_batch_with_every_mask_form(shape):
+    """B = 0: the empty output and gradients, with a mask of each form (a key mask broadcast over the heads and
+    queries is reshaped to ``[B, Lk]``: its key count given, not inferred, which an empty batch leaves undefined)."""
+    q, k, v, pk, pq = _qkv(B=0, Lq=7, Lk=9, dtype=torch.float32)
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
+    backends = ["torch"] + (["triton"] if not torch.cuda.is_available() else [])
+    for backend in backends:
+        with pytest.MonkeyPatch.context() as mp:
+            if backend == "triton":
+                mp.setenv("TRITON_INTERPRET", "1")
+                if BACKENDS["triton"].unavailable() is not None:
+                    continue
+            out = disentangled_attention(q, k, v, pk, pq, attention_mask=torch.ones(shape, dtype=torch.bool),
+                                         backend=backend, **KW)
+            assert out.shape == q.shape and last_backend() == backend
+            for t, g in zip(leaves, torch.autograd.grad(out.sum(), leaves, allow_unused=True)):
+                assert g is None or (g.shape == t.shape and not g.isnan().any())
+
+
 @pytest.mark.parametrize("shape", ["B,1,1,Lk", "1,H,1,Lk", "B,1,Lk"])
 @pytest.mark.parametrize("Lq,Lk", [(7, 7), (5, 11)])
 def test_masks_broadcast_over_the_queries(shape, Lq, Lk):
