@@ -110,3 +110,40 @@ def test_dynamic_shapes_fullgraph(backend):
         leaves = (q, k, v, pk, pq)
         for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(want, leaves, g)):
             torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_compile_with_a_tensor_passed_twice(backend):
+    """One tensor as several arguments (``q is k is v``, ``pos_key is pos_query``; packed: ``cu_seqlens_q is
+    cu_seqlens_k``, the usual self-attention call): dynamo refuses an ``autograd.Function`` with a duplicate input, so
+    the triton backend passes the repeats as views while compiling.  Output and gradients equal eager."""
+    torch._dynamo.reset()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 3, 9, 16, device=dev, requires_grad=True)
+    pk = torch.randn(3, 8, 16, device=dev, requires_grad=True)
+    m = torch.ones(2, 9, device=dev)
+    m[1, 5:] = 0
+
+    def padded(x, pk, m):
+        return _attn(x, x, x, pk, pk, m, backend)
+
+    out = torch.compile(padded, fullgraph=True)(x, pk, m)
+    want = padded(x, pk, m)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, pk), g), torch.autograd.grad(want, (x, pk), g)):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+    t = torch.randn(17, 3, 16, device=dev, requires_grad=True)
+    cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32, device=dev)
+
+    def packed(t, pk, cu):
+        return df.disentangled_attention_varlen(t, t, t, pk, pk, cu, cu, 9, 9, position_buckets=4,
+                                                max_relative_positions=8, backend=backend)
+
+    out = torch.compile(packed, fullgraph=True)(t, pk, cu)
+    want = packed(t, pk, cu)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (t, pk), g), torch.autograd.grad(want, (t, pk), g)):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)

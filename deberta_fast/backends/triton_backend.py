@@ -223,6 +223,19 @@ class TritonAttentionFunction(torch.autograd.Function):
                 None, None, None, None, None, None, None, None, None)
 
 
+def _distinct(args: tuple) -> tuple:
+    """``args``, but while torch.compile traces a tensor passed twice (``q is k``, ``cu_seqlens_q is cu_seqlens_k``,
+    ``pos_key is pos_query``) is passed again as a view of itself: dynamo refuses ``autograd.Function.apply`` with a
+    duplicate tensor input.  (Eager ``apply`` takes duplicates: no view, no host time.)"""
+    if not torch.compiler.is_compiling():
+        return args
+    out = list(args)
+    for i, a in enumerate(out):
+        if isinstance(a, Tensor) and any(b is a for b in out[:i]):
+            out[i] = a.view_as(a)
+    return tuple(out)
+
+
 def kernel_masks(call: AttentionCall) -> tuple:
     """``(key_mask, full_mask, uniform_rows)`` of ``call`` for the ops: a bool key mask as the user gave it (another
     dtype compared with 0 once: the kernels read bool masks in fewer instructions, and autograd then saves a copy of
@@ -243,7 +256,7 @@ def triton_attention(q, k, v, pos_key, pos_query, key_mask=None, full_mask=None,
             max_relative_positions, span, float(scale), float(dropout_p), _seed(seed, dropout_p, q.device))
     if not _records_grad(q, k, v, pos_key, pos_query):
         return _padded_fwd(*args)[0]
-    return TritonAttentionFunction.apply(*args)
+    return TritonAttentionFunction.apply(*_distinct(args))
 
 
 def _triton_varlen_fwd_impl(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
@@ -335,7 +348,7 @@ def triton_attention_varlen(q, k, v, pos_key, pos_query, cu_seqlens_q, cu_seqlen
             _seed(seed, dropout_p, q.device))
     if not _records_grad(q, k, v, pos_key, pos_query):
         return _varlen_fwd(*args)[0]
-    return TritonVarlenFunction.apply(*args)
+    return TritonVarlenFunction.apply(*_distinct(args))
 
 
 def _device_dtype_refusals(call) -> list[str]:
