@@ -17,6 +17,14 @@ def _attn(q, k, v, pk, pq, m, backend):
                                      attention_mask=m, backend=backend)
 
 
+def _assert_same(out, want, leaves):
+    """``out`` and its gradients with respect to ``leaves`` equal ``want``'s (fp32 tolerances)."""
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(want, leaves, g)):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fullgraph_compile_matches_eager(backend):
     torch._dynamo.reset()
@@ -26,14 +34,7 @@ def test_fullgraph_compile_matches_eager(backend):
     m = torch.ones(2, 17, device=dev)
     m[1, 10:] = 0
     compiled = torch.compile(_attn, fullgraph=True)
-    out = compiled(q, k, v, pk, pq, m, backend)
-    want = _attn(q, k, v, pk, pq, m, "torch")
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(out)
-    got_g = torch.autograd.grad(out, (q, k, v, pk, pq), g)
-    want_g = torch.autograd.grad(want, (q, k, v, pk, pq), g)
-    for a, b in zip(got_g, want_g):
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    _assert_same(compiled(q, k, v, pk, pq, m, backend), _attn(q, k, v, pk, pq, m, "torch"), (q, k, v, pk, pq))
 
 
 def test_trace_constant_is_what_torch_assume_constant_result_sets():
@@ -103,13 +104,7 @@ def test_dynamic_shapes_fullgraph(backend):
         q, k, v, pk, pq = mk(2, 3, L, D), mk(2, 3, L, D), mk(2, 3, L, D), mk(3, 8, D), mk(3, 8, D)
         m = torch.ones(2, L, device=dev)
         m[1, 10:] = 0
-        out = compiled(q, k, v, pk, pq, m, backend)
-        want = _attn(q, k, v, pk, pq, m, "torch")
-        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-        g = torch.randn_like(out)
-        leaves = (q, k, v, pk, pq)
-        for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(want, leaves, g)):
-            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+        _assert_same(compiled(q, k, v, pk, pq, m, backend), _attn(q, k, v, pk, pq, m, "torch"), (q, k, v, pk, pq))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -127,12 +122,7 @@ def test_fullgraph_compile_with_a_tensor_passed_twice(backend):
     def padded(x, pk, m):
         return _attn(x, x, x, pk, pk, m, backend)
 
-    out = torch.compile(padded, fullgraph=True)(x, pk, m)
-    want = padded(x, pk, m)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (x, pk), g), torch.autograd.grad(want, (x, pk), g)):
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    _assert_same(torch.compile(padded, fullgraph=True)(x, pk, m), padded(x, pk, m), (x, pk))
 
     t = torch.randn(17, 3, 16, device=dev, requires_grad=True)
     cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32, device=dev)
@@ -141,9 +131,4 @@ def test_fullgraph_compile_with_a_tensor_passed_twice(backend):
         return df.disentangled_attention_varlen(t, t, t, pk, pk, cu, cu, 9, 9, position_buckets=4,
                                                 max_relative_positions=8, backend=backend)
 
-    out = torch.compile(packed, fullgraph=True)(t, pk, cu)
-    want = packed(t, pk, cu)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (t, pk), g), torch.autograd.grad(want, (t, pk), g)):
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    _assert_same(torch.compile(packed, fullgraph=True)(t, pk, cu), packed(t, pk, cu), (t, pk))
