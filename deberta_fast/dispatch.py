@@ -185,8 +185,8 @@ def check_varlen_offsets(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int,
     counts and no sequence is longer than ``max_seqlen_q/k``: what every backend relies on.
 
     One small device-to-host copy.  Skipped while tracing (compile, export, fake or meta tensors) or while a
-    CUDA graph captures (the kernels still clamp offsets into the tensors: wrong offsets then give wrong rows,
-    never an access out of bounds)."""
+    CUDA graph captures (every backend still clamps offsets into the tensors: wrong offsets then give wrong rows,
+    never an access out of bounds; the torch backend leaves out a token no sequence covers, ``packing.pad_varlen``)."""
     if values_unreadable(cu_seqlens_q):  # compile / export tracing, fake or meta tensors
         return
     if cu_seqlens_q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():

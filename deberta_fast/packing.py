@@ -18,6 +18,7 @@ class PackInfo:
     indices: long ``[T]`` flat positions ``b * L + l`` of the valid tokens, in order.
     cu_seqlens: int32 ``[B + 1]`` sequence starts in the packed sequence.
     max_seqlen: longest sequence.  batch, seqlen: ``B``, ``L`` of the padded batch.
+    kept: bool ``[T]``, the tokens the padded batch holds (:func:`pad_varlen` of unchecked offsets), or None: all.
     """
 
     indices: torch.Tensor
@@ -25,6 +26,7 @@ class PackInfo:
     max_seqlen: int
     batch: int
     seqlen: int
+    kept: torch.Tensor | None = None
 
     @property
     def total(self) -> int:
@@ -73,15 +75,27 @@ def unpack(x: torch.Tensor, info: PackInfo, fill: float = 0.0) -> torch.Tensor:
 
 def pad_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
     """``[T, H, D] -> ([N, H, max_seqlen, D], key mask bool [N, max_seqlen], PackInfo)`` for sequences
-    given by ``cu_seqlens`` (int ``[N + 1]``, no sequence longer than ``max_seqlen``).  Every shape follows
-    from ``T``, ``N`` and ``max_seqlen`` (no ``nonzero``), so fake tensors and tracing see no data-dependent
-    size."""
-    N = cu_seqlens.numel() - 1
+    given by ``cu_seqlens`` (int ``[N + 1]``).  Every shape follows from ``T``, ``N`` and ``max_seqlen`` (no
+    ``nonzero``), so fake tensors and tracing see no data-dependent size.  Offsets that are not valid (unchecked:
+    while tracing, or ``check_offsets=False``) give wrong rows, never an index out of range: a token no sequence
+    covers within ``max_seqlen`` is left out (``PackInfo.kept``; :func:`pack_padded_varlen` gives it 0)."""
+    N, T, L = cu_seqlens.numel() - 1, x.shape[0], max_seqlen
     cu = cu_seqlens.long()
     lens = cu[1:] - cu[:-1]
-    mask = torch.arange(max_seqlen, device=x.device)[None, :] < lens[:, None]
-    token = torch.arange(x.shape[0], device=x.device)
-    seq = torch.searchsorted(cu[1:].contiguous(), token, right=True)  # sequence of each packed token
-    indices = seq * max_seqlen + (token - cu[seq])
-    info = PackInfo(indices, cu_seqlens, max_seqlen, N, max_seqlen)
-    return unpack(x, info).transpose(1, 2), mask, info
+    mask = torch.arange(L, device=x.device)[None, :] < lens[:, None]
+    token = torch.arange(T, device=x.device)
+    seq = torch.searchsorted(cu[1:].contiguous(), token, right=True).clamp_(max=N - 1)  # each packed token's
+    pos = token - cu[seq]
+    kept = (pos >= 0) & (pos < lens[seq]) & (pos < L)
+    indices = torch.where(kept, seq * L + pos, 0)
+    # added, not copied: a token left out adds 0 to slot 0 instead of overwriting it
+    src = torch.where(kept.view(T, *[1] * (x.dim() - 1)), x, 0)
+    frame = x.new_zeros((N * L, *x.shape[1:])).index_add(0, indices, src)
+    info = PackInfo(indices, cu_seqlens, L, N, L, kept)
+    return frame.view(N, L, *x.shape[1:]).transpose(1, 2), mask, info
+
+
+def pack_padded_varlen(x: torch.Tensor, info: PackInfo) -> torch.Tensor:
+    """``[N, L, ...] -> [T, ...]`` for :func:`pad_varlen`'s ``info`` (differentiable): 0 for a token it left out."""
+    out = pack(x, info)
+    return torch.where(info.kept.view(-1, *[1] * (out.dim() - 1)), out, 0)

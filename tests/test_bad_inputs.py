@@ -141,6 +141,30 @@ def test_varlen_bad_offsets_raise_before_any_kernel(backend, cu, maxlen, words):
                                       max_relative_positions=8, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_varlen_unchecked_bad_offsets_give_finite_rows(backend):
+    """``check_offsets=False`` (and tracing, where the check cannot read the offsets): offsets that do not describe
+    the tokens give wrong rows but no error, no out-of-range index and nothing uninitialised: finite outputs, 0 for a
+    token no sequence covers, finite gradients (the torch backend indexed out of range: IndexError on CPU, an abort
+    under torch.compile's CPU kernels)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    q, k, v, pk, pq, _ = _packed()
+    for cu, maxlen in (([0, 5, 9], 5), ([0, 5, 100], 95), ([1, 5, 8], 5), ([0, 6, 5, 8], 6), ([0, 5, 7], 5),
+                       ([0, 5, 8], 4), ([-3, 2, 8], 5)):
+        cu = torch.tensor(cu, dtype=torch.int32)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pq)]
+        with pytest.MonkeyPatch.context() as mp:
+            if backend == "triton":
+                mp.setenv("TRITON_INTERPRET", "1")
+            out = disentangled_attention_varlen(*leaves, cu, cu, maxlen, maxlen, position_buckets=4,
+                                                max_relative_positions=8, backend=backend, check_offsets=False)
+            grads = torch.autograd.grad(out.sum(), leaves)
+        assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads), cu.tolist()
+        if cu[0] > 0:  # the tokens before the first sequence
+            assert not out[:int(cu[0])].any()
+
+
 @pytest.mark.parametrize("name,value,exc,words", [
     ("max_seqlen_q", 5.0, TypeError, "max_seqlen_q must be an int"),
     ("max_seqlen_k", 0, ValueError, "max_seqlen_q / max_seqlen_k must be >= 1"),

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..packing import pack, pad_varlen
+from ..packing import pack_padded_varlen, pad_varlen
 from ..positions import values_unreadable
 from ..reference import disentangled_attention_reference
 from .base import AttentionCall, Backend, VarlenCall
@@ -66,7 +66,7 @@ def torch_attention_varlen(query: Tensor, key: Tensor, value: Tensor, pos_key: O
     out = disentangled_attention_reference(
         q, k, v, pos_key, pos_query, position_buckets=position_buckets, max_relative_positions=max_relative_positions,
         attention_mask=full, scale=scale, dropout_p=dropout_p)
-    return pack(out.transpose(1, 2), qinfo)
+    return pack_padded_varlen(out.transpose(1, 2), qinfo)
 
 
 class TorchBackend(Backend):
