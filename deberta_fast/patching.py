@@ -168,15 +168,18 @@ def is_patched(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def patched(model: nn.Module, backend: str = "auto", pack: bool = True):
-    """``with patched(model):`` runs ``model`` through deberta_fast and unpatches on exit
-    (leaving a model that was already patched patched)."""
-    was = is_patched(model)
+    """``with patched(model):`` runs ``model`` through deberta_fast and restores its state on exit: unpatched, or
+    a model that was already patched with its own options (backend, packing)."""
+    names = _ATTN_PATCHED + _ENC_PATCHED + ("_deberta_fast_backend", _FLAG)
+    saved = [(m, {n: m.__dict__[n] for n in names if n in m.__dict__}) for m in model.modules()]
     patch(model, backend, pack)
     try:
         yield model
     finally:
-        if not was:
-            unpatch(model)
+        for m, attrs in saved:
+            for n in names:
+                m.__dict__.pop(n, None)
+            m.__dict__.update(attrs)
 
 
 # ------------------------------------------------------------------------------ every model transformers builds

@@ -72,6 +72,28 @@ def test_v2_heads_match_hf(head):
     assert [type(m) for m in model.modules()] == classes  # HF classes kept
 
 
+def test_patched_context_restores_the_previous_options():
+    """``patched()`` on a model patched with other options gives them back on exit (it left the context's own), and on
+    an unpatched model unpatches; a patch raising inside the context is undone too."""
+    from deberta_fast.patching import patched as ctx
+
+    model = transformers.DebertaV2Model(v2_config()).to(DT).eval()
+    enc = model.encoder
+    attn = [m for m in model.modules() if "_deberta_fast_backend" in m.__dict__]
+    assert not attn
+    patch(model, backend="torch", pack=False)
+    attn = [m for m in model.modules() if "_deberta_fast_backend" in m.__dict__]
+    with ctx(model, backend="auto", pack=True):
+        assert enc._deberta_fast_pack and {m._deberta_fast_backend for m in attn} == {"auto"}
+    assert not enc._deberta_fast_pack and {m._deberta_fast_backend for m in attn} == {"torch"}
+    assert "forward" not in enc.__dict__  # the padded layout, as before
+    unpatch(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with ctx(model, backend="torch"):
+            raise RuntimeError("inside")
+    assert not is_patched(model)
+
+
 def test_extended_4d_mask_matches_hf():
     """HF's models take an extended ``[B, 1, 1, L]`` mask too (the embeddings squeeze it, the attention broadcasts
     it: keys masked, padded query rows attend as any other): the patched model gives HF's output, packing or not (a
