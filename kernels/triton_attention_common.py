@@ -193,10 +193,9 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
 
     One formula for every tile, so that a score has the same bits whichever tile (forward, dq or dK/dV tiling,
     either region) computes it; the backward recomputes the forward's probabilities from its statistics (see
-    :func:`_score_mm`).  A score is ``t + row_term`` with ``t = fma(q.k, qk_scale, key_term)``; on saturated tiles a
-    probability is ``exp2(t - offset)`` with one offset per row (``m - row_term``, ``m`` the row's max; the forward
-    takes the tile's own max of ``t`` where the tile sets ``m``), so that there the row term costs per row, not per
-    element.
+    :func:`_score_mm`).  A score is ``t + row_term`` with ``t = fma(q.k, qk_scale, key_term)``, and every kernel
+    computes a probability as ``exp2(t - (m - row_term))`` (``m``: the row's max), so that on saturated tiles the
+    row term costs per row, not per element.
 
     ``GENERAL``: ``c2p = C2P[i, slot(d)]`` and ``p2c = P2C[j, slot(d)]`` (float32, or 16-bit widened: the
     launcher's ``TABLE_DTYPE``) gathered per element (``slot(d) = TABLE[d + Lk - 1]``), as tiles (``[BLOCK_M,

@@ -6,12 +6,10 @@ contiguous, other strides passed), ``C2P [B,H,Lq,NSLOT]`` / ``P2C [B,H,Lk,NSLOT]
 and the softmax statistics of the scaled masked log2-domain scores ``s2`` (without dropout), float32
 ``STATS [2,B,H,Lq]``, planes ``ROWMAX`` and ``LOGSUM`` (``_stat_planes``): ``ROWMAX = max_j s2`` and
 ``LOGSUM = log2 sum_j exp2(s2 - ROWMAX)`` (0 and +inf on a row with no key), with ``s2 = t + row_term``
-(:func:`.triton_attention_common._rel_terms`).  The forward's exponents are never above 0 (band tiles
-``exp2(s2 - m)``; saturated tiles ``exp2(t - off)`` with one offset per row, the tile's own max of ``t`` where it sets
-the row max ``m``, else ``m - row_term``), so no magnitude of the scores makes a probability overflow or a row's sum
-vanish.  The backward recomputes ``p = exp2((t - (ROWMAX - row_term)) - LOGSUM)``, the same values up to a rounding:
-kept apart, the two statistics lose nothing at large scores, where a single log-sum-exp would round away the small
-``LOGSUM`` (``lse = (ROWMAX + LOGSUM) * ln 2``).  Dropout multiplies the normalised probabilities by
+(:func:`.triton_attention_common._rel_terms`).  The backward recomputes
+``p = exp2((t - (ROWMAX - row_term)) - LOGSUM)``, the forward's own formula: kept apart, the two statistics lose
+nothing at large scores, where a single log-sum-exp would round away the small ``LOGSUM``
+(``lse = (ROWMAX + LOGSUM) * ln 2``).  Dropout multiplies the normalised probabilities by
 ``keep / (1 - p_drop)`` (a select per element; the ``1 / (1 - p_drop)`` once per row, on the output), the keep-mask
 keyed by the int64 at ``SEED`` (on the device, read only with dropout: ``_dropout_seed``).  A program walks its
 saturated key tiles (``SAT_N`` keys at a time), then those in the bucket band (``_tile_regions``, ``BLOCK_N`` keys);
@@ -129,21 +127,15 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         else:
             t = tl.fma(s, qk_scale, kt)
         t = _masked(t, b, h, offs_m, offs_n, FMASK, s_fmb, s_fmh, s_fmm, MASK_KIND, False)
-        # every exponent <= 0, and 0 for the max of a tile that sets its row's max, whatever the scores' magnitude
-        # (at |m| >= 2^31 a rounding of m - row_term alone exceeds 128: +inf, or a row of zeros)
         if REGION == SAT:
-            tmax = tl.max(t, 1)
-            smax = tmax + rt
-            m_new = tl.maximum(m_i, smax)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-            # the tile's offset in the t domain, one per row: its own max where it sets the row max (exponent 0), else
-            # m - rt, which rounds to >= tmax there (tmax + rt < m exactly; rounding is monotone)
-            p = tl.exp2(t - tl.where(smax >= m_use, tmax, m_use - rt)[:, None])
+            m_new = tl.maximum(m_i, tl.max(t, 1) + rt)
         else:
-            u = t + rt
-            m_new = tl.maximum(m_i, tl.max(u, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-            p = tl.exp2(u - m_use[:, None])
+            m_new = tl.maximum(m_i, tl.max(t + rt, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        if REGION == SAT:
+            p = tl.exp2(t - (m_use - rt)[:, None])
+        else:
+            p = tl.exp2(t - (m_use[:, None] - rt))
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # (the kept probabilities' 1 / (1 - p): once, on the output)

@@ -94,23 +94,6 @@ def test_row_max_growing_over_key_tiles(dtype, mask):
         assert_close_lowp(lse, ref_lse, low_lse, what="lse")
 
 
-@pytest.mark.parametrize("magnitude", [1e5, 1e12])
-@pytest.mark.parametrize("mask", ["none", "key"])
-def test_huge_scores_stay_finite(magnitude, mask):
-    """float32 inputs of magnitude 1e5 - 1e12 (scores far beyond 2^31 in log2 units, where a rounding of the row max
-    minus a row term alone exceeds float32's exponent range): every exponent stays <= 0 and the max of the tile that
-    sets a row's max scores exactly 0, so the output is the reference's (softmax one-hot there), never NaN (it was,
-    with c2p, until 2026-12-06).  The forward only: the backward recomputes its probabilities from the statistics
-    without that guarantee (benchmarks/NOTES.md)."""
-    q, k, v, pk, pq, m, kw = make_inputs(2, 2, 40, 40, 16, mask=mask)
-    q, k, pk, pq = (t * magnitude for t in (q, k, pk, pq))
-    out, lse = triton_forward_lse(q, k, v, pk, pq, m, kw)
-    ref, ref_lse = reference_forward_lse(q, k, v, pk, pq, m, kw, torch.float64)
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    assert_close_fp32(out, ref, what="out")
-    assert_close_fp32(lse, ref_lse, what="lse")
-
-
 def test_dispatch_reports_triton():
     q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 20, 20, 16, mask="key")
     out = disentangled_attention(q, k, v, pk, pq, attention_mask=mask, backend="triton", **kw)
