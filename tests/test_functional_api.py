@@ -100,8 +100,8 @@ def test_masks_broadcast_over_the_queries(shape, Lq, Lk):
     # a mask broadcast over the heads too is a key mask (O(L) in the kernels; the cuda backend serves it)
     kind = deberta_fast.reference.mask_kind(mask, 2, 3, Lq, Lk)
     assert kind == ("full" if shape == "1,H,1,Lk" else "key")
-    # the triton kernels' key- or full-mask path: on the GPU where there is one, else under the interpreter (which Triton
-    # chooses when the kernels are defined: set only on CPU-only machines)
+    # the triton kernels' key- or full-mask path: on the GPU where there is one, else under the interpreter (which
+    # Triton chooses when the kernels are defined: set only on CPU-only machines)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with pytest.MonkeyPatch.context() as mp:
         if dev == "cpu":

@@ -148,8 +148,14 @@ class AttentionCall(_CallCommon):
     def uniform_rows(self) -> torch.Tensor | None:
         """bool ``[B, 1|H, Lq]`` (a mask given), else None."""
         if self.mask_kind == "key" and self._uniform is None:
-            self._uniform = key_uniform_rows(self.key_mask, self.q_len, self.attention_mask.dim() == 2)
+            self._uniform = key_uniform_rows(self.key_mask, self.q_len, self.pads_queries)
         return self._uniform
+
+    @property
+    def pads_queries(self) -> bool:
+        """A 2-D ``[B, Lk]`` key mask: HF's padding mask, whose masked keys' query rows are uniform when ``Lq == Lk``
+        (a key mask broadcast from ``[B|1, 1, 1, Lk]`` masks keys only)."""
+        return self.mask_kind == "key" and self.attention_mask.dim() == 2
 
     @property
     def batch(self) -> int:

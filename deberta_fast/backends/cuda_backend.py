@@ -2,14 +2,14 @@
 
 Serves fp16 / bf16 inputs on sm_80+ GPUs, head dims 32 / 64 / 128, any ``Lq``/``Lk``,
 c2p / p2c / both / neither, bucketed or not, key masks (``[B, Lk]`` with HF's uniform rows, or broadcast
-over the heads and queries, ``[B|1, 1, 1, Lk]``) and dropout (Philox, regenerated in the backward).  The forward kernel takes the
-used rows of ``pos_key`` / ``pos_query`` and the slot table and computes the relative terms on
+over the heads and queries, ``[B|1, 1, 1, Lk]``) and dropout (Philox, regenerated in the backward).  The forward
+kernel takes the used rows of ``pos_key`` / ``pos_query`` and the slot table and computes the relative terms on
 tensor cores (csrc/dfa_rel.cuh), and so do the backward kernels (no ``[B,H,L,2*span]`` table is
 built); the position terms' gradients come back as ``dC2P`` / ``dP2C`` (per row and slot), which two
 torch GEMMs each take on to the inputs and the position rows (``_cuda_ext.rel_grads``).
 With ``DEBERTA_FAST_CUDA_SIM=1`` the same kernels run on CPU tensors in the CPU simulator (``csrc/sim/``).
-Refused (with the reason): CPU tensors (but under the simulator), float32/float64, other head dims, 3-D/4-D masks but key masks,
-GPUs older than sm_80, and everything when the extension is not built.
+Refused (with the reason): CPU tensors (but under the simulator), float32/float64, other head dims, 3-D/4-D masks
+but key masks, GPUs older than sm_80, and everything when the extension is not built.
 
 Packed variable-length calls (:func:`deberta_fast.disentangled_attention_varlen`) run the same
 kernels with per-sequence offsets read from ``cu_seqlens`` (``deberta_fast::cuda_varlen_fwd/bwd``);

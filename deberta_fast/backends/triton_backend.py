@@ -241,7 +241,7 @@ def kernel_masks(call: AttentionCall) -> tuple:
     dtype compared with 0 once: the kernels read bool masks in fewer instructions, and autograd then saves a copy of
     ours, not the user's tensor), without uniform rows when it is HF's 2-D padding mask and ``Lq == Lk`` (the kernels
     find the padded rows in it)."""
-    if call.mask_kind == "key" and call.q_len == call.k_len and call.attention_mask.dim() == 2:
+    if call.pads_queries and call.q_len == call.k_len:
         m = call.attention_mask
         return (m if m.dtype == torch.bool else m != 0), None, None
     return call.key_mask, call.full_mask, call.uniform_rows  # (another key mask: the host's flags)
