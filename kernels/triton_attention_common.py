@@ -458,6 +458,25 @@ def _dropout_seed(SEED, DROPOUT: tl.constexpr):
 
 
 @triton.jit
+def _philox(seed, c0, c1, c2, c3):
+    """Philox4x32-10 of counters ``c0..c3`` (uint32 tensors of one shape) under key ``seed`` (int64: low, high
+    word), the words ``tl.philox`` returns; each round's two 32x32-bit products as one 64-bit product: ptxas makes
+    most of them one ``IMAD.WIDE.U32`` where ``tl.philox``'s ``umulhi`` and ``mul`` are two instructions (sm_90 SASS,
+    2026-12-06; benchmarks/NOTES.md "Dropout's Philox on 64-bit products")."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(10):
+        p0 = c0.to(tl.uint64) * 0xD2511F53
+        p1 = c2.to(tl.uint64) * 0xCD9E8D57
+        c0, c1, c2, c3 = ((p1 >> 32).to(tl.uint32) ^ c1 ^ k0, p1.to(tl.uint32),
+                          (p0 >> 32).to(tl.uint32) ^ c3 ^ k1, p0.to(tl.uint32))
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+@triton.jit
 def _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
     """Keep-mask ``[BLOCK_M, BLOCK_N]`` (``TRANS``: its transpose, built in that orientation) of attention dropout,
     the CUDA kernels' stream: key ``seed``, counter ``(j // 8, i, b*H + h, 0)``, 16-bit half ``j % 2`` (low for even
@@ -466,14 +485,16 @@ def _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N: tl.constexpr,
     BM: tl.constexpr = offs_m.shape[0]
     groups = (start_n // 8 + tl.arange(0, BLOCK_N // 8)).to(tl.uint32)
     rows = offs_m.to(tl.uint32)
+    lo = drop_thresh.to(tl.uint32)
+    hi = lo << 16  # a high half h >= t iff its word >= t * 2**16: no shift per element
     if TRANS:  # [N/8, M] calls; key pair 4g + 2a + b is word 2a + b of group g, key 2 pair + e its half e
         zero = tl.zeros([BLOCK_N // 8, BM], dtype=tl.uint32)
         w0, w1, w2, w3 = tl.philox(seed, groups[:, None] + zero, rows[None, :] + zero, bh.to(tl.uint32) + zero, zero)
         words = tl.reshape(tl.permute(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (0, 2, 3, 1)), [BLOCK_N // 2, BM])
-        halves = tl.reshape(tl.permute(tl.join(words & 0xFFFF, words >> 16), (0, 2, 1)), [BLOCK_N, BM])
+        keep = tl.reshape(tl.permute(tl.join(words & 0xFFFF, words >> 16), (0, 2, 1)), [BLOCK_N, BM]) >= lo
     else:  # [M, N/8] calls, the same interleave along the last axis
         zero = tl.zeros([BM, BLOCK_N // 8], dtype=tl.uint32)
-        w0, w1, w2, w3 = tl.philox(seed, groups[None, :] + zero, rows[:, None] + zero, bh.to(tl.uint32) + zero, zero)
+        w0, w1, w2, w3 = _philox(seed, groups[None, :] + zero, rows[:, None] + zero, bh.to(tl.uint32) + zero, zero)
         words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BM, BLOCK_N // 2])
-        halves = tl.reshape(tl.join(words & 0xFFFF, words >> 16), [BM, BLOCK_N])
-    return halves >= drop_thresh.to(tl.uint32)
+        keep = tl.reshape(tl.join((words & 0xFFFF) >= lo, words >= hi), [BM, BLOCK_N])
+    return keep

@@ -159,8 +159,9 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32:
         # but 4 B without dropout at ptxas's own 168 registers since the aligned run sums (2026-12-05): up to 255
         return BackwardConfig(dq=cfg.dq, dkdv=LaunchConfig(32, 16, 4, 2, 0, 255))
     if full_mask and family == 80 and cfg.dq.block_m == 64:  # sm_8x with a full mask and dropout at ragged lengths
-        # (2026-12-05): dq 64x32 24 B (3.7.1), dK/dV 16x64 12 B (3.6.0); the 32x32 / 32x16 tiles none
-        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2), dkdv=LaunchConfig(32, 16, 4, 2))
+        # (2026-12-05): dq 64x32 24 B (3.7.1), dK/dV 16x64 12 B (3.6.0); the 32x32 / 32x16 tiles none.  (dq with
+        # c2p + p2c: 4 B at ptxas's own register target since the 64-bit Philox products, 2026-12-06: up to 255)
+        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2, 0, 255), dkdv=LaunchConfig(32, 16, 4, 2))
     if dropout and family == 90 and not tf32 and not full_mask and bd > 32:
         return _sm90_dropout_bwd(cfg, bd, aligned, varlen)
     return cfg
@@ -255,8 +256,9 @@ def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
     # D=256: 64x32 on 8 warps, 1 stage spilled 12-92 B on sm_90; 2 stages: 0 B, 123-131 KB (with dropout 4 B since
     # 2026-12-03: 64x16); sm_8x: 32x32 (61-66 KB)
     if family == 90:
-        if dropout:  # packed: 64x16 with 64-key saturated tiles 4 B, 64x32 40 B
-            return LaunchConfig(64, 16, 8, 2, 32) if varlen else LaunchConfig(64, 16, 8, 2, 64)
+        if dropout:  # packed: 64x16 with 64-key saturated tiles 4 B, 64x32 40 B; padded with 64-key saturated
+            # tiles 8 B under triton 3.6.0 since the 64-bit Philox products (2026-12-06): 32-key ones
+            return LaunchConfig(64, 16, 8, 2, 32)
         return LaunchConfig(64, 32, 8, 2, 64)
     return LaunchConfig(32, 16, 4, 2, 32) if varlen and dropout else LaunchConfig(32, 32, 4, 2, 64)  # 32x32: 32-40 B
 
