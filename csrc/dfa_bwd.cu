@@ -186,10 +186,10 @@ __device__ __forceinline__ void bwd_dq_body(DFA_KERNEL_PARAMS(p)) {
     dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
       static_assert(NT % 2 == 0, "dropout words come in n-tile pairs");
-      uint32_t dw[4] = {};  // per n-tile pair: one Philox call per lane, shared by the quad
+      uint4 dw = {};  // per n-tile pair: the lane's own Philox call (its rows x its 4 keys of the pair)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        if (p.dropout && nt % 2 == 0) row_dropout_words(dw, key, offset, dbh, rows[0], k0, nt / 2, t);
+        if (p.dropout && nt % 2 == 0) dw = dropout_words(key, offset, dbh, rows[0], k0 + nt * 8 + 2 * t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, c = nt * 8 + 2 * t + (e & 1), i = rows[hh], j = k0 + c;
@@ -208,7 +208,7 @@ __device__ __forceinline__ void bwd_dq_body(DFA_KERNEL_PARAMS(p)) {
           const float pr = valid ? exp2f(x) : 0.f;
           // scale * (keep / (1 - p_drop) * dp - delta): a dropped element's dp is 0
           float u = fmaf(dp[nt][e], dps, -dlt[hh]);
-          if (p.dropout && !dropout_keep(dw[2 * hh + nt % 2], j, p.drop_thresh)) u = -dlt[hh];
+          if (p.dropout && !dropout_keep(word_of(dw, 2 * hh + nt % 2), j, p.drop_thresh)) u = -dlt[hh];
           const float ds = ((CHECK && uni[hh]) || !valid) ? 0.f : pr * u;
           s[nt][e] = ds;
           if (rel_grad && valid)
@@ -345,14 +345,10 @@ __device__ __forceinline__ void bwd_dkdv_body(DFA_KERNEL_PARAMS(p)) {
     dispatch_tile(zone != 0, checked, [&](auto saturated, auto checks) {
       constexpr bool SAT = decltype(saturated)::value, CHECK = decltype(checks)::value;
       static_assert(NT % 2 == 0, "dropout words come in n-tile pairs");
-      uint32_t dw[8] = {};  // per n-tile pair: one Philox call per lane, shared by the 8 lanes of a column pair
+      uint4 dw[2] = {};  // per n-tile pair: the calls of the lane's two queries, one its own, one its neighbour's
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        // lane (g, t) computes the call {query q0 + 8 (nt + n2) + 2 t + e1, keys of row half hh} for g = 4 hh + 2 n2 +
-        // e1; dw[4 hh + 2 n2 + e1] is word g / 2 (its rows' keys) of that call
-        if (p.dropout && nt % 2 == 0)
-          group_dropout_words<8, 4>(dw, key, offset, dbh, q0 + 8 * (nt + ((g >> 1) & 1)) + 2 * t + (g & 1),
-                                    (cols_j[0] - g + 8 * (g >> 2)) >> 3, g, g >> 1);
+        if (p.dropout && nt % 2 == 0) pair_dropout_words(dw, key, offset, dbh, q0 + 8 * nt, cols_j[0] - g, g, t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, j = cols_j[hh], il = nt * 8 + 2 * t + (e & 1), i = q0 + il;
@@ -372,7 +368,7 @@ __device__ __forceinline__ void bwd_dkdv_body(DFA_KERNEL_PARAMS(p)) {
           const float pr = valid ? exp2f(x) : 0.f;
           // pd: the kept probability (dV takes the 1 / (1 - p_drop) once, in the epilogue); ds as the dq kernel's
           float pd = pr, us = fmaf(dp[nt][e], dps, -dlt_s[il]);
-          if (p.dropout && !dropout_keep(dw[4 * hh + 2 * (nt % 2) + (e & 1)], j, p.drop_thresh)) {
+          if (p.dropout && !dropout_keep(word_of(dw[e & 1], 2 * (nt % 2) + hh), j, p.drop_thresh)) {
             pd = 0.f;
             us = -dlt_s[il];
           }

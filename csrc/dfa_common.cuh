@@ -377,12 +377,17 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, uint2 key) {
   return ctr;
 }
 
-// Dropout: element (bh, i, j) takes the 16-bit half j % 2 (the low half for even j) of word (j / 2) % 4 of the
-// call with counter {j / 8, i, bh, offset}, key = seed, and is kept iff that half >= drop_thresh (= round(p * 2^16)).
-// bh = b*H + h of the call (varlen: n*H + h with i, j within sequence n; a backward head group passes the call's own,
-// Params::h_all / h0), so no two calls of a launch share a counter; one call serves 8 keys.
-__device__ __forceinline__ uint4 dropout_words(uint2 key, uint32_t offset, int bh, int i, int jgroup) {
-  return philox4x32_10(make_uint4((uint32_t)jgroup, (uint32_t)i, (uint32_t)bh, offset), key);
+// Dropout: one Philox call (key = seed) serves a 2 x 4 block of elements, queries i, i + 8 (i % 16 < 8) by keys j,
+// j + 1, j + 8, j + 9 (j % 16 < 8, even): the 8 elements one lane holds in the mma.sync C layout of a 16 x 16 tile,
+// rows x keys (the forward, dq) or keys x queries (dK/dV, where two lanes share a call).  Counter {4 (j / 16) + (j /
+// 2) % 4, 8 (i / 16) + i % 8, bh, offset}; element (i, j) takes word 2 ((i / 8) % 2) + (j / 8) % 2, its 16-bit half
+// j % 2 (the low half for even j), and is kept iff that half >= drop_thresh (= round(p * 2^16)).  bh = b*H + h of the
+// call (varlen: n*H + h with i, j within sequence n; a backward head group passes the call's own, Params::h_all /
+// h0), so no two calls of a launch share a counter.  Tiles start at multiples of 16 queries and keys.
+__device__ __forceinline__ uint4 dropout_words(uint2 key, uint32_t offset, int bh, int i, int j) {
+  return philox4x32_10(make_uint4((uint32_t)(4 * (j >> 4) + ((j >> 1) & 3)), (uint32_t)(8 * (i >> 4) + (i & 7)),
+                                  (uint32_t)bh, offset),
+                       key);
 }
 __device__ __forceinline__ uint32_t word_of(uint4 w, int idx) {
   return idx == 0 ? w.x : idx == 1 ? w.y : idx == 2 ? w.z : w.w;
@@ -391,31 +396,16 @@ __device__ __forceinline__ bool dropout_keep(uint32_t word, int j, uint32_t thre
   return ((j & 1) ? word >> 16 : word & 0xffffu) >= thresh;
 }
 
-// The dropout calls of a group of G lanes (lanes base + STRIDE * pos, pos < G) that need the same G calls, each a
-// word of them: the lane at pos computes call pos (counter {jgroup, i}), and out[s] is word `widx` of the call of
-// the lane at s (4 shuffles per call).  In the mma.sync C layout a lane holds 2 of a call's 8 keys (rows x keys:
-// the quad, G = 4) or 1 (keys x queries: the 8 lanes of one column pair, G = 8), so this is a quarter / an eighth
-// of the Philox work of a call per lane and element pair.  Every lane of the warp must call it (the shuffles).
-template <int G, int STRIDE>
-__device__ __forceinline__ void group_dropout_words(uint32_t (&out)[G], uint2 key, uint32_t offset, int bh, int i,
-                                                    int jgroup, int pos, int widx) {
-  const uint4 mine = dropout_words(key, offset, bh, i, jgroup);
-  const int base = (int)(threadIdx.x & 31) - STRIDE * pos;
-#pragma unroll
-  for (int s = 0; s < G; ++s) {
-    const int src = base + STRIDE * s;
-    out[s] = word_of(make_uint4(__shfl_sync(0xffffffffu, mine.x, src), __shfl_sync(0xffffffffu, mine.y, src),
-                                __shfl_sync(0xffffffffu, mine.z, src), __shfl_sync(0xffffffffu, mine.w, src)),
-                     widx);
-  }
-}
-
-// The forward's and dq's dropout words of n-tiles 2 np and 2 np + 1 (rows x keys; lane 4 g + t holds rows g, g + 8
-// and keys 8 nt + 2 t, + 1 of each n-tile): out[2 hh + n2] is word t of the call {row0 + 8 hh, keys from k0 + 8 (2 np
-// + n2)}.
-__device__ __forceinline__ void row_dropout_words(uint32_t (&out)[4], uint2 key, uint32_t offset, int bh, int row0,
-                                                  int k0, int np, int t) {
-  group_dropout_words<4, 1>(out, key, offset, bh, row0 + 8 * (t >> 1), (k0 >> 3) + 2 * np + (t & 1), t, t);
+// dK/dV's dropout words of an n-tile pair (keys x queries; lane 4 g + t holds keys kw + g, + 8 and queries q + 2 t,
+// + 1 of each n-tile, q = q0 + 8 nt with nt even): the lanes g and g ^ 1 need the same two calls (queries q + 2 t + e,
+// e = 0, 1); each computes the one of e = g % 2 and they swap them (4 shuffles).  out[e] is the call of e.
+__device__ __forceinline__ void pair_dropout_words(uint4 (&out)[2], uint2 key, uint32_t offset, int bh, int q, int kw,
+                                                   int g, int t) {
+  const uint4 mine = dropout_words(key, offset, bh, q + 2 * t + (g & 1), kw + g);
+  const uint4 other = make_uint4(__shfl_xor_sync(0xffffffffu, mine.x, 4), __shfl_xor_sync(0xffffffffu, mine.y, 4),
+                                 __shfl_xor_sync(0xffffffffu, mine.z, 4), __shfl_xor_sync(0xffffffffu, mine.w, 4));
+  out[0] = (g & 1) ? other : mine;
+  out[1] = (g & 1) ? mine : other;
 }
 
 // Score of (i, j) in log2 units, or -inf (out of range / masked) or 0 (uniform row): value() otherwise.  i, j are

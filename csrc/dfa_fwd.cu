@@ -162,10 +162,10 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
     dispatch_bool(raw, [&](auto raw_c) {
       constexpr bool RAW = decltype(raw_c)::value;
       static_assert(NT % 2 == 0, "dropout words come in n-tile pairs");
-      uint32_t dw[4] = {};  // per n-tile pair: one Philox call per lane, shared by the quad
+      uint4 dw = {};  // per n-tile pair: the lane's own Philox call (its rows x its 4 keys of the pair)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        if (p.dropout && nt % 2 == 0) row_dropout_words(dw, key, offset, dbh, rows[0], k0, nt / 2, t);
+        if (p.dropout && nt % 2 == 0) dw = dropout_words(key, offset, dbh, rows[0], k0 + nt * 8 + 2 * t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
@@ -173,7 +173,7 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
           l[hh] += pr;
           float pd = pr;
           // the kept probability; the output takes the 1 / (1 - p_drop) once, in the epilogue
-          if (p.dropout && !dropout_keep(dw[2 * hh + nt % 2], j, p.drop_thresh)) pd = 0.f;
+          if (p.dropout && !dropout_keep(word_of(dw, 2 * hh + nt % 2), j, p.drop_thresh)) pd = 0.f;
           s[nt][e] = pd;
         }
       }

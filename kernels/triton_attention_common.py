@@ -479,22 +479,32 @@ def _philox(seed, c0, c1, c2, c3):
 @triton.jit
 def _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
     """Keep-mask ``[BLOCK_M, BLOCK_N]`` (``TRANS``: its transpose, built in that orientation) of attention dropout,
-    the CUDA kernels' stream: key ``seed``, counter ``(j // 8, i, b*H + h, 0)``, 16-bit half ``j % 2`` (low for even
-    ``j``) of word ``(j // 2) % 4`` of Philox4x32-10, kept iff the half is ``>= drop_thresh = round(p * 2**16)``.
-    One Philox call serves 8 keys (``start_n`` and ``BLOCK_N`` are multiples of 8)."""
+    the CUDA kernels' stream (``tests/philox_ref.py``): one Philox4x32-10 call, key ``seed``, counter ``(4 (j // 16)
+    + (j // 2) % 4, 8 (i // 16) + i % 8, b*H + h, 0)``, serves queries ``i, i + 8`` by keys ``j, j + 1, j + 8, j +
+    9``, the 8 elements one thread holds in the MMA accumulator layout; element ``(i, j)`` takes word ``2 ((i // 8) %
+    2) + (j // 8) % 2``, 16-bit half ``j % 2`` (low for even ``j``), kept iff the half is ``>= drop_thresh = round(p
+    * 2**16)``.  ``offs_m``: 16-aligned runs of 16 rows (``start + arange``); ``start_n``, ``BLOCK_N``: multiples
+    of 16."""
     BM: tl.constexpr = offs_m.shape[0]
-    groups = (start_n // 8 + tl.arange(0, BLOCK_N // 8)).to(tl.uint32)
-    rows = offs_m.to(tl.uint32)
+    IB: tl.constexpr = BM // 16
+    JB: tl.constexpr = BLOCK_N // 16
     lo = drop_thresh.to(tl.uint32)
     hi = lo << 16  # a high half h >= t iff its word >= t * 2**16: no shift per element
-    if TRANS:  # [N/8, M] calls; key pair 4g + 2a + b is word 2a + b of group g, key 2 pair + e its half e
-        zero = tl.zeros([BLOCK_N // 8, BM], dtype=tl.uint32)
-        w0, w1, w2, w3 = tl.philox(seed, groups[:, None] + zero, rows[None, :] + zero, bh.to(tl.uint32) + zero, zero)
-        words = tl.reshape(tl.permute(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (0, 2, 3, 1)), [BLOCK_N // 2, BM])
-        keep = tl.reshape(tl.permute(tl.join(words & 0xFFFF, words >> 16), (0, 2, 1)), [BLOCK_N, BM]) >= lo
-    else:  # [M, N/8] calls, the same interleave along the last axis
-        zero = tl.zeros([BM, BLOCK_N // 8], dtype=tl.uint32)
-        w0, w1, w2, w3 = _philox(seed, groups[None, :] + zero, rows[:, None] + zero, bh.to(tl.uint32) + zero, zero)
-        words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BM, BLOCK_N // 2])
-        keep = tl.reshape(tl.join((words & 0xFFFF) >= lo, words >= hi), [BM, BLOCK_N])
+    m16 = tl.max(tl.reshape(offs_m, [IB, 16]) // 16, 1).to(tl.uint32)  # the row blocks of 16
+    qc = (m16 * 8)[:, None] + tl.arange(0, 8)[None, :].to(tl.uint32)  # [IB, 8]
+    kc = ((start_n // 16 + tl.arange(0, JB)) * 4)[:, None].to(tl.uint32) + tl.arange(0, 4)[None, :].to(tl.uint32)
+    if TRANS:  # calls [JB, 4, IB, 8]; rows j = 16 jb + 8 c + 2 jt + h, columns i = 16 ib + 8 hh + ir
+        zero = tl.zeros([JB, 4, IB, 8], dtype=tl.uint32)
+        w0, w1, w2, w3 = tl.philox(seed, kc[:, :, None, None] + zero, qc[None, None, :, :] + zero,
+                                   bh.to(tl.uint32) + zero, zero)
+        words = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # [JB, 4, IB, 8, c, hh]: word 2 hh + c
+        keep = tl.join((words & 0xFFFF) >= lo, words >= hi)  # [..., h]
+        keep = tl.reshape(tl.permute(keep, (0, 4, 1, 6, 2, 5, 3)), [BLOCK_N, BM])
+    else:  # calls [IB, 8, JB, 4]; rows i = 16 ib + 8 hh + ir, columns j = 16 jb + 8 c + 2 jt + h
+        zero = tl.zeros([IB, 8, JB, 4], dtype=tl.uint32)
+        w0, w1, w2, w3 = _philox(seed, kc[None, None, :, :] + zero, qc[:, :, None, None] + zero,
+                                 bh.to(tl.uint32) + zero, zero)
+        words = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # [IB, 8, JB, 4, c, hh]: word 2 hh + c
+        keep = tl.join((words & 0xFFFF) >= lo, words >= hi)  # [..., h]
+        keep = tl.reshape(tl.permute(keep, (0, 5, 1, 2, 4, 3, 6)), [BM, BLOCK_N])
     return keep

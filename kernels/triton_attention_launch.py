@@ -180,8 +180,10 @@ def _sm90_dropout_bwd(cfg: BackwardConfig, bd: int, aligned: bool, varlen: bool)
     #   D = 128 dK/dV 32x16: 1 stage (2 stages: 16 B);
     #   D = 256 dq: 32x32 / 2 stages at ragged lengths, 32x16 aligned (32x32: 4 B; +60 % instructions).
     if bd <= 64:  # padded: _bwd_config's 16x64 dK/dV, 0 B on 1 stage at every length; packed 32x32: 1 stage
-        # spilled 4 B under triton 3.6.0, 2 stages 0 B under both (2026-12-05)
-        return cfg
+        # spilled 4 B under triton 3.6.0, 2 stages 0 B under both (2026-12-05).  With the dropout stream in 2 x 4
+        # blocks (2026-12-06) the 16x64 dK/dV on 1 stage spilled 4 B at ragged lengths under 3.6.0: 2 stages there
+        # (0 B under both, key mask or none; a full mask has its own tiles)
+        return cfg if aligned or varlen else BackwardConfig(dq=cfg.dq, dkdv=replace(cfg.dkdv, num_stages=2))
     if bd <= 128:
         return BackwardConfig(dq=replace(cfg.dq, num_stages=2 if aligned else 1, max_regs=255),
                               dkdv=replace(cfg.dkdv, num_stages=1))
@@ -248,8 +250,9 @@ def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         return LaunchConfig(64, 32, 4, 3, 64 if dropout else 128)
     if bd <= 128:
         if family == 90:  # 64x32 spills 16 B with dropout; 64x16 none (60-78 instructions per element, 64x32 49-72)
-            if dropout:  # (TF32, 3 stages: 8 B with a full mask since the seed is read from memory, 2026-12-06)
-                return LaunchConfig(64, 16, 4, 2 if tf32 else 3, 32)
+            if dropout:  # (TF32, 3 stages: 8 B with a full mask since the seed is read from memory, 2026-12-06;
+                # TF32 64x16 on 4 warps, 2 stages: 4 B with the dropout stream in 2 x 4 blocks, 8 warps 0 B)
+                return LaunchConfig(64, 16, 8, 2, 32) if tf32 else LaunchConfig(64, 16, 4, 3, 32)
             # packed 64x32: 12 B on 2 stages (3 stages: 0 B, 116 KB)
             return LaunchConfig(64, 16, 4, 2, 64) if varlen else LaunchConfig(64, 32, 4, 2, 64)
         return LaunchConfig(32, 32, 4, 2, 64)  # 64x32 spilled 96-152 B on sm_80
@@ -277,11 +280,13 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         # 12 B in TF32 (3.6.0); with up to 255: 0 B (the slot-table dq already used 255: the same code within 0.1
         # instructions per element) (2026-12-05); at D = 32 too since the dq without c2p stores 16 bits: 4 B at 128
         # registers under triton 3.6.0 with p2c alone, a full mask and dropout (2026-12-06)
-        dq = replace(c, max_regs=255) if family == 90 else c
-        # (TF32 32x16 on sm_90: 4 B at ptxas's own 168 registers, 2026-12-05: up to 255)
+        dq = replace(c, max_regs=255) if family == 90 or tf32 else c
+        # (TF32 32x16 on sm_90: 4 B at ptxas's own 168 registers, 2026-12-05: up to 255.  With the dropout stream in
+        # 2 x 4 blocks, 2026-12-06: sm_8x TF32 dq 8 - 12 B at ptxas's own target, up to 255 0 B; sm_90 D = 32 dK/dV
+        # 32x32 4 B at 255, 32x16 0 B)
         dkdv = LaunchConfig(32, 16, 4, 2, 0, 255 if tf32 else 0) if family == 80 or tf32 else c
         if tf32 or bd != 64:
-            return BackwardConfig(dq=dq, dkdv=dkdv)
+            return BackwardConfig(dq=dq, dkdv=LaunchConfig(32, 16, 4, 2, 0, 255) if bd == 32 and family == 90 else dkdv)
         if varlen and dropout:  # packed sm_90 dK/dV with dropout on distance tables: 4 B spilled under triton 3.6.0
             # (at 255 registers; with maxnreg 255 ptxas allocates otherwise: 0 B under both compilers, 2026-12-06).
             # The variant without relative terms then takes 206 registers instead of 142 (untimed)
@@ -300,9 +305,10 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         # 32x32 / 32x16 tiles: 64x32 dq spilled 8 B there, 16x64 dK/dV 8 - 12 B (3.6.0); dK/dV 32x64 spilled 4 - 124 B
         # in most variants.
         # (sm_90 dK/dV at a ragged length with a key mask and no dropout: 4 B spilled under triton 3.6.0, 2026-12-06;
-        # up to 255 registers: 0 B under both compilers; the training variants already sat at 254 - 255)
+        # up to 255 registers: 0 B under both compilers; the training variants already sat at 254 - 255.  sm_8x dK/dV
+        # with the dropout stream in 2 x 4 blocks: 8 B at a ragged length on 1 stage; 2 stages, up to 255: 0 B)
         return BackwardConfig(dq=LaunchConfig(64, 32, 4, 1),
-                              dkdv=LaunchConfig(16, 64, 4, 1, 0, 255 if family == 90 else 0))
+                              dkdv=LaunchConfig(16, 64, 4, 1 if family == 90 else 2, 0, 255))
     if bd <= 128:
         if family == 90:  # dq 32x32 spilled 4-12 B on sm_90 (16x32: 0 B, +27 % instructions), dK/dV 32x32/8/1 4 B
             # (dq with a full mask: 12 B at ptxas's own 168 registers under triton 3.6.0, 2026-12-05: up to 255)
@@ -329,9 +335,11 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     # sm_90 dq on 8 warps: 4 warps spilled 4 B at D = 256, and 8-12 B at D = 32 - 128 with 8 keys per dropout Philox
     # call (the full tier, 2026-12-04).  sm_8x D = 256 dq on 1 stage: 864 B at 255 registers; 2 stages 0 B (68 KB)
     # sm_90 D = 128 dq on 1 stage: 2 stages spilled 4 B with dropout (the full tier, 2026-12-06, since dropout's
-    # rescale moved out of the element loop; 1 stage 0 B with and without dropout)
+    # rescale moved out of the element loop; 1 stage 0 B with and without dropout).  With the dropout stream in 2 x 4
+    # blocks (2026-12-06): D = 128 on 1 stage 16 B, 2 stages at 255 0 B; D = 256 at 8 warps spilled 4 - 40 B in some
+    # of its 12 variants at every register limit and stage count tried, 16 warps (ptxas's own limit) 0 B in all
     if family == 90:
-        dq = LaunchConfig(16, 16, 8, 1 if bd == 128 else 2, 0, 0 if bd > 128 else 255)
+        dq = LaunchConfig(16, 16, 16, 2) if bd > 128 else LaunchConfig(16, 16, 8, 2, 0, 255)
     else:
         dq = LaunchConfig(16, 16, 8, 2, 0, 255) if bd > 128 else bwd
     fwd = LaunchConfig(32, 16, 4, 2) if bd <= 64 else LaunchConfig(16, 16, 4, 2)

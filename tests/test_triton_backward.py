@@ -203,9 +203,9 @@ def test_dropout_keep_rate_and_independence():
 
 @pytest.mark.parametrize("seed, p", [(1234, 0.3), (2**40 + 77, 0.5), (5, 0.875)])
 def test_dropout_mask_is_the_cuda_kernels_stream(seed, p):
-    """16-bit half j%2 of word (j//2)%4 of Philox4x32-10(key=seed, counter=(j//8, i, b*H+h, 0)) >= round(p*2^16),
-    as the CUDA kernels draw it (numpy Philox checked against Random123): one Philox call per 8 keys, a 64-bit seed
-    (both key words), thresholds at and above 2^15, odd Lk (a last partial group of 8)."""
+    """The stream of ``philox_ref.keep_of`` (numpy Philox checked against Random123), as the CUDA kernels draw it:
+    one Philox4x32-10 call per 2 x 4 block (queries i, i + 8 by keys j, j + 1, j + 8, j + 9), 16-bit halves >=
+    round(p * 2^16), a 64-bit seed (both key words), thresholds at and above 2^15, odd Lq and Lk (partial blocks)."""
     B, H, Lq, Lk = 2, 3, 37, 29
     keep = recover_keep_mask(B, H, Lq, Lk, seed, p=p)
     assert torch.equal(keep.cpu(), keep_mask(seed, 0, B, H, Lq, Lk, p).cpu())  # (the GPU run makes keep on cuda)

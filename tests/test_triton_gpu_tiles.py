@@ -75,8 +75,8 @@ def test_gpu_tiles_scattered_key_mask(gpu_configs, scale):
 def test_gpu_tiles_dropout(gpu_configs, D, L, mask):
     """Dropout under the GPU tiles (the keep mask built per tile: 64-key forward tiles and their wider saturated ones,
     dK/dV's transposed mask on 16- and 32-key tiles), against the reference with the stream's mask
-    (``philox_ref.keep_mask``); a length that ends inside a group of 8 keys.  A full mask takes configs of its own
-    (``launch_config(full_mask=True)``) and reads the mask's zero frame past the lengths."""
+    (``philox_ref.keep_mask``); a length that ends inside a Philox call's block of 16 keys.  A full mask takes
+    configs of its own (``launch_config(full_mask=True)``) and reads the mask's zero frame past the lengths."""
     from deberta_fast.backends.triton_backend import triton_attention
     from deberta_fast.dispatch import build_call
     from deberta_fast.reference import disentangled_attention_reference
