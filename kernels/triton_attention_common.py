@@ -462,7 +462,8 @@ def _philox(seed, c0, c1, c2, c3):
     """Philox4x32-10 of counters ``c0..c3`` (uint32 tensors of one shape) under key ``seed`` (int64: low, high
     word), the words ``tl.philox`` returns; each round's two 32x32-bit products as one 64-bit product: ptxas makes
     most of them one ``IMAD.WIDE.U32`` where ``tl.philox``'s ``umulhi`` and ``mul`` are two instructions (sm_90 SASS,
-    2026-12-06; benchmarks/NOTES.md "Dropout's Philox on 64-bit products")."""
+    2026-12-06; benchmarks/NOTES.md "Dropout: Philox on 64-bit products, then a stream the accumulator layout
+    holds")."""
     seed = seed.to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)

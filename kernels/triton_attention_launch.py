@@ -283,7 +283,7 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         dq = replace(c, max_regs=255) if family == 90 or tf32 else c
         # (TF32 32x16 on sm_90: 4 B at ptxas's own 168 registers, 2026-12-05: up to 255.  With the dropout stream in
         # 2 x 4 blocks, 2026-12-06: sm_8x TF32 dq 8 - 12 B at ptxas's own target, up to 255 0 B; sm_90 D = 32 dK/dV
-        # 32x32 4 B at 255, 32x16 0 B)
+        # 32x32 4 B at 255, 32x16 0 B; both with and without dropout, one config per key, untimed)
         dkdv = LaunchConfig(32, 16, 4, 2, 0, 255 if tf32 else 0) if family == 80 or tf32 else c
         if tf32 or bd != 64:
             return BackwardConfig(dq=dq, dkdv=LaunchConfig(32, 16, 4, 2, 0, 255) if bd == 32 and family == 90 else dkdv)
@@ -306,7 +306,8 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         # in most variants.
         # (sm_90 dK/dV at a ragged length with a key mask and no dropout: 4 B spilled under triton 3.6.0, 2026-12-06;
         # up to 255 registers: 0 B under both compilers; the training variants already sat at 254 - 255.  sm_8x dK/dV
-        # with the dropout stream in 2 x 4 blocks: 8 B at a ragged length on 1 stage; 2 stages, up to 255: 0 B)
+        # with the dropout stream in 2 x 4 blocks: 8 B at a ragged length on 1 stage; 2 stages, up to 255: 0 B, for
+        # every padded D = 64 call, with or without dropout, untimed)
         return BackwardConfig(dq=LaunchConfig(64, 32, 4, 1),
                               dkdv=LaunchConfig(16, 64, 4, 1 if family == 90 else 2, 0, 255))
     if bd <= 128:
@@ -332,12 +333,13 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     # 4 - 24 B in several of these: the backward configs let it use up to 255 (``max_regs``) where that gave 0 B
     # (the sm_90 D = 256 dq spilled 4 B at 255 and none at its own 111).
     bwd = LaunchConfig(16, 16, 4, 2, 0, 255) if family == 90 else LaunchConfig(16, 16, 8, 1, 0, 255)
-    # sm_90 dq on 8 warps: 4 warps spilled 4 B at D = 256, and 8-12 B at D = 32 - 128 with 8 keys per dropout Philox
-    # call (the full tier, 2026-12-04).  sm_8x D = 256 dq on 1 stage: 864 B at 255 registers; 2 stages 0 B (68 KB)
-    # sm_90 D = 128 dq on 1 stage: 2 stages spilled 4 B with dropout (the full tier, 2026-12-06, since dropout's
-    # rescale moved out of the element loop; 1 stage 0 B with and without dropout).  With the dropout stream in 2 x 4
-    # blocks (2026-12-06): D = 128 on 1 stage 16 B, 2 stages at 255 0 B; D = 256 at 8 warps spilled 4 - 40 B in some
-    # of its 12 variants at every register limit and stage count tried, 16 warps (ptxas's own limit) 0 B in all
+    # sm_90 dq: 16 x 16 on 8 warps, 2 stages, up to 255 registers at D <= 128; 16 warps at D = 256.  History: 4 warps
+    # spilled 4 B at D = 256, and 8-12 B at D = 32 - 128 with 8 keys per dropout Philox call (the full tier,
+    # 2026-12-04); D = 128 on 2 stages 4 B with dropout once dropout's rescale left the element loop (2026-12-06, 1
+    # stage then); with the dropout stream in 2 x 4 blocks (2026-12-06) D = 128 on 1 stage 16 B, on 2 stages at 255
+    # 0 B, and D = 256 on 8 warps 4 - 40 B in some of its 12 variants at every register limit and stage count tried,
+    # on 16 warps (ptxas's own limit) 0 B in all.  sm_8x D = 256 dq on 1 stage: 864 B at 255 registers; 2 stages 0 B
+    # (68 KB)
     if family == 90:
         dq = LaunchConfig(16, 16, 16, 2) if bd > 128 else LaunchConfig(16, 16, 8, 2, 0, 255)
     else:

@@ -35,17 +35,23 @@ def keep_scale(p):
     return 2 ** 16 / (2 ** 16 - drop_threshold(p))
 
 
+def block_of(i, j):
+    """Element ``(i, j)``'s Philox call and word (numpy int arrays): ``(c0, c1, word)``, the counter's first two
+    words ``4 (j / 16) + (j / 2) % 4`` and ``8 (i / 16) + i % 8`` and the word ``2 ((i / 8) % 2) + (j / 8) % 2``."""
+    i, j = np.asarray(i), np.asarray(j)
+    return 4 * (j >> 4) + ((j >> 1) & 3), 8 * (i >> 4) + (i & 7), 2 * ((i >> 3) & 1) + ((j >> 3) & 1)
+
+
 def keep_of(seed, offset, bh, i, j, p):
     """The kernels' dropout decision for elements ``(bh, i, j)`` (numpy int arrays of one shape).  One Philox call
     serves a 2 x 4 block, queries ``i, i + 8`` (``i % 16 < 8``) by keys ``j, j + 1, j + 8, j + 9`` (``j % 16 < 8``,
     even): the 8 elements one lane holds in the MMA accumulator layout of a 16 x 16 tile.  Counter ``{4 (j / 16) + (j
     / 2) % 4, 8 (i / 16) + i % 8, bh, offset}``, key ``seed``; element ``(i, j)`` takes word ``2 ((i / 8) % 2) + (j /
     8) % 2``, its 16-bit half ``j % 2`` (low for even ``j``), kept iff the half is ``>= round(p * 2**16)``."""
-    i, j = np.asarray(i), np.asarray(j)
-    words = philox4x32_10([4 * (j >> 4) + ((j >> 1) & 3), 8 * (i >> 4) + (i & 7), bh,
-                           np.full_like(j, offset & 0xFFFFFFFF)],
+    c0, c1, word = block_of(i, j)
+    words = philox4x32_10([c0, c1, bh, np.full_like(c0, offset & 0xFFFFFFFF)],
                           (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
-    w = np.choose(2 * ((i >> 3) & 1) + ((j >> 3) & 1), words)
+    w = np.choose(word, words)
     half = np.where((j & 1) == 1, w >> np.uint64(16), w & np.uint64(0xFFFF))
     return half >= drop_threshold(p)
 

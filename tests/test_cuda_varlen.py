@@ -2,8 +2,8 @@
 
 CPU: refusals, offset validation, fake kernels, and torch emulations of exactly what the kernels
 index (tables ``[H, T, 2S]`` at row ``h*T + token``, slot ``table[i - j + max_k - 1]``, one band
-window for all sequences, Philox counters ``{j/8, i, n*H + h, offset}``) against the torch backend
-and the per-sequence gather gradient.  GPU (``@pytest.mark.gpu``): kernels against the fp64
+window for all sequences, the dropout stream's counters: ``philox_ref.block_of`` with ``bh = n*H + h``) against
+the torch backend and the per-sequence gather gradient.  GPU (``@pytest.mark.gpu``): kernels against the fp64
 reference run per sequence."""
 import math
 
@@ -20,7 +20,7 @@ from deberta_fast.reference import default_scale
 
 from cuda_checks import assert_bwd_kernel, assert_fwd_kernel  # noqa: E402
 from grad_check import assert_grads_close  # noqa: E402
-from philox_ref import keep_of, keep_scale  # noqa: E402  (numpy Philox, checked against Random123 in test_cuda_backend)
+from philox_ref import block_of, keep_of, keep_scale  # noqa: E402  (numpy Philox, see test_cuda_backend)
 
 HAS_CUDA = torch.cuda.is_available()
 BUILT = _cuda_ext.load() is not None
@@ -295,14 +295,18 @@ def keep_mask_varlen(seed, offset, lens_q, lens_k, H, p):
 
 def test_varlen_dropout_counters_distinct_and_statistics():
     lens_q, lens_k, H = [7, 33, 1, 64], [9, 33, 5, 64], 3
-    # counters (j/8, i, n*H+h) never repeat across sequences / heads for one (seed, offset)
-    ctrs = set()
+    # every element of every sequence / head draws its own (counter, word, half) for one (seed, offset), and a
+    # Philox call serves at most 8 elements
+    elems, calls = set(), {}
     for n, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        i, j = np.meshgrid(np.arange(lq), np.arange(lk), indexing="ij")
+        c0, c1, word = block_of(i, j)
         for h in range(H):
-            for i in range(lq):
-                for jg in range((lk + 7) // 8):
-                    ctrs.add((jg, i, n * H + h))
-    assert len(ctrs) == sum(H * lq * ((lk + 7) // 8) for lq, lk in zip(lens_q, lens_k))
+            for a, b, w, jj in zip(c0.ravel(), c1.ravel(), word.ravel(), j.ravel()):
+                elems.add((a, b, n * H + h, w, jj & 1))
+                calls[(a, b, n * H + h)] = calls.get((a, b, n * H + h), 0) + 1
+    assert len(elems) == H * sum(lq * lk for lq, lk in zip(lens_q, lens_k))
+    assert max(calls.values()) == 8
     keep = keep_mask_varlen(0x1234_5678_9ABC, 0, lens_q, lens_k, H, 0.3)
     frac = torch.cat([m.reshape(-1) for m in keep]).float().mean().item()
     assert abs(frac - 0.7) < 0.02

@@ -71,7 +71,8 @@ def test_gpu_tiles_scattered_key_mask(gpu_configs, scale):
 
 
 @pytest.mark.parametrize("mask", ["key", "full"])
-@pytest.mark.parametrize("D,L", [(64, 75), (64, 96), (128, 61)], ids=["D64", "D64-aligned", "D128"])
+@pytest.mark.parametrize("D,L", [(64, 75), (64, 96), (128, 61), (16, 300)],
+                         ids=["D64", "D64-aligned", "D128", "D16-128-key-saturated"])
 def test_gpu_tiles_dropout(gpu_configs, D, L, mask):
     """Dropout under the GPU tiles (the keep mask built per tile: 64-key forward tiles and their wider saturated ones,
     dK/dV's transposed mask on 16- and 32-key tiles), against the reference with the stream's mask
@@ -83,6 +84,7 @@ def test_gpu_tiles_dropout(gpu_configs, D, L, mask):
     from philox_ref import keep_mask, keep_scale
 
     B, H, p, seed = 1, 2, 0.25, 4321
+    kind = mask  # (the name is rebound to the mask tensor below)
     q, k, v, pk, pq, mask, kw = make_inputs(B, H, L, L, D, buckets=BUCKETED, mask=mask)
     c = build_call(q, k, v, pk, pq, attention_mask=mask, scale=None, dropout_p=p, **kw)
     keep = keep_mask(seed, 0, B, H, L, L, p)
@@ -102,8 +104,10 @@ def test_gpu_tiles_dropout(gpu_configs, D, L, mask):
         assert_close_fp32(a, b, tol=2e-5, what=name)
     from deberta_fast._kernels import triton_attention_launch as launch
     assert len(gpu_configs) == 2 and gpu_configs[0] != launch._INTERPRETER_CONFIG["fwd"]
-    if mask == "full":  # the full-mask forward configs: saturated tiles as wide as the band's
+    if kind == "full":  # the full-mask forward configs: saturated tiles as wide as the band's
         assert gpu_configs[0].sat_block_n in (0, gpu_configs[0].block_n), gpu_configs[0]
+    elif D == 16:  # the 128-key saturated tiles, keep masks built 128 keys wide
+        assert gpu_configs[0].sat_block_n == 128, gpu_configs[0]
 
 
 def test_gpu_tiles_packed(gpu_configs):

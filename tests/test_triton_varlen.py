@@ -12,7 +12,7 @@ from deberta_fast.backends.triton_backend import TritonBackend, triton_attention
 from deberta_fast.dispatch import BackendUnavailableError, build_varlen_call
 from deberta_fast.positions import attention_span
 
-from philox_ref import keep_scale
+from philox_ref import keep_of, keep_scale
 from triton_cases import BUCKETED, UNBUCKETED, V3, assert_close_fp32, assert_close_lowp, cast, max_err
 
 pytest.importorskip("triton")
@@ -222,6 +222,17 @@ def test_dropout_keep_rate_and_independence():
     assert not torch.equal(keeps[0][:, :16], keeps[0][:, 16:32])
     other = recover_keep_masks(lens, [32, 32, 17], H=2, seed=1235)
     assert not torch.equal(keeps[0], other[0])
+
+
+def test_dropout_mask_is_the_stream_per_sequence():
+    """Packed calls draw ``philox_ref.keep_of`` with ``bh = n * H + h`` and positions within each sequence (the cuda
+    backend's varlen stream): lengths across 16-query / 16-key blocks, odd, and a sequence of one query."""
+    import numpy as np
+    lens_q, lens_k, H, seed = [40, 1, 23], [32, 7, 37], 2, 4321
+    keeps = recover_keep_masks(lens_q, lens_k, H, seed)
+    for n, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        bh, i, j = np.meshgrid(n * H + np.arange(H), np.arange(lq), np.arange(lk), indexing="ij")
+        assert torch.equal(keeps[n], torch.from_numpy(keep_of(seed, 0, bh, i, j, P_DROP))), n
 
 
 def test_dropout_forward_backward_match_reference_with_same_mask():
