@@ -413,6 +413,60 @@ def test_gpu_dropout_exact_mask_forward_and_backward(Lq, Lk, valid):
         assert (g.double() - rg).abs().max().item() <= 6e-2 * (rg.abs().max().item() + 1e-6)
 
 
+def _one_hot(B, H, L, D, dtype):
+    """``[B, H, L, D]`` rows ``e_0 .. e_{L-1}`` (``L <= D``)."""
+    return torch.eye(L, D, dtype=dtype, device=DEV).expand(B, H, L, D).contiguous()
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("Lq,Lk,valid,buckets,dtype", [(128, 128, None, 4, torch.float16),
+                                                       (45, 93, None, 4, torch.bfloat16),
+                                                       (100, 37, None, 256, torch.float16),
+                                                       (128, 128, (70, 128), 4, torch.float16)])
+def test_gpu_dropout_decisions_of_each_kernel(Lq, Lk, valid, buckets, dtype):
+    """Every keep decision of the three kernels recovered element by element, not through a tolerance on sums of
+    them (where one wrong lane's few elements could hide).  D = 128 >= Lq, Lk:
+    - forward: with one-hot ``V`` (key ``j`` = ``e_j``) the output is ``P~ = P keep s`` itself (s: the keep scale);
+    - dK/dV: with ``dO`` = one-hot rows, ``dV = P~^T``;
+    - dq and dK/dV's dS: with one-hot ``Q`` and ``K`` and zero position rows, ``dq[i, j] = scale dS[i, j]`` and
+      ``dk[j, i] = scale dS[i, j]``; with ``dO = +-1``, a flipped decision moves ``dS[i, j] = P (dO_ij keep s -
+      delta_i)`` by ``P s``, against 16-bit rounding of ``P (s + |delta_i|)``.
+    The position rows are zero so that the gradients stay one element each; the kernels still take their band and
+    saturated tiles (``buckets`` 4: both; 256: band only), which depend on positions, not on values.  ``valid``: HF
+    padding (masked keys, whose P is 0, and uniform rows, dropped like any other)."""
+    B, H, D, p, seed = 2, 2, 128, 0.3, 0x5EED_0000_1234
+    span = attention_span(buckets, 2 * buckets)
+    q, k, v = _one_hot(B, H, Lq, D, dtype), _one_hot(B, H, Lk, D, dtype), _one_hot(B, H, Lk, D, dtype)
+    pk, pq = (torch.zeros(H, 2 * span, D, dtype=dtype, device=DEV) for _ in range(2))
+    mask = None if valid is None else torch.arange(Lk, device=DEV)[None, :] < torch.tensor(valid, device=DEV)[:, None]
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pq)]
+    out, _ = _direct(q, k, v, pk, pq, buckets, 2 * buckets, mask, p, seed)
+    keep = keep_mask(seed, 0, B, H, Lq, Lk, p).to(DEV)
+    rl = [t.detach().double().requires_grad_() for t in leaves]
+    ref = _reference_with_keep(*rl, buckets, 2 * buckets, mask, keep, p)
+    probs = _reference_with_keep(*rl, buckets, 2 * buckets, mask, None, p)[..., :Lk].detach()  # V one-hot: P
+    live = probs > 0  # a masked key has no decision to see
+
+    def decided(got, what):  # got / (P s) is 0 (dropped) or 1 (kept) wherever P > 0
+        ratio = torch.where(live, got.double() / (probs * keep_scale(p)), 0.0)
+        assert torch.equal(ratio > 0.5, keep & live), f"{what}: keep decisions differ"
+        assert (ratio - (keep & live).double()).abs().max().item() < 1e-2, what
+
+    decided(out[..., :Lk], "forward")
+    assert out[..., Lk:].eq(0).all()
+    dv = torch.autograd.grad(out, leaves[2], _one_hot(B, H, Lq, D, dtype), retain_graph=True)[0]
+    decided(dv[..., :Lq].transpose(-1, -2), "dK/dV kernel (dV)")
+    go = (torch.randint(0, 2, out.shape, generator=torch.Generator().manual_seed(5)) * 2 - 1).to(DEV, dtype)
+    dq, dk = torch.autograd.grad(out, leaves[:2], go)
+    rdq, rdk = torch.autograd.grad(ref, rl[:2], go.double())
+    flip = deberta_fast.reference.default_scale(D, 2) * keep_scale(p) * probs  # |dq or dk| moved by one flip
+    for got, want, what in ((dq[..., :Lk], rdq[..., :Lk], "dq kernel"),
+                            (dk[..., :Lq].transpose(-1, -2), rdk[..., :Lq].transpose(-1, -2), "dK/dV kernel (dk)")):
+        rel = torch.where(live, (got.double() - want).abs() / flip, 0.0)
+        assert rel.max().item() < 0.1, f"{what}: an element {rel.max().item():.3g} of a flipped decision off"
+
+
 @gpu
 @needs_ext
 @pytest.mark.parametrize("B,H", [(0, 3), (2, 0)])
