@@ -158,9 +158,11 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32:
         # sm_90 dK/dV with a full mask at 32x32: 8-52 B spilled with dropout (2026-12-04); 32x16 (sm_8x's) none,
         # but 4 B without dropout at ptxas's own 168 registers since the aligned run sums (2026-12-05): up to 255
         return BackwardConfig(dq=cfg.dq, dkdv=LaunchConfig(32, 16, 4, 2, 0, 255))
-    if full_mask and family == 80 and cfg.dq.block_m == 64:  # sm_8x with a full mask and dropout at ragged lengths
-        # (2026-12-05): dq 64x32 24 B (3.7.1), dK/dV 16x64 12 B (3.6.0); the 32x32 / 32x16 tiles none.  (dq with
-        # c2p + p2c: 4 B at ptxas's own register target since the 64-bit Philox products, 2026-12-06: up to 255)
+    if full_mask and family == 80 and cfg.dq.block_m == 64:
+        # sm_8x with a full mask, with or without dropout, at any length: the spills were found with dropout at
+        # ragged lengths (2026-12-05: dq 64x32 24 B (3.7.1), dK/dV 16x64 12 B (3.6.0); the 32x32 / 32x16 tiles
+        # none), and the smaller tiles serve the rest too (untimed).  (dq with c2p + p2c: 4 B at ptxas's own
+        # register target since the 64-bit Philox products, 2026-12-06: up to 255)
         return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2, 0, 255), dkdv=LaunchConfig(32, 16, 4, 2))
     if dropout and family == 90 and not tf32 and not full_mask and bd > 32:
         return _sm90_dropout_bwd(cfg, bd, aligned, varlen)
