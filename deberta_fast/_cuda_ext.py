@@ -88,6 +88,32 @@ def _build_config():
     return mod
 
 
+def _load_extension(name: str, **kwargs):
+    """``torch.utils.cpp_extension.load(name, **kwargs)`` under an exclusive ``flock`` on its build directory.
+
+    torch marks a build in progress with a ``lock`` file that a killed build leaves behind, and every later build
+    of ``name`` then waits on it forever (seen in CI after a timeout killed a test run).  A ``flock`` dies with its
+    process: every build here holds one first, so a ``lock`` file found while holding it is a dead build's, and is
+    removed (with a warning).  Without ``fcntl`` (Windows) torch's own protocol alone."""
+    import warnings
+
+    from torch.utils import cpp_extension
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return cpp_extension.load(name=name, **kwargs)
+    build_dir = cpp_extension._get_build_directory(name, False)
+    with open(os.path.join(build_dir, ".deberta_fast_build.flock"), "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            warnings.warn(f"deberta_fast: removed {stale}, left by a build of {name} that did not finish (killed); "
+                          "building again", RuntimeWarning, stacklevel=3)
+            os.remove(stale)
+        return cpp_extension.load(name=name, build_directory=build_dir, **kwargs)
+
+
 def _current_arch() -> str:
     major, minor = torch.cuda.get_device_capability()
     return f"{major}{minor}" + ("a" if major == 9 and minor == 0 else "")
@@ -98,8 +124,6 @@ def build_jit(verbose: bool = False, archs: Optional[str] = None):
 
     ``archs``: e.g. ``"80;90a"``; default: the current device (``DEBERTA_FAST_CUDA_ARCHS`` wins)."""
     global _ext, _error, _tried
-    from torch.utils import cpp_extension
-
     src = csrc_dir()
     if not (src / "dfa_fwd.cu").exists():
         raise RuntimeError(f"deberta_fast: CUDA sources not found in {src} (a source checkout or an installed deberta_fast/_csrc)")
@@ -107,8 +131,8 @@ def build_jit(verbose: bool = False, archs: Optional[str] = None):
         raise RuntimeError("deberta_fast: JIT build needs a CUDA build of torch (torch.version.cuda is None)")
     cfg = _build_config()
     archs = archs or os.environ.get("DEBERTA_FAST_CUDA_ARCHS") or _current_arch()
-    mod = cpp_extension.load(
-        name="deberta_fast_C",
+    mod = _load_extension(
+        "deberta_fast_C",
         sources=[str(s) for s in cfg.cuda_sources()],
         extra_cflags=cfg.cxx_flags(),
         extra_cuda_cflags=cfg.nvcc_flags(archs),
@@ -158,15 +182,12 @@ def simulator(verbose: bool = False):
             return _sim
         if _sim_error is not None:
             raise RuntimeError(_sim_error)
-        from torch.utils import cpp_extension
-
         cfg = _build_config()
         try:
             if cfg.cuda_include_dir() is None:
                 raise RuntimeError("the CUDA toolkit's headers (cuda_fp16.h) were not found: set CUDA_HOME")
-            _sim = cpp_extension.load(name="deberta_fast_cuda_sim", sources=cfg.sim_sources(),
-                                      extra_cflags=cfg.sim_cflags(), extra_include_paths=[str(csrc_dir())],
-                                      verbose=verbose)
+            _sim = _load_extension("deberta_fast_cuda_sim", sources=cfg.sim_sources(), extra_cflags=cfg.sim_cflags(),
+                                   extra_include_paths=[str(csrc_dir())], verbose=verbose)
         except Exception as e:  # noqa: BLE001
             _sim_error = f"the CPU simulator of the CUDA kernels (DEBERTA_FAST_CUDA_SIM=1) did not build: {e}"
             raise RuntimeError(_sim_error) from e

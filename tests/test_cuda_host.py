@@ -32,12 +32,13 @@ DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
 
 
 def build(verbose=False):
-    """The host-test extension (torch.utils.cpp_extension.load, ninja; cached until a source changes).
+    """The host-test extension (torch.utils.cpp_extension.load, ninja; cached until a source changes; a dead
+    build's lock removed: _cuda_ext._load_extension).
     -O0: no tail calls, so an infinite recursion overflows the stack instead of looping forever."""
-    from torch.utils import cpp_extension
+    from deberta_fast._cuda_ext import _load_extension
 
-    return cpp_extension.load(
-        name="deberta_fast_host_test", sources=build_config.host_test_sources(),
+    return _load_extension(
+        "deberta_fast_host_test", sources=build_config.host_test_sources(),
         extra_cflags=["-O0", "-DDFA_HOST_TEST", f"-std={build_config.cxx_std()}", *build_config.WARNING_FLAGS],
         extra_include_paths=[str(ROOT / "csrc")], verbose=verbose)
 
@@ -556,6 +557,44 @@ def test_rows_without_keys_get_lse_inf_and_zero_probabilities(ext):
     m = float(s.max())
     lse2 = ext.lse_log2(ext.row_lse(m, float(np.exp2(s - m).sum())))
     assert float(np.exp2(s - np.float32(lse2)).sum()) == pytest.approx(1.0, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- builds
+@pytest.mark.skipif(sys.platform == "win32", reason="the build guard is an flock (POSIX)")
+@pytest.mark.parametrize("dead_build", [False, True])
+def test_a_dead_builds_lock_is_removed_under_the_guard(tmp_path, monkeypatch, dead_build):
+    """torch's ``lock`` file, left in the build directory by a killed build, made every later build of the
+    extension wait forever; ``_load_extension`` holds an exclusive flock (released when its process dies) around
+    torch's build, and removes such a file, with a warning, before building.  torch's ``load`` is faked here."""
+    import fcntl
+    import warnings
+
+    from deberta_fast import _cuda_ext
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build_dir = tmp_path / "some_ext"
+    build_dir.mkdir()
+    if dead_build:
+        (build_dir / "lock").touch()
+    seen = {}
+
+    def fake_load(name, build_directory, **kwargs):
+        with open(build_dir / ".deberta_fast_build.flock") as other:  # another process's view of the guard
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.update(name=name, build_directory=build_directory, lock=(build_dir / "lock").exists(), **kwargs)
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert _cuda_ext._load_extension("some_ext", sources=["a.cpp"]) == "module"
+    assert seen == dict(name="some_ext", build_directory=str(build_dir), lock=False, sources=["a.cpp"])
+    msgs = [str(x.message) for x in w if "did not finish" in str(x.message)]
+    assert len(msgs) == int(dead_build) and all(str(build_dir / "lock") in m for m in msgs)
+    with open(build_dir / ".deberta_fast_build.flock") as again:  # released after the build
+        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 if __name__ == "__main__":
