@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _dropout_seed,
-                                      _inner_tiles, _k_axis, _key_col, _masked, _mm, _q_axis, _rel_terms, _rounded,
-                                      _score_mm, _sequence, _stat_planes,
+                                      _inner_tiles, _k_axis, _kept, _key_col, _masked, _mm, _q_axis, _rel_terms,
+                                      _rounded, _score_mm, _sequence, _stat_planes,
                                       _finish_runs, _sat_columns, _table_block, _tile, _tile_regions,
                                       _tile_start, _uniform_rows, _block_tile)
 
@@ -80,7 +80,7 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, dsc, C2P_bh, P2C_bh, TABLE, slot,
     dsc = _q_axis(dsc, TRANS)
     if DROPOUT:
         keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, TRANS)
-        pd = tl.where(keep, p, 0.0)
+        pd = _kept(p, keep, UPCAST)
         ds = p * tl.where(keep, tl.fma(dp, dp_scale, -dsc), -dsc)
     else:
         pd = p

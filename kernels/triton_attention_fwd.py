@@ -35,9 +35,10 @@ through tensor descriptors (``_rows_desc``: TMA loads on sm_90; 16-byte aligned 
 import triton
 import triton.language as tl
 
-from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _dropout_seed, _key_col, _masked, _mm,
-                                      _rel_terms, _rows_desc, _sat_columns, _score_mm, _sequence, _table_block,
-                                      _stat_planes, _tile, _tile_regions, _tile_start, _uniform_rows, _block_tile)
+from .triton_attention_common import (GENERAL, LOG2E, SAT, _dropout_keep, _dropout_seed, _kept, _key_col,
+                                      _masked, _mm, _rel_terms, _rows_desc, _sat_columns, _score_mm, _sequence,
+                                      _table_block, _stat_planes, _tile, _tile_regions, _tile_start, _uniform_rows,
+                                      _block_tile)
 
 
 @triton.jit
@@ -140,7 +141,10 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # (the kept probabilities' 1 / (1 - p): once, on the output)
             keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, False)
-            p = tl.where(keep, p, 0.0)
+            if REGION == SAT:
+                p = _kept(p, keep, UPCAST)
+            else:  # (with _kept the sm_90 64x64 2-stage build spilled 24 B under triton 3.6.0, in this loop)
+                p = tl.where(keep, p, 0.0)
         if TMA and REGION == SAT:
             v = descs[1].load([start_n, 0])
         else:

@@ -274,8 +274,10 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
     # 32x32 (with the linear-tile loop: 8-28 B at D=32/64, 12 B TF32 on sm_90): 32x16 there.
     if bd <= 16:  # 2 warps, so that a 16-row tile is 8 elements per thread: 16-byte loads.  32x64 on 4 warps spilled
         # 64-100 B (2026-12-04); these none with a key or a full mask, sm_80 and sm_90.  (sm_90 dq with c2p + p2c and
-        # dropout: 12 B at ptxas's own 128 registers since the seed is read from memory, 2026-12-06: up to 255)
-        return BackwardConfig(dq=LaunchConfig(32, 16, 2, 2, 0, 255), dkdv=LaunchConfig(16, 32, 2, 2))
+        # dropout: 12 B at ptxas's own 128 registers since the seed is read from memory, 2026-12-06: up to 255; the
+        # sm_90 dK/dV with c2p + p2c and dropout: 4 B since its keep mask is compared after the permute, eighth
+        # session of 2026-12-06: up to 255 too)
+        return BackwardConfig(dq=LaunchConfig(32, 16, 2, 2, 0, 255), dkdv=LaunchConfig(16, 32, 2, 2, 0, 255))
     if bd <= 64:
         c = LaunchConfig(32, 32, 4, 2)
         # sm_90 dq at D = 64: ptxas settled at 168 registers with 8 B spilled for the distance tables (triton 3.7.1),
