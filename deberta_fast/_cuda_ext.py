@@ -89,29 +89,63 @@ def _build_config():
 
 
 def _load_extension(name: str, **kwargs):
-    """``torch.utils.cpp_extension.load(name, **kwargs)`` under an exclusive ``flock`` on its build directory.
+    """``torch.utils.cpp_extension.load(name, **kwargs)``, first removing the ``lock`` file of a build that died.
 
-    torch marks a build in progress with a ``lock`` file that a killed build leaves behind, and every later build
-    of ``name`` then waits on it forever (seen in CI after a timeout killed a test run).  A ``flock`` dies with its
-    process: every build here holds one first, so a ``lock`` file found while holding it is a dead build's, and is
-    removed (with a warning).  Without ``fcntl`` (Windows) torch's own protocol alone."""
-    import warnings
-
+    torch marks a build in progress with a ``lock`` file in the build directory; a killed build leaves it behind,
+    and every later build of ``name`` then waits on it forever (a CI run waited 12 minutes on one).  Builds here
+    hold an exclusive ``flock`` on that directory (released when their process dies, however it dies), so none of
+    them is running; a ``lock`` is then removed, with a warning, only if it is over a minute old and no process
+    runs in the directory (torch runs ninja there for as long as it holds its lock: a build by other code, e.g. an
+    older checkout, that takes no ``flock``).  Where that cannot be read (no ``/proc``), or without ``fcntl`` /
+    ``flock``, torch's protocol alone."""
     from torch.utils import cpp_extension
 
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+
+        build_dir = cpp_extension._get_build_directory(name, False)
+        guard = open(os.path.join(build_dir, ".deberta_fast_build.flock"), "a")
+    except (ImportError, AttributeError, OSError):  # not POSIX; a torch without the helper; an unwritable root
         return cpp_extension.load(name=name, **kwargs)
-    build_dir = cpp_extension._get_build_directory(name, False)
-    with open(os.path.join(build_dir, ".deberta_fast_build.flock"), "a") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        stale = os.path.join(build_dir, "lock")
-        if os.path.exists(stale):
-            warnings.warn(f"deberta_fast: removed {stale}, left by a build of {name} that did not finish (killed); "
-                          "building again", RuntimeWarning, stacklevel=3)
-            os.remove(stale)
+    with guard:
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock
+            return cpp_extension.load(name=name, **kwargs)
+        _remove_dead_lock(os.path.join(build_dir, "lock"), name)
         return cpp_extension.load(name=name, build_directory=build_dir, **kwargs)
+
+
+def _remove_dead_lock(lock: str, name: str, min_age_s: float = 60.0) -> bool:
+    """Remove torch's build ``lock`` if no live build can hold it (see :func:`_load_extension`); True if removed."""
+    import time
+    import warnings
+
+    try:
+        age = time.time() - os.stat(lock).st_mtime
+    except FileNotFoundError:
+        return False
+    if age < min_age_s or _process_in(os.path.dirname(lock)) is not False:
+        return False
+    warnings.warn(f"deberta_fast: removed {lock}, {age:.0f} s old with no build running in its directory (a build "
+                  f"of {name} that was killed); building again", RuntimeWarning, stacklevel=4)
+    os.remove(lock)
+    return True
+
+
+def _process_in(folder: str) -> Optional[bool]:
+    """Whether a process has ``folder`` as its working directory (None: ``/proc`` cannot tell)."""
+    if not os.path.isdir("/proc/self/cwd"):
+        return None
+    real = os.path.realpath(folder)
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.path.realpath(os.readlink(f"/proc/{pid}/cwd")) == real:
+                    return True
+            except OSError:  # gone, or another user's
+                continue
+    return False
 
 
 def _current_arch() -> str:

@@ -560,13 +560,16 @@ def test_rows_without_keys_get_lse_inf_and_zero_probabilities(ext):
 
 
 # ----------------------------------------------------------------------------- builds
-@pytest.mark.skipif(sys.platform == "win32", reason="the build guard is an flock (POSIX)")
-@pytest.mark.parametrize("dead_build", [False, True])
-def test_a_dead_builds_lock_is_removed_under_the_guard(tmp_path, monkeypatch, dead_build):
+@pytest.mark.skipif(not os.path.isdir("/proc/self/cwd"), reason="the dead-build check reads /proc (Linux)")
+@pytest.mark.parametrize("lock", ["none", "dead", "fresh", "live"])
+def test_a_dead_builds_lock_is_removed_under_the_guard(tmp_path, monkeypatch, lock):
     """torch's ``lock`` file, left in the build directory by a killed build, made every later build of the
-    extension wait forever; ``_load_extension`` holds an exclusive flock (released when its process dies) around
-    torch's build, and removes such a file, with a warning, before building.  torch's ``load`` is faked here."""
+    extension wait forever.  ``_load_extension`` holds an exclusive flock (released when its process dies) around
+    torch's build and removes a ``lock`` over a minute old with no process running in the directory ("dead"), with
+    a warning; one younger ("fresh") or with a process there ("live": a build by code that takes no flock) stays
+    for torch to wait on.  torch's ``load`` is faked here."""
     import fcntl
+    import time
     import warnings
 
     from deberta_fast import _cuda_ext
@@ -575,8 +578,11 @@ def test_a_dead_builds_lock_is_removed_under_the_guard(tmp_path, monkeypatch, de
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     build_dir = tmp_path / "some_ext"
     build_dir.mkdir()
-    if dead_build:
+    if lock != "none":
         (build_dir / "lock").touch()
+        if lock != "fresh":
+            old = time.time() - 120
+            os.utime(build_dir / "lock", (old, old))
     seen = {}
 
     def fake_load(name, build_directory, **kwargs):
@@ -587,12 +593,19 @@ def test_a_dead_builds_lock_is_removed_under_the_guard(tmp_path, monkeypatch, de
         return "module"
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        assert _cuda_ext._load_extension("some_ext", sources=["a.cpp"]) == "module"
-    assert seen == dict(name="some_ext", build_directory=str(build_dir), lock=False, sources=["a.cpp"])
-    msgs = [str(x.message) for x in w if "did not finish" in str(x.message)]
-    assert len(msgs) == int(dead_build) and all(str(build_dir / "lock") in m for m in msgs)
+    builder = subprocess.Popen(["sleep", "60"], cwd=build_dir) if lock == "live" else None
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            assert _cuda_ext._load_extension("some_ext", sources=["a.cpp"]) == "module"
+    finally:
+        if builder is not None:
+            builder.kill()
+            builder.wait()
+    kept = lock in ("fresh", "live")
+    assert seen == dict(name="some_ext", build_directory=str(build_dir), lock=kept, sources=["a.cpp"])
+    msgs = [str(x.message) for x in w if "was killed" in str(x.message)]
+    assert len(msgs) == (lock == "dead") and all(str(build_dir / "lock") in m for m in msgs)
     with open(build_dir / ".deberta_fast_build.flock") as again:  # released after the build
         fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
