@@ -276,7 +276,8 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         # 64-100 B (2026-12-04); these none with a key or a full mask, sm_80 and sm_90.  (sm_90 dq with c2p + p2c and
         # dropout: 12 B at ptxas's own 128 registers since the seed is read from memory, 2026-12-06: up to 255; the
         # sm_90 dK/dV with c2p + p2c and dropout: 4 B since its keep mask is compared after the permute, eighth
-        # session of 2026-12-06: up to 255 too)
+        # session of 2026-12-06: up to 255 for every D <= 16 dK/dV, either architecture, mask, term or rate; 208 ->
+        # 226 registers on the sm_90 p2c row, untimed)
         return BackwardConfig(dq=LaunchConfig(32, 16, 2, 2, 0, 255), dkdv=LaunchConfig(16, 32, 2, 2, 0, 255))
     if bd <= 64:
         c = LaunchConfig(32, 32, 4, 2)

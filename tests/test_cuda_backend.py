@@ -420,13 +420,14 @@ def _one_hot(B, H, L, D, dtype):
 
 @gpu
 @needs_ext
-@pytest.mark.parametrize("Lq,Lk,valid,buckets,dtype", [(128, 128, None, 4, torch.float16),
-                                                       (45, 93, None, 4, torch.bfloat16),
-                                                       (100, 37, None, 256, torch.float16),
-                                                       (128, 128, (70, 128), 4, torch.float16)])
-def test_gpu_dropout_decisions_of_each_kernel(Lq, Lk, valid, buckets, dtype):
+@pytest.mark.parametrize("D,Lq,Lk,valid,buckets,dtype", [(128, 128, 128, None, 4, torch.float16),
+                                                         (128, 45, 93, None, 4, torch.bfloat16),
+                                                         (128, 100, 37, None, 256, torch.float16),
+                                                         (128, 128, 128, (70, 128), 4, torch.float16),
+                                                         (64, 64, 57, None, 4, torch.float16)])
+def test_gpu_dropout_decisions_of_each_kernel(D, Lq, Lk, valid, buckets, dtype):
     """Every keep decision of the three kernels recovered element by element, not through a tolerance on sums of
-    them (where one wrong lane's few elements could hide).  D = 128 >= Lq, Lk:
+    them, and naming the kernel.  D >= Lq, Lk (D = 64: the forward's 64-key tiles; 128: its 32-key ones):
     - forward: with one-hot ``V`` (key ``j`` = ``e_j``) the output is ``P~ = P keep s`` itself (s: the keep scale);
     - dK/dV: with ``dO`` = one-hot rows, ``dV = P~^T``;
     - dq and dK/dV's dS: with one-hot ``Q`` and ``K`` and zero position rows, ``dq[i, j] = scale dS[i, j]`` and
@@ -435,7 +436,7 @@ def test_gpu_dropout_decisions_of_each_kernel(Lq, Lk, valid, buckets, dtype):
     The position rows are zero so that the gradients stay one element each; the kernels still take their band and
     saturated tiles (``buckets`` 4: both; 256: band only), which depend on positions, not on values.  ``valid``: HF
     padding (masked keys, whose P is 0, and uniform rows, dropped like any other)."""
-    B, H, D, p, seed = 2, 2, 128, 0.3, 0x5EED_0000_1234
+    B, H, p, seed = 2, 2, 0.3, 0x5EED_0000_1234
     span = attention_span(buckets, 2 * buckets)
     q, k, v = _one_hot(B, H, Lq, D, dtype), _one_hot(B, H, Lk, D, dtype), _one_hot(B, H, Lk, D, dtype)
     pk, pq = (torch.zeros(H, 2 * span, D, dtype=dtype, device=DEV) for _ in range(2))
