@@ -33,6 +33,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    """Start the simulator passes of the collected ``tests/test_cuda_sim.py`` tests now (``sim_passes``), to run
+    beside the rest of the suite; not where the simulator cannot build (no CUDA headers: those tests skip)."""
+    import sim_passes
+
+    names = {item.name for item in session.items if "skip" not in item.keywords}
+    wanted = [p for p, test in sim_passes.TESTS.items() if test in names]
+    if wanted and not session.config.option.collectonly:
+        from deberta_fast import _cuda_ext
+
+        if _cuda_ext._build_config().cuda_include_dir() is not None:
+            for p in wanted:
+                sim_passes.start(p)
+
+
+def pytest_sessionfinish(session):
+    import sim_passes
+
+    sim_passes.stop_all()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -10,17 +10,10 @@
 
 A correctness tool, not a GPU: it cannot show timing, races inside one barrier interval or the hardware's
 own rounding order; the kernels stay unvalidated on a GPU until they run on one."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from deberta_fast import _cuda_ext
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -125,21 +118,19 @@ def test_simulator_wgmma(sim):
     assert "exits with wgmma results never waited for" in err
 
 
-def _gpu_tests(extra_env: dict, *args: str) -> str:
-    """The cuda backend's GPU tests (``-m cuda_sim``) in a simulator subprocess; their summary line."""
-    env = dict(os.environ, DEBERTA_FAST_CUDA_SIM="1", PYTHONPATH=str(ROOT), **extra_env)
-    cmd = [sys.executable, "-m", "pytest", "tests/test_cuda_backend.py", "tests/test_cuda_varlen.py", "-m", "cuda_sim",
-           "-q", "-p", "no:cacheprovider", *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    tail = (res.stdout + res.stderr)[-6000:]
-    assert res.returncode == 0, f"exit {res.returncode} (negative: killed by a signal):\n{tail}"
-    return res.stdout.strip().splitlines()[-1]
+def _gpu_tests(name: str) -> str:
+    """The summary line of simulator pass ``name`` (``sim_passes``: started when collection ended)."""
+    import sim_passes
+
+    rc, out = sim_passes.result(name)
+    assert rc == 0, f"exit {rc} (negative: killed by a signal):\n{out[-6000:]}"
+    return out.strip().splitlines()[-1]
 
 
 def test_cuda_backend_gpu_tests_in_simulator(sim):
     """Every GPU test of the cuda backend (padded and packed, fp16 / bf16, D = 32 / 64 / 128, every relative
     term, bucket configs, masks, uniform rows, dropout against the Philox reference, rows without keys) on CPU."""
-    summary = _gpu_tests({"DEBERTA_FAST_CUDA_WGMMA": "0"})
+    summary = _gpu_tests("mma.sync")
     passed = int(summary.split(" passed")[0].split()[-1])
     assert passed >= 100 and "failed" not in summary, summary
 
@@ -148,8 +139,6 @@ def test_cuda_backend_wgmma_in_simulator(sim):
     """The kernels' wgmma variants (``DEBERTA_FAST_CUDA_WGMMA=1``: the forward's and the backward score kernels'
     products on wgmma, the tiles in the core-matrix layout) on the GPU tests of ``WGMMA_TESTS`` (each asserts that the
     wgmma kernels ran: tests/cuda_checks.py)."""
-    from benchmarks.gpu_session import WGMMA_TESTS
-
-    summary = _gpu_tests({"DEBERTA_FAST_CUDA_WGMMA": "1"}, "-k", WGMMA_TESTS)
+    summary = _gpu_tests("wgmma")
     passed = int(summary.split(" passed")[0].split()[-1])
     assert passed >= 60 and "failed" not in summary, summary

@@ -71,7 +71,8 @@ def test_gpu_tiles_scattered_key_mask(gpu_configs, scale):
 
 
 @pytest.mark.parametrize("mask", ["key", "full"])
-@pytest.mark.parametrize("D,L", [(64, 75), (64, 96), (128, 61), (16, 300)],
+@pytest.mark.parametrize("D,L", [(64, 75), (64, 96), (128, 61),
+                                 pytest.param(16, 300, marks=pytest.mark.slow)],  # (~21 s each under the interpreter)
                          ids=["D64", "D64-aligned", "D128", "D16-128-key-saturated"])
 def test_gpu_tiles_dropout(gpu_configs, D, L, mask):
     """Dropout under the GPU tiles (the keep mask built per tile: 64-key forward tiles and their wider saturated ones,
