@@ -23,7 +23,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.slow`` checks (nvcc builds, long interpreter runs) run in ``.ci/run``'s extended
-    stage (``DEBERTA_FAST_SLOW=1``), not in the README's test command; ``gpu`` tests need a GPU."""
+    stage (``DEBERTA_FAST_SLOW=1``), not in the README's test command; ``gpu`` tests need a GPU.  The tests that
+    wait for the simulator passes (``sim_passes``) run last: the passes run beside everything before them."""
+    import sim_passes
+
+    items.sort(key=lambda item: item.name in sim_passes.TESTS.values())  # (stable: the rest keep their order)
     _skip_gpu_tests_without_gpu(items)
     if os.environ.get("DEBERTA_FAST_SLOW") == "1":
         return
