@@ -6,9 +6,11 @@
 
 Variants: relative terms (both, c2p, p2c, none) x masks (none, ``[B, L]`` key padding, 4-D full mask where
 the backend serves it) x dropout (0, 0.1), Lq != Lk, odd lengths, bucket configs (DeBERTa-v3 256/512, tiny
-4/8 with saturated tiles, unbucketed), and packed varlen calls; for the triton backend also its forward's two
-experiments (the launcher's ``REL_SOURCE``): ``"skew"`` (barriers around a per-program scratch) and ``"distance"``
-(unpredicated table reads, also with ``Lq`` well above ``Lk``).  Each call is checked for finite results
+4/8 with saturated tiles, unbucketed), and packed varlen calls (the triton backend's band tiles gather their
+tables unpredicated, rows and keys clamped to the lengths: the odd lengths and packed calls are where a wrong clamp
+reads out of bounds); for the triton backend also its forward's two experiments (the launcher's ``REL_SOURCE``):
+``"skew"`` (barriers around a per-program scratch) and ``"distance"`` (unpredicated table reads, also with ``Lq``
+well above ``Lk``).  Each call is checked for finite results
 (the sanitizer reports the memory errors); a refusal of a variant is printed with its reason, never hidden.
 Exit status 1 when a call raises or returns NaN/inf.
 """

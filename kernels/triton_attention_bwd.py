@@ -61,7 +61,7 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, dsc, C2P_bh, P2C_bh, TABLE, slot,
     else:
         s = _score_mm(q, tl.trans(k), UPCAST, PREC)
     kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
-                        HAS_C2P, HAS_P2C, REGION, TRANS, dist, DIST, UPCAST)
+                        HAS_C2P, HAS_P2C, REGION, TRANS, dist, DIST, UPCAST, q.dtype != tl.float32)
     if REGION == SAT:
         t = _masked(tl.fma(s, qk_scale, _k_axis(kt, TRANS)), b, h, offs_m, offs_n, FMASK,
                     s_fmb, s_fmh, s_fmm, MASK_KIND, TRANS)

@@ -180,9 +180,28 @@ def _widen(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _gather(ptrs, PTX: tl.constexpr):
+    """``tl.load(ptrs)``, no mask, 32- or 16-bit elements; ``PTX``: as inline PTX (``ld.global.nc``), which Triton
+    neither pipelines nor gives a layout of its own: a ``tl.load`` of a tile is a layout anchor, its result computed
+    in a blocked layout and moved into the accumulator's through shared memory (the backward's in-band loops: the key
+    term and ``ROWMAX - row_term``, two tiles of float32, each way); the inline loads take their users' layout."""
+    if not PTX:
+        return tl.load(ptrs)
+    elif ptrs.dtype.element_ty == tl.int32:
+        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    elif ptrs.dtype.element_ty == tl.float32:
+        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs],
+                                         dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
+
+
+@triton.jit
 def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, REGION: tl.constexpr, TRANS: tl.constexpr,
-               dist, DIST: tl.constexpr, UPCAST: tl.constexpr):
+               dist, DIST: tl.constexpr, UPCAST: tl.constexpr, PTX_GATHER: tl.constexpr):
     """The relative terms of one tile, in log2 units: ``(key_term, row_term)``::
 
         key_term = fma(p2c, qk_scale, col)      row_term = c2p * qk_scale      (0 without the term)
@@ -199,16 +218,21 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
 
     ``GENERAL``: ``c2p = C2P[i, slot(d)]`` and ``p2c = P2C[j, slot(d)]`` (float32, or 16-bit widened: the
     launcher's ``TABLE_DTYPE``) gathered per element (``slot(d) = TABLE[d + Lk - 1]``), as tiles (``[BLOCK_M,
-    BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if ``TRANS``).  ``DIST`` (the launcher's ``REL_SOURCE = "distance"``
-    experiment, ``dist = (dist0, dist1, NSLOT - 1)``): the tables have a column per distance of ``[dist0, dist1]``
-    (every distance a tile of the launch reaches; ``NSLOT = dist1 - dist0 + 1``, all three multiples of 16 but
-    ``NSLOT``), P2C's in increasing order, ``P2C[j, d - dist0]``, C2P's in decreasing order, ``C2P[i, dist1 - d]``: an
-    element's addresses are then ``j (NSLOT - 1) + i - dist0`` and ``i (NSLOT - 1) + j + dist1``, unit-stride along
-    a tile's queries / keys, 16-byte aligned where the tile starts (so both load as vectors, like the K / V tiles);
-    no slot-table load, and a row / key predicate only (constant along the vector); ``DIST_KEYED`` (padded calls at
-    a scale > 0) no predicate either and, with P2C, no key column: ``key_term = p2c * qk_scale``, P2C being -inf on
-    the keys masked or past the length (the launcher's tables), the same values.  ``SAT``: every
-    element has slot ``slot``: ``key_term [BLOCK_N]`` and ``row_term [BLOCK_M]``.  ``col``: :func:`_key_col`.
+    BLOCK_N]``, ``[BLOCK_N, BLOCK_M]`` if ``TRANS``), unpredicated: a row past ``Lq`` reads row ``Lq - 1``'s
+    entries and a key past ``Lk`` key ``Lk - 1``'s, finite values no result uses (such a key's term is the key
+    column's -inf; such a row is never stored in the forward, and has probability 0 in the backward, whose
+    ``LOGSUM`` there is +inf); ``PTX_GATHER`` (the backward's 16-bit kernels): as inline PTX loads
+    (:func:`_gather`), which a multi-stage loop does not prefetch.  Tiles run only where both lengths are > 0.
+    ``DIST`` (the launcher's ``REL_SOURCE = "distance"`` experiment, ``dist = (dist0, dist1, NSLOT - 1)``): the
+    tables have a column per distance of ``[dist0, dist1]`` (every distance a tile of the launch reaches; ``NSLOT =
+    dist1 - dist0 + 1``, all three multiples of 16 but ``NSLOT``), P2C's in increasing order, ``P2C[j, d - dist0]``,
+    C2P's in decreasing order, ``C2P[i, dist1 - d]``: an element's addresses are then ``j (NSLOT - 1) + i - dist0``
+    and ``i (NSLOT - 1) + j + dist1``, unit-stride along a tile's queries / keys, 16-byte aligned where the tile
+    starts (so both load as vectors, like the K / V tiles); no slot-table load, and a row / key predicate only
+    (constant along the vector); ``DIST_KEYED`` (padded calls at a scale > 0) no predicate either and, with P2C, no
+    key column: ``key_term = p2c * qk_scale``, P2C being -inf on the keys masked or past the length (the launcher's
+    tables), the same values. ``SAT``: every element has slot ``slot``: ``key_term [BLOCK_N]`` and ``row_term
+    [BLOCK_M]``.  ``col``: :func:`_key_col`.
 
     HF's uniform rows (:func:`_uniform_rows`) are no special case here: the forward computes their output in a pass
     of its own, the backward gives them a ``LOGSUM`` of +inf (probability 0, no score gradient) and their dV a pass
@@ -253,15 +277,19 @@ def _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, 
             if HAS_C2P:
                 rt = tl.load(c2p_at, mask=_q_axis(m_ok, TRANS), other=0.0).to(tl.float32) * qk_scale
     elif HAS_C2P | HAS_P2C:
-        ok = _q_axis(m_ok, TRANS) & _k_axis(n_ok, TRANS)
-        d = _q_axis(offs_m, TRANS) - _k_axis(offs_n, TRANS)
-        slots = tl.load(TABLE + (d + Lk - 1), mask=ok, other=0)
+        # rows / keys past the lengths read the last one's entries (finite, unused: see the docstring): no
+        # predicate and no zero fill on the three gathers
+        mc = tl.minimum(offs_m, Lq - 1)
+        nc = tl.minimum(offs_n, Lk - 1)
+        d = _q_axis(mc, TRANS) - _k_axis(nc, TRANS)
+        ptx = PTX_GATHER and not UPCAST  # (the interpreter runs no PTX)
+        slots = _gather(TABLE + (d + Lk - 1), ptx)
         kt, rt = tl.broadcast(_k_axis(col, TRANS), _q_axis(zero, TRANS))
         if HAS_P2C:
-            p2c = tl.load(P2C_bh + _k_axis(offs_n, TRANS) * NSLOT + slots, mask=ok, other=0.0)
+            p2c = _gather(P2C_bh + _k_axis(nc, TRANS) * NSLOT + slots, ptx)
             kt = tl.fma(p2c.to(tl.float32), qk_scale, kt)
         if HAS_C2P:
-            rt = tl.load(C2P_bh + _q_axis(offs_m, TRANS) * NSLOT + slots, mask=ok, other=0.0).to(tl.float32) * qk_scale
+            rt = _gather(C2P_bh + _q_axis(mc, TRANS) * NSLOT + slots, ptx).to(tl.float32) * qk_scale
     else:
         kt, rt = tl.broadcast(_k_axis(col, TRANS), _q_axis(zero, TRANS))
     return kt, rt

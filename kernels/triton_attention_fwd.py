@@ -109,7 +109,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         if not SKEW:
             kt, rt = _rel_terms(col, C2P_bh, P2C_bh, TABLE, slot, offs_m, offs_n, Lq, Lk, NSLOT, qk_scale,
                                 HAS_C2P, HAS_P2C, REGION, False, (dist0, dist1, nslot1), DIST,
-                                UPCAST)
+                                UPCAST, False)  # (tl.load: the 2- and 3-stage loops prefetch the gathers)
         elif REGION == SAT:
             s_pkr, s_pqr, SCR, start_m, rt_lo, rt_hi = skew
             kt = col
@@ -141,10 +141,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # (the kept probabilities' 1 / (1 - p): once, on the output)
             keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, False)
-            if REGION == SAT:
-                p = _kept(p, keep, UPCAST)
-            else:  # (with _kept the sm_90 64x64 2-stage build spilled 24 B under triton 3.6.0, in this loop)
-                p = tl.where(keep, p, 0.0)
+            p = _kept(p, keep, UPCAST)
         if TMA and REGION == SAT:
             v = descs[1].load([start_n, 0])
         else:

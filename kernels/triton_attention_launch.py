@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+import triton
 
 from deberta_fast._env import getenv, interpreting, switch
 from deberta_fast._linalg import add_product_
@@ -100,6 +101,9 @@ def launch_config(pass_: str, q_len: int, k_len: int, head_dim: int, fp32_ieee: 
 
 
 _SHIPPED_LAUNCH_CONFIG = launch_config  # _fwd_plan caches plans only while this is the launch config
+
+# (major, minor) of the compiler: a few configs spill under one version and not the other (``_fp32_config``)
+_TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 _INTERPRETER_CONFIG = {"fwd": LaunchConfig(32, 32, 1, 1, 64),
                        "bwd": BackwardConfig(LaunchConfig(32, 32, 1, 1), LaunchConfig(32, 32, 1, 1))}
@@ -186,9 +190,10 @@ def _sm90_dropout_bwd(cfg: BackwardConfig, bd: int, aligned: bool, varlen: bool)
         # blocks (2026-12-06) the 16x64 dK/dV on 1 stage spilled 4 B at ragged lengths under 3.6.0: 2 stages there
         # (0 B under both, key mask or none; a full mask has its own tiles)
         return cfg if aligned or varlen else BackwardConfig(dq=cfg.dq, dkdv=replace(cfg.dkdv, num_stages=2))
-    if bd <= 128:
+    if bd <= 128:  # (dK/dV: 8 B at ptxas's own 168 registers at ragged lengths since the backward's inline-PTX
+        # gathers, 2026-12-07: up to 255, 0 B under both compilers)
         return BackwardConfig(dq=replace(cfg.dq, num_stages=2 if aligned else 1, max_regs=255),
-                              dkdv=replace(cfg.dkdv, num_stages=1))
+                              dkdv=replace(cfg.dkdv, num_stages=1, max_regs=255))
     return BackwardConfig(dq=LaunchConfig(32, 16, 8, 2) if aligned else cfg.dq, dkdv=cfg.dkdv)
 
 
@@ -206,8 +211,9 @@ def _full_mask_fwd(cfg: LaunchConfig, bd: int, tf32: bool, family: int, dropout:
     if family == 90 and not tf32 and 16 < bd <= 64:  # 64x64 on 2 stages spilled 40 B without dropout (2026-12-05)
         return LaunchConfig(64, 32, 4, 2)
     if family == 80 and not tf32 and 16 < bd <= 64 and not aligned and not dropout:  # 64x32: 12 B at L = 200
-        # under triton 3.6.0 (2026-12-05); 32x64 0 B under both compilers
-        return LaunchConfig(32, 64, 4, 3)
+        # under triton 3.6.0 (2026-12-05); 32x64 0 B under both compilers.  D = 32 on 3 stages: 14 B at 255
+        # registers since the unpredicated band gathers (2026-12-07); 2 stages 0 B
+        return LaunchConfig(32, 64, 4, 2 if bd <= 32 else 3)
     if family == 80 and not tf32 and 64 < bd <= 128:  # 32x32 at ptxas's own 168 registers spilled 4 B with
         # dropout (2026-12-05); up to 255: 0 B at 191
         return replace(cfg, sat_block_n=0, max_regs=255)
@@ -231,7 +237,11 @@ def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
             # tiles: 116-158 KB.  sm_8x: 32x64 spilled 4 B with dropout, 14-24 B at D = 16 / 32 (2026-12-03)
             if family == 90:
                 return LaunchConfig(64, 32, 4, 3)
-            return LaunchConfig(32, 32, 4, 3, 64) if dropout or bd < 64 else LaunchConfig(32, 64, 4, 3)
+            # (32x32 at D = 32 with dropout: 4 B at ptxas's own 168 registers since the unpredicated band gathers,
+            # 2026-12-07: up to 255, 0 B)
+            if dropout or bd < 64:
+                return LaunchConfig(32, 32, 4, 3, 64, 255 if bd <= 32 and dropout else 0)
+            return LaunchConfig(32, 64, 4, 3)
         if family == 90:
             # 64x64 tiles on 4 warps: the band loop's gathered table entries are software-pipelined through shared
             # memory (cp.async), so 128-row tiles need 144-156 KB of it.  2 stages, not 3: measured on an H200
@@ -344,9 +354,19 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     # stage then); with the dropout stream in 2 x 4 blocks (2026-12-06) D = 128 on 1 stage 16 B, on 2 stages at 255
     # 0 B, and D = 256 on 8 warps 4 - 40 B in some of its 12 variants at every register limit and stage count tried,
     # on 16 warps (ptxas's own limit) 0 B in all.  sm_8x D = 256 dq on 1 stage: 864 B at 255 registers; 2 stages 0 B
-    # (68 KB)
+    # (68 KB).  sm_90 D = 256 over all 24 variants (terms x masks x dropout; 2026-12-07): 16 warps at ptxas's own
+    # limit spill 4 - 24 B in 6 of them under either compiler (the code before the unpredicated band gathers: 9
+    # under 3.6.0), the compile tier's one variant per config none; 8 warps, 2 stages, up to 255 none under 3.7.1 but
+    # 2 under 3.6.0, the tier's among them; 3 stages, other limits, 4 warps, 16 x 32: more.  Left as it was
+    # (float32 D = 256 is no DeBERTa head; not timed)
+    # sm_90 D = 128 since the unpredicated band gathers (2026-12-07): which stage count spills flips with the compiler
+    # (c2p + p2c, key mask, dropout: 1 stage 0 B under triton 3.7.1, 16 B under 3.6.0; 2 stages 8 B / 0 B; over the
+    # 24 variants 1 stage spills in 2 (3.7.1) / 4, 2 stages in 3 / 0; the code before: 2 stages in 2 / 1), so each
+    # compiler gets its own
     if family == 90:
-        dq = LaunchConfig(16, 16, 16, 2) if bd > 128 else LaunchConfig(16, 16, 8, 2, 0, 255)
+        dq = (LaunchConfig(16, 16, 16, 2) if bd > 128
+              else LaunchConfig(16, 16, 8, 1 if _TRITON_VERSION >= (3, 7) else 2, 0, 255) if bd == 128
+              else LaunchConfig(16, 16, 8, 2, 0, 255))
     else:
         dq = LaunchConfig(16, 16, 8, 2, 0, 255) if bd > 128 else bwd
     fwd = LaunchConfig(32, 16, 4, 2) if bd <= 64 else LaunchConfig(16, 16, 4, 2)

@@ -84,3 +84,19 @@ def test_config_coverage_follows_the_targets(monkeypatch):
 
     both, sm90 = cc.launch_config_keys(), cc.launch_config_keys((90,))
     assert set(sm90) < set(both) and all(p.arch == 90 for p in sm90.values())
+
+
+def test_a_config_keyed_on_the_compiler_version(monkeypatch):
+    """The sm_90 float32 D = 128 dq spills on 2 stages under triton 3.7 and on 1 under 3.6 (the full tier's variant,
+    NOTES): ``launch_config`` picks its stages by ``_TRITON_VERSION``, read once at import."""
+    from deberta_fast._kernels import triton_attention_launch as launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    stages = {}
+    for version in ((3, 6), (3, 7), (4, 0)):
+        monkeypatch.setattr(launch, "_TRITON_VERSION", version)
+        launch._gpu_config.cache_clear()
+        stages[version] = launch.launch_config("bwd", 512, 512, 128, True, arch=90).dq.num_stages
+        assert launch.launch_config("bwd", 512, 512, 64, True, arch=90).dq.num_stages == 2  # other head dims: one
+    launch._gpu_config.cache_clear()
+    assert stages == {(3, 6): 2, (3, 7): 1, (4, 0): 1}
