@@ -27,6 +27,10 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
   slot-table load, so every load of the forward's band loop is prefetched: NOTES, "Distance tables"); forward also
   with those tables prebuilt (the kernel alone), and both passes in 16-bit (``TABLE_DTYPE = "input"``: half the
   bytes, about the slot tables' float32 bytes);
+- ``triton both, relative share on host`` (forward+backward): ``REL_SHARE = "host"``, the backward kernels without
+  their epilogue adding dQ's / dK's relative share from their run sums; the host adds it with a float32 GEMM into
+  float32 dq / dk (as until 2026-12-07: one more HBM read of the sums per term against the epilogue's scalar L2
+  reads; NOTES, "The backward adds the relative share of dQ / dK itself");
 - ``triton both, one launch`` (forward, and forward+backward): ``TABLE_BUDGET = None``, every head in one launch
   (the shipped budget runs 16k tokens' 805 MB of tables in head groups: the time that costs or saves, and the
   memory it saves);
@@ -156,6 +160,7 @@ def variants(B, H, L, D, device, dtype):
     both = _grad_run(api("triton", "both", grads), grads, do)
     out.append(("triton both, 16-bit tables", "fwd+bwd", _setting("TABLE_DTYPE", "input", both)))
     out.append(("triton both, one launch", "fwd+bwd", _setting("TABLE_BUDGET", None, both)))
+    out.append(("triton both, relative share on host", "fwd+bwd", _setting("REL_SHARE", "host", both)))
     out.append(("triton both, distance tables", "fwd+bwd", _setting("REL_SOURCE", "distance", both)))
     out.append(("triton both, distance tables, 16-bit", "fwd+bwd",
                 _setting("REL_SOURCE", "distance", _setting("TABLE_DTYPE", "input", both))))

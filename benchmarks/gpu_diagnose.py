@@ -6,8 +6,9 @@
 Why: the first GPU run (H200, 2026-12-04, benchmarks/results/2026-12-04-nvidia-h200-session) failed the float32
 backward tests with tiny buckets (4, 8) at D = 16 (dq off by up to 1.1, dk by 0.46; output, and v3 / unbucketed
 configs, exact), while the same kernels with the same launch configs pass under the CPU interpreter.  ``dq`` and
-``dk`` are each a content part from the kernels (``dS K``, ``dS^T Q``) plus a relative part the host folds from the
-kernels' per-run sums of ``dS`` (``CSUM`` / ``PSUM``, :func:`kernels.triton_attention_launch._position_grads`).
+``dk`` are each a content part (``dS K``, ``dS^T Q``) plus a relative part from the kernels' per-run sums of ``dS``
+(``CSUM`` / ``PSUM``; the kernels add it themselves since 2026-12-07, ``_run_products``: this recomputes it from
+the sums :func:`kernels.triton_attention_launch._position_grads` receives, so a wrong sum and a wrong share differ).
 This compares each piece with its fp64 value from the reference's probabilities:
 
     dS = P * (dO V^T - rowsum(dO * O)) * scale (0 on HF's uniform rows)  CSUM[i, r] = sum_j dS[i, j] [run(i - j) = r]
@@ -98,13 +99,14 @@ def triton_pieces(ts, kw, bwd_cfg=None):
     got, rel = {}, {}
     real_grads, real_config = launch._position_grads, launch._config
 
-    def position_grads(s, pos, x, grad, pr, rev=False):  # the run sums: dq's (rev: runs in decreasing order), dK/dV's
-        dx, dpos = real_grads(s, pos, x, torch.zeros_like(grad), pr, rev)  # the relative share alone
+    def position_grads(s, pos, x, pr, rev=False):  # the run sums: dq's (rev: runs in decreasing order), dK/dV's
         name = "c" if rev else "p"
-        s = s[..., :x.shape[-2], :]  # (padded buffers: rows past the length are not written)
-        got[f"{name}sum"] = s.flip(-1) if rev else s.clone()
-        rel[f"d{'q' if rev else 'k'}_rel"] = dx.clone()
-        return grad.add_(dx), dpos  # (in place, as the launcher's own accumulation: packed calls rely on it)
+        sums = s[..., :x.shape[-2], :]  # (padded buffers: rows past the length are not written)
+        got[f"{name}sum"] = sums.flip(-1) if rev else sums.clone()
+        # the relative share the kernels added to dq / dk (_run_products), recomputed here from their sums
+        sub = pos[..., pr.rows, :].float().index_select(-2, pr.run_rows_rev if rev else pr.run_rows)
+        rel[f"d{'q' if rev else 'k'}_rel"] = sums @ sub
+        return real_grads(s, pos, x, pr, rev)
 
     def config(pass_, *a):
         return bwd_cfg if (pass_ == "bwd" and bwd_cfg is not None) else real_config(pass_, *a)

@@ -154,6 +154,21 @@ def _loop_widths(job, n_loops: int) -> list[int]:
     return [int(vals.get("SAT_N", bn)) if i == 0 else bn for i in range(n_loops)]
 
 
+def _run_chunk() -> int:
+    """Runs per iteration of the backward's relative-share epilogue (``_run_products``)."""
+    from deberta_fast._kernels.triton_attention_bwd import RUN_CHUNK
+    return int(RUN_CHUNK.value)
+
+
+def _run_products_loop(job, n_loops: int) -> int | None:
+    """Index of the backward's epilogue loop (``_run_products``: dq's with c2p, dK/dV's with p2c, unless
+    ``RUN_PRODUCTS`` is off), the one after its four region loops (``_tile_regions``, ``_inner_tiles``), or None."""
+    vals = _constexpr_values(job)
+    term = {"disentangled_bwd_dq_kernel": "HAS_C2P", "disentangled_bwd_dkdv_kernel": "HAS_P2C"}.get(job.kernel)
+    on = term and vals.get(term) and vals.get("RUN_PRODUCTS", True)
+    return 4 if on and n_loops > 4 else None
+
+
 def _analyse(jobs, results) -> list[dict]:
     """One row per compiled job: resources from the compile check, MMA kind and main-loop paths from the SASS."""
     import triton
@@ -177,8 +192,12 @@ def _analyse(jobs, results) -> list[dict]:
         sass = sass_of(kernel.asm["cubin"], job.cc)
         bm, bn = _blocks(job)
         loops = main_loops(parse(sass))
-        for lp, width in zip(loops, _loop_widths(job, len(loops))):
+        epilogue, run_chunk = _run_products_loop(job, len(loops)), _run_chunk()
+        for i, (lp, width) in enumerate(zip(loops, _loop_widths(job, len(loops)))):
             per = 32 * job.options.num_warps / (bm * width)
+            if i == epilogue:  # its rows (dq's queries, dK/dV's keys) x RUN_CHUNK runs per iteration
+                lp["role"], width = "run products", run_chunk
+                per = 32 * job.options.num_warps / ((bm if "dq" in job.kernel else bn) * width)
             lp["tile_n"] = width
             lp["per_element_shortest"] = round(lp["shortest"] * per, 2)
             lp["per_element_longest"] = round(lp["longest"] * per, 2)
@@ -277,7 +296,8 @@ def table(prof: dict) -> str:
     out = [f"# Static profile of the Triton kernels ({prof['date']}, triton {prof['triton']}, {tier}; "
            "compiler output only, no GPU)", "",
            "Per element = SASS instructions on the shortest / longest path through one main-loop iteration "
-           "x 32 x warps / (BLOCK_M x BLOCK_N) (the forward's first loop: BLOCK_M x SAT_N); see benchmarks/static.py.",
+           "x 32 x warps / (BLOCK_M x BLOCK_N) (the forward's first loop: BLOCK_M x SAT_N; a backward's `[runs]` loop, "
+           f"the relative share's epilogue: its rows x {_run_chunk()} runs); see benchmarks/static.py.",
            "",
            "| kernel | target | launch | config | warps/stages | regs | spill st/ld B | smem B | MMA | main loop "
            "instr/element (shortest - longest) | loop LDG |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -285,7 +305,8 @@ def table(prof: dict) -> str:
         if not r["ok"]:
             out.append(f"| {r['kernel']} | sm_{r['cc']} | {r['launch']} | {r['config']} | | FAILED | | | | | |")
             continue
-        loops = "; ".join(f"{lp['per_element_shortest']:g} - {lp['per_element_longest']:g}" for lp in r["loops"]) or "?"
+        loops = "; ".join(("[runs] " if lp.get("role") else "") +
+                          f"{lp['per_element_shortest']:g} - {lp['per_element_longest']:g}" for lp in r["loops"]) or "?"
         ldg = "; ".join(str(lp["ldg"]) for lp in r["loops"])
         out.append(f"| {r['kernel']} | sm_{r['cc']} | {r['launch']} | {r['config']} | "
                    f"{r['num_warps']}/{r['num_stages']}{_maxnreg(r)} "

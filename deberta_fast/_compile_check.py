@@ -116,6 +116,8 @@ class Scenario:
     rel: str = "tables"  # the launcher's REL_SOURCE: "skew" (the forward without tables) or "distance" (a column
     # per distance, forward and backward) are the breakdown's experiments
     tma: bool = False  # the launcher's DEBERTA_FAST_TRITON_TMA=1 experiment (the forward's loads through descriptors)
+    share: str = "kernel"  # the launcher's REL_SHARE: "host" (the backward kernels without their relative-share
+    # epilogue) is the breakdown's experiment
     tier: str = "default"
     why: str = ""
 
@@ -134,6 +136,8 @@ class Scenario:
             parts.append(self.rel)
         if self.tma:
             parts.append("TMA")
+        if self.share != "kernel":
+            parts.append(f"share on {self.share}")
         return " ".join(parts)
 
 
@@ -237,6 +241,8 @@ def scenarios(full: bool) -> list[Scenario]:
     # and its forward and backward on distance tables (no slot-table load in band tiles), on both architectures
     out += [Scenario("fwd", dropout=d, rel="distance", why="distance tables (A/B)") for d in (False, True)]
     out += [Scenario("bwd", rel="distance", why="distance tables (A/B)")]
+    # and its backward with dQ's / dK's relative share added on the host (the kernels without their epilogue)
+    out += [Scenario("bwd", targets=(90,), share="host", why="relative share on the host (A/B)")]
     out += [Scenario(p, varlen=True, mask="none", targets=(90,), rel="distance", why="distance tables (A/B)")
             for p in ("fwd", "bwd")]
     # (a length not a multiple of 16: the tables' blocks padded to 16 rows keep the loads aligned)
@@ -343,9 +349,11 @@ def run_scenario(sc: Scenario) -> list[Launch]:
     pos_key = torch.zeros(sc.H, 2 * span, sc.D, **z) if sc.c2p else None
     pos_query = torch.zeros(sc.H, 2 * span, sc.D, **z) if sc.p2c else None
     old_tf32, old_tables, old_rel = torch.backends.cuda.matmul.allow_tf32, launch.TABLE_DTYPE, launch.REL_SOURCE
+    old_share = launch.REL_SHARE
     torch.backends.cuda.matmul.allow_tf32 = sc.dtype == "tf32"
     launch.TABLE_DTYPE = "input" if sc.tables16 else "float32"
     launch.REL_SOURCE = sc.rel
+    launch.REL_SHARE = sc.share
     try:
         with capture_launches() as captured, launch.use_tma(sc.tma):
             if sc.varlen:
@@ -376,6 +384,7 @@ def run_scenario(sc: Scenario) -> list[Launch]:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
         launch.TABLE_DTYPE = old_tables
         launch.REL_SOURCE = old_rel
+        launch.REL_SHARE = old_share
     if not captured:
         raise RuntimeError(f"{sc.label}: the launcher launched no kernel")
     return list(captured)

@@ -20,10 +20,12 @@ strides ``s_y*``) and stores it; the launcher runs it first, and the dK/dV kerne
   :func:`.triton_attention_common._advance_runs` (the launcher's ``_sums_layout``).
 
 The runs (``_advance_runs``, :func:`deberta_fast.positions.distance_runs`: one per distance inside the band, one
-per constant end of the slot table) fold onto table rows on the host, which turns them into the position gradients
-with small GEMMs.  Padded, ``DQ`` / ``DK`` / ``DV`` are float32 where the launcher adds a position gradient into them
-(``DQ`` with c2p, ``DK`` with p2c), else of the inputs' dtype (the stores round once); packed, float32.  Every output
-location has one writer: deterministic.
+per constant end of the slot table) map onto position rows (``RUNROW``); each program adds its rows' relative share
+``sums @ POS[RUNROW]`` to dQ / dK itself once its sums are stored (:func:`_run_products`; ``RUN_PRODUCTS`` False:
+the launcher's ``REL_SHARE = "host"`` experiment, the host adds it), and the host turns the sums into the position
+gradients (a reduction over rows: small GEMMs).  Padded, ``DQ`` / ``DK`` / ``DV`` are of the inputs' dtype (the
+stores round once; float32 where the host adds a share); packed, float32.  Every output location has one writer:
+deterministic.
 
 ``VARLEN``: packed sequences (layouts as in the forward kernel; grids over the longest
 sequence's blocks and ``N*H``): ``STATS [2,H,Tq]``, ``DELTA [H,Tq]``, ``DQ [H,Tq,D]``,
@@ -144,6 +146,61 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
                                            REGION, HI, True)
     return dk, dv, run_lo, run_hi
 
+#: Runs per product of :func:`_run_products` (each a ``[rows, RUN_CHUNK] x [RUN_CHUNK, BLOCK_D]`` MMA)
+RUN_CHUNK = tl.constexpr(32)
+
+
+@triton.jit
+def _sums_block(SUMS, SUMS_bh, L, RS1, VARLEN: tl.constexpr):
+    """``SUMS_bh`` (:func:`_table_block`'s padded run-sum block) computed again for :func:`_run_products` in another
+    form (the block's first row in int32: ``B * H * L16 < 2**31`` rows, or the inputs alone would not fit in
+    memory), so that the compiler does not keep the 64-bit one live through the loops: under triton 3.6.0 that value
+    spilled 4 B in the sm_90 dq kernel at a ragged length.  Packed: ``SUMS_bh`` as it is."""
+    if VARLEN:
+        return SUMS_bh
+    else:
+        return SUMS + (tl.program_id(1) * ((L + 15) // 16 * 16)).to(tl.int64) * (RS1 + 1)
+
+
+@triton.jit
+def _run_products(acc, SUMS, POS, RUNROW, idx, last, RS1, d_lo, d_hi, k0, sgn, run0, NRUN, H, s_pb, s_ph, s_pr,
+                  offs_d, d_ok, UPCAST: tl.constexpr, PREC: tl.constexpr, RC: tl.constexpr):
+    """``acc [BLOCK, BLOCK_D] + sums @ POS[RUNROW[r]]`` over the runs ``r`` of the program's distances
+    ``[d_lo, d_hi]`` (``clamp(d + run0, 0, NRUN - 1)``), ``RC`` runs per product: the relative share of dQ (c2p:
+    the run sums of rows ``idx``, ``pos_key``'s rows) or of dK (p2c: of keys ``idx``, ``pos_query``'s).  ``SUMS``:
+    rows of ``RS1 + 1`` columns, run ``r`` in column ``k0 + sgn * r`` (:func:`_finish_runs`), each run column of a
+    row up to ``last`` written (zeros where the row has no such distance); ``RUNROW`` int32 ``[NRUN]``: each run's
+    row of ``POS`` (the position rows, ``[H, R, D]`` or ``[B, H, R, D]``: strides ``s_pb`` (0 for the former),
+    ``s_ph``, ``s_pr``; unit column stride; the program's ``(b, h)`` found again from its id, so that nothing for
+    this epilogue stays live through the loops: under triton 3.6.0 the sm_90 dq kernel spilled 4 B otherwise).
+    No predicate per element: rows past ``last`` read row ``last`` (their results are not stored) and columns past
+    the runs the last run's (their position rows are zeros, so those add 0 as long as the sums stay finite in the
+    product's type).  Products: bfloat16 sums (rounded as ``dS`` is for ``dS K``; float32's range) by bfloat16 rows;
+    float16 inputs in TF32 (the same 11 significant bits as float16, float32's range: a sum of many dS can exceed
+    65504 where no element does, and inf * 0 would then reach every row of the block as NaN); float32 as the
+    kernel's ``PREC``.  The sums must be read by plain loads after the barrier (never ``ld.global.nc`` /
+    :func:`_gather`: the non-coherent path need not see this program's own stores)."""
+    tl.debug_barrier()  # the run sums other threads of this program stored are visible
+    bh = tl.program_id(1)
+    POS = POS + (bh // H).to(tl.int64) * s_pb + (bh % H).to(tl.int64) * s_ph
+    r_lo = tl.minimum(tl.maximum(d_lo + run0, 0), NRUN - 1)
+    r_hi = tl.minimum(tl.maximum(d_hi + run0, 0), NRUN - 1)
+    c_lo = k0 + tl.minimum(sgn * r_lo, sgn * r_hi)
+    c_hi = k0 + tl.maximum(sgn * r_lo, sgn * r_hi)
+    rows = tl.minimum(idx, last) * (RS1 + 1)
+    for c0 in tl.range(c_lo, c_hi + 1, RC, num_stages=1):
+        cols = c0 + tl.arange(0, RC)
+        c_ok = cols <= c_hi
+        s = tl.load(SUMS + (rows[:, None] + tl.minimum(cols, c_hi)[None, :]))
+        prow = tl.load(RUNROW + (tl.minimum(cols, c_hi) - k0) * sgn)
+        p = tl.load(POS + (prow.to(tl.int64) * s_pr)[:, None] + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        if POS.dtype.element_ty == tl.float16:  # (a sum can exceed float16's range where no dS element does)
+            acc += _mm(s, p.to(tl.float32), UPCAST, "tf32")
+        else:
+            acc += _mm(s.to(p.dtype), p, UPCAST, PREC)
+    return acc
+
 
 @triton.jit
 def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, dsc, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh,
@@ -178,15 +235,15 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, dsc, K_bh, V_bh, C2P_bh
 # a fresh seed / rate per call, or another head group, must not recompile
 @triton.jit(do_not_specialize=["SEED", "drop_thresh", "H0"])
 def disentangled_bwd_dkdv_kernel(
-    Q, K, V, DO, STATS, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM,
+    Q, K, V, DO, STATS, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM, POS, RUNROW,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP,
+    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_pb, s_ph, s_pr,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = 0,
-    TPAD: tl.constexpr = 16,
+    TPAD: tl.constexpr = 16, RUN_PRODUCTS: tl.constexpr = True,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -253,11 +310,15 @@ def disentangled_bwd_dkdv_kernel(
                                              DIST)
 
     out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
-    tl.store(DK + out, _rounded(dk, DK, UPCAST), mask=kv_ok)
-    if HAS_P2C:  # after dK's store: it is no longer live
-        # key j's distances run from -j (query 0) to Lq - 1 - j
+    if HAS_P2C:
+        # key j's distances run from -j (query 0) to Lq - 1 - j; then dK's relative share from the finished sums
         _finish_runs(run_lo, run_hi, n_ok, -offs_n, Lq - 1 - offs_n, PSUM_bh, rows + offs_n, RCP - run0, 1, run0,
                      NRUN, not VARLEN, BLOCK_M)
+    if HAS_P2C and RUN_PRODUCTS:
+        dk = _run_products(dk, _sums_block(PSUM, PSUM_bh, Lk, RS1, VARLEN), POS, RUNROW, offs_n, Lk - 1, RS1,
+                           1 - tl.minimum(start_n + BLOCK_N, Lk), Lq - 1 - start_n, RCP - run0, 1, run0, NRUN, H,
+                           s_pb, s_ph, s_pr, offs_d, d_ok, UPCAST, PREC, RUN_CHUNK)
+    tl.store(DK + out, _rounded(dk, DK, UPCAST), mask=kv_ok)
     if MASK_KIND != 0:
         dv = _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, Lq, Lk, s_om, s_unb, s_unh,
                          drop_thresh, seed, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
@@ -269,15 +330,15 @@ def disentangled_bwd_dkdv_kernel(
 # a fresh seed / rate per call, or another head group, must not recompile
 @triton.jit(do_not_specialize=["SEED", "drop_thresh", "H0"])
 def disentangled_bwd_dq_kernel(
-    Q, K, V, DO, STATS, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM, O,
+    Q, K, V, DO, STATS, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM, O, POS, RUNROW,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_yb, s_yh, s_ym,
+    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_yb, s_yh, s_ym, s_pb, s_ph, s_pr,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = 0,
-    TPAD: tl.constexpr = 16,
+    TPAD: tl.constexpr = 16, RUN_PRODUCTS: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -344,8 +405,12 @@ def disentangled_bwd_dq_kernel(
                                        MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N, DIST)
 
     out = (qrow0 + offs_m)[:, None] * D + offs_d[None, :]
-    tl.store(DQ + out, _rounded(dq, DQ, UPCAST), mask=qo_ok)
-    if HAS_C2P:  # after the store: dQ is no longer live
-        # query i's distances run from i - (Lk - 1) (the last key) to i
+    if HAS_C2P:
+        # query i's distances run from i - (Lk - 1) (the last key) to i; then dQ's relative share from the sums
         _finish_runs(run_lo, run_hi, m_ok, offs_m - (Lk - 1), offs_m, CSUM_bh, rows + offs_m, RCC + run0, -1, run0,
                      NRUN, not VARLEN, BLOCK_N)
+    if HAS_C2P and RUN_PRODUCTS:
+        dq = _run_products(dq, _sums_block(CSUM, CSUM_bh, Lq, RS1, VARLEN), POS, RUNROW, offs_m, Lq - 1, RS1,
+                           start_m - (Lk - 1), tl.minimum(start_m + BLOCK_M, Lq) - 1, RCC + run0, -1, run0, NRUN, H,
+                           s_pb, s_ph, s_pr, offs_d, d_ok, UPCAST, PREC, RUN_CHUNK)
+    tl.store(DQ + out, _rounded(dq, DQ, UPCAST), mask=qo_ok)

@@ -471,6 +471,7 @@ class _Prepared:
     run0: int  # the backward's run of d is clamp(d + run0, 0, NRUN - 1) (positions.distance_runs)
     sums: tuple = (16, 0, 0)  # the run sums' layout (_sums_layout)
     run_rows_rev: torch.Tensor | None = None  # run_rows reversed (dq's run sums hold the runs in decreasing order)
+    run_pos_rows: torch.Tensor | None = None  # int32 [NRUN]: row of pos_key / pos_query of each run (kernels' RUNROW)
 
     @property
     def nrun(self) -> int:
@@ -531,6 +532,7 @@ class _Layout:
     run0: int  # -runs.lo (positions.distance_runs); 0 for the forward
     sums: tuple = (16, 0, 0)  # _sums_layout's, for the backward
     run_rows_rev: torch.Tensor | None = None
+    run_pos_rows: torch.Tensor | None = None
 
 
 def _sums_layout(nrun: int, run0: int) -> tuple:
@@ -573,7 +575,8 @@ def _layout(Lq, Lk, position_buckets, max_relative_positions, span, device, has_
             run_rows, unique, run0 = runs.run_rows, runs.unique, -runs.lo
             identity = unique and runs.count == nslot  # increasing and every row: arange
         hit = _Layout(table, slice(lo, hi + 1), nslot, (max(band.lo, -lim), min(band.hi, lim)), run_rows,
-                      unique, identity, run0, sums, None if run_rows is None else run_rows.flip(0))
+                      unique, identity, run0, sums, None if run_rows is None else run_rows.flip(0),
+                      None if run_rows is None else (run_rows + lo).to(torch.int32))
     if len(_LAYOUTS) >= 256:
         _LAYOUTS.clear()
     _LAYOUTS[key] = hit
@@ -639,10 +642,10 @@ def _prepare(q, k, pos_key, pos_query, key_mask, full_mask, uniform_rows, positi
     return _Prepared(lay.table, mask_args, mask_strides, lay.nslot, lay.band, constexprs, lay.rows, lay.run_rows,
                      lay.runs_unique, lay.runs_identity, q.dtype == torch.float32 and prec == "ieee",
                      q.dtype == torch.float32 and prec == "tf32", device_arch(q.device), lay.run0, lay.sums,
-                     lay.run_rows_rev)
+                     lay.run_rows_rev, lay.run_pos_rows)
 
 
-#: Most bytes one launch's relative tables may take (C2P / P2C; in the backward also its run sums and float32
+#: Most bytes one launch's relative tables may take (C2P / P2C; in the backward also its run sums and, padded, its
 #: gradients).  A call that needs more runs its heads in groups, one launch of each kernel (and one pair of table
 #: GEMMs) per group: the same values per head (the dropout stream is keyed by the call's own ``(b, h)``: the
 #: kernels' ``H_ALL`` / ``H0``), at most this much transient memory instead of ``O(B H L NSLOT)`` (v3-base at
@@ -733,6 +736,15 @@ def _key_bias(k, pos, key_mask, rows: int):
 #: (``DIST_KEYED``, :func:`_key_bias`).
 #: Experiments for a GPU A/B (``benchmarks.breakdown``), not a user setting.
 REL_SOURCE = "tables"
+
+
+#: Who adds dQ's / dK's relative share ``run sums @ position rows``: "kernel" (shipped: each backward program, from
+#: its own sums, ``_run_products``; no float32 dq / dk, 8 fewer host tensor operations per 16-bit backward) or "host"
+#: (the kernels skip it, ``RUN_PRODUCTS`` False, and the launcher adds it with a float32 GEMM into float32 dq / dk,
+#: as until 2026-12-07).  Which is faster on a GPU is not measured: the epilogue's scalar L2 reads (~9.5 SASS
+#: instructions per (row, run) pair) against one more HBM read of the sums (NOTES: "The backward adds the relative
+#: share of dQ / dK itself").  An experiment for a GPU A/B (``benchmarks.breakdown``), not a user setting.
+REL_SHARE = "kernel"
 
 
 def _fwd_launch_config(q_len: int, k_len: int, head_dim: int, pr: _Prepared) -> LaunchConfig:
@@ -1056,7 +1068,7 @@ def _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
               max_relative_positions, span, dropout_p, max_seqlens) -> tuple:
     """What a plan depends on: shapes, strides, dtype, device, which terms and masks (a key mask's strides and
     dtype), bucket config, dropout on / off, and the settings the launch reads (interpreter, TF32, target arch,
-    ``REL_SOURCE`` / ``TABLE_BUDGET`` / ``TABLE_DTYPE``, ``DEBERTA_FAST_TRITON_TMA``)."""
+    ``REL_SOURCE`` / ``TABLE_BUDGET`` / ``TABLE_DTYPE`` / ``REL_SHARE``, ``DEBERTA_FAST_TRITON_TMA``)."""
     return (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, max_seqlens,
             None if pos_key is None else (pos_key.shape, pos_key.stride()),
             None if pos_query is None else (pos_query.shape, pos_query.stride()),
@@ -1064,7 +1076,7 @@ def _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
             None if full_mask is None else full_mask.shape,
             None if uniform_rows is None else uniform_rows.shape, position_buckets, max_relative_positions, span,
             dropout_p > 0.0, interpreting(), q.dtype == torch.float32 and _allow_tf32(),
-            _TARGET_ARCH[0], REL_SOURCE, TABLE_BUDGET, TABLE_DTYPE, tma_requested())
+            _TARGET_ARCH[0], REL_SOURCE, TABLE_BUDGET, TABLE_DTYPE, REL_SHARE, tma_requested())
 
 
 def _configs_replaced() -> bool:
@@ -1173,8 +1185,9 @@ def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         per_head = (_table_bytes(pr, *t_rows, q.dtype, nslot) + _key_bias_bytes(pr, t_rows[1], D, q, flags)
                     + _table_bytes(pr, *s_rows, q.dtype, 0, pr.sums[0] + 1))
         if max_seqlens is None:  # a padded group also allocates its dq / dk / dv
-            dq_t, dk_t, dv_t = (t.itemsize for t in _grad_dtypes(q, k, v, pos_key, pos_query))
-            per_head += (dq_t * q_rows + (dk_t + dv_t) * k_rows) * D
+            dq_t, dk_t = (4 if host else q.element_size() for host in _host_shares(pos_key, pos_query))
+            per_head += (dq_t * q_rows + (dk_t + q.element_size()) * k_rows) * D
+        flags = dict(flags, RUN_PRODUCTS=REL_SHARE == "kernel")
         return _BwdPlan(pr, cfg, head_groups(H, per_head), dict(_launch_kwargs(cfg.dkdv, pr), **flags),
                         dict(_launch_kwargs(cfg.dq, pr), **flags), dist, nslot, dist_args)
 
@@ -1233,35 +1246,33 @@ def _unfilled(shape, device) -> torch.Tensor:
     return out.fill_(float("nan")) if interpreting() else out
 
 
-def _position_grads(sums, pos, x, grad, pr: _Prepared, rev: bool = False):
+def _position_grads(sums, pos, x, pr: _Prepared, rev: bool = False):
     """Per-run sums of dS (``[B,H,L',NRUN]``, or ``[H,T,NRUN]`` packed; runs of
     :func:`deberta_fast.positions.distance_runs`; ``rev``: in decreasing run order, dq's ``CSUM``, see
     :func:`_sums_layout`; ``L' >= L``, ``x``'s rows: the padded buffers' rows, unwritten past ``L``, so that the view
-    of their run columns folds into one matrix without a copy) -> ``(grad + dS_rel @ pos, d pos)``, ``grad`` (the
-    kernels' float32 dq or dk of ``x``'s shape) accumulated in place where it can be (:func:`add_product_`).
+    of their run columns folds into one matrix without a copy) -> ``d pos``: ``pos``'s shape (zero outside
+    ``pr.rows``), summed over batch when ``pos`` is ``[H, 2*span, D]`` and ``sums`` has a batch dim.  (The other
+    half, ``dS_rel @ pos`` into dq / dk, the kernels add themselves: ``_run_products``.)
 
-    Run ``r`` reads row ``run_rows[r]`` of ``pos[..., rows, :]``; ``d pos`` has ``pos``'s shape (zero
-    outside ``rows``), summed over batch when ``pos`` is ``[H, 2*span, D]`` and ``sums`` has a batch
-    dim.  Runs sharing a row (the distances of one log bucket) are folded with a 0/1 matrix product,
-    not an atomic scatter: deterministic.  When run ``r`` is row ``r`` (``runs_identity``: every distance in
-    the linear range, short sequences) there is nothing to gather or scatter (``rev``: a flip of each)."""
-    sub = pos[..., pr.rows, :].float()
+    Run ``r`` reads row ``run_rows[r]`` of ``pos[..., rows, :]``.  Runs sharing a row (the distances of one log
+    bucket) are folded with a 0/1 matrix product, not an atomic scatter: deterministic.  When run ``r`` is row ``r``
+    (``runs_identity``: every distance in the linear range, short sequences) there is nothing to scatter (``rev``:
+    a flip)."""
     run_rows = pr.run_rows_rev if rev else pr.run_rows
-    identity = pr.runs_identity
     L = x.shape[-2]
     if sums.shape[-2] != L:
         sums = sums[..., :L, :]
-    grad = add_product_(grad, sums, (sub.flip(-2) if rev else sub) if identity else sub.index_select(-2, run_rows))
     druns = torch.matmul(sums.transpose(-1, -2), x.float())
     if druns.dim() > pos.dim():  # batch 1: the sum over one batch entry is that entry (no copy, no launch)
         druns = druns[0] if druns.shape[0] == 1 else druns.sum(0)
-    if identity:
+    nrows = pr.rows.stop - pr.rows.start
+    if pr.runs_identity:
         dsub = druns.flip(-2) if rev else druns
     elif pr.runs_unique:
-        dsub = druns.new_zeros(sub.shape)
+        dsub = druns.new_zeros((*druns.shape[:-2], nrows, druns.shape[-1]))
         dsub[..., run_rows, :] = druns
     else:
-        fold = torch.nn.functional.one_hot(run_rows, sub.shape[-2]).to(druns.dtype)  # [NRUN, rows]
+        fold = torch.nn.functional.one_hot(run_rows, nrows).to(druns.dtype)  # [NRUN, rows]
         dsub = torch.matmul(fold.t(), druns)
     # zero rows outside ``rows``: one pad instead of zeros + a slice copy (the aten op: F.pad's wrapper cost ~0.4 us,
     # measured on the 2-core CPU machine, 2026-12-05); none when every row is used (a pad of 0 copies)
@@ -1269,17 +1280,35 @@ def _position_grads(sums, pos, x, grad, pr: _Prepared, rev: bool = False):
     below, above = pr.rows.start, pos.shape[-2] - pr.rows.stop
     if below or above:
         dpos = torch.constant_pad_nd(dpos, (0, 0, below, above))
-    return grad, dpos
+    return dpos
 
 
-def _grad_dtypes(q, k, v, pos_key, pos_query) -> tuple:
-    """The dtypes of the padded kernels' ``dq`` / ``dk`` / ``dv``: float32 where the host adds a position gradient
-    into it (``dq`` with c2p, ``dk`` with p2c: :func:`_position_grads`), else the input's own (the kernels' stores
-    round the float32 sums once, to nearest even, as ``.to`` does: no float32 buffer and no conversion pass).  Packed
-    calls keep float32 buffers: their results are transposed copies anyway, and the one-head packed dK/dV kernel
-    spilled 12 B with a 16-bit ``DV`` (sm_90, triton 3.7.1, static profile 2026-12-06)."""
-    return (torch.float32 if pos_key is not None else q.dtype, torch.float32 if pos_query is not None else k.dtype,
-            v.dtype)
+def _host_shares(pos_key, pos_query) -> tuple:
+    """Whether the host adds dq's / dk's relative share (``REL_SHARE = "host"`` and the term present): those
+    gradients are then float32 buffers until it has."""
+    host = REL_SHARE == "host"
+    return host and pos_key is not None, host and pos_query is not None
+
+
+def _add_share(grad, sums, pos, pr: _Prepared, rev: bool):
+    """``grad + sums @ pos[run rows]`` (``REL_SHARE = "host"``: what ``_run_products`` adds in the kernels), in place
+    where :func:`add_product_` can; ``sums`` as :func:`_position_grads` takes them."""
+    sums = sums[..., :grad.shape[-2], :]
+    sub = pos[..., pr.rows, :].float().index_select(-2, pr.run_rows_rev if rev else pr.run_rows)
+    return add_product_(grad, sums, sub)
+
+
+def _unit_columns(*pos) -> tuple:
+    """``pos`` (None kept) with unit column stride, as :func:`_run_products` reads them (a copy only if not)."""
+    return tuple(p if p is None or p.stride(-1) == 1 else p.contiguous() for p in pos)
+
+
+def _pos_operands(pos, pr: _Prepared, dummy) -> tuple:
+    """The kernels' ``POS, RUNROW`` and ``s_pb, s_ph, s_pr`` for ``pos`` (``[H, R, D]`` or ``[B, H, R, D]``, unit
+    column stride) of the term whose relative share they add (:func:`_run_products`); dummies without it."""
+    if pos is None:
+        return (dummy, dummy), (0, 0, 0)
+    return (pos, pr.run_pos_rows), ((0,) if pos.dim() == 3 else ()) + pos.stride()[:-1]
 
 
 def _grad_buffers(pos_key, pos_query, shapes, dtypes, device, grouped: bool):
@@ -1303,6 +1332,7 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     if out.stride(-1) != 1 or not rows_fit(out.stride(-2), Lq):  # (the dq kernel reads it: DELTA)
         out = out.contiguous()
     stats = stats.contiguous()  # the kernels find its second plane (_stat_planes)
+    pos_key, pos_query = _unit_columns(pos_key, pos_query)
     plan, mask_args = _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                                 max_relative_positions, span, dropout_p)
     pr, cfg, groups = plan.pr, plan.cfg, plan.groups
@@ -1317,12 +1347,12 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
     if plan.dist is not None:  # (the forward's tables: the same layout at the same scale)
         kw_dq, kw_dkdv = _dist_kwargs(kw_dq, scale), _dist_kwargs(kw_dkdv, scale)
         layout = _table_layout(kw_dq, mask_args, pr)
-    gq, gk, gv = _grad_dtypes(q, k, v, pos_key, pos_query)
+    host_q, host_k = _host_shares(pos_key, pos_query)
     for hs in groups:
         n, g = hs.stop - hs.start, (None if one else hs)
-        dq = torch.empty((B, n, Lq, D), device=q.device, dtype=gq)
-        dk = torch.empty((B, n, Lk, D), device=q.device, dtype=gk)
-        dv = torch.empty((B, n, Lk, D), device=q.device, dtype=gv)
+        dq = torch.empty((B, n, Lq, D), device=q.device, dtype=torch.float32 if host_q else q.dtype)
+        dk = torch.empty((B, n, Lk, D), device=q.device, dtype=torch.float32 if host_k else k.dtype)
+        dv = torch.empty((B, n, Lk, D), device=q.device, dtype=v.dtype)
         # every location is written by the kernels (no zero fill); NaN under the interpreter, so that the tests see
         # an unwritten one
         # rows of RS1 + 1 columns, each (b, h) block of a multiple of 16 rows (_sums_layout, _table_block)
@@ -1337,17 +1367,22 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
         qg, kg, vg, dog, og, pkg, pqg = _heads(g, q, k, v, do, out, pos_key, pos_query)
         tables = _tables(q, k, pos_key, pos_query, pr, g, plan.dist and plan.dist[2:], *layout)
         inputs = (qg, kg, vg, dog, st, dl, *tables, pr.table, pr.table, pr.table, *_group_masks(mask_args, g))
-        disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * n)](*inputs, dq, c_sum, og, *common, *o_strides,
-                                                                        **kw_dq)
-        disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * n)](*inputs, dk, dv, p_sum, *common,
-                                                                            **kw_dkdv)
+        (pk_ops, pk_strides), (pq_ops, pq_strides) = _pos_operands(pkg, pr, dummy), _pos_operands(pqg, pr, dummy)
+        disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * n)](*inputs, dq, c_sum, og, *pk_ops, *common,
+                                                                        *o_strides, *pk_strides, **kw_dq)
+        disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * n)](*inputs, dk, dv, p_sum, *pq_ops, *common,
+                                                                            *pq_strides, **kw_dkdv)
         dpos_key = dpos_query = None
         if has_c2p:
-            dq, dpos_key = _position_grads(c_sum[..., pr.run_columns(True)], pkg, qg, dq, pr, True)
+            dpos_key = _position_grads(c_sum[..., pr.run_columns(True)], pkg, qg, pr, True)
         if has_p2c:
-            dk, dpos_query = _position_grads(p_sum[..., pr.run_columns(False)], pqg, kg, dk, pr)
+            dpos_query = _position_grads(p_sum[..., pr.run_columns(False)], pqg, kg, pr)
+        if host_q:
+            dq = _add_share(dq, c_sum[..., pr.run_columns(True)], pkg, pr, True)
+        if host_k:
+            dk = _add_share(dk, p_sum[..., pr.run_columns(False)], pqg, pr, False)
         if one:
-            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos_key, dpos_query
+            return dq.to(q.dtype), dk.to(k.dtype), dv, dpos_key, dpos_query
         for dst, src in zip(res, (dq, dk, dv, dpos_key, dpos_query)):
             if src is not None:
                 dst[..., hs, :, :] = src
@@ -1417,6 +1452,10 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
     if out.stride(-1) != 1 or not rows_fit(out.stride(0), max_seqlen_q):
         out = out.contiguous()
     stats = stats.contiguous()  # the kernels find its second plane (_stat_planes)
+    if any(p is not None and p.dim() != 3 for p in (pos_key, pos_query)):  # (the kernels' batch is the sequence)
+        raise ValueError(f"packed calls take pos_key / pos_query [H, 2*span, D], got "
+                         f"{[None if p is None else list(p.shape) for p in (pos_key, pos_query)]}")
+    pos_key, pos_query = _unit_columns(pos_key, pos_query)
     plan, mask_args = _bwd_plan(q, k, v, pos_key, pos_query, None, None, None, position_buckets,
                                 max_relative_positions, span, dropout_p, (max_seqlen_q, max_seqlen_k))
     pr, cfg, groups = plan.pr, plan.cfg, plan.groups
@@ -1440,18 +1479,23 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
         (stg,), (dqg, dkg, dvg) = _heads(g, stats, axis=1), _heads(g, dq, dk, dv)
         dl = _unfilled((n, Tq), q.device)  # [H, Tq] rowsum(dO * O): the dq kernel's (rows of no sequence unused)
         qg, kg, vg, dog, og = _heads(g, q, k, v, do, out, axis=1)
+        pkg, pqg = _heads(g, pos_key, pos_query)
+        (pk_ops, pk_strides), (pq_ops, pq_strides) = _pos_operands(pkg, pr, dummy), _pos_operands(pqg, pr, dummy)
         inputs = (qg, kg, vg, dog, stg, dl, *_tables(qt, kt, pos_key, pos_query, pr, g, plan.dist and plan.dist[2:]),
                   pr.table, cu_seqlens_q, cu_seqlens_k, *mask_args)
-        disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.dq.block_m), N * n)](*inputs, dqg, c_sum, og, *common,
-                                                                                 0, out.stride(1), out.stride(0),
+        disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.dq.block_m), N * n)](*inputs, dqg, c_sum, og, *pk_ops,
+                                                                                 *common, 0, out.stride(1),
+                                                                                 out.stride(0), *pk_strides,
                                                                                  **plan.kw_dq)
         disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.dkdv.block_n), N * n)](*inputs, dkg, dvg, p_sum,
-                                                                                     *common, **plan.kw_dkdv)
-        for i, (sums, pos, x, grad) in enumerate(((c_sum, pos_key, qt, dqg), (p_sum, pos_query, kt, dkg))):
+                                                                                     *pq_ops, *common, *pq_strides,
+                                                                                     **plan.kw_dkdv)
+        for i, (sums, pos, x) in enumerate(((c_sum, pkg, qt), (p_sum, pqg, kt))):
             if pos is None:
                 continue
-            # (grad: a [n, T, D] view of dq / dk, accumulated in place: 3-D operands)
-            _, g_pos = _position_grads(sums[..., pr.run_columns(i == 0)], *_heads(g, pos, x), grad, pr, i == 0)
+            g_pos = _position_grads(sums[..., pr.run_columns(i == 0)], pos, *_heads(g, x), pr, i == 0)
+            if REL_SHARE == "host":  # (grad: a [n, T, D] view of dq / dk, accumulated in place: 3-D operands)
+                _add_share((dqg, dkg)[i], sums[..., pr.run_columns(i == 0)], pos, pr, i == 0)
             if g is None:
                 dpos[i] = g_pos
             else:

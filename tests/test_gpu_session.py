@@ -304,6 +304,7 @@ def test_breakdown_rehearsal(tmp_path):
                                                          ("fwd", "triton both, distance tables, 16-bit"),
                                                          ("fwd+bwd", "triton both, distance tables"),
                                                          ("fwd+bwd", "triton both, distance tables, 16-bit"),
+                                                         ("fwd+bwd", "triton both, relative share on host"),
                                                          ("fwd+bwd", "triton both, TMA")}
     assert {r["variant"]: r["same_output"] for r in rows if "same_output" in r} == {
         "triton both, tables prebuilt": True, "triton both, key mask (all ones)": True,

@@ -86,6 +86,74 @@ def test_position_grad_fold_paths(buckets, kind):
     check_grads(1, 2, 37, 37, 16, buckets=buckets, mask="key")
 
 
+@pytest.mark.parametrize("Lq,Lk,terms", [(40, 1, "p2c"), (70, 9, "p2c"), (9, 70, "c2p")])
+def test_relative_share_windows(Lq, Lk, terms):
+    """The kernels add dQ's / dK's relative share from the runs their rows' distances reach (``_run_products``):
+    a dK/dV program's keys against many more queries, and a dq program's rows against many more keys."""
+    check_grads(1, 2, Lq, Lk, 16, terms=terms)
+
+
+@pytest.mark.parametrize("layout", ["strided", "head_expanded"])
+def test_position_tables_with_other_strides(layout):
+    """Position rows read by the kernels' epilogue (``POS``): columns not unit-stride (the launcher makes a copy), or
+    one table expanded over the heads (head stride 0); gradients reach the underlying tensor."""
+    q, k, v, pk, pq, mask, akw = make_inputs(1, 3, 33, 27, 16)
+    R = pk.shape[1]
+    if layout == "strided":
+        base = [torch.randn(3, R, 32)[..., ::2], torch.randn(3, R, 32)[..., 1::2]]
+        assert base[0].stride(-1) == 2
+    else:
+        base = [torch.randn(3, R, 16), torch.randn(1, R, 16)]
+
+    def pos(bs):
+        return (bs[0], bs[1].expand(3, -1, -1)) if layout == "head_expanded" else tuple(bs)
+    do = torch.randn(1, 3, 33, 16)
+    got, ref = [], []
+    for fn, dt, out in ((triton_fn(mask, akw), torch.float32, got), (reference_fn(mask, akw), torch.float64, ref)):
+        ts = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        bs = [b.to(dt).requires_grad_() for b in base]
+        o = fn(*ts, *pos(bs))
+        out += [o, *torch.autograd.grad(o, ts + bs, do.to(dt))]
+    for name, g, r in zip(("out", "dq", "dk", "dv", "dpos_a", "dpos_b"), got, ref):
+        assert_close_fp32(g, r, tol=2e-5, what=name)
+
+
+@pytest.mark.parametrize("dtype,groups", [(torch.float32, False), (torch.bfloat16, True)])
+def test_relative_share_on_the_host(monkeypatch, dtype, groups):
+    """The breakdown's ``REL_SHARE = "host"`` experiment: the kernels skip their epilogue (``RUN_PRODUCTS``), the
+    launcher adds dq's / dk's relative share into float32 buffers and converts; in one launch, and per head."""
+    from deberta_fast._kernels import triton_attention_launch as launch
+    monkeypatch.setattr(launch, "REL_SHARE", "host")
+    if groups:
+        monkeypatch.setattr(launch, "TABLE_BUDGET", 1)
+    seen = []
+    real = launch._bwd_plan
+    monkeypatch.setattr(launch, "_bwd_plan", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    check_grads(2, 2, 37, 29, 16, dtype=dtype, mask="key")
+    assert seen and all(not plan.kw_dq["RUN_PRODUCTS"] and len(plan.groups) == (2 if groups else 1)
+                        for plan, _ in seen)
+
+
+def test_fp16_relative_share_beyond_fp16_range():
+    """A run sum of many dS can exceed float16's range where no dS element does (probabilities spread over many
+    keys, large dO): dq and dk stay finite and exact (the epilogue multiplies float16 inputs' sums in TF32; rounded to
+    float16, the sum was inf and inf * 0 in the zeroed columns past the runs made whole rows NaN)."""
+    B, H, L, D = 1, 1, 64, 16
+    kw = dict(position_buckets=4, max_relative_positions=8)
+    q = k = torch.zeros(B, H, L, D)
+    v = torch.full((B, H, L, D), 150.0)
+    v[..., 48:, :] = -450.0
+    do = torch.full((B, H, L, D), 1000.0)
+    gen = torch.Generator().manual_seed(0)
+    pk, pq = (torch.randn(H, 8, D, generator=gen) * 1e-3 for _ in range(2))
+    ts = (q, k, v, pk, pq)
+    got = grads(lambda *a: disentangled_attention(*a, backend="triton", **kw), ts, torch.float16, do)
+    ref = grads(lambda *a: disentangled_attention_reference(*a, **kw), ts, torch.float64, do)
+    for name, g, r in zip(("dq", "dk"), got[1:3], ref[1:3]):
+        assert torch.isfinite(g).all(), f"{name}: not finite"
+        torch.testing.assert_close(g.double(), r, rtol=2e-2, atol=1.0, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("mask", ["full_b1", "full3d"])
 def test_batched_pos_and_broadcast_mask(mask):
     check_grads(2, 2, 40, 33, 16, pos_batched=True, mask=mask)

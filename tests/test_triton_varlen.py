@@ -157,6 +157,27 @@ def test_lse_layout():
         assert_close_fp32(lse[:, sl], ref_lse[0], what=f"lse of sequence {n}")
 
 
+def test_relative_share_on_the_host(monkeypatch):
+    """The breakdown's ``REL_SHARE = "host"`` experiment on packed calls: the kernels skip their epilogue and the
+    launcher adds dq's / dk's relative share in place into its float32 buffers."""
+    from deberta_fast._kernels import triton_attention_launch as launch
+    monkeypatch.setattr(launch, "REL_SHARE", "host")
+    check([1, 37, 5, 60], [9, 40, 5, 1])
+
+
+def test_backward_op_refuses_batched_position_tables():
+    """The packed backward's kernels index ``pos_key`` / ``pos_query`` by head alone (their batch index is the
+    sequence): a direct call of the op with ``[B, H, R, D]`` tables is refused, not read at the wrong rows."""
+    lens = [5, 9]
+    q, k, v, pk, pq, cq, ck, mq, mk, kw = make_packed(lens)
+    c = build_varlen_call(q, k, v, pk, pq, cq, ck, mq, mk, scale=None, dropout_p=0.0, **kw)
+    out, stats = torch.ops.deberta_fast.triton_varlen_fwd(q, k, v, pk, pq, cq, ck, mq, mk, 4, 8, c.span, c.scale,
+                                                          0.0, None)
+    with pytest.raises(ValueError, match=r"packed calls take pos_key / pos_query \[H, 2\*span, D\]"):
+        torch.ops.deberta_fast.triton_varlen_bwd(torch.randn_like(out), q, k, v, pk[None].expand(2, -1, -1, -1), pq,
+                                                 out, stats, cq, ck, mq, mk, 4, 8, c.span, c.scale, 0.0, None)
+
+
 def test_backward_is_deterministic():
     q, k, v, pk, pq, cq, ck, mq, mk, kw = make_packed([40, 1, 25], [40, 9, 25], H=1)
     do = torch.randn(q.shape)
