@@ -742,8 +742,9 @@ REL_SOURCE = "tables"
 #: its own sums, ``_run_products``; no float32 dq / dk, 8 fewer host tensor operations per 16-bit backward) or "host"
 #: (the kernels skip it, ``RUN_PRODUCTS`` False, and the launcher adds it with a float32 GEMM into float32 dq / dk,
 #: as until 2026-12-07).  Which is faster on a GPU is not measured: the epilogue's scalar L2 reads (~9.5 SASS
-#: instructions per (row, run) pair) against one more HBM read of the sums (NOTES: "The backward adds the relative
-#: share of dQ / dK itself").  An experiment for a GPU A/B (``benchmarks.breakdown``), not a user setting.
+#: instructions per (row, run) pair on sm_90: static, compiler output, 2026-12-07) against one more HBM read of the
+#: sums (NOTES: "The backward adds the relative share of dQ / dK itself").  An experiment for a GPU A/B
+#: (``benchmarks.breakdown``), not a user setting.
 REL_SHARE = "kernel"
 
 
