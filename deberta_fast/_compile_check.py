@@ -221,6 +221,9 @@ def scenarios(full: bool) -> list[Scenario]:
     # inference, fp16 D=64 L=512
     out += [Scenario("fwd", why="training"), Scenario("bwd", why="training"),
             Scenario("fwd", dropout=False, targets=(90,), why="inference")]
+    # and the backward without dropout (its own sm_90 dK/dV tiles), also on the distance tables of the A/B below
+    out += [Scenario("bwd", dropout=False, targets=(90,), why="no dropout"),
+            Scenario("bwd", dropout=False, targets=(90,), rel="distance", why="no dropout, distance tables (A/B)")]
     out += [Scenario("fwd", dtype=dt, targets=(80,), why=dt) for dt in ("bf16", "tf32")]
     out += [Scenario(p, varlen=True, mask="none", targets=(90,), why="packed") for p in ("fwd", "bwd")]
     # every other distinct LaunchConfig value once, at its representative launch; these compile fast, so they also

@@ -6,9 +6,10 @@ their own (``_tile_regions``, ``_inner_tiles``), from the forward's statistics `
 magnitude; 0 on rows with no key, and on HF's uniform rows, whose scores are constants: their ``LOGSUM`` is taken
 as +inf, and the dK/dV kernel adds their dV in a pass of its own, ``_uniform_dv``) and the dropout keep-mask from the
 seed at ``SEED`` (int64 ``[1]`` on the device, read only with dropout: ``_dropout_seed``), and form
-``dS = scale * P * (dP - DELTA)`` with ``DELTA = rowsum(dO * O)`` float32 ``[B,H,Lq]`` and
-``dP = keep/(1-p) * dO V^T``.  The dq kernel computes ``DELTA`` from its rows' ``dO`` and ``O`` tiles (``O``:
-strides ``s_y*``) and stores it; the launcher runs it first, and the dK/dV kernel reads it.
+``dS = scale * P * (dP - DELTA)`` with ``DELTA = rowsum(dO * O)`` float32 ``[2,B,H,Lq]`` (plane 0; packed
+``[H,Tq]``) and ``dP = keep/(1-p) * dO V^T``.  The dq kernel computes ``DELTA`` from its rows' ``dO`` and ``O`` tiles
+(``O``: strides ``s_y*``) and stores it, and with a mask its ``LOGSUM`` with +inf on the uniform rows (plane 1, so
+that the dK/dV kernel loads no flags per query tile); the launcher runs it first, and the dK/dV kernel reads both.
 
 * :func:`disentangled_bwd_dkdv_kernel`, grid ``(cdiv(Lk, BLOCK_N), B*H)``, after the dq kernel: ``DK = dS^T Q``
   (content part, ``[B,H,Lk,D]``), ``DV = P_drop^T dO``, and, with p2c, the
@@ -111,10 +112,10 @@ def _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, L
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE,
+def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, C2P_bh, P2C_bh, TABLE,
                 PSUM_bh, col, FMASK, offs_n, offs_d, d_ok, rows, cc, lo, hi, skip_a, skip_b, slot, run0, qrow0, start_n,
                 b, h, bh, Lq, Lk, NSLOT, NRUN,
-                qk_scale, scale, dp_scale, drop_thresh, seed, s_qm, s_om, s_fmb, s_fmh, s_fmm, s_unb, s_unh, dist,
+                qk_scale, scale, dp_scale, drop_thresh, seed, s_qm, s_om, s_fmb, s_fmh, s_fmm, dist,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                 REGION: tl.constexpr, HI: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIST: tl.constexpr):
@@ -133,8 +134,8 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
         rowmax = tl.load(ROWMAX + qrow0 + offs_m, mask=m_ok, other=0.0)
         logsum = tl.load(LOGSUM + qrow0 + offs_m, mask=m_ok, other=float("inf"))
         dsc = tl.load(DELTA + qrow0 + offs_m, mask=m_ok, other=0.0) * scale
-        # uniform rows: probability 0 here (_uniform_dv adds their dV)
-        logsum = tl.where(_uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND), float("inf"), logsum)
+        # (with a mask, LOGSUM is the dq kernel's copy, +inf on HF's uniform rows: probability 0 here, _uniform_dv
+        # adds their dV; no flag loads per query tile)
         pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, dsc, C2P_bh, P2C_bh, TABLE, slot,
                                offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, dp_scale, drop_thresh,
                                seed, col, FMASK, s_fmb, s_fmh, s_fmm, dist,
@@ -250,6 +251,9 @@ def disentangled_bwd_dkdv_kernel(
     b = bh // H
     h = bh % H
     ROWMAX, LOGSUM = _stat_planes(STATS, Lq, H_ALL, VARLEN)
+    if MASK_KIND != 0:  # the dq kernel's LOGSUM with +inf on HF's uniform rows (padded calls only take a mask)
+        tl.static_assert(not VARLEN, "packed calls take no mask: DELTA has one plane there")
+        DELTA, LOGSUM = _stat_planes(DELTA, Lq, H_ALL, VARLEN)
     q0, Lq, k0, Lk, qrow0, krow0, toff = _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN)
     bh = b * H_ALL + H0 + h  # the dropout stream's (b, h): global when the launcher runs heads in groups
     TABLE = TABLE + toff
@@ -279,14 +283,14 @@ def disentangled_bwd_dkdv_kernel(
     run_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
     run_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
     col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)  # the program's keys: once, not per query tile
-    args = (k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, UNI, C2P_bh, P2C_bh, TABLE, PSUM_bh, col, FMASK,
+    args = (k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, C2P_bh, P2C_bh, TABLE, PSUM_bh, col, FMASK,
             offs_n, offs_d, d_ok, rows, RCP)
     col_lo, col_hi, dist = _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST)
     dp_scale = scale
     if DROPOUT:
         dp_scale = scale / (1.0 - p_drop)  # (as the dq kernel's)
     rest = (qrow0, start_n, b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, dp_scale, drop_thresh, seed, s_qm, s_om,
-            s_fmb, s_fmh, s_fmm, s_unb, s_unh, dist)
+            s_fmb, s_fmh, s_fmm, dist)
     if HAS_C2P | HAS_P2C:
         # query tiles far ahead of the key tile (slot 0), inside the run band, with an end run (both sides of the
         # inner ones, in one loop), far behind (slot NSLOT-1); the run sums do not depend on the order
@@ -378,7 +382,11 @@ def disentangled_bwd_dq_kernel(
     run_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     run_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
     # uniform rows: their scores are constants, so no gradient flows through them (probability 0 in the loops)
-    logsum = tl.where(_uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND), float("inf"), logsum)
+    if MASK_KIND != 0:
+        tl.static_assert(not VARLEN, "packed calls take no mask: DELTA has one plane there")
+        logsum = tl.where(_uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND), float("inf"), logsum)
+        # the dK/dV kernel's LOGSUM: DELTA's second plane (a mask: padded, where Lq is the launch's)
+        tl.store(_stat_planes(DELTA, Lq, H_ALL, VARLEN)[1] + qrow0 + offs_m, logsum, mask=m_ok)
     args = (q, do, rowmax, logsum, delta * scale, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh, KMASK, FMASK,
             offs_m, offs_d, d_ok, rows, RCC)
     col_lo, col_hi, dist = _sat_columns(band_lo, band_hi, NSLOT, dist0, dist1, NSLOT1, DIST)

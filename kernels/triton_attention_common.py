@@ -105,10 +105,11 @@ def _sequence(CU_Q, CU_K, bh, H, Lq, Lk, MAXQ, MAXK, VARLEN: tl.constexpr):
 
 @triton.jit
 def _stat_planes(STATS, Lq, H_ALL, VARLEN: tl.constexpr):
-    """``(ROWMAX, LOGSUM)``: the two planes of the softmax statistics ``STATS [2, ...]`` (float32, contiguous).
-    Padded: a launch's own ``[2, B, H, Lq]`` buffer (a plane holds the grid's ``B*H`` rows of ``Lq``); packed: a view
-    of the launch's heads in the call's ``[2, H_ALL, Tq]`` (``Lq`` = ``Tq``, the total).  Call with the launch's
-    ``Lq``, before :func:`_sequence` narrows it.  (One pointer, not two: the host makes no views per call.)"""
+    """The two planes of a float32 contiguous ``[2, ...]`` buffer: the softmax statistics ``STATS`` (``(ROWMAX,
+    LOGSUM)``), or the padded backward's ``DELTA`` (``(DELTA, the dq kernel's LOGSUM)``).  Padded: a launch's own ``[2,
+    B, H, Lq]`` buffer (a plane holds the grid's ``B*H`` rows of ``Lq``; :func:`_sequence` leaves ``Lq`` as it is);
+    packed: a view of the launch's heads in the call's ``[2, H_ALL, Tq]`` (``Lq`` = ``Tq``, the total: call with the
+    launch's ``Lq``, before :func:`_sequence` narrows it).  (One pointer, not two: the host makes no views per call.)"""
     if VARLEN:  # (H_ALL = 1 is specialized to a constant, which has no .to: a tensor first)
         plane = (tl.program_id(1) * 0 + H_ALL).to(tl.int64) * Lq
     else:

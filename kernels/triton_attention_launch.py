@@ -323,8 +323,16 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         # up to 255 registers: 0 B under both compilers; the training variants already sat at 254 - 255.  sm_8x dK/dV
         # with the dropout stream in 2 x 4 blocks: 8 B at a ragged length on 1 stage; 2 stages, up to 255: 0 B, for
         # every padded D = 64 call, with or without dropout, untimed)
-        return BackwardConfig(dq=LaunchConfig(64, 32, 4, 1),
-                              dkdv=LaunchConfig(16, 64, 4, 1 if family == 90 else 2, 0, 255))
+        # sm_90 without dropout (2026-12-07, eleventh session): dK/dV on 32x64 (16 scores per thread, as dq's): 1 stage,
+        # up to 255 registers: 0 B spilled in every padded variant (terms, no mask / key mask / host flags (a full
+        # mask has its own tiles), lengths 512 / 200 / 50, both table sources) under triton 3.7.1 and 3.6.0; in-band
+        # 35.88 -> 33.88 per element (distance tables 30.25 -> 26.81), saturated 25.88 -> 23.06 (static, fp16).
+        # Packed calls spilled 8 - 24 B with it, sm_80 8 - 16 B (c2p with a key mask), padded sm_90 with dropout 4 -
+        # 60 B in 37 of 65 variants: those keep 16x64.  Untimed
+        dkdv = LaunchConfig(16, 64, 4, 1 if family == 90 else 2, 0, 255)
+        if family == 90 and not dropout and not varlen:
+            dkdv = LaunchConfig(32, 64, 4, 1, 0, 255)
+        return BackwardConfig(dq=LaunchConfig(64, 32, 4, 1), dkdv=dkdv)
     if bd <= 128:
         if family == 90:  # dq 32x32 spilled 4-12 B on sm_90 (16x32: 0 B, +27 % instructions), dK/dV 32x32/8/1 4 B
             # (dq with a full mask: 12 B at ptxas's own 168 registers under triton 3.6.0, 2026-12-05: up to 255)
@@ -346,10 +354,10 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     (16x16 on 4 warps, 1 stage spilled 4-12 B)."""
     # Since the aligned run sums (the full compile tier, 2026-12-05), ptxas's own register targets (80 - 168) spilled
     # 4 - 24 B in several of these: the backward configs let it use up to 255 (``max_regs``) where that gave 0 B
-    # (the sm_90 D = 256 dq spilled 4 B at 255 and none at its own 111).
+    # (the sm_90 D = 256 dq spilled 4 B at 255 and none at its own 111; on 8 warps since 2026-12-07, below).
     bwd = LaunchConfig(16, 16, 4, 2, 0, 255) if family == 90 else LaunchConfig(16, 16, 8, 1, 0, 255)
-    # sm_90 dq: 16 x 16 on 8 warps, 2 stages, up to 255 registers at D <= 128; 16 warps at D = 256.  History: 4 warps
-    # spilled 4 B at D = 256, and 8-12 B at D = 32 - 128 with 8 keys per dropout Philox call (the full tier,
+    # sm_90 dq: 16 x 16 on 8 warps, 2 stages, up to 255 registers (16 warps at D = 256 until 2026-12-07).  History:
+    # 4 warps spilled 4 B at D = 256, and 8-12 B at D = 32 - 128 with 8 keys per dropout Philox call (the full tier,
     # 2026-12-04); D = 128 on 2 stages 4 B with dropout once dropout's rescale left the element loop (2026-12-06, 1
     # stage then); with the dropout stream in 2 x 4 blocks (2026-12-06) D = 128 on 1 stage 16 B, on 2 stages at 255
     # 0 B, and D = 256 on 8 warps 4 - 40 B in some of its 12 variants at every register limit and stage count tried,
@@ -358,13 +366,17 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     # limit spill 4 - 24 B in 6 of them under either compiler (the code before the unpredicated band gathers: 9
     # under 3.6.0), the compile tier's one variant per config none; 8 warps, 2 stages, up to 255 none under 3.7.1 but
     # 2 under 3.6.0, the tier's among them; 3 stages, other limits, 4 warps, 16 x 32: more.  Left as it was
-    # (float32 D = 256 is no DeBERTa head; not timed)
+    # (float32 D = 256 is no DeBERTa head; not timed).  Then (2026-12-07, eleventh session) the 16-warp dq spilled in
+    # 9 of the 24 under 3.7.1 and 7 under 3.6.0 (ptxas settles at 64 registers), the tier's variant among them under
+    # 3.6.0.  8 warps, 2 stages, up to 240 registers: 1 under 3.7.1 (c2p + p2c, no mask, dropout: 8 B) and 1 under
+    # 3.6.0 (c2p alone, key mask, dropout: 16 B); up to 255: 2 and 1 (c2p + p2c with a key mask and dropout, 8 B,
+    # under 3.6.0); up to 224: 2 and 1; 16 warps at 96 / 120 / 128 registers, 3 stages, 1 stage, 4 warps: 6 - 24
     # sm_90 D = 128 since the unpredicated band gathers (2026-12-07): which stage count spills flips with the compiler
     # (c2p + p2c, key mask, dropout: 1 stage 0 B under triton 3.7.1, 16 B under 3.6.0; 2 stages 8 B / 0 B; over the
     # 24 variants 1 stage spills in 2 (3.7.1) / 4, 2 stages in 3 / 0; the code before: 2 stages in 2 / 1), so each
     # compiler gets its own
     if family == 90:
-        dq = (LaunchConfig(16, 16, 16, 2) if bd > 128
+        dq = (LaunchConfig(16, 16, 8, 2, 0, 240) if bd > 128
               else LaunchConfig(16, 16, 8, 1 if _TRITON_VERSION >= (3, 7) else 2, 0, 255) if bd == 128
               else LaunchConfig(16, 16, 8, 2, 0, 255))
     else:
@@ -1360,7 +1372,8 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
         width = pr.sums[0] + 1
         c_sum = _unfilled((B, n, -(-Lq // 16) * 16, width), q.device) if has_c2p else dummy
         p_sum = _unfilled((B, n, -(-Lk // 16) * 16, width), q.device) if has_p2c else dummy
-        dl = _unfilled((B, n, Lq), q.device)  # rowsum(dO * O): the dq kernel's, for the dK/dV kernel
+        # rowsum(dO * O) and, with a mask, LOGSUM with +inf on the uniform rows: the dq kernel's, for the dK/dV kernel
+        dl = _unfilled((2 if pr.constexprs["MASK_KIND"] else 1, B, n, Lq), q.device)
         common = (*_qkvo_strides(q, k, v, do), *pr.mask_strides,
                   n, H, hs.start, Lq, Lk, Lq, Lk, D, plan.nslot, pr.nrun, float(scale), *pr.band, pr.run0,
                   _drop_rate(dropout_p), _drop_threshold(dropout_p), seed, *plan.dist_args, *pr.sums)
