@@ -534,7 +534,10 @@ std::vector<Tensor> varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v
   set_pos(c.p, "deberta_fast cuda varlen", pos_key, pos_query, table, q, c.p.B, H, D, max_q, max_k, false);
   set_band(c.p, band_lo, band_hi);
   const DeviceGuard guard(q.device());
-  Tensor out = at::empty({Tq, H, D}, q.options());
+  // zero-filled: a token outside every sequence (offsets not checked: check_offsets=False, or tracing) has no block
+  // and gets 0, as the triton and torch backends give it; valid offsets cover every token (lse's rows of such a token
+  // are never read)
+  Tensor out = at::zeros({Tq, H, D}, q.options());
   Tensor lse = at::empty({H, Tq}, q.options().dtype(at::kFloat));
   if (Tq == 0) return {out, lse};
   auto& p = c.p;
@@ -563,9 +566,10 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
               ", got ", lse.scalar_type(), " ", lse.sizes());
   auto& p = c.p;
   const Tensor delta = delta_buffer({H, Tq}, q);  // [H, Tq], the dq kernel's
-  Tensor dq = at::empty({Tq, H, D}, q.options());
-  Tensor dk = at::empty({Tk, H, D}, q.options());
-  Tensor dv = at::empty({Tk, H, D}, q.options());
+  // zero-filled, as the forward's output: tokens outside every sequence (unchecked offsets) get no gradient
+  Tensor dq = at::zeros({Tq, H, D}, q.options());
+  Tensor dk = at::zeros({Tk, H, D}, q.options());
+  Tensor dv = at::zeros({Tk, H, D}, q.options());
   p.dout = dout.data_ptr(); p.do_sb = 0; p.do_sh = dout.stride(1); p.do_sr = dout.stride(0);
   p.o = out.data_ptr(); p.o_sb = 0; p.o_sh = out.stride(1); p.o_sr = out.stride(0);
   p.lse_c = lse.data_ptr<float>();

@@ -524,6 +524,35 @@ def test_gpu_varlen_tokens_outside_every_sequence_get_no_position_gradient():
 
 @gpu
 @needs_ext
+def test_gpu_varlen_unchecked_bad_offsets_give_finite_rows():
+    """``check_offsets=False`` with offsets that do not describe the tokens (the dispatcher's check refuses each):
+    wrong rows but no error, nothing read out of range and nothing uninitialised: finite outputs and gradients, and 0
+    (output, dq, dk, dv) for a token that no sequence covers, as the triton and torch backends give it
+    (``tests/test_bad_inputs.py``).  The kernels clamp each sequence to ``[0, T)`` and ``max_seqlen``
+    (``seq_range``); until 2026-12-07 such a token's rows were the allocator's bytes."""
+    q, k, v, pk, pq, _, _ = make_packed([5, 3], None, 2, 64, 4, torch.float16, DEV)
+    T = q.shape[0]
+    for cu, maxlen in (([0, 5, 9], 5), ([0, 5, 100], 95), ([1, 5, 8], 5), ([0, 6, 5, 8], 6), ([0, 5, 7], 5),
+                       ([0, 5, 8], 4), ([-3, 2, 8], 5)):
+        covered = torch.zeros(T, dtype=torch.bool)
+        for a, b in zip(cu[:-1], cu[1:]):  # seq_range: start clamped to [0, T], end to [start, T], then max_seqlen
+            s = min(max(a, 0), T)
+            e = min(max(b, s), T)
+            covered[s:s + min(e - s, maxlen)] = True
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pq)]
+        offs = torch.tensor(cu, dtype=torch.int32, device=DEV)
+        out = disentangled_attention_varlen(*leaves, offs, offs, maxlen, maxlen, position_buckets=4,
+                                            max_relative_positions=16, backend="cuda", check_offsets=False)
+        assert deberta_fast.last_backend() == "cuda"
+        grads = torch.autograd.grad(out.float().sum(), leaves)
+        assert bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(g).all()) for g in grads), cu
+        gone = ~covered.to(out.device)
+        for name, x in zip(("out", "dq", "dk", "dv"), (out, *grads[:3])):
+            assert not bool(x[gone].any()), (cu, name)
+
+
+@gpu
+@needs_ext
 def test_gpu_varlen_lse_matches_emulation():
     lens_q, lens_k = [70, 3, 129], [20, 140, 129]
     q, k, v, pk, pq, cq, ck = make_packed(lens_q, lens_k, 2, 64, 8, torch.bfloat16, DEV)
