@@ -8,7 +8,9 @@ DeBERTa-v3 attention (H=12, D=64, v3 buckets, bf16), padded batches of 16,384 to
 2048 and 8192, and a packed (varlen) call of 48 sequences of random lengths up to 512:
 - ``fwd``: the forward (inference: no dropout; training: dropout 0.1) under each config of :data:`FWD`;
 - ``dq`` / ``dkdv``: the backward (dropout 0.1) with one kernel under each config of ``SWEEP["bwd"]`` and the other
-  at its shipped config, so a row's difference from the shipped row is that kernel's.
+  at its shipped config, so a row's difference from the shipped row is that kernel's;
+- ``dkdv (no dropout)``: the padded L = 512 backward without dropout, whose sm_90 dK/dV ships 32x64 tiles, against
+  the 16x64 ones it had until 2026-12-07 (:data:`NODROP_DKDV`).
 Rows run in that order (every case's inference forward first), so a budget cuts the backward rows first; a shipped
 row is labelled with the config the launcher chose for it.
 Writes ``tune.json`` and ``tune.md`` (milliseconds, median of ``triton.testing.do_bench``; the largest difference
@@ -34,6 +36,11 @@ import torch
 #: element on sm_90, +1.4 in band, 36 B spilled against 8 (2026-12-05, NOTES "The saturated forward's key mask")
 FWD = [(64, 64, 4, 2, 128), (64, 64, 4, 3, 128), (64, 64, 4, 2, 64), (64, 64, 4, 1, 128), (128, 64, 8, 2, 128),
        (128, 64, 4, 2, 128), (64, 32, 4, 2, 64), (64, 32, 4, 2, 128), (64, 64, 8, 2, 128), (32, 64, 4, 2, 128)]
+
+
+#: dK/dV candidates for the backward without dropout (padded L = 512 only): the 16x64 tiles the sm_90 kernel had
+#: before its 32x64 ones (2026-12-07; statically 35.88 -> 33.88 instructions per in-band element, untimed)
+NODROP_DKDV = [(16, 64, 4, 1, 0, 255)]
 
 
 def _cases(rehearse: bool) -> list[tuple[str, int, int, int, int]]:
@@ -78,7 +85,7 @@ class _Case:
             self.args = (c.query, c.key, c.value, c.pos_key, c.pos_query, *kernel_masks(c))
             self.tokens = B * L
         self.kw = dict(position_buckets=256, max_relative_positions=512, span=c.span, scale=c.scale)
-        self.saved = None
+        self.saved = {}
 
     def forward(self, p):
         from deberta_fast._kernels import triton_attention_launch as launch
@@ -86,25 +93,26 @@ class _Case:
         fn = launch.attention_forward_varlen if self.packed else launch.attention_forward
         return fn(*self.args, **self.kw, dropout_p=p, seed=1)
 
-    def backward(self):
-        """The backward (dropout 0.1) from a forward saved under the shipped config."""
+    def backward(self, p=0.1):
+        """The backward (dropout ``p``) from a forward (the same ``p``) saved under the shipped config."""
         from deberta_fast._kernels import triton_attention_launch as launch
 
-        if self.saved is None:
-            self.saved = self.forward(0.1)
-        out, stats = self.saved
+        if p not in self.saved:
+            self.saved[p] = self.forward(p)
+        out, stats = self.saved[p]
         if self.packed:
             q, k, v, pk, pq, cq, ck, mq, mk = self.args
             return launch.attention_backward_varlen(self.do, q, k, v, pk, pq, out, stats, cq, ck, mq, mk, **self.kw,
-                                                    dropout_p=0.1, seed=1)
+                                                    dropout_p=p, seed=1)
         q, k, v, pk, pq, km, fm, uni = self.args
         return launch.attention_backward(self.do, q, k, v, pk, pq, out, stats, km, fm, uni, **self.kw,
-                                         dropout_p=0.1, seed=1)
+                                         dropout_p=p, seed=1)
 
 
-def _jobs(cases, fwd_cfgs, bwd_cfgs):
+def _jobs(cases, fwd_cfgs, bwd_cfgs, nodrop_cfgs):
     """``(case, what, config or None for the shipped one)`` in the order they are timed, the most telling first
-    (a budget cuts the tail): every case's inference forward, then its training forward, then the backward."""
+    (a budget cuts the tail): every case's inference forward, then its training forward, then the backward, then the
+    first padded case's dK/dV without dropout."""
     jobs = []
     for what in ("fwd", "fwd+dropout"):
         for case in cases:
@@ -112,6 +120,8 @@ def _jobs(cases, fwd_cfgs, bwd_cfgs):
     for case in cases:
         for kernel in ("dq", "dkdv"):
             jobs += [(case, kernel, c) for c in [None] + bwd_cfgs]
+    case = next(c for c in cases if not c.packed)
+    jobs += [(case, "dkdv (no dropout)", c) for c in [None] + nodrop_cfgs]
     return jobs
 
 
@@ -128,6 +138,7 @@ def tune(rehearse: bool, budget: float, progress=print, save=None) -> dict:
     bench = median_ms_timer(rehearse)
     fwd_cfgs = [launch.LaunchConfig(*c) for c in FWD]
     bwd_cfgs = [launch.LaunchConfig(*c) for c in SWEEP["bwd"]]
+    nodrop_cfgs = [launch.LaunchConfig(*c) for c in NODROP_DKDV]
     if rehearse:
         fwd_cfgs, bwd_cfgs = fwd_cfgs[-1:], bwd_cfgs[-1:]
     t_end = time.time() + budget
@@ -139,9 +150,10 @@ def tune(rehearse: bool, budget: float, progress=print, save=None) -> dict:
         used[pass_] = shipped(pass_, *a, **k)
         return used[pass_]
 
-    for case, what, cfg in _jobs(cases, fwd_cfgs, bwd_cfgs):
+    for case, what, cfg in _jobs(cases, fwd_cfgs, bwd_cfgs, nodrop_cfgs):
         fwd = what.startswith("fwd")
-        p = 0.1 if what != "fwd" else 0.0
+        kernel = what.split()[0]  # dq | dkdv (backward rows)
+        p = 0.0 if what == "fwd" or "no dropout" in what else 0.1
         key = (case.name, case.L, what)
         row = dict(case=case.name, L=case.L, B=case.B, tokens=case.tokens, what=what, config=_s(cfg))
         if time.time() > t_end or (cfg is not None and key not in reference):
@@ -151,11 +163,11 @@ def tune(rehearse: bool, budget: float, progress=print, save=None) -> dict:
             launch.launch_config = recording
         else:
             base = reference[key][1]
-            patched = cfg if fwd else launch.BackwardConfig(dq=cfg if what == "dq" else base.dq,
-                                                            dkdv=cfg if what == "dkdv" else base.dkdv)
+            patched = cfg if fwd else launch.BackwardConfig(dq=cfg if kernel == "dq" else base.dq,
+                                                            dkdv=cfg if kernel == "dkdv" else base.dkdv)
             launch.launch_config = lambda pass_, *a, _c=patched, _f=fwd, **k: (  # noqa: E731
                 _c if (pass_ == "fwd") == _f else shipped(pass_, *a, **k))
-        fn = (lambda: case.forward(p)) if fwd else case.backward
+        fn = (lambda: case.forward(p)) if fwd else (lambda: case.backward(p))
         try:
             used.clear()
             got = fn()
@@ -163,7 +175,7 @@ def tune(rehearse: bool, budget: float, progress=print, save=None) -> dict:
             if cfg is None:
                 own = used["fwd" if fwd else "bwd"]
                 reference[key] = (got, own)
-                row["config"] = "shipped " + _s(own if fwd else getattr(own, what))
+                row["config"] = "shipped " + _s(own if fwd else getattr(own, kernel))
             else:  # the same function under another tiling: a difference beyond rounding is a bug
                 row["max_diff_vs_shipped"] = max(float((a.float() - b.float()).abs().max())
                                                  for a, b in zip(got, reference[key][0]))
