@@ -271,8 +271,9 @@ def test_tune_rehearsal_runs_every_row_kind(tmp_path):
     non-shipped configs' results equal to the shipped config's."""
     _rehearse("tune_configs", tmp_path)
     rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
-    assert {r["what"] for r in rows} == {"fwd", "fwd+dropout", "dq", "dkdv"}
+    assert {r["what"] for r in rows} == {"fwd", "fwd+dropout", "dq", "dkdv", "dkdv (no dropout)"}
     assert {r["case"] for r in rows} == {"padded", "packed"}
+    assert [(r["case"], r["what"]) for r in rows[-2:]] == [("padded", "dkdv (no dropout)")] * 2  # last in the budget
     assert all("ms" in r for r in rows)
     assert [r["what"] for r in rows[:4]] == ["fwd"] * 4  # every case's inference forward first
     assert all(r["config"].startswith("shipped 32/32/1/1") for r in rows if r["config"].startswith("shipped"))
