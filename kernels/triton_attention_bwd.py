@@ -24,13 +24,14 @@ The runs (``_advance_runs``, :func:`deberta_fast.positions.distance_runs`: one p
 per constant end of the slot table) map onto position rows (``RUNROW``); each program adds its rows' relative share
 ``sums @ POS[RUNROW]`` to dQ / dK itself once its sums are stored (:func:`_run_products`; ``RUN_PRODUCTS`` False:
 the launcher's ``REL_SHARE = "host"`` experiment, the host adds it), and the host turns the sums into the position
-gradients (a reduction over rows: small GEMMs).  Padded, ``DQ`` / ``DK`` / ``DV`` are of the inputs' dtype (the
-stores round once; float32 where the host adds a share); packed, float32.  Every output location has one writer:
+gradients (a reduction over rows: small GEMMs).  ``DQ`` / ``DK`` / ``DV`` are of the inputs' dtype (the stores
+round once; float32 where the host adds a share).  Every output location has one writer:
 deterministic.
 
 ``VARLEN``: packed sequences (layouts as in the forward kernel; grids over the longest
-sequence's blocks and ``N*H``): ``STATS [2,H,Tq]``, ``DELTA [H,Tq]``, ``DQ [H,Tq,D]``,
-``DK``/``DV [H,Tk,D]``, ``CSUM [H,Tq,RS1+1]``, ``PSUM [H,Tk,RS1+1]`` (float32).
+sequence's blocks and ``N*H``): ``STATS [2,H,Tq]``, ``DELTA [H,Tq]``, ``CSUM [H,Tq,RS1+1]``, ``PSUM
+[H,Tk,RS1+1]`` (float32, zero-filled by the launcher), and ``DQ [Tq,H,D]``, ``DK``/``DV [Tk,H,D]`` as the inputs
+(head stride ``s_gh``, token stride ``s_gm``; tokens of no sequence: the launcher's zero fill).
 """
 import triton
 import triton.language as tl
@@ -147,6 +148,18 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
                                            REGION, HI, True)
     return dk, dv, run_lo, run_hi
 
+
+@triton.jit
+def _grad_rows(row0, t0, h64, offs, offs_d, D, s_gh, s_gm, VARLEN: tl.constexpr):
+    """Offsets of a program's gradient rows ``offs`` (``[BLOCK, BLOCK_D]``): padded, rows of ``D`` in ``[B, H, L, D]``
+    from the block's first row ``row0``; packed, the inputs' ``[T, H, D]`` (head stride ``s_gh``, token stride
+    ``s_gm``; the sequence's first token ``t0``), int64."""
+    if VARLEN:
+        return h64 * s_gh + (t0 + offs).to(tl.int64)[:, None] * s_gm + offs_d[None, :]
+    else:
+        return (row0 + offs)[:, None] * D + offs_d[None, :]
+
+
 #: Runs per product of :func:`_run_products` (each a ``[rows, RUN_CHUNK] x [RUN_CHUNK, BLOCK_D]`` MMA)
 RUN_CHUNK = tl.constexpr(32)
 
@@ -240,7 +253,7 @@ def disentangled_bwd_dkdv_kernel(
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_pb, s_ph, s_pr,
+    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_pb, s_ph, s_pr, s_gh, s_gm,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = 0,
@@ -313,7 +326,7 @@ def disentangled_bwd_dkdv_kernel(
                                              HAS_P2C, MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_M, BLOCK_N,
                                              DIST)
 
-    out = (krow0 + offs_n)[:, None] * D + offs_d[None, :]
+    out = _grad_rows(krow0, k0, h64, offs_n, offs_d, D, s_gh, s_gm, VARLEN)
     if HAS_P2C:
         # key j's distances run from -j (query 0) to Lq - 1 - j; then dK's relative share from the finished sums
         _finish_runs(run_lo, run_hi, n_ok, -offs_n, Lq - 1 - offs_n, PSUM_bh, rows + offs_n, RCP - run0, 1, run0,
@@ -338,7 +351,7 @@ def disentangled_bwd_dq_kernel(
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_yb, s_yh, s_ym, s_pb, s_ph, s_pr,
+    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_yb, s_yh, s_ym, s_pb, s_ph, s_pr, s_gh, s_gm,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = 0,
@@ -412,7 +425,7 @@ def disentangled_bwd_dq_kernel(
         dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, 0, Lk, Lk, Lk, 0, run0, *rest, HAS_C2P, HAS_P2C,
                                        MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N, DIST)
 
-    out = (qrow0 + offs_m)[:, None] * D + offs_d[None, :]
+    out = _grad_rows(qrow0, q0, h64, offs_m, offs_d, D, s_gh, s_gm, VARLEN)
     if HAS_C2P:
         # query i's distances run from i - (Lk - 1) (the last key) to i; then dQ's relative share from the sums
         _finish_runs(run_lo, run_hi, m_ok, offs_m - (Lk - 1), offs_m, CSUM_bh, rows + offs_m, RCC + run0, -1, run0,

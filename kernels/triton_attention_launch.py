@@ -1383,9 +1383,9 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
         inputs = (qg, kg, vg, dog, st, dl, *tables, pr.table, pr.table, pr.table, *_group_masks(mask_args, g))
         (pk_ops, pk_strides), (pq_ops, pq_strides) = _pos_operands(pkg, pr, dummy), _pos_operands(pqg, pr, dummy)
         disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * n)](*inputs, dq, c_sum, og, *pk_ops, *common,
-                                                                        *o_strides, *pk_strides, **kw_dq)
+                                                                        *o_strides, *pk_strides, 0, 0, **kw_dq)
         disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * n)](*inputs, dk, dv, p_sum, *pq_ops, *common,
-                                                                            *pq_strides, **kw_dkdv)
+                                                                            *pq_strides, 0, 0, **kw_dkdv)
         dpos_key = dpos_query = None
         if has_c2p:
             dpos_key = _position_grads(c_sum[..., pr.run_columns(True)], pkg, qg, pr, True)
@@ -1474,10 +1474,13 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
                                 max_relative_positions, span, dropout_p, (max_seqlen_q, max_seqlen_k))
     pr, cfg, groups = plan.pr, plan.cfg, plan.groups
     f32 = dict(device=q.device, dtype=torch.float32)
-    # [H, T, D]; zero-filled: tokens of no sequence get no gradient
-    dq = torch.zeros((H, Tq, D), **f32)
-    dk = torch.zeros((H, Tk, D), **f32)
-    dv = torch.zeros((H, Tk, D), **f32)
+    # the inputs' [T, H, D] and dtype, stored by the kernels (float32 where the host adds a share); zero-filled:
+    # tokens of no sequence (offsets that do not cover them) get no gradient
+    host_q, host_k = _host_shares(pos_key, pos_query)
+    dq = torch.zeros((Tq, H, D), device=q.device, dtype=torch.float32 if host_q else q.dtype)
+    dk = torch.zeros((Tk, H, D), device=q.device, dtype=torch.float32 if host_k else k.dtype)
+    dv = torch.zeros((Tk, H, D), device=q.device, dtype=v.dtype)
+    g_strides = (D, H * D)  # (head, token) of all three
     dummy = _dummies(q.device)[2]
     has_c2p, has_p2c = pos_key is not None, pos_query is not None
     qt, kt = q.transpose(0, 1), k.transpose(0, 1)
@@ -1490,7 +1493,7 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
         common = (*_varlen_strides(q, k, v, do), *pr.mask_strides, n, H, hs.start, Tq, Tk, max_seqlen_q,
                   max_seqlen_k, D, plan.nslot, pr.nrun, float(scale), *pr.band, pr.run0, _drop_rate(dropout_p),
                   _drop_threshold(dropout_p), seed, *plan.dist_args, *pr.sums)
-        (stg,), (dqg, dkg, dvg) = _heads(g, stats, axis=1), _heads(g, dq, dk, dv)
+        (stg,), (dqg, dkg, dvg) = _heads(g, stats, axis=1), _heads(g, dq, dk, dv, axis=1)
         dl = _unfilled((n, Tq), q.device)  # [H, Tq] rowsum(dO * O): the dq kernel's (rows of no sequence unused)
         qg, kg, vg, dog, og = _heads(g, q, k, v, do, out, axis=1)
         pkg, pqg = _heads(g, pos_key, pos_query)
@@ -1500,21 +1503,18 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
         disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.dq.block_m), N * n)](*inputs, dqg, c_sum, og, *pk_ops,
                                                                                  *common, 0, out.stride(1),
                                                                                  out.stride(0), *pk_strides,
-                                                                                 **plan.kw_dq)
+                                                                                 *g_strides, **plan.kw_dq)
         disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.dkdv.block_n), N * n)](*inputs, dkg, dvg, p_sum,
                                                                                      *pq_ops, *common, *pq_strides,
-                                                                                     **plan.kw_dkdv)
+                                                                                     *g_strides, **plan.kw_dkdv)
         for i, (sums, pos, x) in enumerate(((c_sum, pkg, qt), (p_sum, pqg, kt))):
             if pos is None:
                 continue
             g_pos = _position_grads(sums[..., pr.run_columns(i == 0)], pos, *_heads(g, x), pr, i == 0)
-            if REL_SHARE == "host":  # (grad: a [n, T, D] view of dq / dk, accumulated in place: 3-D operands)
-                _add_share((dqg, dkg)[i], sums[..., pr.run_columns(i == 0)], pos, pr, i == 0)
+            if (host_q, host_k)[i]:  # (grad: a [n, T, D] view of dq / dk, accumulated in place: 3-D operands)
+                _add_share((dqg, dkg)[i].transpose(0, 1), sums[..., pr.run_columns(i == 0)], pos, pr, i == 0)
             if g is None:
                 dpos[i] = g_pos
             else:
                 dpos[i][hs] = g_pos
-
-    def packed(t, like):
-        return t.transpose(0, 1).to(like.dtype).contiguous()
-    return packed(dq, q), packed(dk, k), packed(dv, v), dpos[0], dpos[1]
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dpos[0], dpos[1]
