@@ -31,6 +31,9 @@ GPU session"), and an instruction count cannot say which part is slow.  Per leng
   their epilogue adding dQ's / dK's relative share from their run sums; the host adds it with a float32 GEMM into
   float32 dq / dk (as until 2026-12-07: one more HBM read of the sums per term against the epilogue's scalar L2
   reads; NOTES, "The backward adds the relative share of dQ / dK itself");
+- ``triton both, dropout 0.1`` (forward+backward, DeBERTa's training rate) and ``, Philox in dK/dV``:
+  ``DROPOUT_BITS = "philox"``, the dK/dV kernel drawing its dropout decisions itself instead of reading the dq
+  kernel's bytes (the same decisions; NOTES, "Dropout decisions passed from dq to dK/dV as bytes");
 - ``triton both, one launch`` (forward, and forward+backward): ``TABLE_BUDGET = None``, every head in one launch
   (the shipped budget runs 16k tokens' 805 MB of tables in head groups: the time that costs or saves, and the
   memory it saves);
@@ -164,6 +167,11 @@ def variants(B, H, L, D, device, dtype):
     out.append(("triton both, distance tables", "fwd+bwd", _setting("REL_SOURCE", "distance", both)))
     out.append(("triton both, distance tables, 16-bit", "fwd+bwd",
                 _setting("REL_SOURCE", "distance", _setting("TABLE_DTYPE", "input", both))))
+    dropped = _grad_run(lambda: disentangled_attention(*grads[:3], *grads[3:], position_buckets=BUCKETS[0],
+                                                       max_relative_positions=BUCKETS[1], dropout_p=0.1,
+                                                       backend="triton"), grads, do)
+    out.append(("triton both, dropout 0.1", "fwd+bwd", dropped))
+    out.append(("triton both, dropout 0.1, Philox in dK/dV", "fwd+bwd", _setting("DROPOUT_BITS", "philox", dropped)))
     # the Triton forward's TMA loads (never run on a GPU before): last, so that a device fault of theirs cannot take
     # the other rows with it
     out.append(("triton both, TMA", "fwd", _tma(fwd)))

@@ -10,6 +10,10 @@ seed at ``SEED`` (int64 ``[1]`` on the device, read only with dropout: ``_dropou
 ``[H,Tq]``) and ``dP = keep/(1-p) * dO V^T``.  The dq kernel computes ``DELTA`` from its rows' ``dO`` and ``O`` tiles
 (``O``: strides ``s_y*``) and stores it, and with a mask its ``LOGSUM`` with +inf on the uniform rows (plane 1, so
 that the dK/dV kernel loads no flags per query tile); the launcher runs it first, and the dK/dV kernel reads both.
+With ``KEEP_BITS`` (dropout; the launcher's ``DROPOUT_BITS``) the dq kernel also stores its dropout decisions, a byte
+per Philox call (``KEEP``: int8 rows of ``LW`` bytes, ``RH`` per block, ``_keep_block``; ``_store_keep_bytes``), and
+the dK/dV kernel reads them (``_keep_bytes``) instead of drawing them in its transposed tile, whose lanes hold a
+call's 8 elements two by two.
 
 * :func:`disentangled_bwd_dkdv_kernel`, grid ``(cdiv(Lk, BLOCK_N), B*H)``, after the dq kernel: ``DK = dS^T Q``
   (content part, ``[B,H,Lk,D]``), ``DV = P_drop^T dO``, and, with p2c, the
@@ -37,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs, _dropout_keep, _dropout_seed,
+                                      _keep_block, _keep_bytes, _keep_calls, _keep_tile, _store_keep_bytes,
                                       _inner_tiles, _k_axis, _kept, _key_col, _masked, _mm, _q_axis, _rel_terms,
                                       _rounded, _score_mm, _sequence, _stat_planes,
                                       _finish_runs, _sat_columns, _table_block, _tile, _tile_regions,
@@ -46,10 +51,10 @@ from .triton_attention_common import (GENERAL, INNER, LOG2E, SAT, _advance_runs,
 @triton.jit
 def _probs_and_ds(q, k, v, do, rowmax, logsum, dsc, C2P_bh, P2C_bh, TABLE, slot, offs_m,
                   offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, dp_scale, drop_thresh, seed,
-                  col, FMASK, s_fmb, s_fmh, s_fmm, dist,
+                  col, FMASK, s_fmb, s_fmh, s_fmm, dist, KEEP, LW, start_m,
                   HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                   REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                  TRANS: tl.constexpr, DIST: tl.constexpr):
+                  TRANS: tl.constexpr, DIST: tl.constexpr, KEEP_BITS: tl.constexpr):
     """Recompute one tile: returns ``(pd, ds)``, ``[BLOCK_M, BLOCK_N]`` (``[BLOCK_N, BLOCK_M]`` if ``TRANS``):
     ``pd`` the kept probabilities (not yet times ``1 / (1 - p_drop)``), ``ds`` already times ``scale``, from the rows'
     ``dsc = DELTA * scale`` and ``dp_scale = scale / (1 - p_drop)`` (``scale`` without dropout).  ``REGION``:
@@ -83,7 +88,14 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, dsc, C2P_bh, P2C_bh, TABLE, slot,
     # kernel's dV (once, before its store): with dropout a select per element, no product
     dsc = _q_axis(dsc, TRANS)
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, TRANS)
+        if KEEP_BITS and TRANS:  # the dq kernel's decisions (KEEP: this program's block of its bytes)
+            keep = _keep_bytes(KEEP, offs_n, offs_m, start_m, Lq, Lk, LW)
+        elif KEEP_BITS:  # dq: also stored for the dK/dV kernel, launched next
+            calls = _keep_calls(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N)
+            _store_keep_bytes(KEEP, calls, offs_m, start_n, LW, UPCAST)
+            keep = _keep_tile(calls)
+        else:
+            keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, TRANS)
         pd = _kept(p, keep, UPCAST)
         ds = p * tl.where(keep, tl.fma(dp, dp_scale, -dsc), -dsc)
     else:
@@ -94,8 +106,8 @@ def _probs_and_ds(q, k, v, do, rowmax, logsum, dsc, C2P_bh, P2C_bh, TABLE, slot,
 
 @triton.jit
 def _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, Lq, Lk, s_om, s_unb, s_unh,
-                drop_thresh, seed, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                drop_thresh, seed, KEEP, LW, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEEP_BITS: tl.constexpr):
     """Add the uniform rows' share to ``dv [BLOCK_N, BLOCK_D]`` (keys ``offs_n``): a uniform row's probability is
     ``1 / Lk`` on every in-range key (times ``keep``; the kernel rescales by ``1 / (1 - p)`` after); the score loops
     gave it 0.  Query tiles without a uniform row cost one load of their flags."""
@@ -105,7 +117,9 @@ def _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, L
         if tl.max(uni.to(tl.int32), 0) != 0:
             do = _block_tile(DO_bh, offs_m, s_om, offs_d, (offs_m < Lq)[:, None] & d_ok[None, :])
             w = n_ok[:, None] & uni[None, :]
-            if DROPOUT:
+            if DROPOUT and KEEP_BITS:
+                w = w & _keep_bytes(KEEP, offs_n, offs_m, start_m, Lq, Lk, LW)
+            elif DROPOUT:
                 w = w & _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, True)
             pd = tl.where(w, 1.0 / Lk.to(tl.float32), 0.0)
             dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
@@ -116,10 +130,10 @@ def _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, L
 def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA, C2P_bh, P2C_bh, TABLE,
                 PSUM_bh, col, FMASK, offs_n, offs_d, d_ok, rows, cc, lo, hi, skip_a, skip_b, slot, run0, qrow0, start_n,
                 b, h, bh, Lq, Lk, NSLOT, NRUN,
-                qk_scale, scale, dp_scale, drop_thresh, seed, s_qm, s_om, s_fmb, s_fmh, s_fmm, dist,
+                qk_scale, scale, dp_scale, drop_thresh, seed, s_qm, s_om, s_fmb, s_fmh, s_fmm, dist, KEEP, LW,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                 REGION: tl.constexpr, HI: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIST: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIST: tl.constexpr, KEEP_BITS: tl.constexpr):
     """dK, dV and the p2c run sums over the query tiles ``[lo, hi)`` of one region (``_tile_regions``,
     ``_inner_tiles``; tile indices from ``skip_a`` on are moved to ``skip_b``: the in-band tiles on both sides of the
     inner ones in one loop), on the transposed tile (keys as rows, as in the dK/dV loop of flash attention 2): dV and
@@ -139,8 +153,9 @@ def _dkdv_tiles(dk, dv, run_lo, run_hi, k, v, Q_bh, DO_bh, ROWMAX, LOGSUM, DELTA
         # adds their dV; no flag loads per query tile)
         pd, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, dsc, C2P_bh, P2C_bh, TABLE, slot,
                                offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, dp_scale, drop_thresh,
-                               seed, col, FMASK, s_fmb, s_fmh, s_fmm, dist,
-                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, True, DIST)
+                               seed, col, FMASK, s_fmb, s_fmh, s_fmm, dist, KEEP, LW, start_m,
+                               HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, True, DIST,
+                               KEEP_BITS)
         dv += _mm(pd.to(do.dtype), do, UPCAST, PREC)
         dk += _mm(ds.to(q.dtype), q, UPCAST, PREC)
         if HAS_P2C:
@@ -220,10 +235,10 @@ def _run_products(acc, SUMS, POS, RUNROW, idx, last, RS1, d_lo, d_hi, k0, sgn, r
 def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, dsc, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, CSUM_bh,
               KMASK, FMASK, offs_m, offs_d, d_ok, rows, cc, lo, hi, skip_a, skip_b, slot, run0, b, h, bh, Lq, Lk, NSLOT,
               NRUN,
-              qk_scale, dp_scale, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm, dist,
+              qk_scale, dp_scale, drop_thresh, seed, s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm, dist, KEEP, LW,
               HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
               REGION: tl.constexpr, HI: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-              BLOCK_N: tl.constexpr, DIST: tl.constexpr):
+              BLOCK_N: tl.constexpr, DIST: tl.constexpr, KEEP_BITS: tl.constexpr):
     """dQ and the c2p run sums over the key tiles ``[lo, hi)`` of one region (``_tile_regions``, ``_inner_tiles``;
     ``skip_a`` / ``skip_b`` and ``HI`` as in :func:`_dkdv_tiles`)."""
     m_ok = offs_m < Lq
@@ -237,8 +252,9 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, dsc, K_bh, V_bh, C2P_bh
         col = _key_col(KMASK, b, offs_n, Lk, s_kmb, MASK_KIND)
         _, ds = _probs_and_ds(q, k, v, do, rowmax, logsum, dsc, C2P_bh, P2C_bh, TABLE, slot,
                               offs_m, offs_n, start_n, b, h, bh, Lq, Lk, NSLOT, qk_scale, dp_scale, drop_thresh,
-                              seed, col, FMASK, s_fmb, s_fmh, s_fmm, dist,
-                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, False, DIST)
+                              seed, col, FMASK, s_fmb, s_fmh, s_fmm, dist, KEEP, LW, 0,
+                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, REGION, UPCAST, PREC, BLOCK_N, False, DIST,
+                              KEEP_BITS)
         dq += _mm(ds.to(k.dtype), k, UPCAST, PREC)
         if HAS_C2P:
             run_lo, run_hi = _advance_runs(ds, run_lo, run_hi, offs_m, offs_n, Lq, Lk, CSUM_bh, rows, cc, run0, NRUN,
@@ -249,15 +265,16 @@ def _dq_tiles(dq, run_lo, run_hi, q, do, rowmax, logsum, dsc, K_bh, V_bh, C2P_bh
 # a fresh seed / rate per call, or another head group, must not recompile
 @triton.jit(do_not_specialize=["SEED", "drop_thresh", "H0"])
 def disentangled_bwd_dkdv_kernel(
-    Q, K, V, DO, STATS, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM, POS, RUNROW,
+    Q, K, V, DO, STATS, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DK, DV, PSUM, POS, RUNROW, KEEP,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_pb, s_ph, s_pr, s_gh, s_gm,
+    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_pb, s_ph, s_pr, s_gh, s_gm, LW, RH,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = 0,
-    TPAD: tl.constexpr = 16, RUN_PRODUCTS: tl.constexpr = True,
+    TPAD: tl.constexpr = 16, RUN_PRODUCTS: tl.constexpr = True, KEEP_BITS: tl.constexpr = False,
+    KEEP_KT: tl.constexpr = 64,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -276,6 +293,8 @@ def disentangled_bwd_dkdv_kernel(
     if start_n >= Lk:  # packed: this sequence is shorter than the longest one
         return
     seed = _dropout_seed(SEED, DROPOUT)
+    if KEEP_BITS:  # dq's dropout decisions, passed to dK/dV as bytes (the launcher's DROPOUT_BITS)
+        KEEP = _keep_block(KEEP, b, h, k0, RH, LW, KEEP_KT, VARLEN)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -303,7 +322,7 @@ def disentangled_bwd_dkdv_kernel(
     if DROPOUT:
         dp_scale = scale / (1.0 - p_drop)  # (as the dq kernel's)
     rest = (qrow0, start_n, b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, scale, dp_scale, drop_thresh, seed, s_qm, s_om,
-            s_fmb, s_fmh, s_fmm, dist)
+            s_fmb, s_fmh, s_fmm, dist, KEEP, LW)
     if HAS_C2P | HAS_P2C:
         # query tiles far ahead of the key tile (slot 0), inside the run band, with an end run (both sides of the
         # inner ones, in one loop), far behind (slot NSLOT-1); the run sums do not depend on the order
@@ -311,20 +330,20 @@ def disentangled_bwd_dkdv_kernel(
         i1, i2 = _inner_tiles(start_n, BLOCK_N, 1 - run0, NRUN - 2 - run0, a, c, BLOCK_M, False)
         dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, 0, a, a, a, col_lo, run0, *rest, HAS_C2P,
                                              HAS_P2C, MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_M, BLOCK_N,
-                                             DIST)
+                                             DIST, KEEP_BITS)
         dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, i1, i2, i2, i2, 0, run0, *rest, HAS_C2P,
                                              HAS_P2C, MASK_KIND, DROPOUT, INNER, False, UPCAST, PREC, BLOCK_M, BLOCK_N,
-                                             DIST)
+                                             DIST, KEEP_BITS)
         dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, a, i1 + c - i2, i1, i2, 0, run0, *rest,
                                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, GENERAL, False, UPCAST, PREC,
-                                             BLOCK_M, BLOCK_N, DIST)
+                                             BLOCK_M, BLOCK_N, DIST, KEEP_BITS)
         dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, c, Lq, Lq, Lq, col_hi, run0, *rest,
                                              HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT, SAT, True, UPCAST, PREC, BLOCK_M,
-                                             BLOCK_N, DIST)
+                                             BLOCK_N, DIST, KEEP_BITS)
     else:  # no relative terms: the SAT path has nothing to add but the key term
         dk, dv, run_lo, run_hi = _dkdv_tiles(dk, dv, run_lo, run_hi, *args, 0, Lq, Lq, Lq, 0, run0, *rest, HAS_C2P,
                                              HAS_P2C, MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_M, BLOCK_N,
-                                             DIST)
+                                             DIST, KEEP_BITS)
 
     out = _grad_rows(krow0, k0, h64, offs_n, offs_d, D, s_gh, s_gm, VARLEN)
     if HAS_P2C:
@@ -338,7 +357,8 @@ def disentangled_bwd_dkdv_kernel(
     tl.store(DK + out, _rounded(dk, DK, UPCAST), mask=kv_ok)
     if MASK_KIND != 0:
         dv = _uniform_dv(dv, DO_bh, UNI, b, h, bh, offs_n, n_ok, offs_d, d_ok, start_n, Lq, Lk, s_om, s_unb, s_unh,
-                         drop_thresh, seed, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N)
+                         drop_thresh, seed, KEEP, LW, MASK_KIND, DROPOUT, UPCAST, PREC, BLOCK_M, BLOCK_N,
+                         KEEP_BITS)
     if DROPOUT:  # the kept probabilities' 1 / (1 - p): once here, not per element
         dv = dv * (1.0 / (1.0 - p_drop))
     tl.store(DV + out, _rounded(dv, DV, UPCAST), mask=kv_ok)
@@ -347,15 +367,16 @@ def disentangled_bwd_dkdv_kernel(
 # a fresh seed / rate per call, or another head group, must not recompile
 @triton.jit(do_not_specialize=["SEED", "drop_thresh", "H0"])
 def disentangled_bwd_dq_kernel(
-    Q, K, V, DO, STATS, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM, O, POS, RUNROW,
+    Q, K, V, DO, STATS, DELTA, C2P, P2C, TABLE, CU_Q, CU_K, KMASK, FMASK, UNI, DQ, CSUM, O, POS, RUNROW, KEEP,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
     s_kmb, s_fmb, s_fmh, s_fmm, s_unb, s_unh,
     H, H_ALL, H0, Lq, Lk, MAXQ, MAXK, D, NSLOT, NRUN, scale, band_lo, band_hi, run0, p_drop, drop_thresh,
-    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_yb, s_yh, s_ym, s_pb, s_ph, s_pr, s_gh, s_gm,
+    SEED, dist0, dist1, NSLOT1, RS1, RCC, RCP, s_yb, s_yh, s_ym, s_pb, s_ph, s_pr, s_gh, s_gm, LW, RH,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIST: tl.constexpr = 0,
-    TPAD: tl.constexpr = 16, RUN_PRODUCTS: tl.constexpr = True,
+    TPAD: tl.constexpr = 16, RUN_PRODUCTS: tl.constexpr = True, KEEP_BITS: tl.constexpr = False,
+    KEEP_KT: tl.constexpr = 64,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -371,6 +392,8 @@ def disentangled_bwd_dq_kernel(
     if start_m >= Lq:  # packed: this sequence is shorter than the longest one
         return
     seed = _dropout_seed(SEED, DROPOUT)
+    if KEEP_BITS:  # dq's dropout decisions, passed to dK/dV as bytes (the launcher's DROPOUT_BITS)
+        KEEP = _keep_block(KEEP, b, h, k0, RH, LW, KEEP_KT, VARLEN)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -407,23 +430,28 @@ def disentangled_bwd_dq_kernel(
     if DROPOUT:
         dp_scale = scale / (1.0 - p_drop)
     rest = (b, h, bh, Lq, Lk, NSLOT, NRUN, qk_scale, dp_scale, drop_thresh, seed, s_kn, s_vn,
-            s_kmb, s_fmb, s_fmh, s_fmm, dist)
+            s_kmb, s_fmb, s_fmh, s_fmm, dist, KEEP, LW)
     if HAS_C2P | HAS_P2C:
         # key tiles far behind the query tile (slot NSLOT-1), inside the run band, with an end run (both sides of the
         # inner ones, in one loop), far ahead (slot 0); the run sums do not depend on the order
         a, c = _tile_regions(start_m, BLOCK_M, band_lo, band_hi, Lk, BLOCK_N, True)
         i1, i2 = _inner_tiles(start_m, BLOCK_M, 1 - run0, NRUN - 2 - run0, a, c, BLOCK_N, True)
         dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, 0, a, a, a, col_hi, run0, *rest, HAS_C2P,
-                                       HAS_P2C, MASK_KIND, DROPOUT, SAT, True, UPCAST, PREC, BLOCK_N, DIST)
+                                       HAS_P2C, MASK_KIND, DROPOUT, SAT, True, UPCAST, PREC, BLOCK_N, DIST,
+                                       KEEP_BITS)
         dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, i1, i2, i2, i2, 0, run0, *rest, HAS_C2P, HAS_P2C,
-                                       MASK_KIND, DROPOUT, INNER, False, UPCAST, PREC, BLOCK_N, DIST)
+                                       MASK_KIND, DROPOUT, INNER, False, UPCAST, PREC, BLOCK_N, DIST,
+                                       KEEP_BITS)
         dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, a, i1 + c - i2, i1, i2, 0, run0, *rest, HAS_C2P,
-                                       HAS_P2C, MASK_KIND, DROPOUT, GENERAL, False, UPCAST, PREC, BLOCK_N, DIST)
+                                       HAS_P2C, MASK_KIND, DROPOUT, GENERAL, False, UPCAST, PREC, BLOCK_N, DIST,
+                                       KEEP_BITS)
         dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, c, Lk, Lk, Lk, col_lo, run0, *rest, HAS_C2P, HAS_P2C,
-                                       MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N, DIST)
+                                       MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N, DIST,
+                                       KEEP_BITS)
     else:  # no relative terms: the SAT path has nothing to add but the key term
         dq, run_lo, run_hi = _dq_tiles(dq, run_lo, run_hi, *args, 0, Lk, Lk, Lk, 0, run0, *rest, HAS_C2P, HAS_P2C,
-                                       MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N, DIST)
+                                       MASK_KIND, DROPOUT, SAT, False, UPCAST, PREC, BLOCK_N, DIST,
+                                       KEEP_BITS)
 
     out = _grad_rows(qrow0, q0, h64, offs_m, offs_d, D, s_gh, s_gm, VARLEN)
     if HAS_C2P:

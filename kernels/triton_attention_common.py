@@ -521,6 +521,20 @@ def _kept(x, keep, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _call_counters(offs_m, start_n, drop_thresh, BLOCK_N: tl.constexpr):
+    """:func:`_dropout_keep`'s thresholds and Philox counters: ``(lo, hi, qc [IB, 8], kc [JB, 4])``, ``lo`` the
+    threshold of a low half, ``hi`` of a high half (a high half ``h >= t`` iff its word ``>= t * 2**16``: no shift
+    per element), ``qc`` the query counters of the tile's row blocks of 16, ``kc`` the key counters."""
+    IB: tl.constexpr = offs_m.shape[0] // 16
+    JB: tl.constexpr = BLOCK_N // 16
+    lo = drop_thresh.to(tl.uint32)
+    m16 = tl.max(tl.reshape(offs_m, [IB, 16]) // 16, 1).to(tl.uint32)  # the row blocks of 16
+    qc = (m16 * 8)[:, None] + tl.arange(0, 8)[None, :].to(tl.uint32)
+    kc = ((start_n // 16 + tl.arange(0, JB)) * 4)[:, None].to(tl.uint32) + tl.arange(0, 4)[None, :].to(tl.uint32)
+    return lo, lo << 16, qc, kc
+
+
+@triton.jit
 def _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
     """Keep-mask ``[BLOCK_M, BLOCK_N]`` (``TRANS``: its transpose, built in that orientation) of attention dropout,
     the CUDA kernels' stream (``tests/philox_ref.py``): one Philox4x32-10 call, key ``seed``, counter ``(4 (j // 16)
@@ -530,15 +544,9 @@ def _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N: tl.constexpr,
     * 2**16)``.  ``offs_m``: 16-aligned runs of 16 rows (``start + arange``); ``start_n``, ``BLOCK_N``: multiples
     of 16."""
     BM: tl.constexpr = offs_m.shape[0]
-    IB: tl.constexpr = BM // 16
-    JB: tl.constexpr = BLOCK_N // 16
-    lo = drop_thresh.to(tl.uint32)
-    hi = lo << 16  # a high half h >= t iff its word >= t * 2**16: no shift per element
-    m16 = tl.max(tl.reshape(offs_m, [IB, 16]) // 16, 1).to(tl.uint32)  # the row blocks of 16
-    qc = (m16 * 8)[:, None] + tl.arange(0, 8)[None, :].to(tl.uint32)  # [IB, 8]
-    kc = ((start_n // 16 + tl.arange(0, JB)) * 4)[:, None].to(tl.uint32) + tl.arange(0, 4)[None, :].to(tl.uint32)
     if TRANS:  # calls [JB, 4, IB, 8]; rows j = 16 jb + 8 c + 2 jt + h, columns i = 16 ib + 8 hh + ir
-        zero = tl.zeros([JB, 4, IB, 8], dtype=tl.uint32)
+        hi, qc, kc = _call_counters(offs_m, start_n, drop_thresh, BLOCK_N)[1:]
+        zero = tl.zeros([BLOCK_N // 16, 4, BM // 16, 8], dtype=tl.uint32)
         w0, w1, w2, w3 = tl.philox(seed, kc[:, :, None, None] + zero, qc[None, None, :, :] + zero,
                                    bh.to(tl.uint32) + zero, zero)
         words = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # [JB, 4, IB, 8, c, hh]: word 2 hh + c
@@ -546,11 +554,88 @@ def _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N: tl.constexpr,
         # sm_90 fp16 D = 64 training, against comparing before it; the same in the forward's orientation gained none)
         halves = tl.join(words << 16, words)
         keep = tl.reshape(tl.permute(halves, (0, 4, 1, 6, 2, 5, 3)), [BLOCK_N, BM]) >= hi
-    else:  # calls [IB, 8, JB, 4]; rows i = 16 ib + 8 hh + ir, columns j = 16 jb + 8 c + 2 jt + h
-        zero = tl.zeros([IB, 8, JB, 4], dtype=tl.uint32)
-        w0, w1, w2, w3 = _philox(seed, kc[None, None, :, :] + zero, qc[:, :, None, None] + zero,
-                                 bh.to(tl.uint32) + zero, zero)
-        words = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # [IB, 8, JB, 4, c, hh]: word 2 hh + c
-        keep = tl.join((words & 0xFFFF) >= lo, words >= hi)  # [..., h]
-        keep = tl.reshape(tl.permute(keep, (0, 5, 1, 2, 4, 3, 6)), [BM, BLOCK_N])
+    else:
+        keep = _keep_tile(_keep_calls(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N))
     return keep
+
+
+@triton.jit
+def _keep_tile(calls):
+    """:func:`_keep_calls`' decisions as the ``[BM, BLOCK_N]`` tile."""
+    BM: tl.constexpr = calls.shape[0] * 16
+    BN: tl.constexpr = calls.shape[2] * 16
+    return tl.reshape(tl.permute(calls, (0, 5, 1, 2, 4, 3, 6)), [BM, BN])
+
+
+@triton.jit
+def _keep_calls(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N: tl.constexpr):
+    """:func:`_dropout_keep`'s decisions by Philox call, ``[IB, 8, JB, 4, c, hh, h]`` (``IB = BM / 16``, ``JB =
+    BLOCK_N / 16``): call ``(ib, ir, jb, jt)`` serves rows ``i = 16 ib + 8 hh + ir`` by columns ``j = 16 jb + 8 c + 2
+    jt + h``, one thread's 8 elements in the MMA accumulator layout (the forward's and dq's orientation)."""
+    lo, hi, qc, kc = _call_counters(offs_m, start_n, drop_thresh, BLOCK_N)
+    zero = tl.zeros([offs_m.shape[0] // 16, 8, BLOCK_N // 16, 4], dtype=tl.uint32)
+    w0, w1, w2, w3 = _philox(seed, kc[None, None, :, :] + zero, qc[:, :, None, None] + zero,
+                             bh.to(tl.uint32) + zero, zero)
+    words = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # [IB, 8, JB, 4, c, hh]: word 2 hh + c
+    return tl.join((words & 0xFFFF) >= lo, words >= hi)  # [..., h]
+
+
+@triton.jit
+def _store_keep_bytes(KB, calls, offs_m, start_n, LWB, UPCAST: tl.constexpr):
+    """Store the dq kernel's decisions ``calls`` (:func:`_keep_calls`) for the dK/dV kernel (:func:`_keep_bytes`):
+    a byte per call, bit ``4 c + 2 hh + h``, at ``KB[r * LWB + cq]`` with key row ``r = 4 (j // 16) + (j % 8) // 2``
+    and query column ``cq = 8 (i // 16) + i % 8`` (``KB``: the ``(b, h)``'s block, :func:`_keep_block`, whose rows
+    reach every key tile the dq kernel walks: no mask).  On a GPU as inline PTX (``st.global.u8``), which takes the
+    calls' own layout (each thread stores its calls' bytes; a ``tl.store`` would move them through shared memory
+    into a coalesced layout first); under the interpreter (``UPCAST``) ``tl.store``."""
+    IB: tl.constexpr = calls.shape[0]
+    JB: tl.constexpr = calls.shape[2]
+    k_lo, k_hi = tl.split(calls)  # [..., c, hh] each: h = 0 / 1
+    p0, p1 = tl.split(k_lo.to(tl.int32) + 2 * k_hi.to(tl.int32))  # [..., c]: hh = 0 / 1
+    q0, q1 = tl.split(p0 + 4 * p1)  # c = 0 / 1
+    byte = q0 + 16 * q1  # [IB, 8, JB, 4]
+    m16 = tl.max(tl.reshape(offs_m, [IB, 16]) // 16, 1)
+    cq = (m16 * 8)[:, None] + tl.arange(0, 8)[None, :]  # [IB, 8]
+    r = ((start_n // 16 + tl.arange(0, JB)) * 4)[:, None] + tl.arange(0, 4)[None, :]  # [JB, 4]
+    ptrs = KB + (r[None, None, :, :] * LWB + cq[:, :, None, None])
+    if UPCAST:
+        tl.store(ptrs, byte.to(tl.int8))
+    else:
+        tl.inline_asm_elementwise("st.global.u8 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r", [ptrs, byte],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _keep_bytes(KB, offs_n, offs_m, start_m, Lq, Lk, LWB):
+    """The dK/dV tile's dropout decisions ``[BN, BM]`` (keys ``offs_n`` by queries ``offs_m = start_m + arange(BM)``,
+    16-aligned) from the dq kernel's bytes (:func:`_store_keep_bytes`), no Philox call: per key and 16 queries the 8
+    bytes of its key row (``ir = 0 .. 7``) as two int32 vectors over the keys, then per element a select, an and and
+    a compare in the accumulator layout.  Keys past ``Lk`` and groups of 16 queries past ``Lq`` (a dK/dV query tile
+    wider than dq's reaches bytes dq never wrote): not kept (their probability is 0 anyway), not read."""
+    BM: tl.constexpr = offs_m.shape[0]
+    KW = KB.to(tl.pointer_type(tl.int32), bitcast=True)  # (LWB and each block's first byte: multiples of 4)
+    n_ok = offs_n < Lk
+    row = KW + ((offs_n // 16) * 4 + (offs_n % 8) // 2) * (LWB // 4) + (start_m // 16) * 2
+    bit = (4 * ((offs_n // 8) % 2) + offs_n % 2)[:, None] + (8 * (offs_m % 4) + 2 * ((offs_m // 8) % 2))[None, :]
+    upper = (offs_m % 8 >= 4)[None, :]  # bytes ir = 4 .. 7: the second int32
+    group = (offs_m - start_m)[None, :] // 16
+    word = tl.where(upper, tl.load(row + 1, mask=n_ok, other=0)[:, None], tl.load(row, mask=n_ok, other=0)[:, None])
+    for g in tl.static_range(1, BM // 16):
+        ok = n_ok & (start_m + 16 * g < Lq)
+        w = tl.where(upper, tl.load(row + 2 * g + 1, mask=ok, other=0)[:, None],
+                     tl.load(row + 2 * g, mask=ok, other=0)[:, None])
+        word = tl.where(group == g, w, word)
+    return (word & (1 << bit)) != 0
+
+
+@triton.jit
+def _keep_block(KB, b, h, k0, RH, LWB, KT: tl.constexpr, VARLEN: tl.constexpr):
+    """The first byte of a program's dropout decisions (:func:`_store_keep_bytes`): rows of ``LWB`` bytes, ``RH``
+    per ``(b, h)`` (padded: ``Lk`` rounded up to ``KT`` keys, a 4th of those), or packed ``RH`` per head and sequence
+    ``b``'s from row ``(k0 + KT b) // 4`` (so at least ``KT ceil(Lk / KT) / 4`` rows before the next sequence's).
+    ``KT``: a multiple of the dq kernel's key tiles."""
+    if VARLEN:
+        row0 = h.to(tl.int64) * RH + (k0 + KT * b) // 4
+    else:
+        row0 = tl.program_id(1).to(tl.int64) * RH
+    return KB + row0 * LWB

@@ -166,8 +166,9 @@ def _gpu_config(pass_: str, bd: int, short: bool, fp32_ieee: bool = False, tf32:
         # sm_8x with a full mask, with or without dropout, at any length: the spills were found with dropout at
         # ragged lengths (2026-12-05: dq 64x32 24 B (3.7.1), dK/dV 16x64 12 B (3.6.0); the 32x32 / 32x16 tiles
         # none), and the smaller tiles serve the rest too (untimed).  (dq with c2p + p2c: 4 B at ptxas's own
-        # register target since the 64-bit Philox products, 2026-12-06: up to 255)
-        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2, 0, 255), dkdv=LaunchConfig(32, 16, 4, 2))
+        # register target since the 64-bit Philox products, 2026-12-06: up to 255; dK/dV at a ragged length with
+        # dropout: 4 B at its own target since it reads the dq kernel's dropout bytes, 2026-12-07: up to 255)
+        return BackwardConfig(dq=LaunchConfig(32, 32, 4, 2, 0, 255), dkdv=LaunchConfig(32, 16, 4, 2, 0, 255))
     if dropout and family == 90 and not tf32 and not full_mask and bd > 32:
         return _sm90_dropout_bwd(cfg, bd, aligned, varlen)
     return cfg
@@ -329,14 +330,20 @@ def _bwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         # 35.88 -> 33.88 per element (distance tables 30.25 -> 26.81), saturated 25.88 -> 23.06 (static, fp16).
         # Packed calls spilled 8 - 24 B with it, sm_80 8 - 16 B (c2p with a key mask), padded sm_90 with dropout 4 -
         # 60 B in 37 of 65 variants: those keep 16x64.  Untimed
+        # sm_90 dq with dropout since it stores its decisions for dK/dV (DROPOUT_BITS, 2026-12-07, twelfth session):
+        # 64x32 spilled 4 B (at 255 registers, L = 512 with a key mask), 64x16 0 B (in-band 42.56 -> 42.12 per
+        # element, static, fp16; 2 stages 0 B at 44.69).  Untimed
         dkdv = LaunchConfig(16, 64, 4, 1 if family == 90 else 2, 0, 255)
         if family == 90 and not dropout and not varlen:
             dkdv = LaunchConfig(32, 64, 4, 1, 0, 255)
-        return BackwardConfig(dq=LaunchConfig(64, 32, 4, 1), dkdv=dkdv)
+        dq = LaunchConfig(64, 16, 4, 1, 0, 255) if family == 90 and dropout else LaunchConfig(64, 32, 4, 1)
+        return BackwardConfig(dq=dq, dkdv=dkdv)
     if bd <= 128:
         if family == 90:  # dq 32x32 spilled 4-12 B on sm_90 (16x32: 0 B, +27 % instructions), dK/dV 32x32/8/1 4 B
-            # (dq with a full mask: 12 B at ptxas's own 168 registers under triton 3.6.0, 2026-12-05: up to 255)
-            return BackwardConfig(dq=LaunchConfig(16, 32, 4, 2, 0, 255), dkdv=LaunchConfig(32, 16, 4, 2))
+            # (dq with a full mask: 12 B at ptxas's own 168 registers under triton 3.6.0, 2026-12-05: up to 255;
+            # dK/dV since the kernels take the dropout bytes' operands, 2026-12-07, twelfth session: 4 B at its own
+            # 168 with a key mask and no dropout under 3.7.1, with a full mask and dropout under 3.6.0: up to 255)
+            return BackwardConfig(dq=LaunchConfig(16, 32, 4, 2, 0, 255), dkdv=LaunchConfig(32, 16, 4, 2, 0, 255))
         # sm_8x dq with the per-distance run sums (2026-12-03): 4 warps spilled 4 B (2 stages) / 16 B (1 stage); 8: 0 B
         c = LaunchConfig(32, 32, 8, 1)
         return BackwardConfig(dq=c, dkdv=c)
@@ -388,9 +395,12 @@ def _fp32_config(pass_: str, bd: int, family: int = 90):
     # sm_8x D = 16 4 warps 4 B (8 warps 0 B).  2026-12-05: sm_90 D = 64 on 4 warps, 2 stages 4 B at 255 registers
     # (20 B at ptxas's own 96), 8 warps 0 B; D = 256 on 4 warps, 1 stage 8 B at 255, 8 warps 0 B.  2026-12-06: D = 128
     # on 4 warps 8 B with dropout (since dropout's rescale left the element loop; 4 B without), 8 warps 0 B.
+    # sm_90 D = 128 since dK/dV reads the dq kernel's dropout bytes (2026-12-07, twelfth session): 2 stages spilled
+    # 4 - 28 B in 17 of 25 dropout variants under triton 3.6.0, 1 stage 0 B in all 50 (with and without dropout)
+    # under both compilers
     if family == 90:
-        dkdv = (LaunchConfig(16, 16, 2, 1, 0, 255) if bd <= 16 else LaunchConfig(16, 16, 8, 1, 0, 255) if bd > 128
-                else LaunchConfig(16, 16, 8, 2, 0, 255) if bd in (64, 128) else bwd)
+        dkdv = (LaunchConfig(16, 16, 2, 1, 0, 255) if bd <= 16 else LaunchConfig(16, 16, 8, 1, 0, 255) if bd >= 128
+                else LaunchConfig(16, 16, 8, 2, 0, 255) if bd == 64 else bwd)
     else:
         dkdv = LaunchConfig(16, 16, 4, 1, 0, 255) if bd == 32 else bwd
     return fwd if pass_ == "fwd" else BackwardConfig(dq=dq, dkdv=dkdv)
@@ -1071,6 +1081,7 @@ class _BwdPlan:
     dist: tuple | None = None  # as _FwdPlan's, for both kernels' tiles
     nslot: int = 0
     dist_args: tuple = (0, 0, 0)
+    keep_bytes: int = 0  # row width of the dropout decisions' bytes (_keep_width), 0: dK/dV runs Philox itself
 
 
 _FWD_PLANS: dict = {}
@@ -1081,7 +1092,8 @@ def _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
               max_relative_positions, span, dropout_p, max_seqlens) -> tuple:
     """What a plan depends on: shapes, strides, dtype, device, which terms and masks (a key mask's strides and
     dtype), bucket config, dropout on / off, and the settings the launch reads (interpreter, TF32, target arch,
-    ``REL_SOURCE`` / ``TABLE_BUDGET`` / ``TABLE_DTYPE`` / ``REL_SHARE``, ``DEBERTA_FAST_TRITON_TMA``)."""
+    ``REL_SOURCE`` / ``TABLE_BUDGET`` / ``TABLE_DTYPE`` / ``REL_SHARE`` / ``DROPOUT_BITS``,
+    ``DEBERTA_FAST_TRITON_TMA``)."""
     return (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, max_seqlens,
             None if pos_key is None else (pos_key.shape, pos_key.stride()),
             None if pos_query is None else (pos_query.shape, pos_query.stride()),
@@ -1089,7 +1101,7 @@ def _plan_key(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
             None if full_mask is None else full_mask.shape,
             None if uniform_rows is None else uniform_rows.shape, position_buckets, max_relative_positions, span,
             dropout_p > 0.0, interpreting(), q.dtype == torch.float32 and _allow_tf32(),
-            _TARGET_ARCH[0], REL_SOURCE, TABLE_BUDGET, TABLE_DTYPE, REL_SHARE, tma_requested())
+            _TARGET_ARCH[0], REL_SOURCE, TABLE_BUDGET, TABLE_DTYPE, REL_SHARE, DROPOUT_BITS, tma_requested())
 
 
 def _configs_replaced() -> bool:
@@ -1200,12 +1212,52 @@ def _bwd_plan(q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, po
         if max_seqlens is None:  # a padded group also allocates its dq / dk / dv
             dq_t, dk_t = (4 if host else q.element_size() for host in _host_shares(pos_key, pos_query))
             per_head += (dq_t * q_rows + (dk_t + q.element_size()) * k_rows) * D
-        flags = dict(flags, RUN_PRODUCTS=REL_SHARE == "kernel")
+        width, kt = _keep_width(pr, cfg, Lq, Lk), max(64, cfg.dq.block_n)
+        per_head += width * (k_rows + kt * (k_rows // max(Lk, 1) + 2)) // 4  # (_keep_rows; packed: about)
+        flags = dict(flags, RUN_PRODUCTS=REL_SHARE == "kernel", KEEP_BITS=width > 0, KEEP_KT=kt)
         return _BwdPlan(pr, cfg, head_groups(H, per_head), dict(_launch_kwargs(cfg.dkdv, pr), **flags),
-                        dict(_launch_kwargs(cfg.dq, pr), **flags), dist, nslot, dist_args)
+                        dict(_launch_kwargs(cfg.dq, pr), **flags), dist, nslot, dist_args, width)
 
     return _plan(_BWD_PLANS, build, q, k, v, pos_key, pos_query, key_mask, full_mask, uniform_rows, position_buckets,
                  max_relative_positions, span, dropout_p, max_seqlens, True)
+
+
+#: Where the dK/dV kernel's dropout decisions come from: "bits" (shipped: the dq kernel, launched first, stores its
+#: decisions, a byte per Philox call (``_store_keep_bytes``: ``Lq * Lk / 8`` bytes per ``(b, h)``), and dK/dV reads
+#: them: no Philox call in dK/dV, whose transposed tile holds a call's 8 elements in two lanes) or "philox" (dK/dV
+#: draws them itself, as until 2026-12-07).  The same decisions either way; an experiment for a GPU A/B, not a user
+#: setting.
+DROPOUT_BITS = "bits"
+
+
+def _keep_width(pr: _Prepared, cfg: BackwardConfig, Lq: int, Lk: int) -> int:
+    """Bytes per key row of a backward's dropout decisions (:data:`DROPOUT_BITS`; a column per 2 queries, for every
+    query tile either kernel walks: ``Lq`` rounded up to a tile), or 0: no dropout, "philox", or a ``(b, h)`` block
+    past the kernels' int32 offsets."""
+    if DROPOUT_BITS != "bits" or not pr.constexprs["DROPOUT"]:
+        return 0
+    tile = max(64, cfg.dq.block_m, cfg.dkdv.block_m)
+    width = -(-Lq // tile) * tile // 2
+    return width if (Lk // 4 + 64) * width < 2**31 else 0
+
+
+def _keep_rows(k_len: int, batch: int, heads: int, varlen: bool, kt: int) -> tuple:
+    """``(rows per block, rows)`` of a backward's dropout decisions (``_keep_block``: ``kt`` its ``KEEP_KT``): per
+    ``(b, h)``, ``k_len`` rounded up to ``kt`` keys, a 4th (padded); per head, packed ``k_len`` tokens in ``batch``
+    sequences, sequence ``b`` from row ``(k0 + kt b) // 4`` (offsets clamped to ``[0, k_len]``: in range whatever
+    they are); a multiple of 16 (one specialisation of ``RH``)."""
+    per = -(-((k_len + kt * batch) // 4 + kt // 4) // 16) * 16 if varlen else -(-k_len // kt) * kt // 4
+    return per, per * (heads if varlen else batch * heads)
+
+
+def _keep_buffer(rows: int, width: int, dummy) -> torch.Tensor:
+    """The dropout decisions' buffer, int8 ``[rows, width]`` (uninitialised: the dq kernel writes every byte the dK/dV
+    kernel reads; under the interpreter filled with a pattern, so that a read of an unwritten byte shows in the
+    tests), or ``dummy`` without."""
+    if not width:
+        return dummy
+    out = torch.empty((rows, width), device=dummy.device, dtype=torch.int8)
+    return out.fill_(0x5A) if interpreting() else out
 
 
 def clear_caches() -> None:
@@ -1382,10 +1434,14 @@ def attention_backward(do, q, k, v, pos_key, pos_query, out, stats, key_mask, fu
         tables = _tables(q, k, pos_key, pos_query, pr, g, plan.dist and plan.dist[2:], *layout)
         inputs = (qg, kg, vg, dog, st, dl, *tables, pr.table, pr.table, pr.table, *_group_masks(mask_args, g))
         (pk_ops, pk_strides), (pq_ops, pq_strides) = _pos_operands(pkg, pr, dummy), _pos_operands(pqg, pr, dummy)
-        disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * n)](*inputs, dq, c_sum, og, *pk_ops, *common,
-                                                                        *o_strides, *pk_strides, 0, 0, **kw_dq)
-        disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * n)](*inputs, dk, dv, p_sum, *pq_ops, *common,
-                                                                            *pq_strides, 0, 0, **kw_dkdv)
+        keep_rows, rows = _keep_rows(Lk, B, n, False, kw_dq["KEEP_KT"])
+        keep = _keep_buffer(rows, plan.keep_bytes, dummy)
+        disentangled_bwd_dq_kernel[(_cdiv(Lq, cfg.dq.block_m), B * n)](*inputs, dq, c_sum, og, *pk_ops, keep,
+                                                                        *common, *o_strides, *pk_strides, 0, 0,
+                                                                        plan.keep_bytes, keep_rows, **kw_dq)
+        disentangled_bwd_dkdv_kernel[(_cdiv(Lk, cfg.dkdv.block_n), B * n)](*inputs, dk, dv, p_sum, *pq_ops, keep,
+                                                                            *common, *pq_strides, 0, 0,
+                                                                            plan.keep_bytes, keep_rows, **kw_dkdv)
         dpos_key = dpos_query = None
         if has_c2p:
             dpos_key = _position_grads(c_sum[..., pr.run_columns(True)], pkg, qg, pr, True)
@@ -1500,13 +1556,18 @@ def attention_backward_varlen(do, q, k, v, pos_key, pos_query, out, stats, cu_se
         (pk_ops, pk_strides), (pq_ops, pq_strides) = _pos_operands(pkg, pr, dummy), _pos_operands(pqg, pr, dummy)
         inputs = (qg, kg, vg, dog, stg, dl, *_tables(qt, kt, pos_key, pos_query, pr, g, plan.dist and plan.dist[2:]),
                   pr.table, cu_seqlens_q, cu_seqlens_k, *mask_args)
+        keep_rows, rows = _keep_rows(Tk, N, n, True, plan.kw_dq["KEEP_KT"])
+        keep = _keep_buffer(rows, plan.keep_bytes, dummy)
         disentangled_bwd_dq_kernel[(_cdiv(max_seqlen_q, cfg.dq.block_m), N * n)](*inputs, dqg, c_sum, og, *pk_ops,
-                                                                                 *common, 0, out.stride(1),
+                                                                                 keep, *common, 0, out.stride(1),
                                                                                  out.stride(0), *pk_strides,
-                                                                                 *g_strides, **plan.kw_dq)
+                                                                                 *g_strides, plan.keep_bytes,
+                                                                                 keep_rows, **plan.kw_dq)
         disentangled_bwd_dkdv_kernel[(_cdiv(max_seqlen_k, cfg.dkdv.block_n), N * n)](*inputs, dkg, dvg, p_sum,
-                                                                                     *pq_ops, *common, *pq_strides,
-                                                                                     *g_strides, **plan.kw_dkdv)
+                                                                                     *pq_ops, keep, *common,
+                                                                                     *pq_strides, *g_strides,
+                                                                                     plan.keep_bytes, keep_rows,
+                                                                                     **plan.kw_dkdv)
         for i, (sums, pos, x) in enumerate(((c_sum, pkg, qt), (p_sum, pqg, kt))):
             if pos is None:
                 continue

@@ -306,6 +306,8 @@ def test_breakdown_rehearsal(tmp_path):
                                                          ("fwd+bwd", "triton both, distance tables"),
                                                          ("fwd+bwd", "triton both, distance tables, 16-bit"),
                                                          ("fwd+bwd", "triton both, relative share on host"),
+                                                         ("fwd+bwd", "triton both, dropout 0.1"),
+                                                         ("fwd+bwd", "triton both, dropout 0.1, Philox in dK/dV"),
                                                          ("fwd+bwd", "triton both, TMA")}
     assert {r["variant"]: r["same_output"] for r in rows if "same_output" in r} == {
         "triton both, tables prebuilt": True, "triton both, key mask (all ones)": True,

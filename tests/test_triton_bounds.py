@@ -49,9 +49,11 @@ def test_16bit_tables_stay_inside_their_tensors(monkeypatch):
 
 
 @pytest.mark.parametrize("Lq,Lk,D", [(75, 53, 64), (41, 97, 32)])
-def test_gpu_tiles_stay_inside_their_tensors(gpu_configs, Lq, Lk, D):  # noqa: F811 - the fixture
-    """The GPU configs' tiles (64 x 64, 64 x 32, 16 x 64, ... by architecture) overhang the lengths further."""
-    _padded(Lq, Lk, D, BUCKETED, 0.0)
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_gpu_tiles_stay_inside_their_tensors(gpu_configs, Lq, Lk, D, p):  # noqa: F811 - the fixture
+    """The GPU configs' tiles (64 x 64, 64 x 32, 16 x 64, ... by architecture) overhang the lengths further (with
+    dropout: the dq kernel's unmasked stores of its decisions' bytes, dK/dV's loads of them)."""
+    _padded(Lq, Lk, D, BUCKETED, p)
 
 
 def test_packed_calls_stay_inside_their_tensors():

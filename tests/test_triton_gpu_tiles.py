@@ -155,3 +155,52 @@ def test_fp32_ieee_tiles(monkeypatch, D, L):
     monkeypatch.setattr(launch, "launch_config", fp32_config)
     _check(1, 2, L, D, BUCKETED)
     assert (used[1].dq.block_m, used[1].dq.block_n) == (16, 16) and used[0].block_n == 16
+
+
+@pytest.mark.parametrize("case", ["D64-key", "D128-full", "D64-lq-lt-lk", "D64-lq-gt-lk", "D64-packed"])
+def test_dropout_decisions_passed_as_bytes(gpu_configs, monkeypatch, case):
+    """The dK/dV kernel's dropout decisions read from the dq kernel's bytes (``DROPOUT_BITS = "bits"``, shipped) are
+    its own Philox draws (``"philox"``): output and every gradient bit for bit the same, under each architecture's
+    tiles (dK/dV 16x64, 32x16, packed 32x32: 16 and 32 queries per tile), HF's uniform rows (dK/dV's pass over
+    them), ragged lengths inside a 16-key call block, Lq != Lk both ways, packed sequences of uneven lengths."""
+    from deberta_fast._kernels import triton_attention_launch as launch
+
+    widths = []
+    buffer = launch._keep_buffer
+
+    def recording(rows, width, dummy):
+        widths.append(width)
+        return buffer(rows, width, dummy)
+
+    monkeypatch.setattr(launch, "_keep_buffer", recording)
+    D = 128 if case == "D128-full" else 64
+    if case == "D64-packed":
+        cu = torch.tensor([0, 37, 40, 141], dtype=torch.int32)
+        q, k, v, do = (torch.randn(141, 2, D) for _ in range(4))
+        pk, pq = torch.randn(2, 8, D), torch.randn(2, 8, D)
+
+        def fn(q, k, v, pk, pq):
+            return disentangled_attention_varlen(q, k, v, pk, pq, cu, cu, 101, 101, position_buckets=4,
+                                                 max_relative_positions=8, dropout_p=0.3, backend="triton")
+        tensors = (q, k, v, pk, pq)
+    else:
+        Lq, Lk = {"D64-lq-lt-lk": (45, 83), "D64-lq-gt-lk": (83, 45)}.get(case, (75, 75))
+        q, k, v, pk, pq, mask, kw = make_inputs(2, 2, Lq, Lk, D, buckets=BUCKETED,
+                                                mask="full" if case == "D128-full" else "key")
+        if case.startswith("D64-lq"):
+            mask = torch.rand(2, Lk) > 0.3
+            mask[1] = False  # every key masked: uniform rows
+        elif case == "D64-key":
+            mask[1] = False
+        do = torch.randn(2, 2, Lq, D)
+        fn, tensors = triton_fn(mask, kw, dropout_p=0.3), (q, k, v, pk, pq)
+    results = {}
+    for source in ("philox", "bits"):
+        monkeypatch.setattr(launch, "DROPOUT_BITS", source)
+        torch.manual_seed(7)  # the same seed, drawn by the call
+        results[source] = grads(fn, tensors, torch.float32, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dpos_key", "dpos_query"), results["bits"], results["philox"]):
+        assert torch.equal(a, b), name
+    assert widths.count(0) == 1 and len(widths) == 2, widths  # one backward each way, the bytes in the second
+    # dK/dV query tiles of 16 (padded D = 64) and of 32 (D = 128, packed): one int32 per byte row and 16 queries
+    assert gpu_configs[1].dkdv.block_m == (32 if case in ("D128-full", "D64-packed") else 16), gpu_configs[1]
