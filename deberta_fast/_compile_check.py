@@ -267,8 +267,11 @@ def scenarios(full: bool) -> list[Scenario]:
         return out
     F = dict(tier="full")
     # every (pass, LaunchConfig, BLOCK_D) launch_config can return, at its representative launch (DeBERTa training
-    # flags: c2p+p2c, key mask unless packed); 16-bit ones from BLOCK_D 64 up (DeBERTa's head dims) also in bf16
-    for (pass_, cfg, bd), pr in keys.items():
+    # flags: c2p+p2c, key mask unless packed) on each architecture that launches it (one key can serve both: a
+    # probe per target, so that a tier of one target covers all of its keys); 16-bit ones from BLOCK_D 64 up
+    # (DeBERTa's head dims) also in bf16
+    per_arch = [(key, pr) for arch in TARGETS for key, pr in launch_config_keys((arch,)).items()]
+    for (pass_, cfg, bd), pr in per_arch:
         why = f"config {_cfg_str(cfg)} BLOCK_D={bd} sm_{pr.arch}"
         out.append(_probe_scenario(pass_, pr, why, **F))
         if pr.dtype == "fp16" and bd >= 64:
