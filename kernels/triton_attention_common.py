@@ -45,13 +45,13 @@ def _rows_desc(BASE, rows, cols, s_row, BLOCK_R: tl.constexpr, BLOCK_C: tl.const
 
 
 @triton.jit
-def _mm(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """``a @ b`` accumulated in float32.  ``UPCAST``: operands to float32 first (the CPU interpreter
+def _mm(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr, acc=None):
+    """``a @ b`` (+ ``acc``) accumulated in float32.  ``UPCAST``: operands to float32 first (the CPU interpreter
     mis-computes low-precision dots); ``PREC``: "ieee" or "tf32" for float32."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=PREC)
+        return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit

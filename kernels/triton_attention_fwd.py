@@ -79,7 +79,8 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
                s_kn, s_vn, s_kmb, s_fmb, s_fmh, s_fmm, skew, dist, descs,
                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                REGION: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-               SKEW: tl.constexpr, WIN: tl.constexpr, DIST: tl.constexpr, TMA: tl.constexpr):
+               SKEW: tl.constexpr, WIN: tl.constexpr, DIST: tl.constexpr, TMA: tl.constexpr,
+               RSUM: tl.constexpr = False):
     """Online softmax over key tiles of one kind.  ``GENERAL``: the tiles ``[lo, hi)``.  ``SAT``: both saturated
     ranges of ``_tile_regions`` in one loop (one loop per range would give each its own shared-memory pipeline
     buffers): ``[0, a)`` (slot ``NSLOT-1``) then ``[c, Lk)`` (slot 0), over ``[lo, hi) = [0, a + Lk - c)``.
@@ -89,7 +90,10 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
     terms computed once per program and one position row per key tile.  ``dist = (dist0, dist1, NSLOT - 1, col_lo,
     col_hi)``: the ``DIST`` experiment's window (:func:`_rel_terms`) and P2C's columns of the two saturated slots (else
     ``(0, 0, 0, 0, NSLOT - 1)``).  ``TMA``: the ``SAT`` loop reads its K / V tiles through ``descs``' tensor
-    descriptors (``BLOCK_N`` rows each)."""
+    descriptors (``BLOCK_N`` rows each).  ``RSUM`` (16-bit inputs without dropout): ``l_i`` is ``[BLOCK_M, 16]``,
+    every column the rows' sum of ``p`` as rounded for the ``P V`` product (so that the output's weights sum to 1),
+    from a product with a tile of ones instead of a float add per element; else ``[BLOCK_M]``, the float32 sums of
+    ``p`` before the keep mask."""
     dist0, dist1, nslot1, col_lo, col_hi = dist
     for it in range(lo, hi, BLOCK_N):
         if REGION == SAT:
@@ -138,7 +142,11 @@ def _fwd_tiles(acc, m_i, l_i, q, K_bh, V_bh, C2P_bh, P2C_bh, TABLE, KMASK, FMASK
         else:
             p = tl.exp2(t - (m_use[:, None] - rt))
         alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if RSUM:  # the rows' sums of p as the P V product rounds it, on tensor cores: an n-tile of ones
+            pv = p.to(V_bh.dtype.element_ty)
+            l_i = _mm(pv, tl.full([BLOCK_N, 16], 1.0, tl.float32).to(pv.dtype), UPCAST, PREC, l_i * alpha[:, None])
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # (the kept probabilities' 1 / (1 - p): once, on the output)
             keep = _dropout_keep(seed, bh, offs_m, start_n, drop_thresh, BLOCK_N, False)
             p = _kept(p, keep, UPCAST)
@@ -239,7 +247,13 @@ def disentangled_fwd_kernel(
     d0, d1, n1 = win  # (flat: nested tuple targets break triton's dependency finder)
     dist = (d0, d1, n1, col_lo, col_hi)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # the rows' sums on tensor cores (_fwd_tiles' RSUM): with dropout they are of p before the keep mask (a float add
+    # per element), and float32 inputs have no tensor-core product to ride
+    RSUM: tl.constexpr = (not DROPOUT) and V.dtype.element_ty != tl.float32
+    if RSUM:
+        l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if TMA:  # (made here, not with Q's: the inference forward then kept 4 B in local memory, static profile)
         descs = (_rows_desc(K_bh, Lk, D, s_kn, SAT_N, BLOCK_D), _rows_desc(V_bh, Lk, D, s_vn, SAT_N, BLOCK_D))
@@ -261,15 +275,17 @@ def disentangled_fwd_kernel(
         else:
             a = (a // SAT_N) * SAT_N
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, a + Lk - c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND,
-                                   DROPOUT, SAT, UPCAST, PREC, SAT_N, SKEW, WIN, DIST, TMA)
+                                   DROPOUT, SAT, UPCAST, PREC, SAT_N, SKEW, WIN, DIST, TMA, RSUM)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, a, c, a, c, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                                   GENERAL, UPCAST, PREC, BLOCK_N, SKEW, WIN, DIST, TMA)
+                                   GENERAL, UPCAST, PREC, BLOCK_N, SKEW, WIN, DIST, TMA, RSUM)
     else:  # no relative terms: the SAT path has nothing to add but the key term
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *args, 0, Lk, Lk, Lk, *rest, HAS_C2P, HAS_P2C, MASK_KIND, DROPOUT,
-                                   SAT, UPCAST, PREC, SAT_N, SKEW, WIN, DIST, TMA)
+                                   SAT, UPCAST, PREC, SAT_N, SKEW, WIN, DIST, TMA, RSUM)
 
     # read here, not before the loops: kept live through them (or a branch around them skipping the tiles of
     # padded rows only) made the sm_8x training forward spill 16-24 B
+    if RSUM:
+        l_i = tl.max(l_i, 1)  # (its columns are equal)
     uni = _uniform_rows(UNI, b, h, offs_m, Lq, s_unb, s_unh, MASK_KIND)
     n_uni = tl.sum(uni.to(tl.int32), 0)
     empty = l_i == 0.0  # no key in range (a packed sequence without keys)

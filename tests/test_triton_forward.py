@@ -94,6 +94,24 @@ def test_row_max_growing_over_key_tiles(dtype, mask):
         assert_close_lowp(lse, ref_lse, low_lse, what="lse")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("mask", ["none", "key"])
+def test_output_weights_sum_to_one(dtype, mask):
+    """Columns of V constant over the keys (signed powers of two) come out exactly: the output's weights sum to 1.
+    Without dropout the rows' sums are those of the probabilities as rounded for the ``P V`` product (a product
+    with a tile of ones, rescaled with the output), over saturated and band tiles and a row maximum that grows from
+    one key tile to the next; a wrong sum or a missed rescale moves the output off the constants."""
+    B, H, L, D = 2, 2, 150, 16
+    q, k, v, pk, pq, m, kw = make_inputs(B, H, L, L, D, mask=mask)
+    k = k + (torch.linspace(-1.0, 1.0, L) ** 3 * 8)[:, None]  # the maxima grow along the keys
+    c = torch.randint(-3, 4, (D,)).to(torch.float32).exp2() * (torch.randint(0, 2, (D,)) * 2 - 1)
+    v = c.expand(B, H, L, D).contiguous()
+    ts = [t.to(dtype) for t in (q, k, v, pk, pq)]
+    out, lse = triton_forward_lse(*ts, m, kw)
+    assert torch.isfinite(lse).all()
+    torch.testing.assert_close(out, c.to(dtype).expand_as(out), atol=0, rtol=0)
+
+
 def test_dispatch_reports_triton():
     q, k, v, pk, pq, mask, kw = make_inputs(1, 2, 20, 20, 16, mask="key")
     out = disentangled_attention(q, k, v, pk, pq, attention_mask=mask, backend="triton", **kw)
