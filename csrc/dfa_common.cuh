@@ -230,49 +230,81 @@ struct CoreRows {
   static constexpr int elems(int rows) { return rows * CH * 8; }
 };
 
-// Load a [ROWS x D] tile of a [len x D] row-strided global matrix into smem (layout L: [ROWS][D + 8] by default);
-// rows >= len are zero-filled.
-// 16-byte chunks (rows must be 16-byte aligned): plain loads and stores, or with ASYNC cp.async (issued, not
-// committed: the caller commits and waits).
-// STATIC (default): a static trip count, one pointer advanced per pass (no per-copy index arithmetic, every copy
-// counted by the static profile); otherwise a strided loop with a guard per copy (fewer live registers: the D = 128
-// dq kernel spills 88 B with the static copies).
+// Whether a tile's n rows all lie in the nrows rows left: a tile load without per-row predicates (every tile but the
+// last).
+__device__ __forceinline__ bool rows_in_range(int n, int nrows) {
+#ifdef DFA_PROFILE_INTERIOR  // static-profile builds only (benchmarks/static_cuda.py): every tile interior
+  (void)n; (void)nrows;
+  return true;
+#else
+  return n <= nrows;
+#endif
+}
+
+// One 16-byte chunk global -> shared, zeros unless `ok` (ASYNC: cp.async, zero-filled, reading `fallback`, a valid
+// address, in place of src; else a load and a store).
+template <bool ASYNC, typename T>
+__device__ __forceinline__ void copy_chunk(T* dst, const T* src, bool ok, const T* fallback) {
+  if constexpr (ASYNC) {
+    cp_async_16(dst, ok ? src : fallback, ok);
+  } else {
+    (void)fallback;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (ok) val = *reinterpret_cast<const uint4*>(src);
+    *reinterpret_cast<uint4*>(dst) = val;
+  }
+}
+
+// Load a [ROWS x D] tile of row-strided global rows into smem (layout L: [ROWS][D + 8] by default): `gt` points at
+// the tile's first row, rows r >= nrows are zero-filled (nrows >= 1: gt stays a valid address).  16-byte chunks (rows
+// must be 16-byte aligned): plain loads and stores, or with ASYNC cp.async (issued, not committed: the caller commits
+// and waits).  A static trip count, one pointer advanced per pass (no per-copy index arithmetic, every copy counted
+// by the static profile); a tile whose rows are all in range copies without a predicate or an address select.
+template <typename T, int ROWS, int D, int NTHREADS, bool ASYNC = false, typename L = PaddedRows<D>>
+__device__ __forceinline__ void load_tile_rows(T* smem, const T* gt, int64_t row_stride, int nrows) {
+  constexpr int CPR = D / 8;             // 16-byte chunks per row
+  constexpr int RSTEP = NTHREADS / CPR;  // rows per pass of the block
+  static_assert(NTHREADS % CPR == 0, "whole rows per pass");
+  static_assert(!L::CORE || (NTHREADS == 128 && 16 % CPR == 0), "core matrices: 8 threads fill one");
+  // padded: consecutive threads take a row's consecutive chunks; core: 8 consecutive threads fill one core matrix
+  // (rows r..r + 7 of one chunk: 128 contiguous bytes, no bank conflict)
+  const int tid = (int)threadIdx.x;
+  const int r0 = L::CORE ? ((tid >> 3) / CPR) * 8 + (tid & 7) : tid / CPR;
+  const int cc = L::CORE ? (tid >> 3) % CPR : tid % CPR;
+  const T* src = gt + r0 * row_stride + cc * 8;  // advanced by RSTEP rows per pass
+  T* dst = L::at(smem, r0, cc * 8);
+  if (rows_in_range(ROWS, nrows)) {  // (block-uniform)
+#pragma unroll
+    for (int it = 0; it * RSTEP < ROWS; ++it) {
+      if (ROWS % RSTEP != 0 && r0 + it * RSTEP >= ROWS) break;
+      copy_chunk<ASYNC>(dst + it * L::off(RSTEP, 0), src, true, gt);
+      src += RSTEP * row_stride;
+    }
+    return;
+  }
+#pragma unroll
+  for (int it = 0; it * RSTEP < ROWS; ++it) {
+    const int r = r0 + it * RSTEP;
+    if (ROWS % RSTEP != 0 && r >= ROWS) break;
+    copy_chunk<ASYNC>(dst + it * L::off(RSTEP, 0), src, r < nrows, gt);
+    src += RSTEP * row_stride;
+  }
+}
+
+// Rows [row0, row0 + ROWS) of a [len x D] matrix at g (rows >= len zero-filled; row0 < len).  STATIC (default):
+// load_tile_rows; otherwise a strided loop with a guard per copy (fewer live registers: the D = 128 dq kernel spills
+// 88 B with the static copies).
 template <typename T, int ROWS, int D, int NTHREADS, bool ASYNC = false, bool STATIC = true,
           typename L = PaddedRows<D>>
 __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_stride, int row0, int len) {
-  constexpr int CPR = D / 8;             // 16-byte chunks per row
-  const auto copy = [&](T* dst, const T* src, bool ok) {
-    if constexpr (ASYNC) {
-      cp_async_16(dst, ok ? src : g, ok);
-    } else {
-      uint4 val = make_uint4(0u, 0u, 0u, 0u);
-      if (ok) val = *reinterpret_cast<const uint4*>(src);
-      *reinterpret_cast<uint4*>(dst) = val;
-    }
-  };
   if constexpr (STATIC) {
-    constexpr int RSTEP = NTHREADS / CPR;  // rows per pass of the block
-    static_assert(NTHREADS % CPR == 0, "whole rows per pass");
-    static_assert(!L::CORE || (NTHREADS == 128 && 16 % CPR == 0), "core matrices: 8 threads fill one");
-    // padded: consecutive threads take a row's consecutive chunks; core: 8 consecutive threads fill one core matrix
-    // (rows r..r + 7 of one chunk: 128 contiguous bytes, no bank conflict)
-    const int tid = (int)threadIdx.x;
-    const int r0 = L::CORE ? ((tid >> 3) / CPR) * 8 + (tid & 7) : tid / CPR;
-    const int cc = L::CORE ? (tid >> 3) % CPR : tid % CPR;
-    const T* src = g + (int64_t)(row0 + r0) * row_stride + cc * 8;  // advanced by RSTEP rows per pass
-    T* dst = L::at(smem, r0, cc * 8);
-#pragma unroll
-    for (int it = 0; it * RSTEP < ROWS; ++it) {
-      const int r = r0 + it * RSTEP;
-      if (ROWS % RSTEP != 0 && r >= ROWS) break;
-      copy(dst + it * L::off(RSTEP, 0), src, row0 + r < len);
-      src += RSTEP * row_stride;
-    }
+    load_tile_rows<T, ROWS, D, NTHREADS, ASYNC, L>(smem, g + (int64_t)row0 * row_stride, row_stride, len - row0);
   } else {
+    constexpr int CPR = D / 8;
 #pragma unroll
     for (int c = threadIdx.x; c < ROWS * CPR; c += NTHREADS) {
       const int r = c / CPR, cc = c % CPR;
-      copy(L::at(smem, r, cc * 8), g + (int64_t)(row0 + r) * row_stride + cc * 8, row0 + r < len);
+      copy_chunk<ASYNC>(L::at(smem, r, cc * 8), g + (int64_t)(row0 + r) * row_stride + cc * 8, row0 + r < len, g);
     }
   }
 }
@@ -339,11 +371,21 @@ __device__ __forceinline__ void mma_rows_rows(float (*acc)[4], const T* a, const
   }
 }
 
+// The B fragment of an m16n8k16 MMA whose B is all ones: the product's every column is the A rows' sum over k.
+template <typename T>
+__device__ __forceinline__ const uint32_t* ones_fragment() {
+  static constexpr uint32_t kOne2 = std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;  // (1, 1) in T
+  static constexpr uint32_t kOnes[2] = {kOne2, kOne2};
+  return kOnes;
+}
+
 // out[D/8][4] += P (16 x NT*8, from accumulator registers p[NT][4], already final
 // values) * B, where B is NT*8 rows x D cols in smem `b` ([k][n] row-major).  B's fragments by ldmatrix.trans:
-// (k 0-7 | 8-15) x (n-tile dt | dt+1).
+// (k 0-7 | 8-15) x (n-tile dt | dt+1).  With `sums` (warp-uniform), rowsum[4] += the rows' sums of P as rounded to T
+// (an n-tile of ones: each of its columns holds them), one MMA per 16 of K instead of a float add per element.
 template <typename T, int D, int NT>
-__device__ __forceinline__ void mma_acc_rows(float (*out)[4], const float (*p)[4], const T* b) {
+__device__ __forceinline__ void mma_acc_rows(float (*out)[4], const float (*p)[4], const T* b, float (&rowsum)[4],
+                                             bool sums) {
   static_assert(NT % 2 == 0, "score tile width must be a multiple of 16");
   constexpr int LDS = D + 8;
   const int lane = threadIdx.x & 31, lr = lane & 7, lm = lane >> 3;
@@ -361,6 +403,7 @@ __device__ __forceinline__ void mma_acc_rows(float (*out)[4], const float (*p)[4
       mma16816<T>(out[dt], af, bf);
       mma16816<T>(out[dt + 1], af, bf + 2);
     }
+    if (sums) mma16816<T>(rowsum, af, ones_fragment<T>());
   }
 }
 

@@ -1,9 +1,9 @@
 // Fused forward of DeBERTa disentangled attention: online softmax (FA2 style), relative terms on tensor cores
 // (dfa_rel.cuh: per band tile, Q . Kr[window]^T and K . Qr[window]^T read back at each element's diagonal; tiles
 // beyond the slot band: per-row c2p constants and one p2c value per key), K / V tiles double-buffered by cp.async,
-// key-padding mask, uniform rows, Philox dropout.  Writes O and the float32 LSE (natural log; +inf and O = 0 for a
-// row with no key, see dfa_softmax.h).  Takes pos_key / pos_query rows (no C2P / P2C tables; the backward kernels
-// compute the relative terms the same way).
+// key-padding mask, uniform rows, Philox dropout; without dropout the rows' sums ride the P V product (an n-tile of
+// ones).  Writes O and the float32 LSE (natural log; +inf and O = 0 for a row with no key, see dfa_softmax.h).  Takes
+// pos_key / pos_query rows (no C2P / P2C tables; the backward kernels compute the relative terms the same way).
 // One kernel serves the padded batch and the packed variable-length (varlen) layout: the
 // per-block sequence offsets come from seq_view() (cu_seqlens read at run time, no extra
 // template instantiations); blocks past the end of their sequence exit at once.
@@ -86,6 +86,10 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  // without dropout the rows' sums ride the P . V product (product_acc_rows' rowsum: the sums of P as rounded for
+  // it, so the output's weights sum to 1; columns 2t, 2t+1 of rows g / g + 8: every column holds the sum); with
+  // dropout l sums the probabilities before the keep mask, a float add per element
+  float ls[4] = {0.f, 0.f, 0.f, 0.f};
 
   const typename Cfg::KV kv{Qs + L::elems(BM), kg, vg, p.k_sr, p.v_sr, Lk};
   const DescsOf<T, L, WG> dsc(Qs);
@@ -152,6 +156,8 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         l[hh] *= alpha[hh];
+        ls[2 * hh] *= alpha[hh];
+        ls[2 * hh + 1] *= alpha[hh];
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
           o[dt][2 * hh] *= alpha[hh];
@@ -159,26 +165,28 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
         }
       }
     }
-    dispatch_bool(raw, [&](auto raw_c) {
-      constexpr bool RAW = decltype(raw_c)::value;
+    dispatch_bool(raw, [&](auto raw_c) { dispatch_bool(p.dropout, [&](auto drop_c) {
+      constexpr bool RAW = decltype(raw_c)::value, DROP = decltype(drop_c)::value;
       static_assert(NT % 2 == 0, "dropout words come in n-tile pairs");
       uint4 dw = {};  // per n-tile pair: the lane's own Philox call (its rows x its 4 keys of the pair)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        if (p.dropout && nt % 2 == 0) dw = dropout_words(key, offset, dbh, rows[0], k0 + nt * 8 + 2 * t);
+        if (DROP && nt % 2 == 0) dw = dropout_words(key, offset, dbh, rows[0], k0 + nt * 8 + 2 * t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e >> 1, j = k0 + nt * 8 + 2 * t + (e & 1);
           const float pr = RAW ? exp2f(fmaf(s[nt][e], p.scale_log2, -base[hh])) : exp2f(s[nt][e] - base[hh]);
-          l[hh] += pr;
           float pd = pr;
-          // the kept probability; the output takes the 1 / (1 - p_drop) once, in the epilogue
-          if (p.dropout && !dropout_keep(word_of(dw, 2 * hh + nt % 2), j, p.drop_thresh)) pd = 0.f;
+          if constexpr (DROP) {
+            l[hh] += pr;
+            // the kept probability; the output takes the 1 / (1 - p_drop) once, in the epilogue
+            if (!dropout_keep(word_of(dw, 2 * hh + nt % 2), j, p.drop_thresh)) pd = 0.f;
+          }
           s[nt][e] = pd;
         }
       }
-    });
-    product_acc_rows<T, D, BN, WG>(o, s, dsc, Vs);
+    }); });
+    product_acc_rows<T, D, BN, WG>(o, s, dsc, Vs, ls, !p.dropout);
     // the next tile's window slots, published by release()'s barrier (the other half was last read a tile ago)
     if (rel && k0 + BN < Lk && tile_saturation(p, q0, BM, k0 + BN, BN) == 0)
       fill_slots<Cfg::Rel::WR, 1>(rs.slots_of(stage ^ 1), p, q0 - (k0 + BN) - (BN - 1));
@@ -189,7 +197,7 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
   T* og = reinterpret_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + sv.qrow * p.o_sr;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
-    const float lt = quad_sum(l[hh]);
+    const float lt = p.dropout ? quad_sum(l[hh]) : ls[2 * hh];
     const int i = rows[hh];
     if (i >= Lq) continue;
     const float inv = lt > 0.f ? (p.dropout ? p.drop_scale : 1.f) / lt : 0.f;

@@ -232,9 +232,11 @@ __device__ __forceinline__ void product_rows_rows(float (*acc)[4], const Descs& 
 
 // acc (this warp's 16 rows x D) += P . B: P this warp's 16 x K values in mma.sync C fragments (p[K / 8][4], rounded to
 // T here), B a tile of K rows x D.  WG: one wgmma per 16 of K (A = P from registers, B read MN-major); else mma.sync
-// with B's fragments by ldmatrix.trans (padded tiles).
+// with B's fragments by ldmatrix.trans (padded tiles).  `rowsum`, `sums`: mma_acc_rows' (P's row sums, on an mma.sync
+// with B all ones, in both variants).
 template <typename T, int D, int K, bool WG, typename Descs>
-__device__ __forceinline__ void product_acc_rows(float (*acc)[4], const float (*p)[4], const Descs& dsc, const T* B) {
+__device__ __forceinline__ void product_acc_rows(float (*acc)[4], const float (*p)[4], const Descs& dsc, const T* B,
+                                                 float (&rowsum)[4], bool sums) {
   if constexpr (WG) {
     const uint64_t db = dsc.at(dsc.mnmajor, B);
     uint32_t a[K / 16][4];  // every A fragment written before the fence (the ISA: none after it)
@@ -254,10 +256,19 @@ __device__ __forceinline__ void product_acc_rows(float (*acc)[4], const float (*
     wgmma_wait<0>();
     fence_operands<D / 2>(&acc[0][0]);
     fence_operands<K / 16>(a);
+    if (sums)
+#pragma unroll
+      for (int kc = 0; kc < K / 16; ++kc) mma16816<T>(rowsum, a[kc], ones_fragment<T>());
   } else {
     (void)dsc;
-    mma_acc_rows<T, D, K / 8>(acc, p, B);
+    mma_acc_rows<T, D, K / 8>(acc, p, B, rowsum, sums);
   }
+}
+
+template <typename T, int D, int K, bool WG, typename Descs>
+__device__ __forceinline__ void product_acc_rows(float (*acc)[4], const float (*p)[4], const Descs& dsc, const T* B) {
+  float none[4];  // (no row sums: dead once inlined)
+  product_acc_rows<T, D, K, WG>(acc, p, dsc, B, none, false);
 }
 
 #if !defined(DFA_CPU_SIM)

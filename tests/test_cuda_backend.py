@@ -522,6 +522,27 @@ def test_gpu_dropout_statistics():
 
 @gpu
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("D", [32, 128])
+def test_gpu_output_weights_sum_to_one(dtype, D):
+    """Columns of V constant over the keys (signed powers of two) come out exactly: the output's weights sum to 1.
+    Without dropout the forward's row sums ride the P . V product (an n-tile of ones, rescaled with the output);
+    saturated and band tiles, a key mask, a row maximum growing over the key tiles."""
+    B, H, L = 2, 2, 150
+    q, k, v, pk, pq = make_inputs(B, H, L, L, D, 4, torch.float32, "cpu")  # span 4: buckets 4
+    k = k + (torch.linspace(-1.0, 1.0, L) ** 3 * 8)[:, None]  # the maxima grow along the keys
+    c = torch.randint(-3, 4, (D,)).to(torch.float32).exp2() * (torch.randint(0, 2, (D,)) * 2 - 1)
+    v = c.expand(B, H, L, D)
+    q, k, v, pk, pq = (t.to(DEV, dtype) for t in (q, k, v, pk, pq))
+    mask = torch.ones(B, L, dtype=torch.bool, device=DEV)
+    mask[1, 100:] = False
+    out, lse = _direct(q, k, v, pk, pq, 4, 16, mask, 0.0, 0)
+    assert torch.isfinite(lse).all()
+    torch.testing.assert_close(out, c.to(DEV, dtype).expand_as(out), atol=0, rtol=0)
+
+
+@gpu
+@needs_ext
 def test_gpu_uniform_rows_and_lse():
     B, H, L = 2, 2, 70
     q, k, v, pk, pq = make_inputs(B, H, L, L, 64, 4, torch.bfloat16, DEV)  # span 4: buckets 4
