@@ -371,12 +371,11 @@ __device__ __forceinline__ void mma_rows_rows(float (*acc)[4], const T* a, const
   }
 }
 
-// The B fragment of an m16n8k16 MMA whose B is all ones: the product's every column is the A rows' sum over k.
+// (1, 1) in T: each register of the B fragment of an m16n8k16 MMA whose B is all ones (the product's every column is
+// the A rows' sum over k).
 template <typename T>
-__device__ __forceinline__ const uint32_t* ones_fragment() {
-  static constexpr uint32_t kOne2 = std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;  // (1, 1) in T
-  static constexpr uint32_t kOnes[2] = {kOne2, kOne2};
-  return kOnes;
+__device__ __forceinline__ constexpr uint32_t one_pair() {
+  return std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;
 }
 
 // out[D/8][4] += P (16 x NT*8, from accumulator registers p[NT][4], already final
@@ -389,6 +388,7 @@ __device__ __forceinline__ void mma_acc_rows(float (*out)[4], const float (*p)[4
   static_assert(NT % 2 == 0, "score tile width must be a multiple of 16");
   constexpr int LDS = D + 8;
   const int lane = threadIdx.x & 31, lr = lane & 7, lm = lane >> 3;
+  const uint32_t ones[2] = {one_pair<T>(), one_pair<T>()};
 #pragma unroll
   for (int kc = 0; kc < NT / 2; ++kc) {
     uint32_t af[4];
@@ -403,7 +403,7 @@ __device__ __forceinline__ void mma_acc_rows(float (*out)[4], const float (*p)[4
       mma16816<T>(out[dt], af, bf);
       mma16816<T>(out[dt + 1], af, bf + 2);
     }
-    if (sums) mma16816<T>(rowsum, af, ones_fragment<T>());
+    if (sums) mma16816<T>(rowsum, af, ones);
   }
 }
 

@@ -256,9 +256,10 @@ __device__ __forceinline__ void product_acc_rows(float (*acc)[4], const float (*
     wgmma_wait<0>();
     fence_operands<D / 2>(&acc[0][0]);
     fence_operands<K / 16>(a);
+    const uint32_t ones[2] = {one_pair<T>(), one_pair<T>()};
     if (sums)
 #pragma unroll
-      for (int kc = 0; kc < K / 16; ++kc) mma16816<T>(rowsum, a[kc], ones_fragment<T>());
+      for (int kc = 0; kc < K / 16; ++kc) mma16816<T>(rowsum, a[kc], ones);
   } else {
     (void)dsc;
     mma_acc_rows<T, D, K / 8>(acc, p, B, rowsum, sums);
