@@ -259,8 +259,11 @@ def _fwd_config(bd: int, tf32: bool, family: int, varlen: bool, dropout: bool) -
         # sm_8x: 64x64 spilled 80-108 B (276 B packed); packed 64x32: 4-44 B (D = 64); 32x64 at D = 32: 4 B
         if varlen:
             return LaunchConfig(32, 64, 4, 3, 128) if bd == 64 else LaunchConfig(64, 32, 4, 3, 128)
-        # 64-key saturated tiles spilled 4 B without dropout (76 KB with 128)
-        return LaunchConfig(64, 32, 4, 3, 64 if dropout else 128)
+        # 64-key saturated tiles spilled 4 B without dropout (76 KB with 128).  D = 64 without dropout on 2 stages:
+        # the row sums' [64, 16] accumulator (RSUM) made 3 stages spill 6 B at ragged lengths with a key mask
+        # (2026-12-07, full tier); 2 stages 0 B and fewer instructions at L = 512 (13.23 / 30.12 against 13.66 /
+        # 30.62 without a mask, static)
+        return LaunchConfig(64, 32, 4, 2 if bd == 64 and not dropout else 3, 64 if dropout else 128)
     if bd <= 128:
         if family == 90:  # 64x32 spills 16 B with dropout; 64x16 none (60-78 instructions per element, 64x32 49-72)
             if dropout:  # (TF32, 3 stages: 8 B with a full mask since the seed is read from memory, 2026-12-06;
