@@ -98,7 +98,8 @@ def test_simulator_wgmma(sim):
     """wgmma m64n32k16 on known matrices through the PTX ISA's canonical no-swizzle layouts: A from shared memory
     (K-major) with B K-major, and A from registers (mma.sync's A fragments) with B MN-major; thread t of warp w holds
     rows 16 w + t/4 (+ 8) and columns 8 i + 2 (t % 4) (+ 1): mma.sync's C fragments over the n-tiles.  Reading the
-    accumulators before the wait sees NaN; a thread that never waits is reported."""
+    accumulators before the wait sees NaN; a thread that never waits is reported, and so are operands (shared memory,
+    A registers) changed between the issue and the wait."""
     err, out = sim.sim_selftest("wgmma")
     assert err == ""
     m, k, n = torch.arange(64.)[:, None], torch.arange(16.), torch.arange(32.)
@@ -116,6 +117,11 @@ def test_simulator_wgmma(sim):
     assert err == "" and all(x != x for x in out[0::32])
     err, _ = sim.sim_selftest("wgmma_no_wait")
     assert "exits with wgmma results never waited for" in err
+    # the hardware reads the operands asynchronously: shared memory or A registers changed before the wait
+    err, _ = sim.sim_selftest("wgmma_smem_race")
+    assert "shared memory read by a pending wgmma (B) changed before its wait_group" in err
+    err, _ = sim.sim_selftest("wgmma_reg_race")
+    assert "A registers of a pending wgmma written before its wait_group" in err
 
 
 def _gpu_tests(name: str) -> str:

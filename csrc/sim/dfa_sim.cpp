@@ -29,10 +29,23 @@ struct Copy {
   int src_bytes;
 };
 
+// What a warp's wgmma read: its descriptors and the shared-memory operands as they were at issue.  Checked again at
+// the covering wait_group (by the first lane to wait): the hardware reads them asynchronously, any time before.
+struct WgRead {
+  uint64_t desc_a, desc_b;
+  int wi, n;
+  bool has_a, trans_b, bf16;
+  bool checked = false;
+  float A[16][16], B[16][128];
+};
+
 struct Result {  // a wgmma's result for one thread: lands in d[0, n) at the covering wait_group
   float* d;
   int n;
   float v[64];
+  std::shared_ptr<WgRead> read;  // the warp's shared-memory operands
+  const uint32_t* a_src;         // this thread's A registers (nullptr: A from shared memory), as read at issue
+  uint32_t a[4];
 };
 
 struct Fiber {
@@ -223,6 +236,7 @@ namespace {
 
 struct WgIn {
   float* d;
+  const uint32_t* a_src;
   uint32_t a[4];
   uint64_t desc_a, desc_b;
   int n;
@@ -289,11 +303,15 @@ void wgmma_all(const unsigned char (*in)[kLaneBytes], unsigned char (*out)[kLane
   }
   for (int k = 0; k < 16; ++k)
     for (int c = 0; c < n; ++c) B[k][c] = operand(x0->desc_b, c, k, !trans_b, bf16);
+  auto read = std::make_shared<WgRead>();
+  *read = WgRead{x0->desc_a, x0->desc_b, wi, n, has_a, trans_b, bf16, false, {}, {}};
+  std::memcpy(read->A, A, sizeof A);
+  std::memcpy(read->B, B, sizeof B);
   for (int l = 0; l < 32; ++l) {
     const auto* x = reinterpret_cast<const WgIn*>(in[l]);
     Fiber& f = b.fibers[first + l];
     const Result* prev = x->accumulate ? pending(f, x->d, n / 2) : nullptr;
-    Result res{x->d, n / 2, {}};
+    Result res{x->d, n / 2, {}, read, has_a ? x->a_src : nullptr, {x->a[0], x->a[1], x->a[2], x->a[3]}};
     const int g = l >> 2, t = l & 3;
     for (int i = 0; i < n / 2; ++i) {
       const int r = g + 8 * ((i >> 1) & 1), c = 8 * (i >> 2) + 2 * t + (i & 1);
@@ -312,7 +330,7 @@ void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b,
            bool bf16) {
   if (n != 32 && n != 64 && n != 128) fault("wgmma with n " + std::to_string(n) + " in " + where());
   if (g_block.n % 128 != 0) fault("wgmma in a block that is not whole warpgroups in " + where());
-  WgIn x{d, {0u, 0u, 0u, 0u}, desc_a, desc_b, n, uint8_t(a != nullptr), uint8_t(trans_b), uint8_t(accumulate),
+  WgIn x{d, a, {0u, 0u, 0u, 0u}, desc_a, desc_b, n, uint8_t(a != nullptr), uint8_t(trans_b), uint8_t(accumulate),
          uint8_t(bf16)};
   if (a != nullptr) std::memcpy(x.a, a, sizeof(x.a));
   char none = 0;
@@ -325,9 +343,33 @@ void wgmma_commit() {
   f.wg_open.clear();
 }
 
+// The operands of a wgmma landing now must be what it read at issue: its A registers (this thread's), and its shared
+// memory (checked by the warp's first lane to land it; the other warps change shared memory only across a barrier,
+// at which every lane of this warp is held alike).
+void check_operands(Result& r) {
+  if (r.a_src != nullptr && std::memcmp(r.a_src, r.a, sizeof r.a) != 0)
+    fault("A registers of a pending wgmma written before its wait_group in " + where());
+  WgRead& x = *r.read;
+  if (x.checked) return;
+  x.checked = true;
+  for (int k = 0; k < 16; ++k) {
+    for (int m = 0; m < 16 && !x.has_a; ++m) {
+      const float v = operand(x.desc_a, 16 * x.wi + m, k, true, x.bf16);
+      if (std::memcmp(&v, &x.A[m][k], sizeof v) != 0)
+        fault("shared memory read by a pending wgmma (A) changed before its wait_group in " + where());
+    }
+    for (int c = 0; c < x.n; ++c) {
+      const float v = operand(x.desc_b, c, k, !x.trans_b, x.bf16);
+      if (std::memcmp(&v, &x.B[k][c], sizeof v) != 0)
+        fault("shared memory read by a pending wgmma (B) changed before its wait_group in " + where());
+    }
+  }
+}
+
 void wgmma_wait(int newest_pending) {
   Fiber& f = me();
   while (int(f.wg_groups.size()) > newest_pending) {
+    for (Result& r : f.wg_groups.front()) check_operands(r);
     for (const Result& r : f.wg_groups.front()) std::memcpy(r.d, r.v, sizeof(float) * size_t(r.n));
     f.wg_groups.erase(f.wg_groups.begin());
   }

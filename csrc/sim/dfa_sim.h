@@ -205,7 +205,9 @@ void cp_async_wait(int newest_pending);
 // (smem_offset), LBO / SBO as the PTX ISA's canonical no-swizzle layouts; every row read is bounds-checked.  The
 // result (float64 sums of exact products, rounded once) lands in `d` at the wait_group that covers its commit_group;
 // until then `d` holds NaN, and a later wgmma on the same `d` continues from the pending value (in-order
-// accumulation, as the hardware chains them).  A thread that exits with wgmma results not waited for is reported.
+// accumulation, as the hardware chains them).  The hardware reads the operands asynchronously, any time before that
+// wait: the shared memory a wgmma read (checked by the warp's first lane to wait) and the thread's A registers must
+// be unchanged there, or it is reported.  A thread that exits with wgmma results not waited for is reported.
 uint32_t smem_offset(const void* p);
 void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool trans_b, bool accumulate,
            bool bf16);

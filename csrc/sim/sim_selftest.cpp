@@ -67,7 +67,7 @@ __global__ void collectives_kernel(float* out) {
   };
   auto A = [](int r, int k) { return float(r) + float(k) / 16.f; };
   auto B = [](int k, int n) { return float(k - n); };
-  const uint32_t a[4] = {pack(A(g, 2 * t), A(g, 2 * t + 1)), pack(A(g + 8, 2 * t), A(g + 8, 2 * t + 1)),
+  uint32_t a[4] = {pack(A(g, 2 * t), A(g, 2 * t + 1)), pack(A(g + 8, 2 * t), A(g + 8, 2 * t + 1)),
                          pack(A(g, 2 * t + 8), A(g, 2 * t + 9)), pack(A(g + 8, 2 * t + 8), A(g + 8, 2 * t + 9))};
   const uint32_t b[2] = {pack(B(2 * t, g), B(2 * t + 1, g)), pack(B(2 * t + 8, g), B(2 * t + 9, g))};
   float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -103,8 +103,10 @@ __global__ void ldmatrix_kernel(float* out) {
 // no-swizzle layouts (PTX ISA): A K-major (LBO 128, SBO 256: 8 row groups of 2 core matrices), B K-major (n rows of k;
 // LBO 128, SBO 256) and MN-major (k rows of n; LBO 512 (next 8 k), SBO 128 (next 8 n)).  out[t * 32 + i]: thread t's
 // accumulator i of A.B with A from shared memory and B K-major; out[t * 32 + 16 + i]: with A from registers (mma.sync
-// A fragments) and B MN-major.  READ_EARLY: reads the accumulators before the wait (NaN); NO_WAIT: never waits.
-template <bool READ_EARLY, bool NO_WAIT>
+// A fragments) and B MN-major.  READ_EARLY: reads the accumulators before the wait (NaN); NO_WAIT: never waits;
+// SMEM_RACE: thread 0 rewrites an element of B (MN-major) between the issue and the wait (across a barrier);
+// REG_RACE: each thread rewrites its A registers before the wait.
+template <bool READ_EARLY, bool NO_WAIT, bool SMEM_RACE = false, bool REG_RACE = false>
 __global__ void wgmma_kernel(float* out) {
   DFA_DYNAMIC_SMEM(smem_raw);
   uint16_t* s = reinterpret_cast<uint16_t*>(smem_raw);
@@ -135,7 +137,7 @@ __global__ void wgmma_kernel(float* out) {
   };
   auto pack = [&](float lo, float hi) { return uint32_t(h(lo)) | (uint32_t(h(hi)) << 16); };
   const int r = 16 * w + g;
-  const uint32_t a[4] = {pack(A(r, 2 * t), A(r, 2 * t + 1)), pack(A(r + 8, 2 * t), A(r + 8, 2 * t + 1)),
+  uint32_t a[4] = {pack(A(r, 2 * t), A(r, 2 * t + 1)), pack(A(r + 8, 2 * t), A(r + 8, 2 * t + 1)),
                          pack(A(r, 2 * t + 8), A(r, 2 * t + 9)), pack(A(r + 8, 2 * t + 8), A(r + 8, 2 * t + 9))};
   float d1[16], d2[16];
   for (int i = 0; i < 16; ++i) d1[i] = d2[i] = 7.f;  // overwritten (scale-d 0)
@@ -144,6 +146,12 @@ __global__ void wgmma_kernel(float* out) {
   dfa_sim::wgmma_commit();
   if (READ_EARLY) out[tid * 32] = d1[0];
   if (NO_WAIT) return;
+  if (SMEM_RACE) {
+    __syncthreads();
+    if (tid == 0) sbt[5] ^= 0x0400u;  // an exponent bit of B(0, 5)
+    __syncthreads();
+  }
+  if (REG_RACE) a[0] ^= 1u;
   dfa_sim::wgmma_wait(0);
   for (int i = 0; i < 16; ++i) {
     if (!READ_EARLY || i > 0) out[tid * 32 + i] = d1[i];
@@ -178,12 +186,15 @@ std::pair<std::string, std::vector<float>> run(const std::string& name) {
     DFA_LAUNCH(ldmatrix_kernel<false>, 1, 32, 32 * 16 * sizeof(uint16_t), s, o);
   } else if (name == "ldmatrix_misaligned") {
     DFA_LAUNCH(ldmatrix_kernel<true>, 1, 32, 32 * 16 * sizeof(uint16_t), s, o);
-  } else if (name == "wgmma" || name == "wgmma_read_early" || name == "wgmma_no_wait") {
+  } else if (name.rfind("wgmma", 0) == 0) {
     out.assign(128 * 32, -1.f);
     o = out.data();
     if (name == "wgmma") DFA_LAUNCH((wgmma_kernel<false, false>), 1, 128, 4096, s, o);
     else if (name == "wgmma_read_early") DFA_LAUNCH((wgmma_kernel<true, false>), 1, 128, 4096, s, o);
-    else DFA_LAUNCH((wgmma_kernel<false, true>), 1, 128, 4096, s, o);
+    else if (name == "wgmma_no_wait") DFA_LAUNCH((wgmma_kernel<false, true>), 1, 128, 4096, s, o);
+    else if (name == "wgmma_smem_race") DFA_LAUNCH((wgmma_kernel<false, false, true, false>), 1, 128, 4096, s, o);
+    else if (name == "wgmma_reg_race") DFA_LAUNCH((wgmma_kernel<false, false, false, true>), 1, 128, 4096, s, o);
+    else return {"unknown self-test " + name, {}};
   } else if (name == "collectives") {
     DFA_LAUNCH(collectives_kernel, 1, 32, 0, s, o);
     out.resize(32 * 6);
