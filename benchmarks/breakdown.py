@@ -153,6 +153,7 @@ def variants(B, H, L, D, device, dtype):
     out.append(("torch both (HF eager's math)", "fwd", api("torch", "both", plain)))
     out += [(f"cuda {terms}", "fwd", api("cuda", terms, plain)) for terms in ("none", "both")]
     out.append(("cuda both, wgmma", "fwd", _wgmma(api("cuda", "both", plain))))
+    out.append(("cuda both, wgmma serial", "fwd", _wgmma(api("cuda", "both", plain), "serial")))
     out.append(("sdpa", "fwd+bwd", _grad_run(lambda: F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), do)))
     out.append(("torch both (HF eager's math)", "fwd+bwd", _grad_run(api("torch", "both", grads), grads, do)))
     for backend in ("triton", "cuda"):
@@ -211,18 +212,19 @@ def _tma(fn):
     return run
 
 
-def _wgmma(fn):
+def _wgmma(fn, mode: bool | str = True):
     """``fn`` with the cuda backend's kernels on their wgmma variants (sm_90a; elsewhere the row records an error: the
-    mma.sync kernels ran)."""
+    mma.sync kernels ran); ``mode="serial"``: the forward without its products overlapped with the softmax."""
     from deberta_fast import _cuda_ext
 
     def run():
         _cuda_ext.reset_last_kernels()
-        with _cuda_ext.use_wgmma():
+        with _cuda_ext.use_wgmma(mode):
             out = fn()
         ran = (_cuda_ext.last_fwd_kernel(), _cuda_ext.last_bwd_kernel())  # (no backward: "")
-        if ran[0] != "wgmma" or ran[1] not in ("", "wgmma"):
-            raise RuntimeError(f"the kernels ran {ran}, not wgmma (the sm_90a build needed)")
+        want = "wgmma serial" if mode == "serial" else "wgmma"
+        if ran[0] != want or ran[1] not in ("", "wgmma"):
+            raise RuntimeError(f"the kernels ran {ran}, not {want} (the sm_90a build needed)")
         return out
     return run
 

@@ -627,7 +627,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("band_hi") = 1 << 30);
   m.attr("HEAD_DIMS") = py::make_tuple(32, 64, 128);
   m.def("last_fwd_kernel", [] { return std::string(dfa::last_fwd_kernel()); },
-        "the forward kernel the last forward launched: 'wgmma' (sm_90a with DEBERTA_FAST_CUDA_WGMMA=1) or 'mma.sync'");
+        "the forward kernel the last forward launched: 'wgmma' (sm_90a with DEBERTA_FAST_CUDA_WGMMA=1), 'wgmma serial' "
+        "(=serial) or 'mma.sync'");
   m.def("last_bwd_kernel", [] { return std::string(dfa::last_bwd_kernel()); },
         "the backward score kernels' variant the last backward launched: 'wgmma' or 'mma.sync'");
   m.def("reset_last_kernels", [] { dfa::reset_last_kernels(); }, "last_fwd_kernel / last_bwd_kernel to ''");

@@ -21,7 +21,7 @@
 // [dmin, dmin+W) to band_q[i, d-dmin] (one writer per element) and sums d < dmin / d >= dmin+W into sat_q[i, 0/1]
 // in a fixed order; band_to_slots then sums each slot's d's in a fixed order (CSR `perm`/`offs` from the host).
 // Same for keys.  The host turns dC2P / dP2C into the dq / dk / position-row terms (two GEMMs each).
-// WG (sm_90a, opt-in: DEBERTA_FAST_CUDA_WGMMA=1, as the forward's): the score kernels' products on wgmma
+// WG (sm_90a, opt-in: DEBERTA_FAST_CUDA_WGMMA=1 or =serial, as the forward's): the score kernels' products on wgmma
 // (dfa_wgmma.cuh), their Q / dO / K / V tiles in the CoreRows layout; everything else the same code.
 #include "dfa_rel.cuh"
 #include "dfa_wgmma.cuh"

@@ -310,43 +310,58 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_strid
 }
 
 
-// The K / V tiles of a loop over keys, through shared memory at `smem` (STAGES x [K BN rows | V BN rows]).
-// STAGES = 2: cp.async of tile k0 + BN while tile k0 is computed; STAGES = 1: one tile at a time (less shared
-// memory).  Per iteration: acquire() (waits for the tile, barrier; returns K, V is BN rows after it), compute,
-// release() (barrier: the stage may be refilled).  No copy is issued when Lk = 0.
+// The K / V tiles of a loop over keys, through shared memory at `smem`.  STAGES = 2: [K | V] x 2, cp.async of tile
+// k0 + BN (issued by acquire) while tile k0 is computed; STAGES = 1: one tile at a time (less shared memory);
+// STAGES = 3: K in two slots and V in three, [K K | V V V], tile k0 + 2 BN issued by release() into this tile's K
+// slot and the V slot of tile k0 - BN, free only then (the wgmma forward reads it while it computes tile k0's
+// scores).  Per iteration: acquire(k0, stage) (waits for the tile, barrier; returns K), v_at(...) is V, compute,
+// release(k0, stage, free V slot) (barrier, then the refill).  STAGES 1 / 2: `stage` counts 0 .. STAGES - 1 and names
+// both tiles; STAGES 3: `stage` is the K slot (tile index & 1), V's slot the tile index mod 3.  No copy is issued
+// when Lk = 0.
 template <typename T, int BN, int D, int STAGES, bool STATIC_COPIES = true, typename L = PaddedRows<D>>
 struct KVTiles {
-  static_assert(STAGES == 1 || STAGES == 2, "one or two stages");
+  static_assert(STAGES >= 1 && STAGES <= 3, "one to three stages");
   static constexpr int TILE = L::elems(BN);  // one K or V tile
-  static constexpr int SMEM_ELEMS = STAGES * 2 * TILE;
+  static constexpr int SMEM_ELEMS = (STAGES == 3 ? 5 : STAGES * 2) * TILE;
   T* smem;
   const T *kg, *vg;
   int64_t k_sr, v_sr;
   int Lk;
 
-  __device__ __forceinline__ void issue(int stage, int k0) const {
-    T* dst = smem + stage * 2 * TILE;
-    load_tile<T, BN, D, kThreads, true, STATIC_COPIES, L>(dst, kg, k_sr, k0, Lk);
-    load_tile<T, BN, D, kThreads, true, STATIC_COPIES, L>(dst + TILE, vg, v_sr, k0, Lk);
+  __device__ __forceinline__ T* k_at(int stage) const {
+    if constexpr (STAGES == 3) return smem + stage * TILE;
+    return smem + (STAGES == 1 ? 0 : stage) * 2 * TILE;
+  }
+  __device__ __forceinline__ T* v_at(int stage) const {
+    if constexpr (STAGES == 3) return smem + (2 + stage) * TILE;
+    return k_at(stage) + TILE;
+  }
+  __device__ __forceinline__ void issue(int ks, int vs, int k0) const {
+    load_tile<T, BN, D, kThreads, true, STATIC_COPIES, L>(k_at(ks), kg, k_sr, k0, Lk);
+    load_tile<T, BN, D, kThreads, true, STATIC_COPIES, L>(v_at(vs), vg, v_sr, k0, Lk);
     cp_async_commit();
   }
   __device__ __forceinline__ void start() const {
-    if (Lk > 0) issue(0, 0);
+    if (Lk > 0) issue(0, 0, 0);
+    if (STAGES == 3 && BN < Lk) issue(1, 1, BN);
   }
   __device__ __forceinline__ const T* acquire(int k0, int stage) const {
     if (STAGES == 2 && k0 + BN < Lk) {
-      issue(stage ^ 1, k0 + BN);  // the other stage was released one iteration ago
+      issue(stage ^ 1, stage ^ 1, k0 + BN);  // the other stage was released one iteration ago
       cp_async_wait<1>();
+    } else if (STAGES == 3 && k0 + BN < Lk) {
+      cp_async_wait<1>();  // tile k0 + BN stays in flight
     } else {
       cp_async_wait<0>();
     }
     if constexpr (L::CORE) fence_proxy_async();  // read by wgmma too
     __syncthreads();  // every thread's copies of this tile visible
-    return smem + (STAGES == 2 ? stage : 0) * 2 * TILE;
+    return k_at(stage);
   }
-  __device__ __forceinline__ void release(int k0) const {
-    __syncthreads();  // this stage fully consumed
-    if (STAGES == 1 && k0 + BN < Lk) issue(0, k0 + BN);
+  __device__ __forceinline__ void release(int k0, int stage = 0, int v_free = 0) const {
+    __syncthreads();  // this stage (STAGES 3: K of this tile, V of the previous one) fully consumed
+    if (STAGES == 1 && k0 + BN < Lk) issue(0, 0, k0 + BN);
+    if (STAGES == 3 && k0 + 2 * BN < Lk) issue(stage, v_free, k0 + 2 * BN);
   }
 };
 

@@ -8,30 +8,36 @@
 // per-block sequence offsets come from seq_view() (cu_seqlens read at run time, no extra
 // template instantiations); blocks past the end of their sequence exit at once.
 // WG (sm_90a, opt-in: DEBERTA_FAST_CUDA_WGMMA=1): Q K^T and P V on wgmma (dfa_wgmma.cuh), Q / K / V tiles in the
-// CoreRows layout it reads; everything else the same code.
+// CoreRows layout it reads; everything else the same code.  PIPE (with WG; DEBERTA_FAST_CUDA_WGMMA=serial: without):
+// the products overlapped with the softmax (FlashAttention-3's intra-warpgroup pipelining): tile j's Q K^T and tile
+// j-1's P V are issued together, the softmax of tile j runs while P V is in flight, then O is rescaled; so K / V take
+// three stages (V of tile j-1 stays resident while tile j+1 arrives).
 #include "dfa_rel.cuh"
 #include "dfa_wgmma.cuh"
 
 namespace dfa {
 
-template <typename T, int D, bool WG = false>
+template <typename T, int D, bool WG = false, bool PIPE = WG>
 struct FwdCfg {
   static constexpr int BM = 64;                   // queries per block (16 per warp)
   static constexpr int BN = D == 128 ? 32 : 64;  // keys per iteration (D = 128: 32, to fit sm_86's 99 KB)
   using L = std::conditional_t<WG, CoreRows<D>, PaddedRows<D>>;  // the Q / K / V tiles' layout
-  using KV = KVTiles<T, BN, D, 2, true, L>;  // cp.async of tile it+1 while tile it is computed
+  // cp.async of tile it+1 while tile it is computed (PIPE: while V of tile it-1 is read too)
+  using KV = KVTiles<T, BN, D, PIPE ? 3 : 2, true, L>;
   using Rel = RelSmem<T, BN, D>;    // with relative terms: window, saturated rows, skew scratch, slots
   // shared memory (elements of T): Q | K/V stages | Rel
   static constexpr int BASE = L::elems(BM) + KV::SMEM_ELEMS;
   static constexpr int SMEM = BASE * (int)sizeof(T);
   static constexpr int SMEM_REL = (BASE + Rel::ELEMS) * (int)sizeof(T);
-  static_assert(SMEM_REL <= 101376, "the forward must fit sm_86 / sm_89's 99 KB of shared memory per block");
+  static_assert(WG || SMEM_REL <= 101376, "the forward must fit sm_86 / sm_89's 99 KB of shared memory per block");
+  static_assert(SMEM_REL <= 115712, "the sm_90a forward must fit two blocks per SM (113 KB each)");
+  static_assert(WG || !PIPE, "the pipelined forward is a wgmma one");
 };
 
-template <typename T, int D, bool WG>
+template <typename T, int D, bool WG, bool PIPE>
 __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
   DFA_PROFILE_ASSUME(p);
-  using Cfg = FwdCfg<T, D, WG>;
+  using Cfg = FwdCfg<T, D, WG, PIPE>;
   using L = typename Cfg::L;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, NT = BN / 8;
   DFA_DYNAMIC_SMEM(smem_raw);
@@ -90,13 +96,19 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
   // it, so the output's weights sum to 1; columns 2t, 2t+1 of rows g / g + 8: every column holds the sum); with
   // dropout l sums the probabilities before the keep mask, a float add per element
   float ls[4] = {0.f, 0.f, 0.f, 0.f};
+  // PIPE: the previous tile's P (wgmma A fragments, this warp's 16 rows), whose P . V is issued with the next tile's
+  // Q K^T and waited for after that tile's softmax
+  [[maybe_unused]] uint32_t pa[PIPE ? BN / 16 : 1][4];
 
   const typename Cfg::KV kv{Qs + L::elems(BM), kg, vg, p.k_sr, p.v_sr, Lk};
   const DescsOf<T, L, WG> dsc(Qs);
   kv.start();
-  for (int k0 = 0, stage = 0; k0 < Lk; k0 += BN, stage ^= 1) {
+  // stage: the window slots' half and the K / V stage (PIPE: K's); vst: PIPE's V slot (KVTiles), vprev the previous
+  // tile's
+  for (int k0 = 0, stage = 0, vst = 0; k0 < Lk; k0 += BN, stage ^= 1, vst = PIPE ? (vst == 2 ? 0 : vst + 1) : stage) {
+    const int vprev = vst == 0 ? 2 : vst - 1;
     const T* Ks = kv.acquire(k0, stage);
-    const T* Vs = Ks + Cfg::KV::TILE;
+    const T* Vs = kv.v_at(vst);
 
     // 0: the band (skew); 1 / 2: beyond it (d <= band_lo / d >= band_hi: one slot); 3: no relative term
     const int zone = rel ? tile_saturation(p, q0 + warp * 16, 16, k0, BN) : 3;  // warp-uniform
@@ -110,8 +122,13 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
     // has the smallest distances, warp 3 the largest)
     const bool any_sat =
         rel && (tile_saturation(p, q0, 16, k0, BN) == 1 || tile_saturation(p, q0 + BM - 16, 16, k0, BN) == 2);
-    fold.template score<D, BN, NT, L>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, zone,
-                                      [&] { product_rows_rows<T, D, BN, WG>(s, dsc, Qs, Qw, Ks); });
+    fold.template score<D, BN, NT, L>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, zone, [&] {
+      if constexpr (PIPE) {  // this tile's Q K^T, then the previous tile's P V; wait for the first
+        scores_and_pv_issue<T, D, BN>(s, o, pa, dsc, Qs, Ks, kv.v_at(vprev), k0 > 0);
+      } else {
+        product_rows_rows<T, D, BN, WG>(s, dsc, Qs, Qw, Ks);
+      }
+    });
 
     float mx[2] = {-INFINITY, -INFINITY};
     // checked: an edge tile, or one with a masked key or a uniform row (tests per element).  raw: a saturated (or
@@ -151,19 +168,28 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
       m[hh] = mnew;
     }
     // the rescale only when a row of the warp has a new maximum: otherwise every factor is 1 (bit-identical),
-    // which is most tiles once the running maxima have settled
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+    // which is most tiles once the running maxima have settled.  PIPE: after this tile's probabilities, once the
+    // previous tile's P V has landed in O (l, the sums with dropout, before the probabilities are added to it)
+    const auto rescale = [&] {
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        l[hh] *= alpha[hh];
-        ls[2 * hh] *= alpha[hh];
-        ls[2 * hh + 1] *= alpha[hh];
+        for (int hh = 0; hh < 2; ++hh) {
+          if constexpr (!PIPE) l[hh] *= alpha[hh];
+          ls[2 * hh] *= alpha[hh];
+          ls[2 * hh + 1] *= alpha[hh];
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          o[dt][2 * hh] *= alpha[hh];
-          o[dt][2 * hh + 1] *= alpha[hh];
+          for (int dt = 0; dt < D / 8; ++dt) {
+            o[dt][2 * hh] *= alpha[hh];
+            o[dt][2 * hh + 1] *= alpha[hh];
+          }
         }
       }
+    };
+    if constexpr (!PIPE) {
+      rescale();
+    } else if (p.dropout) {
+      l[0] *= alpha[0];
+      l[1] *= alpha[1];
     }
     dispatch_bool(raw, [&](auto raw_c) { dispatch_bool(p.dropout, [&](auto drop_c) {
       constexpr bool RAW = decltype(raw_c)::value, DROP = decltype(drop_c)::value;
@@ -186,11 +212,22 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
         }
       }
     }); });
-    product_acc_rows<T, D, BN, WG>(o, s, dsc, Vs, ls, !p.dropout);
+    if constexpr (PIPE) {
+      pv_wait<D, BN>(o, pa);  // the previous tile's P V
+      rescale();
+      pack_a<T, BN>(pa, s);  // issued with the next tile's scores (or after the loop)
+      if (!p.dropout) row_sums<T, BN>(ls, pa);
+    } else {
+      product_acc_rows<T, D, BN, WG>(o, s, dsc, Vs, ls, !p.dropout);
+    }
     // the next tile's window slots, published by release()'s barrier (the other half was last read a tile ago)
     if (rel && k0 + BN < Lk && tile_saturation(p, q0, BM, k0 + BN, BN) == 0)
       fill_slots<Cfg::Rel::WR, 1>(rs.slots_of(stage ^ 1), p, q0 - (k0 + BN) - (BN - 1));
-    kv.release(k0);
+    kv.release(k0, stage, vprev);
+  }
+  if constexpr (PIPE) {  // the last tile's P V
+    if (Lk > 0) pv_issue<T, D, BN>(o, pa, dsc, kv.v_at(((Lk - 1) / BN) % 3));
+    pv_wait<D, BN>(o, pa);
   }
 
   // epilogue
@@ -211,13 +248,13 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
 }
 
 // WG: only where this pass can run wgmma (the sm_90a cubin, the simulator); the host launches it only then.
-template <typename T, int D, bool WG>
+template <typename T, int D, bool WG, bool PIPE>
 __global__ void __launch_bounds__(kThreads, 2) dfa_fwd_kernel(const Params p) {
   if constexpr (WG && !DFA_HAS_WGMMA) {
     (void)p;
     __trap();
   } else {
-    fwd_body<T, D, WG>(p);
+    fwd_body<T, D, WG, PIPE>(p);
   }
 }
 
@@ -225,15 +262,15 @@ namespace {
 const char* g_last_fwd = "";  // the kernel the last launch_fwd launched (last_fwd_kernel)
 }  // namespace
 
-template <typename T, int D, bool WG>
+template <typename T, int D, bool WG, bool PIPE = WG>
 static const char* run_fwd(const Params& p, cudaStream_t stream) {
-  using Cfg = FwdCfg<T, D, WG>;
-  auto kern = dfa_fwd_kernel<T, D, WG>;
+  using Cfg = FwdCfg<T, D, WG, PIPE>;
+  auto kern = dfa_fwd_kernel<T, D, WG, PIPE>;
   const int smem = p.table != nullptr ? Cfg::SMEM_REL : Cfg::SMEM;
   cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return cudaGetErrorString(err);
   dim3 grid((p.Lq + Cfg::BM - 1) / Cfg::BM, p.B * p.H);
-  g_last_fwd = WG ? "wgmma" : "mma.sync";
+  g_last_fwd = WG ? (PIPE ? "wgmma" : "wgmma serial") : "mma.sync";
   DFA_LAUNCH(kern, grid, kThreads, smem, stream, p);
   err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -245,7 +282,7 @@ const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream) {
   return dispatch_dtype_dim(dtype, head_dim, [&](auto t, auto d) {
     using T = decltype(t);
     constexpr int D = decltype(d)::value;
-    if (wgmma_wanted(s)) return run_fwd<T, D, true>(p, s);
+    if (wgmma_wanted(s)) return wgmma_serial() ? run_fwd<T, D, true, false>(p, s) : run_fwd<T, D, true, true>(p, s);
     return run_fwd<T, D, false>(p, s);
   });
 }

@@ -20,6 +20,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 
 #include "dfa_common.cuh"
 
@@ -157,7 +158,8 @@ __device__ __forceinline__ void wgmma_ss(float* d, uint64_t desc_a, uint64_t des
 }
 
 // D (64 x N) = A (64 x 16 from registers: this warp's rows as mma.sync's m16n8k16 A fragment `a`) . B (as wgmma_ss)
-// (+ D when `accumulate`).
+// (+ D when `accumulate`).  `a` must stay unchanged, and in scope, until the covering wait (the simulator compares it
+// there).
 template <typename T, int N, bool TRANS_B>
 __device__ __forceinline__ void wgmma_rs(float* d, const uint32_t a[4], uint64_t desc_b, bool accumulate) {
   static_assert(N == 32 || N == 64 || N == 128, "wgmma n: 32, 64 or 128");
@@ -230,36 +232,89 @@ __device__ __forceinline__ void product_rows_rows(float (*acc)[4], const Descs& 
   }
 }
 
+// P (this warp's 16 x K values in mma.sync C fragments p[K / 8][4]) rounded to T as wgmma / mma.sync A fragments.
+template <typename T, int K>
+__device__ __forceinline__ void pack_a(uint32_t (*a)[4], const float (*p)[4]) {
+#pragma unroll
+  for (int kc = 0; kc < K / 16; ++kc) {
+    a[kc][0] = Pack<T>::pack(p[2 * kc][0], p[2 * kc][1]);
+    a[kc][1] = Pack<T>::pack(p[2 * kc][2], p[2 * kc][3]);
+    a[kc][2] = Pack<T>::pack(p[2 * kc + 1][0], p[2 * kc + 1][1]);
+    a[kc][3] = Pack<T>::pack(p[2 * kc + 1][2], p[2 * kc + 1][3]);
+  }
+}
+
+// rowsum[4] += the rows' sums of A fragments a[K / 16] (an mma.sync with B all ones: every column holds them).
+template <typename T, int K>
+__device__ __forceinline__ void row_sums(float (&rowsum)[4], const uint32_t (*a)[4]) {
+  const uint32_t ones[2] = {one_pair<T>(), one_pair<T>()};
+#pragma unroll
+  for (int kc = 0; kc < K / 16; ++kc) mma16816<T>(rowsum, a[kc], ones);
+}
+
+// acc (this warp's 16 rows x D) += A . B issued (committed, not waited for): A = a[K / 16] (P, pack_a), B a tile of K
+// rows x D read MN-major; one wgmma per 16 of K.  Neither acc nor a may be touched before pv_wait.
+template <typename T, int D, int K, typename Descs>
+__device__ __forceinline__ void pv_issue(float (*acc)[4], uint32_t (*a)[4], const Descs& dsc, const T* B) {
+  const uint64_t db = dsc.at(dsc.mnmajor, B);
+  fence_operands<K / 16>(a);  // the packs and the accumulators' last writes (a rescale) before the fence
+  fence_operands<D / 2>(&acc[0][0]);
+  wgmma_fence();
+#pragma unroll
+  for (int kc = 0; kc < K / 16; ++kc) wgmma_rs<T, D, true>(&acc[0][0], a[kc], db + dsc.mnstep(kc), true);
+  wgmma_commit();
+}
+
+// Waits for every wgmma in flight and pins acc and a after it (unconditionally: ptxas serializes every wgmma of the
+// kernel (C7514) if some path reads the accumulators without a wait, even one that issued none).
+template <int D, int K>
+__device__ __forceinline__ void pv_wait(float (*acc)[4], uint32_t (*a)[4]) {
+  wgmma_wait<0>();
+  fence_operands<D / 2>(&acc[0][0]);
+  fence_operands<K / 16>(a);
+}
+
+// The wgmma forward's overlapped products: s (this warp's 16 rows x N) = Q . K^T issued; then, when `pending`
+// (block-uniform), o += pa . V (the previous tile's P V) issued behind it; waits for s only, so that the softmax of s
+// runs while P V is in flight (pv_wait before o or pa are touched, whether or not one was issued).  Q: the block's
+// 64 rows; K, V: tiles of N rows.
+template <typename T, int D, int N, typename Descs>
+__device__ __forceinline__ void scores_and_pv_issue(float (*s)[4], float (*o)[4], uint32_t (*pa)[4], const Descs& dsc,
+                                                    const T* Q, const T* K, const T* V, bool pending) {
+  const uint64_t da = dsc.at(dsc.kmajor, Q), db = dsc.at(dsc.kmajor, K), dv = dsc.at(dsc.mnmajor, V);
+  // every operand's last write before the one fence: ptxas serializes the wgmmas (C7514) if anything touches their
+  // registers between it and their wait
+  fence_operands<N / 2>(&s[0][0]);
+  fence_operands<N / 16>(pa);
+  fence_operands<D / 2>(&o[0][0]);
+  wgmma_fence();
+#pragma unroll
+  for (int kc = 0; kc < D / 16; ++kc) wgmma_ss<T, N, false>(&s[0][0], da + dsc.kstep(kc), db + dsc.kstep(kc), kc > 0);
+  wgmma_commit();
+  if (pending) {
+#pragma unroll
+    for (int kc = 0; kc < N / 16; ++kc) wgmma_rs<T, D, true>(&o[0][0], pa[kc], dv + dsc.mnstep(kc), true);
+    wgmma_commit();
+    wgmma_wait<1>();  // the scores (the older group)
+  } else {
+    wgmma_wait<0>();
+  }
+  fence_operands<N / 2>(&s[0][0]);
+}
+
 // acc (this warp's 16 rows x D) += P . B: P this warp's 16 x K values in mma.sync C fragments (p[K / 8][4], rounded to
-// T here), B a tile of K rows x D.  WG: one wgmma per 16 of K (A = P from registers, B read MN-major); else mma.sync
-// with B's fragments by ldmatrix.trans (padded tiles).  `rowsum`, `sums`: mma_acc_rows' (P's row sums, on an mma.sync
-// with B all ones, in both variants).
+// T here), B a tile of K rows x D.  WG: one wgmma per 16 of K (A = P from registers, B read MN-major), waited for;
+// else mma.sync with B's fragments by ldmatrix.trans (padded tiles).  `rowsum`, `sums`: mma_acc_rows' (P's row sums,
+// on an mma.sync with B all ones, in both variants).
 template <typename T, int D, int K, bool WG, typename Descs>
 __device__ __forceinline__ void product_acc_rows(float (*acc)[4], const float (*p)[4], const Descs& dsc, const T* B,
                                                  float (&rowsum)[4], bool sums) {
   if constexpr (WG) {
-    const uint64_t db = dsc.at(dsc.mnmajor, B);
     uint32_t a[K / 16][4];  // every A fragment written before the fence (the ISA: none after it)
-#pragma unroll
-    for (int kc = 0; kc < K / 16; ++kc) {
-      a[kc][0] = Pack<T>::pack(p[2 * kc][0], p[2 * kc][1]);
-      a[kc][1] = Pack<T>::pack(p[2 * kc][2], p[2 * kc][3]);
-      a[kc][2] = Pack<T>::pack(p[2 * kc + 1][0], p[2 * kc + 1][1]);
-      a[kc][3] = Pack<T>::pack(p[2 * kc + 1][2], p[2 * kc + 1][3]);
-    }
-    fence_operands<K / 16>(a);  // the packs and the accumulators' last writes (a rescale) before the fence
-    fence_operands<D / 2>(&acc[0][0]);
-    wgmma_fence();
-#pragma unroll
-    for (int kc = 0; kc < K / 16; ++kc) wgmma_rs<T, D, true>(&acc[0][0], a[kc], db + dsc.mnstep(kc), true);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands<D / 2>(&acc[0][0]);
-    fence_operands<K / 16>(a);
-    const uint32_t ones[2] = {one_pair<T>(), one_pair<T>()};
-    if (sums)
-#pragma unroll
-      for (int kc = 0; kc < K / 16; ++kc) mma16816<T>(rowsum, a[kc], ones);
+    pack_a<T, K>(a, p);
+    pv_issue<T, D, K>(acc, a, dsc, B);
+    pv_wait<D, K>(acc, a);
+    if (sums) row_sums<T, K>(rowsum, a);
   } else {
     (void)dsc;
     mma_acc_rows<T, D, K / 8>(acc, p, B, rowsum, sums);
@@ -306,11 +361,18 @@ static inline bool wgmma_image(cudaStream_t stream) {
 #endif
 }
 
-// Host: launch the wgmma instantiations?  DEBERTA_FAST_CUDA_WGMMA=1 (read at each launch) and the device runs this
-// translation unit's sm_90a image.
+// Host: launch the wgmma instantiations?  DEBERTA_FAST_CUDA_WGMMA=1 or =serial (read at each launch) and the device
+// runs this translation unit's sm_90a image.
 static inline bool wgmma_wanted(cudaStream_t stream) {
   const char* env = std::getenv("DEBERTA_FAST_CUDA_WGMMA");
-  return env != nullptr && env[0] == '1' && env[1] == '\0' && wgmma_image(stream);
+  return env != nullptr && (std::strcmp(env, "1") == 0 || std::strcmp(env, "serial") == 0) && wgmma_image(stream);
+}
+
+// Host: DEBERTA_FAST_CUDA_WGMMA=serial: the wgmma forward waits for each product in turn (no overlap with the
+// softmax), for an A/B against the pipelined one.
+static inline bool wgmma_serial() {
+  const char* env = std::getenv("DEBERTA_FAST_CUDA_WGMMA");
+  return env != nullptr && std::strcmp(env, "serial") == 0;
 }
 
 }  // namespace dfa

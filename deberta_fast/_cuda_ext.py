@@ -364,19 +364,26 @@ WGMMA_ENV = "DEBERTA_FAST_CUDA_WGMMA"  # read by the extension's forward launche
 
 def wgmma_requested() -> bool:
     """``DEBERTA_FAST_CUDA_WGMMA=1``: the forward and the backward's score kernels run their wgmma variants
-    (``csrc/dfa_wgmma.cuh``) where the device runs the extension's sm_90a build (and in the simulator); elsewhere, and
-    by default, the mma.sync kernels.  Experimental: not yet run on a GPU."""
-    return os.environ.get(WGMMA_ENV) == "1"
+    (``csrc/dfa_wgmma.cuh``; the forward's products overlapped with its softmax) where the device runs the extension's
+    sm_90a build (and in the simulator); ``=serial``: the same with the forward waiting for each product in turn (an
+    A/B of the overlap); elsewhere, and by default, the mma.sync kernels.  Experimental: not yet run on a GPU."""
+    return os.environ.get(WGMMA_ENV) in ("1", "serial")
 
 
-def use_wgmma(on: bool = True):
-    """Within: ``DEBERTA_FAST_CUDA_WGMMA`` set to ``1`` (``on``) or ``0``, restored after (benchmarks, tests)."""
+def wgmma_serial() -> bool:
+    """``DEBERTA_FAST_CUDA_WGMMA=serial`` (see ``wgmma_requested``)."""
+    return os.environ.get(WGMMA_ENV) == "serial"
+
+
+def use_wgmma(on: "bool | str" = True):
+    """Within: ``DEBERTA_FAST_CUDA_WGMMA`` set to ``1`` (``on``), ``0``, or ``serial`` (``on="serial"``), restored
+    after (benchmarks, tests)."""
     return switch(WGMMA_ENV, on)
 
 
 def last_fwd_kernel() -> str:
     """The forward kernel the extension (the simulator under ``DEBERTA_FAST_CUDA_SIM=1``) launched last: ``"wgmma"``,
-    ``"mma.sync"``, or ``""`` before the first."""
+    ``"wgmma serial"``, ``"mma.sync"``, or ``""`` before the first."""
     return _need_ext().last_fwd_kernel()
 
 

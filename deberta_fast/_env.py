@@ -54,12 +54,12 @@ def getenv(name: str, default: str | None = None) -> str | None:
 
 
 @contextlib.contextmanager
-def switch(name: str, on: bool):
-    """Within: environment variable ``name`` set to ``1`` (``on``) or ``0``, restored (or removed) after: the
-    experiments' switches read at each call (``DEBERTA_FAST_CUDA_WGMMA``, ``DEBERTA_FAST_TRITON_TMA``), for tests
-    and benchmarks."""
+def switch(name: str, on: bool | str):
+    """Within: environment variable ``name`` set to ``1`` (``on``), ``0``, or the string ``on``, restored (or removed)
+    after: the experiments' switches read at each call (``DEBERTA_FAST_CUDA_WGMMA``, ``DEBERTA_FAST_TRITON_TMA``), for
+    tests and benchmarks."""
     old = os.environ.get(name)
-    os.environ[name] = "1" if on else "0"
+    os.environ[name] = on if isinstance(on, str) else "1" if on else "0"
     try:
         yield
     finally:
