@@ -28,8 +28,12 @@ THREADS = 128  # kThreads in dfa_common.cuh (4 warps)
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
-# (the kernels' third template argument: their wgmma variant, sm_90a only: WG in dfa_fwd.cu / dfa_bwd.cu)
-_KERNEL = re.compile(r"dfa_(fwd|bwd_dq|bwd_dkdv)_kernel.*?I(6__half|13__nv_bfloat16)Li(\d+)E(Lb([01])E)?")
+# (the kernels' third template argument: their wgmma variant, sm_90a only: WG in dfa_fwd.cu / dfa_bwd.cu; the
+# forward's fourth: PIPE, its products overlapped with the softmax)
+_KERNEL = re.compile(r"dfa_(fwd|bwd_dq|bwd_dkdv)_kernel.*?I(6__half|13__nv_bfloat16)Li(\d+)E(Lb([01])E)?(Lb([01])E)?")
+# ptxas serializing a kernel's wgmmas (a wait after each; C7510 - C7515 name the causes: registers read (C7514) or
+# written (C7515) while in flight, too few registers (C7511), calls ...)
+_SERIALIZED = re.compile(r"\((C75\d\d)\).*?serialized due to (.*?) in the function '(\w+)'")
 
 
 def tile_shapes() -> dict:
@@ -50,10 +54,14 @@ def parse_ptxas(log: str) -> dict:
     """``{mangled kernel: {regs, spill_stores, spill_loads, stack, static_smem}}`` from ``-Xptxas -v``."""
     out, fn = {}, None
     for line in log.splitlines():
+        m = _SERIALIZED.search(line)
+        if m:
+            out.setdefault(m[3], {})["wgmma_serialized"] = f"{m[1]}: " + " ".join(m[2].split())
+            continue
         m = _ENTRY.search(line)
         if m:
             fn = m[1]
-            out[fn] = {}
+            out.setdefault(fn, {})
             continue
         if fn is None:
             continue
@@ -94,7 +102,7 @@ def analyse(obj: str, ptxas_log: str, arch: str) -> list[dict]:
         if not m:
             continue
         kernel, dtype, D = m[1], "fp16" if m[2] == "6__half" else "bf16", int(m[3])
-        wgmma = m[5] == "1"
+        wgmma, serial = m[5] == "1", m[7] == "0"
         if wgmma and arch != "90a":
             continue  # a trap: the host launches the wgmma variants only where the sm_90a build runs
         bm, bn = tiles[kernel](D)
@@ -103,7 +111,9 @@ def analyse(obj: str, ptxas_log: str, arch: str) -> list[dict]:
         for lp in loops:
             lp["per_element_shortest"] = round(lp["shortest"] * per, 2)
             lp["per_element_longest"] = round(lp["longest"] * per, 2)
-        rows.append(dict(kernel=f"dfa_{kernel}_kernel" + (" (wgmma)" if wgmma else ""), arch=f"sm_{arch}", dtype=dtype, D=D, block_m=bm, block_n=bn,
+        variant = (" (wgmma serial)" if serial else " (wgmma)") if wgmma else ""
+        rows.append(dict(kernel=f"dfa_{kernel}_kernel" + variant, arch=f"sm_{arch}", dtype=dtype, D=D, block_m=bm,
+                         block_n=bn,
                          mma=static.mma_kind(text), sass_instructions=len(static.parse(text)), loops=loops,
                          **res.get(fn, {})))
     return rows
@@ -227,13 +237,15 @@ SATURATED_FWD_MAX, SATURATED_FWD_DIMS = 10.0, (32, 64)
 
 
 def problems(prof: dict) -> list[str]:
-    """What breaks a target of issue 15 in a profile: a kernel that spills, and (with the zone builds) a saturated
-    forward over ``SATURATED_FWD_MAX`` per element at ``SATURATED_FWD_DIMS``."""
+    """What breaks a target of issue 15 in a profile: a kernel that spills or whose wgmmas ptxas serialized (C75xx),
+    and (with the zone builds) a saturated forward over ``SATURATED_FWD_MAX`` per element at ``SATURATED_FWD_DIMS``."""
     out = []
     for r in prof["kernels"]:
         what = f"{r['kernel']} {r['arch']} {r['dtype']} D={r['D']}"
         if r.get("spill_stores") or r.get("spill_loads"):
             out.append(f"{what}: spills {r.get('spill_stores')}/{r.get('spill_loads')} B")
+        if r.get("wgmma_serialized"):
+            out.append(f"{what}: ptxas serialized its wgmmas ({r['wgmma_serialized']})")
         sat = (r.get("zones") or {}).get("saturated")
         if r["kernel"].startswith("dfa_fwd_kernel") and r["D"] in SATURATED_FWD_DIMS and sat:
             worst = max(lp["per_element_shortest"] for lp in sat)

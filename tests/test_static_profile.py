@@ -62,9 +62,9 @@ def test_sweep_configs_argument(monkeypatch, tmp_path):
 
 
 def test_cuda_profile_check_names_each_missed_target():
-    """``python -m benchmarks.static_cuda --check`` (CI): a spilling kernel, and a saturated forward over issue 15's
-    target at D = 32 / 64, are problems; D = 128's forward, the backward's saturated loops and a profile without the
-    zone builds are not held to it.  The newest committed profile meets both targets."""
+    """``python -m benchmarks.static_cuda --check`` (CI): a spilling kernel, one whose wgmmas ptxas serialized (C75xx,
+    read from its log), and a saturated forward over issue 15's target at D = 32 / 64, are problems; D = 128's
+    forward, the backward's saturated loops and a profile without the zone builds are not held to it.  The newest committed profile meets both targets."""
     import glob
     import json
     import os
@@ -77,13 +77,22 @@ def test_cuda_profile_check_names_each_missed_target():
             r["zones"] = {"saturated": [{"per_element_shortest": sat, "per_element_longest": sat + 3}]}
         return r
 
+    log = ("ptxas info    : Compiling entry function '_Z1kv' for 'sm_90a'\n"
+           "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non "
+           "wgmma instructions reading accumulator registers of  a wgmma between start and end of the pipeline stage in "
+           "the function '_Z1kv'\n"
+           "ptxas info    : Used 237 registers, used 1 barriers\n")
+    serialized = sc.parse_ptxas(log)["_Z1kv"]
+    assert serialized["regs"] == 237 and serialized["wgmma_serialized"].startswith("C7514: non wgmma instructions read")
     prof = {"kernels": [row("dfa_fwd_kernel", 64, sat=9.9), row("dfa_fwd_kernel (wgmma)", 32, sat=10.2),
                         row("dfa_fwd_kernel", 128, sat=14.7), row("dfa_bwd_dq_kernel", 64, sat=13.9),
-                        row("dfa_bwd_dkdv_kernel", 64, spill=8), row("dfa_fwd_kernel", 64)]}
+                        row("dfa_bwd_dkdv_kernel", 64, spill=8), row("dfa_fwd_kernel", 64),
+                        {**row("dfa_fwd_kernel (wgmma serial)", 64), **serialized}]}
     bad = sc.problems(prof)
-    assert len(bad) == 2, bad
+    assert len(bad) == 3, bad
     assert "dfa_fwd_kernel (wgmma) sm_90a fp16 D=32: saturated forward 10.2" in bad[0]
     assert "dfa_bwd_dkdv_kernel sm_90a fp16 D=64: spills 8/8 B" in bad[1]
+    assert "dfa_fwd_kernel (wgmma serial) sm_90a fp16 D=64: ptxas serialized its wgmmas (C7514: non wgmma" in bad[2]
     results = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
     with open(sorted(glob.glob(os.path.join(results, "*-static", "cuda.json")))[-1]) as f:
         assert sc.problems(json.load(f)) == []
