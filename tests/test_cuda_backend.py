@@ -648,15 +648,16 @@ def test_gpu_position_rows_wider_than_the_slot_range():
 
 @gpu
 @needs_ext
-@pytest.mark.parametrize("masked,mode,D", [(False, "1", 64), (True, "1", 64), (False, "serial", 64),
-                                           (True, "serial", 64), (False, "1", 128), (True, "1", 32)])
+@pytest.mark.parametrize("masked,mode,D", [(False, "1", 64), (True, "1", 64), (True, "serial", 64), (False, "1", 128),
+                                           (True, "1", 32)])
 def test_gpu_wgmma_kernels_equal_the_mma_sync_ones(masked, mode, D):
     """The wgmma variants (``DEBERTA_FAST_CUDA_WGMMA=1``: the forward's products overlapped with its softmax;
     ``serial``: not) against the mma.sync kernels on one call with band and saturated tiles (buckets 8 / 32, L = 270:
     five key tiles, so that the overlapped forward refills the stage of a tile whose P V was in flight; HF padding when
-    ``masked``; D = 64, and the pipelined kernel at D = 128 (32-key tiles) and 32): output and all five gradients.  In
-    the simulator bit for bit (both sum exact products once per 16 of k); on an sm_90 device within the fp16 rounding
-    of a different summation order; elsewhere there are no wgmma variants to compare."""
+    ``masked``; D = 64, and the pipelined kernel at D = 128 (32-key tiles) and 32; the serial one masked, at D = 64):
+    output and all five gradients.  In the simulator bit for bit (both sum exact products once per 16 of k); on an
+    sm_90 device within the fp16 rounding of a different summation order; elsewhere there are no wgmma variants to
+    compare."""
     if not SIM and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma variants are sm_90 only")
     q, k, v, pk, pq = make_inputs(2, 2, 270, 270, D, attention_span(8, 32), torch.float16, DEV)
