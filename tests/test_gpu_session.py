@@ -282,6 +282,7 @@ def test_tune_rehearsal_runs_every_row_kind(tmp_path):
     assert "| dkdv |" in (tmp_path / "tune.md").read_text()
 
 
+@pytest.mark.slow  # (86 - 118 s in the README test command on the 2-core machine, 2026-12-07)
 def test_breakdown_rehearsal(tmp_path):
     """The op breakdown on CPU (interpreter, tiny sizes, fp16): a time for every variant (the cuda rows in the CUDA
     simulator where it builds, else refused with a reason), the prebuilt-tables forwards (slot and distance tables)
