@@ -19,8 +19,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cctype>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -155,6 +158,37 @@ void set_band(dfa::Params& p, int64_t band_lo, int64_t band_hi) {
               ") (deberta_fast.positions.slot_band)");
   p.band_lo = static_cast<int>(std::clamp<int64_t>(band_lo, -(int64_t(1) << 30), int64_t(1) << 30));
   p.band_hi = static_cast<int>(std::clamp<int64_t>(band_hi, -(int64_t(1) << 30), int64_t(1) << 30));
+}
+
+// Whether a call's score kernels read their saturated column terms precomputed (launch_sat_terms: one extra kernel
+// that reads K, and Q for the backward, once) instead of computing them per tile in every block (a product and a
+// barrier per saturated tile): DEBERTA_FAST_CUDA_SAT_TERMS=1 / =0 (read at each call) forces it; by default when at
+// least half of the call's 64 x 64 tiles are saturated (a predicted break-even, benchmarks/NOTES.md; DeBERTa-v3's band,
+// d in (-512, 506): none at L <= 512, 22 % at 1024, 54 % at 2048, 87 % at 8192).
+bool sat_terms_wanted(const dfa::Params& p) {
+  if (p.table == nullptr) return false;
+  if (const char* env = std::getenv("DEBERTA_FAST_CUDA_SAT_TERMS")) {  // the package's flag spellings, any case
+    std::string v(env);
+    for (char& ch : v) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (v == "1" || v == "true" || v == "on" || v == "yes" || v == "y") return true;
+    if (v == "0" || v == "false" || v == "off" || v == "no" || v == "n") return false;
+  }
+  return dfa::saturated_fraction(p.Lq, p.Lk, p.band_lo, p.band_hi) >= 0.5;
+}
+
+// The saturated column terms of p's key rows (by_query false: p.sat_terms_k) or query rows (p.sat_terms_q), `rows`
+// of them (B*H*L, varlen H*T), computed on the stream and pointed at by p; the tensor must outlive the launches that
+// read them (the caching allocator orders a reuse after them on the same stream).  Undefined (and p's pointer
+// nullptr) unless sat_terms_wanted.
+Tensor sat_terms(dfa::Params& p, bool by_query, int64_t rows, int dtype, int head_dim, const Tensor& like,
+                 const char* who) {
+  (by_query ? p.sat_terms_q : p.sat_terms_k) = nullptr;
+  if (rows <= 0 || !sat_terms_wanted(p)) return Tensor();
+  Tensor t = at::empty({rows, 8}, like.options());
+  const char* err = dfa::launch_sat_terms(p, by_query, t.data_ptr(), dtype, head_dim, current_stream());
+  TORCH_CHECK(err == nullptr, who, " (saturated terms) launch failed: ", err ? err : "");
+  (by_query ? p.sat_terms_q : p.sat_terms_k) = t.data_ptr();
+  return t;
 }
 
 // Dropout: an element is kept iff its 16-bit Philox half >= drop_thresh = round(p_drop * 2^16) (dfa_common.cuh,
@@ -394,6 +428,7 @@ std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const
   auto& p = c.p;
   p.o = out.data_ptr(); p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sr = out.stride(2);
   p.lse = lse.data_ptr<float>();
+  const Tensor kterms = sat_terms(p, false, B * H * k.size(2), c.dtype, c.D, q, "deberta_fast cuda forward");
   const char* err = dfa::launch_fwd(p, c.dtype, c.D, current_stream());
   TORCH_CHECK(err == nullptr, "deberta_fast cuda forward launch failed: ", err ? err : "");
   return {out, lse};
@@ -430,6 +465,8 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
     p.delta = delta.data_ptr<float>();
     RelBackward rel;
     rel.check(p, q, pos_key.has_value(), pos_query.has_value(), B * H * Lq, B * H * Lk, Lq, Lk, dmin, W, perm, offs);
+    const Tensor kterms = sat_terms(p, false, B * H * Lk, c.dtype, c.D, q, "deberta_fast cuda backward");
+    const Tensor qterms = sat_terms(p, true, B * H * Lq, c.dtype, c.D, q, "deberta_fast cuda backward");
     auto [dc2p, dp2c] = rel.run(p, c.dtype, c.D, {B, H, Lq}, {B, H, Lk}, perm, offs, q, true,
                                 "deberta_fast cuda backward", current_stream());
     return {dq, dk, dv, dc2p, dp2c};
@@ -443,6 +480,8 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
     g.delta = delta_g.data_ptr<float>();
     RelBackward rel;
     rel.check(g, q, pos_key.has_value(), pos_query.has_value(), B * n * Lq, B * n * Lk, Lq, Lk, dmin, W, perm, offs);
+    const Tensor kterms = sat_terms(g, false, B * n * Lk, c.dtype, c.D, q, "deberta_fast cuda backward");
+    const Tensor qterms = sat_terms(g, true, B * n * Lq, c.dtype, c.D, q, "deberta_fast cuda backward");
     auto [c2p_g, p2c_g] = rel.run(g, c.dtype, c.D, {B, n, Lq}, {B, n, Lk}, perm, offs, q, true,
                                   "deberta_fast cuda backward", current_stream());
     if (pos_key.has_value()) dc2p.narrow(1, h0, n).copy_(c2p_g);
@@ -543,6 +582,7 @@ std::vector<Tensor> varlen_fwd(const Tensor& q, const Tensor& k, const Tensor& v
   auto& p = c.p;
   p.o = out.data_ptr(); p.o_sb = 0; p.o_sh = out.stride(1); p.o_sr = out.stride(0);
   p.lse = lse.data_ptr<float>();
+  const Tensor kterms = sat_terms(p, false, H * k.size(0), c.dtype, c.D, q, "deberta_fast cuda varlen forward");
   const char* err = dfa::launch_fwd(p, c.dtype, c.D, current_stream());
   TORCH_CHECK(err == nullptr, "deberta_fast cuda varlen forward launch failed: ", err ? err : "");
   return {out, lse};
@@ -581,6 +621,8 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
   if (groups.size() == 1) {
     RelBackward rel;
     rel.check(p, q, pos_key.has_value(), pos_query.has_value(), H * Tq, H * Tk, max_q, max_k, dmin, W, perm, offs);
+    const Tensor kterms = sat_terms(p, false, H * Tk, c.dtype, c.D, q, "deberta_fast cuda varlen backward");
+    const Tensor qterms = sat_terms(p, true, H * Tq, c.dtype, c.D, q, "deberta_fast cuda varlen backward");
     auto [dc2p, dp2c] = rel.run(p, c.dtype, c.D, {H, Tq}, {H, Tk}, perm, offs, q, Tq > 0 || Tk > 0,
                                 "deberta_fast cuda varlen backward", current_stream());
     return {dq, dk, dv, dc2p, dp2c};
@@ -594,6 +636,8 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
     g.delta = p.delta + h0 * Tq;
     RelBackward rel;
     rel.check(g, q, pos_key.has_value(), pos_query.has_value(), n * Tq, n * Tk, max_q, max_k, dmin, W, perm, offs);
+    const Tensor kterms = sat_terms(g, false, n * Tk, c.dtype, c.D, q, "deberta_fast cuda varlen backward");
+    const Tensor qterms = sat_terms(g, true, n * Tq, c.dtype, c.D, q, "deberta_fast cuda varlen backward");
     auto [c2p_g, p2c_g] = rel.run(g, c.dtype, c.D, {n, Tq}, {n, Tk}, perm, offs, q, Tq > 0 || Tk > 0,
                                   "deberta_fast cuda varlen backward", current_stream());
     if (pos_key.has_value()) dc2p.narrow(0, h0, n).copy_(c2p_g);
@@ -626,6 +670,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dmin"), py::arg("W"), py::arg("perm"), py::arg("offs"), py::arg("band_lo") = -(1 << 30),
         py::arg("band_hi") = 1 << 30);
   m.attr("HEAD_DIMS") = py::make_tuple(32, 64, 128);
+  m.def("saturated_fraction", &dfa::saturated_fraction,
+        "the fraction of an Lq x Lk call's 64 x 64 tiles beyond the slot band (the default rule of the precomputed "
+        "saturated terms: >= 0.5)", py::arg("Lq"), py::arg("Lk"), py::arg("band_lo"), py::arg("band_hi"));
   m.def("last_fwd_kernel", [] { return std::string(dfa::last_fwd_kernel()); },
         "the forward kernel the last forward launched: 'wgmma' (sm_90a with DEBERTA_FAST_CUDA_WGMMA=1), 'wgmma serial' "
         "(=serial) or 'mma.sync'");

@@ -161,7 +161,11 @@ __device__ __forceinline__ void bwd_dq_body(DFA_KERNEL_PARAMS(p)) {
   for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
   float sat[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [row][lo/hi]
 
-  const typename Cfg::DQ_KV kv{dOs + L::elems(BM), kg, vg, p.k_sr, p.v_sr, Lk};
+  // the keys' saturated column terms, precomputed (launch_sat_terms): into K's padding with each tile's copy
+  const T* kc = rel && p.sat_terms_k != nullptr
+                        ? reinterpret_cast<const T*>(p.sat_terms_k) + sv.koff * 8
+                        : nullptr;
+  const typename Cfg::DQ_KV kv{dOs + L::elems(BM), kg, vg, p.k_sr, p.v_sr, Lk, kc};
   kv.start();
   for (int k0 = 0, stage = 0; k0 < Lk; k0 += BN, stage ^= 1) {
     const T* Ks = kv.acquire(k0, stage);
@@ -176,7 +180,7 @@ __device__ __forceinline__ void bwd_dq_body(DFA_KERNEL_PARAMS(p)) {
     const bool any_sat =
         rel && (tile_saturation(p, q0, 16, k0, BN) == 1 || tile_saturation(p, q0 + BM - 16, 16, k0, BN) == 2);
     float s[NT][4], dp[NT][4];
-    fold.template score<D, BN, NT, L>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, zone, [&] {
+    fold.template score<D, BN, NT, L>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, kc != nullptr, zone, [&] {
       product_rows_rows<T, D, BN, WG>(s, dsc, Qs, Qw, Ks);
       product_rows_rows<T, D, BN, WG>(dp, dsc, dOs, L::at(dOs, warp * 16, 0), Vs);
     });
@@ -312,7 +316,11 @@ __device__ __forceinline__ void bwd_dkdv_body(DFA_KERNEL_PARAMS(p)) {
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
   float sat[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 
-  const typename Cfg::KV_QDO qt{QdOs, qg, dog, p.q_sr, p.do_sr, Lq};
+  // the queries' saturated column terms, precomputed (launch_sat_terms): into Q's padding with each tile's copy
+  const T* qc = rel && p.sat_terms_q != nullptr
+                        ? reinterpret_cast<const T*>(p.sat_terms_q) + sv.qoff * 8
+                        : nullptr;
+  const typename Cfg::KV_QDO qt{QdOs, qg, dog, p.q_sr, p.do_sr, Lq, qc};
   qt.start();
   for (int q0 = 0, stage = 0; q0 < Lq; q0 += BM, stage ^= 1) {
     // this tile's row statistics (the previous iteration's release() barrier: nobody reads the old ones)
@@ -334,7 +342,7 @@ __device__ __forceinline__ void bwd_dkdv_body(DFA_KERNEL_PARAMS(p)) {
     const bool any_sat =
         rel && (tile_saturation(p, q0, BM, k0 + BN - 16, 16) == 1 || tile_saturation(p, q0, BM, k0, 16) == 2);
     float s[NT][4], dp[NT][4];
-    fold.template score<D, BM, NT, L>(s, const_cast<T*>(Qs), rs.sat, warp, any_sat, zone, [&] {
+    fold.template score<D, BM, NT, L>(s, const_cast<T*>(Qs), rs.sat, warp, any_sat, qc != nullptr, zone, [&] {
       product_rows_rows<T, D, BM, WG>(s, dsc, Ks, Kw, Qs);                           // S^T  [keys x queries]
       product_rows_rows<T, D, BM, WG>(dp, dsc, Vs, L::at(Vs, warp * 16, 0), dOs);  // dP^T (before dropout)
     });

@@ -321,12 +321,16 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_strid
 template <typename T, int BN, int D, int STAGES, bool STATIC_COPIES = true, typename L = PaddedRows<D>>
 struct KVTiles {
   static_assert(STAGES >= 1 && STAGES <= 3, "one to three stages");
+  static_assert(BN <= kThreads, "one thread per row copies the padding chunk (kc)");
   static constexpr int TILE = L::elems(BN);  // one K or V tile
   static constexpr int SMEM_ELEMS = (STAGES == 3 ? 5 : STAGES * 2) * TILE;
   T* smem;
   const T *kg, *vg;
   int64_t k_sr, v_sr;
   int Lk;
+  // rows of 8 T per key (launch_sat_terms' saturated column terms), copied into the K tile's padding columns D..D+7
+  // with the tile; nullptr: none
+  const T* kc = nullptr;
 
   __device__ __forceinline__ T* k_at(int stage) const {
     if constexpr (STAGES == 3) return smem + stage * TILE;
@@ -339,6 +343,10 @@ struct KVTiles {
   __device__ __forceinline__ void issue(int ks, int vs, int k0) const {
     load_tile<T, BN, D, kThreads, true, STATIC_COPIES, L>(k_at(ks), kg, k_sr, k0, Lk);
     load_tile<T, BN, D, kThreads, true, STATIC_COPIES, L>(v_at(vs), vg, v_sr, k0, Lk);
+    if (kc != nullptr && (int)threadIdx.x < BN) {  // one 16-byte chunk per key row (warp-uniform for BN % 32 == 0)
+      const int r = (int)threadIdx.x;
+      copy_chunk<true>(L::at(k_at(ks), r, D), kc + (int64_t)(k0 + r) * 8, k0 + r < Lk, kc);
+    }
     cp_async_commit();
   }
   __device__ __forceinline__ void start() const {
@@ -536,7 +544,9 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
   p.dropout = DFA_PROFILE_DROPOUT_ON;  \
   __builtin_assume(p.table != nullptr); \
   __builtin_assume(p.pos_k != nullptr); \
-  __builtin_assume(p.pos_q != nullptr)
+  __builtin_assume(p.pos_q != nullptr); \
+  __builtin_assume(p.sat_terms_k != nullptr); \
+  __builtin_assume(p.sat_terms_q != nullptr)
 #else
 #define DFA_KERNEL_PARAMS(p) const Params p
 #define DFA_PROFILE_ASSUME(p) \

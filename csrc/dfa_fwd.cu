@@ -100,7 +100,11 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
   // Q K^T and waited for after that tile's softmax
   [[maybe_unused]] uint32_t pa[PIPE ? BN / 16 : 1][4];
 
-  const typename Cfg::KV kv{Qs + L::elems(BM), kg, vg, p.k_sr, p.v_sr, Lk};
+  // the keys' saturated column terms, precomputed (launch_sat_terms): into K's padding with each tile's copy
+  const T* kc = rel && p.sat_terms_k != nullptr
+                        ? reinterpret_cast<const T*>(p.sat_terms_k) + sv.koff * 8
+                        : nullptr;
+  const typename Cfg::KV kv{Qs + L::elems(BM), kg, vg, p.k_sr, p.v_sr, Lk, kc};
   const DescsOf<T, L, WG> dsc(Qs);
   kv.start();
   // stage: the window slots' half and the K / V stage (PIPE: K's); vst: PIPE's V slot (KVTiles), vprev the previous
@@ -122,7 +126,7 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
     // has the smallest distances, warp 3 the largest)
     const bool any_sat =
         rel && (tile_saturation(p, q0, 16, k0, BN) == 1 || tile_saturation(p, q0 + BM - 16, 16, k0, BN) == 2);
-    fold.template score<D, BN, NT, L>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, zone, [&] {
+    fold.template score<D, BN, NT, L>(s, const_cast<T*>(Ks), rs.sat, warp, any_sat, kc != nullptr, zone, [&] {
       if constexpr (PIPE) {  // this tile's Q K^T, then the previous tile's P V; wait for the first
         scores_and_pv_issue<T, D, BN>(s, o, pa, dsc, Qs, Ks, kv.v_at(vprev), k0 > 0);
       } else {
@@ -284,6 +288,26 @@ const char* launch_fwd(const Params& p, int dtype, int head_dim, void* stream) {
     constexpr int D = decltype(d)::value;
     if (wgmma_wanted(s)) return wgmma_serial() ? run_fwd<T, D, true, false>(p, s) : run_fwd<T, D, true, true>(p, s);
     return run_fwd<T, D, false>(p, s);
+  });
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) dfa_sat_terms_kernel(const Params p, bool by_query, T* out) {
+  DFA_DYNAMIC_SMEM(smem_raw);
+  sat_terms_body<T, D>(p, by_query, out, reinterpret_cast<T*>(smem_raw));
+}
+
+const char* launch_sat_terms(const Params& p, bool by_query, void* out, int dtype, int head_dim, void* stream) {
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  return dispatch_dtype_dim(dtype, head_dim, [&](auto t, auto d) -> const char* {
+    using T = decltype(t);
+    constexpr int D = decltype(d)::value;
+    constexpr int smem = (64 + 16) * (D + 8) * (int)sizeof(T);  // <= 48 KB: no attribute needed
+    const dim3 grid(((by_query ? p.Lq : p.Lk) + 63) / 64, p.B * p.H);
+    auto kern = dfa_sat_terms_kernel<T, D>;
+    DFA_LAUNCH(kern, grid, kThreads, smem, s, p, by_query, reinterpret_cast<T*>(out));
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
   });
 }
 

@@ -21,9 +21,9 @@ namespace dfa {
 namespace {
 
 struct Launch {
-  std::string kernel;  // "fwd" | "bwd_dq" | "bwd_dkdv" | "band_to_slots"
+  std::string kernel;  // "fwd" | "bwd_dq" | "bwd_dkdv" | "band_to_slots" | "sat_terms"
   Params p{};          // fwd / bwd / band_to_slots
-  bool by_key = false;  // band_to_slots: dP2C (band_k) rather than dC2P (band_q)
+  bool by_key = false;  // band_to_slots: dP2C (band_k) rather than dC2P (band_q); sat_terms: key rows
   int dtype = -1, head_dim = 0, W = 0, S2 = 0;
   int64_t rows = 0;    // band_to_slots
   const void *band = nullptr, *sat = nullptr, *perm = nullptr, *offs = nullptr, *out = nullptr, *table = nullptr;
@@ -58,7 +58,8 @@ py::object val(const T& x) {
   X(dk_sh) X(dk_sr) X(lse) X(lse_c) X(delta) X(table) X(S2) X(pos_k) X(pos_q) X(pk_sb)                     \
   X(pk_sh) X(pk_sr) X(pq_sb) X(pq_sh) X(pq_sr) X(band_lo) X(band_hi) X(key_mask) X(km_sb) X(uniform)       \
   X(un_sb) X(un_sh) X(rng) X(drop_thresh) X(drop_scale) X(dropout) X(band_q) X(sat_q) X(band_k) X(sat_k)   \
-  X(dmin) X(W) X(B) X(H) X(Lq) X(Lk) X(scale) X(scale_log2) X(cu_q) X(cu_k) X(Tq) X(Tk)
+  X(dmin) X(W) X(B) X(H) X(Lq) X(Lk) X(scale) X(scale_log2) X(cu_q) X(cu_k) X(Tq) X(Tk) X(sat_terms_k)         \
+  X(sat_terms_q)
 
 py::dict to_dict(const Launch& l) {
   py::dict d;
@@ -78,6 +79,10 @@ py::dict to_dict(const Launch& l) {
     d["idx_lo"] = l.idx_lo;
     d["idx_hi"] = l.idx_hi;
     d["by_key"] = l.by_key;
+  } else if (l.kernel == "sat_terms") {
+    d["head_dim"] = l.head_dim;
+    d["by_key"] = l.by_key;
+    d["out"] = val(l.out);
   } else {
     d["head_dim"] = l.head_dim;
   }
@@ -134,6 +139,18 @@ const char* launch_band_to_slots(const Params& p, bool by_key, const int32_t* pe
   l.rows = rows;
   l.W = p.W;
   l.S2 = p.S2;
+  l.stream = stream;
+  return record(std::move(l));
+}
+
+const char* launch_sat_terms(const Params& p, bool by_query, void* out, int dtype, int head_dim, void* stream) {
+  Launch l;
+  l.kernel = "sat_terms";
+  l.p = p;
+  l.by_key = !by_query;
+  l.out = out;
+  l.dtype = dtype;
+  l.head_dim = head_dim;
   l.stream = stream;
   return record(std::move(l));
 }

@@ -32,6 +32,10 @@ struct Params {
   // saturation band of the slot table (positions.slot_band): every d = i - j <= band_lo has one slot and every
   // d >= band_hi another; tiles wholly outside it skip the skew.  -2^30 / 2^30: no shortcut.
   int band_lo, band_hi;
+  // the column terms of saturated tiles, precomputed (launch_sat_terms; nullptr: each score kernel computes them per
+  // tile): rows of 8 T, (term at the band_lo slot, at the band_hi slot, 1, 0, 0, 0, 0, 0), row koff + j of key j
+  // (k_j . pos_query: the forward and dq kernels) / qoff + i of query i (q_i . pos_key: the dK/dV kernel)
+  const void* sat_terms_k; const void* sat_terms_q;
   // masks: key_mask uint8 [B,Lk] (1 = attend); uniform uint8 [B,1|H,Lq] (1 = uniform row)
   const uint8_t* key_mask; int64_t km_sb;
   const uint8_t* uniform; int64_t un_sb, un_sh;
@@ -65,6 +69,28 @@ void reset_last_kernels();  // both to ""
 // and the p2c band), so that the host can reduce and free one band buffer before it allocates the other
 enum BwdKernel : int { BWD_DQ = 0, BWD_DKDV = 1 };
 const char* launch_bwd(const Params& p, int dtype, int head_dim, BwdKernel which, void* stream);
+// The saturated column terms of every key row (by_query false: k . pos_query, p.sat_terms_k's layout) or query
+// row (q . pos_key), at the slots of p.band_lo / band_hi: out [rows, 8] of the element type, rows = B*H*Lk (padded) /
+// H*Tk (varlen) for keys, the same with Lq / Tq for queries.  The same bits as the score kernels' own per-tile
+// products (store_col_saturated) for the rows of a sequence; the tiles' rows past its end get zeros (masked there).
+const char* launch_sat_terms(const Params& p, bool by_query, void* out, int dtype, int head_dim, void* stream);
+// The fraction of the 64 x 64 tiles of an Lq x Lk call wholly beyond the slot band (every d = i - j <= band_lo, or
+// every d >= band_hi: tile_saturation's zones 1 / 2)
+inline double saturated_fraction(int64_t Lq, int64_t Lk, int64_t band_lo, int64_t band_hi) {
+  const int64_t nq = (Lq + 63) / 64, nk = (Lk + 63) / 64;
+  if (nq <= 0 || nk <= 0) return 0.0;
+  const auto clamp = [&](int64_t x) { return x < 0 ? int64_t(0) : x > nk ? nk : x; };
+  const auto floor_div = [](int64_t a, int64_t d) { return a >= 0 ? a / d : -((-a + d - 1) / d); };
+  int64_t sat = 0;
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const int64_t r0 = 64 * qi;
+    // zone 2: r0 - (64 kj + 63) >= band_hi; zone 1: r0 + 63 - 64 kj <= band_lo
+    const int64_t below = clamp(floor_div(r0 - 63 - band_hi, 64) + 1);
+    const int64_t above = nk - clamp(-floor_div(-(r0 + 63 - band_lo), 64));
+    sat += below + above;
+  }
+  return double(sat) / double(nq * nk);
+}
 // band_to_slots: dC2P (band_q / sat_q) or, by_key, dP2C (band_k / sat_k) of `rows` rows from the score kernel's band
 // buffers (p.dmin, p.W, p.S2, the slot table and band, the varlen offsets); the saturated sums go to the table's slots
 // at the band edges (sat_table_index)

@@ -152,6 +152,32 @@ __device__ __forceinline__ void store_col_saturated(T* Cs, const T* S, int warp)
   }
 }
 
+// launch_sat_terms' block: rows [r0, r0 + 64) of the key (by_query false) or query rows of (b, h), their column
+// terms at the saturated slots (store_col_saturated, on the tile in smem) out to `out` rows koff / qoff + r, 16 bytes
+// each.  smem: [64][D + 8] | [16][D + 8] (elements of T).
+template <typename T, int D>
+__device__ __forceinline__ void sat_terms_body(const Params& p, bool by_query, T* out, T* smem) {
+  constexpr int ROWS = 64, LDS = D + 8;
+  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H, r0 = blockIdx.x * ROWS;
+  const SeqView sv = seq_view(p, b, h);
+  const int len = by_query ? sv.Lq : sv.Lk;
+  if (r0 >= len) return;  // (block-uniform)
+  const T* xg = by_query ? reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + sv.qrow * p.q_sr
+                         : reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + sv.krow * p.k_sr;
+  const auto [pk, pq] = pos_rows<T>(p, b, h);
+  T* xs = smem;
+  T* sat = smem + ROWS * LDS;
+  load_tile<T, ROWS, D, kThreads>(xs, xg, by_query ? p.q_sr : p.k_sr, r0, len);
+  load_sat_rows<T, D>(sat, by_query ? pk : pq, by_query ? p.pk_sr : p.pq_sr, nullptr, 0, saturated_slots(p));
+  __syncthreads();
+  store_col_saturated<T, D, ROWS>(xs, sat, (int)threadIdx.x >> 5);
+  __syncthreads();
+  const int r = (int)threadIdx.x;
+  if (r < ROWS && r0 + r < len)
+    *reinterpret_cast<uint4*>(out + ((by_query ? sv.qoff : sv.koff) + r0 + r) * 8) =
+        *reinterpret_cast<const uint4*>(xs + r * LDS + D);
+}
+
 // Saturated tiles fold their relative terms into the score MMA: s[nt] += A'_zone . B'_nt (one m16n8k8 per n-tile),
 //   A'_zone (16 x 8, the warp's rows):      (zone == 1, zone == 2, the row's row term at the zone, 0, ...)
 //   B'_nt   (8 x 8, the n-tile's columns):  (column term at lo, at hi, 1, 0, ...)   (store_col_saturated)
@@ -185,15 +211,17 @@ struct SatFold {
     }
   }
   // One tile's score products `mmas()` into s, with the saturated terms folded in.  When some warp's tile is
-  // saturated (`any_sat`, block-uniform) every warp stores its columns' terms into the padding of the column tile Cs
-  // (store_col_saturated; COLS columns per tile) before the products, one barrier after them publishes the terms,
-  // and a warp whose tile is saturated (zone 1 / 2) adds them.
+  // saturated (`any_sat`, block-uniform) and the column terms are not precomputed (`pre`: launch_sat_terms' rows,
+  // copied into Cs's padding with the tile), every warp stores its columns' terms into the padding of the column tile
+  // Cs (store_col_saturated; COLS columns per tile) before the products and one barrier after them publishes the
+  // terms; a warp whose tile is saturated (zone 1 / 2) adds them.
   template <int D, int COLS, int NT, typename L = PaddedRows<D>, typename Mmas>
-  __device__ __forceinline__ void score(float (*s)[4], T* Cs, const T* sat, int warp, bool any_sat, int zone,
-                                        Mmas&& mmas) const {
-    if (any_sat) store_col_saturated<T, D, COLS, L>(Cs, sat, warp);
+  __device__ __forceinline__ void score(float (*s)[4], T* Cs, const T* sat, int warp, bool any_sat, bool pre,
+                                        int zone, Mmas&& mmas) const {
+    const bool store = any_sat && !pre;  // (block-uniform)
+    if (store) store_col_saturated<T, D, COLS, L>(Cs, sat, warp);
     mmas();
-    if (any_sat) __syncthreads();
+    if (store) __syncthreads();
     if (zone == 1 || zone == 2) add<D, NT, L>(s, Cs, zone);
   }
 };

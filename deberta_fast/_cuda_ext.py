@@ -360,6 +360,7 @@ def ops():
 
 
 WGMMA_ENV = "DEBERTA_FAST_CUDA_WGMMA"  # read by the extension's forward launcher at every launch (csrc/dfa_fwd.cu)
+SAT_TERMS_ENV = "DEBERTA_FAST_CUDA_SAT_TERMS"  # read by the extension at every call (csrc/dfa_bindings.cpp)
 
 
 def wgmma_requested() -> bool:
@@ -379,6 +380,14 @@ def use_wgmma(on: "bool | str" = True):
     """Within: ``DEBERTA_FAST_CUDA_WGMMA`` set to ``1`` (``on``), ``0``, or ``serial`` (``on="serial"``), restored
     after (benchmarks, tests)."""
     return switch(WGMMA_ENV, on)
+
+
+def use_sat_terms(on: bool = True):
+    """Within: ``DEBERTA_FAST_CUDA_SAT_TERMS`` set to ``1`` (every call with relative terms precomputes its saturated
+    tiles' column terms in one extra kernel, ``launch_sat_terms``) or ``0`` (every score kernel computes them per
+    tile); unset, a call precomputes them when at least half of its tiles are saturated.  Restored after (benchmarks,
+    tests)."""
+    return switch(SAT_TERMS_ENV, on)
 
 
 def last_fwd_kernel() -> str:

@@ -246,6 +246,60 @@ def test_bwd_params_and_band_launches(ext):
     assert [(r["idx_lo"], r["idx_hi"]) for r in recs if r["kernel"] == "band_to_slots"] == [(0, 5 + 7 - 2)] * 2
 
 
+@pytest.mark.parametrize("entry", ["fwd", "bwd", "varlen_fwd", "varlen_bwd"])
+def test_saturated_terms_precomputed_on_request(ext, entry, monkeypatch):
+    """``DEBERTA_FAST_CUDA_SAT_TERMS=1`` (or ``on``, ...): the saturated column terms launched first (the keys' for
+    the forward and the dq kernel, the queries' for dK/dV), the score kernels' Params pointing at them; ``=0``
+    (``false``), and by default at these lengths (no tile beyond the band): no such launch, the pointers nullptr."""
+    a = ARGS[entry]()
+    if entry == "bwd":
+        a.update(band_lo=-3, band_hi=3)
+    fwd = entry.endswith("fwd")
+    for env in ("1", "0", "On", "false", None):  # (the package's flag spellings, any case)
+        if env is None:
+            monkeypatch.delenv("DEBERTA_FAST_CUDA_SAT_TERMS", raising=False)
+        else:
+            monkeypatch.setenv("DEBERTA_FAST_CUDA_SAT_TERMS", env)
+        _, recs = launches(ext, getattr(ext, entry), **a)
+        names = [r["kernel"] for r in recs]
+        score = [r["params"] for r in recs if r["kernel"] in ("fwd", "bwd_dq", "bwd_dkdv")]
+        assert len(score) == (1 if fwd else 2), names
+        if env not in ("1", "On"):
+            assert "sat_terms" not in names
+            assert all(P["sat_terms_k"] == 0 == P["sat_terms_q"] for P in score)
+            continue
+        sat = [r for r in recs if r["kernel"] == "sat_terms"]
+        assert names[:len(sat)] == ["sat_terms"] * len(sat), names
+        assert [r["by_key"] for r in sat] == ([True] if fwd else [True, False])
+        assert all(r["out"] != 0 and r["head_dim"] == a["q"].shape[-1] for r in sat)
+        for P in score:
+            assert P["sat_terms_k"] == sat[0]["out"]
+            assert P["sat_terms_q"] == (0 if fwd else sat[1]["out"])
+
+
+def test_saturated_terms_by_default_where_half_the_tiles_are_saturated(ext, monkeypatch):
+    """Unset, the rule decides: launched when at least half of the 64 x 64 tiles lie beyond the band (a small band at
+    L = 400: 30 of 49), not when fewer do (L = 300: 12 of 25)."""
+    monkeypatch.delenv("DEBERTA_FAST_CUDA_SAT_TERMS", raising=False)
+    for L, launched in ((400, True), (300, False)):
+        a = fwd_args(Lq=L, Lk=L, masks=False)
+        a.update(band_lo=-3, band_hi=3)
+        assert (ext.saturated_fraction(L, L, -3, 3) >= 0.5) == launched
+        _, recs = launches(ext, ext.fwd, **a)
+        assert [r["kernel"] for r in recs] == (["sat_terms", "fwd"] if launched else ["fwd"])
+        assert recs[-1]["params"]["sat_terms_k"] == (recs[0]["out"] if launched else 0)
+
+
+def test_saturated_fraction_counts_the_tiles_beyond_the_band(ext):
+    """The default rule's count (csrc/dfa_params.h, closed form per query tile) against every 64 x 64 tile tested as
+    the kernels' tile_saturation tests it, over lengths and bands of either sign (DeBERTa-v3's, small and shifted)."""
+    for lo, hi in [(-512, 506), (-32, 16), (-16, 3), (5, 9), (-300, -200), (-(1 << 30), 1 << 30)]:
+        for Lq, Lk in [(1, 1), (64, 64), (65, 200), (270, 270), (512, 100), (1000, 2048)]:
+            tiles = [(q0, k0) for q0 in range(0, Lq, 64) for k0 in range(0, Lk, 64)]
+            sat = sum(q0 - (k0 + 63) >= hi or q0 + 63 - k0 <= lo for q0, k0 in tiles)
+            assert ext.saturated_fraction(Lq, Lk, lo, hi) == pytest.approx(sat / len(tiles)), (lo, hi, Lq, Lk)
+
+
 def test_band_window_is_cached_per_table():
     """Every layer's backward asks for the same window of the same cached table: computed once, recomputed after an
     in-place change of the table, dropped with the table, and equal to a fresh computation."""

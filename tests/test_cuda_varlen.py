@@ -403,6 +403,25 @@ def test_gpu_varlen_backward_head_groups_equal_one_group():
 
 @gpu
 @needs_ext
+def test_gpu_varlen_precomputed_saturated_terms_equal_the_per_tile_ones():
+    """Packed: the saturated column terms from one extra kernel (``DEBERTA_FAST_CUDA_SAT_TERMS=1``, rows ``h * T +
+    token``) against the per-tile ones (``=0``), output and gradients bit for bit; sequences of 1 - 200 tokens."""
+    lens = [200, 1, 77, 130]
+    q, k, v, pk, pq, cq, ck = make_packed(lens, H=2, span=4, dtype=torch.float16, device=DEV)
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEV, torch.float16)
+    runs = []
+    for on in (False, True):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, pk, pq)]
+        with _cuda_ext.use_sat_terms(on):
+            out = disentangled_attention_varlen(*leaves, cq, ck, 200, 200, position_buckets=4,
+                                                max_relative_positions=16, backend="cuda")
+            runs.append([out, *torch.autograd.grad(out, leaves, go)])
+    for name, a, b in zip(("out", "q", "k", "v", "pos_key", "pos_query"), *runs):
+        assert torch.equal(a, b), name
+
+
+@gpu
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("terms", ["", "c2p", "p2c", "c2p+p2c"])
