@@ -119,6 +119,23 @@ def analyse(obj: str, ptxas_log: str, arch: str) -> list[dict]:
     return rows
 
 
+# the helper kernels beside the attention kernels (launch_sat_terms, band_to_slots): registers and spills only (no
+# main loop); their template arguments: the element type, then D / BY_KEY
+_HELPER = re.compile(r"dfa_(sat_terms|band_to_slots)_kernel.*?I(6__half|13__nv_bfloat16)L([ib])(\d+)E")
+
+
+def helpers(ptxas_log: str, arch: str) -> list[dict]:
+    """One row per helper-kernel instantiation in a ``-Xptxas -v`` log: registers, spills, stack."""
+    rows = []
+    for fn, res in sorted(parse_ptxas(ptxas_log).items()):
+        m = _HELPER.search(fn)
+        if m:
+            arg = f"D={m[4]}" if m[3] == "i" else ("by key" if m[4] == "1" else "by query")
+            rows.append(dict(kernel=f"dfa_{m[1]}_kernel", arch=f"sm_{arch}",
+                             dtype="fp16" if m[2] == "6__half" else "bf16", args=arg, **res))
+    return rows
+
+
 def _cuobjdump() -> str:
     """cuobjdump: on PATH, next to nvcc, else the one Triton ships (this machine's CUDA 13.0 install has none)."""
     import shutil
@@ -180,7 +197,7 @@ def profile(archs=("80", "90a"), progress=print, zones=True) -> dict:
     t0 = time.time()
     names = sorted((n for n in os.listdir(CSRC) if n.endswith(".cu")), key=lambda n: n != "dfa_bwd.cu")
     variants = [None, *(ZONES if zones else ())]
-    rows, by_zone = [], {}
+    rows, by_zone, helper_rows = [], {}, []
     with tempfile.TemporaryDirectory() as tmp, cf.ThreadPoolExecutor(2) as ex:
         futs = {(n, a, z): ex.submit(_compile, n, a, tmp, z) for n in names for a in archs for z in variants}
         for (n, a, z), f in futs.items():
@@ -190,6 +207,7 @@ def profile(archs=("80", "90a"), progress=print, zones=True) -> dict:
             got = analyse(obj, log, a)
             if z is None:
                 rows += got
+                helper_rows += helpers(log, a)
             else:
                 for r in got:
                     by_zone[(r["kernel"], r["arch"], r["dtype"], r["D"], z)] = r["loops"]
@@ -197,7 +215,7 @@ def profile(archs=("80", "90a"), progress=print, zones=True) -> dict:
         zl = {zn: by_zone.get((r["kernel"], r["arch"], r["dtype"], r["D"], zn)) for zn in ZONES}
         if any(v is not None for v in zl.values()):
             r["zones"] = zl
-    return {**_header(), "seconds": round(time.time() - t0, 1), "kernels": rows}
+    return {**_header(), "seconds": round(time.time() - t0, 1), "kernels": rows, "helpers": helper_rows}
 
 
 def table(prof: dict) -> str:
@@ -207,8 +225,9 @@ def table(prof: dict) -> str:
              "threads / (BLOCK_M x BLOCK_N); see benchmarks/static_cuda.py.", "",
              "Band / saturated tiles: the same loop built with every tile in the band / beyond it "
              "(-DDFA_PROFILE_ZONE) and interior (no edge or mask checks: -DDFA_PROFILE_INTERIOR), for the common "
-             "call: c2p + p2c present, no mask, no dropout (-DDFA_PROFILE_PLAIN: the compiler drops the other "
-             "branches); the shipped loop holds them all.  Shortest: the last key tile (no prefetch); longest: with "
+             "call: c2p + p2c present, no mask, no dropout, the saturated column terms precomputed "
+             "(launch_sat_terms, the default once half the tiles are saturated) (-DDFA_PROFILE_PLAIN: the compiler "
+             "drops the other branches); the shipped loop holds them all.  Shortest: the last key tile (no prefetch); longest: with "
              "the next tile's copies issued.  Saturated, key mask: the saturated build with a key mask present (a "
              "padded batch; its interior tiles without a masked key skip the tests and pay a per-tile vote).  "
              "Dropout: the band / saturated builds of a training call (-DDFA_PROFILE_DROPOUT).",
@@ -228,6 +247,12 @@ def table(prof: dict) -> str:
                      f"{r['mma']} | {fmt(r['loops'])} | {fmt(z.get('band'))} | {fmt(z.get('saturated'))} | "
                      f"{fmt(z.get('saturated, key mask'))} | {fmt(z.get('band, dropout'))} | "
                      f"{fmt(z.get('saturated, dropout'))} |")
+    if prof.get("helpers"):
+        lines += ["", "Helper kernels (no main loop):", "", "| kernel | target | dtype | template | regs | spill st/ld B "
+                  "| stack B |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(prof["helpers"], key=lambda r: (r["kernel"], r["arch"], r["dtype"], r["args"])):
+            lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype']} | {r['args']} | {r.get('regs')} | "
+                         f"{r.get('spill_stores')}/{r.get('spill_loads')} | {r.get('stack')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +265,10 @@ def problems(prof: dict) -> list[str]:
     """What breaks a target of issue 15 in a profile: a kernel that spills or whose wgmmas ptxas serialized (C75xx),
     and (with the zone builds) a saturated forward over ``SATURATED_FWD_MAX`` per element at ``SATURATED_FWD_DIMS``."""
     out = []
+    for r in prof.get("helpers", []):
+        if r.get("spill_stores") or r.get("spill_loads"):
+            out.append(f"{r['kernel']} {r['arch']} {r['dtype']} {r['args']}: spills {r.get('spill_stores')}/"
+                       f"{r.get('spill_loads')} B")
     for r in prof["kernels"]:
         what = f"{r['kernel']} {r['arch']} {r['dtype']} D={r['D']}"
         if r.get("spill_stores") or r.get("spill_loads"):

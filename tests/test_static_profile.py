@@ -93,6 +93,21 @@ def test_cuda_profile_check_names_each_missed_target():
     assert "dfa_fwd_kernel (wgmma) sm_90a fp16 D=32: saturated forward 10.2" in bad[0]
     assert "dfa_bwd_dkdv_kernel sm_90a fp16 D=64: spills 8/8 B" in bad[1]
     assert "dfa_fwd_kernel (wgmma serial) sm_90a fp16 D=64: ptxas serialized its wgmmas (C7514: non wgmma" in bad[2]
+    # the helper kernels (no main loop): read from the log by name and template arguments, their spills a problem too
+    log = ("ptxas info    : Compiling entry function '_ZN3dfa20dfa_sat_terms_kernelI6__halfLi64EEEvNS_6ParamsEbPT_' "
+           "for 'sm_80'\n"
+           "ptxas info    : Function properties for _ZN3dfa20dfa_sat_terms_kernelI6__halfLi64EEEvNS_6ParamsEbPT_\n"
+           "    0 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 30 registers, used 1 barriers\n"
+           "ptxas info    : Compiling entry function '_ZN3dfa24dfa_band_to_slots_kernelI13__nv_bfloat16Lb1EEEvNS_6ParamsE"
+           "PKiS5_PT_l' for 'sm_80'\n"
+           "ptxas info    : Used 32 registers, used 1 barriers\n")
+    hs = sc.helpers(log, "80")
+    assert [(h["kernel"], h["dtype"], h["args"], h["regs"]) for h in hs] == [
+        ("dfa_sat_terms_kernel", "fp16", "D=64", 30), ("dfa_band_to_slots_kernel", "bf16", "by key", 32)]
+    assert sc.problems({"kernels": [], "helpers": hs}) == ["dfa_sat_terms_kernel sm_80 fp16 D=64: spills 4/4 B"]
+    assert "| dfa_sat_terms_kernel | sm_80 | fp16 | D=64 | 30 | 4/4 | 0 |" in sc.table(
+        {"date": "d", "nvcc": "v", "kernels": [], "helpers": hs})
     results = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
     with open(sorted(glob.glob(os.path.join(results, "*-static", "cuda.json")))[-1]) as f:
         assert sc.problems(json.load(f)) == []
