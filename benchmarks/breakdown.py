@@ -154,6 +154,11 @@ def variants(B, H, L, D, device, dtype):
     out += [(f"cuda {terms}", "fwd", api("cuda", terms, plain)) for terms in ("none", "both")]
     out.append(("cuda both, wgmma", "fwd", _wgmma(api("cuda", "both", plain))))
     out.append(("cuda both, wgmma serial", "fwd", _wgmma(api("cuda", "both", plain), "serial")))
+    # the saturated tiles' column terms from one extra kernel, or per tile in every block (the default picks by the
+    # share of saturated tiles: csrc/dfa_bindings.cpp, sat_terms_wanted)
+    for on in (True, False):
+        out.append((f"cuda both, saturated terms {'precomputed' if on else 'per tile'}", "fwd",
+                    _sat_terms(api("cuda", "both", plain), on)))
     out.append(("sdpa", "fwd+bwd", _grad_run(lambda: F.scaled_dot_product_attention(qg, kg, vg), (qg, kg, vg), do)))
     out.append(("torch both (HF eager's math)", "fwd+bwd", _grad_run(api("torch", "both", grads), grads, do)))
     for backend in ("triton", "cuda"):
@@ -161,6 +166,9 @@ def variants(B, H, L, D, device, dtype):
             leaves = (qg, kg, vg) + tuple(t for t in _rel(terms, pkg, pqg) if t is not None)
             out.append((f"{backend} {terms}", "fwd+bwd", _grad_run(api(backend, terms, grads), leaves, do)))
     out.append(("cuda both, wgmma", "fwd+bwd", _wgmma(_grad_run(api("cuda", "both", grads), grads, do))))
+    for on in (True, False):
+        out.append((f"cuda both, saturated terms {'precomputed' if on else 'per tile'}", "fwd+bwd",
+                    _sat_terms(_grad_run(api("cuda", "both", grads), grads, do), on)))
     both = _grad_run(api("triton", "both", grads), grads, do)
     out.append(("triton both, 16-bit tables", "fwd+bwd", _setting("TABLE_DTYPE", "input", both)))
     out.append(("triton both, one launch", "fwd+bwd", _setting("TABLE_BUDGET", None, both)))
@@ -226,6 +234,17 @@ def _wgmma(fn, mode: bool | str = True):
         if ran[0] != want or ran[1] not in ("", "wgmma"):
             raise RuntimeError(f"the kernels ran {ran}, not {want} (the sm_90a build needed)")
         return out
+    return run
+
+
+def _sat_terms(fn, on: bool):
+    """``fn`` with the cuda backend's saturated column terms precomputed (``on``) or computed per tile, whatever the
+    call's share of saturated tiles (``DEBERTA_FAST_CUDA_SAT_TERMS``)."""
+    from deberta_fast import _cuda_ext
+
+    def run():
+        with _cuda_ext.use_sat_terms(on):
+            return fn()
     return run
 
 

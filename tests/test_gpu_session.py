@@ -310,9 +310,12 @@ def test_breakdown_rehearsal(tmp_path):
                                                          ("fwd+bwd", "triton both, dropout 0.1"),
                                                          ("fwd+bwd", "triton both, dropout 0.1, Philox in dK/dV"),
                                                          ("fwd+bwd", "triton both, TMA")}
-    if sim:  # the wgmma forward's A/B of its overlap (DEBERTA_FAST_CUDA_WGMMA=1 / serial) runs in the simulator
-        assert {"cuda both, wgmma", "cuda both, wgmma serial"} <= {r["variant"] for r in rows if r["pass_"] == "fwd"
-                                                                   and "ms" in r}, rows
+    if sim:  # the wgmma forward's A/B of its overlap (DEBERTA_FAST_CUDA_WGMMA=1 / serial) runs in the simulator, and
+        # the A/B of the saturated terms (DEBERTA_FAST_CUDA_SAT_TERMS)
+        sat = {"cuda both, saturated terms precomputed", "cuda both, saturated terms per tile"}
+        assert {"cuda both, wgmma", "cuda both, wgmma serial", *sat} <= {r["variant"] for r in rows
+                                                                         if r["pass_"] == "fwd" and "ms" in r}, rows
+        assert sat <= {r["variant"] for r in rows if r["pass_"] == "fwd+bwd" and "ms" in r}, rows
     assert {r["variant"]: r["same_output"] for r in rows if "same_output" in r} == {
         "triton both, tables prebuilt": True, "triton both, key mask (all ones)": True,
         "triton both, distance tables prebuilt": True, "triton both, TMA": True,
