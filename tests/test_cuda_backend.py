@@ -683,7 +683,8 @@ def test_gpu_wgmma_kernels_equal_the_mma_sync_ones(masked, mode, D):
 @gpu
 @needs_ext
 @pytest.mark.parametrize("masked,D,dtype,budget,p_drop", [(False, 64, torch.float16, 1, 0.2),
-                                                          (True, 128, torch.bfloat16, 0, 0.0)])
+                                                          (True, 128, torch.bfloat16, 0, 0.0)],
+                         ids=["d64-groups-dropout", "d128-padding"])
 def test_gpu_precomputed_saturated_terms_equal_the_per_tile_ones(masked, D, dtype, budget, p_drop):
     """``DEBERTA_FAST_CUDA_SAT_TERMS=1`` (the saturated tiles' column terms from one extra kernel, copied into the K /
     Q tiles' padding) against ``=0`` (every block computes them per tile): output and all five gradients bit for bit,
