@@ -156,8 +156,10 @@ def _cuobjdump() -> str:
 # interior (-DDFA_PROFILE_INTERIOR), the common call's paths (-DDFA_PROFILE_PLAIN, DFA_PROFILE_ASSUME); "saturated,
 # key mask": the same with a key mask present (-DDFA_PROFILE_KEY_MASK: a padded batch, whose interior tiles without
 # a masked key skip the per-element tests but pay the per-tile vote); "..., dropout": a training call (attention
-# dropout on: -DDFA_PROFILE_DROPOUT).
-ZONES = {"band": (0, ()), "saturated": (1, ()), "saturated, key mask": (1, ("-DDFA_PROFILE_KEY_MASK",)),
+# dropout on: -DDFA_PROFILE_DROPOUT); "saturated, per-tile terms": the column terms computed per tile in every block
+# (-DDFA_PROFILE_TILE_TERMS: the default below half the tiles saturated) instead of precomputed (launch_sat_terms).
+ZONES = {"band": (0, ()), "saturated": (1, ()), "saturated, per-tile terms": (1, ("-DDFA_PROFILE_TILE_TERMS",)),
+         "saturated, key mask": (1, ("-DDFA_PROFILE_KEY_MASK",)),
          "band, dropout": (0, ("-DDFA_PROFILE_DROPOUT",)), "saturated, dropout": (1, ("-DDFA_PROFILE_DROPOUT",))}
 
 
@@ -226,16 +228,18 @@ def table(prof: dict) -> str:
              "Band / saturated tiles: the same loop built with every tile in the band / beyond it "
              "(-DDFA_PROFILE_ZONE) and interior (no edge or mask checks: -DDFA_PROFILE_INTERIOR), for the common "
              "call: c2p + p2c present, no mask, no dropout, the saturated column terms precomputed "
-             "(launch_sat_terms, the default once half the tiles are saturated) (-DDFA_PROFILE_PLAIN: the compiler "
-             "drops the other branches); the shipped loop holds them all.  Shortest: the last key tile (no prefetch); longest: with "
-             "the next tile's copies issued.  Saturated, key mask: the saturated build with a key mask present (a "
-             "padded batch; its interior tiles without a masked key skip the tests and pay a per-tile vote).  "
-             "Dropout: the band / saturated builds of a training call (-DDFA_PROFILE_DROPOUT).",
+             "(launch_sat_terms, the default once half the tiles are saturated) (-DDFA_PROFILE_PLAIN: the compiler"
+             " drops the other branches; per-tile terms: computed in every block, the default below that, "
+             "-DDFA_PROFILE_TILE_TERMS); the shipped loop holds them all.  Shortest: the last key tile (no "
+             "prefetch); longest: with the next tile's copies issued.  Saturated, key mask: the saturated build "
+             "with a key mask present (a padded batch; its interior tiles without a masked key skip the tests and "
+             "pay a per-tile vote).  Dropout: the band / saturated builds of a training call "
+             "(-DDFA_PROFILE_DROPOUT).",
              "",
              "| kernel | target | dtype | D | tile | regs | spill st/ld B | stack B | MMA | main loop instr/element "
-             "(shortest - longest) | band tiles | saturated tiles | saturated tiles, key mask | band tiles, dropout "
-             "| saturated tiles, dropout |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(shortest - longest) | band tiles | saturated tiles | saturated tiles, per-tile terms | saturated tiles, "
+             "key mask | band tiles, dropout | saturated tiles, dropout |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(loops):
         return "; ".join(f"{lp['per_element_shortest']} - {lp['per_element_longest']}" for lp in loops or []) or "?"
@@ -245,6 +249,7 @@ def table(prof: dict) -> str:
         lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype']} | {r['D']} | {r['block_m']}x{r['block_n']} | "
                      f"{r.get('regs')} | {r.get('spill_stores')}/{r.get('spill_loads')} | {r.get('stack')} | "
                      f"{r['mma']} | {fmt(r['loops'])} | {fmt(z.get('band'))} | {fmt(z.get('saturated'))} | "
+                     f"{fmt(z.get('saturated, per-tile terms'))} | "
                      f"{fmt(z.get('saturated, key mask'))} | {fmt(z.get('band, dropout'))} | "
                      f"{fmt(z.get('saturated, dropout'))} |")
     if prof.get("helpers"):

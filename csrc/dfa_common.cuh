@@ -530,6 +530,13 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
 #else
 #define DFA_PROFILE_KEY_MASK_OF(p) p.key_mask = nullptr
 #endif
+#ifdef DFA_PROFILE_TILE_TERMS  // with DFA_PROFILE_PLAIN: the saturated column terms computed per tile in every block
+#define DFA_PROFILE_SAT_TERMS_OF(p) p.sat_terms_k = p.sat_terms_q = nullptr
+#else  // precomputed (launch_sat_terms)
+#define DFA_PROFILE_SAT_TERMS_OF(p)           \
+  __builtin_assume(p.sat_terms_k != nullptr); \
+  __builtin_assume(p.sat_terms_q != nullptr)
+#endif
 #ifdef DFA_PROFILE_DROPOUT  // with DFA_PROFILE_PLAIN: a training call (attention dropout on)
 #define DFA_PROFILE_DROPOUT_ON 1
 #else
@@ -545,8 +552,7 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
   __builtin_assume(p.table != nullptr); \
   __builtin_assume(p.pos_k != nullptr); \
   __builtin_assume(p.pos_q != nullptr); \
-  __builtin_assume(p.sat_terms_k != nullptr); \
-  __builtin_assume(p.sat_terms_q != nullptr)
+  DFA_PROFILE_SAT_TERMS_OF(p)
 #else
 #define DFA_KERNEL_PARAMS(p) const Params p
 #define DFA_PROFILE_ASSUME(p) \
