@@ -318,7 +318,8 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_strid
 // release(k0, stage, free V slot) (barrier, then the refill).  STAGES 1 / 2: `stage` counts 0 .. STAGES - 1 and names
 // both tiles; STAGES 3: `stage` is the K slot (tile index & 1), V's slot the tile index mod 3.  No copy is issued
 // when Lk = 0.
-template <typename T, int BN, int D, int STAGES, bool STATIC_COPIES = true, typename L = PaddedRows<D>>
+template <typename T, int BN, int D, int STAGES, bool STATIC_COPIES = true, typename L = PaddedRows<D>,
+          bool ADVANCE = false>
 struct KVTiles {
   static_assert(STAGES >= 1 && STAGES <= 3, "one to three stages");
   static_assert(BN <= kThreads, "one thread per row copies the padding chunk (kc)");
@@ -331,6 +332,26 @@ struct KVTiles {
   // rows of 8 T per key (launch_sat_terms' saturated column terms), copied into the K tile's padding columns D..D+7
   // with the tile; nullptr: none
   const T* kc = nullptr;
+  // ADVANCE: the copies of a tile whose rows are all in range use their own lanes (AdvLanes) and this thread's
+  // source addresses in the next tile to issue (its K and V row, its padding chunk), set by start() and advanced by
+  // a tile per issue (tiles are issued in order): no address arithmetic per copy.  The last tile, partly past Lk,
+  // takes load_tile's predicated copies.
+  mutable const T *kn = nullptr, *vn = nullptr, *kcn = nullptr;
+  // ADVANCE's lanes: TPR = kThreads / BN threads per row; thread t copies row (t % 8) + 8 (t / (8 TPR)), chunks
+  // (t / 8) % TPR + TPR * pass.  The 8 threads of a shared-memory phase write one chunk of 8 consecutive rows
+  // (distinct bank groups in both layouts), each warp instruction reads a row's TPR chunks (TPR x 16 contiguous
+  // bytes: whole sectors), and every pass lies at a constant offset from the thread's row on both sides (immediates).
+  // The price: a warp instruction spans 32 / TPR rows' cache lines (16 at BN = 64) where load_tile's lanes span
+  // 32 / (D / 8) (4 at D = 64): more L1 tag lookups per copy, predicted to hide behind the tile's products (not
+  // measured; NOTES).
+  struct AdvLanes {
+    static constexpr int TPR = kThreads / BN, CPR = D / 8, PASSES = CPR / TPR;
+    static_assert(kThreads % BN == 0 && BN % 8 == 0 && CPR % TPR == 0, "whole rows, whole core matrices");
+    __device__ __forceinline__ static int row() {
+      return ((int)threadIdx.x & 7) + 8 * ((int)threadIdx.x / (8 * TPR));
+    }
+    __device__ __forceinline__ static int col() { return (((int)threadIdx.x >> 3) % TPR) * 8; }
+  };
 
   __device__ __forceinline__ T* k_at(int stage) const {
     if constexpr (STAGES == 3) return smem + stage * TILE;
@@ -341,6 +362,29 @@ struct KVTiles {
     return k_at(stage) + TILE;
   }
   __device__ __forceinline__ void issue(int ks, int vs, int k0) const {
+    if constexpr (ADVANCE) {
+      static_assert(STATIC_COPIES, "advanced sources: the static copies' tiles");
+      using AL = AdvLanes;
+      const bool whole = rows_in_range(BN, Lk - k0);  // block-uniform
+      if (whole) {
+        T* kd = L::at(k_at(ks), AL::row(), AL::col());
+        T* vd = L::at(v_at(vs), AL::row(), AL::col());
+#pragma unroll
+        for (int it = 0; it < AL::PASSES; ++it) {
+          copy_chunk<true>(kd + L::off(0, it * AL::TPR * 8), kn + it * AL::TPR * 8, true, kn);
+          copy_chunk<true>(vd + L::off(0, it * AL::TPR * 8), vn + it * AL::TPR * 8, true, vn);
+        }
+        if (kc != nullptr && (int)threadIdx.x < BN)
+          copy_chunk<true>(L::at(k_at(ks), (int)threadIdx.x, D), kcn, true, kc);
+      }
+      kn += BN * k_sr;
+      vn += BN * v_sr;
+      kcn += BN * 8;
+      if (whole) {
+        cp_async_commit();
+        return;
+      }
+    }
     load_tile<T, BN, D, kThreads, true, STATIC_COPIES, L>(k_at(ks), kg, k_sr, k0, Lk);
     load_tile<T, BN, D, kThreads, true, STATIC_COPIES, L>(v_at(vs), vg, v_sr, k0, Lk);
     if (kc != nullptr && (int)threadIdx.x < BN) {  // one 16-byte chunk per key row (warp-uniform for BN % 32 == 0)
@@ -350,6 +394,12 @@ struct KVTiles {
     cp_async_commit();
   }
   __device__ __forceinline__ void start() const {
+    if constexpr (ADVANCE) {
+      kn = kg + AdvLanes::row() * k_sr + AdvLanes::col();
+      vn = vg + AdvLanes::row() * v_sr + AdvLanes::col();
+      // (an address past kc when it is nullptr: never read, kc is tested first)
+      kcn = reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(kc) + threadIdx.x * 8 * sizeof(T));
+    }
     if (Lk > 0) issue(0, 0, 0);
     if (STAGES == 3 && BN < Lk) issue(1, 1, BN);
   }
@@ -541,6 +591,14 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
 #define DFA_PROFILE_DROPOUT_ON 1
 #else
 #define DFA_PROFILE_DROPOUT_ON 0
+#endif
+// with DFA_PROFILE_PLAIN: the forward's rows' maxima never grow (its rescale an empty branch that keeps the vote and
+// the factors): the longest path is the common iteration once the maxima have settled, an interior tile with its
+// prefetch
+#ifdef DFA_PROFILE_SETTLED
+#define DFA_PROFILE_SETTLED_ON 1
+#else
+#define DFA_PROFILE_SETTLED_ON 0
 #endif
 #ifdef DFA_PROFILE_PLAIN
 #define DFA_KERNEL_PARAMS(p) const Params p##_in

@@ -23,7 +23,7 @@ struct FwdCfg {
   static constexpr int BN = D == 128 ? 32 : 64;  // keys per iteration (D = 128: 32, to fit sm_86's 99 KB)
   using L = std::conditional_t<WG, CoreRows<D>, PaddedRows<D>>;  // the Q / K / V tiles' layout
   // cp.async of tile it+1 while tile it is computed (PIPE: while V of tile it-1 is read too)
-  using KV = KVTiles<T, BN, D, PIPE ? 3 : 2, true, L>;
+  using KV = KVTiles<T, BN, D, PIPE ? 3 : 2, true, L, true>;  // sources advanced per tile (ADVANCE)
   using Rel = RelSmem<T, BN, D>;    // with relative terms: window, saturated rows, skew scratch, slots
   // shared memory (elements of T): Q | K/V stages | Rel
   static constexpr int BASE = L::elems(BM) + KV::SMEM_ELEMS;
@@ -176,15 +176,20 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
     // previous tile's P V has landed in O (l, the sums with dropout, before the probabilities are added to it)
     const auto rescale = [&] {
       if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+        if constexpr (DFA_PROFILE_SETTLED_ON) {  // static-profile builds only: the vote and the factors kept, the
+          ls[0] *= alpha[0];                     // rescale two multiplies (the profile counts over, never under)
+          ls[2] *= alpha[1];
+        } else {
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          if constexpr (!PIPE) l[hh] *= alpha[hh];
-          ls[2 * hh] *= alpha[hh];
-          ls[2 * hh + 1] *= alpha[hh];
+          for (int hh = 0; hh < 2; ++hh) {
+            if constexpr (!PIPE) l[hh] *= alpha[hh];
+            ls[2 * hh] *= alpha[hh];
+            ls[2 * hh + 1] *= alpha[hh];
 #pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            o[dt][2 * hh] *= alpha[hh];
-            o[dt][2 * hh + 1] *= alpha[hh];
+            for (int dt = 0; dt < D / 8; ++dt) {
+              o[dt][2 * hh] *= alpha[hh];
+              o[dt][2 * hh + 1] *= alpha[hh];
+            }
           }
         }
       }
