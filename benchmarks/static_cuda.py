@@ -295,6 +295,8 @@ def problems(prof: dict) -> list[str]:
         if not (r["kernel"].startswith("dfa_fwd_kernel") and r["D"] in SATURATED_FWD_DIMS):
             continue
         zones = r.get("zones") or {}
+        if zones.get("saturated") and not zones.get("saturated, settled"):
+            out.append(f"{what}: no 'saturated, settled' build beside the saturated one (ZONES / ZONE_FILES)")
         for zone, path, name in (("saturated", "per_element_shortest", "saturated forward"),
                                  ("saturated, settled", "per_element_longest", "settled saturated iteration")):
             if zones.get(zone):

@@ -335,15 +335,16 @@ struct KVTiles {
   // ADVANCE: the copies of a tile whose rows are all in range use their own lanes (AdvLanes) and this thread's
   // source addresses in the next tile to issue (its K and V row, its padding chunk), set by start() and advanced by
   // a tile per issue (tiles are issued in order): no address arithmetic per copy.  The last tile, partly past Lk,
-  // takes load_tile's predicated copies.
+  // takes load_tile's predicated copies.  (State: kernels hold one KVTiles and use it by reference; a copy would
+  // not see the advance.)
   mutable const T *kn = nullptr, *vn = nullptr, *kcn = nullptr;
   // ADVANCE's lanes: TPR = kThreads / BN threads per row; thread t copies row (t % 8) + 8 (t / (8 TPR)), chunks
   // (t / 8) % TPR + TPR * pass.  The 8 threads of a shared-memory phase write one chunk of 8 consecutive rows
   // (distinct bank groups in both layouts), each warp instruction reads a row's TPR chunks (TPR x 16 contiguous
   // bytes: whole sectors), and every pass lies at a constant offset from the thread's row on both sides (immediates).
   // The price: a warp instruction spans 32 / TPR rows' cache lines (16 at BN = 64) where load_tile's lanes span
-  // 32 / (D / 8) (4 at D = 64): more L1 tag lookups per copy, predicted to hide behind the tile's products (not
-  // measured; NOTES).
+  // fewer (D = 64: 4 padded, 8 in core matrices): more L1 tag lookups per copy, predicted to hide behind the tile's
+  // products (not measured; NOTES).
   struct AdvLanes {
     static constexpr int TPR = kThreads / BN, CPR = D / 8, PASSES = CPR / TPR;
     static_assert(kThreads % BN == 0 && BN % 8 == 0 && CPR % TPR == 0, "whole rows, whole core matrices");
@@ -592,8 +593,8 @@ __device__ __forceinline__ int tile_saturation(const Params& p, int r0, int nr, 
 #else
 #define DFA_PROFILE_DROPOUT_ON 0
 #endif
-// with DFA_PROFILE_PLAIN: the forward's rows' maxima never grow (its rescale an empty branch that keeps the vote and
-// the factors): the longest path is the common iteration once the maxima have settled, an interior tile with its
+// with DFA_PROFILE_PLAIN: the forward's rows' maxima never grow (its rescale reduced to two multiplies, the vote and
+// the factors kept): the longest path is the common iteration once the maxima have settled, an interior tile with its
 // prefetch
 #ifdef DFA_PROFILE_SETTLED
 #define DFA_PROFILE_SETTLED_ON 1

@@ -177,7 +177,7 @@ __device__ __forceinline__ void fwd_body(DFA_KERNEL_PARAMS(p)) {
     const auto rescale = [&] {
       if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
         if constexpr (DFA_PROFILE_SETTLED_ON) {  // static-profile builds only: the vote and the factors kept, the
-          ls[0] *= alpha[0];                     // rescale two multiplies (the profile counts over, never under)
+          ls[0] *= alpha[0];                     // rescale two multiplies (the common iteration, approximately)
           ls[2] *= alpha[1];
         } else {
 #pragma unroll

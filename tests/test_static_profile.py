@@ -88,16 +88,18 @@ def test_cuda_profile_check_names_each_missed_target():
     serialized = sc.parse_ptxas(log)["_Z1kv"]
     assert serialized["regs"] == 237 and serialized["wgmma_serialized"].startswith("C7514: non wgmma instructions read")
     prof = {"kernels": [row("dfa_fwd_kernel", 64, sat=9.9, settled=9.95),
-                        row("dfa_fwd_kernel (wgmma)", 32, sat=10.2), row("dfa_fwd_kernel", 32, sat=8.5, settled=10.4),
+                        row("dfa_fwd_kernel (wgmma)", 32, sat=10.2, settled=9.0),
+                        row("dfa_fwd_kernel", 32, sat=8.5, settled=10.4), row("dfa_fwd_kernel (wgmma)", 64, sat=8.0),
                         row("dfa_fwd_kernel", 128, sat=14.7, settled=20.0), row("dfa_bwd_dq_kernel", 64, sat=13.9),
                         row("dfa_bwd_dkdv_kernel", 64, spill=8), row("dfa_fwd_kernel", 64),
                         {**row("dfa_fwd_kernel (wgmma serial)", 64), **serialized}]}
     bad = sc.problems(prof)
-    assert len(bad) == 4, bad
+    assert len(bad) == 5, bad
     assert "dfa_fwd_kernel (wgmma) sm_90a fp16 D=32: saturated forward 10.2" in bad[0]
     assert "dfa_fwd_kernel sm_90a fp16 D=32: settled saturated iteration 10.4 instructions per element > 10.0" in bad[1]
-    assert "dfa_bwd_dkdv_kernel sm_90a fp16 D=64: spills 8/8 B" in bad[2]
-    assert "dfa_fwd_kernel (wgmma serial) sm_90a fp16 D=64: ptxas serialized its wgmmas (C7514: non wgmma" in bad[3]
+    assert "dfa_fwd_kernel (wgmma) sm_90a fp16 D=64: no 'saturated, settled' build" in bad[2]
+    assert "dfa_bwd_dkdv_kernel sm_90a fp16 D=64: spills 8/8 B" in bad[3]
+    assert "dfa_fwd_kernel (wgmma serial) sm_90a fp16 D=64: ptxas serialized its wgmmas (C7514: non wgmma" in bad[4]
     # the helper kernels (no main loop): read from the log by name and template arguments, their spills a problem too
     log = ("ptxas info    : Compiling entry function '_ZN3dfa20dfa_sat_terms_kernelI6__halfLi64EEEvNS_6ParamsEbPT_' "
            "for 'sm_80'\n"
