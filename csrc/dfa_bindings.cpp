@@ -276,7 +276,9 @@ struct RelBackward {
     p.W = static_cast<int>(W);
   }
 
-  // Both score kernels, each with its band, each band reduced and freed before the next is allocated.  Returns
+  // Both score kernels (after the saturated column terms of the keys and of the queries, when sat_terms_wanted: the
+  // dq kernel reads the keys', the dK/dV kernel the queries'), each with its band, each band reduced and freed
+  // before the next is allocated.  Returns
   // dC2P [shape_q..., S2] / dP2C [shape_k..., S2] (empty [0] where a term is absent): what a C2P = Q pos_key^T /
   // P2C = K pos_query^T table's gradient would be; the host takes them on to dq / dk and the position rows.
   std::pair<Tensor, Tensor> run(dfa::Params& p, int dtype, int head_dim, at::IntArrayRef shape_q,
@@ -286,6 +288,9 @@ struct RelBackward {
     const auto f32 = q.options().dtype(at::kFloat);
     const auto band_opts = q.options().dtype(band_dtype(q));
     const int64_t Wa = std::max<int64_t>(W, 1);
+    // rows_q / rows_k are the query / key rows of the call (or head group): the terms' rows too
+    const Tensor kterms = sat_terms(p, false, rows_k, dtype, head_dim, q, what);
+    const Tensor qterms = sat_terms(p, true, rows_q, dtype, head_dim, q, what);
     for (const bool by_key : {false, true}) {
       const bool has = by_key ? has_p2c : has_c2p;
       const int64_t rows = by_key ? rows_k : rows_q;
@@ -465,8 +470,6 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
     p.delta = delta.data_ptr<float>();
     RelBackward rel;
     rel.check(p, q, pos_key.has_value(), pos_query.has_value(), B * H * Lq, B * H * Lk, Lq, Lk, dmin, W, perm, offs);
-    const Tensor kterms = sat_terms(p, false, B * H * Lk, c.dtype, c.D, q, "deberta_fast cuda backward");
-    const Tensor qterms = sat_terms(p, true, B * H * Lq, c.dtype, c.D, q, "deberta_fast cuda backward");
     auto [dc2p, dp2c] = rel.run(p, c.dtype, c.D, {B, H, Lq}, {B, H, Lk}, perm, offs, q, true,
                                 "deberta_fast cuda backward", current_stream());
     return {dq, dk, dv, dc2p, dp2c};
@@ -480,8 +483,6 @@ std::vector<Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, co
     g.delta = delta_g.data_ptr<float>();
     RelBackward rel;
     rel.check(g, q, pos_key.has_value(), pos_query.has_value(), B * n * Lq, B * n * Lk, Lq, Lk, dmin, W, perm, offs);
-    const Tensor kterms = sat_terms(g, false, B * n * Lk, c.dtype, c.D, q, "deberta_fast cuda backward");
-    const Tensor qterms = sat_terms(g, true, B * n * Lq, c.dtype, c.D, q, "deberta_fast cuda backward");
     auto [c2p_g, p2c_g] = rel.run(g, c.dtype, c.D, {B, n, Lq}, {B, n, Lk}, perm, offs, q, true,
                                   "deberta_fast cuda backward", current_stream());
     if (pos_key.has_value()) dc2p.narrow(1, h0, n).copy_(c2p_g);
@@ -621,8 +622,6 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
   if (groups.size() == 1) {
     RelBackward rel;
     rel.check(p, q, pos_key.has_value(), pos_query.has_value(), H * Tq, H * Tk, max_q, max_k, dmin, W, perm, offs);
-    const Tensor kterms = sat_terms(p, false, H * Tk, c.dtype, c.D, q, "deberta_fast cuda varlen backward");
-    const Tensor qterms = sat_terms(p, true, H * Tq, c.dtype, c.D, q, "deberta_fast cuda varlen backward");
     auto [dc2p, dp2c] = rel.run(p, c.dtype, c.D, {H, Tq}, {H, Tk}, perm, offs, q, Tq > 0 || Tk > 0,
                                 "deberta_fast cuda varlen backward", current_stream());
     return {dq, dk, dv, dc2p, dp2c};
@@ -636,8 +635,6 @@ std::vector<Tensor> varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor
     g.delta = p.delta + h0 * Tq;
     RelBackward rel;
     rel.check(g, q, pos_key.has_value(), pos_query.has_value(), n * Tq, n * Tk, max_q, max_k, dmin, W, perm, offs);
-    const Tensor kterms = sat_terms(g, false, n * Tk, c.dtype, c.D, q, "deberta_fast cuda varlen backward");
-    const Tensor qterms = sat_terms(g, true, n * Tq, c.dtype, c.D, q, "deberta_fast cuda varlen backward");
     auto [c2p_g, p2c_g] = rel.run(g, c.dtype, c.D, {n, Tq}, {n, Tk}, perm, offs, q, Tq > 0 || Tk > 0,
                                   "deberta_fast cuda varlen backward", current_stream());
     if (pos_key.has_value()) dc2p.narrow(0, h0, n).copy_(c2p_g);
