@@ -29,6 +29,8 @@ Stages (in this order; each in a subprocess with its own log, stopped at the bud
                tables alone and prebuilt, the cuda backend, plain SDPA (where the time goes), L = 128 ... 8192
   profile-model (only when named) ``benchmarks.profile_model``: a v3-base MNLI-like training step under the
                profiler, HF eager against the patched model (step time, device busy time, launches, top operators)
+  ncu          (only when named) ``benchmarks.ncu_kernels``: Nsight Compute's counters of the cuda / triton
+               forwards and the cuda backward (issue slots, tensor pipe, the copies' L1 tag lookups, stalls)
 
 Output folder: ``--out``, else ``$OUT`` (the device tool's folder that comes back), else
 ``benchmarks/results/<date>-<device>-session/``: ``logs/<stage>.log``, ``summary.json``, ``summary.md`` and
@@ -60,13 +62,13 @@ WGMMA_TESTS = ("variants or hf_padding or dropout_exact or dropout_decisions or 
                "(precomputed and not d128)")
 STAGES = ["env", "build", "parity", "diagnose", "tests", "sanitize", "bench-core", "bench-model"]
 #: only when asked for: the whole suite; the launch-config timing; where the op's / a training step's time goes
-EXTRA_STAGES = ["tests-all", "tune", "breakdown", "profile-model"]
+EXTRA_STAGES = ["tests-all", "tune", "breakdown", "profile-model", "ncu"]
 SANITIZER_TOOLS = ["memcheck", "racecheck", "synccheck"]
 #: seconds each stage may take at most, all its commands together (the budget's end stops it earlier); a
 #: command starts only with at least MIN_START seconds left
 CAPS = {"env": 60, "build": 420, "parity": 300, "diagnose": 120, "tests": 480, "tests-all": 580, "sanitize": 480,
         "bench-core": 540, "bench-model": 540, "tune": 480, "breakdown": 240,
-        "profile-model": 180}
+        "profile-model": 180, "ncu": 300}
 MIN_START = 30
 RESERVE = 25  # seconds kept: a timed-out command gets SIGINT and GRACE seconds to write its reports, then the summary
 GRACE = 15
@@ -150,8 +152,8 @@ def plan(stage: str, out: str, rehearse: bool, py: str, profile: str = "full",
         budget = round(max(30.0, (CAPS["tune"] if seconds is None else seconds) - 45))
         return [("tune", [py, "-m", "benchmarks.tune_configs", "--out", os.path.join(out, "tune"), "--budget",
                           str(budget)] + (["--rehearse"] if rehearse else []), {})]
-    if stage in ("breakdown", "profile-model"):
-        module = stage.replace("-", "_")
+    if stage in ("breakdown", "profile-model", "ncu"):
+        module = {"ncu": "ncu_kernels"}.get(stage, stage.replace("-", "_"))
         return [(stage, [py, "-m", f"benchmarks.{module}", "--out", os.path.join(out, module)]
                  + (["--rehearse"] if rehearse else []), {})]
     if stage == "tests-all":

@@ -86,6 +86,8 @@ def test_gpu_plan_covers_every_deliverable(tmp_path):
     assert all("not triton-tma" in argv[k][-1] for k in ("core-bf16", "core-fp16"))
     sanitize = gs.plan("sanitize", str(tmp_path), False, sys.executable)
     assert all(extra == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} for _, _, extra in sanitize)
+    (_, ncu, _), = gs.plan("ncu", str(tmp_path), False, sys.executable)  # (only when named)
+    assert "ncu" in gs.EXTRA_STAGES and ncu[1:3] == ["-m", "benchmarks.ncu_kernels"] and "--rehearse" not in ncu
 
 
 def test_gpu_plan_headline_profile(tmp_path):
@@ -361,3 +363,47 @@ def test_gpu_diagnose_rehearsal_and_its_check(tmp_path):
     res = compare(bad, want)["csum"]
     assert not res["ok"] and res["worst"][0]["at"] == [0, 1, 3, 2]
     assert compare({"csum": want["csum"].float()}, want)["csum"]["ok"]
+
+
+def test_ncu_raw_page_parsed_per_kernel():
+    """``benchmarks.ncu_kernels`` reads ncu's raw page (a header of metric names, a row of units, a row per kernel;
+    numbers with thousands separators): METRICS' values per kernel, a missing one None, the largest stalls first."""
+    from benchmarks import ncu_kernels as nk
+
+    raw = ('==PROF== Disconnected\n'
+           '"ID","Kernel Name","gpu__time_duration.sum","launch__registers_per_thread",'
+           '"smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",'
+           '"smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio",'
+           '"smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"\n'
+           '"","","usecond","register/thread","ratio","ratio","ratio"\n'
+           '"0","void dfa::dfa_fwd_kernel<__half, 64, false, false>(dfa::Params)","1,234.5","139","0.5","1.25","0.75"\n'
+           '"1","band_to_slots","7.5","32","n/a","0.1","0.2"\n')
+    ks = nk.parse_raw_csv(raw)
+    assert [k["kernel"][:19] for k in ks] == ["void dfa::dfa_fwd_k", "band_to_slots"]
+    rows = nk.summarize(ks)
+    assert rows[0]["time_us"] == 1234.5 and rows[0]["registers"] == 139.0 and rows[0]["issue_active_pct"] is None
+    assert rows[0]["top_stalls"] == [("math_pipe_throttle", 1.25), ("wait", 0.75), ("barrier", 0.5)]
+    assert rows[1]["top_stalls"] == [("wait", 0.2), ("math_pipe_throttle", 0.1)]  # "n/a" is not a number
+    md = nk.table({"date": "d", "env": {"device": "GPU"}, "rows": [
+        {"workload": "cuda-fwd-2048", "kernels": rows}, {"workload": "triton-fwd-8192", "error": "ncu not found"}]})
+    assert "| cuda-fwd-2048 | void dfa::dfa_fwd_kernel" in md and "| 1234 | 139 |" in md
+    assert "| triton-fwd-8192 | ncu not found |" in md
+    assert nk.parse_raw_csv("no report\n") == []
+
+
+@pytest.mark.slow
+def test_ncu_kernels_rehearsal(tmp_path):
+    """The counters' workloads on CPU: each runs its op at a tiny size (cuda in the simulator where it builds), no
+    ncu; a row per workload."""
+    from benchmarks.ncu_kernels import WORKLOADS
+    from deberta_fast import _cuda_ext
+
+    try:
+        _cuda_ext.simulator()
+        sim = True
+    except RuntimeError:
+        sim = False
+    _rehearse("ncu_kernels", tmp_path, **({"DEBERTA_FAST_CUDA_SIM": "1"} if sim else {}))
+    rows = json.loads((tmp_path / "ncu_kernels.json").read_text())["rows"]
+    assert [r["workload"] for r in rows] == list(WORKLOADS)
+    assert all("error" not in r for r in rows if sim or r["backend"] != "cuda"), rows
