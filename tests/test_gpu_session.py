@@ -284,18 +284,23 @@ def test_tune_rehearsal_runs_every_row_kind(tmp_path):
     assert "| dkdv |" in (tmp_path / "tune.md").read_text()
 
 
+def _simulator_builds() -> bool:
+    """Whether the CUDA simulator builds here (the cuda rows of a rehearsal run in it then)."""
+    from deberta_fast import _cuda_ext
+
+    try:
+        _cuda_ext.simulator()
+        return True
+    except RuntimeError:
+        return False
+
+
 @pytest.mark.slow  # (86 - 118 s in the README test command on the 2-core machine, 2026-12-07)
 def test_breakdown_rehearsal(tmp_path):
     """The op breakdown on CPU (interpreter, tiny sizes, fp16): a time for every variant (the cuda rows in the CUDA
     simulator where it builds, else refused with a reason), the prebuilt-tables forwards (slot and distance tables)
     and the forward with an all-ones key mask bitwise equal to the plain ones."""
-    from deberta_fast import _cuda_ext
-
-    try:
-        _cuda_ext.simulator()
-        sim = True
-    except RuntimeError:
-        sim = False
+    sim = _simulator_builds()
     _rehearse("breakdown", tmp_path, **({"DEBERTA_FAST_CUDA_SIM": "1"} if sim else {}))
     rows = json.loads((tmp_path / "breakdown.json").read_text())["rows"]
     assert all("ms" in r for r in rows if sim or not r["variant"].startswith("cuda")), rows
@@ -396,13 +401,7 @@ def test_ncu_kernels_rehearsal(tmp_path):
     """The counters' workloads on CPU: each runs its op at a tiny size (cuda in the simulator where it builds), no
     ncu; a row per workload."""
     from benchmarks.ncu_kernels import WORKLOADS
-    from deberta_fast import _cuda_ext
-
-    try:
-        _cuda_ext.simulator()
-        sim = True
-    except RuntimeError:
-        sim = False
+    sim = _simulator_builds()
     _rehearse("ncu_kernels", tmp_path, **({"DEBERTA_FAST_CUDA_SIM": "1"} if sim else {}))
     rows = json.loads((tmp_path / "ncu_kernels.json").read_text())["rows"]
     assert [r["workload"] for r in rows] == list(WORKLOADS)
