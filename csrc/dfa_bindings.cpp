@@ -109,6 +109,10 @@ int64_t check_pos(const char* who, const char* name, const OptT& t, const Tensor
   TORCH_CHECK(shape_ok && x.size(-1) == D && x.size(-2) >= 1, who, ": ", name, " must be [H, 2*span, D] = [", H,
               ", R, ", D, "]", batched_ok ? " or [B|1, H, R, D]" : "", ", got ", x.sizes());
   TORCH_CHECK(x.size(-2) < (int64_t(1) << 31), who, ": ", name, " has more than 2^31 - 1 rows");
+  // the kernels index a head's rows with 32-bit offsets (load_window)
+  TORCH_CHECK((x.size(-2) - 1) * x.stride(-2) + D < (int64_t(1) << 31), who, ": ", name, "'s rows of one head span ",
+              (x.size(-2) - 1) * x.stride(-2) + D, " elements (row stride ", x.stride(-2),
+              "); they must lie within 2^31 - 1; call .contiguous()");
   bool aligned = x.stride(-1) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) aligned = aligned && (x.size(i) == 1 || x.stride(i) % 8 == 0);
   TORCH_CHECK(aligned, who, ": ", name, " must have a contiguous last dimension and 16-byte aligned rows (strides "

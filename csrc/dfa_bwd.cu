@@ -34,7 +34,9 @@ struct BwdCfg {
   // dq kernel: 64 queries per block, BN keys per iteration.  BN = 32 and, at D = 128, one K / V stage: with the
   // relative terms' shared memory (window, skew scratch) the block fits sm_86 / sm_89's 99 KB.  (Strided copies at
   // D = 128: the static ones push it past 255 registers.)  Sources advanced per tile (KVTiles' ADVANCE) at D = 64
-  // and, in the dkdv kernel, D >= 64: at D = 32 the band tiles' longest paths grew by 12 - 16 instructions per element.
+  // and, in the dkdv kernel, at D = 64 and the wgmma D = 128: at D = 32 the band tiles' longest paths grew by 12 - 16
+  // instructions per element, and the mma.sync D = 128 dkdv kernel spilled 32 B on sm_90a with the batched window
+  // loads.
   static constexpr int DQ_BM = 64, DQ_BN = 32;
   using DQ_KV = KVTiles<T, DQ_BN, D, (D >= 128 ? 1 : 2), (D < 128), L, (D == 64)>;
   using DQ_Rel = RelSmem<T, DQ_BN, D>;
@@ -44,7 +46,7 @@ struct BwdCfg {
   // dkdv kernel: 64 keys per block, BM queries per iteration, Q / dO double-buffered by cp.async (one stage at
   // D = 128, for the same reason)
   static constexpr int KV_BN = 64, KV_BM = 32;
-  using KV_QDO = KVTiles<T, KV_BM, D, (D >= 128 ? 1 : 2), true, L, (D >= 64)>;
+  using KV_QDO = KVTiles<T, KV_BM, D, (D >= 128 ? 1 : 2), true, L, (D == 64 || (WG && D == 128))>;
   using KV_Rel = RelSmem<T, KV_BM, D>;
   // K | V | Q/dO stages | row statistics (lse2, delta, uniform: 3 x BM x 4 B) | Rel
   static constexpr int KV_BASE = 2 * L::elems(KV_BN) + KV_QDO::SMEM_ELEMS + KV_BM * 12 / (int)sizeof(T);

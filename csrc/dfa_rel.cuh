@@ -57,21 +57,33 @@ __device__ __forceinline__ void fill_slots(int* slots, const Params& p, int d0) 
 // Plain 16-byte loads (independent of the K / V tiles' cp.async groups); `pos` nullptr: nothing.  Each thread copies
 // chunk tid % CPR of rows tid / CPR + it * RSTEP: one base address per thread and immediate offsets (a per-copy
 // division would make the compiler keep ROWS * CPR / 128 addresses live across the main loop: the D = 128 dK/dV
-// kernel spilled 216-292 B so).
-template <typename T, int ROWS, int D>
+// kernel spilled 216-292 B so).  The loads go out BATCH at a time before their stores (one memory latency per batch,
+// not per row: a store waits for its load), and a row's offset is a 32-bit product (the host checks that a head's
+// rows lie within 2^31 elements: check_pos).
+template <typename T, int ROWS, int D, int BATCH = 8>
 __device__ __forceinline__ void load_window(T* W, const int* slots, const T* pos, int64_t sr) {
-  constexpr int CPR = D / 8, LDS = D + 8, RSTEP = kThreads / CPR;
+  constexpr int CPR = D / 8, LDS = D + 8, RSTEP = kThreads / CPR, ITERS = (ROWS + RSTEP - 1) / RSTEP;
   static_assert(kThreads % CPR == 0, "whole rows per pass");
   if (pos == nullptr) return;
-  const int r0 = (int)threadIdx.x / CPR, cc = (int)threadIdx.x % CPR;
+  const int r0 = (int)threadIdx.x / CPR, cc = (int)threadIdx.x % CPR, sr32 = (int)sr;
   const T* src = pos + cc * 8;
   T* dst = W + r0 * LDS + cc * 8;
   const int* sl = slots + r0;
 #pragma unroll
-  for (int it = 0; it * RSTEP < ROWS; ++it) {
-    if (ROWS % RSTEP != 0 && r0 + it * RSTEP >= ROWS) break;
-    *reinterpret_cast<uint4*>(dst + it * RSTEP * LDS) =
-        __ldg(reinterpret_cast<const uint4*>(src + (int64_t)sl[it * RSTEP] * sr));
+  for (int i0 = 0; i0 < ITERS; i0 += BATCH) {
+    uint4 v[BATCH];
+#pragma unroll
+    for (int b = 0; b < BATCH && i0 + b < ITERS; ++b) {
+      const int it = i0 + b;
+      if (ROWS % RSTEP != 0 && r0 + it * RSTEP >= ROWS) break;
+      v[b] = __ldg(reinterpret_cast<const uint4*>(src + sl[it * RSTEP] * sr32));
+    }
+#pragma unroll
+    for (int b = 0; b < BATCH && i0 + b < ITERS; ++b) {
+      const int it = i0 + b;
+      if (ROWS % RSTEP != 0 && r0 + it * RSTEP >= ROWS) break;
+      *reinterpret_cast<uint4*>(dst + it * RSTEP * LDS) = v[b];
+    }
   }
 }
 

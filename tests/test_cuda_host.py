@@ -498,6 +498,10 @@ BAD_POS = [
     ("pos_query misaligned", _set(pos_query=lambda a: _misaligned(a["pos_query"])), "16-byte aligned rows"),
     ("rows >= 2^31", _set(pos_key=lambda a: a["pos_key"][:, :1].expand(3, 2 ** 31, 32), pos_query=None),
      r"more than 2\^31 - 1 rows"),
+    # two rows 2^31 elements apart (a lazily allocated 4 GB storage, never touched)
+    ("rows 2^31 apart", _set(pos_key=lambda a: torch.empty(2 ** 31 + 32, dtype=HALF).as_strided((3, 2, 32),
+                                                                                              (0, 2 ** 31, 1)),
+                             pos_query=None), r"rows of one head span 2147483680 elements \(row stride 2147483648\)"),
 ]
 BAD_BWD = [
     ("dout shape", _set(dout=lambda a: a["dout"][:, :, :-1]), "grad_out has shape"),
